@@ -1,0 +1,261 @@
+//! Loading and checking scenario files. Nothing is booted for a scenario
+//! that does not pass [`load`]: every error names `file:line:col` and the
+//! offending key.
+
+mod model;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+use toml::Spanned;
+
+pub use model::*;
+
+#[derive(Debug, Error)]
+pub enum ScenarioError {
+    #[error("cannot read scenario {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}:{line}:{column}: `{key}`: {message}", path.display())]
+    Invalid { path: PathBuf, line: usize, column: usize, key: String, message: String },
+}
+
+/// A parsed and cross-checked scenario with where it came from.
+#[derive(Debug, Clone)]
+pub struct LoadedScenario {
+    /// The file stem, e.g. `loops` for `scenarios/loops.toml`.
+    pub name: String,
+    pub path: PathBuf,
+    pub scenario: Scenario,
+}
+
+/// Reads, parses and validates one scenario file.
+pub fn load(path: &Path) -> Result<LoadedScenario, ScenarioError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read { path: path.to_owned(), source })?;
+    let scenario = parse(&text).map_err(|e| e.locate(path, &text))?;
+    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    Ok(LoadedScenario { name, path: path.to_owned(), scenario })
+}
+
+/// An error with a byte span, before it is turned into line and column.
+#[derive(Debug)]
+pub struct SpannedError {
+    span: Range<usize>,
+    key: String,
+    message: String,
+}
+
+impl SpannedError {
+    fn new(span: Range<usize>, key: impl Into<String>, message: impl Into<String>) -> Self {
+        SpannedError { span, key: key.into(), message: message.into() }
+    }
+
+    fn locate(self, path: &Path, text: &str) -> ScenarioError {
+        let (line, column) = line_column(text, self.span.start);
+        ScenarioError::Invalid { path: path.to_owned(), line, column, key: self.key, message: self.message }
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..text.floor_char_boundary(offset.min(text.len()))];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+/// Parses and validates scenario text.
+pub fn parse(text: &str) -> Result<Scenario, SpannedError> {
+    let deserializer = toml::Deserializer::parse(text).map_err(|e| toml_error(&e, "(syntax)".to_owned()))?;
+    let scenario: Scenario = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        // toml's `Spanned` wrapper shows up as a private path segment; drop it.
+        let key = e.path().to_string().replace(".$__serde_spanned_private_value", "");
+        toml_error(e.inner(), key)
+    })?;
+    validate(&scenario)?;
+    Ok(scenario)
+}
+
+fn toml_error(error: &toml::de::Error, key: String) -> SpannedError {
+    let key = if key == "." { "(top level)".to_owned() } else { key };
+    SpannedError::new(error.span().unwrap_or(0..0), key, error.message().trim_end().to_owned())
+}
+
+fn invalid<T>(spanned: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) -> SpannedError {
+    SpannedError::new(spanned.span(), key, message)
+}
+
+/// What a step label names, for checking references to it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LabelKind {
+    ForegroundTrigger,
+    BackgroundTrigger,
+    Terminate,
+}
+
+/// Cross-reference checks that serde cannot express.
+fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
+    if let Some(verify_stack) = scenario.verify_stack.as_ref().filter(|v| *v.get_ref()) {
+        return Err(invalid(
+            verify_stack,
+            "verify_stack",
+            "verify_stack not supported yet: stack introspection from the VMM (issue 6) is not built; remove the key or set it to false",
+        ));
+    }
+    let vcpus = scenario.vm.vcpus.get();
+
+    let mut programs = BTreeSet::new();
+    for (i, program) in scenario.programs.iter().enumerate() {
+        if !programs.insert(program.name.clone()) {
+            // `name` is not spanned; the duplicate is reported by index.
+            return Err(SpannedError::new(0..0, format!("program[{i}].name"), format!("program `{}` is declared twice", program.name)));
+        }
+    }
+
+    if scenario.steps.is_empty() {
+        return Err(SpannedError::new(0..0, "step", "a scenario needs at least one [[step]]"));
+    }
+    let mut labels: BTreeMap<Label, LabelKind> = BTreeMap::new();
+    let mut waited = BTreeSet::new();
+    for (i, step) in scenario.steps.iter().enumerate() {
+        let key = |field: &str| format!("step[{i}].{field}");
+        match step {
+            Step::Trigger(trigger) => {
+                check_program(&programs, &trigger.program, key("trigger.program"))?;
+                if let Some(cpu) = &trigger.cpu {
+                    if *cpu.get_ref() >= vcpus {
+                        return Err(invalid(cpu, key("trigger.cpu"), format!("cpu {} does not exist: the VM has {vcpus} vCPUs (0..{})", cpu.get_ref(), vcpus - 1)));
+                    }
+                }
+                let kind = if trigger.background { LabelKind::BackgroundTrigger } else { LabelKind::ForegroundTrigger };
+                declare_label(&mut labels, &trigger.label, kind, key("trigger.label"))?;
+            }
+            Step::Sleep(sleep) => {
+                if let Some(after) = &sleep.after {
+                    expect_label(&labels, after, &[LabelKind::BackgroundTrigger, LabelKind::Terminate], key("sleep.after"), "an earlier background trigger or terminate")?;
+                    if waited.contains(after.get_ref()) {
+                        return Err(invalid(after, key("sleep.after"), format!("`{}` has already been waited for", after.get_ref())));
+                    }
+                }
+            }
+            Step::Wait(wait) => {
+                expect_label(&labels, &wait.step, &[LabelKind::BackgroundTrigger], key("wait.step"), "an earlier background trigger")?;
+                if !waited.insert(wait.step.get_ref().clone()) {
+                    return Err(invalid(&wait.step, key("wait.step"), format!("`{}` is waited for twice", wait.step.get_ref())));
+                }
+            }
+            Step::Terminate(terminate) => {
+                validate_terminate(terminate, &programs, &key)?;
+                declare_label(&mut labels, &terminate.label, LabelKind::Terminate, key("terminate.label"))?;
+            }
+        }
+    }
+    for (i, step) in scenario.steps.iter().enumerate() {
+        if let Step::Trigger(trigger) = step {
+            if trigger.background && !waited.contains(trigger.label.get_ref()) {
+                return Err(invalid(&trigger.label, format!("step[{i}].trigger.background"), format!("background trigger `{}` is never waited for: add a `wait = {{ step = \"{}\" }}` step", trigger.label.get_ref(), trigger.label.get_ref())));
+            }
+        }
+    }
+
+    let mut metrics = BTreeSet::new();
+    for (i, metric) in scenario.metrics.iter().enumerate() {
+        let key = |field: &str| format!("metric[{i}].{field}");
+        for (event, field) in [(&metric.from, "from"), (&metric.to, "to")] {
+            if !labels.contains_key(&event.get_ref().step) {
+                return Err(invalid(event, key(field), format!("no step is labelled `{}`", event.get_ref().step)));
+            }
+        }
+        if !metrics.insert(metric.name.get_ref().clone()) {
+            return Err(invalid(&metric.name, key("name"), format!("metric `{}` is declared twice", metric.name.get_ref())));
+        }
+    }
+
+    for (i, expectation) in scenario.expectations.iter().enumerate() {
+        let key = |field: &str| format!("expect[{i}].{field}");
+        match &expectation.check {
+            Check::Metric(bound) => {
+                if !metrics.contains(bound.metric.get_ref()) {
+                    return Err(invalid(&bound.metric, key("metric.metric"), format!("no [[metric]] is named `{}`", bound.metric.get_ref())));
+                }
+                match (bound.at_least_ms, bound.at_most_ms) {
+                    (None, None) => return Err(invalid(&bound.metric, key("metric"), "give `at_least_ms`, `at_most_ms` or both")),
+                    (Some(low), Some(high)) if low > high => {
+                        return Err(invalid(&bound.metric, key("metric"), format!("at_least_ms {low} is above at_most_ms {high}")))
+                    }
+                    _ => {}
+                }
+            }
+            Check::TerminateResult(result) => {
+                expect_label(&labels, &result.step, &[LabelKind::Terminate], key("terminate_result.step"), "a terminate step")?;
+                match (result.errno, result.cpus) {
+                    (Some(_), None) => {}
+                    (None, Some(cpus)) if (1..=vcpus).contains(&cpus) => {}
+                    (None, Some(cpus)) => {
+                        return Err(invalid(&result.step, key("terminate_result.cpus"), format!("cpus must be between 1 and the VM's {vcpus} vCPUs, not {cpus}")))
+                    }
+                    _ => return Err(invalid(&result.step, key("terminate_result"), "give exactly one of `errno` and `cpus`")),
+                }
+            }
+            Check::TriggerOk(ok) => {
+                expect_label(&labels, &ok.step, &[LabelKind::ForegroundTrigger, LabelKind::BackgroundTrigger], key("trigger_ok.step"), "a trigger step")?;
+            }
+            Check::TriggerField(field) => {
+                expect_label(&labels, &field.step, &[LabelKind::ForegroundTrigger, LabelKind::BackgroundTrigger], key("trigger_field.step"), "a trigger step")?;
+            }
+            Check::DmesgClean(_) => {}
+        }
+    }
+    Ok(())
+}
+
+fn validate_terminate(terminate: &TerminateStep, programs: &BTreeSet<Label>, key: &dyn Fn(&str) -> String) -> Result<(), SpannedError> {
+    match (&terminate.program, &terminate.prog_id) {
+        (Some(program), None) => check_program(programs, program, key("terminate.program"))?,
+        (None, Some(_)) if terminate.by == TerminateBy::Name => {
+            return Err(invalid(&terminate.label, key("terminate.by"), "`by = \"name\"` needs `program`, not `prog_id`"))
+        }
+        (None, Some(_)) => {}
+        _ => return Err(invalid(&terminate.label, key("terminate"), "give exactly one of `program` and `prog_id`")),
+    }
+    if terminate.by == TerminateBy::Name && terminate.via != TerminateVia::Bpftool {
+        return Err(invalid(&terminate.label, key("terminate.by"), "`by = \"name\"` needs `via = \"bpftool\"`: the bpf() call itself only takes an id"));
+    }
+    if let Some(raw) = &terminate.raw_flags {
+        if !terminate.flags.is_empty() {
+            return Err(invalid(raw, key("terminate.raw_flags"), "give `flags` or `raw_flags`, not both"));
+        }
+        if terminate.via == TerminateVia::Bpftool {
+            return Err(invalid(raw, key("terminate.raw_flags"), "bpftool cannot pass raw flags: use `via = \"agent\"`"));
+        }
+    }
+    Ok(())
+}
+
+fn check_program(programs: &BTreeSet<Label>, program: &Spanned<Label>, key: String) -> Result<(), SpannedError> {
+    if programs.contains(program.get_ref()) {
+        Ok(())
+    } else {
+        Err(invalid(program, key, format!("no [[program]] is named `{}`", program.get_ref())))
+    }
+}
+
+fn declare_label(labels: &mut BTreeMap<Label, LabelKind>, label: &Spanned<Label>, kind: LabelKind, key: String) -> Result<(), SpannedError> {
+    if labels.insert(label.get_ref().clone(), kind).is_some() {
+        return Err(invalid(label, key, format!("label `{}` is used by an earlier step", label.get_ref())));
+    }
+    Ok(())
+}
+
+fn expect_label(labels: &BTreeMap<Label, LabelKind>, label: &Spanned<Label>, kinds: &[LabelKind], key: String, what: &str) -> Result<(), SpannedError> {
+    match labels.get(label.get_ref()) {
+        Some(kind) if kinds.contains(kind) => Ok(()),
+        Some(_) => Err(invalid(label, key, format!("`{}` is not {what}", label.get_ref()))),
+        None => Err(invalid(label, key, format!("no earlier step is labelled `{}` (it must be {what})", label.get_ref()))),
+    }
+}

@@ -1,0 +1,651 @@
+//! The scenario file format (`scenarios/*.toml`).
+//!
+//! Every table rejects unknown keys, and every value with a range is a
+//! newtype that checks it while deserializing, so toml reports the exact
+//! position of the offending value. Cross references (step labels, program
+//! names, metric names) are checked afterwards by [`super::validate`], which
+//! uses the `Spanned` positions kept here.
+//!
+//! Steps and expectations are externally tagged enums (`trigger = { ... }`)
+//! rather than `action = "trigger"` tables: serde buffers internally tagged
+//! enums, which would lose toml's positions inside the step.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+/// A whole scenario file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// One line shown by `termlab list`.
+    pub description: String,
+    /// How many times the steps run in the same booted VM.
+    #[serde(default)]
+    pub repetitions: Repetitions,
+    /// Capture and check the interrupted stack from the VMM around every
+    /// terminate (issue 6). Rejected until the introspection layer exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_stack: Option<Spanned<bool>>,
+    pub vm: VmSpec,
+    /// `/proc/sys` settings applied once after boot, e.g.
+    /// `"kernel.bpf_termination_demo_delay_ms" = 500`.
+    #[serde(default)]
+    pub sysctl: BTreeMap<SysctlName, SysctlValue>,
+    /// Resident BPF loaders started once after boot, before the first repetition.
+    #[serde(default, rename = "program")]
+    pub programs: Vec<ProgramSpec>,
+    /// Executed in order, once per repetition.
+    #[serde(rename = "step")]
+    pub steps: Vec<Step>,
+    /// Durations computed per repetition from two step timestamps.
+    #[serde(default, rename = "metric")]
+    pub metrics: Vec<MetricSpec>,
+    /// Checks that decide the exit status of `termlab run`.
+    #[serde(default, rename = "expect")]
+    pub expectations: Vec<Expectation>,
+}
+
+/// The guest machine.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    pub kernel: KernelVariant,
+    #[serde(default)]
+    pub vcpus: Vcpus,
+    #[serde(default)]
+    pub memory_mib: MemoryMib,
+}
+
+/// Which guest kernel build to boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KernelVariant {
+    /// The termination series applied (CONFIG_BPF_TERMINATION=y).
+    Patched,
+    /// The same source and config without the series: the comparison baseline.
+    Base,
+    /// The patched kernel with KASAN/LOCKDEP/KMEMLEAK (stress tests).
+    Debug,
+}
+
+impl KernelVariant {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KernelVariant::Patched => "patched",
+            KernelVariant::Base => "base",
+            KernelVariant::Debug => "debug",
+        }
+    }
+}
+
+/// A resident loader: loads and attaches one BPF program and stays until killed.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProgramSpec {
+    /// Name the steps use to refer to this program.
+    pub name: Label,
+    /// Guest argv of the loader (e.g. `["/bin/loops"]`).
+    pub loader: Argv,
+    /// Guest argv that makes the program run once and prints its timing
+    /// (e.g. `["/bin/trigger_loops"]`).
+    pub trigger: Argv,
+    /// The kernel-side BPF program name, used to look up the program id.
+    pub bpf_name: BpfProgName,
+}
+
+/// One step of a repetition.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Step {
+    /// Run the program's trigger command once.
+    Trigger(TriggerStep),
+    /// Sleep; see [`SleepStep`].
+    Sleep(SleepStep),
+    /// Wait until a background trigger has finished.
+    Wait(WaitStep),
+    /// Call BPF_PROG_TERMINATE.
+    Terminate(TerminateStep),
+}
+
+impl Step {
+    /// The label under which this step's timestamps are recorded, if any.
+    pub fn label(&self) -> Option<&Spanned<Label>> {
+        match self {
+            Step::Trigger(t) => Some(&t.label),
+            Step::Terminate(t) => Some(&t.label),
+            Step::Sleep(_) | Step::Wait(_) => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerStep {
+    pub label: Spanned<Label>,
+    pub program: Spanned<Label>,
+    /// Arguments appended to the program's trigger command.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Do not wait for it; a later `wait` step collects it.
+    #[serde(default)]
+    pub background: bool,
+    /// Pin the trigger (and so the BPF program run) to this vCPU.
+    #[serde(default)]
+    pub cpu: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub timeout_ms: TimeoutMs,
+}
+
+/// Sleep `ms` milliseconds, or, with `after`, until `ms` milliseconds after
+/// the start of that (background) step.
+///
+/// This is how a scenario says "wait until the program is inside the first
+/// slow helper": the demo helper busy-waits `bpf_termination_demo_delay_ms`,
+/// and it is entered microseconds after the trigger starts, so any point
+/// well inside (0, delay) after the trigger's start is inside it. The start
+/// is known on the host when the agent's reply to the spawn arrives, which
+/// is after the process started; the error is bounded by one agent round
+/// trip, which every run measures and records (`agent_rtt`). The scenario's
+/// expectations then prove where the terminate landed (e.g. the run lasted
+/// about one delay, not two), so a mistimed sleep fails instead of passing.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SleepStep {
+    pub ms: DurationMs,
+    #[serde(default)]
+    pub after: Option<Spanned<Label>>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitStep {
+    pub step: Spanned<Label>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TerminateStep {
+    pub label: Spanned<Label>,
+    /// What to terminate: a declared program (its id is looked up after
+    /// loading) or a raw id (for the "unknown id" error case).
+    #[serde(default)]
+    pub program: Option<Spanned<Label>>,
+    #[serde(default)]
+    pub prog_id: Option<Spanned<u32>>,
+    /// `agent` calls bpf() directly and timestamps the call; `bpftool`
+    /// runs `bpftool prog terminate` (the user-facing path).
+    #[serde(default)]
+    pub via: TerminateVia,
+    /// With `via = "bpftool"`: name the program by id or by name.
+    #[serde(default)]
+    pub by: TerminateBy,
+    /// Named flags (`["detach"]`).
+    #[serde(default)]
+    pub flags: Vec<TerminateFlag>,
+    /// Raw flags word instead of `flags`, for the invalid-flags case.
+    #[serde(default)]
+    pub raw_flags: Option<Spanned<u32>>,
+    /// Make the call as this uid without capabilities (the EPERM case).
+    #[serde(default)]
+    pub as_uid: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TerminateVia {
+    #[default]
+    Agent,
+    Bpftool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TerminateBy {
+    #[default]
+    Id,
+    Name,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TerminateFlag {
+    /// BPF_F_TERMINATE_DETACH: also detach the program's links.
+    Detach,
+}
+
+impl TerminateFlag {
+    pub fn bits(self) -> u32 {
+        match self {
+            TerminateFlag::Detach => 1 << 0,
+        }
+    }
+}
+
+/// A duration between two step timestamps on the guest clock.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricSpec {
+    pub name: Spanned<Label>,
+    pub from: Spanned<EventRef>,
+    pub to: Spanned<EventRef>,
+}
+
+/// `"<step label>.start"` or `"<step label>.end"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct EventRef {
+    pub step: Label,
+    pub point: EventPoint,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventPoint {
+    /// Trigger: the run began. Terminate: bpf() entered.
+    Start,
+    /// Trigger: the run returned. Terminate: bpf() returned.
+    End,
+}
+
+impl TryFrom<String> for EventRef {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let bad = || format!("`{text}` is not `<step label>.start` or `<step label>.end`");
+        let (step, point) = text.rsplit_once('.').ok_or_else(bad)?;
+        let point = match point {
+            "start" => EventPoint::Start,
+            "end" => EventPoint::End,
+            _ => return Err(bad()),
+        };
+        Ok(EventRef { step: Label::try_from(step.to_owned())?, point })
+    }
+}
+
+impl From<EventRef> for String {
+    fn from(event: EventRef) -> String {
+        event.to_string()
+    }
+}
+
+impl fmt::Display for EventRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let point = match self.point {
+            EventPoint::Start => "start",
+            EventPoint::End => "end",
+        };
+        write!(f, "{}.{point}", self.step)
+    }
+}
+
+/// A named check; its name is what a failure message shows. In the file it
+/// is `name` plus exactly one of the check keys:
+///
+/// ```toml
+/// [[expect]]
+/// name = "run ended soon after terminate"
+/// metric = { metric = "end_to_end", at_most_ms = 100 }
+/// ```
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(try_from = "ExpectationTable", into = "ExpectationTable")]
+pub struct Expectation {
+    pub name: String,
+    pub check: Check,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Check {
+    /// Every repetition's value of a metric lies within bounds.
+    Metric(MetricBound),
+    /// A terminate step returned this errno or signalled this many CPUs.
+    TerminateResult(TerminateResultCheck),
+    /// A trigger step exited 0 and reported its timing.
+    TriggerOk(TriggerOkCheck),
+    /// A `key=value` field of a trigger's output line has this value, e.g.
+    /// `second_done = 0`: the second slow helper did not run.
+    TriggerField(TriggerFieldCheck),
+    /// No WARN/BUG/oops/KASAN/lockdep report appeared in the guest's dmesg.
+    DmesgClean(DmesgCheck),
+}
+
+/// The file form of [`Expectation`].
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectationTable {
+    name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    metric: Option<MetricBound>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    terminate_result: Option<TerminateResultCheck>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    trigger_ok: Option<TriggerOkCheck>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    trigger_field: Option<TriggerFieldCheck>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dmesg_clean: Option<DmesgCheck>,
+}
+
+impl TryFrom<ExpectationTable> for Expectation {
+    type Error = String;
+    fn try_from(table: ExpectationTable) -> Result<Self, String> {
+        let mut checks = Vec::new();
+        checks.extend(table.metric.map(Check::Metric));
+        checks.extend(table.terminate_result.map(Check::TerminateResult));
+        checks.extend(table.trigger_ok.map(Check::TriggerOk));
+        checks.extend(table.trigger_field.map(Check::TriggerField));
+        checks.extend(table.dmesg_clean.map(Check::DmesgClean));
+        match (checks.pop(), checks.is_empty()) {
+            (Some(check), true) => Ok(Expectation { name: table.name, check }),
+            _ => Err(format!(
+                "expectation `{}` needs exactly one of `metric`, `terminate_result`, `trigger_ok`, `trigger_field`, `dmesg_clean`",
+                table.name
+            )),
+        }
+    }
+}
+
+impl From<Expectation> for ExpectationTable {
+    fn from(expectation: Expectation) -> Self {
+        let mut table = ExpectationTable { name: expectation.name, ..Default::default() };
+        match expectation.check {
+            Check::Metric(c) => table.metric = Some(c),
+            Check::TerminateResult(c) => table.terminate_result = Some(c),
+            Check::TriggerOk(c) => table.trigger_ok = Some(c),
+            Check::TriggerField(c) => table.trigger_field = Some(c),
+            Check::DmesgClean(c) => table.dmesg_clean = Some(c),
+        }
+        table
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricBound {
+    pub metric: Spanned<Label>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_least_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_most_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TerminateResultCheck {
+    pub step: Spanned<Label>,
+    /// Expected failure, e.g. `"ENOENT"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errno: Option<Errno>,
+    /// Expected success with exactly this many CPUs signalled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerOkCheck {
+    pub step: Spanned<Label>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerFieldCheck {
+    pub step: Spanned<Label>,
+    /// A field name of the `trigger ...` line, e.g. `second_done`.
+    pub field: String,
+    pub equals: i64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DmesgCheck {}
+
+/// The errnos BPF_PROG_TERMINATE documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum Errno {
+    ENOENT,
+    ESRCH,
+    EINVAL,
+    EPERM,
+    EOPNOTSUPP,
+}
+
+impl Errno {
+    pub fn code(self) -> i32 {
+        match self {
+            Errno::ENOENT => libc::ENOENT,
+            Errno::ESRCH => libc::ESRCH,
+            Errno::EINVAL => libc::EINVAL,
+            Errno::EPERM => libc::EPERM,
+            Errno::EOPNOTSUPP => libc::EOPNOTSUPP,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Errno::ENOENT => "ENOENT",
+            Errno::ESRCH => "ESRCH",
+            Errno::EINVAL => "EINVAL",
+            Errno::EPERM => "EPERM",
+            Errno::EOPNOTSUPP => "EOPNOTSUPP",
+        }
+    }
+}
+
+/// Declares a `u32` newtype whose range is checked while deserializing.
+macro_rules! bounded_u32 {
+    ($(#[$doc:meta])* $name:ident, $what:literal, $min:expr, $max:expr, $default:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+        #[serde(try_from = "i64", into = "u32")]
+        pub struct $name(u32);
+
+        impl $name {
+            pub const MIN: u32 = $min;
+            pub const MAX: u32 = $max;
+            pub fn get(self) -> u32 {
+                self.0
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name($default)
+            }
+        }
+
+        impl TryFrom<i64> for $name {
+            type Error = String;
+            fn try_from(value: i64) -> Result<Self, String> {
+                if (i64::from($min)..=i64::from($max)).contains(&value) {
+                    // In range, so it fits.
+                    Ok($name(value as u32))
+                } else {
+                    Err(format!(concat!($what, " must be between {} and {}, not {}"), $min, $max, value))
+                }
+            }
+        }
+
+        impl From<$name> for u32 {
+            fn from(value: $name) -> u32 {
+                value.0
+            }
+        }
+    };
+}
+
+bounded_u32!(
+    /// Number of guest vCPUs (the guest kernel is built with NR_CPUS=8).
+    Vcpus, "vcpus", 1, 8, 2
+);
+bounded_u32!(
+    /// Guest memory; the initramfs needs some room, the host has limits.
+    MemoryMib, "memory_mib", 64, 16384, 256
+);
+bounded_u32!(
+    /// Repetitions of the steps in one boot.
+    Repetitions, "repetitions", 1, 100_000, 10
+);
+bounded_u32!(
+    /// A sleep; longer than ten minutes is surely a typo.
+    DurationMs, "ms", 0, 600_000, 0
+);
+bounded_u32!(
+    /// How long a trigger may run before the run is declared hung.
+    TimeoutMs, "timeout_ms", 1, 600_000, 60_000
+);
+
+/// A name used for cross references: `[a-z][a-z0-9_-]*`, at most 32 bytes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Label(String);
+
+impl Label {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Label {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let mut chars = text.chars();
+        let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase());
+        let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+        if first_ok && rest_ok && text.len() <= 32 {
+            Ok(Label(text))
+        } else {
+            Err(format!(
+                "`{text}` is not a valid name: use a lowercase letter then lowercase letters, digits, `_` or `-` (at most 32)"
+            ))
+        }
+    }
+}
+
+impl From<Label> for String {
+    fn from(label: Label) -> String {
+        label.0
+    }
+}
+
+impl fmt::Display for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A kernel BPF object name: at most 15 bytes (BPF_OBJ_NAME_LEN - 1) of
+/// `[A-Za-z0-9_.]`, which is what the kernel accepts.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct BpfProgName(String);
+
+impl BpfProgName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for BpfProgName {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let chars_ok = text.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+        if !text.is_empty() && text.len() <= 15 && chars_ok {
+            Ok(BpfProgName(text))
+        } else {
+            Err(format!("`{text}` is not a BPF program name: 1 to 15 characters of A-Z a-z 0-9 _ ."))
+        }
+    }
+}
+
+impl From<BpfProgName> for String {
+    fn from(name: BpfProgName) -> String {
+        name.0
+    }
+}
+
+/// A guest argv: the program (looked up in the guest's PATH by the agent)
+/// and its arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "Vec<String>", into = "Vec<String>")]
+pub struct Argv(Vec<String>);
+
+impl Argv {
+    pub fn as_slice(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl TryFrom<Vec<String>> for Argv {
+    type Error = String;
+    fn try_from(argv: Vec<String>) -> Result<Self, String> {
+        if argv.iter().any(|arg| arg.contains('\0')) {
+            return Err("a command argument contains a NUL byte".to_owned());
+        }
+        match argv.first() {
+            Some(program) if !program.is_empty() => Ok(Argv(argv)),
+            _ => Err("a command needs at least a non-empty program name".to_owned()),
+        }
+    }
+}
+
+impl From<Argv> for Vec<String> {
+    fn from(argv: Argv) -> Vec<String> {
+        argv.0
+    }
+}
+
+/// A sysctl name in dotted form (`kernel.bpf_termination_demo_delay_ms`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SysctlName(String);
+
+impl SysctlName {
+    /// The file under /proc/sys that holds it.
+    pub fn proc_path(&self) -> String {
+        format!("/proc/sys/{}", self.0.replace('.', "/"))
+    }
+}
+
+impl TryFrom<String> for SysctlName {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let parts_ok = text
+            .split('.')
+            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
+        if parts_ok && text.contains('.') {
+            Ok(SysctlName(text))
+        } else {
+            Err(format!("`{text}` is not a sysctl name like `kernel.bpf_termination_demo_delay_ms`"))
+        }
+    }
+}
+
+impl From<SysctlName> for String {
+    fn from(name: SysctlName) -> String {
+        name.0
+    }
+}
+
+impl fmt::Display for SysctlName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A sysctl value: an integer or a string, written as text.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum SysctlValue {
+    Integer(i64),
+    Text(String),
+}
+
+impl fmt::Display for SysctlValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SysctlValue::Integer(n) => write!(f, "{n}"),
+            SysctlValue::Text(s) => f.write_str(s),
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! The shipped scenarios parse, and broken ones are refused with the exact
+//! position and key of the mistake.
+
+use std::path::{Path, PathBuf};
+
+use termlab::scenario::{self, ScenarioError};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("termlab/ has a parent").to_owned()
+}
+
+#[test]
+fn every_shipped_scenario_loads_with_a_description() {
+    let dir = repo_root().join("scenarios");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("scenarios/ exists") {
+        let path = entry.expect("readable dir entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let loaded = scenario::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            assert!(!loaded.scenario.description.trim().is_empty(), "{} has an empty description", path.display());
+            assert!(!loaded.scenario.description.contains('\n'), "{}: description must be one line", path.display());
+            names.push(loaded.name);
+        }
+    }
+    names.sort();
+    assert_eq!(names, ["control", "errors", "loops", "loops-bpf-text", "loops-subprog", "two-cpus"]);
+}
+
+/// (file, line, column, key, words of the message)
+const BAD_FILES: &[(&str, usize, usize, &str, &str)] = &[
+    ("unknown-key.toml", 13, 47, "step[0].trigger.cpus", "unknown field `cpus`"),
+    ("wrong-type.toml", 13, 60, "step[0].trigger.background", "invalid type: string \"yes\", expected a boolean"),
+    ("missing-field.toml", 3, 1, "vm", "missing field `kernel`"),
+    ("vcpus-range.toml", 6, 9, "vm.vcpus", "vcpus must be between 1 and 8, not 9"),
+    ("cpu-range.toml", 13, 53, "step[0].trigger.cpu", "cpu 2 does not exist"),
+    ("unknown-program.toml", 13, 38, "step[0].trigger.program", "no [[program]] is named `lops`"),
+    ("verify-stack.toml", 2, 16, "verify_stack", "verify_stack not supported yet"),
+    ("bad-event.toml", 18, 6, "metric[0].to", "`run.finish` is not `<step label>.start`"),
+    ("never-waited.toml", 13, 21, "step[0].trigger.background", "is never waited for"),
+    ("two-checks.toml", 15, 1, "expect[0]", "needs exactly one of"),
+    ("syntax.toml", 7, 17, "(syntax)", "unclosed inline table"),
+    ("unknown-errno.toml", 17, 42, "expect[0].terminate_result.errno", "unknown variant `ENOPE`"),
+];
+
+#[test]
+fn bad_scenarios_name_file_line_column_and_key() {
+    let dir = repo_root().join("termlab/tests/bad-scenarios");
+    let mut checked = 0;
+    for &(file, want_line, want_column, want_key, want_words) in BAD_FILES {
+        let path = dir.join(file);
+        match scenario::load(&path) {
+            Err(ScenarioError::Invalid { path: got_path, line, column, key, message }) => {
+                assert_eq!(got_path, path);
+                assert_eq!((line, column), (want_line, want_column), "{file}: {message}");
+                assert_eq!(key, want_key, "{file}");
+                assert!(message.contains(want_words), "{file}: `{message}` lacks `{want_words}`");
+                let shown = format!("{}", scenario::load(&path).expect_err("still invalid"));
+                assert!(shown.starts_with(&format!("{}:{line}:{column}: `{key}`", path.display())), "{shown}");
+            }
+            other => panic!("{file}: expected an Invalid error, got {other:?}"),
+        }
+        checked += 1;
+    }
+    // Every bad file in the directory is covered by the table.
+    let on_disk = std::fs::read_dir(&dir).expect("bad-scenarios/ exists").count();
+    assert_eq!(checked, on_disk);
+}
+
+#[test]
+fn missing_file_is_a_read_error() {
+    let error = scenario::load(Path::new("/nonexistent/x.toml")).expect_err("no such file");
+    assert!(matches!(error, ScenarioError::Read { .. }));
+    assert!(error.to_string().contains("/nonexistent/x.toml"));
+}
