@@ -59,24 +59,25 @@ pub struct VmSpec {
     pub memory_mib: MemoryMib,
 }
 
-/// Which guest kernel build to boot.
+/// Which guest kernel build to boot: the variants of `guest-kernel/build --variant`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KernelVariant {
     /// The termination series applied (CONFIG_BPF_TERMINATION=y).
-    Patched,
-    /// The same source and config without the series: the comparison baseline.
-    Base,
+    Default,
     /// The patched kernel with KASAN/LOCKDEP/KMEMLEAK (stress tests).
     Debug,
+    /// The same source and config with CONFIG_BPF_TERMINATION=n: the baseline.
+    Noterm,
 }
 
 impl KernelVariant {
+    /// The name `guest-kernel/build --variant` takes.
     pub fn as_str(self) -> &'static str {
         match self {
-            KernelVariant::Patched => "patched",
-            KernelVariant::Base => "base",
+            KernelVariant::Default => "default",
             KernelVariant::Debug => "debug",
+            KernelVariant::Noterm => "noterm",
         }
     }
 }

@@ -1,0 +1,232 @@
+//! Reports: `report.md` and a self-contained `report.html` for one run, and
+//! a side-by-side comparison of several runs.
+//!
+//! Both formats render the same [`Document`], so the Markdown and the HTML
+//! can never disagree about a number.
+
+mod document;
+pub mod plot;
+
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+pub use document::{Block, Document};
+
+use crate::results::{write_atomically, RunResult, ResultsError, IPI_RTT_METRIC};
+use plot::{PlotError, Series, Unit};
+
+#[derive(Debug, Error)]
+pub enum ReportError {
+    #[error(transparent)]
+    Results(#[from] ResultsError),
+    #[error(transparent)]
+    Plot(#[from] PlotError),
+}
+
+pub const MARKDOWN_FILE: &str = "report.md";
+pub const HTML_FILE: &str = "report.html";
+
+/// Writes report.md, report.html and the plots' .svg files (which report.md
+/// links; report.html inlines them) into `dir`.
+pub fn write_run_report(result: &RunResult, dir: &Path) -> Result<(), ReportError> {
+    let document = run_document(result)?;
+    write_document(&document, dir)
+}
+
+/// Writes `document` as Markdown + HTML + SVG files into `dir`.
+pub fn write_document(document: &Document, dir: &Path) -> Result<(), ReportError> {
+    for (file_name, svg) in document.figures() {
+        write_atomically(&dir.join(file_name), svg.as_bytes())?;
+    }
+    write_atomically(&dir.join(MARKDOWN_FILE), document.to_markdown().as_bytes())?;
+    write_atomically(&dir.join(HTML_FILE), document.to_html().as_bytes())?;
+    Ok(())
+}
+
+fn verdict(result: &RunResult) -> &'static str {
+    match (result.complete, result.all_expectations_passed()) {
+        (false, _) => "INCOMPLETE",
+        (true, true) => "PASS",
+        (true, false) => "FAIL",
+    }
+}
+
+/// The report of one run.
+pub fn run_document(result: &RunResult) -> Result<Document, ReportError> {
+    let mut doc = Document::new(format!("termlab run: {} — {}", result.scenario.name, verdict(result)));
+    doc.push(Block::Paragraph(result.scenario.description.clone()));
+    if let Some(reason) = &result.incomplete_reason {
+        doc.push(Block::Paragraph(format!("The run is incomplete: {reason}")));
+    }
+
+    doc.push(Block::Heading("Expectations".into()));
+    doc.push(Block::Table {
+        header: vec!["".into(), "expectation".into(), "check".into(), "observed".into()],
+        rows: result
+            .expectations
+            .iter()
+            .map(|e| vec![if e.passed { "pass" } else { "FAIL" }.into(), e.name.clone(), e.check.clone(), e.detail.clone()])
+            .collect(),
+        highlight: result.expectations.iter().map(|e| !e.passed).collect(),
+    });
+
+    doc.push(Block::Heading("Summary".into()));
+    doc.push(Block::Paragraph(format!(
+        "{} repetitions; times on the guest's CLOCK_MONOTONIC. Ratios are to the median bare IPI round trip (`{IPI_RTT_METRIC}`) measured in the same guest: under nested virtualisation absolute times are emulated, ratios travel.",
+        result.repetitions.len()
+    )));
+    doc.push(summary_table(result));
+
+    doc.push(Block::Heading("Plots".into()));
+    for (metric, samples) in result.metric_samples() {
+        let cdf = plot::cdf_svg(&format!("{metric}: CDF"), &[Series { label: &metric, samples_ns: &samples }])?;
+        doc.push(Block::Figure { file_name: format!("{metric}-cdf.svg"), caption: format!("{metric}: cumulative distribution"), svg: cdf });
+        let histogram = plot::histogram_svg(&format!("{metric}: histogram"), &samples)?;
+        doc.push(Block::Figure { file_name: format!("{metric}-histogram.svg"), caption: format!("{metric}: histogram"), svg: histogram });
+    }
+
+    doc.push(Block::Heading("Environment".into()));
+    doc.push(environment_table(&[result]));
+    Ok(doc)
+}
+
+fn summary_table(result: &RunResult) -> Block {
+    let mut rows = Vec::new();
+    for metric in &result.summary {
+        let s = &metric.summary;
+        let unit = Unit::for_max_ns(s.max_ns);
+        let ratio = |pick: fn(&crate::stats::Ratios) -> f64| metric.ratio_to_ipi.as_ref().map_or("–".to_owned(), |r| format!("{:.1}×", pick(r)));
+        rows.push(vec![
+            metric.metric.clone(),
+            s.n.to_string(),
+            unit.format(s.p50_ns),
+            unit.format(s.p90_ns),
+            unit.format(s.p99_ns),
+            unit.format(s.max_ns),
+            ratio(|r| r.p50),
+            ratio(|r| r.p99),
+        ]);
+    }
+    let highlight = vec![false; rows.len()];
+    Block::Table {
+        header: ["metric", "n", "p50", "p90", "p99", "max", "p50 / IPI", "p99 / IPI"].map(String::from).to_vec(),
+        rows,
+        highlight,
+    }
+}
+
+/// One column per run: what the runs ran on.
+fn environment_table(results: &[&RunResult]) -> Block {
+    let field = |name: &str, get: &dyn Fn(&RunResult) -> String| -> Vec<String> {
+        std::iter::once(name.to_owned()).chain(results.iter().map(|r| get(r))).collect()
+    };
+    let or_unknown = |value: &Option<String>| value.clone().unwrap_or_else(|| "unknown".to_owned());
+    let rows = vec![
+        field("started", &|r| r.started_at.clone()),
+        field("kernel variant", &|r| r.environment.kernel.variant.clone()),
+        field("kernel source", &|r| or_unknown(&r.environment.kernel.source_version)),
+        field("patch series sha256", &|r| or_unknown(&r.environment.kernel.patch_series_sha256)),
+        field("kernel config sha256", &|r| or_unknown(&r.environment.kernel.config_sha256)),
+        field("VM", &|r| format!("{} vCPUs, {} MiB", r.environment.vm.vcpus, r.environment.vm.memory_mib)),
+        field("kernel cmdline", &|r| r.environment.vm.cmdline.clone()),
+        field("VMM", &|r| format!("{} {}", r.environment.vmm.name, r.environment.vmm.version)),
+        field("nested (L1 under TCG)", &|r| if r.environment.nested { "yes: times are emulated".into() } else { "no".into() }),
+        field("host", &|r| {
+            let h = &r.environment.host;
+            format!("{} ({}, {} CPUs: {}, {} MiB)", h.hostname, h.kernel_release, h.cpus, h.cpu_model, h.memory_mib)
+        }),
+        field("termlab", &|r| r.environment.termlab_version.clone()),
+    ];
+    let highlight = vec![false; rows.len()];
+    let header = std::iter::once(String::new()).chain(results.iter().map(|r| run_label(r))).collect();
+    Block::Table { header, rows, highlight }
+}
+
+/// How a run is named in comparisons: scenario, kernel variant and start.
+fn run_label(result: &RunResult) -> String {
+    format!("{} ({}, {})", result.scenario.name, result.environment.kernel.variant, result.started_at)
+}
+
+/// Loads the runs in `dirs`, regenerates each one's report, and returns the
+/// runs with their directories.
+pub fn regenerate(dirs: &[PathBuf]) -> Result<Vec<RunResult>, ReportError> {
+    let mut runs = Vec::new();
+    for dir in dirs {
+        let mut result = RunResult::load(dir)?;
+        result.summarize();
+        write_run_report(&result, dir)?;
+        runs.push(result);
+    }
+    Ok(runs)
+}
+
+/// Several runs side by side: each metric's percentiles per run, every
+/// expectation's verdict per run, overlaid CDFs and the environments.
+pub fn comparison_document(runs: &[RunResult]) -> Result<Document, ReportError> {
+    let mut doc = Document::new(format!("termlab comparison of {} runs", runs.len()));
+    let labels: Vec<String> = runs.iter().map(run_label).collect();
+
+    doc.push(Block::Heading("Metrics (p50 / p99)".into()));
+    let mut metrics: Vec<String> = Vec::new();
+    for run in runs {
+        for summary in &run.summary {
+            if !metrics.contains(&summary.metric) {
+                metrics.push(summary.metric.clone());
+            }
+        }
+    }
+    let rows: Vec<Vec<String>> = metrics
+        .iter()
+        .map(|metric| {
+            std::iter::once(metric.clone())
+                .chain(runs.iter().map(|run| match run.summary.iter().find(|s| &s.metric == metric) {
+                    Some(s) => {
+                        let unit = Unit::for_max_ns(s.summary.max_ns);
+                        let ratio = s.ratio_to_ipi.as_ref().map_or(String::new(), |r| format!(" ({:.1}× IPI)", r.p50));
+                        format!("{} / {}{ratio}", unit.format(s.summary.p50_ns), unit.format(s.summary.p99_ns))
+                    }
+                    None => "–".into(),
+                }))
+                .collect()
+        })
+        .collect();
+    let highlight = vec![false; rows.len()];
+    doc.push(Block::Table { header: std::iter::once("metric".to_owned()).chain(labels.iter().cloned()).collect(), rows, highlight });
+
+    doc.push(Block::Heading("Expectations".into()));
+    let mut names: Vec<String> = Vec::new();
+    for run in runs {
+        for e in &run.expectations {
+            if !names.contains(&e.name) {
+                names.push(e.name.clone());
+            }
+        }
+    }
+    let verdicts: Vec<Vec<Option<bool>>> =
+        names.iter().map(|name| runs.iter().map(|run| run.expectations.iter().find(|e| &e.name == name).map(|e| e.passed)).collect()).collect();
+    let rows = names
+        .iter()
+        .zip(&verdicts)
+        .map(|(name, row)| std::iter::once(name.clone()).chain(row.iter().map(|v| v.map_or("–", |p| if p { "pass" } else { "FAIL" }).to_owned())).collect())
+        .collect();
+    let highlight = verdicts.iter().map(|row| row.contains(&Some(false))).collect();
+    doc.push(Block::Table { header: std::iter::once("expectation".to_owned()).chain(labels.iter().cloned()).collect(), rows, highlight });
+
+    doc.push(Block::Heading("Plots".into()));
+    for metric in &metrics {
+        let samples: Vec<(String, Vec<f64>)> = runs
+            .iter()
+            .zip(&labels)
+            .filter_map(|(run, label)| run.metric_samples().into_iter().find(|(m, _)| m == metric).map(|(_, values)| (label.clone(), values)))
+            .collect();
+        let series: Vec<Series<'_>> = samples.iter().map(|(label, values)| Series { label, samples_ns: values }).collect();
+        let svg = plot::cdf_svg(&format!("{metric}: CDF"), &series)?;
+        doc.push(Block::Figure { file_name: format!("compare-{metric}-cdf.svg"), caption: format!("{metric}: cumulative distribution per run"), svg });
+    }
+
+    doc.push(Block::Heading("Environment".into()));
+    let refs: Vec<&RunResult> = runs.iter().collect();
+    doc.push(environment_table(&refs));
+    Ok(doc)
+}

@@ -1,0 +1,303 @@
+//! `results/<scenario>/<timestamp>/result.json`: the versioned record of one
+//! run, written atomically so a reader never sees a half-written file.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::stats::{Ratios, Summary};
+
+/// Bumped on every incompatible change of [`RunResult`].
+pub const SCHEMA_VERSION: u32 = 1;
+
+pub const RESULT_FILE: &str = "result.json";
+pub const CONSOLE_FILE: &str = "console.log";
+
+/// Name of the built-in metric: host request → agent reply (`clock` op).
+pub const AGENT_RTT_METRIC: &str = "agent_rtt";
+/// Name of the built-in metric: bare IPI round trip in the guest.
+pub const IPI_RTT_METRIC: &str = "ipi_rtt";
+
+#[derive(Debug, Error)]
+pub enum ResultsError {
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not a termlab result: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{} has schema version {found}; this termlab reads version {SCHEMA_VERSION}", path.display())]
+    Schema { path: PathBuf, found: u32 },
+}
+
+/// Everything one `termlab run` of one scenario produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunResult {
+    pub schema_version: u32,
+    /// False while running and for runs that stopped early; then
+    /// `incomplete_reason` says why.
+    pub complete: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incomplete_reason: Option<String>,
+    pub scenario: ScenarioRecord,
+    /// RFC 3339, UTC.
+    pub started_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    pub environment: Environment,
+    pub repetitions: Vec<Repetition>,
+    /// Per metric, over all repetitions; see [`RunResult::summarize`].
+    pub summary: Vec<MetricSummary>,
+    pub expectations: Vec<ExpectationOutcome>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScenarioRecord {
+    pub name: String,
+    pub path: String,
+    pub description: String,
+    /// The scenario file, verbatim.
+    pub source: String,
+    /// Repetitions actually requested (the file's value or `--repeat`).
+    pub repetitions: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Environment {
+    pub termlab_version: String,
+    pub host: HostInfo,
+    /// Whether the VM ran inside the nested L1 VM (timings then emulated).
+    pub nested: bool,
+    pub vmm: VmmInfo,
+    pub kernel: KernelInfo,
+    pub vm: VmInfo,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostInfo {
+    pub hostname: String,
+    pub kernel_release: String,
+    pub cpu_model: String,
+    pub cpus: usize,
+    pub memory_mib: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmmInfo {
+    pub name: String,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelInfo {
+    pub variant: String,
+    pub dir: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch_series_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_sha256: Option<String>,
+    /// `build-info.json` of the kernel build, verbatim.
+    pub build_info: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmInfo {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub cmdline: String,
+}
+
+/// The raw record of one repetition.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Repetition {
+    pub index: u32,
+    pub steps: Vec<StepRecord>,
+    /// Metric name → value in nanoseconds (guest clock). Built-in metrics
+    /// ([`AGENT_RTT_METRIC`], [`IPI_RTT_METRIC`]) appear here too.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StepRecord {
+    Trigger {
+        label: String,
+        argv: Vec<String>,
+        exit_code: Option<i32>,
+        /// CLOCK_MONOTONIC ns around the triggering syscall, from the
+        /// trigger's own output line.
+        start_ns: Option<u64>,
+        end_ns: Option<u64>,
+        /// Every `key=value` of the trigger's output line.
+        fields: BTreeMap<String, String>,
+        stdout: String,
+        stderr: String,
+    },
+    Terminate {
+        label: String,
+        prog_id: u32,
+        flags: u32,
+        via: String,
+        /// Number of CPUs the program was stopped on, on success.
+        cpus: Option<u32>,
+        /// Symbolic errno on failure.
+        errno: Option<String>,
+        /// CLOCK_MONOTONIC ns just before and after the bpf() call.
+        start_ns: Option<u64>,
+        end_ns: Option<u64>,
+    },
+    Sleep {
+        requested_ms: u32,
+        slept_ns: u64,
+    },
+    Wait {
+        label: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricSummary {
+    pub metric: String,
+    pub summary: Summary,
+    /// Relative to the median bare IPI round trip of the same run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio_to_ipi: Option<Ratios>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectationOutcome {
+    pub name: String,
+    /// The check in words, e.g. `end_to_end <= 400 ms`.
+    pub check: String,
+    pub passed: bool,
+    /// What was observed: the worst value, the errno seen, ...
+    pub detail: String,
+    /// Repetitions (0-based) where it failed.
+    pub failed_repetitions: Vec<u32>,
+}
+
+impl RunResult {
+    /// Every metric's samples over all repetitions, in first-seen order.
+    pub fn metric_samples(&self) -> Vec<(String, Vec<f64>)> {
+        let mut samples: Vec<(String, Vec<f64>)> = Vec::new();
+        for repetition in &self.repetitions {
+            for (name, &value) in &repetition.metrics {
+                match samples.iter_mut().find(|(n, _)| n == name) {
+                    Some((_, values)) => values.push(value),
+                    None => samples.push((name.clone(), vec![value])),
+                }
+            }
+        }
+        samples
+    }
+
+    /// Recomputes `summary` from the raw repetitions.
+    pub fn summarize(&mut self) {
+        let samples = self.metric_samples();
+        let ipi_median = samples
+            .iter()
+            .find(|(name, _)| name == IPI_RTT_METRIC)
+            .and_then(|(_, values)| Summary::of(values))
+            .map(|s| s.p50_ns);
+        self.summary = samples
+            .iter()
+            .filter_map(|(name, values)| {
+                let summary = Summary::of(values)?;
+                let ratio_to_ipi = ipi_median.and_then(|ipi| summary.ratios_to(ipi));
+                Some(MetricSummary { metric: name.clone(), summary, ratio_to_ipi })
+            })
+            .collect();
+    }
+
+    pub fn all_expectations_passed(&self) -> bool {
+        self.complete && self.expectations.iter().all(|e| e.passed)
+    }
+
+    pub fn load(dir: &Path) -> Result<RunResult, ResultsError> {
+        let path = dir.join(RESULT_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| ResultsError::Read { path: path.clone(), source })?;
+        // Check the version first so an old file gets a clear message rather
+        // than a complaint about some field.
+        #[derive(Deserialize)]
+        struct Version {
+            schema_version: u32,
+        }
+        let version: Version = serde_json::from_str(&text).map_err(|source| ResultsError::Parse { path: path.clone(), source })?;
+        if version.schema_version != SCHEMA_VERSION {
+            return Err(ResultsError::Schema { path, found: version.schema_version });
+        }
+        serde_json::from_str(&text).map_err(|source| ResultsError::Parse { path, source })
+    }
+
+    /// Writes `result.json` into `dir` atomically.
+    pub fn save(&self, dir: &Path) -> Result<(), ResultsError> {
+        let mut json = serde_json::to_vec_pretty(self).map_err(|source| ResultsError::Parse { path: dir.join(RESULT_FILE), source })?;
+        json.push(b'\n');
+        write_atomically(&dir.join(RESULT_FILE), &json)
+    }
+}
+
+/// Writes a temporary file next to `path`, syncs it and renames it over
+/// `path`: readers see the old content or the new one, never a mix, also
+/// when the run is interrupted.
+pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), ResultsError> {
+    let error = |source| ResultsError::Write { path: path.to_owned(), source };
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let temporary = path.with_file_name(format!(".{file_name}.tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut file = std::fs::File::create(&temporary)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)
+    })();
+    if result.is_err() {
+        // Best effort: the temporary may not exist if create() failed.
+        let _ = std::fs::remove_file(&temporary);
+    }
+    result.map_err(error)
+}
+
+/// `results/<scenario>/<UTC timestamp>/`, created; a second run in the same
+/// second gets a `-2`, `-3`, ... suffix instead of mixing files.
+pub fn create_run_dir(results_root: &Path, scenario: &str, started: std::time::SystemTime) -> Result<PathBuf, ResultsError> {
+    let stamp = humantime::format_rfc3339_seconds(started).to_string().replace(':', "");
+    let parent = results_root.join(scenario);
+    std::fs::create_dir_all(&parent).map_err(|source| ResultsError::Write { path: parent.clone(), source })?;
+    let mut attempt = 1u32;
+    loop {
+        let name = if attempt == 1 { stamp.clone() } else { format!("{stamp}-{attempt}") };
+        let dir = parent.join(name);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => attempt += 1,
+            Err(source) => return Err(ResultsError::Write { path: dir, source }),
+        }
+    }
+}
