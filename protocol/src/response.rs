@@ -200,14 +200,18 @@ pub enum ErrorKind {
     VersionMismatch,
     /// No background process with this handle.
     UnknownHandle,
-    /// The process has exited (kill) or its output ended without a match (wait_output).
+    /// The process has already exited (kill).
     ProcessExited,
+    /// wait_output: the stream was closed, or filled the kept output, without a matching line.
+    OutputEnded,
     /// The wait ran out of time.
     Timeout,
     /// An operating-system call failed (spawn, open, read, write); `errno` says which error.
     Io,
     /// The agent keeps too many background processes (none of them has exited).
     TooManyProcesses,
+    /// A bug in the agent (a thread of it panicked); the agent itself keeps serving.
+    Internal,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
