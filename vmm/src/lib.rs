@@ -1,0 +1,29 @@
+//! termlab-vmm: a minimal KVM virtual machine monitor for booting the termlab guest kernel.
+//!
+//! One VM = guest RAM, an in-kernel irqchip + PIT, N vCPU threads, COM1, an i8042 reset line
+//! and a virtio-vsock device over virtio-mmio with a Firecracker-style Unix socket backend.
+//!
+//! ```no_run
+//! use termlab_vmm::{Vm, VmConfig};
+//! let config = VmConfig::new("bzImage".into(), Some("initrd.cpio".into()), "console=ttyS0".into());
+//! let mut vm = Vm::new(config)?;
+//! vm.start()?;
+//! let reason = vm.wait_exit(None);
+//! # Ok::<(), termlab_vmm::Error>(())
+//! ```
+
+mod boot;
+mod cpu;
+mod devices;
+mod layout;
+mod vcpu;
+mod virtio;
+mod vm;
+
+pub use boot::{BootError, MpTableError};
+pub use cpu::CpuSetupError;
+pub use devices::console::ConsoleLog;
+pub use kvm_bindings::{kvm_regs, kvm_sregs};
+pub use kvm_ioctls::VcpuFd;
+pub use virtio::vsock::{BackendError as VsockBackendError, VsockConfig};
+pub use vm::{ConsoleConfig, Error, ExitReason, Vm, VmConfig};

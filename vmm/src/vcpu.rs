@@ -1,0 +1,260 @@
+//! vCPU threads and the control that pauses, resumes and stops them together.
+//!
+//! Each vCPU runs `KVM_RUN` on its own thread while holding its `VcpuFd` lock. To pause or
+//! stop, the controller sets the requested state and kicks every thread out of `KVM_RUN`
+//! with a signal; a thread that sees the request parks (releasing its `VcpuFd`, so register
+//! accessors can use it) or exits. Exits that need the whole VM to react (reset, triple
+//! fault, a debug trap) are reported through [`VmExitSink`].
+
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::devices::{lock, DeviceBus, PioEffect};
+use crate::ExitReason;
+
+/// Signal used only to interrupt `KVM_RUN`; its handler does nothing.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+static KICK_HANDLER: Once = Once::new();
+
+fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    let mut result = Ok(());
+    KICK_HANDLER.call_once(|| result = register_signal_handler(kick_signal(), noop));
+    result
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    Run,
+    Pause,
+    Stop,
+}
+
+struct ControlState {
+    request: Request,
+    /// Threads currently parked (paused) or gone.
+    parked: usize,
+}
+
+/// Shared by the VM and its vCPU threads.
+pub struct VcpuControl {
+    state: Mutex<ControlState>,
+    changed: Condvar,
+    count: usize,
+}
+
+impl VcpuControl {
+    fn set_request(&self, request: Request) {
+        let mut state = lock(&self.state);
+        if state.request != Request::Stop {
+            state.request = request;
+        }
+        self.changed.notify_all();
+    }
+
+    fn all_parked(&self) -> bool {
+        lock(&self.state).parked == self.count
+    }
+}
+
+/// Where vCPU threads report the end of the VM.
+pub trait VmExitSink: Send + Sync {
+    fn vm_exited(&self, reason: ExitReason);
+}
+
+/// A started vCPU.
+pub struct VcpuHandle {
+    pub fd: Arc<Mutex<VcpuFd>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The set of vCPU threads of one VM.
+pub struct Vcpus {
+    control: Arc<VcpuControl>,
+    handles: Vec<VcpuHandle>,
+}
+
+impl Vcpus {
+    /// Spawns one thread per vCPU; they start running immediately.
+    pub fn start(
+        fds: Vec<VcpuFd>,
+        bus: Arc<DeviceBus>,
+        sink: Arc<dyn VmExitSink>,
+    ) -> std::io::Result<Self> {
+        install_kick_handler().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        let control = Arc::new(VcpuControl {
+            state: Mutex::new(ControlState { request: Request::Run, parked: 0 }),
+            changed: Condvar::new(),
+            count: fds.len(),
+        });
+        let mut vcpus = Self { control: control.clone(), handles: Vec::new() };
+        for (index, fd) in fds.into_iter().enumerate() {
+            let fd = Arc::new(Mutex::new(fd));
+            let (control, bus, sink, thread_fd) = (control.clone(), bus.clone(), sink.clone(), fd.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || run_vcpu(index as u8, &thread_fd, &control, &bus, &*sink));
+            match spawned {
+                Ok(thread) => vcpus.handles.push(VcpuHandle { fd, thread: Some(thread) }),
+                Err(e) => {
+                    // `vcpus` drops here and stops the threads already started.
+                    return Err(e);
+                }
+            }
+        }
+        Ok(vcpus)
+    }
+
+    pub fn handles(&self) -> &[VcpuHandle] {
+        &self.handles
+    }
+
+    /// Parks every vCPU outside `KVM_RUN`; returns once all are parked.
+    pub fn pause(&self) {
+        self.control.set_request(Request::Pause);
+        self.kick_until(|| self.control.all_parked());
+    }
+
+    pub fn resume(&self) {
+        self.control.set_request(Request::Run);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        let state = lock(&self.control.state);
+        state.request == Request::Pause && state.parked == self.control.count
+    }
+
+    /// Stops and joins every vCPU thread.
+    pub fn stop(&mut self) {
+        self.control.set_request(Request::Stop);
+        self.kick_until(|| self.handles.iter().all(|h| h.thread.as_ref().is_none_or(|t| t.is_finished())));
+        for handle in &mut self.handles {
+            if let Some(thread) = handle.thread.take() {
+                if thread.join().is_err() {
+                    log::error!("a vCPU thread panicked");
+                }
+            }
+        }
+    }
+
+    /// A kick can land just before a thread enters `KVM_RUN` and be lost, so keep kicking
+    /// until the condition holds.
+    fn kick_until(&self, done: impl Fn() -> bool) {
+        while !done() {
+            for handle in &self.handles {
+                if let Some(thread) = handle.thread.as_ref().filter(|t| !t.is_finished()) {
+                    // ESRCH just means the thread already exited.
+                    let _ = thread.kill(kick_signal());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl Drop for Vcpus {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// What a vCPU exit asks the run loop to do.
+enum Action {
+    Continue,
+    /// Park every vCPU (e.g. a guest debug trap) until the controller resumes them.
+    PauseAll,
+    Exit(ExitReason),
+}
+
+fn run_vcpu(index: u8, fd: &Mutex<VcpuFd>, control: &VcpuControl, bus: &DeviceBus, sink: &dyn VmExitSink) {
+    loop {
+        if !wait_until_runnable(control) {
+            return;
+        }
+        let action = {
+            let mut vcpu = lock(fd);
+            handle_exit(index, vcpu.run(), bus)
+        };
+        match action {
+            Action::Continue => {}
+            Action::PauseAll => control.set_request(Request::Pause),
+            Action::Exit(reason) => {
+                sink.vm_exited(reason);
+                control.set_request(Request::Stop);
+            }
+        }
+    }
+}
+
+/// Blocks while paused. Returns false when the thread must exit.
+fn wait_until_runnable(control: &VcpuControl) -> bool {
+    let mut state = lock(&control.state);
+    let mut parked = false;
+    loop {
+        match state.request {
+            Request::Run => {
+                if parked {
+                    state.parked -= 1;
+                }
+                return true;
+            }
+            Request::Stop => {
+                if !parked {
+                    state.parked += 1;
+                }
+                control.changed.notify_all();
+                return false;
+            }
+            Request::Pause => {
+                if !parked {
+                    parked = true;
+                    state.parked += 1;
+                    control.changed.notify_all();
+                }
+                state = control.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+    }
+}
+
+fn handle_exit(index: u8, exit: Result<VcpuExit<'_>, kvm_ioctls::Error>, bus: &DeviceBus) -> Action {
+    match exit {
+        Ok(VcpuExit::IoIn(port, data)) => {
+            bus.pio_read(port, data);
+            Action::Continue
+        }
+        Ok(VcpuExit::IoOut(port, data)) => match bus.pio_write(port, data) {
+            PioEffect::None => Action::Continue,
+            PioEffect::Reset => Action::Exit(ExitReason::Reset),
+        },
+        Ok(VcpuExit::MmioRead(addr, data)) => {
+            bus.mmio_read(addr, data);
+            Action::Continue
+        }
+        Ok(VcpuExit::MmioWrite(addr, data)) => {
+            bus.mmio_write(addr, data);
+            Action::Continue
+        }
+        Ok(VcpuExit::Shutdown) => Action::Exit(ExitReason::TripleFault),
+        Ok(VcpuExit::Debug(_)) => Action::PauseAll,
+        Ok(VcpuExit::Intr) => Action::Continue,
+        Ok(VcpuExit::Hlt) => Action::Exit(ExitReason::Halted),
+        Ok(VcpuExit::SystemEvent(kind, _)) if kind == kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+            Action::Exit(ExitReason::Reset)
+        }
+        Ok(VcpuExit::SystemEvent(kind, _)) if kind == kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => {
+            Action::Exit(ExitReason::Halted)
+        }
+        Ok(other) => Action::Exit(ExitReason::VcpuError { vcpu: index, message: format!("unhandled exit {other:?}") }),
+        // EINTR/EAGAIN: kicked out of KVM_RUN by the controller; it decides what happens next.
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Action::Continue,
+        Err(e) => Action::Exit(ExitReason::VcpuError { vcpu: index, message: format!("KVM_RUN failed: {e}") }),
+    }
+}
