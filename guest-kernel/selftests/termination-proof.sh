@@ -1,0 +1,413 @@
+#!/bin/sh
+# Issue-3 proof, run inside the guest (busybox sh) by guest-kernel/selftests/run-qemu:
+# the seed demo and every BPF_PROG_TERMINATE behaviour, asserted on real output.
+# Prints one TAP-like line per check and, last, `selftest: N passed, M failed`.
+#
+# Parameters come from the kernel command line (so the same initramfs serves
+# every run): selftest.delay_ms=D (slow-helper delay for the demo runs, default
+# 2000) and selftest.case2_ms=T (how long the BPF-text runs would last if not
+# terminated, default 8000).
+#
+# How a run is judged: trigger_loops prints its duration (CLOCK_MONOTONIC) and
+# what the program recorded. Timestamps (first_done/second_done/exited) are
+# bpf_ktime_get_ns() results, which the termination copy stubs, so they are 1
+# only for parts that ran in the original image; `phase` is a plain store and
+# reaches 4 when the run got to its end, in either image.
+
+export PATH=/bin
+cmdline_value() {
+	tr ' ' '\n' </proc/cmdline | sed -n "s/^selftest\\.$1=\\([0-9][0-9]*\\)\$/\\1/p"
+}
+DELAY_MS=$(cmdline_value delay_ms)
+DELAY_MS=${DELAY_MS:-2000}
+CASE2_MS=$(cmdline_value case2_ms)
+CASE2_MS=${CASE2_MS:-8000}
+# Delay used for the "still works / nothing changed" runs, to keep them short.
+SHORT_DELAY_MS=200
+DELAY_SYSCTL=/proc/sys/kernel/bpf_termination_demo_delay_ms
+UNPRIV_SYSCTL=/proc/sys/kernel/unprivileged_bpf_disabled
+WORK=/tmp/selftest
+mkdir -p "$WORK"
+
+passed=0
+failed=0
+check_number=0
+ok() {
+	check_number=$((check_number + 1))
+	passed=$((passed + 1))
+	echo "ok $check_number - $1"
+}
+not_ok() {
+	check_number=$((check_number + 1))
+	failed=$((failed + 1))
+	echo "not ok $check_number - $1: $2"
+}
+# check NAME WHY-IF-FAILED CONDITION...: runs `test CONDITION`.
+check() {
+	name=$1
+	why=$2
+	shift 2
+	if [ "$@" ]; then ok "$name"; else not_ok "$name" "$why"; fi
+}
+
+# field KEY LINE: the value of KEY=value in a machine-readable line.
+field() {
+	echo "$2" | tr ' ' '\n' | sed -n "s/^$1=//p" | head -n 1
+}
+# within VALUE LOW HIGH: LOW <= VALUE < HIGH (integers; empty VALUE is false).
+within() {
+	[ -n "$1" ] && [ "$1" -ge "$2" ] && [ "$1" -lt "$3" ]
+}
+
+set_delay() {
+	[ -w "$DELAY_SYSCTL" ] && echo "$1" >"$DELAY_SYSCTL"
+}
+
+# start_loader NAME: runs `loops --prog NAME` in the background, sets
+# LOADER_PID and PROG_ID. Returns non-zero if it did not print its prog_id.
+start_loader() {
+	loops --prog "$1" >"$WORK/loader.$1" 2>&1 &
+	LOADER_PID=$!
+	PROG_ID=""
+	tries=0
+	while [ $tries -lt 100 ]; do
+		PROG_ID=$(field prog_id "$(grep '^prog_id=' "$WORK/loader.$1")")
+		[ -n "$PROG_ID" ] && return 0
+		kill -0 "$LOADER_PID" 2>/dev/null || break
+		sleep 0.1
+		tries=$((tries + 1))
+	done
+	echo "# loader for $1 did not start:"
+	sed 's/^/#   /' "$WORK/loader.$1"
+	return 1
+}
+
+# stop_loader NAME: SIGTERM, then checks it detached and exited 0.
+stop_loader() {
+	kill -TERM "$LOADER_PID"
+	wait "$LOADER_PID"
+	status=$?
+	if [ $status -eq 0 ] && grep -q "prog_id=$PROG_ID detached" "$WORK/loader.$1"; then
+		ok "loops --prog $1 detaches and exits cleanly on SIGTERM"
+	else
+		not_ok "loops --prog $1 detaches and exits cleanly on SIGTERM" \
+			"exit status $status, output: $(tr '\n' ' ' <"$WORK/loader.$1")"
+	fi
+}
+
+# runs_of PROG: how many runs the program has started so far.
+runs_of() {
+	field runs "$(trigger_loops --prog "$1" --show)"
+}
+
+# trigger_in_background PROG [ARGS]: starts one run, sets TRIGGER_PID/TRIGGER_OUT
+# and waits until the run has entered the program (phase 1 of a new run), so a
+# terminate that follows lands inside it. Returns non-zero on timeout.
+trigger_in_background() {
+	prog=$1
+	shift
+	runs_before=$(runs_of "$prog")
+	TRIGGER_OUT=$WORK/trigger.$prog
+	trigger_loops --prog "$prog" "$@" >"$TRIGGER_OUT" 2>&1 &
+	TRIGGER_PID=$!
+	tries=0
+	while [ $tries -lt 200 ]; do
+		state=$(trigger_loops --prog "$prog" --show)
+		if [ "$(field runs "$state")" != "$runs_before" ] && [ "$(field phase "$state")" = 1 ]; then
+			return 0
+		fi
+		if ! kill -0 "$TRIGGER_PID" 2>/dev/null; then
+			wait_trigger
+			echo "# the run ended before it could be caught in progress"
+			return 1
+		fi
+		sleep 0.02
+		tries=$((tries + 1))
+	done
+	return 1
+}
+
+# wait_trigger: waits for the background run, sets RUN to its output line.
+wait_trigger() {
+	wait "$TRIGGER_PID"
+	RUN=$(grep '^trigger ' "$TRIGGER_OUT")
+	echo "# $RUN"
+}
+
+# expect_full_run PROG NAME: with the short delay, a run must go through the
+# original image: both slow calls real (>= 2 x delay), every timestamp real.
+expect_full_run() {
+	set_delay $SHORT_DELAY_MS
+	run=$(trigger_loops --prog "$1")
+	echo "# $run"
+	set_delay "$DELAY_MS"
+	duration=$(field duration_ms "$run")
+	if within "$duration" $((SHORT_DELAY_MS * 2 * 95 / 100)) $((SHORT_DELAY_MS * 4)) &&
+		[ "$(field second_done "$run")" = 1 ] && [ "$(field exited "$run")" = 1 ]; then
+		ok "$2"
+	else
+		not_ok "$2" "expected an original run of ~$((SHORT_DELAY_MS * 2)) ms with real timestamps, got: $run"
+	fi
+}
+
+# terminated_run_checks PROG NAME: the background run was terminated inside
+# its first slow call: it ends after ~1 x delay (the first call finishes), the
+# second call was a stub, and the rest of the run completed in the copy.
+terminated_run_checks() {
+	wait_trigger
+	duration=$(field duration_ms "$RUN")
+	check "$2: run took ~1x delay (${duration:-?} ms, delay $DELAY_MS ms)" \
+		"expected $((DELAY_MS * 9 / 10))..$((DELAY_MS * 3 / 2)) ms" \
+		-n "$duration" -a "${duration:-0}" -ge $((DELAY_MS * 9 / 10)) -a "${duration:-0}" -lt $((DELAY_MS * 3 / 2))
+	check "$2: second slow call stubbed, run finished in the termination copy" \
+		"expected phase=4 second_done=0 exited=0, got: $RUN" \
+		"$(field phase "$RUN"):$(field second_done "$RUN"):$(field exited "$RUN")" = "4:0:0"
+}
+
+# iterations_for PROG MS: bpf_loop() iterations for a run of about MS
+# milliseconds, measured with a short calibration run.
+iterations_for() {
+	calibration=20000
+	run=$(trigger_loops --prog "$1" --iterations $calibration)
+	echo "# calibration: $run" >&2
+	ns=$(field duration_ns "$run")
+	[ -n "$ns" ] && [ "$ns" -gt 0 ] || { echo 0; return; }
+	n=$((calibration * $2 * 1000000 / ns))
+	[ $n -gt 8388608 ] && n=8388608
+	echo $n
+}
+
+# case2 PROG NAME: terminate a run that spends its time in BPF text.
+case2() {
+	if ! start_loader "$1"; then
+		not_ok "$2: loader starts" "see the loader output above"
+		return
+	fi
+	iterations=$(iterations_for "$1" "$CASE2_MS")
+	full_ms=$CASE2_MS
+	if ! trigger_in_background "$1" --iterations "$iterations"; then
+		not_ok "$2: run starts" "the program never entered"
+		stop_loader "$1"
+		return
+	fi
+	sleep 0.5
+	terminate=$(prog_terminate "$PROG_ID")
+	echo "# $terminate"
+	wait_trigger
+	call_ns=$(field call_ns "$terminate")
+	end_ns=$(field end_ns "$RUN")
+	latency_ms=""
+	[ -n "$call_ns" ] && [ -n "$end_ns" ] && latency_ms=$(((end_ns - call_ns) / 1000000))
+	check "$2: BPF_PROG_TERMINATE stops it on $(field ret "$terminate") CPU(s)" \
+		"$terminate" "$(field ret "$terminate")" -ge 1
+	check "$2: run ends within milliseconds of the terminate call (${latency_ms:-?} ms; unterminated ~$full_ms ms)" \
+		"terminate->return latency ${latency_ms:-unknown} ms, expected < 100" \
+		-n "$latency_ms" -a "${latency_ms:-1000}" -lt 100
+	check "$2: loop stopped early ($(field iterations_done "$RUN") of $iterations iterations) and the run finished in the copy" \
+		"got: $RUN" \
+		"$(field iterations_done "$RUN")" -lt "$iterations" -a "$(field phase "$RUN"):$(field exited "$RUN")" = "4:0"
+	run=$(trigger_loops --prog "$1" --iterations 1000)
+	echo "# $run"
+	check "$2: next run is the original (all 1000 iterations, real timestamps)" "got: $run" \
+		"$(field iterations_done "$run"):$(field exited "$run")" = "1000:1"
+	stop_loader "$1"
+}
+
+echo "# selftest: delay ${DELAY_MS} ms, BPF-text runs ~${CASE2_MS} ms, kernel $(uname -r)"
+
+# --- setup -------------------------------------------------------------------
+if [ -w "$DELAY_SYSCTL" ]; then
+	ok "demo delay sysctl kernel.bpf_termination_demo_delay_ms exists (default $(cat $DELAY_SYSCTL))"
+	set_delay "$DELAY_MS"
+else
+	not_ok "demo delay sysctl kernel.bpf_termination_demo_delay_ms exists" "$DELAY_SYSCTL missing"
+fi
+
+# --- 1. the seed demo --------------------------------------------------------
+if start_loader loops; then
+	ok "loops loads and attaches the demo program (prog id $PROG_ID)"
+else
+	not_ok "loops loads and attaches the demo program" "see the loader output above"
+	echo "selftest: $passed passed, $failed failed"
+	exit 1
+fi
+show=$(bpftool prog show id "$PROG_ID" 2>&1)
+echo "$show" | sed 's/^/# /'
+check "bpftool prog show lists it" "got: $show" -n "$(echo "$show" | grep "^$PROG_ID: tracepoint  name loops ")"
+tag=$(echo "$show" | sed -n 's/.* tag \([0-9a-f]*\).*/\1/p')
+check "kallsyms has the original image and the termination copy (bpf_prog_/bpf_term_${tag}_loops)" \
+	"missing from /proc/kallsyms" \
+	"$(grep -c -e " bpf_prog_${tag}_loops\$" -e " bpf_term_${tag}_loops\$" /proc/kallsyms)" -ge 2
+
+if trigger_in_background loops; then
+	terminate=$(bpftool prog terminate id "$PROG_ID" 2>&1)
+	status=$?
+	echo "$terminate" | sed 's/^/# bpftool: /'
+	check "bpftool prog terminate id $PROG_ID during the first slow call succeeds" \
+		"exit status $status: $terminate" $status -eq 0
+	terminated_run_checks loops "demo with terminate"
+else
+	not_ok "demo run starts" "the program never entered"
+fi
+
+# --- 2. control --------------------------------------------------------------
+run=$(trigger_loops)
+echo "# $run"
+duration=$(field duration_ms "$run")
+check "control without terminate takes ~2x delay (${duration:-?} ms)" \
+	"expected $((DELAY_MS * 19 / 10))..$((DELAY_MS * 3)) ms, got: $run" \
+	-n "$duration" -a "${duration:-0}" -ge $((DELAY_MS * 19 / 10)) -a "${duration:-0}" -lt $((DELAY_MS * 3))
+check "control run is the original all the way (both slow calls, real timestamps)" "got: $run" \
+	"$(field phase "$run"):$(field first_done "$run"):$(field second_done "$run"):$(field exited "$run")" = "4:1:1:1"
+
+# --- 4. errors, each leaving everything unchanged -------------------------------
+result=$(prog_terminate 4000000000)
+echo "# $result"
+check "unknown id -> ENOENT" "got: $result" "$(field errno "$result")" = ENOENT
+bpftool prog terminate id 4000000000 >/dev/null 2>&1
+check "bpftool prog terminate of an unknown id exits non-zero" "it exited 0" $? -ne 0
+
+result=$(prog_terminate "$PROG_ID")
+echo "# $result"
+check "loaded but not running -> ESRCH" "got: $result" "$(field errno "$result")" = ESRCH
+expect_full_run loops "after ESRCH the program still runs the original"
+
+# EINVAL and EPERM are tried while a run is in progress: they must not stop it.
+if trigger_in_background loops; then
+	result=$(prog_terminate --flags 2 "$PROG_ID")
+	echo "# $result"
+	check "unknown flag bit (flags=2) on a running program -> EINVAL" "got: $result" \
+		"$(field errno "$result")" = EINVAL
+	result=$(prog_terminate --flags 2147483648 "$PROG_ID")
+	echo "# $result"
+	check "unknown flag bit (flags=1<<31) -> EINVAL" "got: $result" "$(field errno "$result")" = EINVAL
+
+	# With unprivileged_bpf_disabled=0 the bpf() syscall lets an unprivileged
+	# caller reach the command, so the EPERM comes from its own capability check.
+	unpriv_before=$(cat $UNPRIV_SYSCTL 2>/dev/null)
+	echo 0 >$UNPRIV_SYSCTL 2>/dev/null
+	result=$(su nobody -s /bin/sh -c "prog_terminate $PROG_ID" 2>&1 | grep '^terminate ')
+	echo "# as nobody (unprivileged_bpf_disabled=$(cat $UNPRIV_SYSCTL 2>/dev/null)): $result"
+	check "unprivileged user -> EPERM" "got: ${result:-no output}" "$(field errno "$result")" = EPERM
+	su nobody -s /bin/sh -c "bpftool prog terminate id $PROG_ID" >/dev/null 2>&1
+	check "unprivileged bpftool prog terminate exits non-zero" "it exited 0" $? -ne 0
+	[ -n "$unpriv_before" ] && echo "$unpriv_before" >$UNPRIV_SYSCTL 2>/dev/null
+
+	wait_trigger
+	duration=$(field duration_ms "$RUN")
+	check "the run with EINVAL/EPERM attempts was not stopped (~2x delay, ${duration:-?} ms, real timestamps)" \
+		"got: $RUN" -n "$duration" -a "${duration:-0}" -ge $((DELAY_MS * 19 / 10)) \
+		-a "$(field second_done "$RUN"):$(field exited "$RUN")" = "1:1"
+else
+	not_ok "run for the EINVAL/EPERM checks starts" "the program never entered"
+fi
+
+# --- terminate twice, with the seed's bare `bpftool prog terminate ID` --------
+if trigger_in_background loops; then
+	first=$(prog_terminate "$PROG_ID")
+	second=$(bpftool prog terminate "$PROG_ID" 2>&1)
+	second_status=$?
+	echo "# first: $first"
+	echo "# second (bpftool prog terminate $PROG_ID): $second (exit $second_status)"
+	check "terminate twice: first call stops it" "got: $first" "$(field ret "$first")" -ge 1
+	# The run is still finishing its first slow call in the copy: a second
+	# request may find it running (and succeed harmlessly) or not (ESRCH).
+	check "terminate twice: the second call (seed's bare bpftool form) succeeds or reports ESRCH" \
+		"exit $second_status: $second" \
+		$second_status -eq 0 -o -n "$(echo "$second" | grep 'No such process')"
+	terminated_run_checks loops "terminate twice"
+	after=$(prog_terminate "$PROG_ID")
+	echo "# $after"
+	check "terminate after the run ended -> ESRCH" "got: $after" "$(field errno "$after")" = ESRCH
+else
+	not_ok "run for the terminate-twice check starts" "the program never entered"
+fi
+expect_full_run loops "after terminations the next run is the original again"
+stop_loader loops
+
+# --- 3. case 2: time spent in BPF text ------------------------------------------
+case2 bpftext "case 2 (bpf_loop in BPF text)"
+case2 subprog_text "case 2, 3 bpf2bpf frames deep"
+
+# --- subprogram frames, slow helper 3 frames deep ---------------------------------
+if start_loader subprog_helper; then
+	if trigger_in_background subprog_helper; then
+		result=$(prog_terminate "$PROG_ID")
+		echo "# $result"
+		check "subprog_helper: terminate during the first slow call stops it" "got: $result" \
+			"$(field ret "$result")" -ge 1
+		terminated_run_checks subprog_helper "subprog_helper (3 frames deep)"
+	else
+		not_ok "subprog_helper run starts" "the program never entered"
+	fi
+	expect_full_run subprog_helper "subprog_helper: next run is the original"
+	stop_loader subprog_helper
+else
+	not_ok "subprog_helper loader starts" "see the loader output above"
+fi
+
+# --- terminate right as the program exits --------------------------------------
+if start_loader bpftext; then
+	trigger_loops --prog bpftext --iterations 2000 --count 400 >"$WORK/race.trigger" 2>&1 &
+	race_pid=$!
+	stopped=0
+	not_running=0
+	other=0
+	while kill -0 $race_pid 2>/dev/null; do
+		result=$(prog_terminate --repeat 500 "$PROG_ID")
+		stopped=$((stopped + $(field stopped "$result")))
+		not_running=$((not_running + $(field not_running "$result")))
+		other=$((other + $(field other "$result")))
+		[ "$(field other "$result")" = 0 ] || echo "# unexpected: $result"
+	done
+	wait $race_pid
+	race_status=$?
+	echo "# $(cat "$WORK/race.trigger")"
+	echo "# racing terminate calls: stopped=$stopped not_running(ESRCH)=$not_running other=$other"
+	check "terminate racing 400 short runs: every call stopped a run or got ESRCH ($stopped stopped, $not_running ESRCH)" \
+		"$other calls failed otherwise" $other -eq 0 -a $((stopped + not_running)) -gt 0
+	check "terminate racing short runs: the race hit running programs ($stopped stopped)" \
+		"no call found the program running" $stopped -ge 1
+	check "every racing trigger ran the program" "trigger exit status $race_status" $race_status -eq 0
+	run=$(trigger_loops --prog bpftext --iterations 1000)
+	echo "# $run"
+	check "after the race the next run is the original" "got: $run" \
+		"$(field iterations_done "$run"):$(field exited "$run")" = "1000:1"
+	stop_loader bpftext
+else
+	not_ok "bpftext loader for the race starts" "see the loader output above"
+fi
+
+# --- BPF_F_TERMINATE_DETACH ------------------------------------------------------
+if start_loader loops; then
+	if trigger_in_background loops; then
+		result=$(prog_terminate --detach "$PROG_ID")
+		echo "# $result"
+		check "terminate with BPF_F_TERMINATE_DETACH stops it" "got: $result" "$(field ret "$result")" -ge 1
+		terminated_run_checks loops "terminate+detach"
+		run=$(trigger_loops 2>&1)
+		status=$?
+		echo "# after detach: $run (exit $status)"
+		check "after terminate+detach the program no longer runs on triggers" \
+			"trigger exit status $status (3 = did not run): $run" $status -eq 3
+	else
+		not_ok "run for the detach check starts" "the program never entered"
+	fi
+	stop_loader loops
+else
+	not_ok "loader for the detach check starts" "see the loader output above"
+fi
+
+# --- 5. kernel log ----------------------------------------------------------------
+echo "# bpf_printk trace of the demo runs:"
+grep -m 12 'bpf_trace_printk' /sys/kernel/tracing/trace | sed 's/^/#   /'
+bad=$(dmesg | grep -E 'WARNING:|BUG:|Oops|general protection|Call Trace|RIP:|soft lockup|hard LOCKUP|rcu.*stall|Kernel panic')
+if [ -z "$bad" ]; then
+	ok "no WARN/BUG/oops in dmesg"
+else
+	not_ok "no WARN/BUG/oops in dmesg" "found:"
+	echo "$bad" | sed 's/^/#   /'
+fi
+
+echo "selftest: $passed passed, $failed failed"
+[ $failed -eq 0 ]
