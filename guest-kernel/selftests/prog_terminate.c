@@ -1,0 +1,432 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * prog_terminate: kernel selftest of BPF_PROG_TERMINATE, run inside the guest.
+ *
+ * Programs are written as raw instructions and run with BPF_PROG_TEST_RUN
+ * (raw_tracepoint type: the run goes through bpf_prog_run() on the calling
+ * CPU with interrupts enabled, like a real tracepoint hit).  A runner thread
+ * pinned to one CPU runs the program; the main thread, pinned to another
+ * CPU, terminates it.  The program's return value tells which image finished
+ * the run: the slow helper returns the NUMA node (0) in the original and -1
+ * in the termination copy, so a run whose second helper was stubbed returns
+ * -1 instead of 0.
+ *
+ * Needs 2 CPUs, root, and the kernel.bpf_termination_demo_delay_ms sysctl.
+ * Prints one TAP line per check and "prog_terminate: N passed, M failed".
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdarg.h>
+#include <linux/bpf.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef BPF_JCOND
+#define BPF_JCOND 0xe0
+#endif
+#ifndef BPF_PROG_TERMINATE
+#define BPF_PROG_TERMINATE 37
+#define BPF_F_TERMINATE_DETACH (1U << 0)
+#endif
+
+/* The prog_terminate member of union bpf_attr, for headers that predate it. */
+struct terminate_attr {
+	uint32_t prog_id;
+	uint32_t flags;
+};
+
+#define DELAY_MS 1500
+#define RUNNER_CPU 0
+#define TERMINATOR_CPU 1
+
+/* ---- instruction encoding (include/linux/filter.h, in userspace form) */
+
+#define INSN(CODE, DST, SRC, OFF, IMM) \
+	((struct bpf_insn){ .code = (CODE), .dst_reg = (DST), .src_reg = (SRC), .off = (OFF), .imm = (IMM) })
+#define MOV64_IMM(DST, IMM) INSN(BPF_ALU64 | BPF_MOV | BPF_K, DST, 0, 0, IMM)
+#define MOV64_REG(DST, SRC) INSN(BPF_ALU64 | BPF_MOV | BPF_X, DST, SRC, 0, 0)
+#define ADD64_REG(DST, SRC) INSN(BPF_ALU64 | BPF_ADD | BPF_X, DST, SRC, 0, 0)
+#define ADD64_IMM(DST, IMM) INSN(BPF_ALU64 | BPF_ADD | BPF_K, DST, 0, 0, IMM)
+#define CALL_HELPER(ID) INSN(BPF_JMP | BPF_CALL, 0, 0, 0, ID)
+#define CALL_SUBPROG(OFF) INSN(BPF_JMP | BPF_CALL, 0, BPF_PSEUDO_CALL, 0, OFF)
+#define JA(OFF) INSN(BPF_JMP | BPF_JA, 0, 0, OFF, 0)
+#define MAY_GOTO(OFF) INSN(BPF_JMP | BPF_JCOND, 0, 0, OFF, 0)
+#define EXIT() INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0)
+
+/* Two slow helper calls: returns 0 normally, -1 if the second was stubbed. */
+static const struct bpf_insn two_slow_helpers[] = {
+	CALL_HELPER(BPF_FUNC_get_numa_node_id),
+	MOV64_REG(BPF_REG_6, BPF_REG_0),
+	CALL_HELPER(BPF_FUNC_get_numa_node_id),
+	ADD64_REG(BPF_REG_0, BPF_REG_6),
+	EXIT(),
+};
+
+/*
+ * The same two calls three bpf2bpf frames deep: main -> f1 -> f2 -> helper.
+ * When terminated inside the first helper the stack holds return addresses
+ * into f2, f1 and main; all of them must lead into the copy.
+ */
+static const struct bpf_insn subprog_slow_helpers[] = {
+	/* main */
+	CALL_SUBPROG(2),			/* 0: -> f1 at 3 */
+	ADD64_IMM(BPF_REG_0, 0),		/* 1 */
+	EXIT(),					/* 2 */
+	/* f1 */
+	CALL_SUBPROG(1),			/* 3: -> f2 at 5 */
+	EXIT(),					/* 4 */
+	/* f2 */
+	CALL_HELPER(BPF_FUNC_get_numa_node_id),	/* 5 */
+	MOV64_REG(BPF_REG_6, BPF_REG_0),	/* 6 */
+	CALL_HELPER(BPF_FUNC_get_numa_node_id),	/* 7 */
+	ADD64_REG(BPF_REG_0, BPF_REG_6),	/* 8 */
+	EXIT(),					/* 9 */
+};
+
+/*
+ * Case 2: all time is spent in BPF text.  may_goto lets the loop run at most
+ * BPF_MAX_LOOPS (8M) times; the copy leaves the loop at its next test, so a
+ * terminated run returns fewer iterations.
+ */
+#define MAY_GOTO_LIMIT (8 * 1024 * 1024)
+static const struct bpf_insn bpf_text_loop[] = {
+	MOV64_IMM(BPF_REG_0, 0),
+	MAY_GOTO(2),
+	ADD64_IMM(BPF_REG_0, 1),
+	JA(-3),
+	EXIT(),
+};
+
+static const struct bpf_insn return_zero[] = {
+	MOV64_IMM(BPF_REG_0, 0),
+	EXIT(),
+};
+
+/* ---------------------------------------------------------------- TAP */
+
+static int passed, failed;
+
+static void check(bool ok, const char *name, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+static void check(bool ok, const char *name, const char *fmt, ...)
+{
+	va_list ap;
+
+	printf("%s %d - %s", ok ? "ok" : "not ok", passed + failed + 1, name);
+	if (fmt) {
+		printf(": ");
+		va_start(ap, fmt);
+		vprintf(fmt, ap);
+		va_end(ap);
+	}
+	printf("\n");
+	fflush(stdout);
+	if (ok)
+		passed++;
+	else
+		failed++;
+}
+
+/* ---------------------------------------------------------------- bpf() */
+
+static long sys_bpf(int cmd, void *attr, unsigned int size)
+{
+	return syscall(__NR_bpf, cmd, attr, size);
+}
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1000000000ull + ts.tv_nsec;
+}
+
+static int load(enum bpf_prog_type type, const struct bpf_insn *insns, size_t cnt,
+		const char *name, uint32_t prog_flags)
+{
+	static char log[65536];
+	union bpf_attr attr = {};
+	int fd;
+
+	attr.prog_type = type;
+	attr.insns = (uintptr_t)insns;
+	attr.insn_cnt = cnt;
+	attr.license = (uintptr_t)"GPL";
+	attr.prog_flags = prog_flags;
+	attr.log_buf = (uintptr_t)log;
+	attr.log_size = sizeof(log);
+	attr.log_level = 1;
+	strncpy(attr.prog_name, name, sizeof(attr.prog_name) - 1);
+	fd = sys_bpf(BPF_PROG_LOAD, &attr, sizeof(attr));
+	if (fd < 0) {
+		fprintf(stderr, "load %s: %s\n%s\n", name, strerror(errno), log);
+		exit(1);
+	}
+	return fd;
+}
+
+static uint32_t prog_id(int fd)
+{
+	struct bpf_prog_info info = {};
+	union bpf_attr attr = {};
+
+	attr.info.bpf_fd = fd;
+	attr.info.info_len = sizeof(info);
+	attr.info.info = (uintptr_t)&info;
+	if (sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &attr, sizeof(attr))) {
+		perror("BPF_OBJ_GET_INFO_BY_FD");
+		exit(1);
+	}
+	return info.id;
+}
+
+/* Returns the syscall's result; errno is kept for the caller. */
+static long terminate(uint32_t id, uint32_t flags)
+{
+	struct terminate_attr attr = { .prog_id = id, .flags = flags };
+
+	return sys_bpf(BPF_PROG_TERMINATE, &attr, sizeof(attr));
+}
+
+static void pin_to(int cpu)
+{
+	cpu_set_t set;
+
+	CPU_ZERO(&set);
+	CPU_SET(cpu, &set);
+	if (sched_setaffinity(0, sizeof(set), &set)) {
+		perror("sched_setaffinity");
+		exit(1);
+	}
+}
+
+static void set_delay(unsigned int ms)
+{
+	FILE *f = fopen("/proc/sys/kernel/bpf_termination_demo_delay_ms", "w");
+
+	if (!f || fprintf(f, "%u\n", ms) < 0 || fclose(f)) {
+		perror("bpf_termination_demo_delay_ms");
+		exit(1);
+	}
+}
+
+/* ------------------------------------------------------------- runner */
+
+struct run {
+	int prog_fd;
+	uint32_t retval;
+	int err;
+	uint64_t start_ns, end_ns;
+	volatile bool started;
+};
+
+static void *runner(void *arg)
+{
+	struct run *run = arg;
+	union bpf_attr attr = {};
+	uint64_t args[1] = {};
+
+	pin_to(RUNNER_CPU);
+	attr.test.prog_fd = run->prog_fd;
+	attr.test.ctx_in = (uintptr_t)args;
+	attr.test.ctx_size_in = sizeof(args);
+	run->start_ns = now_ns();
+	run->started = true;
+	run->err = sys_bpf(BPF_PROG_TEST_RUN, &attr, sizeof(attr)) ? errno : 0;
+	run->end_ns = now_ns();
+	run->retval = attr.test.retval;
+	return NULL;
+}
+
+static void run_sync(struct run *run)
+{
+	pthread_t t;
+
+	pthread_create(&t, NULL, runner, run);
+	pthread_join(t, NULL);
+}
+
+/*
+ * Start a run on RUNNER_CPU, terminate it from this CPU after @after_ms.
+ * Returns terminate()'s result; *term_ns is the time of the call.
+ */
+static long run_and_terminate(struct run *run, uint32_t id, unsigned int after_ms,
+			      uint64_t *term_ns, int *term_errno)
+{
+	struct timespec d = { after_ms / 1000, (after_ms % 1000) * 1000000L };
+	pthread_t t;
+	long ret;
+
+	run->started = false;
+	pthread_create(&t, NULL, runner, run);
+	while (!run->started)
+		sched_yield();
+	nanosleep(&d, NULL);
+	*term_ns = now_ns();
+	ret = terminate(id, 0);
+	*term_errno = errno;
+	pthread_join(t, NULL);
+	return ret;
+}
+
+static double ms(uint64_t ns)
+{
+	return ns / 1e6;
+}
+
+/* ------------------------------------------------------------- checks */
+
+static void test_case1(const char *what, const struct bpf_insn *insns, size_t cnt)
+{
+	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, insns, cnt, "term_case1", 0);
+	uint32_t id = prog_id(fd);
+	struct run run = { .prog_fd = fd };
+	uint64_t term_ns;
+	int term_errno;
+	long ret;
+	char name[128];
+
+	set_delay(DELAY_MS);
+
+	run_sync(&run);
+	snprintf(name, sizeof(name), "%s: control run takes both slow helpers", what);
+	check(!run.err && run.retval == 0 && ms(run.end_ns - run.start_ns) >= 2 * DELAY_MS * 0.95,
+	      name, "retval %d, %.0f ms (delay %d ms)", (int)run.retval,
+	      ms(run.end_ns - run.start_ns), DELAY_MS);
+
+	ret = run_and_terminate(&run, id, DELAY_MS / 2, &term_ns, &term_errno);
+	snprintf(name, sizeof(name), "%s: terminate inside the first helper stops 1 CPU", what);
+	check(ret == 1, name, "returned %ld (%s)", ret, ret < 0 ? strerror(term_errno) : "ok");
+	snprintf(name, sizeof(name), "%s: second helper was stubbed (retval -1)", what);
+	check(!run.err && (int)run.retval == -1, name, "retval %d", (int)run.retval);
+	snprintf(name, sizeof(name), "%s: run ended after one delay, not two", what);
+	check(ms(run.end_ns - run.start_ns) < 1.5 * DELAY_MS, name,
+	      "run %.0f ms, terminate->return %.3f ms", ms(run.end_ns - run.start_ns),
+	      ms(run.end_ns - term_ns));
+
+	run_sync(&run);
+	snprintf(name, sizeof(name), "%s: next run is the original again", what);
+	check(!run.err && run.retval == 0 && ms(run.end_ns - run.start_ns) >= 2 * DELAY_MS * 0.95,
+	      name, "retval %d, %.0f ms", (int)run.retval, ms(run.end_ns - run.start_ns));
+
+	set_delay(0);
+	close(fd);
+}
+
+static void test_case2(void)
+{
+	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, bpf_text_loop,
+		      sizeof(bpf_text_loop) / sizeof(bpf_text_loop[0]), "term_case2", 0);
+	uint32_t id = prog_id(fd);
+	struct run run = { .prog_fd = fd };
+	uint64_t term_ns, full_ns;
+	int term_errno;
+	long ret;
+
+	run_sync(&run);
+	full_ns = run.end_ns - run.start_ns;
+	check(!run.err && run.retval == MAY_GOTO_LIMIT, "case 2: control run loops to the may_goto limit",
+	      "retval %u, %.1f ms", run.retval, ms(full_ns));
+
+	ret = run_and_terminate(&run, id, ms(full_ns) / 3 + 1, &term_ns, &term_errno);
+	check(ret == 1, "case 2: terminate in BPF text stops 1 CPU", "returned %ld (%s)", ret,
+	      ret < 0 ? strerror(term_errno) : "ok");
+	check(!run.err && run.retval < MAY_GOTO_LIMIT, "case 2: loop left early in the copy",
+	      "retval %u of %u, terminate->return %.3f ms, full run %.1f ms", run.retval,
+	      MAY_GOTO_LIMIT, ms(run.end_ns - term_ns), ms(full_ns));
+	close(fd);
+}
+
+static void test_errors(void)
+{
+	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, return_zero, 2, "term_idle", 0);
+	int sleepable = load(BPF_PROG_TYPE_SYSCALL, return_zero, 2, "term_sleepable",
+			     BPF_F_SLEEPABLE);
+	uint32_t id = prog_id(fd);
+	struct { struct terminate_attr t; uint32_t pad; } padded = { { id, 0 }, 1 };
+	long ret;
+	pid_t child;
+	int status;
+
+	errno = 0;
+	ret = terminate(0x7ffffff0, 0);
+	check(ret == -1 && errno == ENOENT, "unknown id -> ENOENT", "%ld %s", ret, strerror(errno));
+	ret = terminate(id, 0);
+	check(ret == -1 && errno == ESRCH, "idle program -> ESRCH", "%ld %s", ret, strerror(errno));
+	ret = terminate(id, 1U << 7);
+	check(ret == -1 && errno == EINVAL, "unknown flag -> EINVAL", "%ld %s", ret, strerror(errno));
+	ret = sys_bpf(BPF_PROG_TERMINATE, &padded, sizeof(padded));
+	check(ret == -1 && errno == EINVAL, "non-zero bytes after the attr -> EINVAL", "%ld %s", ret,
+	      strerror(errno));
+	ret = terminate(prog_id(sleepable), 0);
+	check(ret == -1 && errno == EOPNOTSUPP, "sleepable program -> EOPNOTSUPP", "%ld %s", ret,
+	      strerror(errno));
+
+	child = fork();
+	if (!child) {
+		/* Dropping all uids to nobody drops every capability. */
+		if (setresgid(65534, 65534, 65534) || setresuid(65534, 65534, 65534))
+			_exit(100);
+		errno = 0;
+		_exit(terminate(id, 0) == -1 ? errno : 101);
+	}
+	waitpid(child, &status, 0);
+	check(WIFEXITED(status) && WEXITSTATUS(status) == EPERM, "unprivileged -> EPERM",
+	      "child exit %d", WEXITSTATUS(status));
+
+	/* Nothing above changed the program: it still runs normally. */
+	{
+		struct run run = { .prog_fd = fd };
+
+		run_sync(&run);
+		check(!run.err && run.retval == 0, "program unchanged after failed terminates",
+		      "retval %d", (int)run.retval);
+	}
+	close(sleepable);
+	close(fd);
+}
+
+static void test_kallsyms(void)
+{
+	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, two_slow_helpers, 5, "term_syms", 0);
+	char line[512];
+	bool orig = false, copy = false;
+	FILE *f = fopen("/proc/kallsyms", "r");
+
+	while (f && fgets(line, sizeof(line), f)) {
+		if (strstr(line, " bpf_prog_") && strstr(line, "_term_syms"))
+			orig = true;
+		if (strstr(line, " bpf_term_") && strstr(line, "_term_syms"))
+			copy = true;
+	}
+	if (f)
+		fclose(f);
+	check(orig && copy, "kallsyms lists the original and the copy", "orig %d copy %d", orig, copy);
+	close(fd);
+}
+
+int main(void)
+{
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	pin_to(TERMINATOR_CPU);
+	printf("TAP version 13\n");
+	test_errors();
+	test_kallsyms();
+	test_case1("case 1", two_slow_helpers, 5);
+	test_case1("subprog", subprog_slow_helpers,
+		   sizeof(subprog_slow_helpers) / sizeof(subprog_slow_helpers[0]));
+	test_case2();
+	printf("prog_terminate: %d passed, %d failed\n", passed, failed);
+	return failed ? 1 : 0;
+}
