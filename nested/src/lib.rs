@@ -1,0 +1,105 @@
+//! termlab-nested: making sure commands that need KVM get a KVM that can run Linux.
+//!
+//! Some hosts expose a `/dev/kvm` that cannot run an ordinary guest (paravirtual-only
+//! kvm-pvm; or no /dev/kvm at all on machines without VT-x/SVM). [`probe::probe_kvm`] finds
+//! out in about a second, and [`ensure_real_kvm_or_reexec`] then re-runs the command inside
+//! an "L1" VM (QEMU TCG emulating SVM) where KVM is real. The re-run command sees
+//! `TERMLAB_NESTED=1` ([`is_nested`]) so results can record it.
+
+pub mod cpio;
+mod error;
+mod image;
+mod launch;
+mod lock;
+pub mod probe;
+mod tempdir;
+
+use std::ffi::OsString;
+use std::fmt;
+use std::str::FromStr;
+
+pub use error::NestedError;
+pub use launch::{run_in_l1, L1Options};
+
+/// Set to `1` in the environment of a command re-executed inside L1.
+pub const NESTED_ENV: &str = "TERMLAB_NESTED";
+
+/// `--nested auto|always|never`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NestedMode {
+    /// Run here when /dev/kvm can run Linux, otherwise inside L1.
+    #[default]
+    Auto,
+    /// Always run inside L1 (e.g. to compare with the nested numbers).
+    Always,
+    /// Never nest; fail if /dev/kvm cannot run Linux.
+    Never,
+}
+
+impl FromStr for NestedMode {
+    type Err = NestedError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "always" => Ok(Self::Always),
+            "never" => Ok(Self::Never),
+            other => Err(NestedError::BadMode(other.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for NestedMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Always => "always",
+            Self::Never => "never",
+        })
+    }
+}
+
+/// What the caller should do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvmPlan {
+    /// KVM here can run Linux: go ahead in this process. `nested` says whether "here" is
+    /// already inside an L1 VM.
+    RunHere { nested: bool },
+    /// The command was run to completion inside L1; exit with this code.
+    RanInL1 { exit_code: i32 },
+}
+
+/// True inside a command re-executed by [`ensure_real_kvm_or_reexec`].
+pub fn is_nested() -> bool {
+    std::env::var_os(NESTED_ENV).is_some_and(|v| v == "1")
+}
+
+/// Decides where a KVM-using command runs. `argv` (program first) is what runs inside L1.
+pub fn ensure_real_kvm_or_reexec(mode: NestedMode, argv: &[OsString]) -> Result<KvmPlan, NestedError> {
+    ensure_real_kvm_or_reexec_with(mode, argv, &L1Options::default())
+}
+
+/// [`ensure_real_kvm_or_reexec`] with explicit L1 sizing.
+pub fn ensure_real_kvm_or_reexec_with(
+    mode: NestedMode,
+    argv: &[OsString],
+    options: &L1Options,
+) -> Result<KvmPlan, NestedError> {
+    if is_nested() {
+        // Never nest twice: inside L1 KVM must work.
+        return probe::probe_kvm().map(|()| KvmPlan::RunHere { nested: true }).map_err(NestedError::NestedKvmUnusable);
+    }
+    let reexec = |reason: Option<probe::KvmUnusable>| {
+        if let Some(reason) = reason {
+            eprintln!("termlab-nested: {reason}; re-running inside an L1 VM with real KVM");
+        }
+        run_in_l1(argv, options).map(|exit_code| KvmPlan::RanInL1 { exit_code })
+    };
+    match mode {
+        NestedMode::Always => reexec(None),
+        NestedMode::Never => probe::probe_kvm().map(|()| KvmPlan::RunHere { nested: false }).map_err(NestedError::KvmUnusable),
+        NestedMode::Auto => match probe::probe_kvm() {
+            Ok(()) => Ok(KvmPlan::RunHere { nested: false }),
+            Err(reason) => reexec(Some(reason)),
+        },
+    }
+}

@@ -1,0 +1,66 @@
+//! termlab-nested probe           — say whether /dev/kvm can run an ordinary guest
+//! termlab-nested [--nested auto|always|never] -- COMMAND [ARGS...]
+//!                                — run COMMAND where KVM can run Linux (here or inside L1)
+//!
+//! Exit status: COMMAND's own; 1 when the probe fails or the launcher fails; 2 on bad usage.
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use termlab_nested::{ensure_real_kvm_or_reexec, probe, KvmPlan, NestedMode};
+
+const USAGE: &str = "usage: termlab-nested probe | termlab-nested [--nested auto|always|never] -- COMMAND [ARGS...]";
+
+fn main() -> ExitCode {
+    let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    if args.first().is_some_and(|a| a == "probe") {
+        return match probe::probe_kvm() {
+            Ok(()) => {
+                println!("/dev/kvm runs ordinary guests");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                println!("{e}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    let mut mode = NestedMode::Auto;
+    if args.first().is_some_and(|a| a == "--nested") {
+        let parsed = args.get(1).and_then(|m| m.to_str()).map(str::parse::<NestedMode>);
+        match parsed {
+            Some(Ok(m)) => mode = m,
+            Some(Err(e)) => {
+                eprintln!("{e}");
+                return ExitCode::from(2);
+            }
+            None => {
+                eprintln!("{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+        args.drain(..2);
+    }
+    if args.first().is_none_or(|a| a != "--") || args.len() < 2 {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    }
+    let command = &args[1..];
+    match ensure_real_kvm_or_reexec(mode, command) {
+        Ok(KvmPlan::RanInL1 { exit_code }) => ExitCode::from(exit_code.clamp(0, 255) as u8),
+        Ok(KvmPlan::RunHere { .. }) => {
+            let status = std::process::Command::new(&command[0]).args(&command[1..]).status();
+            match status {
+                Ok(status) => ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8),
+                Err(e) => {
+                    eprintln!("termlab-nested: cannot run {:?}: {e}", command[0]);
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("termlab-nested: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

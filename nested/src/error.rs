@@ -1,0 +1,32 @@
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::probe::KvmUnusable;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NestedError {
+    #[error("/dev/kvm cannot run an ordinary guest ({0}) and --nested never was given")]
+    KvmUnusable(KvmUnusable),
+    #[error("running nested (TERMLAB_NESTED=1) but the L1 VM's KVM is unusable too: {0}")]
+    NestedKvmUnusable(KvmUnusable),
+    #[error("cannot {what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{what} failed ({status})")]
+    CommandFailed { what: String, status: String },
+    #[error("cannot get the L1 kernel: {0}")]
+    KernelPackage(String),
+    #[error("the L1 job did not finish within {0:?}")]
+    Timeout(Duration),
+    #[error("interrupted by signal {0}; the L1 VM was killed")]
+    Interrupted(i32),
+    #[error("the L1 VM ended without running the command (QEMU: {qemu_status})")]
+    L1Failed { qemu_status: String },
+    #[error("unknown nested mode {0:?} (expected auto, always or never)")]
+    BadMode(String),
+}
+
+impl NestedError {
+    pub(crate) fn io(what: &'static str, path: &Path, source: std::io::Error) -> Self {
+        Self::Io { what, path: path.to_owned(), source }
+    }
+}
