@@ -323,6 +323,20 @@ impl ProcessTable {
         if let Some(uid) = spec.as_uid {
             command.uid(uid).gid(uid);
         }
+        // The agent blocks SIGTERM/SIGINT/SIGHUP in all its threads (one thread waits for them)
+        // and std does not reset the mask it passes on: without this, `kill` with SIGTERM would
+        // never reach a spawned program.
+        // SAFETY: sigemptyset and pthread_sigmask are async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                let mut empty: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut empty);
+                match libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) {
+                    0 => Ok(()),
+                    error => Err(std::io::Error::from_raw_os_error(error)),
+                }
+            });
+        }
         let start_ns = monotonic_ns();
         let mut child = command
             .spawn()
