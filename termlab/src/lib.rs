@@ -1,7 +1,12 @@
 //! termlab's harness: scenario files, the run engine, results and reports.
 //! The `termlab` binary (main.rs) is a thin CLI over these modules.
 
+pub mod engine;
+pub mod environment;
+pub mod evaluate;
+pub mod guest_image;
 pub mod report;
 pub mod results;
 pub mod scenario;
 pub mod stats;
+pub mod ui;

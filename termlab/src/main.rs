@@ -1,1 +1,325 @@
-fn main() {}
+//! `termlab`: run scenarios in the guest VM, build the kernel, boot an
+//! interactive guest, list scenarios, regenerate and compare reports.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use termlab::engine::{self, BootSpec, Guest, RunOptions};
+use termlab::guest_image::{self, repository_root};
+use termlab::report;
+use termlab::results::RunResult;
+use termlab::scenario::{self, KernelVariant, LoadedScenario};
+use termlab::ui::Ui;
+use termlab_nested::{KvmPlan, NestedMode};
+
+#[derive(Parser)]
+#[command(name = "termlab", version, about = "Stop running eBPF programs on demand in a Linux 6.12 guest, and prove it from outside")]
+struct Cli {
+    /// No progress output; only results and errors.
+    #[arg(long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run scenarios: boot the guest, execute the steps, measure, write results/.
+    /// Exits 0 only if every expectation of every scenario holds.
+    Run {
+        /// Scenario files (scenarios/*.toml).
+        #[arg(required = true)]
+        scenarios: Vec<PathBuf>,
+        /// Repetitions per scenario, instead of the file's `repetitions`.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        repeat: Option<u32>,
+        /// Print each run's result.json to stdout.
+        #[arg(long)]
+        json: bool,
+        /// After a failure, keep the VM running with a shell on its console.
+        #[arg(long)]
+        keep_vm: bool,
+        /// Where KVM comes from: this host's, or a nested L1 VM's when this host's cannot run Linux.
+        #[arg(long, value_enum, default_value_t = Nested::Auto)]
+        nested: Nested,
+        /// Directory that receives <scenario>/<timestamp>/.
+        #[arg(long, default_value = "results")]
+        results: PathBuf,
+        /// Boot this kernel build directory (bzImage, bpftool, build-info.json) instead of the
+        /// scenario's `kernel` variant from guest-kernel/build.
+        #[arg(long)]
+        kernel_dir: Option<PathBuf>,
+    },
+    /// Guest kernel commands.
+    Kernel {
+        #[command(subcommand)]
+        command: KernelCommand,
+    },
+    /// Boot the guest with its console on this terminal (Ctrl-C or `poweroff -f` ends it).
+    Boot {
+        #[arg(long, value_enum, default_value_t = Variant::Default)]
+        variant: Variant,
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=8))]
+        vcpus: u8,
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u32,
+        #[arg(long, value_enum, default_value_t = Nested::Auto)]
+        nested: Nested,
+    },
+    /// Regenerate the reports of result directories; with several, also compare them side by side.
+    Report {
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Where the comparison (report.md, report.html, plots) goes when several runs are given.
+        #[arg(long, default_value = "results/comparison")]
+        out: PathBuf,
+    },
+    /// List scenarios with their one-line descriptions.
+    List {
+        #[arg(default_value = "scenarios")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum KernelCommand {
+    /// Build (or reuse) the guest kernel with guest-kernel/build.
+    Build {
+        #[arg(long, value_enum, default_value_t = Variant::Default)]
+        variant: Variant,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Nested {
+    Auto,
+    Always,
+    Never,
+}
+
+impl From<Nested> for NestedMode {
+    fn from(mode: Nested) -> NestedMode {
+        match mode {
+            Nested::Auto => NestedMode::Auto,
+            Nested::Always => NestedMode::Always,
+            Nested::Never => NestedMode::Never,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Variant {
+    Default,
+    Debug,
+    Noterm,
+}
+
+impl From<Variant> for KernelVariant {
+    fn from(variant: Variant) -> KernelVariant {
+        match variant {
+            Variant::Default => KernelVariant::Default,
+            Variant::Debug => KernelVariant::Debug,
+            Variant::Noterm => KernelVariant::Noterm,
+        }
+    }
+}
+
+/// A failure already explained to the user, with the exit code to use.
+struct Failed(u8);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let ui = Ui::new(cli.quiet);
+    let outcome = match cli.command {
+        Command::Run { scenarios, repeat, json, keep_vm, nested, results, kernel_dir } => {
+            let options = RunOptions { repeat, keep_vm, results_root: results, nested: false, kernel_dir };
+            run(ui, &scenarios, options, json, nested.into())
+        }
+        Command::Kernel { command: KernelCommand::Build { variant } } => kernel_build(ui, variant.into()),
+        Command::Boot { variant, vcpus, memory_mib, nested } => boot(ui, variant.into(), vcpus, memory_mib, nested.into()),
+        Command::Report { dirs, out } => report_command(ui, &dirs, &out),
+        Command::List { dir } => list(ui, &dir),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failed(code)) => ExitCode::from(code),
+    }
+}
+
+fn fail(ui: Ui, message: impl std::fmt::Display) -> Failed {
+    ui.error(&message.to_string());
+    Failed(1)
+}
+
+/// Where the VM will run: here, or (after re-running this very command
+/// inside a nested L1 VM) nowhere, with the exit code it had there.
+fn kvm_plan(ui: Ui, mode: NestedMode) -> Result<KvmPlan, Failed> {
+    let mut argv: Vec<OsString> = std::env::args_os().collect();
+    // Inside L1 the same binary is reached through the shared root filesystem.
+    if let (Some(first), Ok(exe)) = (argv.first_mut(), std::env::current_exe()) {
+        *first = exe.into_os_string();
+    }
+    termlab_nested::ensure_real_kvm_or_reexec(mode, &argv).map_err(|error| {
+        fail(ui, format!("{error}\nhint: this host's /dev/kvm cannot run a Linux guest; use `--nested auto` (the default) or `--nested always` to run inside a nested L1 VM"))
+    })
+}
+
+fn run(ui: Ui, paths: &[PathBuf], mut options: RunOptions, json: bool, mode: NestedMode) -> Result<(), Failed> {
+    // Every scenario is checked, and every kernel it needs found, before
+    // anything boots (or nests).
+    let mut loaded = Vec::new();
+    let mut invalid = 0;
+    for path in paths {
+        match scenario::load(path) {
+            Ok(scenario) => loaded.push(scenario),
+            Err(error) => {
+                ui.error(&error.to_string());
+                invalid += 1;
+            }
+        }
+    }
+    if invalid > 0 {
+        return Err(fail(ui, format!("{invalid} scenario file(s) are invalid; nothing was run")));
+    }
+    let root = repository_root().map_err(|e| fail(ui, e))?;
+    for scenario in &loaded {
+        guest_image::resolve_kernel(&root, scenario.scenario.vm.kernel, options.kernel_dir.as_deref()).map_err(|e| fail(ui, e))?;
+    }
+
+    options.nested = match kvm_plan(ui, mode)? {
+        KvmPlan::RunHere { nested } => nested,
+        KvmPlan::RanInL1 { exit_code } => return if exit_code == 0 { Ok(()) } else { Err(Failed(u8::try_from(exit_code).unwrap_or(1))) },
+    };
+    engine::install_interrupt_handler();
+    let mut all_passed = true;
+    for scenario in &loaded {
+        all_passed &= run_one(ui, &root, scenario, &options, json);
+        if engine::interrupted() {
+            break;
+        }
+    }
+    if all_passed {
+        Ok(())
+    } else {
+        Err(Failed(1))
+    }
+}
+
+/// Runs one scenario and prints its verdicts; true when everything held.
+fn run_one(ui: Ui, root: &Path, scenario: &LoadedScenario, options: &RunOptions, json: bool) -> bool {
+    ui.say(&format!("== {}: {}", scenario.name, scenario.scenario.description));
+    match engine::run_scenario(root, scenario, options, ui) {
+        Ok((result, dir)) => {
+            print_outcome(ui, &result, &dir, json);
+            result.all_expectations_passed()
+        }
+        Err(error) => {
+            ui.error(&format!("{}: {error}", scenario.name));
+            false
+        }
+    }
+}
+
+fn print_outcome(ui: Ui, result: &RunResult, dir: &Path, json: bool) {
+    if json {
+        match serde_json::to_string_pretty(result) {
+            Ok(text) => println!("{text}"),
+            Err(error) => ui.error(&format!("cannot print the result as JSON: {error}")),
+        }
+        return;
+    }
+    for expectation in &result.expectations {
+        println!("  {} {} — {}", ui.verdict(expectation.passed), expectation.name, expectation.detail);
+    }
+    for metric in &result.summary {
+        let unit = report::plot::Unit::for_max_ns(metric.summary.max_ns);
+        let ratio = metric.ratio_to_ipi.as_ref().map_or(String::new(), |r| format!("  ({:.1}× IPI at p50)", r.p50));
+        println!(
+            "  {:<20} n={:<4} p50 {}  p90 {}  p99 {}  max {}{ratio}",
+            metric.metric,
+            metric.summary.n,
+            unit.format(metric.summary.p50_ns),
+            unit.format(metric.summary.p90_ns),
+            unit.format(metric.summary.p99_ns),
+            unit.format(metric.summary.max_ns)
+        );
+    }
+    let failed: Vec<&str> = result.expectations.iter().filter(|e| !e.passed).map(|e| e.name.as_str()).collect();
+    if failed.is_empty() {
+        println!("  {}: all {} expectations hold; results in {}", ui.verdict(true), result.expectations.len(), dir.display());
+    } else {
+        println!("  {}: failed: {}; results in {}", ui.verdict(false), failed.join("; "), dir.display());
+    }
+}
+
+fn kernel_build(ui: Ui, variant: KernelVariant) -> Result<(), Failed> {
+    let root = repository_root().map_err(|e| fail(ui, e))?;
+    let mut command = std::process::Command::new(root.join("guest-kernel/build"));
+    command.args(["--variant", variant.as_str()]);
+    if ui.is_quiet() {
+        command.arg("--quiet");
+    }
+    // The build script prints its own progress on stderr and the output directory on stdout.
+    let status = command.status().map_err(|e| fail(ui, format!("cannot run guest-kernel/build: {e}")))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(fail(ui, format!("guest-kernel/build --variant {} failed ({status}); its log is named above", variant.as_str())))
+    }
+}
+
+fn boot(ui: Ui, variant: KernelVariant, vcpus: u8, memory_mib: u32, mode: NestedMode) -> Result<(), Failed> {
+    let root = repository_root().map_err(|e| fail(ui, e))?;
+    let kernel = guest_image::find_kernel(&root, variant).map_err(|e| fail(ui, e))?;
+    let initramfs = guest_image::initramfs(&root, &kernel).map_err(|e| fail(ui, e))?;
+    if let KvmPlan::RanInL1 { exit_code } = kvm_plan(ui, mode)? {
+        return if exit_code == 0 { Ok(()) } else { Err(Failed(u8::try_from(exit_code).unwrap_or(1))) };
+    }
+    engine::install_interrupt_handler();
+    let console = tempfile::Builder::new().prefix("termlab-console.").tempfile().map_err(|e| fail(ui, format!("cannot create a console log: {e}")))?;
+    let guest = Guest::boot(BootSpec { kernel: &kernel.bzimage, initramfs: &initramfs, vcpus, memory_mib, console_log: console.path().to_owned(), console_stdin: true })
+        .map_err(|e| fail(ui, e))?;
+    engine::interactive_console(guest, console.path(), ui);
+    Ok(())
+}
+
+fn report_command(ui: Ui, dirs: &[PathBuf], out: &Path) -> Result<(), Failed> {
+    let runs = report::regenerate(dirs).map_err(|e| fail(ui, e))?;
+    for dir in dirs {
+        ui.say(&format!("regenerated {}", dir.join(report::HTML_FILE).display()));
+    }
+    if runs.len() > 1 {
+        std::fs::create_dir_all(out).map_err(|e| fail(ui, format!("cannot create {}: {e}", out.display())))?;
+        let document = report::comparison_document(&runs).map_err(|e| fail(ui, e))?;
+        report::write_document(&document, out).map_err(|e| fail(ui, e))?;
+        print!("{}", document.to_markdown());
+        ui.say(&format!("comparison written to {}", out.join(report::HTML_FILE).display()));
+    }
+    Ok(())
+}
+
+fn list(ui: Ui, dir: &Path) -> Result<(), Failed> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| fail(ui, format!("cannot read {}: {e}", dir.display())))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    paths.sort();
+    let mut invalid = 0;
+    for path in &paths {
+        match scenario::load(path) {
+            Ok(loaded) => println!("{:<16} {}", loaded.name, loaded.scenario.description),
+            Err(error) => {
+                ui.error(&error.to_string());
+                invalid += 1;
+            }
+        }
+    }
+    if invalid == 0 {
+        Ok(())
+    } else {
+        Err(Failed(1))
+    }
+}

@@ -1,0 +1,124 @@
+//! A booted guest: the VM from termlab-vmm and a connection to its agent.
+//! Dropping a `Guest` stops the VM (termlab-vmm releases its threads and
+//! socket files) and removes the temporary socket directory.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use termlab_protocol::client::Client;
+use termlab_protocol::hybrid_vsock::{self, HandshakeError};
+use termlab_protocol::DEFAULT_VSOCK_PORT;
+use termlab_vmm::{ConsoleConfig, ExitReason, Vm, VmConfig, VsockConfig};
+
+use super::{interrupted, EngineError};
+
+/// The guest's vsock context id (any value >= 3; there is one guest).
+const GUEST_CID: u64 = 3;
+/// Boot to a listening agent: ~2 s natively, much longer under nested TCG.
+const AGENT_WAIT: Duration = Duration::from_secs(180);
+/// How long one connection attempt may take before the VM's state is checked again.
+const CONNECT_SLICE: Duration = Duration::from_secs(2);
+/// How long the guest gets to power off after the agent's `shutdown`.
+const POWER_OFF_WAIT: Duration = Duration::from_secs(20);
+
+/// The kernel command line; the VMM appends the virtio-mmio device itself.
+pub const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 nokaslr";
+
+pub struct Guest {
+    vm: Vm,
+    pub client: Client<UnixStream>,
+    /// Holds the vsock Unix socket; removed on drop.
+    _socket_dir: tempfile::TempDir,
+}
+
+pub struct BootSpec<'a> {
+    pub kernel: &'a Path,
+    pub initramfs: &'a Path,
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    pub console_log: PathBuf,
+    /// Forward the host's stdin to the guest console (for --keep-vm).
+    pub console_stdin: bool,
+}
+
+impl Guest {
+    /// Boots the VM and waits until its agent answers `hello`.
+    pub fn boot(spec: BootSpec<'_>) -> Result<Guest, EngineError> {
+        let socket_dir = tempfile::Builder::new().prefix("termlab-vsock.").tempdir().map_err(|e| EngineError::Guest(format!("cannot create a socket directory: {e}")))?;
+        let uds_path = socket_dir.path().join("vsock.sock");
+        let mut config = VmConfig::new(spec.kernel.to_owned(), Some(spec.initramfs.to_owned()), CMDLINE.to_owned());
+        config.vcpus = spec.vcpus;
+        config.mem_mib = spec.memory_mib;
+        config.console = ConsoleConfig { file: Some(spec.console_log.clone()), stdout: false, stdin: spec.console_stdin };
+        config.vsock = Some(VsockConfig { guest_cid: GUEST_CID, uds_path: uds_path.clone() });
+        let mut vm = Vm::new(config)?;
+        vm.start()?;
+
+        let deadline = Instant::now() + AGENT_WAIT;
+        let stream = loop {
+            if interrupted() {
+                return Err(EngineError::Interrupted);
+            }
+            if let Some(reason) = vm.wait_exit(Some(Duration::ZERO)) {
+                return Err(EngineError::VmExited { reason: describe_exit(&reason), console: spec.console_log });
+            }
+            match hybrid_vsock::connect_with_retry(&uds_path, DEFAULT_VSOCK_PORT, CONNECT_SLICE) {
+                Ok(stream) => break stream,
+                Err(error) if Instant::now() < deadline && retryable(&error) => continue,
+                Err(error) => {
+                    return Err(EngineError::NoAgent { waited: AGENT_WAIT, detail: error.to_string(), console: spec.console_log });
+                }
+            }
+        };
+        let mut client = Client::new(stream);
+        client.hello().map_err(|source| EngineError::Agent { what: "hello".into(), source })?;
+        Ok(Guest { vm, client, _socket_dir: socket_dir })
+    }
+
+    /// Why the VM ended, if it has.
+    pub fn exited(&self) -> Option<ExitReason> {
+        self.vm.wait_exit(Some(Duration::ZERO))
+    }
+
+    /// Blocks until the VM ends (the user powers it off or presses Ctrl-C).
+    pub fn wait_until_exit(&self) -> ExitReason {
+        loop {
+            if let Some(reason) = self.vm.wait_exit(Some(Duration::from_millis(200))) {
+                return reason;
+            }
+            if interrupted() {
+                return ExitReason::Stopped;
+            }
+        }
+    }
+
+    /// Asks the agent to power the guest off; stops the VM if it does not.
+    pub fn power_off(mut self) -> ExitReason {
+        // A failed shutdown request (agent gone) just means stopping harder.
+        let _ = self.client.shutdown();
+        match self.vm.wait_exit(Some(POWER_OFF_WAIT)) {
+            Some(reason) => reason,
+            None => self.vm.stop(),
+        }
+    }
+}
+
+/// Not listening yet, or the VMM socket not there yet: try again.
+fn retryable(error: &HandshakeError) -> bool {
+    matches!(error, HandshakeError::Refused { .. } | HandshakeError::Timeout(_) | HandshakeError::Connect { .. })
+}
+
+pub fn describe_exit(reason: &ExitReason) -> String {
+    match reason {
+        ExitReason::Panic { console_tail } => {
+            let last: Vec<&str> = console_tail.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect();
+            format!("the guest kernel panicked:\n{}", last.join("\n"))
+        }
+        ExitReason::Reset => "the guest rebooted".into(),
+        ExitReason::TripleFault => "a vCPU triple-faulted".into(),
+        ExitReason::Halted => "the guest halted".into(),
+        ExitReason::Stopped => "the VM was stopped".into(),
+        ExitReason::VcpuError { vcpu, message } => format!("vCPU {vcpu} failed: {message}"),
+    }
+}

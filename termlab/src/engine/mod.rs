@@ -1,0 +1,319 @@
+//! The run engine: boot the guest, load the programs, execute the steps of
+//! every repetition, measure, judge the expectations and write the results.
+//!
+//! result.json exists from the start with `complete: false` and is
+//! rewritten (atomically) after every repetition, so a run that dies keeps
+//! what it measured and says why it stopped.
+
+mod guest;
+mod steps;
+
+use std::collections::BTreeMap;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use termlab_protocol::client::{Client, ClientError};
+use termlab_protocol::{RunRequest, SpawnRequest, WaitOutputRequest};
+use thiserror::Error;
+
+use crate::evaluate::{compute_metrics, evaluate};
+use crate::guest_image::{self, GuestImageError, IPI_RTT_GUEST_PATH};
+use crate::report::{self, ReportError};
+use crate::results::{self, Environment, Repetition, ResultsError, RunResult, ScenarioRecord, VmInfo, VmmInfo, AGENT_RTT_METRIC, IPI_RTT_METRIC};
+use crate::scenario::LoadedScenario;
+use crate::ui::Ui;
+pub use guest::{describe_exit, BootSpec, Guest, CMDLINE};
+use steps::{parse_fields, run_repetition, LoadedProgram};
+
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Image(#[from] GuestImageError),
+    #[error(transparent)]
+    Results(#[from] ResultsError),
+    #[error(transparent)]
+    Report(#[from] ReportError),
+    #[error("the VMM could not start the guest: {0}")]
+    Vm(#[from] termlab_vmm::Error),
+    #[error("the guest agent did not answer within {waited:?} ({detail}); the guest console is in {}", console.display())]
+    NoAgent { waited: Duration, detail: String, console: PathBuf },
+    #[error("the VM ended early: {reason}; the guest console is in {}", console.display())]
+    VmExited { reason: String, console: PathBuf },
+    #[error("guest agent request failed ({what}): {source}")]
+    Agent {
+        what: String,
+        #[source]
+        source: ClientError,
+    },
+    #[error("{0}")]
+    Guest(String),
+    #[error("interrupted by Ctrl-C")]
+    Interrupted,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Whether Ctrl-C (SIGINT) or SIGTERM arrived; checked between steps.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
+}
+
+extern "C" fn note_interrupt(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// Makes Ctrl-C and SIGTERM stop the run at the next step boundary, with
+/// the VM shut down and a partial result written, instead of killing the
+/// process and leaving the guest's files behind.
+pub fn install_interrupt_handler() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: installs a handler that only stores to an atomic.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = note_interrupt as *const () as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+pub struct RunOptions {
+    /// Overrides the scenario's repetitions.
+    pub repeat: Option<u32>,
+    /// On a failure, leave the VM running with a shell on its console.
+    pub keep_vm: bool,
+    pub results_root: PathBuf,
+    /// Whether this process runs inside the nested L1 VM.
+    pub nested: bool,
+    /// Boot this kernel build directory instead of the scenario's variant.
+    pub kernel_dir: Option<PathBuf>,
+}
+
+/// How many clock requests make one agent round-trip sample (the median is kept).
+const AGENT_RTT_PROBES: usize = 5;
+/// membarrier calls per IPI sample (ipi_rtt reports their median).
+const IPI_RTT_CALLS: &str = "21";
+/// How long a loader may take to print its program id.
+const LOADER_READY_MS: u64 = 30_000;
+
+/// Runs one scenario and returns its result (also written to its results
+/// directory with the reports). An error after the results directory
+/// exists still leaves a result.json marked incomplete there.
+pub fn run_scenario(root: &Path, loaded: &LoadedScenario, options: &RunOptions, ui: Ui) -> Result<(RunResult, PathBuf), EngineError> {
+    let scenario = &loaded.scenario;
+    let kernel = guest_image::resolve_kernel(root, scenario.vm.kernel, options.kernel_dir.as_deref())?;
+    let spinner = ui.spinner("preparing the initramfs");
+    let initramfs = guest_image::initramfs(root, &kernel);
+    spinner.finish_and_clear();
+    let initramfs = initramfs?;
+
+    let started = SystemTime::now();
+    let dir = results::create_run_dir(&options.results_root, &loaded.name, started)?;
+    let repetitions = options.repeat.unwrap_or(scenario.repetitions.get());
+    let mut result = RunResult {
+        schema_version: results::SCHEMA_VERSION,
+        complete: false,
+        incomplete_reason: Some("the run is still in progress".into()),
+        scenario: ScenarioRecord {
+            name: loaded.name.clone(),
+            path: loaded.path.display().to_string(),
+            description: scenario.description.clone(),
+            source: std::fs::read_to_string(&loaded.path).unwrap_or_default(),
+            repetitions,
+        },
+        started_at: humantime::format_rfc3339_seconds(started).to_string(),
+        finished_at: None,
+        environment: Environment {
+            termlab_version: env!("CARGO_PKG_VERSION").to_owned(),
+            host: crate::environment::host_info(),
+            nested: options.nested,
+            vmm: VmmInfo { name: "termlab-vmm".into(), version: termlab_vmm_version() },
+            kernel: kernel.info.clone(),
+            vm: VmInfo { vcpus: scenario.vm.vcpus.get(), memory_mib: scenario.vm.memory_mib.get(), cmdline: CMDLINE.to_owned() },
+        },
+        repetitions: Vec::new(),
+        summary: Vec::new(),
+        expectations: Vec::new(),
+    };
+    result.save(&dir)?;
+
+    let console_log = dir.join(results::CONSOLE_FILE);
+    let outcome = boot_and_measure(loaded, &kernel.bzimage, &initramfs, &console_log, repetitions, options, ui, &mut result, &dir);
+    result.finished_at = Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
+    match &outcome {
+        Ok(()) => {
+            result.complete = true;
+            result.incomplete_reason = None;
+        }
+        Err(error) => result.incomplete_reason = Some(error.to_string()),
+    }
+    result.summarize();
+    result.save(&dir)?;
+    report::write_run_report(&result, &dir)?;
+    outcome.map(|()| (result, dir))
+}
+
+/// The version of the VMM crate this termlab was built with (they share the workspace version).
+fn termlab_vmm_version() -> String {
+    env!("CARGO_PKG_VERSION").to_owned()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn boot_and_measure(
+    loaded: &LoadedScenario,
+    kernel: &Path,
+    initramfs: &Path,
+    console_log: &Path,
+    repetitions: u32,
+    options: &RunOptions,
+    ui: Ui,
+    result: &mut RunResult,
+    dir: &Path,
+) -> Result<(), EngineError> {
+    let scenario = &loaded.scenario;
+    let spinner = ui.spinner(&format!("booting {} ({} vCPUs)", scenario.vm.kernel.as_str(), scenario.vm.vcpus.get()));
+    let guest = Guest::boot(BootSpec {
+        kernel,
+        initramfs,
+        // Vcpus is at most 8 by construction.
+        vcpus: scenario.vm.vcpus.get() as u8,
+        memory_mib: scenario.vm.memory_mib.get(),
+        console_log: console_log.to_owned(),
+        console_stdin: options.keep_vm,
+    });
+    spinner.finish_and_clear();
+    let mut guest = guest?;
+
+    let measured = measure(&mut guest.client, loaded, repetitions, ui, result, dir);
+    let failed = match &measured {
+        Ok(()) => !result.expectations.iter().all(|e| e.passed),
+        Err(_) => true,
+    };
+    if failed && options.keep_vm && guest.exited().is_none() {
+        ui.error("a check failed; --keep-vm: the VM stays up with a shell on its console");
+        interactive_console(guest, console_log, ui);
+    } else {
+        let reason = guest.power_off();
+        if measured.is_ok() && !matches!(reason, termlab_vmm::ExitReason::Reset | termlab_vmm::ExitReason::Stopped) {
+            return Err(EngineError::VmExited { reason: describe_exit(&reason), console: console_log.to_owned() });
+        }
+    }
+    measured
+}
+
+/// Applies sysctls, starts the loaders, runs the repetitions, reads dmesg
+/// and judges the expectations.
+fn measure(client: &mut Client<UnixStream>, loaded: &LoadedScenario, repetitions: u32, ui: Ui, result: &mut RunResult, dir: &Path) -> Result<(), EngineError> {
+    let scenario = &loaded.scenario;
+    for (name, value) in &scenario.sysctl {
+        client
+            .write_file(&name.proc_path(), format!("{value}\n").into_bytes())
+            .map_err(|source| EngineError::Agent { what: format!("setting sysctl {name} (does this kernel have it?)"), source })?;
+    }
+    let mut programs = Vec::new();
+    for spec in &scenario.programs {
+        let argv = spec.loader.as_slice().to_vec();
+        let spawned = client.spawn(SpawnRequest { argv: argv.clone(), env: BTreeMap::new(), as_uid: None }).map_err(|source| EngineError::Agent { what: format!("starting loader {argv:?}"), source })?;
+        let ready = client.wait_output(WaitOutputRequest { handle: spawned.handle, pattern: "prog_id=".into(), stream: Default::default(), timeout_ms: LOADER_READY_MS, from_offset: 0 });
+        let line = match ready {
+            Ok(found) => found.line.to_string_lossy().into_owned(),
+            Err(source) => {
+                let stderr = client.read_output(spawned.handle).map(|o| o.stderr.data.to_string_lossy().into_owned()).unwrap_or_default();
+                return Err(EngineError::Guest(format!("loader {argv:?} did not print its program id ({source}); its stderr: {}", stderr.trim())));
+            }
+        };
+        let prog_id = parse_fields(&line, line.split_whitespace().next().unwrap_or_default())
+            .and_then(|fields| fields.get("prog_id").and_then(|id| id.parse().ok()))
+            .ok_or_else(|| EngineError::Guest(format!("loader {argv:?} printed `{}` without a numeric prog_id", line.trim())))?;
+        programs.push(LoadedProgram { spec, prog_id });
+    }
+
+    let bar = ui.bar(repetitions.into(), &loaded.name);
+    for index in 0..repetitions {
+        let steps = run_repetition(client, scenario, &programs)?;
+        let mut metrics = compute_metrics(&scenario.metrics, &steps);
+        metrics.insert(AGENT_RTT_METRIC.to_owned(), agent_round_trip(client)?);
+        if scenario.vm.vcpus.get() >= 2 {
+            metrics.insert(IPI_RTT_METRIC.to_owned(), ipi_round_trip(client)?);
+        }
+        result.repetitions.push(Repetition { index, steps, metrics });
+        result.summarize();
+        result.save(dir)?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+
+    let dmesg = client.run(RunRequest { argv: vec!["dmesg".into()], env: BTreeMap::new(), timeout_ms: 10_000, stdin: None, as_uid: None }).ok().map(|o| o.stdout.data.to_string_lossy().into_owned());
+    result.expectations = evaluate(&scenario.expectations, &result.repetitions, dmesg.as_deref());
+    Ok(())
+}
+
+/// Median host-measured round trip of `clock` requests, in ns: the
+/// harness's own overhead per request.
+fn agent_round_trip(client: &mut Client<UnixStream>) -> Result<f64, EngineError> {
+    let mut samples = Vec::with_capacity(AGENT_RTT_PROBES);
+    for _ in 0..AGENT_RTT_PROBES {
+        let begin = Instant::now();
+        client.clock().map_err(|source| EngineError::Agent { what: "clock".into(), source })?;
+        samples.push(begin.elapsed().as_nanos() as f64);
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(samples[samples.len() / 2])
+}
+
+/// The guest's median membarrier IPI round trip between vCPU 0 and 1, in ns.
+fn ipi_round_trip(client: &mut Client<UnixStream>) -> Result<f64, EngineError> {
+    let argv = vec![IPI_RTT_GUEST_PATH.to_owned(), "--count".into(), IPI_RTT_CALLS.into()];
+    let output = client.run(RunRequest { argv, env: BTreeMap::new(), timeout_ms: 30_000, stdin: None, as_uid: None }).map_err(|source| EngineError::Agent { what: "ipi_rtt".into(), source })?;
+    let stdout = output.stdout.data.to_string_lossy();
+    parse_fields(&stdout, "ipi_rtt")
+        .and_then(|fields| fields.get("median_ns").and_then(|v| v.parse::<f64>().ok()))
+        .ok_or_else(|| EngineError::Guest(format!("ipi_rtt printed no median_ns: {} {}", stdout.trim(), output.stderr.data.to_string_lossy().trim())))
+}
+
+/// A shell on the guest console (started through the agent: init runs the
+/// agent, not a getty), the console shown on stdout and stdin forwarded by
+/// the VMM, until the guest powers off or Ctrl-C. For `termlab boot` and
+/// `--keep-vm`.
+pub fn interactive_console(mut guest: Guest, console_log: &Path, ui: Ui) {
+    let shell = "setsid sh -c 'exec sh </dev/ttyS0 >/dev/ttyS0 2>&1'";
+    let started = guest.client.spawn(SpawnRequest { argv: vec!["sh".into(), "-c".into(), shell.into()], env: BTreeMap::new(), as_uid: None });
+    if let Err(error) = started {
+        ui.error(&format!("--keep-vm: cannot start a shell on the guest console: {error}"));
+        guest.power_off();
+        return;
+    }
+    ui.say("guest console: type `poweroff -f` or press Ctrl-C to end the VM");
+    let follower = console_follower(console_log.to_owned());
+    let reason = guest.wait_until_exit();
+    follower.store(true, Ordering::Relaxed);
+    ui.say(&format!("VM ended: {}", describe_exit(&reason)));
+}
+
+/// Prints what the guest writes to its console log until the flag is set.
+fn console_follower(path: PathBuf) -> std::sync::Arc<AtomicBool> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let stop_seen = stop.clone();
+    std::thread::spawn(move || {
+        let Ok(mut file) = std::fs::File::open(&path) else { return };
+        // Show the last part of what happened before, then follow.
+        let length = file.seek(SeekFrom::End(0)).unwrap_or(0);
+        let _ = file.seek(SeekFrom::Start(length.saturating_sub(2000)));
+        let mut buffer = [0u8; 4096];
+        while !stop_seen.load(Ordering::Relaxed) {
+            match file.read(&mut buffer) {
+                Ok(0) | Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                Ok(n) => {
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(&buffer[..n]);
+                    let _ = out.flush();
+                }
+            }
+        }
+    });
+    stop
+}

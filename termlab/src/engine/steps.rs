@@ -1,0 +1,263 @@
+//! Executing one repetition's steps against the guest agent.
+
+use std::collections::BTreeMap;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use termlab_protocol::client::{Client, ClientError};
+use termlab_protocol::{ErrorKind, ExitStatus, RunRequest, SpawnRequest, SyscallResult, TerminateRequest};
+
+use super::{interrupted, EngineError};
+use crate::results::StepRecord;
+use crate::scenario::{Errno, Label, ProgramSpec, Scenario, Step, TerminateBy, TerminateStep, TerminateVia, TriggerStep};
+
+/// A program the loader has loaded: its spec and kernel id.
+pub struct LoadedProgram<'a> {
+    pub spec: &'a ProgramSpec,
+    pub prog_id: u32,
+}
+
+/// A trigger running in the background.
+struct Background {
+    handle: u32,
+    argv: Vec<String>,
+    timeout_ms: u32,
+}
+
+/// When a step started, on the host clock, for `sleep = { after = ... }`.
+type StartedAt = BTreeMap<Label, Instant>;
+
+fn agent(what: impl Into<String>) -> impl FnOnce(ClientError) -> EngineError {
+    let what = what.into();
+    move |source| EngineError::Agent { what, source }
+}
+
+/// Runs every step once; returns the records in step order.
+pub fn run_repetition(client: &mut Client<UnixStream>, scenario: &Scenario, programs: &[LoadedProgram<'_>]) -> Result<Vec<StepRecord>, EngineError> {
+    let mut records = Vec::new();
+    let mut background: BTreeMap<Label, Background> = BTreeMap::new();
+    let mut started: StartedAt = BTreeMap::new();
+    let program = |name: &Label| programs.iter().find(|p| &p.spec.name == name).ok_or_else(|| EngineError::Guest(format!("program `{name}` is not loaded")));
+    for step in &scenario.steps {
+        if interrupted() {
+            return Err(EngineError::Interrupted);
+        }
+        match step {
+            Step::Trigger(trigger) => {
+                let argv = trigger_argv(trigger, program(trigger.program.get_ref())?.spec);
+                let label = trigger.label.get_ref().clone();
+                if trigger.background {
+                    let reply = client.spawn(SpawnRequest { argv: argv.clone(), env: BTreeMap::new(), as_uid: None }).map_err(agent(format!("starting trigger `{label}`")))?;
+                    started.insert(label.clone(), Instant::now());
+                    background.insert(label, Background { handle: reply.handle, argv, timeout_ms: trigger.timeout_ms.get() });
+                } else {
+                    let output = client
+                        .run(RunRequest { argv: argv.clone(), env: BTreeMap::new(), timeout_ms: trigger.timeout_ms.get().into(), stdin: None, as_uid: None })
+                        .map_err(agent(format!("trigger `{label}`")))?;
+                    if output.timed_out {
+                        return Err(EngineError::Guest(format!("trigger `{label}` ran longer than {} ms", trigger.timeout_ms.get())));
+                    }
+                    records.push(trigger_record(&label, argv, exit_code(&output.status), &output.stdout.data.to_string_lossy(), &output.stderr.data.to_string_lossy()));
+                }
+            }
+            Step::Sleep(sleep) => {
+                let requested = Duration::from_millis(sleep.ms.get().into());
+                let begin = Instant::now();
+                let until = match &sleep.after {
+                    Some(after) => started.get(after.get_ref()).copied().unwrap_or(begin) + requested,
+                    None => begin + requested,
+                };
+                sleep_until(until)?;
+                records.push(StepRecord::Sleep { requested_ms: sleep.ms.get(), slept_ns: begin.elapsed().as_nanos() as u64 });
+            }
+            Step::Wait(wait) => {
+                let label = wait.step.get_ref();
+                let job = background.remove(label).ok_or_else(|| EngineError::Guest(format!("`{label}` was not started in the background")))?;
+                let exit = wait_for(client, job.handle, job.timeout_ms, label)?;
+                let output = client.read_output(job.handle).map_err(agent(format!("reading the output of `{label}`")))?;
+                records.push(trigger_record(label, job.argv, exit_code(&exit.status), &output.stdout.data.to_string_lossy(), &output.stderr.data.to_string_lossy()));
+                records.push(StepRecord::Wait { label: label.to_string() });
+            }
+            Step::Terminate(terminate) => {
+                let record = terminate_step(client, terminate, programs)?;
+                started.insert(terminate.label.get_ref().clone(), Instant::now());
+                records.push(record);
+            }
+        }
+    }
+    // Validation guarantees every background trigger is waited for; a
+    // leftover here would be a bug, and must not outlive the repetition.
+    for (label, job) in background {
+        let _ = client.kill(job.handle, libc::SIGKILL);
+        return Err(EngineError::Guest(format!("background trigger `{label}` was never waited for")));
+    }
+    Ok(records)
+}
+
+/// The trigger's argv, pinned with busybox `taskset` when it names a CPU.
+fn trigger_argv(trigger: &TriggerStep, program: &ProgramSpec) -> Vec<String> {
+    let mut argv = Vec::new();
+    if let Some(cpu) = &trigger.cpu {
+        argv.extend(["taskset".to_owned(), "-c".to_owned(), cpu.get_ref().to_string()]);
+    }
+    argv.extend(program.trigger.as_slice().iter().cloned());
+    argv.extend(trigger.args.iter().cloned());
+    argv
+}
+
+fn exit_code(status: &ExitStatus) -> Option<i32> {
+    match status {
+        ExitStatus::Exited { code } => Some(*code),
+        ExitStatus::Signaled { .. } => None,
+    }
+}
+
+/// Sleeps until `deadline` in short slices so Ctrl-C is noticed.
+fn sleep_until(deadline: Instant) -> Result<(), EngineError> {
+    loop {
+        if interrupted() {
+            return Err(EngineError::Interrupted);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(Duration::from_millis(50)));
+    }
+}
+
+/// Waits for a background process in half-second slices (to notice Ctrl-C).
+fn wait_for(client: &mut Client<UnixStream>, handle: u32, timeout_ms: u32, label: &Label) -> Result<termlab_protocol::ProcessExit, EngineError> {
+    const SLICE_MS: u64 = 500;
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms.into());
+    loop {
+        if interrupted() {
+            let _ = client.kill(handle, libc::SIGKILL);
+            return Err(EngineError::Interrupted);
+        }
+        match client.wait(handle, SLICE_MS) {
+            Ok(exit) => return Ok(exit),
+            Err(error) if error.agent_error().is_some_and(|e| e.kind == ErrorKind::Timeout) && Instant::now() < deadline => continue,
+            Err(error) if error.agent_error().is_some_and(|e| e.kind == ErrorKind::Timeout) => {
+                let _ = client.kill(handle, libc::SIGKILL);
+                return Err(EngineError::Guest(format!("trigger `{label}` ran longer than {timeout_ms} ms")));
+            }
+            Err(error) => return Err(EngineError::Agent { what: format!("waiting for `{label}`"), source: error }),
+        }
+    }
+}
+
+/// `key=value` tokens of the first output line starting with `prefix`.
+pub fn parse_fields(stdout: &str, prefix: &str) -> Option<BTreeMap<String, String>> {
+    let line = stdout.lines().find(|line| line.split_whitespace().next() == Some(prefix))?;
+    Some(line.split_whitespace().filter_map(|token| token.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect())
+}
+
+fn trigger_record(label: &Label, argv: Vec<String>, exit_code: Option<i32>, stdout: &str, stderr: &str) -> StepRecord {
+    let fields = parse_fields(stdout, "trigger").unwrap_or_default();
+    let number = |key: &str| fields.get(key).and_then(|v| v.parse::<u64>().ok());
+    StepRecord::Trigger {
+        label: label.to_string(),
+        argv,
+        exit_code,
+        start_ns: number("start_ns"),
+        end_ns: number("end_ns"),
+        fields,
+        stdout: stdout.to_owned(),
+        stderr: stderr.to_owned(),
+    }
+}
+
+fn terminate_step(client: &mut Client<UnixStream>, step: &TerminateStep, programs: &[LoadedProgram<'_>]) -> Result<StepRecord, EngineError> {
+    let label = step.label.get_ref().to_string();
+    let target = step.program.as_ref().map(|name| programs.iter().find(|p| &p.spec.name == name.get_ref()));
+    let (prog_id, bpf_name) = match (target, &step.prog_id) {
+        (Some(Some(program)), _) => (program.prog_id, Some(program.spec.bpf_name.as_str())),
+        (None, Some(id)) => (*id.get_ref(), None),
+        _ => return Err(EngineError::Guest(format!("terminate `{label}`: its program is not loaded"))),
+    };
+    let flags = match &step.raw_flags {
+        Some(raw) => *raw.get_ref(),
+        None => step.flags.iter().fold(0, |bits, flag| bits | flag.bits()),
+    };
+    let as_uid = step.as_uid.as_ref().map(|uid| *uid.get_ref());
+    match step.via {
+        TerminateVia::Agent => {
+            let reply = client.terminate(TerminateRequest { prog_id, flags, as_uid }).map_err(agent(format!("terminate `{label}`")))?;
+            let (cpus, errno) = match reply.result {
+                SyscallResult::Returned(n) => (u32::try_from(n).ok(), None),
+                SyscallResult::Failed(info) => (None, Some(info.name)),
+            };
+            Ok(StepRecord::Terminate { label, prog_id, flags, via: "agent".into(), cpus, errno, start_ns: Some(reply.before_ns), end_ns: Some(reply.after_ns) })
+        }
+        TerminateVia::Bpftool => {
+            let mut argv: Vec<String> = ["bpftool", "prog", "terminate"].map(String::from).to_vec();
+            match (step.by, bpf_name) {
+                (TerminateBy::Name, Some(name)) => argv.extend(["name".to_owned(), name.to_owned()]),
+                _ => argv.extend(["id".to_owned(), prog_id.to_string()]),
+            }
+            if flags & crate::scenario::TerminateFlag::Detach.bits() != 0 {
+                argv.push("detach".to_owned());
+            }
+            let output = client
+                .run(RunRequest { argv, env: BTreeMap::new(), timeout_ms: 10_000, stdin: None, as_uid })
+                .map_err(agent(format!("terminate `{label}` with bpftool")))?;
+            let stdout = output.stdout.data.to_string_lossy().into_owned();
+            let stderr = output.stderr.data.to_string_lossy().into_owned();
+            let (cpus, errno) = if exit_code(&output.status) == Some(0) {
+                (cpus_from_bpftool(&stdout), None)
+            } else {
+                (None, Some(errno_from_message(&stderr).unwrap_or_else(|| format!("unrecognised failure: {}", stderr.trim()))))
+            };
+            // bpftool's own process start/end: coarser than the agent's
+            // timestamps around the bare bpf() call.
+            Ok(StepRecord::Terminate { label, prog_id, flags, via: "bpftool".into(), cpus, errno, start_ns: Some(output.start_ns), end_ns: Some(output.end_ns) })
+        }
+    }
+}
+
+/// The CPU count bpftool prints on success: the number right before "CPU".
+fn cpus_from_bpftool(stdout: &str) -> Option<u32> {
+    let words: Vec<&str> = stdout.split_whitespace().collect();
+    words.windows(2).find(|pair| pair[1].starts_with("CPU")).and_then(|pair| pair[0].parse().ok())
+}
+
+/// The errno whose strerror() text appears in a failure message.
+fn errno_from_message(message: &str) -> Option<String> {
+    [Errno::ENOENT, Errno::ESRCH, Errno::EINVAL, Errno::EPERM, Errno::EOPNOTSUPP].into_iter().find_map(|errno| {
+        // SAFETY: strerror returns a pointer to a NUL-terminated static
+        // string (or a thread-local buffer) for any errno value.
+        let text = unsafe { std::ffi::CStr::from_ptr(libc::strerror(errno.code())) }.to_string_lossy().into_owned();
+        message.contains(&text).then(|| errno.name().to_owned())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trigger_line_fields_are_parsed() {
+        // A line as trigger_loops prints it (guest-samples/bpf/trigger_loops.c).
+        let stdout = "libbpf: noise\ntrigger prog=loops prog_id=7 start_ns=1000 end_ns=401000 duration_ns=400000 duration_ms=0 ran=1 runs=3 phase=4 first_done=1 second_done=0 exited=0\n";
+        let record = trigger_record(&Label::try_from("run".to_owned()).expect("label"), vec![], Some(0), stdout, "");
+        match record {
+            StepRecord::Trigger { start_ns, end_ns, fields, .. } => {
+                assert_eq!((start_ns, end_ns), (Some(1000), Some(401000)));
+                assert_eq!(fields.get("second_done").map(String::as_str), Some("0"));
+                assert_eq!(fields.get("prog").map(String::as_str), Some("loops"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(parse_fields("no such line\n", "trigger"), None);
+    }
+
+    #[test]
+    fn bpftool_failures_map_to_errno_names() {
+        assert_eq!(errno_from_message("Error: failed to terminate program 7: No such process\n").as_deref(), Some("ESRCH"));
+        assert_eq!(errno_from_message("Error: get by id (4000000000): No such file or directory").as_deref(), Some("ENOENT"));
+        assert_eq!(errno_from_message("something else"), None);
+        assert_eq!(cpus_from_bpftool("terminated program 7 on 2 CPUs\n"), Some(2));
+        assert_eq!(cpus_from_bpftool("done\n"), None);
+    }
+}

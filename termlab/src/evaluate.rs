@@ -1,0 +1,314 @@
+//! From raw step records to metrics, and from metrics and records to the
+//! verdict of each expectation. Pure functions of what was recorded.
+
+use std::collections::BTreeMap;
+
+use crate::results::{ExpectationOutcome, Repetition, StepRecord};
+use crate::scenario::{Check, EventPoint, EventRef, Expectation, MetricSpec};
+
+/// The guest-clock timestamp of `event` in one repetition's records.
+fn event_ns(steps: &[StepRecord], event: &EventRef) -> Option<u64> {
+    steps.iter().find_map(|step| match step {
+        StepRecord::Trigger { label, start_ns, end_ns, .. } | StepRecord::Terminate { label, start_ns, end_ns, .. }
+            if label.as_str() == event.step.as_str() =>
+        {
+            match event.point {
+                EventPoint::Start => *start_ns,
+                EventPoint::End => *end_ns,
+            }
+        }
+        _ => None,
+    })
+}
+
+/// Each declared metric that both of its events were recorded for, in ns.
+/// Signed: a negative value (the program ended before the terminate call
+/// began) is a finding, not an error.
+pub fn compute_metrics(specs: &[MetricSpec], steps: &[StepRecord]) -> BTreeMap<String, f64> {
+    specs
+        .iter()
+        .filter_map(|spec| {
+            let from = event_ns(steps, spec.from.get_ref())?;
+            let to = event_ns(steps, spec.to.get_ref())?;
+            Some((spec.name.get_ref().to_string(), to as f64 - from as f64))
+        })
+        .collect()
+}
+
+/// Substrings of kernel log lines that mean something went wrong.
+const KERNEL_TROUBLE: &[&str] = &[
+    "WARNING:",
+    "BUG:",
+    "Oops",
+    "Kernel panic",
+    "general protection fault",
+    "KASAN:",
+    "UBSAN:",
+    "possible circular locking",
+    "possible recursive locking",
+    "inconsistent lock state",
+    "suspicious RCU usage",
+    "kmemleak:",
+    "Call Trace:",
+    "stack segment",
+];
+
+/// The dmesg lines that report a kernel problem.
+pub fn kernel_trouble(dmesg: &str) -> Vec<&str> {
+    dmesg.lines().filter(|line| KERNEL_TROUBLE.iter().any(|pattern| line.contains(pattern))).collect()
+}
+
+/// Judges every expectation over all repetitions. `dmesg` is the guest's
+/// kernel log read at the end of the run (`None`: it could not be read).
+pub fn evaluate(expectations: &[Expectation], repetitions: &[Repetition], dmesg: Option<&str>) -> Vec<ExpectationOutcome> {
+    expectations.iter().map(|expectation| evaluate_one(expectation, repetitions, dmesg)).collect()
+}
+
+fn evaluate_one(expectation: &Expectation, repetitions: &[Repetition], dmesg: Option<&str>) -> ExpectationOutcome {
+    let (check, per_repetition): (String, Box<dyn Fn(&Repetition) -> Result<String, String>>) = match &expectation.check {
+        Check::Metric(bound) => {
+            let metric = bound.metric.get_ref().to_string();
+            let mut words = Vec::new();
+            if let Some(low) = bound.at_least_ms {
+                words.push(format!("≥ {low} ms"));
+            }
+            if let Some(high) = bound.at_most_ms {
+                words.push(format!("≤ {high} ms"));
+            }
+            let check = format!("{metric} {}", words.join(" and "));
+            let (low, high) = (bound.at_least_ms, bound.at_most_ms);
+            (
+                check,
+                Box::new(move |rep: &Repetition| {
+                    let Some(&ns) = rep.metrics.get(&metric) else { return Err(format!("{metric} was not measured")) };
+                    let ms = ns / 1e6;
+                    let shown = format!("{ms:.3} ms");
+                    if low.is_some_and(|low| ms < low) || high.is_some_and(|high| ms > high) {
+                        Err(shown)
+                    } else {
+                        Ok(shown)
+                    }
+                }),
+            )
+        }
+        Check::TerminateResult(result) => {
+            let step = result.step.get_ref().to_string();
+            let (want_errno, want_cpus) = (result.errno, result.cpus);
+            let check = match (want_errno, want_cpus) {
+                (Some(errno), _) => format!("terminate `{step}` fails with {}", errno.name()),
+                (None, Some(cpus)) => format!("terminate `{step}` stops the program on {cpus} CPU(s)"),
+                (None, None) => format!("terminate `{step}` result"),
+            };
+            (
+                check,
+                Box::new(move |rep: &Repetition| {
+                    let found = rep.steps.iter().find_map(|s| match s {
+                        StepRecord::Terminate { label, cpus, errno, .. } if *label == step => Some((cpus, errno)),
+                        _ => None,
+                    });
+                    let Some((cpus, errno)) = found else { return Err(format!("terminate `{step}` did not run")) };
+                    let observed = match (cpus, errno) {
+                        (_, Some(errno)) => errno.clone(),
+                        (Some(cpus), None) => format!("{cpus} CPU(s)"),
+                        (None, None) => "no result".to_owned(),
+                    };
+                    let matches = match (want_errno, want_cpus) {
+                        (Some(want), _) => errno.as_deref() == Some(want.name()),
+                        (None, Some(want)) => errno.is_none() && *cpus == Some(want),
+                        (None, None) => false,
+                    };
+                    if matches {
+                        Ok(observed)
+                    } else {
+                        Err(observed)
+                    }
+                }),
+            )
+        }
+        Check::TriggerOk(ok) => {
+            let step = ok.step.get_ref().to_string();
+            (
+                format!("trigger `{step}` exits 0 with its timing line"),
+                Box::new(move |rep: &Repetition| match find_trigger(rep, &step) {
+                    Some((Some(0), true, _)) => Ok("exit 0".to_owned()),
+                    Some((code, has_times, _)) => Err(format!("exit {}{}", code.map_or("none".to_owned(), |c| c.to_string()), if has_times { "" } else { ", no timing line" })),
+                    None => Err(format!("trigger `{step}` did not run")),
+                }),
+            )
+        }
+        Check::TriggerField(field) => {
+            let (step, name, want) = (field.step.get_ref().to_string(), field.field.clone(), field.equals);
+            (
+                format!("trigger `{step}` reports {name}={want}"),
+                Box::new(move |rep: &Repetition| {
+                    let Some((_, _, fields)) = find_trigger(rep, &step) else { return Err(format!("trigger `{step}` did not run")) };
+                    match fields.get(&name) {
+                        Some(value) if value.parse::<i64>() == Ok(want) => Ok(format!("{name}={value}")),
+                        Some(value) => Err(format!("{name}={value}")),
+                        None => Err(format!("no {name} in its output")),
+                    }
+                }),
+            )
+        }
+        Check::DmesgClean(_) => {
+            let check = "no WARN/BUG/oops/KASAN/lockdep lines in dmesg".to_owned();
+            let (passed, detail) = match dmesg {
+                None => (false, "dmesg could not be read".to_owned()),
+                Some(text) => match kernel_trouble(text).as_slice() {
+                    [] => (true, format!("{} lines, none reporting a problem", text.lines().count())),
+                    lines => (false, format!("{} problem line(s), first: {}", lines.len(), lines[0].trim())),
+                },
+            };
+            return ExpectationOutcome { name: expectation.name.clone(), check, passed, detail, failed_repetitions: Vec::new() };
+        }
+    };
+
+    let mut failed = Vec::new();
+    let mut observed = Vec::new();
+    for rep in repetitions {
+        match per_repetition(rep) {
+            Ok(value) => observed.push(value),
+            Err(value) => {
+                failed.push(rep.index);
+                observed.push(value);
+            }
+        }
+    }
+    let detail = if repetitions.is_empty() {
+        "no repetition ran".to_owned()
+    } else if failed.is_empty() {
+        summarize_observations(&observed)
+    } else {
+        let first = failed[0] as usize;
+        let value = repetitions.iter().position(|r| r.index as usize == first).map_or(String::new(), |i| observed[i].clone());
+        format!("failed in {} of {} repetitions (first: #{first}: {value}); all: {}", failed.len(), repetitions.len(), summarize_observations(&observed))
+    };
+    ExpectationOutcome { name: expectation.name.clone(), check, passed: !repetitions.is_empty() && failed.is_empty(), detail, failed_repetitions: failed }
+}
+
+/// "value ×n" for repeated identical observations, else the list.
+fn summarize_observations(observed: &[String]) -> String {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for value in observed {
+        match counts.iter_mut().find(|(v, _)| v == value) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((value, 1)),
+        }
+    }
+    counts.iter().map(|(v, n)| if *n > 1 { format!("{v} ×{n}") } else { (*v).to_owned() }).collect::<Vec<_>>().join(", ")
+}
+
+/// (exit code, has start and end, fields) of trigger `label`.
+fn find_trigger<'a>(rep: &'a Repetition, label: &str) -> Option<(Option<i32>, bool, &'a BTreeMap<String, String>)> {
+    rep.steps.iter().find_map(|s| match s {
+        StepRecord::Trigger { label: l, exit_code, start_ns, end_ns, fields, .. } if l == label => Some((*exit_code, start_ns.is_some() && end_ns.is_some(), fields)),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario;
+
+    const SCENARIO: &str = r#"
+description = "t"
+[vm]
+kernel = "default"
+[[program]]
+name = "loops"
+bpf_name = "loops"
+loader = ["loops"]
+trigger = ["trigger_loops"]
+[[step]]
+trigger = { label = "run", program = "loops", background = true }
+[[step]]
+terminate = { label = "term", program = "loops" }
+[[step]]
+wait = { step = "run" }
+[[metric]]
+name = "end_to_end"
+from = "term.start"
+to = "run.end"
+[[expect]]
+name = "fast"
+metric = { metric = "end_to_end", at_most_ms = 5 }
+[[expect]]
+name = "one cpu"
+terminate_result = { step = "term", cpus = 1 }
+[[expect]]
+name = "second skipped"
+trigger_field = { step = "run", field = "second_done", equals = 0 }
+[[expect]]
+name = "clean"
+dmesg_clean = {}
+"#;
+
+    fn repetition(index: u32, term_start: u64, run_end: u64, cpus: Option<u32>, errno: Option<&str>, second_done: &str) -> Repetition {
+        let steps = vec![
+            StepRecord::Terminate { label: "term".into(), prog_id: 7, flags: 0, via: "agent".into(), cpus, errno: errno.map(String::from), start_ns: Some(term_start), end_ns: Some(term_start + 1000) },
+            StepRecord::Trigger {
+                label: "run".into(),
+                argv: vec!["trigger_loops".into()],
+                exit_code: Some(0),
+                start_ns: Some(0),
+                end_ns: Some(run_end),
+                fields: [("second_done".to_owned(), second_done.to_owned())].into(),
+                stdout: String::new(),
+                stderr: String::new(),
+            },
+        ];
+        let scenario = scenario::parse(SCENARIO).expect("valid");
+        let metrics = compute_metrics(&scenario.metrics, &steps);
+        Repetition { index, steps, metrics }
+    }
+
+    #[test]
+    fn metrics_come_from_the_recorded_timestamps() {
+        let rep = repetition(0, 200_000_000, 203_500_000, Some(1), None, "0");
+        assert_eq!(rep.metrics.get("end_to_end"), Some(&3_500_000.0));
+    }
+
+    #[test]
+    fn all_pass_when_every_repetition_holds() {
+        let scenario = scenario::parse(SCENARIO).expect("valid");
+        let reps: Vec<Repetition> = (0..3).map(|i| repetition(i, 100_000_000, 100_000_000 + 1_000_000 * (i as u64 + 1), Some(1), None, "0")).collect();
+        let outcomes = evaluate(&scenario.expectations, &reps, Some("[    0.1] Linux version 6.12\n"));
+        assert!(outcomes.iter().all(|o| o.passed), "{outcomes:#?}");
+        assert_eq!(outcomes[1].detail, "1 CPU(s) ×3");
+    }
+
+    #[test]
+    fn one_bad_repetition_fails_with_its_index_and_value() {
+        let scenario = scenario::parse(SCENARIO).expect("valid");
+        let reps = vec![
+            repetition(0, 100_000_000, 101_000_000, Some(1), None, "0"),
+            repetition(1, 100_000_000, 109_000_000, None, Some("ESRCH"), "1"),
+        ];
+        let outcomes = evaluate(&scenario.expectations, &reps, None);
+        let by_name = |n: &str| outcomes.iter().find(|o| o.name == n).expect("present");
+        assert!(!by_name("fast").passed);
+        assert_eq!(by_name("fast").failed_repetitions, vec![1]);
+        assert!(by_name("fast").detail.contains("#1: 9.000 ms"), "{}", by_name("fast").detail);
+        assert!(!by_name("one cpu").passed && by_name("one cpu").detail.contains("ESRCH"));
+        assert!(!by_name("second skipped").passed && by_name("second skipped").detail.contains("second_done=1"));
+        assert!(!by_name("clean").passed, "unreadable dmesg must not pass");
+    }
+
+    #[test]
+    fn kernel_warnings_are_found() {
+        let dmesg = "[ 1.0] ok\n[ 2.0] WARNING: CPU: 1 PID: 50 at kernel/bpf/core.c:100 bpf_die+0x1/0x2\n[ 2.1] Call Trace:\n";
+        assert_eq!(kernel_trouble(dmesg).len(), 2);
+        let scenario = scenario::parse(SCENARIO).expect("valid");
+        let outcome = &evaluate(&scenario.expectations, &[], Some(dmesg))[3];
+        assert!(!outcome.passed);
+        assert!(outcome.detail.contains("WARNING: CPU: 1"), "{}", outcome.detail);
+    }
+
+    #[test]
+    fn no_repetitions_pass_nothing() {
+        let scenario = scenario::parse(SCENARIO).expect("valid");
+        let outcomes = evaluate(&scenario.expectations, &[], Some(""));
+        assert!(outcomes[..3].iter().all(|o| !o.passed && o.detail == "no repetition ran"));
+    }
+}
