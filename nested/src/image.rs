@@ -14,13 +14,14 @@ use crate::lock::FileLock;
 use crate::tempdir::TempDir;
 
 /// Bumped whenever the initramfs layout or init script changes, so stale caches are ignored.
-const IMAGE_VERSION: &str = "v1";
+const IMAGE_VERSION: &str = "v2";
 /// Kernel modules L1 needs, in `modprobe` dependency order after expansion.
 const L1_MODULES: [&str; 4] = ["kvm-amd", "virtio_pci", "9pnet_virtio", "9p"];
 const BUSYBOX: &str = "/bin/busybox";
 const BUSYBOX_APPLETS: [&str; 9] = ["sh", "mount", "insmod", "cat", "echo", "chroot", "reboot", "sleep", "sed"];
 
-/// The L1 init: modules, 9p root, chroot into the host and run `$job/job`.
+/// The L1 init: modules, 9p root, a local tmpfs on /tmp, chroot into the host and run
+/// `$job/job`.
 const L1_INIT: &str = r#"#!/bin/sh
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 for m in $(cat /mods/order); do insmod /mods/$m.ko || echo "L1: insmod $m failed"; done
@@ -30,6 +31,8 @@ done
 [ -e /dev/kvm ] || echo "L1: /dev/kvm missing"
 mount -t proc proc /mnt/proc; mount -t sysfs sys /mnt/sys; mount -t devtmpfs dev /mnt/dev
 mount -t tmpfs tmp /mnt/dev/shm 2>/dev/null
+# 9p cannot hold Unix sockets: give the job a local /tmp (the host's /tmp is not visible).
+mount -t tmpfs tmp /mnt/tmp
 job=$(sed -n 's/.*termlab.job=\([^ ]*\).*/\1/p' /proc/cmdline)
 chroot /mnt /bin/sh "$job/job"
 reboot -f

@@ -5,6 +5,10 @@
 //! out in about a second, and [`ensure_real_kvm_or_reexec`] then re-runs the command inside
 //! an "L1" VM (QEMU TCG emulating SVM) where KVM is real. The re-run command sees
 //! `TERMLAB_NESTED=1` ([`is_nested`]) so results can record it.
+//!
+//! Inside L1 the host's `/` is the root (over virtio-9p) except `/tmp`, which is a fresh
+//! tmpfs because 9p cannot hold Unix sockets (vsock sockets, for one): pass files between
+//! host and job through any other directory.
 
 pub mod cpio;
 mod error;

@@ -58,6 +58,17 @@ impl Drop for Scratch {
     }
 }
 
+/// The test initramfs, built on the host before any re-execution (compiling inside the
+/// emulated L1 VM would be slow) in cargo's per-target scratch dir, which L1 sees over 9p.
+fn test_initramfs() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("termlab-vmm-boot");
+    if termlab_nested::is_nested() {
+        return dir.join("initramfs.cpio");
+    }
+    std::fs::create_dir_all(&dir).expect("create initramfs dir");
+    build_initramfs(&dir)
+}
+
 /// Compiles the test init statically and packs it with /dev/console into a newc initramfs.
 fn build_initramfs(dir: &Path) -> PathBuf {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/init.c");
@@ -161,17 +172,18 @@ fn echo_through_guest(uds: &Path) {
 #[test]
 fn guest_boots_smp_talks_vsock_and_ends_with_reset_or_panic() {
     let name = "guest_boots_smp_talks_vsock_and_ends_with_reset_or_panic";
+    let kernel = kernel();
+    let initramfs = test_initramfs();
     if !run_where_kvm_works(name) {
         return;
     }
     let scratch = Scratch::new("boot");
-    let initramfs = build_initramfs(&scratch.0);
     let uds = scratch.0.join("vsock.sock");
     let host_listener = UnixListener::bind(format!("{}_{HOST_PORT}", uds.display())).expect("bind host port socket");
     let guest_conn = serve_guest_connection(host_listener);
 
     let mut config = VmConfig::new(
-        kernel(),
+        kernel.clone(),
         Some(initramfs.clone()),
         format!("{BASE_CMDLINE} termlab.host_port={HOST_PORT} termlab.listen_port={GUEST_PORT} termlab.end=reboot"),
     );
@@ -195,7 +207,7 @@ fn guest_boots_smp_talks_vsock_and_ends_with_reset_or_panic() {
     assert_eq!(vm.stop(), ExitReason::Reset);
     assert!(!uds.exists(), "the VMM must remove its vsock socket on exit");
 
-    let mut config = VmConfig::new(kernel(), Some(initramfs), format!("{BASE_CMDLINE} termlab.end=panic"));
+    let mut config = VmConfig::new(kernel, Some(initramfs), format!("{BASE_CMDLINE} termlab.end=panic"));
     config.mem_mib = 256;
     let mut vm = Vm::new(config).expect("create VM");
     vm.start().expect("start VM");

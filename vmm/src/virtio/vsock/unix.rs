@@ -141,6 +141,8 @@ impl UnixBackend {
                         continue;
                     }
                     self.handshakes.insert(token, Handshake { stream, line: Vec::new() });
+                    // Clients usually send CONNECT right away; don't wait for another wakeup.
+                    self.continue_handshake(token);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
