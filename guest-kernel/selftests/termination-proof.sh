@@ -5,8 +5,9 @@
 #
 # Parameters come from the kernel command line (so the same initramfs serves
 # every run): selftest.delay_ms=D (slow-helper delay for the demo runs, default
-# 2000) and selftest.case2_ms=T (how long the BPF-text runs would last if not
-# terminated, default 8000).
+# 2000), selftest.case2_ms=T (how long the BPF-text runs would last if not
+# terminated, default 8000) and selftest.latency_ms=L (bound on case 2's
+# terminate-to-return latency, default 500).
 #
 # How a run is judged: trigger_loops prints its duration (CLOCK_MONOTONIC) and
 # what the program recorded. Timestamps (first_done/second_done/exited) are
@@ -22,6 +23,11 @@ DELAY_MS=$(cmdline_value delay_ms)
 DELAY_MS=${DELAY_MS:-2000}
 CASE2_MS=$(cmdline_value case2_ms)
 CASE2_MS=${CASE2_MS:-8000}
+# Bound on terminate call -> run's return for case 2. Typically 2-15 ms under
+# TCG, but a QEMU vCPU thread starved by a loaded host adds ~100 ms at times;
+# the unterminated remainder of the run is seconds, so this still separates.
+LATENCY_MS=$(cmdline_value latency_ms)
+LATENCY_MS=${LATENCY_MS:-500}
 # Delay used for the "still works / nothing changed" runs, to keep them short.
 SHORT_DELAY_MS=200
 DELAY_SYSCTL=/proc/sys/kernel/bpf_termination_demo_delay_ms
@@ -186,7 +192,6 @@ case2() {
 		return
 	fi
 	iterations=$(iterations_for "$1" "$CASE2_MS")
-	full_ms=$CASE2_MS
 	if ! trigger_in_background "$1" --iterations "$iterations"; then
 		not_ok "$2: run starts" "the program never entered"
 		stop_loader "$1"
@@ -202,9 +207,17 @@ case2() {
 	[ -n "$call_ns" ] && [ -n "$end_ns" ] && latency_ms=$(((end_ns - call_ns) / 1000000))
 	check "$2: BPF_PROG_TERMINATE stops it on $(field ret "$terminate") CPU(s)" \
 		"$terminate" "$(field ret "$terminate")" -ge 1
-	check "$2: run ends within milliseconds of the terminate call (${latency_ms:-?} ms; unterminated ~$full_ms ms)" \
-		"terminate->return latency ${latency_ms:-unknown} ms, expected < 100" \
-		-n "$latency_ms" -a "${latency_ms:-1000}" -lt 100
+	done_iterations=$(field iterations_done "$RUN")
+	duration_ns=$(field duration_ns "$RUN")
+	unterminated_ms=?
+	[ "${done_iterations:-0}" -gt 0 ] && [ -n "$duration_ns" ] &&
+		unterminated_ms=$((duration_ns / done_iterations * iterations / 1000000))
+	echo "# case 2 latency: terminate call -> run returned ${latency_ms:-?} ms;" \
+		"terminate syscall took $((($(field return_ns "$terminate") - ${call_ns:-0}) / 1000000)) ms;" \
+		"unterminated the run would have taken ~$unterminated_ms ms"
+	check "$2: run ends within milliseconds of the terminate call (${latency_ms:-?} ms; unterminated ~$unterminated_ms ms)" \
+		"terminate->return latency ${latency_ms:-unknown} ms, expected < $LATENCY_MS" \
+		-n "$latency_ms" -a "${latency_ms:-100000}" -lt "$LATENCY_MS"
 	check "$2: loop stopped early ($(field iterations_done "$RUN") of $iterations iterations) and the run finished in the copy" \
 		"got: $RUN" \
 		"$(field iterations_done "$RUN")" -lt "$iterations" -a "$(field phase "$RUN"):$(field exited "$RUN")" = "4:0"
