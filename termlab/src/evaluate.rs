@@ -58,13 +58,36 @@ pub fn kernel_trouble(dmesg: &str) -> Vec<&str> {
     dmesg.lines().filter(|line| KERNEL_TROUBLE.iter().any(|pattern| line.contains(pattern))).collect()
 }
 
+/// The guest's kernel log read right after boot and at the end of the run.
+#[derive(Debug, Clone, Default)]
+pub struct KernelLog {
+    pub after_boot: String,
+    pub at_end: String,
+}
+
+impl KernelLog {
+    /// The lines logged while the scenario ran: what it is accountable for.
+    /// Problems during boot come from the VM's setup, not the scenario; they
+    /// are reported next to the verdict instead.
+    pub fn during_run(&self) -> String {
+        let mut lines = self.at_end.lines();
+        let end_starts_with_boot = self.after_boot.lines().zip(lines.by_ref()).all(|(a, b)| a == b);
+        if end_starts_with_boot {
+            lines.map(|l| format!("{l}\n")).collect()
+        } else {
+            // The ring buffer wrapped: judge everything rather than guess.
+            self.at_end.clone()
+        }
+    }
+}
+
 /// Judges every expectation over all repetitions. `dmesg` is the guest's
-/// kernel log read at the end of the run (`None`: it could not be read).
-pub fn evaluate(expectations: &[Expectation], repetitions: &[Repetition], dmesg: Option<&str>) -> Vec<ExpectationOutcome> {
+/// kernel log (`None`: it could not be read).
+pub fn evaluate(expectations: &[Expectation], repetitions: &[Repetition], dmesg: Option<&KernelLog>) -> Vec<ExpectationOutcome> {
     expectations.iter().map(|expectation| evaluate_one(expectation, repetitions, dmesg)).collect()
 }
 
-fn evaluate_one(expectation: &Expectation, repetitions: &[Repetition], dmesg: Option<&str>) -> ExpectationOutcome {
+fn evaluate_one(expectation: &Expectation, repetitions: &[Repetition], dmesg: Option<&KernelLog>) -> ExpectationOutcome {
     let (check, per_repetition): (String, Box<dyn Fn(&Repetition) -> Result<String, String>>) = match &expectation.check {
         Check::Metric(bound) => {
             let metric = bound.metric.get_ref().to_string();
@@ -151,14 +174,20 @@ fn evaluate_one(expectation: &Expectation, repetitions: &[Repetition], dmesg: Op
             )
         }
         Check::DmesgClean(_) => {
-            let check = "no WARN/BUG/oops/KASAN/lockdep lines in dmesg".to_owned();
-            let (passed, detail) = match dmesg {
+            let check = "no WARN/BUG/oops/KASAN/lockdep lines in dmesg while the scenario ran".to_owned();
+            let (passed, mut detail) = match dmesg {
                 None => (false, "dmesg could not be read".to_owned()),
-                Some(text) => match kernel_trouble(text).as_slice() {
-                    [] => (true, format!("{} lines, none reporting a problem", text.lines().count())),
-                    lines => (false, format!("{} problem line(s), first: {}", lines.len(), lines[0].trim())),
-                },
+                Some(log) => {
+                    let during = log.during_run();
+                    match kernel_trouble(&during).as_slice() {
+                        [] => (true, format!("{} lines, none reporting a problem", during.lines().count())),
+                        lines => (false, format!("{} problem line(s), first: {}", lines.len(), lines[0].trim())),
+                    }
+                }
             };
+            if let Some(boot_problem) = dmesg.and_then(|log| kernel_trouble(&log.after_boot).first().map(|l| l.trim().to_owned())) {
+                detail.push_str(&format!("; note: the boot itself logged a problem (not counted): {boot_problem}"));
+            }
             return ExpectationOutcome { name: expectation.name.clone(), check, passed, detail, failed_repetitions: Vec::new() };
         }
     };
@@ -273,7 +302,8 @@ dmesg_clean = {}
     fn all_pass_when_every_repetition_holds() {
         let scenario = scenario::parse(SCENARIO).expect("valid");
         let reps: Vec<Repetition> = (0..3).map(|i| repetition(i, 100_000_000, 100_000_000 + 1_000_000 * (i as u64 + 1), Some(1), None, "0")).collect();
-        let outcomes = evaluate(&scenario.expectations, &reps, Some("[    0.1] Linux version 6.12\n"));
+        let log = KernelLog { after_boot: "[    0.1] Linux version 6.12\n".into(), at_end: "[    0.1] Linux version 6.12\n[    5.0] loops: loaded\n".into() };
+        let outcomes = evaluate(&scenario.expectations, &reps, Some(&log));
         assert!(outcomes.iter().all(|o| o.passed), "{outcomes:#?}");
         assert_eq!(outcomes[1].detail, "1 CPU(s) ×3");
     }
@@ -296,19 +326,31 @@ dmesg_clean = {}
     }
 
     #[test]
-    fn kernel_warnings_are_found() {
-        let dmesg = "[ 1.0] ok\n[ 2.0] WARNING: CPU: 1 PID: 50 at kernel/bpf/core.c:100 bpf_die+0x1/0x2\n[ 2.1] Call Trace:\n";
-        assert_eq!(kernel_trouble(dmesg).len(), 2);
+    fn kernel_warnings_during_the_run_fail_boot_warnings_are_noted() {
+        let boot = "[ 1.0] ok\n[ 1.5] WARNING: CPU: 0 PID: 0 at arch/x86/kernel/fpu/xstate.c:605\n";
+        let run = "[ 2.0] WARNING: CPU: 1 PID: 50 at kernel/bpf/core.c:100 bpf_die+0x1/0x2\n[ 2.1] Call Trace:\n";
+        assert_eq!(kernel_trouble(run).len(), 2);
         let scenario = scenario::parse(SCENARIO).expect("valid");
-        let outcome = &evaluate(&scenario.expectations, &[], Some(dmesg))[3];
+
+        let log = KernelLog { after_boot: boot.into(), at_end: format!("{boot}{run}") };
+        let outcome = &evaluate(&scenario.expectations, &[], Some(&log))[3];
         assert!(!outcome.passed);
-        assert!(outcome.detail.contains("WARNING: CPU: 1"), "{}", outcome.detail);
+        assert!(outcome.detail.starts_with("2 problem line(s), first: [ 2.0] WARNING: CPU: 1"), "{}", outcome.detail);
+
+        let quiet_run = KernelLog { after_boot: boot.into(), at_end: format!("{boot}[ 3.0] fine\n") };
+        let outcome = &evaluate(&scenario.expectations, &[], Some(&quiet_run))[3];
+        assert!(outcome.passed, "{}", outcome.detail);
+        assert!(outcome.detail.contains("boot itself logged a problem (not counted): [ 1.5] WARNING"), "{}", outcome.detail);
+
+        // A wrapped ring buffer: everything is judged.
+        let wrapped = KernelLog { after_boot: boot.into(), at_end: "[ 9.0] WARNING: late\n".into() };
+        assert!(!evaluate(&scenario.expectations, &[], Some(&wrapped))[3].passed);
     }
 
     #[test]
     fn no_repetitions_pass_nothing() {
         let scenario = scenario::parse(SCENARIO).expect("valid");
-        let outcomes = evaluate(&scenario.expectations, &[], Some(""));
+        let outcomes = evaluate(&scenario.expectations, &[], Some(&KernelLog::default()));
         assert!(outcomes[..3].iter().all(|o| !o.passed && o.detail == "no repetition ran"));
     }
 }

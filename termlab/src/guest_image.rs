@@ -148,6 +148,15 @@ fn run(command: &mut Command) -> Result<(), GuestImageError> {
     }
 }
 
+/// Whether `output` is missing or older than `source`.
+fn is_stale(output: &Path, source: &Path) -> bool {
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    match (modified(output), modified(source)) {
+        (Some(built), Some(changed)) => built < changed,
+        _ => true,
+    }
+}
+
 fn sha256_of_file(hasher: &mut Sha256, path: &Path) -> Result<(), GuestImageError> {
     let bytes = std::fs::read(path).map_err(io_error(path))?;
     hasher.update(path.as_os_str().as_encoded_bytes());
@@ -170,7 +179,9 @@ pub fn initramfs(root: &Path, kernel: &KernelBuild) -> Result<PathBuf, GuestImag
 
     let ipi_source = root.join("termlab/guest/ipi_rtt.c");
     let ipi_binary = cache.join("ipi_rtt");
-    run(Command::new("cc").args(["-O2", "-Wall", "-static", "-pthread", "-o"]).arg(&ipi_binary).arg(&ipi_source))?;
+    if is_stale(&ipi_binary, &ipi_source) {
+        run(Command::new("cc").args(["-O2", "-Wall", "-static", "-pthread", "-o"]).arg(&ipi_binary).arg(&ipi_source))?;
+    }
 
     let agent = agent_binary(root)?;
     let run_me = cache.join("run-me");

@@ -185,7 +185,10 @@ fn run(ui: Ui, paths: &[PathBuf], mut options: RunOptions, json: bool, mode: Nes
     }
     let root = repository_root().map_err(|e| fail(ui, e))?;
     for scenario in &loaded {
-        guest_image::resolve_kernel(&root, scenario.scenario.vm.kernel, options.kernel_dir.as_deref()).map_err(|e| fail(ui, e))?;
+        let kernel = guest_image::resolve_kernel(&root, scenario.scenario.vm.kernel, options.kernel_dir.as_deref()).map_err(|e| fail(ui, e))?;
+        // Built here, before any nesting: compiling inside the emulated L1
+        // VM takes minutes, finding the cached image there takes seconds.
+        prepare_initramfs(ui, &root, &kernel)?;
     }
 
     options.nested = match kvm_plan(ui, mode)? {
@@ -273,7 +276,7 @@ fn kernel_build(ui: Ui, variant: KernelVariant) -> Result<(), Failed> {
 fn boot(ui: Ui, variant: KernelVariant, vcpus: u8, memory_mib: u32, mode: NestedMode) -> Result<(), Failed> {
     let root = repository_root().map_err(|e| fail(ui, e))?;
     let kernel = guest_image::find_kernel(&root, variant).map_err(|e| fail(ui, e))?;
-    let initramfs = guest_image::initramfs(&root, &kernel).map_err(|e| fail(ui, e))?;
+    let initramfs = prepare_initramfs(ui, &root, &kernel)?;
     if let KvmPlan::RanInL1 { exit_code } = kvm_plan(ui, mode)? {
         return if exit_code == 0 { Ok(()) } else { Err(Failed(u8::try_from(exit_code).unwrap_or(1))) };
     }
@@ -283,6 +286,13 @@ fn boot(ui: Ui, variant: KernelVariant, vcpus: u8, memory_mib: u32, mode: Nested
         .map_err(|e| fail(ui, e))?;
     engine::interactive_console(guest, console.path(), ui);
     Ok(())
+}
+
+fn prepare_initramfs(ui: Ui, root: &Path, kernel: &guest_image::KernelBuild) -> Result<PathBuf, Failed> {
+    let spinner = ui.spinner("preparing the initramfs");
+    let image = guest_image::initramfs(root, kernel);
+    spinner.finish_and_clear();
+    image.map_err(|e| fail(ui, e))
 }
 
 fn report_command(ui: Ui, dirs: &[PathBuf], out: &Path) -> Result<(), Failed> {

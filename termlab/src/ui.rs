@@ -11,12 +11,16 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 pub struct Ui {
     quiet: bool,
     color: bool,
+    /// Animated progress; off when quiet, and inside the nested L1 VM, whose
+    /// serial console would relay every animation frame as a new line.
+    progress: bool,
 }
 
 impl Ui {
     pub fn new(quiet: bool) -> Self {
         let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
-        Ui { quiet, color: !no_color && std::io::stderr().is_terminal() }
+        let progress = !quiet && !termlab_nested::is_nested();
+        Ui { quiet, color: !no_color && std::io::stderr().is_terminal(), progress }
     }
 
     pub fn is_quiet(self) -> bool {
@@ -75,7 +79,7 @@ impl Ui {
     }
 
     fn target(self) -> ProgressDrawTarget {
-        if self.quiet {
+        if !self.progress {
             ProgressDrawTarget::hidden()
         } else {
             // indicatif hides this itself when stderr is not a terminal.

@@ -18,7 +18,7 @@ use termlab_protocol::client::{Client, ClientError};
 use termlab_protocol::{RunRequest, SpawnRequest, WaitOutputRequest};
 use thiserror::Error;
 
-use crate::evaluate::{compute_metrics, evaluate};
+use crate::evaluate::{compute_metrics, evaluate, KernelLog};
 use crate::guest_image::{self, GuestImageError, IPI_RTT_GUEST_PATH};
 use crate::report::{self, ReportError};
 use crate::results::{self, Environment, Repetition, ResultsError, RunResult, ScenarioRecord, VmInfo, VmmInfo, AGENT_RTT_METRIC, IPI_RTT_METRIC};
@@ -105,10 +105,8 @@ const LOADER_READY_MS: u64 = 30_000;
 pub fn run_scenario(root: &Path, loaded: &LoadedScenario, options: &RunOptions, ui: Ui) -> Result<(RunResult, PathBuf), EngineError> {
     let scenario = &loaded.scenario;
     let kernel = guest_image::resolve_kernel(root, scenario.vm.kernel, options.kernel_dir.as_deref())?;
-    let spinner = ui.spinner("preparing the initramfs");
-    let initramfs = guest_image::initramfs(root, &kernel);
-    spinner.finish_and_clear();
-    let initramfs = initramfs?;
+    // Cached: main prepared it before any nesting.
+    let initramfs = guest_image::initramfs(root, &kernel)?;
 
     let started = SystemTime::now();
     let dir = results::create_run_dir(&options.results_root, &loaded.name, started)?;
@@ -208,6 +206,7 @@ fn boot_and_measure(
 /// and judges the expectations.
 fn measure(client: &mut Client<UnixStream>, loaded: &LoadedScenario, repetitions: u32, ui: Ui, result: &mut RunResult, dir: &Path) -> Result<(), EngineError> {
     let scenario = &loaded.scenario;
+    let dmesg_after_boot = read_dmesg(client);
     for (name, value) in &scenario.sysctl {
         client
             .write_file(&name.proc_path(), format!("{value}\n").into_bytes())
@@ -246,9 +245,25 @@ fn measure(client: &mut Client<UnixStream>, loaded: &LoadedScenario, repetitions
     }
     bar.finish_and_clear();
 
-    let dmesg = client.run(RunRequest { argv: vec!["dmesg".into()], env: BTreeMap::new(), timeout_ms: 10_000, stdin: None, as_uid: None }).ok().map(|o| o.stdout.data.to_string_lossy().into_owned());
-    result.expectations = evaluate(&scenario.expectations, &result.repetitions, dmesg.as_deref());
+    let log = match (dmesg_after_boot, read_dmesg(client)) {
+        (Some(after_boot), Some(at_end)) => {
+            results::write_atomically(&dir.join(DMESG_FILE), at_end.as_bytes())?;
+            Some(KernelLog { after_boot, at_end })
+        }
+        _ => None,
+    };
+    result.expectations = evaluate(&scenario.expectations, &result.repetitions, log.as_ref());
     Ok(())
+}
+
+/// The guest kernel log at the end of the run, kept next to result.json.
+pub const DMESG_FILE: &str = "dmesg.txt";
+
+/// The guest's kernel log; `None` when it cannot be read (then no
+/// dmesg expectation can pass).
+fn read_dmesg(client: &mut Client<UnixStream>) -> Option<String> {
+    let output = client.run(RunRequest { argv: vec!["dmesg".into()], env: BTreeMap::new(), timeout_ms: 10_000, stdin: None, as_uid: None }).ok()?;
+    matches!(output.status, termlab_protocol::ExitStatus::Exited { code: 0 }).then(|| output.stdout.data.to_string_lossy().into_owned())
 }
 
 /// Median host-measured round trip of `clock` requests, in ns: the
