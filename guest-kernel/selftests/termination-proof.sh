@@ -428,6 +428,51 @@ else
 	not_ok "loader for the detach check starts" "see the loader output above"
 fi
 
+# --- EOPNOTSUPP: constructs the kernel refuses to terminate -----------------------
+if start_loader tailcall; then
+	result=$(prog_terminate "$PROG_ID")
+	echo "# idle: $result"
+	check "program with a tail call -> EOPNOTSUPP" "got: $result" "$(field errno "$result")" = EOPNOTSUPP
+	if trigger_in_background tailcall; then
+		result=$(prog_terminate --detach "$PROG_ID")
+		echo "# running: $result"
+		check "program with a tail call, while running, with detach -> EOPNOTSUPP" "got: $result" \
+			"$(field errno "$result")" = EOPNOTSUPP
+		wait_trigger
+		duration=$(field duration_ms "$RUN")
+		check "the refused run went on untouched (~2x delay, ${duration:-?} ms, real timestamps)" \
+			"got: $RUN" -n "$duration" -a "${duration:-0}" -ge $((DELAY_MS * 19 / 10)) \
+			-a "$(field second_done "$RUN"):$(field exited "$RUN")" = "1:1"
+		run=$(trigger_loops --prog tailcall 2>&1)
+		check "the refused program stays attached" "got: $run" "$(field ran "$run")" = 1
+	else
+		not_ok "tailcall run starts" "the program never entered"
+	fi
+	stop_loader tailcall
+else
+	not_ok "tailcall loader starts" "see the loader output above"
+fi
+
+# Constant blinding rewrites the two images differently: no exact map between them.
+JIT_HARDEN=/proc/sys/net/core/bpf_jit_harden
+if [ -w $JIT_HARDEN ]; then
+	harden_before=$(cat $JIT_HARDEN)
+	echo 2 >$JIT_HARDEN
+	if start_loader loops; then
+		echo "$harden_before" >$JIT_HARDEN
+		result=$(prog_terminate "$PROG_ID")
+		echo "# blinded: $result"
+		check "program JITed with constant blinding (bpf_jit_harden=2) -> EOPNOTSUPP" "got: $result" \
+			"$(field errno "$result")" = EOPNOTSUPP
+		stop_loader loops
+	else
+		echo "$harden_before" >$JIT_HARDEN
+		not_ok "loader with bpf_jit_harden=2 starts" "see the loader output above"
+	fi
+else
+	not_ok "constant blinding check" "$JIT_HARDEN missing"
+fi
+
 # --- 5. kernel log ----------------------------------------------------------------
 echo "# bpf_printk trace of the demo runs:"
 grep -m 12 'bpf_trace_printk' /sys/kernel/tracing/trace | sed 's/^/#   /'

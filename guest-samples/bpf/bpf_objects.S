@@ -24,4 +24,10 @@ subprog_kern_object:
 	.incbin "subprog_kern.bpf.o"
 subprog_kern_object_end:
 
+	.balign 8
+	.global tailcall_kern_object, tailcall_kern_object_end
+tailcall_kern_object:
+	.incbin "tailcall_kern.bpf.o"
+tailcall_kern_object_end:
+
 	.section .note.GNU-stack, "", @progbits

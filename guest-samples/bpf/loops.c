@@ -4,7 +4,7 @@
  * it to the getpgid() syscall tracepoint, prints `prog_id=<N> prog_name=<NAME>`
  * and stays resident until SIGTERM/SIGINT, then detaches and exits 0.
  *
- *   loops [--prog loops|bpftext|subprog_helper|subprog_text]
+ *   loops [--prog loops|bpftext|subprog_helper|subprog_text|tailcall]
  */
 #include <errno.h>
 #include <signal.h>
@@ -20,6 +20,7 @@
 extern const char loops_kern_object[], loops_kern_object_end[];
 extern const char bpftext_kern_object[], bpftext_kern_object_end[];
 extern const char subprog_kern_object[], subprog_kern_object_end[];
+extern const char tailcall_kern_object[], tailcall_kern_object_end[];
 
 struct embedded_object {
 	const char *name;
@@ -31,6 +32,7 @@ static const struct embedded_object embedded_objects[] = {
 	[LOOPS_OBJECT_LOOPS] = { "loops_kern", loops_kern_object, loops_kern_object_end },
 	[LOOPS_OBJECT_BPFTEXT] = { "bpftext_kern", bpftext_kern_object, bpftext_kern_object_end },
 	[LOOPS_OBJECT_SUBPROG] = { "subprog_kern", subprog_kern_object, subprog_kern_object_end },
+	[LOOPS_OBJECT_TAILCALL] = { "tailcall_kern", tailcall_kern_object, tailcall_kern_object_end },
 };
 
 static int print_libbpf(enum libbpf_print_level level, const char *format, va_list args)

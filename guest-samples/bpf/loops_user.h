@@ -11,6 +11,7 @@ enum loops_object {
 	LOOPS_OBJECT_LOOPS,
 	LOOPS_OBJECT_BPFTEXT,
 	LOOPS_OBJECT_SUBPROG,
+	LOOPS_OBJECT_TAILCALL,
 };
 
 struct loops_program {
