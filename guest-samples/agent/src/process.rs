@@ -36,6 +36,59 @@ const EXIT_POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
+/// `struct sigaction` as the rt_sigaction system call takes it on x86_64 (not the C library's,
+/// which refuses to touch the signals it reserves for itself).
+#[repr(C)]
+struct KernelSigaction {
+    handler: libc::sighandler_t,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
+}
+
+/// Runs in the forked child before exec: gives the program the signal state a freshly booted
+/// system would. The agent blocks SIGTERM/SIGINT/SIGHUP for its signal thread, and it may inherit
+/// ignored signals from whatever started it (init in the guest); std passes both on (it resets
+/// SIGPIPE only), and then e.g. `kill` with SIGTERM would never reach a spawned program.
+fn reset_signal_state() -> std::io::Result<()> {
+    let default = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    // SAFETY: raw system calls (async-signal-safe) reading structs that live on this stack.
+    unsafe {
+        for signal in 1..=libc::SIGRTMAX() {
+            if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+                continue;
+            }
+            let set = libc::syscall(
+                libc::SYS_rt_sigaction,
+                signal,
+                &default as *const KernelSigaction,
+                std::ptr::null_mut::<KernelSigaction>(),
+                std::mem::size_of::<u64>(),
+            );
+            if set != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        let empty: u64 = 0;
+        let set = libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &empty as *const u64,
+            std::ptr::null_mut::<u64>(),
+            std::mem::size_of::<u64>(),
+        );
+        if set != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// What to start.
 struct CommandSpec<'a> {
     argv: &'a [String],
@@ -323,20 +376,8 @@ impl ProcessTable {
         if let Some(uid) = spec.as_uid {
             command.uid(uid).gid(uid);
         }
-        // The agent blocks SIGTERM/SIGINT/SIGHUP in all its threads (one thread waits for them)
-        // and std does not reset the mask it passes on: without this, `kill` with SIGTERM would
-        // never reach a spawned program.
-        // SAFETY: sigemptyset and pthread_sigmask are async-signal-safe.
-        unsafe {
-            command.pre_exec(|| {
-                let mut empty: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut empty);
-                match libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) {
-                    0 => Ok(()),
-                    error => Err(std::io::Error::from_raw_os_error(error)),
-                }
-            });
-        }
+        // SAFETY: the hook only makes async-signal-safe calls.
+        unsafe { command.pre_exec(reset_signal_state) };
         let start_ns = monotonic_ns();
         let mut child = command
             .spawn()

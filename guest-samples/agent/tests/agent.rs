@@ -30,6 +30,11 @@ struct RunningAgent {
 
 impl RunningAgent {
     fn start() -> RunningAgent {
+        Self::start_ignoring(&[])
+    }
+
+    /// Starts the agent with `ignored` signals set to SIG_IGN, as an init may leave them.
+    fn start_ignoring(ignored: &'static [i32]) -> RunningAgent {
         let dir = tempfile::tempdir().expect("create a temporary directory");
         let socket = dir.path().join("agent.sock");
         let log = File::create(dir.path().join("agent.log")).expect("create the agent log");
@@ -42,9 +47,14 @@ impl RunningAgent {
             .stderr(log);
         // If the test process dies without running Drop (Ctrl-C), the agent still goes, and
         // takes its children with it.
-        // SAFETY: prctl is async-signal-safe.
+        // SAFETY: prctl and signal are async-signal-safe.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
+                for &signal in ignored {
+                    if libc::signal(signal, libc::SIG_IGN) == libc::SIG_ERR {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(io::Error::last_os_error());
                 }
@@ -53,7 +63,10 @@ impl RunningAgent {
         }
         let child = command.spawn().expect("start the agent");
         let agent = RunningAgent { child, socket, dir };
-        wait_until("the agent socket appears", || agent.socket.exists());
+        // The socket file appears at bind(), slightly before listen(): wait for a connection.
+        wait_until("the agent accepts connections", || {
+            UnixStream::connect(&agent.socket).is_ok()
+        });
         agent
     }
 
@@ -174,16 +187,49 @@ fn run_reports_exit_status_output_and_timestamps() {
     let output = client.run(with_input).unwrap();
     assert_eq!(output.stdout.data.as_bytes(), b"ABC\nhi there");
 
-    // Signals the agent keeps for itself must not stay blocked in what it starts.
+    let missing = agent_error(client.run(run_request(&["/nonexistent/program"], 1000)));
+    assert_eq!(missing.kind, ErrorKind::Io);
+    assert_eq!(missing.errno.map(|e| e.name).as_deref(), Some("ENOENT"));
+}
+
+#[test]
+fn children_get_default_signal_handling_whatever_the_agent_inherited() {
+    // In the guest, init may start the agent with signals ignored; and the agent blocks the
+    // termination signals for its own signal thread. Neither may reach the programs it starts.
+    let termination = &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+    let mut agent = RunningAgent::start_ignoring(termination);
+    let mut client = agent.client();
     let status = client
         .run(run_request(&["cat", "/proc/self/status"], 5000))
         .unwrap();
     let status = status.stdout.data.to_string_lossy().into_owned();
     assert!(status.contains("SigBlk:\t0000000000000000\n"), "{status}");
+    assert!(status.contains("SigIgn:\t0000000000000000\n"), "{status}");
 
-    let missing = agent_error(client.run(run_request(&["/nonexistent/program"], 1000)));
-    assert_eq!(missing.kind, ErrorKind::Io);
-    assert_eq!(missing.errno.map(|e| e.name).as_deref(), Some("ENOENT"));
+    let sleep = || SpawnRequest {
+        argv: ["sleep", "30"].map(String::from).to_vec(),
+        env: BTreeMap::new(),
+        as_uid: None,
+    };
+    let spawned = client.spawn(sleep()).unwrap();
+    client.kill(spawned.handle, libc::SIGTERM).unwrap();
+    let exit = client.wait(spawned.handle, 5000).unwrap();
+    assert_eq!(
+        exit.status,
+        ExitStatus::Signaled {
+            signal: libc::SIGTERM,
+            name: "SIGTERM".into()
+        }
+    );
+
+    // The agent itself still shuts down, killing its children, on SIGTERM.
+    let sleeper = client.spawn(sleep()).unwrap();
+    // SAFETY: plain syscall on our own child.
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGTERM) };
+    assert!(agent.wait_exit(Duration::from_secs(5)).success());
+    wait_until("the agent's child is killed", || {
+        process_is_gone(sleeper.handle)
+    });
 }
 
 #[test]
