@@ -14,9 +14,10 @@ use crate::lock::FileLock;
 use crate::tempdir::TempDir;
 
 /// Bumped whenever the initramfs layout or init script changes, so stale caches are ignored.
-const IMAGE_VERSION: &str = "v2";
-/// Kernel modules L1 needs, in `modprobe` dependency order after expansion.
-const L1_MODULES: [&str; 4] = ["kvm-amd", "virtio_pci", "9pnet_virtio", "9p"];
+const IMAGE_VERSION: &str = "v3";
+/// Kernel modules L1 needs, in `modprobe` dependency order after expansion. vhost_vsock lets
+/// QEMU in L1 give its guests vsock (for comparisons against our VMM).
+const L1_MODULES: [&str; 5] = ["kvm-amd", "virtio_pci", "9pnet_virtio", "9p", "vhost_vsock"];
 const BUSYBOX: &str = "/bin/busybox";
 const BUSYBOX_APPLETS: [&str; 9] = ["sh", "mount", "insmod", "cat", "echo", "chroot", "reboot", "sleep", "sed"];
 

@@ -195,7 +195,9 @@ fn guest_boots_smp_talks_vsock_and_ends_with_reset_or_panic() {
     wait_for(&vm, "TERMLAB-INIT-RAN");
     eprintln!("init ran after {:?}", started.elapsed());
     wait_for(&vm, "CPUS-ONLINE=");
-    assert!(vm.console().text().contains("CPUS-ONLINE=2\n"), "console:\n{}", vm.console().text());
+    // The guest tty turns "\n" into "\r\n"; compare whole lines.
+    let cpus_line = vm.console().text().lines().find(|l| l.starts_with("CPUS-ONLINE=")).map(|l| l.trim_end().to_owned());
+    assert_eq!(cpus_line.as_deref(), Some("CPUS-ONLINE=2"), "console:\n{}", vm.console().text());
     wait_for(&vm, &format!("VSOCK-LISTENING={GUEST_PORT}"));
     echo_through_guest(&uds);
     wait_for(&vm, &format!("VSOCK-ECHOED={ECHO_BYTES}"));
