@@ -61,6 +61,9 @@ struct terminate_attr {
 #define JA(OFF) INSN(BPF_JMP | BPF_JA, 0, 0, OFF, 0)
 #define MAY_GOTO(OFF) INSN(BPF_JMP | BPF_JCOND, 0, 0, OFF, 0)
 #define EXIT() INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0)
+/* Two-slot ld_imm64 of the address of the subprogram at pc + 1 + OFF. */
+#define LD_IMM64_FUNC(DST, OFF) \
+	INSN(BPF_LD | BPF_DW | BPF_IMM, DST, BPF_PSEUDO_FUNC, 0, OFF), INSN(0, 0, 0, 0, 0)
 
 /* Two slow helper calls: returns 0 normally, -1 if the second was stubbed. */
 static const struct bpf_insn two_slow_helpers[] = {
@@ -93,17 +96,30 @@ static const struct bpf_insn subprog_slow_helpers[] = {
 };
 
 /*
- * Case 2: all time is spent in BPF text.  may_goto lets the loop run at most
- * BPF_MAX_LOOPS (8M) times; the copy leaves the loop at its next test, so a
- * terminated run returns fewer iterations.
+ * Case 2: all time is spent in BPF text.  bpf_loop() (inlined by the
+ * verifier) calls a callback whose may_goto loop runs BPF_MAX_LOOPS (8M)
+ * times per call.  A terminated run is interrupted in the callback: its IP
+ * moves into the copy's callback, whose may_goto test leaves the loop, and
+ * the return address into the main function leads to the copy's bpf_loop
+ * test, which ends the loop.  The program returns the number of callback
+ * calls, so a terminated run returns fewer than CASE2_CALLS.
  */
-#define MAY_GOTO_LIMIT (8 * 1024 * 1024)
+#define CASE2_CALLS 4000
 static const struct bpf_insn bpf_text_loop[] = {
-	MOV64_IMM(BPF_REG_0, 0),
-	MAY_GOTO(2),
-	ADD64_IMM(BPF_REG_0, 1),
-	JA(-3),
-	EXIT(),
+	/* main */
+	MOV64_IMM(BPF_REG_1, CASE2_CALLS),		/* 0 */
+	LD_IMM64_FUNC(BPF_REG_2, 5),			/* 1-2: callback at 7 */
+	MOV64_IMM(BPF_REG_3, 0),			/* 3 */
+	MOV64_IMM(BPF_REG_4, 0),			/* 4 */
+	CALL_HELPER(BPF_FUNC_loop),			/* 5 */
+	EXIT(),						/* 6 */
+	/* callback(index, ctx) */
+	MOV64_IMM(BPF_REG_0, 0),			/* 7 */
+	MAY_GOTO(2),					/* 8 */
+	ADD64_IMM(BPF_REG_0, 1),			/* 9 */
+	JA(-3),						/* 10 */
+	MOV64_IMM(BPF_REG_0, 0),			/* 11: continue */
+	EXIT(),						/* 12 */
 };
 
 static const struct bpf_insn return_zero[] = {
@@ -336,15 +352,16 @@ static void test_case2(void)
 
 	run_sync(&run);
 	full_ns = run.end_ns - run.start_ns;
-	check(!run.err && run.retval == MAY_GOTO_LIMIT, "case 2: control run loops to the may_goto limit",
+	check(!run.err && run.retval == CASE2_CALLS, "case 2: control run makes every callback call",
 	      "retval %u, %.1f ms", run.retval, ms(full_ns));
 
 	ret = run_and_terminate(&run, id, ms(full_ns) / 3 + 1, &term_ns, &term_errno);
 	check(ret == 1, "case 2: terminate in BPF text stops 1 CPU", "returned %ld (%s)", ret,
 	      ret < 0 ? strerror(term_errno) : "ok");
-	check(!run.err && run.retval < MAY_GOTO_LIMIT, "case 2: loop left early in the copy",
-	      "retval %u of %u, terminate->return %.3f ms, full run %.1f ms", run.retval,
-	      MAY_GOTO_LIMIT, ms(run.end_ns - term_ns), ms(full_ns));
+	check(!run.err && run.retval < CASE2_CALLS, "case 2: bpf_loop and may_goto left early in the copy",
+	      "retval %u of %u calls", run.retval, CASE2_CALLS);
+	check(run.end_ns - term_ns < full_ns / 10, "case 2: run ends right after terminate",
+	      "terminate->return %.3f ms, full run %.1f ms", ms(run.end_ns - term_ns), ms(full_ns));
 	close(fd);
 }
 
