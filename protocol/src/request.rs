@@ -4,9 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    Data, ErrorKind, Stream, MAX_CAPTURED_OUTPUT_BYTES, MAX_READ_FILE_BYTES, MAX_TIMEOUT_MS,
-};
+use crate::{Data, ErrorKind, Stream, MAX_READ_FILE_BYTES, MAX_TIMEOUT_MS};
 
 /// One request line: `{"id": N, "op": "...", ...op fields}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,8 +160,6 @@ pub enum ValidationError {
     BadPattern,
     #[error("path must be absolute, got {path:?}")]
     RelativePath { path: String },
-    #[error("stdin of {got} bytes exceeds the limit of {MAX_CAPTURED_OUTPUT_BYTES}")]
-    StdinTooLarge { got: usize },
 }
 
 impl RequestBody {
@@ -189,16 +185,9 @@ impl RequestBody {
     pub fn validate(&self) -> Result<(), ValidationError> {
         match self {
             RequestBody::Run(run) => {
+                // stdin needs no limit of its own: the request line limit bounds it.
                 validate_command(&run.argv, &run.env)?;
-                validate_timeout(run.timeout_ms)?;
-                match &run.stdin {
-                    Some(stdin) if stdin.as_bytes().len() > MAX_CAPTURED_OUTPUT_BYTES => {
-                        Err(ValidationError::StdinTooLarge {
-                            got: stdin.as_bytes().len(),
-                        })
-                    }
-                    _ => Ok(()),
-                }
+                validate_timeout(run.timeout_ms)
             }
             RequestBody::Spawn(spawn) => validate_command(&spawn.argv, &spawn.env),
             RequestBody::WaitOutput(wait) => {

@@ -187,6 +187,11 @@ fn run_reports_exit_status_output_and_timestamps() {
     let output = client.run(with_input).unwrap();
     assert_eq!(output.stdout.data.as_bytes(), b"ABC\nhi there");
 
+    let mut unprivileged = run_request(&["sh", "-c", "id -u; id -g"], 5000);
+    unprivileged.as_uid = Some(65534);
+    let ids = client.run(unprivileged).unwrap();
+    assert_eq!(ids.stdout.data.as_bytes(), b"65534\n65534\n");
+
     let missing = agent_error(client.run(run_request(&["/nonexistent/program"], 1000)));
     assert_eq!(missing.kind, ErrorKind::Io);
     assert_eq!(missing.errno.map(|e| e.name).as_deref(), Some("ENOENT"));
