@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::{SigSet, Signal};
-use termlab_protocol::DEFAULT_VSOCK_PORT;
+use termlab_protocol::{DEFAULT_VSOCK_PORT, PROTOCOL_VERSION};
 
 use agent::{Agent, ShutdownAction};
 use listener::Listener;
@@ -153,7 +153,11 @@ fn main() {
         std::process::exit(1);
     }
 
-    log!("listening on {}", listener.describe());
+    log!(
+        "version {} (protocol {PROTOCOL_VERSION}) listening on {}",
+        env!("CARGO_PKG_VERSION"),
+        listener.describe()
+    );
     let mut connections: u64 = 0;
     loop {
         let connection = match listener.accept() {

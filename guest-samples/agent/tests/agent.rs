@@ -388,6 +388,19 @@ fn files_are_read_and_written() {
     );
     assert!(text.contains(" T ") || text.contains(" t "));
 
+    // /dev/kmsg blocks at its end and wants one whole record per read(): the agent must stop
+    // at the end instead of hanging, and must not split records.
+    let started = Instant::now();
+    let kmsg = client.read_file("/dev/kmsg", 1 << 20).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let records = kmsg.data.to_string_lossy().into_owned();
+    assert!(!records.is_empty());
+    for record in records.lines().filter(|line| !line.starts_with(' ')) {
+        // "priority,sequence,timestamp,flags[,caller=...];message"
+        let (prefix, _) = record.split_once(';').expect(record);
+        assert!(prefix.split(',').count() >= 4, "{record}");
+    }
+
     let missing = agent_error(client.read_file(dir.path().join("nope").to_str().unwrap(), 10));
     assert_eq!(missing.kind, ErrorKind::Io);
     assert_eq!(missing.errno.unwrap().name, "ENOENT");
