@@ -20,12 +20,45 @@ use termlab_protocol::{
 
 const AGENT: &str = env!("CARGO_BIN_EXE_termlab-agent");
 
+/// A temporary directory that is removed even if this test process is killed (Ctrl-C), when
+/// no destructor runs: a janitor shell waits for EOF on a pipe that only this process holds
+/// open, and removes the directory once it closes, however the process ended.
+struct TempDir {
+    dir: tempfile::TempDir,
+    janitor: Child,
+}
+
+impl TempDir {
+    fn new() -> TempDir {
+        let dir = tempfile::tempdir().expect("create a temporary directory");
+        let janitor = Command::new("sh")
+            .args(["-c", "read _; rm -rf \"$0\"", &dir.path().to_string_lossy()])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("start the janitor");
+        TempDir { dir, janitor }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        // Closing the pipe lets the janitor finish (the directory is already gone by then, or
+        // goes now); wait for it so it does not outlive the test.
+        drop(self.janitor.stdin.take());
+        let _ = self.janitor.wait();
+    }
+}
+
 /// The agent under test. Dropping it stops the agent (SIGTERM: it kills its children first),
 /// then removes the temporary directory, on success and on panic alike.
 struct RunningAgent {
     child: Child,
     socket: PathBuf,
-    dir: tempfile::TempDir,
+    dir: TempDir,
 }
 
 impl RunningAgent {
@@ -35,7 +68,7 @@ impl RunningAgent {
 
     /// Starts the agent with `ignored` signals set to SIG_IGN, as an init may leave them.
     fn start_ignoring(ignored: &'static [i32]) -> RunningAgent {
-        let dir = tempfile::tempdir().expect("create a temporary directory");
+        let dir = TempDir::new();
         let socket = dir.path().join("agent.sock");
         let log = File::create(dir.path().join("agent.log")).expect("create the agent log");
         let mut command = Command::new(AGENT);
@@ -352,7 +385,7 @@ fn spawned_process_can_be_watched_killed_and_waited_for() {
 fn files_are_read_and_written() {
     let agent = RunningAgent::start();
     let mut client = agent.client();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = TempDir::new();
     let path = dir.path().join("value");
     let path_str = path.to_str().unwrap();
 
@@ -656,7 +689,7 @@ fn relay_one_connection(
 #[test]
 fn hybrid_vsock_handshake_reaches_the_agent() {
     let agent = RunningAgent::start();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = TempDir::new();
     let vmm_socket = dir.path().join("vsock.sock");
 
     let relay = relay_one_connection(&vmm_socket, agent.socket.clone(), 1024);
