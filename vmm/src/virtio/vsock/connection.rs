@@ -20,8 +20,9 @@ pub enum ConnState {
     /// The host connected and asked for a guest port; our REQUEST awaits the guest's RESPONSE.
     AwaitingGuestResponse,
     Established,
-    /// The host side hung up; we told the guest (SHUTDOWN) and wait for its RST.
-    HostClosed,
+    /// The host will send no more (EOF on its stream); we told the guest with SHUTDOWN(SEND).
+    /// The guest may still send: a host that half-closed keeps reading (e.g. an echo).
+    HostDoneSending,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -399,3 +399,31 @@ fn malformed_rx_buffers_are_skipped_and_the_packet_is_kept() {
     let header = Header::read(&t.mem, good.1);
     assert!(response_from_host(&header, op::RST), "{header:?}");
 }
+
+#[test]
+fn host_half_close_still_lets_the_guest_answer() {
+    let mut t = Harness::new("half-close");
+    let listener = UnixListener::bind(format!("{}_77", t.uds().display())).expect("host port socket");
+    let buffers: Vec<_> = (0..4).map(|_| t.guest_posts_rx_buffer()).collect();
+    t.guest_sends(Header::from_guest(1025, 77, op::REQUEST, 0), &[]);
+    let (mut host, _) = listener.accept().expect("accept");
+    host.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
+    assert_eq!(t.guest_receives(&buffers)[0].0.op, op::RESPONSE);
+
+    host.write_all(b"question").expect("write");
+    host.shutdown(std::net::Shutdown::Write).expect("half-close");
+    t.vsock.process_backend();
+    let mut got = t.guest_receives(&buffers);
+    if got.len() < 2 {
+        // Data and EOF may surface in separate wakeups.
+        t.vsock.process_backend();
+        got.extend(t.guest_receives(&buffers));
+    }
+    let ops: Vec<_> = got.iter().map(|(h, d)| (h.op, h.flags, d.clone())).collect();
+    assert_eq!(ops, vec![(op::RW, 0, b"question".to_vec()), (op::SHUTDOWN, super::packet::SHUTDOWN_SEND, vec![])]);
+
+    t.guest_sends(Header::from_guest(1025, 77, op::RW, 6), b"answer");
+    let mut buf = [0u8; 6];
+    host.read_exact(&mut buf).expect("host still reads after its half-close");
+    assert_eq!(&buf, b"answer");
+}

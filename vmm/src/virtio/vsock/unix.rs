@@ -223,7 +223,7 @@ impl UnixBackend {
                 // The stream is fresh and empty, so this short write cannot block.
                 conn.stream.write_all(ok.as_bytes()).map_err(Into::into)
             }
-            (op::RW, ConnState::Established) => {
+            (op::RW, ConnState::Established | ConnState::HostDoneSending) => {
                 let data = match pkt.data_slice() {
                     Some(slice) => {
                         let mut buf = vec![0u8; slice.len()];
@@ -334,8 +334,10 @@ impl UnixBackend {
             let outcome = conn.read_for_guest(capacity);
             let reply = match outcome {
                 Ok(Some(data)) if data.is_empty() => {
-                    conn.state = ConnState::HostClosed;
-                    Some((conn.header(op::SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND), data))
+                    // EOF only says the host stopped sending; if it closed completely, our
+                    // next write to it fails and the connection is reset then.
+                    conn.state = ConnState::HostDoneSending;
+                    Some((conn.header(op::SHUTDOWN, SHUTDOWN_SEND), data))
                 }
                 Ok(Some(data)) => Some((conn.header(op::RW, 0), data)),
                 Ok(None) => None,
