@@ -178,6 +178,14 @@ pub enum StepRecord {
     Wait {
         label: String,
     },
+    WaitUntil {
+        program: String,
+        /// Probe runs until the field matched.
+        polls: u32,
+        waited_ns: u64,
+        /// The probe's output line that matched.
+        matched: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

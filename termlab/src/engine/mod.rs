@@ -185,7 +185,7 @@ fn boot_and_measure(
     spinner.finish_and_clear();
     let mut guest = guest?;
 
-    let measured = measure(&mut guest.client, loaded, repetitions, ui, result, dir);
+    let measured = measure(&mut guest.client, loaded, repetitions, ui, result, dir).map_err(|error| explain_with_vm_state(error, &guest, console_log));
     let failed = match &measured {
         Ok(()) => !result.expectations.iter().all(|e| e.passed),
         Err(_) => true,
@@ -200,6 +200,23 @@ fn boot_and_measure(
         }
     }
     measured
+}
+
+/// An agent that stops answering usually means the guest died: say so,
+/// with the panic, rather than "no response".
+fn explain_with_vm_state(error: EngineError, guest: &Guest, console_log: &Path) -> EngineError {
+    if !matches!(error, EngineError::Agent { .. }) {
+        return error;
+    }
+    // A panicking guest resets itself (panic=-1); give the VMM a moment to see it.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if let Some(reason) = guest.exited() {
+            return EngineError::VmExited { reason: describe_exit(&reason), console: console_log.to_owned() };
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    error
 }
 
 /// Applies sysctls, starts the loaders, runs the repetitions, reads dmesg

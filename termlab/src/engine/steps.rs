@@ -78,6 +78,10 @@ pub fn run_repetition(client: &mut Client<UnixStream>, scenario: &Scenario, prog
                 records.push(trigger_record(label, job.argv, exit_code(&exit.status), &output.stdout.data.to_string_lossy(), &output.stderr.data.to_string_lossy()));
                 records.push(StepRecord::Wait { label: label.to_string() });
             }
+            Step::WaitUntil(until) => {
+                let spec = program(until.program.get_ref())?.spec;
+                records.push(wait_until(client, spec, &until.field, until.equals, until.timeout_ms.get())?);
+            }
             Step::Terminate(terminate) => {
                 let record = terminate_step(client, terminate, programs)?;
                 started.insert(terminate.label.get_ref().clone(), Instant::now());
@@ -145,6 +149,42 @@ fn wait_for(client: &mut Client<UnixStream>, handle: u32, timeout_ms: u32, label
             Err(error) => return Err(EngineError::Agent { what: format!("waiting for `{label}`"), source: error }),
         }
     }
+}
+
+/// Runs the program's probe until its output says `field=equals`.
+fn wait_until(client: &mut Client<UnixStream>, program: &ProgramSpec, field: &str, equals: i64, timeout_ms: u32) -> Result<StepRecord, EngineError> {
+    let probe = program.probe.as_ref().ok_or_else(|| EngineError::Guest(format!("program `{}` has no probe", program.name)))?;
+    let begin = Instant::now();
+    let deadline = begin + Duration::from_millis(timeout_ms.into());
+    let mut polls = 0;
+    // Every distinct value seen, in order, for the error message: it shows
+    // whether the program never started, or ran past the state unseen.
+    let mut seen: Vec<(String, u32)> = Vec::new();
+    let prefix = format!("{field}=");
+    while Instant::now() < deadline {
+        if interrupted() {
+            return Err(EngineError::Interrupted);
+        }
+        let output = client
+            .run(RunRequest { argv: probe.as_slice().to_vec(), env: BTreeMap::new(), timeout_ms: 10_000, stdin: None, as_uid: None })
+            .map_err(agent(format!("probing `{}`", program.name)))?;
+        polls += 1;
+        let stdout = output.stdout.data.to_string_lossy();
+        let found = stdout.lines().find_map(|line| line.split_whitespace().find_map(|word| word.strip_prefix(prefix.as_str())).map(|value| (line, value)));
+        let observed = match found {
+            Some((line, value)) if value.parse::<i64>() == Ok(equals) => {
+                return Ok(StepRecord::WaitUntil { program: program.name.to_string(), polls, waited_ns: begin.elapsed().as_nanos() as u64, matched: line.to_owned() });
+            }
+            Some((_, value)) => format!("{field}={value}"),
+            None => format!("no {field}= ({})", output.stderr.data.to_string_lossy().trim()),
+        };
+        match seen.last_mut() {
+            Some((last, count)) if *last == observed => *count += 1,
+            _ => seen.push((observed, 1)),
+        }
+    }
+    let seen: Vec<String> = seen.iter().map(|(value, count)| format!("{value} ×{count}")).collect();
+    Err(EngineError::Guest(format!("`{}` never reported {field}={equals} within {timeout_ms} ms ({polls} polls saw: {})", program.name, seen.join(", then "))))
 }
 
 /// `key=value` tokens of the first output line starting with `prefix`.

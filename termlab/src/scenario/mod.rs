@@ -110,7 +110,11 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
     let vcpus = scenario.vm.vcpus.get();
 
     let mut programs = BTreeSet::new();
+    let mut probed = BTreeSet::new();
     for (i, program) in scenario.programs.iter().enumerate() {
+        if program.probe.is_some() {
+            probed.insert(program.name.clone());
+        }
         if !programs.insert(program.name.clone()) {
             // `name` is not spanned; the duplicate is reported by index.
             return Err(SpannedError::new(0..0, format!("program[{i}].name"), format!("program `{}` is declared twice", program.name)));
@@ -141,6 +145,12 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
                     if waited.contains(after.get_ref()) {
                         return Err(invalid(after, key("sleep.after"), format!("`{}` has already been waited for", after.get_ref())));
                     }
+                }
+            }
+            Step::WaitUntil(until) => {
+                check_program(&programs, &until.program, key("wait_until.program"))?;
+                if !probed.contains(until.program.get_ref()) {
+                    return Err(invalid(&until.program, key("wait_until.program"), format!("program `{}` has no `probe` command to poll", until.program.get_ref())));
                 }
             }
             Step::Wait(wait) => {

@@ -95,6 +95,11 @@ pub struct ProgramSpec {
     pub trigger: Argv,
     /// The kernel-side BPF program name, used to look up the program id.
     pub bpf_name: BpfProgName,
+    /// Guest argv that prints the program's current state as `key=value`
+    /// words without running it (e.g. `trigger_loops --prog loops --show`),
+    /// for `wait_until` steps.
+    #[serde(default)]
+    pub probe: Option<Argv>,
 }
 
 /// One step of a repetition.
@@ -107,6 +112,8 @@ pub enum Step {
     Sleep(SleepStep),
     /// Wait until a background trigger has finished.
     Wait(WaitStep),
+    /// Poll the program's probe until a field has a value.
+    WaitUntil(WaitUntilStep),
     /// Call BPF_PROG_TERMINATE.
     Terminate(TerminateStep),
 }
@@ -117,7 +124,7 @@ impl Step {
         match self {
             Step::Trigger(t) => Some(&t.label),
             Step::Terminate(t) => Some(&t.label),
-            Step::Sleep(_) | Step::Wait(_) => None,
+            Step::Sleep(_) | Step::Wait(_) | Step::WaitUntil(_) => None,
         }
     }
 }
@@ -143,21 +150,33 @@ pub struct TriggerStep {
 /// Sleep `ms` milliseconds, or, with `after`, until `ms` milliseconds after
 /// the start of that (background) step.
 ///
-/// This is how a scenario says "wait until the program is inside the first
-/// slow helper": the demo helper busy-waits `bpf_termination_demo_delay_ms`,
-/// and it is entered microseconds after the trigger starts, so any point
-/// well inside (0, delay) after the trigger's start is inside it. The start
-/// is known on the host when the agent's reply to the spawn arrives, which
-/// is after the process started; the error is bounded by one agent round
-/// trip, which every run measures and records (`agent_rtt`). The scenario's
-/// expectations then prove where the terminate landed (e.g. the run lasted
-/// about one delay, not two), so a mistimed sleep fails instead of passing.
+/// `after` counts from when the agent reported the process started, on the
+/// host clock; the program itself runs later, once the trigger process has
+/// set itself up, which under nested emulation can take hundreds of
+/// milliseconds. To act while a program is inside a helper, use
+/// `wait_until`, which observes the program instead.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SleepStep {
     pub ms: DurationMs,
     #[serde(default)]
     pub after: Option<Spanned<Label>>,
+}
+
+/// Run the program's `probe` command again and again until its output has
+/// `field=equals`, e.g. `phase=1`: the demo program has entered and is in
+/// its first slow helper. This observes the guest instead of guessing from
+/// the host clock how long the trigger takes to start (under nested
+/// emulation starting the trigger process alone can take longer than the
+/// helper).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitUntilStep {
+    pub program: Spanned<Label>,
+    pub field: String,
+    pub equals: i64,
+    #[serde(default)]
+    pub timeout_ms: TimeoutMs,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
