@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::devices::{lock, DeviceBus, PioEffect};
 use crate::ExitReason;
@@ -41,6 +41,8 @@ struct ControlState {
     request: Request,
     /// Threads currently parked (paused) or gone.
     parked: usize,
+    /// vCPU threads that have started, for kicking them out of `KVM_RUN`.
+    threads: Vec<libc::pthread_t>,
 }
 
 /// Shared by the VM and its vCPU threads.
@@ -61,6 +63,15 @@ impl VcpuControl {
 
     fn all_parked(&self) -> bool {
         lock(&self.state).parked == self.count
+    }
+
+    /// Interrupts `KVM_RUN` on every vCPU thread so it looks at the request.
+    fn kick_all(&self) {
+        for &thread in &lock(&self.state).threads {
+            // SAFETY: the ids belong to vCPU threads that are joined only after the last
+            // kick (see `Vcpus::stop`); the handler for this signal does nothing.
+            unsafe { libc::pthread_kill(thread, kick_signal()) };
+        }
     }
 }
 
@@ -90,7 +101,7 @@ impl Vcpus {
     ) -> std::io::Result<Self> {
         install_kick_handler().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
         let control = Arc::new(VcpuControl {
-            state: Mutex::new(ControlState { request: Request::Run, parked: 0 }),
+            state: Mutex::new(ControlState { request: Request::Run, parked: 0, threads: Vec::new() }),
             changed: Condvar::new(),
             count: fds.len(),
         });
@@ -148,12 +159,7 @@ impl Vcpus {
     /// until the condition holds.
     fn kick_until(&self, done: impl Fn() -> bool) {
         while !done() {
-            for handle in &self.handles {
-                if let Some(thread) = handle.thread.as_ref().filter(|t| !t.is_finished()) {
-                    // ESRCH just means the thread already exited.
-                    let _ = thread.kill(kick_signal());
-                }
-            }
+            self.control.kick_all();
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -174,6 +180,8 @@ enum Action {
 }
 
 fn run_vcpu(index: u8, fd: &Mutex<VcpuFd>, control: &VcpuControl, bus: &DeviceBus, sink: &dyn VmExitSink) {
+    // SAFETY: pthread_self has no preconditions.
+    lock(&control.state).threads.push(unsafe { libc::pthread_self() });
     loop {
         if !wait_until_runnable(control) {
             return;
@@ -182,12 +190,19 @@ fn run_vcpu(index: u8, fd: &Mutex<VcpuFd>, control: &VcpuControl, bus: &DeviceBu
             let mut vcpu = lock(fd);
             handle_exit(index, vcpu.run(), bus)
         };
+        // One kick per request gets the other vCPUs out of guest mode at once; a kick lost
+        // in the instant before a thread enters KVM_RUN only delays that thread until its
+        // next exit, and `Vcpus::pause`/`stop` keep kicking until they are sure.
         match action {
             Action::Continue => {}
-            Action::PauseAll => control.set_request(Request::Pause),
+            Action::PauseAll => {
+                control.set_request(Request::Pause);
+                control.kick_all();
+            }
             Action::Exit(reason) => {
                 sink.vm_exited(reason);
                 control.set_request(Request::Stop);
+                control.kick_all();
             }
         }
     }

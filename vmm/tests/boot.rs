@@ -146,7 +146,7 @@ fn serve_guest_connection(listener: UnixListener) -> std::thread::JoinHandle<Str
 
 /// Connects to the guest's listener through the hybrid-vsock handshake and echoes a
 /// pattern larger than one credit window through it.
-fn echo_through_guest(uds: &Path) {
+fn echo_through_guest(uds: &Path, vm: &Vm) {
     let stream = UnixStream::connect(uds).expect("connect to the VMM's vsock socket");
     stream.set_read_timeout(Some(STEP_TIMEOUT)).expect("timeout");
     (&stream).write_all(format!("CONNECT {GUEST_PORT}\n").as_bytes()).expect("send CONNECT");
@@ -165,7 +165,7 @@ fn echo_through_guest(uds: &Path) {
     let mut echoed = Vec::new();
     reader.read_to_end(&mut echoed).expect("read echo");
     writer.join().expect("writer thread");
-    assert_eq!(echoed.len(), pattern.len(), "echoed byte count");
+    assert_eq!(echoed.len(), pattern.len(), "echoed byte count; console:\n{}", vm.console().text());
     assert!(echoed == pattern, "echoed bytes differ from what was sent");
 }
 
@@ -199,7 +199,7 @@ fn guest_boots_smp_talks_vsock_and_ends_with_reset_or_panic() {
     let cpus_line = vm.console().text().lines().find(|l| l.starts_with("CPUS-ONLINE=")).map(|l| l.trim_end().to_owned());
     assert_eq!(cpus_line.as_deref(), Some("CPUS-ONLINE=2"), "console:\n{}", vm.console().text());
     wait_for(&vm, &format!("VSOCK-LISTENING={GUEST_PORT}"));
-    echo_through_guest(&uds);
+    echo_through_guest(&uds, &vm);
     wait_for(&vm, &format!("VSOCK-ECHOED={ECHO_BYTES}"));
     assert_eq!(guest_conn.join().expect("host server thread"), "ping-from-guest\n");
     wait_for(&vm, "GUEST-GOT=pong-from-host");

@@ -23,6 +23,9 @@ pub enum ConnState {
     /// The host will send no more (EOF on its stream); we told the guest with SHUTDOWN(SEND).
     /// The guest may still send: a host that half-closed keeps reading (e.g. an echo).
     HostDoneSending,
+    /// The guest closed (SHUTDOWN with both flags) while guest bytes were still waiting for
+    /// the host stream: deliver them, then confirm the close with RST.
+    GuestClosedFlushing,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +131,10 @@ impl Connection {
             let _ = self.stream.shutdown(std::net::Shutdown::Write);
         }
         Ok(())
+    }
+
+    pub fn has_backlog(&self) -> bool {
+        !self.tx_backlog.is_empty()
     }
 
     pub fn guest_done_sending(&mut self) -> Result<(), ConnError> {

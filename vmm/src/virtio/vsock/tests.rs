@@ -427,3 +427,43 @@ fn host_half_close_still_lets_the_guest_answer() {
     host.read_exact(&mut buf).expect("host still reads after its half-close");
     assert_eq!(&buf, b"answer");
 }
+
+/// Bytes the host stream could not take yet still arrive after the guest closes.
+#[test]
+fn guest_close_delivers_backlog_before_rst() {
+    let mut t = Harness::new("linger");
+    let listener = UnixListener::bind(format!("{}_78", t.uds().display())).expect("host port socket");
+    let buffers: Vec<_> = (0..10).map(|_| t.guest_posts_rx_buffer()).collect();
+    t.guest_sends(Header::from_guest(1025, 78, op::REQUEST, 0), &[]);
+    let (mut host, _) = listener.accept().expect("accept");
+    host.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
+    assert_eq!(t.guest_receives(&buffers)[0].0.op, op::RESPONSE);
+
+    // Fill the host socket until it pushes back, so the VMM has to keep a backlog.
+    let chunk = vec![0x5au8; 32 * 1024];
+    let mut sent = 0usize;
+    for _ in 0..7 {
+        t.tx.next_desc = 0;
+        t.guest_sends(Header::from_guest(1025, 78, op::RW, chunk.len() as u32), &chunk);
+        t.tx.take_used(&t.mem);
+        sent += chunk.len();
+    }
+    t.tx.next_desc = 0;
+    let mut shutdown = Header::from_guest(1025, 78, op::SHUTDOWN, 0);
+    shutdown.flags = super::packet::SHUTDOWN_RCV | super::packet::SHUTDOWN_SEND;
+    t.guest_sends(shutdown, &[]);
+
+    let mut received = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    while received.len() < sent {
+        let n = host.read(&mut buf).expect("host reads");
+        assert_ne!(n, 0, "connection closed after {} of {sent} bytes", received.len());
+        received.extend_from_slice(&buf[..n]);
+        t.vsock.process_backend();
+    }
+    assert!(received.iter().all(|b| *b == 0x5a));
+    t.vsock.process_backend();
+    let got = t.guest_receives(&buffers);
+    assert!(got.iter().any(|(h, _)| h.op == op::RST), "close confirmed with RST: {got:?}");
+    assert_eq!(host.read(&mut buf).expect("EOF"), 0, "host sees EOF after the data");
+}

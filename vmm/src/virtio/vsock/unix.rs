@@ -190,6 +190,13 @@ impl UnixBackend {
                 self.reset_conn(key);
                 return;
             }
+            if conn.state == ConnState::GuestClosedFlushing && !conn.has_backlog() {
+                self.reset_conn(key);
+                return;
+            }
+            if conn.credit_update_due() {
+                self.control.push_back(conn.header(op::CREDIT_UPDATE, 0));
+            }
         }
         // A hangup or error is handled by reading: the read reports EOF or the error.
         if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) && !conn.rx_queued {
@@ -240,10 +247,17 @@ impl UnixBackend {
                 Ok(())
             }
             (op::SHUTDOWN, _) if pkt.flags() & SHUTDOWN_SEND != 0 && pkt.flags() & SHUTDOWN_RCV != 0 => {
-                // Full close: deliver what we have, then confirm with RST.
-                let _ = conn.guest_done_sending();
-                self.reset_conn(key);
-                return;
+                // Full close: confirm with RST once every byte the guest sent reached the host.
+                match conn.guest_done_sending() {
+                    Ok(()) if conn.has_backlog() => {
+                        conn.state = ConnState::GuestClosedFlushing;
+                        Ok(())
+                    }
+                    _ => {
+                        self.reset_conn(key);
+                        return;
+                    }
+                }
             }
             (op::SHUTDOWN, _) if pkt.flags() & SHUTDOWN_SEND != 0 => conn.guest_done_sending(),
             (op::SHUTDOWN, _) => Ok(()),
