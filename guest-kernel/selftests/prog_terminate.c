@@ -61,9 +61,7 @@ struct terminate_attr {
 #define JA(OFF) INSN(BPF_JMP | BPF_JA, 0, 0, OFF, 0)
 #define MAY_GOTO(OFF) INSN(BPF_JMP | BPF_JCOND, 0, 0, OFF, 0)
 #define EXIT() INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0)
-/* Two-slot ld_imm64 of the address of the subprogram at pc + 1 + OFF. */
-#define LD_IMM64_FUNC(DST, OFF) \
-	INSN(BPF_LD | BPF_DW | BPF_IMM, DST, BPF_PSEUDO_FUNC, 0, OFF), INSN(0, 0, 0, 0, 0)
+#define JGT_IMM(DST, IMM, OFF) INSN(BPF_JMP | BPF_JGT | BPF_K, DST, 0, OFF, IMM)
 
 /* Two slow helper calls: returns 0 normally, -1 if the second was stubbed. */
 static const struct bpf_insn two_slow_helpers[] = {
@@ -96,30 +94,32 @@ static const struct bpf_insn subprog_slow_helpers[] = {
 };
 
 /*
- * Case 2: all time is spent in BPF text.  bpf_loop() (inlined by the
- * verifier) calls a callback whose may_goto loop runs BPF_MAX_LOOPS (8M)
- * times per call.  A terminated run is interrupted in the callback: its IP
- * moves into the copy's callback, whose may_goto test leaves the loop, and
- * the return address into the main function leads to the copy's bpf_loop
- * test, which ends the loop.  The program returns the number of callback
- * calls, so a terminated run returns fewer than CASE2_CALLS.
+ * Case 2: all time is spent in BPF text.  The main function calls f
+ * CASE2_CALLS times; f spins in a may_goto loop of BPF_MAX_LOOPS (8M)
+ * iterations.  A terminated run is interrupted in f: its IP moves into the
+ * copy of f, whose may_goto test leaves the loop, and f's return address
+ * leads into the copy of main, whose may_goto test ends the outer loop.  The
+ * program returns its call counter: CASE2_CALLS + 1 for a complete run,
+ * at most CASE2_CALLS for a terminated one.
  */
-#define CASE2_CALLS 4000
+#define CASE2_CALLS 150
 static const struct bpf_insn bpf_text_loop[] = {
 	/* main */
-	MOV64_IMM(BPF_REG_1, CASE2_CALLS),		/* 0 */
-	LD_IMM64_FUNC(BPF_REG_2, 5),			/* 1-2: callback at 7 */
-	MOV64_IMM(BPF_REG_3, 0),			/* 3 */
-	MOV64_IMM(BPF_REG_4, 0),			/* 4 */
-	CALL_HELPER(BPF_FUNC_loop),			/* 5 */
-	EXIT(),						/* 6 */
-	/* callback(index, ctx) */
-	MOV64_IMM(BPF_REG_0, 0),			/* 7 */
-	MAY_GOTO(2),					/* 8 */
-	ADD64_IMM(BPF_REG_0, 1),			/* 9 */
-	JA(-3),						/* 10 */
-	MOV64_IMM(BPF_REG_0, 0),			/* 11: continue */
-	EXIT(),						/* 12 */
+	MOV64_IMM(BPF_REG_6, 0),			/* 0 */
+	MAY_GOTO(4),					/* 1: -> 6 */
+	ADD64_IMM(BPF_REG_6, 1),			/* 2 */
+	JGT_IMM(BPF_REG_6, CASE2_CALLS, 2),		/* 3: -> 6 */
+	CALL_SUBPROG(3),				/* 4: -> f at 8 */
+	JA(-5),						/* 5: -> 1 */
+	MOV64_REG(BPF_REG_0, BPF_REG_6),		/* 6 */
+	EXIT(),						/* 7 */
+	/* f */
+	MOV64_IMM(BPF_REG_0, 0),			/* 8 */
+	MAY_GOTO(2),					/* 9: -> 12 */
+	ADD64_IMM(BPF_REG_0, 1),			/* 10 */
+	JA(-3),						/* 11: -> 9 */
+	MOV64_IMM(BPF_REG_0, 0),			/* 12 */
+	EXIT(),						/* 13 */
 };
 
 static const struct bpf_insn return_zero[] = {
@@ -180,16 +180,18 @@ static int load(enum bpf_prog_type type, const struct bpf_insn *insns, size_t cn
 	attr.insn_cnt = cnt;
 	attr.license = (uintptr_t)"GPL";
 	attr.prog_flags = prog_flags;
+	strncpy(attr.prog_name, name, sizeof(attr.prog_name) - 1);
+	fd = sys_bpf(BPF_PROG_LOAD, &attr, sizeof(attr));
+	if (fd >= 0)
+		return fd;
+	fprintf(stderr, "load %s: %s\n", name, strerror(errno));
+	/* Load again to get the verifier's explanation. */
 	attr.log_buf = (uintptr_t)log;
 	attr.log_size = sizeof(log);
 	attr.log_level = 1;
-	strncpy(attr.prog_name, name, sizeof(attr.prog_name) - 1);
-	fd = sys_bpf(BPF_PROG_LOAD, &attr, sizeof(attr));
-	if (fd < 0) {
-		fprintf(stderr, "load %s: %s\n%s\n", name, strerror(errno), log);
-		exit(1);
-	}
-	return fd;
+	sys_bpf(BPF_PROG_LOAD, &attr, sizeof(attr));
+	fprintf(stderr, "%s\n", log);
+	exit(1);
 }
 
 static uint32_t prog_id(int fd)
@@ -352,14 +354,14 @@ static void test_case2(void)
 
 	run_sync(&run);
 	full_ns = run.end_ns - run.start_ns;
-	check(!run.err && run.retval == CASE2_CALLS, "case 2: control run makes every callback call",
+	check(!run.err && run.retval == CASE2_CALLS + 1, "case 2: control run makes every call",
 	      "retval %u, %.1f ms", run.retval, ms(full_ns));
 
 	ret = run_and_terminate(&run, id, ms(full_ns) / 3 + 1, &term_ns, &term_errno);
 	check(ret == 1, "case 2: terminate in BPF text stops 1 CPU", "returned %ld (%s)", ret,
 	      ret < 0 ? strerror(term_errno) : "ok");
-	check(!run.err && run.retval < CASE2_CALLS, "case 2: bpf_loop and may_goto left early in the copy",
-	      "retval %u of %u calls", run.retval, CASE2_CALLS);
+	check(!run.err && run.retval <= CASE2_CALLS, "case 2: both may_goto loops left early in the copy",
+	      "retval %u, complete run %u", run.retval, CASE2_CALLS + 1);
 	check(run.end_ns - term_ns < full_ns / 10, "case 2: run ends right after terminate",
 	      "terminate->return %.3f ms, full run %.1f ms", ms(run.end_ns - term_ns), ms(full_ns));
 	close(fd);
