@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * prog_terminate: kernel selftest of BPF_PROG_TERMINATE, run inside the guest.
+ * test_prog_terminate: kernel selftest of BPF_PROG_TERMINATE, run inside the guest.
  *
  * Programs are written as raw instructions and run with BPF_PROG_TEST_RUN
  * (raw_tracepoint type: the run goes through bpf_prog_run() on the calling
@@ -12,7 +12,7 @@
  * -1 instead of 0.
  *
  * Needs 2 CPUs, root, and the kernel.bpf_termination_demo_delay_ms sysctl.
- * Prints one TAP line per check and "prog_terminate: N passed, M failed".
+ * Prints one TAP line per check and "test_prog_terminate: N passed, M failed".
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -446,6 +446,6 @@ int main(void)
 	test_case1("subprog", subprog_slow_helpers,
 		   sizeof(subprog_slow_helpers) / sizeof(subprog_slow_helpers[0]));
 	test_case2();
-	printf("prog_terminate: %d passed, %d failed\n", passed, failed);
+	printf("test_prog_terminate: %d passed, %d failed\n", passed, failed);
 	return failed ? 1 : 0;
 }
