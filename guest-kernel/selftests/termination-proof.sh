@@ -480,6 +480,20 @@ else
 	not_ok "constant blinding check" "$JIT_HARDEN missing"
 fi
 
+# --- the raw-instruction kernel selftest (test_prog_terminate.c) -------------------
+# Its own TAP lines are kept as comments; its summary becomes one check here.
+if [ -x /bin/test_prog_terminate ]; then
+	test_prog_terminate >"$WORK/test_prog_terminate.out" 2>&1
+	status=$?
+	sed 's/^/# test_prog_terminate: /' "$WORK/test_prog_terminate.out"
+	summary=$(grep '^test_prog_terminate: ' "$WORK/test_prog_terminate.out")
+	check "raw-instruction selftest: ${summary#test_prog_terminate: }" \
+		"exit status $status, see its lines above" \
+		$status -eq 0 -a -n "$(echo "$summary" | grep ' passed, 0 failed$')"
+else
+	not_ok "raw-instruction selftest" "/bin/test_prog_terminate missing (run-qemu builds it)"
+fi
+
 # --- 5. kernel log ----------------------------------------------------------------
 echo "# bpf_printk trace of the demo runs:"
 grep -m 12 'bpf_trace_printk' /sys/kernel/tracing/trace | sed 's/^/#   /'
