@@ -91,6 +91,33 @@ fn build_initramfs(dir: &Path) -> PathBuf {
     path
 }
 
+/// Prints the VMM's log records to stderr when TERMLAB_VMM_LOG=trace|debug (for diagnosing
+/// failures inside L1, where no debugger is at hand).
+struct StderrLogger(log::LevelFilter);
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= self.0
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            eprintln!("[{} {:?}] {}", record.level(), std::time::SystemTime::now(), record.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn init_logging() {
+    let level = match std::env::var("TERMLAB_VMM_LOG").as_deref() {
+        Ok("trace") => log::LevelFilter::Trace,
+        Ok("debug") => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Warn,
+    };
+    if log::set_logger(Box::leak(Box::new(StderrLogger(level)))).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
 fn run_where_kvm_works(test_name: &str) -> bool {
     let argv: Vec<OsString> = vec![
         std::env::current_exe().expect("test binary path").into(),
@@ -148,7 +175,7 @@ fn serve_guest_connection(listener: UnixListener) -> std::thread::JoinHandle<Str
 /// pattern larger than one credit window through it.
 fn echo_through_guest(uds: &Path, vm: &Vm) {
     let stream = UnixStream::connect(uds).expect("connect to the VMM's vsock socket");
-    stream.set_read_timeout(Some(STEP_TIMEOUT)).expect("timeout");
+    stream.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
     (&stream).write_all(format!("CONNECT {GUEST_PORT}\n").as_bytes()).expect("send CONNECT");
     let mut reader = BufReader::new(stream.try_clone().expect("clone"));
     let mut ok = String::new();
@@ -172,6 +199,7 @@ fn echo_through_guest(uds: &Path, vm: &Vm) {
 #[test]
 fn guest_boots_smp_talks_vsock_and_ends_with_reset_or_panic() {
     let name = "guest_boots_smp_talks_vsock_and_ends_with_reset_or_panic";
+    init_logging();
     let kernel = kernel();
     let initramfs = test_initramfs();
     if !run_where_kvm_works(name) {

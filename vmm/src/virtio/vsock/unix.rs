@@ -209,6 +209,14 @@ impl UnixBackend {
     /// A packet from the guest (TX queue).
     pub fn send_pkt(&mut self, pkt: &Packet<'_>) {
         let key = (pkt.dst_port(), pkt.src_port());
+        log::trace!(
+            "vsock guest->host {key:?} op {} len {} flags {} buf_alloc {} fwd_cnt {}",
+            pkt.op(),
+            pkt.len(),
+            pkt.flags(),
+            pkt.buf_alloc(),
+            pkt.fwd_cnt()
+        );
         if pkt.src_cid() != self.guest_cid || pkt.dst_cid() != HOST_CID || pkt.type_() != TYPE_STREAM {
             log::debug!("vsock: rejecting packet {}:{} -> {}:{}", pkt.src_cid(), pkt.src_port(), pkt.dst_cid(), pkt.dst_port());
             self.reply_rst(pkt);
@@ -376,6 +384,7 @@ impl UnixBackend {
     }
 
     fn write_header(&self, pkt: &mut Packet<'_>, h: HeaderFields, len: u32) -> u32 {
+        log::trace!("vsock host->guest {:?} op {} len {len} flags {} fwd_cnt {}", (h.src_port, h.dst_port), h.op, h.flags, h.fwd_cnt);
         if let Err(e) = pkt.set_header_from_raw(&[0u8; virtio_vsock::packet::PKT_HEADER_SIZE]) {
             log::warn!("vsock: cannot clear RX header: {e}");
         }
