@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::connection::{ConnState, Connection};
-use super::packet::{op, HeaderFields, Packet, HOST_CID, MAX_PKT_DATA, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
+use super::packet::{op, HeaderFields, RxPacket, TxPacket, HOST_CID, MAX_PKT_DATA, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 
 /// Ports we pick for host-initiated connections start here, far from service ports.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
@@ -207,7 +207,7 @@ impl UnixBackend {
     }
 
     /// A packet from the guest (TX queue).
-    pub fn send_pkt(&mut self, pkt: &Packet<'_>) {
+    pub fn send_pkt(&mut self, pkt: &TxPacket) {
         let key = (pkt.dst_port(), pkt.src_port());
         log::trace!(
             "vsock guest->host {key:?} op {} len {} flags {} buf_alloc {} fwd_cnt {}",
@@ -238,17 +238,7 @@ impl UnixBackend {
                 // The stream is fresh and empty, so this short write cannot block.
                 conn.stream.write_all(ok.as_bytes()).map_err(Into::into)
             }
-            (op::RW, ConnState::Established | ConnState::HostDoneSending) => {
-                let data = match pkt.data_slice() {
-                    Some(slice) => {
-                        let mut buf = vec![0u8; slice.len()];
-                        slice.copy_to(&mut buf[..]);
-                        buf
-                    }
-                    None => Vec::new(),
-                };
-                conn.send_to_host(&data)
-            }
+            (op::RW, ConnState::Established | ConnState::HostDoneSending) => conn.send_to_host(pkt.data()),
             (op::CREDIT_UPDATE, _) => Ok(()),
             (op::CREDIT_REQUEST, _) => {
                 self.control.push_back(conn.header(op::CREDIT_UPDATE, 0));
@@ -293,7 +283,7 @@ impl UnixBackend {
         }
     }
 
-    fn connect_to_host(&mut self, pkt: &Packet<'_>) {
+    fn connect_to_host(&mut self, pkt: &TxPacket) {
         let path = format!("{}_{}", self.uds_path.display(), pkt.dst_port());
         let stream = UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s));
         match stream {
@@ -312,7 +302,7 @@ impl UnixBackend {
         }
     }
 
-    fn reply_rst(&mut self, pkt: &Packet<'_>) {
+    fn reply_rst(&mut self, pkt: &TxPacket) {
         self.control.push_back(HeaderFields {
             src_port: pkt.dst_port(),
             dst_port: pkt.src_port(),
@@ -345,7 +335,7 @@ impl UnixBackend {
 
     /// Fills one guest RX buffer. Returns the number of bytes written into it (header
     /// included), or `None` when nothing was actually pending.
-    pub fn recv_pkt(&mut self, pkt: &mut Packet<'_>) -> Option<u32> {
+    pub fn recv_pkt(&mut self, pkt: &mut RxPacket<'_>) -> Option<u32> {
         if let Some(header) = self.control.pop_front() {
             return Some(self.write_header(pkt, header, 0));
         }
@@ -383,7 +373,7 @@ impl UnixBackend {
         None
     }
 
-    fn write_header(&self, pkt: &mut Packet<'_>, h: HeaderFields, len: u32) -> u32 {
+    fn write_header(&self, pkt: &mut RxPacket<'_>, h: HeaderFields, len: u32) -> u32 {
         log::trace!("vsock host->guest {:?} op {} len {len} flags {} fwd_cnt {}", (h.src_port, h.dst_port), h.op, h.flags, h.fwd_cnt);
         if let Err(e) = pkt.set_header_from_raw(&[0u8; virtio_vsock::packet::PKT_HEADER_SIZE]) {
             log::warn!("vsock: cannot clear RX header: {e}");
