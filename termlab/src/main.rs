@@ -49,7 +49,7 @@ enum Command {
         results: PathBuf,
         /// Boot this kernel build directory (bzImage, bpftool, build-info.json) instead of the
         /// scenario's `kernel` variant from guest-kernel/build.
-        #[arg(long)]
+        #[arg(long, env = "TERMLAB_KERNEL_DIR")]
         kernel_dir: Option<PathBuf>,
     },
     /// Guest kernel commands.

@@ -178,13 +178,11 @@ pub enum StepRecord {
     Wait {
         label: String,
     },
-    WaitUntil {
-        program: String,
-        /// Probe runs until the field matched.
-        polls: u32,
+    WaitTrace {
+        label: String,
+        line: String,
+        count: u32,
         waited_ns: u64,
-        /// The probe's output line that matched.
-        matched: String,
     },
 }
 

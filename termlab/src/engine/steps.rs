@@ -5,11 +5,23 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use termlab_protocol::client::{Client, ClientError};
-use termlab_protocol::{ErrorKind, ExitStatus, RunRequest, SpawnRequest, SyscallResult, TerminateRequest};
+use termlab_protocol::{ErrorKind, ExitStatus, RunRequest, SpawnRequest, SyscallResult, TerminateRequest, WaitOutputRequest};
 
 use super::{interrupted, EngineError};
 use crate::results::StepRecord;
 use crate::scenario::{Errno, Label, ProgramSpec, Scenario, Step, TerminateBy, TerminateStep, TerminateVia, TriggerStep};
+
+/// The resident `cat /sys/kernel/tracing/trace_pipe` (see `WaitTraceStep`).
+pub struct TraceReader {
+    pub handle: u32,
+}
+
+impl TraceReader {
+    /// How much it has read so far: lines after this offset are new.
+    fn offset(&self, client: &mut Client<UnixStream>) -> Result<u64, EngineError> {
+        Ok(client.read_output(self.handle).map_err(agent("reading the trace buffer"))?.stdout.total_bytes)
+    }
+}
 
 /// A program the loader has loaded: its spec and kernel id.
 pub struct LoadedProgram<'a> {
@@ -33,8 +45,10 @@ fn agent(what: impl Into<String>) -> impl FnOnce(ClientError) -> EngineError {
 }
 
 /// Runs every step once; returns the records in step order.
-pub fn run_repetition(client: &mut Client<UnixStream>, scenario: &Scenario, programs: &[LoadedProgram<'_>]) -> Result<Vec<StepRecord>, EngineError> {
+pub fn run_repetition(client: &mut Client<UnixStream>, scenario: &Scenario, programs: &[LoadedProgram<'_>], trace: Option<&TraceReader>) -> Result<Vec<StepRecord>, EngineError> {
     let mut records = Vec::new();
+    // Trace output offset when each background trigger started.
+    let mut trace_from: BTreeMap<Label, u64> = BTreeMap::new();
     let mut background: BTreeMap<Label, Background> = BTreeMap::new();
     let mut started: StartedAt = BTreeMap::new();
     let program = |name: &Label| programs.iter().find(|p| &p.spec.name == name).ok_or_else(|| EngineError::Guest(format!("program `{name}` is not loaded")));
@@ -47,6 +61,9 @@ pub fn run_repetition(client: &mut Client<UnixStream>, scenario: &Scenario, prog
                 let argv = trigger_argv(trigger, program(trigger.program.get_ref())?.spec);
                 let label = trigger.label.get_ref().clone();
                 if trigger.background {
+                    if let Some(trace) = trace {
+                        trace_from.insert(label.clone(), trace.offset(client)?);
+                    }
                     let reply = client.spawn(SpawnRequest { argv: argv.clone(), env: BTreeMap::new(), as_uid: None }).map_err(agent(format!("starting trigger `{label}`")))?;
                     started.insert(label.clone(), Instant::now());
                     background.insert(label, Background { handle: reply.handle, argv, timeout_ms: trigger.timeout_ms.get() });
@@ -78,9 +95,22 @@ pub fn run_repetition(client: &mut Client<UnixStream>, scenario: &Scenario, prog
                 records.push(trigger_record(label, job.argv, exit_code(&exit.status), &output.stdout.data.to_string_lossy(), &output.stderr.data.to_string_lossy()));
                 records.push(StepRecord::Wait { label: label.to_string() });
             }
-            Step::WaitUntil(until) => {
-                let spec = program(until.program.get_ref())?.spec;
-                records.push(wait_until(client, spec, &until.field, until.equals, until.timeout_ms.get())?);
+            Step::WaitTrace(wait) => {
+                let label = wait.step.get_ref();
+                let (Some(trace), Some(&from)) = (trace, trace_from.get(label)) else {
+                    return Err(EngineError::Guest(format!("no trace reader for `{label}`")));
+                };
+                let begin = Instant::now();
+                let deadline = begin + Duration::from_millis(wait.timeout_ms.get().into());
+                let mut offset = from;
+                for _ in 0..wait.count {
+                    let left = deadline.saturating_duration_since(Instant::now()).as_millis().max(1) as u64;
+                    let found = client
+                        .wait_output(WaitOutputRequest { handle: trace.handle, pattern: wait.line.clone(), stream: Default::default(), timeout_ms: left, from_offset: offset })
+                        .map_err(agent(format!("waiting for `{}` in the trace of `{label}`", wait.line)))?;
+                    offset = found.end_offset;
+                }
+                records.push(StepRecord::WaitTrace { label: label.to_string(), line: wait.line.clone(), count: wait.count, waited_ns: begin.elapsed().as_nanos() as u64 });
             }
             Step::Terminate(terminate) => {
                 let record = terminate_step(client, terminate, programs)?;
@@ -149,42 +179,6 @@ fn wait_for(client: &mut Client<UnixStream>, handle: u32, timeout_ms: u32, label
             Err(error) => return Err(EngineError::Agent { what: format!("waiting for `{label}`"), source: error }),
         }
     }
-}
-
-/// Runs the program's probe until its output says `field=equals`.
-fn wait_until(client: &mut Client<UnixStream>, program: &ProgramSpec, field: &str, equals: i64, timeout_ms: u32) -> Result<StepRecord, EngineError> {
-    let probe = program.probe.as_ref().ok_or_else(|| EngineError::Guest(format!("program `{}` has no probe", program.name)))?;
-    let begin = Instant::now();
-    let deadline = begin + Duration::from_millis(timeout_ms.into());
-    let mut polls = 0;
-    // Every distinct value seen, in order, for the error message: it shows
-    // whether the program never started, or ran past the state unseen.
-    let mut seen: Vec<(String, u32)> = Vec::new();
-    let prefix = format!("{field}=");
-    while Instant::now() < deadline {
-        if interrupted() {
-            return Err(EngineError::Interrupted);
-        }
-        let output = client
-            .run(RunRequest { argv: probe.as_slice().to_vec(), env: BTreeMap::new(), timeout_ms: 10_000, stdin: None, as_uid: None })
-            .map_err(agent(format!("probing `{}`", program.name)))?;
-        polls += 1;
-        let stdout = output.stdout.data.to_string_lossy();
-        let found = stdout.lines().find_map(|line| line.split_whitespace().find_map(|word| word.strip_prefix(prefix.as_str())).map(|value| (line, value)));
-        let observed = match found {
-            Some((line, value)) if value.parse::<i64>() == Ok(equals) => {
-                return Ok(StepRecord::WaitUntil { program: program.name.to_string(), polls, waited_ns: begin.elapsed().as_nanos() as u64, matched: line.to_owned() });
-            }
-            Some((_, value)) => format!("{field}={value}"),
-            None => format!("no {field}= ({})", output.stderr.data.to_string_lossy().trim()),
-        };
-        match seen.last_mut() {
-            Some((last, count)) if *last == observed => *count += 1,
-            _ => seen.push((observed, 1)),
-        }
-    }
-    let seen: Vec<String> = seen.iter().map(|(value, count)| format!("{value} ×{count}")).collect();
-    Err(EngineError::Guest(format!("`{}` never reported {field}={equals} within {timeout_ms} ms ({polls} polls saw: {})", program.name, seen.join(", then "))))
 }
 
 /// `key=value` tokens of the first output line starting with `prefix`.

@@ -98,6 +98,11 @@ enum LabelKind {
     Terminate,
 }
 
+/// Whether any step reads the kernel trace buffer.
+pub fn uses_trace(scenario: &Scenario) -> bool {
+    scenario.steps.iter().any(|step| matches!(step, Step::WaitTrace(_)))
+}
+
 /// Cross-reference checks that serde cannot express.
 fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
     if let Some(verify_stack) = scenario.verify_stack.as_ref().filter(|v| *v.get_ref()) {
@@ -110,11 +115,7 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
     let vcpus = scenario.vm.vcpus.get();
 
     let mut programs = BTreeSet::new();
-    let mut probed = BTreeSet::new();
     for (i, program) in scenario.programs.iter().enumerate() {
-        if program.probe.is_some() {
-            probed.insert(program.name.clone());
-        }
         if !programs.insert(program.name.clone()) {
             // `name` is not spanned; the duplicate is reported by index.
             return Err(SpannedError::new(0..0, format!("program[{i}].name"), format!("program `{}` is declared twice", program.name)));
@@ -147,10 +148,13 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
                     }
                 }
             }
-            Step::WaitUntil(until) => {
-                check_program(&programs, &until.program, key("wait_until.program"))?;
-                if !probed.contains(until.program.get_ref()) {
-                    return Err(invalid(&until.program, key("wait_until.program"), format!("program `{}` has no `probe` command to poll", until.program.get_ref())));
+            Step::WaitTrace(trace) => {
+                expect_label(&labels, &trace.step, &[LabelKind::BackgroundTrigger], key("wait_trace.step"), "an earlier background trigger")?;
+                if waited.contains(trace.step.get_ref()) {
+                    return Err(invalid(&trace.step, key("wait_trace.step"), format!("`{}` has already been waited for", trace.step.get_ref())));
+                }
+                if trace.line.is_empty() || trace.line.contains('\n') || trace.count == 0 {
+                    return Err(invalid(&trace.step, key("wait_trace.line"), "`line` must be a non-empty single line and `count` at least 1"));
                 }
             }
             Step::Wait(wait) => {

@@ -95,11 +95,6 @@ pub struct ProgramSpec {
     pub trigger: Argv,
     /// The kernel-side BPF program name, used to look up the program id.
     pub bpf_name: BpfProgName,
-    /// Guest argv that prints the program's current state as `key=value`
-    /// words without running it (e.g. `trigger_loops --prog loops --show`),
-    /// for `wait_until` steps.
-    #[serde(default)]
-    pub probe: Option<Argv>,
 }
 
 /// One step of a repetition.
@@ -112,8 +107,8 @@ pub enum Step {
     Sleep(SleepStep),
     /// Wait until a background trigger has finished.
     Wait(WaitStep),
-    /// Poll the program's probe until a field has a value.
-    WaitUntil(WaitUntilStep),
+    /// Wait until a background trigger's program wrote a line to the trace buffer.
+    WaitTrace(WaitTraceStep),
     /// Call BPF_PROG_TERMINATE.
     Terminate(TerminateStep),
 }
@@ -124,7 +119,7 @@ impl Step {
         match self {
             Step::Trigger(t) => Some(&t.label),
             Step::Terminate(t) => Some(&t.label),
-            Step::Sleep(_) | Step::Wait(_) | Step::WaitUntil(_) => None,
+            Step::Sleep(_) | Step::Wait(_) | Step::WaitTrace(_) => None,
         }
     }
 }
@@ -154,7 +149,7 @@ pub struct TriggerStep {
 /// host clock; the program itself runs later, once the trigger process has
 /// set itself up, which under nested emulation can take hundreds of
 /// milliseconds. To act while a program is inside a helper, use
-/// `wait_until`, which observes the program instead.
+/// `wait_trace`, which observes the program instead.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SleepStep {
@@ -163,20 +158,31 @@ pub struct SleepStep {
     pub after: Option<Spanned<Label>>,
 }
 
-/// Run the program's `probe` command again and again until its output has
-/// `field=equals`, e.g. `phase=1`: the demo program has entered and is in
-/// its first slow helper. This observes the guest instead of guessing from
-/// the host clock how long the trigger takes to start (under nested
-/// emulation starting the trigger process alone can take longer than the
-/// helper).
+/// Wait until the BPF program, run by background trigger `step`, has written
+/// `line` (a substring) to the kernel trace buffer `count` times, e.g. the
+/// demo's `bpf_printk("loops: first slow helper call")` right before the
+/// slow helper: then the program is inside that helper.
+///
+/// The harness reads /sys/kernel/tracing/trace_pipe with one resident `cat`
+/// started before the first repetition, and the agent matches its output
+/// lines as they arrive: nothing has to be started in the guest while the
+/// program runs. (Starting processes then does not work: a CPU busy in a
+/// long helper delays the RCU grace periods exec needs, so a probe
+/// process polling the program's state stalled until the helper returned.) Only lines written
+/// after `step` started count.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct WaitUntilStep {
-    pub program: Spanned<Label>,
-    pub field: String,
-    pub equals: i64,
+pub struct WaitTraceStep {
+    pub step: Spanned<Label>,
+    pub line: String,
+    #[serde(default = "one")]
+    pub count: u32,
     #[serde(default)]
     pub timeout_ms: TimeoutMs,
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
