@@ -115,7 +115,7 @@ fn run_qemu(args: &Args) -> Result<Sample, String> {
     let started = Instant::now();
     let mut qemu = Command::new("qemu-system-x86_64")
         .args(["-M", "microvm", "-enable-kvm", "-cpu", "host", "-nodefaults", "-no-user-config"])
-        .args(["-nographic", "-no-reboot", "-serial", "stdio"])
+        .args(["-display", "none", "-no-reboot", "-serial", "stdio"])
         .args(["-smp", &args.vcpus.to_string(), "-m", &args.mem_mib.to_string()])
         .arg("-kernel")
         .arg(&args.kernel)
