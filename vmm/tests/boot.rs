@@ -222,11 +222,11 @@ fn guest_boots_smp_talks_vsock_and_ends_with_reset_or_panic() {
     vm.start().expect("start VM");
     wait_for(&vm, "TERMLAB-INIT-RAN");
     eprintln!("init ran after {:?}", started.elapsed());
-    wait_for(&vm, "CPUS-ONLINE=");
+    // The CPU line is complete once the next marker (printed after it) has arrived.
+    wait_for(&vm, &format!("VSOCK-LISTENING={GUEST_PORT}"));
     // The guest tty turns "\n" into "\r\n"; compare whole lines.
     let cpus_line = vm.console().text().lines().find(|l| l.starts_with("CPUS-ONLINE=")).map(|l| l.trim_end().to_owned());
     assert_eq!(cpus_line.as_deref(), Some("CPUS-ONLINE=2"), "console:\n{}", vm.console().text());
-    wait_for(&vm, &format!("VSOCK-LISTENING={GUEST_PORT}"));
     echo_through_guest(&uds, &vm);
     wait_for(&vm, &format!("VSOCK-ECHOED={ECHO_BYTES}"));
     assert_eq!(guest_conn.join().expect("host server thread"), "ping-from-guest\n");
