@@ -39,7 +39,7 @@ const BAD_FILES: &[(&str, usize, usize, &str, &str)] = &[
     ("never-waited.toml", 13, 21, "step[0].trigger.background", "is never waited for"),
     ("two-checks.toml", 15, 1, "expect[0]", "needs exactly one of"),
     ("syntax.toml", 7, 17, "(syntax)", "unclosed inline table"),
-    ("trace-not-background.toml", 16, 26, "step[1].wait_trace.step", "is not an earlier background trigger"),
+    ("trace-not-background.toml", 16, 23, "step[1].wait_trace.step", "is not an earlier background trigger"),
     ("unknown-errno.toml", 17, 42, "expect[0].terminate_result.errno", "unknown variant `ENOPE`"),
 ];
 

@@ -247,17 +247,10 @@ fn measure(client: &mut Client<UnixStream>, loaded: &LoadedScenario, repetitions
         programs.push(LoadedProgram { spec, prog_id });
     }
 
-    let trace = if crate::scenario::uses_trace(scenario) {
-        let argv = vec!["cat".to_owned(), "/sys/kernel/tracing/trace_pipe".to_owned()];
-        let spawned = client.spawn(SpawnRequest { argv, env: BTreeMap::new(), as_uid: None }).map_err(|source| EngineError::Agent { what: "starting the trace reader".into(), source })?;
-        Some(TraceReader { handle: spawned.handle })
-    } else {
-        None
-    };
-
+    let mut trace = TraceReader::default();
     let bar = ui.bar(repetitions.into(), &loaded.name);
     for index in 0..repetitions {
-        let steps = run_repetition(client, scenario, &programs, trace.as_ref())?;
+        let steps = run_repetition(client, scenario, &programs, &mut trace)?;
         let mut metrics = compute_metrics(&scenario.metrics, &steps);
         metrics.insert(AGENT_RTT_METRIC.to_owned(), agent_round_trip(client)?);
         if scenario.vm.vcpus.get() >= 2 {

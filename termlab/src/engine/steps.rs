@@ -5,21 +5,59 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use termlab_protocol::client::{Client, ClientError};
-use termlab_protocol::{ErrorKind, ExitStatus, RunRequest, SpawnRequest, SyscallResult, TerminateRequest, WaitOutputRequest};
+use termlab_protocol::{ErrorKind, ExitStatus, RunRequest, SpawnRequest, SyscallResult, TerminateRequest};
 
 use super::{interrupted, EngineError};
 use crate::results::StepRecord;
 use crate::scenario::{Errno, Label, ProgramSpec, Scenario, Step, TerminateBy, TerminateStep, TerminateVia, TriggerStep};
 
-/// The resident `cat /sys/kernel/tracing/trace_pipe` (see `WaitTraceStep`).
+/// The kernel trace buffer, read by the agent through trace_pipe (see
+/// `WaitTraceStep`). Reads are non-blocking (the agent opens files with
+/// O_NONBLOCK) and consuming, so everything read is kept here and offsets
+/// into it mark "after this trigger started".
+#[derive(Default)]
 pub struct TraceReader {
-    pub handle: u32,
+    text: String,
 }
 
+const TRACE_PIPE: &str = "/sys/kernel/tracing/trace_pipe";
+/// More than the trace buffer holds, so nothing read is dropped.
+const TRACE_READ_BYTES: u64 = 8 << 20;
+/// Pause between empty reads while waiting for a line.
+const TRACE_POLL: Duration = Duration::from_millis(5);
+
 impl TraceReader {
-    /// How much it has read so far: lines after this offset are new.
-    fn offset(&self, client: &mut Client<UnixStream>) -> Result<u64, EngineError> {
-        Ok(client.read_output(self.handle).map_err(agent("reading the trace buffer"))?.stdout.total_bytes)
+    /// Reads what the buffer holds now; returns how many bytes came.
+    fn read_available(&mut self, client: &mut Client<UnixStream>) -> Result<usize, EngineError> {
+        let contents = client.read_file(TRACE_PIPE, TRACE_READ_BYTES).map_err(agent("reading the kernel trace buffer (is tracefs mounted?)"))?;
+        let text = contents.data.to_string_lossy();
+        self.text.push_str(&text);
+        Ok(text.len())
+    }
+
+    /// Everything written so far has been read: the offset new lines start at.
+    fn drain(&mut self, client: &mut Client<UnixStream>) -> Result<usize, EngineError> {
+        while self.read_available(client)? > 0 {}
+        Ok(self.text.len())
+    }
+
+    /// Waits until `count` lines after `from` contain `needle`.
+    fn wait_for(&mut self, client: &mut Client<UnixStream>, needle: &str, count: u32, from: usize, deadline: Instant) -> Result<(), EngineError> {
+        loop {
+            let found = self.text[from..].lines().filter(|line| line.contains(needle)).count();
+            if found >= count as usize {
+                return Ok(());
+            }
+            if interrupted() {
+                return Err(EngineError::Interrupted);
+            }
+            if Instant::now() >= deadline {
+                return Err(EngineError::Guest(format!("the trace buffer showed `{needle}` {found} time(s), not {count}, in time")));
+            }
+            if self.read_available(client)? == 0 {
+                std::thread::sleep(TRACE_POLL);
+            }
+        }
     }
 }
 
@@ -45,10 +83,11 @@ fn agent(what: impl Into<String>) -> impl FnOnce(ClientError) -> EngineError {
 }
 
 /// Runs every step once; returns the records in step order.
-pub fn run_repetition(client: &mut Client<UnixStream>, scenario: &Scenario, programs: &[LoadedProgram<'_>], trace: Option<&TraceReader>) -> Result<Vec<StepRecord>, EngineError> {
+pub fn run_repetition(client: &mut Client<UnixStream>, scenario: &Scenario, programs: &[LoadedProgram<'_>], trace: &mut TraceReader) -> Result<Vec<StepRecord>, EngineError> {
     let mut records = Vec::new();
-    // Trace output offset when each background trigger started.
-    let mut trace_from: BTreeMap<Label, u64> = BTreeMap::new();
+    // Trace offset when each background trigger started.
+    let mut trace_from: BTreeMap<Label, usize> = BTreeMap::new();
+    let uses_trace = crate::scenario::uses_trace(scenario);
     let mut background: BTreeMap<Label, Background> = BTreeMap::new();
     let mut started: StartedAt = BTreeMap::new();
     let program = |name: &Label| programs.iter().find(|p| &p.spec.name == name).ok_or_else(|| EngineError::Guest(format!("program `{name}` is not loaded")));
@@ -61,8 +100,8 @@ pub fn run_repetition(client: &mut Client<UnixStream>, scenario: &Scenario, prog
                 let argv = trigger_argv(trigger, program(trigger.program.get_ref())?.spec);
                 let label = trigger.label.get_ref().clone();
                 if trigger.background {
-                    if let Some(trace) = trace {
-                        trace_from.insert(label.clone(), trace.offset(client)?);
+                    if uses_trace {
+                        trace_from.insert(label.clone(), trace.drain(client)?);
                     }
                     let reply = client.spawn(SpawnRequest { argv: argv.clone(), env: BTreeMap::new(), as_uid: None }).map_err(agent(format!("starting trigger `{label}`")))?;
                     started.insert(label.clone(), Instant::now());
@@ -97,19 +136,10 @@ pub fn run_repetition(client: &mut Client<UnixStream>, scenario: &Scenario, prog
             }
             Step::WaitTrace(wait) => {
                 let label = wait.step.get_ref();
-                let (Some(trace), Some(&from)) = (trace, trace_from.get(label)) else {
-                    return Err(EngineError::Guest(format!("no trace reader for `{label}`")));
-                };
+                let from = *trace_from.get(label).ok_or_else(|| EngineError::Guest(format!("`{label}` was not started in the background")))?;
                 let begin = Instant::now();
                 let deadline = begin + Duration::from_millis(wait.timeout_ms.get().into());
-                let mut offset = from;
-                for _ in 0..wait.count {
-                    let left = deadline.saturating_duration_since(Instant::now()).as_millis().max(1) as u64;
-                    let found = client
-                        .wait_output(WaitOutputRequest { handle: trace.handle, pattern: wait.line.clone(), stream: Default::default(), timeout_ms: left, from_offset: offset })
-                        .map_err(agent(format!("waiting for `{}` in the trace of `{label}`", wait.line)))?;
-                    offset = found.end_offset;
-                }
+                trace.wait_for(client, &wait.line, wait.count, from, deadline)?;
                 records.push(StepRecord::WaitTrace { label: label.to_string(), line: wait.line.clone(), count: wait.count, waited_ns: begin.elapsed().as_nanos() as u64 });
             }
             Step::Terminate(terminate) => {

@@ -163,13 +163,13 @@ pub struct SleepStep {
 /// demo's `bpf_printk("loops: first slow helper call")` right before the
 /// slow helper: then the program is inside that helper.
 ///
-/// The harness reads /sys/kernel/tracing/trace_pipe with one resident `cat`
-/// started before the first repetition, and the agent matches its output
-/// lines as they arrive: nothing has to be started in the guest while the
-/// program runs. (Starting processes then does not work: a CPU busy in a
-/// long helper delays the RCU grace periods exec needs, so a probe
-/// process polling the program's state stalled until the helper returned.) Only lines written
-/// after `step` started count.
+/// The agent reads /sys/kernel/tracing/trace_pipe without blocking, again
+/// and again, from its own thread: nothing has to be started in the guest
+/// while the program runs. (Starting processes then does not work: a CPU
+/// busy in a long helper delays the RCU grace periods exec needs, so a probe
+/// process polling the program's state stalled until the helper returned;
+/// and a blocked reader of trace_pipe was only woken after the run.) Only
+/// lines written after `step` started count.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WaitTraceStep {
