@@ -199,7 +199,7 @@ fn output(cmd: &mut Command, what: &str) -> Result<String, NestedError> {
 pub fn ensure_tools() -> Result<Vec<&'static str>, NestedError> {
     let mut missing: Vec<&str> = REQUIRED_TOOLS
         .iter()
-        .filter(|(tool, _)| !on_path(tool) && !(*tool == "busybox" && Path::new(BUSYBOX).exists()))
+        .filter(|(tool, _)| !(on_path(tool) || *tool == "busybox" && Path::new(BUSYBOX).exists()))
         .map(|(_, package)| *package)
         .collect();
     missing.dedup();

@@ -166,20 +166,19 @@ fn stream_console(stdout: std::process::ChildStdout) {
 /// Removes `\r`, `ESC c` and CSI sequences (`ESC [ ... letter`) that QEMU's firmware emits.
 fn strip_terminal_codes(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars().peekable();
+    let mut chars = line.chars();
     while let Some(c) = chars.next() {
         match c {
             '\r' => {}
-            '\x1b' => match chars.next() {
-                Some('[') => {
-                    while let Some(c) = chars.next() {
+            '\x1b' => {
+                if chars.next() == Some('[') {
+                    for c in chars.by_ref() {
                         if c.is_ascii_alphabetic() {
                             break;
                         }
                     }
                 }
-                _ => {}
-            },
+            }
             c => out.push(c),
         }
     }

@@ -23,6 +23,9 @@ use crate::vcpu::{VcpuHandle, Vcpus, VmExitSink};
 use crate::virtio::vsock::{BackendError, Vsock, VsockConfig};
 use crate::virtio::{Interrupt, MmioRegion, MmioTransport};
 
+/// A virtio-mmio slot holding the vsock device, shared by vCPUs and the event loop.
+type VsockSlot = Arc<Mutex<MmioTransport<Vsock>>>;
+
 /// The console line Linux prints when it panics.
 const PANIC_MARKER: &str = "Kernel panic";
 /// How much console output a panic report carries.
@@ -164,7 +167,7 @@ pub struct Vm {
     bus: Arc<DeviceBus>,
     exit: Arc<ExitState>,
     console: Arc<ConsoleLog>,
-    vsock: Option<Arc<Mutex<MmioTransport<Vsock>>>>,
+    vsock: Option<VsockSlot>,
     vsock_kick: Option<EventFd>,
     stdin_console: bool,
     unstarted_vcpus: Vec<VcpuFd>,
@@ -268,7 +271,7 @@ impl Vm {
         mem: &GuestMemoryMmap,
         config: &VsockConfig,
         slot: u64,
-    ) -> Result<(Arc<Mutex<MmioTransport<Vsock>>>, EventFd), Error> {
+    ) -> Result<(VsockSlot, EventFd), Error> {
         let base = MMIO_START + slot * VIRTIO_MMIO_SIZE;
         let irq = EventFd::new(EFD_NONBLOCK).map_err(os("virtio irqfd"))?;
         vm_fd.register_irqfd(&irq, VIRTIO_IRQ_BASE + slot as u32).map_err(kvm_step("KVM_IRQFD (virtio)"))?;
@@ -429,7 +432,7 @@ struct EventLoop {
     epoll: Epoll,
     /// Registered in `epoll`; kept open for as long as the loop runs.
     _stop: EventFd,
-    vsock: Option<(Arc<Mutex<MmioTransport<Vsock>>>, EventFd)>,
+    vsock: Option<(VsockSlot, EventFd)>,
     stdin_bus: Option<Arc<DeviceBus>>,
 }
 
@@ -441,7 +444,7 @@ const TOKEN_STDIN: u64 = 3;
 impl EventLoop {
     fn new(
         stop: EventFd,
-        vsock: Option<Arc<Mutex<MmioTransport<Vsock>>>>,
+        vsock: Option<VsockSlot>,
         kick: Option<EventFd>,
         stdin_bus: Option<Arc<DeviceBus>>,
     ) -> Result<Self, Error> {

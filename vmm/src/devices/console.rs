@@ -75,30 +75,6 @@ impl ConsoleLog {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wait_for_finds_markers_split_across_appends_and_times_out_otherwise() {
-        let log = Arc::new(ConsoleLog::default());
-        let writer = {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for byte in b"noise MARK" {
-                    std::thread::sleep(Duration::from_millis(2));
-                    log.append(&[*byte]);
-                }
-                log.append(b"ER done\r\n");
-            })
-        };
-        assert!(log.wait_for("MARKER done", Duration::from_secs(5)));
-        writer.join().expect("writer");
-        assert!(!log.wait_for("absent", Duration::from_millis(50)));
-        assert_eq!(log.text(), "noise MARKER done\r\n");
-    }
-}
-
 /// The serial device's output sink.
 pub struct ConsoleSink {
     file: Option<File>,
@@ -131,5 +107,29 @@ impl Write for ConsoleSink {
             file.flush()?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_for_finds_markers_split_across_appends_and_times_out_otherwise() {
+        let log = Arc::new(ConsoleLog::default());
+        let writer = {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for byte in b"noise MARK" {
+                    std::thread::sleep(Duration::from_millis(2));
+                    log.append(&[*byte]);
+                }
+                log.append(b"ER done\r\n");
+            })
+        };
+        assert!(log.wait_for("MARKER done", Duration::from_secs(5)));
+        writer.join().expect("writer");
+        assert!(!log.wait_for("absent", Duration::from_millis(50)));
+        assert_eq!(log.text(), "noise MARKER done\r\n");
     }
 }

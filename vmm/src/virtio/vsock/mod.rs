@@ -148,9 +148,10 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError> {
+        let queues_len = queues.len();
         let mut queues = queues.into_iter();
         let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
-            return Err(ActivateError::BadQueue(RX_QUEUE.max(TX_QUEUE)));
+            return Err(ActivateError::BadQueue(if queues_len == 0 { RX_QUEUE } else { TX_QUEUE }));
         };
         self.active = Some(ActiveQueues { mem, rx, tx });
         Ok(())

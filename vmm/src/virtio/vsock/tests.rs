@@ -363,7 +363,8 @@ fn malformed_tx_chains_are_rejected_without_panic() {
     let hl = HEADER_LEN as u32;
     let (next, write) = (VRING_DESC_F_NEXT, VRING_DESC_F_WRITE);
     let rw = |len| Header::from_guest(1025, 9999, op::RW, len);
-    let cases: Vec<(&str, Header, Vec<(u64, u32, u16, u16)>)> = vec![
+    type RawChain = Vec<(u64, u32, u16, u16)>;
+    let cases: Vec<(&str, Header, RawChain)> = vec![
         ("header outside guest memory", rw(0), vec![(out_of_range, hl, 0, 0)]),
         ("header straddling the end of memory", rw(0), vec![(MEM_SIZE as u64 - 8, hl, 0, 0)]),
         ("header descriptor too short", rw(0), vec![(h, 10, 0, 0)]),
