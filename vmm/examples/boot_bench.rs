@@ -54,7 +54,19 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-/// Accepts one connection (with a deadline) and answers the guest's line so it can finish.
+/// Waits up to TIMEOUT for a connection on a listening socket.
+fn wait_readable(fd: std::os::fd::RawFd) -> Result<(), String> {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, TIMEOUT.as_millis() as libc::c_int) };
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(format!("no vsock connection within {TIMEOUT:?}"))
+    }
+}
+
+/// Accepts one connection and answers the guest's line so it can finish.
 fn accept_and_answer<S: std::io::Read + std::io::Write>(accept: impl FnOnce() -> std::io::Result<S>) -> Result<(), String> {
     let mut stream = accept().map_err(|e| format!("accept: {e}"))?;
     let mut line = [0u8; 64];
@@ -78,6 +90,7 @@ fn run_ours(args: &Args, dir: &std::path::Path) -> Result<Sample, String> {
     vm.start().map_err(|e| e.to_string())?;
     let console = vm.console();
     let waiter = std::thread::spawn(move || console.wait_for("TERMLAB-INIT-RAN", TIMEOUT).then(|| started.elapsed()));
+    wait_readable(listener.as_raw_fd())?;
     accept_and_answer(|| listener.accept().map(|(s, _)| s))?;
     let vsock_connected = started.elapsed();
     let init_ran = waiter.join().map_err(|_| "waiter panicked")?.ok_or("init never ran")?;
@@ -114,14 +127,16 @@ fn run_qemu(args: &Args) -> Result<Sample, String> {
     let listener = vsock_listener(HOST_PORT).map_err(|e| format!("AF_VSOCK listener (vhost_vsock loaded?): {e}"))?;
     let started = Instant::now();
     let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-M", "microvm", "-enable-kvm", "-cpu", "host", "-nodefaults", "-no-user-config"])
+        // acpi=off: our guest has no ACPI, so QEMU must announce virtio-mmio on the command line.
+        .args(["-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host", "-nodefaults", "-no-user-config"])
         .args(["-display", "none", "-no-reboot", "-serial", "stdio"])
         .args(["-smp", &args.vcpus.to_string(), "-m", &args.mem_mib.to_string()])
         .arg("-kernel")
         .arg(&args.kernel)
         .arg("-initrd")
         .arg(&args.initrd)
-        .args(["-append", &format!("{CMDLINE} termlab.host_port={HOST_PORT} termlab.end=reboot")])
+        // microvm has no i8042, so the guest resets by triple fault there (QEMU exits on it).
+        .args(["-append", &format!("{CMDLINE} reboot=t termlab.host_port={HOST_PORT} termlab.end=reboot")])
         .args(["-device", &format!("vhost-vsock-device,guest-cid={GUEST_CID}")])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -137,7 +152,7 @@ fn run_qemu(args: &Args) -> Result<Sample, String> {
         }
         init_ran
     });
-    let accepted = accept_and_answer(|| {
+    let accepted = wait_readable(listener.as_raw_fd()).and_then(|()| accept_and_answer(|| {
         // SAFETY: accept on our listening socket; the result is checked.
         let fd = unsafe { libc::accept(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut()) };
         if fd < 0 {
@@ -145,7 +160,7 @@ fn run_qemu(args: &Args) -> Result<Sample, String> {
         }
         // SAFETY: `fd` is a freshly accepted socket we own.
         Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
-    });
+    }));
     let vsock_connected = started.elapsed();
     if let Err(e) = accepted {
         let _ = qemu.kill();
