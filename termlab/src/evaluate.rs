@@ -87,8 +87,11 @@ pub fn evaluate(expectations: &[Expectation], repetitions: &[Repetition], dmesg:
     expectations.iter().map(|expectation| evaluate_one(expectation, repetitions, dmesg)).collect()
 }
 
+/// Judges one repetition: Ok(observed) or Err(observed).
+type RepetitionCheck = Box<dyn Fn(&Repetition) -> Result<String, String>>;
+
 fn evaluate_one(expectation: &Expectation, repetitions: &[Repetition], dmesg: Option<&KernelLog>) -> ExpectationOutcome {
-    let (check, per_repetition): (String, Box<dyn Fn(&Repetition) -> Result<String, String>>) = match &expectation.check {
+    let (check, per_repetition): (String, RepetitionCheck) = match &expectation.check {
         Check::Metric(bound) => {
             let metric = bound.metric.get_ref().to_string();
             let mut words = Vec::new();

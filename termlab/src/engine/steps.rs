@@ -151,8 +151,11 @@ pub fn run_repetition(client: &mut Client<UnixStream>, scenario: &Scenario, prog
     }
     // Validation guarantees every background trigger is waited for; a
     // leftover here would be a bug, and must not outlive the repetition.
-    for (label, job) in background {
-        let _ = client.kill(job.handle, libc::SIGKILL);
+    if let Some((label, _)) = background.first_key_value() {
+        let label = label.to_string();
+        for job in background.values() {
+            let _ = client.kill(job.handle, libc::SIGKILL);
+        }
         return Err(EngineError::Guest(format!("background trigger `{label}` was never waited for")));
     }
     Ok(records)
