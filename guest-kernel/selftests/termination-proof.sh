@@ -487,7 +487,8 @@ if [ -x /bin/test_prog_terminate ]; then
 	status=$?
 	sed 's/^/# test_prog_terminate: /' "$WORK/test_prog_terminate.out"
 	summary=$(grep '^test_prog_terminate: ' "$WORK/test_prog_terminate.out")
-	check "raw-instruction selftest: ${summary#test_prog_terminate: }" \
+	summary=${summary#test_prog_terminate: }
+	check "raw-instruction selftest: ${summary:-no summary line}" \
 		"exit status $status, see its lines above" \
 		$status -eq 0 -a -n "$(echo "$summary" | grep ' passed, 0 failed$')"
 else
