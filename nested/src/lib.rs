@@ -2,7 +2,7 @@
 //!
 //! Some hosts expose a `/dev/kvm` that cannot run an ordinary guest (paravirtual-only
 //! kvm-pvm; or no /dev/kvm at all on machines without VT-x/SVM). [`probe::probe_kvm`] finds
-//! out in about a second, and [`ensure_real_kvm_or_reexec`] then re-runs the command inside
+//! out in a few seconds, and [`ensure_real_kvm_or_reexec`] then re-runs the command inside
 //! an "L1" VM (QEMU TCG emulating SVM) where KVM is real. The re-run command sees
 //! `TERMLAB_NESTED=1` ([`is_nested`]) so results can record it.
 //!
@@ -90,7 +90,7 @@ pub fn ensure_real_kvm_or_reexec_with(
 ) -> Result<KvmPlan, NestedError> {
     if is_nested() {
         // Never nest twice: inside L1 KVM must work.
-        return probe::probe_kvm().map(|()| KvmPlan::RunHere { nested: true }).map_err(NestedError::NestedKvmUnusable);
+        return probe::probe_kvm().map(|_| KvmPlan::RunHere { nested: true }).map_err(NestedError::NestedKvmUnusable);
     }
     let reexec = |reason: Option<probe::KvmUnusable>| {
         if let Some(reason) = reason {
@@ -100,9 +100,9 @@ pub fn ensure_real_kvm_or_reexec_with(
     };
     match mode {
         NestedMode::Always => reexec(None),
-        NestedMode::Never => probe::probe_kvm().map(|()| KvmPlan::RunHere { nested: false }).map_err(NestedError::KvmUnusable),
+        NestedMode::Never => probe::probe_kvm().map(|_| KvmPlan::RunHere { nested: false }).map_err(NestedError::KvmUnusable),
         NestedMode::Auto => match probe::probe_kvm() {
-            Ok(()) => Ok(KvmPlan::RunHere { nested: false }),
+            Ok(_) => Ok(KvmPlan::RunHere { nested: false }),
             Err(reason) => reexec(Some(reason)),
         },
     }
