@@ -14,12 +14,12 @@ use crate::lock::FileLock;
 use crate::tempdir::TempDir;
 
 /// Bumped whenever the initramfs layout or init script changes, so stale caches are ignored.
-const IMAGE_VERSION: &str = "v3";
+const IMAGE_VERSION: &str = "v4";
 /// Kernel modules L1 needs, in `modprobe` dependency order after expansion. vhost_vsock lets
 /// QEMU in L1 give its guests vsock (for comparisons against our VMM).
 const L1_MODULES: [&str; 5] = ["kvm-amd", "virtio_pci", "9pnet_virtio", "9p", "vhost_vsock"];
 const BUSYBOX: &str = "/bin/busybox";
-const BUSYBOX_APPLETS: [&str; 9] = ["sh", "mount", "insmod", "cat", "echo", "chroot", "reboot", "sleep", "sed"];
+const BUSYBOX_APPLETS: [&str; 10] = ["sh", "mount", "insmod", "cat", "echo", "chroot", "reboot", "sleep", "sed", "ln"];
 
 /// The L1 init: modules, 9p root, a local tmpfs on /tmp, chroot into the host and run
 /// `$job/job`.
@@ -31,6 +31,9 @@ n=0; until mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 host /mnt 2
 done
 [ -e /dev/kvm ] || echo "L1: /dev/kvm missing"
 mount -t proc proc /mnt/proc; mount -t sysfs sys /mnt/sys; mount -t devtmpfs dev /mnt/dev
+# devtmpfs lacks the /dev/fd links udev makes; bash process substitution needs them.
+ln -sf /proc/self/fd /mnt/dev/fd; ln -sf /proc/self/fd/0 /mnt/dev/stdin
+ln -sf /proc/self/fd/1 /mnt/dev/stdout; ln -sf /proc/self/fd/2 /mnt/dev/stderr
 mount -t tmpfs tmp /mnt/dev/shm 2>/dev/null
 # 9p cannot hold Unix sockets: give the job a local /tmp (the host's /tmp is not visible).
 mount -t tmpfs tmp /mnt/tmp
