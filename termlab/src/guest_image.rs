@@ -165,8 +165,13 @@ fn sha256_of_file(hasher: &mut Sha256, path: &Path) -> Result<(), GuestImageErro
     Ok(())
 }
 
-/// The script /init runs: the agent, which reboots the guest on `shutdown`.
-const RUN_ME: &str = "#!/bin/sh\nexec /bin/termlab-agent --shutdown-action reboot\n";
+/// The script /init runs: the agent, which reboots the guest on `shutdown`. vCPU 0 does the
+/// housekeeping: every device interrupt (and so the vsock work each one queues on its CPU)
+/// and the agent. A measured run pinned to another vCPU can then sit in a long
+/// non-preemptible helper without holding up the host's requests to the agent.
+const RUN_ME: &str = "#!/bin/sh\n\
+for f in /proc/irq/*/smp_affinity; do echo 1 > \"$f\" 2>/dev/null; done\n\
+exec taskset -c 0 /bin/termlab-agent --shutdown-action reboot\n";
 
 /// Builds (or reuses) the initramfs for `kernel`: demo programs built by
 /// guest-samples/bpf's Makefile, the kernel's bpftool, the agent and ipi_rtt.
