@@ -51,12 +51,7 @@ pub fn cdf_svg(title: &str, series: &[Series<'_>]) -> Result<String, PlotError> 
     let x_range = padded_range(&all, unit);
     let mut svg = String::new();
     draw(title, &mut svg, |root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(title, ("sans-serif", 18))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(50)
-            .build_cartesian_2d(x_range.clone(), 0f64..1.02f64)?;
+        let mut chart = chart_builder(root, title).build_cartesian_2d(x_range.clone(), 0f64..1.02f64)?;
         chart
             .configure_mesh()
             .x_desc(format!("latency ({})", unit.name))
@@ -104,12 +99,7 @@ pub fn histogram_svg(title: &str, samples_ns: &[f64]) -> Result<String, PlotErro
     };
     let mut svg = String::new();
     draw(title, &mut svg, |root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(title, ("sans-serif", 18))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(50)
-            .build_cartesian_2d(x_range, 0f64..(tallest as f64 * 1.1))?;
+        let mut chart = chart_builder(root, title).build_cartesian_2d(x_range, 0f64..(tallest as f64 * 1.1))?;
         chart.configure_mesh().x_desc(format!("latency ({})", unit.name)).y_desc("runs").draw()?;
         let color = Palette99::pick(0).to_rgba();
         chart.draw_series(bins.iter().map(|&(low, high, count)| Rectangle::new([(low, 0.0), (high, count as f64)], color.filled())))?;
@@ -129,6 +119,13 @@ fn draw(title: &str, svg: &mut String, body: impl FnOnce(&DrawingArea<SVGBackend
     body(&root).map_err(|e| error(&e))?;
     root.present().map_err(|e| error(&e))?;
     Ok(())
+}
+
+/// The caption, margins and axis label areas every plot shares.
+fn chart_builder<'a, 'b>(root: &'a DrawingArea<SVGBackend<'b>, plotters::coord::Shift>, title: &str) -> ChartBuilder<'a, 'b, SVGBackend<'b>> {
+    let mut builder = ChartBuilder::on(root);
+    builder.caption(title, ("sans-serif", 18)).margin(12).x_label_area_size(40).y_label_area_size(50);
+    builder
 }
 
 /// The samples' range in `unit`, widened by 5 % (or ±1 unit when all are
