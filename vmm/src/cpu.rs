@@ -1,9 +1,11 @@
 //! Architectural vCPU state a 64-bit Linux kernel expects at its 64-bit entry point:
-//! long mode with an identity map, a flat GDT, CPUID, a few MSRs, FPU defaults and LAPIC
-//! LINT wiring.
+//! long mode with an identity map, a flat GDT, CPUID, a few MSRs, FPU defaults, XCR0 and
+//! LAPIC LINT wiring.
 
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_bindings::{
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_xcr, kvm_xcrs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::boot::KernelEntry;
@@ -40,9 +42,27 @@ const X86_CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
-/// Per-VM CPUID template from KVM, patched per vCPU with its APIC id.
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+const LEAF1_ECX_XSAVE: u32 = 1 << 26;
+/// CPUID leaf of the XSAVE state components; sub-leaf 0 EDX:EAX lists the XCR0 bits.
+const LEAF_XSTATE: u32 = 0xd;
+
+/// Per-VM CPUID template: what KVM supports, plus what KVM emulates but reports only as a
+/// capability. Patched per vCPU with its APIC id.
 pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, CpuSetupError> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(CpuSetupError::SupportedCpuid)
+    let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(CpuSetupError::SupportedCpuid)?;
+    // The in-kernel LAPIC emulates the TSC-deadline timer mode, but KVM_GET_SUPPORTED_CPUID
+    // leaves the bit clear (KVM_CAP_TSC_DEADLINE_TIMER announces it instead). Without it
+    // Linux falls back to the LAPIC's periodic mode and calibrates it against the PIT; under
+    // nested emulation that calibration fails its own check ("APIC timer disabled due to
+    // verification failure"), which leaves no one-shot clock event device and therefore no
+    // high-resolution timers in the guest.
+    if kvm.check_extension(Cap::TscDeadlineTimer) {
+        for entry in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
+            entry.ecx |= LEAF1_ECX_TSC_DEADLINE;
+        }
+    }
+    Ok(cpuid)
 }
 
 /// Writes the GDT and the identity page tables shared by all vCPUs (done once per VM).
@@ -75,6 +95,7 @@ pub fn configure_vcpu(
     let mut cpuid = cpuid_template.clone();
     patch_cpuid(&mut cpuid, index);
     vcpu.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
+    set_initial_xcr0(vcpu, &cpuid)?;
     set_boot_msrs(vcpu)?;
     vcpu.set_fpu(&kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() })
         .map_err(ioctl("KVM_SET_FPU"))?;
@@ -105,6 +126,33 @@ fn patch_cpuid(cpuid: &mut CpuId, index: u8) {
             _ => {}
         }
     }
+}
+
+/// Starts XCR0 with every state component CPUID leaf 0xd offers, which is what a Linux
+/// guest writes with XSETBV once it supports all of them.
+///
+/// KVM keeps its own copy of the guest's XCR0: it derives the XSAVE area size in CPUID
+/// 0xd.0 EBX from it and loads it into the CPU on every VM entry. On hardware XSETBV always
+/// exits to KVM, so the copy follows the guest. An L1 whose CPU is emulated by QEMU TCG
+/// (QEMU 7.2 here) does not intercept XSETBV for its SVM guest, so KVM's copy would stay at the
+/// reset value 1 (x87 only): CPUID then reports the 576-byte legacy area while the guest
+/// computes 2696 bytes for x87|SSE|AVX|PKRU ("XSAVE consistency problem: size 2696 !=
+/// kernel_size 576", a WARN, after which Linux disables XSAVE), and every VM entry would reset
+/// the guest's XCR0 to 1. QEMU microvm on the same L1 shows the same WARN. Starting with the
+/// value the guest is going to choose keeps KVM's copy right without an XSETBV exit; where
+/// XSETBV does exit this changes nothing the guest can observe, because KVM only loads the
+/// guest's XCR0 once the guest has set CR4.OSXSAVE, and Linux sets XCR0 right after that.
+fn set_initial_xcr0(vcpu: &VcpuFd, cpuid: &CpuId) -> Result<(), CpuSetupError> {
+    let entries = cpuid.as_slice();
+    if !entries.iter().any(|e| e.function == 1 && e.ecx & LEAF1_ECX_XSAVE != 0) {
+        return Ok(());
+    }
+    let Some(xstate) = entries.iter().find(|e| e.function == LEAF_XSTATE && e.index == 0) else {
+        return Ok(());
+    };
+    let mut xcrs = kvm_xcrs { nr_xcrs: 1, ..Default::default() };
+    xcrs.xcrs[0] = kvm_xcr { xcr: 0, value: u64::from(xstate.edx) << 32 | u64::from(xstate.eax), ..Default::default() };
+    vcpu.set_xcrs(&xcrs).map_err(ioctl("KVM_SET_XCRS"))
 }
 
 fn set_boot_msrs(vcpu: &VcpuFd) -> Result<(), CpuSetupError> {
