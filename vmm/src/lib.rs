@@ -14,6 +14,7 @@
 
 mod boot;
 mod cpu;
+mod debug;
 mod devices;
 mod layout;
 mod vcpu;
@@ -22,6 +23,7 @@ mod vm;
 
 pub use boot::{BootError, MpTableError};
 pub use cpu::CpuSetupError;
+pub use debug::{DebugError, DebugEvent, MAX_HW_BREAKPOINTS};
 pub use devices::console::ConsoleLog;
 pub use kvm_bindings::{kvm_regs, kvm_sregs};
 pub use kvm_ioctls::VcpuFd;

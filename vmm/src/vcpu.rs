@@ -13,6 +13,7 @@ use std::time::Duration;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use crate::debug::DebugEvent;
 use crate::devices::{lock, DeviceBus, PioEffect};
 use crate::ExitReason;
 
@@ -75,9 +76,11 @@ impl VcpuControl {
     }
 }
 
-/// Where vCPU threads report the end of the VM.
+/// Where vCPU threads report what the whole VM must react to.
 pub trait VmExitSink: Send + Sync {
     fn vm_exited(&self, reason: ExitReason);
+    /// A vCPU took a debug trap; the run loop parks every vCPU right after this returns.
+    fn debug_trap(&self, event: DebugEvent);
 }
 
 /// A started vCPU.
@@ -174,8 +177,8 @@ impl Drop for Vcpus {
 /// What a vCPU exit asks the run loop to do.
 enum Action {
     Continue,
-    /// Park every vCPU (e.g. a guest debug trap) until the controller resumes them.
-    PauseAll,
+    /// Report the trap, then park every vCPU until the controller resumes them.
+    DebugTrap(DebugEvent),
     Exit(ExitReason),
 }
 
@@ -195,7 +198,8 @@ fn run_vcpu(index: u8, fd: &Mutex<VcpuFd>, control: &VcpuControl, bus: &DeviceBu
         // next exit, and `Vcpus::pause`/`stop` keep kicking until they are sure.
         match action {
             Action::Continue => {}
-            Action::PauseAll => {
+            Action::DebugTrap(event) => {
+                sink.debug_trap(event);
                 control.set_request(Request::Pause);
                 control.kick_all();
             }
@@ -258,7 +262,12 @@ fn handle_exit(index: u8, exit: Result<VcpuExit<'_>, kvm_ioctls::Error>, bus: &D
             Action::Continue
         }
         Ok(VcpuExit::Shutdown) => Action::Exit(ExitReason::TripleFault),
-        Ok(VcpuExit::Debug(_)) => Action::PauseAll,
+        Ok(VcpuExit::Debug(arch)) => Action::DebugTrap(DebugEvent {
+            vcpu: usize::from(index),
+            pc: arch.pc,
+            dr6: arch.dr6,
+            exception: arch.exception,
+        }),
         Ok(VcpuExit::Intr) => Action::Continue,
         Ok(VcpuExit::Hlt) => Action::Exit(ExitReason::Halted),
         Ok(VcpuExit::SystemEvent(kind, _)) if kind == kvm_bindings::KVM_SYSTEM_EVENT_RESET => {

@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, BootError, MpTableError};
 use crate::cpu::{self, CpuSetupError};
+use crate::debug::{self, DebugError, DebugEvent, DebugTraps, RFLAGS_RF};
 use crate::devices::console::{ConsoleLog, ConsoleSink};
 use crate::devices::{lock, DeviceBus, SerialDevice};
 use crate::layout::*;
@@ -111,6 +112,8 @@ pub enum Error {
     NoSuchVcpu(usize),
     #[error("guest memory access at {addr:#x} failed: {source}")]
     GuestMemory { addr: u64, source: vm_memory::GuestMemoryError },
+    #[error(transparent)]
+    Debug(#[from] DebugError),
 }
 
 fn kvm_step(step: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -126,6 +129,7 @@ struct ExitState {
     reason: Mutex<Option<ExitReason>>,
     set: Condvar,
     console: Arc<ConsoleLog>,
+    debug: DebugTraps,
 }
 
 impl ExitState {
@@ -135,6 +139,8 @@ impl ExitState {
             *slot = Some(reason);
             self.set.notify_all();
         }
+        drop(slot);
+        self.debug.vm_ended();
     }
 }
 
@@ -156,6 +162,10 @@ impl VmExitSink for ExitState {
             other => other,
         };
         self.record(reason);
+    }
+
+    fn debug_trap(&self, event: DebugEvent) {
+        self.debug.record(event);
     }
 }
 
@@ -255,7 +265,12 @@ impl Vm {
             vm_fd,
             mem,
             bus: Arc::new(DeviceBus::new(serial, virtio)),
-            exit: Arc::new(ExitState { reason: Mutex::new(None), set: Condvar::new(), console: console.clone() }),
+            exit: Arc::new(ExitState {
+                reason: Mutex::new(None),
+                set: Condvar::new(),
+                console: console.clone(),
+                debug: DebugTraps::default(),
+            }),
             console,
             vsock,
             vsock_kick,
@@ -321,9 +336,43 @@ impl Vm {
         Ok(())
     }
 
+    /// Lets every vCPU run again. A vCPU whose debug trap [`Vm::wait_debug_event`] returned
+    /// in this pause gets RFLAGS.RF first, so it executes the instruction it stopped at
+    /// instead of trapping on it again (even if the caller moved its RIP: RF then covers the
+    /// new instruction). A trap not yet returned is dropped: its vCPU is still on the
+    /// breakpointed instruction and traps again right away if the breakpoint is still armed.
     pub fn resume(&self) -> Result<(), Error> {
-        self.running_vcpus()?.resume();
+        let vcpus = self.running_vcpus()?;
+        for vcpu in self.exit.debug.take_claimed() {
+            let mut regs = self.regs(vcpu)?;
+            regs.rflags |= RFLAGS_RF;
+            self.set_regs(vcpu, &regs)?;
+        }
+        vcpus.resume();
         Ok(())
+    }
+
+    /// Arms instruction breakpoints at up to four guest linear addresses on vCPU `vcpu`,
+    /// replacing any armed before; an empty list disarms them and gives the guest back its own
+    /// debug registers. Only while paused or before start. While any is armed, KVM hands
+    /// every #DB of that vCPU to the VMM, so the guest's own hardware breakpoints and
+    /// single-stepping do not work there.
+    pub fn set_hw_breakpoints(&self, vcpu: usize, addrs: &[u64]) -> Result<(), Error> {
+        let debug = debug::hw_breakpoints(addrs)?;
+        self.with_vcpu(vcpu, |fd| fd.set_guest_debug(&debug))?.map_err(kvm_step("KVM_SET_GUEST_DEBUG"))
+    }
+
+    /// Waits up to `timeout` (forever with `None`) for a vCPU to hit an armed breakpoint and
+    /// returns that hit once every vCPU is parked, so registers and memory of all of them can be
+    /// read as they were at the hit. Hits are returned oldest first; two vCPUs hitting at once
+    /// give two events in the same pause. `None` on timeout or when the VM has ended.
+    pub fn wait_debug_event(&self, timeout: Option<Duration>) -> Option<DebugEvent> {
+        let event = self.exit.debug.wait(timeout)?;
+        // The trapping vCPU asked the others to park; make sure they have before returning.
+        if let Some(vcpus) = &self.vcpus {
+            vcpus.pause();
+        }
+        Some(event)
     }
 
     pub fn vcpu_count(&self) -> usize {
@@ -364,6 +413,11 @@ impl Vm {
     /// Reads guest-physical memory.
     pub fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<(), Error> {
         self.mem.read_slice(buf, GuestAddress(gpa)).map_err(|source| Error::GuestMemory { addr: gpa, source })
+    }
+
+    /// Guest RAM, for readers that work on `vm_memory` traits (e.g. a guest page-table walk).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
     }
 
     /// Writes guest-physical memory.
