@@ -4,7 +4,8 @@
 //!             [--vsock-uds PATH] [--vsock-cid 3] [--console-log FILE]
 //!
 //! Exit status: 0 when the guest reset or powered off, 1 on a VMM error, 2 on bad usage,
-//! 3 on a guest kernel panic, 4 on a triple fault, 130 when interrupted (Ctrl-C).
+//! 3 on a guest kernel panic, 4 on a triple fault, 128+N when stopped by signal N (SIGHUP,
+//! SIGINT = Ctrl-C, SIGTERM: 129, 130, 143), after the VM is torn down (vsock socket removed).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,24 +43,34 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<VmConfig, String
     Ok(config)
 }
 
-/// Blocks SIGINT/SIGTERM in every thread (threads inherit the mask) so the main thread can
-/// collect them synchronously and shut the VM down in order.
+/// Blocks SIGHUP (terminal closed), SIGINT (Ctrl-C) and SIGTERM in every thread (threads
+/// inherit the mask) so the main thread can collect them synchronously and shut the VM down
+/// in order; their default action would kill the process and leave the vsock socket behind.
 fn block_termination_signals() -> libc::sigset_t {
     // SAFETY: plain libc signal-set manipulation on a local, zero-initialised set.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
+        for signal in [libc::SIGHUP, libc::SIGINT, libc::SIGTERM] {
+            libc::sigaddset(&mut set, signal);
+        }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
 }
 
-fn termination_requested(set: &libc::sigset_t, wait: Duration) -> bool {
+/// The termination signal that arrived within `wait`, if any.
+fn termination_signal(set: &libc::sigset_t, wait: Duration) -> Option<i32> {
     let timeout = libc::timespec { tv_sec: wait.as_secs() as _, tv_nsec: wait.subsec_nanos() as _ };
     // SAFETY: `set` is a valid signal set; a null siginfo pointer is allowed.
-    unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &timeout) > 0 }
+    let signal = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &timeout) };
+    (signal > 0).then_some(signal)
+}
+
+/// Why the run ended.
+enum Ended {
+    Guest(ExitReason),
+    Signal(i32),
 }
 
 fn main() -> ExitCode {
@@ -82,21 +93,31 @@ fn main() -> ExitCode {
         eprintln!("termlab-vmm: {e}");
         return ExitCode::from(1);
     }
-    let reason = loop {
+    let ended = loop {
         if let Some(reason) = vm.wait_exit(Some(Duration::from_millis(1))) {
-            break reason;
+            break Ended::Guest(reason);
         }
-        if termination_requested(&signals, Duration::from_millis(100)) {
-            break ExitReason::Stopped;
+        if let Some(signal) = termination_signal(&signals, Duration::from_millis(100)) {
+            break Ended::Signal(signal);
         }
     };
     drop(vm);
-    eprintln!("\ntermlab-vmm: VM ended: {reason:?}");
-    ExitCode::from(match reason {
-        ExitReason::Reset | ExitReason::Halted => 0,
-        ExitReason::Panic { .. } => 3,
-        ExitReason::TripleFault => 4,
-        ExitReason::Stopped => 130,
-        ExitReason::VcpuError { .. } => 1,
+    ExitCode::from(match ended {
+        Ended::Signal(signal) => {
+            eprintln!("\ntermlab-vmm: stopped by signal {signal}");
+            // Signal numbers of the blocked set are below 16, so this fits.
+            128 + signal as u8
+        }
+        Ended::Guest(reason) => {
+            eprintln!("\ntermlab-vmm: VM ended: {reason:?}");
+            match reason {
+                ExitReason::Reset | ExitReason::Halted => 0,
+                ExitReason::Panic { .. } => 3,
+                ExitReason::TripleFault => 4,
+                // `Stopped` is recorded only by `Vm::stop`, which this binary calls only after
+                // a signal; seeing it here would be a VMM error.
+                ExitReason::Stopped | ExitReason::VcpuError { .. } => 1,
+            }
+        }
     })
 }

@@ -1,0 +1,207 @@
+//! What the integration tests that boot the real guest share: the guest kernel, the test
+//! initramfs (tests/guest/init.c as /init), re-running a test where KVM can run Linux, scratch
+//! directories, VMM logging, console waits and the hybrid-vsock echo.
+//!
+//! Each test crate uses a different subset of these helpers.
+#![allow(dead_code)]
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use termlab_nested::cpio::CpioWriter;
+use termlab_nested::{ensure_real_kvm_or_reexec_with, KvmPlan, L1Options, NestedMode};
+use termlab_vmm::Vm;
+
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 nokaslr";
+/// Everything runs in software emulation inside L1 here; be generous.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The guest kernel build: $TERMLAB_KERNEL_DIR (scripts/test sets it to the output of
+/// `guest-kernel/build --print-dir`), else the last default kernel built into the cache.
+pub fn kernel_dir() -> PathBuf {
+    let dir = match std::env::var_os("TERMLAB_KERNEL_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let cache = std::env::var_os("TERMLAB_CACHE").map_or_else(|| "/var/cache/termlab".into(), PathBuf::from);
+            cache.join("kernel/default-current")
+        }
+    };
+    assert!(
+        dir.join("bzImage").is_file(),
+        "guest kernel {}/bzImage not found: build it (guest-kernel/build) or point TERMLAB_KERNEL_DIR at \
+         a directory with bzImage and System.map",
+        dir.display()
+    );
+    dir
+}
+
+pub fn kernel() -> PathBuf {
+    kernel_dir().join("bzImage")
+}
+
+/// Address of a symbol in the guest kernel's System.map (the tests boot with `nokaslr`).
+pub fn kernel_symbol(name: &str) -> u64 {
+    let path = kernel_dir().join("System.map");
+    let map = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    map.lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (addr, _kind, symbol) = (fields.next()?, fields.next()?, fields.next()?);
+            (symbol == name).then(|| u64::from_str_radix(addr, 16).ok()).flatten()
+        })
+        .unwrap_or_else(|| panic!("{name} not in {}", path.display()))
+}
+
+/// A directory removed when the test ends, however it ends.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("termlab-vmm-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create scratch dir");
+        Self(path)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The test initramfs, built on the host before any re-execution (compiling inside the
+/// emulated L1 VM would be slow) in cargo's per-target scratch dir, which L1 sees over 9p.
+/// Built once per test process: its tests run in parallel and share it.
+pub fn test_initramfs() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("termlab-vmm-boot");
+            if termlab_nested::is_nested() {
+                return dir.join("initramfs.cpio");
+            }
+            std::fs::create_dir_all(&dir).expect("create initramfs dir");
+            build_initramfs(&dir)
+        })
+        .clone()
+}
+
+/// Compiles the test init statically and packs it with /dev/console into a newc initramfs.
+fn build_initramfs(dir: &Path) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/init.c");
+    let init = dir.join("init");
+    let status = Command::new("cc")
+        .args(["-static", "-O2", "-Wall", "-Werror", "-o"])
+        .arg(&init)
+        .arg(&source)
+        .status()
+        .expect("run cc (apt-get install build-essential)");
+    assert!(status.success(), "compiling {} failed", source.display());
+    let mut cpio = CpioWriter::new(Vec::new());
+    for d in ["/dev", "/proc", "/sys"] {
+        cpio.dir(d).expect("cpio dir");
+    }
+    cpio.char_device("/dev/console", 5, 1).expect("cpio dev");
+    cpio.file("/init", 0o755, &std::fs::read(&init).expect("read init")).expect("cpio init");
+    // Written aside and renamed, so a guest of another test binary never reads half a file.
+    let path = dir.join("initramfs.cpio");
+    let partial = dir.join(format!("initramfs.cpio.{}", std::process::id()));
+    std::fs::write(&partial, cpio.finish().expect("cpio finish")).expect("write initramfs");
+    std::fs::rename(&partial, &path).expect("rename initramfs");
+    path
+}
+
+/// Prints the VMM's log records to stderr when TERMLAB_VMM_LOG=trace|debug (for diagnosing
+/// failures inside L1, where no debugger is at hand).
+struct StderrLogger(log::LevelFilter);
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= self.0
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            eprintln!("[{} {:?}] {}", record.level(), std::time::SystemTime::now(), record.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+pub fn init_logging() {
+    let level = match std::env::var("TERMLAB_VMM_LOG").as_deref() {
+        Ok("trace") => log::LevelFilter::Trace,
+        Ok("debug") => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Warn,
+    };
+    if log::set_logger(Box::leak(Box::new(StderrLogger(level)))).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
+/// True when this process should run the test body. Where /dev/kvm cannot run Linux
+/// (kvm-pvm), runs this one test again inside an L1 VM via termlab-nested, asserts that it
+/// passed there and returns false.
+pub fn run_where_kvm_works(test_name: &str) -> bool {
+    let argv: Vec<OsString> = vec![
+        std::env::current_exe().expect("test binary path").into(),
+        test_name.into(),
+        "--exact".into(),
+        "--nocapture".into(),
+    ];
+    let options = L1Options { mem_mib: 2048, timeout: Duration::from_secs(900), ..L1Options::default() };
+    match ensure_real_kvm_or_reexec_with(NestedMode::Auto, &argv, &options).expect("nested launcher") {
+        KvmPlan::RunHere { nested } => {
+            eprintln!("running with real KVM (nested: {nested})");
+            true
+        }
+        KvmPlan::RanInL1 { exit_code } => {
+            assert_eq!(exit_code, 0, "{test_name} failed inside the L1 VM (its output is above)");
+            false
+        }
+    }
+}
+
+pub fn wait_for(vm: &Vm, marker: &str) {
+    assert!(
+        vm.console().wait_for(marker, STEP_TIMEOUT),
+        "no {marker:?} on the console within {STEP_TIMEOUT:?}; console:\n{}",
+        vm.console().text()
+    );
+}
+
+/// Opens a hybrid-vsock connection to the guest's listener on `guest_port`: connects to the
+/// VMM's socket and sends `CONNECT`. The VMM answers `OK <port>` once the guest accepted.
+pub fn hybrid_connect(uds: &Path, guest_port: u32) -> UnixStream {
+    let stream = UnixStream::connect(uds).expect("connect to the VMM's vsock socket");
+    (&stream).write_all(format!("CONNECT {guest_port}\n").as_bytes()).expect("send CONNECT");
+    stream
+}
+
+/// Waits for the `OK` of a [`hybrid_connect`]ion, then has the guest echo `bytes` bytes of a
+/// pattern back.
+pub fn echo_through_guest(stream: UnixStream, vm: &Vm, bytes: usize) {
+    stream.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut ok = String::new();
+    reader.read_line(&mut ok).expect("read OK line");
+    assert!(ok.starts_with("OK ") && ok.ends_with('\n'), "handshake answer {ok:?}");
+    let pattern: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+    let writer = {
+        let (stream, pattern) = (stream.try_clone().expect("clone"), pattern.clone());
+        std::thread::spawn(move || {
+            (&stream).write_all(&pattern).expect("send pattern");
+            stream.shutdown(std::net::Shutdown::Write).expect("half-close");
+        })
+    };
+    let mut echoed = Vec::new();
+    reader.read_to_end(&mut echoed).expect("read echo");
+    writer.join().expect("writer thread");
+    assert_eq!(echoed.len(), pattern.len(), "echoed byte count; console:\n{}", vm.console().text());
+    assert!(echoed == pattern, "echoed bytes differ from what was sent");
+}
