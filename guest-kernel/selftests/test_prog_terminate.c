@@ -30,6 +30,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bpf_term_info.h"
+
 #ifndef BPF_JCOND
 #define BPF_JCOND 0xe0
 #endif
@@ -435,6 +437,101 @@ static void test_kallsyms(void)
 	close(fd);
 }
 
+/* bpf_prog_info of @fd with the termination fields, arrays sized by the caller. */
+static void get_term_info(int fd, struct termlab_prog_info *info)
+{
+	union bpf_attr attr = {};
+
+	attr.info.bpf_fd = fd;
+	attr.info.info_len = sizeof(*info);
+	attr.info.info = (uintptr_t)info;
+	if (sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &attr, sizeof(attr))) {
+		perror("BPF_OBJ_GET_INFO_BY_FD");
+		exit(1);
+	}
+}
+
+/* Is @addr the address of a bpf_term_* symbol in /proc/kallsyms? */
+static bool kallsyms_has_copy_at(uint64_t addr)
+{
+	char line[512], name[256];
+	unsigned long long sym;
+	bool found = false;
+	FILE *f = fopen("/proc/kallsyms", "r");
+
+	while (f && !found && fgets(line, sizeof(line), f))
+		found = sscanf(line, "%llx %*s %255s", &sym, name) == 2 && sym == addr &&
+			strncmp(name, "bpf_term_", 9) == 0;
+	if (f)
+		fclose(f);
+	return found;
+}
+
+/*
+ * bpf_prog_info reports the copy and both instruction offset maps: one copy
+ * image per JITed function, in kallsyms; one offset per instruction plus an
+ * end entry per function; offsets ascending and inside each image; identical
+ * prologues, so instruction 0 sits at the same offset in both.
+ */
+static void test_prog_info(void)
+{
+	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, subprog_slow_helpers,
+		      sizeof(subprog_slow_helpers) / sizeof(subprog_slow_helpers[0]), "term_info", 0);
+	int plain = load(BPF_PROG_TYPE_SYSCALL, return_zero, 2, "term_plain", BPF_F_SLEEPABLE);
+	struct termlab_prog_info info = {};
+	uint64_t prog_addrs[8], copy_addrs[8];
+	uint32_t prog_lens[8], copy_lens[8], funcs, nr_offs, i, n = 0, bad = 0;
+	struct termlab_term_insn_off *offs;
+
+	get_term_info(fd, &info);
+	funcs = info.nr_term_jited_ksyms;
+	nr_offs = info.nr_term_insn_offs;
+	check(funcs == 3 && funcs == info.base.nr_jited_ksyms, "prog info: one copy image per function",
+	      "%u copy images, %u functions", funcs, info.base.nr_jited_ksyms);
+	check(nr_offs == info.base.xlated_prog_len / 8 + funcs,
+	      "prog info: one offset per instruction and one end per function",
+	      "%u offsets for %u insns", nr_offs, info.base.xlated_prog_len / 8);
+	if (funcs != 3 || !nr_offs || nr_offs > 4096) {
+		close(plain);
+		close(fd);
+		return;
+	}
+	offs = calloc(nr_offs, sizeof(*offs));
+	memset(&info, 0, sizeof(info));
+	info.base.nr_jited_ksyms = info.base.nr_jited_func_lens = funcs;
+	info.base.jited_ksyms = (uintptr_t)prog_addrs;
+	info.base.jited_func_lens = (uintptr_t)prog_lens;
+	info.nr_term_jited_ksyms = funcs;
+	info.term_jited_ksyms = (uintptr_t)copy_addrs;
+	info.term_jited_func_lens = (uintptr_t)copy_lens;
+	info.nr_term_insn_offs = nr_offs;
+	info.term_insn_offs = (uintptr_t)offs;
+	get_term_info(fd, &info);
+	for (i = 0; i < funcs; i++) {
+		uint32_t first = n;
+
+		bad += !kallsyms_has_copy_at(copy_addrs[i]) || copy_addrs[i] == prog_addrs[i];
+		for (; n < nr_offs && offs[n].func == i; n++) {
+			bad += offs[n].insn != n - first;
+			bad += n > first && (offs[n].prog_off < offs[n - 1].prog_off ||
+					     offs[n].copy_off < offs[n - 1].copy_off);
+			bad += offs[n].prog_off > prog_lens[i] || offs[n].copy_off > copy_lens[i];
+		}
+		bad += n == first || offs[first].prog_off != offs[first].copy_off;
+	}
+	check(!bad && n == nr_offs, "prog info: copies in kallsyms, maps ascending inside both images",
+	      "%u inconsistencies, %u of %u entries in order", bad, n, nr_offs);
+	free(offs);
+
+	memset(&info, 0, sizeof(info));
+	get_term_info(plain, &info);
+	check(info.nr_term_jited_ksyms == 0 && info.nr_term_insn_offs == 0,
+	      "prog info: a program without copy reports none", "%u images, %u offsets",
+	      info.nr_term_jited_ksyms, info.nr_term_insn_offs);
+	close(plain);
+	close(fd);
+}
+
 int main(void)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -442,6 +539,7 @@ int main(void)
 	printf("TAP version 13\n");
 	test_errors();
 	test_kallsyms();
+	test_prog_info();
 	test_case1("case 1", two_slow_helpers, 5);
 	test_case1("subprog", subprog_slow_helpers,
 		   sizeof(subprog_slow_helpers) / sizeof(subprog_slow_helpers[0]));
