@@ -9,14 +9,20 @@ use crate::scenario::{Check, EventPoint, EventRef, Expectation, MetricSpec};
 /// The guest-clock timestamp of `event` in one repetition's records.
 fn event_ns(steps: &[StepRecord], event: &EventRef) -> Option<u64> {
     steps.iter().find_map(|step| match step {
-        StepRecord::Trigger { label, start_ns, end_ns, .. } | StepRecord::Terminate { label, start_ns, end_ns, .. }
-            if label.as_str() == event.step.as_str() =>
-        {
-            match event.point {
-                EventPoint::Start => *start_ns,
-                EventPoint::End => *end_ns,
-            }
-        }
+        StepRecord::Trigger { label, start_ns, end_ns, .. } if label.as_str() == event.step.as_str() => match event.point {
+            EventPoint::Start => *start_ns,
+            EventPoint::End => *end_ns,
+            _ => None,
+        },
+        StepRecord::Terminate { label, start_ns, end_ns, kernel, .. } if label.as_str() == event.step.as_str() => match event.point {
+            EventPoint::Start => *start_ns,
+            EventPoint::End => *end_ns,
+            EventPoint::Request => kernel.as_ref().map(|k| k.request_ns),
+            EventPoint::Stopped => kernel.as_ref()?.stopped_ns(),
+            EventPoint::Done => kernel.as_ref()?.done_ns,
+            EventPoint::Returned => kernel.as_ref()?.returned_ns(),
+            EventPoint::HelperReturned => kernel.as_ref()?.helper_returned_ns(),
+        },
         _ => None,
     })
 }
@@ -151,6 +157,30 @@ fn evaluate_one(expectation: &Expectation, repetitions: &[Repetition], dmesg: Op
                 }),
             )
         }
+        Check::KernelCase(want) => {
+            let (step, case, min_frames) = (want.step.get_ref().to_string(), *want.case.get_ref(), want.min_frames);
+            (
+                format!("the kernel traced terminate `{step}` as case {case} on every CPU, ≥ {min_frames} frame(s) rewritten, none lost"),
+                Box::new(move |rep: &Repetition| {
+                    let kernel = rep.steps.iter().find_map(|s| match s {
+                        StepRecord::Terminate { label, kernel, .. } if *label == step => Some(kernel),
+                        _ => None,
+                    });
+                    let Some(kernel) = kernel else { return Err(format!("terminate `{step}` did not run")) };
+                    let Some(kernel) = kernel else { return Err("no bpf:bpf_prog_terminate_request event for the call".to_owned()) };
+                    if kernel.handlers.is_empty() {
+                        return Err("no CPU was stopped (no bpf:bpf_prog_terminate event)".to_owned());
+                    }
+                    let seen: Vec<String> = kernel.handlers.iter().map(|h| format!("cpu{} case {} frames {} lost {}", h.cpu, h.case, h.frames, h.lost)).collect();
+                    let ok = kernel.handlers.iter().all(|h| h.case == case && h.frames >= min_frames && h.lost == 0);
+                    if ok {
+                        Ok(seen.join(", "))
+                    } else {
+                        Err(seen.join(", "))
+                    }
+                }),
+            )
+        }
         Check::TriggerOk(ok) => {
             let step = ok.step.get_ref().to_string();
             (
@@ -278,7 +308,7 @@ dmesg_clean = {}
 
     fn repetition(index: u32, term_start: u64, run_end: u64, cpus: Option<u32>, errno: Option<&str>, second_done: &str) -> Repetition {
         let steps = vec![
-            StepRecord::Terminate { label: "term".into(), prog_id: 7, flags: 0, via: "agent".into(), cpus, errno: errno.map(String::from), start_ns: Some(term_start), end_ns: Some(term_start + 1000) },
+            StepRecord::Terminate { label: "term".into(), prog_id: 7, flags: 0, via: "agent".into(), cpus, errno: errno.map(String::from), start_ns: Some(term_start), end_ns: Some(term_start + 1000), kernel: None },
             StepRecord::Trigger {
                 label: "run".into(),
                 argv: vec!["trigger_loops".into()],

@@ -11,7 +11,7 @@ use thiserror::Error;
 use crate::stats::{Ratios, Summary};
 
 /// Bumped on every incompatible change of [`RunResult`].
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 pub const RESULT_FILE: &str = "result.json";
 pub const CONSOLE_FILE: &str = "console.log";
@@ -170,6 +170,10 @@ pub enum StepRecord {
         /// CLOCK_MONOTONIC ns just before and after the bpf() call.
         start_ns: Option<u64>,
         end_ns: Option<u64>,
+        /// The kernel's trace events of this call (request, handlers,
+        /// returns), when the kernel traced it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kernel: Option<crate::kernel_trace::KernelTermination>,
     },
     Sleep {
         requested_ms: u32,

@@ -20,8 +20,9 @@ use thiserror::Error;
 
 use crate::evaluate::{compute_metrics, evaluate, KernelLog};
 use crate::guest_image::{self, GuestImageError, IPI_RTT_GUEST_PATH};
+use crate::kernel_trace;
 use crate::report::{self, ReportError};
-use crate::results::{self, Environment, Repetition, ResultsError, RunResult, ScenarioRecord, VmInfo, VmmInfo, AGENT_RTT_METRIC, IPI_RTT_METRIC};
+use crate::results::{self, Environment, Repetition, ResultsError, RunResult, ScenarioRecord, StepRecord, VmInfo, VmmInfo, AGENT_RTT_METRIC, IPI_RTT_METRIC};
 use crate::scenario::LoadedScenario;
 use crate::ui::Ui;
 pub use guest::{describe_exit, BootSpec, Guest, CMDLINE};
@@ -247,10 +248,19 @@ fn measure(client: &mut Client<UnixStream>, loaded: &LoadedScenario, repetitions
         programs.push(LoadedProgram { spec, prog_id });
     }
 
+    let traced = crate::scenario::terminates(scenario);
+    if traced {
+        client.write_file(kernel_trace::ENABLE_PATH, b"1\n".to_vec()).map_err(|source| EngineError::Agent { what: "enabling the bpf: trace events (is this a termlab kernel?)".into(), source })?;
+    }
     let mut trace = TraceReader::default();
     let bar = ui.bar(repetitions.into(), &loaded.name);
     for index in 0..repetitions {
-        let steps = run_repetition(client, scenario, &programs, &mut trace)?;
+        let trace_from = if traced { trace.drain(client)? } else { 0 };
+        let mut steps = run_repetition(client, scenario, &programs, &mut trace)?;
+        if traced {
+            trace.drain(client)?;
+            attach_kernel_events(&mut steps, &kernel_trace::parse(trace.since(trace_from)));
+        }
         let mut metrics = compute_metrics(&scenario.metrics, &steps);
         metrics.insert(AGENT_RTT_METRIC.to_owned(), agent_round_trip(client)?);
         if scenario.vm.vcpus.get() >= 2 {
@@ -272,6 +282,15 @@ fn measure(client: &mut Client<UnixStream>, loaded: &LoadedScenario, repetitions
     };
     result.expectations = evaluate(&scenario.expectations, &result.repetitions, log.as_ref());
     Ok(())
+}
+
+/// Gives each terminate record the kernel's events of its call.
+fn attach_kernel_events(steps: &mut [StepRecord], events: &[kernel_trace::TraceEvent]) {
+    for step in steps {
+        if let StepRecord::Terminate { prog_id, start_ns: Some(start), end_ns: Some(end), kernel, .. } = step {
+            *kernel = kernel_trace::find_termination(events, *prog_id, *start, *end);
+        }
+    }
 }
 
 /// The guest kernel log at the end of the run, kept next to result.json.

@@ -36,9 +36,14 @@ impl TraceReader {
     }
 
     /// Everything written so far has been read: the offset new lines start at.
-    fn drain(&mut self, client: &mut Client<UnixStream>) -> Result<usize, EngineError> {
+    pub fn drain(&mut self, client: &mut Client<UnixStream>) -> Result<usize, EngineError> {
         while self.read_available(client)? > 0 {}
         Ok(self.text.len())
+    }
+
+    /// What was read from `offset` (a value `drain` returned) on.
+    pub fn since(&self, offset: usize) -> &str {
+        self.text.get(offset..).unwrap_or_default()
     }
 
     /// Waits until `count` lines after `from` contain `needle`.
@@ -255,7 +260,7 @@ fn terminate_step(client: &mut Client<UnixStream>, step: &TerminateStep, program
                 SyscallResult::Returned(n) => (u32::try_from(n).ok(), None),
                 SyscallResult::Failed(info) => (None, Some(info.name)),
             };
-            Ok(StepRecord::Terminate { label, prog_id, flags, via: "agent".into(), cpus, errno, start_ns: Some(reply.before_ns), end_ns: Some(reply.after_ns) })
+            Ok(StepRecord::Terminate { label, prog_id, flags, via: "agent".into(), cpus, errno, start_ns: Some(reply.before_ns), end_ns: Some(reply.after_ns), kernel: None })
         }
         TerminateVia::Bpftool => {
             let mut argv: Vec<String> = ["bpftool", "prog", "terminate"].map(String::from).to_vec();
@@ -278,7 +283,7 @@ fn terminate_step(client: &mut Client<UnixStream>, step: &TerminateStep, program
             };
             // bpftool's own process start/end: coarser than the agent's
             // timestamps around the bare bpf() call.
-            Ok(StepRecord::Terminate { label, prog_id, flags, via: "bpftool".into(), cpus, errno, start_ns: Some(output.start_ns), end_ns: Some(output.end_ns) })
+            Ok(StepRecord::Terminate { label, prog_id, flags, via: "bpftool".into(), cpus, errno, start_ns: Some(output.start_ns), end_ns: Some(output.end_ns), kernel: None })
         }
     }
 }

@@ -103,6 +103,12 @@ pub fn uses_trace(scenario: &Scenario) -> bool {
     scenario.steps.iter().any(|step| matches!(step, Step::WaitTrace(_)))
 }
 
+/// Whether the scenario terminates anything (then the kernel's termination
+/// events are traced and matched to its terminate steps).
+pub fn terminates(scenario: &Scenario) -> bool {
+    scenario.steps.iter().any(|step| matches!(step, Step::Terminate(_)))
+}
+
 /// Cross-reference checks that serde cannot express.
 fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
     if let Some(verify_stack) = scenario.verify_stack.as_ref().filter(|v| *v.get_ref()) {
@@ -181,8 +187,12 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
     for (i, metric) in scenario.metrics.iter().enumerate() {
         let key = |field: &str| format!("metric[{i}].{field}");
         for (event, field) in [(&metric.from, "from"), (&metric.to, "to")] {
-            if !labels.contains_key(&event.get_ref().step) {
-                return Err(invalid(event, key(field), format!("no step is labelled `{}`", event.get_ref().step)));
+            match labels.get(&event.get_ref().step) {
+                None => return Err(invalid(event, key(field), format!("no step is labelled `{}`", event.get_ref().step))),
+                Some(kind) if event.get_ref().point.is_kernel_trace() && *kind != LabelKind::Terminate => {
+                    return Err(invalid(event, key(field), format!("`{}`: only terminate steps have kernel trace points", event.get_ref())))
+                }
+                Some(_) => {}
             }
         }
         if !metrics.insert(metric.name.get_ref().clone()) {
@@ -223,6 +233,12 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
                 expect_label(&labels, &field.step, &[LabelKind::ForegroundTrigger, LabelKind::BackgroundTrigger], key("trigger_field.step"), "a trigger step")?;
             }
             Check::DmesgClean(_) => {}
+            Check::KernelCase(want) => {
+                expect_label(&labels, &want.step, &[LabelKind::Terminate], key("kernel_case.step"), "a terminate step")?;
+                if !(1..=2).contains(want.case.get_ref()) {
+                    return Err(invalid(&want.case, key("kernel_case.case"), format!("case is 1 (in a helper) or 2 (in BPF text), not {}", want.case.get_ref())));
+                }
+            }
         }
     }
     Ok(())

@@ -259,7 +259,7 @@ pub struct MetricSpec {
     pub to: Spanned<EventRef>,
 }
 
-/// `"<step label>.start"` or `"<step label>.end"`.
+/// `"<step label>.<point>"`: a moment of a step, on the guest's CLOCK_MONOTONIC.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct EventRef {
@@ -269,22 +269,50 @@ pub struct EventRef {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventPoint {
-    /// Trigger: the run began. Terminate: bpf() entered.
+    /// Trigger: the run began. Terminate: bpf() was called (user space).
     Start,
-    /// Trigger: the run returned. Terminate: bpf() returned.
+    /// Trigger: the run returned. Terminate: bpf() returned (user space).
     End,
+    /// Terminate, kernel trace: BPF_PROG_TERMINATE entered.
+    Request,
+    /// Terminate, kernel trace: the handler finished on the last CPU.
+    Stopped,
+    /// Terminate, kernel trace: BPF_PROG_TERMINATE about to return.
+    Done,
+    /// Terminate, kernel trace: the last terminated run returned.
+    Returned,
+    /// Terminate, kernel trace: the interrupted slow helper returned (case 1).
+    HelperReturned,
+}
+
+impl EventPoint {
+    const NAMES: [(&'static str, EventPoint); 7] = [
+        ("start", EventPoint::Start),
+        ("end", EventPoint::End),
+        ("request", EventPoint::Request),
+        ("stopped", EventPoint::Stopped),
+        ("done", EventPoint::Done),
+        ("returned", EventPoint::Returned),
+        ("helper_returned", EventPoint::HelperReturned),
+    ];
+
+    fn name(self) -> &'static str {
+        Self::NAMES.iter().find(|(_, point)| *point == self).map_or("?", |(name, _)| name)
+    }
+
+    /// Points that only a terminate step has (from the kernel's trace).
+    pub fn is_kernel_trace(self) -> bool {
+        !matches!(self, EventPoint::Start | EventPoint::End)
+    }
 }
 
 impl TryFrom<String> for EventRef {
     type Error = String;
     fn try_from(text: String) -> Result<Self, String> {
-        let bad = || format!("`{text}` is not `<step label>.start` or `<step label>.end`");
+        let names: Vec<&str> = EventPoint::NAMES.iter().map(|(name, _)| *name).collect();
+        let bad = || format!("`{text}` is not `<step label>.<point>` with point one of {}", names.join(", "));
         let (step, point) = text.rsplit_once('.').ok_or_else(bad)?;
-        let point = match point {
-            "start" => EventPoint::Start,
-            "end" => EventPoint::End,
-            _ => return Err(bad()),
-        };
+        let point = EventPoint::NAMES.iter().find(|(name, _)| *name == point).map(|(_, p)| *p).ok_or_else(bad)?;
         Ok(EventRef { step: Label::try_from(step.to_owned())?, point })
     }
 }
@@ -297,11 +325,7 @@ impl From<EventRef> for String {
 
 impl fmt::Display for EventRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let point = match self.point {
-            EventPoint::Start => "start",
-            EventPoint::End => "end",
-        };
-        write!(f, "{}.{point}", self.step)
+        write!(f, "{}.{}", self.step, self.point.name())
     }
 }
 
@@ -333,6 +357,9 @@ pub enum Check {
     TriggerField(TriggerFieldCheck),
     /// No WARN/BUG/oops/KASAN/lockdep report appeared in the guest's dmesg.
     DmesgClean(DmesgCheck),
+    /// The kernel's trace of a terminate step shows the intended path:
+    /// every stopped CPU in this case, enough frames rewritten, none lost.
+    KernelCase(KernelCaseCheck),
 }
 
 /// The file form of [`Expectation`].
@@ -350,6 +377,8 @@ pub struct ExpectationTable {
     trigger_field: Option<TriggerFieldCheck>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     dmesg_clean: Option<DmesgCheck>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kernel_case: Option<KernelCaseCheck>,
 }
 
 impl TryFrom<ExpectationTable> for Expectation {
@@ -361,10 +390,11 @@ impl TryFrom<ExpectationTable> for Expectation {
         checks.extend(table.trigger_ok.map(Check::TriggerOk));
         checks.extend(table.trigger_field.map(Check::TriggerField));
         checks.extend(table.dmesg_clean.map(Check::DmesgClean));
+        checks.extend(table.kernel_case.map(Check::KernelCase));
         match (checks.pop(), checks.is_empty()) {
             (Some(check), true) => Ok(Expectation { name: table.name, check }),
             _ => Err(format!(
-                "expectation `{}` needs exactly one of `metric`, `terminate_result`, `trigger_ok`, `trigger_field`, `dmesg_clean`",
+                "expectation `{}` needs exactly one of `metric`, `terminate_result`, `trigger_ok`, `trigger_field`, `dmesg_clean`, `kernel_case`",
                 table.name
             )),
         }
@@ -380,6 +410,7 @@ impl From<Expectation> for ExpectationTable {
             Check::TriggerOk(c) => table.trigger_ok = Some(c),
             Check::TriggerField(c) => table.trigger_field = Some(c),
             Check::DmesgClean(c) => table.dmesg_clean = Some(c),
+            Check::KernelCase(c) => table.kernel_case = Some(c),
         }
         table
     }
@@ -405,6 +436,18 @@ pub struct TerminateResultCheck {
     /// Expected success with exactly this many CPUs signalled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<u32>,
+}
+
+/// `kernel_case = { step = "term", case = 1, min_frames = 1 }`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelCaseCheck {
+    pub step: Spanned<Label>,
+    /// 1: stopped inside a helper; 2: stopped in BPF text.
+    pub case: Spanned<u32>,
+    /// At least this many stack words redirected on each CPU (default 0).
+    #[serde(default)]
+    pub min_frames: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

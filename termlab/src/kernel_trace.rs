@@ -1,0 +1,203 @@
+//! The kernel's own account of each termination: the `bpf:` trace events of
+//! the series (guest-kernel/patches/0006, 0009), parsed from the trace
+//! buffer and matched to the terminate steps that caused them.
+//!
+//! Every event carries `ts_ns`, the guest's CLOCK_MONOTONIC in ns taken in
+//! the kernel where it happened, so metrics between them need no clock
+//! translation and include no user-space overhead:
+//!
+//! ```text
+//!   bpf_prog_terminate_request   BPF_PROG_TERMINATE entered
+//!   bpf_prog_terminate           one CPU moved to the copy (handler done)
+//!   bpf_prog_terminate_done      BPF_PROG_TERMINATE returns
+//!   bpf_termination_demo_delay_done   a slow demo helper returns
+//!   bpf_prog_terminated_return   a terminated run returned
+//! ```
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// tracefs file that enables every `bpf:` event (they are all the series').
+pub const ENABLE_PATH: &str = "/sys/kernel/tracing/events/bpf/enable";
+
+/// One parsed line of the trace buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceEvent {
+    pub cpu: u32,
+    pub name: String,
+    pub fields: BTreeMap<String, String>,
+}
+
+impl TraceEvent {
+    fn field<T: std::str::FromStr>(&self, key: &str) -> Option<T> {
+        self.fields.get(key)?.parse().ok()
+    }
+
+    fn ts_ns(&self) -> Option<u64> {
+        self.field("ts_ns")
+    }
+
+    fn is(&self, name: &str, prog_id: u32) -> bool {
+        self.name == name && self.field::<u32>("prog_id") == Some(prog_id)
+    }
+}
+
+/// Parses `  task-pid  [001] d.h1.  12.345678: event_name: k=v k=v`; lines
+/// of other shapes (bpf_printk output of the demo, headers) are skipped.
+pub fn parse(text: &str) -> Vec<TraceEvent> {
+    text.lines().filter_map(parse_line).collect()
+}
+
+fn parse_line(line: &str) -> Option<TraceEvent> {
+    let open = line.find(" [")?;
+    let close = open + line[open..].find(']')?;
+    let cpu = line[open + 2..close].trim().parse().ok()?;
+    // After the timestamp: "event_name: payload".
+    let rest = &line[close..];
+    let (_, after_ts) = rest.split_once(": ")?;
+    let (name, payload) = after_ts.split_once(": ")?;
+    if name.contains(char::is_whitespace) {
+        return None;
+    }
+    let fields = payload.split_whitespace().filter_map(|pair| pair.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
+    Some(TraceEvent { cpu, name: name.to_owned(), fields })
+}
+
+/// What the kernel reported about one BPF_PROG_TERMINATE call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelTermination {
+    pub request_ns: u64,
+    /// The call's return value (CPUs stopped, or -errno).
+    pub ret: Option<i32>,
+    pub done_ns: Option<u64>,
+    /// One per CPU the handler moved to the copy.
+    pub handlers: Vec<HandlerEvent>,
+    /// The first return of a terminated run on each handler CPU.
+    pub returns: Vec<CpuTime>,
+    /// Case 1: on each CPU that was inside a slow demo helper, when that
+    /// helper returned into the copy.
+    pub helper_returns: Vec<CpuTime>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerEvent {
+    pub cpu: u32,
+    /// 1: the CPU was in a helper; 2: in BPF text.
+    pub case: u32,
+    /// Stack words redirected into the copy.
+    pub frames: u32,
+    /// Old-image addresses without an equivalent in the copy.
+    pub lost: u32,
+    pub ts_ns: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuTime {
+    pub cpu: u32,
+    pub ts_ns: u64,
+}
+
+impl KernelTermination {
+    /// The last CPU's handler finished: the mechanism is done.
+    pub fn stopped_ns(&self) -> Option<u64> {
+        self.handlers.iter().map(|h| h.ts_ns).max()
+    }
+
+    /// The last terminated run returned.
+    pub fn returned_ns(&self) -> Option<u64> {
+        self.returns.iter().map(|r| r.ts_ns).max()
+    }
+
+    /// The last interrupted helper returned (case 1 only).
+    pub fn helper_returned_ns(&self) -> Option<u64> {
+        self.helper_returns.iter().map(|r| r.ts_ns).max()
+    }
+}
+
+/// Finds the events of the terminate call on `prog_id` that user space made
+/// between `called_ns` and `returned_ns` (its own CLOCK_MONOTONIC stamps
+/// around bpf()). `None` when the kernel traced no such request.
+pub fn find_termination(events: &[TraceEvent], prog_id: u32, called_ns: u64, returned_ns: u64) -> Option<KernelTermination> {
+    // Per-CPU trace buffers are merged by the trace clock, which need not
+    // agree across CPUs: order by the events' own CLOCK_MONOTONIC stamps.
+    let request_ns = events.iter().filter(|e| e.is("bpf_prog_terminate_request", prog_id)).filter_map(TraceEvent::ts_ns).find(|t| (called_ns..=returned_ns).contains(t))?;
+    let after: Vec<&TraceEvent> = events.iter().filter(|e| e.ts_ns().is_some_and(|t| t >= request_ns)).collect();
+    let done = after.iter().copied().filter(|e| e.is("bpf_prog_terminate_done", prog_id)).min_by_key(|e| e.ts_ns());
+    let done_ns = done.and_then(TraceEvent::ts_ns);
+    let handlers: Vec<HandlerEvent> = after
+        .iter()
+        .filter(|e| e.is("bpf_prog_terminate", prog_id) && e.ts_ns().is_some_and(|t| done_ns.is_none_or(|d| t <= d)))
+        .filter_map(|e| Some(HandlerEvent { cpu: e.cpu, case: e.field("case")?, frames: e.field("frames")?, lost: e.field("lost")?, ts_ns: e.ts_ns()? }))
+        .collect();
+    let mut returns = Vec::new();
+    let mut helper_returns = Vec::new();
+    for handler in &handlers {
+        let on_cpu = || after.iter().filter(|e| e.cpu == handler.cpu).filter_map(|e| Some((e, e.ts_ns()?))).filter(|(_, t)| *t >= handler.ts_ns);
+        let Some(ret) = on_cpu().filter(|(e, _)| e.is("bpf_prog_terminated_return", prog_id)).map(|(_, t)| t).min() else { continue };
+        returns.push(CpuTime { cpu: handler.cpu, ts_ns: ret });
+        if handler.case == 1 {
+            let helper = on_cpu().filter(|(e, t)| e.name == "bpf_termination_demo_delay_done" && *t <= ret).map(|(_, t)| t).max();
+            helper_returns.extend(helper.map(|ts_ns| CpuTime { cpu: handler.cpu, ts_ns }));
+        }
+    }
+    Some(KernelTermination { request_ns, ret: done.and_then(|e| e.field("ret")), done_ns, handlers, returns, helper_returns })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Lines as the patched 6.12 kernel prints them (taken from a guest run).
+    const CASE1: &str = "\
+ agent-61      [000] .....    20.100000: bpf_prog_terminate_request: prog_id=7 flags=0x0 ts_ns=20100000100
+ trigger-70    [001] d.h1.    20.100020: bpf_prog_terminate: prog_id=7 case=1 frames=1 lost=0 reason=request ts_ns=20100020000
+ agent-61      [000] .....    20.100030: bpf_prog_terminate_done: prog_id=7 ret=1 ts_ns=20100030000
+ trigger-70    [001] ...11    20.900000: bpf_trace_printk: loops: second slow helper call
+ trigger-70    [001] ...11    20.800000: bpf_termination_demo_delay_done: delay_ms=1000 ts_ns=20800000000
+ trigger-70    [001] ...11    20.800010: bpf_prog_terminated_return: prog_id=7 ts_ns=20800010000
+";
+
+    #[test]
+    fn parses_event_lines_and_skips_others() {
+        let events = parse("# tracer: nop\n#\n".to_owned().as_str());
+        assert!(events.is_empty());
+        let events = parse(CASE1);
+        assert_eq!(events.len(), 6);
+        assert_eq!(events[1].cpu, 1);
+        assert_eq!(events[1].name, "bpf_prog_terminate");
+        assert_eq!(events[1].fields["frames"], "1");
+        assert_eq!(events[3].name, "bpf_trace_printk");
+    }
+
+    #[test]
+    fn matches_a_case1_termination_with_its_helper_return() {
+        let events = parse(CASE1);
+        let t = find_termination(&events, 7, 20_100_000_000, 20_100_040_000).expect("found");
+        assert_eq!(t.request_ns, 20_100_000_100);
+        assert_eq!(t.ret, Some(1));
+        assert_eq!(t.stopped_ns(), Some(20_100_020_000));
+        assert_eq!(t.helper_returned_ns(), Some(20_800_000_000));
+        assert_eq!(t.returned_ns(), Some(20_800_010_000));
+        assert_eq!(t.handlers[0].case, 1);
+    }
+
+    #[test]
+    fn a_request_outside_the_call_window_or_of_another_program_is_not_matched() {
+        let events = parse(CASE1);
+        assert!(find_termination(&events, 7, 20_200_000_000, 20_300_000_000).is_none());
+        assert!(find_termination(&events, 8, 20_100_000_000, 20_100_040_000).is_none());
+    }
+
+    #[test]
+    fn a_failed_request_has_no_handlers() {
+        let text = " agent-61 [000] ..... 5.0: bpf_prog_terminate_request: prog_id=3 flags=0x0 ts_ns=5000\n agent-61 [000] ..... 5.0: bpf_prog_terminate_done: prog_id=3 ret=-3 ts_ns=6000\n";
+        let t = find_termination(&parse(text), 3, 4000, 7000).expect("found");
+        assert_eq!(t.ret, Some(-3));
+        assert!(t.handlers.is_empty() && t.returns.is_empty());
+        assert_eq!(t.stopped_ns(), None);
+    }
+}

@@ -1,0 +1,310 @@
+//! Checking a termination's stack rewrite from outside the guest (issue 6).
+//!
+//! The VMM stops the vCPU at the entry of the kernel's termination handler
+//! (`bpf_die`) and again when it returns, and reads the interrupted context
+//! each time: its saved IP and every word from its stack pointer to the top
+//! of its stack. This module judges the two snapshots against the kernel's
+//! own instruction map of the program and its termination copy (printed in
+//! the guest by `prog_term_map`, from `bpf_prog_info`):
+//!
+//! * before: at least one word (or the IP) points into the original image,
+//!   else the rewrite was not exercised and nothing is proven;
+//! * after: no word points into the original image;
+//! * every word that changed was an original-image address and became
+//!   exactly the copy address the map predicts; every other word is
+//!   byte-identical;
+//! * case 2 (IP in BPF text): the IP moved to the predicted copy address;
+//!   case 1 (IP in a helper): the IP is unchanged.
+//!
+//! The prediction re-implements the kernel's rule from the map alone, so a
+//! wrong translation in the kernel shows up as a mismatch here.
+
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+
+/// The kernel's instruction map of one program, as `prog_term_map` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TermMap {
+    pub prog_id: u32,
+    pub funcs: Vec<FuncMap>,
+}
+
+/// One JITed function of the program and of its copy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FuncMap {
+    pub prog_addr: u64,
+    pub prog_len: u32,
+    pub copy_addr: u64,
+    pub copy_len: u32,
+    /// `[offset in the program, offset in the copy]` where each instruction
+    /// starts; the last entry is where the last instruction ends.
+    pub insn_offs: Vec<[u32; 2]>,
+}
+
+/// Where an address points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum AddrClass {
+    /// Into function `func` of the original program.
+    Original { func: usize, offset: u32 },
+    /// Into function `func` of the termination copy.
+    Copy { func: usize, offset: u32 },
+    KernelText,
+    Other,
+}
+
+impl AddrClass {
+    fn is_original(self) -> bool {
+        matches!(self, AddrClass::Original { .. })
+    }
+}
+
+impl TermMap {
+    pub fn classify(&self, addr: u64, kernel_text: &Range<u64>) -> AddrClass {
+        for (func, f) in self.funcs.iter().enumerate() {
+            if let Some(offset) = offset_in(addr, f.prog_addr, f.prog_len) {
+                return AddrClass::Original { func, offset };
+            }
+            if let Some(offset) = offset_in(addr, f.copy_addr, f.copy_len) {
+                return AddrClass::Copy { func, offset };
+            }
+        }
+        if kernel_text.contains(&addr) {
+            AddrClass::KernelText
+        } else {
+            AddrClass::Other
+        }
+    }
+
+    /// The copy address that original-image address `addr` must become, by
+    /// the kernel's rule: prologue offsets map to themselves; the start of
+    /// instruction k maps to the start of k in the copy (every return
+    /// address is such a start); an address inside instruction k keeps its
+    /// offset into k if k's native code is the same in both images
+    /// (`same_code(func, k)`), else k restarts. `None`: no equivalent.
+    pub fn predict(&self, addr: u64, same_code: &dyn Fn(usize, usize) -> bool) -> Option<u64> {
+        let (func, f) = self.funcs.iter().enumerate().find(|(_, f)| offset_in(addr, f.prog_addr, f.prog_len).is_some())?;
+        let offset = (addr - f.prog_addr) as u32;
+        let offs = &f.insn_offs;
+        let (first, last) = (offs.first()?, offs.last()?);
+        if offset < first[0] {
+            return Some(f.copy_addr + u64::from(offset));
+        }
+        if offset >= last[0] {
+            return None;
+        }
+        // Largest k with prog offset <= offset (offsets ascend).
+        let k = offs.partition_point(|o| o[0] <= offset) - 1;
+        let delta = offset - offs[k][0];
+        let copy_start = f.copy_addr + u64::from(offs[k][1]);
+        if delta == 0 || !same_code(func, k) {
+            return Some(copy_start);
+        }
+        let copy_insn_len = offs.get(k + 1)?[1] - offs[k][1];
+        (delta < copy_insn_len).then(|| copy_start + u64::from(delta))
+    }
+
+    /// Where instruction `insn` of function `func` is in the program and in
+    /// the copy: `(program range, copy range)`, for comparing their code.
+    pub fn insn_code(&self, func: usize, insn: usize) -> Option<(Range<u64>, Range<u64>)> {
+        let f = self.funcs.get(func)?;
+        let (start, end) = (f.insn_offs.get(insn)?, f.insn_offs.get(insn + 1)?);
+        let range = |base: u64, a: u32, b: u32| base + u64::from(a)..base + u64::from(b);
+        Some((range(f.prog_addr, start[0], end[0]), range(f.copy_addr, start[1], end[1])))
+    }
+}
+
+fn offset_in(addr: u64, base: u64, len: u32) -> Option<u32> {
+    addr.checked_sub(base).filter(|&offset| offset < u64::from(len)).map(|offset| offset as u32)
+}
+
+/// The interrupted context of one vCPU, as read from guest memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StackSnapshot {
+    /// Saved instruction pointer (pt_regs->ip).
+    pub ip: u64,
+    /// Guest virtual address of `words[0]` (the interrupted stack pointer).
+    pub sp: u64,
+    pub words: Vec<u64>,
+}
+
+/// One stack slot, before and after the handler.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WordRow {
+    pub addr: u64,
+    pub before: u64,
+    pub after: u64,
+    pub before_class: AddrClass,
+    pub after_class: AddrClass,
+    /// For an original-image word: the copy address the map predicts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted: Option<u64>,
+}
+
+/// The verdict on one CPU's rewrite.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StackVerdict {
+    /// 1: the IP was outside the program (in a helper); 2: in BPF text.
+    pub case: u32,
+    pub ip_before: u64,
+    pub ip_after: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_predicted: Option<u64>,
+    /// Original-image words before / after, words rewritten.
+    pub original_before: usize,
+    pub original_after: usize,
+    pub rewritten: usize,
+    /// Only the slots that matter: every code address, and every changed word.
+    pub rows: Vec<WordRow>,
+    /// Empty when the rewrite is proven correct.
+    pub problems: Vec<String>,
+}
+
+impl StackVerdict {
+    pub fn passed(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Judges one CPU's snapshots; see the module documentation for the rules.
+/// `symbolize` names addresses in the problems it reports.
+pub fn verify(before: &StackSnapshot, after: &StackSnapshot, map: &TermMap, kernel_text: &Range<u64>, same_code: &dyn Fn(usize, usize) -> bool, symbolize: &dyn Fn(u64) -> String) -> StackVerdict {
+    let mut problems = Vec::new();
+    if before.sp != after.sp || before.words.len() != after.words.len() {
+        problems.push(format!("the interrupted stack moved between the snapshots (sp {:#x} -> {:#x}, {} -> {} words)", before.sp, after.sp, before.words.len(), after.words.len()));
+    }
+    let classify = |addr| map.classify(addr, kernel_text);
+    let ip_class = classify(before.ip);
+    let case = if ip_class.is_original() { 2 } else { 1 };
+    let ip_predicted = ip_class.is_original().then(|| map.predict(before.ip, same_code)).flatten();
+    match (case, ip_predicted) {
+        (2, Some(predicted)) if after.ip != predicted => problems.push(format!("saved IP {} became {}, not the predicted {}", symbolize(before.ip), symbolize(after.ip), symbolize(predicted))),
+        (2, None) => problems.push(format!("saved IP {} has no equivalent in the copy", symbolize(before.ip))),
+        (1, _) if after.ip != before.ip => problems.push(format!("case 1: saved IP changed from {} to {}", symbolize(before.ip), symbolize(after.ip))),
+        _ => {}
+    }
+
+    let mut rows = Vec::new();
+    let (mut original_before, mut original_after, mut rewritten) = (0, 0, 0);
+    for (i, (&old, &new)) in before.words.iter().zip(&after.words).enumerate() {
+        let addr = before.sp + 8 * i as u64;
+        let (before_class, after_class) = (classify(old), classify(new));
+        let predicted = before_class.is_original().then(|| map.predict(old, same_code)).flatten();
+        original_before += usize::from(before_class.is_original());
+        original_after += usize::from(after_class.is_original());
+        if old != new {
+            rewritten += 1;
+            match predicted {
+                _ if !before_class.is_original() => problems.push(format!("slot {addr:#x} changed but did not point into the program: {} -> {}", symbolize(old), symbolize(new))),
+                Some(p) if p != new => problems.push(format!("slot {addr:#x}: {} became {}, not the predicted {}", symbolize(old), symbolize(new), symbolize(p))),
+                _ => {}
+            }
+        }
+        if after_class.is_original() {
+            problems.push(format!("slot {addr:#x} still points into the original program after the handler: {}", symbolize(new)));
+        }
+        if old != new || !matches!(before_class, AddrClass::Other) || !matches!(after_class, AddrClass::Other) {
+            rows.push(WordRow { addr, before: old, after: new, before_class, after_class, predicted });
+        }
+    }
+    if original_before == 0 && !ip_class.is_original() {
+        problems.push("before the handler neither the saved IP nor any stack word pointed into the program: the rewrite was not exercised".to_owned());
+    }
+    StackVerdict { case, ip_before: before.ip, ip_after: after.ip, ip_predicted, original_before, original_after, rewritten, rows, problems }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: Range<u64> = 0xffff_ffff_8100_0000..0xffff_ffff_8200_0000;
+    const HELPER: u64 = 0xffff_ffff_8110_0000;
+    const PROG: u64 = 0xffff_ffff_a000_0000;
+    const COPY: u64 = 0xffff_ffff_a000_1000;
+
+    /// Prologue of 0x10 bytes; insn 0 at 0x10 (call, 5 bytes in the
+    /// program, a 7-byte mov in the copy); insn 1 at 0x15/0x17; end.
+    fn map() -> TermMap {
+        TermMap { prog_id: 1, funcs: vec![FuncMap { prog_addr: PROG, prog_len: 0x40, copy_addr: COPY, copy_len: 0x40, insn_offs: vec![[0x10, 0x10], [0x15, 0x17], [0x20, 0x22]] }] }
+    }
+
+    fn same_code(_: usize, insn: usize) -> bool {
+        insn != 0
+    }
+
+    fn snap(ip: u64, words: &[u64]) -> StackSnapshot {
+        StackSnapshot { ip, sp: 0xffff_c900_0000_3f00, words: words.to_vec() }
+    }
+
+    fn run(before: &StackSnapshot, after: &StackSnapshot) -> StackVerdict {
+        verify(before, after, &map(), &TEXT, &same_code, &|a| format!("{a:#x}"))
+    }
+
+    #[test]
+    fn predicts_like_the_kernel() {
+        let m = map();
+        assert_eq!(m.predict(PROG + 0x4, &same_code), Some(COPY + 0x4), "prologue maps to itself");
+        assert_eq!(m.predict(PROG + 0x15, &same_code), Some(COPY + 0x17), "return address: start of the next insn");
+        assert_eq!(m.predict(PROG + 0x12, &same_code), Some(COPY + 0x10), "inside a rewritten insn: restart it");
+        assert_eq!(m.predict(PROG + 0x18, &same_code), Some(COPY + 0x1a), "inside an unchanged insn: same offset");
+        assert_eq!(m.predict(PROG + 0x30, &same_code), None, "past the last insn: no equivalent");
+        assert_eq!(m.predict(HELPER, &same_code), None);
+    }
+
+    #[test]
+    fn a_correct_case1_rewrite_passes_with_its_rows() {
+        let before = snap(HELPER, &[7, PROG + 0x15, HELPER + 8, 9]);
+        let after = snap(HELPER, &[7, COPY + 0x17, HELPER + 8, 9]);
+        let v = run(&before, &after);
+        assert!(v.passed(), "{:?}", v.problems);
+        assert_eq!((v.case, v.original_before, v.original_after, v.rewritten), (1, 1, 0, 1));
+        assert_eq!(v.rows.len(), 2, "the rewritten slot and the kernel-text slot");
+    }
+
+    #[test]
+    fn a_skipped_frame_is_caught_and_named() {
+        let before = snap(HELPER, &[PROG + 0x15, PROG + 0x20 - 0x0b]);
+        let after = snap(HELPER, &[PROG + 0x15, COPY + 0x17]);
+        let v = run(&before, &after);
+        assert!(!v.passed());
+        assert!(v.problems.iter().any(|p| p.contains("still points into the original program") && p.contains(&format!("{:#x}", PROG + 0x15))), "{:?}", v.problems);
+    }
+
+    #[test]
+    fn a_wrong_target_or_a_stray_write_is_caught() {
+        let before = snap(HELPER, &[PROG + 0x15, 5]);
+        let after = snap(HELPER, &[COPY + 0x15, 6]);
+        let v = run(&before, &after);
+        assert!(v.problems.iter().any(|p| p.contains("not the predicted")), "{:?}", v.problems);
+        assert!(v.problems.iter().any(|p| p.contains("did not point into the program")), "{:?}", v.problems);
+    }
+
+    #[test]
+    fn case2_moves_the_ip_and_case1_keeps_it() {
+        let v = run(&snap(PROG + 0x18, &[]), &snap(COPY + 0x1a, &[]));
+        assert!(v.passed() && v.case == 2, "{:?}", v.problems);
+        let v = run(&snap(PROG + 0x18, &[]), &snap(PROG + 0x18, &[]));
+        assert!(!v.passed());
+        let v = run(&snap(HELPER, &[PROG + 0x15]), &snap(HELPER + 1, &[COPY + 0x17]));
+        assert!(v.problems.iter().any(|p| p.contains("saved IP changed")));
+    }
+
+    #[test]
+    fn nothing_into_the_program_is_not_a_pass() {
+        let v = run(&snap(HELPER, &[1, 2]), &snap(HELPER, &[1, 2]));
+        assert!(v.problems.iter().any(|p| p.contains("not exercised")));
+    }
+
+    #[test]
+    fn parses_prog_term_map_output() {
+        let line = r#"{"prog_id":7,"funcs":[{"prog_addr":18446744072099905536,"prog_len":96,"copy_addr":18446744072099909632,"copy_len":90,"insn_offs":[[16,16],[21,23]]}]}"#;
+        let m: TermMap = serde_json::from_str(line).expect("parses");
+        assert_eq!(m.funcs[0].insn_offs[1], [21, 23]);
+    }
+}
