@@ -1,7 +1,8 @@
 //! The VM lifecycle around a real guest (the kernel and init of tests/boot.rs): a guest triple
 //! fault ends the VM as `TripleFault`; a paused guest shows every vCPU in kernel text, lets the
-//! host read its memory and set registers, and goes on after resume; the `termlab-vmm` binary
-//! stops promptly on SIGINT and SIGTERM and leaves nothing behind.
+//! host read its memory and set registers, and goes on after resume; guest vector registers
+//! survive context switches on every vCPU while the host keeps pausing the VM; the
+//! `termlab-vmm` binary stops promptly on SIGINT and SIGTERM and leaves nothing behind.
 //!
 //! Like tests/boot.rs, each test re-runs itself inside an L1 VM where /dev/kvm cannot run Linux.
 
@@ -128,6 +129,46 @@ fn pause_with_every_vcpu_in_kernel(vm: &Vm, kernel_text: &Range<u64>) -> Vec<kvm
         std::thread::sleep(Duration::from_millis(100));
     }
     panic!("no pause found every vCPU in the kernel (text {kernel_text:x?})");
+}
+
+#[test]
+fn vector_registers_survive_context_switches_and_host_pauses() {
+    let name = "vector_registers_survive_context_switches_and_host_pauses";
+    init_logging();
+    test_initramfs();
+    if !run_where_kvm_works(name) {
+        return;
+    }
+    // init's stress workers yield to each other in a syscall loop on both vCPUs, so the
+    // guest saves and restores their vector registers (XSAVE when XCR0 is right) all the
+    // time, while the host keeps pausing the VM and reading every vCPU.
+    let cmdline = format!("{BASE_CMDLINE} termlab.stress=15 termlab.end=reboot");
+    let mut vm = Vm::new(vm_config(&cmdline, None)).expect("create VM");
+    vm.start().expect("start VM");
+    wait_for(&vm, "STRESS-VECTORS=");
+    let mut pauses = 0;
+    while !vm.console().wait_for("STRESS-DONE", Duration::from_millis(50)) {
+        assert!(vm.wait_exit(Some(Duration::ZERO)).is_none(), "console:\n{}", vm.console().text());
+        vm.pause().expect("pause");
+        for vcpu in 0..vm.vcpu_count() {
+            vm.regs(vcpu).expect("read registers");
+        }
+        vm.resume().expect("resume");
+        pauses += 1;
+    }
+    assert_eq!(vm.wait_exit(Some(STEP_TIMEOUT)), Some(ExitReason::Reset), "console:\n{}", vm.console().text());
+    let console = vm.console().text();
+    let done = console.lines().find(|l| l.starts_with("STRESS-DONE")).map(str::trim_end).unwrap_or_default();
+    eprintln!("{done} with {pauses} host pauses");
+    assert!(done.contains(" failed=0 ") && !done.ends_with(" rounds=0"), "console:\n{console}");
+    // Where the CPU has AVX, the guest must have been able to enable it: it cannot without
+    // XSAVE, which Linux turns off when CPUID leaf 0xd disagrees with XCR0.
+    if std::arch::is_x86_feature_detected!("avx") {
+        assert!(console.contains("STRESS-VECTORS=avx"), "console:\n{console}");
+    }
+    for problem in ["WARNING:", "BUG:", "Oops", "double fault", "TERMLAB-ERROR"] {
+        assert!(!console.contains(problem), "the guest logged {problem:?}; console:\n{console}");
+    }
 }
 
 #[test]

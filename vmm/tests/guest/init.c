@@ -5,19 +5,30 @@
  *   termlab.host_port=P     connect to the host (CID 2) port P, send a line, print the reply
  *   termlab.listen_port=Q   listen on port Q before that; echo everything one host client
  *                           sends until it closes
+ *   termlab.stress=S        for S seconds, two workers per CPU yield to each other in a
+ *                           syscall loop with a pattern in the vector registers (AVX when
+ *                           the kernel enabled it, else SSE), checking it after every 1000
+ *                           rounds: the kernel must save and restore it on every switch
  *   termlab.end=reboot|panic  reboot(RB_AUTOBOOT) like `reboot -f`, or exit PID 1, which
  *                           panics the kernel ("Attempted to kill init!"); the guest config
  *                           has no CONFIG_MAGIC_SYSRQ, so /proc/sysrq-trigger is unavailable.
  * Markers (one line each): TERMLAB-INIT-RAN, CPUS-ONLINE=<n>, VSOCK-LISTENING=<Q>,
- * GUEST-GOT=<reply>, VSOCK-ECHOED=<bytes>, TERMLAB-ERROR=<what>.
+ * GUEST-GOT=<reply>, VSOCK-ECHOED=<bytes>, STRESS-VECTORS=avx|sse,
+ * STRESS-DONE workers=<n> failed=<n> rounds=<n>, TERMLAB-ERROR=<what>.
  */
+#define _GNU_SOURCE
 #include <errno.h>
+#include <sched.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 #include <linux/vm_sockets.h>
 
@@ -146,6 +157,116 @@ static void echo_one_client(int listener)
 	close(fd);
 }
 
+/*
+ * Loads ymm0-15 (or xmm0-15) from `in`, calls sched_yield `rounds` times with nothing but
+ * the syscall touching registers, and stores the registers to `out`.
+ */
+#define AVX_LOAD(i) "vmovdqu " #i "*32(%[in]), %%ymm" #i "\n"
+#define AVX_STORE(i) "vmovdqu %%ymm" #i ", " #i "*32(%[out])\n"
+#define SSE_LOAD(i) "movdqu " #i "*16(%[in]), %%xmm" #i "\n"
+#define SSE_STORE(i) "movdqu %%xmm" #i ", " #i "*16(%[out])\n"
+#define SIXTEEN(m) m(0) m(1) m(2) m(3) m(4) m(5) m(6) m(7) m(8) m(9) m(10) m(11) m(12) m(13) m(14) m(15)
+#define YIELD_LOOP "1: mov %[nr], %%eax\n syscall\n dec %[n]\n jnz 1b\n"
+#define VECTOR_CLOBBERS "rax", "rcx", "r11", "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", \
+	"xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15"
+
+__attribute__((target("avx"))) static void yield_keeping_ymm(unsigned long rounds, const uint8_t *in, uint8_t *out)
+{
+	asm volatile(SIXTEEN(AVX_LOAD) YIELD_LOOP SIXTEEN(AVX_STORE) "vzeroupper\n"
+		     : [n] "+r"(rounds)
+		     : [in] "r"(in), [out] "r"(out), [nr] "i"(SYS_sched_yield)
+		     : VECTOR_CLOBBERS);
+}
+
+static void yield_keeping_xmm(unsigned long rounds, const uint8_t *in, uint8_t *out)
+{
+	asm volatile(SIXTEEN(SSE_LOAD) YIELD_LOOP SIXTEEN(SSE_STORE)
+		     : [n] "+r"(rounds)
+		     : [in] "r"(in), [out] "r"(out), [nr] "i"(SYS_sched_yield)
+		     : VECTOR_CLOBBERS);
+}
+
+/* One worker pinned to `cpu`: returns 0 if the registers always came back intact. */
+static int stress_worker(int cpu, int worker, int avx, double seconds, unsigned long *rounds)
+{
+	enum { CHUNK = 1000 };
+	uint8_t in[16 * 32], out[16 * 32];
+	size_t len = avx ? 16 * 32 : 16 * 16;
+	cpu_set_t set;
+	struct timespec start, now;
+
+	CPU_ZERO(&set);
+	CPU_SET(cpu, &set);
+	if (sched_setaffinity(0, sizeof(set), &set) < 0) {
+		fail("sched_setaffinity");
+		return 1;
+	}
+	clock_gettime(CLOCK_MONOTONIC, &start);
+	*rounds = 0;
+	do {
+		/* A pattern unique to this worker and chunk, so another task's state shows. */
+		for (size_t i = 0; i < len; i++)
+			in[i] = (uint8_t)(i * 7 + worker * 31 + *rounds / CHUNK);
+		if (avx)
+			yield_keeping_ymm(CHUNK, in, out);
+		else
+			yield_keeping_xmm(CHUNK, in, out);
+		*rounds += CHUNK;
+		if (memcmp(in, out, len) != 0) {
+			printf("TERMLAB-ERROR=vector registers of worker %d on CPU %d changed after %lu rounds\n",
+			       worker, cpu, *rounds);
+			return 1;
+		}
+		clock_gettime(CLOCK_MONOTONIC, &now);
+	} while ((now.tv_sec - start.tv_sec) + (now.tv_nsec - start.tv_nsec) / 1e9 < seconds);
+	return 0;
+}
+
+static void stress(double seconds)
+{
+	int cpus = count_online_cpus();
+	int avx = __builtin_cpu_supports("avx");
+	int workers = 0, failed = 0;
+	unsigned long total = 0;
+	int pipes[2];
+
+	printf("STRESS-VECTORS=%s\n", avx ? "avx" : "sse");
+	fflush(stdout);
+	if (pipe(pipes) < 0) {
+		fail("pipe");
+		return;
+	}
+	for (int cpu = 0; cpu < cpus; cpu++) {
+		for (int i = 0; i < 2; i++) {
+			pid_t pid = fork();
+			if (pid < 0) {
+				fail("fork");
+				continue;
+			}
+			if (pid == 0) {
+				unsigned long rounds;
+				int rc = stress_worker(cpu, workers, avx, seconds, &rounds);
+				if (write(pipes[1], &rounds, sizeof(rounds)) != sizeof(rounds))
+					rc = 1;
+				fflush(stdout);
+				_exit(rc);
+			}
+			workers++;
+		}
+	}
+	close(pipes[1]);
+	for (int i = 0; i < workers; i++) {
+		int status;
+		if (wait(&status) < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+			failed++;
+	}
+	for (unsigned long rounds; read(pipes[0], &rounds, sizeof(rounds)) == sizeof(rounds);)
+		total += rounds;
+	close(pipes[0]);
+	printf("STRESS-DONE workers=%d failed=%d rounds=%lu\n", workers, failed, total);
+	fflush(stdout);
+}
+
 int main(void)
 {
 	char value[64];
@@ -166,6 +287,8 @@ int main(void)
 		connect_to_host(strtoul(value, NULL, 10));
 	if (listener >= 0)
 		echo_one_client(listener);
+	if (param("stress", value, sizeof(value)))
+		stress(strtod(value, NULL));
 
 	if (param("end", value, sizeof(value)) && strcmp(value, "panic") == 0) {
 		printf("TERMLAB-PANICKING\n");
