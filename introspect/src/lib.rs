@@ -8,31 +8,34 @@
 //! - [`context`]: per-CPU variables, the interrupted `pt_regs` behind `__irq_regs`, and
 //!   stack words up to the top of a stack.
 //!
-//! The VMM stops vCPUs at hardware breakpoints (`Vm::set_hw_breakpoints`,
-//! `Vm::wait_debug_event`); this crate reads what they stopped on through `Vm::memory()` and
-//! `Vm::sregs()`. It knows nothing of BPF beyond the kallsyms line format.
+//! The VMM stops vCPUs at breakpoints (`Vm::set_breakpoints`, `Vm::wait_debug_event`); this
+//! crate places them by virtual address ([`paging::PageTables::breakpoint`]) and reads what
+//! they stopped on through `Vm::memory()` and `Vm::sregs()`. It knows nothing of BPF beyond
+//! the kallsyms line format.
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use termlab_introspect::{context::KernelCpu, symbols::SymbolTable};
+//! use termlab_introspect::context::{read_stack, task_stack_top, KernelCpu};
+//! use termlab_introspect::paging::PageTables;
+//! use termlab_introspect::symbols::SymbolTable;
 //! # fn demo(vm: &termlab_vmm::Vm, system_map: &str) -> Result<(), Box<dyn std::error::Error>> {
 //! let symbols = SymbolTable::parse(system_map)?;
 //! let target = symbols.addr("__x64_sys_getppid").ok_or("no such symbol")?;
 //! vm.pause()?;
-//! for vcpu in 0..vm.vcpu_count() {
-//!     vm.set_hw_breakpoints(vcpu, &[target])?;
-//! }
+//! // Every address space maps the kernel alike (no PTI in the guest config).
+//! let tables = PageTables::from_sregs(&vm.sregs(0)?)?;
+//! vm.set_breakpoints(&[tables.breakpoint(vm.memory(), target)?])?;
 //! vm.resume()?;
 //! if let Some(hit) = vm.wait_debug_event(Some(Duration::from_secs(60))) {
 //!     let cpu = KernelCpu::of_vcpu(vm, hit.vcpu)?;
 //!     let sp = vm.regs(hit.vcpu)?.rsp;
-//!     let stack = termlab_introspect::context::read_stack(vm.memory(), &cpu.tables, sp, termlab_introspect::context::task_stack_top(sp))?;
+//!     let stack = read_stack(vm.memory(), &cpu.tables, sp, task_stack_top(sp))?;
 //!     for (addr, word) in stack.iter() {
 //!         if let Some(at) = symbols.symbolize(word) {
 //!             println!("{addr:#x}: {word:#x} {at}");
 //!         }
 //!     }
-//!     vm.resume()?; // steps over the breakpoint on the hitting vCPU
+//!     vm.resume()?; // the hitting vCPU runs the instruction; the breakpoint stays armed
 //! }
 //! # Ok(()) }
 //! ```

@@ -2,7 +2,7 @@
 //! so the host can read kernel memory (stacks, per-CPU data, code) where the guest sees it,
 //! without trusting anything the guest reports about its mappings.
 
-use termlab_vmm::kvm_sregs;
+use termlab_vmm::{kvm_sregs, Breakpoint};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
 const PAGE_SIZE: u64 = 4096;
@@ -29,6 +29,8 @@ pub enum WalkError {
     ReadEntry { gva: u64, level: u8, gpa: u64, source: GuestMemoryError },
     #[error("reading {len} bytes at virtual {gva:#x} (physical {gpa:#x}): {source}")]
     ReadData { gva: u64, gpa: u64, len: usize, source: GuestMemoryError },
+    #[error("a breakpoint at {0:#x} would straddle two pages")]
+    BreakpointStraddles(u64),
 }
 
 /// Where a virtual address lands.
@@ -101,6 +103,15 @@ impl PageTables {
             done += chunk;
         }
         Ok(())
+    }
+
+    /// A VMM breakpoint at kernel virtual address `gva` (its trap is two bytes, which must lie
+    /// in one page: the VMM patches them by guest-physical address).
+    pub fn breakpoint<M: GuestMemory + ?Sized>(&self, mem: &M, gva: u64) -> Result<Breakpoint, WalkError> {
+        if gva % PAGE_SIZE == PAGE_SIZE - 1 {
+            return Err(WalkError::BreakpointStraddles(gva));
+        }
+        Ok(Breakpoint { addr: gva, gpa: self.translate(mem, gva)?.gpa })
     }
 
     /// One little-endian 64-bit word at `gva`.
@@ -290,6 +301,17 @@ mod tests {
             PageTables::new(root, false).translate(&g.mem, 0x40_0000),
             Err(WalkError::ReadEntry { level: 3, .. })
         ));
+    }
+
+    #[test]
+    fn breakpoints_carry_the_physical_address_and_stay_in_one_page() {
+        let mut g = Guest::new();
+        let root = g.table();
+        g.map(root, 4, 0xffff_ffff_8100_0000, 0x20_0000, 1);
+        let pt = PageTables::new(root, false);
+        let bp = pt.breakpoint(&g.mem, 0xffff_ffff_8100_0ffe).unwrap();
+        assert_eq!(bp, Breakpoint { addr: 0xffff_ffff_8100_0ffe, gpa: 0x20_0ffe });
+        assert!(matches!(pt.breakpoint(&g.mem, 0xffff_ffff_8100_0fff), Err(WalkError::BreakpointStraddles(_))));
     }
 
     #[test]

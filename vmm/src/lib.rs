@@ -23,7 +23,7 @@ mod vm;
 
 pub use boot::{BootError, MpTableError};
 pub use cpu::CpuSetupError;
-pub use debug::{DebugError, DebugEvent, MAX_HW_BREAKPOINTS};
+pub use debug::{Breakpoint, DebugError, DebugEvent, MAX_BREAKPOINTS};
 pub use devices::console::ConsoleLog;
 pub use kvm_bindings::{kvm_regs, kvm_sregs};
 pub use kvm_ioctls::VcpuFd;

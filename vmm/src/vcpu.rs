@@ -10,10 +10,12 @@ use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use kvm_bindings::{kvm_guest_debug, KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
-use crate::debug::DebugEvent;
+use crate::debug::{self, DebugError, Resume, TRAP_PORT};
 use crate::devices::{lock, DeviceBus, PioEffect};
 use crate::ExitReason;
 
@@ -79,8 +81,9 @@ impl VcpuControl {
 /// Where vCPU threads report what the whole VM must react to.
 pub trait VmExitSink: Send + Sync {
     fn vm_exited(&self, reason: ExitReason);
-    /// A vCPU took a debug trap; the run loop parks every vCPU right after this returns.
-    fn debug_trap(&self, event: DebugEvent);
+    /// vCPU `vcpu` wrote to the breakpoint trap port at `rip`; true if that was an armed
+    /// breakpoint, which the run loop answers by parking every vCPU.
+    fn debug_trap(&self, vcpu: usize, rip: u64) -> bool;
 }
 
 /// A started vCPU.
@@ -177,8 +180,10 @@ impl Drop for Vcpus {
 /// What a vCPU exit asks the run loop to do.
 enum Action {
     Continue,
-    /// Report the trap, then park every vCPU until the controller resumes them.
-    DebugTrap(DebugEvent),
+    /// An `out` to the breakpoint trap port: a breakpoint if the RIP is one.
+    TrapPort,
+    /// Park every vCPU (a breakpoint hit) until the controller resumes them.
+    PauseAll,
     Exit(ExitReason),
 }
 
@@ -191,15 +196,21 @@ fn run_vcpu(index: u8, fd: &Mutex<VcpuFd>, control: &VcpuControl, bus: &DeviceBu
         }
         let action = {
             let mut vcpu = lock(fd);
-            handle_exit(index, vcpu.run(), bus)
+            match handle_exit(index, vcpu.run(), bus) {
+                Action::TrapPort => match vcpu.get_regs() {
+                    Ok(regs) if sink.debug_trap(usize::from(index), regs.rip) => Action::PauseAll,
+                    Ok(_) => Action::Continue,
+                    Err(e) => Action::Exit(ExitReason::VcpuError { vcpu: index, message: format!("KVM_GET_REGS: {e}") }),
+                },
+                other => other,
+            }
         };
         // One kick per request gets the other vCPUs out of guest mode at once; a kick lost
         // in the instant before a thread enters KVM_RUN only delays that thread until its
         // next exit, and `Vcpus::pause`/`stop` keep kicking until they are sure.
         match action {
-            Action::Continue => {}
-            Action::DebugTrap(event) => {
-                sink.debug_trap(event);
+            Action::Continue | Action::TrapPort => {}
+            Action::PauseAll => {
                 control.set_request(Request::Pause);
                 control.kick_all();
             }
@@ -249,6 +260,7 @@ fn handle_exit(index: u8, exit: Result<VcpuExit<'_>, kvm_ioctls::Error>, bus: &D
             bus.pio_read(port, data);
             Action::Continue
         }
+        Ok(VcpuExit::IoOut(port, _)) if port == u16::from(TRAP_PORT) => Action::TrapPort,
         Ok(VcpuExit::IoOut(port, data)) => match bus.pio_write(port, data) {
             PioEffect::None => Action::Continue,
             PioEffect::Reset => Action::Exit(ExitReason::Reset),
@@ -262,12 +274,6 @@ fn handle_exit(index: u8, exit: Result<VcpuExit<'_>, kvm_ioctls::Error>, bus: &D
             Action::Continue
         }
         Ok(VcpuExit::Shutdown) => Action::Exit(ExitReason::TripleFault),
-        Ok(VcpuExit::Debug(arch)) => Action::DebugTrap(DebugEvent {
-            vcpu: usize::from(index),
-            pc: arch.pc,
-            dr6: arch.dr6,
-            exception: arch.exception,
-        }),
         Ok(VcpuExit::Intr) => Action::Continue,
         Ok(VcpuExit::Hlt) => Action::Exit(ExitReason::Halted),
         Ok(VcpuExit::SystemEvent(kind, _)) if kind == kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
@@ -281,4 +287,61 @@ fn handle_exit(index: u8, exit: Result<VcpuExit<'_>, kvm_ioctls::Error>, bus: &D
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Action::Continue,
         Err(e) => Action::Exit(ExitReason::VcpuError { vcpu: index, message: format!("KVM_RUN failed: {e}") }),
     }
+}
+
+/// Makes a vCPU parked on a breakpoint trap ready to run again, as `resume` says (see the
+/// `debug` module for why breakpoints are traps patched into guest code). Every vCPU must be
+/// parked: the guest code may be unpatched for a moment.
+pub(crate) fn leave_trap(
+    index: u8,
+    fd: &mut VcpuFd,
+    resume: Resume,
+    mem: &GuestMemoryMmap,
+    bus: &DeviceBus,
+) -> Result<(), DebugError> {
+    let (pc, next_rip) = match resume {
+        Resume::Retrap { pc } | Resume::Run { pc } | Resume::Step { pc, .. } => (pc, pc),
+        Resume::Skip { pc, len } => (pc, pc + len),
+    };
+    let kvm = |step: &'static str| move |source| DebugError::Kvm { vcpu: usize::from(index), addr: pc, step, source };
+    // KVM finishes the trap's `out` (moving RIP past it) on the next KVM_RUN; do that now,
+    // without entering the guest, so RIP can then be set freely.
+    fd.set_kvm_immediate_exit(1);
+    let completed = fd.run().map(|_| ());
+    fd.set_kvm_immediate_exit(0);
+    match completed {
+        Err(e) if e.errno() == libc::EINTR => {}
+        other => other.map_err(kvm("KVM_RUN (complete the trap)"))?,
+    }
+    let mut regs = fd.get_regs().map_err(kvm("KVM_GET_REGS"))?;
+    regs.rip = next_rip;
+    fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
+    if let Resume::Step { bp, original, .. } = resume {
+        debug::write(mem, bp, &original)?;
+        let stepped = single_step(index, fd, bus, pc);
+        debug::patch(mem, bp)?;
+        stepped?;
+    }
+    Ok(())
+}
+
+/// Runs exactly one guest instruction with KVM's single-step (#DB after it), interrupts held
+/// back so the step is not spent entering a handler.
+fn single_step(index: u8, fd: &mut VcpuFd, bus: &DeviceBus, pc: u64) -> Result<(), DebugError> {
+    let vcpu = usize::from(index);
+    let step = |control| kvm_guest_debug { control, ..Default::default() };
+    let kvm = |step: &'static str| move |source| DebugError::Kvm { vcpu, addr: pc, step, source };
+    fd.set_guest_debug(&step(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP | KVM_GUESTDBG_BLOCKIRQ))
+        .map_err(kvm("KVM_SET_GUEST_DEBUG (single-step)"))?;
+    let outcome = loop {
+        match fd.run() {
+            Ok(VcpuExit::Debug(_)) => break Ok(()),
+            exit => match handle_exit(index, exit, bus) {
+                Action::Continue | Action::TrapPort | Action::PauseAll => {}
+                Action::Exit(reason) => break Err(DebugError::StepExit { vcpu, addr: pc, reason: format!("{reason:?}") }),
+            },
+        }
+    };
+    fd.set_guest_debug(&step(0)).map_err(kvm("KVM_SET_GUEST_DEBUG (off)"))?;
+    outcome
 }

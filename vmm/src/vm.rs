@@ -16,11 +16,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, BootError, MpTableError};
 use crate::cpu::{self, CpuSetupError};
-use crate::debug::{self, DebugError, DebugEvent, DebugTraps, RFLAGS_RF};
+use crate::debug::{Breakpoint, DebugError, DebugEvent, DebugTraps};
 use crate::devices::console::{ConsoleLog, ConsoleSink};
 use crate::devices::{lock, DeviceBus, SerialDevice};
 use crate::layout::*;
-use crate::vcpu::{VcpuHandle, Vcpus, VmExitSink};
+use crate::vcpu::{self, VcpuHandle, Vcpus, VmExitSink};
 use crate::virtio::vsock::{BackendError, Vsock, VsockConfig};
 use crate::virtio::{Interrupt, MmioRegion, MmioTransport};
 
@@ -164,8 +164,8 @@ impl VmExitSink for ExitState {
         self.record(reason);
     }
 
-    fn debug_trap(&self, event: DebugEvent) {
-        self.debug.record(event);
+    fn debug_trap(&self, vcpu: usize, rip: u64) -> bool {
+        self.debug.trap(vcpu, rip)
     }
 }
 
@@ -336,30 +336,37 @@ impl Vm {
         Ok(())
     }
 
-    /// Lets every vCPU run again. A vCPU whose debug trap [`Vm::wait_debug_event`] returned
-    /// in this pause gets RFLAGS.RF first, so it executes the instruction it stopped at
-    /// instead of trapping on it again (even if the caller moved its RIP: RF then covers the
-    /// new instruction). A trap not yet returned is dropped: its vCPU is still on the
-    /// breakpointed instruction and traps again right away if the breakpoint is still armed.
+    /// Lets every vCPU run again. A vCPU whose breakpoint hit [`Vm::wait_debug_event`]
+    /// returned in this pause first executes the instruction it stopped at (from its current
+    /// registers: a caller may have changed them) while the breakpoint stays armed for the
+    /// others. A hit not yet returned is dropped: its vCPU is left on the breakpoint and hits
+    /// it again right away, unless it was disarmed meanwhile.
     pub fn resume(&self) -> Result<(), Error> {
         let vcpus = self.running_vcpus()?;
-        for vcpu in self.exit.debug.take_claimed() {
-            let mut regs = self.regs(vcpu)?;
-            regs.rflags |= RFLAGS_RF;
-            self.set_regs(vcpu, &regs)?;
+        let trapped = self.exit.debug.take_trapped();
+        if !trapped.is_empty() {
+            // Guest code is rewritten below; no vCPU may be running it.
+            vcpus.pause();
+        }
+        for (index, resume) in trapped {
+            let handle = vcpus.handles().get(index).ok_or(Error::NoSuchVcpu(index))?;
+            let id = u8::try_from(index).map_err(|_| Error::NoSuchVcpu(index))?;
+            vcpu::leave_trap(id, &mut lock(&handle.fd), resume, &self.mem, &self.bus)?;
         }
         vcpus.resume();
         Ok(())
     }
 
-    /// Arms instruction breakpoints at up to four guest linear addresses on vCPU `vcpu`,
-    /// replacing any armed before; an empty list disarms them and gives the guest back its own
-    /// debug registers. Only while paused or before start. While any is armed, KVM hands
-    /// every #DB of that vCPU to the VMM, so the guest's own hardware breakpoints and
-    /// single-stepping do not work there.
-    pub fn set_hw_breakpoints(&self, vcpu: usize, addrs: &[u64]) -> Result<(), Error> {
-        let debug = debug::hw_breakpoints(addrs)?;
-        self.with_vcpu(vcpu, |fd| fd.set_guest_debug(&debug))?.map_err(kvm_step("KVM_SET_GUEST_DEBUG"))
+    /// Arms instruction breakpoints in guest kernel code for every vCPU, replacing those armed
+    /// before (an empty list disarms all). The VM must be started and paused. How they work
+    /// and where they may go: see [`Breakpoint`] and the `debug` module (in short: at kernel
+    /// instructions of two bytes or more, ideally an `endbr64`, in code the guest does not
+    /// rewrite while armed).
+    pub fn set_breakpoints(&self, breakpoints: &[Breakpoint]) -> Result<(), Error> {
+        if !self.running_vcpus()?.is_paused() {
+            return Err(Error::NotPaused);
+        }
+        Ok(self.exit.debug.arm(&self.mem, breakpoints)?)
     }
 
     /// Waits up to `timeout` (forever with `None`) for a vCPU to hit an armed breakpoint and
