@@ -11,6 +11,13 @@ pub use serial::{IrqTrigger, SerialDevice};
 
 /// Writing this to the i8042 command port pulses the reset line.
 const I8042_CMD_RESET_CPU: u8 = 0xfe;
+/// What the i8042 status register always reads: output buffer full, input buffer empty.
+/// Linux's probe drains the output buffer first; when it never empties (16 reads) Linux
+/// reports "i8042: No controller found" at once. An empty output buffer instead passes that
+/// check, and the probe then waits about a second for the controller to answer a command.
+/// The clear input-buffer bit lets the reboot path (`kb_wait()`) write the reset command
+/// without delay.
+const I8042_STATUS: u8 = 0x01;
 /// Reading an unclaimed port on a PC returns all ones.
 const OPEN_BUS: u8 = 0xff;
 
@@ -41,8 +48,7 @@ impl DeviceBus {
         if let (Some(offset), [byte]) = (com1_offset(port), &mut *data) {
             *byte = lock(&self.serial).read(offset);
         } else if port == I8042_COMMAND_PORT {
-            // Status register: output buffer empty, input buffer empty (ready for a command).
-            data.fill(0);
+            data.fill(I8042_STATUS);
         }
     }
 
@@ -87,4 +93,30 @@ fn com1_offset(port: u16) -> Option<u8> {
 /// single register access), so a poisoned lock is still safe to use.
 pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use super::console::{ConsoleLog, ConsoleSink};
+    use super::*;
+
+    fn bus() -> DeviceBus {
+        let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let sink = ConsoleSink::new(None, false, Arc::new(ConsoleLog::default()));
+        DeviceBus::new(SerialDevice::new(IrqTrigger(irq), sink), Vec::new())
+    }
+
+    #[test]
+    fn i8042_reads_as_absent_but_takes_the_reset_command() {
+        const OUTPUT_FULL: u8 = 0x01;
+        const INPUT_FULL: u8 = 0x02;
+        let bus = bus();
+        let mut status = [0u8];
+        bus.pio_read(I8042_COMMAND_PORT, &mut status);
+        assert_eq!(status[0] & (OUTPUT_FULL | INPUT_FULL), OUTPUT_FULL);
+        assert_eq!(bus.pio_write(I8042_COMMAND_PORT, &[0x20]), PioEffect::None);
+        assert_eq!(bus.pio_write(I8042_COMMAND_PORT, &[I8042_CMD_RESET_CPU]), PioEffect::Reset);
+    }
 }
