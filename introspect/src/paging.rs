@@ -215,7 +215,7 @@ mod tests {
         let mut g = Guest::new();
         let root = g.table();
         // Bit 12 set in a 2 MiB entry is PAT, not part of the frame address.
-        g.map(root, 4, 0xffff_8880_0040_0000, 4 * MIB | (1 << 12), 2);
+        g.map(root, 4, 0xffff_8880_0040_0000, (4 * MIB) | (1 << 12), 2);
         let pt = PageTables::new(root, false);
         let t = pt.translate(&g.mem, 0xffff_8880_0051_2345).unwrap();
         assert_eq!(t, Translation { gpa: 4 * MIB + 0x11_2345, page_size: 2 * MIB });

@@ -121,8 +121,16 @@ impl SymbolTable {
         self.symbols.get(after).map(|next| symbol.addr..next.addr)
     }
 
+    /// Like [`SymbolTable::symbolize`], but only code: `None` unless the symbol found is a
+    /// text symbol. For stack words, where small integers would otherwise be named after
+    /// zero-based per-CPU symbols and stray values after data or absolute symbols.
+    pub fn symbolize_text(&self, addr: u64) -> Option<Location<'_>> {
+        self.symbolize(addr).filter(|at| at.symbol.is_text())
+    }
+
     /// The symbol at or below `addr` whose extent contains it, and the offset. `None` below
-    /// the first symbol and at or past the last one (its size is unknown).
+    /// the first symbol and at or past the last one (its size is unknown). Any kind of
+    /// symbol counts, so any value gets a name; see [`SymbolTable::symbolize_text`].
     pub fn symbolize(&self, addr: u64) -> Option<Location<'_>> {
         let after = self.symbols.partition_point(|s| s.addr <= addr);
         if after == 0 || after == self.symbols.len() {
@@ -219,6 +227,10 @@ ffffffffa0000c00 t bpf_prog_0123456789abcdef_other\t[bpf]
         // The alias listed first in the file names a shared address.
         assert_eq!(at.to_string(), "__do_sys_getppid+0xb");
         assert_eq!(map.symbolize(0xffff_ffff_8100_0000).unwrap().to_string(), "_stext+0x0");
+        // A small integer lands on a per-CPU offset symbol, which is no code.
+        assert_eq!(map.symbolize(2).unwrap().to_string(), "__per_cpu_start+0x2");
+        assert_eq!(map.symbolize_text(2), None);
+        assert_eq!(map.symbolize_text(0xffff_ffff_8105_5f90).unwrap().symbol.name, "__do_sys_getppid");
         assert_eq!(map.extent(map.get("__x64_sys_getpid").unwrap()), Some(0xffff_ffff_8105_5f48..0xffff_ffff_8105_5f85));
         // Past the last symbol nothing bounds it.
         assert_eq!(map.symbolize(0xffff_ffff_8160_0000), None);

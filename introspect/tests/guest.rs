@@ -178,10 +178,10 @@ impl Guest {
         assert_eq!(cpu_number as usize, vcpu, "per-CPU area of the wrong CPU");
         let stack = termlab_introspect::context::read_stack(mem, &cpu.tables, sp, top).expect("read stack");
         assert!(stack.words.len() * 8 < THREAD_SIZE as usize);
-        let ret = self.symbols.symbolize(stack.words[0]).expect("return address symbol");
+        let ret = self.symbols.symbolize_text(stack.words[0]).expect("return address symbol");
         assert!(["x64_sys_call", "do_syscall_64"].contains(&ret.symbol.name.as_str()), "returns to {ret}");
         for (addr, word) in stack.iter().take(8) {
-            eprintln!("  {addr:#x}: {word:#018x} {}", self.symbols.symbolize(word).map_or(String::new(), |l| l.to_string()));
+            eprintln!("  {addr:#x}: {word:#018x} {}", self.symbols.symbolize_text(word).map_or(String::new(), |l| l.to_string()));
         }
         let user = PtRegs::read(mem, &cpu.tables, top - PT_REGS_SIZE as u64).expect("user frame");
         assert!(user.from_user() && user.cs == USER_CS, "{user:x?}");
@@ -252,8 +252,7 @@ fn breakpoints_stop_the_guest_where_introspection_reads_it() {
     match regs.cs {
         USER_CS => assert!(regs.ip < 1 << 47 && interrupted.stack.is_none(), "{regs:x?}"),
         KERNEL_CS => {
-            let at = guest.symbols.symbolize(regs.ip).expect("interrupted kernel code has a symbol");
-            assert!(at.symbol.is_text(), "{at}");
+            guest.symbols.symbolize_text(regs.ip).expect("interrupted kernel code has a text symbol");
             let stack = interrupted.stack.expect("kernel context has a stack");
             // The frame was pushed on the interrupted stack, just below its sp.
             assert!(interrupted.regs_addr + PT_REGS_SIZE as u64 <= stack.sp && stack.sp < stack.top, "{stack:x?}");

@@ -337,10 +337,10 @@ impl Vm {
     }
 
     /// Lets every vCPU run again. A vCPU whose breakpoint hit [`Vm::wait_debug_event`]
-    /// returned in this pause first executes the instruction it stopped at (from its current
-    /// registers: a caller may have changed them) while the breakpoint stays armed for the
-    /// others. A hit not yet returned is dropped: its vCPU is left on the breakpoint and hits
-    /// it again right away, unless it was disarmed meanwhile.
+    /// returned in this pause first executes the instruction it stopped at, while the
+    /// breakpoint stays armed for the others (its RIP goes back to the breakpoint; other
+    /// register changes a caller made stand). A hit not yet returned is dropped: its vCPU is
+    /// left on the breakpoint and hits it again right away, unless it was disarmed meanwhile.
     pub fn resume(&self) -> Result<(), Error> {
         let vcpus = self.running_vcpus()?;
         let trapped = self.exit.debug.take_trapped();
@@ -361,7 +361,8 @@ impl Vm {
     /// before (an empty list disarms all). The VM must be started and paused. How they work
     /// and where they may go: see [`Breakpoint`] and the `debug` module (in short: at kernel
     /// instructions of two bytes or more, ideally an `endbr64`, in code the guest does not
-    /// rewrite while armed).
+    /// rewrite while armed). A hit parks the whole VM until [`Vm::resume`], whether or not
+    /// anybody waits for it.
     pub fn set_breakpoints(&self, breakpoints: &[Breakpoint]) -> Result<(), Error> {
         if !self.running_vcpus()?.is_paused() {
             return Err(Error::NotPaused);
