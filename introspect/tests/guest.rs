@@ -1,8 +1,10 @@
 //! Boots the real guest kernel under the termlab VMM and introspects it from outside at
-//! breakpoints: `__x64_sys_getppid` (its `endbr64`, stepped over by skipping it) and
-//! `__x64_sys_getppid+4` (a `nopl`, stepped over by single-stepping the original), each hit
-//! once per call of tests/guest/init.c's two getppid calls, which proves resuming neither
-//! loses nor repeats a hit while both stay armed; then `handle_irq_event` (inside an
+//! breakpoints: `__x64_sys_getppid` (its `endbr64`, stepped over by skipping it),
+//! `__x64_sys_getppid+4` (a `nopl`, stepped over by single-stepping the original) and the
+//! one-byte pushes of its callee `__task_pid_nr_ns` (two single-steps each; the registers
+//! and stack between them show each stepped instruction ran exactly once), each hit once per
+//! call of tests/guest/init.c's two getppid calls, which proves resuming neither loses nor
+//! repeats a hit while all stay armed; then `handle_irq_event` (inside an
 //! interrupt, to follow `__irq_regs`). At the hits it checks the page walk against known
 //! bytes (linux_banner as the console printed it, kernel text through two mappings against
 //! guest-physical memory), per-CPU data, the syscall stack and the user frame at its top,
@@ -165,10 +167,20 @@ impl Guest {
         assert!(direct.iter().any(|&b| b != 0), "kernel text is all zeroes");
     }
 
-    /// At syscall entry (before any push): the return address on top of the stack is in the syscall dispatcher,
-    /// the stack top is where this CPU's pcpu_hot says, and the user frame sits right below
-    /// it. Returns that frame.
-    fn check_syscall_stack(&self, vcpu: usize, cpu: &KernelCpu) -> PtRegs {
+    /// Reads `len` bytes of kernel code at `addr`.
+    fn code(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut bytes = vec![0u8; len];
+        PageTables::from_sregs(&self.vm.sregs(0).expect("sregs"))
+            .expect("paging")
+            .read(self.vm.memory(), addr, &mut bytes)
+            .expect("read kernel code");
+        bytes
+    }
+
+    /// At a function entry (before any push) inside getppid: the return address on top of the
+    /// stack is in one of `callers`, the stack top is where this CPU's pcpu_hot says, and the
+    /// user frame sits right below it. Returns that frame.
+    fn check_syscall_stack(&self, vcpu: usize, cpu: &KernelCpu, callers: &[&str]) -> PtRegs {
         let mem = self.vm.memory();
         let sp = self.vm.regs(vcpu).expect("regs").rsp;
         let top = task_stack_top(sp);
@@ -179,7 +191,7 @@ impl Guest {
         let stack = termlab_introspect::context::read_stack(mem, &cpu.tables, sp, top).expect("read stack");
         assert!(stack.words.len() * 8 < THREAD_SIZE as usize);
         let ret = self.symbols.symbolize_text(stack.words[0]).expect("return address symbol");
-        assert!(["x64_sys_call", "do_syscall_64"].contains(&ret.symbol.name.as_str()), "returns to {ret}");
+        assert!(callers.contains(&ret.symbol.name.as_str()), "returns to {ret}, expected one of {callers:?}");
         for (addr, word) in stack.iter().take(8) {
             eprintln!("  {addr:#x}: {word:#018x} {}", self.symbols.symbolize_text(word).map_or(String::new(), |l| l.to_string()));
         }
@@ -213,15 +225,19 @@ fn breakpoints_stop_the_guest_where_introspection_reads_it() {
     // init waits two seconds before its first getppid call; it is the only caller.
     guest.vm.pause().expect("pause");
     let getppid = guest.sym("__x64_sys_getppid");
-    let mut entry = [0u8; 9];
-    PageTables::from_sregs(&guest.vm.sregs(0).expect("sregs"))
-        .expect("paging")
-        .read(guest.vm.memory(), getppid, &mut entry)
-        .expect("read getppid");
+    let task_pid = guest.sym("__task_pid_nr_ns");
     // endbr64, then the 5-byte nop of a patchable function entry: two kinds of step-over.
-    assert_eq!(entry, [0xf3, 0x0f, 0x1e, 0xfa, 0x0f, 0x1f, 0x44, 0x00, 0x00], "getppid's first instructions");
-    guest.arm(&[getppid, getppid + 4]);
+    const ENTRY: [u8; 9] = [0xf3, 0x0f, 0x1e, 0xfa, 0x0f, 0x1f, 0x44, 0x00, 0x00];
+    assert_eq!(guest.code(getppid, 9), ENTRY, "getppid's first instructions");
+    // ... and in the callee `push %rbp; mov %esi,%ebp; push %rbx` right after them: a trap on
+    // a one-byte push covers the next instruction's first byte too, so stepping over takes two
+    // steps, which end on the next breakpoint.
+    const PUSHES: [u8; 4] = [0x55, 0x89, 0xf5, 0x53];
+    assert_eq!(guest.code(task_pid, 13), [&ENTRY[..], &PUSHES].concat(), "__task_pid_nr_ns's first instructions");
+    guest.arm(&[getppid, getppid + 4, task_pid + 9, task_pid + 12]);
     guest.vm.resume().expect("resume");
+    const SYSCALL: &[&str] = &["x64_sys_call", "do_syscall_64"];
+    const GETPPID: &[&str] = &["__do_sys_getppid", "__x64_sys_getppid"];
 
     for call in 1..=2 {
         let (vcpu, cpu) = guest.expect_hit("__x64_sys_getppid", 0);
@@ -229,12 +245,23 @@ fn breakpoints_stop_the_guest_where_introspection_reads_it() {
             guest.check_banner(&cpu.tables);
             guest.check_two_mappings(&cpu.tables);
         }
-        let user = guest.check_syscall_stack(vcpu, &cpu);
+        let user = guest.check_syscall_stack(vcpu, &cpu, SYSCALL);
         assert_eq!(user.di, call, "call {call} passes {call}");
         guest.vm.resume().expect("resume");
         // Skipping the endbr64 leads the same call straight to the next breakpoint.
         let (vcpu, cpu) = guest.expect_hit("__x64_sys_getppid", 4);
-        assert_eq!(guest.check_syscall_stack(vcpu, &cpu).di, call, "still call {call}");
+        assert_eq!(guest.check_syscall_stack(vcpu, &cpu, SYSCALL).di, call, "still call {call}");
+        guest.vm.resume().expect("resume");
+        let (vcpu, cpu) = guest.expect_hit("__task_pid_nr_ns", 9);
+        assert_eq!(guest.check_syscall_stack(vcpu, &cpu, GETPPID).di, call, "getppid's callee in call {call}");
+        let before = guest.vm.regs(vcpu).expect("regs");
+        guest.vm.resume().expect("resume");
+        let (vcpu, cpu) = guest.expect_hit("__task_pid_nr_ns", 12);
+        let after = guest.vm.regs(vcpu).expect("regs");
+        // `push %rbp` ran once, `mov %esi,%ebp` ran once.
+        assert_eq!(after.rsp, before.rsp - 8);
+        assert_eq!(cpu.tables.read_u64(guest.vm.memory(), after.rsp).expect("pushed word"), before.rbp);
+        assert_eq!(after.rbp, before.rsi & 0xffff_ffff);
         guest.vm.resume().expect("resume");
     }
 

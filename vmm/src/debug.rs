@@ -16,9 +16,11 @@
 //! function and BPF image entry in an IBT build) is just skipped, anything else is put back,
 //! single-stepped with interrupts blocked, and patched again, so the breakpoint stays armed
 //! for the other vCPUs. Consequences: breakpoints are per VM, not per vCPU; they only work on
-//! kernel code (CPL 0: `out` faults in user mode); the two bytes must lie in one instruction
-//! (true at any `endbr64`) and in code the guest does not rewrite while armed. With none
-//! armed nothing is patched and no vCPU exits for debugging.
+//! kernel code (CPL 0: `out` faults in user mode); they must sit in code the guest does not
+//! rewrite while armed; and the second byte should not start an instruction that anything
+//! jumps to or was interrupted at (true at any `endbr64`; after a one-byte instruction the
+//! stepping vCPU itself is stepped on past it). With none armed nothing is patched and no
+//! vCPU exits for debugging.
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
@@ -32,6 +34,7 @@ use crate::devices::lock;
 pub(crate) const TRAP_PORT: u8 = 0xeb;
 /// `out %al, $TRAP_PORT`.
 const TRAP: [u8; 2] = [0xe6, TRAP_PORT];
+pub(crate) const TRAP_LEN: u64 = TRAP.len() as u64;
 /// `endbr64`: no effect on a CPU without CET indirect branch tracking, so stepping over it is
 /// moving RIP past it.
 const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
@@ -118,7 +121,7 @@ impl DebugTraps {
             return Err(DebugError::TooMany(breakpoints.len()));
         }
         for (i, a) in breakpoints.iter().enumerate() {
-            if let Some(b) = breakpoints[..i].iter().find(|b| a.gpa.abs_diff(b.gpa) < TRAP.len() as u64) {
+            if let Some(b) = breakpoints[..i].iter().find(|b| a.gpa.abs_diff(b.gpa) < TRAP_LEN) {
                 return Err(DebugError::Overlap(b.addr));
             }
         }
@@ -140,7 +143,7 @@ impl DebugTraps {
     /// `out`; one already past it is accepted too).
     pub(crate) fn trap(&self, vcpu: usize, rip: u64) -> bool {
         let mut state = lock(&self.state);
-        let Some(armed) = state.armed.iter().find(|a| a.at.addr == rip || a.at.addr + TRAP.len() as u64 == rip) else {
+        let Some(armed) = state.armed.iter().find(|a| a.at.addr == rip || a.at.addr + TRAP_LEN == rip) else {
             return false;
         };
         let event = DebugEvent { vcpu, pc: armed.at.addr };

@@ -318,9 +318,22 @@ pub(crate) fn leave_trap(
     fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
     if let Resume::Step { bp, original, .. } = resume {
         debug::write(mem, bp, &original)?;
-        let stepped = single_step(index, fd, bus, pc);
+        let stepped = step_off_trap(index, fd, bus, pc);
         debug::patch(mem, bp)?;
         stepped?;
+    }
+    Ok(())
+}
+
+/// Single-steps until RIP is off the bytes the trap covers: one step, or two when the
+/// original instruction is a one-byte one, after which RIP would be on the trap's second byte.
+fn step_off_trap(index: u8, fd: &mut VcpuFd, bus: &DeviceBus, pc: u64) -> Result<(), DebugError> {
+    for _ in 0..debug::TRAP_LEN {
+        single_step(index, fd, bus, pc)?;
+        let rip = fd.get_regs().map_err(|source| DebugError::Kvm { vcpu: usize::from(index), addr: pc, step: "KVM_GET_REGS", source })?.rip;
+        if !(pc + 1..pc + debug::TRAP_LEN).contains(&rip) {
+            break;
+        }
     }
     Ok(())
 }
