@@ -143,7 +143,8 @@ impl DebugTraps {
     /// `out`; one already past it is accepted too).
     pub(crate) fn trap(&self, vcpu: usize, rip: u64) -> bool {
         let mut state = lock(&self.state);
-        let Some(armed) = state.armed.iter().find(|a| a.at.addr == rip || a.at.addr + TRAP_LEN == rip) else {
+        let at = |addr: u64| state.armed.iter().find(|a| a.at.addr == addr);
+        let Some(armed) = at(rip).or_else(|| rip.checked_sub(TRAP_LEN).and_then(at)) else {
             return false;
         };
         let event = DebugEvent { vcpu, pc: armed.at.addr };
@@ -277,6 +278,11 @@ mod tests {
         assert!(traps.trap(1, bp(0).addr));
         // Reported with RIP already past the `out`: the same breakpoint.
         assert!(traps.trap(0, bp(0x10).addr + 2));
+        // ... unless a breakpoint is armed right there.
+        let adjacent = DebugTraps::default();
+        adjacent.arm(&mem, &[bp(0x20), bp(0x22)]).unwrap();
+        assert!(adjacent.trap(3, bp(0x22).addr));
+        assert_eq!(adjacent.wait(Some(Duration::ZERO)), Some(DebugEvent { vcpu: 3, pc: bp(0x22).addr }));
         assert!(traps.trap(2, bp(0x10).addr));
         assert_eq!(traps.wait(Some(Duration::ZERO)), Some(DebugEvent { vcpu: 1, pc: bp(0).addr }));
         assert_eq!(traps.wait(Some(Duration::ZERO)), Some(DebugEvent { vcpu: 0, pc: bp(0x10).addr }));
