@@ -248,6 +248,61 @@ fn evaluate_one(expectation: &Expectation, repetitions: &[Repetition], dmesg: Op
     ExpectationOutcome { name: expectation.name.clone(), check, passed: !repetitions.is_empty() && failed.is_empty(), detail, failed_repetitions: failed }
 }
 
+/// `verify_stack`: one expectation per terminate step. In every repetition
+/// where the call stopped n CPUs, the VMM must have judged n rewrites and
+/// found each correct; the detail names the first offending address.
+pub fn evaluate_stack_proofs(labels: &[String], repetitions: &[Repetition]) -> Vec<ExpectationOutcome> {
+    labels
+        .iter()
+        .map(|label| {
+            let mut failed = Vec::new();
+            let mut observed = Vec::new();
+            for rep in repetitions {
+                let Some((cpus, proofs)) = rep.steps.iter().find_map(|s| match s {
+                    StepRecord::Terminate { label: l, cpus, stack, .. } if l == label => Some((cpus.unwrap_or(0) as usize, stack)),
+                    _ => None,
+                }) else {
+                    continue;
+                };
+                let problem = proofs.iter().find_map(|p| match (&p.verdict, &p.error) {
+                    (_, Some(error)) => Some(format!("vCPU {}: {error}", p.vcpu)),
+                    (Some(v), None) => v.problems.first().map(|problem| format!("vCPU {}: {problem}", p.vcpu)),
+                    (None, None) => Some(format!("vCPU {}: no snapshots", p.vcpu)),
+                });
+                let judged = proofs.iter().filter(|p| p.verdict.is_some()).count();
+                let outcome = match problem {
+                    Some(problem) => Err(problem),
+                    None if judged != cpus => Err(format!("{cpus} CPU(s) stopped but {judged} rewrite(s) seen by the VMM")),
+                    None => Ok(proofs.iter().filter_map(|p| p.verdict.as_ref()).map(|v| format!("case {}: {} word(s) rewritten, IP {}", v.case, v.rewritten, if v.ip_before == v.ip_after { "kept" } else { "moved" })).collect::<Vec<_>>().join("; ")),
+                };
+                match outcome {
+                    Ok(seen) => observed.push(seen),
+                    Err(problem) => {
+                        failed.push(rep.index);
+                        observed.push(problem);
+                    }
+                }
+            }
+            let detail = match failed.first() {
+                _ if observed.is_empty() => "no repetition ran".to_owned(),
+                None => summarize_observations(&observed),
+                Some(first) => format!("failed in {} of {} repetitions (first: #{first}: {})", failed.len(), observed.len(), observed[failed_position(repetitions, *first)]),
+            };
+            ExpectationOutcome {
+                name: format!("stack rewrite of `{label}` verified from the VMM (verify_stack)"),
+                check: "before bpf_die some word points into the program; after it none does, each rewritten word is the copy address the kernel's insn map predicts, all else unchanged".to_owned(),
+                passed: !observed.is_empty() && failed.is_empty(),
+                detail,
+                failed_repetitions: failed,
+            }
+        })
+        .collect()
+}
+
+fn failed_position(repetitions: &[Repetition], index: u32) -> usize {
+    repetitions.iter().position(|r| r.index == index).unwrap_or(0)
+}
+
 /// "value ×n" for repeated identical observations, else the list.
 fn summarize_observations(observed: &[String]) -> String {
     let mut counts: Vec<(&str, usize)> = Vec::new();
@@ -308,7 +363,7 @@ dmesg_clean = {}
 
     fn repetition(index: u32, term_start: u64, run_end: u64, cpus: Option<u32>, errno: Option<&str>, second_done: &str) -> Repetition {
         let steps = vec![
-            StepRecord::Terminate { label: "term".into(), prog_id: 7, flags: 0, via: "agent".into(), cpus, errno: errno.map(String::from), start_ns: Some(term_start), end_ns: Some(term_start + 1000), kernel: None },
+            StepRecord::Terminate { label: "term".into(), prog_id: 7, flags: 0, via: "agent".into(), cpus, errno: errno.map(String::from), start_ns: Some(term_start), end_ns: Some(term_start + 1000), kernel: None, stack: Vec::new() },
             StepRecord::Trigger {
                 label: "run".into(),
                 argv: vec!["trigger_loops".into()],

@@ -174,6 +174,9 @@ pub enum StepRecord {
         /// returns), when the kernel traced it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         kernel: Option<crate::kernel_trace::KernelTermination>,
+        /// `verify_stack`: what the VMM saw on each vCPU the handler ran on.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        stack: Vec<crate::stack_proof::CpuStackProof>,
     },
     Sleep {
         requested_ms: u32,

@@ -57,7 +57,7 @@ pub enum AddrClass {
 }
 
 impl AddrClass {
-    fn is_original(self) -> bool {
+    pub fn is_original(self) -> bool {
         matches!(self, AddrClass::Original { .. })
     }
 }
@@ -144,6 +144,11 @@ pub struct WordRow {
     /// For an original-image word: the copy address the map predicts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predicted: Option<u64>,
+    /// `symbol+0xoff` of each value, empty for data.
+    #[serde(default)]
+    pub before_at: String,
+    #[serde(default)]
+    pub after_at: String,
 }
 
 /// The verdict on one CPU's rewrite.
@@ -172,9 +177,27 @@ impl StackVerdict {
     }
 }
 
+/// What the VMM saw on one vCPU during one terminate call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuStackProof {
+    pub vcpu: usize,
+    /// The judgement of the rewrite; `None` when the snapshots are incomplete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<StackVerdict>,
+    /// Why there is no verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// Judges one CPU's snapshots; see the module documentation for the rules.
 /// `symbolize` names addresses in the problems it reports.
-pub fn verify(before: &StackSnapshot, after: &StackSnapshot, map: &TermMap, kernel_text: &Range<u64>, same_code: &dyn Fn(usize, usize) -> bool, symbolize: &dyn Fn(u64) -> String) -> StackVerdict {
+/// `symbolize` names code addresses (`None` for data); problems and rows use it.
+pub fn verify(before: &StackSnapshot, after: &StackSnapshot, map: &TermMap, kernel_text: &Range<u64>, same_code: &dyn Fn(usize, usize) -> bool, symbol: &dyn Fn(u64) -> Option<String>) -> StackVerdict {
+    let symbolize = |addr: u64| match symbol(addr) {
+        Some(name) => format!("{addr:#x} ({name})"),
+        None => format!("{addr:#x}"),
+    };
     let mut problems = Vec::new();
     if before.sp != after.sp || before.words.len() != after.words.len() {
         problems.push(format!("the interrupted stack moved between the snapshots (sp {:#x} -> {:#x}, {} -> {} words)", before.sp, after.sp, before.words.len(), after.words.len()));
@@ -210,7 +233,8 @@ pub fn verify(before: &StackSnapshot, after: &StackSnapshot, map: &TermMap, kern
             problems.push(format!("slot {addr:#x} still points into the original program after the handler: {}", symbolize(new)));
         }
         if old != new || !matches!(before_class, AddrClass::Other) || !matches!(after_class, AddrClass::Other) {
-            rows.push(WordRow { addr, before: old, after: new, before_class, after_class, predicted });
+            let at = |value| symbol(value).unwrap_or_default();
+            rows.push(WordRow { addr, before: old, after: new, before_class, after_class, predicted, before_at: at(old), after_at: at(new) });
         }
     }
     if original_before == 0 && !ip_class.is_original() {
@@ -243,7 +267,7 @@ mod tests {
     }
 
     fn run(before: &StackSnapshot, after: &StackSnapshot) -> StackVerdict {
-        verify(before, after, &map(), &TEXT, &same_code, &|a| format!("{a:#x}"))
+        verify(before, after, &map(), &TEXT, &same_code, &|_| None)
     }
 
     #[test]

@@ -34,7 +34,7 @@ const BAD_FILES: &[(&str, usize, usize, &str, &str)] = &[
     ("vcpus-range.toml", 6, 9, "vm.vcpus", "vcpus must be between 1 and 8, not 9"),
     ("cpu-range.toml", 13, 53, "step[0].trigger.cpu", "cpu 2 does not exist"),
     ("unknown-program.toml", 13, 38, "step[0].trigger.program", "no [[program]] is named `lops`"),
-    ("verify-stack.toml", 2, 16, "verify_stack", "verify_stack not supported yet"),
+    ("verify-stack.toml", 2, 16, "verify_stack", "verify_stack checks the stack rewrite of terminate steps, and this scenario has none"),
     ("bad-event.toml", 18, 6, "metric[0].to", "`run.finish` is not `<step label>.<point>` with point one of start, end"),
     ("kernel-point-on-trigger.toml", 18, 6, "metric[0].to", "`run.returned`: only terminate steps have kernel trace points"),
     ("never-waited.toml", 13, 21, "step[0].trigger.background", "is never waited for"),

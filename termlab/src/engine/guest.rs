@@ -77,6 +77,12 @@ impl Guest {
     }
 
     /// Why the VM ended, if it has.
+    /// The VM and the agent client at once (the stack probe watches the VM
+    /// while a request is in flight).
+    pub fn parts(&mut self) -> (&Vm, &mut Client<UnixStream>) {
+        (&self.vm, &mut self.client)
+    }
+
     pub fn exited(&self) -> Option<ExitReason> {
         self.vm.wait_exit(Some(Duration::ZERO))
     }

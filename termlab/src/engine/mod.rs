@@ -6,6 +6,7 @@
 //! what it measured and says why it stopped.
 
 mod guest;
+mod stack_probe;
 mod steps;
 
 use std::collections::BTreeMap;
@@ -18,12 +19,15 @@ use termlab_protocol::client::{Client, ClientError};
 use termlab_protocol::{RunRequest, SpawnRequest, WaitOutputRequest};
 use thiserror::Error;
 
-use crate::evaluate::{compute_metrics, evaluate, KernelLog};
+use crate::evaluate::{compute_metrics, evaluate, evaluate_stack_proofs, KernelLog};
 use crate::guest_image::{self, GuestImageError, IPI_RTT_GUEST_PATH};
 use crate::kernel_trace;
 use crate::report::{self, ReportError};
 use crate::results::{self, Environment, Repetition, ResultsError, RunResult, ScenarioRecord, StepRecord, VmInfo, VmmInfo, AGENT_RTT_METRIC, IPI_RTT_METRIC};
 use crate::scenario::LoadedScenario;
+use crate::stack_proof::TermMap;
+use stack_probe::StackProbe;
+use termlab_vmm::Vm;
 use crate::ui::Ui;
 pub use guest::{describe_exit, BootSpec, Guest, CMDLINE};
 use steps::{parse_fields, run_repetition, LoadedProgram, TraceReader};
@@ -140,7 +144,8 @@ pub fn run_scenario(root: &Path, loaded: &LoadedScenario, options: &RunOptions, 
     result.save(&dir)?;
 
     let console_log = dir.join(results::CONSOLE_FILE);
-    let outcome = boot_and_measure(loaded, &kernel.bzimage, &initramfs, &console_log, repetitions, options, ui, &mut result, &dir);
+    let system_map = kernel.dir.join("System.map");
+    let outcome = boot_and_measure(loaded, &kernel.bzimage, &system_map, &initramfs, &console_log, repetitions, options, ui, &mut result, &dir);
     result.finished_at = Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
     match &outcome {
         Ok(()) => {
@@ -164,6 +169,7 @@ fn termlab_vmm_version() -> String {
 fn boot_and_measure(
     loaded: &LoadedScenario,
     kernel: &Path,
+    system_map: &Path,
     initramfs: &Path,
     console_log: &Path,
     repetitions: u32,
@@ -186,7 +192,8 @@ fn boot_and_measure(
     spinner.finish_and_clear();
     let mut guest = guest?;
 
-    let measured = measure(&mut guest.client, loaded, repetitions, ui, result, dir).map_err(|error| explain_with_vm_state(error, &guest, console_log));
+    let (vm, client) = guest.parts();
+    let measured = measure(client, vm, system_map, loaded, repetitions, ui, result, dir).map_err(|error| explain_with_vm_state(error, &guest, console_log));
     let failed = match &measured {
         Ok(()) => !result.expectations.iter().all(|e| e.passed),
         Err(_) => true,
@@ -222,7 +229,8 @@ fn explain_with_vm_state(error: EngineError, guest: &Guest, console_log: &Path) 
 
 /// Applies sysctls, starts the loaders, runs the repetitions, reads dmesg
 /// and judges the expectations.
-fn measure(client: &mut Client<UnixStream>, loaded: &LoadedScenario, repetitions: u32, ui: Ui, result: &mut RunResult, dir: &Path) -> Result<(), EngineError> {
+#[allow(clippy::too_many_arguments)]
+fn measure(client: &mut Client<UnixStream>, vm: &Vm, system_map: &Path, loaded: &LoadedScenario, repetitions: u32, ui: Ui, result: &mut RunResult, dir: &Path) -> Result<(), EngineError> {
     let scenario = &loaded.scenario;
     let dmesg_after_boot = read_dmesg(client);
     for (name, value) in &scenario.sysctl {
@@ -252,11 +260,13 @@ fn measure(client: &mut Client<UnixStream>, loaded: &LoadedScenario, repetitions
     if traced {
         client.write_file(kernel_trace::ENABLE_PATH, b"1\n".to_vec()).map_err(|source| EngineError::Agent { what: "enabling the bpf: trace events (is this a termlab kernel?)".into(), source })?;
     }
+    let verify_stack = scenario.verify_stack.as_ref().is_some_and(|v| *v.get_ref());
+    let probe = if verify_stack { Some(stack_probe(client, vm, system_map, &programs)?) } else { None };
     let mut trace = TraceReader::default();
     let bar = ui.bar(repetitions.into(), &loaded.name);
     for index in 0..repetitions {
         let trace_from = if traced { trace.drain(client)? } else { 0 };
-        let mut steps = run_repetition(client, scenario, &programs, &mut trace)?;
+        let mut steps = run_repetition(client, scenario, &programs, &mut trace, probe.as_ref())?;
         if traced {
             trace.drain(client)?;
             attach_kernel_events(&mut steps, &kernel_trace::parse(trace.since(trace_from)));
@@ -281,8 +291,33 @@ fn measure(client: &mut Client<UnixStream>, loaded: &LoadedScenario, repetitions
         _ => None,
     };
     result.expectations = evaluate(&scenario.expectations, &result.repetitions, log.as_ref());
+    if verify_stack {
+        result.expectations.extend(evaluate_stack_proofs(&crate::scenario::terminate_labels(scenario), &result.repetitions));
+    }
     Ok(())
 }
+
+/// Everything the VMM-side stack check needs from the host and the guest:
+/// the kernel's System.map, the guest's kallsyms (BPF image names) and the
+/// kernel's instruction map of each loaded program (`prog_term_map`).
+fn stack_probe<'vm>(client: &mut Client<UnixStream>, vm: &'vm Vm, system_map: &Path, programs: &[LoadedProgram<'_>]) -> Result<StackProbe<'vm>, EngineError> {
+    let map_text = std::fs::read_to_string(system_map).map_err(|e| EngineError::Guest(format!("verify_stack needs the kernel's System.map at {}: {e}", system_map.display())))?;
+    let kallsyms = client.read_file("/proc/kallsyms", KALLSYMS_MAX_BYTES).map_err(|source| EngineError::Agent { what: "reading /proc/kallsyms".into(), source })?;
+    let mut maps = BTreeMap::new();
+    for program in programs {
+        let argv = vec!["prog_term_map".to_owned(), program.prog_id.to_string()];
+        let output = client.run(RunRequest { argv, env: BTreeMap::new(), timeout_ms: 10_000, stdin: None, as_uid: None }).map_err(|source| EngineError::Agent { what: "prog_term_map".into(), source })?;
+        let stdout = output.stdout.data.to_string_lossy();
+        let map: TermMap = serde_json::from_str(stdout.trim()).map_err(|e| {
+            EngineError::Guest(format!("prog_term_map {} printed no map ({e}): {} {}", program.prog_id, stdout.trim(), output.stderr.data.to_string_lossy().trim()))
+        })?;
+        maps.insert(program.prog_id, map);
+    }
+    StackProbe::new(vm, &map_text, &kallsyms.data.to_string_lossy(), maps).map_err(|e| EngineError::Guest(format!("verify_stack: {e}")))
+}
+
+/// More than a guest's /proc/kallsyms holds (about 1.5 MB for this config).
+const KALLSYMS_MAX_BYTES: u64 = 16 << 20;
 
 /// Gives each terminate record the kernel's events of its call.
 fn attach_kernel_events(steps: &mut [StepRecord], events: &[kernel_trace::TraceEvent]) {

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use termlab_protocol::client::{Client, ClientError};
 use termlab_protocol::{ErrorKind, ExitStatus, RunRequest, SpawnRequest, SyscallResult, TerminateRequest};
 
+use super::stack_probe::StackProbe;
 use super::{interrupted, EngineError};
 use crate::results::StepRecord;
 use crate::scenario::{Errno, Label, ProgramSpec, Scenario, Step, TerminateBy, TerminateStep, TerminateVia, TriggerStep};
@@ -88,7 +89,7 @@ fn agent(what: impl Into<String>) -> impl FnOnce(ClientError) -> EngineError {
 }
 
 /// Runs every step once; returns the records in step order.
-pub fn run_repetition(client: &mut Client<UnixStream>, scenario: &Scenario, programs: &[LoadedProgram<'_>], trace: &mut TraceReader) -> Result<Vec<StepRecord>, EngineError> {
+pub fn run_repetition(client: &mut Client<UnixStream>, scenario: &Scenario, programs: &[LoadedProgram<'_>], trace: &mut TraceReader, probe: Option<&StackProbe<'_>>) -> Result<Vec<StepRecord>, EngineError> {
     let mut records = Vec::new();
     // Trace offset when each background trigger started.
     let mut trace_from: BTreeMap<Label, usize> = BTreeMap::new();
@@ -148,7 +149,7 @@ pub fn run_repetition(client: &mut Client<UnixStream>, scenario: &Scenario, prog
                 records.push(StepRecord::WaitTrace { label: label.to_string(), line: wait.line.clone(), count: wait.count, waited_ns: begin.elapsed().as_nanos() as u64 });
             }
             Step::Terminate(terminate) => {
-                let record = terminate_step(client, terminate, programs)?;
+                let record = terminate_step(client, terminate, programs, probe)?;
                 started.insert(terminate.label.get_ref().clone(), Instant::now());
                 records.push(record);
             }
@@ -240,7 +241,9 @@ fn trigger_record(label: &Label, argv: Vec<String>, exit_code: Option<i32>, stdo
     }
 }
 
-fn terminate_step(client: &mut Client<UnixStream>, step: &TerminateStep, programs: &[LoadedProgram<'_>]) -> Result<StepRecord, EngineError> {
+/// One terminate step; with a `probe` (verify_stack), the VMM watches the
+/// kernel's handler during the call and the record carries its verdicts.
+fn terminate_step(client: &mut Client<UnixStream>, step: &TerminateStep, programs: &[LoadedProgram<'_>], probe: Option<&StackProbe<'_>>) -> Result<StepRecord, EngineError> {
     let label = step.label.get_ref().to_string();
     let target = step.program.as_ref().map(|name| programs.iter().find(|p| &p.spec.name == name.get_ref()));
     let (prog_id, bpf_name) = match (target, &step.prog_id) {
@@ -253,6 +256,18 @@ fn terminate_step(client: &mut Client<UnixStream>, step: &TerminateStep, program
         None => step.flags.iter().fold(0, |bits, flag| bits | flag.bits()),
     };
     let as_uid = step.as_uid.as_ref().map(|uid| *uid.get_ref());
+    let call = |client: &mut Client<UnixStream>| call_terminate(client, step, label.clone(), prog_id, bpf_name, flags, as_uid);
+    let Some(probe) = probe else { return call(client) };
+    let (record, proofs) = probe.around(prog_id, || call(client)).map_err(|error| EngineError::Guest(format!("verify_stack, terminate `{label}`: {error}")))?;
+    let mut record = record?;
+    if let StepRecord::Terminate { stack, .. } = &mut record {
+        *stack = proofs;
+    }
+    Ok(record)
+}
+
+/// Calls BPF_PROG_TERMINATE the way the step says (agent or bpftool).
+fn call_terminate(client: &mut Client<UnixStream>, step: &TerminateStep, label: String, prog_id: u32, bpf_name: Option<&str>, flags: u32, as_uid: Option<u32>) -> Result<StepRecord, EngineError> {
     match step.via {
         TerminateVia::Agent => {
             let reply = client.terminate(TerminateRequest { prog_id, flags, as_uid }).map_err(agent(format!("terminate `{label}`")))?;
@@ -260,7 +275,7 @@ fn terminate_step(client: &mut Client<UnixStream>, step: &TerminateStep, program
                 SyscallResult::Returned(n) => (u32::try_from(n).ok(), None),
                 SyscallResult::Failed(info) => (None, Some(info.name)),
             };
-            Ok(StepRecord::Terminate { label, prog_id, flags, via: "agent".into(), cpus, errno, start_ns: Some(reply.before_ns), end_ns: Some(reply.after_ns), kernel: None })
+            Ok(StepRecord::Terminate { label, prog_id, flags, via: "agent".into(), cpus, errno, start_ns: Some(reply.before_ns), end_ns: Some(reply.after_ns), kernel: None, stack: Vec::new() })
         }
         TerminateVia::Bpftool => {
             let mut argv: Vec<String> = ["bpftool", "prog", "terminate"].map(String::from).to_vec();
@@ -283,7 +298,7 @@ fn terminate_step(client: &mut Client<UnixStream>, step: &TerminateStep, program
             };
             // bpftool's own process start/end: coarser than the agent's
             // timestamps around the bare bpf() call.
-            Ok(StepRecord::Terminate { label, prog_id, flags, via: "bpftool".into(), cpus, errno, start_ns: Some(output.start_ns), end_ns: Some(output.end_ns), kernel: None })
+            Ok(StepRecord::Terminate { label, prog_id, flags, via: "bpftool".into(), cpus, errno, start_ns: Some(output.start_ns), end_ns: Some(output.end_ns), kernel: None, stack: Vec::new() })
         }
     }
 }

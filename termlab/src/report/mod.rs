@@ -13,7 +13,8 @@ use thiserror::Error;
 
 pub use document::{Block, Document};
 
-use crate::results::{write_atomically, RunResult, ResultsError, IPI_RTT_METRIC};
+use crate::results::{write_atomically, ResultsError, RunResult, StepRecord, IPI_RTT_METRIC};
+use crate::stack_proof::AddrClass;
 use plot::{PlotError, Series, Unit};
 
 #[derive(Debug, Error)]
@@ -78,6 +79,8 @@ pub fn run_document(result: &RunResult) -> Result<Document, ReportError> {
     )));
     doc.push(summary_table(result));
 
+    stack_tables(result, &mut doc);
+
     doc.push(Block::Heading("Plots".into()));
     for (metric, samples) in result.metric_samples() {
         let cdf = plot::cdf_svg(&format!("{metric}: CDF"), &[Series { label: &metric, samples_ns: &samples }])?;
@@ -89,6 +92,71 @@ pub fn run_document(result: &RunResult) -> Result<Document, ReportError> {
     doc.push(Block::Heading("Environment".into()));
     doc.push(environment_table(&[result]));
     Ok(doc)
+}
+
+/// `verify_stack`: for each terminate step, the stack of the first failing
+/// repetition (else the first) as the VMM read it before and after the
+/// kernel's handler, every code word annotated, changed words highlighted.
+fn stack_tables(result: &RunResult, doc: &mut Document) {
+    let terminates = result.repetitions.iter().flat_map(|rep| rep.steps.iter().map(move |step| (rep.index, step)));
+    let mut shown = std::collections::BTreeMap::new();
+    for (index, step) in terminates {
+        let StepRecord::Terminate { label, stack, .. } = step else { continue };
+        let failing = stack.iter().any(|p| p.error.is_some() || p.verdict.as_ref().is_some_and(|v| !v.passed()));
+        let slot = shown.entry(label.clone()).or_insert((index, stack, failing));
+        if failing && !slot.2 {
+            *slot = (index, stack, failing);
+        }
+    }
+    if shown.values().all(|(_, stack, _)| stack.is_empty()) {
+        return;
+    }
+    doc.push(Block::Heading("Stack rewrite, read from the VMM".into()));
+    for (label, (index, stack, _)) in shown {
+        for proof in stack {
+            let Some(v) = &proof.verdict else {
+                doc.push(Block::Paragraph(format!("`{label}`, repetition #{index}, vCPU {}: {}", proof.vcpu, proof.error.as_deref().unwrap_or("no snapshots"))));
+                continue;
+            };
+            let ip = |addr: u64| format!("{addr:#x}");
+            doc.push(Block::Paragraph(format!(
+                "`{label}`, repetition #{index}, vCPU {}: case {}; saved IP {} → {}; {} word(s) into the program before, {} after, {} rewritten. {}",
+                proof.vcpu,
+                v.case,
+                ip(v.ip_before),
+                ip(v.ip_after),
+                v.original_before,
+                v.original_after,
+                v.rewritten,
+                if v.passed() { "Verified.".to_owned() } else { format!("**Wrong:** {}", v.problems.join("; ")) }
+            )));
+            let class = |c: &AddrClass| match c {
+                AddrClass::Original { func, .. } => format!("program f{func}"),
+                AddrClass::Copy { func, .. } => format!("copy f{func}"),
+                AddrClass::KernelText => "kernel".to_owned(),
+                AddrClass::Other => "data".to_owned(),
+            };
+            let rows: Vec<Vec<String>> = v
+                .rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        format!("{:#x}", r.addr),
+                        format!("{:#018x}", r.before),
+                        format!("{} {}", class(&r.before_class), r.before_at),
+                        format!("{:#018x}", r.after),
+                        format!("{} {}", class(&r.after_class), r.after_at),
+                        r.predicted.map_or(String::new(), |p| if p == r.after { "= predicted".to_owned() } else { format!("predicted {p:#x}") }),
+                    ]
+                })
+                .collect();
+            doc.push(Block::Table {
+                header: ["slot", "before", "points to", "after", "points to", "kernel map"].map(String::from).to_vec(),
+                highlight: v.rows.iter().map(|r| r.before != r.after || r.after_class.is_original()).collect(),
+                rows,
+            });
+        }
+    }
 }
 
 fn summary_table(result: &RunResult) -> Block {

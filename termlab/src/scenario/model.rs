@@ -25,8 +25,9 @@ pub struct Scenario {
     /// How many times the steps run in the same booted VM.
     #[serde(default)]
     pub repetitions: Repetitions,
-    /// Capture and check the interrupted stack from the VMM around every
-    /// terminate (issue 6). Rejected until the introspection layer exists.
+    /// Capture the interrupted stack from the VMM around every terminate
+    /// and check the kernel's rewrite of it (issue 6): adds one expectation
+    /// per terminate step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify_stack: Option<Spanned<bool>>,
     pub vm: VmSpec,
