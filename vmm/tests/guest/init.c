@@ -28,11 +28,23 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 #include <linux/vm_sockets.h>
 
 static char cmdline[4096];
+
+/*
+ * Returns once everything written to the console has left the UART: the kernel prints its
+ * panic and reboot messages straight to the console, and would otherwise cut into a marker
+ * line still queued in the tty ("TERMLAB-PANICKI[ ... ] Kernel panic ... AttemNG").
+ */
+static void drain_console(void)
+{
+	fflush(stdout);
+	tcdrain(STDOUT_FILENO);
+}
 
 static void fail(const char *what)
 {
@@ -292,9 +304,10 @@ int main(void)
 
 	if (param("end", value, sizeof(value)) && strcmp(value, "panic") == 0) {
 		printf("TERMLAB-PANICKING\n");
-		fflush(stdout);
+		drain_console();
 		return 1; /* PID 1 exiting panics the kernel. */
 	}
+	drain_console();
 	sync();
 	reboot(RB_AUTOBOOT);
 	fail("reboot");
