@@ -147,8 +147,10 @@ fn vector_registers_survive_context_switches_and_host_pauses() {
     vm.start().expect("start VM");
     wait_for(&vm, "STRESS-VECTORS=");
     let mut pauses = 0;
+    let deadline = Instant::now() + STEP_TIMEOUT;
     while !vm.console().wait_for("STRESS-DONE", Duration::from_millis(50)) {
         assert!(vm.wait_exit(Some(Duration::ZERO)).is_none(), "console:\n{}", vm.console().text());
+        assert!(Instant::now() < deadline, "no STRESS-DONE within {STEP_TIMEOUT:?}; console:\n{}", vm.console().text());
         vm.pause().expect("pause");
         for vcpu in 0..vm.vcpu_count() {
             vm.regs(vcpu).expect("read registers");
