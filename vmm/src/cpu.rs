@@ -134,14 +134,17 @@ fn patch_cpuid(cpuid: &mut CpuId, index: u8) {
 /// KVM keeps its own copy of the guest's XCR0: it derives the XSAVE area size in CPUID
 /// 0xd.0 EBX from it and loads it into the CPU on every VM entry. On hardware XSETBV always
 /// exits to KVM, so the copy follows the guest. An L1 whose CPU is emulated by QEMU TCG
-/// (QEMU 7.2 here) does not intercept XSETBV for its SVM guest, so KVM's copy would stay at the
-/// reset value 1 (x87 only): CPUID then reports the 576-byte legacy area while the guest
-/// computes 2696 bytes for x87|SSE|AVX|PKRU ("XSAVE consistency problem: size 2696 !=
-/// kernel_size 576", a WARN, after which Linux disables XSAVE), and every VM entry would reset
-/// the guest's XCR0 to 1. QEMU microvm on the same L1 shows the same WARN. Starting with the
-/// value the guest is going to choose keeps KVM's copy right without an XSETBV exit; where
-/// XSETBV does exit this changes nothing the guest can observe, because KVM only loads the
-/// guest's XCR0 once the guest has set CR4.OSXSAVE, and Linux sets XCR0 right after that.
+/// before 8.2 (Debian 12 has 7.2; fixed upstream by "target/i386: check intercept for XSETBV")
+/// does not intercept XSETBV for its SVM guest, so KVM's copy would stay at the reset value 1
+/// (x87 only): CPUID then reports the 576-byte legacy area while the guest computes 2696 bytes
+/// for x87|SSE|AVX|PKRU ("XSAVE consistency problem: size 2696 != kernel_size 576", a WARN,
+/// after which Linux disables XSAVE), and every VM entry would reset the guest's XCR0 to 1.
+/// QEMU microvm on the same L1 shows the same WARN. Starting with the value the guest is going
+/// to choose keeps KVM's copy right without an XSETBV exit; where XSETBV does exit this changes
+/// nothing the guest can observe, because KVM only loads the guest's XCR0 once the guest has
+/// set CR4.OSXSAVE, and Linux sets XCR0 right after that. A guest kernel that leaves out an
+/// offered component (e.g. built without protection keys) would again see a size mismatch
+/// under such an L1 and fall back to FXSAVE, safely.
 fn set_initial_xcr0(vcpu: &VcpuFd, cpuid: &CpuId) -> Result<(), CpuSetupError> {
     let entries = cpuid.as_slice();
     if !entries.iter().any(|e| e.function == 1 && e.ecx & LEAF1_ECX_XSAVE != 0) {
