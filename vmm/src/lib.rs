@@ -29,3 +29,13 @@ pub use kvm_bindings::{kvm_regs, kvm_sregs};
 pub use kvm_ioctls::VcpuFd;
 pub use virtio::vsock::{BackendError as VsockBackendError, VsockConfig};
 pub use vm::{ConsoleConfig, Error, ExitReason, Vm, VmConfig};
+
+/// The virtio-mmio transport and the vsock device without a KVM VM, for the fuzz targets in
+/// `vmm/fuzz`: they write the registers and the queues from arbitrary input exactly as a
+/// hostile guest would, which needs no more than this. Not a stable API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::virtio::vsock::Vsock;
+    pub use crate::virtio::{Interrupt, MmioRegion, MmioTransport};
+}
