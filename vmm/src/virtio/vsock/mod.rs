@@ -62,10 +62,19 @@ impl Vsock {
     /// The guest notified a queue (new TX packets or RX buffers).
     pub fn process_queues(&mut self) {
         let Some(active) = &mut self.active else { return };
-        let mut used = process_tx(active, &mut self.backend);
-        // The guest may have granted credit or added buffers: reconsider blocked streams.
-        self.backend.refresh_interest();
-        used |= process_rx(active, &mut self.backend);
+        let mut used = false;
+        loop {
+            let tx_used = process_tx(active, &mut self.backend);
+            // The guest may have granted credit or added buffers: reconsider blocked streams.
+            self.backend.refresh_interest();
+            let rx_used = process_rx(active, &mut self.backend);
+            used |= tx_used || rx_used;
+            // TX pauses while too many replies wait for RX buffers; once RX made room, carry
+            // on with the TX chains left behind, as the guest may not notify TX again.
+            if !rx_used || !self.backend.accepts_tx() {
+                break;
+            }
+        }
         if used {
             self.interrupt.signal_used_queue();
         }
@@ -78,12 +87,13 @@ impl Vsock {
     }
 }
 
-/// Consumes every available TX chain. Malformed chains are returned to the guest unused and
-/// logged; they never stop the device.
+/// Consumes the available TX chains while the backend has room for the replies. Malformed
+/// chains are returned to the guest unused and logged; they never stop the device.
 fn process_tx(active: &mut ActiveQueues, backend: &mut UnixBackend) -> bool {
     let ActiveQueues { mem, tx, .. } = active;
     let mut used = false;
-    while let Some(mut chain) = tx.pop_descriptor_chain(&*mem) {
+    while backend.accepts_tx() {
+        let Some(mut chain) = tx.pop_descriptor_chain(&*mem) else { break };
         let head = chain.head_index();
         match packet::parse_tx(mem, &mut chain) {
             Ok(pkt) => backend.send_pkt(&pkt),

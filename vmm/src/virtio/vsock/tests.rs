@@ -11,6 +11,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::packet::{op, HOST_CID, TYPE_STREAM};
+use super::unix::MAX_QUEUED_CONTROL;
 use super::{Vsock, VsockConfig};
 use crate::virtio::{Interrupt, VirtioDevice};
 
@@ -416,6 +417,33 @@ fn malformed_rx_buffers_are_skipped_and_the_packet_is_kept() {
     assert_eq!(used, expected);
     let header = Header::read(&t.mem, good.1);
     assert!(response_from_host(&header, op::RST), "{header:?}");
+}
+
+/// A guest that keeps sending but never posts RX buffers cannot make the device hold replies
+/// without bound (host memory): TX pauses at the limit and resumes as the guest reads.
+#[test]
+fn unread_replies_pause_tx_until_the_guest_reads() {
+    let mut t = Harness::new("backpressure");
+    let h = t.alloc(HEADER_LEN as u32);
+    // Every packet to a port nobody listens on earns an RST.
+    Header::from_guest(1025, 9999, op::RW, 0).write(&t.mem, h);
+    let (mut sent, mut consumed) = (0, 0);
+    while consumed == sent && sent <= 2 * MAX_QUEUED_CONTROL {
+        t.tx.next_desc = 0;
+        for _ in 0..QUEUE_SIZE {
+            t.tx.publish(&t.mem, &[(h, HEADER_LEN as u32, 0)]);
+        }
+        sent += usize::from(QUEUE_SIZE);
+        t.vsock.process_queues();
+        consumed += t.tx.take_used(&t.mem).len();
+    }
+    assert_eq!(consumed, MAX_QUEUED_CONTROL, "TX pauses once this many replies wait");
+
+    let buffers: Vec<_> = (0..8).map(|_| t.guest_posts_rx_buffer()).collect();
+    t.vsock.process_queues();
+    let replies = t.guest_receives(&buffers);
+    assert!(replies.len() == 8 && replies.iter().all(|(h, _)| h.op == op::RST), "{replies:?}");
+    assert_eq!(t.tx.take_used(&t.mem).len(), 8, "TX goes on for as many packets as replies were read");
 }
 
 #[test]

@@ -20,6 +20,10 @@ const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// `CONNECT 4294967295\n` is 19 bytes; anything longer is not a valid request.
 const MAX_CONNECT_LINE: usize = 32;
 const LISTENER_TOKEN: u64 = 0;
+/// Replies we hold for a guest that posts no RX buffers. Each guest packet can queue one or
+/// two, so without a bound a guest that never reads could grow host memory forever: past
+/// this, the device stops taking TX packets until the guest reads (see `accepts_tx`).
+pub const MAX_QUEUED_CONTROL: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -327,6 +331,11 @@ impl UnixBackend {
             let _ = self.epoll.ctl(ControlOperation::Delete, conn.stream.as_raw_fd(), EpollEvent::default());
         }
         Some(conn)
+    }
+
+    /// Whether the device may take another guest packet now, i.e. room for its replies.
+    pub fn accepts_tx(&self) -> bool {
+        self.control.len() < MAX_QUEUED_CONTROL
     }
 
     pub fn has_pending_rx(&self) -> bool {
