@@ -15,55 +15,17 @@
  * Prints one TAP line per check and "test_prog_terminate: N passed, M failed".
  */
 #define _GNU_SOURCE
-#include <errno.h>
-#include <stdarg.h>
-#include <linux/bpf.h>
 #include <pthread.h>
-#include <sched.h>
+#include <stdarg.h>
 #include <stdbool.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
-#include <time.h>
-#include <unistd.h>
 
+#include "raw_bpf.h"
 #include "bpf_term_info.h"
-
-#ifndef BPF_JCOND
-#define BPF_JCOND 0xe0
-#endif
-#ifndef BPF_PROG_TERMINATE
-#define BPF_PROG_TERMINATE 37
-#define BPF_F_TERMINATE_DETACH (1U << 0)
-#endif
-
-/* The prog_terminate member of union bpf_attr, for headers that predate it. */
-struct terminate_attr {
-	uint32_t prog_id;
-	uint32_t flags;
-};
 
 #define DELAY_MS 1500
 #define RUNNER_CPU 0
 #define TERMINATOR_CPU 1
-
-/* ---- instruction encoding (include/linux/filter.h, in userspace form) */
-
-#define INSN(CODE, DST, SRC, OFF, IMM) \
-	((struct bpf_insn){ .code = (CODE), .dst_reg = (DST), .src_reg = (SRC), .off = (OFF), .imm = (IMM) })
-#define MOV64_IMM(DST, IMM) INSN(BPF_ALU64 | BPF_MOV | BPF_K, DST, 0, 0, IMM)
-#define MOV64_REG(DST, SRC) INSN(BPF_ALU64 | BPF_MOV | BPF_X, DST, SRC, 0, 0)
-#define ADD64_REG(DST, SRC) INSN(BPF_ALU64 | BPF_ADD | BPF_X, DST, SRC, 0, 0)
-#define ADD64_IMM(DST, IMM) INSN(BPF_ALU64 | BPF_ADD | BPF_K, DST, 0, 0, IMM)
-#define CALL_HELPER(ID) INSN(BPF_JMP | BPF_CALL, 0, 0, 0, ID)
-#define CALL_SUBPROG(OFF) INSN(BPF_JMP | BPF_CALL, 0, BPF_PSEUDO_CALL, 0, OFF)
-#define JA(OFF) INSN(BPF_JMP | BPF_JA, 0, 0, OFF, 0)
-#define MAY_GOTO(OFF) INSN(BPF_JMP | BPF_JCOND, 0, 0, OFF, 0)
-#define EXIT() INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0)
-#define JGT_IMM(DST, IMM, OFF) INSN(BPF_JMP | BPF_JGT | BPF_K, DST, 0, OFF, IMM)
 
 /* Two slow helper calls: returns 0 normally, -1 if the second was stubbed. */
 static const struct bpf_insn two_slow_helpers[] = {
@@ -157,88 +119,18 @@ static void check(bool ok, const char *name, const char *fmt, ...)
 
 /* ---------------------------------------------------------------- bpf() */
 
-static long sys_bpf(int cmd, void *attr, unsigned int size)
-{
-	return syscall(__NR_bpf, cmd, attr, size);
-}
-
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec * 1000000000ull + ts.tv_nsec;
-}
-
-static int load(enum bpf_prog_type type, const struct bpf_insn *insns, size_t cnt,
-		const char *name, uint32_t prog_flags)
-{
-	static char log[65536];
-	union bpf_attr attr = {};
-	int fd;
-
-	attr.prog_type = type;
-	attr.insns = (uintptr_t)insns;
-	attr.insn_cnt = cnt;
-	attr.license = (uintptr_t)"GPL";
-	attr.prog_flags = prog_flags;
-	strncpy(attr.prog_name, name, sizeof(attr.prog_name) - 1);
-	fd = sys_bpf(BPF_PROG_LOAD, &attr, sizeof(attr));
-	if (fd >= 0)
-		return fd;
-	fprintf(stderr, "load %s: %s\n", name, strerror(errno));
-	/* Load again to get the verifier's explanation. */
-	attr.log_buf = (uintptr_t)log;
-	attr.log_size = sizeof(log);
-	attr.log_level = 1;
-	sys_bpf(BPF_PROG_LOAD, &attr, sizeof(attr));
-	fprintf(stderr, "%s\n", log);
-	exit(1);
-}
-
-static uint32_t prog_id(int fd)
-{
-	struct bpf_prog_info info = {};
-	union bpf_attr attr = {};
-
-	attr.info.bpf_fd = fd;
-	attr.info.info_len = sizeof(info);
-	attr.info.info = (uintptr_t)&info;
-	if (sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &attr, sizeof(attr))) {
-		perror("BPF_OBJ_GET_INFO_BY_FD");
-		exit(1);
-	}
-	return info.id;
-}
+#define load raw_load
+#define prog_id raw_prog_id
 
 /* Returns the syscall's result; errno is kept for the caller. */
 static long terminate(uint32_t id, uint32_t flags)
 {
-	struct terminate_attr attr = { .prog_id = id, .flags = flags };
-
-	return sys_bpf(BPF_PROG_TERMINATE, &attr, sizeof(attr));
-}
-
-static void pin_to(int cpu)
-{
-	cpu_set_t set;
-
-	CPU_ZERO(&set);
-	CPU_SET(cpu, &set);
-	if (sched_setaffinity(0, sizeof(set), &set)) {
-		perror("sched_setaffinity");
-		exit(1);
-	}
+	return termlab_bpf_prog_terminate(id, flags);
 }
 
 static void set_delay(unsigned int ms)
 {
-	FILE *f = fopen("/proc/sys/kernel/bpf_termination_demo_delay_ms", "w");
-
-	if (!f || fprintf(f, "%u\n", ms) < 0 || fclose(f)) {
-		perror("bpf_termination_demo_delay_ms");
-		exit(1);
-	}
+	write_sysctl(DEMO_DELAY_SYSCTL, ms);
 }
 
 /* ------------------------------------------------------------- runner */
@@ -375,7 +267,7 @@ static void test_errors(void)
 	int sleepable = load(BPF_PROG_TYPE_SYSCALL, return_zero, 2, "term_sleepable",
 			     BPF_F_SLEEPABLE);
 	uint32_t id = prog_id(fd);
-	struct { struct terminate_attr t; uint32_t pad; } padded = { { id, 0 }, 1 };
+	struct { struct termlab_prog_terminate_attr t; uint32_t pad; } padded = { { id, 0 }, 1 };
 	long ret;
 	pid_t child;
 	int status;
@@ -387,7 +279,7 @@ static void test_errors(void)
 	check(ret == -1 && errno == ESRCH, "idle program -> ESRCH", "%ld %s", ret, strerror(errno));
 	ret = terminate(id, 1U << 7);
 	check(ret == -1 && errno == EINVAL, "unknown flag -> EINVAL", "%ld %s", ret, strerror(errno));
-	ret = sys_bpf(BPF_PROG_TERMINATE, &padded, sizeof(padded));
+	ret = sys_bpf(TERMLAB_BPF_PROG_TERMINATE, &padded, sizeof(padded));
 	check(ret == -1 && errno == EINVAL, "non-zero bytes after the attr -> EINVAL", "%ld %s", ret,
 	      strerror(errno));
 	ret = terminate(prog_id(sleepable), 0);

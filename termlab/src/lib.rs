@@ -1,6 +1,7 @@
 //! termlab's harness: scenario files, the run engine, results and reports.
 //! The `termlab` binary (main.rs) is a thin CLI over these modules.
 
+pub mod bench;
 pub mod engine;
 pub mod environment;
 pub mod evaluate;

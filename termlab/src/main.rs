@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use termlab::bench::BenchOptions;
 use termlab::engine::{self, BootSpec, Guest, RunOptions};
 use termlab::guest_image::{self, repository_root};
 use termlab::report;
@@ -81,6 +82,24 @@ enum Command {
         #[arg(default_value = "scenarios")]
         dir: PathBuf,
     },
+    /// Benchmark: termination latency (per case, depth, CPUs) as ratios to a bare IPI,
+    /// fast-path overhead and load cost against the kernel built without the feature;
+    /// writes results/bench/<time>/ (bench.json with raw samples, report.md, report.html).
+    Bench {
+        /// Terminations per latency configuration.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        iterations: u32,
+        /// Alternating boots of the patched and the baseline kernel for fast path and load cost.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        rounds: u32,
+        /// A short run (20 iterations, 2 rounds, small programs) that checks the benchmark works.
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, value_enum, default_value_t = Nested::Auto)]
+        nested: Nested,
+        #[arg(long, default_value = "results")]
+        results: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -141,6 +160,14 @@ fn main() -> ExitCode {
         Command::Boot { variant, vcpus, memory_mib, nested } => boot(ui, variant.into(), vcpus, memory_mib, nested.into()),
         Command::Report { dirs, out } => report_command(ui, &dirs, &out),
         Command::List { dir } => list(ui, &dir),
+        Command::Bench { iterations, rounds, quick, nested, results } => {
+            let options = if quick {
+                BenchOptions { iterations: 20, rounds: 2, load_sizes: vec![10, 1000], results_root: results, nested: false }
+            } else {
+                BenchOptions { iterations, rounds, load_sizes: vec![10, 1000, 100_000], results_root: results, nested: false }
+            };
+            bench(ui, options, nested.into())
+        }
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -285,6 +312,31 @@ fn boot(ui: Ui, variant: KernelVariant, vcpus: u8, memory_mib: u32, mode: Nested
     let guest = Guest::boot(BootSpec { kernel: &kernel.bzimage, initramfs: &initramfs, vcpus, memory_mib, console_log: console.path().to_owned(), console_stdin: true })
         .map_err(|e| fail(ui, e))?;
     engine::interactive_console(guest, console.path(), ui);
+    Ok(())
+}
+
+fn bench(ui: Ui, mut options: BenchOptions, mode: NestedMode) -> Result<(), Failed> {
+    let root = repository_root().map_err(|e| fail(ui, e))?;
+    let patched = guest_image::find_kernel(&root, KernelVariant::Default).map_err(|e| fail(ui, e))?;
+    let baseline = guest_image::find_kernel(&root, KernelVariant::Noterm).map_err(|e| fail(ui, format!("{e}\nhint: the baseline is `termlab kernel build --variant noterm`")))?;
+    let patched_image = prepare_initramfs(ui, &root, &patched)?;
+    let baseline_image = prepare_initramfs(ui, &root, &baseline)?;
+    options.nested = match kvm_plan(ui, mode)? {
+        KvmPlan::RunHere { nested } => nested,
+        KvmPlan::RanInL1 { exit_code } => return if exit_code == 0 { Ok(()) } else { Err(Failed(u8::try_from(exit_code).unwrap_or(1))) },
+    };
+    engine::install_interrupt_handler();
+    let (_, dir) = termlab::bench::run(
+        termlab::bench::BenchKernel { build: &patched, initramfs: &patched_image },
+        termlab::bench::BenchKernel { build: &baseline, initramfs: &baseline_image },
+        &options,
+        ui,
+    )
+    .map_err(|e| fail(ui, e))?;
+    if let Ok(markdown) = std::fs::read_to_string(dir.join(report::MARKDOWN_FILE)) {
+        print!("{markdown}");
+    }
+    ui.say(&format!("benchmark written to {}", dir.display()));
     Ok(())
 }
 

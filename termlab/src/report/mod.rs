@@ -4,6 +4,7 @@
 //! Both formats render the same [`Document`], so the Markdown and the HTML
 //! can never disagree about a number.
 
+mod bench;
 mod document;
 pub mod plot;
 
@@ -33,6 +34,11 @@ pub const HTML_FILE: &str = "report.html";
 pub fn write_run_report(result: &RunResult, dir: &Path) -> Result<(), ReportError> {
     let document = run_document(result)?;
     write_document(&document, dir)
+}
+
+/// Writes the benchmark's report.md, report.html and plots into `dir`.
+pub fn write_bench_report(result: &crate::bench::BenchResult, dir: &Path) -> Result<(), ReportError> {
+    write_document(&bench::bench_document(result)?, dir)
 }
 
 /// Writes `document` as Markdown + HTML + SVG files into `dir`.

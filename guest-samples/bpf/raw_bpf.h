@@ -1,0 +1,131 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Raw-instruction BPF programs without libbpf, for the kernel selftest
+ * (guest-kernel/selftests/test_prog_terminate.c) and the benchmark
+ * (term_bench.c): instruction encoding, bpf() wrappers, BPF_PROG_TERMINATE
+ * (which the system headers predate), CPU pinning and sysctls.
+ * Header-only: each user is a single-file static binary, which defines
+ * _GNU_SOURCE before any include (for sched_setaffinity).
+ */
+#ifndef RAW_BPF_H
+#define RAW_BPF_H
+
+#include <errno.h>
+#include <linux/bpf.h>
+#include <sched.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "bpf_prog_terminate.h"
+
+#ifndef BPF_JCOND
+#define BPF_JCOND 0xe0
+#endif
+
+/* ---- instruction encoding (include/linux/filter.h, in userspace form) */
+
+#define INSN(CODE, DST, SRC, OFF, IMM) \
+	((struct bpf_insn){ .code = (CODE), .dst_reg = (DST), .src_reg = (SRC), .off = (OFF), .imm = (IMM) })
+#define MOV64_IMM(DST, IMM) INSN(BPF_ALU64 | BPF_MOV | BPF_K, DST, 0, 0, IMM)
+#define MOV64_REG(DST, SRC) INSN(BPF_ALU64 | BPF_MOV | BPF_X, DST, SRC, 0, 0)
+#define ADD64_REG(DST, SRC) INSN(BPF_ALU64 | BPF_ADD | BPF_X, DST, SRC, 0, 0)
+#define ADD64_IMM(DST, IMM) INSN(BPF_ALU64 | BPF_ADD | BPF_K, DST, 0, 0, IMM)
+#define CALL_HELPER(ID) INSN(BPF_JMP | BPF_CALL, 0, 0, 0, ID)
+#define CALL_SUBPROG(OFF) INSN(BPF_JMP | BPF_CALL, 0, BPF_PSEUDO_CALL, 0, OFF)
+#define JA(OFF) INSN(BPF_JMP | BPF_JA, 0, 0, OFF, 0)
+#define MAY_GOTO(OFF) INSN(BPF_JMP | BPF_JCOND, 0, 0, OFF, 0)
+#define EXIT() INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0)
+#define JGT_IMM(DST, IMM, OFF) INSN(BPF_JMP | BPF_JGT | BPF_K, DST, 0, OFF, IMM)
+
+#define DEMO_DELAY_SYSCTL "/proc/sys/kernel/bpf_termination_demo_delay_ms"
+
+static inline long sys_bpf(int cmd, void *attr, unsigned int size)
+{
+	return syscall(__NR_bpf, cmd, attr, size);
+}
+
+static inline uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1000000000ull + ts.tv_nsec;
+}
+
+/*
+ * Loads @cnt instructions as a program of @type; on failure prints the
+ * verifier's log and exits, since every caller needs the program.
+ */
+static inline int raw_load(enum bpf_prog_type type, const struct bpf_insn *insns, size_t cnt,
+			   const char *name, uint32_t prog_flags)
+{
+	static char log[1 << 20];
+	union bpf_attr attr;
+	int fd;
+
+	memset(&attr, 0, sizeof(attr));
+	attr.prog_type = type;
+	attr.insns = (uintptr_t)insns;
+	attr.insn_cnt = cnt;
+	attr.license = (uintptr_t)"GPL";
+	attr.prog_flags = prog_flags;
+	strncpy(attr.prog_name, name, sizeof(attr.prog_name) - 1);
+	fd = sys_bpf(BPF_PROG_LOAD, &attr, sizeof(attr));
+	if (fd >= 0)
+		return fd;
+	fprintf(stderr, "load %s: %s\n", name, strerror(errno));
+	attr.log_buf = (uintptr_t)log;
+	attr.log_size = sizeof(log);
+	attr.log_level = 1;
+	sys_bpf(BPF_PROG_LOAD, &attr, sizeof(attr));
+	fprintf(stderr, "%.4000s\n", log);
+	exit(1);
+}
+
+/* The kernel's id of the program behind @fd; exits on failure. */
+static inline uint32_t raw_prog_id(int fd)
+{
+	struct bpf_prog_info info;
+	union bpf_attr attr;
+
+	memset(&info, 0, sizeof(info));
+	memset(&attr, 0, sizeof(attr));
+	attr.info.bpf_fd = fd;
+	attr.info.info_len = sizeof(info);
+	attr.info.info = (uintptr_t)&info;
+	if (sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &attr, sizeof(attr))) {
+		perror("BPF_OBJ_GET_INFO_BY_FD");
+		exit(1);
+	}
+	return info.id;
+}
+
+static inline void pin_to(int cpu)
+{
+	cpu_set_t set;
+
+	CPU_ZERO(&set);
+	CPU_SET(cpu, &set);
+	if (sched_setaffinity(0, sizeof(set), &set)) {
+		perror("sched_setaffinity");
+		exit(1);
+	}
+}
+
+/* Writes @value to the sysctl file @path; exits on failure. */
+static inline void write_sysctl(const char *path, unsigned int value)
+{
+	FILE *f = fopen(path, "w");
+
+	if (!f || fprintf(f, "%u\n", value) < 0 || fclose(f)) {
+		perror(path);
+		exit(1);
+	}
+}
+
+#endif /* RAW_BPF_H */
