@@ -30,6 +30,8 @@ const MAX_PROCESSES: usize = 256;
 
 /// After a timeout's SIGKILL, how long to wait for the process to be gone and its pipes closed.
 const KILL_GRACE: Duration = Duration::from_secs(2);
+/// After a process exits, how long `wait` waits for its output pipes to close.
+const OUTPUT_DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 /// If waitid(WNOWAIT) is unavailable, how often the waiter polls for the exit instead.
 const EXIT_POLL_INTERVAL: Duration = Duration::from_millis(10);
@@ -590,13 +592,24 @@ impl ProcessTable {
         process.signal_group(&state, signal)
     }
 
+    /// Waits for the process to exit and, for at most [`OUTPUT_DRAIN_GRACE`] more, for its
+    /// output pipes to reach end of file: the exit is reaped on one thread and the pipes are
+    /// read on others, so without this a `read_output` right after `wait` can miss the last
+    /// lines (seen: a trigger's whole output line missing). A process whose children keep its
+    /// pipes open gets its exit reported after the grace.
     pub fn wait(&self, handle: u32, timeout_ms: u64) -> Result<ProcessExit, ErrorReply> {
         let process = self.get(handle)?;
         let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+        let mut drained_by: Option<Instant> = None;
         let mut state = process.lock();
         loop {
             if let Some(exit) = &state.exit {
-                return Ok(exit.clone());
+                let until = *drained_by.get_or_insert_with(|| Instant::now() + OUTPUT_DRAIN_GRACE);
+                if state.finished() || Instant::now() >= until {
+                    return Ok(exit.clone());
+                }
+                state = process.wait_changed(state, until);
+                continue;
             }
             if Instant::now() >= deadline {
                 return Err(ErrorReply::new(

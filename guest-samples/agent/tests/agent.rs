@@ -381,6 +381,22 @@ fn spawned_process_can_be_watched_killed_and_waited_for() {
     assert_eq!(unknown.kind, ErrorKind::UnknownHandle);
 }
 
+/// `wait` returns only once the output is all there: exit and pipe EOF are seen by
+/// different threads, and a trigger's result line was once missing right after `wait`.
+#[test]
+fn output_is_complete_when_wait_returns() {
+    let agent = RunningAgent::start();
+    let mut client = agent.client();
+    for round in 0..50 {
+        let argv = ["sh", "-c", "echo line one; echo line two >&2; echo result=ok"].map(String::from).to_vec();
+        let spawned = client.spawn(SpawnRequest { argv, env: BTreeMap::new(), as_uid: None }).unwrap();
+        client.wait(spawned.handle, 5000).unwrap();
+        let output = client.read_output(spawned.handle).unwrap();
+        assert_eq!(output.stdout.data.as_bytes(), b"line one\nresult=ok\n", "round {round}");
+        assert_eq!(output.stderr.data.as_bytes(), b"line two\n", "round {round}");
+    }
+}
+
 #[test]
 fn files_are_read_and_written() {
     let agent = RunningAgent::start();
