@@ -20,8 +20,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use termlab_introspect::context::{KernelCpu, Stack};
+use termlab_introspect::paging::PageTables;
 use termlab_introspect::symbols::SymbolTable;
-use termlab_vmm::{DebugEvent, Vm};
+use termlab_vmm::{Breakpoint, DebugEvent, Vm};
 
 use crate::stack_proof::{self, CpuStackProof, StackSnapshot, TermMap};
 
@@ -87,13 +88,31 @@ impl<'vm> StackProbe<'vm> {
 
     fn arm(&self) -> Result<(), String> {
         self.vm.pause().map_err(|e| format!("pausing the VM to arm breakpoints: {e}"))?;
-        let armed = KernelCpu::of_vcpu(self.vm, 0)
-            .map_err(|e| e.to_string())
-            .and_then(|cpu| [self.entry, self.after].iter().map(|&addr| cpu.tables.breakpoint(self.vm.memory(), addr).map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>())
-            .and_then(|breakpoints| self.vm.set_breakpoints(&breakpoints).map_err(|e| e.to_string()));
+        let armed = self.kernel_breakpoints().and_then(|breakpoints| self.vm.set_breakpoints(&breakpoints).map_err(|e| e.to_string()));
         let resumed = self.vm.resume().map_err(|e| format!("resuming the VM: {e}"));
         armed.map_err(|e| format!("arming breakpoints on {ENTRY_SYMBOL} and {AFTER_SYMBOL}: {e}"))?;
         resumed
+    }
+
+    /// The breakpoints, translated through the page tables of the first vCPU that
+    /// maps the kernel text: a paused vCPU may be in user mode, and its tables need
+    /// not map the kernel (page-table isolation).
+    fn kernel_breakpoints(&self) -> Result<Vec<Breakpoint>, String> {
+        let mut last_error = String::from("no vCPU");
+        for vcpu in 0..self.vm.vcpu_count() {
+            let tables = match self.vm.sregs(vcpu).map_err(|e| e.to_string()).and_then(|sregs| PageTables::from_sregs(&sregs).map_err(|e| e.to_string())) {
+                Ok(tables) => tables,
+                Err(error) => {
+                    last_error = format!("vCPU {vcpu}: {error}");
+                    continue;
+                }
+            };
+            match [self.entry, self.after].iter().map(|&addr| tables.breakpoint(self.vm.memory(), addr)).collect::<Result<Vec<_>, _>>() {
+                Ok(breakpoints) => return Ok(breakpoints),
+                Err(error) => last_error = format!("vCPU {vcpu}: {error}"),
+            }
+        }
+        Err(last_error)
     }
 
     fn disarm(&self) -> Result<(), String> {
