@@ -239,13 +239,9 @@ fn guest_output(client: &mut Client<UnixStream>, argv: Vec<String>, timeout_ms: 
     Ok(stdout)
 }
 
-/// `key=value` fields of the first line starting with `tag`.
-fn fields<'a>(text: &'a str, tag: &str) -> Option<BTreeMap<&'a str, &'a str>> {
-    let line = text.lines().find(|l| l.split_whitespace().next() == Some(tag))?;
-    Some(line.split_whitespace().filter_map(|f| f.split_once('=')).collect())
-}
+use crate::engine::parse_fields as fields;
 
-fn number<T: std::str::FromStr>(fields: &BTreeMap<&str, &str>, key: &str, what: &str) -> Result<T, EngineError> {
+fn number<T: std::str::FromStr>(fields: &BTreeMap<String, String>, key: &str, what: &str) -> Result<T, EngineError> {
     fields.get(key).and_then(|v| v.parse().ok()).ok_or_else(|| EngineError::Guest(format!("{what}: no numeric `{key}`")))
 }
 
@@ -278,7 +274,7 @@ fn latency_series(client: &mut Client<UnixStream>, config: LatencyConfig, iterat
     let events = kernel_trace::parse(&trace.data.to_string_lossy());
     let mut series = LatencySeries { config, vcpus: 0, ipi_rtt_ns: Vec::new(), iterations, missed: 0, mechanism_ns: Vec::new(), end_to_end_ns: Vec::new(), case1_tail_ns: Vec::new() };
     for line in out.lines().filter(|l| l.starts_with("iter ")) {
-        let f: BTreeMap<&str, &str> = line.split_whitespace().filter_map(|f| f.split_once('=')).collect();
+        let f = fields(line, "iter").unwrap_or_default();
         let (ret, call, back): (i64, u64, u64) = (number(&f, "ret", "term_bench")?, number(&f, "call_ns", "term_bench")?, number(&f, "return_ns", "term_bench")?);
         let kernel = kernel_trace::find_termination(&events, prog_id, call, back);
         match kernel.filter(|k| ret == i64::from(config.cpus) && k.handlers.len() == config.cpus as usize) {

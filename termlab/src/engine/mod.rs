@@ -30,7 +30,8 @@ use stack_probe::StackProbe;
 use termlab_vmm::Vm;
 use crate::ui::Ui;
 pub use guest::{describe_exit, BootSpec, Guest, CMDLINE};
-use steps::{parse_fields, run_repetition, LoadedProgram, TraceReader};
+pub use steps::parse_fields;
+use steps::{run_repetition, LoadedProgram, TraceReader};
 
 #[derive(Debug, Error)]
 pub enum EngineError {
