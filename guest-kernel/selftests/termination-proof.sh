@@ -422,6 +422,56 @@ fi
 expect_full_run loops "after terminations the next run is the original again"
 stop_loader loops
 
+# --- runtime budget: bpftool prog budget, kernel.bpf_max_runtime_ms ---------------
+# A budget far below one slow call stops the run inside its first call
+# (case 1), exactly as terminate does; the trace and the counters say why.
+MAX_RUNTIME=/proc/sys/kernel/bpf_max_runtime_ms
+BUDGET_MS=300
+if start_loader loops; then
+	result=$(bpftool prog budget id "$PROG_ID" 60001 2>&1)
+	status=$?
+	check "bpftool prog budget of 60001 ms fails with the EINVAL text" "exit status $status: $result" \
+		$status -ne 0 -a -n "$(echo "$result" | grep 'Invalid argument')"
+	result=$(bpftool prog budget id "$PROG_ID" $BUDGET_MS 2>&1)
+	status=$?
+	echo "# bpftool: $result"
+	show=$(bpftool prog show id "$PROG_ID" 2>&1)
+	check "bpftool prog budget id $PROG_ID $BUDGET_MS: prog show prints the budget" \
+		"exit status $status, show: $show" \
+		$status -eq 0 -a -n "$(echo "$show" | grep "runtime_budget ${BUDGET_MS}ms")"
+	budget_before=$(bpftool -j prog show id "$PROG_ID" | sed -n 's/.*"budget":\([0-9]*\).*/\1/p')
+	if trigger_in_background loops; then
+		terminated_run_checks loops "own budget of $BUDGET_MS ms"
+		handler=$(last_event bpf_prog_terminate "prog_id=$PROG_ID ")
+		echo "# trace:$handler"
+		check "trace: the kernel stopped it for its budget, in the helper (case 1)" "got: $handler" \
+			"$(field reason "$handler"):$(field case "$handler"):$(field lost "$handler")" = "budget:1:0"
+		check "dmesg reports the budget termination" "no line for prog $PROG_ID" \
+			-n "$(dmesg | grep "bpf: prog $PROG_ID (loops) ran longer than its budget of $BUDGET_MS ms")"
+	else
+		not_ok "run for the budget check starts" "the program never entered"
+	fi
+	show=$(bpftool prog show id "$PROG_ID" 2>&1)
+	echo "$show" | sed 's/^/# /'
+	json=$(bpftool -j prog show id "$PROG_ID" 2>&1)
+	check "prog show counts one more run terminated by budget" "before ${budget_before:-0}, show: $show" \
+		-n "$(echo "$show" | grep -E "terminated on_demand [0-9]+ budget $((${budget_before:-0} + 1))  last_at ")"
+	check "prog show --json has runtime_budget_ms and the terminated counts" "got: $json" \
+		-n "$(echo "$json" | grep "\"runtime_budget_ms\":$BUDGET_MS" | grep '"terminated":{"on_demand":')"
+	bpftool prog budget id "$PROG_ID" 0 >/dev/null
+	echo $BUDGET_MS >$MAX_RUNTIME
+	if trigger_in_background loops; then
+		terminated_run_checks loops "kernel.bpf_max_runtime_ms=$BUDGET_MS"
+	else
+		not_ok "run for the system-wide budget check starts" "the program never entered"
+	fi
+	echo 0 >$MAX_RUNTIME
+	expect_full_run loops "without a budget the program runs to completion again"
+	stop_loader loops
+else
+	not_ok "loops loader for the budget checks starts" "see the loader output above"
+fi
+
 # --- 3. case 2: time spent in BPF text ------------------------------------------
 case2 bpftext "case 2 (bpf_loop in BPF text)"
 case2 subprog_text "case 2, 3 bpf2bpf frames deep"
