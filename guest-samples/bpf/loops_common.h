@@ -27,6 +27,7 @@
 #define LOOPS_MAGIC_SUBPROG_HELPER 0x7e570003
 #define LOOPS_MAGIC_SUBPROG_TEXT 0x7e570004
 #define LOOPS_MAGIC_TAILCALL 0x7e570005
+#define LOOPS_MAGIC_HELPER_LOOP 0x7e570006
 
 /* Kernel limit on bpf_loop() iterations (BPF_MAX_LOOPS). */
 #define LOOPS_MAX_ITERATIONS (1U << 23)
@@ -44,7 +45,7 @@ enum loops_phase {
 
 struct loops_state {
 	/* Written by userspace before a trigger. */
-	__u64 iterations;	/* bpf_loop() iterations for the BPF-text programs */
+	__u64 iterations;	/* bpf_loop() iterations of bpftext, subprog_text, helper_loop */
 
 	/* Written by the program. */
 	__u64 runs;		/* incremented on entry */

@@ -18,6 +18,8 @@ static const struct loops_program programs[] = {
 	  "two slow-helper calls, each 3 bpf2bpf frames deep" },
 	{ "subprog_text", LOOPS_MAGIC_SUBPROG_TEXT, LOOPS_OBJECT_SUBPROG,
 	  "long bpf_loop() 3 bpf2bpf frames deep" },
+	{ "helper_loop", LOOPS_MAGIC_HELPER_LOOP, LOOPS_OBJECT_BPFTEXT,
+	  "bpf_loop() of --iterations slow-helper calls (runtime budget)" },
 	{ "tailcall", LOOPS_MAGIC_TAILCALL, LOOPS_OBJECT_TAILCALL,
 	  "two slow-helper calls around a tail call: not terminable (EOPNOTSUPP)" },
 };
