@@ -27,7 +27,7 @@ use crate::results::{self, HostInfo, KernelInfo};
 use crate::stats::{Ratios, Summary};
 use crate::ui::Ui;
 
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 const BENCH_FILE: &str = "bench.json";
 /// Guest file the latency runs write the kernel trace to.
 const GUEST_TRACE: &str = "/tmp/term_bench.trace";
@@ -125,6 +125,9 @@ pub struct FastpathSeries {
     /// ns per run, one sample per round.
     pub patched_ns: Vec<f64>,
     pub baseline_ns: Vec<f64>,
+    /// The patched kernel with a runtime budget set (kernel.bpf_max_runtime_ms
+    /// = 60000, never reached): what the budget check adds per run.
+    pub patched_budget_ns: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -157,7 +160,7 @@ pub fn run(patched: BenchKernel<'_>, baseline: BenchKernel<'_>, options: &BenchO
         patched_kernel: patched.build.info.clone(),
         baseline_kernel: baseline.build.info.clone(),
         latency: Vec::new(),
-        fastpath: FASTPATH_PROGRAMS.iter().map(|p| FastpathSeries { program: (*p).to_owned(), patched_ns: Vec::new(), baseline_ns: Vec::new() }).collect(),
+        fastpath: FASTPATH_PROGRAMS.iter().map(|p| FastpathSeries { program: (*p).to_owned(), patched_ns: Vec::new(), baseline_ns: Vec::new(), patched_budget_ns: Vec::new() }).collect(),
         load: options.load_sizes.iter().map(|&insns| LoadSeries { insns, patched_load_ns: Vec::new(), baseline_load_ns: Vec::new(), patched_jited_bytes: 0, patched_copy_jited_bytes: 0, baseline_jited_bytes: 0 }).collect(),
     };
 
@@ -190,6 +193,13 @@ pub fn run(patched: BenchKernel<'_>, baseline: BenchKernel<'_>, options: &BenchO
             for series in &mut result.fastpath {
                 let ns = fastpath_sample(&mut guest.client, &series.program)?;
                 if is_patched { &mut series.patched_ns } else { &mut series.baseline_ns }.push(ns);
+            }
+            if is_patched {
+                set_max_runtime(&mut guest.client, BUDGET_NEVER_REACHED_MS)?;
+                for series in &mut result.fastpath {
+                    series.patched_budget_ns.push(fastpath_sample(&mut guest.client, &series.program)?);
+                }
+                set_max_runtime(&mut guest.client, 0)?;
             }
             for series in &mut result.load {
                 let (load_ns, jited, copy) = load_sample(&mut guest.client, series.insns)?;
@@ -286,12 +296,24 @@ fn latency_series(client: &mut Client<UnixStream>, config: LatencyConfig, iterat
 }
 
 fn push_samples(series: &mut LatencySeries, k: &KernelTermination) {
-    let since_request = |t: Option<u64>| t.map(|t| t.saturating_sub(k.request_ns) as f64);
+    // Only requests are measured here; a budget stop has no request.
+    let Some(request_ns) = k.request_ns else { return };
+    let since_request = |t: Option<u64>| t.map(|t| t.saturating_sub(request_ns) as f64);
     series.mechanism_ns.extend(since_request(k.stopped_ns()));
     series.end_to_end_ns.extend(since_request(k.returned_ns()));
     if let (Some(helper), Some(ret)) = (k.helper_returned_ns(), k.returned_ns()) {
         series.case1_tail_ns.push(ret.saturating_sub(helper) as f64);
     }
+}
+
+/// A system-wide runtime budget that turns the check on without stopping
+/// any fast-path run (the kernel's maximum).
+const BUDGET_NEVER_REACHED_MS: u32 = 60_000;
+
+fn set_max_runtime(client: &mut Client<UnixStream>, ms: u32) -> Result<(), EngineError> {
+    let path = format!("/proc/sys/{}", crate::scenario::MAX_RUNTIME_SYSCTL.replace('.', "/"));
+    client.write_file(&path, format!("{ms}\n").into_bytes()).map_err(|source| EngineError::Agent { what: format!("setting {path}"), source })?;
+    Ok(())
 }
 
 fn fastpath_sample(client: &mut Client<UnixStream>, program: &str) -> Result<f64, EngineError> {

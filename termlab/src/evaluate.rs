@@ -3,26 +3,35 @@
 
 use std::collections::BTreeMap;
 
+use crate::kernel_trace::KernelTermination;
 use crate::results::{ExpectationOutcome, Repetition, StepRecord};
 use crate::scenario::{Check, EventPoint, EventRef, Expectation, MetricSpec};
 
 /// The guest-clock timestamp of `event` in one repetition's records.
 fn event_ns(steps: &[StepRecord], event: &EventRef) -> Option<u64> {
-    steps.iter().find_map(|step| match step {
-        StepRecord::Trigger { label, start_ns, end_ns, .. } if label.as_str() == event.step.as_str() => match event.point {
-            EventPoint::Start => *start_ns,
-            EventPoint::End => *end_ns,
-            _ => None,
-        },
-        StepRecord::Terminate { label, start_ns, end_ns, kernel, .. } if label.as_str() == event.step.as_str() => match event.point {
-            EventPoint::Start => *start_ns,
-            EventPoint::End => *end_ns,
-            EventPoint::Request => kernel.as_ref().map(|k| k.request_ns),
-            EventPoint::Stopped => kernel.as_ref()?.stopped_ns(),
-            EventPoint::Done => kernel.as_ref()?.done_ns,
-            EventPoint::Returned => kernel.as_ref()?.returned_ns(),
-            EventPoint::HelperReturned => kernel.as_ref()?.helper_returned_ns(),
-        },
+    let (start_ns, end_ns, kernel) = steps.iter().find_map(|step| match step {
+        StepRecord::Trigger { label, start_ns, end_ns, kernel, .. } | StepRecord::Terminate { label, start_ns, end_ns, kernel, .. } if label.as_str() == event.step.as_str() => {
+            Some((*start_ns, *end_ns, kernel.as_ref()))
+        }
+        _ => None,
+    })?;
+    match event.point {
+        EventPoint::Start => start_ns,
+        EventPoint::End => end_ns,
+        EventPoint::Request => kernel?.request_ns,
+        EventPoint::Stopped => kernel?.stopped_ns(),
+        EventPoint::Done => kernel?.done_ns,
+        EventPoint::Returned => kernel?.returned_ns(),
+        EventPoint::HelperReturned => kernel?.helper_returned_ns(),
+    }
+}
+
+/// The kernel's account of the termination a step caused (terminate) or
+/// suffered (a trigger whose run was stopped for its budget); the outer
+/// `None` when no such step ran.
+fn kernel_termination<'a>(rep: &'a Repetition, step: &str) -> Option<Option<&'a KernelTermination>> {
+    rep.steps.iter().find_map(|s| match s {
+        StepRecord::Terminate { label, kernel, .. } | StepRecord::Trigger { label, kernel, .. } if label == step => Some(kernel.as_ref()),
         _ => None,
     })
 }
@@ -158,25 +167,69 @@ fn evaluate_one(expectation: &Expectation, repetitions: &[Repetition], dmesg: Op
             )
         }
         Check::KernelCase(want) => {
-            let (step, case, min_frames) = (want.step.get_ref().to_string(), *want.case.get_ref(), want.min_frames);
+            let (step, case, min_frames) = (want.step.get_ref().to_string(), want.case.as_ref().map(|c| *c.get_ref()), want.min_frames);
+            let path = case.map_or("a termination".to_owned(), |case| format!("case {case}"));
             (
-                format!("the kernel traced terminate `{step}` as case {case} on every CPU, ≥ {min_frames} frame(s) rewritten, none lost"),
+                format!("the kernel traced `{step}` as {path} on every CPU, ≥ {min_frames} frame(s) rewritten, none lost"),
                 Box::new(move |rep: &Repetition| {
-                    let kernel = rep.steps.iter().find_map(|s| match s {
-                        StepRecord::Terminate { label, kernel, .. } if *label == step => Some(kernel),
-                        _ => None,
-                    });
-                    let Some(kernel) = kernel else { return Err(format!("terminate `{step}` did not run")) };
-                    let Some(kernel) = kernel else { return Err("no bpf:bpf_prog_terminate_request event for the call".to_owned()) };
+                    let Some(kernel) = kernel_termination(rep, &step) else { return Err(format!("step `{step}` did not run")) };
+                    let Some(kernel) = kernel else { return Err("the kernel traced no termination for it (no bpf:bpf_prog_terminate_request, or no budget stop in the run)".to_owned()) };
                     if kernel.handlers.is_empty() {
                         return Err("no CPU was stopped (no bpf:bpf_prog_terminate event)".to_owned());
                     }
                     let seen: Vec<String> = kernel.handlers.iter().map(|h| format!("cpu{} case {} frames {} lost {}", h.cpu, h.case, h.frames, h.lost)).collect();
-                    let ok = kernel.handlers.iter().all(|h| h.case == case && h.frames >= min_frames && h.lost == 0);
+                    let ok = kernel.handlers.iter().all(|h| case.is_none_or(|case| h.case == case) && h.frames >= min_frames && h.lost == 0);
                     if ok {
                         Ok(seen.join(", "))
                     } else {
                         Err(seen.join(", "))
+                    }
+                }),
+            )
+        }
+        Check::BudgetResult(result) => {
+            let (step, want) = (result.step.get_ref().to_string(), result.errno);
+            (
+                match want {
+                    Some(errno) => format!("budget `{step}` fails with {}", errno.name()),
+                    None => format!("budget `{step}` is accepted"),
+                },
+                Box::new(move |rep: &Repetition| {
+                    let errno = rep.steps.iter().find_map(|s| match s {
+                        StepRecord::Budget { label, errno, .. } if *label == step => Some(errno),
+                        _ => None,
+                    });
+                    let Some(errno) = errno else { return Err(format!("budget `{step}` did not run")) };
+                    let observed = errno.clone().unwrap_or_else(|| "accepted".to_owned());
+                    if errno.as_deref() == want.map(|w| w.name()) {
+                        Ok(observed)
+                    } else {
+                        Err(observed)
+                    }
+                }),
+            )
+        }
+        Check::Terminations(delta) => {
+            let (from, to, want_on_demand, want_budget) = (delta.from.get_ref().to_string(), delta.to.get_ref().to_string(), delta.on_demand, delta.budget);
+            let mut words = Vec::new();
+            words.extend(want_on_demand.map(|n| format!("{n} on demand")));
+            words.extend(want_budget.map(|n| format!("{n} by budget")));
+            (
+                format!("from `{from}` to `{to}` the kernel counted {} more terminated run(s)", words.join(" and ")),
+                Box::new(move |rep: &Repetition| {
+                    let counters = |step: &str| {
+                        rep.steps.iter().find_map(|s| match s {
+                            StepRecord::ProgInfo { label, terminated_on_demand, terminated_budget, .. } if label == step => Some((*terminated_on_demand, *terminated_budget)),
+                            _ => None,
+                        })
+                    };
+                    let (Some(before), Some(after)) = (counters(&from), counters(&to)) else { return Err(format!("prog_info `{from}` or `{to}` did not run")) };
+                    let (on_demand, budget) = (after.0.wrapping_sub(before.0), after.1.wrapping_sub(before.1));
+                    let observed = format!("{on_demand} on demand, {budget} by budget");
+                    if want_on_demand.is_none_or(|n| n == on_demand) && want_budget.is_none_or(|n| n == budget) {
+                        Ok(observed)
+                    } else {
+                        Err(observed)
                     }
                 }),
             )
@@ -373,6 +426,7 @@ dmesg_clean = {}
                 fields: [("second_done".to_owned(), second_done.to_owned())].into(),
                 stdout: String::new(),
                 stderr: String::new(),
+                kernel: None,
             },
         ];
         let scenario = scenario::parse(SCENARIO).expect("valid");
@@ -440,5 +494,81 @@ dmesg_clean = {}
         let scenario = scenario::parse(SCENARIO).expect("valid");
         let outcomes = evaluate(&scenario.expectations, &[], Some(&KernelLog::default()));
         assert!(outcomes[..3].iter().all(|o| !o.passed && o.detail == "no repetition ran"));
+    }
+
+    const BUDGET_SCENARIO: &str = r#"
+description = "budget"
+[vm]
+kernel = "default"
+[[program]]
+name = "spin"
+bpf_name = "helper_loop"
+loader = ["loops"]
+trigger = ["trigger_loops"]
+[[step]]
+prog_info = { label = "before", program = "spin" }
+[[step]]
+budget = { label = "set", program = "spin", ms = 300 }
+[[step]]
+trigger = { label = "run", program = "spin" }
+[[step]]
+prog_info = { label = "after", program = "spin" }
+[[metric]]
+name = "budget_stop"
+from = "run.start"
+to = "run.stopped"
+[[expect]]
+name = "accepted"
+budget_result = { step = "set" }
+[[expect]]
+name = "stopped by the kernel"
+kernel_case = { step = "run", min_frames = 1 }
+[[expect]]
+name = "counted"
+terminations = { from = "before", to = "after", budget = 1, on_demand = 0 }
+"#;
+
+    fn budget_repetition(stopped: bool, budget_after: u64) -> Repetition {
+        use crate::kernel_trace::{HandlerEvent, Reason};
+        let kernel = stopped.then(|| KernelTermination {
+            reason: Reason::Budget,
+            request_ns: None,
+            ret: None,
+            done_ns: None,
+            handlers: vec![HandlerEvent { cpu: 1, case: 1, frames: 2, lost: 0, ts_ns: 1_301_000_000 }],
+            returns: Vec::new(),
+            helper_returns: Vec::new(),
+        });
+        let info = |label: &str, budget: u64| StepRecord::ProgInfo { label: label.into(), prog_id: 9, runtime_budget_ms: 300, terminated_on_demand: 2, terminated_budget: budget };
+        let steps = vec![
+            info("before", 5),
+            StepRecord::Budget { label: "set".into(), prog_id: 9, ms: 300, errno: None },
+            StepRecord::Trigger { label: "run".into(), argv: Vec::new(), exit_code: Some(0), start_ns: Some(1_000_000_000), end_ns: Some(1_303_000_000), fields: BTreeMap::new(), stdout: String::new(), stderr: String::new(), kernel },
+            info("after", budget_after),
+        ];
+        let scenario = scenario::parse(BUDGET_SCENARIO).expect("valid");
+        let metrics = compute_metrics(&scenario.metrics, &steps);
+        Repetition { index: 0, steps, metrics }
+    }
+
+    #[test]
+    fn a_budget_stop_is_measured_from_the_run_and_counted() {
+        let scenario = scenario::parse(BUDGET_SCENARIO).expect("valid");
+        let rep = budget_repetition(true, 6);
+        assert_eq!(rep.metrics.get("budget_stop"), Some(&301_000_000.0));
+        let outcomes = evaluate(&scenario.expectations, &[rep], None);
+        assert!(outcomes.iter().all(|o| o.passed), "{outcomes:#?}");
+    }
+
+    #[test]
+    fn a_run_the_kernel_did_not_stop_fails_the_budget_checks() {
+        let scenario = scenario::parse(BUDGET_SCENARIO).expect("valid");
+        let rep = budget_repetition(false, 5);
+        assert!(!rep.metrics.contains_key("budget_stop"));
+        let outcomes = evaluate(&scenario.expectations, &[rep], None);
+        let by_name = |n: &str| outcomes.iter().find(|o| o.name == n).expect("present");
+        assert!(by_name("accepted").passed);
+        assert!(!by_name("stopped by the kernel").passed);
+        assert!(!by_name("counted").passed && by_name("counted").detail.contains("0 by budget"), "{}", by_name("counted").detail);
     }
 }

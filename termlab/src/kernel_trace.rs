@@ -1,6 +1,8 @@
 //! The kernel's own account of each termination: the `bpf:` trace events of
-//! the series (guest-kernel/patches/0006, 0009), parsed from the trace
-//! buffer and matched to the terminate steps that caused them.
+//! the series (guest-kernel/patches/0006, 0009, 0014), parsed from the trace
+//! buffer and matched to the terminate steps that caused them, or, for runs
+//! the kernel stopped for exceeding their runtime budget, to the triggers
+//! whose runs they were.
 //!
 //! Every event carries `ts_ns`, the guest's CLOCK_MONOTONIC in ns taken in
 //! the kernel where it happened, so metrics between them need no clock
@@ -8,7 +10,8 @@
 //!
 //! ```text
 //!   bpf_prog_terminate_request   BPF_PROG_TERMINATE entered
-//!   bpf_prog_terminate           one CPU moved to the copy (handler done)
+//!   bpf_prog_terminate           one CPU moved to the copy (handler done),
+//!                                reason=request or reason=budget
 //!   bpf_prog_terminate_done      BPF_PROG_TERMINATE returns
 //!   bpf_termination_demo_delay_done   a slow demo helper returns
 //!   bpf_prog_terminated_return   a terminated run returned
@@ -64,11 +67,32 @@ fn parse_line(line: &str) -> Option<TraceEvent> {
     Some(TraceEvent { cpu, name: name.to_owned(), fields })
 }
 
-/// What the kernel reported about one BPF_PROG_TERMINATE call.
+/// Why the kernel stopped a run: the `reason` of bpf:bpf_prog_terminate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// BPF_PROG_TERMINATE.
+    Request,
+    /// The run exceeded its runtime budget.
+    Budget,
+}
+
+impl Reason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Reason::Request => "request",
+            Reason::Budget => "budget",
+        }
+    }
+}
+
+/// What the kernel reported about one BPF_PROG_TERMINATE call, or about one
+/// run it stopped for its budget (then there is no request, return or done).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KernelTermination {
-    pub request_ns: u64,
+    pub reason: Reason,
+    pub request_ns: Option<u64>,
     /// The call's return value (CPUs stopped, or -errno).
     pub ret: Option<i32>,
     pub done_ns: Option<u64>,
@@ -128,23 +152,49 @@ pub fn find_termination(events: &[TraceEvent], prog_id: u32, called_ns: u64, ret
     let after: Vec<&TraceEvent> = events.iter().filter(|e| e.ts_ns().is_some_and(|t| t >= request_ns)).collect();
     let done = after.iter().copied().filter(|e| e.is("bpf_prog_terminate_done", prog_id)).min_by_key(|e| e.ts_ns());
     let done_ns = done.and_then(TraceEvent::ts_ns);
-    let handlers: Vec<HandlerEvent> = after
+    let handlers = handlers(&after, prog_id, Reason::Request, |t| done_ns.is_none_or(|d| t <= d));
+    let mut termination = KernelTermination { reason: Reason::Request, request_ns: Some(request_ns), ret: done.and_then(|e| e.field("ret")), done_ns, handlers, returns: Vec::new(), helper_returns: Vec::new() };
+    follow_to_return(&mut termination, &after, prog_id);
+    Some(termination)
+}
+
+/// Finds the run of `prog_id` that the kernel stopped for exceeding its
+/// runtime budget while a trigger's run lasted, `start_ns..=end_ns` (the
+/// trigger's stamps around the syscall that ran it). `None` when it was not.
+pub fn find_budget_termination(events: &[TraceEvent], prog_id: u32, start_ns: u64, end_ns: u64) -> Option<KernelTermination> {
+    let during: Vec<&TraceEvent> = events.iter().filter(|e| e.ts_ns().is_some_and(|t| t >= start_ns)).collect();
+    let handlers = handlers(&during, prog_id, Reason::Budget, |t| t <= end_ns);
+    if handlers.is_empty() {
+        return None;
+    }
+    let mut termination = KernelTermination { reason: Reason::Budget, request_ns: None, ret: None, done_ns: None, handlers, returns: Vec::new(), helper_returns: Vec::new() };
+    follow_to_return(&mut termination, &during, prog_id);
+    Some(termination)
+}
+
+/// The bpf:bpf_prog_terminate events of `prog_id` for `reason` among
+/// `events`, at times `in_window` accepts.
+fn handlers(events: &[&TraceEvent], prog_id: u32, reason: Reason, in_window: impl Fn(u64) -> bool) -> Vec<HandlerEvent> {
+    events
         .iter()
-        .filter(|e| e.is("bpf_prog_terminate", prog_id) && e.ts_ns().is_some_and(|t| done_ns.is_none_or(|d| t <= d)))
+        .filter(|e| e.is("bpf_prog_terminate", prog_id) && e.fields.get("reason").map(String::as_str) == Some(reason.as_str()))
+        .filter(|e| e.ts_ns().is_some_and(&in_window))
         .filter_map(|e| Some(HandlerEvent { cpu: e.cpu, case: e.field("case")?, frames: e.field("frames")?, lost: e.field("lost")?, ts_ns: e.ts_ns()? }))
-        .collect();
-    let mut returns = Vec::new();
-    let mut helper_returns = Vec::new();
-    for handler in &handlers {
+        .collect()
+}
+
+/// Adds, for each CPU a handler stopped, when the terminated run returned
+/// there and, in case 1, when the interrupted slow demo helper returned.
+fn follow_to_return(termination: &mut KernelTermination, after: &[&TraceEvent], prog_id: u32) {
+    for handler in &termination.handlers {
         let on_cpu = || after.iter().filter(|e| e.cpu == handler.cpu).filter_map(|e| Some((e, e.ts_ns()?))).filter(|(_, t)| *t >= handler.ts_ns);
         let Some(ret) = on_cpu().filter(|(e, _)| e.is("bpf_prog_terminated_return", prog_id)).map(|(_, t)| t).min() else { continue };
-        returns.push(CpuTime { cpu: handler.cpu, ts_ns: ret });
+        termination.returns.push(CpuTime { cpu: handler.cpu, ts_ns: ret });
         if handler.case == 1 {
             let helper = on_cpu().filter(|(e, t)| e.name == "bpf_termination_demo_delay_done" && *t <= ret).map(|(_, t)| t).max();
-            helper_returns.extend(helper.map(|ts_ns| CpuTime { cpu: handler.cpu, ts_ns }));
+            termination.helper_returns.extend(helper.map(|ts_ns| CpuTime { cpu: handler.cpu, ts_ns }));
         }
     }
-    Some(KernelTermination { request_ns, ret: done.and_then(|e| e.field("ret")), done_ns, handlers, returns, helper_returns })
 }
 
 #[cfg(test)]
@@ -177,7 +227,8 @@ mod tests {
     fn matches_a_case1_termination_with_its_helper_return() {
         let events = parse(CASE1);
         let t = find_termination(&events, 7, 20_100_000_000, 20_100_040_000).expect("found");
-        assert_eq!(t.request_ns, 20_100_000_100);
+        assert_eq!(t.request_ns, Some(20_100_000_100));
+        assert_eq!(t.reason, Reason::Request);
         assert_eq!(t.ret, Some(1));
         assert_eq!(t.stopped_ns(), Some(20_100_020_000));
         assert_eq!(t.helper_returned_ns(), Some(20_800_000_000));
@@ -199,5 +250,37 @@ mod tests {
         assert_eq!(t.ret, Some(-3));
         assert!(t.handlers.is_empty() && t.returns.is_empty());
         assert_eq!(t.stopped_ns(), None);
+    }
+
+    // A budget stop inside a slow helper (case 1), then an unrelated request.
+    const BUDGET: &str = "\
+ trigger-80    [001] d.h1.    30.300000: bpf_prog_terminate: prog_id=9 case=1 frames=2 lost=0 reason=budget ts_ns=30300000000
+ trigger-80    [001] ...11    30.302000: bpf_termination_demo_delay_done: delay_ms=2 ts_ns=30302000000
+ trigger-80    [001] ...11    30.302010: bpf_prog_terminated_return: prog_id=9 ts_ns=30302010000
+ agent-61      [000] .....    31.000000: bpf_prog_terminate_request: prog_id=9 flags=0x0 ts_ns=31000000000
+ trigger-81    [001] d.h1.    31.000020: bpf_prog_terminate: prog_id=9 case=2 frames=0 lost=0 reason=request ts_ns=31000020000
+ agent-61      [000] .....    31.000030: bpf_prog_terminate_done: prog_id=9 ret=1 ts_ns=31000030000
+";
+
+    #[test]
+    fn matches_a_budget_stop_to_the_run_it_happened_in() {
+        let events = parse(BUDGET);
+        let t = find_budget_termination(&events, 9, 30_000_000_000, 30_302_020_000).expect("found");
+        assert_eq!((t.reason, t.request_ns, t.ret), (Reason::Budget, None, None));
+        assert_eq!(t.stopped_ns(), Some(30_300_000_000));
+        assert_eq!(t.helper_returned_ns(), Some(30_302_000_000));
+        assert_eq!(t.returned_ns(), Some(30_302_010_000));
+        // Not in another run's window, not for another program.
+        assert!(find_budget_termination(&events, 9, 30_400_000_000, 32_000_000_000).is_none());
+        assert!(find_budget_termination(&events, 8, 30_000_000_000, 30_302_020_000).is_none());
+    }
+
+    #[test]
+    fn a_request_does_not_claim_a_budget_stop_and_vice_versa() {
+        let events = parse(BUDGET);
+        let request = find_termination(&events, 9, 30_000_000_000, 31_000_010_000).expect("request found");
+        assert_eq!(request.handlers.len(), 1);
+        assert_eq!(request.handlers[0].case, 2);
+        assert!(find_termination(&events, 9, 30_000_000_000, 30_999_000_000).is_none());
     }
 }

@@ -11,7 +11,7 @@ use thiserror::Error;
 use crate::stats::{Ratios, Summary};
 
 /// Bumped on every incompatible change of [`RunResult`].
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 pub const RESULT_FILE: &str = "result.json";
 pub const CONSOLE_FILE: &str = "console.log";
@@ -157,6 +157,10 @@ pub enum StepRecord {
         fields: BTreeMap<String, String>,
         stdout: String,
         stderr: String,
+        /// The kernel's trace events of the run, if it stopped the run for
+        /// exceeding its runtime budget.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kernel: Option<crate::kernel_trace::KernelTermination>,
     },
     Terminate {
         label: String,
@@ -177,6 +181,22 @@ pub enum StepRecord {
         /// `verify_stack`: what the VMM saw on each vCPU the handler ran on.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         stack: Vec<crate::stack_proof::CpuStackProof>,
+    },
+    Budget {
+        label: String,
+        prog_id: u32,
+        ms: u32,
+        /// Symbolic errno on failure.
+        errno: Option<String>,
+    },
+    ProgInfo {
+        label: String,
+        prog_id: u32,
+        /// The program's own runtime budget (0: the system-wide one).
+        runtime_budget_ms: u32,
+        /// Runs the kernel terminated so far, on request and for the budget.
+        terminated_on_demand: u64,
+        terminated_budget: u64,
     },
     Sleep {
         requested_ms: u32,

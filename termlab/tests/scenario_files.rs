@@ -23,7 +23,7 @@ fn every_shipped_scenario_loads_with_a_description() {
         }
     }
     names.sort();
-    assert_eq!(names, ["control", "errors", "loops", "loops-bpf-text", "loops-subprog", "two-cpus"]);
+    assert_eq!(names, ["budget", "budget-off", "control", "errors", "loops", "loops-bpf-text", "loops-subprog", "two-cpus"]);
 }
 
 /// (file, line, column, key, words of the message)
@@ -36,12 +36,14 @@ const BAD_FILES: &[(&str, usize, usize, &str, &str)] = &[
     ("unknown-program.toml", 13, 38, "step[0].trigger.program", "no [[program]] is named `lops`"),
     ("verify-stack.toml", 2, 16, "verify_stack", "verify_stack checks the stack rewrite of terminate steps, and this scenario has none"),
     ("bad-event.toml", 18, 6, "metric[0].to", "`run.finish` is not `<step label>.<point>` with point one of start, end"),
-    ("kernel-point-on-trigger.toml", 18, 6, "metric[0].to", "`run.returned`: only terminate steps have kernel trace points"),
+    ("kernel-point-on-trigger.toml", 18, 6, "metric[0].to", "`run.request`: only terminate steps have the request's trace points"),
     ("never-waited.toml", 13, 21, "step[0].trigger.background", "is never waited for"),
     ("two-checks.toml", 15, 1, "expect[0]", "needs exactly one of"),
     ("syntax.toml", 7, 17, "(syntax)", "unclosed inline table"),
     ("trace-not-background.toml", 16, 23, "step[1].wait_trace.step", "is not an earlier background trigger"),
     ("unknown-errno.toml", 17, 42, "expect[0].terminate_result.errno", "unknown variant `ENOPE`"),
+    ("budget-negative.toml", 13, 50, "step[0].budget.ms", "invalid value: integer `-5`, expected u32"),
+    ("terminations-not-info.toml", 20, 40, "expect[0].terminations.to", "`run` is not a prog_info step"),
 ];
 
 #[test]

@@ -257,7 +257,7 @@ fn measure(client: &mut Client<UnixStream>, vm: &Vm, system_map: &Path, loaded: 
         programs.push(LoadedProgram { spec, prog_id });
     }
 
-    let traced = crate::scenario::terminates(scenario);
+    let traced = crate::scenario::traces_terminations(scenario);
     if traced {
         client.write_file(kernel_trace::ENABLE_PATH, b"1\n".to_vec()).map_err(|source| EngineError::Agent { what: "enabling the bpf: trace events (is this a termlab kernel?)".into(), source })?;
     }
@@ -320,11 +320,19 @@ fn stack_probe<'vm>(client: &mut Client<UnixStream>, vm: &'vm Vm, system_map: &P
 /// More than a guest's /proc/kallsyms holds (about 1.5 MB for this config).
 const KALLSYMS_MAX_BYTES: u64 = 16 << 20;
 
-/// Gives each terminate record the kernel's events of its call.
+/// Gives each terminate record the kernel's events of its call, and each
+/// trigger record those of its run if the kernel stopped it for its budget.
 fn attach_kernel_events(steps: &mut [StepRecord], events: &[kernel_trace::TraceEvent]) {
     for step in steps {
-        if let StepRecord::Terminate { prog_id, start_ns: Some(start), end_ns: Some(end), kernel, .. } = step {
-            *kernel = kernel_trace::find_termination(events, *prog_id, *start, *end);
+        match step {
+            StepRecord::Terminate { prog_id, start_ns: Some(start), end_ns: Some(end), kernel, .. } => {
+                *kernel = kernel_trace::find_termination(events, *prog_id, *start, *end);
+            }
+            StepRecord::Trigger { fields, start_ns: Some(start), end_ns: Some(end), kernel, .. } => {
+                let prog_id = fields.get("prog_id").and_then(|id| id.parse().ok());
+                *kernel = prog_id.and_then(|id| kernel_trace::find_budget_termination(events, id, *start, *end));
+            }
+            _ => {}
         }
     }
 }

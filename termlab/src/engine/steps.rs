@@ -10,7 +10,7 @@ use termlab_protocol::{ErrorKind, ExitStatus, RunRequest, SpawnRequest, SyscallR
 use super::stack_probe::StackProbe;
 use super::{interrupted, EngineError};
 use crate::results::StepRecord;
-use crate::scenario::{Errno, Label, ProgramSpec, Scenario, Step, TerminateBy, TerminateStep, TerminateVia, TriggerStep};
+use crate::scenario::{BudgetStep, Errno, Label, ProgInfoStep, ProgramSpec, Scenario, Step, TerminateBy, TerminateStep, TerminateVia, TriggerStep};
 
 /// The kernel trace buffer, read by the agent through trace_pipe (see
 /// `WaitTraceStep`). Reads are non-blocking (the agent opens files with
@@ -153,6 +153,8 @@ pub fn run_repetition(client: &mut Client<UnixStream>, scenario: &Scenario, prog
                 started.insert(terminate.label.get_ref().clone(), Instant::now());
                 records.push(record);
             }
+            Step::Budget(budget) => records.push(budget_step(client, budget, programs)?),
+            Step::ProgInfo(info) => records.push(prog_info_step(client, info, program(info.program.get_ref())?.prog_id)?),
         }
     }
     // Validation guarantees every background trigger is waited for; a
@@ -238,6 +240,7 @@ fn trigger_record(label: &Label, argv: Vec<String>, exit_code: Option<i32>, stdo
         fields,
         stdout: stdout.to_owned(),
         stderr: stderr.to_owned(),
+        kernel: None,
     }
 }
 
@@ -278,29 +281,78 @@ fn call_terminate(client: &mut Client<UnixStream>, step: &TerminateStep, label: 
             Ok(StepRecord::Terminate { label, prog_id, flags, via: "agent".into(), cpus, errno, start_ns: Some(reply.before_ns), end_ns: Some(reply.after_ns), kernel: None, stack: Vec::new() })
         }
         TerminateVia::Bpftool => {
-            let mut argv: Vec<String> = ["bpftool", "prog", "terminate"].map(String::from).to_vec();
+            let mut args: Vec<String> = ["prog", "terminate"].map(String::from).to_vec();
             match (step.by, bpf_name) {
-                (TerminateBy::Name, Some(name)) => argv.extend(["name".to_owned(), name.to_owned()]),
-                _ => argv.extend(["id".to_owned(), prog_id.to_string()]),
+                (TerminateBy::Name, Some(name)) => args.extend(["name".to_owned(), name.to_owned()]),
+                _ => args.extend(["id".to_owned(), prog_id.to_string()]),
             }
             if flags & crate::scenario::TerminateFlag::Detach.bits() != 0 {
-                argv.push("detach".to_owned());
+                args.push("detach".to_owned());
             }
-            let output = client
-                .run(RunRequest { argv, env: BTreeMap::new(), timeout_ms: 10_000, stdin: None, as_uid })
-                .map_err(agent(format!("terminate `{label}` with bpftool")))?;
-            let stdout = output.stdout.data.to_string_lossy().into_owned();
-            let stderr = output.stderr.data.to_string_lossy().into_owned();
-            let (cpus, errno) = if exit_code(&output.status) == Some(0) {
-                (cpus_from_bpftool(&stdout), None)
-            } else {
-                (None, Some(errno_from_message(&stderr).unwrap_or_else(|| format!("unrecognised failure: {}", stderr.trim()))))
-            };
+            let output = run_bpftool(client, args, as_uid, format!("terminate `{label}` with bpftool"))?;
+            let cpus = output.errno.is_none().then(|| cpus_from_bpftool(&output.stdout)).flatten();
             // bpftool's own process start/end: coarser than the agent's
             // timestamps around the bare bpf() call.
-            Ok(StepRecord::Terminate { label, prog_id, flags, via: "bpftool".into(), cpus, errno, start_ns: Some(output.start_ns), end_ns: Some(output.end_ns), kernel: None, stack: Vec::new() })
+            Ok(StepRecord::Terminate { label, prog_id, flags, via: "bpftool".into(), cpus, errno: output.errno, start_ns: Some(output.start_ns), end_ns: Some(output.end_ns), kernel: None, stack: Vec::new() })
         }
     }
+}
+
+/// What one bpftool run in the guest printed; `errno` is set when it failed.
+struct BpftoolOutput {
+    stdout: String,
+    errno: Option<String>,
+    start_ns: u64,
+    end_ns: u64,
+}
+
+/// Runs `bpftool ARGS` through the agent (as `as_uid` without capabilities
+/// when given); a failure is read back as the errno its message names.
+fn run_bpftool(client: &mut Client<UnixStream>, args: Vec<String>, as_uid: Option<u32>, what: String) -> Result<BpftoolOutput, EngineError> {
+    let argv = std::iter::once("bpftool".to_owned()).chain(args).collect();
+    let output = client.run(RunRequest { argv, env: BTreeMap::new(), timeout_ms: 10_000, stdin: None, as_uid }).map_err(agent(what))?;
+    let stdout = output.stdout.data.to_string_lossy().into_owned();
+    let stderr = output.stderr.data.to_string_lossy();
+    let errno = (exit_code(&output.status) != Some(0)).then(|| errno_from_message(&stderr).unwrap_or_else(|| format!("unrecognised failure: {}", stderr.trim())));
+    Ok(BpftoolOutput { stdout, errno, start_ns: output.start_ns, end_ns: output.end_ns })
+}
+
+/// Sets a program's runtime budget with `bpftool prog budget`.
+fn budget_step(client: &mut Client<UnixStream>, step: &BudgetStep, programs: &[LoadedProgram<'_>]) -> Result<StepRecord, EngineError> {
+    let label = step.label.get_ref().to_string();
+    let prog_id = match (&step.program, &step.prog_id) {
+        (Some(name), _) => programs.iter().find(|p| &p.spec.name == name.get_ref()).map(|p| p.prog_id),
+        (None, id) => id.as_ref().map(|id| *id.get_ref()),
+    };
+    let prog_id = prog_id.ok_or_else(|| EngineError::Guest(format!("budget `{label}`: its program is not loaded")))?;
+    let ms = *step.ms.get_ref();
+    let args = ["prog", "budget", "id", &prog_id.to_string(), &ms.to_string()].map(String::from).to_vec();
+    let output = run_bpftool(client, args, step.as_uid.as_ref().map(|uid| *uid.get_ref()), format!("budget `{label}`"))?;
+    Ok(StepRecord::Budget { label, prog_id, ms, errno: output.errno })
+}
+
+/// Reads a program's budget and termination counters from `bpftool --json prog show`.
+fn prog_info_step(client: &mut Client<UnixStream>, step: &ProgInfoStep, prog_id: u32) -> Result<StepRecord, EngineError> {
+    let label = step.label.get_ref().to_string();
+    let args = ["--json", "prog", "show", "id", &prog_id.to_string()].map(String::from).to_vec();
+    let output = run_bpftool(client, args, None, format!("prog_info `{label}`"))?;
+    if let Some(errno) = output.errno {
+        return Err(EngineError::Guest(format!("prog_info `{label}`: bpftool prog show id {prog_id} failed: {errno}")));
+    }
+    let counters = termination_counters(&output.stdout).ok_or_else(|| EngineError::Guest(format!("prog_info `{label}`: bpftool printed no program object: {}", output.stdout.trim())))?;
+    Ok(StepRecord::ProgInfo { label, prog_id, runtime_budget_ms: counters.0, terminated_on_demand: counters.1, terminated_budget: counters.2 })
+}
+
+/// (runtime_budget_ms, on demand, by budget) of `bpftool --json prog show`'s
+/// object; bpftool leaves out a budget of 0 and the counts before the first
+/// termination.
+fn termination_counters(json: &str) -> Option<(u32, u64, u64)> {
+    let object: serde_json::Value = serde_json::from_str(json.trim()).ok()?;
+    object.get("id")?;
+    let number = |value: Option<&serde_json::Value>| value.and_then(serde_json::Value::as_u64).unwrap_or(0);
+    let budget_ms = u32::try_from(number(object.get("runtime_budget_ms"))).ok()?;
+    let terminated = object.get("terminated");
+    Some((budget_ms, number(terminated.and_then(|t| t.get("on_demand"))), number(terminated.and_then(|t| t.get("budget")))))
 }
 
 /// The CPU count bpftool prints on success: the number right before "CPU".
@@ -346,5 +398,14 @@ mod tests {
         assert_eq!(errno_from_message("something else"), None);
         assert_eq!(cpus_from_bpftool("terminated program 7 on 2 CPUs\n"), Some(2));
         assert_eq!(cpus_from_bpftool("done\n"), None);
+    }
+
+    #[test]
+    fn termination_counters_are_read_from_bpftool_json() {
+        // As the patched bpftool prints them (guest-kernel/patches/0018).
+        let json = r#"{"id":7,"type":"tracepoint","name":"helper_loop","runtime_budget_ms":300,"terminated":{"on_demand":1,"budget":4,"last_at":1795000000}}"#;
+        assert_eq!(termination_counters(json), Some((300, 1, 4)));
+        assert_eq!(termination_counters(r#"{"id":7,"name":"idle"}"#), Some((0, 0, 0)));
+        assert_eq!(termination_counters("Error: get by id (7): No such file or directory"), None);
     }
 }

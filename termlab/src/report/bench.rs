@@ -47,7 +47,7 @@ pub fn bench_document(result: &BenchResult) -> Result<Document, ReportError> {
 
     doc.push(Block::Heading("Fast-path overhead (BPF_PROG_TEST_RUN, repeat 1e6, ns per run)".into()));
     doc.push(Block::Table {
-        header: ["program", "rounds", "baseline p50", "patched p50", "difference", "per-round differences (min … max)"].map(String::from).to_vec(),
+        header: ["program", "rounds", "baseline p50", "patched p50", "difference", "per-round differences (min … max)", "patched, budget set, p50", "budget check adds"].map(String::from).to_vec(),
         highlight: vec![false; result.fastpath.len()],
         rows: result
             .fastpath
@@ -66,6 +66,11 @@ pub fn bench_document(result: &BenchResult) -> Result<Document, ReportError> {
                         _ => "–".into(),
                     },
                     if diffs.is_empty() { "–".into() } else { format!("{lo:+.1} … {hi:+.1}") },
+                    median(&s.patched_budget_ns).map_or("–".into(), |v| format!("{v:.1}")),
+                    match (median(&s.patched_budget_ns), p) {
+                        (Some(with), Some(without)) if without > 0.0 => format!("{:+.1} ns ({:+.2} %)", with - without, 100.0 * (with - without) / without),
+                        _ => "–".into(),
+                    },
                 ]
             })
             .collect(),

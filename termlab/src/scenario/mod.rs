@@ -96,7 +96,11 @@ enum LabelKind {
     ForegroundTrigger,
     BackgroundTrigger,
     Terminate,
+    Budget,
+    ProgInfo,
 }
+
+const TRIGGERS: [LabelKind; 2] = [LabelKind::ForegroundTrigger, LabelKind::BackgroundTrigger];
 
 /// Whether any step reads the kernel trace buffer.
 pub fn uses_trace(scenario: &Scenario) -> bool {
@@ -107,6 +111,17 @@ pub fn uses_trace(scenario: &Scenario) -> bool {
 /// events are traced and matched to its terminate steps).
 pub fn terminates(scenario: &Scenario) -> bool {
     scenario.steps.iter().any(|step| matches!(step, Step::Terminate(_)))
+}
+
+/// The sysctl of the system-wide runtime budget (0: off).
+pub const MAX_RUNTIME_SYSCTL: &str = "kernel.bpf_max_runtime_ms";
+
+/// Whether the kernel may terminate runs in this scenario, on request or
+/// for their runtime budget: then its termination events are traced and
+/// matched to the steps.
+pub fn traces_terminations(scenario: &Scenario) -> bool {
+    let global_budget = scenario.sysctl.iter().any(|(name, value)| name.to_string() == MAX_RUNTIME_SYSCTL && value.to_string() != "0");
+    global_budget || scenario.steps.iter().any(|step| matches!(step, Step::Terminate(_) | Step::Budget(_)))
 }
 
 /// Labels of the terminate steps, in order.
@@ -138,6 +153,7 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
         return Err(SpannedError::new(0..0, "step", "a scenario needs at least one [[step]]"));
     }
     let mut labels: BTreeMap<Label, LabelKind> = BTreeMap::new();
+    let mut prog_info_programs: BTreeMap<Label, Label> = BTreeMap::new();
     let mut waited = BTreeSet::new();
     for (i, step) in scenario.steps.iter().enumerate() {
         let key = |field: &str| format!("step[{i}].{field}");
@@ -179,6 +195,15 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
                 validate_terminate(terminate, &programs, &key)?;
                 declare_label(&mut labels, &terminate.label, LabelKind::Terminate, key("terminate.label"))?;
             }
+            Step::Budget(budget) => {
+                check_target(&budget.label, budget.program.as_ref(), budget.prog_id.as_ref(), &programs, "budget", &key)?;
+                declare_label(&mut labels, &budget.label, LabelKind::Budget, key("budget.label"))?;
+            }
+            Step::ProgInfo(info) => {
+                check_program(&programs, &info.program, key("prog_info.program"))?;
+                prog_info_programs.insert(info.label.get_ref().clone(), info.program.get_ref().clone());
+                declare_label(&mut labels, &info.label, LabelKind::ProgInfo, key("prog_info.label"))?;
+            }
         }
     }
     for (i, step) in scenario.steps.iter().enumerate() {
@@ -193,10 +218,14 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
     for (i, metric) in scenario.metrics.iter().enumerate() {
         let key = |field: &str| format!("metric[{i}].{field}");
         for (event, field) in [(&metric.from, "from"), (&metric.to, "to")] {
+            let point = event.get_ref().point;
             match labels.get(&event.get_ref().step) {
                 None => return Err(invalid(event, key(field), format!("no step is labelled `{}`", event.get_ref().step))),
-                Some(kind) if event.get_ref().point.is_kernel_trace() && *kind != LabelKind::Terminate => {
-                    return Err(invalid(event, key(field), format!("`{}`: only terminate steps have kernel trace points", event.get_ref())))
+                Some(kind) if point.is_request() && *kind != LabelKind::Terminate => {
+                    return Err(invalid(event, key(field), format!("`{}`: only terminate steps have the request's trace points", event.get_ref())))
+                }
+                Some(kind) if !point.is_request() && *kind != LabelKind::Terminate && !TRIGGERS.contains(kind) => {
+                    return Err(invalid(event, key(field), format!("`{}`: only trigger and terminate steps have time points", event.get_ref())))
                 }
                 Some(_) => {}
             }
@@ -240,9 +269,23 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
             }
             Check::DmesgClean(_) => {}
             Check::KernelCase(want) => {
-                expect_label(&labels, &want.step, &[LabelKind::Terminate], key("kernel_case.step"), "a terminate step")?;
-                if !(1..=2).contains(want.case.get_ref()) {
-                    return Err(invalid(&want.case, key("kernel_case.case"), format!("case is 1 (in a helper) or 2 (in BPF text), not {}", want.case.get_ref())));
+                let kinds = [LabelKind::Terminate, LabelKind::ForegroundTrigger, LabelKind::BackgroundTrigger];
+                expect_label(&labels, &want.step, &kinds, key("kernel_case.step"), "a terminate or trigger step")?;
+                if let Some(case) = want.case.as_ref().filter(|case| !(1..=2).contains(case.get_ref())) {
+                    return Err(invalid(case, key("kernel_case.case"), format!("case is 1 (in a helper) or 2 (in BPF text), not {}", case.get_ref())));
+                }
+            }
+            Check::BudgetResult(result) => {
+                expect_label(&labels, &result.step, &[LabelKind::Budget], key("budget_result.step"), "a budget step")?;
+            }
+            Check::Terminations(delta) => {
+                expect_label(&labels, &delta.from, &[LabelKind::ProgInfo], key("terminations.from"), "a prog_info step")?;
+                expect_label(&labels, &delta.to, &[LabelKind::ProgInfo], key("terminations.to"), "a prog_info step")?;
+                if prog_info_programs.get(delta.from.get_ref()) != prog_info_programs.get(delta.to.get_ref()) {
+                    return Err(invalid(&delta.to, key("terminations.to"), format!("`{}` and `{}` read different programs", delta.from.get_ref(), delta.to.get_ref())));
+                }
+                if delta.on_demand.is_none() && delta.budget.is_none() {
+                    return Err(invalid(&delta.from, key("terminations"), "give `on_demand`, `budget` or both"));
                 }
             }
         }
@@ -251,13 +294,9 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
 }
 
 fn validate_terminate(terminate: &TerminateStep, programs: &BTreeSet<Label>, key: &dyn Fn(&str) -> String) -> Result<(), SpannedError> {
-    match (&terminate.program, &terminate.prog_id) {
-        (Some(program), None) => check_program(programs, program, key("terminate.program"))?,
-        (None, Some(_)) if terminate.by == TerminateBy::Name => {
-            return Err(invalid(&terminate.label, key("terminate.by"), "`by = \"name\"` needs `program`, not `prog_id`"))
-        }
-        (None, Some(_)) => {}
-        _ => return Err(invalid(&terminate.label, key("terminate"), "give exactly one of `program` and `prog_id`")),
+    check_target(&terminate.label, terminate.program.as_ref(), terminate.prog_id.as_ref(), programs, "terminate", key)?;
+    if terminate.prog_id.is_some() && terminate.by == TerminateBy::Name {
+        return Err(invalid(&terminate.label, key("terminate.by"), "`by = \"name\"` needs `program`, not `prog_id`"));
     }
     if terminate.by == TerminateBy::Name && terminate.via != TerminateVia::Bpftool {
         return Err(invalid(&terminate.label, key("terminate.by"), "`by = \"name\"` needs `via = \"bpftool\"`: the bpf() call itself only takes an id"));
@@ -271,6 +310,16 @@ fn validate_terminate(terminate: &TerminateStep, programs: &BTreeSet<Label>, key
         }
     }
     Ok(())
+}
+
+/// A step that acts on a program names exactly one of a declared `program`
+/// and a raw `prog_id`.
+fn check_target(label: &Spanned<Label>, program: Option<&Spanned<Label>>, prog_id: Option<&Spanned<u32>>, programs: &BTreeSet<Label>, step: &str, key: &dyn Fn(&str) -> String) -> Result<(), SpannedError> {
+    match (program, prog_id) {
+        (Some(program), None) => check_program(programs, program, key(&format!("{step}.program"))),
+        (None, Some(_)) => Ok(()),
+        _ => Err(invalid(label, key(step), "give exactly one of `program` and `prog_id`")),
+    }
 }
 
 fn check_program(programs: &BTreeSet<Label>, program: &Spanned<Label>, key: String) -> Result<(), SpannedError> {

@@ -112,6 +112,10 @@ pub enum Step {
     WaitTrace(WaitTraceStep),
     /// Call BPF_PROG_TERMINATE.
     Terminate(TerminateStep),
+    /// Set a program's runtime budget (`bpftool prog budget`).
+    Budget(BudgetStep),
+    /// Read a program's termination counters (`bpftool prog show`).
+    ProgInfo(ProgInfoStep),
 }
 
 impl Step {
@@ -120,6 +124,8 @@ impl Step {
         match self {
             Step::Trigger(t) => Some(&t.label),
             Step::Terminate(t) => Some(&t.label),
+            Step::Budget(b) => Some(&b.label),
+            Step::ProgInfo(p) => Some(&p.label),
             Step::Sleep(_) | Step::Wait(_) | Step::WaitTrace(_) => None,
         }
     }
@@ -220,6 +226,35 @@ pub struct TerminateStep {
     pub as_uid: Option<Spanned<u32>>,
 }
 
+/// `budget = { label = "set", program = "spin", ms = 300 }`: runs
+/// `bpftool prog budget id ID MS`. The value goes to the kernel unchecked, so
+/// that a scenario can expect its errno (EINVAL above 60000 ms).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetStep {
+    pub label: Spanned<Label>,
+    /// A declared program, or a raw id (the "unknown id" case).
+    #[serde(default)]
+    pub program: Option<Spanned<Label>>,
+    #[serde(default)]
+    pub prog_id: Option<Spanned<u32>>,
+    /// The budget in ms; 0 = the system-wide `kernel.bpf_max_runtime_ms`.
+    pub ms: Spanned<u32>,
+    /// Run bpftool as this uid without capabilities (the EPERM case).
+    #[serde(default)]
+    pub as_uid: Option<Spanned<u32>>,
+}
+
+/// `prog_info = { label = "after", program = "spin" }`: records the
+/// program's runtime budget and how many of its runs were terminated on
+/// demand and by budget (`bpftool --json prog show`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProgInfoStep {
+    pub label: Spanned<Label>,
+    pub program: Spanned<Label>,
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TerminateVia {
@@ -276,13 +311,14 @@ pub enum EventPoint {
     End,
     /// Terminate, kernel trace: BPF_PROG_TERMINATE entered.
     Request,
-    /// Terminate, kernel trace: the handler finished on the last CPU.
+    /// Kernel trace: the handler finished on the last CPU. For a trigger:
+    /// the kernel stopped its run for exceeding the runtime budget.
     Stopped,
     /// Terminate, kernel trace: BPF_PROG_TERMINATE about to return.
     Done,
-    /// Terminate, kernel trace: the last terminated run returned.
+    /// Kernel trace: the last terminated run returned.
     Returned,
-    /// Terminate, kernel trace: the interrupted slow helper returned (case 1).
+    /// Kernel trace: the interrupted slow helper returned (case 1).
     HelperReturned,
 }
 
@@ -301,9 +337,15 @@ impl EventPoint {
         Self::NAMES.iter().find(|(_, point)| *point == self).map_or("?", |(name, _)| name)
     }
 
-    /// Points that only a terminate step has (from the kernel's trace).
+    /// Points from the kernel's trace of a termination: a terminate step's,
+    /// or a trigger's whose run the kernel stopped for its budget.
     pub fn is_kernel_trace(self) -> bool {
         !matches!(self, EventPoint::Start | EventPoint::End)
+    }
+
+    /// Points of the BPF_PROG_TERMINATE call itself: only terminate steps.
+    pub fn is_request(self) -> bool {
+        matches!(self, EventPoint::Request | EventPoint::Done)
     }
 }
 
@@ -358,9 +400,14 @@ pub enum Check {
     TriggerField(TriggerFieldCheck),
     /// No WARN/BUG/oops/KASAN/lockdep report appeared in the guest's dmesg.
     DmesgClean(DmesgCheck),
-    /// The kernel's trace of a terminate step shows the intended path:
-    /// every stopped CPU in this case, enough frames rewritten, none lost.
+    /// The kernel's trace of a terminate step, or of a trigger whose run it
+    /// stopped for its budget, shows the intended path: every stopped CPU in
+    /// this case, enough frames rewritten, none lost.
     KernelCase(KernelCaseCheck),
+    /// A budget step succeeded or failed with this errno.
+    BudgetResult(BudgetResultCheck),
+    /// Between two prog_info steps, this many more runs were terminated.
+    Terminations(TerminationsCheck),
 }
 
 /// The file form of [`Expectation`].
@@ -380,6 +427,10 @@ pub struct ExpectationTable {
     dmesg_clean: Option<DmesgCheck>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     kernel_case: Option<KernelCaseCheck>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    budget_result: Option<BudgetResultCheck>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    terminations: Option<TerminationsCheck>,
 }
 
 impl TryFrom<ExpectationTable> for Expectation {
@@ -392,10 +443,12 @@ impl TryFrom<ExpectationTable> for Expectation {
         checks.extend(table.trigger_field.map(Check::TriggerField));
         checks.extend(table.dmesg_clean.map(Check::DmesgClean));
         checks.extend(table.kernel_case.map(Check::KernelCase));
+        checks.extend(table.budget_result.map(Check::BudgetResult));
+        checks.extend(table.terminations.map(Check::Terminations));
         match (checks.pop(), checks.is_empty()) {
             (Some(check), true) => Ok(Expectation { name: table.name, check }),
             _ => Err(format!(
-                "expectation `{}` needs exactly one of `metric`, `terminate_result`, `trigger_ok`, `trigger_field`, `dmesg_clean`, `kernel_case`",
+                "expectation `{}` needs exactly one of `metric`, `terminate_result`, `trigger_ok`, `trigger_field`, `dmesg_clean`, `kernel_case`, `budget_result`, `terminations`",
                 table.name
             )),
         }
@@ -412,6 +465,8 @@ impl From<Expectation> for ExpectationTable {
             Check::TriggerField(c) => table.trigger_field = Some(c),
             Check::DmesgClean(c) => table.dmesg_clean = Some(c),
             Check::KernelCase(c) => table.kernel_case = Some(c),
+            Check::BudgetResult(c) => table.budget_result = Some(c),
+            Check::Terminations(c) => table.terminations = Some(c),
         }
         table
     }
@@ -444,11 +499,37 @@ pub struct TerminateResultCheck {
 #[serde(deny_unknown_fields)]
 pub struct KernelCaseCheck {
     pub step: Spanned<Label>,
-    /// 1: stopped inside a helper; 2: stopped in BPF text.
-    pub case: Spanned<u32>,
+    /// 1: stopped inside a helper; 2: stopped in BPF text; absent: either
+    /// (a budget stop lands wherever the tick finds the run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub case: Option<Spanned<u32>>,
     /// At least this many stack words redirected on each CPU (default 0).
     #[serde(default)]
     pub min_frames: u32,
+}
+
+/// `budget_result = { step = "too-big", errno = "EINVAL" }`; without
+/// `errno`, the budget step must have succeeded.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetResultCheck {
+    pub step: Spanned<Label>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errno: Option<Errno>,
+}
+
+/// `terminations = { from = "before", to = "after", budget = 2, on_demand = 0 }`:
+/// the counters of two prog_info steps of the same program differ by this
+/// much in every repetition; an absent count is not checked.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TerminationsCheck {
+    pub from: Spanned<Label>,
+    pub to: Spanned<Label>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_demand: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
