@@ -41,6 +41,7 @@ fi
 		"not ok "*) n=$((n + 1)); failed=$((failed + 1)); echo "not ok $n -${line#not ok [0-9]* -}" ;;
 		"status "*) status=${line#status } ;;
 		"trigger "*" failed=0 "*) summary=yes; echo "# $line" ;;
+		"#"*) echo "$line" ;;
 		*) echo "# $line" ;;
 		esac
 	done

@@ -7,7 +7,7 @@
  * kernel.bpf_termination_demo_delay_ms and tracefs.
  *
  *   term_stress stress --cycles N [--delay-ms D]
- *   term_stress races --iterations N [--delay-ms D]
+ *   term_stress races --iterations N [--race-delay-ms D]
  *   term_stress fuzz-attr --iterations N [--unpriv]
  *   term_stress all --cycles N --iterations N --fuzz N [--kmemleak]
  *                    (the three in one run; --kmemleak: no leak suspect after it)
@@ -24,7 +24,6 @@
  *              a terminated run returns 98..100 (stubbed helpers return -1)
  *   ts_text    main calls f 3 times, f counts a may_goto loop to K: 3K;
  *              terminated: 0..3K
- *   ts_bpfloop bpf_loop(N, empty callback): N; terminated: 1..N
  *   ts_short   a cheap helper and a constant: 7 always (entry/exit races)
  *   ts_tp      tracepoint (getpgid) version of ts_helper, attached with a
  *              perf-event link (the detach races and the fuzz's link)
@@ -49,7 +48,6 @@
 #define TRACE_DIR "/sys/kernel/tracing"
 #define MAX_CPUS 8
 #define TEXT_K 20000
-#define LOOP_N 20000
 #define TP_MAGIC 0x7e57a001
 #define HELPER_NORMAL 100
 #define SHORT_NORMAL 7
@@ -194,39 +192,34 @@ static const struct bpf_insn helper_prog[] = {
 	EXIT(),					/* 9 */
 };
 
-#define TEXT_PROG(K) {								\
-	MOV64_IMM(BPF_REG_6, 0),		/* 0: calls */			\
-	MOV64_IMM(BPF_REG_7, 0),		/* 1: sum */			\
-	JGT_IMM(BPF_REG_6, 2, 4),		/* 2: -> 7 after 3 calls */	\
-	ADD64_IMM(BPF_REG_6, 1),		/* 3 */				\
-	CALL_SUBPROG(4),			/* 4: -> f at 9 */		\
-	ADD64_REG(BPF_REG_7, BPF_REG_0),	/* 5 */				\
-	JA(-5),					/* 6: -> 2 */			\
-	MOV64_REG(BPF_REG_0, BPF_REG_7),	/* 7 */				\
-	EXIT(),					/* 8 */				\
-	MOV64_IMM(BPF_REG_0, 0),		/* 9: f */			\
-	MAY_GOTO(3),				/* 10: -> 14 */			\
-	ADD64_IMM(BPF_REG_0, 1),		/* 11 */			\
-	JGT_IMM(BPF_REG_0, (K) - 1, 1),		/* 12: -> 14 */			\
-	JA(-4),					/* 13: -> 10 */			\
-	EXIT(),					/* 14 */			\
-}
-static const struct bpf_insn text_prog[] = TEXT_PROG(TEXT_K);
-/* A short version for the exit race: a run of a few tens of microseconds. */
-#define TEXT_SHORT_K 300
-static const struct bpf_insn text_short_prog[] = TEXT_PROG(TEXT_SHORT_K);
-
-static const struct bpf_insn bpfloop_prog[] = {
-	MOV64_IMM(BPF_REG_1, LOOP_N),					/* 0 */
-	INSN(BPF_LD | BPF_DW | BPF_IMM, BPF_REG_2, BPF_PSEUDO_FUNC, 0, 5),	/* 1: -> cb at 7 */
-	INSN(0, 0, 0, 0, 0),						/* 2 */
-	MOV64_IMM(BPF_REG_3, 0),					/* 3 */
-	MOV64_IMM(BPF_REG_4, 0),					/* 4 */
-	CALL_HELPER(BPF_FUNC_loop),					/* 5 */
-	EXIT(),								/* 6 */
-	MOV64_IMM(BPF_REG_0, 0),					/* 7: cb */
-	EXIT(),								/* 8 */
+/*
+ * The loop bound K comes from the context (args[0] of the test run), so the
+ * verifier does not walk K iterations (with a constant bound it does, which
+ * took half a minute per load under TCG), and one program serves the long
+ * stress runs and the short runs of the exit race.
+ */
+static const struct bpf_insn text_prog[] = {
+	INSN(BPF_LDX | BPF_MEM | BPF_DW, BPF_REG_8, BPF_REG_1, 0, 0),	/* 0: r8 = K */
+	MOV64_IMM(BPF_REG_6, 0),		/* 1: calls */
+	MOV64_IMM(BPF_REG_7, 0),		/* 2: sum */
+	JGT_IMM(BPF_REG_6, 2, 5),		/* 3: -> 9 after 3 calls */
+	ADD64_IMM(BPF_REG_6, 1),		/* 4 */
+	MOV64_REG(BPF_REG_1, BPF_REG_8),	/* 5 */
+	CALL_SUBPROG(4),			/* 6: -> f at 11 */
+	ADD64_REG(BPF_REG_7, BPF_REG_0),	/* 7 */
+	JA(-6),					/* 8: -> 3 */
+	MOV64_REG(BPF_REG_0, BPF_REG_7),	/* 9 */
+	EXIT(),					/* 10 */
+	MOV64_IMM(BPF_REG_0, 0),		/* 11: f(K) */
+	MAY_GOTO(3),				/* 12: -> 16 */
+	ADD64_IMM(BPF_REG_0, 1),		/* 13 */
+	INSN(BPF_JMP | BPF_JGE | BPF_X, BPF_REG_0, BPF_REG_1, 1, 0),	/* 14: -> 16 */
+	JA(-4),					/* 15: -> 12 */
+	EXIT(),					/* 16 */
 };
+#define TEXT_LEN 17
+/* Where the exit race's calibration starts. */
+#define TEXT_SHORT_K 4000
 
 static const struct bpf_insn short_prog[] = {
 	CALL_HELPER(BPF_FUNC_get_smp_processor_id),
@@ -270,8 +263,8 @@ static int load_tail_prog(int *map_fd)
 	return raw_load(BPF_PROG_TYPE_RAW_TRACEPOINT, insns, 6, "ts_tail", 0);
 }
 
-enum { P_HELPER, P_TEXT, P_LOOP, P_SHORT, NPROGS };
-static const char *const prog_names[NPROGS] = { "ts_helper", "ts_text", "ts_bpfloop", "ts_short" };
+enum { P_HELPER, P_TEXT, P_SHORT, NPROGS };
+static const char *const prog_names[NPROGS] = { "ts_helper", "ts_text", "ts_short" };
 
 struct prog {
 	int fd;
@@ -289,12 +282,8 @@ static struct prog load_prog(int kind)
 		p.normal = HELPER_NORMAL;
 		break;
 	case P_TEXT:
-		p.fd = raw_load(BPF_PROG_TYPE_RAW_TRACEPOINT, text_prog, 15, "ts_text", 0);
+		p.fd = raw_load(BPF_PROG_TYPE_RAW_TRACEPOINT, text_prog, TEXT_LEN, "ts_text", 0);
 		p.normal = 3 * TEXT_K;
-		break;
-	case P_LOOP:
-		p.fd = raw_load(BPF_PROG_TYPE_RAW_TRACEPOINT, bpfloop_prog, 9, "ts_bpfloop", 0);
-		p.normal = LOOP_N;
 		break;
 	case P_SHORT:
 		p.fd = raw_load(BPF_PROG_TYPE_RAW_TRACEPOINT, short_prog, 3, "ts_short", 0);
@@ -312,17 +301,16 @@ static bool valid_result(int kind, uint64_t normal, uint32_t ret)
 	case P_HELPER:
 		return ret >= HELPER_NORMAL - 2 && ret <= HELPER_NORMAL;
 	case P_TEXT:
-	case P_LOOP:
 		return ret <= normal;
 	default:
 		return ret == normal;
 	}
 }
 
-/* One BPF_PROG_TEST_RUN; returns 0 and the result, or the errno. */
-static int test_run(int fd, uint32_t *retval)
+/* One BPF_PROG_TEST_RUN with args[0] = @arg; returns 0 and the result, or the errno. */
+static int test_run_arg(int fd, uint64_t arg, uint32_t *retval)
 {
-	uint64_t ctx[1] = {};
+	uint64_t ctx[1] = { arg };
 	union bpf_attr attr;
 
 	memset(&attr, 0, sizeof(attr));
@@ -333,6 +321,11 @@ static int test_run(int fd, uint32_t *retval)
 		return errno;
 	*retval = attr.test.retval;
 	return 0;
+}
+
+static int test_run(int fd, uint32_t *retval)
+{
+	return test_run_arg(fd, TEXT_K, retval);
 }
 
 /* Number of runs counted by the kernel (needs stats enabled). */
@@ -680,7 +673,7 @@ static void *stress_runner(void *arg)
 	pin_to(r->cpu);
 	while (!stop_runners) {
 		/* ts_short most often: its runs are the entry/exit targets. */
-		static const uint8_t mix[] = { P_HELPER, P_TEXT, P_LOOP, P_SHORT, P_SHORT, P_SHORT };
+		static const uint8_t mix[] = { P_HELPER, P_TEXT, P_SHORT, P_SHORT };
 		struct run_rec rec = { .kind = mix[rnd_below(sizeof(mix))] };
 		int err;
 
@@ -746,6 +739,18 @@ static void do_stress(unsigned long cycles, unsigned int delay_ms)
 		die("calloc");
 	for (int k = 0; k < NPROGS; k++)
 		progs[k] = load_prog(k);
+	printf("# stress: %d programs loaded in %.1f s\n", NPROGS, (now_ns() - t0) / 1e9);
+	{
+		/* The measures must see loaded programs, or "back to baseline" proves nothing. */
+		struct kstate loaded = kstate_now();
+
+		check(loaded.progs >= base.progs + NPROGS && loaded.ksyms >= base.ksyms + 2 * NPROGS &&
+		      loaded.vmalloc_lines > base.vmalloc_lines,
+		      "stress: the leak measures see the loaded programs and their copies",
+		      "progs %ld->%ld, bpf kallsyms %ld->%ld, JIT/prog vmalloc %ld->%ld lines (%ld->%ld bytes)",
+		      base.progs, loaded.progs, base.ksyms, loaded.ksyms, base.vmalloc_lines, loaded.vmalloc_lines,
+		      base.vmalloc_bytes, loaded.vmalloc_bytes);
+	}
 	write_sysctl(DEMO_DELAY_SYSCTL, delay_ms);
 
 	/* Each program's normal result, before any terminate. */
@@ -770,7 +775,8 @@ static void do_stress(unsigned long cycles, unsigned int delay_ms)
 		struct term_rec *t = &terms[i];
 		long ret;
 
-		t->kind = rnd_below(NPROGS);
+		/* Mostly the long programs: their runs are where stops land. */
+		t->kind = rnd_below(5) < 2 ? P_HELPER : rnd_below(3) ? P_TEXT : P_SHORT;
 		random_wait_us(t->kind == P_SHORT ? 100 : 2 * delay_ms * 1000 + 500);
 		t->call = now_ns();
 		ret = terminate_raw(progs[t->kind].id, 0);
@@ -852,10 +858,10 @@ static void do_stress(unsigned long cycles, unsigned int delay_ms)
 	      "%ld terminated returns, %ld stops, %ld terminated results", trace_returns, trace_stops, abnormal);
 	check(trace_lost == 0, "stress: no address without an equivalent in the copy", "lost=%ld", trace_lost);
 	if (cycles >= 100)
-		check(case1 > 0 && case2 > 0 && max_frames >= 2 && per_kind_stops[P_LOOP] > 0,
-		      "stress: stops landed in helpers (case 1), in BPF text (case 2), in subprogram frames and in bpf_loop",
-		      "case1=%ld case2=%ld max_frames=%ld bpf_loop_stops=%ld", case1, case2, max_frames,
-		      per_kind_stops[P_LOOP]);
+		check(case1 > 0 && case2 > 0 && max_frames >= 2,
+		      "stress: stops landed in helpers (case 1), in BPF text (case 2) and in subprogram frames",
+		      "case1=%ld case2=%ld max_frames=%ld short_prog_stops=%ld", case1, case2, max_frames,
+		      per_kind_stops[P_SHORT]);
 
 	/* Programs still work normally after all this. */
 	for (int k = 0; k < NPROGS; k++) {
@@ -867,9 +873,11 @@ static void do_stress(unsigned long cycles, unsigned int delay_ms)
 		close(progs[k].fd);
 	}
 	check_back_to_baseline("stress: programs, kallsyms and JIT memory back to the baseline after unload", base);
-	field(" stress_cycles=%lu stress_stopped=%ld stress_esrch=%ld stress_runs=%ld stress_terminated_runs=%ld"
+	field(" stress_cycles=%lu stress_stopped=%ld stress_esrch=%ld stress_short_stopped=%ld stress_runs=%ld"
+	      " stress_terminated_runs=%ld"
 	      " stress_case1=%ld stress_case2=%ld stress_max_frames=%ld stress_s=%.1f",
-	      cycles, stopped, esrch, runs, abnormal, case1, case2, max_frames, (now_ns() - t0) / 1e9);
+	      cycles, stopped, esrch, per_kind_stops[P_SHORT], runs, abnormal, case1, case2, max_frames,
+	      (now_ns() - t0) / 1e9);
 	free(terms);
 }
 
@@ -877,6 +885,7 @@ static void do_stress(unsigned long cycles, unsigned int delay_ms)
 
 struct one_run {
 	int fd, cpu;
+	uint64_t arg;
 	volatile int started;
 	int err;
 	uint32_t ret;
@@ -890,16 +899,17 @@ static void *one_run_thread(void *arg)
 	pin_to(r->cpu);
 	r->start = now_ns();
 	__atomic_store_n(&r->started, 1, __ATOMIC_SEQ_CST);
-	r->err = test_run(r->fd, &r->ret);
+	r->err = test_run_arg(r->fd, r->arg, &r->ret);
 	r->end = now_ns();
 	return NULL;
 }
 
-static void start_run(struct one_run *r, pthread_t *t, int fd, int cpu)
+static void start_run_arg(struct one_run *r, pthread_t *t, int fd, int cpu, uint64_t arg)
 {
 	memset(r, 0, sizeof(*r));
 	r->fd = fd;
 	r->cpu = cpu;
+	r->arg = arg;
 	pthread_create(t, NULL, one_run_thread, r);
 	while (!__atomic_load_n(&r->started, __ATOMIC_SEQ_CST))
 		sched_yield();
@@ -911,6 +921,11 @@ static void wait_go(volatile int *go)
 		sched_yield();
 }
 
+static void start_run(struct one_run *r, pthread_t *t, int fd, int cpu)
+{
+	start_run_arg(r, t, fd, cpu, TEXT_K);
+}
+
 static bool ok_ret(long ret, int max)
 {
 	return (ret > 0 && ret <= max) || ret == -ESRCH;
@@ -919,27 +934,34 @@ static bool ok_ret(long ret, int max)
 /* Terminate vs the program's exit: a short BPF-text run, terminated around its end. */
 static void race_exit(unsigned long n)
 {
-	int fd = raw_load(BPF_PROG_TYPE_RAW_TRACEPOINT, text_short_prog, 15, "ts_text_short", 0);
-	uint32_t id = raw_prog_id(fd), normal = 3 * TEXT_SHORT_K;
+	int fd = raw_load(BPF_PROG_TYPE_RAW_TRACEPOINT, text_prog, TEXT_LEN, "ts_text", 0);
+	uint32_t id = raw_prog_id(fd), normal;
 	long stopped = 0, esrch = 0, bad = 0, bad_run = 0, abnormal = 0;
-	uint64_t dur = 0;
+	uint64_t dur = 0, k;
 
 	pin_to(0);
-	for (int i = 0; i < 5; i++) {
-		struct one_run r;
-		pthread_t t;
+	/* A run of about a millisecond, so that "around its end" is a window to aim at. */
+	for (k = TEXT_SHORT_K; k < 4000000; k *= 2) {
+		dur = 0;
+		for (int i = 0; i < 3; i++) {
+			struct one_run r;
+			pthread_t t;
 
-		start_run(&r, &t, fd, 1);
-		pthread_join(t, NULL);
-		if (r.end - r.start > dur)
-			dur = r.end - r.start;
+			start_run_arg(&r, &t, fd, 1, k);
+			pthread_join(t, NULL);
+			if (r.end - r.start > dur)
+				dur = r.end - r.start;
+		}
+		if (dur >= 1000000)
+			break;
 	}
+	normal = 3 * k;
 	for (unsigned long i = 0; i < n; i++) {
 		struct one_run r;
 		pthread_t t;
 		long ret;
 
-		start_run(&r, &t, fd, 1);
+		start_run_arg(&r, &t, fd, 1, k);
 		spin_ns(rnd_below(2 * dur));
 		ret = terminate_raw(id, 0);
 		ret = ret < 0 ? -errno : ret;
@@ -952,8 +974,8 @@ static void race_exit(unsigned long n)
 		abnormal += !r.err && r.ret < normal;
 	}
 	check(!bad && !bad_run && stopped > 0 && esrch > 0, "race: terminate vs program exit",
-	      "%lu iterations (run ~%llu us): %ld stopped, %ld ESRCH (both must occur), %ld bad returns, "
-	      "%ld bad runs, %ld terminated results", n, (unsigned long long)dur / 1000, stopped, esrch, bad,
+	      "%lu iterations (run ~%llu us, K=%llu): %ld stopped, %ld ESRCH (both must occur), %ld bad returns, "
+	      "%ld bad runs, %ld terminated results", n, (unsigned long long)dur / 1000, (unsigned long long)k, stopped, esrch, bad,
 	      bad_run, abnormal);
 	field(" race_exit=%lu race_exit_stopped=%ld race_exit_esrch=%ld", n, stopped, esrch);
 	close(fd);
@@ -1129,7 +1151,7 @@ static void race_two_cpus(unsigned long n, unsigned int delay_ms)
 
 		start_run(&r[0], &t[0], p.fd, 1);
 		start_run(&r[1], &t[1], p.fd, 2);
-		random_wait_us(2 * delay_ms * 1000);
+		random_wait_us(delay_ms * 1000);
 		ret = terminate_raw(p.id, 0);
 		ret = ret < 0 ? -errno : ret;
 		pthread_join(t[0], NULL);
@@ -1323,7 +1345,7 @@ static void fuzz_once(const struct fuzz_targets *tg, bool priv, struct fuzz_resu
 	size_t ksize = tg->attr_size, size, i;
 	unsigned char content[8192];
 	uint32_t id, flags;
-	int kind = rnd_below(NPTR), expect = 0, got;
+	int kind = rnd_below(2) ? PTR_GOOD : (int)rnd_below(NPTR), expect = 0, got;
 	bool tail_nonzero = false, pad_nonzero = false, tail_nz_readable = false;
 	char *ptr = NULL;
 	size_t readable = 0, copy;
@@ -1539,7 +1561,11 @@ static bool kmemleak_begin(void)
 {
 	if (access(KMEMLEAK, F_OK))
 		mount("debugfs", "/sys/kernel/debug", "debugfs", 0, NULL);
-	return kmemleak_write("scan") && kmemleak_write("clear");
+	uint64_t t0 = now_ns();
+	bool ok = kmemleak_write("scan") && kmemleak_write("clear");
+
+	printf("# kmemleak: baseline scan %s in %.1f s\n", ok ? "done" : "failed", (now_ns() - t0) / 1e9);
+	return ok;
 }
 
 /*
@@ -1574,7 +1600,7 @@ static int usage(void)
 {
 	fprintf(stderr,
 		"usage: term_stress stress --cycles N [--delay-ms D]\n"
-		"       term_stress races --iterations N [--delay-ms D]\n"
+		"       term_stress races --iterations N [--race-delay-ms D]\n"
 		"       term_stress fuzz-attr --iterations N [--unpriv]\n"
 		"       term_stress all [--cycles N] [--iterations N] [--fuzz N] [--delay-ms D] [--kmemleak]\n"
 		"       term_stress hold\n");
@@ -1615,7 +1641,7 @@ static void on_term(int sig)
 
 int main(int argc, char **argv)
 {
-	unsigned int delay_ms;
+	unsigned int delay_ms, race_delay_ms;
 	uint64_t start = now_ns();
 	const char *mode;
 
@@ -1642,13 +1668,16 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	rng_state ^= now_ns() | 1;
+	/* The slow helper's delay: short in the stress (many cycles), longer in the
+	 * races, whose windows must survive a vCPU descheduled by a busy host. */
 	delay_ms = opt_num(argc, argv, "--delay-ms", 1);
+	race_delay_ms = opt_num(argc, argv, "--race-delay-ms", 5);
 	printf("# term_stress %s: %d CPUs, seed %#llx\n", mode, ncpus, (unsigned long long)rng_state);
 
 	if (!strcmp(mode, "stress")) {
 		do_stress(opt_num(argc, argv, "--cycles", 500), delay_ms);
 	} else if (!strcmp(mode, "races")) {
-		do_races(opt_num(argc, argv, "--iterations", 100), delay_ms);
+		do_races(opt_num(argc, argv, "--iterations", 100), race_delay_ms);
 	} else if (!strcmp(mode, "fuzz-attr")) {
 		do_fuzz(opt_num(argc, argv, "--iterations", 1000), opt_flag(argc, argv, "--unpriv"));
 	} else if (!strcmp(mode, "all")) {
@@ -1660,7 +1689,7 @@ int main(int argc, char **argv)
 			leakcheck = false;
 		}
 		do_stress(opt_num(argc, argv, "--cycles", 500), delay_ms);
-		do_races(opt_num(argc, argv, "--iterations", 100), delay_ms);
+		do_races(opt_num(argc, argv, "--iterations", 100), race_delay_ms);
 		do_fuzz(fuzz, false);
 		do_fuzz(fuzz, true);
 		if (leakcheck)
