@@ -571,7 +571,8 @@ static void trace_line(const char *line)
 	unsigned int id;
 	int c, frames, lost;
 
-	if ((p = strstr(line, "bpf_prog_terminate: ")) &&
+	/* Only stops of BPF_PROG_TERMINATE (a later series adds reason=budget). */
+	if ((p = strstr(line, "bpf_prog_terminate: ")) && (!strstr(p, " reason=") || strstr(p, " reason=request")) &&
 	    sscanf(p, "bpf_prog_terminate: prog_id=%u case=%d frames=%d lost=%d", &id, &c, &frames, &lost) == 4) {
 		struct trace_counts *t = trace_slot(id);
 
