@@ -197,7 +197,7 @@ pub fn initramfs(root: &Path, kernel: &KernelBuild) -> Result<PathBuf, GuestImag
     for input in [&mkinitramfs, &kernel.bpftool, &agent, &ipi_binary, &run_me] {
         sha256_of_file(&mut hasher, input)?;
     }
-    for binary in ["loops", "trigger_loops", "prog_terminate", "prog_term_map", "term_bench"] {
+    for binary in ["loops", "trigger_loops", "prog_terminate", "prog_term_map", "term_bench", "term_stress"] {
         sha256_of_file(&mut hasher, &samples.join(binary))?;
     }
     let key: String = hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
