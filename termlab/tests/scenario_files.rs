@@ -23,7 +23,7 @@ fn every_shipped_scenario_loads_with_a_description() {
         }
     }
     names.sort();
-    assert_eq!(names, ["budget", "budget-off", "control", "errors", "loops", "loops-bpf-text", "loops-subprog", "two-cpus"]);
+    assert_eq!(names, ["budget", "budget-off", "control", "errors", "loops", "loops-bpf-text", "loops-subprog", "stress", "two-cpus"]);
 }
 
 /// (file, line, column, key, words of the message)
