@@ -14,6 +14,11 @@ fn event_ns(steps: &[StepRecord], event: &EventRef) -> Option<u64> {
             EventPoint::End => *end_ns,
             _ => None,
         },
+        StepRecord::Exec { label, start_ns, end_ns, .. } if label.as_str() == event.step.as_str() => match event.point {
+            EventPoint::Start => Some(*start_ns),
+            EventPoint::End => Some(*end_ns),
+            _ => None,
+        },
         StepRecord::Terminate { label, start_ns, end_ns, kernel, .. } if label.as_str() == event.step.as_str() => match event.point {
             EventPoint::Start => *start_ns,
             EventPoint::End => *end_ns,

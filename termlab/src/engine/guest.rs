@@ -71,6 +71,16 @@ impl Guest {
                 }
             }
         };
+        // A guest that dies (panic, reboot) leaves this connection open on
+        // the VMM's side: close it then, so a pending request fails at once
+        // instead of waiting out its timeout.
+        if let Ok(watched) = stream.try_clone() {
+            let watch = vm.exit_watch();
+            std::thread::spawn(move || {
+                watch.wait(None);
+                let _ = watched.shutdown(std::net::Shutdown::Both);
+            });
+        }
         let mut client = Client::new(stream);
         client.hello().map_err(|source| EngineError::Agent { what: "hello".into(), source })?;
         Ok(Guest { vm, client, _socket_dir: socket_dir })
@@ -99,6 +109,12 @@ impl Guest {
         }
     }
 
+    /// Stops the VM at once, without asking the guest (its agent is gone or
+    /// hung, or the user pressed Ctrl-C).
+    pub fn kill(self) -> ExitReason {
+        self.vm.stop()
+    }
+
     /// Asks the agent to power the guest off; stops the VM if it does not.
     pub fn power_off(mut self) -> ExitReason {
         // A failed shutdown request (agent gone) just means stopping harder.
@@ -113,6 +129,16 @@ impl Guest {
 /// Not listening yet, or the VMM socket not there yet: try again.
 fn retryable(error: &HandshakeError) -> bool {
     matches!(error, HandshakeError::Refused { .. } | HandshakeError::Timeout(_) | HandshakeError::Connect { .. })
+}
+
+/// The last `lines` lines of the guest console log, indented, for error messages.
+pub fn console_tail(console_log: &Path, lines: usize) -> String {
+    let text = std::fs::read(console_log).map(|bytes| String::from_utf8_lossy(&bytes).into_owned()).unwrap_or_default();
+    let kept: Vec<&str> = text.lines().rev().filter(|line| !line.trim().is_empty()).take(lines).collect();
+    if kept.is_empty() {
+        return "  (the guest console is empty)".to_owned();
+    }
+    kept.iter().rev().map(|line| format!("  {}", line.trim_end())).collect::<Vec<_>>().join("\n")
 }
 
 pub fn describe_exit(reason: &ExitReason) -> String {

@@ -96,6 +96,7 @@ enum LabelKind {
     ForegroundTrigger,
     BackgroundTrigger,
     Terminate,
+    Exec,
 }
 
 /// Whether any step reads the kernel trace buffer.
@@ -179,6 +180,7 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
                 validate_terminate(terminate, &programs, &key)?;
                 declare_label(&mut labels, &terminate.label, LabelKind::Terminate, key("terminate.label"))?;
             }
+            Step::Exec(exec) => declare_label(&mut labels, &exec.label, LabelKind::Exec, key("exec.label"))?,
         }
     }
     for (i, step) in scenario.steps.iter().enumerate() {
