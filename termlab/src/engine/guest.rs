@@ -144,8 +144,11 @@ pub fn console_tail(console_log: &Path, lines: usize) -> String {
 pub fn describe_exit(reason: &ExitReason) -> String {
     match reason {
         ExitReason::Panic { console_tail } => {
+            // The panic's own line names the cause; the last lines show where it happened.
+            const WHY: &str = "Kernel panic - not syncing";
+            let why = console_tail.lines().find_map(|line| line.find(WHY).map(|at| line[at..].trim_end())).unwrap_or("Kernel panic");
             let last: Vec<&str> = console_tail.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect();
-            format!("the guest kernel panicked:\n{}", last.join("\n"))
+            format!("the guest kernel panicked ({why}). Guest console, last lines:\n{}\n", last.join("\n"))
         }
         ExitReason::Reset => "the guest rebooted".into(),
         ExitReason::TripleFault => "a vCPU triple-faulted".into(),
