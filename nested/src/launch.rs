@@ -267,6 +267,51 @@ mod tests {
         assert_eq!(quote(b"it's"), r"'it'\''s'");
     }
 
+    /// The job script passes a forwarded signal to its command and reports the command's
+    /// own exit status (run here with the host's sh: the script is plain POSIX sh).
+    #[test]
+    fn job_script_passes_a_forwarded_signal_on() {
+        let job = TempDir::new(&std::env::temp_dir(), "termlab-nested-test").expect("temp dir");
+        let command: Vec<OsString> = ["sh", "-c", "trap 'exit 42' TERM; echo $$ > \"$1\"; while :; do sleep 0.1; done", "sh"]
+            .iter()
+            .map(OsString::from)
+            .chain([job.path().join("started").into_os_string()])
+            .collect();
+        write_job_script(job.path(), &command).expect("job script");
+        let mut script = Command::new("sh").arg(job.path().join("job")).stdout(Stdio::null()).spawn().expect("sh runs");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // Never leave the command looping behind a failed assertion.
+        let stop_all = |script: &mut Child| {
+            if let Some(pid) = fs::read_to_string(job.path().join("started")).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+                // SAFETY: kill(2) of the command this test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            let _ = script.kill();
+            let _ = script.wait();
+        };
+        while fs::read_to_string(job.path().join("started")).map_or(true, |pid| !pid.ends_with('\n')) {
+            if Instant::now() >= deadline {
+                stop_all(&mut script);
+                panic!("the command never started");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(forward_signal(job.path(), libc::SIGTERM));
+        loop {
+            if let Some(status) = script.try_wait().expect("wait") {
+                assert!(status.success(), "{status}");
+                break;
+            }
+            if Instant::now() >= deadline {
+                stop_all(&mut script);
+                panic!("the command did not get the signal");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(fs::read_to_string(job.path().join("rc")).expect("rc").trim(), "42");
+        assert_eq!(fs::read_to_string(job.path().join(SIGNAL_FILE)).expect("signal"), "TERM");
+    }
+
     #[test]
     fn terminal_codes_are_removed() {
         assert_eq!(strip_terminal_codes("\x1b[2J\x1b[0;1mhello\r"), "hello");

@@ -148,7 +148,7 @@ pub fn describe_exit(reason: &ExitReason) -> String {
             const WHY: &str = "Kernel panic - not syncing";
             let why = console_tail.lines().find_map(|line| line.find(WHY).map(|at| line[at..].trim_end())).unwrap_or("Kernel panic");
             let last: Vec<&str> = console_tail.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect();
-            format!("the guest kernel panicked ({why}). Guest console, last lines:\n{}\n", last.join("\n"))
+            format!("the guest kernel panicked ({why}). Guest console, last lines:\n{}", last.join("\n"))
         }
         ExitReason::Reset => "the guest rebooted".into(),
         ExitReason::TripleFault => "a vCPU triple-faulted".into(),

@@ -221,11 +221,12 @@ fn boot_and_measure(
         Ok(()) => !result.expectations.iter().all(|e| e.passed),
         Err(_) => true,
     };
-    if failed && options.keep_vm && guest.exited().is_none() {
+    if measured.as_ref().err().is_some_and(EngineError::agent_unusable) || interrupted() {
+        // Nothing to ask the agent any more (and no shell for --keep-vm).
+        guest.kill();
+    } else if failed && options.keep_vm && guest.exited().is_none() {
         ui.error("a check failed; --keep-vm: the VM stays up with a shell on its console");
         interactive_console(guest, console_log, ui);
-    } else if measured.as_ref().err().is_some_and(EngineError::agent_unusable) || interrupted() {
-        guest.kill();
     } else {
         let reason = guest.power_off();
         if measured.is_ok() && !matches!(reason, termlab_vmm::ExitReason::Reset | termlab_vmm::ExitReason::Stopped) {
