@@ -157,3 +157,30 @@ pub fn describe_exit(reason: &ExitReason) -> String {
         ExitReason::VcpuError { vcpu, message } => format!("vCPU {vcpu} failed: {message}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_is_named_by_its_own_line_then_the_last_console_lines() {
+        let mut tail = String::from("[ 1.0] something before\n[ 2.0] Kernel panic - not syncing: Out of memory: system-wide panic_on_oom is enabled\n");
+        for frame in 0..20 {
+            tail.push_str(&format!("[ 2.1]  frame {frame}\n"));
+        }
+        let text = describe_exit(&ExitReason::Panic { console_tail: tail });
+        let first = text.lines().next().expect("a line");
+        assert_eq!(first, "the guest kernel panicked (Kernel panic - not syncing: Out of memory: system-wide panic_on_oom is enabled). Guest console, last lines:");
+        assert_eq!(text.lines().count(), 13, "{text}");
+        assert!(text.ends_with("frame 19"), "{text}");
+    }
+
+    #[test]
+    fn the_console_tail_keeps_the_last_non_blank_lines() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = dir.path().join("console.log");
+        assert_eq!(console_tail(&log, 3), "  (the guest console is empty)");
+        std::fs::write(&log, "one\ntwo\n\nthree\r\nfour\n\n").expect("write");
+        assert_eq!(console_tail(&log, 3), "  two\n  three\n  four");
+    }
+}
