@@ -25,6 +25,12 @@ const L1_LOCK: &str = "/run/termlab/l1.lock";
 const JOBS_DIR: &str = "/run/termlab/l1-jobs";
 /// Exit status the job script reports when it cannot enter the working directory.
 const JOB_SETUP_FAILED: i32 = 125;
+/// The file in the job directory that asks the job script to signal the command (its
+/// content is the signal's name for `kill -s`).
+const SIGNAL_FILE: &str = "signal";
+/// How long the command in L1 gets to stop cleanly after a forwarded signal (stop its VM,
+/// write its partial results) before the L1 VM is killed.
+const SIGNAL_GRACE: Duration = Duration::from_secs(60);
 
 /// Sizing and limits of the L1 VM.
 #[derive(Debug, Clone)]
@@ -43,7 +49,8 @@ impl Default for L1Options {
 }
 
 /// Runs `argv` inside L1 in the current directory and returns its exit code. The command's
-/// output is streamed to stdout as it runs. Ctrl-C/SIGTERM/SIGHUP kill the L1 VM.
+/// output is streamed to stdout as it runs. Ctrl-C/SIGTERM/SIGHUP are passed on to the command
+/// (which then has a grace period to end cleanly); a second one kills the L1 VM.
 pub fn run_in_l1(argv: &[OsString], options: &L1Options) -> Result<i32, NestedError> {
     ensure_tools()?;
     let image = ensure_image(&options.cache_dir)?;
@@ -55,7 +62,7 @@ pub fn run_in_l1(argv: &[OsString], options: &L1Options) -> Result<i32, NestedEr
     let signals = SignalGuard::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
     let mut qemu = spawn_qemu(&image, job.path(), options)?;
     let output = qemu.stdout.take().map(|stdout| std::thread::spawn(move || stream_console(stdout)));
-    let ended = supervise(&mut qemu, &signals, options.timeout);
+    let ended = supervise(&mut qemu, &signals, options.timeout, job.path());
     if let Some(thread) = output {
         let _ = thread.join();
     }
@@ -85,8 +92,17 @@ fn write_job_script(dir: &Path, argv: &[OsString]) -> Result<(), NestedError> {
     }
     script.push_str(&format!("export {NESTED_ENV}=1\n"));
     let command: Vec<String> = argv.iter().map(|a| quote(a.as_bytes())).collect();
+    // The command runs in the background so that a signal the host launcher
+    // received (written to the job's `signal` file) can be passed on to it,
+    // again every second until it ends: it may not have installed its
+    // handler yet (a background command starts with SIGINT ignored).
     script.push_str(&command.join(" "));
-    script.push('\n');
+    script.push_str(" &\nchild=$!\n");
+    let signal_file = quote(dir.join(SIGNAL_FILE).as_os_str().as_bytes());
+    script.push_str(&format!(
+        "(while kill -0 $child 2>/dev/null; do [ -e {signal_file} ] && kill -s \"$(cat {signal_file})\" $child 2>/dev/null; sleep 1; done) &\n"
+    ));
+    script.push_str("wait $child\n");
     script.push_str(&format!("echo $? > {}\n", quote(dir.join("rc").as_os_str().as_bytes())));
     let path = dir.join("job");
     fs::write(&path, script).map_err(|e| NestedError::io("write job script", &path, e))
@@ -121,9 +137,12 @@ fn spawn_qemu(image: &crate::image::L1Image, job_dir: &Path, options: &L1Options
     cmd.spawn().map_err(|e| NestedError::io("start", Path::new("qemu-system-x86_64"), e))
 }
 
-/// Waits for QEMU, killing it on timeout or on a termination signal.
-fn supervise(qemu: &mut Child, signals: &SignalGuard, timeout: Duration) -> Result<String, NestedError> {
-    let deadline = Instant::now() + timeout;
+/// Waits for QEMU, killing it on timeout. The first termination signal is passed on to the
+/// command inside L1, which then has [`SIGNAL_GRACE`] to end (and L1 with it); a second one,
+/// or the end of the grace period, kills the L1 VM.
+fn supervise(qemu: &mut Child, signals: &SignalGuard, timeout: Duration, job_dir: &Path) -> Result<String, NestedError> {
+    let mut deadline = Instant::now() + timeout;
+    let mut forwarded: Option<i32> = None;
     loop {
         match qemu.try_wait() {
             Ok(Some(status)) => return Ok(status.to_string()),
@@ -134,14 +153,31 @@ fn supervise(qemu: &mut Child, signals: &SignalGuard, timeout: Duration) -> Resu
             }
         }
         if let Some(signal) = signals.wait(Duration::from_millis(100)) {
-            kill(qemu);
-            return Err(NestedError::Interrupted(signal));
+            if forwarded.is_some() || !forward_signal(job_dir, signal) {
+                kill(qemu);
+                return Err(NestedError::Interrupted(signal));
+            }
+            eprintln!("termlab-nested: signal {signal}: passed to the command in the L1 VM (again to kill the VM now)");
+            forwarded = Some(signal);
+            deadline = deadline.min(Instant::now() + SIGNAL_GRACE);
         }
         if Instant::now() >= deadline {
             kill(qemu);
-            return Err(NestedError::Timeout(timeout));
+            return Err(match forwarded {
+                Some(signal) => NestedError::Interrupted(signal),
+                None => NestedError::Timeout(timeout),
+            });
         }
     }
+}
+
+/// Asks the job script to signal the command (SIGINT stays SIGINT; SIGTERM and SIGHUP become
+/// SIGTERM). False when the request cannot be written.
+fn forward_signal(job_dir: &Path, signal: i32) -> bool {
+    let name = if signal == libc::SIGINT { "INT" } else { "TERM" };
+    let path = job_dir.join(SIGNAL_FILE);
+    let partial = job_dir.join(".signal.tmp");
+    fs::write(&partial, name).and_then(|()| fs::rename(&partial, &path)).is_ok()
 }
 
 fn kill(qemu: &mut Child) {
@@ -229,6 +265,51 @@ mod tests {
     #[test]
     fn quoting_survives_single_quotes() {
         assert_eq!(quote(b"it's"), r"'it'\''s'");
+    }
+
+    /// The job script passes a forwarded signal to its command and reports the command's
+    /// own exit status (run here with the host's sh: the script is plain POSIX sh).
+    #[test]
+    fn job_script_passes_a_forwarded_signal_on() {
+        let job = TempDir::new(&std::env::temp_dir(), "termlab-nested-test").expect("temp dir");
+        let command: Vec<OsString> = ["sh", "-c", "trap 'exit 42' TERM; echo $$ > \"$1\"; while :; do sleep 0.1; done", "sh"]
+            .iter()
+            .map(OsString::from)
+            .chain([job.path().join("started").into_os_string()])
+            .collect();
+        write_job_script(job.path(), &command).expect("job script");
+        let mut script = Command::new("sh").arg(job.path().join("job")).stdout(Stdio::null()).spawn().expect("sh runs");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // Never leave the command looping behind a failed assertion.
+        let stop_all = |script: &mut Child| {
+            if let Some(pid) = fs::read_to_string(job.path().join("started")).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+                // SAFETY: kill(2) of the command this test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            let _ = script.kill();
+            let _ = script.wait();
+        };
+        while fs::read_to_string(job.path().join("started")).map_or(true, |pid| !pid.ends_with('\n')) {
+            if Instant::now() >= deadline {
+                stop_all(&mut script);
+                panic!("the command never started");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(forward_signal(job.path(), libc::SIGTERM));
+        loop {
+            if let Some(status) = script.try_wait().expect("wait") {
+                assert!(status.success(), "{status}");
+                break;
+            }
+            if Instant::now() >= deadline {
+                stop_all(&mut script);
+                panic!("the command did not get the signal");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(fs::read_to_string(job.path().join("rc")).expect("rc").trim(), "42");
+        assert_eq!(fs::read_to_string(job.path().join(SIGNAL_FILE)).expect("signal"), "TERM");
     }
 
     #[test]

@@ -7,6 +7,14 @@ use termlab_nested::{run_in_l1, L1Options, NestedError};
 
 const JOBS_DIR: &str = "/run/termlab/l1-jobs";
 
+/// The tests share one process id, so each would see the other's job directory (`job-<pid>-<n>`)
+/// when it checks for its own leftovers while the other runs: one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn sh(script: &str) -> Vec<OsString> {
     vec!["sh".into(), "-c".into(), script.into()]
 }
@@ -26,6 +34,7 @@ fn my_job_dirs() -> Vec<String> {
 
 #[test]
 fn command_runs_in_l1_with_real_kvm_and_its_exit_status_comes_back() {
+    let _serial = one_at_a_time();
     let cwd = std::env::current_dir().expect("cwd");
     // Every condition the job relies on, checked inside L1; 7 only if all hold.
     let script = format!(
@@ -40,6 +49,7 @@ fn command_runs_in_l1_with_real_kvm_and_its_exit_status_comes_back() {
 
 #[test]
 fn timeout_kills_the_l1_vm_and_cleans_up() {
+    let _serial = one_at_a_time();
     let options = L1Options { timeout: Duration::from_secs(3), ..L1Options::default() };
     match run_in_l1(&sh("sleep 600"), &options) {
         Err(NestedError::Timeout(t)) => assert_eq!(t, Duration::from_secs(3)),

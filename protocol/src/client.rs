@@ -327,3 +327,32 @@ impl_reply!(
     ClockReading => Clock,
     TerminateReply => Terminate,
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+
+    /// The agent's side closing in the middle of a response line (a vsock peer that goes
+    /// away mid-stream) is `Closed` at once: not a timeout, not a malformed response.
+    #[test]
+    fn a_peer_closing_mid_response_is_closed() {
+        let (host, agent) = UnixStream::pair().expect("socket pair");
+        let peer = std::thread::spawn(move || {
+            let mut request = String::new();
+            BufReader::new(&agent).read_line(&mut request).expect("request line");
+            assert!(request.contains("\"op\":\"clock\""), "{request}");
+            (&agent).write_all(br#"{"id":1,"ok":{"op":"clock","monotonic_ns":12"#).expect("half a response");
+            // Dropping the socket closes it with the line unfinished.
+        });
+        let mut client = Client::new(host);
+        client.default_timeout = Duration::from_secs(30);
+        let began = Instant::now();
+        match client.clock() {
+            Err(ClientError::Closed { id: 1 }) => {}
+            other => panic!("expected Closed, got {other:?}"),
+        }
+        assert!(began.elapsed() < Duration::from_secs(10), "waited for the timeout instead");
+        peer.join().expect("peer thread");
+    }
+}

@@ -13,6 +13,7 @@ fn event_ns(steps: &[StepRecord], event: &EventRef) -> Option<u64> {
         StepRecord::Trigger { label, start_ns, end_ns, kernel, .. } | StepRecord::Terminate { label, start_ns, end_ns, kernel, .. } if label.as_str() == event.step.as_str() => {
             Some((*start_ns, *end_ns, kernel.as_ref()))
         }
+        StepRecord::Exec { label, start_ns, end_ns, .. } if label.as_str() == event.step.as_str() => Some((Some(*start_ns), Some(*end_ns), None)),
         _ => None,
     })?;
     match event.point {

@@ -193,6 +193,10 @@ fn kvm_plan(ui: Ui, mode: NestedMode) -> Result<KvmPlan, Failed> {
         *first = exe.into_os_string();
     }
     termlab_nested::ensure_real_kvm_or_reexec(mode, &argv).map_err(|error| {
+        if let termlab_nested::NestedError::Interrupted(_) = error {
+            ui.error(&format!("interrupted: {error}"));
+            return Failed(EXIT_INTERRUPTED);
+        }
         fail(ui, format!("{error}\nhint: this host's /dev/kvm cannot run a Linux guest; use `--nested auto` (the default) or `--nested always` to run inside a nested L1 VM"))
     })
 }
@@ -234,12 +238,17 @@ fn run(ui: Ui, paths: &[PathBuf], mut options: RunOptions, json: bool, mode: Nes
             break;
         }
     }
-    if all_passed {
+    if engine::interrupted() {
+        Err(Failed(EXIT_INTERRUPTED))
+    } else if all_passed {
         Ok(())
     } else {
         Err(Failed(1))
     }
 }
+
+/// Exit status after Ctrl-C or SIGTERM (128 + SIGINT, as shells report it).
+const EXIT_INTERRUPTED: u8 = 130;
 
 /// Runs one scenario and prints its verdicts; true when everything held.
 fn run_one(ui: Ui, root: &Path, scenario: &LoadedScenario, options: &RunOptions, json: bool) -> bool {

@@ -198,6 +198,17 @@ pub enum StepRecord {
         terminated_on_demand: u64,
         terminated_budget: u64,
     },
+    /// An `exec` step: a guest command run through the agent.
+    Exec {
+        label: String,
+        argv: Vec<String>,
+        exit_code: Option<i32>,
+        /// CLOCK_MONOTONIC ns when the agent started it and saw it end.
+        start_ns: u64,
+        end_ns: u64,
+        stdout: String,
+        stderr: String,
+    },
     Sleep {
         requested_ms: u32,
         slept_ns: u64,

@@ -44,7 +44,40 @@ const BAD_FILES: &[(&str, usize, usize, &str, &str)] = &[
     ("unknown-errno.toml", 17, 42, "expect[0].terminate_result.errno", "unknown variant `ENOPE`"),
     ("budget-negative.toml", 13, 50, "step[0].budget.ms", "invalid value: integer `-5`, expected u32"),
     ("terminations-not-info.toml", 20, 40, "expect[0].terminations.to", "`run` is not a prog_info step"),
+    ("exec-bad.toml", 10, 34, "step[1].exec.argv", "a command needs at least a non-empty program name"),
+    ("exec-unknown-key.toml", 7, 44, "step[0].exec.timeout", "unknown field `timeout`"),
+    ("exec-label-twice.toml", 10, 18, "step[1].exec.label", "label `setup` is used by an earlier step"),
 ];
+
+/// The fault scenarios of tests/faults.rs load, and an `exec` step keeps its
+/// command, timeout and label (usable by metrics).
+#[test]
+fn fault_scenarios_load_and_exec_steps_parse() {
+    let dir = repo_root().join("termlab/tests/faults");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("tests/faults/ exists") {
+        let loaded = scenario::load(&entry.expect("entry").path()).unwrap_or_else(|e| panic!("{e}"));
+        names.push(loaded.name);
+    }
+    names.sort();
+    assert_eq!(names, ["agent-killed", "hang", "interrupt", "panic", "vsock-closed"]);
+
+    let text = "description = \"x\"\n[vm]\nkernel = \"default\"\n\
+                [[step]]\nexec = { label = \"a\", argv = [\"sh\", \"-c\", \"true\"], timeout_ms = 1500 }\n\
+                [[metric]]\nname = \"m\"\nfrom = \"a.start\"\nto = \"a.end\"\n";
+    let parsed = scenario::parse(text).unwrap_or_else(|e| panic!("{e:?}"));
+    match &parsed.steps[0] {
+        scenario::Step::Exec(exec) => {
+            assert_eq!(exec.label.get_ref().as_str(), "a");
+            assert_eq!(exec.argv.as_slice(), ["sh", "-c", "true"]);
+            assert_eq!(exec.timeout_ms.get(), 1500);
+        }
+        other => panic!("{other:?}"),
+    }
+    let kernel_point = text.replace("a.end", "a.returned");
+    let error = scenario::parse(&kernel_point).expect_err("exec has no kernel trace points");
+    assert!(format!("{error:?}").contains("only terminate and trigger steps have kernel trace points"), "{error:?}");
+}
 
 #[test]
 fn bad_scenarios_name_file_line_column_and_key() {

@@ -28,7 +28,7 @@ pub use devices::console::ConsoleLog;
 pub use kvm_bindings::{kvm_regs, kvm_sregs};
 pub use kvm_ioctls::VcpuFd;
 pub use virtio::vsock::{BackendError as VsockBackendError, VsockConfig};
-pub use vm::{ConsoleConfig, Error, ExitReason, Vm, VmConfig};
+pub use vm::{ConsoleConfig, Error, ExitReason, ExitWatch, Vm, VmConfig};
 
 /// The virtio-mmio transport and the vsock device without a KVM VM, for the fuzz targets in
 /// `vmm/fuzz`: they write the registers and the queues from arbitrary input exactly as a

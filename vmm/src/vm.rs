@@ -169,6 +169,30 @@ impl VmExitSink for ExitState {
     }
 }
 
+/// Waits for a VM's end from any thread; see [`Vm::exit_watch`].
+#[derive(Clone)]
+pub struct ExitWatch(Arc<ExitState>);
+
+impl ExitWatch {
+    /// Why the VM ended, once it has (or `None` when `timeout` passes first).
+    pub fn wait(&self, timeout: Option<Duration>) -> Option<ExitReason> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut reason = lock(&self.0.reason);
+        loop {
+            if let Some(r) = reason.as_ref() {
+                return Some(r.clone());
+            }
+            reason = match deadline {
+                None => self.0.set.wait(reason).unwrap_or_else(|p| p.into_inner()),
+                Some(deadline) => {
+                    let left = deadline.checked_duration_since(Instant::now())?;
+                    self.0.set.wait_timeout(reason, left).unwrap_or_else(|p| p.into_inner()).0
+                }
+            };
+        }
+    }
+}
+
 /// A virtual machine. Dropping it stops it and releases every thread, fd and socket file.
 pub struct Vm {
     _kvm: Kvm,
@@ -445,20 +469,14 @@ impl Vm {
 
     /// Waits until the guest ends the VM (or `timeout` passes: `None`).
     pub fn wait_exit(&self, timeout: Option<Duration>) -> Option<ExitReason> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut reason = lock(&self.exit.reason);
-        loop {
-            if let Some(r) = reason.as_ref() {
-                return Some(r.clone());
-            }
-            reason = match deadline {
-                None => self.exit.set.wait(reason).unwrap_or_else(|p| p.into_inner()),
-                Some(deadline) => {
-                    let left = deadline.checked_duration_since(Instant::now())?;
-                    self.exit.set.wait_timeout(reason, left).unwrap_or_else(|p| p.into_inner()).0
-                }
-            };
-        }
+        self.exit_watch().wait(timeout)
+    }
+
+    /// A handle another thread can wait on for the VM's end (e.g. to close a
+    /// connection to the guest that would otherwise wait for a reply forever).
+    /// Every exit path, `stop` and drop included, wakes it.
+    pub fn exit_watch(&self) -> ExitWatch {
+        ExitWatch(self.exit.clone())
     }
 
     /// Stops everything and returns why the VM ended (`Stopped` if the guest was still up).

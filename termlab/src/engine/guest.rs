@@ -71,6 +71,16 @@ impl Guest {
                 }
             }
         };
+        // A guest that dies (panic, reboot) leaves this connection open on
+        // the VMM's side: close it then, so a pending request fails at once
+        // instead of waiting out its timeout.
+        if let Ok(watched) = stream.try_clone() {
+            let watch = vm.exit_watch();
+            std::thread::spawn(move || {
+                watch.wait(None);
+                let _ = watched.shutdown(std::net::Shutdown::Both);
+            });
+        }
         let mut client = Client::new(stream);
         client.hello().map_err(|source| EngineError::Agent { what: "hello".into(), source })?;
         Ok(Guest { vm, client, _socket_dir: socket_dir })
@@ -99,6 +109,12 @@ impl Guest {
         }
     }
 
+    /// Stops the VM at once, without asking the guest (its agent is gone or
+    /// hung, or the user pressed Ctrl-C).
+    pub fn kill(self) -> ExitReason {
+        self.vm.stop()
+    }
+
     /// Asks the agent to power the guest off; stops the VM if it does not.
     pub fn power_off(mut self) -> ExitReason {
         // A failed shutdown request (agent gone) just means stopping harder.
@@ -115,16 +131,56 @@ fn retryable(error: &HandshakeError) -> bool {
     matches!(error, HandshakeError::Refused { .. } | HandshakeError::Timeout(_) | HandshakeError::Connect { .. })
 }
 
+/// The last `lines` lines of the guest console log, indented, for error messages.
+pub fn console_tail(console_log: &Path, lines: usize) -> String {
+    let text = std::fs::read(console_log).map(|bytes| String::from_utf8_lossy(&bytes).into_owned()).unwrap_or_default();
+    let kept: Vec<&str> = text.lines().rev().filter(|line| !line.trim().is_empty()).take(lines).collect();
+    if kept.is_empty() {
+        return "  (the guest console is empty)".to_owned();
+    }
+    kept.iter().rev().map(|line| format!("  {}", line.trim_end())).collect::<Vec<_>>().join("\n")
+}
+
 pub fn describe_exit(reason: &ExitReason) -> String {
     match reason {
         ExitReason::Panic { console_tail } => {
+            // The panic's own line names the cause; the last lines show where it happened.
+            const WHY: &str = "Kernel panic - not syncing";
+            let why = console_tail.lines().find_map(|line| line.find(WHY).map(|at| line[at..].trim_end())).unwrap_or("Kernel panic");
             let last: Vec<&str> = console_tail.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect();
-            format!("the guest kernel panicked:\n{}", last.join("\n"))
+            format!("the guest kernel panicked ({why}). Guest console, last lines:\n{}", last.join("\n"))
         }
         ExitReason::Reset => "the guest rebooted".into(),
         ExitReason::TripleFault => "a vCPU triple-faulted".into(),
         ExitReason::Halted => "the guest halted".into(),
         ExitReason::Stopped => "the VM was stopped".into(),
         ExitReason::VcpuError { vcpu, message } => format!("vCPU {vcpu} failed: {message}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_is_named_by_its_own_line_then_the_last_console_lines() {
+        let mut tail = String::from("[ 1.0] something before\n[ 2.0] Kernel panic - not syncing: Out of memory: system-wide panic_on_oom is enabled\n");
+        for frame in 0..20 {
+            tail.push_str(&format!("[ 2.1]  frame {frame}\n"));
+        }
+        let text = describe_exit(&ExitReason::Panic { console_tail: tail });
+        let first = text.lines().next().expect("a line");
+        assert_eq!(first, "the guest kernel panicked (Kernel panic - not syncing: Out of memory: system-wide panic_on_oom is enabled). Guest console, last lines:");
+        assert_eq!(text.lines().count(), 13, "{text}");
+        assert!(text.ends_with("frame 19"), "{text}");
+    }
+
+    #[test]
+    fn the_console_tail_keeps_the_last_non_blank_lines() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = dir.path().join("console.log");
+        assert_eq!(console_tail(&log, 3), "  (the guest console is empty)");
+        std::fs::write(&log, "one\ntwo\n\nthree\r\nfour\n\n").expect("write");
+        assert_eq!(console_tail(&log, 3), "  two\n  three\n  four");
     }
 }

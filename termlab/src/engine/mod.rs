@@ -55,9 +55,25 @@ pub enum EngineError {
     },
     #[error("{0}")]
     Guest(String),
-    #[error("interrupted by Ctrl-C")]
+    /// The agent stopped answering (hung guest or agent).
+    #[error("the guest hung: no answer from the guest agent to {what} within {waited:?}; the VM was killed. Guest console, last lines ({}):\n{tail}", console.display())]
+    Hung { what: String, waited: Duration, console: PathBuf, tail: String },
+    /// The agent's vsock connection closed under a pending request.
+    #[error("the guest agent's vsock connection closed during {what} ({detail}); {after}. Guest console, last lines ({}):\n{tail}", console.display())]
+    AgentGone { what: String, detail: String, after: String, console: PathBuf, tail: String },
+    #[error("interrupted (Ctrl-C or SIGTERM): the VM was stopped and the partial result kept")]
     Interrupted,
 }
+
+impl EngineError {
+    /// Whether the agent can no longer be asked to power the guest off.
+    fn agent_unusable(&self) -> bool {
+        matches!(self, EngineError::Hung { .. } | EngineError::AgentGone { .. } | EngineError::VmExited { .. } | EngineError::Interrupted)
+    }
+}
+
+/// Console lines shown with a hang or a lost agent.
+const CONSOLE_TAIL_LINES: usize = 12;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -147,6 +163,12 @@ pub fn run_scenario(root: &Path, loaded: &LoadedScenario, options: &RunOptions, 
     let console_log = dir.join(results::CONSOLE_FILE);
     let system_map = kernel.dir.join("System.map");
     let outcome = boot_and_measure(loaded, &kernel.bzimage, &system_map, &initramfs, &console_log, repetitions, options, ui, &mut result, &dir);
+    // Ctrl-C during a request surfaces as that request's error (EINTR):
+    // name the real cause.
+    let outcome = match outcome {
+        Err(error) if interrupted() && !matches!(error, EngineError::Interrupted) => Err(EngineError::Interrupted),
+        other => other,
+    };
     result.finished_at = Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
     match &outcome {
         Ok(()) => {
@@ -199,7 +221,10 @@ fn boot_and_measure(
         Ok(()) => !result.expectations.iter().all(|e| e.passed),
         Err(_) => true,
     };
-    if failed && options.keep_vm && guest.exited().is_none() {
+    if measured.as_ref().err().is_some_and(EngineError::agent_unusable) || interrupted() {
+        // Nothing to ask the agent any more (and no shell for --keep-vm).
+        guest.kill();
+    } else if failed && options.keep_vm && guest.exited().is_none() {
         ui.error("a check failed; --keep-vm: the VM stays up with a shell on its console");
         interactive_console(guest, console_log, ui);
     } else {
@@ -212,20 +237,47 @@ fn boot_and_measure(
 }
 
 /// An agent that stops answering usually means the guest died: say so,
-/// with the panic, rather than "no response".
+/// with the panic, rather than "no response"; a hang or a lost connection
+/// is named as such, with the end of the guest console.
 fn explain_with_vm_state(error: EngineError, guest: &Guest, console_log: &Path) -> EngineError {
-    if !matches!(error, EngineError::Agent { .. }) {
-        return error;
+    let EngineError::Agent { what, source } = error else { return error };
+    if interrupted() {
+        return EngineError::Interrupted;
     }
-    // A panicking guest resets itself (panic=-1); give the VMM a moment to see it.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < deadline {
-        if let Some(reason) = guest.exited() {
-            return EngineError::VmExited { reason: describe_exit(&reason), console: console_log.to_owned() };
+    let tail = || guest::console_tail(console_log, CONSOLE_TAIL_LINES);
+    match source {
+        ClientError::Timeout { waited, .. } => {
+            // A guest that panicked or rebooted has also stopped answering.
+            if let Some(reason) = guest.exited() {
+                return EngineError::VmExited { reason: describe_exit(&reason), console: console_log.to_owned() };
+            }
+            EngineError::Hung { what, waited, console: console_log.to_owned(), tail: tail() }
         }
-        std::thread::sleep(Duration::from_millis(100));
+        source @ (ClientError::Closed { .. } | ClientError::Receive { .. } | ClientError::Send { .. }) => {
+            // A panicking guest resets itself (panic=-1), and init reboots
+            // the guest when the agent exits: give the VMM a moment to see it.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let exit = loop {
+                if let Some(reason) = guest.exited() {
+                    break Some(reason);
+                }
+                if Instant::now() >= deadline {
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            let after = match exit {
+                Some(reason @ termlab_vmm::ExitReason::Panic { .. }) => {
+                    return EngineError::VmExited { reason: describe_exit(&reason), console: console_log.to_owned() };
+                }
+                Some(termlab_vmm::ExitReason::Reset) => "then the guest rebooted (its init reboots when the agent exits: the agent died)".to_owned(),
+                Some(reason) => format!("then the VM ended: {}", describe_exit(&reason)),
+                None => "the guest is still running without its agent connection; the VM was killed".to_owned(),
+            };
+            EngineError::AgentGone { what, detail: source.to_string(), after, console: console_log.to_owned(), tail: tail() }
+        }
+        source => EngineError::Agent { what, source },
     }
-    error
 }
 
 /// Applies sysctls, starts the loaders, runs the repetitions, reads dmesg

@@ -148,6 +148,30 @@ pub fn run_repetition(client: &mut Client<UnixStream>, scenario: &Scenario, prog
                 trace.wait_for(client, &wait.line, wait.count, from, deadline)?;
                 records.push(StepRecord::WaitTrace { label: label.to_string(), line: wait.line.clone(), count: wait.count, waited_ns: begin.elapsed().as_nanos() as u64 });
             }
+            Step::Exec(exec) => {
+                let label = exec.label.get_ref();
+                let argv = exec.argv.as_slice().to_vec();
+                let timeout_ms = exec.timeout_ms.get();
+                let output = client
+                    .run(RunRequest { argv: argv.clone(), env: BTreeMap::new(), timeout_ms: timeout_ms.into(), stdin: None, as_uid: None })
+                    .map_err(agent(format!("exec `{label}` ({argv:?})")))?;
+                let stderr = output.stderr.data.to_string_lossy().into_owned();
+                if output.timed_out {
+                    return Err(EngineError::Guest(format!("exec `{label}` ran longer than {timeout_ms} ms")));
+                }
+                if exit_code(&output.status) != Some(0) {
+                    return Err(EngineError::Guest(format!("exec `{label}` ({argv:?}) failed ({:?}): {}", output.status, stderr.trim())));
+                }
+                records.push(StepRecord::Exec {
+                    label: label.to_string(),
+                    argv,
+                    exit_code: exit_code(&output.status),
+                    start_ns: output.start_ns,
+                    end_ns: output.end_ns,
+                    stdout: output.stdout.data.to_string_lossy().into_owned(),
+                    stderr,
+                });
+            }
             Step::Terminate(terminate) => {
                 let record = terminate_step(client, terminate, programs, probe)?;
                 started.insert(terminate.label.get_ref().clone(), Instant::now());

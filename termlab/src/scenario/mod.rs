@@ -98,6 +98,7 @@ enum LabelKind {
     Terminate,
     Budget,
     ProgInfo,
+    Exec,
 }
 
 const TRIGGERS: [LabelKind; 2] = [LabelKind::ForegroundTrigger, LabelKind::BackgroundTrigger];
@@ -204,6 +205,7 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
                 prog_info_programs.insert(info.label.get_ref().clone(), info.program.get_ref().clone());
                 declare_label(&mut labels, &info.label, LabelKind::ProgInfo, key("prog_info.label"))?;
             }
+            Step::Exec(exec) => declare_label(&mut labels, &exec.label, LabelKind::Exec, key("exec.label"))?,
         }
     }
     for (i, step) in scenario.steps.iter().enumerate() {
@@ -224,8 +226,11 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
                 Some(kind) if point.is_request() && *kind != LabelKind::Terminate => {
                     return Err(invalid(event, key(field), format!("`{}`: only terminate steps have the request's trace points", event.get_ref())))
                 }
-                Some(kind) if !point.is_request() && *kind != LabelKind::Terminate && !TRIGGERS.contains(kind) => {
-                    return Err(invalid(event, key(field), format!("`{}`: only trigger and terminate steps have time points", event.get_ref())))
+                Some(kind) if point.is_kernel_trace() && *kind != LabelKind::Terminate && !TRIGGERS.contains(kind) => {
+                    return Err(invalid(event, key(field), format!("`{}`: only terminate and trigger steps have kernel trace points", event.get_ref())))
+                }
+                Some(LabelKind::Budget | LabelKind::ProgInfo) => {
+                    return Err(invalid(event, key(field), format!("`{}`: budget and prog_info steps have no time points", event.get_ref())))
                 }
                 Some(_) => {}
             }

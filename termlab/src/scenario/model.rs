@@ -116,6 +116,8 @@ pub enum Step {
     Budget(BudgetStep),
     /// Read a program's termination counters (`bpftool prog show`).
     ProgInfo(ProgInfoStep),
+    /// Run a guest command through the agent; see [`ExecStep`].
+    Exec(ExecStep),
 }
 
 impl Step {
@@ -126,6 +128,7 @@ impl Step {
             Step::Terminate(t) => Some(&t.label),
             Step::Budget(b) => Some(&b.label),
             Step::ProgInfo(p) => Some(&p.label),
+            Step::Exec(e) => Some(&e.label),
             Step::Sleep(_) | Step::Wait(_) | Step::WaitTrace(_) => None,
         }
     }
@@ -145,6 +148,19 @@ pub struct TriggerStep {
     /// Pin the trigger (and so the BPF program run) to this vCPU.
     #[serde(default)]
     pub cpu: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub timeout_ms: TimeoutMs,
+}
+
+/// Run `argv` in the guest (the agent's `run` op) and wait for it, e.g. to
+/// prepare the guest or, in the harness's own tests, to make the guest fail
+/// (`termlab/tests/faults/`). A non-zero exit or a timeout stops the run.
+/// Its `start`/`end` points are when the agent started it and saw it end.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecStep {
+    pub label: Spanned<Label>,
+    pub argv: Argv,
     #[serde(default)]
     pub timeout_ms: TimeoutMs,
 }
