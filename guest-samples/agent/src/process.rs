@@ -30,8 +30,11 @@ const MAX_PROCESSES: usize = 256;
 
 /// After a timeout's SIGKILL, how long to wait for the process to be gone and its pipes closed.
 const KILL_GRACE: Duration = Duration::from_secs(2);
-/// After a process exits, how long `wait` waits for its output pipes to close.
-const OUTPUT_DRAIN_GRACE: Duration = Duration::from_secs(1);
+/// After a process exits, how long `wait` waits for its output pipes to close. Normally they
+/// close at once; the grace only runs out for a process whose children keep them open. 1 s was
+/// too short under nested emulation: a trigger's line was lost again with the reader thread
+/// descheduled that long.
+const OUTPUT_DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// If waitid(WNOWAIT) is unavailable, how often the waiter polls for the exit instead.
 const EXIT_POLL_INTERVAL: Duration = Duration::from_millis(10);
