@@ -87,21 +87,28 @@ static inline int raw_load(enum bpf_prog_type type, const struct bpf_insn *insns
 	exit(1);
 }
 
-/* The kernel's id of the program behind @fd; exits on failure. */
-static inline uint32_t raw_prog_id(int fd)
+/* The kernel's bpf_prog_info of the program behind @fd; exits on failure. */
+static inline void raw_prog_info(int fd, struct bpf_prog_info *info)
 {
-	struct bpf_prog_info info;
 	union bpf_attr attr;
 
-	memset(&info, 0, sizeof(info));
+	memset(info, 0, sizeof(*info));
 	memset(&attr, 0, sizeof(attr));
 	attr.info.bpf_fd = fd;
-	attr.info.info_len = sizeof(info);
-	attr.info.info = (uintptr_t)&info;
+	attr.info.info_len = sizeof(*info);
+	attr.info.info = (uintptr_t)info;
 	if (sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &attr, sizeof(attr))) {
 		perror("BPF_OBJ_GET_INFO_BY_FD");
 		exit(1);
 	}
+}
+
+/* The kernel's id of the program behind @fd; exits on failure. */
+static inline uint32_t raw_prog_id(int fd)
+{
+	struct bpf_prog_info info;
+
+	raw_prog_info(fd, &info);
 	return info.id;
 }
 

@@ -332,15 +332,8 @@ static int test_run(int fd, uint32_t *retval)
 static uint64_t run_cnt(int fd)
 {
 	struct bpf_prog_info info;
-	union bpf_attr attr;
 
-	memset(&info, 0, sizeof(info));
-	memset(&attr, 0, sizeof(attr));
-	attr.info.bpf_fd = fd;
-	attr.info.info_len = sizeof(info);
-	attr.info.info = (uintptr_t)&info;
-	if (sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &attr, sizeof(attr)))
-		die("BPF_OBJ_GET_INFO_BY_FD");
+	raw_prog_info(fd, &info);
 	return info.run_cnt;
 }
 
@@ -357,15 +350,18 @@ static int enable_stats(void)
 	return fd;
 }
 
-/* Does a program with this id exist? */
-static bool prog_exists(uint32_t id)
+/*
+ * Does the object with this id exist?  @cmd is BPF_PROG_GET_FD_BY_ID or
+ * BPF_LINK_GET_FD_BY_ID; prog_id and link_id share their place in the attr.
+ */
+static bool id_exists(int cmd, uint32_t id)
 {
 	union bpf_attr attr;
 	int fd;
 
 	memset(&attr, 0, sizeof(attr));
 	attr.prog_id = id;
-	fd = sys_bpf(BPF_PROG_GET_FD_BY_ID, &attr, sizeof(attr));
+	fd = sys_bpf(cmd, &attr, sizeof(attr));
 	if (fd >= 0) {
 		close(fd);
 		return true;
@@ -373,19 +369,14 @@ static bool prog_exists(uint32_t id)
 	return false;
 }
 
+static bool prog_exists(uint32_t id)
+{
+	return id_exists(BPF_PROG_GET_FD_BY_ID, id);
+}
+
 static bool link_exists(uint32_t id)
 {
-	union bpf_attr attr;
-	int fd;
-
-	memset(&attr, 0, sizeof(attr));
-	attr.link_id = id;
-	fd = sys_bpf(BPF_LINK_GET_FD_BY_ID, &attr, sizeof(attr));
-	if (fd >= 0) {
-		close(fd);
-		return true;
-	}
-	return false;
+	return id_exists(BPF_LINK_GET_FD_BY_ID, id);
 }
 
 static uint32_t link_id_of(int fd)
