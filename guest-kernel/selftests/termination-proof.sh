@@ -74,6 +74,9 @@ set_delay() {
 # start_loader NAME: runs `loops --prog NAME` in the background, sets
 # LOADER_PID and PROG_ID. Returns non-zero if it did not print its prog_id.
 start_loader() {
+	# The background job truncates the file only once it runs: a stale one from an
+	# earlier loader of the same program would be read as this one's prog_id.
+	rm -f "$WORK/loader.$1"
 	loops --prog "$1" >"$WORK/loader.$1" 2>&1 &
 	LOADER_PID=$!
 	PROG_ID=""
