@@ -99,7 +99,11 @@ impl PtRegs {
     }
 
     /// Reads the frame at guest virtual `addr`.
-    pub fn read<M: GuestMemory + ?Sized>(mem: &M, tables: &PageTables, addr: u64) -> Result<Self, WalkError> {
+    pub fn read<M: GuestMemory + ?Sized>(
+        mem: &M,
+        tables: &PageTables,
+        addr: u64,
+    ) -> Result<Self, WalkError> {
         let mut bytes = [0u8; PT_REGS_SIZE];
         tables.read(mem, addr, &mut bytes)?;
         Ok(Self::from_bytes(&bytes))
@@ -185,7 +189,11 @@ impl KernelCpu {
         self.percpu_base.wrapping_add(offset)
     }
 
-    pub fn read_percpu_u64<M: GuestMemory + ?Sized>(&self, mem: &M, offset: u64) -> Result<u64, WalkError> {
+    pub fn read_percpu_u64<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        offset: u64,
+    ) -> Result<u64, WalkError> {
         self.tables.read_u64(mem, self.percpu_addr(offset))
     }
 
@@ -245,7 +253,10 @@ mod tests {
         let regs = PtRegs::from_bytes(&bytes);
         // Offsets from arch/x86/include/asm/ptrace.h.
         assert_eq!((regs.r15, regs.bp, regs.ax, regs.di), (0, 32, 80, 112));
-        assert_eq!((regs.orig_ax, regs.ip, regs.cs, regs.flags, regs.sp, regs.ss), (120, 128, 136, 144, 152, 160));
+        assert_eq!(
+            (regs.orig_ax, regs.ip, regs.cs, regs.flags, regs.sp, regs.ss),
+            (120, 128, 136, 144, 152, 160)
+        );
         assert!(!regs.from_user());
         assert!(PtRegs { cs: 0x33, ..regs }.from_user());
     }
@@ -307,6 +318,9 @@ mod tests {
         let sregs = kvm_sregs { cr0: 1 << 31, efer: 1 << 10, ..Default::default() };
         assert!(matches!(KernelCpu::from_sregs(&sregs), Err(ContextError::UserGsBase(0))));
         let (mem, tables) = guest_with_stack_page();
-        assert!(matches!(read_stack(&mem, &tables, 0x2000, 0x1000), Err(ContextError::SpAboveTop { .. })));
+        assert!(matches!(
+            read_stack(&mem, &tables, 0x2000, 0x1000),
+            Err(ContextError::SpAboveTop { .. })
+        ));
     }
 }

@@ -67,14 +67,22 @@ impl PageTables {
     }
 
     /// Translates `gva`. Each level indexes its table with 9 address bits, from bit 12+9*(level-1).
-    pub fn translate<M: GuestMemory + ?Sized>(&self, mem: &M, gva: u64) -> Result<Translation, WalkError> {
+    pub fn translate<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        gva: u64,
+    ) -> Result<Translation, WalkError> {
         self.check_canonical(gva)?;
         let mut table = self.root;
         for level in (1..=self.levels).rev() {
             let shift = 12 + 9 * u32::from(level - 1);
             let entry_gpa = table + ((gva >> shift) & 0x1ff) * 8;
-            let entry = read_u64(mem, entry_gpa)
-                .map_err(|source| WalkError::ReadEntry { gva, level, gpa: entry_gpa, source })?;
+            let entry = read_u64(mem, entry_gpa).map_err(|source| WalkError::ReadEntry {
+                gva,
+                level,
+                gpa: entry_gpa,
+                source,
+            })?;
             if entry & PRESENT == 0 {
                 return Err(WalkError::NotPresent { gva, level, entry });
             }
@@ -92,7 +100,12 @@ impl PageTables {
 
     /// Fills `buf` from guest virtual memory at `gva`, translating each page separately, so
     /// the read may cross page boundaries into physically discontiguous pages.
-    pub fn read<M: GuestMemory + ?Sized>(&self, mem: &M, gva: u64, buf: &mut [u8]) -> Result<(), WalkError> {
+    pub fn read<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        gva: u64,
+        buf: &mut [u8],
+    ) -> Result<(), WalkError> {
         let mut done = 0;
         while done < buf.len() {
             let at = gva.wrapping_add(done as u64);
@@ -107,7 +120,11 @@ impl PageTables {
 
     /// A VMM breakpoint at kernel virtual address `gva` (its trap is two bytes, which must lie
     /// in one page: the VMM patches them by guest-physical address).
-    pub fn breakpoint<M: GuestMemory + ?Sized>(&self, mem: &M, gva: u64) -> Result<Breakpoint, WalkError> {
+    pub fn breakpoint<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        gva: u64,
+    ) -> Result<Breakpoint, WalkError> {
         if gva % PAGE_SIZE == PAGE_SIZE - 1 {
             return Err(WalkError::BreakpointStraddles(gva));
         }
@@ -159,7 +176,11 @@ mod tests {
     impl Guest {
         fn new() -> Self {
             // 8 MiB: tables in the first MiB, data pages above, a 2 MiB page at 4 MiB.
-            Self { mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (8 * MIB) as usize)]).unwrap(), next_table: 0x1000 }
+            Self {
+                mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (8 * MIB) as usize)])
+                    .unwrap(),
+                next_table: 0x1000,
+            }
         }
 
         fn table(&mut self) -> u64 {
@@ -246,10 +267,16 @@ mod tests {
         let five = PageTables::new(root, true);
         assert_eq!(five.translate(&g.mem, gva + 0x42).unwrap().gpa, 0x30_0042);
         // The same tables read as 4-level: that address is not canonical for 48 bits.
-        assert!(matches!(PageTables::new(root, false).translate(&g.mem, gva), Err(WalkError::NonCanonical { .. })));
+        assert!(matches!(
+            PageTables::new(root, false).translate(&g.mem, gva),
+            Err(WalkError::NonCanonical { .. })
+        ));
         // ... and an address canonical only for 57 bits is accepted but unmapped at level 5.
         let unmapped = 0xff12_0000_0000_0000;
-        assert!(matches!(five.translate(&g.mem, unmapped), Err(WalkError::NotPresent { level: 5, .. })));
+        assert!(matches!(
+            five.translate(&g.mem, unmapped),
+            Err(WalkError::NotPresent { level: 5, .. })
+        ));
     }
 
     #[test]
@@ -260,11 +287,16 @@ mod tests {
         let pt = PageTables::new(root, false);
         // Same page table, next 4 KiB page: the level-1 entry is empty.
         match pt.translate(&g.mem, 0xffff_ffff_8100_1000) {
-            Err(WalkError::NotPresent { gva, level: 1, entry: 0 }) => assert_eq!(gva, 0xffff_ffff_8100_1000),
+            Err(WalkError::NotPresent { gva, level: 1, entry: 0 }) => {
+                assert_eq!(gva, 0xffff_ffff_8100_1000)
+            }
             other => panic!("{other:?}"),
         }
         // Another top-level slot: the PML4 entry is empty.
-        assert!(matches!(pt.translate(&g.mem, 0x1000), Err(WalkError::NotPresent { level: 4, .. })));
+        assert!(matches!(
+            pt.translate(&g.mem, 0x1000),
+            Err(WalkError::NotPresent { level: 4, .. })
+        ));
     }
 
     #[test]
@@ -311,12 +343,20 @@ mod tests {
         let pt = PageTables::new(root, false);
         let bp = pt.breakpoint(&g.mem, 0xffff_ffff_8100_0ffe).unwrap();
         assert_eq!(bp, Breakpoint { addr: 0xffff_ffff_8100_0ffe, gpa: 0x20_0ffe });
-        assert!(matches!(pt.breakpoint(&g.mem, 0xffff_ffff_8100_0fff), Err(WalkError::BreakpointStraddles(_))));
+        assert!(matches!(
+            pt.breakpoint(&g.mem, 0xffff_ffff_8100_0fff),
+            Err(WalkError::BreakpointStraddles(_))
+        ));
     }
 
     #[test]
     fn from_sregs_requires_long_mode_and_sees_la57() {
-        let mut sregs = kvm_sregs { cr3: 0x9000, cr0: CR0_PG | 1, efer: EFER_LMA | (1 << 8), ..Default::default() };
+        let mut sregs = kvm_sregs {
+            cr3: 0x9000,
+            cr0: CR0_PG | 1,
+            efer: EFER_LMA | (1 << 8),
+            ..Default::default()
+        };
         assert_eq!(PageTables::from_sregs(&sregs).unwrap(), PageTables::new(0x9000, false));
         sregs.cr4 = CR4_LA57;
         assert_eq!(PageTables::from_sregs(&sregs).unwrap().levels(), 5);

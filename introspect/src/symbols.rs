@@ -65,7 +65,10 @@ impl SymbolTable {
             if line.trim().is_empty() {
                 continue;
             }
-            symbols.push(parse_line(line).ok_or_else(|| SymbolError::Malformed { line: number + 1, text: line.to_owned() })?);
+            symbols.push(parse_line(line).ok_or_else(|| SymbolError::Malformed {
+                line: number + 1,
+                text: line.to_owned(),
+            })?);
         }
         Ok(Self::from_symbols(symbols))
     }
@@ -230,8 +233,14 @@ ffffffffa0000c00 t bpf_prog_0123456789abcdef_other\t[bpf]
         // A small integer lands on a per-CPU offset symbol, which is no code.
         assert_eq!(map.symbolize(2).unwrap().to_string(), "__per_cpu_start+0x2");
         assert_eq!(map.symbolize_text(2), None);
-        assert_eq!(map.symbolize_text(0xffff_ffff_8105_5f90).unwrap().symbol.name, "__do_sys_getppid");
-        assert_eq!(map.extent(map.get("__x64_sys_getpid").unwrap()), Some(0xffff_ffff_8105_5f48..0xffff_ffff_8105_5f85));
+        assert_eq!(
+            map.symbolize_text(0xffff_ffff_8105_5f90).unwrap().symbol.name,
+            "__do_sys_getppid"
+        );
+        assert_eq!(
+            map.extent(map.get("__x64_sys_getpid").unwrap()),
+            Some(0xffff_ffff_8105_5f48..0xffff_ffff_8105_5f85)
+        );
         // Past the last symbol nothing bounds it.
         assert_eq!(map.symbolize(0xffff_ffff_8160_0000), None);
         assert_eq!(map.extent(map.get("_etext").unwrap()), None);
@@ -245,7 +254,10 @@ ffffffffa0000c00 t bpf_prog_0123456789abcdef_other\t[bpf]
         assert_eq!(old.kind, 't');
         assert!(old.is_text());
         assert_eq!(syms.extent(old), Some(0xffff_ffff_a000_0a54..0xffff_ffff_a000_0c00));
-        assert_eq!(syms.symbolize(0xffff_ffff_a000_0a9c).unwrap().to_string(), "bpf_prog_6deef7357e7b4530_loops+0x48");
+        assert_eq!(
+            syms.symbolize(0xffff_ffff_a000_0a9c).unwrap().to_string(),
+            "bpf_prog_6deef7357e7b4530_loops+0x48"
+        );
         let progs: Vec<_> = syms.with_prefix("bpf_prog_").map(|s| s.name.as_str()).collect();
         assert_eq!(progs, ["bpf_prog_6deef7357e7b4530_loops", "bpf_prog_0123456789abcdef_other"]);
         assert_eq!(syms.get("__x64_sys_getppid").unwrap().module, None);
@@ -253,18 +265,34 @@ ffffffffa0000c00 t bpf_prog_0123456789abcdef_other\t[bpf]
 
     #[test]
     fn merge_adds_runtime_symbols_to_the_map() {
-        let merged = SymbolTable::parse(SYSTEM_MAP).unwrap().merge(SymbolTable::parse(KALLSYMS).unwrap());
-        assert_eq!(merged.symbolize(0xffff_ffff_a000_0c10).unwrap().to_string(), "bpf_prog_0123456789abcdef_other+0x10");
+        let merged =
+            SymbolTable::parse(SYSTEM_MAP).unwrap().merge(SymbolTable::parse(KALLSYMS).unwrap());
+        assert_eq!(
+            merged.symbolize(0xffff_ffff_a000_0c10).unwrap().to_string(),
+            "bpf_prog_0123456789abcdef_other+0x10"
+        );
         // The map's last symbol now ends where the first BPF image begins.
         assert_eq!(merged.symbolize(0xffff_ffff_9000_0000).unwrap().symbol.name, "_etext");
-        assert_eq!(merged.extent(merged.get("_etext").unwrap()), Some(0xffff_ffff_8160_0000..0xffff_ffff_a000_0a54));
+        assert_eq!(
+            merged.extent(merged.get("_etext").unwrap()),
+            Some(0xffff_ffff_8160_0000..0xffff_ffff_a000_0a54)
+        );
     }
 
     #[test]
     fn malformed_lines_are_reported_with_their_number() {
-        for bad in ["ffffffff81000000 T", "zz T name", "ffffffff81000000 TT name", "ffffffff81000000 t name bpf", "1 t a [m] x"] {
+        for bad in [
+            "ffffffff81000000 T",
+            "zz T name",
+            "ffffffff81000000 TT name",
+            "ffffffff81000000 t name bpf",
+            "1 t a [m] x",
+        ] {
             let text = format!("ffffffff81000000 T _text\n{bad}\n");
-            assert_eq!(SymbolTable::parse(&text).unwrap_err(), SymbolError::Malformed { line: 2, text: bad.to_owned() });
+            assert_eq!(
+                SymbolTable::parse(&text).unwrap_err(),
+                SymbolError::Malformed { line: 2, text: bad.to_owned() }
+            );
         }
     }
 

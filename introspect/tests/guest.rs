@@ -47,11 +47,15 @@ fn kernel_dir() -> PathBuf {
         return dir.into();
     }
     let build = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-kernel/build");
-    let out = Command::new(&build).args(["--print-dir", "--quiet"]).output().expect("run guest-kernel/build");
+    let out = Command::new(&build)
+        .args(["--print-dir", "--quiet"])
+        .output()
+        .expect("run guest-kernel/build");
     if out.status.success() {
         return PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     }
-    let cache = std::env::var_os("TERMLAB_CACHE").map_or_else(|| PathBuf::from("/var/cache/termlab"), PathBuf::from);
+    let cache = std::env::var_os("TERMLAB_CACHE")
+        .map_or_else(|| PathBuf::from("/var/cache/termlab"), PathBuf::from);
     let last = cache.join("kernel/default-current");
     eprintln!("the current kernel sources are not built; using {}", last.display());
     last
@@ -86,9 +90,13 @@ fn test_initramfs() -> PathBuf {
 /// passed there.
 fn have_real_kvm(test_name: &str) -> bool {
     let exe = std::env::current_exe().expect("test binary path");
-    let argv: Vec<OsString> = vec![exe.into(), test_name.into(), "--exact".into(), "--nocapture".into()];
-    let options = L1Options { mem_mib: 2048, timeout: Duration::from_secs(900), ..L1Options::default() };
-    match ensure_real_kvm_or_reexec_with(NestedMode::Auto, &argv, &options).expect("nested launcher") {
+    let argv: Vec<OsString> =
+        vec![exe.into(), test_name.into(), "--exact".into(), "--nocapture".into()];
+    let options =
+        L1Options { mem_mib: 2048, timeout: Duration::from_secs(900), ..L1Options::default() };
+    match ensure_real_kvm_or_reexec_with(NestedMode::Auto, &argv, &options)
+        .expect("nested launcher")
+    {
         KvmPlan::RunHere { .. } => true,
         KvmPlan::RanInL1 { exit_code } => {
             assert_eq!(exit_code, 0, "{test_name} failed inside the L1 VM (its output is above)");
@@ -114,17 +122,25 @@ impl Guest {
     /// Arms breakpoints at `addrs` (paused: by the caller or at a hit).
     fn arm(&self, addrs: &[u64]) {
         let tables = PageTables::from_sregs(&self.vm.sregs(0).expect("sregs")).expect("paging");
-        let bps: Vec<_> = addrs.iter().map(|&a| tables.breakpoint(self.vm.memory(), a).expect("breakpoint")).collect();
+        let bps: Vec<_> = addrs
+            .iter()
+            .map(|&a| tables.breakpoint(self.vm.memory(), a).expect("breakpoint"))
+            .collect();
         self.vm.set_breakpoints(&bps).expect("set breakpoints");
     }
 
     /// Waits for the next hit and checks it is at `symbol`+`offset` and the vCPU is there.
     fn expect_hit(&self, symbol: &str, offset: u64) -> (usize, KernelCpu) {
-        let hit = self
-            .vm
-            .wait_debug_event(Some(STEP_TIMEOUT))
-            .unwrap_or_else(|| panic!("no breakpoint hit at {symbol} within {STEP_TIMEOUT:?}; console:\n{}", self.console()));
-        eprintln!("hit {hit:?} ({})", self.symbols.symbolize(hit.pc).map_or("?".into(), |l| l.to_string()));
+        let hit = self.vm.wait_debug_event(Some(STEP_TIMEOUT)).unwrap_or_else(|| {
+            panic!(
+                "no breakpoint hit at {symbol} within {STEP_TIMEOUT:?}; console:\n{}",
+                self.console()
+            )
+        });
+        eprintln!(
+            "hit {hit:?} ({})",
+            self.symbols.symbolize(hit.pc).map_or("?".into(), |l| l.to_string())
+        );
         assert_eq!(hit.pc, self.sym(symbol) + offset, "{hit:?}");
         assert_eq!(self.vm.regs(hit.vcpu).expect("regs").rip, hit.pc);
         // Every other vCPU is parked too, so its state can be read.
@@ -137,7 +153,9 @@ impl Guest {
     /// The page walk reads linux_banner exactly as the kernel printed it at boot.
     fn check_banner(&self, tables: &PageTables) {
         let mut raw = [0u8; 256];
-        tables.read(self.vm.memory(), self.sym("linux_banner"), &mut raw).expect("read linux_banner");
+        tables
+            .read(self.vm.memory(), self.sym("linux_banner"), &mut raw)
+            .expect("read linux_banner");
         let len = raw.iter().position(|&b| b == 0).expect("banner NUL");
         let banner = std::str::from_utf8(&raw[..len]).expect("banner text").trim_end();
         assert!(banner.starts_with("Linux version 6.12"), "{banner:?}");
@@ -149,7 +167,8 @@ impl Guest {
     fn check_two_mappings(&self, tables: &PageTables) {
         let mem = self.vm.memory();
         let phys_base = tables.read_u64(mem, self.sym("phys_base")).expect("phys_base");
-        let page_offset_base = tables.read_u64(mem, self.sym("page_offset_base")).expect("page_offset_base");
+        let page_offset_base =
+            tables.read_u64(mem, self.sym("page_offset_base")).expect("page_offset_base");
         let virt = self.sym("_text") + 0x1800;
         let phys = virt - START_KERNEL_MAP + phys_base;
         let translated = tables.translate(mem, virt).expect("translate kernel text");
@@ -159,7 +178,8 @@ impl Guest {
             tables.levels(),
             translated.page_size >> 10
         );
-        let (mut via_text, mut via_direct, mut direct) = (vec![0u8; 3 * 4096 + 100], vec![0u8; 3 * 4096 + 100], vec![0u8; 3 * 4096 + 100]);
+        let (mut via_text, mut via_direct, mut direct) =
+            (vec![0u8; 3 * 4096 + 100], vec![0u8; 3 * 4096 + 100], vec![0u8; 3 * 4096 + 100]);
         tables.read(mem, virt, &mut via_text).expect("read via text mapping");
         tables.read(mem, page_offset_base + phys, &mut via_direct).expect("read via direct map");
         self.vm.read_memory(phys, &mut direct).expect("read physical");
@@ -185,15 +205,26 @@ impl Guest {
         let sp = self.vm.regs(vcpu).expect("regs").rsp;
         let top = task_stack_top(sp);
         let pcpu_hot = self.sym("pcpu_hot");
-        assert_eq!(cpu.read_percpu_u64(mem, pcpu_hot + PCPU_HOT_TOP_OF_STACK).expect("top_of_stack"), top);
-        let cpu_number = cpu.read_percpu_u64(mem, pcpu_hot + PCPU_HOT_CPU_NUMBER).expect("cpu_number") as u32;
+        assert_eq!(
+            cpu.read_percpu_u64(mem, pcpu_hot + PCPU_HOT_TOP_OF_STACK).expect("top_of_stack"),
+            top
+        );
+        let cpu_number =
+            cpu.read_percpu_u64(mem, pcpu_hot + PCPU_HOT_CPU_NUMBER).expect("cpu_number") as u32;
         assert_eq!(cpu_number as usize, vcpu, "per-CPU area of the wrong CPU");
-        let stack = termlab_introspect::context::read_stack(mem, &cpu.tables, sp, top).expect("read stack");
+        let stack =
+            termlab_introspect::context::read_stack(mem, &cpu.tables, sp, top).expect("read stack");
         assert!(stack.words.len() * 8 < THREAD_SIZE as usize);
         let ret = self.symbols.symbolize_text(stack.words[0]).expect("return address symbol");
-        assert!(callers.contains(&ret.symbol.name.as_str()), "returns to {ret}, expected one of {callers:?}");
+        assert!(
+            callers.contains(&ret.symbol.name.as_str()),
+            "returns to {ret}, expected one of {callers:?}"
+        );
         for (addr, word) in stack.iter().take(8) {
-            eprintln!("  {addr:#x}: {word:#018x} {}", self.symbols.symbolize_text(word).map_or(String::new(), |l| l.to_string()));
+            eprintln!(
+                "  {addr:#x}: {word:#018x} {}",
+                self.symbols.symbolize_text(word).map_or(String::new(), |l| l.to_string())
+            );
         }
         let user = PtRegs::read(mem, &cpu.tables, top - PT_REGS_SIZE as u64).expect("user frame");
         assert!(user.from_user() && user.cs == USER_CS, "{user:x?}");
@@ -233,7 +264,11 @@ fn breakpoints_stop_the_guest_where_introspection_reads_it() {
     // a one-byte push covers the next instruction's first byte too, so stepping over takes two
     // steps, which end on the next breakpoint.
     const PUSHES: [u8; 4] = [0x55, 0x89, 0xf5, 0x53];
-    assert_eq!(guest.code(task_pid, 13), [&ENTRY[..], &PUSHES].concat(), "__task_pid_nr_ns's first instructions");
+    assert_eq!(
+        guest.code(task_pid, 13),
+        [&ENTRY[..], &PUSHES].concat(),
+        "__task_pid_nr_ns's first instructions"
+    );
     guest.arm(&[getppid, getppid + 4, task_pid + 9, task_pid + 12]);
     guest.vm.resume().expect("resume");
     const SYSCALL: &[&str] = &["x64_sys_call", "do_syscall_64"];
@@ -253,14 +288,21 @@ fn breakpoints_stop_the_guest_where_introspection_reads_it() {
         assert_eq!(guest.check_syscall_stack(vcpu, &cpu, SYSCALL).di, call, "still call {call}");
         guest.vm.resume().expect("resume");
         let (vcpu, cpu) = guest.expect_hit("__task_pid_nr_ns", 9);
-        assert_eq!(guest.check_syscall_stack(vcpu, &cpu, GETPPID).di, call, "getppid's callee in call {call}");
+        assert_eq!(
+            guest.check_syscall_stack(vcpu, &cpu, GETPPID).di,
+            call,
+            "getppid's callee in call {call}"
+        );
         let before = guest.vm.regs(vcpu).expect("regs");
         guest.vm.resume().expect("resume");
         let (vcpu, cpu) = guest.expect_hit("__task_pid_nr_ns", 12);
         let after = guest.vm.regs(vcpu).expect("regs");
         // `push %rbp` ran once, `mov %esi,%ebp` ran once.
         assert_eq!(after.rsp, before.rsp - 8);
-        assert_eq!(cpu.tables.read_u64(guest.vm.memory(), after.rsp).expect("pushed word"), before.rbp);
+        assert_eq!(
+            cpu.tables.read_u64(guest.vm.memory(), after.rsp).expect("pushed word"),
+            before.rbp
+        );
         assert_eq!(after.rbp, before.rsi & 0xffff_ffff);
         guest.vm.resume().expect("resume");
     }
@@ -272,17 +314,31 @@ fn breakpoints_stop_the_guest_where_introspection_reads_it() {
     guest.vm.resume().expect("resume");
     let (_, cpu) = guest.expect_hit("handle_irq_event", 0);
     let mem = guest.vm.memory();
-    let interrupted = cpu.interrupted(mem, guest.sym("__irq_regs")).expect("read __irq_regs").expect("__irq_regs set");
+    let interrupted = cpu
+        .interrupted(mem, guest.sym("__irq_regs"))
+        .expect("read __irq_regs")
+        .expect("__irq_regs set");
     let regs = interrupted.regs;
-    eprintln!("interrupted at {:#x} ({:?}), frame at {:#x}", regs.ip, guest.symbols.symbolize(regs.ip).map(|l| l.to_string()), interrupted.regs_addr);
+    eprintln!(
+        "interrupted at {:#x} ({:?}), frame at {:#x}",
+        regs.ip,
+        guest.symbols.symbolize(regs.ip).map(|l| l.to_string()),
+        interrupted.regs_addr
+    );
     assert!(regs.flags & RFLAGS_IF != 0 && regs.flags & 2 != 0, "{regs:x?}");
     match regs.cs {
         USER_CS => assert!(regs.ip < 1 << 47 && interrupted.stack.is_none(), "{regs:x?}"),
         KERNEL_CS => {
-            guest.symbols.symbolize_text(regs.ip).expect("interrupted kernel code has a text symbol");
+            guest
+                .symbols
+                .symbolize_text(regs.ip)
+                .expect("interrupted kernel code has a text symbol");
             let stack = interrupted.stack.expect("kernel context has a stack");
             // The frame was pushed on the interrupted stack, just below its sp.
-            assert!(interrupted.regs_addr + PT_REGS_SIZE as u64 <= stack.sp && stack.sp < stack.top, "{stack:x?}");
+            assert!(
+                interrupted.regs_addr + PT_REGS_SIZE as u64 <= stack.sp && stack.sp < stack.top,
+                "{stack:x?}"
+            );
         }
         other => panic!("interrupted CS {other:#x}"),
     }
@@ -290,14 +346,22 @@ fn breakpoints_stop_the_guest_where_introspection_reads_it() {
     // Disarmed, the guest runs to its end.
     guest.vm.set_breakpoints(&[]).expect("disarm");
     guest.vm.resume().expect("resume");
-    assert_eq!(guest.vm.wait_exit(Some(STEP_TIMEOUT)), Some(ExitReason::Reset), "console:\n{}", guest.console());
+    assert_eq!(
+        guest.vm.wait_exit(Some(STEP_TIMEOUT)),
+        Some(ExitReason::Reset),
+        "console:\n{}",
+        guest.console()
+    );
     assert_eq!(guest.vm.wait_debug_event(Some(Duration::from_secs(1))), None);
     let console = guest.console();
     for marker in ["GETPPID-1", "GETPPID-2", "INTROSPECT-DONE"] {
         assert!(console.contains(marker), "no {marker}; console:\n{console}");
     }
     // The guest's own kallsyms agrees with System.map (nokaslr).
-    let line = console.lines().find_map(|l| l.trim_end().strip_prefix("KALLSYMS=")).expect("KALLSYMS line");
+    let line = console
+        .lines()
+        .find_map(|l| l.trim_end().strip_prefix("KALLSYMS="))
+        .expect("KALLSYMS line");
     let kallsyms = SymbolTable::parse(line).expect("parse kallsyms line");
     assert_eq!(kallsyms.addr("__x64_sys_getppid"), Some(guest.sym("__x64_sys_getppid")));
 }

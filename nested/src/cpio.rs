@@ -44,9 +44,16 @@ impl<W: Write> CpioWriter<W> {
         Ok(self.out)
     }
 
-    fn entry(&mut self, path: &str, mode: u32, (rdev_major, rdev_minor): (u32, u32), data: &[u8]) -> io::Result<()> {
+    fn entry(
+        &mut self,
+        path: &str,
+        mode: u32,
+        (rdev_major, rdev_minor): (u32, u32),
+        data: &[u8],
+    ) -> io::Result<()> {
         let name = path.trim_start_matches('/');
-        let size = u32::try_from(data.len()).map_err(|_| io::Error::other(format!("{path}: too large for cpio")))?;
+        let size = u32::try_from(data.len())
+            .map_err(|_| io::Error::other(format!("{path}: too large for cpio")))?;
         let fields = [
             self.inode,
             mode,
@@ -106,9 +113,11 @@ mod tests {
         while at < bytes.len() {
             let header = std::str::from_utf8(&bytes[at..at + 110]).expect("ascii header");
             assert_eq!(&header[..6], "070701");
-            let field = |i: usize| u32::from_str_radix(&header[6 + 8 * i..14 + 8 * i], 16).expect("hex");
+            let field =
+                |i: usize| u32::from_str_radix(&header[6 + 8 * i..14 + 8 * i], 16).expect("hex");
             let (size, namesize) = (field(6) as usize, field(11) as usize);
-            let name = std::str::from_utf8(&bytes[at + 110..at + 110 + namesize - 1]).expect("name");
+            let name =
+                std::str::from_utf8(&bytes[at + 110..at + 110 + namesize - 1]).expect("name");
             seen.push((name.to_owned(), size, field(9), field(10)));
             at = (at + 110 + namesize).next_multiple_of(4);
             at = (at + size).next_multiple_of(4);

@@ -19,7 +19,8 @@ const IMAGE_VERSION: &str = "v4";
 /// QEMU in L1 give its guests vsock (for comparisons against our VMM).
 const L1_MODULES: [&str; 5] = ["kvm-amd", "virtio_pci", "9pnet_virtio", "9p", "vhost_vsock"];
 const BUSYBOX: &str = "/bin/busybox";
-const BUSYBOX_APPLETS: [&str; 10] = ["sh", "mount", "insmod", "cat", "echo", "chroot", "reboot", "sleep", "sed", "ln"];
+const BUSYBOX_APPLETS: [&str; 10] =
+    ["sh", "mount", "insmod", "cat", "echo", "chroot", "reboot", "sleep", "sed", "ln"];
 
 /// The L1 init: modules, 9p root, a local tmpfs on /tmp, chroot into the host and run
 /// `$job/job`.
@@ -83,13 +84,18 @@ pub fn ensure_image(cache_dir: &Path) -> Result<L1Image, NestedError> {
 
 fn build_image(work: &Path) -> Result<(PathBuf, PathBuf), NestedError> {
     let package = stock_kernel_package()?;
-    run(Command::new("apt-get").args(["download", &package]).current_dir(work), "apt-get download")?;
+    run(
+        Command::new("apt-get").args(["download", &package]).current_dir(work),
+        "apt-get download",
+    )?;
     let deb = fs::read_dir(work)
         .map_err(|e| NestedError::io("list download dir", work, e))?
         .filter_map(Result::ok)
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .ok_or_else(|| NestedError::KernelPackage(format!("apt-get download {package} produced no .deb")))?;
+        .ok_or_else(|| {
+            NestedError::KernelPackage(format!("apt-get download {package} produced no .deb"))
+        })?;
     let root = work.join("root");
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root), "dpkg-deb -x")?;
     let modules_dir = root.join("lib/modules");
@@ -104,7 +110,12 @@ fn build_image(work: &Path) -> Result<(PathBuf, PathBuf), NestedError> {
     let mut module_files: Vec<String> = Vec::new();
     for module in L1_MODULES {
         let out = output(
-            Command::new("modprobe").arg("-d").arg(&root).args(["-S", &version, "--show-depends", module]),
+            Command::new("modprobe").arg("-d").arg(&root).args([
+                "-S",
+                &version,
+                "--show-depends",
+                module,
+            ]),
             "modprobe --show-depends",
         )?;
         for line in out.lines() {
@@ -117,14 +128,16 @@ fn build_image(work: &Path) -> Result<(PathBuf, PathBuf), NestedError> {
     }
 
     let initrd_path = work.join("initrd.cpio");
-    let file = File::create(&initrd_path).map_err(|e| NestedError::io("create initrd", &initrd_path, e))?;
+    let file = File::create(&initrd_path)
+        .map_err(|e| NestedError::io("create initrd", &initrd_path, e))?;
     let mut cpio = CpioWriter::new(std::io::BufWriter::new(file));
     let cpio_err = |e| NestedError::io("write initrd", &initrd_path, e);
     for dir in ["/bin", "/mods", "/mnt", "/proc", "/sys", "/dev"] {
         cpio.dir(dir).map_err(cpio_err)?;
     }
     cpio.char_device("/dev/console", 5, 1).map_err(cpio_err)?;
-    let busybox = fs::read(BUSYBOX).map_err(|e| NestedError::io("read busybox", Path::new(BUSYBOX), e))?;
+    let busybox =
+        fs::read(BUSYBOX).map_err(|e| NestedError::io("read busybox", Path::new(BUSYBOX), e))?;
     cpio.file("/bin/busybox", 0o755, &busybox).map_err(cpio_err)?;
     for applet in BUSYBOX_APPLETS {
         cpio.symlink(&format!("/bin/{applet}"), "busybox").map_err(cpio_err)?;
@@ -152,12 +165,21 @@ fn build_image(work: &Path) -> Result<(PathBuf, PathBuf), NestedError> {
 
 /// `linux-image-amd64` is a metapackage; the versioned package it depends on has the files.
 fn stock_kernel_package() -> Result<String, NestedError> {
-    let out = output(Command::new("apt-cache").args(["depends", "linux-image-amd64"]), "apt-cache depends")?;
+    let out = output(
+        Command::new("apt-cache").args(["depends", "linux-image-amd64"]),
+        "apt-cache depends",
+    )?;
     out.lines()
         .filter_map(|l| l.trim().strip_prefix("Depends: "))
-        .find(|p| p.starts_with("linux-image-") && p.as_bytes().get(12).is_some_and(u8::is_ascii_digit))
+        .find(|p| {
+            p.starts_with("linux-image-") && p.as_bytes().get(12).is_some_and(u8::is_ascii_digit)
+        })
         .map(str::to_owned)
-        .ok_or_else(|| NestedError::KernelPackage("cannot resolve linux-image-amd64 (run apt-get update)".into()))
+        .ok_or_else(|| {
+            NestedError::KernelPackage(
+                "cannot resolve linux-image-amd64 (run apt-get update)".into(),
+            )
+        })
 }
 
 fn decompress_module(path: &str) -> Result<Vec<u8>, NestedError> {
@@ -173,7 +195,10 @@ fn decompress_module(path: &str) -> Result<Vec<u8>, NestedError> {
         .output()
         .map_err(|e| NestedError::io("run decompressor", Path::new(tool), e))?;
     if !out.status.success() {
-        return Err(NestedError::CommandFailed { what: format!("{tool} -dc {path}"), status: out.status.to_string() });
+        return Err(NestedError::CommandFailed {
+            what: format!("{tool} -dc {path}"),
+            status: out.status.to_string(),
+        });
     }
     Ok(out.stdout)
 }
@@ -181,7 +206,10 @@ fn decompress_module(path: &str) -> Result<Vec<u8>, NestedError> {
 fn run(cmd: &mut Command, what: &str) -> Result<(), NestedError> {
     let status = cmd.status().map_err(|e| NestedError::io("run", Path::new(what), e))?;
     if !status.success() {
-        return Err(NestedError::CommandFailed { what: what.to_owned(), status: status.to_string() });
+        return Err(NestedError::CommandFailed {
+            what: what.to_owned(),
+            status: status.to_string(),
+        });
     }
     Ok(())
 }
@@ -208,7 +236,12 @@ pub fn ensure_tools() -> Result<Vec<&'static str>, NestedError> {
     missing.dedup();
     if !missing.is_empty() {
         eprintln!("termlab-nested: installing {}", missing.join(" "));
-        run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(&missing), "apt-get install")?;
+        run(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(&missing),
+            "apt-get install",
+        )?;
     }
     Ok(missing)
 }

@@ -44,7 +44,12 @@ pub struct L1Options {
 
 impl Default for L1Options {
     fn default() -> Self {
-        Self { mem_mib: 4096, cpus: 2, timeout: Duration::from_secs(1800), cache_dir: "/var/cache/termlab/l1".into() }
+        Self {
+            mem_mib: 4096,
+            cpus: 2,
+            timeout: Duration::from_secs(1800),
+            cache_dir: "/var/cache/termlab/l1".into(),
+        }
     }
 }
 
@@ -54,14 +59,16 @@ impl Default for L1Options {
 pub fn run_in_l1(argv: &[OsString], options: &L1Options) -> Result<i32, NestedError> {
     ensure_tools()?;
     let image = ensure_image(&options.cache_dir)?;
-    fs::create_dir_all("/run/termlab").map_err(|e| NestedError::io("create", Path::new("/run/termlab"), e))?;
+    fs::create_dir_all("/run/termlab")
+        .map_err(|e| NestedError::io("create", Path::new("/run/termlab"), e))?;
     let _lock = FileLock::exclusive(Path::new(L1_LOCK))?;
     let job = TempDir::new(Path::new(JOBS_DIR), "job")?;
     write_job_script(job.path(), argv)?;
 
     let signals = SignalGuard::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
     let mut qemu = spawn_qemu(&image, job.path(), options)?;
-    let output = qemu.stdout.take().map(|stdout| std::thread::spawn(move || stream_console(stdout)));
+    let output =
+        qemu.stdout.take().map(|stdout| std::thread::spawn(move || stream_console(stdout)));
     let ended = supervise(&mut qemu, &signals, options.timeout, job.path());
     if let Some(thread) = output {
         let _ = thread.join();
@@ -69,7 +76,10 @@ pub fn run_in_l1(argv: &[OsString], options: &L1Options) -> Result<i32, NestedEr
     let qemu_status = ended?;
     let rc_path = job.path().join("rc");
     match fs::read_to_string(&rc_path) {
-        Ok(rc) => rc.trim().parse().map_err(|_| NestedError::L1Failed { qemu_status: format!("bad rc {rc:?}") }),
+        Ok(rc) => rc
+            .trim()
+            .parse()
+            .map_err(|_| NestedError::L1Failed { qemu_status: format!("bad rc {rc:?}") }),
         Err(_) => Err(NestedError::L1Failed { qemu_status }),
     }
 }
@@ -80,12 +90,17 @@ fn quote(arg: &[u8]) -> String {
 }
 
 fn write_job_script(dir: &Path, argv: &[OsString]) -> Result<(), NestedError> {
-    let cwd = std::env::current_dir().map_err(|e| NestedError::io("get", Path::new("current dir"), e))?;
+    let cwd =
+        std::env::current_dir().map_err(|e| NestedError::io("get", Path::new("current dir"), e))?;
     let mut script = String::from("echo\n");
-    script.push_str(&format!("cd {} || exit {JOB_SETUP_FAILED}\n", quote(cwd.as_os_str().as_bytes())));
+    script.push_str(&format!(
+        "cd {} || exit {JOB_SETUP_FAILED}\n",
+        quote(cwd.as_os_str().as_bytes())
+    ));
     for (key, value) in std::env::vars_os() {
         let key_text = key.to_string_lossy();
-        let passed = PASSED_ENV.contains(&key_text.as_ref()) || PASSED_ENV_PREFIXES.iter().any(|p| key_text.starts_with(p));
+        let passed = PASSED_ENV.contains(&key_text.as_ref())
+            || PASSED_ENV_PREFIXES.iter().any(|p| key_text.starts_with(p));
         if passed && key_text.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             script.push_str(&format!("export {key_text}={}\n", quote(value.as_bytes())));
         }
@@ -108,8 +123,13 @@ fn write_job_script(dir: &Path, argv: &[OsString]) -> Result<(), NestedError> {
     fs::write(&path, script).map_err(|e| NestedError::io("write job script", &path, e))
 }
 
-fn spawn_qemu(image: &crate::image::L1Image, job_dir: &Path, options: &L1Options) -> Result<Child, NestedError> {
-    let append = format!("console=ttyS0 quiet loglevel=3 panic=-1 termlab.job={}", job_dir.display());
+fn spawn_qemu(
+    image: &crate::image::L1Image,
+    job_dir: &Path,
+    options: &L1Options,
+) -> Result<Child, NestedError> {
+    let append =
+        format!("console=ttyS0 quiet loglevel=3 panic=-1 termlab.job={}", job_dir.display());
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-nographic", "-no-reboot"])
         .args(["-smp", &options.cpus.to_string(), "-m", &options.mem_mib.to_string()])
@@ -118,7 +138,10 @@ fn spawn_qemu(image: &crate::image::L1Image, job_dir: &Path, options: &L1Options
         .arg("-initrd")
         .arg(&image.initrd)
         .args(["-append", &append])
-        .args(["-virtfs", "local,path=/,mount_tag=host,security_model=none,id=host,multidevs=remap"])
+        .args([
+            "-virtfs",
+            "local,path=/,mount_tag=host,security_model=none,id=host,multidevs=remap",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
     // SAFETY: only async-signal-safe calls between fork and exec.
@@ -140,7 +163,12 @@ fn spawn_qemu(image: &crate::image::L1Image, job_dir: &Path, options: &L1Options
 /// Waits for QEMU, killing it on timeout. The first termination signal is passed on to the
 /// command inside L1, which then has [`SIGNAL_GRACE`] to end (and L1 with it); a second one,
 /// or the end of the grace period, kills the L1 VM.
-fn supervise(qemu: &mut Child, signals: &SignalGuard, timeout: Duration, job_dir: &Path) -> Result<String, NestedError> {
+fn supervise(
+    qemu: &mut Child,
+    signals: &SignalGuard,
+    timeout: Duration,
+    job_dir: &Path,
+) -> Result<String, NestedError> {
     let mut deadline = Instant::now() + timeout;
     let mut forwarded: Option<i32> = None;
     loop {
@@ -190,7 +218,9 @@ fn stream_console(stdout: std::process::ChildStdout) {
     let mut out = std::io::stdout();
     for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
         let text = strip_terminal_codes(&String::from_utf8_lossy(&line));
-        let firmware = ["SeaBIOS", "iPXE", "Booting from ROM", "Press Ctrl-B"].iter().any(|p| text.starts_with(p));
+        let firmware = ["SeaBIOS", "iPXE", "Booting from ROM", "Press Ctrl-B"]
+            .iter()
+            .any(|p| text.starts_with(p));
         if firmware || text.trim().is_empty() {
             continue;
         }
@@ -244,7 +274,8 @@ impl SignalGuard {
     }
 
     fn wait(&self, timeout: Duration) -> Option<i32> {
-        let ts = libc::timespec { tv_sec: timeout.as_secs() as _, tv_nsec: timeout.subsec_nanos() as _ };
+        let ts =
+            libc::timespec { tv_sec: timeout.as_secs() as _, tv_nsec: timeout.subsec_nanos() as _ };
         // SAFETY: valid set and timespec; siginfo may be null.
         let signal = unsafe { libc::sigtimedwait(&self.set, std::ptr::null_mut(), &ts) };
         (signal > 0).then_some(signal)
@@ -272,24 +303,38 @@ mod tests {
     #[test]
     fn job_script_passes_a_forwarded_signal_on() {
         let job = TempDir::new(&std::env::temp_dir(), "termlab-nested-test").expect("temp dir");
-        let command: Vec<OsString> = ["sh", "-c", "trap 'exit 42' TERM; echo $$ > \"$1\"; while :; do sleep 0.1; done", "sh"]
-            .iter()
-            .map(OsString::from)
-            .chain([job.path().join("started").into_os_string()])
-            .collect();
+        let command: Vec<OsString> = [
+            "sh",
+            "-c",
+            "trap 'exit 42' TERM; echo $$ > \"$1\"; while :; do sleep 0.1; done",
+            "sh",
+        ]
+        .iter()
+        .map(OsString::from)
+        .chain([job.path().join("started").into_os_string()])
+        .collect();
         write_job_script(job.path(), &command).expect("job script");
-        let mut script = Command::new("sh").arg(job.path().join("job")).stdout(Stdio::null()).spawn().expect("sh runs");
+        let mut script = Command::new("sh")
+            .arg(job.path().join("job"))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("sh runs");
         let deadline = Instant::now() + Duration::from_secs(20);
         // Never leave the command looping behind a failed assertion.
         let stop_all = |script: &mut Child| {
-            if let Some(pid) = fs::read_to_string(job.path().join("started")).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+            if let Some(pid) = fs::read_to_string(job.path().join("started"))
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
                 // SAFETY: kill(2) of the command this test started.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
             let _ = script.kill();
             let _ = script.wait();
         };
-        while fs::read_to_string(job.path().join("started")).map_or(true, |pid| !pid.ends_with('\n')) {
+        while fs::read_to_string(job.path().join("started"))
+            .map_or(true, |pid| !pid.ends_with('\n'))
+        {
             if Instant::now() >= deadline {
                 stop_all(&mut script);
                 panic!("the command never started");

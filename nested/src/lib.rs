@@ -78,7 +78,10 @@ pub fn is_nested() -> bool {
 }
 
 /// Decides where a KVM-using command runs. `argv` (program first) is what runs inside L1.
-pub fn ensure_real_kvm_or_reexec(mode: NestedMode, argv: &[OsString]) -> Result<KvmPlan, NestedError> {
+pub fn ensure_real_kvm_or_reexec(
+    mode: NestedMode,
+    argv: &[OsString],
+) -> Result<KvmPlan, NestedError> {
     ensure_real_kvm_or_reexec_with(mode, argv, &L1Options::default())
 }
 
@@ -90,7 +93,9 @@ pub fn ensure_real_kvm_or_reexec_with(
 ) -> Result<KvmPlan, NestedError> {
     if is_nested() {
         // Never nest twice: inside L1 KVM must work.
-        return probe::probe_kvm().map(|_| KvmPlan::RunHere { nested: true }).map_err(NestedError::NestedKvmUnusable);
+        return probe::probe_kvm()
+            .map(|_| KvmPlan::RunHere { nested: true })
+            .map_err(NestedError::NestedKvmUnusable);
     }
     let reexec = |reason: Option<probe::KvmUnusable>| {
         if let Some(reason) = reason {
@@ -100,7 +105,9 @@ pub fn ensure_real_kvm_or_reexec_with(
     };
     match mode {
         NestedMode::Always => reexec(None),
-        NestedMode::Never => probe::probe_kvm().map(|_| KvmPlan::RunHere { nested: false }).map_err(NestedError::KvmUnusable),
+        NestedMode::Never => probe::probe_kvm()
+            .map(|_| KvmPlan::RunHere { nested: false })
+            .map_err(NestedError::KvmUnusable),
         NestedMode::Auto => match probe::probe_kvm() {
             Ok(_) => Ok(KvmPlan::RunHere { nested: false }),
             Err(reason) => reexec(Some(reason)),

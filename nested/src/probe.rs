@@ -25,7 +25,22 @@ const LOOP_ITERATIONS: u32 = 1_000_000;
 /// `mov ecx, LOOP_ITERATIONS; 1: dec ecx; jnz 1b; mov al, PROBE_BYTE; out PROBE_PORT, al; hlt`
 const PROBE_CODE: [u8; 14] = {
     let n = LOOP_ITERATIONS.to_le_bytes();
-    [0xb9, n[0], n[1], n[2], n[3], 0xff, 0xc9, 0x75, 0xfc, 0xb0, PROBE_BYTE, 0xe6, PROBE_PORT as u8, 0xf4]
+    [
+        0xb9,
+        n[0],
+        n[1],
+        n[2],
+        n[3],
+        0xff,
+        0xc9,
+        0x75,
+        0xfc,
+        0xb0,
+        PROBE_BYTE,
+        0xe6,
+        PROBE_PORT as u8,
+        0xf4,
+    ]
 };
 /// Hardware-assisted execution runs the loop in about a millisecond natively and in tens of
 /// milliseconds nested under QEMU TCG (21 ms measured in L1); instruction emulation (kvm-pvm)
@@ -185,7 +200,11 @@ impl GuestPage {
         assert!(offset + bytes.len() <= Self::SIZE, "probe code must fit in the probe page");
         // SAFETY: bounds checked above; the mapping is writable and owned by `self`.
         unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.addr.cast::<u8>().add(offset), bytes.len())
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.addr.cast::<u8>().add(offset),
+                bytes.len(),
+            )
         };
     }
 

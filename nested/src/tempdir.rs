@@ -18,7 +18,8 @@ impl TempDir {
     pub fn new(parent: &Path, prefix: &str) -> Result<Self, NestedError> {
         fs::create_dir_all(parent).map_err(|e| NestedError::io("create", parent, e))?;
         sweep_dead(parent, prefix);
-        let name = format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let name =
+            format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         let path = parent.join(name);
         fs::create_dir(&path).map_err(|e| NestedError::io("create temp dir", &path, e))?;
         Ok(Self { path })

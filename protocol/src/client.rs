@@ -42,11 +42,7 @@ pub enum ClientError {
     #[error("reading the response to request {id} failed: {source}")]
     Receive { id: u64, source: io::Error },
     #[error("no response to request {id} ({op}) within {waited:?}")]
-    Timeout {
-        id: u64,
-        op: &'static str,
-        waited: Duration,
-    },
+    Timeout { id: u64, op: &'static str, waited: Duration },
     #[error("the agent closed the connection while request {id} was pending")]
     Closed { id: u64 },
     #[error("a response line exceeded {max_bytes} bytes")]
@@ -56,11 +52,7 @@ pub enum ClientError {
     #[error("the agent answered request {id}: {error}")]
     Agent { id: u64, error: ErrorReply },
     #[error("request {id} was a {expected} but the agent answered a {got}")]
-    UnexpectedReply {
-        id: u64,
-        expected: &'static str,
-        got: &'static str,
-    },
+    UnexpectedReply { id: u64, expected: &'static str, got: &'static str },
     #[error("the agent speaks protocol version {agent}, this client version {client}")]
     VersionMismatch { agent: u32, client: u32 },
     #[error("cannot encode request: {0}")]
@@ -110,9 +102,7 @@ impl<T: Transport> Client<T> {
         let op = body.op();
         self.send_line(id, &Request::new(id, body).to_line()?)?;
         let response = self.receive(id, Some(id), op, timeout)?;
-        response
-            .outcome
-            .map_err(|error| ClientError::Agent { id, error })
+        response.outcome.map_err(|error| ClientError::Agent { id, error })
     }
 
     /// [`Client::call`], checking that the answer is for the same op and has the expected type.
@@ -152,11 +142,7 @@ impl<T: Transport> Client<T> {
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                return Err(ClientError::Timeout {
-                    id,
-                    op,
-                    waited: timeout,
-                });
+                return Err(ClientError::Timeout { id, op, waited: timeout });
             }
             self.stream
                 .set_read_timeout(Some(remaining))
@@ -164,10 +150,7 @@ impl<T: Transport> Client<T> {
             let line = match self.lines.read_line(&mut self.stream) {
                 Ok(line) => line,
                 Err(LineError::Io(e))
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
+                    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
                 {
                     continue
                 }
@@ -192,9 +175,7 @@ impl<T: Transport> Client<T> {
 
     /// Checks that the agent speaks [`PROTOCOL_VERSION`]; call it first on a new connection.
     pub fn hello(&mut self) -> Result<HelloReply, ClientError> {
-        let body = RequestBody::Hello(HelloRequest {
-            protocol_version: PROTOCOL_VERSION,
-        });
+        let body = RequestBody::Hello(HelloRequest { protocol_version: PROTOCOL_VERSION });
         let reply: HelloReply = self.call_typed(body, self.default_timeout)?;
         if reply.protocol_version != PROTOCOL_VERSION {
             return Err(ClientError::VersionMismatch {
@@ -231,17 +212,11 @@ impl<T: Transport> Client<T> {
 
     pub fn wait(&mut self, handle: u32, timeout_ms: u64) -> Result<ProcessExit, ClientError> {
         let timeout = self.with_margin(timeout_ms);
-        self.call_typed(
-            RequestBody::Wait(WaitRequest { handle, timeout_ms }),
-            timeout,
-        )
+        self.call_typed(RequestBody::Wait(WaitRequest { handle, timeout_ms }), timeout)
     }
 
     pub fn read_file(&mut self, path: &str, max_bytes: u64) -> Result<FileContents, ClientError> {
-        let body = RequestBody::ReadFile(ReadFileRequest {
-            path: path.to_owned(),
-            max_bytes,
-        });
+        let body = RequestBody::ReadFile(ReadFileRequest { path: path.to_owned(), max_bytes });
         self.call_typed(body, self.default_timeout)
     }
 
@@ -250,10 +225,8 @@ impl<T: Transport> Client<T> {
         path: &str,
         data: impl Into<Data>,
     ) -> Result<WriteReply, ClientError> {
-        let body = RequestBody::WriteFile(WriteFileRequest {
-            path: path.to_owned(),
-            data: data.into(),
-        });
+        let body =
+            RequestBody::WriteFile(WriteFileRequest { path: path.to_owned(), data: data.into() });
         self.call_typed(body, self.default_timeout)
     }
 
@@ -342,7 +315,9 @@ mod tests {
             let mut request = String::new();
             BufReader::new(&agent).read_line(&mut request).expect("request line");
             assert!(request.contains("\"op\":\"clock\""), "{request}");
-            (&agent).write_all(br#"{"id":1,"ok":{"op":"clock","monotonic_ns":12"#).expect("half a response");
+            (&agent)
+                .write_all(br#"{"id":1,"ok":{"op":"clock","monotonic_ns":12"#)
+                .expect("half a response");
             // Dropping the socket closes it with the line unfinished.
         });
         let mut client = Client::new(host);

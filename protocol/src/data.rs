@@ -73,10 +73,10 @@ impl Serialize for Data {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match std::str::from_utf8(&self.0) {
             Ok(text) => serializer.serialize_str(text),
-            Err(_) => Base64Repr {
-                base64: base64::engine::general_purpose::STANDARD.encode(&self.0),
+            Err(_) => {
+                Base64Repr { base64: base64::engine::general_purpose::STANDARD.encode(&self.0) }
+                    .serialize(serializer)
             }
-            .serialize(serializer),
         }
     }
 }

@@ -25,10 +25,7 @@ pub enum HandshakeError {
     #[error("no handshake answer within {0:?}")]
     Timeout(Duration),
     #[error("malformed handshake line {line:?}: expected {expected}")]
-    Malformed {
-        line: String,
-        expected: &'static str,
-    },
+    Malformed { line: String, expected: &'static str },
 }
 
 /// `CONNECT <port>\n`
@@ -56,14 +53,9 @@ fn parse_keyword_and_number(
     keyword: &str,
     expected: &'static str,
 ) -> Result<u32, HandshakeError> {
-    let malformed = || HandshakeError::Malformed {
-        line: line.to_owned(),
-        expected,
-    };
-    let number = line
-        .strip_prefix(keyword)
-        .and_then(|rest| rest.strip_prefix(' '))
-        .ok_or_else(malformed)?;
+    let malformed = || HandshakeError::Malformed { line: line.to_owned(), expected };
+    let number =
+        line.strip_prefix(keyword).and_then(|rest| rest.strip_prefix(' ')).ok_or_else(malformed)?;
     if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
         return Err(malformed());
     }
@@ -91,12 +83,10 @@ pub fn read_handshake_line(stream: &mut impl Read) -> Result<Option<String>, Han
             Err(e) => return Err(e.into()),
         }
     }
-    String::from_utf8(line)
-        .map(Some)
-        .map_err(|e| HandshakeError::Malformed {
-            line: String::from_utf8_lossy(e.as_bytes()).into_owned(),
-            expected: "ASCII",
-        })
+    String::from_utf8(line).map(Some).map_err(|e| HandshakeError::Malformed {
+        line: String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        expected: "ASCII",
+    })
 }
 
 /// Connects to guest vsock `port` through the VMM's Unix socket at `uds_path`; one attempt.
@@ -116,10 +106,7 @@ pub fn connect(
         Ok(Some(line)) => line,
         Ok(None) => return Err(HandshakeError::Refused { port }),
         Err(HandshakeError::Io(e))
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
+            if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
         {
             return Err(HandshakeError::Timeout(timeout))
         }
@@ -156,10 +143,9 @@ pub fn connect_with_retry(
 fn is_not_ready(error: &HandshakeError) -> bool {
     match error {
         HandshakeError::Refused { .. } => true,
-        HandshakeError::Connect { source, .. } => matches!(
-            source.kind(),
-            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-        ),
+        HandshakeError::Connect { source, .. } => {
+            matches!(source.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused)
+        }
         _ => false,
     }
 }
@@ -180,18 +166,9 @@ mod tests {
 
     #[test]
     fn malformed_handshake_lines_are_rejected() {
-        for bad in [
-            "",
-            "OK",
-            "OK ",
-            "OK x",
-            "OK -1",
-            "OK +1",
-            "OK 1 2",
-            "ok 1",
-            "OK  1",
-            "OK 99999999999",
-        ] {
+        for bad in
+            ["", "OK", "OK ", "OK x", "OK -1", "OK +1", "OK 1 2", "ok 1", "OK  1", "OK 99999999999"]
+        {
             assert!(parse_connect_reply(bad).is_err(), "{bad:?} accepted");
         }
         assert!(parse_connect_request("CONNECT").is_err());
@@ -201,17 +178,11 @@ mod tests {
     #[test]
     fn handshake_line_reader_stops_at_the_newline() {
         let mut input: &[u8] = b"OK 5\n{\"id\":1}";
-        assert_eq!(
-            read_handshake_line(&mut input).unwrap().as_deref(),
-            Some("OK 5")
-        );
+        assert_eq!(read_handshake_line(&mut input).unwrap().as_deref(), Some("OK 5"));
         assert_eq!(input, b"{\"id\":1}");
         let mut closed: &[u8] = b"";
         assert!(read_handshake_line(&mut closed).unwrap().is_none());
         let mut endless: &[u8] = &[b'O'; 100];
-        assert!(matches!(
-            read_handshake_line(&mut endless),
-            Err(HandshakeError::Malformed { .. })
-        ));
+        assert!(matches!(read_handshake_line(&mut endless), Err(HandshakeError::Malformed { .. })));
     }
 }

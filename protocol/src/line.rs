@@ -35,12 +35,7 @@ pub struct LineBuffer {
 
 impl LineBuffer {
     pub fn new(max_line_bytes: usize) -> Self {
-        LineBuffer {
-            pending: Vec::new(),
-            scanned: 0,
-            max_line_bytes,
-            discarding: false,
-        }
+        LineBuffer { pending: Vec::new(), scanned: 0, max_line_bytes, discarding: false }
     }
 
     /// The next line from `source`, without its `\n`.
@@ -52,9 +47,7 @@ impl LineBuffer {
                 line.pop();
                 self.scanned = 0;
                 if std::mem::take(&mut self.discarding) || line.len() > self.max_line_bytes {
-                    return Err(LineError::TooLong {
-                        max_bytes: self.max_line_bytes,
-                    });
+                    return Err(LineError::TooLong { max_bytes: self.max_line_bytes });
                 }
                 return Ok(line);
             }
@@ -177,11 +170,7 @@ mod tests {
             }
         }
         let mut source = Stutter {
-            steps: vec![
-                Ok(b"{\"id\""),
-                Err(io::ErrorKind::WouldBlock.into()),
-                Ok(b":1}\n"),
-            ],
+            steps: vec![Ok(b"{\"id\""), Err(io::ErrorKind::WouldBlock.into()), Ok(b":1}\n")],
         };
         let mut buffer = LineBuffer::new(100);
         assert!(matches!(

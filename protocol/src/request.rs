@@ -210,9 +210,7 @@ impl RequestBody {
                 if (1..=MAX_READ_FILE_BYTES).contains(&read.max_bytes) {
                     Ok(())
                 } else {
-                    Err(ValidationError::BadMaxBytes {
-                        got: read.max_bytes,
-                    })
+                    Err(ValidationError::BadMaxBytes { got: read.max_bytes })
                 }
             }
             RequestBody::WriteFile(write) => validate_path(&write.path),
@@ -260,9 +258,7 @@ fn validate_path(path: &str) -> Result<(), ValidationError> {
     }
     // The agent's working directory is whatever init gave it; relative paths would be guesswork.
     if !path.starts_with('/') {
-        return Err(ValidationError::RelativePath {
-            path: path.to_owned(),
-        });
+        return Err(ValidationError::RelativePath { path: path.to_owned() });
     }
     Ok(())
 }
@@ -308,10 +304,7 @@ impl Request {
             _ => None,
         }
         .ok_or_else(|| {
-            invalid(
-                None,
-                "request needs an \"id\" that is an unsigned integer".into(),
-            )
+            invalid(None, "request needs an \"id\" that is an unsigned integer".into())
         })?;
         let body = serde_json::from_value(serde_json::Value::Object(fields))
             .map_err(|e| invalid(Some(id), format!("bad request: {e}")))?;
@@ -352,9 +345,7 @@ mod tests {
 
     fn every_request() -> Vec<RequestBody> {
         vec![
-            RequestBody::Hello(HelloRequest {
-                protocol_version: 1,
-            }),
+            RequestBody::Hello(HelloRequest { protocol_version: 1 }),
             RequestBody::Run(RunRequest {
                 argv: vec!["sh".into(), "-c".into(), "cat; exit 3".into()],
                 env: BTreeMap::from([("A".into(), "b c".into())]),
@@ -375,14 +366,8 @@ mod tests {
                 timeout_ms: 1000,
                 from_offset: 17,
             }),
-            RequestBody::Kill(KillRequest {
-                handle: 42,
-                signal: 15,
-            }),
-            RequestBody::Wait(WaitRequest {
-                handle: 42,
-                timeout_ms: 10,
-            }),
+            RequestBody::Kill(KillRequest { handle: 42, signal: 15 }),
+            RequestBody::Wait(WaitRequest { handle: 42, timeout_ms: 10 }),
             RequestBody::ReadFile(ReadFileRequest {
                 path: "/proc/kallsyms".into(),
                 max_bytes: 1 << 20,
@@ -473,38 +458,21 @@ mod tests {
             (r#"{"id":5,"op":"clock","extra":1}"#, "extra"),
             (r#"{"id":5,"op":"shutdown","now":true}"#, "now"),
             (r#"{"id":5,"op":"run","argv":["true"]}"#, "timeout_ms"),
-            (
-                r#"{"id":5,"op":"run","argv":["true"],"timeout_ms":1,"shell":true}"#,
-                "shell",
-            ),
+            (r#"{"id":5,"op":"run","argv":["true"],"timeout_ms":1,"shell":true}"#, "shell"),
             (r#"{"id":5,"op":"terminate","prog_id":1}"#, "flags"),
             (r#"{"id":5,"op":"terminate","prog_id":-1,"flags":0}"#, "-1"),
-            (
-                r#"{"id":5,"op":"terminate","prog_id":4294967296,"flags":0}"#,
-                "4294967296",
-            ),
+            (r#"{"id":5,"op":"terminate","prog_id":4294967296,"flags":0}"#, "4294967296"),
             (r#"{"id":5,"op":"kill","handle":1,"signal":"TERM"}"#, "TERM"),
             (
                 r#"{"id":5,"op":"wait_output","handle":1,"pattern":"x","timeout_ms":1,"stream":"stdin"}"#,
                 "stdin",
             ),
-            (
-                r#"{"id":5,"op":"write_file","path":"/x","data":{"base64":"%%"}}"#,
-                "base64",
-            ),
+            (r#"{"id":5,"op":"write_file","path":"/x","data":{"base64":"%%"}}"#, "base64"),
         ];
         for (line, mentioned) in cases {
             let error = rejection(line);
-            assert_eq!(
-                (error.id, error.kind),
-                (Some(5), ErrorKind::InvalidRequest),
-                "{line}"
-            );
-            assert!(
-                error.message.contains(mentioned),
-                "{line}: {}",
-                error.message
-            );
+            assert_eq!((error.id, error.kind), (Some(5), ErrorKind::InvalidRequest), "{line}");
+            assert!(error.message.contains(mentioned), "{line}: {}", error.message);
         }
     }
 
@@ -522,14 +490,8 @@ mod tests {
         };
         assert_eq!(run(&["true"], 1), Ok(()));
         assert_eq!(run(&[], 1), Err(ValidationError::EmptyArgv));
-        assert_eq!(
-            run(&["a\0b"], 1),
-            Err(ValidationError::NulByte { what: "argv" })
-        );
-        assert_eq!(
-            run(&["true"], 0),
-            Err(ValidationError::BadTimeout { got: 0 })
-        );
+        assert_eq!(run(&["a\0b"], 1), Err(ValidationError::NulByte { what: "argv" }));
+        assert_eq!(run(&["true"], 0), Err(ValidationError::BadTimeout { got: 0 }));
         assert!(run(&["true"], MAX_TIMEOUT_MS + 1).is_err());
 
         let spawn_env = |name: &str| {
@@ -550,11 +512,7 @@ mod tests {
         assert_eq!(kill(65), Err(ValidationError::BadSignal { got: 65 }));
 
         let read = |path: &str, max_bytes| {
-            RequestBody::ReadFile(ReadFileRequest {
-                path: path.into(),
-                max_bytes,
-            })
-            .validate()
+            RequestBody::ReadFile(ReadFileRequest { path: path.into(), max_bytes }).validate()
         };
         assert_eq!(read("/proc/kallsyms", MAX_READ_FILE_BYTES), Ok(()));
         assert!(read("/proc/kallsyms", 0).is_err());

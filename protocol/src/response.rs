@@ -226,11 +226,7 @@ pub struct ErrorReply {
 
 impl ErrorReply {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        ErrorReply {
-            kind,
-            message: message.into(),
-            errno: None,
-        }
+        ErrorReply { kind, message: message.into(), errno: None }
     }
 }
 
@@ -247,17 +243,11 @@ struct ResponseRepr {
 
 impl Response {
     pub fn ok(id: u64, body: ResponseBody) -> Self {
-        Response {
-            id: Some(id),
-            outcome: Ok(body),
-        }
+        Response { id: Some(id), outcome: Ok(body) }
     }
 
     pub fn error(id: Option<u64>, error: ErrorReply) -> Self {
-        Response {
-            id,
-            outcome: Err(error),
-        }
+        Response { id, outcome: Err(error) }
     }
 
     /// The response as one line, newline included.
@@ -293,10 +283,7 @@ impl<'de> Deserialize<'de> for Response {
                 ))
             }
         };
-        Ok(Response {
-            id: repr.id,
-            outcome,
-        })
+        Ok(Response { id: repr.id, outcome })
     }
 }
 
@@ -305,20 +292,11 @@ mod tests {
     use super::*;
 
     fn every_reply() -> Vec<ResponseBody> {
-        let output = CapturedOutput {
-            data: "prog_id=12\n".into(),
-            truncated: true,
-            total_bytes: 5_000_000,
-        };
-        let killed = ExitStatus::Signaled {
-            signal: 9,
-            name: "SIGKILL".into(),
-        };
+        let output =
+            CapturedOutput { data: "prog_id=12\n".into(), truncated: true, total_bytes: 5_000_000 };
+        let killed = ExitStatus::Signaled { signal: 9, name: "SIGKILL".into() };
         vec![
-            ResponseBody::Hello(HelloReply {
-                protocol_version: 1,
-                agent_version: "0.1.0".into(),
-            }),
+            ResponseBody::Hello(HelloReply { protocol_version: 1, agent_version: "0.1.0".into() }),
             ResponseBody::Run(RunOutput {
                 status: ExitStatus::Exited { code: 3 },
                 timed_out: false,
@@ -327,41 +305,23 @@ mod tests {
                 start_ns: 1,
                 end_ns: 2,
             }),
-            ResponseBody::Spawn(SpawnReply {
-                handle: 77,
-                start_ns: 5,
-            }),
+            ResponseBody::Spawn(SpawnReply { handle: 77, start_ns: 5 }),
             ResponseBody::ReadOutput(ProcessOutput {
                 stdout: output,
                 stderr: CapturedOutput::default(),
-                exit: Some(ProcessExit {
-                    status: killed.clone(),
-                    end_ns: 9,
-                }),
+                exit: Some(ProcessExit { status: killed.clone(), end_ns: 9 }),
             }),
-            ResponseBody::WaitOutput(OutputMatch {
-                line: "prog_id=12".into(),
-                end_offset: 11,
-            }),
+            ResponseBody::WaitOutput(OutputMatch { line: "prog_id=12".into(), end_offset: 11 }),
             ResponseBody::Kill {},
-            ResponseBody::Wait(ProcessExit {
-                status: killed,
-                end_ns: 10,
-            }),
+            ResponseBody::Wait(ProcessExit { status: killed, end_ns: 10 }),
             ResponseBody::ReadFile(FileContents {
                 data: Data(vec![0, 159, 146, 150]),
                 truncated: false,
             }),
             ResponseBody::WriteFile(WriteReply { bytes_written: 4 }),
-            ResponseBody::Clock(ClockReading {
-                monotonic_ns: u64::MAX,
-                realtime_ns: 0,
-            }),
+            ResponseBody::Clock(ClockReading { monotonic_ns: u64::MAX, realtime_ns: 0 }),
             ResponseBody::Terminate(TerminateReply {
-                result: SyscallResult::Failed(ErrnoInfo {
-                    number: 3,
-                    name: "ESRCH".into(),
-                }),
+                result: SyscallResult::Failed(ErrnoInfo { number: 3, name: "ESRCH".into() }),
                 before_ns: 100,
                 after_ns: 200,
             }),
@@ -381,19 +341,13 @@ mod tests {
             .enumerate()
             .map(|(id, body)| Response::ok(id as u64, body))
             .collect();
-        responses.push(Response::error(
-            None,
-            ErrorReply::new(ErrorKind::MalformedJson, "x"),
-        ));
+        responses.push(Response::error(None, ErrorReply::new(ErrorKind::MalformedJson, "x")));
         responses.push(Response::error(
             Some(4),
             ErrorReply {
                 kind: ErrorKind::Io,
                 message: "open /nope".into(),
-                errno: Some(ErrnoInfo {
-                    number: 2,
-                    name: "ENOENT".into(),
-                }),
+                errno: Some(ErrnoInfo { number: 2, name: "ENOENT".into() }),
             },
         ));
         for response in responses {
@@ -414,10 +368,7 @@ mod tests {
         let ok = Response::ok(
             2,
             ResponseBody::Terminate(TerminateReply {
-                result: SyscallResult::Failed(ErrnoInfo {
-                    number: 22,
-                    name: "EINVAL".into(),
-                }),
+                result: SyscallResult::Failed(ErrnoInfo { number: 22, name: "EINVAL".into() }),
                 before_ns: 1,
                 after_ns: 2,
             }),
@@ -438,10 +389,7 @@ mod tests {
             r#"{"id":1,"error":{"kind":"bogus","message":"x"}}"#,
             r#"{"id":1,"ok":{"op":"kill"},"note":"x"}"#,
         ] {
-            assert!(
-                serde_json::from_str::<Response>(bad).is_err(),
-                "{bad} accepted"
-            );
+            assert!(serde_json::from_str::<Response>(bad).is_err(), "{bad} accepted");
         }
     }
 }

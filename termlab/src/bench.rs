@@ -149,7 +149,12 @@ pub struct BenchKernel<'a> {
 }
 
 /// Runs the whole benchmark; returns the result and its directory.
-pub fn run(patched: BenchKernel<'_>, baseline: BenchKernel<'_>, options: &BenchOptions, ui: Ui) -> Result<(BenchResult, PathBuf), EngineError> {
+pub fn run(
+    patched: BenchKernel<'_>,
+    baseline: BenchKernel<'_>,
+    options: &BenchOptions,
+    ui: Ui,
+) -> Result<(BenchResult, PathBuf), EngineError> {
     let started = SystemTime::now();
     let dir = results::create_run_dir(&options.results_root, "bench", started)?;
     let mut result = BenchResult {
@@ -160,8 +165,27 @@ pub fn run(patched: BenchKernel<'_>, baseline: BenchKernel<'_>, options: &BenchO
         patched_kernel: patched.build.info.clone(),
         baseline_kernel: baseline.build.info.clone(),
         latency: Vec::new(),
-        fastpath: FASTPATH_PROGRAMS.iter().map(|p| FastpathSeries { program: (*p).to_owned(), patched_ns: Vec::new(), baseline_ns: Vec::new(), patched_budget_ns: Vec::new() }).collect(),
-        load: options.load_sizes.iter().map(|&insns| LoadSeries { insns, patched_load_ns: Vec::new(), baseline_load_ns: Vec::new(), patched_jited_bytes: 0, patched_copy_jited_bytes: 0, baseline_jited_bytes: 0 }).collect(),
+        fastpath: FASTPATH_PROGRAMS
+            .iter()
+            .map(|p| FastpathSeries {
+                program: (*p).to_owned(),
+                patched_ns: Vec::new(),
+                baseline_ns: Vec::new(),
+                patched_budget_ns: Vec::new(),
+            })
+            .collect(),
+        load: options
+            .load_sizes
+            .iter()
+            .map(|&insns| LoadSeries {
+                insns,
+                patched_load_ns: Vec::new(),
+                baseline_load_ns: Vec::new(),
+                patched_jited_bytes: 0,
+                patched_copy_jited_bytes: 0,
+                baseline_jited_bytes: 0,
+            })
+            .collect(),
     };
 
     // One VM per number of running CPUs, sized to it, so that no more vCPUs
@@ -171,10 +195,15 @@ pub fn run(patched: BenchKernel<'_>, baseline: BenchKernel<'_>, options: &BenchO
     cpu_counts.dedup();
     for cpus in cpu_counts {
         let vcpus = cpus as u8 + 1;
-        let mut guest = boot(&patched, vcpus, &dir.join(format!("console-latency-{vcpus}vcpus.log")))?;
+        let mut guest =
+            boot(&patched, vcpus, &dir.join(format!("console-latency-{vcpus}vcpus.log")))?;
         let ipi_rtt_ns = ipi_samples(&mut guest.client)?;
         for config in LATENCY_CONFIGS.into_iter().filter(|c| c.cpus == cpus) {
-            ui.say(&format!("bench: latency {} × {} ({vcpus} vCPUs)", config.name(), options.iterations));
+            ui.say(&format!(
+                "bench: latency {} × {} ({vcpus} vCPUs)",
+                config.name(),
+                options.iterations
+            ));
             let mut series = latency_series(&mut guest.client, config, options.iterations)?;
             series.vcpus = vcpus;
             series.ipi_rtt_ns.clone_from(&ipi_rtt_ns);
@@ -187,8 +216,14 @@ pub fn run(patched: BenchKernel<'_>, baseline: BenchKernel<'_>, options: &BenchO
 
     for round in 0..options.rounds {
         for (kernel, is_patched) in [(&patched, true), (&baseline, false)] {
-            ui.say(&format!("bench: round {}/{}: {} kernel", round + 1, options.rounds, if is_patched { "patched" } else { "baseline" }));
-            let console = dir.join(format!("console-{}.log", if is_patched { "patched" } else { "baseline" }));
+            ui.say(&format!(
+                "bench: round {}/{}: {} kernel",
+                round + 1,
+                options.rounds,
+                if is_patched { "patched" } else { "baseline" }
+            ));
+            let console = dir
+                .join(format!("console-{}.log", if is_patched { "patched" } else { "baseline" }));
             let mut guest = boot(kernel, BASELINE_VCPUS, &console)?;
             for series in &mut result.fastpath {
                 let ns = fastpath_sample(&mut guest.client, &series.program)?;
@@ -197,7 +232,9 @@ pub fn run(patched: BenchKernel<'_>, baseline: BenchKernel<'_>, options: &BenchO
             if is_patched {
                 set_max_runtime(&mut guest.client, BUDGET_NEVER_REACHED_MS)?;
                 for series in &mut result.fastpath {
-                    series.patched_budget_ns.push(fastpath_sample(&mut guest.client, &series.program)?);
+                    series
+                        .patched_budget_ns
+                        .push(fastpath_sample(&mut guest.client, &series.program)?);
                 }
                 set_max_runtime(&mut guest.client, 0)?;
             }
@@ -230,64 +267,137 @@ fn stop_if_interrupted() -> Result<(), EngineError> {
 }
 
 fn save(result: &BenchResult, dir: &Path) -> Result<(), EngineError> {
-    let text = serde_json::to_vec_pretty(result).map_err(|e| EngineError::Guest(format!("cannot serialise the benchmark: {e}")))?;
+    let text = serde_json::to_vec_pretty(result)
+        .map_err(|e| EngineError::Guest(format!("cannot serialise the benchmark: {e}")))?;
     Ok(results::write_atomically(&dir.join(BENCH_FILE), &text)?)
 }
 
 fn boot(kernel: &BenchKernel<'_>, vcpus: u8, console: &Path) -> Result<Guest, EngineError> {
-    Guest::boot(BootSpec { kernel: &kernel.build.bzimage, initramfs: kernel.initramfs, vcpus, memory_mib: MEMORY_MIB, console_log: console.to_owned(), console_stdin: false })
+    Guest::boot(BootSpec {
+        kernel: &kernel.build.bzimage,
+        initramfs: kernel.initramfs,
+        vcpus,
+        memory_mib: MEMORY_MIB,
+        console_log: console.to_owned(),
+        console_stdin: false,
+    })
 }
 
 /// Runs `argv` in the guest; its stdout, or an error naming its stderr.
-fn guest_output(client: &mut Client<UnixStream>, argv: Vec<String>, timeout_ms: u64) -> Result<String, EngineError> {
+fn guest_output(
+    client: &mut Client<UnixStream>,
+    argv: Vec<String>,
+    timeout_ms: u64,
+) -> Result<String, EngineError> {
     let what = argv.join(" ");
-    let output = client.run(RunRequest { argv, env: BTreeMap::new(), timeout_ms, stdin: None, as_uid: None }).map_err(|source| EngineError::Agent { what: what.clone(), source })?;
+    let output = client
+        .run(RunRequest { argv, env: BTreeMap::new(), timeout_ms, stdin: None, as_uid: None })
+        .map_err(|source| EngineError::Agent { what: what.clone(), source })?;
     let stdout = output.stdout.data.to_string_lossy().into_owned();
     if output.timed_out || !matches!(output.status, ExitStatus::Exited { code: 0 }) {
-        return Err(EngineError::Guest(format!("`{what}` failed ({:?}{}): {}", output.status, if output.timed_out { ", timed out" } else { "" }, output.stderr.data.to_string_lossy().trim())));
+        return Err(EngineError::Guest(format!(
+            "`{what}` failed ({:?}{}): {}",
+            output.status,
+            if output.timed_out { ", timed out" } else { "" },
+            output.stderr.data.to_string_lossy().trim()
+        )));
     }
     Ok(stdout)
 }
 
 use crate::engine::parse_fields as fields;
 
-fn number<T: std::str::FromStr>(fields: &BTreeMap<String, String>, key: &str, what: &str) -> Result<T, EngineError> {
-    fields.get(key).and_then(|v| v.parse().ok()).ok_or_else(|| EngineError::Guest(format!("{what}: no numeric `{key}`")))
+fn number<T: std::str::FromStr>(
+    fields: &BTreeMap<String, String>,
+    key: &str,
+    what: &str,
+) -> Result<T, EngineError> {
+    fields
+        .get(key)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| EngineError::Guest(format!("{what}: no numeric `{key}`")))
 }
 
 fn ipi_samples(client: &mut Client<UnixStream>) -> Result<Vec<f64>, EngineError> {
     // Several medians of short bursts: one sample per burst, like the scenarios' ipi_rtt.
     (0..5)
         .map(|_| {
-            let out = guest_output(client, vec![IPI_RTT_GUEST_PATH.to_owned(), "--count".into(), IPI_CALLS.to_string()], 60_000)?;
-            let f = fields(&out, "ipi_rtt").ok_or_else(|| EngineError::Guest(format!("ipi_rtt printed: {out}")))?;
+            let out = guest_output(
+                client,
+                vec![IPI_RTT_GUEST_PATH.to_owned(), "--count".into(), IPI_CALLS.to_string()],
+                60_000,
+            )?;
+            let f = fields(&out, "ipi_rtt")
+                .ok_or_else(|| EngineError::Guest(format!("ipi_rtt printed: {out}")))?;
             number(&f, "median_ns", "ipi_rtt")
         })
         .collect()
 }
 
-fn latency_series(client: &mut Client<UnixStream>, config: LatencyConfig, iterations: u32) -> Result<LatencySeries, EngineError> {
+fn latency_series(
+    client: &mut Client<UnixStream>,
+    config: LatencyConfig,
+    iterations: u32,
+) -> Result<LatencySeries, EngineError> {
     let argv = [
-        "term_bench", "latency", "--case", &config.case.to_string(), "--depth", &config.depth.to_string(), "--cpus", &config.cpus.to_string(),
-        "--iterations", &iterations.to_string(), "--delay-ms", &(CASE1_DELAY_MS_PER_CPU * config.cpus).to_string(), "--settle-us", &(SETTLE_US_PER_CPU * config.cpus).to_string(), "--trace-out", GUEST_TRACE,
+        "term_bench",
+        "latency",
+        "--case",
+        &config.case.to_string(),
+        "--depth",
+        &config.depth.to_string(),
+        "--cpus",
+        &config.cpus.to_string(),
+        "--iterations",
+        &iterations.to_string(),
+        "--delay-ms",
+        &(CASE1_DELAY_MS_PER_CPU * config.cpus).to_string(),
+        "--settle-us",
+        &(SETTLE_US_PER_CPU * config.cpus).to_string(),
+        "--trace-out",
+        GUEST_TRACE,
     ]
     .map(String::from)
     .to_vec();
     // Generous: each iteration is a few delays long, slower under emulation.
     let timeout_ms = 60_000 + u64::from(iterations) * 2_000;
     let out = guest_output(client, argv, timeout_ms)?;
-    let trace = client.read_file(GUEST_TRACE, TRACE_MAX_BYTES).map_err(|source| EngineError::Agent { what: format!("reading {GUEST_TRACE}"), source })?;
+    let trace = client
+        .read_file(GUEST_TRACE, TRACE_MAX_BYTES)
+        .map_err(|source| EngineError::Agent { what: format!("reading {GUEST_TRACE}"), source })?;
     if trace.truncated {
-        return Err(EngineError::Guest(format!("{GUEST_TRACE} is larger than {TRACE_MAX_BYTES} bytes: run fewer --iterations")));
+        return Err(EngineError::Guest(format!(
+            "{GUEST_TRACE} is larger than {TRACE_MAX_BYTES} bytes: run fewer --iterations"
+        )));
     }
-    let prog_id: u32 = number(&fields(&out, "bench").ok_or_else(|| EngineError::Guest(format!("term_bench printed no header: {out}")))?, "prog_id", "term_bench")?;
+    let prog_id: u32 = number(
+        &fields(&out, "bench")
+            .ok_or_else(|| EngineError::Guest(format!("term_bench printed no header: {out}")))?,
+        "prog_id",
+        "term_bench",
+    )?;
     let events = kernel_trace::parse(&trace.data.to_string_lossy());
-    let mut series = LatencySeries { config, vcpus: 0, ipi_rtt_ns: Vec::new(), iterations, missed: 0, mechanism_ns: Vec::new(), end_to_end_ns: Vec::new(), case1_tail_ns: Vec::new() };
+    let mut series = LatencySeries {
+        config,
+        vcpus: 0,
+        ipi_rtt_ns: Vec::new(),
+        iterations,
+        missed: 0,
+        mechanism_ns: Vec::new(),
+        end_to_end_ns: Vec::new(),
+        case1_tail_ns: Vec::new(),
+    };
     for line in out.lines().filter(|l| l.starts_with("iter ")) {
         let f = fields(line, "iter").unwrap_or_default();
-        let (ret, call, back): (i64, u64, u64) = (number(&f, "ret", "term_bench")?, number(&f, "call_ns", "term_bench")?, number(&f, "return_ns", "term_bench")?);
+        let (ret, call, back): (i64, u64, u64) = (
+            number(&f, "ret", "term_bench")?,
+            number(&f, "call_ns", "term_bench")?,
+            number(&f, "return_ns", "term_bench")?,
+        );
         let kernel = kernel_trace::find_termination(&events, prog_id, call, back);
-        match kernel.filter(|k| ret == i64::from(config.cpus) && k.handlers.len() == config.cpus as usize) {
+        match kernel
+            .filter(|k| ret == i64::from(config.cpus) && k.handlers.len() == config.cpus as usize)
+        {
             Some(k) => push_samples(&mut series, &k),
             None => series.missed += 1,
         }
@@ -312,19 +422,46 @@ const BUDGET_NEVER_REACHED_MS: u32 = 60_000;
 
 fn set_max_runtime(client: &mut Client<UnixStream>, ms: u32) -> Result<(), EngineError> {
     let path = format!("/proc/sys/{}", crate::scenario::MAX_RUNTIME_SYSCTL.replace('.', "/"));
-    client.write_file(&path, format!("{ms}\n").into_bytes()).map_err(|source| EngineError::Agent { what: format!("setting {path}"), source })?;
+    client
+        .write_file(&path, format!("{ms}\n").into_bytes())
+        .map_err(|source| EngineError::Agent { what: format!("setting {path}"), source })?;
     Ok(())
 }
 
 fn fastpath_sample(client: &mut Client<UnixStream>, program: &str) -> Result<f64, EngineError> {
-    let out = guest_output(client, ["term_bench", "fastpath", "--prog", program, "--repeat", &FASTPATH_REPEAT.to_string()].map(String::from).to_vec(), 600_000)?;
-    number(&fields(&out, "fastpath").ok_or_else(|| EngineError::Guest(format!("term_bench fastpath printed: {out}")))?, "ns_per_run", "term_bench fastpath")
+    let out = guest_output(
+        client,
+        ["term_bench", "fastpath", "--prog", program, "--repeat", &FASTPATH_REPEAT.to_string()]
+            .map(String::from)
+            .to_vec(),
+        600_000,
+    )?;
+    number(
+        &fields(&out, "fastpath")
+            .ok_or_else(|| EngineError::Guest(format!("term_bench fastpath printed: {out}")))?,
+        "ns_per_run",
+        "term_bench fastpath",
+    )
 }
 
-fn load_sample(client: &mut Client<UnixStream>, insns: u32) -> Result<(f64, u64, u64), EngineError> {
-    let out = guest_output(client, ["term_bench", "load", "--insns", &insns.to_string(), "--count", "3"].map(String::from).to_vec(), 600_000)?;
-    let f = fields(&out, "load").ok_or_else(|| EngineError::Guest(format!("term_bench load printed: {out}")))?;
-    Ok((number(&f, "load_ns_median", "term_bench load")?, number(&f, "jited_bytes", "term_bench load")?, number(&f, "copy_jited_bytes", "term_bench load")?))
+fn load_sample(
+    client: &mut Client<UnixStream>,
+    insns: u32,
+) -> Result<(f64, u64, u64), EngineError> {
+    let out = guest_output(
+        client,
+        ["term_bench", "load", "--insns", &insns.to_string(), "--count", "3"]
+            .map(String::from)
+            .to_vec(),
+        600_000,
+    )?;
+    let f = fields(&out, "load")
+        .ok_or_else(|| EngineError::Guest(format!("term_bench load printed: {out}")))?;
+    Ok((
+        number(&f, "load_ns_median", "term_bench load")?,
+        number(&f, "jited_bytes", "term_bench load")?,
+        number(&f, "copy_jited_bytes", "term_bench load")?,
+    ))
 }
 
 /// Median of `samples`, for the headline tables.

@@ -12,7 +12,11 @@ pub fn host_info() -> HostInfo {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu_model = cpuinfo
         .lines()
-        .find_map(|line| line.strip_prefix("model name").and_then(|rest| rest.split_once(':')).map(|(_, model)| model.trim().to_owned()))
+        .find_map(|line| {
+            line.strip_prefix("model name")
+                .and_then(|rest| rest.split_once(':'))
+                .map(|(_, model)| model.trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown".to_owned());
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let memory_kib: u64 = meminfo
@@ -23,7 +27,8 @@ pub fn host_info() -> HostInfo {
         .unwrap_or(0);
     HostInfo {
         hostname: read_trimmed("/proc/sys/kernel/hostname").unwrap_or_else(|| "unknown".to_owned()),
-        kernel_release: read_trimmed("/proc/sys/kernel/osrelease").unwrap_or_else(|| "unknown".to_owned()),
+        kernel_release: read_trimmed("/proc/sys/kernel/osrelease")
+            .unwrap_or_else(|| "unknown".to_owned()),
         cpu_model,
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         memory_mib: memory_kib / 1024,
@@ -39,7 +44,11 @@ mod tests {
         let host = host_info();
         // This test runs on Linux with /proc: every field is known.
         assert_ne!(host.hostname, "unknown");
-        assert!(host.kernel_release.chars().next().is_some_and(|c| c.is_ascii_digit()), "{}", host.kernel_release);
+        assert!(
+            host.kernel_release.chars().next().is_some_and(|c| c.is_ascii_digit()),
+            "{}",
+            host.kernel_release
+        );
         assert!(host.cpus >= 1);
         assert!(host.memory_mib >= 64, "{} MiB", host.memory_mib);
     }

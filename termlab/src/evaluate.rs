@@ -10,10 +10,17 @@ use crate::scenario::{Check, EventPoint, EventRef, Expectation, MetricSpec};
 /// The guest-clock timestamp of `event` in one repetition's records.
 fn event_ns(steps: &[StepRecord], event: &EventRef) -> Option<u64> {
     let (start_ns, end_ns, kernel) = steps.iter().find_map(|step| match step {
-        StepRecord::Trigger { label, start_ns, end_ns, kernel, .. } | StepRecord::Terminate { label, start_ns, end_ns, kernel, .. } if label.as_str() == event.step.as_str() => {
+        StepRecord::Trigger { label, start_ns, end_ns, kernel, .. }
+        | StepRecord::Terminate { label, start_ns, end_ns, kernel, .. }
+            if label.as_str() == event.step.as_str() =>
+        {
             Some((*start_ns, *end_ns, kernel.as_ref()))
         }
-        StepRecord::Exec { label, start_ns, end_ns, .. } if label.as_str() == event.step.as_str() => Some((Some(*start_ns), Some(*end_ns), None)),
+        StepRecord::Exec { label, start_ns, end_ns, .. }
+            if label.as_str() == event.step.as_str() =>
+        {
+            Some((Some(*start_ns), Some(*end_ns), None))
+        }
         _ => None,
     })?;
     match event.point {
@@ -30,9 +37,16 @@ fn event_ns(steps: &[StepRecord], event: &EventRef) -> Option<u64> {
 /// The kernel's account of the termination a step caused (terminate) or
 /// suffered (a trigger whose run was stopped for its budget); the outer
 /// `None` when no such step ran.
-fn kernel_termination<'a>(rep: &'a Repetition, step: &str) -> Option<Option<&'a KernelTermination>> {
+fn kernel_termination<'a>(
+    rep: &'a Repetition,
+    step: &str,
+) -> Option<Option<&'a KernelTermination>> {
     rep.steps.iter().find_map(|s| match s {
-        StepRecord::Terminate { label, kernel, .. } | StepRecord::Trigger { label, kernel, .. } if label == step => Some(kernel.as_ref()),
+        StepRecord::Terminate { label, kernel, .. } | StepRecord::Trigger { label, kernel, .. }
+            if label == step =>
+        {
+            Some(kernel.as_ref())
+        }
         _ => None,
     })
 }
@@ -71,7 +85,10 @@ const KERNEL_TROUBLE: &[&str] = &[
 
 /// The dmesg lines that report a kernel problem.
 pub fn kernel_trouble(dmesg: &str) -> Vec<&str> {
-    dmesg.lines().filter(|line| KERNEL_TROUBLE.iter().any(|pattern| line.contains(pattern))).collect()
+    dmesg
+        .lines()
+        .filter(|line| KERNEL_TROUBLE.iter().any(|pattern| line.contains(pattern)))
+        .collect()
 }
 
 /// The guest's kernel log read right after boot and at the end of the run.
@@ -99,14 +116,22 @@ impl KernelLog {
 
 /// Judges every expectation over all repetitions. `dmesg` is the guest's
 /// kernel log (`None`: it could not be read).
-pub fn evaluate(expectations: &[Expectation], repetitions: &[Repetition], dmesg: Option<&KernelLog>) -> Vec<ExpectationOutcome> {
+pub fn evaluate(
+    expectations: &[Expectation],
+    repetitions: &[Repetition],
+    dmesg: Option<&KernelLog>,
+) -> Vec<ExpectationOutcome> {
     expectations.iter().map(|expectation| evaluate_one(expectation, repetitions, dmesg)).collect()
 }
 
 /// Judges one repetition: Ok(observed) or Err(observed).
 type RepetitionCheck = Box<dyn Fn(&Repetition) -> Result<String, String>>;
 
-fn evaluate_one(expectation: &Expectation, repetitions: &[Repetition], dmesg: Option<&KernelLog>) -> ExpectationOutcome {
+fn evaluate_one(
+    expectation: &Expectation,
+    repetitions: &[Repetition],
+    dmesg: Option<&KernelLog>,
+) -> ExpectationOutcome {
     let (check, per_repetition): (String, RepetitionCheck) = match &expectation.check {
         Check::Metric(bound) => {
             let metric = bound.metric.get_ref().to_string();
@@ -122,7 +147,9 @@ fn evaluate_one(expectation: &Expectation, repetitions: &[Repetition], dmesg: Op
             (
                 check,
                 Box::new(move |rep: &Repetition| {
-                    let Some(&ns) = rep.metrics.get(&metric) else { return Err(format!("{metric} was not measured")) };
+                    let Some(&ns) = rep.metrics.get(&metric) else {
+                        return Err(format!("{metric} was not measured"));
+                    };
                     let ms = ns / 1e6;
                     let shown = format!("{ms:.3} ms");
                     if low.is_some_and(|low| ms < low) || high.is_some_and(|high| ms > high) {
@@ -138,17 +165,23 @@ fn evaluate_one(expectation: &Expectation, repetitions: &[Repetition], dmesg: Op
             let (want_errno, want_cpus) = (result.errno, result.cpus);
             let check = match (want_errno, want_cpus) {
                 (Some(errno), _) => format!("terminate `{step}` fails with {}", errno.name()),
-                (None, Some(cpus)) => format!("terminate `{step}` stops the program on {cpus} CPU(s)"),
+                (None, Some(cpus)) => {
+                    format!("terminate `{step}` stops the program on {cpus} CPU(s)")
+                }
                 (None, None) => format!("terminate `{step}` result"),
             };
             (
                 check,
                 Box::new(move |rep: &Repetition| {
                     let found = rep.steps.iter().find_map(|s| match s {
-                        StepRecord::Terminate { label, cpus, errno, .. } if *label == step => Some((cpus, errno)),
+                        StepRecord::Terminate { label, cpus, errno, .. } if *label == step => {
+                            Some((cpus, errno))
+                        }
                         _ => None,
                     });
-                    let Some((cpus, errno)) = found else { return Err(format!("terminate `{step}` did not run")) };
+                    let Some((cpus, errno)) = found else {
+                        return Err(format!("terminate `{step}` did not run"));
+                    };
                     let observed = match (cpus, errno) {
                         (_, Some(errno)) => errno.clone(),
                         (Some(cpus), None) => format!("{cpus} CPU(s)"),
@@ -168,7 +201,11 @@ fn evaluate_one(expectation: &Expectation, repetitions: &[Repetition], dmesg: Op
             )
         }
         Check::KernelCase(want) => {
-            let (step, case, min_frames) = (want.step.get_ref().to_string(), want.case.as_ref().map(|c| *c.get_ref()), want.min_frames);
+            let (step, case, min_frames) = (
+                want.step.get_ref().to_string(),
+                want.case.as_ref().map(|c| *c.get_ref()),
+                want.min_frames,
+            );
             let path = case.map_or("a termination".to_owned(), |case| format!("case {case}"));
             (
                 format!("the kernel traced `{step}` as {path} on every CPU, ≥ {min_frames} frame(s) rewritten, none lost"),
@@ -200,7 +237,9 @@ fn evaluate_one(expectation: &Expectation, repetitions: &[Repetition], dmesg: Op
                         StepRecord::Budget { label, errno, .. } if *label == step => Some(errno),
                         _ => None,
                     });
-                    let Some(errno) = errno else { return Err(format!("budget `{step}` did not run")) };
+                    let Some(errno) = errno else {
+                        return Err(format!("budget `{step}` did not run"));
+                    };
                     let observed = errno.clone().unwrap_or_else(|| "accepted".to_owned());
                     if errno.as_deref() == want.map(|w| w.name()) {
                         Ok(observed)
@@ -211,23 +250,41 @@ fn evaluate_one(expectation: &Expectation, repetitions: &[Repetition], dmesg: Op
             )
         }
         Check::Terminations(delta) => {
-            let (from, to, want_on_demand, want_budget) = (delta.from.get_ref().to_string(), delta.to.get_ref().to_string(), delta.on_demand, delta.budget);
+            let (from, to, want_on_demand, want_budget) = (
+                delta.from.get_ref().to_string(),
+                delta.to.get_ref().to_string(),
+                delta.on_demand,
+                delta.budget,
+            );
             let mut words = Vec::new();
             words.extend(want_on_demand.map(|n| format!("{n} on demand")));
             words.extend(want_budget.map(|n| format!("{n} by budget")));
             (
-                format!("from `{from}` to `{to}` the kernel counted {} more terminated run(s)", words.join(" and ")),
+                format!(
+                    "from `{from}` to `{to}` the kernel counted {} more terminated run(s)",
+                    words.join(" and ")
+                ),
                 Box::new(move |rep: &Repetition| {
                     let counters = |step: &str| {
                         rep.steps.iter().find_map(|s| match s {
-                            StepRecord::ProgInfo { label, terminated_on_demand, terminated_budget, .. } if label == step => Some((*terminated_on_demand, *terminated_budget)),
+                            StepRecord::ProgInfo {
+                                label,
+                                terminated_on_demand,
+                                terminated_budget,
+                                ..
+                            } if label == step => Some((*terminated_on_demand, *terminated_budget)),
                             _ => None,
                         })
                     };
-                    let (Some(before), Some(after)) = (counters(&from), counters(&to)) else { return Err(format!("prog_info `{from}` or `{to}` did not run")) };
-                    let (on_demand, budget) = (after.0.wrapping_sub(before.0), after.1.wrapping_sub(before.1));
+                    let (Some(before), Some(after)) = (counters(&from), counters(&to)) else {
+                        return Err(format!("prog_info `{from}` or `{to}` did not run"));
+                    };
+                    let (on_demand, budget) =
+                        (after.0.wrapping_sub(before.0), after.1.wrapping_sub(before.1));
                     let observed = format!("{on_demand} on demand, {budget} by budget");
-                    if want_on_demand.is_none_or(|n| n == on_demand) && want_budget.is_none_or(|n| n == budget) {
+                    if want_on_demand.is_none_or(|n| n == on_demand)
+                        && want_budget.is_none_or(|n| n == budget)
+                    {
                         Ok(observed)
                     } else {
                         Err(observed)
@@ -241,19 +298,28 @@ fn evaluate_one(expectation: &Expectation, repetitions: &[Repetition], dmesg: Op
                 format!("trigger `{step}` exits 0 with its timing line"),
                 Box::new(move |rep: &Repetition| match find_trigger(rep, &step) {
                     Some((Some(0), true, _)) => Ok("exit 0".to_owned()),
-                    Some((code, has_times, _)) => Err(format!("exit {}{}", code.map_or("none".to_owned(), |c| c.to_string()), if has_times { "" } else { ", no timing line" })),
+                    Some((code, has_times, _)) => Err(format!(
+                        "exit {}{}",
+                        code.map_or("none".to_owned(), |c| c.to_string()),
+                        if has_times { "" } else { ", no timing line" }
+                    )),
                     None => Err(format!("trigger `{step}` did not run")),
                 }),
             )
         }
         Check::TriggerField(field) => {
-            let (step, name, want) = (field.step.get_ref().to_string(), field.field.clone(), field.equals);
+            let (step, name, want) =
+                (field.step.get_ref().to_string(), field.field.clone(), field.equals);
             (
                 format!("trigger `{step}` reports {name}={want}"),
                 Box::new(move |rep: &Repetition| {
-                    let Some((_, _, fields)) = find_trigger(rep, &step) else { return Err(format!("trigger `{step}` did not run")) };
+                    let Some((_, _, fields)) = find_trigger(rep, &step) else {
+                        return Err(format!("trigger `{step}` did not run"));
+                    };
                     match fields.get(&name) {
-                        Some(value) if value.parse::<i64>() == Ok(want) => Ok(format!("{name}={value}")),
+                        Some(value) if value.parse::<i64>() == Ok(want) => {
+                            Ok(format!("{name}={value}"))
+                        }
                         Some(value) => Err(format!("{name}={value}")),
                         None => Err(format!("no {name} in its output")),
                     }
@@ -261,21 +327,38 @@ fn evaluate_one(expectation: &Expectation, repetitions: &[Repetition], dmesg: Op
             )
         }
         Check::DmesgClean(_) => {
-            let check = "no WARN/BUG/oops/KASAN/lockdep lines in dmesg while the scenario ran".to_owned();
+            let check =
+                "no WARN/BUG/oops/KASAN/lockdep lines in dmesg while the scenario ran".to_owned();
             let (passed, mut detail) = match dmesg {
                 None => (false, "dmesg could not be read".to_owned()),
                 Some(log) => {
                     let during = log.during_run();
                     match kernel_trouble(&during).as_slice() {
-                        [] => (true, format!("{} lines, none reporting a problem", during.lines().count())),
-                        lines => (false, format!("{} problem line(s), first: {}", lines.len(), lines[0].trim())),
+                        [] => (
+                            true,
+                            format!("{} lines, none reporting a problem", during.lines().count()),
+                        ),
+                        lines => (
+                            false,
+                            format!("{} problem line(s), first: {}", lines.len(), lines[0].trim()),
+                        ),
                     }
                 }
             };
-            if let Some(boot_problem) = dmesg.and_then(|log| kernel_trouble(&log.after_boot).first().map(|l| l.trim().to_owned())) {
-                detail.push_str(&format!("; note: the boot itself logged a problem (not counted): {boot_problem}"));
+            if let Some(boot_problem) = dmesg.and_then(|log| {
+                kernel_trouble(&log.after_boot).first().map(|l| l.trim().to_owned())
+            }) {
+                detail.push_str(&format!(
+                    "; note: the boot itself logged a problem (not counted): {boot_problem}"
+                ));
             }
-            return ExpectationOutcome { name: expectation.name.clone(), check, passed, detail, failed_repetitions: Vec::new() };
+            return ExpectationOutcome {
+                name: expectation.name.clone(),
+                check,
+                passed,
+                detail,
+                failed_repetitions: Vec::new(),
+            };
         }
     };
 
@@ -296,16 +379,33 @@ fn evaluate_one(expectation: &Expectation, repetitions: &[Repetition], dmesg: Op
         summarize_observations(&observed)
     } else {
         let first = failed[0] as usize;
-        let value = repetitions.iter().position(|r| r.index as usize == first).map_or(String::new(), |i| observed[i].clone());
-        format!("failed in {} of {} repetitions (first: #{first}: {value}); all: {}", failed.len(), repetitions.len(), summarize_observations(&observed))
+        let value = repetitions
+            .iter()
+            .position(|r| r.index as usize == first)
+            .map_or(String::new(), |i| observed[i].clone());
+        format!(
+            "failed in {} of {} repetitions (first: #{first}: {value}); all: {}",
+            failed.len(),
+            repetitions.len(),
+            summarize_observations(&observed)
+        )
     };
-    ExpectationOutcome { name: expectation.name.clone(), check, passed: !repetitions.is_empty() && failed.is_empty(), detail, failed_repetitions: failed }
+    ExpectationOutcome {
+        name: expectation.name.clone(),
+        check,
+        passed: !repetitions.is_empty() && failed.is_empty(),
+        detail,
+        failed_repetitions: failed,
+    }
 }
 
 /// `verify_stack`: one expectation per terminate step. In every repetition
 /// where the call stopped n CPUs, the VMM must have judged n rewrites and
 /// found each correct; the detail names the first offending address.
-pub fn evaluate_stack_proofs(labels: &[String], repetitions: &[Repetition]) -> Vec<ExpectationOutcome> {
+pub fn evaluate_stack_proofs(
+    labels: &[String],
+    repetitions: &[Repetition],
+) -> Vec<ExpectationOutcome> {
     labels
         .iter()
         .map(|label| {
@@ -366,13 +466,22 @@ fn summarize_observations(observed: &[String]) -> String {
             None => counts.push((value, 1)),
         }
     }
-    counts.iter().map(|(v, n)| if *n > 1 { format!("{v} ×{n}") } else { (*v).to_owned() }).collect::<Vec<_>>().join(", ")
+    counts
+        .iter()
+        .map(|(v, n)| if *n > 1 { format!("{v} ×{n}") } else { (*v).to_owned() })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// (exit code, has start and end, fields) of trigger `label`.
-fn find_trigger<'a>(rep: &'a Repetition, label: &str) -> Option<(Option<i32>, bool, &'a BTreeMap<String, String>)> {
+fn find_trigger<'a>(
+    rep: &'a Repetition,
+    label: &str,
+) -> Option<(Option<i32>, bool, &'a BTreeMap<String, String>)> {
     rep.steps.iter().find_map(|s| match s {
-        StepRecord::Trigger { label: l, exit_code, start_ns, end_ns, fields, .. } if l == label => Some((*exit_code, start_ns.is_some() && end_ns.is_some(), fields)),
+        StepRecord::Trigger { label: l, exit_code, start_ns, end_ns, fields, .. } if l == label => {
+            Some((*exit_code, start_ns.is_some() && end_ns.is_some(), fields))
+        }
         _ => None,
     })
 }
@@ -415,9 +524,27 @@ name = "clean"
 dmesg_clean = {}
 "#;
 
-    fn repetition(index: u32, term_start: u64, run_end: u64, cpus: Option<u32>, errno: Option<&str>, second_done: &str) -> Repetition {
+    fn repetition(
+        index: u32,
+        term_start: u64,
+        run_end: u64,
+        cpus: Option<u32>,
+        errno: Option<&str>,
+        second_done: &str,
+    ) -> Repetition {
         let steps = vec![
-            StepRecord::Terminate { label: "term".into(), prog_id: 7, flags: 0, via: "agent".into(), cpus, errno: errno.map(String::from), start_ns: Some(term_start), end_ns: Some(term_start + 1000), kernel: None, stack: Vec::new() },
+            StepRecord::Terminate {
+                label: "term".into(),
+                prog_id: 7,
+                flags: 0,
+                via: "agent".into(),
+                cpus,
+                errno: errno.map(String::from),
+                start_ns: Some(term_start),
+                end_ns: Some(term_start + 1000),
+                kernel: None,
+                stack: Vec::new(),
+            },
             StepRecord::Trigger {
                 label: "run".into(),
                 argv: vec!["trigger_loops".into()],
@@ -444,8 +571,22 @@ dmesg_clean = {}
     #[test]
     fn all_pass_when_every_repetition_holds() {
         let scenario = scenario::parse(SCENARIO).expect("valid");
-        let reps: Vec<Repetition> = (0..3).map(|i| repetition(i, 100_000_000, 100_000_000 + 1_000_000 * (i as u64 + 1), Some(1), None, "0")).collect();
-        let log = KernelLog { after_boot: "[    0.1] Linux version 6.12\n".into(), at_end: "[    0.1] Linux version 6.12\n[    5.0] loops: loaded\n".into() };
+        let reps: Vec<Repetition> = (0..3)
+            .map(|i| {
+                repetition(
+                    i,
+                    100_000_000,
+                    100_000_000 + 1_000_000 * (i as u64 + 1),
+                    Some(1),
+                    None,
+                    "0",
+                )
+            })
+            .collect();
+        let log = KernelLog {
+            after_boot: "[    0.1] Linux version 6.12\n".into(),
+            at_end: "[    0.1] Linux version 6.12\n[    5.0] loops: loaded\n".into(),
+        };
         let outcomes = evaluate(&scenario.expectations, &reps, Some(&log));
         assert!(outcomes.iter().all(|o| o.passed), "{outcomes:#?}");
         assert_eq!(outcomes[1].detail, "1 CPU(s) ×3");
@@ -464,7 +605,10 @@ dmesg_clean = {}
         assert_eq!(by_name("fast").failed_repetitions, vec![1]);
         assert!(by_name("fast").detail.contains("#1: 9.000 ms"), "{}", by_name("fast").detail);
         assert!(!by_name("one cpu").passed && by_name("one cpu").detail.contains("ESRCH"));
-        assert!(!by_name("second skipped").passed && by_name("second skipped").detail.contains("second_done=1"));
+        assert!(
+            !by_name("second skipped").passed
+                && by_name("second skipped").detail.contains("second_done=1")
+        );
         assert!(!by_name("clean").passed, "unreadable dmesg must not pass");
     }
 
@@ -478,15 +622,25 @@ dmesg_clean = {}
         let log = KernelLog { after_boot: boot.into(), at_end: format!("{boot}{run}") };
         let outcome = &evaluate(&scenario.expectations, &[], Some(&log))[3];
         assert!(!outcome.passed);
-        assert!(outcome.detail.starts_with("2 problem line(s), first: [ 2.0] WARNING: CPU: 1"), "{}", outcome.detail);
+        assert!(
+            outcome.detail.starts_with("2 problem line(s), first: [ 2.0] WARNING: CPU: 1"),
+            "{}",
+            outcome.detail
+        );
 
-        let quiet_run = KernelLog { after_boot: boot.into(), at_end: format!("{boot}[ 3.0] fine\n") };
+        let quiet_run =
+            KernelLog { after_boot: boot.into(), at_end: format!("{boot}[ 3.0] fine\n") };
         let outcome = &evaluate(&scenario.expectations, &[], Some(&quiet_run))[3];
         assert!(outcome.passed, "{}", outcome.detail);
-        assert!(outcome.detail.contains("boot itself logged a problem (not counted): [ 1.5] WARNING"), "{}", outcome.detail);
+        assert!(
+            outcome.detail.contains("boot itself logged a problem (not counted): [ 1.5] WARNING"),
+            "{}",
+            outcome.detail
+        );
 
         // A wrapped ring buffer: everything is judged.
-        let wrapped = KernelLog { after_boot: boot.into(), at_end: "[ 9.0] WARNING: late\n".into() };
+        let wrapped =
+            KernelLog { after_boot: boot.into(), at_end: "[ 9.0] WARNING: late\n".into() };
         assert!(!evaluate(&scenario.expectations, &[], Some(&wrapped))[3].passed);
     }
 
@@ -536,15 +690,37 @@ terminations = { from = "before", to = "after", budget = 1, on_demand = 0 }
             request_ns: None,
             ret: None,
             done_ns: None,
-            handlers: vec![HandlerEvent { cpu: 1, case: 1, frames: 2, lost: 0, ts_ns: 1_301_000_000 }],
+            handlers: vec![HandlerEvent {
+                cpu: 1,
+                case: 1,
+                frames: 2,
+                lost: 0,
+                ts_ns: 1_301_000_000,
+            }],
             returns: Vec::new(),
             helper_returns: Vec::new(),
         });
-        let info = |label: &str, budget: u64| StepRecord::ProgInfo { label: label.into(), prog_id: 9, runtime_budget_ms: 300, terminated_on_demand: 2, terminated_budget: budget };
+        let info = |label: &str, budget: u64| StepRecord::ProgInfo {
+            label: label.into(),
+            prog_id: 9,
+            runtime_budget_ms: 300,
+            terminated_on_demand: 2,
+            terminated_budget: budget,
+        };
         let steps = vec![
             info("before", 5),
             StepRecord::Budget { label: "set".into(), prog_id: 9, ms: 300, errno: None },
-            StepRecord::Trigger { label: "run".into(), argv: Vec::new(), exit_code: Some(0), start_ns: Some(1_000_000_000), end_ns: Some(1_303_000_000), fields: BTreeMap::new(), stdout: String::new(), stderr: String::new(), kernel },
+            StepRecord::Trigger {
+                label: "run".into(),
+                argv: Vec::new(),
+                exit_code: Some(0),
+                start_ns: Some(1_000_000_000),
+                end_ns: Some(1_303_000_000),
+                fields: BTreeMap::new(),
+                stdout: String::new(),
+                stderr: String::new(),
+                kernel,
+            },
             info("after", budget_after),
         ];
         let scenario = scenario::parse(BUDGET_SCENARIO).expect("valid");
@@ -570,6 +746,10 @@ terminations = { from = "before", to = "after", budget = 1, on_demand = 0 }
         let by_name = |n: &str| outcomes.iter().find(|o| o.name == n).expect("present");
         assert!(by_name("accepted").passed);
         assert!(!by_name("stopped by the kernel").passed);
-        assert!(!by_name("counted").passed && by_name("counted").detail.contains("0 by budget"), "{}", by_name("counted").detail);
+        assert!(
+            !by_name("counted").passed && by_name("counted").detail.contains("0 by budget"),
+            "{}",
+            by_name("counted").detail
+        );
     }
 }

@@ -52,19 +52,26 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> GuestImageError + '_ 
 /// ancestor of the working directory that has guest-kernel/build, else the
 /// checkout this binary was built from.
 pub fn repository_root() -> Result<PathBuf, GuestImageError> {
-    let is_root = |dir: &Path| dir.join("guest-kernel/build").is_file() && dir.join("scenarios").is_dir();
+    let is_root =
+        |dir: &Path| dir.join("guest-kernel/build").is_file() && dir.join("scenarios").is_dir();
     if let Some(root) = std::env::var_os("TERMLAB_ROOT") {
         let root = PathBuf::from(root);
         return if is_root(&root) { Ok(root) } else { Err(GuestImageError::NoRepository) };
     }
-    let cwd = std::env::current_dir().map_err(|source| GuestImageError::Io { path: ".".into(), source })?;
+    let cwd = std::env::current_dir()
+        .map_err(|source| GuestImageError::Io { path: ".".into(), source })?;
     let built_from = Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_owned);
-    cwd.ancestors().map(Path::to_owned).chain(built_from).find(|dir| is_root(dir)).ok_or(GuestImageError::NoRepository)
+    cwd.ancestors()
+        .map(Path::to_owned)
+        .chain(built_from)
+        .find(|dir| is_root(dir))
+        .ok_or(GuestImageError::NoRepository)
 }
 
 /// Cache root shared with guest-kernel/build.
 pub fn cache_root() -> PathBuf {
-    std::env::var_os("TERMLAB_CACHE").map_or_else(|| PathBuf::from("/var/cache/termlab"), PathBuf::from)
+    std::env::var_os("TERMLAB_CACHE")
+        .map_or_else(|| PathBuf::from("/var/cache/termlab"), PathBuf::from)
 }
 
 /// A built kernel: its directory and what build-info.json says about it.
@@ -78,7 +85,11 @@ pub struct KernelBuild {
 
 /// The kernel to boot: the build in `override_dir` (`--kernel-dir`) when
 /// given, else the current build of `variant`.
-pub fn resolve_kernel(root: &Path, variant: KernelVariant, override_dir: Option<&Path>) -> Result<KernelBuild, GuestImageError> {
+pub fn resolve_kernel(
+    root: &Path,
+    variant: KernelVariant,
+    override_dir: Option<&Path>,
+) -> Result<KernelBuild, GuestImageError> {
     match override_dir {
         Some(dir) => kernel_build_in(dir, variant),
         None => find_kernel(root, variant),
@@ -107,7 +118,8 @@ pub fn kernel_build_in(dir: &Path, variant: KernelVariant) -> Result<KernelBuild
     }
     let info_path = dir.join("build-info.json");
     let text = std::fs::read_to_string(&info_path).map_err(io_error(&info_path))?;
-    let build_info: serde_json::Value = serde_json::from_str(&text).map_err(|source| GuestImageError::BuildInfo { path: info_path.clone(), source })?;
+    let build_info: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|source| GuestImageError::BuildInfo { path: info_path.clone(), source })?;
     let field = |name: &str| build_info.get(name).and_then(|v| v.as_str()).map(str::to_owned);
     let info = KernelInfo {
         variant: variant.as_str().to_owned(),
@@ -117,7 +129,12 @@ pub fn kernel_build_in(dir: &Path, variant: KernelVariant) -> Result<KernelBuild
         config_sha256: field("config_sha256"),
         build_info,
     };
-    Ok(KernelBuild { dir: dir.to_owned(), bzimage: dir.join("bzImage"), bpftool: dir.join("bpftool"), info })
+    Ok(KernelBuild {
+        dir: dir.to_owned(),
+        bzimage: dir.join("bzImage"),
+        bpftool: dir.join("bpftool"),
+        info,
+    })
 }
 
 /// The statically linked guest agent.
@@ -125,7 +142,8 @@ pub fn agent_binary(root: &Path) -> Result<PathBuf, GuestImageError> {
     let path = match std::env::var_os("TERMLAB_AGENT") {
         Some(path) => PathBuf::from(path),
         None => {
-            let target_dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+            let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+                .map_or_else(|| root.join("target"), PathBuf::from);
             target_dir.join(AGENT_TARGET).join("release/termlab-agent")
         }
     };
@@ -138,13 +156,19 @@ pub fn agent_binary(root: &Path) -> Result<PathBuf, GuestImageError> {
 
 fn run(command: &mut Command) -> Result<(), GuestImageError> {
     let shown = format!("{command:?}");
-    let output = command.output().map_err(|e| GuestImageError::Command { command: shown.clone(), detail: e.to_string() })?;
+    let output = command
+        .output()
+        .map_err(|e| GuestImageError::Command { command: shown.clone(), detail: e.to_string() })?;
     if output.status.success() {
         Ok(())
     } else {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
-        Err(GuestImageError::Command { command: shown, detail: format!("{}\n{}", output.status, tail.join("\n")) })
+        let tail: Vec<&str> =
+            stderr.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+        Err(GuestImageError::Command {
+            command: shown,
+            detail: format!("{}\n{}", output.status, tail.join("\n")),
+        })
     }
 }
 
@@ -180,12 +204,19 @@ pub fn initramfs(root: &Path, kernel: &KernelBuild) -> Result<PathBuf, GuestImag
     let samples = cache.join("samples");
     std::fs::create_dir_all(&samples).map_err(io_error(&samples))?;
     // make is incremental: a no-op when the samples are up to date.
-    run(Command::new("make").arg("-s").arg("-C").arg(root.join("guest-samples/bpf")).arg(format!("OUTPUT={}", samples.display())))?;
+    run(Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(root.join("guest-samples/bpf"))
+        .arg(format!("OUTPUT={}", samples.display())))?;
 
     let ipi_source = root.join("termlab/guest/ipi_rtt.c");
     let ipi_binary = cache.join("ipi_rtt");
     if is_stale(&ipi_binary, &ipi_source) {
-        run(Command::new("cc").args(["-O2", "-Wall", "-static", "-pthread", "-o"]).arg(&ipi_binary).arg(&ipi_source))?;
+        run(Command::new("cc")
+            .args(["-O2", "-Wall", "-static", "-pthread", "-o"])
+            .arg(&ipi_binary)
+            .arg(&ipi_source))?;
     }
 
     let agent = agent_binary(root)?;
@@ -197,7 +228,9 @@ pub fn initramfs(root: &Path, kernel: &KernelBuild) -> Result<PathBuf, GuestImag
     for input in [&mkinitramfs, &kernel.bpftool, &agent, &ipi_binary, &run_me] {
         sha256_of_file(&mut hasher, input)?;
     }
-    for binary in ["loops", "trigger_loops", "prog_terminate", "prog_term_map", "term_bench", "term_stress"] {
+    for binary in
+        ["loops", "trigger_loops", "prog_terminate", "prog_term_map", "term_bench", "term_stress"]
+    {
         sha256_of_file(&mut hasher, &samples.join(binary))?;
     }
     let key: String = hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();

@@ -63,7 +63,11 @@ fn parse_line(line: &str) -> Option<TraceEvent> {
     if name.contains(char::is_whitespace) {
         return None;
     }
-    let fields = payload.split_whitespace().filter_map(|pair| pair.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
+    let fields = payload
+        .split_whitespace()
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
     Some(TraceEvent { cpu, name: name.to_owned(), fields })
 }
 
@@ -145,15 +149,37 @@ impl KernelTermination {
 /// Finds the events of the terminate call on `prog_id` that user space made
 /// between `called_ns` and `returned_ns` (its own CLOCK_MONOTONIC stamps
 /// around bpf()). `None` when the kernel traced no such request.
-pub fn find_termination(events: &[TraceEvent], prog_id: u32, called_ns: u64, returned_ns: u64) -> Option<KernelTermination> {
+pub fn find_termination(
+    events: &[TraceEvent],
+    prog_id: u32,
+    called_ns: u64,
+    returned_ns: u64,
+) -> Option<KernelTermination> {
     // Per-CPU trace buffers are merged by the trace clock, which need not
     // agree across CPUs: order by the events' own CLOCK_MONOTONIC stamps.
-    let request_ns = events.iter().filter(|e| e.is("bpf_prog_terminate_request", prog_id)).filter_map(TraceEvent::ts_ns).find(|t| (called_ns..=returned_ns).contains(t))?;
-    let after: Vec<&TraceEvent> = events.iter().filter(|e| e.ts_ns().is_some_and(|t| t >= request_ns)).collect();
-    let done = after.iter().copied().filter(|e| e.is("bpf_prog_terminate_done", prog_id)).min_by_key(|e| e.ts_ns());
+    let request_ns = events
+        .iter()
+        .filter(|e| e.is("bpf_prog_terminate_request", prog_id))
+        .filter_map(TraceEvent::ts_ns)
+        .find(|t| (called_ns..=returned_ns).contains(t))?;
+    let after: Vec<&TraceEvent> =
+        events.iter().filter(|e| e.ts_ns().is_some_and(|t| t >= request_ns)).collect();
+    let done = after
+        .iter()
+        .copied()
+        .filter(|e| e.is("bpf_prog_terminate_done", prog_id))
+        .min_by_key(|e| e.ts_ns());
     let done_ns = done.and_then(TraceEvent::ts_ns);
     let handlers = handlers(&after, prog_id, Reason::Request, |t| done_ns.is_none_or(|d| t <= d));
-    let mut termination = KernelTermination { reason: Reason::Request, request_ns: Some(request_ns), ret: done.and_then(|e| e.field("ret")), done_ns, handlers, returns: Vec::new(), helper_returns: Vec::new() };
+    let mut termination = KernelTermination {
+        reason: Reason::Request,
+        request_ns: Some(request_ns),
+        ret: done.and_then(|e| e.field("ret")),
+        done_ns,
+        handlers,
+        returns: Vec::new(),
+        helper_returns: Vec::new(),
+    };
     follow_to_return(&mut termination, &after, prog_id);
     Some(termination)
 }
@@ -161,25 +187,55 @@ pub fn find_termination(events: &[TraceEvent], prog_id: u32, called_ns: u64, ret
 /// Finds the run of `prog_id` that the kernel stopped for exceeding its
 /// runtime budget while a trigger's run lasted, `start_ns..=end_ns` (the
 /// trigger's stamps around the syscall that ran it). `None` when it was not.
-pub fn find_budget_termination(events: &[TraceEvent], prog_id: u32, start_ns: u64, end_ns: u64) -> Option<KernelTermination> {
-    let during: Vec<&TraceEvent> = events.iter().filter(|e| e.ts_ns().is_some_and(|t| t >= start_ns)).collect();
+pub fn find_budget_termination(
+    events: &[TraceEvent],
+    prog_id: u32,
+    start_ns: u64,
+    end_ns: u64,
+) -> Option<KernelTermination> {
+    let during: Vec<&TraceEvent> =
+        events.iter().filter(|e| e.ts_ns().is_some_and(|t| t >= start_ns)).collect();
     let handlers = handlers(&during, prog_id, Reason::Budget, |t| t <= end_ns);
     if handlers.is_empty() {
         return None;
     }
-    let mut termination = KernelTermination { reason: Reason::Budget, request_ns: None, ret: None, done_ns: None, handlers, returns: Vec::new(), helper_returns: Vec::new() };
+    let mut termination = KernelTermination {
+        reason: Reason::Budget,
+        request_ns: None,
+        ret: None,
+        done_ns: None,
+        handlers,
+        returns: Vec::new(),
+        helper_returns: Vec::new(),
+    };
     follow_to_return(&mut termination, &during, prog_id);
     Some(termination)
 }
 
 /// The bpf:bpf_prog_terminate events of `prog_id` for `reason` among
 /// `events`, at times `in_window` accepts.
-fn handlers(events: &[&TraceEvent], prog_id: u32, reason: Reason, in_window: impl Fn(u64) -> bool) -> Vec<HandlerEvent> {
+fn handlers(
+    events: &[&TraceEvent],
+    prog_id: u32,
+    reason: Reason,
+    in_window: impl Fn(u64) -> bool,
+) -> Vec<HandlerEvent> {
     events
         .iter()
-        .filter(|e| e.is("bpf_prog_terminate", prog_id) && e.fields.get("reason").map(String::as_str) == Some(reason.as_str()))
+        .filter(|e| {
+            e.is("bpf_prog_terminate", prog_id)
+                && e.fields.get("reason").map(String::as_str) == Some(reason.as_str())
+        })
         .filter(|e| e.ts_ns().is_some_and(&in_window))
-        .filter_map(|e| Some(HandlerEvent { cpu: e.cpu, case: e.field("case")?, frames: e.field("frames")?, lost: e.field("lost")?, ts_ns: e.ts_ns()? }))
+        .filter_map(|e| {
+            Some(HandlerEvent {
+                cpu: e.cpu,
+                case: e.field("case")?,
+                frames: e.field("frames")?,
+                lost: e.field("lost")?,
+                ts_ns: e.ts_ns()?,
+            })
+        })
         .collect()
 }
 
@@ -187,12 +243,29 @@ fn handlers(events: &[&TraceEvent], prog_id: u32, reason: Reason, in_window: imp
 /// there and, in case 1, when the interrupted slow demo helper returned.
 fn follow_to_return(termination: &mut KernelTermination, after: &[&TraceEvent], prog_id: u32) {
     for handler in &termination.handlers {
-        let on_cpu = || after.iter().filter(|e| e.cpu == handler.cpu).filter_map(|e| Some((e, e.ts_ns()?))).filter(|(_, t)| *t >= handler.ts_ns);
-        let Some(ret) = on_cpu().filter(|(e, _)| e.is("bpf_prog_terminated_return", prog_id)).map(|(_, t)| t).min() else { continue };
+        let on_cpu = || {
+            after
+                .iter()
+                .filter(|e| e.cpu == handler.cpu)
+                .filter_map(|e| Some((e, e.ts_ns()?)))
+                .filter(|(_, t)| *t >= handler.ts_ns)
+        };
+        let Some(ret) = on_cpu()
+            .filter(|(e, _)| e.is("bpf_prog_terminated_return", prog_id))
+            .map(|(_, t)| t)
+            .min()
+        else {
+            continue;
+        };
         termination.returns.push(CpuTime { cpu: handler.cpu, ts_ns: ret });
         if handler.case == 1 {
-            let helper = on_cpu().filter(|(e, t)| e.name == "bpf_termination_demo_delay_done" && *t <= ret).map(|(_, t)| t).max();
-            termination.helper_returns.extend(helper.map(|ts_ns| CpuTime { cpu: handler.cpu, ts_ns }));
+            let helper = on_cpu()
+                .filter(|(e, t)| e.name == "bpf_termination_demo_delay_done" && *t <= ret)
+                .map(|(_, t)| t)
+                .max();
+            termination
+                .helper_returns
+                .extend(helper.map(|ts_ns| CpuTime { cpu: handler.cpu, ts_ns }));
         }
     }
 }
@@ -278,7 +351,8 @@ mod tests {
     #[test]
     fn a_request_does_not_claim_a_budget_stop_and_vice_versa() {
         let events = parse(BUDGET);
-        let request = find_termination(&events, 9, 30_000_000_000, 31_000_010_000).expect("request found");
+        let request =
+            find_termination(&events, 9, 30_000_000_000, 31_000_010_000).expect("request found");
         assert_eq!(request.handlers.len(), 1);
         assert_eq!(request.handlers[0].case, 2);
         assert!(find_termination(&events, 9, 30_000_000_000, 30_999_000_000).is_none());

@@ -16,7 +16,11 @@ use termlab::ui::Ui;
 use termlab_nested::{KvmPlan, NestedMode};
 
 #[derive(Parser)]
-#[command(name = "termlab", version, about = "Stop running eBPF programs on demand in a Linux 6.12 guest, and prove it from outside")]
+#[command(
+    name = "termlab",
+    version,
+    about = "Stop running eBPF programs on demand in a Linux 6.12 guest, and prove it from outside"
+)]
 struct Cli {
     /// No progress output; only results and errors.
     #[arg(long, global = true)]
@@ -157,18 +161,35 @@ fn main() -> ExitCode {
     let ui = Ui::new(cli.quiet);
     let outcome = match cli.command {
         Command::Run { scenarios, repeat, json, keep_vm, nested, results, kernel_dir } => {
-            let options = RunOptions { repeat, keep_vm, results_root: results, nested: false, kernel_dir };
+            let options =
+                RunOptions { repeat, keep_vm, results_root: results, nested: false, kernel_dir };
             run(ui, &scenarios, options, json, nested.into())
         }
-        Command::Kernel { command: KernelCommand::Build { variant } } => kernel_build(ui, variant.into()),
-        Command::Boot { variant, vcpus, memory_mib, nested } => boot(ui, variant.into(), vcpus, memory_mib, nested.into()),
+        Command::Kernel { command: KernelCommand::Build { variant } } => {
+            kernel_build(ui, variant.into())
+        }
+        Command::Boot { variant, vcpus, memory_mib, nested } => {
+            boot(ui, variant.into(), vcpus, memory_mib, nested.into())
+        }
         Command::Report { dirs, out } => report_command(ui, &dirs, &out),
         Command::List { dir } => list(ui, &dir),
         Command::Bench { iterations, rounds, load_sizes, quick, nested, results } => {
             let options = if quick {
-                BenchOptions { iterations: 20, rounds: 2, load_sizes: vec![10, 1000], results_root: results, nested: false }
+                BenchOptions {
+                    iterations: 20,
+                    rounds: 2,
+                    load_sizes: vec![10, 1000],
+                    results_root: results,
+                    nested: false,
+                }
             } else {
-                BenchOptions { iterations, rounds, load_sizes, results_root: results, nested: false }
+                BenchOptions {
+                    iterations,
+                    rounds,
+                    load_sizes,
+                    results_root: results,
+                    nested: false,
+                }
             };
             bench(ui, options, nested.into())
         }
@@ -201,7 +222,13 @@ fn kvm_plan(ui: Ui, mode: NestedMode) -> Result<KvmPlan, Failed> {
     })
 }
 
-fn run(ui: Ui, paths: &[PathBuf], mut options: RunOptions, json: bool, mode: NestedMode) -> Result<(), Failed> {
+fn run(
+    ui: Ui,
+    paths: &[PathBuf],
+    mut options: RunOptions,
+    json: bool,
+    mode: NestedMode,
+) -> Result<(), Failed> {
     // Every scenario is checked, and every kernel it needs found, before
     // anything boots (or nests).
     let mut loaded = Vec::new();
@@ -220,7 +247,12 @@ fn run(ui: Ui, paths: &[PathBuf], mut options: RunOptions, json: bool, mode: Nes
     }
     let root = repository_root().map_err(|e| fail(ui, e))?;
     for scenario in &loaded {
-        let kernel = guest_image::resolve_kernel(&root, scenario.scenario.vm.kernel, options.kernel_dir.as_deref()).map_err(|e| fail(ui, e))?;
+        let kernel = guest_image::resolve_kernel(
+            &root,
+            scenario.scenario.vm.kernel,
+            options.kernel_dir.as_deref(),
+        )
+        .map_err(|e| fail(ui, e))?;
         // Built here, before any nesting: compiling inside the emulated L1
         // VM takes minutes, finding the cached image there takes seconds.
         prepare_initramfs(ui, &root, &kernel)?;
@@ -228,7 +260,13 @@ fn run(ui: Ui, paths: &[PathBuf], mut options: RunOptions, json: bool, mode: Nes
 
     options.nested = match kvm_plan(ui, mode)? {
         KvmPlan::RunHere { nested } => nested,
-        KvmPlan::RanInL1 { exit_code } => return if exit_code == 0 { Ok(()) } else { Err(Failed(u8::try_from(exit_code).unwrap_or(1))) },
+        KvmPlan::RanInL1 { exit_code } => {
+            return if exit_code == 0 {
+                Ok(())
+            } else {
+                Err(Failed(u8::try_from(exit_code).unwrap_or(1)))
+            }
+        }
     };
     engine::install_interrupt_handler();
     let mut all_passed = true;
@@ -251,7 +289,13 @@ fn run(ui: Ui, paths: &[PathBuf], mut options: RunOptions, json: bool, mode: Nes
 const EXIT_INTERRUPTED: u8 = 130;
 
 /// Runs one scenario and prints its verdicts; true when everything held.
-fn run_one(ui: Ui, root: &Path, scenario: &LoadedScenario, options: &RunOptions, json: bool) -> bool {
+fn run_one(
+    ui: Ui,
+    root: &Path,
+    scenario: &LoadedScenario,
+    options: &RunOptions,
+    json: bool,
+) -> bool {
     ui.say(&format!("== {}: {}", scenario.name, scenario.scenario.description));
     match engine::run_scenario(root, scenario, options, ui) {
         Ok((result, dir)) => {
@@ -274,11 +318,19 @@ fn print_outcome(ui: Ui, result: &RunResult, dir: &Path, json: bool) {
         return;
     }
     for expectation in &result.expectations {
-        println!("  {} {} — {}", ui.verdict(expectation.passed), expectation.name, expectation.detail);
+        println!(
+            "  {} {} — {}",
+            ui.verdict(expectation.passed),
+            expectation.name,
+            expectation.detail
+        );
     }
     for metric in &result.summary {
         let unit = report::plot::Unit::for_max_ns(metric.summary.max_ns);
-        let ratio = metric.ratio_to_ipi.as_ref().map_or(String::new(), |r| format!("  ({:.1}× IPI at p50)", r.p50));
+        let ratio = metric
+            .ratio_to_ipi
+            .as_ref()
+            .map_or(String::new(), |r| format!("  ({:.1}× IPI at p50)", r.p50));
         println!(
             "  {:<20} n={:<4} p50 {}  p90 {}  p99 {}  max {}{ratio}",
             metric.metric,
@@ -289,11 +341,22 @@ fn print_outcome(ui: Ui, result: &RunResult, dir: &Path, json: bool) {
             unit.format(metric.summary.max_ns)
         );
     }
-    let failed: Vec<&str> = result.expectations.iter().filter(|e| !e.passed).map(|e| e.name.as_str()).collect();
+    let failed: Vec<&str> =
+        result.expectations.iter().filter(|e| !e.passed).map(|e| e.name.as_str()).collect();
     if failed.is_empty() {
-        println!("  {}: all {} expectations hold; results in {}", ui.verdict(true), result.expectations.len(), dir.display());
+        println!(
+            "  {}: all {} expectations hold; results in {}",
+            ui.verdict(true),
+            result.expectations.len(),
+            dir.display()
+        );
     } else {
-        println!("  {}: failed: {}; results in {}", ui.verdict(false), failed.join("; "), dir.display());
+        println!(
+            "  {}: failed: {}; results in {}",
+            ui.verdict(false),
+            failed.join("; "),
+            dir.display()
+        );
     }
 }
 
@@ -305,38 +368,74 @@ fn kernel_build(ui: Ui, variant: KernelVariant) -> Result<(), Failed> {
         command.arg("--quiet");
     }
     // The build script prints its own progress on stderr and the output directory on stdout.
-    let status = command.status().map_err(|e| fail(ui, format!("cannot run guest-kernel/build: {e}")))?;
+    let status =
+        command.status().map_err(|e| fail(ui, format!("cannot run guest-kernel/build: {e}")))?;
     if status.success() {
         Ok(())
     } else {
-        Err(fail(ui, format!("guest-kernel/build --variant {} failed ({status}); its log is named above", variant.as_str())))
+        Err(fail(
+            ui,
+            format!(
+                "guest-kernel/build --variant {} failed ({status}); its log is named above",
+                variant.as_str()
+            ),
+        ))
     }
 }
 
-fn boot(ui: Ui, variant: KernelVariant, vcpus: u8, memory_mib: u32, mode: NestedMode) -> Result<(), Failed> {
+fn boot(
+    ui: Ui,
+    variant: KernelVariant,
+    vcpus: u8,
+    memory_mib: u32,
+    mode: NestedMode,
+) -> Result<(), Failed> {
     let root = repository_root().map_err(|e| fail(ui, e))?;
     let kernel = guest_image::find_kernel(&root, variant).map_err(|e| fail(ui, e))?;
     let initramfs = prepare_initramfs(ui, &root, &kernel)?;
     if let KvmPlan::RanInL1 { exit_code } = kvm_plan(ui, mode)? {
-        return if exit_code == 0 { Ok(()) } else { Err(Failed(u8::try_from(exit_code).unwrap_or(1))) };
+        return if exit_code == 0 {
+            Ok(())
+        } else {
+            Err(Failed(u8::try_from(exit_code).unwrap_or(1)))
+        };
     }
     engine::install_interrupt_handler();
-    let console = tempfile::Builder::new().prefix("termlab-console.").tempfile().map_err(|e| fail(ui, format!("cannot create a console log: {e}")))?;
-    let guest = Guest::boot(BootSpec { kernel: &kernel.bzimage, initramfs: &initramfs, vcpus, memory_mib, console_log: console.path().to_owned(), console_stdin: true })
-        .map_err(|e| fail(ui, e))?;
+    let console = tempfile::Builder::new()
+        .prefix("termlab-console.")
+        .tempfile()
+        .map_err(|e| fail(ui, format!("cannot create a console log: {e}")))?;
+    let guest = Guest::boot(BootSpec {
+        kernel: &kernel.bzimage,
+        initramfs: &initramfs,
+        vcpus,
+        memory_mib,
+        console_log: console.path().to_owned(),
+        console_stdin: true,
+    })
+    .map_err(|e| fail(ui, e))?;
     engine::interactive_console(guest, console.path(), ui);
     Ok(())
 }
 
 fn bench(ui: Ui, mut options: BenchOptions, mode: NestedMode) -> Result<(), Failed> {
     let root = repository_root().map_err(|e| fail(ui, e))?;
-    let patched = guest_image::find_kernel(&root, KernelVariant::Default).map_err(|e| fail(ui, e))?;
-    let baseline = guest_image::find_kernel(&root, KernelVariant::Noterm).map_err(|e| fail(ui, format!("{e}\nhint: the baseline is `termlab kernel build --variant noterm`")))?;
+    let patched =
+        guest_image::find_kernel(&root, KernelVariant::Default).map_err(|e| fail(ui, e))?;
+    let baseline = guest_image::find_kernel(&root, KernelVariant::Noterm).map_err(|e| {
+        fail(ui, format!("{e}\nhint: the baseline is `termlab kernel build --variant noterm`"))
+    })?;
     let patched_image = prepare_initramfs(ui, &root, &patched)?;
     let baseline_image = prepare_initramfs(ui, &root, &baseline)?;
     options.nested = match kvm_plan(ui, mode)? {
         KvmPlan::RunHere { nested } => nested,
-        KvmPlan::RanInL1 { exit_code } => return if exit_code == 0 { Ok(()) } else { Err(Failed(u8::try_from(exit_code).unwrap_or(1))) },
+        KvmPlan::RanInL1 { exit_code } => {
+            return if exit_code == 0 {
+                Ok(())
+            } else {
+                Err(Failed(u8::try_from(exit_code).unwrap_or(1)))
+            }
+        }
     };
     engine::install_interrupt_handler();
     let (_, dir) = termlab::bench::run(
@@ -353,7 +452,11 @@ fn bench(ui: Ui, mut options: BenchOptions, mode: NestedMode) -> Result<(), Fail
     Ok(())
 }
 
-fn prepare_initramfs(ui: Ui, root: &Path, kernel: &guest_image::KernelBuild) -> Result<PathBuf, Failed> {
+fn prepare_initramfs(
+    ui: Ui,
+    root: &Path,
+    kernel: &guest_image::KernelBuild,
+) -> Result<PathBuf, Failed> {
     let spinner = ui.spinner("preparing the initramfs");
     let image = guest_image::initramfs(root, kernel);
     spinner.finish_and_clear();
@@ -366,7 +469,8 @@ fn report_command(ui: Ui, dirs: &[PathBuf], out: &Path) -> Result<(), Failed> {
         ui.say(&format!("regenerated {}", dir.join(report::HTML_FILE).display()));
     }
     if runs.len() > 1 {
-        std::fs::create_dir_all(out).map_err(|e| fail(ui, format!("cannot create {}: {e}", out.display())))?;
+        std::fs::create_dir_all(out)
+            .map_err(|e| fail(ui, format!("cannot create {}: {e}", out.display())))?;
         let document = report::comparison_document(&runs).map_err(|e| fail(ui, e))?;
         report::write_document(&document, out).map_err(|e| fail(ui, e))?;
         print!("{}", document.to_markdown());

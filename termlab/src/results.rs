@@ -286,14 +286,16 @@ impl RunResult {
 
     pub fn load(dir: &Path) -> Result<RunResult, ResultsError> {
         let path = dir.join(RESULT_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|source| ResultsError::Read { path: path.clone(), source })?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| ResultsError::Read { path: path.clone(), source })?;
         // Check the version first so an old file gets a clear message rather
         // than a complaint about some field.
         #[derive(Deserialize)]
         struct Version {
             schema_version: u32,
         }
-        let version: Version = serde_json::from_str(&text).map_err(|source| ResultsError::Parse { path: path.clone(), source })?;
+        let version: Version = serde_json::from_str(&text)
+            .map_err(|source| ResultsError::Parse { path: path.clone(), source })?;
         if version.schema_version != SCHEMA_VERSION {
             return Err(ResultsError::Schema { path, found: version.schema_version });
         }
@@ -302,7 +304,8 @@ impl RunResult {
 
     /// Writes `result.json` into `dir` atomically.
     pub fn save(&self, dir: &Path) -> Result<(), ResultsError> {
-        let mut json = serde_json::to_vec_pretty(self).map_err(|source| ResultsError::Parse { path: dir.join(RESULT_FILE), source })?;
+        let mut json = serde_json::to_vec_pretty(self)
+            .map_err(|source| ResultsError::Parse { path: dir.join(RESULT_FILE), source })?;
         json.push(b'\n');
         write_atomically(&dir.join(RESULT_FILE), &json)
     }
@@ -330,10 +333,15 @@ pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), ResultsError
 
 /// `results/<scenario>/<UTC timestamp>/`, created; a second run in the same
 /// second gets a `-2`, `-3`, ... suffix instead of mixing files.
-pub fn create_run_dir(results_root: &Path, scenario: &str, started: std::time::SystemTime) -> Result<PathBuf, ResultsError> {
+pub fn create_run_dir(
+    results_root: &Path,
+    scenario: &str,
+    started: std::time::SystemTime,
+) -> Result<PathBuf, ResultsError> {
     let stamp = humantime::format_rfc3339_seconds(started).to_string().replace(':', "");
     let parent = results_root.join(scenario);
-    std::fs::create_dir_all(&parent).map_err(|source| ResultsError::Write { path: parent.clone(), source })?;
+    std::fs::create_dir_all(&parent)
+        .map_err(|source| ResultsError::Write { path: parent.clone(), source })?;
     let mut attempt = 1u32;
     loop {
         let name = if attempt == 1 { stamp.clone() } else { format!("{stamp}-{attempt}") };

@@ -49,9 +49,15 @@ pub struct FuncMap {
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum AddrClass {
     /// Into function `func` of the original program.
-    Original { func: usize, offset: u32 },
+    Original {
+        func: usize,
+        offset: u32,
+    },
     /// Into function `func` of the termination copy.
-    Copy { func: usize, offset: u32 },
+    Copy {
+        func: usize,
+        offset: u32,
+    },
     KernelText,
     Other,
 }
@@ -86,7 +92,11 @@ impl TermMap {
     /// offset into k if k's native code is the same in both images
     /// (`same_code(func, k)`), else k restarts. `None`: no equivalent.
     pub fn predict(&self, addr: u64, same_code: &dyn Fn(usize, usize) -> bool) -> Option<u64> {
-        let (func, f) = self.funcs.iter().enumerate().find(|(_, f)| offset_in(addr, f.prog_addr, f.prog_len).is_some())?;
+        let (func, f) = self
+            .funcs
+            .iter()
+            .enumerate()
+            .find(|(_, f)| offset_in(addr, f.prog_addr, f.prog_len).is_some())?;
         let offset = (addr - f.prog_addr) as u32;
         let offs = &f.insn_offs;
         let (first, last) = (offs.first()?, offs.last()?);
@@ -193,23 +203,46 @@ pub struct CpuStackProof {
 /// Judges one CPU's snapshots; see the module documentation for the rules.
 /// `symbolize` names addresses in the problems it reports.
 /// `symbolize` names code addresses (`None` for data); problems and rows use it.
-pub fn verify(before: &StackSnapshot, after: &StackSnapshot, map: &TermMap, kernel_text: &Range<u64>, same_code: &dyn Fn(usize, usize) -> bool, symbol: &dyn Fn(u64) -> Option<String>) -> StackVerdict {
+pub fn verify(
+    before: &StackSnapshot,
+    after: &StackSnapshot,
+    map: &TermMap,
+    kernel_text: &Range<u64>,
+    same_code: &dyn Fn(usize, usize) -> bool,
+    symbol: &dyn Fn(u64) -> Option<String>,
+) -> StackVerdict {
     let symbolize = |addr: u64| match symbol(addr) {
         Some(name) => format!("{addr:#x} ({name})"),
         None => format!("{addr:#x}"),
     };
     let mut problems = Vec::new();
     if before.sp != after.sp || before.words.len() != after.words.len() {
-        problems.push(format!("the interrupted stack moved between the snapshots (sp {:#x} -> {:#x}, {} -> {} words)", before.sp, after.sp, before.words.len(), after.words.len()));
+        problems.push(format!(
+            "the interrupted stack moved between the snapshots (sp {:#x} -> {:#x}, {} -> {} words)",
+            before.sp,
+            after.sp,
+            before.words.len(),
+            after.words.len()
+        ));
     }
     let classify = |addr| map.classify(addr, kernel_text);
     let ip_class = classify(before.ip);
     let case = if ip_class.is_original() { 2 } else { 1 };
     let ip_predicted = ip_class.is_original().then(|| map.predict(before.ip, same_code)).flatten();
     match (case, ip_predicted) {
-        (2, Some(predicted)) if after.ip != predicted => problems.push(format!("saved IP {} became {}, not the predicted {}", symbolize(before.ip), symbolize(after.ip), symbolize(predicted))),
-        (2, None) => problems.push(format!("saved IP {} has no equivalent in the copy", symbolize(before.ip))),
-        (1, _) if after.ip != before.ip => problems.push(format!("case 1: saved IP changed from {} to {}", symbolize(before.ip), symbolize(after.ip))),
+        (2, Some(predicted)) if after.ip != predicted => problems.push(format!(
+            "saved IP {} became {}, not the predicted {}",
+            symbolize(before.ip),
+            symbolize(after.ip),
+            symbolize(predicted)
+        )),
+        (2, None) => problems
+            .push(format!("saved IP {} has no equivalent in the copy", symbolize(before.ip))),
+        (1, _) if after.ip != before.ip => problems.push(format!(
+            "case 1: saved IP changed from {} to {}",
+            symbolize(before.ip),
+            symbolize(after.ip)
+        )),
         _ => {}
     }
 
@@ -224,23 +257,57 @@ pub fn verify(before: &StackSnapshot, after: &StackSnapshot, map: &TermMap, kern
         if old != new {
             rewritten += 1;
             match predicted {
-                _ if !before_class.is_original() => problems.push(format!("slot {addr:#x} changed but did not point into the program: {} -> {}", symbolize(old), symbolize(new))),
-                Some(p) if p != new => problems.push(format!("slot {addr:#x}: {} became {}, not the predicted {}", symbolize(old), symbolize(new), symbolize(p))),
+                _ if !before_class.is_original() => problems.push(format!(
+                    "slot {addr:#x} changed but did not point into the program: {} -> {}",
+                    symbolize(old),
+                    symbolize(new)
+                )),
+                Some(p) if p != new => problems.push(format!(
+                    "slot {addr:#x}: {} became {}, not the predicted {}",
+                    symbolize(old),
+                    symbolize(new),
+                    symbolize(p)
+                )),
                 _ => {}
             }
         }
         if after_class.is_original() {
-            problems.push(format!("slot {addr:#x} still points into the original program after the handler: {}", symbolize(new)));
+            problems.push(format!(
+                "slot {addr:#x} still points into the original program after the handler: {}",
+                symbolize(new)
+            ));
         }
-        if old != new || !matches!(before_class, AddrClass::Other) || !matches!(after_class, AddrClass::Other) {
+        if old != new
+            || !matches!(before_class, AddrClass::Other)
+            || !matches!(after_class, AddrClass::Other)
+        {
             let at = |value| symbol(value).unwrap_or_default();
-            rows.push(WordRow { addr, before: old, after: new, before_class, after_class, predicted, before_at: at(old), after_at: at(new) });
+            rows.push(WordRow {
+                addr,
+                before: old,
+                after: new,
+                before_class,
+                after_class,
+                predicted,
+                before_at: at(old),
+                after_at: at(new),
+            });
         }
     }
     if original_before == 0 && !ip_class.is_original() {
         problems.push("before the handler neither the saved IP nor any stack word pointed into the program: the rewrite was not exercised".to_owned());
     }
-    StackVerdict { case, ip_before: before.ip, ip_after: after.ip, ip_predicted, original_before, original_after, rewritten, rows, problems }
+    StackVerdict {
+        case,
+        ip_before: before.ip,
+        ip_after: after.ip,
+        ip_predicted,
+        original_before,
+        original_after,
+        rewritten,
+        rows,
+        problems,
+    }
 }
 
 #[cfg(test)]
@@ -255,7 +322,16 @@ mod tests {
     /// Prologue of 0x10 bytes; insn 0 at 0x10 (call, 5 bytes in the
     /// program, a 7-byte mov in the copy); insn 1 at 0x15/0x17; end.
     fn map() -> TermMap {
-        TermMap { prog_id: 1, funcs: vec![FuncMap { prog_addr: PROG, prog_len: 0x40, copy_addr: COPY, copy_len: 0x40, insn_offs: vec![[0x10, 0x10], [0x15, 0x17], [0x20, 0x22]] }] }
+        TermMap {
+            prog_id: 1,
+            funcs: vec![FuncMap {
+                prog_addr: PROG,
+                prog_len: 0x40,
+                copy_addr: COPY,
+                copy_len: 0x40,
+                insn_offs: vec![[0x10, 0x10], [0x15, 0x17], [0x20, 0x22]],
+            }],
+        }
     }
 
     fn same_code(_: usize, insn: usize) -> bool {
@@ -274,9 +350,21 @@ mod tests {
     fn predicts_like_the_kernel() {
         let m = map();
         assert_eq!(m.predict(PROG + 0x4, &same_code), Some(COPY + 0x4), "prologue maps to itself");
-        assert_eq!(m.predict(PROG + 0x15, &same_code), Some(COPY + 0x17), "return address: start of the next insn");
-        assert_eq!(m.predict(PROG + 0x12, &same_code), Some(COPY + 0x10), "inside a rewritten insn: restart it");
-        assert_eq!(m.predict(PROG + 0x18, &same_code), Some(COPY + 0x1a), "inside an unchanged insn: same offset");
+        assert_eq!(
+            m.predict(PROG + 0x15, &same_code),
+            Some(COPY + 0x17),
+            "return address: start of the next insn"
+        );
+        assert_eq!(
+            m.predict(PROG + 0x12, &same_code),
+            Some(COPY + 0x10),
+            "inside a rewritten insn: restart it"
+        );
+        assert_eq!(
+            m.predict(PROG + 0x18, &same_code),
+            Some(COPY + 0x1a),
+            "inside an unchanged insn: same offset"
+        );
         assert_eq!(m.predict(PROG + 0x30, &same_code), None, "past the last insn: no equivalent");
         assert_eq!(m.predict(HELPER, &same_code), None);
     }
@@ -297,7 +385,12 @@ mod tests {
         let after = snap(HELPER, &[PROG + 0x15, COPY + 0x17]);
         let v = run(&before, &after);
         assert!(!v.passed());
-        assert!(v.problems.iter().any(|p| p.contains("still points into the original program") && p.contains(&format!("{:#x}", PROG + 0x15))), "{:?}", v.problems);
+        assert!(
+            v.problems.iter().any(|p| p.contains("still points into the original program")
+                && p.contains(&format!("{:#x}", PROG + 0x15))),
+            "{:?}",
+            v.problems
+        );
     }
 
     #[test]
@@ -306,7 +399,11 @@ mod tests {
         let after = snap(HELPER, &[COPY + 0x15, 6]);
         let v = run(&before, &after);
         assert!(v.problems.iter().any(|p| p.contains("not the predicted")), "{:?}", v.problems);
-        assert!(v.problems.iter().any(|p| p.contains("did not point into the program")), "{:?}", v.problems);
+        assert!(
+            v.problems.iter().any(|p| p.contains("did not point into the program")),
+            "{:?}",
+            v.problems
+        );
     }
 
     #[test]

@@ -86,7 +86,11 @@ pub fn histogram(samples: &[f64], bins: usize) -> Vec<(f64, f64, usize)> {
         let index = (((x - low) / width) as usize).min(bins - 1);
         counts[index] += 1;
     }
-    counts.into_iter().enumerate().map(|(i, count)| (low + i as f64 * width, low + (i + 1) as f64 * width, count)).collect()
+    counts
+        .into_iter()
+        .enumerate()
+        .map(|(i, count)| (low + i as f64 * width, low + (i + 1) as f64 * width, count))
+        .collect()
 }
 
 #[cfg(test)]
@@ -113,7 +117,10 @@ mod tests {
         // ranks: p50 -> ceil(1.5) = 2, p90 -> ceil(2.7) = 3, p99 -> 3.
         assert_eq!((summary.p50_ns, summary.p90_ns, summary.p99_ns), (20.0, 30.0, 30.0));
         let single = Summary::of(&[7.0]).expect("one sample");
-        assert_eq!((single.min_ns, single.p50_ns, single.p99_ns, single.max_ns), (7.0, 7.0, 7.0, 7.0));
+        assert_eq!(
+            (single.min_ns, single.p50_ns, single.p99_ns, single.max_ns),
+            (7.0, 7.0, 7.0, 7.0)
+        );
     }
 
     #[test]

@@ -59,7 +59,11 @@ impl Ui {
     /// A bar counting `length` units; hidden with --quiet or off a terminal.
     pub fn bar(self, length: u64, message: &str) -> ProgressBar {
         let bar = ProgressBar::with_draw_target(Some(length), self.target());
-        let template = if self.color { "{msg:24} [{bar:30.cyan/blue}] {pos}/{len} {elapsed}" } else { "{msg:24} [{bar:30}] {pos}/{len} {elapsed}" };
+        let template = if self.color {
+            "{msg:24} [{bar:30.cyan/blue}] {pos}/{len} {elapsed}"
+        } else {
+            "{msg:24} [{bar:30}] {pos}/{len} {elapsed}"
+        };
         if let Ok(style) = ProgressStyle::with_template(template) {
             bar.set_style(style.progress_chars("=> "));
         }

@@ -16,7 +16,8 @@ fn repo_root() -> PathBuf {
 /// A scratch directory under the target dir: /tmp is a private tmpfs
 /// inside the L1 VM, the target dir is shared with it.
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("e2e-{name}-{}", std::process::id()));
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("e2e-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir
@@ -34,7 +35,12 @@ fn run(scenario: &Path, results: &Path) -> (Option<i32>, String, RunResult) {
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stem = scenario.file_stem().expect("stem").to_string_lossy().into_owned();
     let run_dir = std::fs::read_dir(results.join(&stem))
-        .unwrap_or_else(|e| panic!("no results for {stem}: {e}\nstdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&output.stderr)))
+        .unwrap_or_else(|e| {
+            panic!(
+                "no results for {stem}: {e}\nstdout: {stdout}\nstderr: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })
         .next()
         .expect("one run")
         .expect("readable")
@@ -50,9 +56,19 @@ fn control_scenario_passes_and_writes_its_reports() {
     assert_eq!(code, Some(0), "{stdout}");
     assert!(result.complete && result.all_expectations_passed());
     assert_eq!(result.repetitions.len(), 2);
-    let full_run = &result.summary.iter().find(|s| s.metric == "full_run").expect("full_run summarised").summary;
+    let full_run = &result
+        .summary
+        .iter()
+        .find(|s| s.metric == "full_run")
+        .expect("full_run summarised")
+        .summary;
     assert!(full_run.min_ns >= 1.95e9, "two slow helpers of 1 s each: {full_run:?}");
-    let dir = std::fs::read_dir(results.join("control")).expect("dir").next().expect("run").expect("entry").path();
+    let dir = std::fs::read_dir(results.join("control"))
+        .expect("dir")
+        .next()
+        .expect("run")
+        .expect("entry")
+        .path();
     for file in ["console.log", "dmesg.txt", "report.md", "report.html", "full_run-cdf.svg"] {
         assert!(dir.join(file).is_file(), "{file} missing");
     }
@@ -63,7 +79,8 @@ fn control_scenario_passes_and_writes_its_reports() {
 #[ignore = "boots the guest: minutes; needs the kernel build and the agent"]
 fn a_broken_expectation_fails_the_run_and_is_named() {
     let results = scratch("broken");
-    let control = std::fs::read_to_string(repo_root().join("scenarios/control.toml")).expect("control.toml");
+    let control =
+        std::fs::read_to_string(repo_root().join("scenarios/control.toml")).expect("control.toml");
     let broken = control.replace(
         "name = \"both slow helpers ran (at least two delays)\"\nmetric = { metric = \"full_run\", at_least_ms = 1950 }",
         "name = \"deliberately broken: a run lasts a minute\"\nmetric = { metric = \"full_run\", at_least_ms = 60000 }",
@@ -75,8 +92,16 @@ fn a_broken_expectation_fails_the_run_and_is_named() {
     assert_eq!(code, Some(1), "{stdout}");
     assert!(stdout.contains("FAIL: failed: deliberately broken: a run lasts a minute"), "{stdout}");
     assert!(result.complete, "the run itself completed");
-    let broken = result.expectations.iter().find(|e| e.name.starts_with("deliberately broken")).expect("present");
+    let broken = result
+        .expectations
+        .iter()
+        .find(|e| e.name.starts_with("deliberately broken"))
+        .expect("present");
     assert!(!broken.passed && broken.failed_repetitions == vec![0, 1], "{broken:?}");
-    assert!(result.expectations.iter().filter(|e| !e.name.starts_with("deliberately")).all(|e| e.passed));
+    assert!(result
+        .expectations
+        .iter()
+        .filter(|e| !e.name.starts_with("deliberately"))
+        .all(|e| e.passed));
     std::fs::remove_dir_all(results).expect("cleanup");
 }

@@ -33,7 +33,8 @@ struct Scratch {
 
 impl Scratch {
     fn new(name: &str) -> Scratch {
-        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("faults-{name}-{}", std::process::id()));
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("faults-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(root.join("tmp")).expect("scratch dir");
         std::fs::create_dir_all(root.join("results")).expect("scratch dir");
@@ -62,7 +63,11 @@ impl Drop for Scratch {
 /// `termlab --quiet run --results <scratch>` with TMPDIR in the scratch directory; add scenarios.
 fn termlab_command(scratch: &Scratch) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_termlab"));
-    command.current_dir(repo_root()).env("TMPDIR", scratch.tmp()).args(["--quiet", "run", "--results"]).arg(scratch.results());
+    command
+        .current_dir(repo_root())
+        .env("TMPDIR", scratch.tmp())
+        .args(["--quiet", "run", "--results"])
+        .arg(scratch.results());
     command
 }
 
@@ -84,10 +89,18 @@ fn the_run_dir(scratch: &Scratch, scenario: &str) -> Option<PathBuf> {
     Some(entry.path())
 }
 
-fn ended(scenario: &str, scratch: &Scratch, code: Option<i32>, output: String, began: Instant) -> Ended {
+fn ended(
+    scenario: &str,
+    scratch: &Scratch,
+    code: Option<i32>,
+    output: String,
+    began: Instant,
+) -> Ended {
     eprintln!("{scenario}: exit {code:?} after {:.0?}", began.elapsed());
-    let run_dir = the_run_dir(scratch, scenario).unwrap_or_else(|| panic!("{scenario}: no run directory\n{output}"));
-    let result = RunResult::load(&run_dir).unwrap_or_else(|e| panic!("{scenario}: result.json does not load: {e}\n{output}"));
+    let run_dir = the_run_dir(scratch, scenario)
+        .unwrap_or_else(|| panic!("{scenario}: no run directory\n{output}"));
+    let result = RunResult::load(&run_dir)
+        .unwrap_or_else(|e| panic!("{scenario}: result.json does not load: {e}\n{output}"));
     Ended { code, output, result, run_dir }
 }
 
@@ -119,7 +132,8 @@ fn incomplete_problems(scenario: &str, run: &Ended, words: &[&str]) -> Vec<Strin
     for entry in std::fs::read_dir(&run.run_dir).expect("run dir") {
         let file = entry.expect("entry").file_name().to_string_lossy().into_owned();
         if file.starts_with('.') {
-            problems.push(format!("{name}: temporary file {file} left in {}", run.run_dir.display()));
+            problems
+                .push(format!("{name}: temporary file {file} left in {}", run.run_dir.display()));
         }
     }
     problems
@@ -142,10 +156,18 @@ fn assert_no_leftovers(scratch: &Scratch, termlab_pid: u32) {
         std::thread::sleep(Duration::from_millis(200));
     }
     if let Ok(entries) = std::fs::read_dir(L1_JOBS) {
-        let left: Vec<String> = entries.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&job_prefix)).collect();
+        let left: Vec<String> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&job_prefix))
+            .collect();
         assert!(left.is_empty(), "L1 job directories left behind: {left:?}");
     }
-    let left: Vec<PathBuf> = std::fs::read_dir(scratch.tmp()).expect("tmp").filter_map(Result::ok).map(|e| e.path()).collect();
+    let left: Vec<PathBuf> = std::fs::read_dir(scratch.tmp())
+        .expect("tmp")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
     assert!(left.is_empty(), "temporary files or sockets left behind: {left:?}");
 }
 
@@ -154,12 +176,17 @@ fn processes_mentioning(needles: &[&str]) -> Vec<(u32, String)> {
     let mut found = Vec::new();
     let me = std::process::id();
     for entry in std::fs::read_dir("/proc").expect("/proc").filter_map(Result::ok) {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
         if pid == me {
             continue;
         }
         let mut bytes = Vec::new();
-        if std::fs::File::open(entry.path().join("cmdline")).and_then(|mut f| f.read_to_end(&mut bytes)).is_err() {
+        if std::fs::File::open(entry.path().join("cmdline"))
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .is_err()
+        {
             continue;
         }
         let cmdline = String::from_utf8_lossy(&bytes).replace('\0', " ");
@@ -174,10 +201,33 @@ fn processes_mentioning(needles: &[&str]) -> Vec<(u32, String)> {
 /// must say, both on its error line and in its result's incomplete_reason.
 const GUEST_FAULTS: [(&str, &[&str]); 4] = [
     // The panic's own line, from the console, is in the one-line error.
-    ("panic.toml", &["the guest kernel panicked (Kernel panic - not syncing: Out of memory", "Guest console, last lines:"]),
-    ("hang.toml", &["the guest hung", "exec `stop-agent`", "the VM was killed", "Guest console, last lines"]),
-    ("agent-killed.toml", &["vsock connection closed during exec `kill-agent`", "the agent died", "Guest console, last lines"]),
-    ("vsock-closed.toml", &["vsock connection closed during exec `unbind-vsock`", "still running without its agent connection; the VM was killed", "Guest console, last lines"]),
+    (
+        "panic.toml",
+        &[
+            "the guest kernel panicked (Kernel panic - not syncing: Out of memory",
+            "Guest console, last lines:",
+        ],
+    ),
+    (
+        "hang.toml",
+        &["the guest hung", "exec `stop-agent`", "the VM was killed", "Guest console, last lines"],
+    ),
+    (
+        "agent-killed.toml",
+        &[
+            "vsock connection closed during exec `kill-agent`",
+            "the agent died",
+            "Guest console, last lines",
+        ],
+    ),
+    (
+        "vsock-closed.toml",
+        &[
+            "vsock connection closed during exec `unbind-vsock`",
+            "still running without its agent connection; the VM was killed",
+            "Guest console, last lines",
+        ],
+    ),
 ];
 
 /// One `termlab run` of all four guest faults (one nested L1 boot instead of
@@ -192,10 +242,15 @@ fn guest_faults_each_end_their_run_clearly_and_leave_nothing() {
     for (scenario, _) in GUEST_FAULTS {
         command.arg(fault_scenario(scenario));
     }
-    let child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("termlab starts");
+    let child =
+        command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("termlab starts");
     let pid = child.id();
     let output = child.wait_with_output().expect("termlab runs");
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert_eq!(output.status.code(), Some(1), "exit status\n{text}");
     let mut problems = Vec::new();
     for (scenario, words) in GUEST_FAULTS {
@@ -204,11 +259,15 @@ fn guest_faults_each_end_their_run_clearly_and_leave_nothing() {
         let reason = run.result.incomplete_reason.as_deref().unwrap_or_default();
         // The guest's init says how its agent ended (SIGKILL: 128 + 9).
         if scenario == "agent-killed.toml" && !reason.contains("/run-me exited with status 137") {
-            problems.push(format!("agent-killed: the console tail does not show the agent's end: {reason}"));
+            problems.push(format!(
+                "agent-killed: the console tail does not show the agent's end: {reason}"
+            ));
         }
         // The only repetition never finished: none may be recorded.
         if !run.result.repetitions.is_empty() {
-            problems.push(format!("{scenario}: a repetition is recorded although its step never finished"));
+            problems.push(format!(
+                "{scenario}: a repetition is recorded although its step never finished"
+            ));
         }
     }
     assert!(problems.is_empty(), "{}\n--- output:\n{text}", problems.join("\n"));
@@ -221,7 +280,12 @@ fn ctrl_c_stops_the_run_with_a_partial_result() {
     let scratch = Scratch::new("interrupt");
     let scenario = "interrupt.toml";
     let began = Instant::now();
-    let mut child: Child = termlab_command(&scratch).arg(fault_scenario(scenario)).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("termlab starts");
+    let mut child: Child = termlab_command(&scratch)
+        .arg(fault_scenario(scenario))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("termlab starts");
     let pid = child.id();
     // Read the output on threads so that the pipes never fill.
     let mut stdout = child.stdout.take().expect("stdout");
@@ -249,7 +313,11 @@ fn ctrl_c_stops_the_run_with_a_partial_result() {
             break;
         }
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("termlab ended before the test interrupted it: {status}\n{}{}", out_thread.join().unwrap_or_default(), err_thread.join().unwrap_or_default());
+            panic!(
+                "termlab ended before the test interrupted it: {status}\n{}{}",
+                out_thread.join().unwrap_or_default(),
+                err_thread.join().unwrap_or_default()
+            );
         }
         if Instant::now() >= deadline {
             // SAFETY: plain kill(2) of our own child.
@@ -265,7 +333,11 @@ fn ctrl_c_stops_the_run_with_a_partial_result() {
     let interrupted_at = Instant::now();
     let status = child.wait().expect("termlab ends");
     eprintln!("{scenario}: ended {:.0?} after SIGINT", interrupted_at.elapsed());
-    let output = format!("{}{}", out_thread.join().unwrap_or_default(), err_thread.join().unwrap_or_default());
+    let output = format!(
+        "{}{}",
+        out_thread.join().unwrap_or_default(),
+        err_thread.join().unwrap_or_default()
+    );
     let run = ended(scenario, &scratch, status.code(), output, began);
     assert_eq!(run.code, Some(130), "exit status\n{}", run.output);
     let problems = incomplete_problems(scenario, &run, &["interrupted"]);

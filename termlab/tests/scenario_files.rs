@@ -17,39 +17,114 @@ fn every_shipped_scenario_loads_with_a_description() {
         let path = entry.expect("readable dir entry").path();
         if path.extension().is_some_and(|e| e == "toml") {
             let loaded = scenario::load(&path).unwrap_or_else(|e| panic!("{e}"));
-            assert!(!loaded.scenario.description.trim().is_empty(), "{} has an empty description", path.display());
-            assert!(!loaded.scenario.description.contains('\n'), "{}: description must be one line", path.display());
+            assert!(
+                !loaded.scenario.description.trim().is_empty(),
+                "{} has an empty description",
+                path.display()
+            );
+            assert!(
+                !loaded.scenario.description.contains('\n'),
+                "{}: description must be one line",
+                path.display()
+            );
             names.push(loaded.name);
         }
     }
     names.sort();
-    assert_eq!(names, ["budget", "budget-off", "control", "errors", "loops", "loops-bpf-text", "loops-subprog", "two-cpus"]);
+    assert_eq!(
+        names,
+        [
+            "budget",
+            "budget-off",
+            "control",
+            "errors",
+            "loops",
+            "loops-bpf-text",
+            "loops-subprog",
+            "two-cpus"
+        ]
+    );
     // Campaigns: long runs by hand, outside the test command's scenarios/*.toml.
-    let campaign = scenario::load(&repo_root().join("scenarios/campaigns/stress.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let campaign = scenario::load(&repo_root().join("scenarios/campaigns/stress.toml"))
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(!campaign.scenario.description.trim().is_empty());
 }
 
 /// (file, line, column, key, words of the message)
 const BAD_FILES: &[(&str, usize, usize, &str, &str)] = &[
     ("unknown-key.toml", 13, 47, "step[0].trigger.cpus", "unknown field `cpus`"),
-    ("wrong-type.toml", 13, 60, "step[0].trigger.background", "invalid type: string \"yes\", expected a boolean"),
+    (
+        "wrong-type.toml",
+        13,
+        60,
+        "step[0].trigger.background",
+        "invalid type: string \"yes\", expected a boolean",
+    ),
     ("missing-field.toml", 3, 1, "vm", "missing field `kernel`"),
     ("vcpus-range.toml", 6, 9, "vm.vcpus", "vcpus must be between 1 and 8, not 9"),
     ("cpu-range.toml", 13, 53, "step[0].trigger.cpu", "cpu 2 does not exist"),
     ("unknown-program.toml", 13, 38, "step[0].trigger.program", "no [[program]] is named `lops`"),
-    ("verify-stack.toml", 2, 16, "verify_stack", "verify_stack checks the stack rewrite of terminate steps, and this scenario has none"),
-    ("bad-event.toml", 18, 6, "metric[0].to", "`run.finish` is not `<step label>.<point>` with point one of start, end"),
-    ("kernel-point-on-trigger.toml", 18, 6, "metric[0].to", "`run.request`: only terminate steps have the request's trace points"),
+    (
+        "verify-stack.toml",
+        2,
+        16,
+        "verify_stack",
+        "verify_stack checks the stack rewrite of terminate steps, and this scenario has none",
+    ),
+    (
+        "bad-event.toml",
+        18,
+        6,
+        "metric[0].to",
+        "`run.finish` is not `<step label>.<point>` with point one of start, end",
+    ),
+    (
+        "kernel-point-on-trigger.toml",
+        18,
+        6,
+        "metric[0].to",
+        "`run.request`: only terminate steps have the request's trace points",
+    ),
     ("never-waited.toml", 13, 21, "step[0].trigger.background", "is never waited for"),
     ("two-checks.toml", 15, 1, "expect[0]", "needs exactly one of"),
     ("syntax.toml", 7, 17, "(syntax)", "unclosed inline table"),
-    ("trace-not-background.toml", 16, 23, "step[1].wait_trace.step", "is not an earlier background trigger"),
+    (
+        "trace-not-background.toml",
+        16,
+        23,
+        "step[1].wait_trace.step",
+        "is not an earlier background trigger",
+    ),
     ("unknown-errno.toml", 17, 42, "expect[0].terminate_result.errno", "unknown variant `ENOPE`"),
-    ("budget-negative.toml", 13, 50, "step[0].budget.ms", "invalid value: integer `-5`, expected u32"),
-    ("terminations-not-info.toml", 20, 40, "expect[0].terminations.to", "`run` is not a prog_info step"),
-    ("exec-bad.toml", 10, 34, "step[1].exec.argv", "a command needs at least a non-empty program name"),
+    (
+        "budget-negative.toml",
+        13,
+        50,
+        "step[0].budget.ms",
+        "invalid value: integer `-5`, expected u32",
+    ),
+    (
+        "terminations-not-info.toml",
+        20,
+        40,
+        "expect[0].terminations.to",
+        "`run` is not a prog_info step",
+    ),
+    (
+        "exec-bad.toml",
+        10,
+        34,
+        "step[1].exec.argv",
+        "a command needs at least a non-empty program name",
+    ),
     ("exec-unknown-key.toml", 7, 44, "step[0].exec.timeout", "unknown field `timeout`"),
-    ("exec-label-twice.toml", 10, 18, "step[1].exec.label", "label `setup` is used by an earlier step"),
+    (
+        "exec-label-twice.toml",
+        10,
+        18,
+        "step[1].exec.label",
+        "label `setup` is used by an earlier step",
+    ),
 ];
 
 /// The fault scenarios of tests/faults.rs load, and an `exec` step keeps its
@@ -59,7 +134,8 @@ fn fault_scenarios_load_and_exec_steps_parse() {
     let dir = repo_root().join("termlab/tests/faults");
     let mut names = Vec::new();
     for entry in std::fs::read_dir(&dir).expect("tests/faults/ exists") {
-        let loaded = scenario::load(&entry.expect("entry").path()).unwrap_or_else(|e| panic!("{e}"));
+        let loaded =
+            scenario::load(&entry.expect("entry").path()).unwrap_or_else(|e| panic!("{e}"));
         names.push(loaded.name);
     }
     names.sort();
@@ -79,7 +155,10 @@ fn fault_scenarios_load_and_exec_steps_parse() {
     }
     let kernel_point = text.replace("a.end", "a.returned");
     let error = scenario::parse(&kernel_point).expect_err("exec has no kernel trace points");
-    assert!(format!("{error:?}").contains("only terminate and trigger steps have kernel trace points"), "{error:?}");
+    assert!(
+        format!("{error:?}").contains("only terminate and trigger steps have kernel trace points"),
+        "{error:?}"
+    );
 }
 
 #[test]
@@ -95,7 +174,10 @@ fn bad_scenarios_name_file_line_column_and_key() {
                 assert_eq!(key, want_key, "{file}");
                 assert!(message.contains(want_words), "{file}: `{message}` lacks `{want_words}`");
                 let shown = format!("{}", scenario::load(&path).expect_err("still invalid"));
-                assert!(shown.starts_with(&format!("{}:{line}:{column}: `{key}`", path.display())), "{shown}");
+                assert!(
+                    shown.starts_with(&format!("{}:{line}:{column}: `{key}`", path.display())),
+                    "{shown}"
+                );
             }
             other => panic!("{file}: expected an Invalid error, got {other:?}"),
         }

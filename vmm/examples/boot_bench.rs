@@ -35,7 +35,8 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args { kernel: PathBuf::new(), initrd: PathBuf::new(), runs: 10, vcpus: 2, mem_mib: 256 };
+    let mut args =
+        Args { kernel: PathBuf::new(), initrd: PathBuf::new(), runs: 10, vcpus: 2, mem_mib: 256 };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -67,7 +68,9 @@ fn wait_readable(fd: std::os::fd::RawFd) -> Result<(), String> {
 }
 
 /// Accepts one connection and answers the guest's line so it can finish.
-fn accept_and_answer<S: std::io::Read + std::io::Write>(accept: impl FnOnce() -> std::io::Result<S>) -> Result<(), String> {
+fn accept_and_answer<S: std::io::Read + std::io::Write>(
+    accept: impl FnOnce() -> std::io::Result<S>,
+) -> Result<(), String> {
     let mut stream = accept().map_err(|e| format!("accept: {e}"))?;
     let mut line = [0u8; 64];
     let _ = stream.read(&mut line);
@@ -76,7 +79,8 @@ fn accept_and_answer<S: std::io::Read + std::io::Write>(accept: impl FnOnce() ->
 
 fn run_ours(args: &Args, dir: &std::path::Path) -> Result<Sample, String> {
     let uds = dir.join("bench.sock");
-    let listener = UnixListener::bind(format!("{}_{HOST_PORT}", uds.display())).map_err(|e| e.to_string())?;
+    let listener =
+        UnixListener::bind(format!("{}_{HOST_PORT}", uds.display())).map_err(|e| e.to_string())?;
     let mut config = VmConfig::new(
         args.kernel.clone(),
         Some(args.initrd.clone()),
@@ -89,7 +93,9 @@ fn run_ours(args: &Args, dir: &std::path::Path) -> Result<Sample, String> {
     let mut vm = Vm::new(config).map_err(|e| e.to_string())?;
     vm.start().map_err(|e| e.to_string())?;
     let console = vm.console();
-    let waiter = std::thread::spawn(move || console.wait_for("TERMLAB-INIT-RAN", TIMEOUT).then(|| started.elapsed()));
+    let waiter = std::thread::spawn(move || {
+        console.wait_for("TERMLAB-INIT-RAN", TIMEOUT).then(|| started.elapsed())
+    });
     wait_readable(listener.as_raw_fd())?;
     accept_and_answer(|| listener.accept().map(|(s, _)| s))?;
     let vsock_connected = started.elapsed();
@@ -124,11 +130,20 @@ fn vsock_listener(port: u32) -> std::io::Result<OwnedFd> {
 }
 
 fn run_qemu(args: &Args) -> Result<Sample, String> {
-    let listener = vsock_listener(HOST_PORT).map_err(|e| format!("AF_VSOCK listener (vhost_vsock loaded?): {e}"))?;
+    let listener = vsock_listener(HOST_PORT)
+        .map_err(|e| format!("AF_VSOCK listener (vhost_vsock loaded?): {e}"))?;
     let started = Instant::now();
     let mut qemu = Command::new("qemu-system-x86_64")
         // acpi=off: our guest has no ACPI, so QEMU must announce virtio-mmio on the command line.
-        .args(["-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host", "-nodefaults", "-no-user-config"])
+        .args([
+            "-M",
+            "microvm,acpi=off",
+            "-enable-kvm",
+            "-cpu",
+            "host",
+            "-nodefaults",
+            "-no-user-config",
+        ])
         .args(["-display", "none", "-no-reboot", "-serial", "stdio"])
         .args(["-smp", &args.vcpus.to_string(), "-m", &args.mem_mib.to_string()])
         .arg("-kernel")
@@ -136,7 +151,10 @@ fn run_qemu(args: &Args) -> Result<Sample, String> {
         .arg("-initrd")
         .arg(&args.initrd)
         // microvm has no i8042, so the guest resets by triple fault there (QEMU exits on it).
-        .args(["-append", &format!("{CMDLINE} reboot=t termlab.host_port={HOST_PORT} termlab.end=reboot")])
+        .args([
+            "-append",
+            &format!("{CMDLINE} reboot=t termlab.host_port={HOST_PORT} termlab.end=reboot"),
+        ])
         .args(["-device", &format!("vhost-vsock-device,guest-cid={GUEST_CID}")])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -152,15 +170,19 @@ fn run_qemu(args: &Args) -> Result<Sample, String> {
         }
         init_ran
     });
-    let accepted = wait_readable(listener.as_raw_fd()).and_then(|()| accept_and_answer(|| {
-        // SAFETY: accept on our listening socket; the result is checked.
-        let fd = unsafe { libc::accept(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut()) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a freshly accepted socket we own.
-        Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }));
+    let accepted = wait_readable(listener.as_raw_fd()).and_then(|()| {
+        accept_and_answer(|| {
+            // SAFETY: accept on our listening socket; the result is checked.
+            let fd = unsafe {
+                libc::accept(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut())
+            };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: `fd` is a freshly accepted socket we own.
+            Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+        })
+    });
     let vsock_connected = started.elapsed();
     if let Err(e) = accepted {
         let _ = qemu.kill();
@@ -168,7 +190,8 @@ fn run_qemu(args: &Args) -> Result<Sample, String> {
         return Err(e);
     }
     let _ = qemu.wait();
-    let init_ran = waiter.join().map_err(|_| "waiter panicked")?.ok_or("no init marker from qemu")?;
+    let init_ran =
+        waiter.join().map_err(|_| "waiter panicked")?.ok_or("no init marker from qemu")?;
     Ok(Sample { init_ran, vsock_connected })
 }
 
@@ -187,14 +210,19 @@ fn main() {
     };
     let dir = std::env::temp_dir().join(format!("termlab-boot-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("scratch dir");
-    let mut results: Vec<(&str, Vec<Sample>)> = vec![("termlab-vmm", Vec::new()), ("qemu microvm", Vec::new())];
+    let mut results: Vec<(&str, Vec<Sample>)> =
+        vec![("termlab-vmm", Vec::new()), ("qemu microvm", Vec::new())];
     for run in 0..args.runs {
         // Alternate so load changes on the host hit both sides alike.
         for (name, samples) in results.iter_mut() {
-            let sample = if *name == "termlab-vmm" { run_ours(&args, &dir) } else { run_qemu(&args) };
+            let sample =
+                if *name == "termlab-vmm" { run_ours(&args, &dir) } else { run_qemu(&args) };
             match sample {
                 Ok(s) => {
-                    eprintln!("run {run} {name}: init {:?}, vsock {:?}", s.init_ran, s.vsock_connected);
+                    eprintln!(
+                        "run {run} {name}: init {:?}, vsock {:?}",
+                        s.init_ran, s.vsock_connected
+                    );
                     samples.push(s);
                 }
                 Err(e) => eprintln!("run {run} {name}: FAILED: {e}"),
@@ -203,7 +231,10 @@ fn main() {
     }
     let _ = std::fs::remove_dir_all(&dir);
     let mut out = std::io::stdout();
-    let _ = writeln!(out, "| VMM | runs | init ran: median (min–max) | vsock connected: median (min–max) |");
+    let _ = writeln!(
+        out,
+        "| VMM | runs | init ran: median (min–max) | vsock connected: median (min–max) |"
+    );
     let _ = writeln!(out, "|---|---|---|---|");
     let mut medians = Vec::new();
     for (name, samples) in &results {
@@ -211,7 +242,8 @@ fn main() {
             continue;
         }
         let (im, imin, imax) = stats(&mut samples.iter().map(|s| s.init_ran).collect::<Vec<_>>());
-        let (vm, vmin, vmax) = stats(&mut samples.iter().map(|s| s.vsock_connected).collect::<Vec<_>>());
+        let (vm, vmin, vmax) =
+            stats(&mut samples.iter().map(|s| s.vsock_connected).collect::<Vec<_>>());
         medians.push((im, vm));
         let _ = writeln!(
             out,

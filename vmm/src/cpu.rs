@@ -3,7 +3,8 @@
 //! LAPIC LINT wiring.
 
 use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_xcr, kvm_xcrs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_xcr, kvm_xcrs, CpuId, Msrs,
+    KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -50,7 +51,8 @@ const LEAF_XSTATE: u32 = 0xd;
 /// Per-VM CPUID template: what KVM supports, plus what KVM emulates but reports only as a
 /// capability. Patched per vCPU with its APIC id.
 pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, CpuSetupError> {
-    let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(CpuSetupError::SupportedCpuid)?;
+    let mut cpuid =
+        kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(CpuSetupError::SupportedCpuid)?;
     // The in-kernel LAPIC emulates the TSC-deadline timer mode, but KVM_GET_SUPPORTED_CPUID
     // leaves the bit clear (KVM_CAP_TSC_DEADLINE_TIMER announces it instead). Without it
     // Linux falls back to the LAPIC's periodic mode and calibrates it against the PIT; under
@@ -68,15 +70,18 @@ pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, CpuSetupError> {
 /// Writes the GDT and the identity page tables shared by all vCPUs (done once per VM).
 pub fn write_boot_structures(mem: &GuestMemoryMmap) -> Result<(), CpuSetupError> {
     for (i, entry) in GDT.iter().enumerate() {
-        mem.write_obj(*entry, GuestAddress(GDT_ADDR + 8 * i as u64)).map_err(CpuSetupError::Memory)?;
+        mem.write_obj(*entry, GuestAddress(GDT_ADDR + 8 * i as u64))
+            .map_err(CpuSetupError::Memory)?;
     }
     mem.write_obj(0u64, GuestAddress(IDT_ADDR)).map_err(CpuSetupError::Memory)?;
     // PML4[0] -> PDPT, PDPT[0] -> PD, PD maps 0..1 GiB with 2 MiB pages. The kernel's 64-bit
     // entry only needs itself, the zero page and the command line mapped.
     const PRESENT_WRITABLE: u64 = 0x3;
     const HUGE_PAGE: u64 = 0x80;
-    mem.write_obj(PDPT_ADDR | PRESENT_WRITABLE, GuestAddress(PML4_ADDR)).map_err(CpuSetupError::Memory)?;
-    mem.write_obj(PD_ADDR | PRESENT_WRITABLE, GuestAddress(PDPT_ADDR)).map_err(CpuSetupError::Memory)?;
+    mem.write_obj(PDPT_ADDR | PRESENT_WRITABLE, GuestAddress(PML4_ADDR))
+        .map_err(CpuSetupError::Memory)?;
+    mem.write_obj(PD_ADDR | PRESENT_WRITABLE, GuestAddress(PDPT_ADDR))
+        .map_err(CpuSetupError::Memory)?;
     for i in 0..512u64 {
         mem.write_obj((i << 21) | PRESENT_WRITABLE | HUGE_PAGE, GuestAddress(PD_ADDR + i * 8))
             .map_err(CpuSetupError::Memory)?;
@@ -154,7 +159,11 @@ fn set_initial_xcr0(vcpu: &VcpuFd, cpuid: &CpuId) -> Result<(), CpuSetupError> {
         return Ok(());
     };
     let mut xcrs = kvm_xcrs { nr_xcrs: 1, ..Default::default() };
-    xcrs.xcrs[0] = kvm_xcr { xcr: 0, value: u64::from(xstate.edx) << 32 | u64::from(xstate.eax), ..Default::default() };
+    xcrs.xcrs[0] = kvm_xcr {
+        xcr: 0,
+        value: u64::from(xstate.edx) << 32 | u64::from(xstate.eax),
+        ..Default::default()
+    };
     vcpu.set_xcrs(&xcrs).map_err(ioctl("KVM_SET_XCRS"))
 }
 

@@ -116,7 +116,11 @@ pub(crate) struct DebugTraps {
 impl DebugTraps {
     /// Replaces the armed set: removes the old traps, then saves the bytes under and writes
     /// the new ones. Every vCPU must be parked.
-    pub(crate) fn arm(&self, mem: &GuestMemoryMmap, breakpoints: &[Breakpoint]) -> Result<(), DebugError> {
+    pub(crate) fn arm(
+        &self,
+        mem: &GuestMemoryMmap,
+        breakpoints: &[Breakpoint],
+    ) -> Result<(), DebugError> {
         if breakpoints.len() > MAX_BREAKPOINTS {
             return Err(DebugError::TooMany(breakpoints.len()));
         }
@@ -133,7 +137,11 @@ impl DebugTraps {
             let mut bytes = [0u8; 4];
             mem.read_slice(&mut bytes, GuestAddress(at.gpa)).map_err(memory_error(at))?;
             patch(mem, at)?;
-            state.armed.push(Armed { at, original: [bytes[0], bytes[1]], endbr64: bytes == ENDBR64 });
+            state.armed.push(Armed {
+                at,
+                original: [bytes[0], bytes[1]],
+                endbr64: bytes == ENDBR64,
+            });
         }
         Ok(())
     }
@@ -282,10 +290,16 @@ mod tests {
         let adjacent = DebugTraps::default();
         adjacent.arm(&mem, &[bp(0x20), bp(0x22)]).unwrap();
         assert!(adjacent.trap(3, bp(0x22).addr));
-        assert_eq!(adjacent.wait(Some(Duration::ZERO)), Some(DebugEvent { vcpu: 3, pc: bp(0x22).addr }));
+        assert_eq!(
+            adjacent.wait(Some(Duration::ZERO)),
+            Some(DebugEvent { vcpu: 3, pc: bp(0x22).addr })
+        );
         assert!(traps.trap(2, bp(0x10).addr));
         assert_eq!(traps.wait(Some(Duration::ZERO)), Some(DebugEvent { vcpu: 1, pc: bp(0).addr }));
-        assert_eq!(traps.wait(Some(Duration::ZERO)), Some(DebugEvent { vcpu: 0, pc: bp(0x10).addr }));
+        assert_eq!(
+            traps.wait(Some(Duration::ZERO)),
+            Some(DebugEvent { vcpu: 0, pc: bp(0x10).addr })
+        );
         let resume = traps.take_trapped();
         assert_eq!(
             resume,

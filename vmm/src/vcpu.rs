@@ -10,7 +10,9 @@ use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{kvm_guest_debug, KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP};
+use kvm_bindings::{
+    kvm_guest_debug, KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -107,14 +109,19 @@ impl Vcpus {
     ) -> std::io::Result<Self> {
         install_kick_handler().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
         let control = Arc::new(VcpuControl {
-            state: Mutex::new(ControlState { request: Request::Run, parked: 0, threads: Vec::new() }),
+            state: Mutex::new(ControlState {
+                request: Request::Run,
+                parked: 0,
+                threads: Vec::new(),
+            }),
             changed: Condvar::new(),
             count: fds.len(),
         });
         let mut vcpus = Self { control: control.clone(), handles: Vec::new() };
         for (index, fd) in fds.into_iter().enumerate() {
             let fd = Arc::new(Mutex::new(fd));
-            let (control, bus, sink, thread_fd) = (control.clone(), bus.clone(), sink.clone(), fd.clone());
+            let (control, bus, sink, thread_fd) =
+                (control.clone(), bus.clone(), sink.clone(), fd.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || run_vcpu(index as u8, &thread_fd, &control, &bus, &*sink));
@@ -151,7 +158,9 @@ impl Vcpus {
     /// Stops and joins every vCPU thread.
     pub fn stop(&mut self) {
         self.control.set_request(Request::Stop);
-        self.kick_until(|| self.handles.iter().all(|h| h.thread.as_ref().is_none_or(|t| t.is_finished())));
+        self.kick_until(|| {
+            self.handles.iter().all(|h| h.thread.as_ref().is_none_or(|t| t.is_finished()))
+        });
         for handle in &mut self.handles {
             if let Some(thread) = handle.thread.take() {
                 if thread.join().is_err() {
@@ -187,7 +196,13 @@ enum Action {
     Exit(ExitReason),
 }
 
-fn run_vcpu(index: u8, fd: &Mutex<VcpuFd>, control: &VcpuControl, bus: &DeviceBus, sink: &dyn VmExitSink) {
+fn run_vcpu(
+    index: u8,
+    fd: &Mutex<VcpuFd>,
+    control: &VcpuControl,
+    bus: &DeviceBus,
+    sink: &dyn VmExitSink,
+) {
     // SAFETY: pthread_self has no preconditions.
     lock(&control.state).threads.push(unsafe { libc::pthread_self() });
     loop {
@@ -200,7 +215,10 @@ fn run_vcpu(index: u8, fd: &Mutex<VcpuFd>, control: &VcpuControl, bus: &DeviceBu
                 Action::TrapPort => match vcpu.get_regs() {
                     Ok(regs) if sink.debug_trap(usize::from(index), regs.rip) => Action::PauseAll,
                     Ok(_) => Action::Continue,
-                    Err(e) => Action::Exit(ExitReason::VcpuError { vcpu: index, message: format!("KVM_GET_REGS: {e}") }),
+                    Err(e) => Action::Exit(ExitReason::VcpuError {
+                        vcpu: index,
+                        message: format!("KVM_GET_REGS: {e}"),
+                    }),
                 },
                 other => other,
             }
@@ -254,7 +272,11 @@ fn wait_until_runnable(control: &VcpuControl) -> bool {
     }
 }
 
-fn handle_exit(index: u8, exit: Result<VcpuExit<'_>, kvm_ioctls::Error>, bus: &DeviceBus) -> Action {
+fn handle_exit(
+    index: u8,
+    exit: Result<VcpuExit<'_>, kvm_ioctls::Error>,
+    bus: &DeviceBus,
+) -> Action {
     match exit {
         Ok(VcpuExit::IoIn(port, data)) => {
             bus.pio_read(port, data);
@@ -282,10 +304,16 @@ fn handle_exit(index: u8, exit: Result<VcpuExit<'_>, kvm_ioctls::Error>, bus: &D
         Ok(VcpuExit::SystemEvent(kind, _)) if kind == kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => {
             Action::Exit(ExitReason::Halted)
         }
-        Ok(other) => Action::Exit(ExitReason::VcpuError { vcpu: index, message: format!("unhandled exit {other:?}") }),
+        Ok(other) => Action::Exit(ExitReason::VcpuError {
+            vcpu: index,
+            message: format!("unhandled exit {other:?}"),
+        }),
         // EINTR/EAGAIN: kicked out of KVM_RUN by the controller; it decides what happens next.
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Action::Continue,
-        Err(e) => Action::Exit(ExitReason::VcpuError { vcpu: index, message: format!("KVM_RUN failed: {e}") }),
+        Err(e) => Action::Exit(ExitReason::VcpuError {
+            vcpu: index,
+            message: format!("KVM_RUN failed: {e}"),
+        }),
     }
 }
 
@@ -303,7 +331,9 @@ pub(crate) fn leave_trap(
         Resume::Retrap { pc } | Resume::Run { pc } | Resume::Step { pc, .. } => (pc, pc),
         Resume::Skip { pc, len } => (pc, pc + len),
     };
-    let kvm = |step: &'static str| move |source| DebugError::Kvm { vcpu: usize::from(index), addr: pc, step, source };
+    let kvm = |step: &'static str| {
+        move |source| DebugError::Kvm { vcpu: usize::from(index), addr: pc, step, source }
+    };
     // KVM finishes the trap's `out` (moving RIP past it) on the next KVM_RUN; do that now,
     // without entering the guest, so RIP can then be set freely.
     fd.set_kvm_immediate_exit(1);
@@ -330,7 +360,15 @@ pub(crate) fn leave_trap(
 fn step_off_trap(index: u8, fd: &mut VcpuFd, bus: &DeviceBus, pc: u64) -> Result<(), DebugError> {
     for _ in 0..debug::TRAP_LEN {
         single_step(index, fd, bus, pc)?;
-        let rip = fd.get_regs().map_err(|source| DebugError::Kvm { vcpu: usize::from(index), addr: pc, step: "KVM_GET_REGS", source })?.rip;
+        let rip = fd
+            .get_regs()
+            .map_err(|source| DebugError::Kvm {
+                vcpu: usize::from(index),
+                addr: pc,
+                step: "KVM_GET_REGS",
+                source,
+            })?
+            .rip;
         if !(pc + 1..pc + debug::TRAP_LEN).contains(&rip) {
             break;
         }
@@ -344,14 +382,22 @@ fn single_step(index: u8, fd: &mut VcpuFd, bus: &DeviceBus, pc: u64) -> Result<(
     let vcpu = usize::from(index);
     let step = |control| kvm_guest_debug { control, ..Default::default() };
     let kvm = |step: &'static str| move |source| DebugError::Kvm { vcpu, addr: pc, step, source };
-    fd.set_guest_debug(&step(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP | KVM_GUESTDBG_BLOCKIRQ))
-        .map_err(kvm("KVM_SET_GUEST_DEBUG (single-step)"))?;
+    fd.set_guest_debug(&step(
+        KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP | KVM_GUESTDBG_BLOCKIRQ,
+    ))
+    .map_err(kvm("KVM_SET_GUEST_DEBUG (single-step)"))?;
     let outcome = loop {
         match fd.run() {
             Ok(VcpuExit::Debug(_)) => break Ok(()),
             exit => match handle_exit(index, exit, bus) {
                 Action::Continue | Action::TrapPort | Action::PauseAll => {}
-                Action::Exit(reason) => break Err(DebugError::StepExit { vcpu, addr: pc, reason: format!("{reason:?}") }),
+                Action::Exit(reason) => {
+                    break Err(DebugError::StepExit {
+                        vcpu,
+                        addr: pc,
+                        reason: format!("{reason:?}"),
+                    })
+                }
             },
         }
     };

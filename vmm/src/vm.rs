@@ -8,7 +8,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -59,7 +61,15 @@ pub struct VmConfig {
 impl VmConfig {
     /// 2 vCPUs, 512 MiB, console kept in memory only, no vsock.
     pub fn new(kernel: PathBuf, initrd: Option<PathBuf>, cmdline: String) -> Self {
-        Self { kernel, initrd, cmdline, vcpus: 2, mem_mib: 512, console: ConsoleConfig::default(), vsock: None }
+        Self {
+            kernel,
+            initrd,
+            cmdline,
+            vcpus: 2,
+            mem_mib: 512,
+            console: ConsoleConfig::default(),
+            vsock: None,
+        }
     }
 }
 
@@ -153,7 +163,11 @@ impl VmExitSink for ExitState {
                 let text = self.console.text();
                 match text.rfind(PANIC_MARKER) {
                     Some(at) => {
-                        let start = text[..at].char_indices().rev().nth(PANIC_TAIL_CHARS).map_or(0, |(i, _)| i);
+                        let start = text[..at]
+                            .char_indices()
+                            .rev()
+                            .nth(PANIC_TAIL_CHARS)
+                            .map_or(0, |(i, _)| i);
                         ExitReason::Panic { console_tail: text[start..].to_owned() }
                     }
                     None => reason,
@@ -230,7 +244,8 @@ impl Vm {
             };
             // SAFETY: the region is a live mapping owned by `mem`, which the Vm keeps alive
             // for as long as `vm_fd` (fields drop after the vCPUs are joined).
-            unsafe { vm_fd.set_user_memory_region(region_desc) }.map_err(kvm_step("KVM_SET_USER_MEMORY_REGION"))?;
+            unsafe { vm_fd.set_user_memory_region(region_desc) }
+                .map_err(kvm_step("KVM_SET_USER_MEMORY_REGION"))?;
         }
         vm_fd.set_tss_address(KVM_TSS_ADDR).map_err(kvm_step("KVM_SET_TSS_ADDR"))?;
         vm_fd.create_irq_chip().map_err(kvm_step("KVM_CREATE_IRQCHIP"))?;
@@ -313,7 +328,9 @@ impl Vm {
     ) -> Result<(VsockSlot, EventFd), Error> {
         let base = MMIO_START + slot * VIRTIO_MMIO_SIZE;
         let irq = EventFd::new(EFD_NONBLOCK).map_err(os("virtio irqfd"))?;
-        vm_fd.register_irqfd(&irq, VIRTIO_IRQ_BASE + slot as u32).map_err(kvm_step("KVM_IRQFD (virtio)"))?;
+        vm_fd
+            .register_irqfd(&irq, VIRTIO_IRQ_BASE + slot as u32)
+            .map_err(kvm_step("KVM_IRQFD (virtio)"))?;
         let kick = EventFd::new(EFD_NONBLOCK).map_err(os("virtio queue eventfd"))?;
         const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
         vm_fd
@@ -420,7 +437,8 @@ impl Vm {
                 if !vcpus.is_paused() {
                     return Err(Error::NotPaused);
                 }
-                let handle: &VcpuHandle = vcpus.handles().get(index).ok_or(Error::NoSuchVcpu(index))?;
+                let handle: &VcpuHandle =
+                    vcpus.handles().get(index).ok_or(Error::NoSuchVcpu(index))?;
                 Ok(f(&lock(&handle.fd)))
             }
         }
@@ -444,7 +462,9 @@ impl Vm {
 
     /// Reads guest-physical memory.
     pub fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<(), Error> {
-        self.mem.read_slice(buf, GuestAddress(gpa)).map_err(|source| Error::GuestMemory { addr: gpa, source })
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|source| Error::GuestMemory { addr: gpa, source })
     }
 
     /// Guest RAM, for readers that work on `vm_memory` traits (e.g. a guest page-table walk).
@@ -454,7 +474,9 @@ impl Vm {
 
     /// Writes guest-physical memory.
     pub fn write_memory(&self, gpa: u64, data: &[u8]) -> Result<(), Error> {
-        self.mem.write_slice(data, GuestAddress(gpa)).map_err(|source| Error::GuestMemory { addr: gpa, source })
+        self.mem
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|source| Error::GuestMemory { addr: gpa, source })
     }
 
     /// The guest console's retained output (also usable to wait for markers).
@@ -530,7 +552,9 @@ impl EventLoop {
     ) -> Result<Self, Error> {
         let epoll = Epoll::new().map_err(os("epoll"))?;
         let add = |fd, token| {
-            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token)).map_err(os("epoll registration"))
+            epoll
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+                .map_err(os("epoll registration"))
         };
         add(stop.as_raw_fd(), TOKEN_STOP)?;
         let vsock = match (vsock, kick) {
@@ -542,13 +566,14 @@ impl EventLoop {
             _ => None,
         };
         // A regular file or /dev/null on stdin cannot be polled (EPERM): no console input then.
-        let stdin_bus = stdin_bus.filter(|_| match add(std::io::stdin().as_raw_fd(), TOKEN_STDIN) {
-            Ok(()) => true,
-            Err(e) => {
-                log::info!("console input disabled: {e}");
-                false
-            }
-        });
+        let stdin_bus =
+            stdin_bus.filter(|_| match add(std::io::stdin().as_raw_fd(), TOKEN_STDIN) {
+                Ok(()) => true,
+                Err(e) => {
+                    log::info!("console input disabled: {e}");
+                    false
+                }
+            });
         Ok(Self { epoll, _stop: stop, vsock, stdin_bus })
     }
 
@@ -590,7 +615,11 @@ impl EventLoop {
         match std::io::stdin().lock().read(&mut buf) {
             Ok(0) | Err(_) => {
                 // EOF or error: stop watching stdin rather than spinning on it.
-                let _ = self.epoll.ctl(ControlOperation::Delete, std::io::stdin().as_raw_fd(), EpollEvent::default());
+                let _ = self.epoll.ctl(
+                    ControlOperation::Delete,
+                    std::io::stdin().as_raw_fd(),
+                    EpollEvent::default(),
+                );
             }
             Ok(n) => {
                 if let Err(e) = lock(bus.serial()).enqueue_raw_bytes(&buf[..n]) {

@@ -15,8 +15,8 @@ use std::os::unix::net::UnixListener;
 use std::time::{Duration, Instant};
 
 use common::{
-    echo_through_guest, hybrid_connect, init_logging, kernel, run_where_kvm_works, test_initramfs, wait_for, Scratch, BASE_CMDLINE,
-    STEP_TIMEOUT,
+    echo_through_guest, hybrid_connect, init_logging, kernel, run_where_kvm_works, test_initramfs,
+    wait_for, Scratch, BASE_CMDLINE, STEP_TIMEOUT,
 };
 use termlab_vmm::{ExitReason, Vm, VmConfig, VsockConfig};
 
@@ -35,7 +35,9 @@ fn serve_guest_connection(listener: UnixListener) -> std::thread::JoinHandle<Str
         let stream = loop {
             match listener.accept() {
                 Ok((stream, _)) => break stream,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
+                {
                     std::thread::sleep(Duration::from_millis(20))
                 }
                 Err(e) => return format!("no guest connection: {e}"),
@@ -63,7 +65,8 @@ fn guest_boots_smp_talks_vsock_and_ends_with_reset_or_panic() {
     }
     let scratch = Scratch::new("boot");
     let uds = scratch.0.join("vsock.sock");
-    let host_listener = UnixListener::bind(format!("{}_{HOST_PORT}", uds.display())).expect("bind host port socket");
+    let host_listener = UnixListener::bind(format!("{}_{HOST_PORT}", uds.display()))
+        .expect("bind host port socket");
     let guest_conn = serve_guest_connection(host_listener);
 
     let mut config = VmConfig::new(
@@ -81,7 +84,12 @@ fn guest_boots_smp_talks_vsock_and_ends_with_reset_or_panic() {
     // The CPU line is complete once the next marker (printed after it) has arrived.
     wait_for(&vm, &format!("VSOCK-LISTENING={GUEST_PORT}"));
     // The guest tty turns "\n" into "\r\n"; compare whole lines.
-    let cpus_line = vm.console().text().lines().find(|l| l.starts_with("CPUS-ONLINE=")).map(|l| l.trim_end().to_owned());
+    let cpus_line = vm
+        .console()
+        .text()
+        .lines()
+        .find(|l| l.starts_with("CPUS-ONLINE="))
+        .map(|l| l.trim_end().to_owned());
     assert_eq!(cpus_line.as_deref(), Some("CPUS-ONLINE=2"), "console:\n{}", vm.console().text());
     echo_through_guest(hybrid_connect(&uds, GUEST_PORT), &vm, ECHO_BYTES);
     wait_for(&vm, &format!("VSOCK-ECHOED={ECHO_BYTES}"));
@@ -99,7 +107,8 @@ fn guest_boots_smp_talks_vsock_and_ends_with_reset_or_panic() {
     assert_eq!(vm.stop(), ExitReason::Reset);
     assert!(!uds.exists(), "the VMM must remove its vsock socket on exit");
 
-    let mut config = VmConfig::new(kernel, Some(initramfs), format!("{BASE_CMDLINE} termlab.end=panic"));
+    let mut config =
+        VmConfig::new(kernel, Some(initramfs), format!("{BASE_CMDLINE} termlab.end=panic"));
     config.mem_mib = 256;
     let mut vm = Vm::new(config).expect("create VM");
     vm.start().expect("start VM");

@@ -15,8 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    echo_through_guest, hybrid_connect, init_logging, kernel, kernel_symbol, run_where_kvm_works, test_initramfs,
-    wait_for, Scratch, BASE_CMDLINE, STEP_TIMEOUT,
+    echo_through_guest, hybrid_connect, init_logging, kernel, kernel_symbol, run_where_kvm_works,
+    test_initramfs, wait_for, Scratch, BASE_CMDLINE, STEP_TIMEOUT,
 };
 use termlab_vmm::{kvm_regs, Error, ExitReason, Vm, VmConfig, VsockConfig};
 
@@ -69,13 +69,20 @@ fn paused_guest_shows_registers_and_memory_and_runs_on_after_resume() {
     vm.start().expect("start VM");
     // From here on init blocks in accept() and both vCPUs idle in the kernel.
     wait_for(&vm, &format!("VSOCK-LISTENING={GUEST_PORT}"));
-    assert!(matches!(vm.regs(0), Err(Error::NotPaused)), "registers must not be read while the guest runs");
+    assert!(
+        matches!(vm.regs(0), Err(Error::NotPaused)),
+        "registers must not be read while the guest runs"
+    );
 
     let regs = pause_with_every_vcpu_in_kernel(&vm, &kernel_text);
     assert_eq!(regs.len(), 2);
     for (vcpu, r) in regs.iter().enumerate() {
         eprintln!("paused vCPU {vcpu}: rip {:#x} rsp {:#x}", r.rip, r.rsp);
-        assert!(kernel_text.contains(&r.rip), "vCPU {vcpu} rip {:#x} is outside kernel text {kernel_text:x?}", r.rip);
+        assert!(
+            kernel_text.contains(&r.rip),
+            "vCPU {vcpu} rip {:#x} is outside kernel text {kernel_text:x?}",
+            r.rip
+        );
     }
 
     // Guest memory where the guest sees it: KVM_TRANSLATE walks vCPU 0's page tables from
@@ -94,7 +101,8 @@ fn paused_guest_shows_registers_and_memory_and_runs_on_after_resume() {
     );
 
     for (vcpu, original) in regs.iter().enumerate() {
-        let changed = kvm_regs { rax: !original.rax, r12: original.r12 ^ 0x5a5a_5a5a_5a5a_5a5a, ..*original };
+        let changed =
+            kvm_regs { rax: !original.rax, r12: original.r12 ^ 0x5a5a_5a5a_5a5a_5a5a, ..*original };
         vm.set_regs(vcpu, &changed).expect("set registers");
         assert_eq!(vm.regs(vcpu).expect("read registers back"), changed, "vCPU {vcpu}");
         vm.set_regs(vcpu, original).expect("restore registers");
@@ -105,13 +113,22 @@ fn paused_guest_shows_registers_and_memory_and_runs_on_after_resume() {
     let stream = hybrid_connect(&uds, GUEST_PORT);
     stream.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
     match (&stream).read(&mut [0u8; 1]) {
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
         other => panic!("the paused guest answered a connection: {other:?}"),
     }
     vm.resume().expect("resume");
     echo_through_guest(stream, &vm, 4096);
     wait_for(&vm, "VSOCK-ECHOED=4096");
-    assert_eq!(vm.wait_exit(Some(STEP_TIMEOUT)), Some(ExitReason::Reset), "console:\n{}", vm.console().text());
+    assert_eq!(
+        vm.wait_exit(Some(STEP_TIMEOUT)),
+        Some(ExitReason::Reset),
+        "console:\n{}",
+        vm.console().text()
+    );
     vm.stop();
     assert!(!uds.exists(), "the VMM must remove its vsock socket on exit");
 }
@@ -121,7 +138,8 @@ fn paused_guest_shows_registers_and_memory_and_runs_on_after_resume() {
 fn pause_with_every_vcpu_in_kernel(vm: &Vm, kernel_text: &Range<u64>) -> Vec<kvm_regs> {
     for _ in 0..50 {
         vm.pause().expect("pause");
-        let in_kernel = (0..vm.vcpu_count()).all(|i| vm.sregs(i).expect("read sregs").cs.selector & 3 == 0);
+        let in_kernel =
+            (0..vm.vcpu_count()).all(|i| vm.sregs(i).expect("read sregs").cs.selector & 3 == 0);
         if in_kernel {
             return (0..vm.vcpu_count()).map(|i| vm.regs(i).expect("read registers")).collect();
         }
@@ -150,7 +168,11 @@ fn vector_registers_survive_context_switches_and_host_pauses() {
     let deadline = Instant::now() + STEP_TIMEOUT;
     while !vm.console().wait_for("STRESS-DONE", Duration::from_millis(50)) {
         assert!(vm.wait_exit(Some(Duration::ZERO)).is_none(), "console:\n{}", vm.console().text());
-        assert!(Instant::now() < deadline, "no STRESS-DONE within {STEP_TIMEOUT:?}; console:\n{}", vm.console().text());
+        assert!(
+            Instant::now() < deadline,
+            "no STRESS-DONE within {STEP_TIMEOUT:?}; console:\n{}",
+            vm.console().text()
+        );
         vm.pause().expect("pause");
         for vcpu in 0..vm.vcpu_count() {
             vm.regs(vcpu).expect("read registers");
@@ -158,9 +180,18 @@ fn vector_registers_survive_context_switches_and_host_pauses() {
         vm.resume().expect("resume");
         pauses += 1;
     }
-    assert_eq!(vm.wait_exit(Some(STEP_TIMEOUT)), Some(ExitReason::Reset), "console:\n{}", vm.console().text());
+    assert_eq!(
+        vm.wait_exit(Some(STEP_TIMEOUT)),
+        Some(ExitReason::Reset),
+        "console:\n{}",
+        vm.console().text()
+    );
     let console = vm.console().text();
-    let done = console.lines().find(|l| l.starts_with("STRESS-DONE")).map(str::trim_end).unwrap_or_default();
+    let done = console
+        .lines()
+        .find(|l| l.starts_with("STRESS-DONE"))
+        .map(str::trim_end)
+        .unwrap_or_default();
     eprintln!("{done} with {pauses} host pauses");
     assert!(done.contains(" failed=0 ") && !done.ends_with(" rounds=0"), "console:\n{console}");
     // Where the CPU has AVX, the guest must have been able to enable it: it cannot without
@@ -197,7 +228,10 @@ fn stop_binary_with(signal: i32) {
         .arg(kernel())
         .arg("--initrd")
         .arg(test_initramfs())
-        .args(["--cmdline", &format!("{BASE_CMDLINE} termlab.listen_port={GUEST_PORT} termlab.end=reboot")])
+        .args([
+            "--cmdline",
+            &format!("{BASE_CMDLINE} termlab.listen_port={GUEST_PORT} termlab.end=reboot"),
+        ])
         .args(["--mem-mib", &MEM_MIB.to_string()])
         .arg("--vsock-uds")
         .arg(&uds)
@@ -219,7 +253,10 @@ fn stop_binary_with(signal: i32) {
         if let Some(status) = child.try_wait().expect("wait for termlab-vmm") {
             break status;
         }
-        assert!(sent.elapsed() < Duration::from_secs(10), "termlab-vmm ignored signal {signal} for 10 s");
+        assert!(
+            sent.elapsed() < Duration::from_secs(10),
+            "termlab-vmm ignored signal {signal} for 10 s"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     eprintln!("signal {signal}: termlab-vmm exited after {:?} with {status}", sent.elapsed());
@@ -233,7 +270,12 @@ fn stop_binary_with(signal: i32) {
         .expect("list scratch dir")
         .map(|e| e.expect("dir entry").file_name())
         .collect();
-    assert_eq!(left, [console.file_name().expect("console file name")], "files left in {}", scratch.0.display());
+    assert_eq!(
+        left,
+        [console.file_name().expect("console file name")],
+        "files left in {}",
+        scratch.0.display()
+    );
     // The process is reaped, so its threads are gone; nothing it might have started still runs
     // with our scratch dir on its command line.
     assert!(!Path::new(&format!("/proc/{pid}")).exists(), "process {pid} still exists");
@@ -260,7 +302,11 @@ fn wait_for_file_text(child: &mut Child, path: &Path, marker: &str) {
         if let Some(status) = child.try_wait().expect("poll termlab-vmm") {
             panic!("termlab-vmm exited ({status}) before {marker:?}; console:\n{text}");
         }
-        assert!(Instant::now() < deadline, "no {marker:?} in {} within {STEP_TIMEOUT:?}:\n{text}", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "no {marker:?} in {} within {STEP_TIMEOUT:?}:\n{text}",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

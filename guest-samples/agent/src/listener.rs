@@ -15,28 +15,14 @@ use nix::sys::socket::{
 const BACKLOG: i32 = 16;
 
 pub enum Listener {
-    Vsock {
-        socket: OwnedFd,
-        port: u32,
-    },
-    Unix {
-        listener: UnixListener,
-        path: PathBuf,
-    },
+    Vsock { socket: OwnedFd, port: u32 },
+    Unix { listener: UnixListener, path: PathBuf },
 }
 
 impl Listener {
     pub fn vsock(port: u32) -> io::Result<Self> {
-        let socket = socket(
-            AddressFamily::Vsock,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
-        bind(
-            socket.as_raw_fd(),
-            &VsockAddr::new(libc::VMADDR_CID_ANY, port),
-        )?;
+        let socket = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+        bind(socket.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port))?;
         listen(&socket, Backlog::new(BACKLOG)?)?;
         Ok(Listener::Vsock { socket, port })
     }
@@ -44,10 +30,7 @@ impl Listener {
     /// Refuses an existing path instead of deleting it: it may belong to someone else.
     pub fn unix(path: &Path) -> io::Result<Self> {
         let listener = UnixListener::bind(path)?;
-        Ok(Listener::Unix {
-            listener,
-            path: path.to_owned(),
-        })
+        Ok(Listener::Unix { listener, path: path.to_owned() })
     }
 
     pub fn accept(&self) -> io::Result<File> {

@@ -66,10 +66,7 @@ fn parse_options(args: impl IntoIterator<Item = String>) -> Result<Options, Usag
     };
     let mut args = args.into_iter();
     while let Some(flag) = args.next() {
-        let mut value = || {
-            args.next()
-                .ok_or_else(|| UsageError::MissingValue(flag.clone()))
-        };
+        let mut value = || args.next().ok_or_else(|| UsageError::MissingValue(flag.clone()));
         match flag.as_str() {
             "--port" => {
                 let port = value()?;
@@ -139,9 +136,8 @@ fn main() {
     });
 
     let signal_agent = Arc::clone(&agent);
-    let signal_thread = std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || match signals.wait() {
+    let signal_thread =
+        std::thread::Builder::new().name("signals".into()).spawn(move || match signals.wait() {
             Ok(signal) => {
                 log!("got {signal}");
                 signal_agent.shut_down()
@@ -191,29 +187,13 @@ mod tests {
     fn options_parse_and_reject() {
         assert_eq!(
             parse(&[]).unwrap(),
-            Options {
-                port: 1024,
-                unix_path: None,
-                shutdown_action: ShutdownAction::Exit
-            }
+            Options { port: 1024, unix_path: None, shutdown_action: ShutdownAction::Exit }
         );
         let options = parse(&["--port", "5000", "--shutdown-action", "reboot"]).unwrap();
-        assert_eq!(
-            (options.port, options.shutdown_action),
-            (5000, ShutdownAction::Reboot)
-        );
-        assert_eq!(
-            parse(&["--port"]),
-            Err(UsageError::MissingValue("--port".into()))
-        );
-        assert_eq!(
-            parse(&["--port", "-1"]),
-            Err(UsageError::BadPort("-1".into()))
-        );
+        assert_eq!((options.port, options.shutdown_action), (5000, ShutdownAction::Reboot));
+        assert_eq!(parse(&["--port"]), Err(UsageError::MissingValue("--port".into())));
+        assert_eq!(parse(&["--port", "-1"]), Err(UsageError::BadPort("-1".into())));
         assert!(parse(&["--shutdown-action", "halt"]).is_err());
-        assert_eq!(
-            parse(&["--verbose"]),
-            Err(UsageError::Unknown("--verbose".into()))
-        );
+        assert_eq!(parse(&["--verbose"]), Err(UsageError::Unknown("--verbose".into())));
     }
 }

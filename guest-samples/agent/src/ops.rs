@@ -39,10 +39,7 @@ pub fn read_file(request: &ReadFileRequest) -> Result<FileContents, ErrorReply> 
     }
     let truncated = data.len() as u64 > request.max_bytes;
     data.truncate(request.max_bytes as usize);
-    Ok(FileContents {
-        data: data.into(),
-        truncated,
-    })
+    Ok(FileContents { data: data.into(), truncated })
 }
 
 /// Writes the data with a single write(): a sysctl takes its value from the first write only.
@@ -55,9 +52,7 @@ pub fn write_file(request: &WriteFileRequest) -> Result<WriteReply, ErrorReply> 
         .open(&request.path)
         .map_err(|e| io_error(format!("open {} for writing", request.path), &e))?;
     let bytes = request.data.as_bytes();
-    let written = file
-        .write(bytes)
-        .map_err(|e| io_error(format!("write {}", request.path), &e))?;
+    let written = file.write(bytes).map_err(|e| io_error(format!("write {}", request.path), &e))?;
     if written != bytes.len() {
         let short = io::Error::new(
             io::ErrorKind::WriteZero,
@@ -65,16 +60,11 @@ pub fn write_file(request: &WriteFileRequest) -> Result<WriteReply, ErrorReply> 
         );
         return Err(io_error(format!("write {}", request.path), &short));
     }
-    Ok(WriteReply {
-        bytes_written: written as u64,
-    })
+    Ok(WriteReply { bytes_written: written as u64 })
 }
 
 pub fn clock() -> ClockReading {
-    ClockReading {
-        monotonic_ns: monotonic_ns(),
-        realtime_ns: realtime_ns(),
-    }
+    ClockReading { monotonic_ns: monotonic_ns(), realtime_ns: realtime_ns() }
 }
 
 /// `union bpf_attr` as BPF_PROG_TERMINATE reads it.
@@ -98,17 +88,11 @@ fn bpf_prog_terminate(prog_id: u32, flags: u32) -> TerminateReply {
     };
     let after_ns = monotonic_ns();
     let result = if ret < 0 {
-        SyscallResult::Failed(errno_info(
-            io::Error::last_os_error().raw_os_error().unwrap_or(0),
-        ))
+        SyscallResult::Failed(errno_info(io::Error::last_os_error().raw_os_error().unwrap_or(0)))
     } else {
         SyscallResult::Returned(ret)
     };
-    TerminateReply {
-        result,
-        before_ns,
-        after_ns,
-    }
+    TerminateReply { result, before_ns, after_ns }
 }
 
 /// Drops this thread (only this thread: raw syscalls, not the libc wrappers that change every
@@ -141,9 +125,6 @@ pub fn terminate(request: &TerminateRequest) -> Result<TerminateReply, ErrorRepl
         .map_err(|e| io_error("start the unprivileged thread", &e))?
         .join()
         .unwrap_or_else(|_| {
-            Err(ErrorReply::new(
-                ErrorKind::Internal,
-                "the unprivileged terminate thread panicked",
-            ))
+            Err(ErrorReply::new(ErrorKind::Internal, "the unprivileged terminate thread panicked"))
         })
 }

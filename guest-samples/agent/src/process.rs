@@ -56,12 +56,7 @@ struct KernelSigaction {
 /// ignored signals from whatever started it (init in the guest); std passes both on (it resets
 /// SIGPIPE only), and then e.g. `kill` with SIGTERM would never reach a spawned program.
 fn reset_signal_state() -> std::io::Result<()> {
-    let default = KernelSigaction {
-        handler: libc::SIG_DFL,
-        flags: 0,
-        restorer: 0,
-        mask: 0,
-    };
+    let default = KernelSigaction { handler: libc::SIG_DFL, flags: 0, restorer: 0, mask: 0 };
     // SAFETY: raw system calls (async-signal-safe) reading structs that live on this stack.
     unsafe {
         for signal in 1..=libc::SIGRTMAX() {
@@ -189,9 +184,7 @@ impl Process {
     fn lock(&self) -> MutexGuard<'_, ProcessState> {
         // A panic elsewhere while holding the lock leaves consistent data (plain appends and
         // assignments), so carrying on is better than taking the agent down.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn wait_changed<'a>(
@@ -228,10 +221,9 @@ impl Process {
             Ok(status) => {
                 let status = match (status.code(), status.signal()) {
                     (Some(code), _) => ExitStatus::Exited { code },
-                    (None, Some(signal)) => ExitStatus::Signaled {
-                        signal,
-                        name: signal_name(signal),
-                    },
+                    (None, Some(signal)) => {
+                        ExitStatus::Signaled { signal, name: signal_name(signal) }
+                    }
                     // Stopped/continued are not reported by wait() without WUNTRACED.
                     (None, None) => return,
                 };
@@ -251,10 +243,7 @@ impl Process {
                 Ok(_) => return self.exit_observed(monotonic_ns()),
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(error) => {
-                    log!(
-                        "waitid({}) failed ({error}); polling for its exit",
-                        self.pid
-                    );
+                    log!("waitid({}) failed ({error}); polling for its exit", self.pid);
                     break;
                 }
             }
@@ -313,17 +302,12 @@ pub struct ProcessTable {
 
 impl ProcessTable {
     fn lock(&self) -> MutexGuard<'_, TableInner> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn get(&self, handle: u32) -> Result<Arc<Process>, ErrorReply> {
         self.lock().processes.get(&handle).cloned().ok_or_else(|| {
-            ErrorReply::new(
-                ErrorKind::UnknownHandle,
-                format!("no process with handle {handle}"),
-            )
+            ErrorReply::new(ErrorKind::UnknownHandle, format!("no process with handle {handle}"))
         })
     }
 
@@ -371,11 +355,7 @@ impl ProcessTable {
             .args(&spec.argv[1..])
             .envs(spec.env)
             .process_group(0)
-            .stdin(if spec.stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
+            .stdin(if spec.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         if let Some(uid) = spec.as_uid {
@@ -415,10 +395,7 @@ impl ProcessTable {
             }
             drop(state);
             self.forget(&process);
-            return Err(io_error(
-                format!("cannot start helper threads for process {pid}"),
-                &error,
-            ));
+            return Err(io_error(format!("cannot start helper threads for process {pid}"), &error));
         }
         Ok((process, start_ns))
     }
@@ -432,18 +409,10 @@ impl ProcessTable {
     ) -> std::io::Result<()> {
         let pid = process.pid;
         let waiter = Arc::clone(process);
-        thread::Builder::new()
-            .name(format!("wait-{pid}"))
-            .spawn(move || waiter.wait_for_exit())?;
+        thread::Builder::new().name(format!("wait-{pid}")).spawn(move || waiter.wait_for_exit())?;
         for (stream, pipe) in [
-            (
-                Stream::Stdout,
-                stdout.map(|p| Box::new(p) as Box<dyn Read + Send>),
-            ),
-            (
-                Stream::Stderr,
-                stderr.map(|p| Box::new(p) as Box<dyn Read + Send>),
-            ),
+            (Stream::Stdout, stdout.map(|p| Box::new(p) as Box<dyn Read + Send>)),
+            (Stream::Stderr, stderr.map(|p| Box::new(p) as Box<dyn Read + Send>)),
         ] {
             let reader = Arc::clone(process);
             match pipe {
@@ -501,10 +470,7 @@ impl ProcessTable {
         let Some(exit) = exit else {
             return Err(ErrorReply::new(
                 ErrorKind::Timeout,
-                format!(
-                    "process {} survived SIGKILL for {KILL_GRACE:?}",
-                    process.pid
-                ),
+                format!("process {} survived SIGKILL for {KILL_GRACE:?}", process.pid),
             ));
         };
         self.forget(&process);
@@ -526,10 +492,7 @@ impl ProcessTable {
             stdin: None,
         })?;
         log!("spawned {:?} as process {}", request.argv, process.pid);
-        Ok(SpawnReply {
-            handle: process.pid,
-            start_ns,
-        })
+        Ok(SpawnReply { handle: process.pid, start_ns })
     }
 
     pub fn read_output(&self, handle: u32) -> Result<ProcessOutput, ErrorReply> {
@@ -557,17 +520,10 @@ impl ProcessTable {
         loop {
             let log = state.log(request.stream);
             if let Some((line, end)) = log.find_line(from, pattern) {
-                return Ok(OutputMatch {
-                    line: line.into(),
-                    end_offset: end as u64,
-                });
+                return Ok(OutputMatch { line: line.into(), end_offset: end as u64 });
             }
             if log.closed || log.is_full() {
-                let why = if log.closed {
-                    "closed"
-                } else {
-                    "filled the kept output"
-                };
+                let why = if log.closed { "closed" } else { "filled the kept output" };
                 return Err(ErrorReply::new(
                     ErrorKind::OutputEnded,
                     format!(
@@ -662,10 +618,7 @@ mod tests {
         let open = log_of(b"start\nprog_id=1", false);
         assert_eq!(open.find_line(0, b"prog_id="), None);
         let closed = log_of(b"start\nprog_id=1", true);
-        assert_eq!(
-            closed.find_line(0, b"prog_id="),
-            Some((b"prog_id=1".to_vec(), 15))
-        );
+        assert_eq!(closed.find_line(0, b"prog_id="), Some((b"prog_id=1".to_vec(), 15)));
     }
 
     #[test]

@@ -18,10 +18,7 @@ pub fn serve(connection: File, agent: &Agent) {
         let (response, shutdown) = match lines.read_line(&mut &connection) {
             Ok(line) => answer(&line, agent),
             Err(error @ LineError::TooLong { .. }) => (
-                Response::error(
-                    None,
-                    ErrorReply::new(ErrorKind::LineTooLong, error.to_string()),
-                ),
+                Response::error(None, ErrorReply::new(ErrorKind::LineTooLong, error.to_string())),
                 false,
             ),
             Err(LineError::Closed { unterminated_bytes }) => {
@@ -49,10 +46,7 @@ fn encode(response: &Response) -> Vec<u8> {
     response.to_line().unwrap_or_else(|error| {
         let fallback = Response::error(
             response.id,
-            ErrorReply::new(
-                ErrorKind::Internal,
-                format!("cannot encode the response: {error}"),
-            ),
+            ErrorReply::new(ErrorKind::Internal, format!("cannot encode the response: {error}")),
         );
         // This one has only plain strings and cannot fail; the empty line would still keep the
         // framing intact.
@@ -66,10 +60,7 @@ fn answer(line: &[u8], agent: &Agent) -> (Response, bool) {
         Ok(request) => request,
         Err(error) => {
             log!("rejected request line: {error}");
-            return (
-                Response::error(error.id, ErrorReply::new(error.kind, error.message)),
-                false,
-            );
+            return (Response::error(error.id, ErrorReply::new(error.kind, error.message)), false);
         }
     };
     let shutdown = matches!(request.body, RequestBody::Shutdown {});
@@ -78,13 +69,7 @@ fn answer(line: &[u8], agent: &Agent) -> (Response, bool) {
         log!("request {} failed: {error}", request.id);
     }
     let shutdown = shutdown && outcome.is_ok();
-    (
-        Response {
-            id: Some(request.id),
-            outcome,
-        },
-        shutdown,
-    )
+    (Response { id: Some(request.id), outcome }, shutdown)
 }
 
 fn execute(body: RequestBody, agent: &Agent) -> Result<ResponseBody, ErrorReply> {

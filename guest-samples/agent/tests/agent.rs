@@ -97,9 +97,7 @@ impl RunningAgent {
         let child = command.spawn().expect("start the agent");
         let agent = RunningAgent { child, socket, dir };
         // The socket file appears at bind(), slightly before listen(): wait for a connection.
-        wait_until("the agent accepts connections", || {
-            UnixStream::connect(&agent.socket).is_ok()
-        });
+        wait_until("the agent accepts connections", || UnixStream::connect(&agent.socket).is_ok());
         agent
     }
 
@@ -121,10 +119,7 @@ impl RunningAgent {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "agent still running after {within:?}"
-            );
+            assert!(Instant::now() < deadline, "agent still running after {within:?}");
             thread::sleep(Duration::from_millis(10));
         }
     }
@@ -191,26 +186,16 @@ fn run_reports_exit_status_output_and_timestamps() {
     let mut client = agent.client();
 
     let before = client.clock().unwrap().monotonic_ns;
-    let echo = client
-        .run(run_request(&["echo", "hello", "world"], 5000))
-        .unwrap();
+    let echo = client.run(run_request(&["echo", "hello", "world"], 5000)).unwrap();
     let after = client.clock().unwrap().monotonic_ns;
     assert_eq!(echo.status, ExitStatus::Exited { code: 0 });
     assert!(!echo.timed_out);
     assert_eq!(echo.stdout.data.as_bytes(), b"hello world\n");
-    assert_eq!(
-        (echo.stdout.truncated, echo.stdout.total_bytes),
-        (false, 12)
-    );
+    assert_eq!((echo.stdout.truncated, echo.stdout.total_bytes), (false, 12));
     assert_eq!(echo.stderr.data.as_bytes(), b"");
     assert!(before <= echo.start_ns && echo.start_ns <= echo.end_ns && echo.end_ns <= after);
 
-    let exit3 = client
-        .run(run_request(
-            &["sh", "-c", "echo to-stderr >&2; exit 3"],
-            5000,
-        ))
-        .unwrap();
+    let exit3 = client.run(run_request(&["sh", "-c", "echo to-stderr >&2; exit 3"], 5000)).unwrap();
     assert_eq!(exit3.status, ExitStatus::Exited { code: 3 });
     assert_eq!(exit3.stderr.data.as_bytes(), b"to-stderr\n");
 
@@ -237,9 +222,7 @@ fn children_get_default_signal_handling_whatever_the_agent_inherited() {
     let termination = &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
     let mut agent = RunningAgent::start_ignoring(termination);
     let mut client = agent.client();
-    let status = client
-        .run(run_request(&["cat", "/proc/self/status"], 5000))
-        .unwrap();
+    let status = client.run(run_request(&["cat", "/proc/self/status"], 5000)).unwrap();
     let status = status.stdout.data.to_string_lossy().into_owned();
     assert!(status.contains("SigBlk:\t0000000000000000\n"), "{status}");
     assert!(status.contains("SigIgn:\t0000000000000000\n"), "{status}");
@@ -252,22 +235,14 @@ fn children_get_default_signal_handling_whatever_the_agent_inherited() {
     let spawned = client.spawn(sleep()).unwrap();
     client.kill(spawned.handle, libc::SIGTERM).unwrap();
     let exit = client.wait(spawned.handle, 5000).unwrap();
-    assert_eq!(
-        exit.status,
-        ExitStatus::Signaled {
-            signal: libc::SIGTERM,
-            name: "SIGTERM".into()
-        }
-    );
+    assert_eq!(exit.status, ExitStatus::Signaled { signal: libc::SIGTERM, name: "SIGTERM".into() });
 
     // The agent itself still shuts down, killing its children, on SIGTERM.
     let sleeper = client.spawn(sleep()).unwrap();
     // SAFETY: plain syscall on our own child.
     unsafe { libc::kill(agent.child.id() as i32, libc::SIGTERM) };
     assert!(agent.wait_exit(Duration::from_secs(5)).success());
-    wait_until("the agent's child is killed", || {
-        process_is_gone(sleeper.handle)
-    });
+    wait_until("the agent's child is killed", || process_is_gone(sleeper.handle));
 }
 
 #[test]
@@ -277,19 +252,13 @@ fn run_past_its_timeout_is_killed_with_its_process_group() {
     // The shell prints the pid of a background grandchild, then waits on it.
     let started = Instant::now();
     let output = client
-        .run(run_request(
-            &["sh", "-c", "sleep 30 & echo $!; wait; echo never"],
-            300,
-        ))
+        .run(run_request(&["sh", "-c", "sleep 30 & echo $!; wait; echo never"], 300))
         .unwrap();
     let elapsed = started.elapsed();
     assert!(output.timed_out);
     assert_eq!(
         output.status,
-        ExitStatus::Signaled {
-            signal: libc::SIGKILL,
-            name: "SIGKILL".into()
-        }
+        ExitStatus::Signaled { signal: libc::SIGKILL, name: "SIGKILL".into() }
     );
     assert!(output.end_ns - output.start_ns >= 300_000_000, "{output:?}");
     assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
@@ -304,19 +273,12 @@ fn run_output_beyond_the_limit_is_flagged() {
     let agent = RunningAgent::start();
     let mut client = agent.client();
     let total = MAX_CAPTURED_OUTPUT_BYTES + 1000;
-    let output = client
-        .run(run_request(
-            &["sh", "-c", &format!("yes | head -c {total}")],
-            20_000,
-        ))
-        .unwrap();
+    let output =
+        client.run(run_request(&["sh", "-c", &format!("yes | head -c {total}")], 20_000)).unwrap();
     assert_eq!(output.status, ExitStatus::Exited { code: 0 });
     assert!(output.stdout.truncated);
     assert_eq!(output.stdout.total_bytes, total as u64);
-    assert_eq!(
-        output.stdout.data.as_bytes().len(),
-        MAX_CAPTURED_OUTPUT_BYTES
-    );
+    assert_eq!(output.stdout.data.as_bytes().len(), MAX_CAPTURED_OUTPUT_BYTES);
 }
 
 #[test]
@@ -325,13 +287,9 @@ fn spawned_process_can_be_watched_killed_and_waited_for() {
     let mut client = agent.client();
     let spawned = client
         .spawn(SpawnRequest {
-            argv: [
-                "sh",
-                "-c",
-                "echo starting; sleep 0.2; echo prog_id=42; exec sleep 30",
-            ]
-            .map(String::from)
-            .to_vec(),
+            argv: ["sh", "-c", "echo starting; sleep 0.2; echo prog_id=42; exec sleep 30"]
+                .map(String::from)
+                .to_vec(),
             env: BTreeMap::new(),
             as_uid: None,
         })
@@ -360,13 +318,7 @@ fn spawned_process_can_be_watched_killed_and_waited_for() {
 
     client.kill(handle, libc::SIGTERM).unwrap();
     let exit = client.wait(handle, 5000).unwrap();
-    assert_eq!(
-        exit.status,
-        ExitStatus::Signaled {
-            signal: libc::SIGTERM,
-            name: "SIGTERM".into()
-        }
-    );
+    assert_eq!(exit.status, ExitStatus::Signaled { signal: libc::SIGTERM, name: "SIGTERM".into() });
     assert!(exit.end_ns > spawned.start_ns);
     assert!(process_is_gone(handle));
 
@@ -388,8 +340,11 @@ fn output_is_complete_when_wait_returns() {
     let agent = RunningAgent::start();
     let mut client = agent.client();
     for round in 0..50 {
-        let argv = ["sh", "-c", "echo line one; echo line two >&2; echo result=ok"].map(String::from).to_vec();
-        let spawned = client.spawn(SpawnRequest { argv, env: BTreeMap::new(), as_uid: None }).unwrap();
+        let argv = ["sh", "-c", "echo line one; echo line two >&2; echo result=ok"]
+            .map(String::from)
+            .to_vec();
+        let spawned =
+            client.spawn(SpawnRequest { argv, env: BTreeMap::new(), as_uid: None }).unwrap();
         client.wait(spawned.handle, 5000).unwrap();
         let output = client.read_output(spawned.handle).unwrap();
         assert_eq!(output.stdout.data.as_bytes(), b"line one\nresult=ok\n", "round {round}");
@@ -409,32 +364,18 @@ fn files_are_read_and_written() {
     assert_eq!(written.bytes_written, 4);
     assert_eq!(std::fs::read(&path).unwrap(), b"250\n");
     client.write_file(path_str, "7").unwrap();
-    assert_eq!(
-        std::fs::read(&path).unwrap(),
-        b"7",
-        "the old content is replaced"
-    );
+    assert_eq!(std::fs::read(&path).unwrap(), b"7", "the old content is replaced");
 
     std::fs::write(&path, [0xff, 0x00, b'a', b'b']).unwrap();
     let whole = client.read_file(path_str, 100).unwrap();
-    assert_eq!(
-        (whole.data.as_bytes(), whole.truncated),
-        (&[0xff, 0, b'a', b'b'][..], false)
-    );
+    assert_eq!((whole.data.as_bytes(), whole.truncated), (&[0xff, 0, b'a', b'b'][..], false));
     let part = client.read_file(path_str, 2).unwrap();
-    assert_eq!(
-        (part.data.as_bytes(), part.truncated),
-        (&[0xff, 0][..], true)
-    );
+    assert_eq!((part.data.as_bytes(), part.truncated), (&[0xff, 0][..], true));
 
     // /proc files report size 0 and must be read to EOF.
     let kallsyms = client.read_file("/proc/kallsyms", 16 << 20).unwrap();
     let text = kallsyms.data.to_string_lossy();
-    assert!(
-        text.lines().count() > 1000,
-        "{} lines",
-        text.lines().count()
-    );
+    assert!(text.lines().count() > 1000, "{} lines", text.lines().count());
     assert!(text.contains(" T ") || text.contains(" t "));
 
     // /dev/kmsg blocks at its end and wants one whole record per read(): the agent must stop
@@ -467,10 +408,9 @@ fn clock_is_monotonic_and_realtime_is_current() {
     thread::sleep(Duration::from_millis(5));
     let second = client.clock().unwrap();
     assert!(second.monotonic_ns >= first.monotonic_ns + 5_000_000);
-    let host_realtime = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
+    let host_realtime =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+            as u64;
     assert!(host_realtime.abs_diff(second.realtime_ns) < 5_000_000_000);
 }
 
@@ -500,13 +440,7 @@ fn terminate_reports_the_kernels_errno_by_number_and_name() {
     // An unpatched host kernel knows no BPF_PROG_TERMINATE (or gives 37 another meaning), so
     // the call fails; the agent must report exactly what the kernel said.
     for (prog_id, flags, as_uid) in [(1, 0, None), (u32::MAX, 0xff, None), (1, 0, Some(65534))] {
-        let reply = client
-            .terminate(TerminateRequest {
-                prog_id,
-                flags,
-                as_uid,
-            })
-            .unwrap();
+        let reply = client.terminate(TerminateRequest { prog_id, flags, as_uid }).unwrap();
         assert!(reply.before_ns <= reply.after_ns);
         let SyscallResult::Failed(errno) = reply.result else {
             panic!("BPF_PROG_TERMINATE succeeded on an unpatched kernel: {reply:?}");
@@ -532,26 +466,10 @@ fn bad_input_gets_error_responses_and_the_agent_keeps_serving() {
         (b"garbage".to_vec(), None, ErrorKind::MalformedJson),
         (b"".to_vec(), None, ErrorKind::MalformedJson),
         (vec![0xff, 0xfe, 0x00], None, ErrorKind::MalformedJson),
-        (
-            br#"{"op":"clock"}"#.to_vec(),
-            None,
-            ErrorKind::InvalidRequest,
-        ),
-        (
-            br#"{"id":7,"op":"format_disk"}"#.to_vec(),
-            Some(7),
-            ErrorKind::InvalidRequest,
-        ),
-        (
-            br#"{"id":8,"op":"run","argv":["true"]}"#.to_vec(),
-            Some(8),
-            ErrorKind::InvalidRequest,
-        ),
-        (
-            br#"{"id":9,"op":"clock","x":1}"#.to_vec(),
-            Some(9),
-            ErrorKind::InvalidRequest,
-        ),
+        (br#"{"op":"clock"}"#.to_vec(), None, ErrorKind::InvalidRequest),
+        (br#"{"id":7,"op":"format_disk"}"#.to_vec(), Some(7), ErrorKind::InvalidRequest),
+        (br#"{"id":8,"op":"run","argv":["true"]}"#.to_vec(), Some(8), ErrorKind::InvalidRequest),
+        (br#"{"id":9,"op":"clock","x":1}"#.to_vec(), Some(9), ErrorKind::InvalidRequest),
         (
             br#"{"id":10,"op":"run","argv":[],"timeout_ms":5}"#.to_vec(),
             Some(10),
@@ -609,23 +527,13 @@ fn connections_are_independent_and_share_the_process_table() {
     for _ in 0..20 {
         second.clock().unwrap();
     }
-    assert!(
-        started.elapsed() < Duration::from_millis(900),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_millis(900), "{:?}", started.elapsed());
     second.kill(spawned.handle, libc::SIGKILL).unwrap();
     assert_eq!(
         second.wait(spawned.handle, 5000).unwrap().status.clone(),
-        ExitStatus::Signaled {
-            signal: libc::SIGKILL,
-            name: "SIGKILL".into()
-        }
+        ExitStatus::Signaled { signal: libc::SIGKILL, name: "SIGKILL".into() }
     );
-    assert_eq!(
-        blocked.join().unwrap().status,
-        ExitStatus::Exited { code: 0 }
-    );
+    assert_eq!(blocked.join().unwrap().status, ExitStatus::Exited { code: 0 });
 }
 
 #[test]
@@ -634,21 +542,13 @@ fn shutdown_kills_children_removes_the_socket_and_exits() {
     let mut client = agent.client();
     let spawned = client
         .spawn(SpawnRequest {
-            argv: ["sh", "-c", "sleep 30 & echo $!; wait"]
-                .map(String::from)
-                .to_vec(),
+            argv: ["sh", "-c", "sleep 30 & echo $!; wait"].map(String::from).to_vec(),
             env: BTreeMap::new(),
             as_uid: None,
         })
         .unwrap();
     wait_until("the shell prints its child's pid", || {
-        client
-            .read_output(spawned.handle)
-            .unwrap()
-            .stdout
-            .data
-            .as_bytes()
-            .ends_with(b"\n")
+        client.read_output(spawned.handle).unwrap().stdout.data.as_bytes().ends_with(b"\n")
     });
     let grandchild: u32 = client
         .read_output(spawned.handle)
@@ -679,18 +579,13 @@ fn relay_one_connection(
     let listener = UnixListener::bind(vmm_socket).unwrap();
     thread::spawn(move || {
         let (mut host, _) = listener.accept().unwrap();
-        let line = hybrid_vsock::read_handshake_line(&mut host)
-            .unwrap()
-            .unwrap();
+        let line = hybrid_vsock::read_handshake_line(&mut host).unwrap().unwrap();
         if hybrid_vsock::parse_connect_request(&line).unwrap() != listening_port {
             return;
         }
         let guest = UnixStream::connect(agent_socket).unwrap();
-        io::Write::write_all(
-            &mut host,
-            hybrid_vsock::connect_reply_line(1_073_741_824).as_bytes(),
-        )
-        .unwrap();
+        io::Write::write_all(&mut host, hybrid_vsock::connect_reply_line(1_073_741_824).as_bytes())
+            .unwrap();
         let (mut host_in, mut guest_out) = (host.try_clone().unwrap(), guest.try_clone().unwrap());
         let upstream = thread::spawn(move || {
             let _ = io::copy(&mut host_in, &mut guest_out);
@@ -712,10 +607,7 @@ fn hybrid_vsock_handshake_reaches_the_agent() {
     let stream =
         hybrid_vsock::connect_with_retry(&vmm_socket, 1024, Duration::from_secs(5)).unwrap();
     let mut client = Client::new(stream);
-    assert_eq!(
-        client.hello().unwrap().protocol_version,
-        termlab_protocol::PROTOCOL_VERSION
-    );
+    assert_eq!(client.hello().unwrap().protocol_version, termlab_protocol::PROTOCOL_VERSION);
     assert!(client.clock().unwrap().monotonic_ns > 0);
     drop(client);
     relay.join().unwrap();
@@ -723,10 +615,7 @@ fn hybrid_vsock_handshake_reaches_the_agent() {
     std::fs::remove_file(&vmm_socket).unwrap();
     let relay = relay_one_connection(&vmm_socket, agent.socket.clone(), 1024);
     let refused = hybrid_vsock::connect(&vmm_socket, 5, Duration::from_secs(5)).unwrap_err();
-    assert!(
-        matches!(refused, HandshakeError::Refused { port: 5 }),
-        "{refused}"
-    );
+    assert!(matches!(refused, HandshakeError::Refused { port: 5 }), "{refused}");
     relay.join().unwrap();
 }
 

@@ -45,12 +45,23 @@ pub struct BootSpec<'a> {
 impl Guest {
     /// Boots the VM and waits until its agent answers `hello`.
     pub fn boot(spec: BootSpec<'_>) -> Result<Guest, EngineError> {
-        let socket_dir = tempfile::Builder::new().prefix("termlab-vsock.").tempdir().map_err(|e| EngineError::Guest(format!("cannot create a socket directory: {e}")))?;
+        let socket_dir = tempfile::Builder::new()
+            .prefix("termlab-vsock.")
+            .tempdir()
+            .map_err(|e| EngineError::Guest(format!("cannot create a socket directory: {e}")))?;
         let uds_path = socket_dir.path().join("vsock.sock");
-        let mut config = VmConfig::new(spec.kernel.to_owned(), Some(spec.initramfs.to_owned()), CMDLINE.to_owned());
+        let mut config = VmConfig::new(
+            spec.kernel.to_owned(),
+            Some(spec.initramfs.to_owned()),
+            CMDLINE.to_owned(),
+        );
         config.vcpus = spec.vcpus;
         config.mem_mib = spec.memory_mib;
-        config.console = ConsoleConfig { file: Some(spec.console_log.clone()), stdout: false, stdin: spec.console_stdin };
+        config.console = ConsoleConfig {
+            file: Some(spec.console_log.clone()),
+            stdout: false,
+            stdin: spec.console_stdin,
+        };
         config.vsock = Some(VsockConfig { guest_cid: GUEST_CID, uds_path: uds_path.clone() });
         let mut vm = Vm::new(config)?;
         vm.start()?;
@@ -61,13 +72,20 @@ impl Guest {
                 return Err(EngineError::Interrupted);
             }
             if let Some(reason) = vm.wait_exit(Some(Duration::ZERO)) {
-                return Err(EngineError::VmExited { reason: describe_exit(&reason), console: spec.console_log });
+                return Err(EngineError::VmExited {
+                    reason: describe_exit(&reason),
+                    console: spec.console_log,
+                });
             }
             match hybrid_vsock::connect_with_retry(&uds_path, DEFAULT_VSOCK_PORT, CONNECT_SLICE) {
                 Ok(stream) => break stream,
                 Err(error) if Instant::now() < deadline && retryable(&error) => continue,
                 Err(error) => {
-                    return Err(EngineError::NoAgent { waited: AGENT_WAIT, detail: error.to_string(), console: spec.console_log });
+                    return Err(EngineError::NoAgent {
+                        waited: AGENT_WAIT,
+                        detail: error.to_string(),
+                        console: spec.console_log,
+                    });
                 }
             }
         };
@@ -128,13 +146,21 @@ impl Guest {
 
 /// Not listening yet, or the VMM socket not there yet: try again.
 fn retryable(error: &HandshakeError) -> bool {
-    matches!(error, HandshakeError::Refused { .. } | HandshakeError::Timeout(_) | HandshakeError::Connect { .. })
+    matches!(
+        error,
+        HandshakeError::Refused { .. }
+            | HandshakeError::Timeout(_)
+            | HandshakeError::Connect { .. }
+    )
 }
 
 /// The last `lines` lines of the guest console log, indented, for error messages.
 pub fn console_tail(console_log: &Path, lines: usize) -> String {
-    let text = std::fs::read(console_log).map(|bytes| String::from_utf8_lossy(&bytes).into_owned()).unwrap_or_default();
-    let kept: Vec<&str> = text.lines().rev().filter(|line| !line.trim().is_empty()).take(lines).collect();
+    let text = std::fs::read(console_log)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default();
+    let kept: Vec<&str> =
+        text.lines().rev().filter(|line| !line.trim().is_empty()).take(lines).collect();
     if kept.is_empty() {
         return "  (the guest console is empty)".to_owned();
     }
@@ -146,9 +172,16 @@ pub fn describe_exit(reason: &ExitReason) -> String {
         ExitReason::Panic { console_tail } => {
             // The panic's own line names the cause; the last lines show where it happened.
             const WHY: &str = "Kernel panic - not syncing";
-            let why = console_tail.lines().find_map(|line| line.find(WHY).map(|at| line[at..].trim_end())).unwrap_or("Kernel panic");
-            let last: Vec<&str> = console_tail.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect();
-            format!("the guest kernel panicked ({why}). Guest console, last lines:\n{}", last.join("\n"))
+            let why = console_tail
+                .lines()
+                .find_map(|line| line.find(WHY).map(|at| line[at..].trim_end()))
+                .unwrap_or("Kernel panic");
+            let last: Vec<&str> =
+                console_tail.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect();
+            format!(
+                "the guest kernel panicked ({why}). Guest console, last lines:\n{}",
+                last.join("\n")
+            )
         }
         ExitReason::Reset => "the guest rebooted".into(),
         ExitReason::TripleFault => "a vCPU triple-faulted".into(),

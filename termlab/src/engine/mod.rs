@@ -23,15 +23,18 @@ use crate::evaluate::{compute_metrics, evaluate, evaluate_stack_proofs, KernelLo
 use crate::guest_image::{self, GuestImageError, IPI_RTT_GUEST_PATH};
 use crate::kernel_trace;
 use crate::report::{self, ReportError};
-use crate::results::{self, Environment, Repetition, ResultsError, RunResult, ScenarioRecord, StepRecord, VmInfo, VmmInfo, AGENT_RTT_METRIC, IPI_RTT_METRIC};
+use crate::results::{
+    self, Environment, Repetition, ResultsError, RunResult, ScenarioRecord, StepRecord, VmInfo,
+    VmmInfo, AGENT_RTT_METRIC, IPI_RTT_METRIC,
+};
 use crate::scenario::LoadedScenario;
 use crate::stack_proof::TermMap;
-use stack_probe::StackProbe;
-use termlab_vmm::Vm;
 use crate::ui::Ui;
 pub use guest::{describe_exit, BootSpec, Guest, CMDLINE};
+use stack_probe::StackProbe;
 pub use steps::parse_fields;
 use steps::{run_repetition, LoadedProgram, TraceReader};
+use termlab_vmm::Vm;
 
 #[derive(Debug, Error)]
 pub enum EngineError {
@@ -68,7 +71,13 @@ pub enum EngineError {
 impl EngineError {
     /// Whether the agent can no longer be asked to power the guest off.
     fn agent_unusable(&self) -> bool {
-        matches!(self, EngineError::Hung { .. } | EngineError::AgentGone { .. } | EngineError::VmExited { .. } | EngineError::Interrupted)
+        matches!(
+            self,
+            EngineError::Hung { .. }
+                | EngineError::AgentGone { .. }
+                | EngineError::VmExited { .. }
+                | EngineError::Interrupted
+        )
     }
 }
 
@@ -124,9 +133,15 @@ const LOADER_READY_MS: u64 = 30_000;
 /// Runs one scenario and returns its result (also written to its results
 /// directory with the reports). An error after the results directory
 /// exists still leaves a result.json marked incomplete there.
-pub fn run_scenario(root: &Path, loaded: &LoadedScenario, options: &RunOptions, ui: Ui) -> Result<(RunResult, PathBuf), EngineError> {
+pub fn run_scenario(
+    root: &Path,
+    loaded: &LoadedScenario,
+    options: &RunOptions,
+    ui: Ui,
+) -> Result<(RunResult, PathBuf), EngineError> {
     let scenario = &loaded.scenario;
-    let kernel = guest_image::resolve_kernel(root, scenario.vm.kernel, options.kernel_dir.as_deref())?;
+    let kernel =
+        guest_image::resolve_kernel(root, scenario.vm.kernel, options.kernel_dir.as_deref())?;
     // Cached: main prepared it before any nesting.
     let initramfs = guest_image::initramfs(root, &kernel)?;
 
@@ -152,7 +167,11 @@ pub fn run_scenario(root: &Path, loaded: &LoadedScenario, options: &RunOptions, 
             nested: options.nested,
             vmm: VmmInfo { name: "termlab-vmm".into(), version: termlab_vmm_version() },
             kernel: kernel.info.clone(),
-            vm: VmInfo { vcpus: scenario.vm.vcpus.get(), memory_mib: scenario.vm.memory_mib.get(), cmdline: CMDLINE.to_owned() },
+            vm: VmInfo {
+                vcpus: scenario.vm.vcpus.get(),
+                memory_mib: scenario.vm.memory_mib.get(),
+                cmdline: CMDLINE.to_owned(),
+            },
         },
         repetitions: Vec::new(),
         summary: Vec::new(),
@@ -162,11 +181,24 @@ pub fn run_scenario(root: &Path, loaded: &LoadedScenario, options: &RunOptions, 
 
     let console_log = dir.join(results::CONSOLE_FILE);
     let system_map = kernel.dir.join("System.map");
-    let outcome = boot_and_measure(loaded, &kernel.bzimage, &system_map, &initramfs, &console_log, repetitions, options, ui, &mut result, &dir);
+    let outcome = boot_and_measure(
+        loaded,
+        &kernel.bzimage,
+        &system_map,
+        &initramfs,
+        &console_log,
+        repetitions,
+        options,
+        ui,
+        &mut result,
+        &dir,
+    );
     // Ctrl-C during a request surfaces as that request's error (EINTR):
     // name the real cause.
     let outcome = match outcome {
-        Err(error) if interrupted() && !matches!(error, EngineError::Interrupted) => Err(EngineError::Interrupted),
+        Err(error) if interrupted() && !matches!(error, EngineError::Interrupted) => {
+            Err(EngineError::Interrupted)
+        }
         other => other,
     };
     result.finished_at = Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
@@ -202,7 +234,11 @@ fn boot_and_measure(
     dir: &Path,
 ) -> Result<(), EngineError> {
     let scenario = &loaded.scenario;
-    let spinner = ui.spinner(&format!("booting {} ({} vCPUs)", scenario.vm.kernel.as_str(), scenario.vm.vcpus.get()));
+    let spinner = ui.spinner(&format!(
+        "booting {} ({} vCPUs)",
+        scenario.vm.kernel.as_str(),
+        scenario.vm.vcpus.get()
+    ));
     let guest = Guest::boot(BootSpec {
         kernel,
         initramfs,
@@ -216,7 +252,8 @@ fn boot_and_measure(
     let mut guest = guest?;
 
     let (vm, client) = guest.parts();
-    let measured = measure(client, vm, system_map, loaded, repetitions, ui, result, dir).map_err(|error| explain_with_vm_state(error, &guest, console_log));
+    let measured = measure(client, vm, system_map, loaded, repetitions, ui, result, dir)
+        .map_err(|error| explain_with_vm_state(error, &guest, console_log));
     let failed = match &measured {
         Ok(()) => !result.expectations.iter().all(|e| e.passed),
         Err(_) => true,
@@ -229,8 +266,13 @@ fn boot_and_measure(
         interactive_console(guest, console_log, ui);
     } else {
         let reason = guest.power_off();
-        if measured.is_ok() && !matches!(reason, termlab_vmm::ExitReason::Reset | termlab_vmm::ExitReason::Stopped) {
-            return Err(EngineError::VmExited { reason: describe_exit(&reason), console: console_log.to_owned() });
+        if measured.is_ok()
+            && !matches!(reason, termlab_vmm::ExitReason::Reset | termlab_vmm::ExitReason::Stopped)
+        {
+            return Err(EngineError::VmExited {
+                reason: describe_exit(&reason),
+                console: console_log.to_owned(),
+            });
         }
     }
     measured
@@ -249,11 +291,16 @@ fn explain_with_vm_state(error: EngineError, guest: &Guest, console_log: &Path) 
         ClientError::Timeout { waited, .. } => {
             // A guest that panicked or rebooted has also stopped answering.
             if let Some(reason) = guest.exited() {
-                return EngineError::VmExited { reason: describe_exit(&reason), console: console_log.to_owned() };
+                return EngineError::VmExited {
+                    reason: describe_exit(&reason),
+                    console: console_log.to_owned(),
+                };
             }
             EngineError::Hung { what, waited, console: console_log.to_owned(), tail: tail() }
         }
-        source @ (ClientError::Closed { .. } | ClientError::Receive { .. } | ClientError::Send { .. }) => {
+        source @ (ClientError::Closed { .. }
+        | ClientError::Receive { .. }
+        | ClientError::Send { .. }) => {
             // A panicking guest resets itself (panic=-1), and init reboots
             // the guest when the agent exits: give the VMM a moment to see it.
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -274,7 +321,13 @@ fn explain_with_vm_state(error: EngineError, guest: &Guest, console_log: &Path) 
                 Some(reason) => format!("then the VM ended: {}", describe_exit(&reason)),
                 None => "the guest is still running without its agent connection; the VM was killed".to_owned(),
             };
-            EngineError::AgentGone { what, detail: source.to_string(), after, console: console_log.to_owned(), tail: tail() }
+            EngineError::AgentGone {
+                what,
+                detail: source.to_string(),
+                after,
+                console: console_log.to_owned(),
+                tail: tail(),
+            }
         }
         source => EngineError::Agent { what, source },
     }
@@ -283,38 +336,78 @@ fn explain_with_vm_state(error: EngineError, guest: &Guest, console_log: &Path) 
 /// Applies sysctls, starts the loaders, runs the repetitions, reads dmesg
 /// and judges the expectations.
 #[allow(clippy::too_many_arguments)]
-fn measure(client: &mut Client<UnixStream>, vm: &Vm, system_map: &Path, loaded: &LoadedScenario, repetitions: u32, ui: Ui, result: &mut RunResult, dir: &Path) -> Result<(), EngineError> {
+fn measure(
+    client: &mut Client<UnixStream>,
+    vm: &Vm,
+    system_map: &Path,
+    loaded: &LoadedScenario,
+    repetitions: u32,
+    ui: Ui,
+    result: &mut RunResult,
+    dir: &Path,
+) -> Result<(), EngineError> {
     let scenario = &loaded.scenario;
     let dmesg_after_boot = read_dmesg(client);
     for (name, value) in &scenario.sysctl {
-        client
-            .write_file(&name.proc_path(), format!("{value}\n").into_bytes())
-            .map_err(|source| EngineError::Agent { what: format!("setting sysctl {name} (does this kernel have it?)"), source })?;
+        client.write_file(&name.proc_path(), format!("{value}\n").into_bytes()).map_err(
+            |source| EngineError::Agent {
+                what: format!("setting sysctl {name} (does this kernel have it?)"),
+                source,
+            },
+        )?;
     }
     let mut programs = Vec::new();
     for spec in &scenario.programs {
         let argv = spec.loader.as_slice().to_vec();
-        let spawned = client.spawn(SpawnRequest { argv: argv.clone(), env: BTreeMap::new(), as_uid: None }).map_err(|source| EngineError::Agent { what: format!("starting loader {argv:?}"), source })?;
-        let ready = client.wait_output(WaitOutputRequest { handle: spawned.handle, pattern: "prog_id=".into(), stream: Default::default(), timeout_ms: LOADER_READY_MS, from_offset: 0 });
+        let spawned = client
+            .spawn(SpawnRequest { argv: argv.clone(), env: BTreeMap::new(), as_uid: None })
+            .map_err(|source| EngineError::Agent {
+                what: format!("starting loader {argv:?}"),
+                source,
+            })?;
+        let ready = client.wait_output(WaitOutputRequest {
+            handle: spawned.handle,
+            pattern: "prog_id=".into(),
+            stream: Default::default(),
+            timeout_ms: LOADER_READY_MS,
+            from_offset: 0,
+        });
         let line = match ready {
             Ok(found) => found.line.to_string_lossy().into_owned(),
             Err(source) => {
-                let stderr = client.read_output(spawned.handle).map(|o| o.stderr.data.to_string_lossy().into_owned()).unwrap_or_default();
-                return Err(EngineError::Guest(format!("loader {argv:?} did not print its program id ({source}); its stderr: {}", stderr.trim())));
+                let stderr = client
+                    .read_output(spawned.handle)
+                    .map(|o| o.stderr.data.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                return Err(EngineError::Guest(format!(
+                    "loader {argv:?} did not print its program id ({source}); its stderr: {}",
+                    stderr.trim()
+                )));
             }
         };
         let prog_id = parse_fields(&line, line.split_whitespace().next().unwrap_or_default())
             .and_then(|fields| fields.get("prog_id").and_then(|id| id.parse().ok()))
-            .ok_or_else(|| EngineError::Guest(format!("loader {argv:?} printed `{}` without a numeric prog_id", line.trim())))?;
+            .ok_or_else(|| {
+                EngineError::Guest(format!(
+                    "loader {argv:?} printed `{}` without a numeric prog_id",
+                    line.trim()
+                ))
+            })?;
         programs.push(LoadedProgram { spec, prog_id });
     }
 
     let traced = crate::scenario::traces_terminations(scenario);
     if traced {
-        client.write_file(kernel_trace::ENABLE_PATH, b"1\n".to_vec()).map_err(|source| EngineError::Agent { what: "enabling the bpf: trace events (is this a termlab kernel?)".into(), source })?;
+        client.write_file(kernel_trace::ENABLE_PATH, b"1\n".to_vec()).map_err(|source| {
+            EngineError::Agent {
+                what: "enabling the bpf: trace events (is this a termlab kernel?)".into(),
+                source,
+            }
+        })?;
     }
     let verify_stack = scenario.verify_stack.as_ref().is_some_and(|v| *v.get_ref());
-    let probe = if verify_stack { Some(stack_probe(client, vm, system_map, &programs)?) } else { None };
+    let probe =
+        if verify_stack { Some(stack_probe(client, vm, system_map, &programs)?) } else { None };
     let mut trace = TraceReader::default();
     let bar = ui.bar(repetitions.into(), &loaded.name);
     for index in 0..repetitions {
@@ -345,7 +438,10 @@ fn measure(client: &mut Client<UnixStream>, vm: &Vm, system_map: &Path, loaded: 
     };
     result.expectations = evaluate(&scenario.expectations, &result.repetitions, log.as_ref());
     if verify_stack {
-        result.expectations.extend(evaluate_stack_proofs(&crate::scenario::terminate_labels(scenario), &result.repetitions));
+        result.expectations.extend(evaluate_stack_proofs(
+            &crate::scenario::terminate_labels(scenario),
+            &result.repetitions,
+        ));
     }
     Ok(())
 }
@@ -353,20 +449,46 @@ fn measure(client: &mut Client<UnixStream>, vm: &Vm, system_map: &Path, loaded: 
 /// Everything the VMM-side stack check needs from the host and the guest:
 /// the kernel's System.map, the guest's kallsyms (BPF image names) and the
 /// kernel's instruction map of each loaded program (`prog_term_map`).
-fn stack_probe<'vm>(client: &mut Client<UnixStream>, vm: &'vm Vm, system_map: &Path, programs: &[LoadedProgram<'_>]) -> Result<StackProbe<'vm>, EngineError> {
-    let map_text = std::fs::read_to_string(system_map).map_err(|e| EngineError::Guest(format!("verify_stack needs the kernel's System.map at {}: {e}", system_map.display())))?;
-    let kallsyms = client.read_file("/proc/kallsyms", KALLSYMS_MAX_BYTES).map_err(|source| EngineError::Agent { what: "reading /proc/kallsyms".into(), source })?;
+fn stack_probe<'vm>(
+    client: &mut Client<UnixStream>,
+    vm: &'vm Vm,
+    system_map: &Path,
+    programs: &[LoadedProgram<'_>],
+) -> Result<StackProbe<'vm>, EngineError> {
+    let map_text = std::fs::read_to_string(system_map).map_err(|e| {
+        EngineError::Guest(format!(
+            "verify_stack needs the kernel's System.map at {}: {e}",
+            system_map.display()
+        ))
+    })?;
+    let kallsyms = client
+        .read_file("/proc/kallsyms", KALLSYMS_MAX_BYTES)
+        .map_err(|source| EngineError::Agent { what: "reading /proc/kallsyms".into(), source })?;
     let mut maps = BTreeMap::new();
     for program in programs {
         let argv = vec!["prog_term_map".to_owned(), program.prog_id.to_string()];
-        let output = client.run(RunRequest { argv, env: BTreeMap::new(), timeout_ms: 10_000, stdin: None, as_uid: None }).map_err(|source| EngineError::Agent { what: "prog_term_map".into(), source })?;
+        let output = client
+            .run(RunRequest {
+                argv,
+                env: BTreeMap::new(),
+                timeout_ms: 10_000,
+                stdin: None,
+                as_uid: None,
+            })
+            .map_err(|source| EngineError::Agent { what: "prog_term_map".into(), source })?;
         let stdout = output.stdout.data.to_string_lossy();
         let map: TermMap = serde_json::from_str(stdout.trim()).map_err(|e| {
-            EngineError::Guest(format!("prog_term_map {} printed no map ({e}): {} {}", program.prog_id, stdout.trim(), output.stderr.data.to_string_lossy().trim()))
+            EngineError::Guest(format!(
+                "prog_term_map {} printed no map ({e}): {} {}",
+                program.prog_id,
+                stdout.trim(),
+                output.stderr.data.to_string_lossy().trim()
+            ))
         })?;
         maps.insert(program.prog_id, map);
     }
-    StackProbe::new(vm, &map_text, &kallsyms.data.to_string_lossy(), maps).map_err(|e| EngineError::Guest(format!("verify_stack: {e}")))
+    StackProbe::new(vm, &map_text, &kallsyms.data.to_string_lossy(), maps)
+        .map_err(|e| EngineError::Guest(format!("verify_stack: {e}")))
 }
 
 /// More than a guest's /proc/kallsyms holds (about 1.5 MB for this config).
@@ -377,12 +499,25 @@ const KALLSYMS_MAX_BYTES: u64 = 16 << 20;
 fn attach_kernel_events(steps: &mut [StepRecord], events: &[kernel_trace::TraceEvent]) {
     for step in steps {
         match step {
-            StepRecord::Terminate { prog_id, start_ns: Some(start), end_ns: Some(end), kernel, .. } => {
+            StepRecord::Terminate {
+                prog_id,
+                start_ns: Some(start),
+                end_ns: Some(end),
+                kernel,
+                ..
+            } => {
                 *kernel = kernel_trace::find_termination(events, *prog_id, *start, *end);
             }
-            StepRecord::Trigger { fields, start_ns: Some(start), end_ns: Some(end), kernel, .. } => {
+            StepRecord::Trigger {
+                fields,
+                start_ns: Some(start),
+                end_ns: Some(end),
+                kernel,
+                ..
+            } => {
                 let prog_id = fields.get("prog_id").and_then(|id| id.parse().ok());
-                *kernel = prog_id.and_then(|id| kernel_trace::find_budget_termination(events, id, *start, *end));
+                *kernel = prog_id
+                    .and_then(|id| kernel_trace::find_budget_termination(events, id, *start, *end));
             }
             _ => {}
         }
@@ -395,8 +530,17 @@ pub const DMESG_FILE: &str = "dmesg.txt";
 /// The guest's kernel log; `None` when it cannot be read (then no
 /// dmesg expectation can pass).
 fn read_dmesg(client: &mut Client<UnixStream>) -> Option<String> {
-    let output = client.run(RunRequest { argv: vec!["dmesg".into()], env: BTreeMap::new(), timeout_ms: 10_000, stdin: None, as_uid: None }).ok()?;
-    matches!(output.status, termlab_protocol::ExitStatus::Exited { code: 0 }).then(|| output.stdout.data.to_string_lossy().into_owned())
+    let output = client
+        .run(RunRequest {
+            argv: vec!["dmesg".into()],
+            env: BTreeMap::new(),
+            timeout_ms: 10_000,
+            stdin: None,
+            as_uid: None,
+        })
+        .ok()?;
+    matches!(output.status, termlab_protocol::ExitStatus::Exited { code: 0 })
+        .then(|| output.stdout.data.to_string_lossy().into_owned())
 }
 
 /// Median host-measured round trip of `clock` requests, in ns: the
@@ -415,11 +559,25 @@ fn agent_round_trip(client: &mut Client<UnixStream>) -> Result<f64, EngineError>
 /// The guest's median membarrier IPI round trip between vCPU 0 and 1, in ns.
 fn ipi_round_trip(client: &mut Client<UnixStream>) -> Result<f64, EngineError> {
     let argv = vec![IPI_RTT_GUEST_PATH.to_owned(), "--count".into(), IPI_RTT_CALLS.into()];
-    let output = client.run(RunRequest { argv, env: BTreeMap::new(), timeout_ms: 30_000, stdin: None, as_uid: None }).map_err(|source| EngineError::Agent { what: "ipi_rtt".into(), source })?;
+    let output = client
+        .run(RunRequest {
+            argv,
+            env: BTreeMap::new(),
+            timeout_ms: 30_000,
+            stdin: None,
+            as_uid: None,
+        })
+        .map_err(|source| EngineError::Agent { what: "ipi_rtt".into(), source })?;
     let stdout = output.stdout.data.to_string_lossy();
     parse_fields(&stdout, "ipi_rtt")
         .and_then(|fields| fields.get("median_ns").and_then(|v| v.parse::<f64>().ok()))
-        .ok_or_else(|| EngineError::Guest(format!("ipi_rtt printed no median_ns: {} {}", stdout.trim(), output.stderr.data.to_string_lossy().trim())))
+        .ok_or_else(|| {
+            EngineError::Guest(format!(
+                "ipi_rtt printed no median_ns: {} {}",
+                stdout.trim(),
+                output.stderr.data.to_string_lossy().trim()
+            ))
+        })
 }
 
 /// A shell on the guest console (started through the agent: init runs the
@@ -428,7 +586,11 @@ fn ipi_round_trip(client: &mut Client<UnixStream>) -> Result<f64, EngineError> {
 /// `--keep-vm`.
 pub fn interactive_console(mut guest: Guest, console_log: &Path, ui: Ui) {
     let shell = "setsid sh -c 'exec sh </dev/ttyS0 >/dev/ttyS0 2>&1'";
-    let started = guest.client.spawn(SpawnRequest { argv: vec!["sh".into(), "-c".into(), shell.into()], env: BTreeMap::new(), as_uid: None });
+    let started = guest.client.spawn(SpawnRequest {
+        argv: vec!["sh".into(), "-c".into(), shell.into()],
+        env: BTreeMap::new(),
+        as_uid: None,
+    });
     if let Err(error) = started {
         ui.error(&format!("--keep-vm: cannot start a shell on the guest console: {error}"));
         guest.power_off();

@@ -56,9 +56,18 @@ impl<'vm> StackProbe<'vm> {
     /// `system_map` is the booted kernel's, `kallsyms` the guest's
     /// /proc/kallsyms (it names the BPF images), `maps` the kernel's map of
     /// each loaded program.
-    pub fn new(vm: &'vm Vm, system_map: &str, kallsyms: &str, maps: BTreeMap<u32, TermMap>) -> Result<Self, String> {
+    pub fn new(
+        vm: &'vm Vm,
+        system_map: &str,
+        kallsyms: &str,
+        maps: BTreeMap<u32, TermMap>,
+    ) -> Result<Self, String> {
         let kernel = SymbolTable::parse(system_map).map_err(|e| format!("System.map: {e}"))?;
-        let (entry, after, irq_regs) = (symbol(&kernel, ENTRY_SYMBOL)?, symbol(&kernel, AFTER_SYMBOL)?, symbol(&kernel, IRQ_REGS_SYMBOL)?);
+        let (entry, after, irq_regs) = (
+            symbol(&kernel, ENTRY_SYMBOL)?,
+            symbol(&kernel, AFTER_SYMBOL)?,
+            symbol(&kernel, IRQ_REGS_SYMBOL)?,
+        );
         let kernel_text = symbol(&kernel, "_stext")?..symbol(&kernel, "_etext")?;
         let guest = SymbolTable::parse(kallsyms).map_err(|e| format!("/proc/kallsyms: {e}"))?;
         Ok(Self { vm, symbols: kernel.merge(guest), kernel_text, entry, after, irq_regs, maps })
@@ -66,8 +75,14 @@ impl<'vm> StackProbe<'vm> {
 
     /// Runs `call` (the terminate request) with the handler watched, and
     /// judges every vCPU the handler ran on for program `prog_id`.
-    pub fn around<R: Send>(&self, prog_id: u32, call: impl FnOnce() -> R + Send) -> Result<(R, Vec<CpuStackProof>), String> {
-        let map = self.maps.get(&prog_id).ok_or_else(|| format!("no instruction map of program {prog_id}: prog_term_map did not run for it"))?;
+    pub fn around<R: Send>(
+        &self,
+        prog_id: u32,
+        call: impl FnOnce() -> R + Send,
+    ) -> Result<(R, Vec<CpuStackProof>), String> {
+        let map = self.maps.get(&prog_id).ok_or_else(|| {
+            format!("no instruction map of program {prog_id}: prog_term_map did not run for it")
+        })?;
         self.arm()?;
         let returned = AtomicBool::new(false);
         let (result, watched) = std::thread::scope(|scope| {
@@ -88,9 +103,12 @@ impl<'vm> StackProbe<'vm> {
 
     fn arm(&self) -> Result<(), String> {
         self.vm.pause().map_err(|e| format!("pausing the VM to arm breakpoints: {e}"))?;
-        let armed = self.kernel_breakpoints().and_then(|breakpoints| self.vm.set_breakpoints(&breakpoints).map_err(|e| e.to_string()));
+        let armed = self.kernel_breakpoints().and_then(|breakpoints| {
+            self.vm.set_breakpoints(&breakpoints).map_err(|e| e.to_string())
+        });
         let resumed = self.vm.resume().map_err(|e| format!("resuming the VM: {e}"));
-        armed.map_err(|e| format!("arming breakpoints on {ENTRY_SYMBOL} and {AFTER_SYMBOL}: {e}"))?;
+        armed
+            .map_err(|e| format!("arming breakpoints on {ENTRY_SYMBOL} and {AFTER_SYMBOL}: {e}"))?;
         resumed
     }
 
@@ -100,14 +118,23 @@ impl<'vm> StackProbe<'vm> {
     fn kernel_breakpoints(&self) -> Result<Vec<Breakpoint>, String> {
         let mut last_error = String::from("no vCPU");
         for vcpu in 0..self.vm.vcpu_count() {
-            let tables = match self.vm.sregs(vcpu).map_err(|e| e.to_string()).and_then(|sregs| PageTables::from_sregs(&sregs).map_err(|e| e.to_string())) {
+            let tables = match self
+                .vm
+                .sregs(vcpu)
+                .map_err(|e| e.to_string())
+                .and_then(|sregs| PageTables::from_sregs(&sregs).map_err(|e| e.to_string()))
+            {
                 Ok(tables) => tables,
                 Err(error) => {
                     last_error = format!("vCPU {vcpu}: {error}");
                     continue;
                 }
             };
-            match [self.entry, self.after].iter().map(|&addr| tables.breakpoint(self.vm.memory(), addr)).collect::<Result<Vec<_>, _>>() {
+            match [self.entry, self.after]
+                .iter()
+                .map(|&addr| tables.breakpoint(self.vm.memory(), addr))
+                .collect::<Result<Vec<_>, _>>()
+            {
                 Ok(breakpoints) => return Ok(breakpoints),
                 Err(error) => last_error = format!("vCPU {vcpu}: {error}"),
             }
@@ -117,7 +144,8 @@ impl<'vm> StackProbe<'vm> {
 
     fn disarm(&self) -> Result<(), String> {
         self.vm.pause().map_err(|e| format!("pausing the VM to disarm breakpoints: {e}"))?;
-        let disarmed = self.vm.set_breakpoints(&[]).map_err(|e| format!("disarming breakpoints: {e}"));
+        let disarmed =
+            self.vm.set_breakpoints(&[]).map_err(|e| format!("disarming breakpoints: {e}"));
         let resumed = self.vm.resume().map_err(|e| format!("resuming the VM: {e}"));
         disarmed.and(resumed)
     }
@@ -140,25 +168,55 @@ impl<'vm> StackProbe<'vm> {
         }
         // Entered the handler but never reached the rewrite's end: the
         // program had already left that CPU.
-        proofs.extend(before.into_keys().map(|vcpu| CpuStackProof { vcpu, verdict: None, error: Some(format!("{ENTRY_SYMBOL} ran but did not rewrite: the program had left this CPU")) }));
+        proofs.extend(before.into_keys().map(|vcpu| CpuStackProof {
+            vcpu,
+            verdict: None,
+            error: Some(format!(
+                "{ENTRY_SYMBOL} ran but did not rewrite: the program had left this CPU"
+            )),
+        }));
         proofs.sort_by_key(|p| p.vcpu);
         Ok(proofs)
     }
 
-    fn on_hit(&self, event: DebugEvent, map: &TermMap, before: &mut BTreeMap<usize, StackSnapshot>, proofs: &mut Vec<CpuStackProof>) -> Result<(), String> {
+    fn on_hit(
+        &self,
+        event: DebugEvent,
+        map: &TermMap,
+        before: &mut BTreeMap<usize, StackSnapshot>,
+        proofs: &mut Vec<CpuStackProof>,
+    ) -> Result<(), String> {
         let vcpu = event.vcpu;
         let cpu = KernelCpu::of_vcpu(self.vm, vcpu).map_err(|e| format!("vCPU {vcpu}: {e}"))?;
-        let snapshot = self.interrupted(&cpu).map_err(|e| format!("vCPU {vcpu} at {:#x}: {e}", event.pc));
+        let snapshot =
+            self.interrupted(&cpu).map_err(|e| format!("vCPU {vcpu} at {:#x}: {e}", event.pc));
         if event.pc == self.entry {
             before.insert(vcpu, snapshot?);
         } else if event.pc == self.after {
             let proof = match (before.remove(&vcpu), snapshot) {
                 (Some(first), Ok(second)) => {
-                    let same_code = |func: usize, insn: usize| self.same_code(&cpu, map, func, insn);
-                    let symbol = |addr: u64| self.symbols.symbolize_text(addr).map(|at| at.to_string());
-                    CpuStackProof { vcpu, verdict: Some(stack_proof::verify(&first, &second, map, &self.kernel_text, &same_code, &symbol)), error: None }
+                    let same_code =
+                        |func: usize, insn: usize| self.same_code(&cpu, map, func, insn);
+                    let symbol =
+                        |addr: u64| self.symbols.symbolize_text(addr).map(|at| at.to_string());
+                    CpuStackProof {
+                        vcpu,
+                        verdict: Some(stack_proof::verify(
+                            &first,
+                            &second,
+                            map,
+                            &self.kernel_text,
+                            &same_code,
+                            &symbol,
+                        )),
+                        error: None,
+                    }
                 }
-                (None, _) => CpuStackProof { vcpu, verdict: None, error: Some(format!("{AFTER_SYMBOL} was hit without {ENTRY_SYMBOL} before it")) },
+                (None, _) => CpuStackProof {
+                    vcpu,
+                    verdict: None,
+                    error: Some(format!("{AFTER_SYMBOL} was hit without {ENTRY_SYMBOL} before it")),
+                },
                 (Some(_), Err(error)) => CpuStackProof { vcpu, verdict: None, error: Some(error) },
             };
             proofs.push(proof);
@@ -168,8 +226,12 @@ impl<'vm> StackProbe<'vm> {
 
     /// The interrupted context of the IPI this vCPU is handling.
     fn interrupted(&self, cpu: &KernelCpu) -> Result<StackSnapshot, String> {
-        let context = cpu.interrupted(self.vm.memory(), self.irq_regs).map_err(|e| e.to_string())?.ok_or("no interrupted registers (__irq_regs is NULL)")?;
-        let Stack { sp, words, .. } = context.stack.ok_or("the interrupted context is user mode")?;
+        let context = cpu
+            .interrupted(self.vm.memory(), self.irq_regs)
+            .map_err(|e| e.to_string())?
+            .ok_or("no interrupted registers (__irq_regs is NULL)")?;
+        let Stack { sp, words, .. } =
+            context.stack.ok_or("the interrupted context is user mode")?;
         Ok(StackSnapshot { ip: context.regs.ip, sp, words })
     }
 
@@ -182,6 +244,7 @@ impl<'vm> StackProbe<'vm> {
             let mut bytes = vec![0u8; (range.end - range.start) as usize];
             cpu.tables.read(self.vm.memory(), range.start, &mut bytes).ok().map(|()| bytes)
         };
-        prog.end - prog.start == copy.end - copy.start && matches!((read(prog), read(copy)), (Some(a), Some(b)) if a == b)
+        prog.end - prog.start == copy.end - copy.start
+            && matches!((read(prog), read(copy)), (Some(a), Some(b)) if a == b)
     }
 }

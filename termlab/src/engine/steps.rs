@@ -5,12 +5,17 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use termlab_protocol::client::{Client, ClientError};
-use termlab_protocol::{ErrorKind, ExitStatus, RunRequest, SpawnRequest, SyscallResult, TerminateRequest};
+use termlab_protocol::{
+    ErrorKind, ExitStatus, RunRequest, SpawnRequest, SyscallResult, TerminateRequest,
+};
 
 use super::stack_probe::StackProbe;
 use super::{interrupted, EngineError};
 use crate::results::StepRecord;
-use crate::scenario::{BudgetStep, Errno, Label, ProgInfoStep, ProgramSpec, Scenario, Step, TerminateBy, TerminateStep, TerminateVia, TriggerStep};
+use crate::scenario::{
+    BudgetStep, Errno, Label, ProgInfoStep, ProgramSpec, Scenario, Step, TerminateBy,
+    TerminateStep, TerminateVia, TriggerStep,
+};
 
 /// The kernel trace buffer, read by the agent through trace_pipe (see
 /// `WaitTraceStep`). Reads are non-blocking (the agent opens files with
@@ -30,7 +35,9 @@ const TRACE_POLL: Duration = Duration::from_millis(5);
 impl TraceReader {
     /// Reads what the buffer holds now; returns how many bytes came.
     fn read_available(&mut self, client: &mut Client<UnixStream>) -> Result<usize, EngineError> {
-        let contents = client.read_file(TRACE_PIPE, TRACE_READ_BYTES).map_err(agent("reading the kernel trace buffer (is tracefs mounted?)"))?;
+        let contents = client
+            .read_file(TRACE_PIPE, TRACE_READ_BYTES)
+            .map_err(agent("reading the kernel trace buffer (is tracefs mounted?)"))?;
         let text = contents.data.to_string_lossy();
         self.text.push_str(&text);
         Ok(text.len())
@@ -48,7 +55,14 @@ impl TraceReader {
     }
 
     /// Waits until `count` lines after `from` contain `needle`.
-    fn wait_for(&mut self, client: &mut Client<UnixStream>, needle: &str, count: u32, from: usize, deadline: Instant) -> Result<(), EngineError> {
+    fn wait_for(
+        &mut self,
+        client: &mut Client<UnixStream>,
+        needle: &str,
+        count: u32,
+        from: usize,
+        deadline: Instant,
+    ) -> Result<(), EngineError> {
         loop {
             let found = self.text[from..].lines().filter(|line| line.contains(needle)).count();
             if found >= count as usize {
@@ -58,7 +72,9 @@ impl TraceReader {
                 return Err(EngineError::Interrupted);
             }
             if Instant::now() >= deadline {
-                return Err(EngineError::Guest(format!("the trace buffer showed `{needle}` {found} time(s), not {count}, in time")));
+                return Err(EngineError::Guest(format!(
+                    "the trace buffer showed `{needle}` {found} time(s), not {count}, in time"
+                )));
             }
             if self.read_available(client)? == 0 {
                 std::thread::sleep(TRACE_POLL);
@@ -89,14 +105,25 @@ fn agent(what: impl Into<String>) -> impl FnOnce(ClientError) -> EngineError {
 }
 
 /// Runs every step once; returns the records in step order.
-pub fn run_repetition(client: &mut Client<UnixStream>, scenario: &Scenario, programs: &[LoadedProgram<'_>], trace: &mut TraceReader, probe: Option<&StackProbe<'_>>) -> Result<Vec<StepRecord>, EngineError> {
+pub fn run_repetition(
+    client: &mut Client<UnixStream>,
+    scenario: &Scenario,
+    programs: &[LoadedProgram<'_>],
+    trace: &mut TraceReader,
+    probe: Option<&StackProbe<'_>>,
+) -> Result<Vec<StepRecord>, EngineError> {
     let mut records = Vec::new();
     // Trace offset when each background trigger started.
     let mut trace_from: BTreeMap<Label, usize> = BTreeMap::new();
     let uses_trace = crate::scenario::uses_trace(scenario);
     let mut background: BTreeMap<Label, Background> = BTreeMap::new();
     let mut started: StartedAt = BTreeMap::new();
-    let program = |name: &Label| programs.iter().find(|p| &p.spec.name == name).ok_or_else(|| EngineError::Guest(format!("program `{name}` is not loaded")));
+    let program = |name: &Label| {
+        programs
+            .iter()
+            .find(|p| &p.spec.name == name)
+            .ok_or_else(|| EngineError::Guest(format!("program `{name}` is not loaded")))
+    };
     for step in &scenario.steps {
         if interrupted() {
             return Err(EngineError::Interrupted);
@@ -109,58 +136,120 @@ pub fn run_repetition(client: &mut Client<UnixStream>, scenario: &Scenario, prog
                     if uses_trace {
                         trace_from.insert(label.clone(), trace.drain(client)?);
                     }
-                    let reply = client.spawn(SpawnRequest { argv: argv.clone(), env: BTreeMap::new(), as_uid: None }).map_err(agent(format!("starting trigger `{label}`")))?;
+                    let reply = client
+                        .spawn(SpawnRequest {
+                            argv: argv.clone(),
+                            env: BTreeMap::new(),
+                            as_uid: None,
+                        })
+                        .map_err(agent(format!("starting trigger `{label}`")))?;
                     started.insert(label.clone(), Instant::now());
-                    background.insert(label, Background { handle: reply.handle, argv, timeout_ms: trigger.timeout_ms.get() });
+                    background.insert(
+                        label,
+                        Background {
+                            handle: reply.handle,
+                            argv,
+                            timeout_ms: trigger.timeout_ms.get(),
+                        },
+                    );
                 } else {
                     let output = client
-                        .run(RunRequest { argv: argv.clone(), env: BTreeMap::new(), timeout_ms: trigger.timeout_ms.get().into(), stdin: None, as_uid: None })
+                        .run(RunRequest {
+                            argv: argv.clone(),
+                            env: BTreeMap::new(),
+                            timeout_ms: trigger.timeout_ms.get().into(),
+                            stdin: None,
+                            as_uid: None,
+                        })
                         .map_err(agent(format!("trigger `{label}`")))?;
                     if output.timed_out {
-                        return Err(EngineError::Guest(format!("trigger `{label}` ran longer than {} ms", trigger.timeout_ms.get())));
+                        return Err(EngineError::Guest(format!(
+                            "trigger `{label}` ran longer than {} ms",
+                            trigger.timeout_ms.get()
+                        )));
                     }
-                    records.push(trigger_record(&label, argv, exit_code(&output.status), &output.stdout.data.to_string_lossy(), &output.stderr.data.to_string_lossy()));
+                    records.push(trigger_record(
+                        &label,
+                        argv,
+                        exit_code(&output.status),
+                        &output.stdout.data.to_string_lossy(),
+                        &output.stderr.data.to_string_lossy(),
+                    ));
                 }
             }
             Step::Sleep(sleep) => {
                 let requested = Duration::from_millis(sleep.ms.get().into());
                 let begin = Instant::now();
                 let until = match &sleep.after {
-                    Some(after) => started.get(after.get_ref()).copied().unwrap_or(begin) + requested,
+                    Some(after) => {
+                        started.get(after.get_ref()).copied().unwrap_or(begin) + requested
+                    }
                     None => begin + requested,
                 };
                 sleep_until(until)?;
-                records.push(StepRecord::Sleep { requested_ms: sleep.ms.get(), slept_ns: begin.elapsed().as_nanos() as u64 });
+                records.push(StepRecord::Sleep {
+                    requested_ms: sleep.ms.get(),
+                    slept_ns: begin.elapsed().as_nanos() as u64,
+                });
             }
             Step::Wait(wait) => {
                 let label = wait.step.get_ref();
-                let job = background.remove(label).ok_or_else(|| EngineError::Guest(format!("`{label}` was not started in the background")))?;
+                let job = background.remove(label).ok_or_else(|| {
+                    EngineError::Guest(format!("`{label}` was not started in the background"))
+                })?;
                 let exit = wait_for(client, job.handle, job.timeout_ms, label)?;
-                let output = client.read_output(job.handle).map_err(agent(format!("reading the output of `{label}`")))?;
-                records.push(trigger_record(label, job.argv, exit_code(&exit.status), &output.stdout.data.to_string_lossy(), &output.stderr.data.to_string_lossy()));
+                let output = client
+                    .read_output(job.handle)
+                    .map_err(agent(format!("reading the output of `{label}`")))?;
+                records.push(trigger_record(
+                    label,
+                    job.argv,
+                    exit_code(&exit.status),
+                    &output.stdout.data.to_string_lossy(),
+                    &output.stderr.data.to_string_lossy(),
+                ));
                 records.push(StepRecord::Wait { label: label.to_string() });
             }
             Step::WaitTrace(wait) => {
                 let label = wait.step.get_ref();
-                let from = *trace_from.get(label).ok_or_else(|| EngineError::Guest(format!("`{label}` was not started in the background")))?;
+                let from = *trace_from.get(label).ok_or_else(|| {
+                    EngineError::Guest(format!("`{label}` was not started in the background"))
+                })?;
                 let begin = Instant::now();
                 let deadline = begin + Duration::from_millis(wait.timeout_ms.get().into());
                 trace.wait_for(client, &wait.line, wait.count, from, deadline)?;
-                records.push(StepRecord::WaitTrace { label: label.to_string(), line: wait.line.clone(), count: wait.count, waited_ns: begin.elapsed().as_nanos() as u64 });
+                records.push(StepRecord::WaitTrace {
+                    label: label.to_string(),
+                    line: wait.line.clone(),
+                    count: wait.count,
+                    waited_ns: begin.elapsed().as_nanos() as u64,
+                });
             }
             Step::Exec(exec) => {
                 let label = exec.label.get_ref();
                 let argv = exec.argv.as_slice().to_vec();
                 let timeout_ms = exec.timeout_ms.get();
                 let output = client
-                    .run(RunRequest { argv: argv.clone(), env: BTreeMap::new(), timeout_ms: timeout_ms.into(), stdin: None, as_uid: None })
+                    .run(RunRequest {
+                        argv: argv.clone(),
+                        env: BTreeMap::new(),
+                        timeout_ms: timeout_ms.into(),
+                        stdin: None,
+                        as_uid: None,
+                    })
                     .map_err(agent(format!("exec `{label}` ({argv:?})")))?;
                 let stderr = output.stderr.data.to_string_lossy().into_owned();
                 if output.timed_out {
-                    return Err(EngineError::Guest(format!("exec `{label}` ran longer than {timeout_ms} ms")));
+                    return Err(EngineError::Guest(format!(
+                        "exec `{label}` ran longer than {timeout_ms} ms"
+                    )));
                 }
                 if exit_code(&output.status) != Some(0) {
-                    return Err(EngineError::Guest(format!("exec `{label}` ({argv:?}) failed ({:?}): {}", output.status, stderr.trim())));
+                    return Err(EngineError::Guest(format!(
+                        "exec `{label}` ({argv:?}) failed ({:?}): {}",
+                        output.status,
+                        stderr.trim()
+                    )));
                 }
                 records.push(StepRecord::Exec {
                     label: label.to_string(),
@@ -178,7 +267,11 @@ pub fn run_repetition(client: &mut Client<UnixStream>, scenario: &Scenario, prog
                 records.push(record);
             }
             Step::Budget(budget) => records.push(budget_step(client, budget, programs)?),
-            Step::ProgInfo(info) => records.push(prog_info_step(client, info, program(info.program.get_ref())?.prog_id)?),
+            Step::ProgInfo(info) => records.push(prog_info_step(
+                client,
+                info,
+                program(info.program.get_ref())?.prog_id,
+            )?),
         }
     }
     // Validation guarantees every background trigger is waited for; a
@@ -188,7 +281,9 @@ pub fn run_repetition(client: &mut Client<UnixStream>, scenario: &Scenario, prog
         for job in background.values() {
             let _ = client.kill(job.handle, libc::SIGKILL);
         }
-        return Err(EngineError::Guest(format!("background trigger `{label}` was never waited for")));
+        return Err(EngineError::Guest(format!(
+            "background trigger `{label}` was never waited for"
+        )));
     }
     Ok(records)
 }
@@ -226,7 +321,12 @@ fn sleep_until(deadline: Instant) -> Result<(), EngineError> {
 }
 
 /// Waits for a background process in half-second slices (to notice Ctrl-C).
-fn wait_for(client: &mut Client<UnixStream>, handle: u32, timeout_ms: u32, label: &Label) -> Result<termlab_protocol::ProcessExit, EngineError> {
+fn wait_for(
+    client: &mut Client<UnixStream>,
+    handle: u32,
+    timeout_ms: u32,
+    label: &Label,
+) -> Result<termlab_protocol::ProcessExit, EngineError> {
     const SLICE_MS: u64 = 500;
     let deadline = Instant::now() + Duration::from_millis(timeout_ms.into());
     loop {
@@ -236,12 +336,24 @@ fn wait_for(client: &mut Client<UnixStream>, handle: u32, timeout_ms: u32, label
         }
         match client.wait(handle, SLICE_MS) {
             Ok(exit) => return Ok(exit),
-            Err(error) if error.agent_error().is_some_and(|e| e.kind == ErrorKind::Timeout) && Instant::now() < deadline => continue,
+            Err(error)
+                if error.agent_error().is_some_and(|e| e.kind == ErrorKind::Timeout)
+                    && Instant::now() < deadline =>
+            {
+                continue
+            }
             Err(error) if error.agent_error().is_some_and(|e| e.kind == ErrorKind::Timeout) => {
                 let _ = client.kill(handle, libc::SIGKILL);
-                return Err(EngineError::Guest(format!("trigger `{label}` ran longer than {timeout_ms} ms")));
+                return Err(EngineError::Guest(format!(
+                    "trigger `{label}` ran longer than {timeout_ms} ms"
+                )));
             }
-            Err(error) => return Err(EngineError::Agent { what: format!("waiting for `{label}`"), source: error }),
+            Err(error) => {
+                return Err(EngineError::Agent {
+                    what: format!("waiting for `{label}`"),
+                    source: error,
+                })
+            }
         }
     }
 }
@@ -249,10 +361,21 @@ fn wait_for(client: &mut Client<UnixStream>, handle: u32, timeout_ms: u32, label
 /// `key=value` tokens of the first output line starting with `prefix`.
 pub fn parse_fields(stdout: &str, prefix: &str) -> Option<BTreeMap<String, String>> {
     let line = stdout.lines().find(|line| line.split_whitespace().next() == Some(prefix))?;
-    Some(line.split_whitespace().filter_map(|token| token.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect())
+    Some(
+        line.split_whitespace()
+            .filter_map(|token| token.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+    )
 }
 
-fn trigger_record(label: &Label, argv: Vec<String>, exit_code: Option<i32>, stdout: &str, stderr: &str) -> StepRecord {
+fn trigger_record(
+    label: &Label,
+    argv: Vec<String>,
+    exit_code: Option<i32>,
+    stdout: &str,
+    stderr: &str,
+) -> StepRecord {
     let fields = parse_fields(stdout, "trigger").unwrap_or_default();
     let number = |key: &str| fields.get(key).and_then(|v| v.parse::<u64>().ok());
     StepRecord::Trigger {
@@ -270,22 +393,36 @@ fn trigger_record(label: &Label, argv: Vec<String>, exit_code: Option<i32>, stdo
 
 /// One terminate step; with a `probe` (verify_stack), the VMM watches the
 /// kernel's handler during the call and the record carries its verdicts.
-fn terminate_step(client: &mut Client<UnixStream>, step: &TerminateStep, programs: &[LoadedProgram<'_>], probe: Option<&StackProbe<'_>>) -> Result<StepRecord, EngineError> {
+fn terminate_step(
+    client: &mut Client<UnixStream>,
+    step: &TerminateStep,
+    programs: &[LoadedProgram<'_>],
+    probe: Option<&StackProbe<'_>>,
+) -> Result<StepRecord, EngineError> {
     let label = step.label.get_ref().to_string();
-    let target = step.program.as_ref().map(|name| programs.iter().find(|p| &p.spec.name == name.get_ref()));
+    let target =
+        step.program.as_ref().map(|name| programs.iter().find(|p| &p.spec.name == name.get_ref()));
     let (prog_id, bpf_name) = match (target, &step.prog_id) {
         (Some(Some(program)), _) => (program.prog_id, Some(program.spec.bpf_name.as_str())),
         (None, Some(id)) => (*id.get_ref(), None),
-        _ => return Err(EngineError::Guest(format!("terminate `{label}`: its program is not loaded"))),
+        _ => {
+            return Err(EngineError::Guest(format!(
+                "terminate `{label}`: its program is not loaded"
+            )))
+        }
     };
     let flags = match &step.raw_flags {
         Some(raw) => *raw.get_ref(),
         None => step.flags.iter().fold(0, |bits, flag| bits | flag.bits()),
     };
     let as_uid = step.as_uid.as_ref().map(|uid| *uid.get_ref());
-    let call = |client: &mut Client<UnixStream>| call_terminate(client, step, label.clone(), prog_id, bpf_name, flags, as_uid);
+    let call = |client: &mut Client<UnixStream>| {
+        call_terminate(client, step, label.clone(), prog_id, bpf_name, flags, as_uid)
+    };
     let Some(probe) = probe else { return call(client) };
-    let (record, proofs) = probe.around(prog_id, || call(client)).map_err(|error| EngineError::Guest(format!("verify_stack, terminate `{label}`: {error}")))?;
+    let (record, proofs) = probe.around(prog_id, || call(client)).map_err(|error| {
+        EngineError::Guest(format!("verify_stack, terminate `{label}`: {error}"))
+    })?;
     let mut record = record?;
     if let StepRecord::Terminate { stack, .. } = &mut record {
         *stack = proofs;
@@ -294,30 +431,65 @@ fn terminate_step(client: &mut Client<UnixStream>, step: &TerminateStep, program
 }
 
 /// Calls BPF_PROG_TERMINATE the way the step says (agent or bpftool).
-fn call_terminate(client: &mut Client<UnixStream>, step: &TerminateStep, label: String, prog_id: u32, bpf_name: Option<&str>, flags: u32, as_uid: Option<u32>) -> Result<StepRecord, EngineError> {
+fn call_terminate(
+    client: &mut Client<UnixStream>,
+    step: &TerminateStep,
+    label: String,
+    prog_id: u32,
+    bpf_name: Option<&str>,
+    flags: u32,
+    as_uid: Option<u32>,
+) -> Result<StepRecord, EngineError> {
     match step.via {
         TerminateVia::Agent => {
-            let reply = client.terminate(TerminateRequest { prog_id, flags, as_uid }).map_err(agent(format!("terminate `{label}`")))?;
+            let reply = client
+                .terminate(TerminateRequest { prog_id, flags, as_uid })
+                .map_err(agent(format!("terminate `{label}`")))?;
             let (cpus, errno) = match reply.result {
                 SyscallResult::Returned(n) => (u32::try_from(n).ok(), None),
                 SyscallResult::Failed(info) => (None, Some(info.name)),
             };
-            Ok(StepRecord::Terminate { label, prog_id, flags, via: "agent".into(), cpus, errno, start_ns: Some(reply.before_ns), end_ns: Some(reply.after_ns), kernel: None, stack: Vec::new() })
+            Ok(StepRecord::Terminate {
+                label,
+                prog_id,
+                flags,
+                via: "agent".into(),
+                cpus,
+                errno,
+                start_ns: Some(reply.before_ns),
+                end_ns: Some(reply.after_ns),
+                kernel: None,
+                stack: Vec::new(),
+            })
         }
         TerminateVia::Bpftool => {
             let mut args: Vec<String> = ["prog", "terminate"].map(String::from).to_vec();
             match (step.by, bpf_name) {
-                (TerminateBy::Name, Some(name)) => args.extend(["name".to_owned(), name.to_owned()]),
+                (TerminateBy::Name, Some(name)) => {
+                    args.extend(["name".to_owned(), name.to_owned()])
+                }
                 _ => args.extend(["id".to_owned(), prog_id.to_string()]),
             }
             if flags & crate::scenario::TerminateFlag::Detach.bits() != 0 {
                 args.push("detach".to_owned());
             }
-            let output = run_bpftool(client, args, as_uid, format!("terminate `{label}` with bpftool"))?;
+            let output =
+                run_bpftool(client, args, as_uid, format!("terminate `{label}` with bpftool"))?;
             let cpus = output.errno.is_none().then(|| cpus_from_bpftool(&output.stdout)).flatten();
             // bpftool's own process start/end: coarser than the agent's
             // timestamps around the bare bpf() call.
-            Ok(StepRecord::Terminate { label, prog_id, flags, via: "bpftool".into(), cpus, errno: output.errno, start_ns: Some(output.start_ns), end_ns: Some(output.end_ns), kernel: None, stack: Vec::new() })
+            Ok(StepRecord::Terminate {
+                label,
+                prog_id,
+                flags,
+                via: "bpftool".into(),
+                cpus,
+                errno: output.errno,
+                start_ns: Some(output.start_ns),
+                end_ns: Some(output.end_ns),
+                kernel: None,
+                stack: Vec::new(),
+            })
         }
     }
 }
@@ -332,39 +504,80 @@ struct BpftoolOutput {
 
 /// Runs `bpftool ARGS` through the agent (as `as_uid` without capabilities
 /// when given); a failure is read back as the errno its message names.
-fn run_bpftool(client: &mut Client<UnixStream>, args: Vec<String>, as_uid: Option<u32>, what: String) -> Result<BpftoolOutput, EngineError> {
+fn run_bpftool(
+    client: &mut Client<UnixStream>,
+    args: Vec<String>,
+    as_uid: Option<u32>,
+    what: String,
+) -> Result<BpftoolOutput, EngineError> {
     let argv = std::iter::once("bpftool".to_owned()).chain(args).collect();
-    let output = client.run(RunRequest { argv, env: BTreeMap::new(), timeout_ms: 10_000, stdin: None, as_uid }).map_err(agent(what))?;
+    let output = client
+        .run(RunRequest { argv, env: BTreeMap::new(), timeout_ms: 10_000, stdin: None, as_uid })
+        .map_err(agent(what))?;
     let stdout = output.stdout.data.to_string_lossy().into_owned();
     let stderr = output.stderr.data.to_string_lossy();
-    let errno = (exit_code(&output.status) != Some(0)).then(|| errno_from_message(&stderr).unwrap_or_else(|| format!("unrecognised failure: {}", stderr.trim())));
+    let errno = (exit_code(&output.status) != Some(0)).then(|| {
+        errno_from_message(&stderr)
+            .unwrap_or_else(|| format!("unrecognised failure: {}", stderr.trim()))
+    });
     Ok(BpftoolOutput { stdout, errno, start_ns: output.start_ns, end_ns: output.end_ns })
 }
 
 /// Sets a program's runtime budget with `bpftool prog budget`.
-fn budget_step(client: &mut Client<UnixStream>, step: &BudgetStep, programs: &[LoadedProgram<'_>]) -> Result<StepRecord, EngineError> {
+fn budget_step(
+    client: &mut Client<UnixStream>,
+    step: &BudgetStep,
+    programs: &[LoadedProgram<'_>],
+) -> Result<StepRecord, EngineError> {
     let label = step.label.get_ref().to_string();
     let prog_id = match (&step.program, &step.prog_id) {
-        (Some(name), _) => programs.iter().find(|p| &p.spec.name == name.get_ref()).map(|p| p.prog_id),
+        (Some(name), _) => {
+            programs.iter().find(|p| &p.spec.name == name.get_ref()).map(|p| p.prog_id)
+        }
         (None, id) => id.as_ref().map(|id| *id.get_ref()),
     };
-    let prog_id = prog_id.ok_or_else(|| EngineError::Guest(format!("budget `{label}`: its program is not loaded")))?;
+    let prog_id = prog_id.ok_or_else(|| {
+        EngineError::Guest(format!("budget `{label}`: its program is not loaded"))
+    })?;
     let ms = *step.ms.get_ref();
-    let args = ["prog", "budget", "id", &prog_id.to_string(), &ms.to_string()].map(String::from).to_vec();
-    let output = run_bpftool(client, args, step.as_uid.as_ref().map(|uid| *uid.get_ref()), format!("budget `{label}`"))?;
+    let args =
+        ["prog", "budget", "id", &prog_id.to_string(), &ms.to_string()].map(String::from).to_vec();
+    let output = run_bpftool(
+        client,
+        args,
+        step.as_uid.as_ref().map(|uid| *uid.get_ref()),
+        format!("budget `{label}`"),
+    )?;
     Ok(StepRecord::Budget { label, prog_id, ms, errno: output.errno })
 }
 
 /// Reads a program's budget and termination counters from `bpftool --json prog show`.
-fn prog_info_step(client: &mut Client<UnixStream>, step: &ProgInfoStep, prog_id: u32) -> Result<StepRecord, EngineError> {
+fn prog_info_step(
+    client: &mut Client<UnixStream>,
+    step: &ProgInfoStep,
+    prog_id: u32,
+) -> Result<StepRecord, EngineError> {
     let label = step.label.get_ref().to_string();
     let args = ["--json", "prog", "show", "id", &prog_id.to_string()].map(String::from).to_vec();
     let output = run_bpftool(client, args, None, format!("prog_info `{label}`"))?;
     if let Some(errno) = output.errno {
-        return Err(EngineError::Guest(format!("prog_info `{label}`: bpftool prog show id {prog_id} failed: {errno}")));
+        return Err(EngineError::Guest(format!(
+            "prog_info `{label}`: bpftool prog show id {prog_id} failed: {errno}"
+        )));
     }
-    let counters = termination_counters(&output.stdout).ok_or_else(|| EngineError::Guest(format!("prog_info `{label}`: bpftool printed no program object: {}", output.stdout.trim())))?;
-    Ok(StepRecord::ProgInfo { label, prog_id, runtime_budget_ms: counters.0, terminated_on_demand: counters.1, terminated_budget: counters.2 })
+    let counters = termination_counters(&output.stdout).ok_or_else(|| {
+        EngineError::Guest(format!(
+            "prog_info `{label}`: bpftool printed no program object: {}",
+            output.stdout.trim()
+        ))
+    })?;
+    Ok(StepRecord::ProgInfo {
+        label,
+        prog_id,
+        runtime_budget_ms: counters.0,
+        terminated_on_demand: counters.1,
+        terminated_budget: counters.2,
+    })
 }
 
 /// (runtime_budget_ms, on demand, by budget) of `bpftool --json prog show`'s
@@ -373,10 +586,15 @@ fn prog_info_step(client: &mut Client<UnixStream>, step: &ProgInfoStep, prog_id:
 fn termination_counters(json: &str) -> Option<(u32, u64, u64)> {
     let object: serde_json::Value = serde_json::from_str(json.trim()).ok()?;
     object.get("id")?;
-    let number = |value: Option<&serde_json::Value>| value.and_then(serde_json::Value::as_u64).unwrap_or(0);
+    let number =
+        |value: Option<&serde_json::Value>| value.and_then(serde_json::Value::as_u64).unwrap_or(0);
     let budget_ms = u32::try_from(number(object.get("runtime_budget_ms"))).ok()?;
     let terminated = object.get("terminated");
-    Some((budget_ms, number(terminated.and_then(|t| t.get("on_demand"))), number(terminated.and_then(|t| t.get("budget")))))
+    Some((
+        budget_ms,
+        number(terminated.and_then(|t| t.get("on_demand"))),
+        number(terminated.and_then(|t| t.get("budget"))),
+    ))
 }
 
 /// The CPU count bpftool prints on success: the number right before "CPU".
@@ -387,12 +605,16 @@ fn cpus_from_bpftool(stdout: &str) -> Option<u32> {
 
 /// The errno whose strerror() text appears in a failure message.
 fn errno_from_message(message: &str) -> Option<String> {
-    [Errno::ENOENT, Errno::ESRCH, Errno::EINVAL, Errno::EPERM, Errno::EOPNOTSUPP].into_iter().find_map(|errno| {
-        // SAFETY: strerror returns a pointer to a NUL-terminated static
-        // string (or a thread-local buffer) for any errno value.
-        let text = unsafe { std::ffi::CStr::from_ptr(libc::strerror(errno.code())) }.to_string_lossy().into_owned();
-        message.contains(&text).then(|| errno.name().to_owned())
-    })
+    [Errno::ENOENT, Errno::ESRCH, Errno::EINVAL, Errno::EPERM, Errno::EOPNOTSUPP]
+        .into_iter()
+        .find_map(|errno| {
+            // SAFETY: strerror returns a pointer to a NUL-terminated static
+            // string (or a thread-local buffer) for any errno value.
+            let text = unsafe { std::ffi::CStr::from_ptr(libc::strerror(errno.code())) }
+                .to_string_lossy()
+                .into_owned();
+            message.contains(&text).then(|| errno.name().to_owned())
+        })
 }
 
 #[cfg(test)]
@@ -403,7 +625,13 @@ mod tests {
     fn trigger_line_fields_are_parsed() {
         // A line as trigger_loops prints it (guest-samples/bpf/trigger_loops.c).
         let stdout = "libbpf: noise\ntrigger prog=loops prog_id=7 start_ns=1000 end_ns=401000 duration_ns=400000 duration_ms=0 ran=1 runs=3 phase=4 first_done=1 second_done=0 exited=0\n";
-        let record = trigger_record(&Label::try_from("run".to_owned()).expect("label"), vec![], Some(0), stdout, "");
+        let record = trigger_record(
+            &Label::try_from("run".to_owned()).expect("label"),
+            vec![],
+            Some(0),
+            stdout,
+            "",
+        );
         match record {
             StepRecord::Trigger { start_ns, end_ns, fields, .. } => {
                 assert_eq!((start_ns, end_ns), (Some(1000), Some(401000)));
@@ -417,8 +645,16 @@ mod tests {
 
     #[test]
     fn bpftool_failures_map_to_errno_names() {
-        assert_eq!(errno_from_message("Error: failed to terminate program 7: No such process\n").as_deref(), Some("ESRCH"));
-        assert_eq!(errno_from_message("Error: get by id (4000000000): No such file or directory").as_deref(), Some("ENOENT"));
+        assert_eq!(
+            errno_from_message("Error: failed to terminate program 7: No such process\n")
+                .as_deref(),
+            Some("ESRCH")
+        );
+        assert_eq!(
+            errno_from_message("Error: get by id (4000000000): No such file or directory")
+                .as_deref(),
+            Some("ENOENT")
+        );
         assert_eq!(errno_from_message("something else"), None);
         assert_eq!(cpus_from_bpftool("terminated program 7 on 2 CPUs\n"), Some(2));
         assert_eq!(cpus_from_bpftool("done\n"), None);

@@ -34,27 +34,56 @@ pub fn bench_document(result: &BenchResult) -> Result<Document, ReportError> {
     doc.push(Block::Table {
         header: ["target", "measured", "met"].map(String::from).to_vec(),
         highlight: targets.iter().map(|t| t.2 == Some(false)).collect(),
-        rows: targets.into_iter().map(|(name, value, met)| vec![name, value, met.map_or("–", |m| if m { "yes" } else { "no" }).to_owned()]).collect(),
+        rows: targets
+            .into_iter()
+            .map(|(name, value, met)| {
+                vec![name, value, met.map_or("–", |m| if m { "yes" } else { "no" }).to_owned()]
+            })
+            .collect(),
     });
 
     doc.push(Block::Heading("Termination latency".into()));
     doc.push(latency_table(&result.latency));
-    let mechanism: Vec<(String, &[f64])> = result.latency.iter().map(|s| (s.config.name(), s.mechanism_ns.as_slice())).collect();
-    let series: Vec<Series<'_>> = mechanism.iter().map(|(label, samples)| Series { label, samples_ns: samples }).collect();
+    let mechanism: Vec<(String, &[f64])> =
+        result.latency.iter().map(|s| (s.config.name(), s.mechanism_ns.as_slice())).collect();
+    let series: Vec<Series<'_>> =
+        mechanism.iter().map(|(label, samples)| Series { label, samples_ns: samples }).collect();
     if series.iter().any(|s| !s.samples_ns.is_empty()) {
-        doc.push(Block::Figure { file_name: "mechanism-cdf.svg".into(), caption: "mechanism latency (request → last handler done): CDF per configuration".into(), svg: plot::cdf_svg("mechanism latency", &series)? });
+        doc.push(Block::Figure {
+            file_name: "mechanism-cdf.svg".into(),
+            caption: "mechanism latency (request → last handler done): CDF per configuration"
+                .into(),
+            svg: plot::cdf_svg("mechanism latency", &series)?,
+        });
     }
 
-    doc.push(Block::Heading("Fast-path overhead (BPF_PROG_TEST_RUN, repeat 1e6, ns per run)".into()));
+    doc.push(Block::Heading(
+        "Fast-path overhead (BPF_PROG_TEST_RUN, repeat 1e6, ns per run)".into(),
+    ));
     doc.push(Block::Table {
-        header: ["program", "rounds", "baseline p50", "patched p50", "difference", "per-round differences (min … max)", "patched, budget set, p50", "budget check adds"].map(String::from).to_vec(),
+        header: [
+            "program",
+            "rounds",
+            "baseline p50",
+            "patched p50",
+            "difference",
+            "per-round differences (min … max)",
+            "patched, budget set, p50",
+            "budget check adds",
+        ]
+        .map(String::from)
+        .to_vec(),
         highlight: vec![false; result.fastpath.len()],
         rows: result
             .fastpath
             .iter()
             .map(|s| {
-                let diffs: Vec<f64> = s.patched_ns.iter().zip(&s.baseline_ns).map(|(p, b)| p - b).collect();
-                let (lo, hi) = (diffs.iter().copied().fold(f64::INFINITY, f64::min), diffs.iter().copied().fold(f64::NEG_INFINITY, f64::max));
+                let diffs: Vec<f64> =
+                    s.patched_ns.iter().zip(&s.baseline_ns).map(|(p, b)| p - b).collect();
+                let (lo, hi) = (
+                    diffs.iter().copied().fold(f64::INFINITY, f64::min),
+                    diffs.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                );
                 let (p, b) = (median(&s.patched_ns), median(&s.baseline_ns));
                 vec![
                     s.program.clone(),
@@ -62,13 +91,19 @@ pub fn bench_document(result: &BenchResult) -> Result<Document, ReportError> {
                     b.map_or("–".into(), |v| format!("{v:.1}")),
                     p.map_or("–".into(), |v| format!("{v:.1}")),
                     match (p, b) {
-                        (Some(p), Some(b)) if b > 0.0 => format!("{:+.1} ns ({:+.2} %)", p - b, 100.0 * (p - b) / b),
+                        (Some(p), Some(b)) if b > 0.0 => {
+                            format!("{:+.1} ns ({:+.2} %)", p - b, 100.0 * (p - b) / b)
+                        }
                         _ => "–".into(),
                     },
                     if diffs.is_empty() { "–".into() } else { format!("{lo:+.1} … {hi:+.1}") },
                     median(&s.patched_budget_ns).map_or("–".into(), |v| format!("{v:.1}")),
                     match (median(&s.patched_budget_ns), p) {
-                        (Some(with), Some(without)) if without > 0.0 => format!("{:+.1} ns ({:+.2} %)", with - without, 100.0 * (with - without) / without),
+                        (Some(with), Some(without)) if without > 0.0 => format!(
+                            "{:+.1} ns ({:+.2} %)",
+                            with - without,
+                            100.0 * (with - without) / without
+                        ),
                         _ => "–".into(),
                     },
                 ]
@@ -78,14 +113,25 @@ pub fn bench_document(result: &BenchResult) -> Result<Document, ReportError> {
 
     doc.push(Block::Heading("Load cost (verification + JIT + copy)".into()));
     doc.push(Block::Table {
-        header: ["insns", "baseline load p50", "patched load p50", "ratio", "JIT bytes", "copy JIT bytes", "extra"].map(String::from).to_vec(),
+        header: [
+            "insns",
+            "baseline load p50",
+            "patched load p50",
+            "ratio",
+            "JIT bytes",
+            "copy JIT bytes",
+            "extra",
+        ]
+        .map(String::from)
+        .to_vec(),
         highlight: vec![false; result.load.len()],
         rows: result
             .load
             .iter()
             .map(|s| {
                 let (p, b) = (median(&s.patched_load_ns), median(&s.baseline_load_ns));
-                let fmt = |v: Option<f64>| v.map_or("–".into(), |ns| Unit::for_max_ns(ns).format(ns));
+                let fmt =
+                    |v: Option<f64>| v.map_or("–".into(), |ns| Unit::for_max_ns(ns).format(ns));
                 vec![
                     s.insns.to_string(),
                     fmt(b),
@@ -93,7 +139,10 @@ pub fn bench_document(result: &BenchResult) -> Result<Document, ReportError> {
                     ratio(p, b),
                     s.patched_jited_bytes.to_string(),
                     s.patched_copy_jited_bytes.to_string(),
-                    ratio(Some(s.patched_copy_jited_bytes as f64), Some(s.patched_jited_bytes as f64)),
+                    ratio(
+                        Some(s.patched_copy_jited_bytes as f64),
+                        Some(s.patched_jited_bytes as f64),
+                    ),
                 ]
             })
             .collect(),
@@ -118,7 +167,18 @@ fn latency_table(latency: &[LatencySeries]) -> Block {
         }
     };
     Block::Table {
-        header: ["configuration", "vCPUs", "IPI p50", "n", "missed", "mechanism p50 / p99 (× IPI)", "end-to-end p50 / p99 (× IPI)", "case-1 tail p50 / p99 (× IPI)"].map(String::from).to_vec(),
+        header: [
+            "configuration",
+            "vCPUs",
+            "IPI p50",
+            "n",
+            "missed",
+            "mechanism p50 / p99 (× IPI)",
+            "end-to-end p50 / p99 (× IPI)",
+            "case-1 tail p50 / p99 (× IPI)",
+        ]
+        .map(String::from)
+        .to_vec(),
         highlight: vec![false; latency.len()],
         rows: latency
             .iter()
@@ -142,35 +202,83 @@ fn latency_table(latency: &[LatencySeries]) -> Block {
 /// (target, measured, met) rows; `None` when not measured.
 fn targets(result: &BenchResult) -> Vec<(String, String, Option<bool>)> {
     let mut rows = Vec::new();
-    let mut ratio_row = |name: String, samples: &[f64], ipi: Option<f64>, pick: fn(&crate::stats::Ratios) -> f64, limit: f64| {
+    let mut ratio_row = |name: String,
+                         samples: &[f64],
+                         ipi: Option<f64>,
+                         pick: fn(&crate::stats::Ratios) -> f64,
+                         limit: f64| {
         let measured = summarize(samples, ipi).and_then(|(_, r)| r).map(|r| pick(&r));
-        rows.push((name, measured.map_or("–".into(), |v| format!("{v:.1}× IPI")), measured.map(|v| v <= limit)));
+        rows.push((
+            name,
+            measured.map_or("–".into(), |v| format!("{v:.1}× IPI")),
+            measured.map(|v| v <= limit),
+        ));
     };
     for s in &result.latency {
         let (name, ipi) = (s.config.name(), median(&s.ipi_rtt_ns));
-        ratio_row(format!("{name}: mechanism p50 ≤ {MECHANISM_P50_MAX_IPI}× IPI"), &s.mechanism_ns, ipi, |r| r.p50, MECHANISM_P50_MAX_IPI);
-        ratio_row(format!("{name}: mechanism p99 ≤ {MECHANISM_P99_MAX_IPI}× IPI"), &s.mechanism_ns, ipi, |r| r.p99, MECHANISM_P99_MAX_IPI);
+        ratio_row(
+            format!("{name}: mechanism p50 ≤ {MECHANISM_P50_MAX_IPI}× IPI"),
+            &s.mechanism_ns,
+            ipi,
+            |r| r.p50,
+            MECHANISM_P50_MAX_IPI,
+        );
+        ratio_row(
+            format!("{name}: mechanism p99 ≤ {MECHANISM_P99_MAX_IPI}× IPI"),
+            &s.mechanism_ns,
+            ipi,
+            |r| r.p99,
+            MECHANISM_P99_MAX_IPI,
+        );
         if s.config.case == 2 {
-            ratio_row(format!("{name}: end-to-end p50 ≤ {CASE2_P50_MAX_IPI}× IPI"), &s.end_to_end_ns, ipi, |r| r.p50, CASE2_P50_MAX_IPI);
+            ratio_row(
+                format!("{name}: end-to-end p50 ≤ {CASE2_P50_MAX_IPI}× IPI"),
+                &s.end_to_end_ns,
+                ipi,
+                |r| r.p50,
+                CASE2_P50_MAX_IPI,
+            );
         } else {
-            ratio_row(format!("{name}: case-1 tail p50 ≤ {CASE1_TAIL_MAX_IPI}× IPI"), &s.case1_tail_ns, ipi, |r| r.p50, CASE1_TAIL_MAX_IPI);
+            ratio_row(
+                format!("{name}: case-1 tail p50 ≤ {CASE1_TAIL_MAX_IPI}× IPI"),
+                &s.case1_tail_ns,
+                ipi,
+                |r| r.p50,
+                CASE1_TAIL_MAX_IPI,
+            );
         }
     }
     for s in &result.fastpath {
         let (p, b) = (median(&s.patched_ns), median(&s.baseline_ns));
         let measured = p.zip(b).filter(|(_, b)| *b > 0.0);
         rows.push((
-            format!("fast path `{}`: ≤ {FASTPATH_MAX_PERCENT} % and ≤ {FASTPATH_MAX_NS} ns per run", s.program),
-            measured.map_or("–".into(), |(p, b)| format!("{:+.1} ns ({:+.2} %)", p - b, 100.0 * (p - b) / b)),
-            measured.map(|(p, b)| p - b <= FASTPATH_MAX_NS && 100.0 * (p - b) / b <= FASTPATH_MAX_PERCENT),
+            format!(
+                "fast path `{}`: ≤ {FASTPATH_MAX_PERCENT} % and ≤ {FASTPATH_MAX_NS} ns per run",
+                s.program
+            ),
+            measured.map_or("–".into(), |(p, b)| {
+                format!("{:+.1} ns ({:+.2} %)", p - b, 100.0 * (p - b) / b)
+            }),
+            measured.map(|(p, b)| {
+                p - b <= FASTPATH_MAX_NS && 100.0 * (p - b) / b <= FASTPATH_MAX_PERCENT
+            }),
         ));
     }
     for s in &result.load {
         let (p, b) = (median(&s.patched_load_ns), median(&s.baseline_load_ns));
         let measured = p.zip(b).filter(|(_, b)| *b > 0.0).map(|(p, b)| p / b);
-        rows.push((format!("load {} insns: ≤ {LOAD_MAX_RATIO}× load time", s.insns), measured.map_or("–".into(), |r| format!("{r:.2}×")), measured.map(|r| r <= LOAD_MAX_RATIO)));
-        let extra = (s.patched_jited_bytes > 0).then(|| s.patched_copy_jited_bytes as f64 / s.patched_jited_bytes as f64);
-        rows.push((format!("load {} insns: ≤ {JIT_EXTRA_MAX_RATIO}× extra JIT bytes", s.insns), extra.map_or("–".into(), |r| format!("{r:.2}×")), extra.map(|r| r <= JIT_EXTRA_MAX_RATIO)));
+        rows.push((
+            format!("load {} insns: ≤ {LOAD_MAX_RATIO}× load time", s.insns),
+            measured.map_or("–".into(), |r| format!("{r:.2}×")),
+            measured.map(|r| r <= LOAD_MAX_RATIO),
+        ));
+        let extra = (s.patched_jited_bytes > 0)
+            .then(|| s.patched_copy_jited_bytes as f64 / s.patched_jited_bytes as f64);
+        rows.push((
+            format!("load {} insns: ≤ {JIT_EXTRA_MAX_RATIO}× extra JIT bytes", s.insns),
+            extra.map_or("–".into(), |r| format!("{r:.2}×")),
+            extra.map(|r| r <= JIT_EXTRA_MAX_RATIO),
+        ));
     }
     rows
 }

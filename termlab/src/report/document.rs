@@ -12,9 +12,17 @@ pub enum Block {
     Heading(String),
     Paragraph(String),
     /// `highlight[i]` marks row `i` (a failure, a changed value).
-    Table { header: Vec<String>, rows: Vec<Vec<String>>, highlight: Vec<bool> },
+    Table {
+        header: Vec<String>,
+        rows: Vec<Vec<String>>,
+        highlight: Vec<bool>,
+    },
     /// An SVG plot: linked as `file_name` from Markdown, inlined in HTML.
-    Figure { file_name: String, caption: String, svg: String },
+    Figure {
+        file_name: String,
+        caption: String,
+        svg: String,
+    },
 }
 
 impl Document {
@@ -45,11 +53,19 @@ impl Document {
                     out.push_str(&markdown_row(header));
                     out.push_str(&markdown_row(&vec!["---".to_owned(); header.len()]));
                     for (row, &marked) in rows.iter().zip(highlight) {
-                        let cells: Vec<String> = if marked { row.iter().map(|c| if c.is_empty() { c.clone() } else { format!("**{c}**") }).collect() } else { row.clone() };
+                        let cells: Vec<String> = if marked {
+                            row.iter()
+                                .map(|c| if c.is_empty() { c.clone() } else { format!("**{c}**") })
+                                .collect()
+                        } else {
+                            row.clone()
+                        };
                         out.push_str(&markdown_row(&cells));
                     }
                 }
-                Block::Figure { file_name, caption, .. } => out.push_str(&format!("![{caption}]({file_name})\n")),
+                Block::Figure { file_name, caption, .. } => {
+                    out.push_str(&format!("![{caption}]({file_name})\n"))
+                }
             }
         }
         out
@@ -82,7 +98,10 @@ impl Document {
                 }
                 Block::Figure { caption, svg, .. } => {
                     // plotters' SVG is a complete <svg> element, safe to inline.
-                    out.push_str(&format!("<figure>\n{svg}\n<figcaption>{}</figcaption>\n</figure>\n", escape(caption)));
+                    out.push_str(&format!(
+                        "<figure>\n{svg}\n<figcaption>{}</figcaption>\n</figure>\n",
+                        escape(caption)
+                    ));
                 }
             }
         }
@@ -96,7 +115,8 @@ table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #bbb;padding:
 th{background:#eee}tr.marked td{background:#fdd;font-weight:bold}figure{display:inline-block;margin:.5em}";
 
 fn markdown_row(cells: &[String]) -> String {
-    let escaped: Vec<String> = cells.iter().map(|c| c.replace('|', "\\|").replace('\n', " ")).collect();
+    let escaped: Vec<String> =
+        cells.iter().map(|c| c.replace('|', "\\|").replace('\n', " ")).collect();
     format!("| {} |\n", escaped.join(" | "))
 }
 
@@ -116,7 +136,11 @@ mod tests {
             rows: vec![vec!["pass".into(), "a|b".into()], vec!["FAIL".into(), "c".into()]],
             highlight: vec![false, true],
         });
-        doc.push(Block::Figure { file_name: "m-cdf.svg".into(), caption: "m".into(), svg: "<svg id=\"plot\"></svg>".into() });
+        doc.push(Block::Figure {
+            file_name: "m-cdf.svg".into(),
+            caption: "m".into(),
+            svg: "<svg id=\"plot\"></svg>".into(),
+        });
         doc
     }
 

@@ -37,7 +37,10 @@ pub fn write_run_report(result: &RunResult, dir: &Path) -> Result<(), ReportErro
 }
 
 /// Writes the benchmark's report.md, report.html and plots into `dir`.
-pub fn write_bench_report(result: &crate::bench::BenchResult, dir: &Path) -> Result<(), ReportError> {
+pub fn write_bench_report(
+    result: &crate::bench::BenchResult,
+    dir: &Path,
+) -> Result<(), ReportError> {
     write_document(&bench::bench_document(result)?, dir)
 }
 
@@ -61,7 +64,8 @@ fn verdict(result: &RunResult) -> &'static str {
 
 /// The report of one run.
 pub fn run_document(result: &RunResult) -> Result<Document, ReportError> {
-    let mut doc = Document::new(format!("termlab run: {} — {}", result.scenario.name, verdict(result)));
+    let mut doc =
+        Document::new(format!("termlab run: {} — {}", result.scenario.name, verdict(result)));
     doc.push(Block::Paragraph(result.scenario.description.clone()));
     if let Some(reason) = &result.incomplete_reason {
         doc.push(Block::Paragraph(format!("The run is incomplete: {reason}")));
@@ -73,7 +77,14 @@ pub fn run_document(result: &RunResult) -> Result<Document, ReportError> {
         rows: result
             .expectations
             .iter()
-            .map(|e| vec![if e.passed { "pass" } else { "FAIL" }.into(), e.name.clone(), e.check.clone(), e.detail.clone()])
+            .map(|e| {
+                vec![
+                    if e.passed { "pass" } else { "FAIL" }.into(),
+                    e.name.clone(),
+                    e.check.clone(),
+                    e.detail.clone(),
+                ]
+            })
             .collect(),
         highlight: result.expectations.iter().map(|e| !e.passed).collect(),
     });
@@ -89,10 +100,21 @@ pub fn run_document(result: &RunResult) -> Result<Document, ReportError> {
 
     doc.push(Block::Heading("Plots".into()));
     for (metric, samples) in result.metric_samples() {
-        let cdf = plot::cdf_svg(&format!("{metric}: CDF"), &[Series { label: &metric, samples_ns: &samples }])?;
-        doc.push(Block::Figure { file_name: format!("{metric}-cdf.svg"), caption: format!("{metric}: cumulative distribution"), svg: cdf });
+        let cdf = plot::cdf_svg(
+            &format!("{metric}: CDF"),
+            &[Series { label: &metric, samples_ns: &samples }],
+        )?;
+        doc.push(Block::Figure {
+            file_name: format!("{metric}-cdf.svg"),
+            caption: format!("{metric}: cumulative distribution"),
+            svg: cdf,
+        });
         let histogram = plot::histogram_svg(&format!("{metric}: histogram"), &samples)?;
-        doc.push(Block::Figure { file_name: format!("{metric}-histogram.svg"), caption: format!("{metric}: histogram"), svg: histogram });
+        doc.push(Block::Figure {
+            file_name: format!("{metric}-histogram.svg"),
+            caption: format!("{metric}: histogram"),
+            svg: histogram,
+        });
     }
 
     doc.push(Block::Heading("Environment".into()));
@@ -104,11 +126,16 @@ pub fn run_document(result: &RunResult) -> Result<Document, ReportError> {
 /// repetition (else the first) as the VMM read it before and after the
 /// kernel's handler, every code word annotated, changed words highlighted.
 fn stack_tables(result: &RunResult, doc: &mut Document) {
-    let terminates = result.repetitions.iter().flat_map(|rep| rep.steps.iter().map(move |step| (rep.index, step)));
+    let terminates = result
+        .repetitions
+        .iter()
+        .flat_map(|rep| rep.steps.iter().map(move |step| (rep.index, step)));
     let mut shown = std::collections::BTreeMap::new();
     for (index, step) in terminates {
         let StepRecord::Terminate { label, stack, .. } = step else { continue };
-        let failing = stack.iter().any(|p| p.error.is_some() || p.verdict.as_ref().is_some_and(|v| !v.passed()));
+        let failing = stack
+            .iter()
+            .any(|p| p.error.is_some() || p.verdict.as_ref().is_some_and(|v| !v.passed()));
         let slot = shown.entry(label.clone()).or_insert((index, stack, failing));
         if failing && !slot.2 {
             *slot = (index, stack, failing);
@@ -121,7 +148,11 @@ fn stack_tables(result: &RunResult, doc: &mut Document) {
     for (label, (index, stack, _)) in shown {
         for proof in stack {
             let Some(v) = &proof.verdict else {
-                doc.push(Block::Paragraph(format!("`{label}`, repetition #{index}, vCPU {}: {}", proof.vcpu, proof.error.as_deref().unwrap_or("no snapshots"))));
+                doc.push(Block::Paragraph(format!(
+                    "`{label}`, repetition #{index}, vCPU {}: {}",
+                    proof.vcpu,
+                    proof.error.as_deref().unwrap_or("no snapshots")
+                )));
                 continue;
             };
             let ip = |addr: u64| format!("{addr:#x}");
@@ -152,13 +183,25 @@ fn stack_tables(result: &RunResult, doc: &mut Document) {
                         format!("{} {}", class(&r.before_class), r.before_at),
                         format!("{:#018x}", r.after),
                         format!("{} {}", class(&r.after_class), r.after_at),
-                        r.predicted.map_or(String::new(), |p| if p == r.after { "= predicted".to_owned() } else { format!("predicted {p:#x}") }),
+                        r.predicted.map_or(String::new(), |p| {
+                            if p == r.after {
+                                "= predicted".to_owned()
+                            } else {
+                                format!("predicted {p:#x}")
+                            }
+                        }),
                     ]
                 })
                 .collect();
             doc.push(Block::Table {
-                header: ["slot", "before", "points to", "after", "points to", "kernel map"].map(String::from).to_vec(),
-                highlight: v.rows.iter().map(|r| r.before != r.after || r.after_class.is_original()).collect(),
+                header: ["slot", "before", "points to", "after", "points to", "kernel map"]
+                    .map(String::from)
+                    .to_vec(),
+                highlight: v
+                    .rows
+                    .iter()
+                    .map(|r| r.before != r.after || r.after_class.is_original())
+                    .collect(),
                 rows,
             });
         }
@@ -170,7 +213,9 @@ fn summary_table(result: &RunResult) -> Block {
     for metric in &result.summary {
         let s = &metric.summary;
         let unit = Unit::for_max_ns(s.max_ns);
-        let ratio = |pick: fn(&crate::stats::Ratios) -> f64| metric.ratio_to_ipi.as_ref().map_or("–".to_owned(), |r| format!("{:.1}×", pick(r)));
+        let ratio = |pick: fn(&crate::stats::Ratios) -> f64| {
+            metric.ratio_to_ipi.as_ref().map_or("–".to_owned(), |r| format!("{:.1}×", pick(r)))
+        };
         rows.push(vec![
             metric.metric.clone(),
             s.n.to_string(),
@@ -184,7 +229,9 @@ fn summary_table(result: &RunResult) -> Block {
     }
     let highlight = vec![false; rows.len()];
     Block::Table {
-        header: ["metric", "n", "p50", "p90", "p99", "max", "p50 / IPI", "p99 / IPI"].map(String::from).to_vec(),
+        header: ["metric", "n", "p50", "p90", "p99", "max", "p50 / IPI", "p99 / IPI"]
+            .map(String::from)
+            .to_vec(),
         rows,
         highlight,
     }
@@ -202,24 +249,39 @@ fn environment_table(results: &[&RunResult]) -> Block {
         field("kernel source", &|r| or_unknown(&r.environment.kernel.source_version)),
         field("patch series sha256", &|r| or_unknown(&r.environment.kernel.patch_series_sha256)),
         field("kernel config sha256", &|r| or_unknown(&r.environment.kernel.config_sha256)),
-        field("VM", &|r| format!("{} vCPUs, {} MiB", r.environment.vm.vcpus, r.environment.vm.memory_mib)),
+        field("VM", &|r| {
+            format!("{} vCPUs, {} MiB", r.environment.vm.vcpus, r.environment.vm.memory_mib)
+        }),
         field("kernel cmdline", &|r| r.environment.vm.cmdline.clone()),
         field("VMM", &|r| format!("{} {}", r.environment.vmm.name, r.environment.vmm.version)),
-        field("nested (L1 under TCG)", &|r| if r.environment.nested { "yes: times are emulated".into() } else { "no".into() }),
+        field("nested (L1 under TCG)", &|r| {
+            if r.environment.nested {
+                "yes: times are emulated".into()
+            } else {
+                "no".into()
+            }
+        }),
         field("host", &|r| {
             let h = &r.environment.host;
-            format!("{} ({}, {} CPUs: {}, {} MiB)", h.hostname, h.kernel_release, h.cpus, h.cpu_model, h.memory_mib)
+            format!(
+                "{} ({}, {} CPUs: {}, {} MiB)",
+                h.hostname, h.kernel_release, h.cpus, h.cpu_model, h.memory_mib
+            )
         }),
         field("termlab", &|r| r.environment.termlab_version.clone()),
     ];
     let highlight = vec![false; rows.len()];
-    let header = std::iter::once(String::new()).chain(results.iter().map(|r| run_label(r))).collect();
+    let header =
+        std::iter::once(String::new()).chain(results.iter().map(|r| run_label(r))).collect();
     Block::Table { header, rows, highlight }
 }
 
 /// How a run is named in comparisons: scenario, kernel variant and start.
 fn run_label(result: &RunResult) -> String {
-    format!("{} ({}, {})", result.scenario.name, result.environment.kernel.variant, result.started_at)
+    format!(
+        "{} ({}, {})",
+        result.scenario.name, result.environment.kernel.variant, result.started_at
+    )
 }
 
 /// Loads the runs in `dirs`, regenerates each one's report, and returns the
@@ -254,19 +316,32 @@ pub fn comparison_document(runs: &[RunResult]) -> Result<Document, ReportError> 
         .iter()
         .map(|metric| {
             std::iter::once(metric.clone())
-                .chain(runs.iter().map(|run| match run.summary.iter().find(|s| &s.metric == metric) {
-                    Some(s) => {
-                        let unit = Unit::for_max_ns(s.summary.max_ns);
-                        let ratio = s.ratio_to_ipi.as_ref().map_or(String::new(), |r| format!(" ({:.1}× IPI)", r.p50));
-                        format!("{} / {}{ratio}", unit.format(s.summary.p50_ns), unit.format(s.summary.p99_ns))
-                    }
-                    None => "–".into(),
-                }))
+                .chain(runs.iter().map(
+                    |run| match run.summary.iter().find(|s| &s.metric == metric) {
+                        Some(s) => {
+                            let unit = Unit::for_max_ns(s.summary.max_ns);
+                            let ratio = s
+                                .ratio_to_ipi
+                                .as_ref()
+                                .map_or(String::new(), |r| format!(" ({:.1}× IPI)", r.p50));
+                            format!(
+                                "{} / {}{ratio}",
+                                unit.format(s.summary.p50_ns),
+                                unit.format(s.summary.p99_ns)
+                            )
+                        }
+                        None => "–".into(),
+                    },
+                ))
                 .collect()
         })
         .collect();
     let highlight = vec![false; rows.len()];
-    doc.push(Block::Table { header: std::iter::once("metric".to_owned()).chain(labels.iter().cloned()).collect(), rows, highlight });
+    doc.push(Block::Table {
+        header: std::iter::once("metric".to_owned()).chain(labels.iter().cloned()).collect(),
+        rows,
+        highlight,
+    });
 
     doc.push(Block::Heading("Expectations".into()));
     let mut names: Vec<String> = Vec::new();
@@ -277,26 +352,53 @@ pub fn comparison_document(runs: &[RunResult]) -> Result<Document, ReportError> 
             }
         }
     }
-    let verdicts: Vec<Vec<Option<bool>>> =
-        names.iter().map(|name| runs.iter().map(|run| run.expectations.iter().find(|e| &e.name == name).map(|e| e.passed)).collect()).collect();
+    let verdicts: Vec<Vec<Option<bool>>> = names
+        .iter()
+        .map(|name| {
+            runs.iter()
+                .map(|run| run.expectations.iter().find(|e| &e.name == name).map(|e| e.passed))
+                .collect()
+        })
+        .collect();
     let rows = names
         .iter()
         .zip(&verdicts)
-        .map(|(name, row)| std::iter::once(name.clone()).chain(row.iter().map(|v| v.map_or("–", |p| if p { "pass" } else { "FAIL" }).to_owned())).collect())
+        .map(|(name, row)| {
+            std::iter::once(name.clone())
+                .chain(
+                    row.iter()
+                        .map(|v| v.map_or("–", |p| if p { "pass" } else { "FAIL" }).to_owned()),
+                )
+                .collect()
+        })
         .collect();
     let highlight = verdicts.iter().map(|row| row.contains(&Some(false))).collect();
-    doc.push(Block::Table { header: std::iter::once("expectation".to_owned()).chain(labels.iter().cloned()).collect(), rows, highlight });
+    doc.push(Block::Table {
+        header: std::iter::once("expectation".to_owned()).chain(labels.iter().cloned()).collect(),
+        rows,
+        highlight,
+    });
 
     doc.push(Block::Heading("Plots".into()));
     for metric in &metrics {
         let samples: Vec<(String, Vec<f64>)> = runs
             .iter()
             .zip(&labels)
-            .filter_map(|(run, label)| run.metric_samples().into_iter().find(|(m, _)| m == metric).map(|(_, values)| (label.clone(), values)))
+            .filter_map(|(run, label)| {
+                run.metric_samples()
+                    .into_iter()
+                    .find(|(m, _)| m == metric)
+                    .map(|(_, values)| (label.clone(), values))
+            })
             .collect();
-        let series: Vec<Series<'_>> = samples.iter().map(|(label, values)| Series { label, samples_ns: values }).collect();
+        let series: Vec<Series<'_>> =
+            samples.iter().map(|(label, values)| Series { label, samples_ns: values }).collect();
         let svg = plot::cdf_svg(&format!("{metric}: CDF"), &series)?;
-        doc.push(Block::Figure { file_name: format!("compare-{metric}-cdf.svg"), caption: format!("{metric}: cumulative distribution per run"), svg });
+        doc.push(Block::Figure {
+            file_name: format!("compare-{metric}-cdf.svg"),
+            caption: format!("{metric}: cumulative distribution per run"),
+            svg,
+        });
     }
 
     doc.push(Block::Heading("Environment".into()));

@@ -46,12 +46,17 @@ pub struct Series<'a> {
 
 /// The empirical CDF of one or more sample sets on shared axes.
 pub fn cdf_svg(title: &str, series: &[Series<'_>]) -> Result<String, PlotError> {
-    let all: Vec<f64> = series.iter().flat_map(|s| s.samples_ns.iter().copied()).filter(|x| x.is_finite()).collect();
+    let all: Vec<f64> = series
+        .iter()
+        .flat_map(|s| s.samples_ns.iter().copied())
+        .filter(|x| x.is_finite())
+        .collect();
     let unit = Unit::for_max_ns(all.iter().copied().fold(0.0, f64::max));
     let x_range = padded_range(&all, unit);
     let mut svg = String::new();
     draw(title, &mut svg, |root| {
-        let mut chart = chart_builder(root, title).build_cartesian_2d(x_range.clone(), 0f64..1.02f64)?;
+        let mut chart =
+            chart_builder(root, title).build_cartesian_2d(x_range.clone(), 0f64..1.02f64)?;
         chart
             .configure_mesh()
             .x_desc(format!("latency ({})", unit.name))
@@ -72,7 +77,9 @@ pub fn cdf_svg(title: &str, series: &[Series<'_>]) -> Result<String, PlotError> 
             chart
                 .draw_series(LineSeries::new(points, color.stroke_width(2)))?
                 .label(one.label)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
         }
         chart
             .configure_series_labels()
@@ -99,11 +106,16 @@ pub fn histogram_svg(title: &str, samples_ns: &[f64]) -> Result<String, PlotErro
     };
     let mut svg = String::new();
     draw(title, &mut svg, |root| {
-        let mut chart = chart_builder(root, title).build_cartesian_2d(x_range, 0f64..(tallest as f64 * 1.1))?;
+        let mut chart =
+            chart_builder(root, title).build_cartesian_2d(x_range, 0f64..(tallest as f64 * 1.1))?;
         chart.configure_mesh().x_desc(format!("latency ({})", unit.name)).y_desc("runs").draw()?;
         let color = Palette99::pick(0).to_rgba();
-        chart.draw_series(bins.iter().map(|&(low, high, count)| Rectangle::new([(low, 0.0), (high, count as f64)], color.filled())))?;
-        chart.draw_series(bins.iter().map(|&(low, high, count)| Rectangle::new([(low, 0.0), (high, count as f64)], BLACK.stroke_width(1))))?;
+        chart.draw_series(bins.iter().map(|&(low, high, count)| {
+            Rectangle::new([(low, 0.0), (high, count as f64)], color.filled())
+        }))?;
+        chart.draw_series(bins.iter().map(|&(low, high, count)| {
+            Rectangle::new([(low, 0.0), (high, count as f64)], BLACK.stroke_width(1))
+        }))?;
         Ok(())
     })?;
     Ok(svg)
@@ -112,8 +124,13 @@ pub fn histogram_svg(title: &str, samples_ns: &[f64]) -> Result<String, PlotErro
 type DrawResult = Result<(), Box<dyn std::error::Error>>;
 
 /// Runs `body` on a white SVG canvas writing into `svg`.
-fn draw(title: &str, svg: &mut String, body: impl FnOnce(&DrawingArea<SVGBackend<'_>, plotters::coord::Shift>) -> DrawResult) -> Result<(), PlotError> {
-    let error = |e: &dyn std::fmt::Display| PlotError { title: title.to_owned(), message: e.to_string() };
+fn draw(
+    title: &str,
+    svg: &mut String,
+    body: impl FnOnce(&DrawingArea<SVGBackend<'_>, plotters::coord::Shift>) -> DrawResult,
+) -> Result<(), PlotError> {
+    let error =
+        |e: &dyn std::fmt::Display| PlotError { title: title.to_owned(), message: e.to_string() };
     let root = SVGBackend::with_string(svg, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|e| error(&e))?;
     body(&root).map_err(|e| error(&e))?;
@@ -122,9 +139,16 @@ fn draw(title: &str, svg: &mut String, body: impl FnOnce(&DrawingArea<SVGBackend
 }
 
 /// The caption, margins and axis label areas every plot shares.
-fn chart_builder<'a, 'b>(root: &'a DrawingArea<SVGBackend<'b>, plotters::coord::Shift>, title: &str) -> ChartBuilder<'a, 'b, SVGBackend<'b>> {
+fn chart_builder<'a, 'b>(
+    root: &'a DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
+    title: &str,
+) -> ChartBuilder<'a, 'b, SVGBackend<'b>> {
     let mut builder = ChartBuilder::on(root);
-    builder.caption(title, ("sans-serif", 18)).margin(12).x_label_area_size(40).y_label_area_size(50);
+    builder
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50);
     builder
 }
 
@@ -148,7 +172,14 @@ mod tests {
     fn cdf_plot_has_axes_labels_and_one_path_per_series() {
         let fast: Vec<f64> = (1..=20).map(|i| i as f64 * 50_000.0).collect();
         let slow: Vec<f64> = (1..=20).map(|i| i as f64 * 90_000.0).collect();
-        let svg = cdf_svg("end_to_end", &[Series { label: "kernel A", samples_ns: &fast }, Series { label: "kernel B", samples_ns: &slow }]).expect("drawn");
+        let svg = cdf_svg(
+            "end_to_end",
+            &[
+                Series { label: "kernel A", samples_ns: &fast },
+                Series { label: "kernel B", samples_ns: &slow },
+            ],
+        )
+        .expect("drawn");
         assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(80)]);
         assert!(svg.contains("end_to_end"));
         assert!(svg.contains("kernel A") && svg.contains("kernel B"));
@@ -156,13 +187,20 @@ mod tests {
         assert!(svg.contains("latency (ms)"));
         // Two curves, each a polyline through 2 points per sample + 2 ends.
         let polylines: Vec<&str> = svg.match_indices("<polyline").map(|(i, _)| &svg[i..]).collect();
-        let curve_points = polylines.iter().map(|p| p[..p.find("/>").unwrap_or(p.len())].matches(',').count()).filter(|&n| n == 42).count();
+        let curve_points = polylines
+            .iter()
+            .map(|p| p[..p.find("/>").unwrap_or(p.len())].matches(',').count())
+            .filter(|&n| n == 42)
+            .count();
         assert_eq!(curve_points, 2, "expected two 42-point curves");
     }
 
     #[test]
     fn histogram_plot_draws_a_bar_per_nonempty_bin() {
-        let samples: Vec<f64> = [10.0, 11.0, 11.0, 12.0, 30.0, 30.0, 31.0, 50.0, 50.0, 50.0].iter().map(|us| us * 1000.0).collect();
+        let samples: Vec<f64> = [10.0, 11.0, 11.0, 12.0, 30.0, 30.0, 31.0, 50.0, 50.0, 50.0]
+            .iter()
+            .map(|us| us * 1000.0)
+            .collect();
         let svg = histogram_svg("agent_rtt", &samples).expect("drawn");
         assert!(svg.contains("latency (µs)"));
         // 10 samples -> 5 bins; filled bars are <rect> elements with a fill

@@ -36,7 +36,8 @@ pub struct LoadedScenario {
 
 /// Reads, parses and validates one scenario file.
 pub fn load(path: &Path) -> Result<LoadedScenario, ScenarioError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read { path: path.to_owned(), source })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ScenarioError::Read { path: path.to_owned(), source })?;
     let scenario = parse(&text).map_err(|e| e.locate(path, &text))?;
     let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     Ok(LoadedScenario { name, path: path.to_owned(), scenario })
@@ -57,7 +58,13 @@ impl SpannedError {
 
     fn locate(self, path: &Path, text: &str) -> ScenarioError {
         let (line, column) = line_column(text, self.span.start);
-        ScenarioError::Invalid { path: path.to_owned(), line, column, key: self.key, message: self.message }
+        ScenarioError::Invalid {
+            path: path.to_owned(),
+            line,
+            column,
+            key: self.key,
+            message: self.message,
+        }
     }
 }
 
@@ -71,7 +78,8 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 
 /// Parses and validates scenario text.
 pub fn parse(text: &str) -> Result<Scenario, SpannedError> {
-    let deserializer = toml::Deserializer::parse(text).map_err(|e| toml_error(&e, "(syntax)".to_owned()))?;
+    let deserializer =
+        toml::Deserializer::parse(text).map_err(|e| toml_error(&e, "(syntax)".to_owned()))?;
     let scenario: Scenario = serde_path_to_error::deserialize(deserializer).map_err(|e| {
         // toml's `Spanned` wrapper shows up as a private path segment; drop it.
         let key = e.path().to_string().replace(".$__serde_spanned_private_value", "");
@@ -86,7 +94,11 @@ fn toml_error(error: &toml::de::Error, key: String) -> SpannedError {
     SpannedError::new(error.span().unwrap_or(0..0), key, error.message().trim_end().to_owned())
 }
 
-fn invalid<T>(spanned: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) -> SpannedError {
+fn invalid<T>(
+    spanned: &Spanned<T>,
+    key: impl Into<String>,
+    message: impl Into<String>,
+) -> SpannedError {
     SpannedError::new(spanned.span(), key, message)
 }
 
@@ -121,16 +133,24 @@ pub const MAX_RUNTIME_SYSCTL: &str = "kernel.bpf_max_runtime_ms";
 /// for their runtime budget: then its termination events are traced and
 /// matched to the steps.
 pub fn traces_terminations(scenario: &Scenario) -> bool {
-    let global_budget = scenario.sysctl.iter().any(|(name, value)| name.to_string() == MAX_RUNTIME_SYSCTL && value.to_string() != "0");
-    global_budget || scenario.steps.iter().any(|step| matches!(step, Step::Terminate(_) | Step::Budget(_)))
+    let global_budget = scenario
+        .sysctl
+        .iter()
+        .any(|(name, value)| name.to_string() == MAX_RUNTIME_SYSCTL && value.to_string() != "0");
+    global_budget
+        || scenario.steps.iter().any(|step| matches!(step, Step::Terminate(_) | Step::Budget(_)))
 }
 
 /// Labels of the terminate steps, in order.
 pub fn terminate_labels(scenario: &Scenario) -> Vec<String> {
-    scenario.steps.iter().filter_map(|step| match step {
-        Step::Terminate(terminate) => Some(terminate.label.get_ref().to_string()),
-        _ => None,
-    }).collect()
+    scenario
+        .steps
+        .iter()
+        .filter_map(|step| match step {
+            Step::Terminate(terminate) => Some(terminate.label.get_ref().to_string()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Cross-reference checks that serde cannot express.
@@ -146,7 +166,11 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
     for (i, program) in scenario.programs.iter().enumerate() {
         if !programs.insert(program.name.clone()) {
             // `name` is not spanned; the duplicate is reported by index.
-            return Err(SpannedError::new(0..0, format!("program[{i}].name"), format!("program `{}` is declared twice", program.name)));
+            return Err(SpannedError::new(
+                0..0,
+                format!("program[{i}].name"),
+                format!("program `{}` is declared twice", program.name),
+            ));
         }
     }
 
@@ -163,49 +187,115 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
                 check_program(&programs, &trigger.program, key("trigger.program"))?;
                 if let Some(cpu) = &trigger.cpu {
                     if *cpu.get_ref() >= vcpus {
-                        return Err(invalid(cpu, key("trigger.cpu"), format!("cpu {} does not exist: the VM has {vcpus} vCPUs (0..{})", cpu.get_ref(), vcpus - 1)));
+                        return Err(invalid(
+                            cpu,
+                            key("trigger.cpu"),
+                            format!(
+                                "cpu {} does not exist: the VM has {vcpus} vCPUs (0..{})",
+                                cpu.get_ref(),
+                                vcpus - 1
+                            ),
+                        ));
                     }
                 }
-                let kind = if trigger.background { LabelKind::BackgroundTrigger } else { LabelKind::ForegroundTrigger };
+                let kind = if trigger.background {
+                    LabelKind::BackgroundTrigger
+                } else {
+                    LabelKind::ForegroundTrigger
+                };
                 declare_label(&mut labels, &trigger.label, kind, key("trigger.label"))?;
             }
             Step::Sleep(sleep) => {
                 if let Some(after) = &sleep.after {
-                    expect_label(&labels, after, &[LabelKind::BackgroundTrigger, LabelKind::Terminate], key("sleep.after"), "an earlier background trigger or terminate")?;
+                    expect_label(
+                        &labels,
+                        after,
+                        &[LabelKind::BackgroundTrigger, LabelKind::Terminate],
+                        key("sleep.after"),
+                        "an earlier background trigger or terminate",
+                    )?;
                     if waited.contains(after.get_ref()) {
-                        return Err(invalid(after, key("sleep.after"), format!("`{}` has already been waited for", after.get_ref())));
+                        return Err(invalid(
+                            after,
+                            key("sleep.after"),
+                            format!("`{}` has already been waited for", after.get_ref()),
+                        ));
                     }
                 }
             }
             Step::WaitTrace(trace) => {
-                expect_label(&labels, &trace.step, &[LabelKind::BackgroundTrigger], key("wait_trace.step"), "an earlier background trigger")?;
+                expect_label(
+                    &labels,
+                    &trace.step,
+                    &[LabelKind::BackgroundTrigger],
+                    key("wait_trace.step"),
+                    "an earlier background trigger",
+                )?;
                 if waited.contains(trace.step.get_ref()) {
-                    return Err(invalid(&trace.step, key("wait_trace.step"), format!("`{}` has already been waited for", trace.step.get_ref())));
+                    return Err(invalid(
+                        &trace.step,
+                        key("wait_trace.step"),
+                        format!("`{}` has already been waited for", trace.step.get_ref()),
+                    ));
                 }
                 if trace.line.is_empty() || trace.line.contains('\n') || trace.count == 0 {
-                    return Err(invalid(&trace.step, key("wait_trace.line"), "`line` must be a non-empty single line and `count` at least 1"));
+                    return Err(invalid(
+                        &trace.step,
+                        key("wait_trace.line"),
+                        "`line` must be a non-empty single line and `count` at least 1",
+                    ));
                 }
             }
             Step::Wait(wait) => {
-                expect_label(&labels, &wait.step, &[LabelKind::BackgroundTrigger], key("wait.step"), "an earlier background trigger")?;
+                expect_label(
+                    &labels,
+                    &wait.step,
+                    &[LabelKind::BackgroundTrigger],
+                    key("wait.step"),
+                    "an earlier background trigger",
+                )?;
                 if !waited.insert(wait.step.get_ref().clone()) {
-                    return Err(invalid(&wait.step, key("wait.step"), format!("`{}` is waited for twice", wait.step.get_ref())));
+                    return Err(invalid(
+                        &wait.step,
+                        key("wait.step"),
+                        format!("`{}` is waited for twice", wait.step.get_ref()),
+                    ));
                 }
             }
             Step::Terminate(terminate) => {
                 validate_terminate(terminate, &programs, &key)?;
-                declare_label(&mut labels, &terminate.label, LabelKind::Terminate, key("terminate.label"))?;
+                declare_label(
+                    &mut labels,
+                    &terminate.label,
+                    LabelKind::Terminate,
+                    key("terminate.label"),
+                )?;
             }
             Step::Budget(budget) => {
-                check_target(&budget.label, budget.program.as_ref(), budget.prog_id.as_ref(), &programs, "budget", &key)?;
+                check_target(
+                    &budget.label,
+                    budget.program.as_ref(),
+                    budget.prog_id.as_ref(),
+                    &programs,
+                    "budget",
+                    &key,
+                )?;
                 declare_label(&mut labels, &budget.label, LabelKind::Budget, key("budget.label"))?;
             }
             Step::ProgInfo(info) => {
                 check_program(&programs, &info.program, key("prog_info.program"))?;
-                prog_info_programs.insert(info.label.get_ref().clone(), info.program.get_ref().clone());
-                declare_label(&mut labels, &info.label, LabelKind::ProgInfo, key("prog_info.label"))?;
+                prog_info_programs
+                    .insert(info.label.get_ref().clone(), info.program.get_ref().clone());
+                declare_label(
+                    &mut labels,
+                    &info.label,
+                    LabelKind::ProgInfo,
+                    key("prog_info.label"),
+                )?;
             }
-            Step::Exec(exec) => declare_label(&mut labels, &exec.label, LabelKind::Exec, key("exec.label"))?,
+            Step::Exec(exec) => {
+                declare_label(&mut labels, &exec.label, LabelKind::Exec, key("exec.label"))?
+            }
         }
     }
     for (i, step) in scenario.steps.iter().enumerate() {
@@ -222,21 +312,56 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
         for (event, field) in [(&metric.from, "from"), (&metric.to, "to")] {
             let point = event.get_ref().point;
             match labels.get(&event.get_ref().step) {
-                None => return Err(invalid(event, key(field), format!("no step is labelled `{}`", event.get_ref().step))),
-                Some(kind) if point.is_request() && *kind != LabelKind::Terminate => {
-                    return Err(invalid(event, key(field), format!("`{}`: only terminate steps have the request's trace points", event.get_ref())))
+                None => {
+                    return Err(invalid(
+                        event,
+                        key(field),
+                        format!("no step is labelled `{}`", event.get_ref().step),
+                    ))
                 }
-                Some(kind) if point.is_kernel_trace() && *kind != LabelKind::Terminate && !TRIGGERS.contains(kind) => {
-                    return Err(invalid(event, key(field), format!("`{}`: only terminate and trigger steps have kernel trace points", event.get_ref())))
+                Some(kind) if point.is_request() && *kind != LabelKind::Terminate => {
+                    return Err(invalid(
+                        event,
+                        key(field),
+                        format!(
+                            "`{}`: only terminate steps have the request's trace points",
+                            event.get_ref()
+                        ),
+                    ))
+                }
+                Some(kind)
+                    if point.is_kernel_trace()
+                        && *kind != LabelKind::Terminate
+                        && !TRIGGERS.contains(kind) =>
+                {
+                    return Err(invalid(
+                        event,
+                        key(field),
+                        format!(
+                            "`{}`: only terminate and trigger steps have kernel trace points",
+                            event.get_ref()
+                        ),
+                    ))
                 }
                 Some(LabelKind::Budget | LabelKind::ProgInfo) => {
-                    return Err(invalid(event, key(field), format!("`{}`: budget and prog_info steps have no time points", event.get_ref())))
+                    return Err(invalid(
+                        event,
+                        key(field),
+                        format!(
+                            "`{}`: budget and prog_info steps have no time points",
+                            event.get_ref()
+                        ),
+                    ))
                 }
                 Some(_) => {}
             }
         }
         if !metrics.insert(metric.name.get_ref().clone()) {
-            return Err(invalid(&metric.name, key("name"), format!("metric `{}` is declared twice", metric.name.get_ref())));
+            return Err(invalid(
+                &metric.name,
+                key("name"),
+                format!("metric `{}` is declared twice", metric.name.get_ref()),
+            ));
         }
     }
 
@@ -245,52 +370,147 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
         match &expectation.check {
             Check::Metric(bound) => {
                 if !metrics.contains(bound.metric.get_ref()) {
-                    return Err(invalid(&bound.metric, key("metric.metric"), format!("no [[metric]] is named `{}`", bound.metric.get_ref())));
+                    return Err(invalid(
+                        &bound.metric,
+                        key("metric.metric"),
+                        format!("no [[metric]] is named `{}`", bound.metric.get_ref()),
+                    ));
                 }
                 match (bound.at_least_ms, bound.at_most_ms) {
-                    (None, None) => return Err(invalid(&bound.metric, key("metric"), "give `at_least_ms`, `at_most_ms` or both")),
+                    (None, None) => {
+                        return Err(invalid(
+                            &bound.metric,
+                            key("metric"),
+                            "give `at_least_ms`, `at_most_ms` or both",
+                        ))
+                    }
                     (Some(low), Some(high)) if low > high => {
-                        return Err(invalid(&bound.metric, key("metric"), format!("at_least_ms {low} is above at_most_ms {high}")))
+                        return Err(invalid(
+                            &bound.metric,
+                            key("metric"),
+                            format!("at_least_ms {low} is above at_most_ms {high}"),
+                        ))
                     }
                     _ => {}
                 }
             }
             Check::TerminateResult(result) => {
-                expect_label(&labels, &result.step, &[LabelKind::Terminate], key("terminate_result.step"), "a terminate step")?;
+                expect_label(
+                    &labels,
+                    &result.step,
+                    &[LabelKind::Terminate],
+                    key("terminate_result.step"),
+                    "a terminate step",
+                )?;
                 match (result.errno, result.cpus) {
                     (Some(_), None) => {}
                     (None, Some(cpus)) if (1..=vcpus).contains(&cpus) => {}
                     (None, Some(cpus)) => {
-                        return Err(invalid(&result.step, key("terminate_result.cpus"), format!("cpus must be between 1 and the VM's {vcpus} vCPUs, not {cpus}")))
+                        return Err(invalid(
+                            &result.step,
+                            key("terminate_result.cpus"),
+                            format!(
+                                "cpus must be between 1 and the VM's {vcpus} vCPUs, not {cpus}"
+                            ),
+                        ))
                     }
-                    _ => return Err(invalid(&result.step, key("terminate_result"), "give exactly one of `errno` and `cpus`")),
+                    _ => {
+                        return Err(invalid(
+                            &result.step,
+                            key("terminate_result"),
+                            "give exactly one of `errno` and `cpus`",
+                        ))
+                    }
                 }
             }
             Check::TriggerOk(ok) => {
-                expect_label(&labels, &ok.step, &[LabelKind::ForegroundTrigger, LabelKind::BackgroundTrigger], key("trigger_ok.step"), "a trigger step")?;
+                expect_label(
+                    &labels,
+                    &ok.step,
+                    &[LabelKind::ForegroundTrigger, LabelKind::BackgroundTrigger],
+                    key("trigger_ok.step"),
+                    "a trigger step",
+                )?;
             }
             Check::TriggerField(field) => {
-                expect_label(&labels, &field.step, &[LabelKind::ForegroundTrigger, LabelKind::BackgroundTrigger], key("trigger_field.step"), "a trigger step")?;
+                expect_label(
+                    &labels,
+                    &field.step,
+                    &[LabelKind::ForegroundTrigger, LabelKind::BackgroundTrigger],
+                    key("trigger_field.step"),
+                    "a trigger step",
+                )?;
             }
             Check::DmesgClean(_) => {}
             Check::KernelCase(want) => {
-                let kinds = [LabelKind::Terminate, LabelKind::ForegroundTrigger, LabelKind::BackgroundTrigger];
-                expect_label(&labels, &want.step, &kinds, key("kernel_case.step"), "a terminate or trigger step")?;
-                if let Some(case) = want.case.as_ref().filter(|case| !(1..=2).contains(case.get_ref())) {
-                    return Err(invalid(case, key("kernel_case.case"), format!("case is 1 (in a helper) or 2 (in BPF text), not {}", case.get_ref())));
+                let kinds = [
+                    LabelKind::Terminate,
+                    LabelKind::ForegroundTrigger,
+                    LabelKind::BackgroundTrigger,
+                ];
+                expect_label(
+                    &labels,
+                    &want.step,
+                    &kinds,
+                    key("kernel_case.step"),
+                    "a terminate or trigger step",
+                )?;
+                if let Some(case) =
+                    want.case.as_ref().filter(|case| !(1..=2).contains(case.get_ref()))
+                {
+                    return Err(invalid(
+                        case,
+                        key("kernel_case.case"),
+                        format!(
+                            "case is 1 (in a helper) or 2 (in BPF text), not {}",
+                            case.get_ref()
+                        ),
+                    ));
                 }
             }
             Check::BudgetResult(result) => {
-                expect_label(&labels, &result.step, &[LabelKind::Budget], key("budget_result.step"), "a budget step")?;
+                expect_label(
+                    &labels,
+                    &result.step,
+                    &[LabelKind::Budget],
+                    key("budget_result.step"),
+                    "a budget step",
+                )?;
             }
             Check::Terminations(delta) => {
-                expect_label(&labels, &delta.from, &[LabelKind::ProgInfo], key("terminations.from"), "a prog_info step")?;
-                expect_label(&labels, &delta.to, &[LabelKind::ProgInfo], key("terminations.to"), "a prog_info step")?;
-                if prog_info_programs.get(delta.from.get_ref()) != prog_info_programs.get(delta.to.get_ref()) {
-                    return Err(invalid(&delta.to, key("terminations.to"), format!("`{}` and `{}` read different programs", delta.from.get_ref(), delta.to.get_ref())));
+                expect_label(
+                    &labels,
+                    &delta.from,
+                    &[LabelKind::ProgInfo],
+                    key("terminations.from"),
+                    "a prog_info step",
+                )?;
+                expect_label(
+                    &labels,
+                    &delta.to,
+                    &[LabelKind::ProgInfo],
+                    key("terminations.to"),
+                    "a prog_info step",
+                )?;
+                if prog_info_programs.get(delta.from.get_ref())
+                    != prog_info_programs.get(delta.to.get_ref())
+                {
+                    return Err(invalid(
+                        &delta.to,
+                        key("terminations.to"),
+                        format!(
+                            "`{}` and `{}` read different programs",
+                            delta.from.get_ref(),
+                            delta.to.get_ref()
+                        ),
+                    ));
                 }
                 if delta.on_demand.is_none() && delta.budget.is_none() {
-                    return Err(invalid(&delta.from, key("terminations"), "give `on_demand`, `budget` or both"));
+                    return Err(invalid(
+                        &delta.from,
+                        key("terminations"),
+                        "give `on_demand`, `budget` or both",
+                    ));
                 }
             }
         }
@@ -298,20 +518,47 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
     Ok(())
 }
 
-fn validate_terminate(terminate: &TerminateStep, programs: &BTreeSet<Label>, key: &dyn Fn(&str) -> String) -> Result<(), SpannedError> {
-    check_target(&terminate.label, terminate.program.as_ref(), terminate.prog_id.as_ref(), programs, "terminate", key)?;
+fn validate_terminate(
+    terminate: &TerminateStep,
+    programs: &BTreeSet<Label>,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), SpannedError> {
+    check_target(
+        &terminate.label,
+        terminate.program.as_ref(),
+        terminate.prog_id.as_ref(),
+        programs,
+        "terminate",
+        key,
+    )?;
     if terminate.prog_id.is_some() && terminate.by == TerminateBy::Name {
-        return Err(invalid(&terminate.label, key("terminate.by"), "`by = \"name\"` needs `program`, not `prog_id`"));
+        return Err(invalid(
+            &terminate.label,
+            key("terminate.by"),
+            "`by = \"name\"` needs `program`, not `prog_id`",
+        ));
     }
     if terminate.by == TerminateBy::Name && terminate.via != TerminateVia::Bpftool {
-        return Err(invalid(&terminate.label, key("terminate.by"), "`by = \"name\"` needs `via = \"bpftool\"`: the bpf() call itself only takes an id"));
+        return Err(invalid(
+            &terminate.label,
+            key("terminate.by"),
+            "`by = \"name\"` needs `via = \"bpftool\"`: the bpf() call itself only takes an id",
+        ));
     }
     if let Some(raw) = &terminate.raw_flags {
         if !terminate.flags.is_empty() {
-            return Err(invalid(raw, key("terminate.raw_flags"), "give `flags` or `raw_flags`, not both"));
+            return Err(invalid(
+                raw,
+                key("terminate.raw_flags"),
+                "give `flags` or `raw_flags`, not both",
+            ));
         }
         if terminate.via == TerminateVia::Bpftool {
-            return Err(invalid(raw, key("terminate.raw_flags"), "bpftool cannot pass raw flags: use `via = \"agent\"`"));
+            return Err(invalid(
+                raw,
+                key("terminate.raw_flags"),
+                "bpftool cannot pass raw flags: use `via = \"agent\"`",
+            ));
         }
     }
     Ok(())
@@ -319,7 +566,14 @@ fn validate_terminate(terminate: &TerminateStep, programs: &BTreeSet<Label>, key
 
 /// A step that acts on a program names exactly one of a declared `program`
 /// and a raw `prog_id`.
-fn check_target(label: &Spanned<Label>, program: Option<&Spanned<Label>>, prog_id: Option<&Spanned<u32>>, programs: &BTreeSet<Label>, step: &str, key: &dyn Fn(&str) -> String) -> Result<(), SpannedError> {
+fn check_target(
+    label: &Spanned<Label>,
+    program: Option<&Spanned<Label>>,
+    prog_id: Option<&Spanned<u32>>,
+    programs: &BTreeSet<Label>,
+    step: &str,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), SpannedError> {
     match (program, prog_id) {
         (Some(program), None) => check_program(programs, program, key(&format!("{step}.program"))),
         (None, Some(_)) => Ok(()),
@@ -327,7 +581,11 @@ fn check_target(label: &Spanned<Label>, program: Option<&Spanned<Label>>, prog_i
     }
 }
 
-fn check_program(programs: &BTreeSet<Label>, program: &Spanned<Label>, key: String) -> Result<(), SpannedError> {
+fn check_program(
+    programs: &BTreeSet<Label>,
+    program: &Spanned<Label>,
+    key: String,
+) -> Result<(), SpannedError> {
     if programs.contains(program.get_ref()) {
         Ok(())
     } else {
@@ -335,17 +593,36 @@ fn check_program(programs: &BTreeSet<Label>, program: &Spanned<Label>, key: Stri
     }
 }
 
-fn declare_label(labels: &mut BTreeMap<Label, LabelKind>, label: &Spanned<Label>, kind: LabelKind, key: String) -> Result<(), SpannedError> {
+fn declare_label(
+    labels: &mut BTreeMap<Label, LabelKind>,
+    label: &Spanned<Label>,
+    kind: LabelKind,
+    key: String,
+) -> Result<(), SpannedError> {
     if labels.insert(label.get_ref().clone(), kind).is_some() {
-        return Err(invalid(label, key, format!("label `{}` is used by an earlier step", label.get_ref())));
+        return Err(invalid(
+            label,
+            key,
+            format!("label `{}` is used by an earlier step", label.get_ref()),
+        ));
     }
     Ok(())
 }
 
-fn expect_label(labels: &BTreeMap<Label, LabelKind>, label: &Spanned<Label>, kinds: &[LabelKind], key: String, what: &str) -> Result<(), SpannedError> {
+fn expect_label(
+    labels: &BTreeMap<Label, LabelKind>,
+    label: &Spanned<Label>,
+    kinds: &[LabelKind],
+    key: String,
+    what: &str,
+) -> Result<(), SpannedError> {
     match labels.get(label.get_ref()) {
         Some(kind) if kinds.contains(kind) => Ok(()),
         Some(_) => Err(invalid(label, key, format!("`{}` is not {what}", label.get_ref()))),
-        None => Err(invalid(label, key, format!("no earlier step is labelled `{}` (it must be {what})", label.get_ref()))),
+        None => Err(invalid(
+            label,
+            key,
+            format!("no earlier step is labelled `{}` (it must be {what})", label.get_ref()),
+        )),
     }
 }

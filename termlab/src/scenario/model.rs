@@ -369,9 +369,15 @@ impl TryFrom<String> for EventRef {
     type Error = String;
     fn try_from(text: String) -> Result<Self, String> {
         let names: Vec<&str> = EventPoint::NAMES.iter().map(|(name, _)| *name).collect();
-        let bad = || format!("`{text}` is not `<step label>.<point>` with point one of {}", names.join(", "));
+        let bad = || {
+            format!("`{text}` is not `<step label>.<point>` with point one of {}", names.join(", "))
+        };
         let (step, point) = text.rsplit_once('.').ok_or_else(bad)?;
-        let point = EventPoint::NAMES.iter().find(|(name, _)| *name == point).map(|(_, p)| *p).ok_or_else(bad)?;
+        let point = EventPoint::NAMES
+            .iter()
+            .find(|(name, _)| *name == point)
+            .map(|(_, p)| *p)
+            .ok_or_else(bad)?;
         Ok(EventRef { step: Label::try_from(step.to_owned())?, point })
     }
 }
@@ -678,7 +684,8 @@ impl TryFrom<String> for Label {
     fn try_from(text: String) -> Result<Self, String> {
         let mut chars = text.chars();
         let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase());
-        let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+        let rest_ok =
+            chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
         if first_ok && rest_ok && text.len() <= 32 {
             Ok(Label(text))
         } else {
@@ -720,7 +727,9 @@ impl TryFrom<String> for BpfProgName {
         if !text.is_empty() && text.len() <= 15 && chars_ok {
             Ok(BpfProgName(text))
         } else {
-            Err(format!("`{text}` is not a BPF program name: 1 to 15 characters of A-Z a-z 0-9 _ ."))
+            Err(format!(
+                "`{text}` is not a BPF program name: 1 to 15 characters of A-Z a-z 0-9 _ ."
+            ))
         }
     }
 }
@@ -777,13 +786,16 @@ impl SysctlName {
 impl TryFrom<String> for SysctlName {
     type Error = String;
     fn try_from(text: String) -> Result<Self, String> {
-        let parts_ok = text
-            .split('.')
-            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
+        let parts_ok = text.split('.').all(|p| {
+            !p.is_empty()
+                && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        });
         if parts_ok && text.contains('.') {
             Ok(SysctlName(text))
         } else {
-            Err(format!("`{text}` is not a sysctl name like `kernel.bpf_termination_demo_delay_ms`"))
+            Err(format!(
+                "`{text}` is not a sysctl name like `kernel.bpf_termination_demo_delay_ms`"
+            ))
         }
     }
 }

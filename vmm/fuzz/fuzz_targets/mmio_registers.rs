@@ -57,7 +57,11 @@ fuzz_target!(|data: &[u8]| {
                 vm.write_reg(offset, value);
                 if offset == REG_STATUS && value == 0 {
                     assert_eq!(vm.read_reg(REG_STATUS), 0, "writing 0 to Status resets the device");
-                    assert_eq!(vm.read_reg(REG_INTERRUPT_STATUS), 0, "a reset clears pending interrupts");
+                    assert_eq!(
+                        vm.read_reg(REG_INTERRUPT_STATUS),
+                        0,
+                        "a reset clears pending interrupts"
+                    );
                 }
             }
             3 => {

@@ -114,7 +114,14 @@ fn guarded_memory() -> &'static GuestMemoryMmap {
         let total = REGIONS.iter().map(|&(_, size)| size + PAGE).sum::<usize>() + PAGE;
         // SAFETY: a fresh anonymous reservation; nothing else refers to it.
         let base = unsafe {
-            libc::mmap(std::ptr::null_mut(), total, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
         };
         assert_ne!(base, libc::MAP_FAILED, "cannot reserve guest memory");
         let mut offset = PAGE;
@@ -130,8 +137,10 @@ fn guarded_memory() -> &'static GuestMemoryMmap {
                 offset += size + PAGE;
                 // SAFETY: the range is a valid mapping with exactly these prot and flags, and
                 // it is never unmapped (the reservation lives as long as the process).
-                let mapping = unsafe { MmapRegion::build_raw(host, size, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) }
-                    .expect("guest memory region");
+                let mapping = unsafe {
+                    MmapRegion::build_raw(host, size, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS)
+                }
+                .expect("guest memory region");
                 GuestRegionMmap::new(mapping, GuestAddress(gpa)).expect("guest region")
             })
             .collect();
@@ -239,7 +248,15 @@ impl Machine {
         let device = Vsock::new(&config, interrupt.clone()).expect("vsock device");
         let kick = EventFd::new(EFD_NONBLOCK).expect("queue eventfd");
         let transport = MmioTransport::new(device, mem.clone(), interrupt, kick);
-        Self { mem, transport, queue_size: 0, service_path, service, uds_path, host_streams: Vec::new() }
+        Self {
+            mem,
+            transport,
+            queue_size: 0,
+            service_path,
+            service,
+            uds_path,
+            host_streams: Vec::new(),
+        }
     }
 
     pub fn mem(&self) -> &GuestMemoryMmap {
@@ -307,7 +324,13 @@ impl Machine {
 
     /// Fills descriptor `index` of queue `q`'s table.
     pub fn guest_write_desc(&self, q: u8, index: u8, addr: u64, len: u32, flags: u16, next: u16) {
-        let desc = [&addr.to_le_bytes()[..], &len.to_le_bytes(), &flags.to_le_bytes(), &next.to_le_bytes()].concat();
+        let desc = [
+            &addr.to_le_bytes()[..],
+            &len.to_le_bytes(),
+            &flags.to_le_bytes(),
+            &next.to_le_bytes(),
+        ]
+        .concat();
         self.guest_write(desc_table(q % NUM_QUEUES) + 16 * u64::from(index), &desc);
     }
 

@@ -14,7 +14,8 @@ use std::time::Duration;
 use termlab_vmm::{ConsoleConfig, ExitReason, Vm, VmConfig, VsockConfig};
 
 const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 nokaslr";
-const USAGE: &str = "usage: termlab-vmm --kernel K [--initrd I] [--cmdline ARGS] [--vcpus N] [--mem-mib M] \
+const USAGE: &str =
+    "usage: termlab-vmm --kernel K [--initrd I] [--cmdline ARGS] [--vcpus N] [--mem-mib M] \
 [--vsock-uds PATH] [--vsock-cid CID] [--console-log FILE]";
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<VmConfig, String> {
@@ -30,7 +31,9 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<VmConfig, String
             "--initrd" => config.initrd = Some(PathBuf::from(value()?)),
             "--cmdline" => config.cmdline = value()?,
             "--vcpus" => config.vcpus = value()?.parse().map_err(|e| format!("--vcpus: {e}"))?,
-            "--mem-mib" => config.mem_mib = value()?.parse().map_err(|e| format!("--mem-mib: {e}"))?,
+            "--mem-mib" => {
+                config.mem_mib = value()?.parse().map_err(|e| format!("--mem-mib: {e}"))?
+            }
             "--vsock-uds" => uds = Some(PathBuf::from(value()?)),
             "--vsock-cid" => cid = value()?.parse().map_err(|e| format!("--vsock-cid: {e}"))?,
             "--console-log" => config.console.file = Some(PathBuf::from(value()?)),

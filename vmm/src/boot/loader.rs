@@ -87,7 +87,8 @@ pub fn load_linux(
     let ram_end = mem.last_addr().raw_value() + 1;
     let e820 = [(0, LOW_RAM_END), (KERNEL_LOAD_ADDR.raw_value(), ram_end)];
     for (i, (start, end)) in e820.iter().enumerate() {
-        params.e820_table[i] = boot_e820_entry { addr: *start, size: end - start, r#type: E820_RAM };
+        params.e820_table[i] =
+            boot_e820_entry { addr: *start, size: end - start, r#type: E820_RAM };
     }
     params.e820_entries = e820.len() as u8;
     LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(

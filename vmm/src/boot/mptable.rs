@@ -43,7 +43,11 @@ pub enum MpTableError {
 
 /// Writes the floating pointer at `addr` followed by the configuration table describing
 /// `num_cpus` CPUs (APIC ids 0..n, CPU 0 boots), one ISA bus and the IOAPIC.
-pub fn write_mptable(mem: &GuestMemoryMmap, addr: GuestAddress, num_cpus: u8) -> Result<(), MpTableError> {
+pub fn write_mptable(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    num_cpus: u8,
+) -> Result<(), MpTableError> {
     if num_cpus == 0 || num_cpus > MAX_CPUS {
         return Err(MpTableError::CpuCount(num_cpus));
     }
@@ -65,7 +69,16 @@ pub fn write_mptable(mem: &GuestMemoryMmap, addr: GuestAddress, num_cpus: u8) ->
     entry_count += 2;
     for pin in 0..IOAPIC_PINS {
         // Flags 0: polarity and trigger "conform to the bus" (ISA: active high, edge).
-        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0, 0, pin, ioapic_id, pin]);
+        entries.extend_from_slice(&[
+            ENTRY_IO_INTERRUPT,
+            INT_TYPE_INT,
+            0,
+            0,
+            0,
+            pin,
+            ioapic_id,
+            pin,
+        ]);
         entry_count += 1;
     }
     entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, INT_TYPE_EXTINT, 0, 0, 0, 0, 0, 0]);
@@ -137,6 +150,9 @@ mod tests {
 
     #[test]
     fn rejects_zero_cpus() {
-        assert!(matches!(write_mptable(&guest_mem(), GuestAddress(0x9fc00), 0), Err(MpTableError::CpuCount(0))));
+        assert!(matches!(
+            write_mptable(&guest_mem(), GuestAddress(0x9fc00), 0),
+            Err(MpTableError::CpuCount(0))
+        ));
     }
 }

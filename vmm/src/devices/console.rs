@@ -58,7 +58,8 @@ impl ConsoleLog {
             let first = tail.total - tail.bytes.len() as u64;
             let start = scan_from.saturating_sub(first) as usize;
             let bytes = tail.bytes.make_contiguous();
-            if bytes.get(start..).is_some_and(|new| new.windows(needle.len()).any(|w| w == needle)) {
+            if bytes.get(start..).is_some_and(|new| new.windows(needle.len()).any(|w| w == needle))
+            {
                 return true;
             }
             scan_from = tail.total.saturating_sub(needle.len().saturating_sub(1) as u64);

@@ -65,7 +65,12 @@ pub struct MmioTransport<D: VirtioDevice> {
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
-    pub fn new(device: D, mem: GuestMemoryMmap, interrupt: Arc<Interrupt>, queue_kick: EventFd) -> Self {
+    pub fn new(
+        device: D,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queue_kick: EventFd,
+    ) -> Self {
         let queues = fresh_queues(&device);
         Self {
             device,
@@ -116,7 +121,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
             match self.activate() {
                 Ok(()) => self.activated = true,
                 Err(e) => {
-                    log::error!("virtio device {} activation failed: {e}", self.device.device_type());
+                    log::error!(
+                        "virtio device {} activation failed: {e}",
+                        self.device.device_type()
+                    );
                     self.status |= STATUS_DEVICE_NEEDS_RESET;
                 }
             }
@@ -167,8 +175,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
             REG_DRIVER_FEATURES => {
                 let offered = self.device.features();
                 match self.driver_features_sel {
-                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
-                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32),
+                    0 => {
+                        self.driver_features =
+                            (self.driver_features & !0xffff_ffff) | u64::from(value)
+                    }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+                    }
                     _ => {}
                 }
                 self.driver_features &= offered;
@@ -184,12 +198,17 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     q.set_ready(value == 1);
                 }
             }
-            REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH | REG_QUEUE_DRIVER_LOW | REG_QUEUE_DRIVER_HIGH
-            | REG_QUEUE_DEVICE_LOW | REG_QUEUE_DEVICE_HIGH
+            REG_QUEUE_DESC_LOW
+            | REG_QUEUE_DESC_HIGH
+            | REG_QUEUE_DRIVER_LOW
+            | REG_QUEUE_DRIVER_HIGH
+            | REG_QUEUE_DEVICE_LOW
+            | REG_QUEUE_DEVICE_HIGH
                 if configurable =>
             {
                 if let Some(q) = self.selected_queue() {
-                    let (low, high) = if offset & 4 == 0 { (Some(value), None) } else { (None, Some(value)) };
+                    let (low, high) =
+                        if offset & 4 == 0 { (Some(value), None) } else { (None, Some(value)) };
                     match offset & !4 {
                         REG_QUEUE_DESC_LOW => q.set_desc_table_address(low, high),
                         REG_QUEUE_DRIVER_LOW => q.set_avail_ring_address(low, high),
@@ -231,9 +250,5 @@ impl<D: VirtioDevice> MmioRegion for MmioTransport<D> {
 }
 
 fn fresh_queues<D: VirtioDevice>(device: &D) -> Vec<Queue> {
-    device
-        .queue_max_sizes()
-        .iter()
-        .filter_map(|&max| Queue::new(max).ok())
-        .collect()
+    device.queue_max_sizes().iter().filter_map(|&max| Queue::new(max).ok()).collect()
 }

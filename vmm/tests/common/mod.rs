@@ -27,7 +27,8 @@ pub fn kernel_dir() -> PathBuf {
     let dir = match std::env::var_os("TERMLAB_KERNEL_DIR") {
         Some(dir) => PathBuf::from(dir),
         None => {
-            let cache = std::env::var_os("TERMLAB_CACHE").map_or_else(|| "/var/cache/termlab".into(), PathBuf::from);
+            let cache = std::env::var_os("TERMLAB_CACHE")
+                .map_or_else(|| "/var/cache/termlab".into(), PathBuf::from);
             cache.join("kernel/default-current")
         }
     };
@@ -47,7 +48,8 @@ pub fn kernel() -> PathBuf {
 /// Address of a symbol in the guest kernel's System.map (the tests boot with `nokaslr`).
 pub fn kernel_symbol(name: &str) -> u64 {
     let path = kernel_dir().join("System.map");
-    let map = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let map =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     map.lines()
         .find_map(|line| {
             let mut fields = line.split_whitespace();
@@ -154,8 +156,11 @@ pub fn run_where_kvm_works(test_name: &str) -> bool {
         "--exact".into(),
         "--nocapture".into(),
     ];
-    let options = L1Options { mem_mib: 2048, timeout: Duration::from_secs(900), ..L1Options::default() };
-    match ensure_real_kvm_or_reexec_with(NestedMode::Auto, &argv, &options).expect("nested launcher") {
+    let options =
+        L1Options { mem_mib: 2048, timeout: Duration::from_secs(900), ..L1Options::default() };
+    match ensure_real_kvm_or_reexec_with(NestedMode::Auto, &argv, &options)
+        .expect("nested launcher")
+    {
         KvmPlan::RunHere { nested } => {
             eprintln!("running with real KVM (nested: {nested})");
             true

@@ -153,7 +153,8 @@ impl VirtioDevice for Vsock {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let config = self.guest_cid.to_le_bytes();
         for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset).ok().and_then(|o| config.get(o + i)).copied().unwrap_or(0);
+            *byte =
+                usize::try_from(offset).ok().and_then(|o| config.get(o + i)).copied().unwrap_or(0);
         }
     }
 

@@ -144,7 +144,10 @@ pub fn parse_tx(mem: &GuestMemoryMmap, chain: &mut Chain<'_>) -> Result<TxPacket
     }
     let want = want as usize;
     // The header was readable, so the address right after it cannot overflow.
-    let mut segments = vec![(head.addr().unchecked_add(PKT_HEADER_SIZE as u64), head.len() as usize - PKT_HEADER_SIZE)];
+    let mut segments = vec![(
+        head.addr().unchecked_add(PKT_HEADER_SIZE as u64),
+        head.len() as usize - PKT_HEADER_SIZE,
+    )];
     for desc in chain {
         if desc.is_write_only() {
             return Err(PacketError::WriteOnlyInTx);
@@ -168,7 +171,10 @@ pub fn parse_tx(mem: &GuestMemoryMmap, chain: &mut Chain<'_>) -> Result<TxPacket
 }
 
 /// Parses a host→guest (RX queue) chain: buffers the device will fill.
-pub fn parse_rx<'a>(mem: &'a GuestMemoryMmap, chain: &mut Chain<'_>) -> Result<RxPacket<'a>, PacketError> {
+pub fn parse_rx<'a>(
+    mem: &'a GuestMemoryMmap,
+    chain: &mut Chain<'_>,
+) -> Result<RxPacket<'a>, PacketError> {
     check_chain(chain)?;
     VsockPacket::from_rx_virtq_chain(mem, chain, MAX_PKT_DATA).map_err(PacketError::Parse)
 }

@@ -35,7 +35,14 @@ struct DriverQueue {
 
 impl DriverQueue {
     fn new(base: u64) -> Self {
-        Self { desc: base, avail: base + 0x1000, used: base + 0x2000, next_desc: 0, avail_idx: 0, used_seen: 0 }
+        Self {
+            desc: base,
+            avail: base + 0x1000,
+            used: base + 0x2000,
+            next_desc: 0,
+            avail_idx: 0,
+            used_seen: 0,
+        }
     }
 
     fn device_queue(&self) -> Queue {
@@ -75,7 +82,12 @@ impl DriverQueue {
             .enumerate()
             .map(|(i, &(addr, len, flags))| {
                 let last = i + 1 == descs.len();
-                (addr, len, if last { flags } else { flags | VRING_DESC_F_NEXT }, if last { 0 } else { i as u16 + 1 })
+                (
+                    addr,
+                    len,
+                    if last { flags } else { flags | VRING_DESC_F_NEXT },
+                    if last { 0 } else { i as u16 + 1 },
+                )
             })
             .collect();
         self.publish_raw(mem, &raw)
@@ -179,12 +191,14 @@ impl Harness {
         let dir = std::env::temp_dir().join(format!("termlab-vsock-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("scratch dir");
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
+        let mem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
         let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
         let interrupt = Arc::new(Interrupt::new(irq.try_clone().expect("clone eventfd")));
         let config = VsockConfig { guest_cid: GUEST_CID, uds_path: dir.join("v.sock") };
         let mut vsock = Vsock::new(&config, interrupt).expect("vsock device");
-        let (rx, tx, event) = (DriverQueue::new(0x1000), DriverQueue::new(0x4000), DriverQueue::new(0x7000));
+        let (rx, tx, event) =
+            (DriverQueue::new(0x1000), DriverQueue::new(0x4000), DriverQueue::new(0x7000));
         vsock
             .activate(mem.clone(), vec![rx.device_queue(), tx.device_queue(), event.device_queue()])
             .expect("activate");
@@ -228,11 +242,20 @@ impl Harness {
             .take_used(&self.mem)
             .into_iter()
             .map(|(head, len)| {
-                let &(_, at) = buffers.iter().find(|(h, _)| *h == head).expect("used entry names a posted buffer");
+                let &(_, at) = buffers
+                    .iter()
+                    .find(|(h, _)| *h == head)
+                    .expect("used entry names a posted buffer");
                 let header = Header::read(&self.mem, at);
-                assert_eq!(len as usize, HEADER_LEN + header.len as usize, "used length = header + payload");
+                assert_eq!(
+                    len as usize,
+                    HEADER_LEN + header.len as usize,
+                    "used length = header + payload"
+                );
                 let mut data = vec![0u8; header.len as usize];
-                self.mem.read_slice(&mut data, GuestAddress(at + HEADER_LEN as u64)).expect("payload");
+                self.mem
+                    .read_slice(&mut data, GuestAddress(at + HEADER_LEN as u64))
+                    .expect("payload");
                 (header, data)
             })
             .collect()
@@ -256,7 +279,8 @@ fn response_from_host(h: &Header, op: u16) -> bool {
 #[test]
 fn guest_initiated_connection_carries_bytes_both_ways() {
     let mut t = Harness::new("guest-init");
-    let listener = UnixListener::bind(format!("{}_1234", t.uds().display())).expect("host port socket");
+    let listener =
+        UnixListener::bind(format!("{}_1234", t.uds().display())).expect("host port socket");
     let buffers: Vec<_> = (0..4).map(|_| t.guest_posts_rx_buffer()).collect();
 
     t.guest_sends(Header::from_guest(1025, 1234, op::REQUEST, 0), &[]);
@@ -285,7 +309,10 @@ fn guest_initiated_connection_carries_bytes_both_ways() {
             at
         })
         .collect();
-    t.tx.publish(&t.mem, &[(h, HEADER_LEN as u32, 0), (parts[0], 3, 0), (parts[1], 4, 0), (parts[2], 3, 0)]);
+    t.tx.publish(
+        &t.mem,
+        &[(h, HEADER_LEN as u32, 0), (parts[0], 3, 0), (parts[1], 4, 0), (parts[2], 3, 0)],
+    );
     t.vsock.process_queues();
     let mut buf = [0u8; 10];
     host.read_exact(&mut buf).expect("host reads the gathered payload");
@@ -393,7 +420,10 @@ fn malformed_tx_chains_are_rejected_without_panic() {
         t.guest_sends(rw(3), b"abc");
         t.tx.take_used(&t.mem);
         let got = t.guest_receives(&[buffer]);
-        assert!(got.len() == 1 && got[0].0.op == op::RST, "{what}: device keeps serving, got {got:?}");
+        assert!(
+            got.len() == 1 && got[0].0.op == op::RST,
+            "{what}: device keeps serving, got {got:?}"
+        );
     }
 }
 
@@ -407,7 +437,10 @@ fn malformed_rx_buffers_are_skipped_and_the_packet_is_kept() {
         t.rx.publish_raw(&t.mem, &[(at, RX_BUF_LEN, 0, 0)]), // read-only where the device must write
         t.rx.publish_raw(&t.mem, &[(at, 8, VRING_DESC_F_WRITE, 0)]), // too short for a header
         t.rx.publish_raw(&t.mem, &[(MEM_SIZE as u64, RX_BUF_LEN, VRING_DESC_F_WRITE, 0)]), // outside memory
-        t.rx.publish_raw(&t.mem, &[(at, HEADER_LEN as u32, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 0)]), // loop
+        t.rx.publish_raw(
+            &t.mem,
+            &[(at, HEADER_LEN as u32, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 0)],
+        ), // loop
     ];
     let good = t.guest_posts_rx_buffer();
     t.guest_sends(Header::from_guest(1025, 9999, op::RW, 3), b"abc");
@@ -443,13 +476,18 @@ fn unread_replies_pause_tx_until_the_guest_reads() {
     t.vsock.process_queues();
     let replies = t.guest_receives(&buffers);
     assert!(replies.len() == 8 && replies.iter().all(|(h, _)| h.op == op::RST), "{replies:?}");
-    assert_eq!(t.tx.take_used(&t.mem).len(), 8, "TX goes on for as many packets as replies were read");
+    assert_eq!(
+        t.tx.take_used(&t.mem).len(),
+        8,
+        "TX goes on for as many packets as replies were read"
+    );
 }
 
 #[test]
 fn host_half_close_still_lets_the_guest_answer() {
     let mut t = Harness::new("half-close");
-    let listener = UnixListener::bind(format!("{}_77", t.uds().display())).expect("host port socket");
+    let listener =
+        UnixListener::bind(format!("{}_77", t.uds().display())).expect("host port socket");
     let buffers: Vec<_> = (0..4).map(|_| t.guest_posts_rx_buffer()).collect();
     t.guest_sends(Header::from_guest(1025, 77, op::REQUEST, 0), &[]);
     let (mut host, _) = listener.accept().expect("accept");
@@ -466,7 +504,13 @@ fn host_half_close_still_lets_the_guest_answer() {
         got.extend(t.guest_receives(&buffers));
     }
     let ops: Vec<_> = got.iter().map(|(h, d)| (h.op, h.flags, d.clone())).collect();
-    assert_eq!(ops, vec![(op::RW, 0, b"question".to_vec()), (op::SHUTDOWN, super::packet::SHUTDOWN_SEND, vec![])]);
+    assert_eq!(
+        ops,
+        vec![
+            (op::RW, 0, b"question".to_vec()),
+            (op::SHUTDOWN, super::packet::SHUTDOWN_SEND, vec![])
+        ]
+    );
 
     t.guest_sends(Header::from_guest(1025, 77, op::RW, 6), b"answer");
     let mut buf = [0u8; 6];
@@ -478,7 +522,8 @@ fn host_half_close_still_lets_the_guest_answer() {
 #[test]
 fn guest_close_delivers_backlog_before_rst() {
     let mut t = Harness::new("linger");
-    let listener = UnixListener::bind(format!("{}_78", t.uds().display())).expect("host port socket");
+    let listener =
+        UnixListener::bind(format!("{}_78", t.uds().display())).expect("host port socket");
     let buffers: Vec<_> = (0..10).map(|_| t.guest_posts_rx_buffer()).collect();
     t.guest_sends(Header::from_guest(1025, 78, op::REQUEST, 0), &[]);
     let (mut host, _) = listener.accept().expect("accept");

@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::connection::{ConnState, Connection};
-use super::packet::{op, HeaderFields, RxPacket, TxPacket, HOST_CID, MAX_PKT_DATA, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
+use super::packet::{
+    op, HeaderFields, RxPacket, TxPacket, HOST_CID, MAX_PKT_DATA, SHUTDOWN_RCV, SHUTDOWN_SEND,
+    TYPE_STREAM,
+};
 
 /// Ports we pick for host-initiated connections start here, far from service ports.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
@@ -86,7 +89,11 @@ impl UnixBackend {
         };
         backend
             .epoll
-            .ctl(ControlOperation::Add, backend.listener.as_raw_fd(), EpollEvent::new(EventSet::IN, LISTENER_TOKEN))
+            .ctl(
+                ControlOperation::Add,
+                backend.listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
+            )
             .map_err(BackendError::Epoll)?;
         Ok(backend)
     }
@@ -102,7 +109,11 @@ impl UnixBackend {
             self.remove_conn(key);
         }
         for (_, handshake) in self.handshakes.drain() {
-            let _ = self.epoll.ctl(ControlOperation::Delete, handshake.stream.as_raw_fd(), EpollEvent::default());
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                handshake.stream.as_raw_fd(),
+                EpollEvent::default(),
+            );
         }
         self.control.clear();
         self.data_ready.clear();
@@ -140,7 +151,8 @@ impl UnixBackend {
                     }
                     let token = self.take_token();
                     let event = EpollEvent::new(EventSet::IN, token);
-                    if let Err(e) = self.epoll.ctl(ControlOperation::Add, stream.as_raw_fd(), event) {
+                    if let Err(e) = self.epoll.ctl(ControlOperation::Add, stream.as_raw_fd(), event)
+                    {
                         log::warn!("vsock: dropping host client: {e}");
                         continue;
                     }
@@ -173,14 +185,26 @@ impl UnixBackend {
             }
         };
         let Some(handshake) = self.handshakes.remove(&token) else { return };
-        let _ = self.epoll.ctl(ControlOperation::Delete, handshake.stream.as_raw_fd(), EpollEvent::default());
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            handshake.stream.as_raw_fd(),
+            EpollEvent::default(),
+        );
         let Some(guest_port) = port else {
-            log::warn!("vsock: host client sent an invalid CONNECT line {:?}", String::from_utf8_lossy(&handshake.line));
+            log::warn!(
+                "vsock: host client sent an invalid CONNECT line {:?}",
+                String::from_utf8_lossy(&handshake.line)
+            );
             return;
         };
         let local_port = self.take_local_port();
         let key = (local_port, guest_port);
-        let mut conn = Connection::new(handshake.stream, ConnState::AwaitingGuestResponse, local_port, guest_port);
+        let mut conn = Connection::new(
+            handshake.stream,
+            ConnState::AwaitingGuestResponse,
+            local_port,
+            guest_port,
+        );
         self.control.push_back(conn.header(op::REQUEST, 0));
         self.conns.insert(key, conn);
         self.sync_interest(key);
@@ -203,7 +227,8 @@ impl UnixBackend {
             }
         }
         // A hangup or error is handled by reading: the read reports EOF or the error.
-        if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) && !conn.rx_queued {
+        if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) && !conn.rx_queued
+        {
             conn.rx_queued = true;
             self.data_ready.push_back(key);
         }
@@ -221,8 +246,17 @@ impl UnixBackend {
             pkt.buf_alloc(),
             pkt.fwd_cnt()
         );
-        if pkt.src_cid() != self.guest_cid || pkt.dst_cid() != HOST_CID || pkt.type_() != TYPE_STREAM {
-            log::debug!("vsock: rejecting packet {}:{} -> {}:{}", pkt.src_cid(), pkt.src_port(), pkt.dst_cid(), pkt.dst_port());
+        if pkt.src_cid() != self.guest_cid
+            || pkt.dst_cid() != HOST_CID
+            || pkt.type_() != TYPE_STREAM
+        {
+            log::debug!(
+                "vsock: rejecting packet {}:{} -> {}:{}",
+                pkt.src_cid(),
+                pkt.src_port(),
+                pkt.dst_cid(),
+                pkt.dst_port()
+            );
             self.reply_rst(pkt);
             return;
         }
@@ -242,13 +276,17 @@ impl UnixBackend {
                 // The stream is fresh and empty, so this short write cannot block.
                 conn.stream.write_all(ok.as_bytes()).map_err(Into::into)
             }
-            (op::RW, ConnState::Established | ConnState::HostDoneSending) => conn.send_to_host(pkt.data()),
+            (op::RW, ConnState::Established | ConnState::HostDoneSending) => {
+                conn.send_to_host(pkt.data())
+            }
             (op::CREDIT_UPDATE, _) => Ok(()),
             (op::CREDIT_REQUEST, _) => {
                 self.control.push_back(conn.header(op::CREDIT_UPDATE, 0));
                 Ok(())
             }
-            (op::SHUTDOWN, _) if pkt.flags() & SHUTDOWN_SEND != 0 && pkt.flags() & SHUTDOWN_RCV != 0 => {
+            (op::SHUTDOWN, _)
+                if pkt.flags() & SHUTDOWN_SEND != 0 && pkt.flags() & SHUTDOWN_RCV != 0 =>
+            {
                 // Full close: confirm with RST once every byte the guest sent reached the host.
                 match conn.guest_done_sending() {
                     Ok(()) if conn.has_backlog() => {
@@ -328,7 +366,11 @@ impl UnixBackend {
         let conn = self.conns.remove(&key)?;
         if let Some((token, _)) = self.registered.remove(&key) {
             self.conn_tokens.remove(&token);
-            let _ = self.epoll.ctl(ControlOperation::Delete, conn.stream.as_raw_fd(), EpollEvent::default());
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                conn.stream.as_raw_fd(),
+                EpollEvent::default(),
+            );
         }
         Some(conn)
     }
@@ -383,7 +425,13 @@ impl UnixBackend {
     }
 
     fn write_header(&self, pkt: &mut RxPacket<'_>, h: HeaderFields, len: u32) -> u32 {
-        log::trace!("vsock host->guest {:?} op {} len {len} flags {} fwd_cnt {}", (h.src_port, h.dst_port), h.op, h.flags, h.fwd_cnt);
+        log::trace!(
+            "vsock host->guest {:?} op {} len {len} flags {} fwd_cnt {}",
+            (h.src_port, h.dst_port),
+            h.op,
+            h.flags,
+            h.fwd_cnt
+        );
         if let Err(e) = pkt.set_header_from_raw(&[0u8; virtio_vsock::packet::PKT_HEADER_SIZE]) {
             log::warn!("vsock: cannot clear RX header: {e}");
         }
@@ -465,4 +513,3 @@ fn parse_connect(line: &[u8]) -> Option<u32> {
     let text = std::str::from_utf8(line).ok()?;
     text.trim_end_matches('\r').strip_prefix("CONNECT ")?.trim().parse().ok()
 }
-
