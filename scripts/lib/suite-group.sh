@@ -1,0 +1,73 @@
+# Running a test suite as one process group that can be ended as a whole (sourced by
+# scripts/test; tested by scripts/check-suite-runner).
+
+# The process group of the suite running now, and of the last one (each suite runs in a
+# session of its own whose id is also its group id).
+current_group=""
+last_group=""
+# Seconds between SIGTERM and SIGKILL for a suite that ran out of time.
+SUITE_TERM_GRACE=${SUITE_TERM_GRACE:-20}
+
+# Runs "$@" in a new session, so that the suite and everything it started (a termlab run, its
+# nested L1 QEMU, a guest QEMU) form one process group that can be ended together. After
+# limit_s seconds the group gets SIGTERM (termlab passes it on and writes its partial result),
+# SUITE_TERM_GRACE s later SIGKILL; the launcher's QEMU dies with it (PR_SET_PDEATHSIG).
+# Whatever the suite leaves in its group after it ended is killed too. Status: the suite's,
+# or 124 on timeout.
+run_in_group() { # limit_s command...
+    local limit="$1" deadline pid rc=0
+    shift
+    deadline=$((SECONDS + limit))
+    # Without job control a background job is no group leader, so setsid(1) makes its own
+    # process the leader of the new session: $! is the group id.
+    setsid "$@" </dev/null &
+    pid=$!
+    current_group=$pid
+    last_group=$pid
+    while kill -0 "$pid" 2>/dev/null; do
+        if ((SECONDS >= deadline)); then
+            kill -TERM -- "-$pid" 2>/dev/null || true
+            for _ in $(seq "$SUITE_TERM_GRACE"); do
+                kill -0 "$pid" 2>/dev/null || break
+                sleep 1
+            done
+            end_group "$pid"
+            wait "$pid" 2>/dev/null || true
+            current_group=""
+            return 124
+        fi
+        sleep 1
+    done
+    wait "$pid" || rc=$?
+    end_group "$pid"
+    current_group=""
+    return "$rc"
+}
+
+# The processes still in a suite's session (a process that changed its group, like the nested
+# launcher's QEMU, stays in the session).
+session_processes() { # sid
+    ps -e -o sid=,pid=,args= | awk -v sid="$1" '$1 == sid { $1 = ""; print }'
+}
+
+end_group() { # pgid: SIGKILL to what is left of it, and wait until it is gone
+    local group="$1"
+    kill -KILL -- "-$group" 2>/dev/null || true
+    for _ in $(seq 50); do
+        pgrep -g "$group" >/dev/null || return 0
+        sleep 0.1
+    done
+    echo "[test] processes of group $group still alive: $(pgrep -g "$group" | tr '\n' ' ')" >&2
+    return 1
+}
+
+# Ctrl-C or SIGTERM to the test command ends the running suite's whole group, then the command.
+end_current_group_and_exit() {
+    echo "[test] interrupted: ending the running suite" >&2
+    if [[ -n "$current_group" ]]; then
+        kill -TERM -- "-$current_group" 2>/dev/null || true
+        sleep 5
+        end_group "$current_group" || true
+    fi
+    exit 130
+}
