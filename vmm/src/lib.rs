@@ -30,6 +30,9 @@ pub use kvm_ioctls::VcpuFd;
 pub use virtio::vsock::{BackendError as VsockBackendError, VsockConfig};
 pub use vm::{ConsoleConfig, Error, ExitReason, ExitWatch, Vm, VmConfig};
 
+/// This crate's version, for the records of what ran a guest.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 /// The virtio-mmio transport and the vsock device without a KVM VM, for the fuzz targets in
 /// `vmm/fuzz`: they write the registers and the queues from arbitrary input exactly as a
 /// hostile guest would, which needs no more than this. Not a stable API.

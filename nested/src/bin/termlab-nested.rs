@@ -7,13 +7,41 @@
 use std::ffi::OsString;
 use std::process::ExitCode;
 
+use clap::{Parser, Subcommand};
 use termlab_nested::{ensure_real_kvm_or_reexec, probe, KvmPlan, NestedMode};
 
-const USAGE: &str = "usage: termlab-nested probe | termlab-nested [--nested auto|always|never] -- COMMAND [ARGS...]";
+/// Run a command where KVM can run Linux: here, or inside a nested L1 VM.
+#[derive(Parser)]
+#[command(
+    name = "termlab-nested",
+    version,
+    args_conflicts_with_subcommands = true,
+    after_help = "Exit status: COMMAND's own; 1 when the probe or the launcher fails; 2 on bad usage."
+)]
+struct Args {
+    #[command(subcommand)]
+    probe: Option<Probe>,
+    /// Where KVM comes from: auto (here when it can run Linux, else L1), always (L1), never.
+    #[arg(long, default_value = "auto", value_parser = parse_mode)]
+    nested: NestedMode,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true)]
+    command: Vec<OsString>,
+}
+
+#[derive(Subcommand)]
+enum Probe {
+    /// Say whether /dev/kvm can run an ordinary guest.
+    Probe,
+}
+
+fn parse_mode(text: &str) -> Result<NestedMode, String> {
+    text.parse::<NestedMode>().map_err(|e| e.to_string())
+}
 
 fn main() -> ExitCode {
-    let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    if args.first().is_some_and(|a| a == "probe") {
+    let args = Args::parse();
+    if let Some(Probe::Probe) = args.probe {
         return match probe::probe_kvm() {
             Ok(elapsed) => {
                 println!("/dev/kvm runs ordinary guests (probe loop: {elapsed:?})");
@@ -25,28 +53,8 @@ fn main() -> ExitCode {
             }
         };
     }
-    let mut mode = NestedMode::Auto;
-    if args.first().is_some_and(|a| a == "--nested") {
-        let parsed = args.get(1).and_then(|m| m.to_str()).map(str::parse::<NestedMode>);
-        match parsed {
-            Some(Ok(m)) => mode = m,
-            Some(Err(e)) => {
-                eprintln!("{e}");
-                return ExitCode::from(2);
-            }
-            None => {
-                eprintln!("{USAGE}");
-                return ExitCode::from(2);
-            }
-        }
-        args.drain(..2);
-    }
-    if args.first().is_none_or(|a| a != "--") || args.len() < 2 {
-        eprintln!("{USAGE}");
-        return ExitCode::from(2);
-    }
-    let command = &args[1..];
-    match ensure_real_kvm_or_reexec(mode, command) {
+    let command = &args.command;
+    match ensure_real_kvm_or_reexec(args.nested, command) {
         Ok(KvmPlan::RanInL1 { exit_code }) => ExitCode::from(exit_code.clamp(0, 255) as u8),
         Ok(KvmPlan::RunHere { .. }) => {
             let status = std::process::Command::new(&command[0]).args(&command[1..]).status();

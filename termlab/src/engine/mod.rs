@@ -165,7 +165,7 @@ pub fn run_scenario(
             termlab_version: env!("CARGO_PKG_VERSION").to_owned(),
             host: crate::environment::host_info(),
             nested: options.nested,
-            vmm: VmmInfo { name: "termlab-vmm".into(), version: termlab_vmm_version() },
+            vmm: VmmInfo { name: "termlab-vmm".into(), version: termlab_vmm::VERSION.to_owned() },
             kernel: kernel.info.clone(),
             vm: VmInfo {
                 vcpus: scenario.vm.vcpus.get(),
@@ -216,10 +216,6 @@ pub fn run_scenario(
 }
 
 /// The version of the VMM crate this termlab was built with (they share the workspace version).
-fn termlab_vmm_version() -> String {
-    env!("CARGO_PKG_VERSION").to_owned()
-}
-
 #[allow(clippy::too_many_arguments)]
 fn boot_and_measure(
     loaded: &LoadedScenario,

@@ -1,7 +1,7 @@
 //! Boots a kernel interactively with the guest console on this terminal.
 //!
-//! termlab-vmm --kernel K [--initrd I] [--cmdline "..."] [--vcpus 2] [--mem-mib 512]
-//!             [--vsock-uds PATH] [--vsock-cid 3] [--console-log FILE]
+//! termlab-vmm --kernel K [--initrd I] [--cmdline "..."] [--vcpus N] [--mem-mib M]
+//!             [--vsock-uds PATH] [--vsock-cid CID] [--console-log FILE]
 //!
 //! Exit status: 0 when the guest reset or powered off, 1 on a VMM error, 2 on bad usage,
 //! 3 on a guest kernel panic, 4 on a triple fault, 128+N when stopped by signal N (SIGHUP,
@@ -11,39 +11,53 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::Parser;
 use termlab_vmm::{ConsoleConfig, ExitReason, Vm, VmConfig, VsockConfig};
 
-const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 nokaslr";
-const USAGE: &str =
-    "usage: termlab-vmm --kernel K [--initrd I] [--cmdline ARGS] [--vcpus N] [--mem-mib M] \
-[--vsock-uds PATH] [--vsock-cid CID] [--console-log FILE]";
+/// Boot a kernel with the guest console on this terminal.
+#[derive(Parser)]
+#[command(
+    name = "termlab-vmm",
+    version,
+    after_help = "Exit status: 0 when the guest reset or powered off, 1 on a VMM error, 2 on bad \
+usage, 3 on a guest kernel panic, 4 on a triple fault, 128+N when stopped by signal N."
+)]
+struct Args {
+    /// The kernel image (bzImage).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// An initramfs.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// The kernel command line.
+    #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1 nokaslr")]
+    cmdline: String,
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..))]
+    vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    mem_mib: u32,
+    /// Serve the guest's virtio-vsock on this Unix socket (Firecracker's hybrid vsock).
+    #[arg(long)]
+    vsock_uds: Option<PathBuf>,
+    /// The guest's vsock CID.
+    #[arg(long, default_value_t = 3)]
+    vsock_cid: u64,
+    /// Also write the console to this file.
+    #[arg(long)]
+    console_log: Option<PathBuf>,
+}
 
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<VmConfig, String> {
-    let mut kernel = None;
-    let mut config = VmConfig::new(PathBuf::new(), None, DEFAULT_CMDLINE.to_owned());
-    config.console = ConsoleConfig { file: None, stdout: true, stdin: true };
-    let mut uds = None;
-    let mut cid = 3u64;
-    while let Some(flag) = args.next() {
-        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--kernel" => kernel = Some(PathBuf::from(value()?)),
-            "--initrd" => config.initrd = Some(PathBuf::from(value()?)),
-            "--cmdline" => config.cmdline = value()?,
-            "--vcpus" => config.vcpus = value()?.parse().map_err(|e| format!("--vcpus: {e}"))?,
-            "--mem-mib" => {
-                config.mem_mib = value()?.parse().map_err(|e| format!("--mem-mib: {e}"))?
-            }
-            "--vsock-uds" => uds = Some(PathBuf::from(value()?)),
-            "--vsock-cid" => cid = value()?.parse().map_err(|e| format!("--vsock-cid: {e}"))?,
-            "--console-log" => config.console.file = Some(PathBuf::from(value()?)),
-            "-h" | "--help" => return Err(USAGE.to_owned()),
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
-        }
+impl Args {
+    fn into_config(self) -> VmConfig {
+        let mut config = VmConfig::new(self.kernel, self.initrd, self.cmdline);
+        config.console = ConsoleConfig { file: self.console_log, stdout: true, stdin: true };
+        config.vcpus = self.vcpus;
+        config.mem_mib = self.mem_mib;
+        config.vsock =
+            self.vsock_uds.map(|uds_path| VsockConfig { guest_cid: self.vsock_cid, uds_path });
+        config
     }
-    config.kernel = kernel.ok_or_else(|| format!("--kernel is required\n{USAGE}"))?;
-    config.vsock = uds.map(|uds_path| VsockConfig { guest_cid: cid, uds_path });
-    Ok(config)
 }
 
 /// Blocks SIGHUP (terminal closed), SIGINT (Ctrl-C) and SIGTERM in every thread (threads
@@ -77,13 +91,7 @@ enum Ended {
 }
 
 fn main() -> ExitCode {
-    let config = match parse_args(std::env::args().skip(1)) {
-        Ok(config) => config,
-        Err(message) => {
-            eprintln!("{message}");
-            return ExitCode::from(2);
-        }
-    };
+    let config = Args::parse().into_config();
     let signals = block_termination_signals();
     let mut vm = match Vm::new(config) {
         Ok(vm) => vm,
