@@ -13,13 +13,14 @@
 //!   at 152;
 //! - task stacks are THREAD_SIZE = 16 KiB (PAGE_SIZE << 2, KASAN_STACK_ORDER 0) and
 //!   THREAD_SIZE aligned (`THREAD_ALIGN`), with no padding above the top pt_regs. IRQ stacks
-//!   are the same size but only page aligned under VMAP_STACK: their top is
-//!   `pcpu_hot.hardirq_stack_ptr + 8`, so [`read_stack`] takes the top from the caller.
+//!   are the same size but only page aligned under VMAP_STACK, with an unmapped guard page
+//!   above their top (`pcpu_hot.hardirq_stack_ptr + 8`): [`read_interrupted_stack`] stops
+//!   there.
 
 use termlab_vmm::{kvm_sregs, Vm};
 use vm_memory::GuestMemory;
 
-use crate::paging::{PageTables, WalkError};
+use crate::paging::{PageTables, WalkError, PAGE_SIZE};
 
 /// Size and alignment of a guest task stack.
 pub const THREAD_SIZE: u64 = 16 * 1024;
@@ -143,6 +144,29 @@ pub fn task_stack_top(sp: u64) -> u64 {
     (sp.wrapping_sub(1) & !(THREAD_SIZE - 1)).wrapping_add(THREAD_SIZE)
 }
 
+/// The stack of an interrupted context, from `sp` up to the top of the stack that holds it.
+/// A task stack ends at the next THREAD_SIZE boundary ([`task_stack_top`]). An IRQ stack
+/// (a softirq or an interrupt cut off) is only page aligned under VMAP_STACK and, like every
+/// vmap area, followed by an unmapped guard page: the boundary may lie past that guard, so
+/// the stack ends at the first unmapped page below the boundary instead.
+pub fn read_interrupted_stack<M: GuestMemory + ?Sized>(
+    mem: &M,
+    tables: &PageTables,
+    sp: u64,
+) -> Result<Stack, ContextError> {
+    let boundary = task_stack_top(sp);
+    // The page holding sp must be mapped; above it, the first unmapped page ends the stack.
+    let mut top = (sp | (PAGE_SIZE - 1)).wrapping_add(1).min(boundary);
+    while top < boundary {
+        match tables.translate(mem, top) {
+            Ok(_) => top += PAGE_SIZE,
+            Err(WalkError::NotPresent { .. }) => break,
+            Err(error) => return Err(error.into()),
+        }
+    }
+    read_stack(mem, tables, sp, top)
+}
+
 /// Reads the stack words from `sp` up to `top` (see [`task_stack_top`]).
 pub fn read_stack<M: GuestMemory + ?Sized>(
     mem: &M,
@@ -211,8 +235,8 @@ impl KernelCpu {
     }
 
     /// The interrupted context of an interrupt handler: its frame and, for kernel code, its
-    /// task stack from the saved sp to the top. `None` outside such a handler. A context
-    /// interrupted on the IRQ stack (softirq) needs [`read_stack`] with that stack's top.
+    /// stack from the saved sp to the top ([`read_interrupted_stack`]: the task stack, or the
+    /// IRQ stack when a softirq was cut off). `None` outside such a handler.
     pub fn interrupted<M: GuestMemory + ?Sized>(
         &self,
         mem: &M,
@@ -223,7 +247,7 @@ impl KernelCpu {
         };
         let stack = match regs.from_user() {
             true => None,
-            false => Some(read_stack(mem, &self.tables, regs.sp, task_stack_top(regs.sp))?),
+            false => Some(read_interrupted_stack(mem, &self.tables, regs.sp)?),
         };
         Ok(Some(Interrupted { regs_addr, regs, stack }))
     }
@@ -311,6 +335,35 @@ mod tests {
         bytes[136..144].copy_from_slice(&0x33u64.to_le_bytes());
         mem.write_slice(&bytes, GuestAddress((2 << 20) + 0x7f00)).unwrap();
         assert_eq!(cpu.interrupted(&mem, irq_regs_offset).unwrap().unwrap().stack, None);
+    }
+
+    /// An IRQ stack is page aligned with an unmapped guard page above it: the stack of a
+    /// context cut off on it ends at the guard, short of the next THREAD_SIZE boundary (seen
+    /// in a nested run: the IPI landed in a softirq, and reading to the boundary failed).
+    #[test]
+    fn an_interrupted_stack_ends_at_the_guard_page_below_the_boundary() {
+        let (mem, tables) = guest_with_stack_page();
+        const BASE: u64 = 0xffff_c900_0020_0000;
+        // The second 2 MiB of the region in 4 KiB pages (PT at 0x4000): pages 0-4 mapped to
+        // physical 0x30_0000.., page 5 (the guard) not.
+        mem.write_obj(0x4003u64, GuestAddress(0x3000 + 8)).unwrap();
+        for page in 0..5u64 {
+            mem.write_obj(0x30_0003 + page * 0x1000, GuestAddress(0x4000 + page * 8)).unwrap();
+        }
+        mem.write_obj(0xabcdu64, GuestAddress(0x30_0000 + 0x4ff8)).unwrap();
+        let sp = BASE + 0x4f00;
+        assert_eq!(task_stack_top(sp), BASE + 0x8000);
+        let stack = read_interrupted_stack(&mem, &tables, sp).unwrap();
+        assert_eq!(stack.top, BASE + 0x5000);
+        assert_eq!(stack.words.len(), 0x100 / 8);
+        assert_eq!(stack.word_at(BASE + 0x4ff8), Some(0xabcd));
+        // A task stack mapped up to its THREAD_SIZE boundary is read to the boundary.
+        mem.write_obj(0x30_5003u64, GuestAddress(0x4000 + 5 * 8)).unwrap();
+        mem.write_obj(0x30_6003u64, GuestAddress(0x4000 + 6 * 8)).unwrap();
+        mem.write_obj(0x30_7003u64, GuestAddress(0x4000 + 7 * 8)).unwrap();
+        assert_eq!(read_interrupted_stack(&mem, &tables, sp).unwrap().top, BASE + 0x8000);
+        // The page holding sp itself must be mapped.
+        assert!(read_interrupted_stack(&mem, &tables, BASE + 0x9f00).is_err());
     }
 
     #[test]

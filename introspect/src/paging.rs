@@ -5,7 +5,7 @@
 use termlab_vmm::{kvm_sregs, Breakpoint};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
-const PAGE_SIZE: u64 = 4096;
+pub const PAGE_SIZE: u64 = 4096;
 /// Bits 12-51 of CR3 and of a paging-structure entry: the physical address of the next level
 /// (or of a 4 KiB page). Bits 0-11 of CR3 are the PCID or flags, bit 63 of an entry is NX.
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
