@@ -41,8 +41,91 @@ pub enum ResultsError {
         #[source]
         source: serde_json::Error,
     },
-    #[error("{} has schema version {found}; this termlab reads version {SCHEMA_VERSION}", path.display())]
-    Schema { path: PathBuf, found: u32 },
+    #[error("{} has schema version {found}, newer than this termlab reads ({current}); use a newer termlab", path.display())]
+    Newer { path: PathBuf, found: u32, current: u32 },
+    #[error("{} has schema version {found}, which cannot be migrated: {why}", path.display())]
+    Unmigratable { path: PathBuf, found: u32, why: String },
+}
+
+/// Reads a versioned JSON file (`schema_version` at the top level) written
+/// by this termlab or an older one: `migrate(document, version)` turns a
+/// document of `version` into `version + 1` (or says why it cannot), and is
+/// applied until the document has version `current`.
+///
+/// Returns the value and the version the file had.
+pub fn load_versioned<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    current: u32,
+    migrate: fn(&mut serde_json::Value, u32) -> Result<(), String>,
+) -> Result<(T, u32), ResultsError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ResultsError::Read { path: path.to_owned(), source })?;
+    let parse_error = |source| ResultsError::Parse { path: path.to_owned(), source };
+    let mut document: serde_json::Value = serde_json::from_str(&text).map_err(parse_error)?;
+    if !document.is_object() {
+        return Err(parse_error(serde::de::Error::custom("the file is not a JSON object")));
+    }
+    // The version first, so an old file gets a clear message rather than a
+    // complaint about some field.
+    #[derive(Deserialize)]
+    struct Version {
+        schema_version: u32,
+    }
+    let found = Version::deserialize(&document).map_err(parse_error)?.schema_version;
+    if found > current {
+        return Err(ResultsError::Newer { path: path.to_owned(), found, current });
+    }
+    for version in found..current {
+        migrate(&mut document, version).map_err(|why| ResultsError::Unmigratable {
+            path: path.to_owned(),
+            found,
+            why,
+        })?;
+        document["schema_version"] = serde_json::Value::from(version + 1);
+    }
+    let value = T::deserialize(document).map_err(parse_error)?;
+    Ok((value, found))
+}
+
+/// One step of [`RunResult`]'s schema history, `from` → `from + 1`:
+///
+/// * 0 never existed.
+/// * 1 → 2 (ffa7665) added `kernel` to terminate steps, optional: nothing to
+///   do, except that files written before b76ca33 hold `wait_until` steps,
+///   which later termlabs replaced by `wait_trace` with other fields.
+/// * 2 → 3 (4ebf587) added `reason` (request or budget) to the kernel's
+///   record of a termination; schema 2 knew only requests. The other
+///   additions (budget and prog_info steps, `kernel` on triggers) are
+///   optional.
+fn migrate_run_result(document: &mut serde_json::Value, from: u32) -> Result<(), String> {
+    match from {
+        1 => {
+            if steps_mut(document).any(|step| step["kind"] == "wait_until") {
+                return Err("it has `wait_until` steps (polling, replaced by `wait_trace` in \
+                     b76ca33); termlab at commit 1455792 reads it"
+                    .to_owned());
+            }
+            Ok(())
+        }
+        2 => {
+            for step in steps_mut(document).filter(|step| step["kind"] == "terminate") {
+                if let Some(kernel) = step.get_mut("kernel").and_then(|k| k.as_object_mut()) {
+                    kernel.insert("reason".to_owned(), "request".into());
+                }
+            }
+            Ok(())
+        }
+        _ => Err(format!("schema version {from} was never written by termlab")),
+    }
+}
+
+/// Every step record of every repetition of a result.json document.
+fn steps_mut(document: &mut serde_json::Value) -> impl Iterator<Item = &mut serde_json::Value> {
+    document.get_mut("repetitions").and_then(|r| r.as_array_mut()).into_iter().flatten().flat_map(
+        |repetition| {
+            repetition.get_mut("steps").and_then(|s| s.as_array_mut()).into_iter().flatten()
+        },
+    )
 }
 
 /// Everything one `termlab run` of one scenario produced.
@@ -284,22 +367,15 @@ impl RunResult {
         self.complete && self.expectations.iter().all(|e| e.passed)
     }
 
+    /// Reads `dir/result.json`, migrating an older schema version to
+    /// [`SCHEMA_VERSION`] in memory.
     pub fn load(dir: &Path) -> Result<RunResult, ResultsError> {
-        let path = dir.join(RESULT_FILE);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|source| ResultsError::Read { path: path.clone(), source })?;
-        // Check the version first so an old file gets a clear message rather
-        // than a complaint about some field.
-        #[derive(Deserialize)]
-        struct Version {
-            schema_version: u32,
-        }
-        let version: Version = serde_json::from_str(&text)
-            .map_err(|source| ResultsError::Parse { path: path.clone(), source })?;
-        if version.schema_version != SCHEMA_VERSION {
-            return Err(ResultsError::Schema { path, found: version.schema_version });
-        }
-        serde_json::from_str(&text).map_err(|source| ResultsError::Parse { path, source })
+        Ok(RunResult::load_with_version(dir)?.0)
+    }
+
+    /// [`RunResult::load`], also returning the schema version of the file.
+    pub fn load_with_version(dir: &Path) -> Result<(RunResult, u32), ResultsError> {
+        load_versioned(&dir.join(RESULT_FILE), SCHEMA_VERSION, migrate_run_result)
     }
 
     /// Writes `result.json` into `dir` atomically.
