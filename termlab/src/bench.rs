@@ -518,6 +518,25 @@ mod tests {
     }
 
     #[test]
+    fn a_schema_1_benchmark_is_migrated_without_budget_samples() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../results/example/bench");
+        let text = std::fs::read_to_string(dir.join(BENCH_FILE)).expect("bench.json");
+        let mut document: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        // Today's example as schema 1 wrote it: no budget fast path.
+        document["schema_version"] = 1.into();
+        for series in document["fastpath"].as_array_mut().expect("fastpath") {
+            series.as_object_mut().expect("object").remove("patched_budget_ns");
+        }
+        let scratch = tempfile::tempdir().expect("temp dir");
+        std::fs::write(scratch.path().join(BENCH_FILE), document.to_string()).expect("written");
+        let (result, found) = BenchResult::load_with_version(scratch.path()).expect("migrated");
+        assert_eq!((found, result.schema_version), (1, SCHEMA_VERSION));
+        assert!(!result.fastpath.is_empty());
+        assert!(result.fastpath.iter().all(|s| s.patched_budget_ns.is_empty()));
+        assert!(result.fastpath.iter().all(|s| !s.patched_ns.is_empty()));
+    }
+
+    #[test]
     fn config_names_are_unique() {
         let mut names: Vec<String> = LATENCY_CONFIGS.iter().map(|c| c.name()).collect();
         names.sort();

@@ -41,6 +41,8 @@ pub enum CompareError {
     NothingInCommon,
     #[error("threshold {0}% is not a finite percentage in 0..100")]
     Threshold(f64),
+    #[error("metric `{0}` is not measured in both runs")]
+    UnknownMetric(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -118,6 +120,8 @@ pub struct Comparison {
     /// Metrics measured in only one of the runs (not judged).
     pub metrics_only_in_base: Vec<String>,
     pub metrics_only_in_new: Vec<String>,
+    /// Metrics measured in both but left out by `only` (not judged).
+    pub metrics_not_selected: Vec<String>,
     /// Differences between the runs that bear on the verdicts.
     pub caveats: Vec<String>,
 }
@@ -131,11 +135,14 @@ impl Comparison {
     }
 }
 
-/// Compares NEW against BASE; `threshold_pct` in percent.
+/// Compares NEW against BASE; `threshold_pct` in percent. `only`, when not
+/// empty, names the metrics to judge (each must be measured in both runs);
+/// otherwise every metric measured in both is judged.
 pub fn compare(
     base: &RunResult,
     new: &RunResult,
     threshold_pct: f64,
+    only: &[String],
 ) -> Result<Comparison, CompareError> {
     if !threshold_pct.is_finite() || !(0.0..100.0).contains(&threshold_pct) {
         return Err(CompareError::Threshold(threshold_pct));
@@ -144,8 +151,14 @@ pub fn compare(
     let base_samples = base.metric_samples();
     let new_samples = new.metric_samples();
     let in_new = |name: &str| new_samples.iter().find(|(n, _)| n == name).map(|(_, v)| v);
+    if let Some(unknown) = only.iter().find(|name| {
+        in_new(name).is_none() || !base_samples.iter().any(|(base_name, _)| base_name == *name)
+    }) {
+        return Err(CompareError::UnknownMetric(unknown.clone()));
+    }
     let metrics: Vec<MetricComparison> = base_samples
         .iter()
+        .filter(|(name, _)| only.is_empty() || only.contains(name))
         .filter_map(|(name, base_values)| {
             let new_values = in_new(name)?;
             Some(compare_metric(name, base_values, new_values, threshold))
@@ -173,6 +186,12 @@ pub fn compare(
         expectations,
         metrics_only_in_base: only_in(&base_samples, &new_samples),
         metrics_only_in_new: only_in(&new_samples, &base_samples),
+        metrics_not_selected: base_samples
+            .iter()
+            .filter(|(name, _)| !only.is_empty() && !only.contains(name))
+            .filter(|(name, _)| in_new(name).is_some())
+            .map(|(name, _)| name.clone())
+            .collect(),
         caveats: caveats(base, new),
     })
 }
@@ -322,7 +341,7 @@ mod tests {
     #[test]
     fn a_run_against_itself_has_no_regression() {
         let run = budget_example();
-        let comparison = compare(&run, &run, DEFAULT_THRESHOLD_PCT).expect("comparable");
+        let comparison = compare(&run, &run, DEFAULT_THRESHOLD_PCT, &[]).expect("comparable");
         assert!(!comparison.regressed());
         assert!(!comparison.metrics.is_empty());
         assert!(comparison.metrics.iter().all(|m| m.verdict == Verdict::Unchanged));
@@ -335,11 +354,11 @@ mod tests {
         let base = budget_example();
         let mut new = base.clone();
         new.expectations[0].passed = false;
-        let comparison = compare(&base, &new, DEFAULT_THRESHOLD_PCT).expect("comparable");
+        let comparison = compare(&base, &new, DEFAULT_THRESHOLD_PCT, &[]).expect("comparable");
         assert!(comparison.regressed());
         assert_eq!(comparison.expectations[0].change, ExpectationChange::Regressed);
         // The other way round it is fixed, not a regression.
-        let reverse = compare(&new, &base, DEFAULT_THRESHOLD_PCT).expect("comparable");
+        let reverse = compare(&new, &base, DEFAULT_THRESHOLD_PCT, &[]).expect("comparable");
         assert!(!reverse.regressed());
         assert_eq!(reverse.expectations[0].change, ExpectationChange::Fixed);
     }
@@ -355,7 +374,7 @@ mod tests {
                 *value *= 1.3;
             }
         }
-        let comparison = compare(&base, &new, DEFAULT_THRESHOLD_PCT).expect("comparable");
+        let comparison = compare(&base, &new, DEFAULT_THRESHOLD_PCT, &[]).expect("comparable");
         assert!(comparison.regressed());
         for m in &comparison.metrics {
             let expected =
@@ -370,9 +389,27 @@ mod tests {
         let mut new = base.clone();
         new.repetitions.clear();
         new.expectations.iter_mut().for_each(|e| e.name.push_str(" (renamed)"));
-        assert!(matches!(compare(&base, &new, 10.0), Err(CompareError::NothingInCommon)));
-        assert!(matches!(compare(&base, &base, f64::NAN), Err(CompareError::Threshold(_))));
-        assert!(matches!(compare(&base, &base, -1.0), Err(CompareError::Threshold(_))));
+        assert!(matches!(compare(&base, &new, 10.0, &[]), Err(CompareError::NothingInCommon)));
+        assert!(matches!(compare(&base, &base, f64::NAN, &[]), Err(CompareError::Threshold(_))));
+        assert!(matches!(compare(&base, &base, -1.0, &[]), Err(CompareError::Threshold(_))));
+        let unknown = ["no_such_metric".to_owned()];
+        assert!(matches!(
+            compare(&base, &base, 10.0, &unknown),
+            Err(CompareError::UnknownMetric(_))
+        ));
+    }
+
+    #[test]
+    fn only_the_named_metrics_are_judged() {
+        let base = budget_example();
+        let mut new = base.clone();
+        for repetition in &mut new.repetitions {
+            repetition.metrics.values_mut().for_each(|v| *v *= 1.3);
+        }
+        let only = ["own_stop".to_owned()];
+        let comparison = compare(&base, &new, DEFAULT_THRESHOLD_PCT, &only).expect("comparable");
+        assert_eq!(comparison.metrics.len(), 1);
+        assert_eq!(comparison.metrics[0].verdict, Verdict::Regressed);
     }
 
     #[test]

@@ -102,6 +102,9 @@ enum Command {
         /// below -PCT%).
         #[arg(long, value_name = "PCT", default_value_t = termlab::compare::DEFAULT_THRESHOLD_PCT)]
         threshold: f64,
+        /// Judge only this metric (repeatable); default: every metric measured in both runs.
+        #[arg(long = "metric", value_name = "NAME")]
+        metrics: Vec<String>,
         /// Output directory [default: results/compare/<UTC time>].
         #[arg(long)]
         out: Option<PathBuf>,
@@ -197,8 +200,8 @@ fn main() -> ExitCode {
             boot(ui, variant.into(), vcpus, memory_mib, nested.into())
         }
         Command::Report { dirs, out, migrate } => report_command(ui, &dirs, &out, migrate),
-        Command::Compare { base, new, threshold, out } => {
-            compare_command(ui, &base, &new, threshold, out)
+        Command::Compare { base, new, threshold, metrics, out } => {
+            compare_command(ui, &base, &new, threshold, &metrics, out)
         }
         Command::List { dir } => list(ui, &dir),
         Command::Bench { iterations, rounds, load_sizes, quick, nested, results } => {
@@ -522,6 +525,7 @@ fn compare_command(
     base_dir: &Path,
     new_dir: &Path,
     threshold_pct: f64,
+    metrics: &[String],
     out: Option<PathBuf>,
 ) -> Result<(), Failed> {
     let bad_input = |message: String| {
@@ -530,7 +534,7 @@ fn compare_command(
     };
     let base = RunResult::load(base_dir).map_err(|e| bad_input(format!("base: {e}")))?;
     let new = RunResult::load(new_dir).map_err(|e| bad_input(format!("new: {e}")))?;
-    let comparison = termlab::compare::compare(&base, &new, threshold_pct)
+    let comparison = termlab::compare::compare(&base, &new, threshold_pct, metrics)
         .map_err(|e| bad_input(e.to_string()))?;
     let document = report::compare_document((&base, base_dir), (&new, new_dir), &comparison)
         .map_err(|e| bad_input(e.to_string()))?;

@@ -429,3 +429,93 @@ pub fn create_run_dir(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel_trace::Reason;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    }
+
+    /// A scratch directory holding `document` as result.json.
+    fn with_result(document: &serde_json::Value) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join(RESULT_FILE), document.to_string()).expect("written");
+        dir
+    }
+
+    fn fixture_json(name: &str) -> serde_json::Value {
+        let text = std::fs::read_to_string(fixture(name).join(RESULT_FILE)).expect("fixture");
+        serde_json::from_str(&text).expect("JSON")
+    }
+
+    #[test]
+    fn a_schema_2_run_is_migrated_and_its_terminations_were_requests() {
+        // The loops example as termlab wrote it in schema 2 (commit c0a17fd).
+        let (result, found) =
+            RunResult::load_with_version(&fixture("schema2-loops")).expect("migrated");
+        assert_eq!(found, 2);
+        assert_eq!(result.schema_version, SCHEMA_VERSION);
+        assert_eq!(result.repetitions.len(), 10);
+        let reasons: Vec<Reason> = result
+            .repetitions
+            .iter()
+            .flat_map(|r| &r.steps)
+            .filter_map(|step| match step {
+                StepRecord::Terminate { kernel, .. } => kernel.as_ref().map(|k| k.reason),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(reasons, vec![Reason::Request; 10]);
+        // Saved in today's schema, it reads back as it is.
+        let dir = tempfile::tempdir().expect("temp dir");
+        result.save(dir.path()).expect("saved");
+        let (again, found) = RunResult::load_with_version(dir.path()).expect("loads");
+        assert_eq!(found, SCHEMA_VERSION);
+        assert_eq!(
+            serde_json::to_value(&again).expect("JSON"),
+            serde_json::to_value(&result).expect("JSON")
+        );
+    }
+
+    #[test]
+    fn schema_1_migrates_unless_it_polled_with_wait_until() {
+        // Schema 1 had no kernel records: the fixture without them.
+        let mut document = fixture_json("schema2-loops");
+        document["schema_version"] = 1.into();
+        for step in steps_mut(&mut document) {
+            step.as_object_mut().expect("object").remove("kernel");
+        }
+        let dir = with_result(&document);
+        let (result, found) = RunResult::load_with_version(dir.path()).expect("migrated");
+        assert_eq!((found, result.repetitions.len()), (1, 10));
+
+        let first_step = &mut document["repetitions"][0]["steps"][0];
+        *first_step = serde_json::json!({
+            "kind": "wait_until", "program": "loops", "polls": 3, "matched": "x"
+        });
+        let dir = with_result(&document);
+        let error = RunResult::load(dir.path()).expect_err("not migratable");
+        assert!(matches!(error, ResultsError::Unmigratable { found: 1, .. }), "{error}");
+        assert!(error.to_string().contains("1455792"), "{error}");
+    }
+
+    #[test]
+    fn newer_versions_and_non_results_are_refused_clearly() {
+        let mut document = fixture_json("schema2-loops");
+        document["schema_version"] = (SCHEMA_VERSION + 1).into();
+        let dir = with_result(&document);
+        let error = RunResult::load(dir.path()).expect_err("too new");
+        assert!(error.to_string().contains("newer than this termlab reads"), "{error}");
+        for text in ["[3]", "{\"schema_version\": \"three\"}", "not json"] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            std::fs::write(dir.path().join(RESULT_FILE), text).expect("written");
+            let error = RunResult::load(dir.path()).expect_err("not a result");
+            assert!(matches!(error, ResultsError::Parse { .. }), "{text}: {error}");
+        }
+        let error = RunResult::load(Path::new("/nonexistent")).expect_err("no file");
+        assert!(matches!(error, ResultsError::Read { .. }), "{error}");
+    }
+}

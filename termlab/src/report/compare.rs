@@ -62,13 +62,13 @@ pub fn compare_document(
         .collect();
     let highlight = comparison.metrics.iter().map(|m| m.verdict == Verdict::Regressed).collect();
     doc.push(Block::Table { header, rows, highlight });
-    let only = |side: &str, names: &[String]| {
-        (!names.is_empty())
-            .then(|| format!("Only in the {side} run, not judged: {}.", names.join(", ")))
+    let not_judged = |why: &str, names: &[String]| {
+        (!names.is_empty()).then(|| format!("Not judged ({why}): {}.", names.join(", ")))
     };
     for note in [
-        only("base", &comparison.metrics_only_in_base),
-        only("new", &comparison.metrics_only_in_new),
+        not_judged("only in the base run", &comparison.metrics_only_in_base),
+        not_judged("only in the new run", &comparison.metrics_only_in_new),
+        not_judged("not selected with --metric", &comparison.metrics_not_selected),
     ]
     .into_iter()
     .flatten()
@@ -166,7 +166,7 @@ mod tests {
         for repetition in &mut new.repetitions {
             repetition.metrics.values_mut().for_each(|v| *v *= 1.3);
         }
-        let comparison = compare(&base, &new, DEFAULT_THRESHOLD_PCT).expect("comparable");
+        let comparison = compare(&base, &new, DEFAULT_THRESHOLD_PCT, &[]).expect("comparable");
         let doc = compare_document((&base, &dir), (&new, &dir), &comparison).expect("rendered");
         let md = doc.to_markdown();
         assert!(md.starts_with("# termlab compare: budget — REGRESSED\n"), "{md}");
