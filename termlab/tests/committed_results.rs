@@ -3,9 +3,12 @@
 //! committed report is what today's termlab renders; `termlab compare`'s
 //! verdicts and exit codes on those real runs. No guest is booted.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use common::explain;
 use termlab::results::{RESULT_FILE, SCHEMA_VERSION};
 
 fn repo_root() -> PathBuf {
@@ -18,15 +21,6 @@ fn termlab(args: &[&std::ffi::OsStr]) -> Output {
         .args(args)
         .output()
         .expect("termlab runs")
-}
-
-fn explain(output: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 /// Every directory under results/example/ and results/stress/ that holds a

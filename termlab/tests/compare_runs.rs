@@ -8,10 +8,13 @@
 //! agent. Run with
 //! `cargo test --release -p termlab --test compare_runs -- --ignored --nocapture`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Instant;
 
+use common::explain;
 use termlab::results::RunResult;
 
 fn repo_root() -> PathBuf {
@@ -36,15 +39,6 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn explain(output: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 const DELAY: &str = "\"kernel.bpf_termination_demo_delay_ms\" = 1000";
