@@ -28,7 +28,7 @@ use crate::stats::{Ratios, Summary};
 use crate::ui::Ui;
 
 pub const SCHEMA_VERSION: u32 = 2;
-const BENCH_FILE: &str = "bench.json";
+pub const BENCH_FILE: &str = "bench.json";
 /// Guest file the latency runs write the kernel trace to.
 const GUEST_TRACE: &str = "/tmp/term_bench.trace";
 /// The agent's limit for one file read; about 5 events of ~130 bytes per CPU
@@ -142,6 +142,39 @@ pub struct LoadSeries {
     pub baseline_jited_bytes: u64,
 }
 
+impl BenchResult {
+    /// Reads `dir/bench.json`, migrating an older schema version in memory;
+    /// also returns the version the file had.
+    pub fn load_with_version(dir: &Path) -> Result<(BenchResult, u32), results::ResultsError> {
+        results::load_versioned(&dir.join(BENCH_FILE), SCHEMA_VERSION, migrate_bench_result)
+    }
+
+    /// Writes `dir/bench.json` atomically.
+    pub fn save(&self, dir: &Path) -> Result<(), results::ResultsError> {
+        let path = dir.join(BENCH_FILE);
+        let mut text = serde_json::to_vec_pretty(self)
+            .map_err(|source| results::ResultsError::Parse { path: path.clone(), source })?;
+        text.push(b'\n');
+        results::write_atomically(&path, &text)
+    }
+}
+
+/// One step of [`BenchResult`]'s schema history, `from` → `from + 1`:
+/// 1 → 2 (4ebf587) added the fast path with a runtime budget set
+/// (`patched_budget_ns`), not measured before: empty.
+fn migrate_bench_result(document: &mut serde_json::Value, from: u32) -> Result<(), String> {
+    match from {
+        1 => {
+            let series = document.get_mut("fastpath").and_then(|f| f.as_array_mut());
+            for one in series.into_iter().flatten().filter_map(|s| s.as_object_mut()) {
+                one.entry("patched_budget_ns").or_insert_with(|| serde_json::json!([]));
+            }
+            Ok(())
+        }
+        _ => Err(format!("bench.json schema version {from} was never written by termlab")),
+    }
+}
+
 /// A kernel with the initramfs made for it.
 pub struct BenchKernel<'a> {
     pub build: &'a KernelBuild,
@@ -208,7 +241,7 @@ pub fn run(
             series.vcpus = vcpus;
             series.ipi_rtt_ns.clone_from(&ipi_rtt_ns);
             result.latency.push(series);
-            save(&result, &dir)?;
+            result.save(&dir)?;
             stop_if_interrupted()?;
         }
         guest.power_off();
@@ -250,7 +283,7 @@ pub fn run(
                 }
             }
             guest.power_off();
-            save(&result, &dir)?;
+            result.save(&dir)?;
             stop_if_interrupted()?;
         }
     }
@@ -264,12 +297,6 @@ fn stop_if_interrupted() -> Result<(), EngineError> {
     } else {
         Ok(())
     }
-}
-
-fn save(result: &BenchResult, dir: &Path) -> Result<(), EngineError> {
-    let text = serde_json::to_vec_pretty(result)
-        .map_err(|e| EngineError::Guest(format!("cannot serialise the benchmark: {e}")))?;
-    Ok(results::write_atomically(&dir.join(BENCH_FILE), &text)?)
 }
 
 fn boot(kernel: &BenchKernel<'_>, vcpus: u8, console: &Path) -> Result<Guest, EngineError> {
@@ -488,6 +515,25 @@ mod tests {
         assert_eq!(number::<u32>(&f, "depth", "t").expect("numeric"), 4);
         assert!(number::<u32>(&f, "nope", "t").is_err());
         assert!(fields(out, "load").is_none());
+    }
+
+    #[test]
+    fn a_schema_1_benchmark_is_migrated_without_budget_samples() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../results/example/bench");
+        let text = std::fs::read_to_string(dir.join(BENCH_FILE)).expect("bench.json");
+        let mut document: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        // Today's example as schema 1 wrote it: no budget fast path.
+        document["schema_version"] = 1.into();
+        for series in document["fastpath"].as_array_mut().expect("fastpath") {
+            series.as_object_mut().expect("object").remove("patched_budget_ns");
+        }
+        let scratch = tempfile::tempdir().expect("temp dir");
+        std::fs::write(scratch.path().join(BENCH_FILE), document.to_string()).expect("written");
+        let (result, found) = BenchResult::load_with_version(scratch.path()).expect("migrated");
+        assert_eq!((found, result.schema_version), (1, SCHEMA_VERSION));
+        assert!(!result.fastpath.is_empty());
+        assert!(result.fastpath.iter().all(|s| s.patched_budget_ns.is_empty()));
+        assert!(result.fastpath.iter().all(|s| !s.patched_ns.is_empty()));
     }
 
     #[test]

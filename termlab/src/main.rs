@@ -73,13 +73,41 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Nested::Auto)]
         nested: Nested,
     },
-    /// Regenerate the reports of result directories; with several, also compare them side by side.
+    /// Regenerate the reports of result directories (`termlab run`'s result.json or `termlab
+    /// bench`'s bench.json; older schema versions are migrated); with several runs, also
+    /// compare them side by side.
     Report {
         #[arg(required = true)]
         dirs: Vec<PathBuf>,
         /// Where the comparison (report.md, report.html, plots) goes when several runs are given.
         #[arg(long, default_value = "results/comparison")]
         out: PathBuf,
+        /// Also rewrite a result.json or bench.json of an older schema version in today's.
+        #[arg(long)]
+        migrate: bool,
+    },
+    /// Judge run NEW against run BASE: per metric, the p50 and p99 change with a bootstrap
+    /// confidence interval and a verdict (regressed, improved, unchanged); expectations that
+    /// passed in BASE and fail in NEW are regressions. Writes report.md, report.html (CDFs
+    /// overlaid) and compare.json, and prints the Markdown.
+    ///
+    /// Exit status: 0 no regression, 1 a metric or expectation regressed, 2 bad input (a
+    /// missing directory, an unreadable result.json, nothing in common).
+    Compare {
+        /// The reference run's directory (holding result.json).
+        base: PathBuf,
+        /// The run under judgement.
+        new: PathBuf,
+        /// A percentile regressed when its whole 95% interval lies above +PCT% (improved:
+        /// below -PCT%).
+        #[arg(long, value_name = "PCT", default_value_t = termlab::compare::DEFAULT_THRESHOLD_PCT)]
+        threshold: f64,
+        /// Judge only this metric (repeatable); default: every metric measured in both runs.
+        #[arg(long = "metric", value_name = "NAME")]
+        metrics: Vec<String>,
+        /// Output directory [default: results/compare/<UTC time>].
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// List scenarios with their one-line descriptions.
     List {
@@ -171,7 +199,10 @@ fn main() -> ExitCode {
         Command::Boot { variant, vcpus, memory_mib, nested } => {
             boot(ui, variant.into(), vcpus, memory_mib, nested.into())
         }
-        Command::Report { dirs, out } => report_command(ui, &dirs, &out),
+        Command::Report { dirs, out, migrate } => report_command(ui, &dirs, &out, migrate),
+        Command::Compare { base, new, threshold, metrics, out } => {
+            compare_command(ui, &base, &new, threshold, &metrics, out)
+        }
         Command::List { dir } => list(ui, &dir),
         Command::Bench { iterations, rounds, load_sizes, quick, nested, results } => {
             let options = if quick {
@@ -463,11 +494,18 @@ fn prepare_initramfs(
     image.map_err(|e| fail(ui, e))
 }
 
-fn report_command(ui: Ui, dirs: &[PathBuf], out: &Path) -> Result<(), Failed> {
-    let runs = report::regenerate(dirs).map_err(|e| fail(ui, e))?;
+fn report_command(ui: Ui, dirs: &[PathBuf], out: &Path, migrate: bool) -> Result<(), Failed> {
+    let regenerated = report::regenerate(dirs, migrate).map_err(|e| fail(ui, e))?;
     for dir in dirs {
         ui.say(&format!("regenerated {}", dir.join(report::HTML_FILE).display()));
     }
+    let runs: Vec<RunResult> = regenerated
+        .into_iter()
+        .filter_map(|r| match r {
+            report::Regenerated::Run(run) => Some(*run),
+            report::Regenerated::Bench => None,
+        })
+        .collect();
     if runs.len() > 1 {
         std::fs::create_dir_all(out)
             .map_err(|e| fail(ui, format!("cannot create {}: {e}", out.display())))?;
@@ -477,6 +515,52 @@ fn report_command(ui: Ui, dirs: &[PathBuf], out: &Path) -> Result<(), Failed> {
         ui.say(&format!("comparison written to {}", out.join(report::HTML_FILE).display()));
     }
     Ok(())
+}
+
+/// `termlab compare`'s exit status for bad input.
+const EXIT_BAD_INPUT: u8 = 2;
+
+fn compare_command(
+    ui: Ui,
+    base_dir: &Path,
+    new_dir: &Path,
+    threshold_pct: f64,
+    metrics: &[String],
+    out: Option<PathBuf>,
+) -> Result<(), Failed> {
+    let bad_input = |message: String| {
+        ui.error(&message);
+        Failed(EXIT_BAD_INPUT)
+    };
+    let base = RunResult::load(base_dir).map_err(|e| bad_input(format!("base: {e}")))?;
+    let new = RunResult::load(new_dir).map_err(|e| bad_input(format!("new: {e}")))?;
+    let comparison = termlab::compare::compare(&base, &new, threshold_pct, metrics)
+        .map_err(|e| bad_input(e.to_string()))?;
+    let document = report::compare_document((&base, base_dir), (&new, new_dir), &comparison)
+        .map_err(|e| bad_input(e.to_string()))?;
+    let out = match out {
+        Some(dir) => std::fs::create_dir_all(&dir)
+            .map(|()| dir.clone())
+            .map_err(|e| bad_input(format!("cannot create {}: {e}", dir.display()))),
+        None => termlab::results::create_run_dir(
+            Path::new("results"),
+            "compare",
+            std::time::SystemTime::now(),
+        )
+        .map_err(|e| bad_input(e.to_string())),
+    }?;
+    let json = serde_json::to_vec_pretty(&comparison)
+        .map_err(|e| bad_input(format!("cannot serialise the comparison: {e}")))?;
+    termlab::results::write_atomically(&out.join(termlab::compare::COMPARE_FILE), &json)
+        .map_err(|e| bad_input(e.to_string()))?;
+    report::write_document(&document, &out).map_err(|e| bad_input(e.to_string()))?;
+    print!("{}", document.to_markdown());
+    ui.say(&format!("comparison written to {}", out.join(report::HTML_FILE).display()));
+    if comparison.regressed() {
+        Err(Failed(1))
+    } else {
+        Ok(())
+    }
 }
 
 fn list(ui: Ui, dir: &Path) -> Result<(), Failed> {

@@ -41,8 +41,91 @@ pub enum ResultsError {
         #[source]
         source: serde_json::Error,
     },
-    #[error("{} has schema version {found}; this termlab reads version {SCHEMA_VERSION}", path.display())]
-    Schema { path: PathBuf, found: u32 },
+    #[error("{} has schema version {found}, newer than this termlab reads ({current}); use a newer termlab", path.display())]
+    Newer { path: PathBuf, found: u32, current: u32 },
+    #[error("{} has schema version {found}, which cannot be migrated: {why}", path.display())]
+    Unmigratable { path: PathBuf, found: u32, why: String },
+}
+
+/// Reads a versioned JSON file (`schema_version` at the top level) written
+/// by this termlab or an older one: `migrate(document, version)` turns a
+/// document of `version` into `version + 1` (or says why it cannot), and is
+/// applied until the document has version `current`.
+///
+/// Returns the value and the version the file had.
+pub fn load_versioned<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    current: u32,
+    migrate: fn(&mut serde_json::Value, u32) -> Result<(), String>,
+) -> Result<(T, u32), ResultsError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ResultsError::Read { path: path.to_owned(), source })?;
+    let parse_error = |source| ResultsError::Parse { path: path.to_owned(), source };
+    let mut document: serde_json::Value = serde_json::from_str(&text).map_err(parse_error)?;
+    if !document.is_object() {
+        return Err(parse_error(serde::de::Error::custom("the file is not a JSON object")));
+    }
+    // The version first, so an old file gets a clear message rather than a
+    // complaint about some field.
+    #[derive(Deserialize)]
+    struct Version {
+        schema_version: u32,
+    }
+    let found = Version::deserialize(&document).map_err(parse_error)?.schema_version;
+    if found > current {
+        return Err(ResultsError::Newer { path: path.to_owned(), found, current });
+    }
+    for version in found..current {
+        migrate(&mut document, version).map_err(|why| ResultsError::Unmigratable {
+            path: path.to_owned(),
+            found,
+            why,
+        })?;
+        document["schema_version"] = serde_json::Value::from(version + 1);
+    }
+    let value = T::deserialize(document).map_err(parse_error)?;
+    Ok((value, found))
+}
+
+/// One step of [`RunResult`]'s schema history, `from` → `from + 1`:
+///
+/// * 0 never existed.
+/// * 1 → 2 (ffa7665) added `kernel` to terminate steps, optional: nothing to
+///   do, except that files written before b76ca33 hold `wait_until` steps,
+///   which later termlabs replaced by `wait_trace` with other fields.
+/// * 2 → 3 (4ebf587) added `reason` (request or budget) to the kernel's
+///   record of a termination; schema 2 knew only requests. The other
+///   additions (budget and prog_info steps, `kernel` on triggers) are
+///   optional.
+fn migrate_run_result(document: &mut serde_json::Value, from: u32) -> Result<(), String> {
+    match from {
+        1 => {
+            if steps_mut(document).any(|step| step["kind"] == "wait_until") {
+                return Err("it has `wait_until` steps (polling, replaced by `wait_trace` in \
+                     b76ca33); termlab at commit 1455792 reads it"
+                    .to_owned());
+            }
+            Ok(())
+        }
+        2 => {
+            for step in steps_mut(document).filter(|step| step["kind"] == "terminate") {
+                if let Some(kernel) = step.get_mut("kernel").and_then(|k| k.as_object_mut()) {
+                    kernel.insert("reason".to_owned(), "request".into());
+                }
+            }
+            Ok(())
+        }
+        _ => Err(format!("schema version {from} was never written by termlab")),
+    }
+}
+
+/// Every step record of every repetition of a result.json document.
+fn steps_mut(document: &mut serde_json::Value) -> impl Iterator<Item = &mut serde_json::Value> {
+    document.get_mut("repetitions").and_then(|r| r.as_array_mut()).into_iter().flatten().flat_map(
+        |repetition| {
+            repetition.get_mut("steps").and_then(|s| s.as_array_mut()).into_iter().flatten()
+        },
+    )
 }
 
 /// Everything one `termlab run` of one scenario produced.
@@ -284,22 +367,15 @@ impl RunResult {
         self.complete && self.expectations.iter().all(|e| e.passed)
     }
 
+    /// Reads `dir/result.json`, migrating an older schema version to
+    /// [`SCHEMA_VERSION`] in memory.
     pub fn load(dir: &Path) -> Result<RunResult, ResultsError> {
-        let path = dir.join(RESULT_FILE);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|source| ResultsError::Read { path: path.clone(), source })?;
-        // Check the version first so an old file gets a clear message rather
-        // than a complaint about some field.
-        #[derive(Deserialize)]
-        struct Version {
-            schema_version: u32,
-        }
-        let version: Version = serde_json::from_str(&text)
-            .map_err(|source| ResultsError::Parse { path: path.clone(), source })?;
-        if version.schema_version != SCHEMA_VERSION {
-            return Err(ResultsError::Schema { path, found: version.schema_version });
-        }
-        serde_json::from_str(&text).map_err(|source| ResultsError::Parse { path, source })
+        Ok(RunResult::load_with_version(dir)?.0)
+    }
+
+    /// [`RunResult::load`], also returning the schema version of the file.
+    pub fn load_with_version(dir: &Path) -> Result<(RunResult, u32), ResultsError> {
+        load_versioned(&dir.join(RESULT_FILE), SCHEMA_VERSION, migrate_run_result)
     }
 
     /// Writes `result.json` into `dir` atomically.
@@ -351,5 +427,95 @@ pub fn create_run_dir(
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => attempt += 1,
             Err(source) => return Err(ResultsError::Write { path: dir, source }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel_trace::Reason;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    }
+
+    /// A scratch directory holding `document` as result.json.
+    fn with_result(document: &serde_json::Value) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join(RESULT_FILE), document.to_string()).expect("written");
+        dir
+    }
+
+    fn fixture_json(name: &str) -> serde_json::Value {
+        let text = std::fs::read_to_string(fixture(name).join(RESULT_FILE)).expect("fixture");
+        serde_json::from_str(&text).expect("JSON")
+    }
+
+    #[test]
+    fn a_schema_2_run_is_migrated_and_its_terminations_were_requests() {
+        // The loops example as termlab wrote it in schema 2 (commit c0a17fd).
+        let (result, found) =
+            RunResult::load_with_version(&fixture("schema2-loops")).expect("migrated");
+        assert_eq!(found, 2);
+        assert_eq!(result.schema_version, SCHEMA_VERSION);
+        assert_eq!(result.repetitions.len(), 10);
+        let reasons: Vec<Reason> = result
+            .repetitions
+            .iter()
+            .flat_map(|r| &r.steps)
+            .filter_map(|step| match step {
+                StepRecord::Terminate { kernel, .. } => kernel.as_ref().map(|k| k.reason),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(reasons, vec![Reason::Request; 10]);
+        // Saved in today's schema, it reads back as it is.
+        let dir = tempfile::tempdir().expect("temp dir");
+        result.save(dir.path()).expect("saved");
+        let (again, found) = RunResult::load_with_version(dir.path()).expect("loads");
+        assert_eq!(found, SCHEMA_VERSION);
+        assert_eq!(
+            serde_json::to_value(&again).expect("JSON"),
+            serde_json::to_value(&result).expect("JSON")
+        );
+    }
+
+    #[test]
+    fn schema_1_migrates_unless_it_polled_with_wait_until() {
+        // Schema 1 had no kernel records: the fixture without them.
+        let mut document = fixture_json("schema2-loops");
+        document["schema_version"] = 1.into();
+        for step in steps_mut(&mut document) {
+            step.as_object_mut().expect("object").remove("kernel");
+        }
+        let dir = with_result(&document);
+        let (result, found) = RunResult::load_with_version(dir.path()).expect("migrated");
+        assert_eq!((found, result.repetitions.len()), (1, 10));
+
+        let first_step = &mut document["repetitions"][0]["steps"][0];
+        *first_step = serde_json::json!({
+            "kind": "wait_until", "program": "loops", "polls": 3, "matched": "x"
+        });
+        let dir = with_result(&document);
+        let error = RunResult::load(dir.path()).expect_err("not migratable");
+        assert!(matches!(error, ResultsError::Unmigratable { found: 1, .. }), "{error}");
+        assert!(error.to_string().contains("1455792"), "{error}");
+    }
+
+    #[test]
+    fn newer_versions_and_non_results_are_refused_clearly() {
+        let mut document = fixture_json("schema2-loops");
+        document["schema_version"] = (SCHEMA_VERSION + 1).into();
+        let dir = with_result(&document);
+        let error = RunResult::load(dir.path()).expect_err("too new");
+        assert!(error.to_string().contains("newer than this termlab reads"), "{error}");
+        for text in ["[3]", "{\"schema_version\": \"three\"}", "not json"] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            std::fs::write(dir.path().join(RESULT_FILE), text).expect("written");
+            let error = RunResult::load(dir.path()).expect_err("not a result");
+            assert!(matches!(error, ResultsError::Parse { .. }), "{text}: {error}");
+        }
+        let error = RunResult::load(Path::new("/nonexistent")).expect_err("no file");
+        assert!(matches!(error, ResultsError::Read { .. }), "{error}");
     }
 }

@@ -66,6 +66,123 @@ fn percentile_of_sorted(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// The nearest-rank `p`th percentile of `samples` (as in [`Summary`]);
+/// `None` for no samples.
+pub fn percentile(samples: &[f64], p: f64) -> Option<f64> {
+    sorted(samples).map(|sorted| percentile_of_sorted(&sorted, p))
+}
+
+/// How the change of a percentile from a base sample set to a new one is
+/// estimated: a percentile bootstrap of the ratio new/base.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BootstrapSettings {
+    /// Resamples drawn (each side resampled independently, with replacement,
+    /// to its own size).
+    pub resamples: u32,
+    /// Two-sided coverage of the interval, e.g. 0.95.
+    pub confidence: f64,
+    /// Seed of the resampling: the same inputs give the same interval.
+    pub seed: u64,
+}
+
+/// The ratio new/base of one percentile, with its bootstrap interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RatioEstimate {
+    pub percentile: f64,
+    /// The percentile of the base and of the new samples, as measured.
+    pub base_ns: f64,
+    pub new_ns: f64,
+    /// `new_ns / base_ns`.
+    pub ratio: f64,
+    /// The bootstrap interval of the ratio: the (1 − confidence)/2 and
+    /// (1 + confidence)/2 nearest-rank quantiles of the resampled ratios.
+    pub low: f64,
+    pub high: f64,
+}
+
+/// For each of `percentiles`, the ratio of the new samples' percentile to
+/// the base samples' and its percentile-bootstrap interval: `resamples`
+/// times, both sets are resampled with replacement (independently, each to
+/// its own size) and the ratio of the resamples' percentiles recorded.
+/// `None` when either side has no samples. A base percentile of 0 gives a
+/// ratio of 1 against a new 0 and infinity against anything larger.
+pub fn bootstrap_ratios(
+    base: &[f64],
+    new: &[f64],
+    percentiles: &[f64],
+    settings: BootstrapSettings,
+) -> Option<Vec<RatioEstimate>> {
+    let base = sorted(base)?;
+    let new = sorted(new)?;
+    let mut rng = SplitMix64(settings.seed);
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); percentiles.len()];
+    let (mut base_resample, mut new_resample) = (Vec::new(), Vec::new());
+    for _ in 0..settings.resamples.max(1) {
+        rng.resample(&base, &mut base_resample);
+        rng.resample(&new, &mut new_resample);
+        for (&p, ratios) in percentiles.iter().zip(&mut ratios) {
+            ratios.push(ratio(
+                percentile_of_sorted(&base_resample, p),
+                percentile_of_sorted(&new_resample, p),
+            ));
+        }
+    }
+    let tail = (1.0 - settings.confidence.clamp(0.0, 1.0)) / 2.0;
+    let estimates = percentiles
+        .iter()
+        .zip(&mut ratios)
+        .map(|(&p, ratios)| {
+            ratios.sort_by(f64::total_cmp);
+            let (base_ns, new_ns) = (percentile_of_sorted(&base, p), percentile_of_sorted(&new, p));
+            RatioEstimate {
+                percentile: p,
+                base_ns,
+                new_ns,
+                ratio: ratio(base_ns, new_ns),
+                low: percentile_of_sorted(ratios, tail * 100.0),
+                high: percentile_of_sorted(ratios, (1.0 - tail) * 100.0),
+            }
+        })
+        .collect();
+    Some(estimates)
+}
+
+fn ratio(base: f64, new: f64) -> f64 {
+    if base > 0.0 {
+        new / base
+    } else if new <= 0.0 {
+        1.0
+    } else {
+        f64::INFINITY
+    }
+}
+
+/// SplitMix64 (Steele, Lea, Flood 2014): a small, fast generator whose
+/// output depends only on the seed, so bootstrap intervals are reproducible.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// An index in `0..n`, by multiply-shift (bias below n / 2^64).
+    fn below(&mut self, n: usize) -> usize {
+        ((u128::from(self.next()) * n as u128) >> 64) as usize
+    }
+
+    /// `out` := `sorted` resampled with replacement to its size, sorted.
+    fn resample(&mut self, sorted: &[f64], out: &mut Vec<f64>) {
+        out.clear();
+        out.extend((0..sorted.len()).map(|_| sorted[self.below(sorted.len())]));
+        out.sort_by(f64::total_cmp);
+    }
+}
+
 /// The empirical CDF as (value, fraction of samples <= value) steps.
 pub fn cdf(samples: &[f64]) -> Vec<(f64, f64)> {
     let Some(sorted) = sorted(samples) else { return Vec::new() };
@@ -136,6 +253,67 @@ mod tests {
         let ratios = summary.ratios_to(50.0).expect("positive reference");
         assert_eq!((ratios.p50, ratios.max), (4.0, 8.0));
         assert_eq!(summary.ratios_to(0.0), None);
+    }
+
+    const SETTINGS: BootstrapSettings =
+        BootstrapSettings { resamples: 2000, confidence: 0.95, seed: 1 };
+
+    /// `n` samples around `center` with a spread of about ±10 %.
+    fn noisy(center: f64, n: usize, seed: u64) -> Vec<f64> {
+        let mut rng = SplitMix64(seed);
+        (0..n).map(|_| center * (0.9 + 0.2 * (rng.next() as f64 / u64::MAX as f64))).collect()
+    }
+
+    #[test]
+    fn bootstrap_of_identical_samples_is_exactly_one() {
+        let samples = noisy(1e6, 10, 7);
+        let estimates =
+            bootstrap_ratios(&samples, &samples, &[50.0, 99.0], SETTINGS).expect("samples");
+        assert_eq!(estimates[0].ratio, 1.0);
+        assert_eq!(estimates[1].ratio, 1.0);
+        // Resampling still varies; the interval straddles 1.
+        assert!(estimates[0].low < 1.0 && estimates[0].high > 1.0, "{:?}", estimates[0]);
+        let constant = [5e5; 4];
+        let flat = bootstrap_ratios(&constant, &constant, &[50.0], SETTINGS).expect("samples");
+        assert_eq!((flat[0].low, flat[0].ratio, flat[0].high), (1.0, 1.0, 1.0));
+    }
+
+    #[test]
+    fn bootstrap_is_reproducible() {
+        let (a, b) = (noisy(1e6, 10, 1), noisy(1.1e6, 10, 2));
+        let once = bootstrap_ratios(&a, &b, &[50.0, 99.0], SETTINGS);
+        assert!(once.is_some());
+        assert_eq!(once, bootstrap_ratios(&a, &b, &[50.0, 99.0], SETTINGS));
+    }
+
+    #[test]
+    fn bootstrap_interval_covers_the_true_ratio() {
+        // Two draws from distributions whose medians differ by exactly 1.3:
+        // the 95 % interval should hold 1.3 in about 95 of 100 trials.
+        let trials = 100;
+        let covered = (0..trials)
+            .filter(|&trial| {
+                let base = noisy(1e6, 30, 1000 + trial);
+                let new = noisy(1.3e6, 30, 2000 + trial);
+                let estimate = bootstrap_ratios(&base, &new, &[50.0], SETTINGS).expect("samples");
+                estimate[0].low <= 1.3 && 1.3 <= estimate[0].high
+            })
+            .count();
+        assert!(covered >= 85, "the interval covered the true ratio in {covered} of {trials}");
+        // And it is informative: shifted samples never straddle 1.
+        let estimate =
+            bootstrap_ratios(&noisy(1e6, 30, 5), &noisy(1.3e6, 30, 6), &[50.0, 99.0], SETTINGS)
+                .expect("samples");
+        assert!(estimate.iter().all(|e| e.low > 1.1), "{estimate:?}");
+    }
+
+    #[test]
+    fn bootstrap_ratio_of_zero_base_and_no_samples() {
+        let zero = bootstrap_ratios(&[0.0, 0.0], &[0.0, 0.0], &[50.0], SETTINGS).expect("samples");
+        assert_eq!(zero[0].ratio, 1.0);
+        let grown = bootstrap_ratios(&[0.0, 0.0], &[3.0, 3.0], &[50.0], SETTINGS).expect("samples");
+        assert_eq!(grown[0].low, f64::INFINITY);
+        assert_eq!(bootstrap_ratios(&[], &[1.0], &[50.0], SETTINGS), None);
     }
 
     #[test]

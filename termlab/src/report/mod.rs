@@ -5,6 +5,7 @@
 //! can never disagree about a number.
 
 mod bench;
+mod compare;
 mod document;
 pub mod plot;
 
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+pub use compare::compare_document;
 pub use document::{Block, Document};
 
 use crate::results::{write_atomically, ResultsError, RunResult, StepRecord, IPI_RTT_METRIC};
@@ -284,17 +286,53 @@ fn run_label(result: &RunResult) -> String {
     )
 }
 
-/// Loads the runs in `dirs`, regenerates each one's report, and returns the
-/// runs with their directories.
-pub fn regenerate(dirs: &[PathBuf]) -> Result<Vec<RunResult>, ReportError> {
-    let mut runs = Vec::new();
+/// What `termlab report` found in one directory.
+pub enum Regenerated {
+    /// A `termlab run` directory (result.json).
+    Run(Box<RunResult>),
+    /// A `termlab bench` directory (bench.json).
+    Bench,
+}
+
+/// Regenerates the report of each directory in `dirs` (a run's result.json
+/// or a benchmark's bench.json) from its raw numbers, after migrating an
+/// older schema version; with `save_migrated`, a file of an older schema
+/// version is also rewritten in today's. Returns what each directory held.
+pub fn regenerate(dirs: &[PathBuf], save_migrated: bool) -> Result<Vec<Regenerated>, ReportError> {
+    let mut regenerated = Vec::new();
     for dir in dirs {
-        let mut result = RunResult::load(dir)?;
-        result.summarize();
-        write_run_report(&result, dir)?;
-        runs.push(result);
+        let is_bench = !dir.join(crate::results::RESULT_FILE).exists()
+            && dir.join(crate::bench::BENCH_FILE).exists();
+        if is_bench {
+            let (result, version) = crate::bench::BenchResult::load_with_version(dir)?;
+            if save_migrated && version != crate::bench::SCHEMA_VERSION {
+                result.save(dir)?;
+            }
+            write_bench_report(&result, dir)?;
+            regenerated.push(Regenerated::Bench);
+        } else {
+            let (mut result, version) = RunResult::load_with_version(dir)?;
+            result.summarize();
+            if save_migrated && version != crate::results::SCHEMA_VERSION {
+                result.save(dir)?;
+            }
+            write_run_report(&result, dir)?;
+            regenerated.push(Regenerated::Run(Box::new(result)));
+        }
     }
-    Ok(runs)
+    Ok(regenerated)
+}
+
+/// One metric's CDFs of several runs on shared axes, as
+/// `compare-<metric>-cdf.svg`; `samples` holds (run label, values).
+fn overlaid_cdf_figure(metric: &str, samples: &[(String, Vec<f64>)]) -> Result<Block, ReportError> {
+    let series: Vec<Series<'_>> =
+        samples.iter().map(|(label, values)| Series { label, samples_ns: values }).collect();
+    Ok(Block::Figure {
+        file_name: format!("compare-{metric}-cdf.svg"),
+        caption: format!("{metric}: cumulative distribution per run"),
+        svg: plot::cdf_svg(&format!("{metric}: CDF"), &series)?,
+    })
 }
 
 /// Several runs side by side: each metric's percentiles per run, every
@@ -391,14 +429,7 @@ pub fn comparison_document(runs: &[RunResult]) -> Result<Document, ReportError> 
                     .map(|(_, values)| (label.clone(), values))
             })
             .collect();
-        let series: Vec<Series<'_>> =
-            samples.iter().map(|(label, values)| Series { label, samples_ns: values }).collect();
-        let svg = plot::cdf_svg(&format!("{metric}: CDF"), &series)?;
-        doc.push(Block::Figure {
-            file_name: format!("compare-{metric}-cdf.svg"),
-            caption: format!("{metric}: cumulative distribution per run"),
-            svg,
-        });
+        doc.push(overlaid_cdf_figure(metric, &samples)?);
     }
 
     doc.push(Block::Heading("Environment".into()));
