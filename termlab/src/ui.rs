@@ -180,29 +180,66 @@ impl ProgressSink for ProgressPrinter {
                 Progress::StepSlow { .. } | Progress::ConsoleLine { .. } => {}
             }
         } else if self.ui.plain_progress {
-            let line = match event {
-                Progress::Booting { scenario, kernel, vcpus } => {
-                    format!("[{scenario}] booting the {kernel} kernel ({vcpus} vCPUs)")
-                }
-                Progress::Booted { scenario, took, repetitions } => {
-                    format!(
-                        "[{scenario}] guest up in {}; {repetitions} repetition(s)",
-                        seconds(*took)
-                    )
-                }
-                Progress::RepetitionDone { scenario, number, of, took, elapsed } => format!(
-                    "[{scenario}] rep {number}/{of} done in {} (elapsed {})",
-                    seconds(*took),
-                    seconds(*elapsed)
-                ),
-                Progress::StepSlow { scenario, repetition, of, step, took, elapsed } => format!(
-                    "[{scenario}] rep {repetition}/{of}: {step} took {} (elapsed {})",
-                    seconds(*took),
-                    seconds(*elapsed)
-                ),
-                Progress::ConsoleLine { .. } => return,
-            };
-            self.line(&line);
+            if let Some(line) = plain_line(event) {
+                self.line(&line);
+            }
         }
+    }
+}
+
+/// An event as one line of a plain log (None for console lines, which
+/// `--console` prints with their own prefix).
+pub fn plain_line(event: &Progress<'_>) -> Option<String> {
+    Some(match event {
+        Progress::Booting { scenario, kernel, vcpus } => {
+            format!("[{scenario}] booting the {kernel} kernel ({vcpus} vCPUs)")
+        }
+        Progress::Booted { scenario, took, repetitions } => {
+            format!("[{scenario}] guest up in {}; {repetitions} repetition(s)", seconds(*took))
+        }
+        Progress::RepetitionDone { scenario, number, of, took, elapsed } => format!(
+            "[{scenario}] rep {number}/{of} done in {} (elapsed {})",
+            seconds(*took),
+            seconds(*elapsed)
+        ),
+        Progress::StepSlow { scenario, repetition, of, step, took, elapsed } => format!(
+            "[{scenario}] rep {repetition}/{of}: {step} took {} (elapsed {})",
+            seconds(*took),
+            seconds(*elapsed)
+        ),
+        Progress::ConsoleLine { .. } => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_progress_lines_name_the_scenario_and_the_elapsed_time() {
+        let done = Progress::RepetitionDone {
+            scenario: "loops",
+            number: 2,
+            of: 3,
+            took: Duration::from_millis(4100),
+            elapsed: Duration::from_millis(31_240),
+        };
+        assert_eq!(
+            plain_line(&done).as_deref(),
+            Some("[loops] rep 2/3 done in 4.1 s (elapsed 31.2 s)")
+        );
+        let slow = Progress::StepSlow {
+            scenario: "control",
+            repetition: 1,
+            of: 5,
+            step: "trigger `run`",
+            took: Duration::from_secs(6),
+            elapsed: Duration::from_secs(40),
+        };
+        assert_eq!(
+            plain_line(&slow).as_deref(),
+            Some("[control] rep 1/5: trigger `run` took 6.0 s (elapsed 40.0 s)")
+        );
+        assert_eq!(plain_line(&Progress::ConsoleLine { scenario: "x", line: "y" }), None);
     }
 }
