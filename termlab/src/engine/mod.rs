@@ -206,8 +206,13 @@ pub fn run_scenario(
     let console_log = dir.join(results::CONSOLE_FILE);
     let system_map = kernel.dir.join("System.map");
     let run = Run { loaded, repetitions, options, ui, progress, began, dir: &dir };
-    let outcome =
-        boot_and_measure(&run, &kernel.bzimage, &system_map, &initramfs, &console_log, &mut result);
+    let files = GuestFiles {
+        kernel: &kernel.bzimage,
+        system_map: &system_map,
+        initramfs: &initramfs,
+        console_log: &console_log,
+    };
+    let outcome = boot_and_measure(&run, &files, &mut result);
     // Ctrl-C during a request surfaces as that request's error (EINTR):
     // name the real cause.
     let outcome = match outcome {
@@ -247,31 +252,30 @@ fn termlab_vmm_version() -> String {
     env!("CARGO_PKG_VERSION").to_owned()
 }
 
+/// The host files of one guest: what it boots, and where its console goes.
+#[derive(Clone, Copy)]
+struct GuestFiles<'a> {
+    kernel: &'a Path,
+    system_map: &'a Path,
+    initramfs: &'a Path,
+    console_log: &'a Path,
+}
+
 /// Boots, measures and stops the VM; with `stream_console`, a thread
 /// follows the console log meanwhile (from the first boot message on).
 fn boot_and_measure(
     run: &Run<'_>,
-    kernel: &Path,
-    system_map: &Path,
-    initramfs: &Path,
-    console_log: &Path,
+    files: &GuestFiles<'_>,
     result: &mut RunResult,
 ) -> Result<(), EngineError> {
     let console_done = AtomicBool::new(false);
     std::thread::scope(|scope| {
         if run.options.stream_console {
             let name = run.loaded.name.as_str();
+            let console_log = files.console_log;
             scope.spawn(|| follow_console(console_log, &console_done, name, run.progress));
         }
-        let outcome = boot_measure_and_stop(
-            run,
-            kernel,
-            system_map,
-            initramfs,
-            console_log,
-            result,
-            &console_done,
-        );
+        let outcome = boot_measure_and_stop(run, files, result, &console_done);
         console_done.store(true, Ordering::Relaxed);
         outcome
     })
@@ -309,14 +313,12 @@ fn follow_console(console_log: &Path, done: &AtomicBool, scenario: &str, sink: &
 
 fn boot_measure_and_stop(
     run: &Run<'_>,
-    kernel: &Path,
-    system_map: &Path,
-    initramfs: &Path,
-    console_log: &Path,
+    files: &GuestFiles<'_>,
     result: &mut RunResult,
     console_done: &AtomicBool,
 ) -> Result<(), EngineError> {
     let (loaded, options, ui) = (run.loaded, run.options, run.ui);
+    let GuestFiles { kernel, system_map, initramfs, console_log } = *files;
     let scenario = &loaded.scenario;
     let booting = Instant::now();
     run.progress.event(&Progress::Booting {
