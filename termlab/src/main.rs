@@ -360,9 +360,23 @@ fn run(
         prepare_initramfs(ui, &root, &kernel)?;
     }
 
+    let nesting_began = SystemTime::now();
     options.nested = match kvm_plan(ui, mode)? {
         KvmPlan::RunHere { nested } => nested,
-        KvmPlan::RanInL1 { exit_code } => return ran_in_l1(ui, exit_code),
+        KvmPlan::RanInL1 { exit_code } => {
+            let outcome = ran_in_l1(ui, exit_code);
+            return match outputs.junit.as_deref() {
+                Some(file) if !written_since(file, nesting_began) => {
+                    let class = outcome.err().map_or(ExitClass::Pass, |Failed(c)| c);
+                    Err(fail(
+                        ui,
+                        class.combine(ExitClass::Infrastructure),
+                        format!("the run in the L1 VM did not write --junit {}: L1 sees the host's files except /tmp, which is its own; give a path outside /tmp", file.display()),
+                    ))
+                }
+                _ => outcome,
+            };
+        }
     };
     engine::install_interrupt_handler();
     let printer = ProgressPrinter::new(ui, options.stream_console);
@@ -475,6 +489,11 @@ fn scenario_report<'a>(
         }),
         error: error.map(|e| RunError { class: e.exit_class(), message: e.to_string() }),
     }
+}
+
+/// Whether `file` was written at or after `since`.
+fn written_since(file: &Path, since: SystemTime) -> bool {
+    std::fs::metadata(file).and_then(|m| m.modified()).is_ok_and(|modified| modified >= since)
 }
 
 /// Writes the JUnit file when asked for; failing to is infrastructure.
