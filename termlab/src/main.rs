@@ -4,22 +4,28 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Instant, SystemTime};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use regex::Regex;
 use termlab::bench::BenchOptions;
-use termlab::engine::{self, BootSpec, Guest, RunOptions};
+use termlab::engine::{self, BootSpec, EngineError, Guest, RunOptions, ScenarioRun};
+use termlab::exit::{Classify, ExitClass, EXIT_CODES_HELP};
 use termlab::guest_image::{self, repository_root};
+use termlab::junit::{self, RunError, ScenarioReport};
 use termlab::report;
 use termlab::results::RunResult;
 use termlab::scenario::{self, KernelVariant, LoadedScenario};
-use termlab::ui::Ui;
+use termlab::selection::{self, Shard};
+use termlab::ui::{ProgressPrinter, Ui};
 use termlab_nested::{KvmPlan, NestedMode};
 
 #[derive(Parser)]
 #[command(
     name = "termlab",
     version,
-    about = "Stop running eBPF programs on demand in a Linux 6.12 guest, and prove it from outside"
+    about = "Stop running eBPF programs on demand in a Linux 6.12 guest, and prove it from outside",
+    after_help = EXIT_CODES_HELP
 )]
 struct Cli {
     /// No progress output; only results and errors.
@@ -33,10 +39,22 @@ struct Cli {
 enum Command {
     /// Run scenarios: boot the guest, execute the steps, measure, write results/.
     /// Exits 0 only if every expectation of every scenario holds.
+    #[command(after_help = EXIT_CODES_HELP)]
     Run {
         /// Scenario files (scenarios/*.toml).
         #[arg(required = true)]
         scenarios: Vec<PathBuf>,
+        #[command(flatten)]
+        selection: Selection,
+        /// Also write the run as JUnit XML to FILE: one testsuite per scenario, one testcase
+        /// per expectation (failures with what was observed), the guest console's end as
+        /// system-out, and a `run` testcase with an error when a scenario stopped early.
+        #[arg(long, value_name = "FILE")]
+        junit: Option<PathBuf>,
+        /// Stream the guest serial console to stderr while it runs, each line prefixed
+        /// `console| `.
+        #[arg(long)]
+        console: bool,
         /// Repetitions per scenario, instead of the file's `repetitions`.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         repeat: Option<u32>,
@@ -110,9 +128,15 @@ enum Command {
         out: Option<PathBuf>,
     },
     /// List scenarios with their one-line descriptions.
+    #[command(after_help = EXIT_CODES_HELP)]
     List {
         #[arg(default_value = "scenarios")]
         dir: PathBuf,
+        #[command(flatten)]
+        selection: Selection,
+        /// A JSON array on stdout: name, path, description, repetitions, kernel, vcpus.
+        #[arg(long)]
+        json: bool,
     },
     /// Benchmark: termination latency (per case, depth, CPUs) as ratios to a bare IPI,
     /// fast-path overhead and load cost against the kernel built without the feature;
@@ -136,6 +160,24 @@ enum Command {
         #[arg(long, default_value = "results")]
         results: PathBuf,
     },
+}
+
+/// Which of the given scenarios to work on (for CI matrices).
+#[derive(Args)]
+struct Selection {
+    /// Only scenarios whose name (file stem) matches this regular expression.
+    #[arg(long, value_name = "REGEX")]
+    filter: Option<Regex>,
+    /// Only the I-th of N shards (1-based): the scenarios, sorted by name, go round-robin
+    /// to the shards, so N jobs given the same files run each scenario exactly once.
+    #[arg(long, value_name = "I/N")]
+    shard: Option<Shard>,
+}
+
+impl Selection {
+    fn apply(&self, scenarios: Vec<LoadedScenario>) -> Result<Vec<LoadedScenario>, String> {
+        selection::select(scenarios, self.filter.as_ref(), self.shard).map_err(|e| e.to_string())
+    }
 }
 
 #[derive(Subcommand)]
@@ -181,17 +223,41 @@ impl From<Variant> for KernelVariant {
     }
 }
 
-/// A failure already explained to the user, with the exit code to use.
-struct Failed(u8);
+/// A failure already explained to the user, with its class (the exit code).
+struct Failed(ExitClass);
+
+/// What `termlab run` does besides running: output and selection.
+struct RunOutputs {
+    json: bool,
+    junit: Option<PathBuf>,
+    selection: Selection,
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let ui = Ui::new(cli.quiet);
     let outcome = match cli.command {
-        Command::Run { scenarios, repeat, json, keep_vm, nested, results, kernel_dir } => {
-            let options =
-                RunOptions { repeat, keep_vm, results_root: results, nested: false, kernel_dir };
-            run(ui, &scenarios, options, json, nested.into())
+        Command::Run {
+            scenarios,
+            selection,
+            junit,
+            console,
+            repeat,
+            json,
+            keep_vm,
+            nested,
+            results,
+            kernel_dir,
+        } => {
+            let options = RunOptions {
+                repeat,
+                keep_vm,
+                results_root: results,
+                nested: false,
+                kernel_dir,
+                stream_console: console,
+            };
+            run(ui, &scenarios, options, RunOutputs { json, junit, selection }, nested.into())
         }
         Command::Kernel { command: KernelCommand::Build { variant } } => {
             kernel_build(ui, variant.into())
@@ -203,7 +269,7 @@ fn main() -> ExitCode {
         Command::Compare { base, new, threshold, metrics, out } => {
             compare_command(ui, &base, &new, threshold, &metrics, out)
         }
-        Command::List { dir } => list(ui, &dir),
+        Command::List { dir, selection, json } => list(ui, &dir, &selection, json),
         Command::Bench { iterations, rounds, load_sizes, quick, nested, results } => {
             let options = if quick {
                 BenchOptions {
@@ -227,13 +293,19 @@ fn main() -> ExitCode {
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failed(code)) => ExitCode::from(code),
+        Err(Failed(class)) => ExitCode::from(class.code()),
     }
 }
 
-fn fail(ui: Ui, message: impl std::fmt::Display) -> Failed {
+/// Shows `message` as an error and fails with `class`.
+fn fail(ui: Ui, class: ExitClass, message: impl std::fmt::Display) -> Failed {
     ui.error(&message.to_string());
-    Failed(1)
+    Failed(class)
+}
+
+/// Shows `error` and fails with its own class.
+fn fail_with<E: Classify + std::fmt::Display>(ui: Ui, error: E) -> Failed {
+    fail(ui, error.exit_class(), error)
 }
 
 /// Where the VM will run: here, or (after re-running this very command
@@ -245,23 +317,131 @@ fn kvm_plan(ui: Ui, mode: NestedMode) -> Result<KvmPlan, Failed> {
         *first = exe.into_os_string();
     }
     termlab_nested::ensure_real_kvm_or_reexec(mode, &argv).map_err(|error| {
-        if let termlab_nested::NestedError::Interrupted(_) = error {
-            ui.error(&format!("interrupted: {error}"));
-            return Failed(EXIT_INTERRUPTED);
+        let class = error.exit_class();
+        if class == ExitClass::Interrupted {
+            return fail(ui, class, format!("interrupted: {error}"));
         }
-        fail(ui, format!("{error}\nhint: this host's /dev/kvm cannot run a Linux guest; use `--nested auto` (the default) or `--nested always` to run inside a nested L1 VM"))
+        fail(ui, class, format!("{error}\nhint: this host's /dev/kvm cannot run a Linux guest; use `--nested auto` (the default) or `--nested always` to run inside a nested L1 VM"))
     })
+}
+
+/// The outcome of the same command run inside the L1 VM, by its exit code.
+fn ran_in_l1(ui: Ui, exit_code: i32) -> Result<(), Failed> {
+    let class = ExitClass::from_code(exit_code);
+    if i32::from(class.code()) != exit_code {
+        ui.error(&format!(
+            "the command inside the L1 VM ended with status {exit_code}, which termlab never gives: treated as an infrastructure failure"
+        ));
+    }
+    match class {
+        ExitClass::Pass => Ok(()),
+        class => Err(Failed(class)),
+    }
 }
 
 fn run(
     ui: Ui,
     paths: &[PathBuf],
     mut options: RunOptions,
-    json: bool,
+    outputs: RunOutputs,
     mode: NestedMode,
 ) -> Result<(), Failed> {
-    // Every scenario is checked, and every kernel it needs found, before
-    // anything boots (or nests).
+    // Every scenario is checked, every path and kernel it needs found,
+    // before anything boots (or nests).
+    let loaded = load_scenarios(ui, paths)?;
+    if let Some(dir) = &options.kernel_dir {
+        if !dir.is_dir() {
+            return Err(fail(
+                ui,
+                ExitClass::Usage,
+                format!("--kernel-dir {}: no such directory", dir.display()),
+            ));
+        }
+    }
+    if let Some(file) = &outputs.junit {
+        let parent = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !parent.is_dir() {
+            return Err(fail(
+                ui,
+                ExitClass::Usage,
+                format!(
+                    "--junit {}: the directory {} does not exist",
+                    file.display(),
+                    parent.display()
+                ),
+            ));
+        }
+    }
+    let selected = outputs.selection.apply(loaded).map_err(|e| fail(ui, ExitClass::Usage, e))?;
+    if selected.is_empty() {
+        // A CI matrix may have more shards than scenarios.
+        ui.say("no scenario is in this shard; nothing to run");
+        return write_junit(ui, outputs.junit.as_deref(), &[]);
+    }
+    let root = repository_root().map_err(|e| fail_with(ui, e))?;
+    for scenario in &selected {
+        let kernel = guest_image::resolve_kernel(
+            &root,
+            scenario.scenario.vm.kernel,
+            options.kernel_dir.as_deref(),
+        )
+        .map_err(|e| fail_with(ui, e))?;
+        // Built here, before any nesting: compiling inside the emulated L1
+        // VM takes minutes, finding the cached image there takes seconds.
+        prepare_initramfs(ui, &root, &kernel)?;
+    }
+
+    let nesting_began = SystemTime::now();
+    options.nested = match kvm_plan(ui, mode)? {
+        KvmPlan::RunHere { nested } => nested,
+        KvmPlan::RanInL1 { exit_code } => {
+            let outcome = ran_in_l1(ui, exit_code);
+            return match outputs.junit.as_deref() {
+                Some(file) if !written_since(file, nesting_began) => {
+                    let class = outcome.err().map_or(ExitClass::Pass, |Failed(c)| c);
+                    Err(fail(
+                        ui,
+                        class.combine(ExitClass::Infrastructure),
+                        format!("the run in the L1 VM did not write --junit {}: L1 sees the host's files except /tmp, which is its own; give a path outside /tmp", file.display()),
+                    ))
+                }
+                _ => outcome,
+            };
+        }
+    };
+    engine::install_interrupt_handler();
+    let printer = ProgressPrinter::new(ui, options.stream_console);
+    let mut class = ExitClass::Pass;
+    let mut finished = Vec::new();
+    for scenario in &selected {
+        ui.say(&format!("== {}: {}", scenario.name, scenario.scenario.description));
+        let began = Instant::now();
+        let run = engine::run_scenario(&root, scenario, &options, ui, &printer);
+        printer.clear();
+        class = class.combine(report_run(ui, scenario, &run, outputs.json));
+        finished.push((scenario, run, began.elapsed().as_secs_f64()));
+        if engine::interrupted() {
+            break;
+        }
+    }
+    let reports: Vec<ScenarioReport<'_>> = finished
+        .iter()
+        .map(|(scenario, run, seconds)| scenario_report(scenario, run, *seconds))
+        .collect();
+    if let Err(Failed(junit_class)) = write_junit(ui, outputs.junit.as_deref(), &reports) {
+        class = class.combine(junit_class);
+    }
+    if engine::interrupted() {
+        class = class.combine(ExitClass::Interrupted);
+    }
+    match class {
+        ExitClass::Pass => Ok(()),
+        class => Err(Failed(class)),
+    }
+}
+
+/// Loads every file (each error shown); any invalid one is a usage error.
+fn load_scenarios(ui: Ui, paths: &[PathBuf]) -> Result<Vec<LoadedScenario>, Failed> {
     let mut loaded = Vec::new();
     let mut invalid = 0;
     for path in paths {
@@ -274,70 +454,88 @@ fn run(
         }
     }
     if invalid > 0 {
-        return Err(fail(ui, format!("{invalid} scenario file(s) are invalid; nothing was run")));
+        return Err(fail(
+            ui,
+            ExitClass::Usage,
+            format!("{invalid} scenario file(s) are invalid; nothing was run"),
+        ));
     }
-    let root = repository_root().map_err(|e| fail(ui, e))?;
-    for scenario in &loaded {
-        let kernel = guest_image::resolve_kernel(
-            &root,
-            scenario.scenario.vm.kernel,
-            options.kernel_dir.as_deref(),
-        )
-        .map_err(|e| fail(ui, e))?;
-        // Built here, before any nesting: compiling inside the emulated L1
-        // VM takes minutes, finding the cached image there takes seconds.
-        prepare_initramfs(ui, &root, &kernel)?;
-    }
+    Ok(loaded)
+}
 
-    options.nested = match kvm_plan(ui, mode)? {
-        KvmPlan::RunHere { nested } => nested,
-        KvmPlan::RanInL1 { exit_code } => {
-            return if exit_code == 0 {
-                Ok(())
-            } else {
-                Err(Failed(u8::try_from(exit_code).unwrap_or(1)))
+/// Prints one scenario's verdicts or error; returns its class.
+fn report_run(
+    ui: Ui,
+    scenario: &LoadedScenario,
+    run: &Result<ScenarioRun, EngineError>,
+    json: bool,
+) -> ExitClass {
+    let error = match run {
+        Ok(ScenarioRun { result, dir, outcome }) => {
+            if outcome.is_ok() {
+                print_outcome(ui, result, dir, json);
+                return if result.all_expectations_passed() {
+                    ExitClass::Pass
+                } else {
+                    ExitClass::Finding
+                };
             }
+            outcome.as_ref().err()
         }
+        Err(error) => Some(error),
     };
-    engine::install_interrupt_handler();
-    let mut all_passed = true;
-    for scenario in &loaded {
-        all_passed &= run_one(ui, &root, scenario, &options, json);
-        if engine::interrupted() {
-            break;
+    match error {
+        Some(error) => {
+            let class = error.exit_class();
+            ui.error(&format!("{}: {error}", scenario.name));
+            ui.say(&format!("  ({}: exit class {})", scenario.name, class.name()));
+            class
         }
-    }
-    if engine::interrupted() {
-        Err(Failed(EXIT_INTERRUPTED))
-    } else if all_passed {
-        Ok(())
-    } else {
-        Err(Failed(1))
+        None => ExitClass::Pass,
     }
 }
 
-/// Exit status after Ctrl-C or SIGTERM (128 + SIGINT, as shells report it).
-const EXIT_INTERRUPTED: u8 = 130;
-
-/// Runs one scenario and prints its verdicts; true when everything held.
-fn run_one(
-    ui: Ui,
-    root: &Path,
-    scenario: &LoadedScenario,
-    options: &RunOptions,
-    json: bool,
-) -> bool {
-    ui.say(&format!("== {}: {}", scenario.name, scenario.scenario.description));
-    match engine::run_scenario(root, scenario, options, ui) {
-        Ok((result, dir)) => {
-            print_outcome(ui, &result, &dir, json);
-            result.all_expectations_passed()
+fn scenario_report<'a>(
+    scenario: &'a LoadedScenario,
+    run: &'a Result<ScenarioRun, EngineError>,
+    seconds: f64,
+) -> ScenarioReport<'a> {
+    let (result, dir, error) = match run {
+        Ok(ScenarioRun { result, dir, outcome }) => {
+            (Some(result), Some(dir.as_path()), outcome.as_ref().err())
         }
-        Err(error) => {
-            ui.error(&format!("{}: {error}", scenario.name));
-            false
-        }
+        Err(error) => (None, None, Some(error)),
+    };
+    ScenarioReport {
+        name: &scenario.name,
+        path: &scenario.path,
+        result,
+        dir,
+        seconds,
+        console_tail: dir.map_or_else(Vec::new, |dir| {
+            engine::console_last_lines(
+                &dir.join(termlab::results::CONSOLE_FILE),
+                junit::CONSOLE_TAIL_LINES,
+            )
+        }),
+        error: error.map(|e| RunError { class: e.exit_class(), message: e.to_string() }),
     }
+}
+
+/// Whether `file` was written at or after `since`.
+fn written_since(file: &Path, since: SystemTime) -> bool {
+    std::fs::metadata(file).and_then(|m| m.modified()).is_ok_and(|modified| modified >= since)
+}
+
+/// Writes the JUnit file when asked for; failing to is infrastructure.
+fn write_junit(ui: Ui, file: Option<&Path>, reports: &[ScenarioReport<'_>]) -> Result<(), Failed> {
+    let Some(file) = file else { return Ok(()) };
+    let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let hostname = termlab::environment::host_info().hostname;
+    let xml = junit::junit_xml(reports, &now, &hostname);
+    junit::write_junit(file, &xml).map_err(|e| fail_with(ui, e))?;
+    ui.say(&format!("JUnit report written to {}", file.display()));
+    Ok(())
 }
 
 fn print_outcome(ui: Ui, result: &RunResult, dir: &Path, json: bool) {
@@ -392,20 +590,22 @@ fn print_outcome(ui: Ui, result: &RunResult, dir: &Path, json: bool) {
 }
 
 fn kernel_build(ui: Ui, variant: KernelVariant) -> Result<(), Failed> {
-    let root = repository_root().map_err(|e| fail(ui, e))?;
+    let root = repository_root().map_err(|e| fail_with(ui, e))?;
     let mut command = std::process::Command::new(root.join("guest-kernel/build"));
     command.args(["--variant", variant.as_str()]);
     if ui.is_quiet() {
         command.arg("--quiet");
     }
     // The build script prints its own progress on stderr and the output directory on stdout.
-    let status =
-        command.status().map_err(|e| fail(ui, format!("cannot run guest-kernel/build: {e}")))?;
+    let status = command.status().map_err(|e| {
+        fail(ui, ExitClass::Infrastructure, format!("cannot run guest-kernel/build: {e}"))
+    })?;
     if status.success() {
         Ok(())
     } else {
         Err(fail(
             ui,
+            ExitClass::Infrastructure,
             format!(
                 "guest-kernel/build --variant {} failed ({status}); its log is named above",
                 variant.as_str()
@@ -421,21 +621,16 @@ fn boot(
     memory_mib: u32,
     mode: NestedMode,
 ) -> Result<(), Failed> {
-    let root = repository_root().map_err(|e| fail(ui, e))?;
-    let kernel = guest_image::find_kernel(&root, variant).map_err(|e| fail(ui, e))?;
+    let root = repository_root().map_err(|e| fail_with(ui, e))?;
+    let kernel = guest_image::find_kernel(&root, variant).map_err(|e| fail_with(ui, e))?;
     let initramfs = prepare_initramfs(ui, &root, &kernel)?;
     if let KvmPlan::RanInL1 { exit_code } = kvm_plan(ui, mode)? {
-        return if exit_code == 0 {
-            Ok(())
-        } else {
-            Err(Failed(u8::try_from(exit_code).unwrap_or(1)))
-        };
+        return ran_in_l1(ui, exit_code);
     }
     engine::install_interrupt_handler();
-    let console = tempfile::Builder::new()
-        .prefix("termlab-console.")
-        .tempfile()
-        .map_err(|e| fail(ui, format!("cannot create a console log: {e}")))?;
+    let console = tempfile::Builder::new().prefix("termlab-console.").tempfile().map_err(|e| {
+        fail(ui, ExitClass::Infrastructure, format!("cannot create a console log: {e}"))
+    })?;
     let guest = Guest::boot(BootSpec {
         kernel: &kernel.bzimage,
         initramfs: &initramfs,
@@ -444,29 +639,27 @@ fn boot(
         console_log: console.path().to_owned(),
         console_stdin: true,
     })
-    .map_err(|e| fail(ui, e))?;
+    .map_err(|e| fail_with(ui, e))?;
     engine::interactive_console(guest, console.path(), ui);
     Ok(())
 }
 
 fn bench(ui: Ui, mut options: BenchOptions, mode: NestedMode) -> Result<(), Failed> {
-    let root = repository_root().map_err(|e| fail(ui, e))?;
+    let root = repository_root().map_err(|e| fail_with(ui, e))?;
     let patched =
-        guest_image::find_kernel(&root, KernelVariant::Default).map_err(|e| fail(ui, e))?;
+        guest_image::find_kernel(&root, KernelVariant::Default).map_err(|e| fail_with(ui, e))?;
     let baseline = guest_image::find_kernel(&root, KernelVariant::Noterm).map_err(|e| {
-        fail(ui, format!("{e}\nhint: the baseline is `termlab kernel build --variant noterm`"))
+        fail(
+            ui,
+            e.exit_class(),
+            format!("{e}\nhint: the baseline is `termlab kernel build --variant noterm`"),
+        )
     })?;
     let patched_image = prepare_initramfs(ui, &root, &patched)?;
     let baseline_image = prepare_initramfs(ui, &root, &baseline)?;
     options.nested = match kvm_plan(ui, mode)? {
         KvmPlan::RunHere { nested } => nested,
-        KvmPlan::RanInL1 { exit_code } => {
-            return if exit_code == 0 {
-                Ok(())
-            } else {
-                Err(Failed(u8::try_from(exit_code).unwrap_or(1)))
-            }
-        }
+        KvmPlan::RanInL1 { exit_code } => return ran_in_l1(ui, exit_code),
     };
     engine::install_interrupt_handler();
     let (_, dir) = termlab::bench::run(
@@ -475,7 +668,7 @@ fn bench(ui: Ui, mut options: BenchOptions, mode: NestedMode) -> Result<(), Fail
         &options,
         ui,
     )
-    .map_err(|e| fail(ui, e))?;
+    .map_err(|e| fail_with(ui, e))?;
     if let Ok(markdown) = std::fs::read_to_string(dir.join(report::MARKDOWN_FILE)) {
         print!("{markdown}");
     }
@@ -491,11 +684,21 @@ fn prepare_initramfs(
     let spinner = ui.spinner("preparing the initramfs");
     let image = guest_image::initramfs(root, kernel);
     spinner.finish_and_clear();
-    image.map_err(|e| fail(ui, e))
+    image.map_err(|e| fail_with(ui, e))
 }
 
 fn report_command(ui: Ui, dirs: &[PathBuf], out: &Path, migrate: bool) -> Result<(), Failed> {
-    let regenerated = report::regenerate(dirs, migrate).map_err(|e| fail(ui, e))?;
+    if let Some(missing) = dirs.iter().find(|dir| !dir.is_dir()) {
+        return Err(fail(
+            ui,
+            ExitClass::Usage,
+            format!("{}: no such directory", missing.display()),
+        ));
+    }
+    // A result directory that exists but cannot be read back (a schema no migration reaches,
+    // a damaged file) is still the caller's input: usage.
+    let regenerated =
+        report::regenerate(dirs, migrate).map_err(|e| fail(ui, ExitClass::Usage, e))?;
     for dir in dirs {
         ui.say(&format!("regenerated {}", dir.join(report::HTML_FILE).display()));
     }
@@ -507,18 +710,18 @@ fn report_command(ui: Ui, dirs: &[PathBuf], out: &Path, migrate: bool) -> Result
         })
         .collect();
     if runs.len() > 1 {
-        std::fs::create_dir_all(out)
-            .map_err(|e| fail(ui, format!("cannot create {}: {e}", out.display())))?;
-        let document = report::comparison_document(&runs).map_err(|e| fail(ui, e))?;
-        report::write_document(&document, out).map_err(|e| fail(ui, e))?;
+        std::fs::create_dir_all(out).map_err(|e| {
+            fail(ui, ExitClass::Infrastructure, format!("cannot create {}: {e}", out.display()))
+        })?;
+        let document = report::comparison_document(&runs)
+            .map_err(|e| fail(ui, ExitClass::Infrastructure, e))?;
+        report::write_document(&document, out)
+            .map_err(|e| fail(ui, ExitClass::Infrastructure, e))?;
         print!("{}", document.to_markdown());
         ui.say(&format!("comparison written to {}", out.join(report::HTML_FILE).display()));
     }
     Ok(())
 }
-
-/// `termlab compare`'s exit status for bad input.
-const EXIT_BAD_INPUT: u8 = 2;
 
 fn compare_command(
     ui: Ui,
@@ -528,10 +731,7 @@ fn compare_command(
     metrics: &[String],
     out: Option<PathBuf>,
 ) -> Result<(), Failed> {
-    let bad_input = |message: String| {
-        ui.error(&message);
-        Failed(EXIT_BAD_INPUT)
-    };
+    let bad_input = |message: String| fail(ui, ExitClass::Usage, message);
     let base = RunResult::load(base_dir).map_err(|e| bad_input(format!("base: {e}")))?;
     let new = RunResult::load(new_dir).map_err(|e| bad_input(format!("new: {e}")))?;
     let comparison = termlab::compare::compare(&base, &new, threshold_pct, metrics)
@@ -557,32 +757,52 @@ fn compare_command(
     print!("{}", document.to_markdown());
     ui.say(&format!("comparison written to {}", out.join(report::HTML_FILE).display()));
     if comparison.regressed() {
-        Err(Failed(1))
+        Err(Failed(ExitClass::Finding))
     } else {
         Ok(())
     }
 }
 
-fn list(ui: Ui, dir: &Path) -> Result<(), Failed> {
+/// One scenario as `termlab list --json` prints it.
+#[derive(serde::Serialize)]
+struct ListedScenario<'a> {
+    name: &'a str,
+    path: String,
+    description: &'a str,
+    repetitions: u32,
+    kernel: &'static str,
+    vcpus: u32,
+}
+
+fn list(ui: Ui, dir: &Path, selection: &Selection, json: bool) -> Result<(), Failed> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| fail(ui, format!("cannot read {}: {e}", dir.display())))?
+        .map_err(|e| fail(ui, ExitClass::Usage, format!("cannot read {}: {e}", dir.display())))?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|path| path.extension().is_some_and(|e| e == "toml"))
         .collect();
     paths.sort();
-    let mut invalid = 0;
-    for path in &paths {
-        match scenario::load(path) {
-            Ok(loaded) => println!("{:<16} {}", loaded.name, loaded.scenario.description),
-            Err(error) => {
-                ui.error(&error.to_string());
-                invalid += 1;
-            }
+    let loaded = load_scenarios(ui, &paths)?;
+    let selected = selection.apply(loaded).map_err(|e| fail(ui, ExitClass::Usage, e))?;
+    if json {
+        let listed: Vec<ListedScenario<'_>> = selected
+            .iter()
+            .map(|s| ListedScenario {
+                name: &s.name,
+                path: s.path.display().to_string(),
+                description: &s.scenario.description,
+                repetitions: s.scenario.repetitions.get(),
+                kernel: s.scenario.vm.kernel.as_str(),
+                vcpus: s.scenario.vm.vcpus.get(),
+            })
+            .collect();
+        let text = serde_json::to_string_pretty(&listed).map_err(|e| {
+            fail(ui, ExitClass::Infrastructure, format!("cannot print the list as JSON: {e}"))
+        })?;
+        println!("{text}");
+    } else {
+        for scenario in &selected {
+            println!("{:<16} {}", scenario.name, scenario.scenario.description);
         }
     }
-    if invalid == 0 {
-        Ok(())
-    } else {
-        Err(Failed(1))
-    }
+    Ok(())
 }

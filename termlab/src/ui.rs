@@ -3,9 +3,12 @@
 //! is not a terminal.
 
 use std::io::IsTerminal;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::progress::{Progress, ProgressSink};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Ui {
@@ -14,13 +17,22 @@ pub struct Ui {
     /// Animated progress; off when quiet, and inside the nested L1 VM, whose
     /// serial console would relay every animation frame as a new line.
     progress: bool,
+    /// Progress as plain lines instead: when stderr is no terminal (a CI
+    /// log) or inside L1, unless quiet.
+    plain_progress: bool,
 }
 
 impl Ui {
     pub fn new(quiet: bool) -> Self {
         let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
-        let progress = !quiet && !termlab_nested::is_nested();
-        Ui { quiet, color: !no_color && std::io::stderr().is_terminal(), progress }
+        let terminal = std::io::stderr().is_terminal();
+        let animated = terminal && !termlab_nested::is_nested();
+        Ui {
+            quiet,
+            color: !no_color && terminal,
+            progress: !quiet && animated,
+            plain_progress: !quiet && !animated,
+        }
     }
 
     pub fn is_quiet(self) -> bool {
@@ -89,5 +101,145 @@ impl Ui {
             // indicatif hides this itself when stderr is not a terminal.
             ProgressDrawTarget::stderr()
         }
+    }
+}
+
+/// Renders the engine's [`Progress`] events on stderr (stdout stays for
+/// results and --json): a spinner and a bar on a terminal, one line per
+/// event in a plain log, and with `console` every guest console line as
+/// `console| ...` (also with --quiet: it was asked for).
+pub struct ProgressPrinter {
+    ui: Ui,
+    console: bool,
+    /// The spinner or bar on screen (animated mode only).
+    shown: Mutex<Option<ProgressBar>>,
+}
+
+/// Prefix of streamed guest console lines.
+pub const CONSOLE_PREFIX: &str = "console| ";
+
+impl ProgressPrinter {
+    pub fn new(ui: Ui, console: bool) -> ProgressPrinter {
+        ProgressPrinter { ui, console, shown: Mutex::new(None) }
+    }
+
+    /// Removes a spinner or bar left on screen (call when a scenario ends).
+    pub fn clear(&self) {
+        if let Some(shown) = self.shown().take() {
+            shown.finish_and_clear();
+        }
+    }
+
+    fn shown(&self) -> std::sync::MutexGuard<'_, Option<ProgressBar>> {
+        // A panic while printing leaves nothing inconsistent behind.
+        self.shown.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// One line on stderr, above a bar if one is shown.
+    fn line(&self, text: &str) {
+        match self.shown().as_ref() {
+            Some(shown) => shown.suspend(|| eprintln!("{text}")),
+            None => eprintln!("{text}"),
+        }
+    }
+
+    fn show(&self, replacement: Option<ProgressBar>) {
+        let mut shown = self.shown();
+        if let Some(old) = shown.take() {
+            old.finish_and_clear();
+        }
+        *shown = replacement;
+    }
+}
+
+fn seconds(duration: Duration) -> String {
+    format!("{:.1} s", duration.as_secs_f64())
+}
+
+impl ProgressSink for ProgressPrinter {
+    fn event(&self, event: &Progress<'_>) {
+        if let Progress::ConsoleLine { line, .. } = event {
+            if self.console {
+                self.line(&format!("{CONSOLE_PREFIX}{line}"));
+            }
+            return;
+        }
+        if self.ui.progress {
+            match event {
+                Progress::Booting { kernel, vcpus, .. } => {
+                    self.show(Some(self.ui.spinner(&format!("booting {kernel} ({vcpus} vCPUs)"))))
+                }
+                Progress::Booted { scenario, repetitions, .. } => {
+                    self.show(Some(self.ui.bar((*repetitions).into(), scenario)))
+                }
+                Progress::RepetitionDone { .. } => {
+                    if let Some(bar) = self.shown().as_ref() {
+                        bar.inc(1);
+                    }
+                }
+                Progress::StepSlow { .. } | Progress::ConsoleLine { .. } => {}
+            }
+        } else if self.ui.plain_progress {
+            if let Some(line) = plain_line(event) {
+                self.line(&line);
+            }
+        }
+    }
+}
+
+/// An event as one line of a plain log (None for console lines, which
+/// `--console` prints with their own prefix).
+pub fn plain_line(event: &Progress<'_>) -> Option<String> {
+    Some(match event {
+        Progress::Booting { scenario, kernel, vcpus } => {
+            format!("[{scenario}] booting the {kernel} kernel ({vcpus} vCPUs)")
+        }
+        Progress::Booted { scenario, took, repetitions } => {
+            format!("[{scenario}] guest up in {}; {repetitions} repetition(s)", seconds(*took))
+        }
+        Progress::RepetitionDone { scenario, number, of, took, elapsed } => format!(
+            "[{scenario}] rep {number}/{of} done in {} (elapsed {})",
+            seconds(*took),
+            seconds(*elapsed)
+        ),
+        Progress::StepSlow { scenario, repetition, of, step, took, elapsed } => format!(
+            "[{scenario}] rep {repetition}/{of}: {step} took {} (elapsed {})",
+            seconds(*took),
+            seconds(*elapsed)
+        ),
+        Progress::ConsoleLine { .. } => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_progress_lines_name_the_scenario_and_the_elapsed_time() {
+        let done = Progress::RepetitionDone {
+            scenario: "loops",
+            number: 2,
+            of: 3,
+            took: Duration::from_millis(4100),
+            elapsed: Duration::from_millis(31_240),
+        };
+        assert_eq!(
+            plain_line(&done).as_deref(),
+            Some("[loops] rep 2/3 done in 4.1 s (elapsed 31.2 s)")
+        );
+        let slow = Progress::StepSlow {
+            scenario: "control",
+            repetition: 1,
+            of: 5,
+            step: "trigger `run`",
+            took: Duration::from_secs(6),
+            elapsed: Duration::from_secs(40),
+        };
+        assert_eq!(
+            plain_line(&slow).as_deref(),
+            Some("[control] rep 1/5: trigger `run` took 6.0 s (elapsed 40.0 s)")
+        );
+        assert_eq!(plain_line(&Progress::ConsoleLine { scenario: "x", line: "y" }), None);
     }
 }

@@ -4,6 +4,9 @@
 //! with `cargo test -p termlab --test end_to_end -- --ignored`;
 //! TERMLAB_KERNEL_DIR picks another kernel build directory.
 
+#[path = "support/junit_schema.rs"]
+mod junit_schema;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -23,11 +26,15 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// Runs `termlab run SCENARIO --repeat 2` and returns (exit code, stdout, the run's result).
+/// Runs `termlab run SCENARIO --repeat 2 --junit RESULTS/junit.xml` and
+/// returns (exit code, stdout, the run's result); the JUnit file is checked
+/// against the schemas.
 fn run(scenario: &Path, results: &Path) -> (Option<i32>, String, RunResult) {
     let output = Command::new(env!("CARGO_BIN_EXE_termlab"))
         .current_dir(repo_root())
-        .args(["--quiet", "run", "--repeat", "2", "--results"])
+        .args(["--quiet", "run", "--repeat", "2", "--junit"])
+        .arg(junit_file(results))
+        .arg("--results")
         .arg(results)
         .arg(scenario)
         .output()
@@ -45,7 +52,13 @@ fn run(scenario: &Path, results: &Path) -> (Option<i32>, String, RunResult) {
         .expect("one run")
         .expect("readable")
         .path();
+    let junit = junit_file(results);
+    junit_schema::validate(&junit).unwrap_or_else(|e| panic!("{e}"));
     (output.status.code(), stdout, RunResult::load(&run_dir).expect("result.json loads"))
+}
+
+fn junit_file(results: &Path) -> PathBuf {
+    results.join("junit.xml")
 }
 
 #[test]
@@ -72,6 +85,17 @@ fn control_scenario_passes_and_writes_its_reports() {
     for file in ["console.log", "dmesg.txt", "report.md", "report.html", "full_run-cdf.svg"] {
         assert!(dir.join(file).is_file(), "{file} missing");
     }
+    let junit = std::fs::read_to_string(junit_file(&results)).expect("junit.xml");
+    let cases = result.expectations.len();
+    assert!(
+        junit.contains(&format!(
+            "<testsuite name=\"control\" package=\"termlab\" id=\"0\" tests=\"{cases}\" failures=\"0\" errors=\"0\""
+        )),
+        "{junit}"
+    );
+    assert_eq!(junit.matches("<testcase ").count(), cases, "{junit}");
+    // The console's end: the guest's kernel booted.
+    assert!(junit.contains("<system-out>") && junit.contains("Linux"), "{junit}");
     std::fs::remove_dir_all(results).expect("cleanup");
 }
 
@@ -98,6 +122,13 @@ fn a_broken_expectation_fails_the_run_and_is_named() {
         .find(|e| e.name.starts_with("deliberately broken"))
         .expect("present");
     assert!(!broken.passed && broken.failed_repetitions == vec![0, 1], "{broken:?}");
+    // The JUnit failure carries what was observed.
+    let junit = std::fs::read_to_string(junit_file(&results)).expect("junit.xml");
+    assert!(junit.contains("failures=\"1\" errors=\"0\""), "{junit}");
+    assert!(
+        junit.contains(&format!("observed: {}", broken.detail.replace('<', "&lt;"))),
+        "{junit}"
+    );
     assert!(result
         .expectations
         .iter()

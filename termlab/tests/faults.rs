@@ -231,7 +231,8 @@ const GUEST_FAULTS: [(&str, &[&str]); 4] = [
 ];
 
 /// One `termlab run` of all four guest faults (one nested L1 boot instead of
-/// four): the run goes on after each failed scenario, exits 1, and each
+/// four): the run goes on after each failed scenario, exits 1 (each is a
+/// finding about the guest: its JUnit error is typed `finding`), and each
 /// scenario's result and error say what happened to it.
 #[test]
 #[ignore = "boots the guest four times: minutes; needs the kernel build and the agent"]
@@ -239,6 +240,8 @@ fn guest_faults_each_end_their_run_clearly_and_leave_nothing() {
     let scratch = Scratch::new("guest");
     let began = Instant::now();
     let mut command = termlab_command(&scratch);
+    let junit = scratch.root.join("junit.xml");
+    command.arg("--junit").arg(&junit);
     for (scenario, _) in GUEST_FAULTS {
         command.arg(fault_scenario(scenario));
     }
@@ -268,6 +271,17 @@ fn guest_faults_each_end_their_run_clearly_and_leave_nothing() {
             problems.push(format!(
                 "{scenario}: a repetition is recorded although its step never finished"
             ));
+        }
+    }
+    let xml = std::fs::read_to_string(&junit).unwrap_or_else(|e| panic!("junit.xml: {e}\n{text}"));
+    for (scenario, _) in GUEST_FAULTS {
+        let name = Path::new(scenario).file_stem().expect("stem").to_string_lossy().into_owned();
+        let suite = xml
+            .split("<testsuite ")
+            .find(|suite| suite.starts_with(&format!("name=\"{name}\"")))
+            .unwrap_or_else(|| panic!("no testsuite {name}:\n{xml}"));
+        if !suite.contains("<error type=\"finding\"") {
+            problems.push(format!("{name}: its JUnit error is not typed `finding`"));
         }
     }
     assert!(problems.is_empty(), "{}\n--- output:\n{text}", problems.join("\n"));

@@ -48,7 +48,7 @@ impl Guest {
         let socket_dir = tempfile::Builder::new()
             .prefix("termlab-vsock.")
             .tempdir()
-            .map_err(|e| EngineError::Guest(format!("cannot create a socket directory: {e}")))?;
+            .map_err(|e| EngineError::Host(format!("cannot create a socket directory: {e}")))?;
         let uds_path = socket_dir.path().join("vsock.sock");
         let mut config = VmConfig::new(
             spec.kernel.to_owned(),
@@ -72,10 +72,7 @@ impl Guest {
                 return Err(EngineError::Interrupted);
             }
             if let Some(reason) = vm.wait_exit(Some(Duration::ZERO)) {
-                return Err(EngineError::VmExited {
-                    reason: describe_exit(&reason),
-                    console: spec.console_log,
-                });
+                return Err(EngineError::VmExited { exit: reason, console: spec.console_log });
             }
             match hybrid_vsock::connect_with_retry(&uds_path, DEFAULT_VSOCK_PORT, CONNECT_SLICE) {
                 Ok(stream) => break stream,
@@ -156,15 +153,28 @@ fn retryable(error: &HandshakeError) -> bool {
 
 /// The last `lines` lines of the guest console log, indented, for error messages.
 pub fn console_tail(console_log: &Path, lines: usize) -> String {
-    let text = std::fs::read(console_log)
-        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-        .unwrap_or_default();
-    let kept: Vec<&str> =
-        text.lines().rev().filter(|line| !line.trim().is_empty()).take(lines).collect();
+    let kept = console_last_lines(console_log, lines);
     if kept.is_empty() {
         return "  (the guest console is empty)".to_owned();
     }
-    kept.iter().rev().map(|line| format!("  {}", line.trim_end())).collect::<Vec<_>>().join("\n")
+    kept.iter().map(|line| format!("  {line}")).collect::<Vec<_>>().join("\n")
+}
+
+/// The last `lines` non-blank lines of the guest console log (none when it
+/// cannot be read), without trailing white space.
+pub fn console_last_lines(console_log: &Path, lines: usize) -> Vec<String> {
+    let text = std::fs::read(console_log)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default();
+    let mut kept: Vec<String> = text
+        .lines()
+        .rev()
+        .filter(|line| !line.trim().is_empty())
+        .take(lines)
+        .map(|line| line.trim_end().to_owned())
+        .collect();
+    kept.reverse();
+    kept
 }
 
 pub fn describe_exit(reason: &ExitReason) -> String {

@@ -22,6 +22,7 @@ use thiserror::Error;
 use crate::evaluate::{compute_metrics, evaluate, evaluate_stack_proofs, KernelLog};
 use crate::guest_image::{self, GuestImageError, IPI_RTT_GUEST_PATH};
 use crate::kernel_trace;
+use crate::progress::{ConsoleLines, Progress, ProgressSink, SLOW_STEP};
 use crate::report::{self, ReportError};
 use crate::results::{
     self, Environment, Repetition, ResultsError, RunResult, ScenarioRecord, StepRecord, VmInfo,
@@ -30,7 +31,7 @@ use crate::results::{
 use crate::scenario::LoadedScenario;
 use crate::stack_proof::TermMap;
 use crate::ui::Ui;
-pub use guest::{describe_exit, BootSpec, Guest, CMDLINE};
+pub use guest::{console_last_lines, describe_exit, BootSpec, Guest, CMDLINE};
 use stack_probe::StackProbe;
 pub use steps::parse_fields;
 use steps::{run_repetition, LoadedProgram, TraceReader};
@@ -48,16 +49,25 @@ pub enum EngineError {
     Vm(#[from] termlab_vmm::Error),
     #[error("the guest agent did not answer within {waited:?} ({detail}); the guest console is in {}", console.display())]
     NoAgent { waited: Duration, detail: String, console: PathBuf },
-    #[error("the VM ended early: {reason}; the guest console is in {}", console.display())]
-    VmExited { reason: String, console: PathBuf },
+    #[error("the VM ended early: {}; the guest console is in {}", describe_exit(exit), console.display())]
+    VmExited { exit: termlab_vmm::ExitReason, console: PathBuf },
     #[error("guest agent request failed ({what}): {source}")]
     Agent {
         what: String,
         #[source]
         source: ClientError,
     },
+    /// The guest did not do what a step asked (a loader, trigger or exec
+    /// failed or ran too long, a tool printed nothing usable).
     #[error("{0}")]
     Guest(String),
+    /// This host could not do its part (a socket directory, System.map, the
+    /// VMM's stack probe).
+    #[error("{0}")]
+    Host(String),
+    /// A broken invariant of termlab itself (validation should prevent it).
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The agent stopped answering (hung guest or agent).
     #[error("the guest hung: no answer from the guest agent to {what} within {waited:?}; the VM was killed. Guest console, last lines ({}):\n{tail}", console.display())]
     Hung { what: String, waited: Duration, console: PathBuf, tail: String },
@@ -121,6 +131,17 @@ pub struct RunOptions {
     pub nested: bool,
     /// Boot this kernel build directory instead of the scenario's variant.
     pub kernel_dir: Option<PathBuf>,
+    /// Send each guest console line as a [`Progress::ConsoleLine`] while it runs.
+    pub stream_console: bool,
+}
+
+/// One scenario's run that got as far as its results directory: its result
+/// (also in `dir`), and why it stopped early if it did (then `result` is
+/// marked incomplete with the same reason).
+pub struct ScenarioRun {
+    pub result: RunResult,
+    pub dir: PathBuf,
+    pub outcome: Result<(), EngineError>,
 }
 
 /// How many clock requests make one agent round-trip sample (the median is kept).
@@ -131,14 +152,17 @@ const IPI_RTT_CALLS: &str = "21";
 const LOADER_READY_MS: u64 = 30_000;
 
 /// Runs one scenario and returns its result (also written to its results
-/// directory with the reports). An error after the results directory
-/// exists still leaves a result.json marked incomplete there.
+/// directory with the reports), reporting progress to `progress`. An error
+/// before the results directory exists is `Err`; a later one is the run's
+/// `outcome`, with a result.json marked incomplete.
 pub fn run_scenario(
     root: &Path,
     loaded: &LoadedScenario,
     options: &RunOptions,
     ui: Ui,
-) -> Result<(RunResult, PathBuf), EngineError> {
+    progress: &dyn ProgressSink,
+) -> Result<ScenarioRun, EngineError> {
+    let began = Instant::now();
     let scenario = &loaded.scenario;
     let kernel =
         guest_image::resolve_kernel(root, scenario.vm.kernel, options.kernel_dir.as_deref())?;
@@ -181,18 +205,14 @@ pub fn run_scenario(
 
     let console_log = dir.join(results::CONSOLE_FILE);
     let system_map = kernel.dir.join("System.map");
-    let outcome = boot_and_measure(
-        loaded,
-        &kernel.bzimage,
-        &system_map,
-        &initramfs,
-        &console_log,
-        repetitions,
-        options,
-        ui,
-        &mut result,
-        &dir,
-    );
+    let run = Run { loaded, repetitions, options, ui, progress, began, dir: &dir };
+    let files = GuestFiles {
+        kernel: &kernel.bzimage,
+        system_map: &system_map,
+        initramfs: &initramfs,
+        console_log: &console_log,
+    };
+    let outcome = boot_and_measure(&run, &files, &mut result);
     // Ctrl-C during a request surfaces as that request's error (EINTR):
     // name the real cause.
     let outcome = match outcome {
@@ -212,29 +232,95 @@ pub fn run_scenario(
     result.summarize();
     result.save(&dir)?;
     report::write_run_report(&result, &dir)?;
-    outcome.map(|()| (result, dir))
+    Ok(ScenarioRun { result, dir, outcome })
 }
 
-/// The version of the VMM crate this termlab was built with (they share the workspace version).
-#[allow(clippy::too_many_arguments)]
-fn boot_and_measure(
-    loaded: &LoadedScenario,
-    kernel: &Path,
-    system_map: &Path,
-    initramfs: &Path,
-    console_log: &Path,
+/// What every stage of one scenario's run needs to know.
+struct Run<'a> {
+    loaded: &'a LoadedScenario,
     repetitions: u32,
-    options: &RunOptions,
+    options: &'a RunOptions,
     ui: Ui,
+    progress: &'a dyn ProgressSink,
+    /// When `run_scenario` was called: progress reports time since then.
+    began: Instant,
+    dir: &'a Path,
+}
+
+/// The host files of one guest: what it boots, and where its console goes.
+#[derive(Clone, Copy)]
+struct GuestFiles<'a> {
+    kernel: &'a Path,
+    system_map: &'a Path,
+    initramfs: &'a Path,
+    console_log: &'a Path,
+}
+
+/// Boots, measures and stops the VM; with `stream_console`, a thread
+/// follows the console log meanwhile (from the first boot message on).
+fn boot_and_measure(
+    run: &Run<'_>,
+    files: &GuestFiles<'_>,
     result: &mut RunResult,
-    dir: &Path,
 ) -> Result<(), EngineError> {
+    let console_done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        if run.options.stream_console {
+            let name = run.loaded.name.as_str();
+            let console_log = files.console_log;
+            scope.spawn(|| follow_console(console_log, &console_done, name, run.progress));
+        }
+        let outcome = boot_measure_and_stop(run, files, result, &console_done);
+        console_done.store(true, Ordering::Relaxed);
+        outcome
+    })
+}
+
+/// Sends the lines the guest writes to `console_log` as progress events
+/// until `done` is set, then what is left.
+fn follow_console(console_log: &Path, done: &AtomicBool, scenario: &str, sink: &dyn ProgressSink) {
+    use std::io::Read;
+    let mut lines = ConsoleLines::default();
+    let mut file = None;
+    let mut buffer = [0u8; 8192];
+    loop {
+        // Read after checking: what was written before `done` is not lost.
+        let finished = done.load(Ordering::Relaxed);
+        if file.is_none() {
+            file = std::fs::File::open(console_log).ok();
+        }
+        if let Some(file) = file.as_mut() {
+            while let Ok(n @ 1..) = file.read(&mut buffer) {
+                for line in lines.push(&buffer[..n]) {
+                    sink.event(&Progress::ConsoleLine { scenario, line: &line });
+                }
+            }
+        }
+        if finished {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if let Some(line) = lines.finish() {
+        sink.event(&Progress::ConsoleLine { scenario, line: &line });
+    }
+}
+
+fn boot_measure_and_stop(
+    run: &Run<'_>,
+    files: &GuestFiles<'_>,
+    result: &mut RunResult,
+    console_done: &AtomicBool,
+) -> Result<(), EngineError> {
+    let (loaded, options, ui) = (run.loaded, run.options, run.ui);
+    let GuestFiles { kernel, system_map, initramfs, console_log } = *files;
     let scenario = &loaded.scenario;
-    let spinner = ui.spinner(&format!(
-        "booting {} ({} vCPUs)",
-        scenario.vm.kernel.as_str(),
-        scenario.vm.vcpus.get()
-    ));
+    let booting = Instant::now();
+    run.progress.event(&Progress::Booting {
+        scenario: &loaded.name,
+        kernel: scenario.vm.kernel.as_str(),
+        vcpus: scenario.vm.vcpus.get(),
+    });
     let guest = Guest::boot(BootSpec {
         kernel,
         initramfs,
@@ -244,11 +330,15 @@ fn boot_and_measure(
         console_log: console_log.to_owned(),
         console_stdin: options.keep_vm,
     });
-    spinner.finish_and_clear();
     let mut guest = guest?;
+    run.progress.event(&Progress::Booted {
+        scenario: &loaded.name,
+        took: booting.elapsed(),
+        repetitions: run.repetitions,
+    });
 
     let (vm, client) = guest.parts();
-    let measured = measure(client, vm, system_map, loaded, repetitions, ui, result, dir)
+    let measured = measure(run, client, vm, system_map, result)
         .map_err(|error| explain_with_vm_state(error, &guest, console_log));
     let failed = match &measured {
         Ok(()) => !result.expectations.iter().all(|e| e.passed),
@@ -259,16 +349,15 @@ fn boot_and_measure(
         guest.kill();
     } else if failed && options.keep_vm && guest.exited().is_none() {
         ui.error("a check failed; --keep-vm: the VM stays up with a shell on its console");
+        // The interactive console shows it from now on.
+        console_done.store(true, Ordering::Relaxed);
         interactive_console(guest, console_log, ui);
     } else {
         let reason = guest.power_off();
         if measured.is_ok()
             && !matches!(reason, termlab_vmm::ExitReason::Reset | termlab_vmm::ExitReason::Stopped)
         {
-            return Err(EngineError::VmExited {
-                reason: describe_exit(&reason),
-                console: console_log.to_owned(),
-            });
+            return Err(EngineError::VmExited { exit: reason, console: console_log.to_owned() });
         }
     }
     measured
@@ -287,10 +376,7 @@ fn explain_with_vm_state(error: EngineError, guest: &Guest, console_log: &Path) 
         ClientError::Timeout { waited, .. } => {
             // A guest that panicked or rebooted has also stopped answering.
             if let Some(reason) = guest.exited() {
-                return EngineError::VmExited {
-                    reason: describe_exit(&reason),
-                    console: console_log.to_owned(),
-                };
+                return EngineError::VmExited { exit: reason, console: console_log.to_owned() };
             }
             EngineError::Hung { what, waited, console: console_log.to_owned(), tail: tail() }
         }
@@ -311,7 +397,7 @@ fn explain_with_vm_state(error: EngineError, guest: &Guest, console_log: &Path) 
             };
             let after = match exit {
                 Some(reason @ termlab_vmm::ExitReason::Panic { .. }) => {
-                    return EngineError::VmExited { reason: describe_exit(&reason), console: console_log.to_owned() };
+                    return EngineError::VmExited { exit: reason, console: console_log.to_owned() };
                 }
                 Some(termlab_vmm::ExitReason::Reset) => "then the guest rebooted (its init reboots when the agent exits: the agent died)".to_owned(),
                 Some(reason) => format!("then the VM ended: {}", describe_exit(&reason)),
@@ -331,17 +417,14 @@ fn explain_with_vm_state(error: EngineError, guest: &Guest, console_log: &Path) 
 
 /// Applies sysctls, starts the loaders, runs the repetitions, reads dmesg
 /// and judges the expectations.
-#[allow(clippy::too_many_arguments)]
 fn measure(
+    run: &Run<'_>,
     client: &mut Client<UnixStream>,
     vm: &Vm,
     system_map: &Path,
-    loaded: &LoadedScenario,
-    repetitions: u32,
-    ui: Ui,
     result: &mut RunResult,
-    dir: &Path,
 ) -> Result<(), EngineError> {
+    let (loaded, repetitions, dir) = (run.loaded, run.repetitions, run.dir);
     let scenario = &loaded.scenario;
     let dmesg_after_boot = read_dmesg(client);
     for (name, value) in &scenario.sysctl {
@@ -405,10 +488,23 @@ fn measure(
     let probe =
         if verify_stack { Some(stack_probe(client, vm, system_map, &programs)?) } else { None };
     let mut trace = TraceReader::default();
-    let bar = ui.bar(repetitions.into(), &loaded.name);
     for index in 0..repetitions {
+        let repetition_began = Instant::now();
+        let step_done = |step: &str, took: Duration| {
+            if took >= SLOW_STEP {
+                run.progress.event(&Progress::StepSlow {
+                    scenario: &loaded.name,
+                    repetition: index + 1,
+                    of: repetitions,
+                    step,
+                    took,
+                    elapsed: run.began.elapsed(),
+                });
+            }
+        };
         let trace_from = if traced { trace.drain(client)? } else { 0 };
-        let mut steps = run_repetition(client, scenario, &programs, &mut trace, probe.as_ref())?;
+        let mut steps =
+            run_repetition(client, scenario, &programs, &mut trace, probe.as_ref(), &step_done)?;
         if traced {
             trace.drain(client)?;
             attach_kernel_events(&mut steps, &kernel_trace::parse(trace.since(trace_from)));
@@ -421,9 +517,14 @@ fn measure(
         result.repetitions.push(Repetition { index, steps, metrics });
         result.summarize();
         result.save(dir)?;
-        bar.inc(1);
+        run.progress.event(&Progress::RepetitionDone {
+            scenario: &loaded.name,
+            number: index + 1,
+            of: repetitions,
+            took: repetition_began.elapsed(),
+            elapsed: run.began.elapsed(),
+        });
     }
-    bar.finish_and_clear();
 
     let log = match (dmesg_after_boot, read_dmesg(client)) {
         (Some(after_boot), Some(at_end)) => {
@@ -452,7 +553,7 @@ fn stack_probe<'vm>(
     programs: &[LoadedProgram<'_>],
 ) -> Result<StackProbe<'vm>, EngineError> {
     let map_text = std::fs::read_to_string(system_map).map_err(|e| {
-        EngineError::Guest(format!(
+        EngineError::Host(format!(
             "verify_stack needs the kernel's System.map at {}: {e}",
             system_map.display()
         ))
@@ -484,7 +585,7 @@ fn stack_probe<'vm>(
         maps.insert(program.prog_id, map);
     }
     StackProbe::new(vm, &map_text, &kallsyms.data.to_string_lossy(), maps)
-        .map_err(|e| EngineError::Guest(format!("verify_stack: {e}")))
+        .map_err(|e| EngineError::Host(format!("verify_stack: {e}")))
 }
 
 /// More than a guest's /proc/kallsyms holds (about 1.5 MB for this config).

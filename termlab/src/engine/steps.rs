@@ -104,13 +104,15 @@ fn agent(what: impl Into<String>) -> impl FnOnce(ClientError) -> EngineError {
     move |source| EngineError::Agent { what, source }
 }
 
-/// Runs every step once; returns the records in step order.
+/// Runs every step once; returns the records in step order. `step_done`
+/// hears how long each step took, by its description ([`describe_step`]).
 pub fn run_repetition(
     client: &mut Client<UnixStream>,
     scenario: &Scenario,
     programs: &[LoadedProgram<'_>],
     trace: &mut TraceReader,
     probe: Option<&StackProbe<'_>>,
+    step_done: &dyn Fn(&str, Duration),
 ) -> Result<Vec<StepRecord>, EngineError> {
     let mut records = Vec::new();
     // Trace offset when each background trigger started.
@@ -122,12 +124,13 @@ pub fn run_repetition(
         programs
             .iter()
             .find(|p| &p.spec.name == name)
-            .ok_or_else(|| EngineError::Guest(format!("program `{name}` is not loaded")))
+            .ok_or_else(|| EngineError::Internal(format!("program `{name}` is not loaded")))
     };
     for step in &scenario.steps {
         if interrupted() {
             return Err(EngineError::Interrupted);
         }
+        let step_began = Instant::now();
         match step {
             Step::Trigger(trigger) => {
                 let argv = trigger_argv(trigger, program(trigger.program.get_ref())?.spec);
@@ -195,7 +198,7 @@ pub fn run_repetition(
             Step::Wait(wait) => {
                 let label = wait.step.get_ref();
                 let job = background.remove(label).ok_or_else(|| {
-                    EngineError::Guest(format!("`{label}` was not started in the background"))
+                    EngineError::Internal(format!("`{label}` was not started in the background"))
                 })?;
                 let exit = wait_for(client, job.handle, job.timeout_ms, label)?;
                 let output = client
@@ -213,7 +216,7 @@ pub fn run_repetition(
             Step::WaitTrace(wait) => {
                 let label = wait.step.get_ref();
                 let from = *trace_from.get(label).ok_or_else(|| {
-                    EngineError::Guest(format!("`{label}` was not started in the background"))
+                    EngineError::Internal(format!("`{label}` was not started in the background"))
                 })?;
                 let begin = Instant::now();
                 let deadline = begin + Duration::from_millis(wait.timeout_ms.get().into());
@@ -273,6 +276,7 @@ pub fn run_repetition(
                 program(info.program.get_ref())?.prog_id,
             )?),
         }
+        step_done(&describe_step(step), step_began.elapsed());
     }
     // Validation guarantees every background trigger is waited for; a
     // leftover here would be a bug, and must not outlive the repetition.
@@ -281,11 +285,25 @@ pub fn run_repetition(
         for job in background.values() {
             let _ = client.kill(job.handle, libc::SIGKILL);
         }
-        return Err(EngineError::Guest(format!(
+        return Err(EngineError::Internal(format!(
             "background trigger `{label}` was never waited for"
         )));
     }
     Ok(records)
+}
+
+/// A step in a few words, e.g. "trigger `run`", "sleep 500 ms".
+pub fn describe_step(step: &Step) -> String {
+    match step {
+        Step::Trigger(trigger) => format!("trigger `{}`", trigger.label.get_ref()),
+        Step::Sleep(sleep) => format!("sleep {} ms", sleep.ms.get()),
+        Step::Wait(wait) => format!("wait `{}`", wait.step.get_ref()),
+        Step::WaitTrace(wait) => format!("wait_trace `{}`", wait.step.get_ref()),
+        Step::Exec(exec) => format!("exec `{}`", exec.label.get_ref()),
+        Step::Terminate(terminate) => format!("terminate `{}`", terminate.label.get_ref()),
+        Step::Budget(budget) => format!("budget `{}`", budget.label.get_ref()),
+        Step::ProgInfo(info) => format!("prog_info `{}`", info.label.get_ref()),
+    }
 }
 
 /// The trigger's argv, pinned with busybox `taskset` when it names a CPU.
@@ -406,7 +424,7 @@ fn terminate_step(
         (Some(Some(program)), _) => (program.prog_id, Some(program.spec.bpf_name.as_str())),
         (None, Some(id)) => (*id.get_ref(), None),
         _ => {
-            return Err(EngineError::Guest(format!(
+            return Err(EngineError::Internal(format!(
                 "terminate `{label}`: its program is not loaded"
             )))
         }
@@ -421,7 +439,7 @@ fn terminate_step(
     };
     let Some(probe) = probe else { return call(client) };
     let (record, proofs) = probe.around(prog_id, || call(client)).map_err(|error| {
-        EngineError::Guest(format!("verify_stack, terminate `{label}`: {error}"))
+        EngineError::Host(format!("verify_stack, terminate `{label}`: {error}"))
     })?;
     let mut record = record?;
     if let StepRecord::Terminate { stack, .. } = &mut record {
@@ -537,7 +555,7 @@ fn budget_step(
         (None, id) => id.as_ref().map(|id| *id.get_ref()),
     };
     let prog_id = prog_id.ok_or_else(|| {
-        EngineError::Guest(format!("budget `{label}`: its program is not loaded"))
+        EngineError::Internal(format!("budget `{label}`: its program is not loaded"))
     })?;
     let ms = *step.ms.get_ref();
     let args =

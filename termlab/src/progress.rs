@@ -1,0 +1,101 @@
+//! What the engine reports while a scenario runs, as events: the engine
+//! never draws; the CLI renders them (a bar on a terminal, one line each in
+//! a plain log, the guest console prefixed with `--console`).
+
+use std::time::Duration;
+
+/// One thing that happened during a scenario's run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress<'a> {
+    /// The VM is being booted.
+    Booting { scenario: &'a str, kernel: &'a str, vcpus: u32 },
+    /// The guest agent answered; `repetitions` will run.
+    Booted { scenario: &'a str, took: Duration, repetitions: u32 },
+    /// Repetition `number` (1-based) of `of` finished; `elapsed` counts from
+    /// the start of the scenario's run.
+    RepetitionDone { scenario: &'a str, number: u32, of: u32, took: Duration, elapsed: Duration },
+    /// A step took at least [`SLOW_STEP`].
+    StepSlow {
+        scenario: &'a str,
+        repetition: u32,
+        of: u32,
+        step: &'a str,
+        took: Duration,
+        elapsed: Duration,
+    },
+    /// A line the guest wrote on its serial console (only with
+    /// `RunOptions::stream_console`), without its line end.
+    ConsoleLine { scenario: &'a str, line: &'a str },
+}
+
+/// A step at least this long gets its own progress event.
+pub const SLOW_STEP: Duration = Duration::from_secs(5);
+
+/// Receives the engine's progress events; called from the engine's threads
+/// (the console follower is one), hence `Sync`.
+pub trait ProgressSink: Sync {
+    fn event(&self, event: &Progress<'_>);
+}
+
+/// Any `Fn(&Progress)` is a sink (tests collect events with one).
+impl<F: Fn(&Progress<'_>) + Sync> ProgressSink for F {
+    fn event(&self, event: &Progress<'_>) {
+        self(event)
+    }
+}
+
+/// Drops every event.
+pub struct NoProgress;
+
+impl ProgressSink for NoProgress {
+    fn event(&self, _: &Progress<'_>) {}
+}
+
+/// Splits what a growing console log gained into whole lines, keeping a
+/// partial last line until its end arrives (or [`ConsoleLines::finish`]).
+#[derive(Debug, Default)]
+pub struct ConsoleLines {
+    pending: Vec<u8>,
+}
+
+impl ConsoleLines {
+    /// Adds `bytes` and returns the lines they completed, without `\n` or `\r`.
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<String> {
+        self.pending.extend_from_slice(bytes);
+        let mut lines = Vec::new();
+        while let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=end).collect();
+            lines.push(Self::text(&line[..end]));
+        }
+        lines
+    }
+
+    /// The partial last line, if any.
+    pub fn finish(&mut self) -> Option<String> {
+        let rest = std::mem::take(&mut self.pending);
+        (!rest.is_empty()).then(|| Self::text(&rest))
+    }
+
+    fn text(bytes: &[u8]) -> String {
+        String::from_utf8_lossy(bytes).trim_end_matches('\r').to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_lines_are_split_across_reads_and_the_last_partial_one_kept() {
+        let mut lines = ConsoleLines::default();
+        assert!(lines.push(b"[ 0.1] Linux ver").is_empty());
+        assert_eq!(
+            lines.push(b"sion 6.12\r\n[ 0.2] two\n[ 0.3"),
+            ["[ 0.1] Linux version 6.12", "[ 0.2] two"]
+        );
+        assert_eq!(lines.push(b"] three\n"), ["[ 0.3] three"]);
+        assert_eq!(lines.push(b"tail"), Vec::<String>::new());
+        assert_eq!(lines.finish().as_deref(), Some("tail"));
+        assert_eq!(lines.finish(), None);
+    }
+}

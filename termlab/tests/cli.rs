@@ -1,0 +1,218 @@
+//! The `termlab` binary without booting anything: exit codes 2 (usage,
+//! scenario) and 3 (infrastructure) on real bad input, `--help` naming the
+//! codes, selection (`--filter`, `--shard`) and `list --json`. Codes 0 and
+//! 1 need a guest: tests/end_to_end.rs and tests/faults.rs.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("termlab/ has a parent").to_owned()
+}
+
+/// `termlab ARGS` in the checkout, with no kernel override from the environment.
+fn termlab(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_termlab"))
+        .current_dir(repo_root())
+        .env_remove("TERMLAB_KERNEL_DIR")
+        .args(args)
+        .output()
+        .expect("termlab runs")
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("termlab-cli-{name}.")).tempdir().expect("temp dir")
+}
+
+#[test]
+fn help_documents_the_exit_codes() {
+    for args in [&["--help"][..], &["run", "--help"]] {
+        let output = termlab(args);
+        assert_eq!(output.status.code(), Some(0));
+        let help = String::from_utf8_lossy(&output.stdout);
+        for line in ["Exit status:", "  0 ", "  1 ", "  2 ", "  3 ", "  130 "] {
+            assert!(help.contains(line), "`{line}` missing from {args:?}:\n{help}");
+        }
+    }
+    let help = String::from_utf8_lossy(&termlab(&["run", "--help"]).stdout).into_owned();
+    for option in ["--junit <FILE>", "--filter <REGEX>", "--shard <I/N>", "--console"] {
+        assert!(help.contains(option), "{option} missing:\n{help}");
+    }
+}
+
+/// An invalid scenario is a usage error that names file:line:column, and
+/// nothing runs (no results directory appears).
+#[test]
+fn an_invalid_scenario_exits_2_with_its_position() {
+    let results = scratch("invalid");
+    let bad = repo_root().join("termlab/tests/bad-scenarios/syntax.toml");
+    let output = termlab(&[
+        "run",
+        "--results",
+        results.path().to_str().expect("utf-8"),
+        "scenarios/control.toml",
+        bad.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&format!("{}:7:17:", bad.display())), "{}", text(&output));
+    assert!(stderr.contains("nothing was run"), "{}", text(&output));
+    assert_eq!(std::fs::read_dir(results.path()).expect("dir").count(), 0);
+}
+
+#[test]
+fn bad_paths_and_options_exit_2() {
+    let cases: [(&[&str], &str); 7] = [
+        (&["run", "/nonexistent/scenario.toml"], "cannot read scenario /nonexistent/scenario.toml"),
+        (
+            &["run", "--kernel-dir", "/nonexistent/kernel", "scenarios/control.toml"],
+            "--kernel-dir /nonexistent/kernel: no such directory",
+        ),
+        (
+            &["run", "--junit", "/nonexistent/dir/junit.xml", "scenarios/control.toml"],
+            "the directory /nonexistent/dir does not exist",
+        ),
+        (
+            &["run", "--filter", "^nothing-is-called-this$", "scenarios/control.toml"],
+            "matches none of the 1 scenario(s) given",
+        ),
+        // clap's own usage errors: an invalid regular expression, a shard out of range.
+        (&["run", "--filter", "(", "scenarios/control.toml"], "invalid value '(' for '--filter"),
+        (&["run", "--shard", "5/4", "scenarios/control.toml"], "I must be between 1 and N"),
+        (&["list", "/nonexistent/scenarios"], "cannot read /nonexistent/scenarios"),
+    ];
+    for (args, words) in cases {
+        let output = termlab(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}\n{}", text(&output));
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains(words),
+            "{args:?}\n{}",
+            text(&output)
+        );
+    }
+}
+
+/// A kernel build directory without its kernel is a broken installation,
+/// not a finding and not a usage error.
+#[test]
+fn an_incomplete_kernel_build_exits_3() {
+    let kernel = scratch("kernel");
+    let output = termlab(&[
+        "run",
+        "--kernel-dir",
+        kernel.path().to_str().expect("utf-8"),
+        "scenarios/control.toml",
+    ]);
+    assert_eq!(output.status.code(), Some(3), "{}", text(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("bzImage is missing from the kernel build"),
+        "{}",
+        text(&output)
+    );
+}
+
+/// Without the tools that build the initramfs (make first) the run cannot
+/// start: infrastructure. PATH is emptied, so the tool is really missing.
+#[test]
+fn a_missing_tool_exits_3() {
+    let kernel = scratch("tools");
+    for file in ["bzImage", "bpftool"] {
+        std::fs::write(kernel.path().join(file), b"not used: make is missing first")
+            .expect("write");
+    }
+    std::fs::write(kernel.path().join("build-info.json"), b"{}").expect("write");
+    let output = Command::new(env!("CARGO_BIN_EXE_termlab"))
+        .current_dir(repo_root())
+        .env_remove("TERMLAB_KERNEL_DIR")
+        .env("PATH", kernel.path())
+        .args(["run", "--kernel-dir"])
+        .arg(kernel.path())
+        .arg("scenarios/control.toml")
+        .output()
+        .expect("termlab runs");
+    assert_eq!(output.status.code(), Some(3), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("\"make\"") && stderr.contains("No such file"), "{}", text(&output));
+}
+
+/// One scenario as `termlab list --json` prints it.
+#[derive(serde::Deserialize, Debug, PartialEq, Eq, PartialOrd, Ord, Clone)]
+#[serde(deny_unknown_fields)]
+struct Listed {
+    name: String,
+    path: String,
+    description: String,
+    repetitions: u32,
+    kernel: String,
+    vcpus: u32,
+}
+
+fn list_json(args: &[&str]) -> Vec<Listed> {
+    let mut all = vec!["--quiet", "list", "--json"];
+    all.extend_from_slice(args);
+    let output = termlab(&all);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}\n{}", text(&output)))
+}
+
+#[test]
+fn list_json_describes_every_scenario() {
+    let listed = list_json(&[]);
+    let names: Vec<&str> = listed.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"control") && names.contains(&"loops"), "{names:?}");
+    let control = listed.iter().find(|s| s.name == "control").expect("control");
+    assert_eq!(control.path, "scenarios/control.toml");
+    assert_eq!(control.kernel, "default");
+    assert_eq!(control.vcpus, 2);
+    assert_eq!(control.repetitions, 5);
+    assert!(control.description.starts_with("Control:"), "{control:?}");
+    // --filter keeps the matching names only.
+    let loops = list_json(&["--filter", "^loops"]);
+    assert!(!loops.is_empty() && loops.iter().all(|s| s.name.starts_with("loops")), "{loops:?}");
+}
+
+/// The union of shards 1..N is the whole list, with no scenario twice, for
+/// N from 1 to more shards than scenarios.
+#[test]
+fn shards_partition_the_scenarios() {
+    let all: BTreeSet<Listed> = list_json(&[]).into_iter().collect();
+    for count in 1..=all.len() + 1 {
+        let mut union = BTreeSet::new();
+        for index in 1..=count {
+            for scenario in list_json(&["--shard", &format!("{index}/{count}")]) {
+                assert!(union.insert(scenario.clone()), "{} twice with N={count}", scenario.name);
+            }
+        }
+        assert_eq!(union, all, "N={count}");
+    }
+}
+
+/// A shard with nothing in it runs nothing, passes, and still writes a
+/// (valid, empty) JUnit file for the CI job to upload.
+#[test]
+fn an_empty_shard_passes_and_writes_an_empty_junit() {
+    let dir = scratch("empty-shard");
+    let junit = dir.path().join("junit.xml");
+    let output = termlab(&[
+        "run",
+        "--shard",
+        "2/2",
+        "--junit",
+        junit.to_str().expect("utf-8"),
+        "scenarios/control.toml",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    let xml = std::fs::read_to_string(&junit).expect("junit written");
+    assert!(xml.contains("<testsuites>\n</testsuites>"), "{xml}");
+}
