@@ -13,3 +13,4 @@ pub mod scenario;
 pub mod stack_proof;
 pub mod stats;
 pub mod ui;
+pub mod user_programs;
