@@ -740,6 +740,106 @@ mod tests {
         assert_eq!(parse_fields("no such line\n", "trigger"), None);
     }
 
+    fn program(text: &str) -> ProgramSpec {
+        let scenario = format!(
+            "description = \"x\"\n[vm]\nkernel = \"default\"\n[[program]]\n{text}\n\
+             [[step]]\ntrigger = {{ label = \"run\", program = \"p\", cpu = 1, args = [\"extra\"] }}\n"
+        );
+        let parsed = crate::scenario::parse(&scenario).unwrap_or_else(|e| panic!("{e:?}"));
+        parsed.programs.into_iter().next().expect("one program")
+    }
+
+    fn first_trigger(text: &str) -> TriggerStep {
+        let scenario = format!(
+            "description = \"x\"\n[vm]\nkernel = \"default\"\n[[program]]\n{text}\n\
+             [[step]]\ntrigger = {{ label = \"run\", program = \"p\", cpu = 1, args = [\"extra\"] }}\n"
+        );
+        match crate::scenario::parse(&scenario).expect("parses").steps.remove(0) {
+            Step::Trigger(trigger) => trigger,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn users_programs_are_loaded_and_run_by_the_generic_loader() {
+        let text = "name = \"p\"\nsource = \"p.bpf.c\"\nfunction = \"spin\"\nattach = false\n\
+                    test_run = { data_hex = \"00ff\", repeat = 5 }";
+        let spec = program(text);
+        assert_eq!(
+            loader_argv(&spec),
+            [
+                "/bin/bpf_loader",
+                "load",
+                "/lib/termlab/programs/p.bpf.o",
+                "--prog",
+                "spin",
+                "--no-attach"
+            ]
+        );
+        let loaded = LoadedProgram { spec: &spec, prog_id: 42, kernel_name: Some("spin".into()) };
+        assert_eq!(
+            trigger_argv(&first_trigger(text), &loaded).expect("argv"),
+            [
+                "taskset",
+                "-c",
+                "1",
+                "/bin/bpf_loader",
+                "test-run",
+                "--id",
+                "42",
+                "--repeat",
+                "5",
+                "--data-hex",
+                "00ff",
+                "extra"
+            ]
+        );
+        assert_eq!(loaded.bpf_name(), Some("spin"));
+
+        let command = "name = \"p\"\nobject = \"p.bpf.o\"\ntrigger = [\"sync\"]";
+        let spec = program(command);
+        assert_eq!(
+            loader_argv(&spec),
+            ["/bin/bpf_loader", "load", "/lib/termlab/programs/p.bpf.o"]
+        );
+        let loaded = LoadedProgram { spec: &spec, prog_id: 42, kernel_name: None };
+        assert_eq!(
+            trigger_argv(&first_trigger(command), &loaded).expect("argv"),
+            ["taskset", "-c", "1", "sync", "extra"]
+        );
+        let own =
+            "name = \"p\"\nloader = [\"loops\", \"--prog\", \"loops\"]\nbpf_name = \"loops\"\n\
+                   trigger = [\"trigger_loops\"]";
+        let spec = program(own);
+        assert_eq!(loader_argv(&spec), ["loops", "--prog", "loops"]);
+        let loaded = LoadedProgram { spec: &spec, prog_id: 42, kernel_name: Some("other".into()) };
+        assert_eq!(loaded.bpf_name(), Some("loops"));
+    }
+
+    #[test]
+    fn a_command_trigger_without_a_timing_line_is_timed_by_the_agent() {
+        let label = Label::try_from("run".to_owned()).expect("label");
+        let agent = AgentTimes { start_ns: 100, end_ns: 900, prog_id: 7 };
+        match trigger_record(&label, vec!["sync".into()], Some(0), "", "", agent) {
+            StepRecord::Trigger { start_ns, end_ns, fields, .. } => {
+                assert_eq!((start_ns, end_ns), (Some(100), Some(900)));
+                assert_eq!(fields.get("prog_id").map(String::as_str), Some("7"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A line of its own wins, fields and all.
+        let agent = AgentTimes { start_ns: 100, end_ns: 900, prog_id: 7 };
+        let stdout = "trigger retval=3 start_ns=200 end_ns=300 prog_id=8\n";
+        match trigger_record(&label, vec![], Some(0), stdout, "", agent) {
+            StepRecord::Trigger { start_ns, end_ns, fields, .. } => {
+                assert_eq!((start_ns, end_ns), (Some(200), Some(300)));
+                assert_eq!(fields.get("prog_id").map(String::as_str), Some("8"));
+                assert_eq!(fields.get("retval").map(String::as_str), Some("3"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn bpftool_failures_map_to_errno_names() {
         assert_eq!(
