@@ -307,6 +307,7 @@ fn boot(kernel: &BenchKernel<'_>, vcpus: u8, console: &Path) -> Result<Guest, En
         memory_mib: MEMORY_MIB,
         console_log: console.to_owned(),
         console_stdin: false,
+        kernel_args: None,
     })
 }
 

@@ -144,6 +144,19 @@ impl Classify for NestedError {
     }
 }
 
+impl Classify for crate::user_programs::UserProgramError {
+    fn exit_class(&self) -> ExitClass {
+        use crate::user_programs::UserProgramError;
+        match self {
+            // The scenario's own source does not compile: the caller's input.
+            UserProgramError::Compile { .. } => ExitClass::Usage,
+            UserProgramError::NoClang { .. } | UserProgramError::Io { .. } => {
+                ExitClass::Infrastructure
+            }
+        }
+    }
+}
+
 impl Classify for EngineError {
     fn exit_class(&self) -> ExitClass {
         use termlab_protocol::client::ClientError;
@@ -152,6 +165,7 @@ impl Classify for EngineError {
             EngineError::Image(error) => error.exit_class(),
             EngineError::Results(error) => error.exit_class(),
             EngineError::Report(_) => ExitClass::Infrastructure,
+            EngineError::Programs(error) => error.exit_class(),
             // The VMM could not create or start the VM.
             EngineError::Vm(_) => ExitClass::Infrastructure,
             // The guest never became reachable: the VM did not start.

@@ -189,6 +189,17 @@ fn sha256_of_file(hasher: &mut Sha256, path: &Path) -> Result<(), GuestImageErro
     Ok(())
 }
 
+/// What guest-samples/bpf's Makefile builds into the image's /bin.
+const SAMPLE_BINARIES: [&str; 7] = [
+    "loops",
+    "trigger_loops",
+    "prog_terminate",
+    "prog_term_map",
+    "term_bench",
+    "term_stress",
+    "bpf_loader",
+];
+
 /// The script /init runs: the agent, which reboots the guest on `shutdown`. vCPU 0 does the
 /// housekeeping: every device interrupt (and so the vsock work each one queues on its CPU)
 /// and the agent. A measured run pinned to another vCPU can then sit in a long
@@ -197,9 +208,27 @@ const RUN_ME: &str = "#!/bin/sh\n\
 for f in /proc/irq/*/smp_affinity; do echo 1 > \"$f\" 2>/dev/null; done\n\
 exec taskset -c 0 /bin/termlab-agent --shutdown-action reboot\n";
 
+/// A host file put into the guest image at `guest` (a scenario's `[vm]
+/// files` and program objects).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestFile {
+    pub host: PathBuf,
+    pub guest: String,
+}
+
 /// Builds (or reuses) the initramfs for `kernel`: demo programs built by
 /// guest-samples/bpf's Makefile, the kernel's bpftool, the agent and ipi_rtt.
 pub fn initramfs(root: &Path, kernel: &KernelBuild) -> Result<PathBuf, GuestImageError> {
+    initramfs_with(root, kernel, &[])
+}
+
+/// [`initramfs`] plus `extra` files (their contents and guest paths are
+/// part of the image's cache key).
+pub fn initramfs_with(
+    root: &Path,
+    kernel: &KernelBuild,
+    extra: &[GuestFile],
+) -> Result<PathBuf, GuestImageError> {
     let cache = cache_root().join("harness");
     let samples = cache.join("samples");
     std::fs::create_dir_all(&samples).map_err(io_error(&samples))?;
@@ -228,10 +257,12 @@ pub fn initramfs(root: &Path, kernel: &KernelBuild) -> Result<PathBuf, GuestImag
     for input in [&mkinitramfs, &kernel.bpftool, &agent, &ipi_binary, &run_me] {
         sha256_of_file(&mut hasher, input)?;
     }
-    for binary in
-        ["loops", "trigger_loops", "prog_terminate", "prog_term_map", "term_bench", "term_stress"]
-    {
+    for binary in SAMPLE_BINARIES {
         sha256_of_file(&mut hasher, &samples.join(binary))?;
+    }
+    for file in extra {
+        hasher.update(file.guest.as_bytes());
+        sha256_of_file(&mut hasher, &file.host)?;
     }
     let key: String = hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
     let image = cache.join(format!("initramfs-{key}.cpio.gz"));
@@ -248,7 +279,10 @@ pub fn initramfs(root: &Path, kernel: &KernelBuild) -> Result<PathBuf, GuestImag
             .arg("--add")
             .arg(format!("{}:{AGENT_GUEST_PATH}", agent.display()))
             .arg("--add")
-            .arg(format!("{}:{IPI_RTT_GUEST_PATH}", ipi_binary.display())))?;
+            .arg(format!("{}:{IPI_RTT_GUEST_PATH}", ipi_binary.display()))
+            .args(extra.iter().flat_map(|file| {
+                ["--add".to_owned(), format!("{}:{}", file.host.display(), file.guest)]
+            })))?;
     }
     Ok(image)
 }

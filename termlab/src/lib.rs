@@ -18,3 +18,4 @@ pub mod selection;
 pub mod stack_proof;
 pub mod stats;
 pub mod ui;
+pub mod user_programs;

@@ -388,7 +388,10 @@ fn run(
         .map_err(|e| fail_with(ui, e))?;
         // Built here, before any nesting: compiling inside the emulated L1
         // VM takes minutes, finding the cached image there takes seconds.
-        prepare_initramfs(ui, &root, &kernel)?;
+        let spinner = ui.spinner("preparing the initramfs");
+        let image = engine::scenario_initramfs(&root, scenario, &kernel);
+        spinner.finish_and_clear();
+        image.map_err(|e| fail_with(ui, e))?;
     }
 
     let nesting_began = SystemTime::now();
@@ -638,6 +641,7 @@ fn boot(
         memory_mib,
         console_log: console.path().to_owned(),
         console_stdin: true,
+        kernel_args: None,
     })
     .map_err(|e| fail_with(ui, e))?;
     engine::interactive_console(guest, console.path(), ui);

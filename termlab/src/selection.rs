@@ -117,6 +117,7 @@ mod tests {
             .map(|name| LoadedScenario {
                 name: (*name).to_owned(),
                 path: PathBuf::from(format!("scenarios/{name}.toml")),
+                dir: PathBuf::from("scenarios"),
                 scenario: scenario.clone(),
             })
             .collect()

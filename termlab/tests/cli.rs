@@ -122,13 +122,14 @@ fn an_incomplete_kernel_build_exits_3() {
     );
 }
 
-/// Without the tools that build the initramfs (make first) the run cannot
-/// start: infrastructure. PATH is emptied, so the tool is really missing.
+/// Without the tools that build the guest image (clang for the scenario's
+/// program first) the run cannot start: infrastructure. PATH is emptied, so
+/// the tool is really missing.
 #[test]
 fn a_missing_tool_exits_3() {
     let kernel = scratch("tools");
     for file in ["bzImage", "bpftool"] {
-        std::fs::write(kernel.path().join(file), b"not used: make is missing first")
+        std::fs::write(kernel.path().join(file), b"not used: clang is missing first")
             .expect("write");
     }
     std::fs::write(kernel.path().join("build-info.json"), b"{}").expect("write");
@@ -143,7 +144,11 @@ fn a_missing_tool_exits_3() {
         .expect("termlab runs");
     assert_eq!(output.status.code(), Some(3), "{}", text(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("\"make\"") && stderr.contains("No such file"), "{}", text(&output));
+    assert!(
+        stderr.contains("cannot run clang") && stderr.contains("No such file"),
+        "{}",
+        text(&output)
+    );
 }
 
 /// One scenario as `termlab list --json` prints it.

@@ -25,6 +25,15 @@ const POWER_OFF_WAIT: Duration = Duration::from_secs(20);
 /// The kernel command line; the VMM appends the virtio-mmio device itself.
 pub const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 nokaslr";
 
+/// The command line with a scenario's `[vm] kernel_args` appended
+/// (checked by `scenario::check_kernel_args`).
+pub fn cmdline(kernel_args: Option<&str>) -> String {
+    match kernel_args.map(str::trim).filter(|args| !args.is_empty()) {
+        Some(args) => format!("{CMDLINE} {args}"),
+        None => CMDLINE.to_owned(),
+    }
+}
+
 pub struct Guest {
     vm: Vm,
     pub client: Client<UnixStream>,
@@ -40,6 +49,8 @@ pub struct BootSpec<'a> {
     pub console_log: PathBuf,
     /// Forward the host's stdin to the guest console (for --keep-vm).
     pub console_stdin: bool,
+    /// Appended to [`CMDLINE`] (a scenario's `[vm] kernel_args`).
+    pub kernel_args: Option<&'a str>,
 }
 
 impl Guest {
@@ -53,7 +64,7 @@ impl Guest {
         let mut config = VmConfig::new(
             spec.kernel.to_owned(),
             Some(spec.initramfs.to_owned()),
-            CMDLINE.to_owned(),
+            cmdline(spec.kernel_args),
         );
         config.vcpus = spec.vcpus;
         config.mem_mib = spec.memory_mib;

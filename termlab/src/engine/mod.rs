@@ -31,7 +31,7 @@ use crate::results::{
 use crate::scenario::LoadedScenario;
 use crate::stack_proof::TermMap;
 use crate::ui::Ui;
-pub use guest::{console_last_lines, describe_exit, BootSpec, Guest, CMDLINE};
+pub use guest::{cmdline, console_last_lines, describe_exit, BootSpec, Guest, CMDLINE};
 use stack_probe::StackProbe;
 pub use steps::parse_fields;
 use steps::{run_repetition, LoadedProgram, TraceReader};
@@ -45,6 +45,8 @@ pub enum EngineError {
     Results(#[from] ResultsError),
     #[error(transparent)]
     Report(#[from] ReportError),
+    #[error(transparent)]
+    Programs(#[from] crate::user_programs::UserProgramError),
     #[error("the VMM could not start the guest: {0}")]
     Vm(#[from] termlab_vmm::Error),
     #[error("the guest agent did not answer within {waited:?} ({detail}); the guest console is in {}", console.display())]
@@ -167,7 +169,7 @@ pub fn run_scenario(
     let kernel =
         guest_image::resolve_kernel(root, scenario.vm.kernel, options.kernel_dir.as_deref())?;
     // Cached: main prepared it before any nesting.
-    let initramfs = guest_image::initramfs(root, &kernel)?;
+    let initramfs = scenario_initramfs(root, loaded, &kernel)?;
 
     let started = SystemTime::now();
     let dir = results::create_run_dir(&options.results_root, &loaded.name, started)?;
@@ -194,7 +196,7 @@ pub fn run_scenario(
             vm: VmInfo {
                 vcpus: scenario.vm.vcpus.get(),
                 memory_mib: scenario.vm.memory_mib.get(),
-                cmdline: CMDLINE.to_owned(),
+                cmdline: cmdline(kernel_args(scenario)),
             },
         },
         repetitions: Vec::new(),
@@ -233,6 +235,24 @@ pub fn run_scenario(
     result.save(&dir)?;
     report::write_run_report(&result, &dir)?;
     Ok(ScenarioRun { result, dir, outcome })
+}
+
+/// The scenario's `[vm] kernel_args`, if any.
+fn kernel_args(scenario: &crate::scenario::Scenario) -> Option<&str> {
+    scenario.vm.kernel_args.as_ref().map(|args| args.get_ref().as_str())
+}
+
+/// The guest image for a scenario: the harness's initramfs plus the
+/// scenario's program objects (sources compiled here, cached), test data
+/// and `[vm] files`. Cached by content: call it before nesting so the L1
+/// VM only finds it.
+pub fn scenario_initramfs(
+    root: &Path,
+    loaded: &LoadedScenario,
+    kernel: &guest_image::KernelBuild,
+) -> Result<PathBuf, EngineError> {
+    let files = crate::user_programs::guest_files(loaded)?;
+    Ok(guest_image::initramfs_with(root, kernel, &files)?)
 }
 
 /// What every stage of one scenario's run needs to know.
@@ -329,6 +349,7 @@ fn boot_measure_and_stop(
         memory_mib: scenario.vm.memory_mib.get(),
         console_log: console_log.to_owned(),
         console_stdin: options.keep_vm,
+        kernel_args: kernel_args(scenario),
     });
     let mut guest = guest?;
     run.progress.event(&Progress::Booted {
@@ -437,7 +458,7 @@ fn measure(
     }
     let mut programs = Vec::new();
     for spec in &scenario.programs {
-        let argv = spec.loader.as_slice().to_vec();
+        let argv = steps::loader_argv(spec);
         let spawned = client
             .spawn(SpawnRequest { argv: argv.clone(), env: BTreeMap::new(), as_uid: None })
             .map_err(|source| EngineError::Agent {
@@ -464,15 +485,16 @@ fn measure(
                 )));
             }
         };
-        let prog_id = parse_fields(&line, line.split_whitespace().next().unwrap_or_default())
-            .and_then(|fields| fields.get("prog_id").and_then(|id| id.parse().ok()))
-            .ok_or_else(|| {
-                EngineError::Guest(format!(
-                    "loader {argv:?} printed `{}` without a numeric prog_id",
-                    line.trim()
-                ))
-            })?;
-        programs.push(LoadedProgram { spec, prog_id });
+        let fields = parse_fields(&line, line.split_whitespace().next().unwrap_or_default())
+            .unwrap_or_default();
+        let prog_id = fields.get("prog_id").and_then(|id| id.parse().ok()).ok_or_else(|| {
+            EngineError::Guest(format!(
+                "loader {argv:?} printed `{}` without a numeric prog_id",
+                line.trim()
+            ))
+        })?;
+        let kernel_name = fields.get("prog_name").cloned();
+        programs.push(LoadedProgram { spec, prog_id, kernel_name });
     }
 
     let traced = crate::scenario::traces_terminations(scenario);

@@ -13,8 +13,8 @@ use super::stack_probe::StackProbe;
 use super::{interrupted, EngineError};
 use crate::results::StepRecord;
 use crate::scenario::{
-    BudgetStep, Errno, Label, ProgInfoStep, ProgramSpec, Scenario, Step, TerminateBy,
-    TerminateStep, TerminateVia, TriggerStep,
+    guest_object_path, guest_test_data_path, BudgetStep, Errno, Label, ProgInfoStep, ProgramSpec,
+    Scenario, Step, TerminateBy, TerminateStep, TerminateVia, TriggerStep, GUEST_LOADER,
 };
 
 /// The kernel trace buffer, read by the agent through trace_pipe (see
@@ -83,10 +83,46 @@ impl TraceReader {
     }
 }
 
-/// A program the loader has loaded: its spec and kernel id.
+/// A program the loader has loaded: its spec, kernel id and kernel name
+/// (as the loader printed it: `prog_name=`).
 pub struct LoadedProgram<'a> {
     pub spec: &'a ProgramSpec,
     pub prog_id: u32,
+    pub kernel_name: Option<String>,
+}
+
+impl LoadedProgram<'_> {
+    /// The kernel's name of the program, for `bpftool prog terminate name`.
+    fn bpf_name(&self) -> Option<&str> {
+        match &self.spec.bpf_name {
+            Some(name) => Some(name.get_ref().as_str()),
+            None => self.kernel_name.as_deref(),
+        }
+    }
+}
+
+fn find_program<'p, 'a>(
+    programs: &'p [LoadedProgram<'a>],
+    name: &Label,
+) -> Option<&'p LoadedProgram<'a>> {
+    programs.iter().find(|p| p.spec.name.get_ref() == name)
+}
+
+/// The guest argv that loads `spec`, prints `prog_id=N` and stays: the
+/// program's own loader, or the generic one for an `object` or `source`.
+pub fn loader_argv(spec: &ProgramSpec) -> Vec<String> {
+    if let Some(loader) = &spec.loader {
+        return loader.get_ref().as_slice().to_vec();
+    }
+    let mut argv =
+        vec![GUEST_LOADER.to_owned(), "load".to_owned(), guest_object_path(spec.name.get_ref())];
+    if let Some(function) = &spec.function {
+        argv.extend(["--prog".to_owned(), function.get_ref().clone()]);
+    }
+    if !spec.attaches() {
+        argv.push("--no-attach".to_owned());
+    }
+    argv
 }
 
 /// A trigger running in the background.
@@ -94,6 +130,9 @@ struct Background {
     handle: u32,
     argv: Vec<String>,
     timeout_ms: u32,
+    /// When the agent started it (guest clock).
+    start_ns: u64,
+    prog_id: u32,
 }
 
 /// When a step started, on the host clock, for `sleep = { after = ... }`.
@@ -121,9 +160,7 @@ pub fn run_repetition(
     let mut background: BTreeMap<Label, Background> = BTreeMap::new();
     let mut started: StartedAt = BTreeMap::new();
     let program = |name: &Label| {
-        programs
-            .iter()
-            .find(|p| &p.spec.name == name)
+        find_program(programs, name)
             .ok_or_else(|| EngineError::Internal(format!("program `{name}` is not loaded")))
     };
     for step in &scenario.steps {
@@ -133,7 +170,8 @@ pub fn run_repetition(
         let step_began = Instant::now();
         match step {
             Step::Trigger(trigger) => {
-                let argv = trigger_argv(trigger, program(trigger.program.get_ref())?.spec);
+                let target = program(trigger.program.get_ref())?;
+                let argv = trigger_argv(trigger, target)?;
                 let label = trigger.label.get_ref().clone();
                 if trigger.background {
                     if uses_trace {
@@ -153,6 +191,8 @@ pub fn run_repetition(
                             handle: reply.handle,
                             argv,
                             timeout_ms: trigger.timeout_ms.get(),
+                            start_ns: reply.start_ns,
+                            prog_id: target.prog_id,
                         },
                     );
                 } else {
@@ -177,6 +217,11 @@ pub fn run_repetition(
                         exit_code(&output.status),
                         &output.stdout.data.to_string_lossy(),
                         &output.stderr.data.to_string_lossy(),
+                        AgentTimes {
+                            start_ns: output.start_ns,
+                            end_ns: output.end_ns,
+                            prog_id: target.prog_id,
+                        },
                     ));
                 }
             }
@@ -210,6 +255,11 @@ pub fn run_repetition(
                     exit_code(&exit.status),
                     &output.stdout.data.to_string_lossy(),
                     &output.stderr.data.to_string_lossy(),
+                    AgentTimes {
+                        start_ns: job.start_ns,
+                        end_ns: exit.end_ns,
+                        prog_id: job.prog_id,
+                    },
                 ));
                 records.push(StepRecord::Wait { label: label.to_string() });
             }
@@ -306,15 +356,45 @@ pub fn describe_step(step: &Step) -> String {
     }
 }
 
-/// The trigger's argv, pinned with busybox `taskset` when it names a CPU.
-fn trigger_argv(trigger: &TriggerStep, program: &ProgramSpec) -> Vec<String> {
+/// The trigger's argv, pinned with busybox `taskset` when it names a CPU:
+/// the program's trigger command, or the generic loader's BPF_PROG_TEST_RUN.
+fn trigger_argv(
+    trigger: &TriggerStep,
+    program: &LoadedProgram<'_>,
+) -> Result<Vec<String>, EngineError> {
     let mut argv = Vec::new();
     if let Some(cpu) = &trigger.cpu {
         argv.extend(["taskset".to_owned(), "-c".to_owned(), cpu.get_ref().to_string()]);
     }
-    argv.extend(program.trigger.as_slice().iter().cloned());
+    let spec = program.spec;
+    match (&spec.trigger, &spec.test_run) {
+        (Some(command), _) => argv.extend(command.get_ref().as_slice().iter().cloned()),
+        (None, Some(test_run)) => {
+            let test_run = test_run.get_ref();
+            argv.extend([
+                GUEST_LOADER.to_owned(),
+                "test-run".to_owned(),
+                "--id".to_owned(),
+                program.prog_id.to_string(),
+                "--repeat".to_owned(),
+                test_run.repeat.get().to_string(),
+            ]);
+            if let Some(hex) = &test_run.data_hex {
+                argv.extend(["--data-hex".to_owned(), hex.get_ref().clone()]);
+            }
+            if test_run.data_file.is_some() {
+                argv.extend(["--data-file".to_owned(), guest_test_data_path(spec.name.get_ref())]);
+            }
+        }
+        (None, None) => {
+            return Err(EngineError::Guest(format!(
+                "program `{}` has no trigger",
+                spec.name.get_ref()
+            )))
+        }
+    }
     argv.extend(trigger.args.iter().cloned());
-    argv
+    Ok(argv)
 }
 
 fn exit_code(status: &ExitStatus) -> Option<i32> {
@@ -387,21 +467,40 @@ pub fn parse_fields(stdout: &str, prefix: &str) -> Option<BTreeMap<String, Strin
     )
 }
 
+/// What the agent knows of a trigger run, for a command that prints no
+/// `trigger ... start_ns=.. end_ns=..` line of its own (any guest command).
+struct AgentTimes {
+    /// Just before the agent started the process.
+    start_ns: u64,
+    /// When the agent saw it exit.
+    end_ns: u64,
+    prog_id: u32,
+}
+
+/// A trigger's record: the fields of its `trigger key=value ...` line, its
+/// run's start and end from that line or else the agent's process start and
+/// exit, and its program's id (for the kernel's budget events).
 fn trigger_record(
     label: &Label,
     argv: Vec<String>,
     exit_code: Option<i32>,
     stdout: &str,
     stderr: &str,
+    agent: AgentTimes,
 ) -> StepRecord {
-    let fields = parse_fields(stdout, "trigger").unwrap_or_default();
+    let mut fields = parse_fields(stdout, "trigger").unwrap_or_default();
+    fields.entry("prog_id".to_owned()).or_insert_with(|| agent.prog_id.to_string());
     let number = |key: &str| fields.get(key).and_then(|v| v.parse::<u64>().ok());
+    let (start_ns, end_ns) = match (number("start_ns"), number("end_ns")) {
+        (Some(start), Some(end)) => (start, end),
+        _ => (agent.start_ns, agent.end_ns),
+    };
     StepRecord::Trigger {
         label: label.to_string(),
         argv,
         exit_code,
-        start_ns: number("start_ns"),
-        end_ns: number("end_ns"),
+        start_ns: Some(start_ns),
+        end_ns: Some(end_ns),
         fields,
         stdout: stdout.to_owned(),
         stderr: stderr.to_owned(),
@@ -418,10 +517,9 @@ fn terminate_step(
     probe: Option<&StackProbe<'_>>,
 ) -> Result<StepRecord, EngineError> {
     let label = step.label.get_ref().to_string();
-    let target =
-        step.program.as_ref().map(|name| programs.iter().find(|p| &p.spec.name == name.get_ref()));
+    let target = step.program.as_ref().map(|name| find_program(programs, name.get_ref()));
     let (prog_id, bpf_name) = match (target, &step.prog_id) {
-        (Some(Some(program)), _) => (program.prog_id, Some(program.spec.bpf_name.as_str())),
+        (Some(Some(program)), _) => (program.prog_id, program.bpf_name()),
         (None, Some(id)) => (*id.get_ref(), None),
         _ => {
             return Err(EngineError::Internal(format!(
@@ -549,9 +647,7 @@ fn budget_step(
 ) -> Result<StepRecord, EngineError> {
     let label = step.label.get_ref().to_string();
     let prog_id = match (&step.program, &step.prog_id) {
-        (Some(name), _) => {
-            programs.iter().find(|p| &p.spec.name == name.get_ref()).map(|p| p.prog_id)
-        }
+        (Some(name), _) => find_program(programs, name.get_ref()).map(|p| p.prog_id),
         (None, id) => id.as_ref().map(|id| *id.get_ref()),
     };
     let prog_id = prog_id.ok_or_else(|| {
@@ -649,6 +745,7 @@ mod tests {
             Some(0),
             stdout,
             "",
+            AgentTimes { start_ns: 900, end_ns: 402000, prog_id: 7 },
         );
         match record {
             StepRecord::Trigger { start_ns, end_ns, fields, .. } => {
@@ -659,6 +756,106 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(parse_fields("no such line\n", "trigger"), None);
+    }
+
+    fn program(text: &str) -> ProgramSpec {
+        let scenario = format!(
+            "description = \"x\"\n[vm]\nkernel = \"default\"\n[[program]]\n{text}\n\
+             [[step]]\ntrigger = {{ label = \"run\", program = \"p\", cpu = 1, args = [\"extra\"] }}\n"
+        );
+        let parsed = crate::scenario::parse(&scenario).unwrap_or_else(|e| panic!("{e:?}"));
+        parsed.programs.into_iter().next().expect("one program")
+    }
+
+    fn first_trigger(text: &str) -> TriggerStep {
+        let scenario = format!(
+            "description = \"x\"\n[vm]\nkernel = \"default\"\n[[program]]\n{text}\n\
+             [[step]]\ntrigger = {{ label = \"run\", program = \"p\", cpu = 1, args = [\"extra\"] }}\n"
+        );
+        match crate::scenario::parse(&scenario).expect("parses").steps.remove(0) {
+            Step::Trigger(trigger) => trigger,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn users_programs_are_loaded_and_run_by_the_generic_loader() {
+        let text = "name = \"p\"\nsource = \"p.bpf.c\"\nfunction = \"spin\"\nattach = false\n\
+                    test_run = { data_hex = \"00ff\", repeat = 5 }";
+        let spec = program(text);
+        assert_eq!(
+            loader_argv(&spec),
+            [
+                "/bin/bpf_loader",
+                "load",
+                "/lib/termlab/programs/p.bpf.o",
+                "--prog",
+                "spin",
+                "--no-attach"
+            ]
+        );
+        let loaded = LoadedProgram { spec: &spec, prog_id: 42, kernel_name: Some("spin".into()) };
+        assert_eq!(
+            trigger_argv(&first_trigger(text), &loaded).expect("argv"),
+            [
+                "taskset",
+                "-c",
+                "1",
+                "/bin/bpf_loader",
+                "test-run",
+                "--id",
+                "42",
+                "--repeat",
+                "5",
+                "--data-hex",
+                "00ff",
+                "extra"
+            ]
+        );
+        assert_eq!(loaded.bpf_name(), Some("spin"));
+
+        let command = "name = \"p\"\nobject = \"p.bpf.o\"\ntrigger = [\"sync\"]";
+        let spec = program(command);
+        assert_eq!(
+            loader_argv(&spec),
+            ["/bin/bpf_loader", "load", "/lib/termlab/programs/p.bpf.o"]
+        );
+        let loaded = LoadedProgram { spec: &spec, prog_id: 42, kernel_name: None };
+        assert_eq!(
+            trigger_argv(&first_trigger(command), &loaded).expect("argv"),
+            ["taskset", "-c", "1", "sync", "extra"]
+        );
+        let own =
+            "name = \"p\"\nloader = [\"loops\", \"--prog\", \"loops\"]\nbpf_name = \"loops\"\n\
+                   trigger = [\"trigger_loops\"]";
+        let spec = program(own);
+        assert_eq!(loader_argv(&spec), ["loops", "--prog", "loops"]);
+        let loaded = LoadedProgram { spec: &spec, prog_id: 42, kernel_name: Some("other".into()) };
+        assert_eq!(loaded.bpf_name(), Some("loops"));
+    }
+
+    #[test]
+    fn a_command_trigger_without_a_timing_line_is_timed_by_the_agent() {
+        let label = Label::try_from("run".to_owned()).expect("label");
+        let agent = AgentTimes { start_ns: 100, end_ns: 900, prog_id: 7 };
+        match trigger_record(&label, vec!["sync".into()], Some(0), "", "", agent) {
+            StepRecord::Trigger { start_ns, end_ns, fields, .. } => {
+                assert_eq!((start_ns, end_ns), (Some(100), Some(900)));
+                assert_eq!(fields.get("prog_id").map(String::as_str), Some("7"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A line of its own wins, fields and all.
+        let agent = AgentTimes { start_ns: 100, end_ns: 900, prog_id: 7 };
+        let stdout = "trigger retval=3 start_ns=200 end_ns=300 prog_id=8\n";
+        match trigger_record(&label, vec![], Some(0), stdout, "", agent) {
+            StepRecord::Trigger { start_ns, end_ns, fields, .. } => {
+                assert_eq!((start_ns, end_ns), (Some(200), Some(300)));
+                assert_eq!(fields.get("prog_id").map(String::as_str), Some("8"));
+                assert_eq!(fields.get("retval").map(String::as_str), Some("3"));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

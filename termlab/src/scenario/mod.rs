@@ -2,6 +2,7 @@
 //! that does not pass [`load`]: every error names `file:line:col` and the
 //! offending key.
 
+mod elf;
 mod model;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 use toml::Spanned;
 
+pub use elf::{dynamic_needs, DynamicNeeds};
 pub use model::*;
 
 #[derive(Debug, Error)]
@@ -31,16 +33,30 @@ pub struct LoadedScenario {
     /// The file stem, e.g. `loops` for `scenarios/loops.toml`.
     pub name: String,
     pub path: PathBuf,
+    /// The absolute directory of the file: host paths in it are relative to this.
+    pub dir: PathBuf,
     pub scenario: Scenario,
 }
 
-/// Reads, parses and validates one scenario file.
+impl LoadedScenario {
+    /// A host path written in the scenario (`object`, `source`, `files`...).
+    pub fn host_path(&self, written: &str) -> PathBuf {
+        self.dir.join(written)
+    }
+}
+
+/// Reads, parses and validates one scenario file, including the host files
+/// it names (programs, test data, `[vm] files`).
 pub fn load(path: &Path) -> Result<LoadedScenario, ScenarioError> {
     let text = std::fs::read_to_string(path)
         .map_err(|source| ScenarioError::Read { path: path.to_owned(), source })?;
     let scenario = parse(&text).map_err(|e| e.locate(path, &text))?;
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = std::path::absolute(parent)
+        .map_err(|source| ScenarioError::Read { path: path.to_owned(), source })?;
+    check_host_files(&scenario, &dir).map_err(|e| e.locate(path, &text))?;
     let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    Ok(LoadedScenario { name, path: path.to_owned(), scenario })
+    Ok(LoadedScenario { name, path: path.to_owned(), dir, scenario })
 }
 
 /// An error with a byte span, before it is turned into line and column.
@@ -162,14 +178,20 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
     }
     let vcpus = scenario.vm.vcpus.get();
 
+    if let Some(args) = &scenario.vm.kernel_args {
+        check_kernel_args(args.get_ref())
+            .map_err(|message| invalid(args, "vm.kernel_args", message))?;
+    }
+    validate_guest_files(&scenario.vm.files)?;
+
     let mut programs = BTreeSet::new();
     for (i, program) in scenario.programs.iter().enumerate() {
-        if !programs.insert(program.name.clone()) {
-            // `name` is not spanned; the duplicate is reported by index.
-            return Err(SpannedError::new(
-                0..0,
+        validate_program(program, &|field| format!("program[{i}].{field}"))?;
+        if !programs.insert(program.name.get_ref().clone()) {
+            return Err(invalid(
+                &program.name,
                 format!("program[{i}].name"),
-                format!("program `{}` is declared twice", program.name),
+                format!("program `{}` is declared twice", program.name.get_ref()),
             ));
         }
     }
@@ -513,6 +535,362 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
                     ));
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// Where the generic loader finds a user's program object in the guest.
+pub fn guest_object_path(program: &Label) -> String {
+    format!("{GUEST_PROGRAM_DIR}/{program}.bpf.o")
+}
+
+/// Where a `test_run.data_file` is copied in the guest.
+pub fn guest_test_data_path(program: &Label) -> String {
+    format!("{GUEST_PROGRAM_DIR}/{program}.data")
+}
+
+/// The guest directory of users' program objects and test data.
+pub const GUEST_PROGRAM_DIR: &str = "/lib/termlab/programs";
+
+/// The guest loader of users' objects (guest-samples/bpf/bpf_loader.c).
+pub const GUEST_LOADER: &str = "/bin/bpf_loader";
+
+/// Largest `test_run` packet (the loader's MAX_DATA_BYTES).
+pub const MAX_TEST_DATA_BYTES: usize = 64 * 1024;
+
+/// A `[[program]]` is one of two forms, with the keys of that form only.
+fn validate_program(
+    program: &ProgramSpec,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), SpannedError> {
+    let name = &program.name;
+    let forms = [program.object.is_some(), program.source.is_some(), program.loader.is_some()];
+    if forms.iter().filter(|&&given| given).count() != 1 {
+        return Err(invalid(
+            name,
+            key("name"),
+            format!(
+                "program `{}` needs exactly one of `object` (a compiled BPF object), `source` (BPF C, compiled here with clang) or `loader` (a guest command that loads it and prints prog_id=N)",
+                name.get_ref()
+            ),
+        ));
+    }
+    for (path, field) in [(&program.object, "object"), (&program.source, "source")] {
+        if let Some(path) = path.as_ref().filter(|p| p.get_ref().is_empty()) {
+            return Err(invalid(path, key(field), "an empty path"));
+        }
+    }
+    if let Some(loader) = &program.loader {
+        for (given, field) in [
+            (program.function.as_ref().map(Spanned::span), "function"),
+            (program.attach.as_ref().map(Spanned::span), "attach"),
+            (program.test_run.as_ref().map(Spanned::span), "test_run"),
+        ] {
+            if let Some(span) = given {
+                return Err(SpannedError::new(
+                    span,
+                    key(field),
+                    format!("`{field}` is for programs given by `object` or `source`; a `loader` loads and runs its program itself"),
+                ));
+            }
+        }
+        if program.bpf_name.is_none() || program.trigger.is_none() {
+            return Err(invalid(
+                loader,
+                key("loader"),
+                "a program with a `loader` also needs `bpf_name` (its kernel name) and `trigger` (the guest command that runs it)",
+            ));
+        }
+        return Ok(());
+    }
+    if let Some(bpf_name) = &program.bpf_name {
+        return Err(invalid(
+            bpf_name,
+            key("bpf_name"),
+            "`bpf_name` goes with `loader`; for an `object` or `source`, name the program's C function with `function`",
+        ));
+    }
+    if let Some(function) = &program.function {
+        let text = function.get_ref();
+        let identifier = text.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && text.len() <= 128;
+        if !identifier {
+            return Err(invalid(
+                function,
+                key("function"),
+                format!("`{text}` is not a C function name"),
+            ));
+        }
+    }
+    match (&program.trigger, &program.test_run) {
+        (Some(_), None) => Ok(()),
+        (None, Some(test_run)) => validate_test_run(test_run, key),
+        (Some(trigger), Some(_)) => Err(invalid(
+            trigger,
+            key("trigger"),
+            "give `trigger` (a guest command) or `test_run` (BPF_PROG_TEST_RUN), not both",
+        )),
+        (None, None) => Err(invalid(
+            name,
+            key("trigger"),
+            format!(
+                "program `{}` needs `trigger` (a guest command that makes it run, e.g. [\"sync\"] for a sys_enter_sync tracepoint) or `test_run = {{ data_hex = \"...\" }}`",
+                name.get_ref()
+            ),
+        )),
+    }
+}
+
+fn validate_test_run(
+    test_run: &Spanned<TestRunSpec>,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), SpannedError> {
+    let spec = test_run.get_ref();
+    if let (Some(_), Some(file)) = (&spec.data_hex, &spec.data_file) {
+        return Err(invalid(
+            file,
+            key("test_run.data_file"),
+            "give `data_hex` or `data_file`, not both",
+        ));
+    }
+    if let Some(hex) = &spec.data_hex {
+        let text = hex.get_ref();
+        if text.is_empty() || text.len() % 2 != 0 || !text.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(invalid(
+                hex,
+                key("test_run.data_hex"),
+                "not an even, non-zero number of hex digits (e.g. \"00ff10\")",
+            ));
+        }
+        if text.len() / 2 > MAX_TEST_DATA_BYTES {
+            return Err(invalid(
+                hex,
+                key("test_run.data_hex"),
+                format!("more than {MAX_TEST_DATA_BYTES} bytes: use `data_file`"),
+            ));
+        }
+    }
+    if let Some(file) = spec.data_file.as_ref().filter(|f| f.get_ref().is_empty()) {
+        return Err(invalid(file, key("test_run.data_file"), "an empty path"));
+    }
+    Ok(())
+}
+
+/// Guest paths the harness's own image holds or mounts over.
+const RESERVED_GUEST_PATHS: [&str; 13] = [
+    "/init",
+    "/run-me",
+    "/bin/busybox",
+    "/bin/termlab-agent",
+    "/bin/ipi_rtt",
+    "/bin/bpftool",
+    "/bin/bpf_loader",
+    "/bin/loops",
+    "/bin/trigger_loops",
+    "/bin/prog_terminate",
+    "/bin/prog_term_map",
+    "/bin/term_bench",
+    "/bin/term_stress",
+];
+/// Filesystems /init mounts over (a file put there would be hidden), and the programs' directory.
+const RESERVED_GUEST_DIRS: [&str; 5] = ["/proc", "/sys", "/dev", "/tmp", GUEST_PROGRAM_DIR];
+
+/// `[vm] files`: absolute, plain guest paths, each once, none of the harness's.
+fn validate_guest_files(files: &[GuestFileSpec]) -> Result<(), SpannedError> {
+    let mut seen = BTreeSet::new();
+    for (i, file) in files.iter().enumerate() {
+        let key = |field: &str| format!("vm.files[{i}].{field}");
+        if file.host.get_ref().is_empty() {
+            return Err(invalid(&file.host, key("host"), "an empty path"));
+        }
+        let guest = file.guest.get_ref();
+        let plain = guest.starts_with('/')
+            && guest.len() > 1
+            && guest[1..].split('/').all(|part| {
+                !part.is_empty()
+                    && part != "."
+                    && part != ".."
+                    && part.chars().all(|c| c.is_ascii_alphanumeric() || "._+-@".contains(c))
+            });
+        if !plain {
+            return Err(invalid(
+                &file.guest,
+                key("guest"),
+                format!("`{guest}` is not an absolute guest file path of A-Z a-z 0-9 . _ + - @ (no `..`, `//` or trailing `/`)"),
+            ));
+        }
+        let under = |dir: &str| guest.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/'));
+        if RESERVED_GUEST_PATHS.contains(&guest.as_str()) {
+            return Err(invalid(
+                &file.guest,
+                key("guest"),
+                format!("`{guest}` is the harness's own file in the guest image"),
+            ));
+        }
+        if let Some(dir) = RESERVED_GUEST_DIRS.iter().find(|dir| under(dir)) {
+            return Err(invalid(
+                &file.guest,
+                key("guest"),
+                format!("`{guest}` is under {dir}, which the guest's init mounts over or the harness fills"),
+            ));
+        }
+        if !seen.insert(guest.clone()) {
+            return Err(invalid(&file.guest, key("guest"), format!("`{guest}` is listed twice")));
+        }
+    }
+    Ok(())
+}
+
+/// Longest `[vm] kernel_args` (the kernel's x86 limit is 2048 bytes for the whole line).
+pub const MAX_KERNEL_ARGS_BYTES: usize = 1024;
+/// Parameters the harness sets and needs: its console (the log, panics),
+/// its init (the agent), and panic=-1/reboot=k (a panic ends the VM at once).
+const HARNESS_KERNEL_PARAMS: [&str; 5] = ["console", "init", "rdinit", "panic", "reboot"];
+
+/// `[vm] kernel_args`: printable ASCII words appended to the guest's command
+/// line. Refused: control characters (newlines, tabs, NUL) and non-ASCII,
+/// more than 1024 bytes, double quotes (the kernel's quoting would change how
+/// the rest of the line parses), a `--` word (the rest would go to init
+/// instead of the kernel), and the parameters the harness sets itself.
+pub fn check_kernel_args(args: &str) -> Result<(), String> {
+    if let Some(bad) = args.chars().find(|c| !(' '..='~').contains(c)) {
+        return Err(format!(
+            "{bad:?}: only printable ASCII is allowed (no newlines, tabs or control characters)"
+        ));
+    }
+    if args.len() > MAX_KERNEL_ARGS_BYTES {
+        return Err(format!("{} bytes: at most {MAX_KERNEL_ARGS_BYTES}", args.len()));
+    }
+    if args.contains('"') {
+        return Err(
+            "double quotes are not allowed: they change how the whole command line parses".into()
+        );
+    }
+    for word in args.split(' ').filter(|w| !w.is_empty()) {
+        if word == "--" {
+            return Err(
+                "`--` would hand the rest of the command line to init, not the kernel".into()
+            );
+        }
+        let param = word.split_once('=').map_or(word, |(name, _)| name);
+        if HARNESS_KERNEL_PARAMS.contains(&param) {
+            return Err(format!(
+                "`{word}`: the harness sets {} itself (its console, its init and panic handling)",
+                HARNESS_KERNEL_PARAMS.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Guest library directories the dynamic loader searches by default.
+const GUEST_LIBRARY_DIRS: [&str; 6] = [
+    "/lib",
+    "/lib64",
+    "/usr/lib",
+    "/usr/lib64",
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib/x86_64-linux-gnu",
+];
+
+/// The host files a scenario names exist and fit: programs' objects and
+/// sources, test data, and `[vm] files`, of which a dynamically linked ELF
+/// file is refused unless its loader and libraries are listed too.
+fn check_host_files(scenario: &Scenario, dir: &Path) -> Result<(), SpannedError> {
+    let host_file = |written: &Spanned<String>, key: String| {
+        let path = dir.join(written.get_ref());
+        std::fs::read(&path).map_err(|error| {
+            invalid(
+                written,
+                key,
+                format!(
+                    "cannot read {}: {error} (paths are relative to the scenario's directory)",
+                    path.display()
+                ),
+            )
+        })
+    };
+    for (i, program) in scenario.programs.iter().enumerate() {
+        let key = |field: &str| format!("program[{i}].{field}");
+        if let Some(object) = &program.object {
+            let bytes = host_file(object, key("object"))?;
+            let is_bpf = bytes.starts_with(b"\x7fELF") && bytes.get(18..20) == Some(&[247, 0]);
+            if !is_bpf {
+                return Err(invalid(
+                    object,
+                    key("object"),
+                    "not a BPF object (an ELF file for machine BPF, as `clang -target bpf -c` writes)",
+                ));
+            }
+        }
+        if let Some(source) = &program.source {
+            host_file(source, key("source"))?;
+        }
+        if let Some(file) = program.test_run.as_ref().and_then(|t| t.get_ref().data_file.as_ref()) {
+            let bytes = host_file(file, key("test_run.data_file"))?;
+            if bytes.len() > MAX_TEST_DATA_BYTES {
+                return Err(invalid(
+                    file,
+                    key("test_run.data_file"),
+                    format!("{} bytes: at most {MAX_TEST_DATA_BYTES}", bytes.len()),
+                ));
+            }
+        }
+    }
+    let files = &scenario.vm.files;
+    let guest_paths: BTreeSet<&str> = files.iter().map(|f| f.guest.get_ref().as_str()).collect();
+    let libraries: BTreeSet<&str> = files
+        .iter()
+        .filter_map(|f| f.guest.get_ref().rsplit_once('/'))
+        .filter(|(lib_dir, _)| GUEST_LIBRARY_DIRS.contains(lib_dir))
+        .map(|(_, name)| name)
+        .collect();
+    for (i, file) in files.iter().enumerate() {
+        let key = format!("vm.files[{i}].host");
+        let path = dir.join(file.host.get_ref());
+        if !path.is_file() {
+            return Err(invalid(
+                &file.host,
+                key,
+                format!(
+                    "{} is not a file (paths are relative to the scenario's directory)",
+                    path.display()
+                ),
+            ));
+        }
+        let bytes = host_file(&file.host, key.clone())?;
+        let needs = dynamic_needs(&bytes).map_err(|message| {
+            invalid(&file.host, key.clone(), format!("{}: {message}", path.display()))
+        })?;
+        let Some(needs) = needs else { continue };
+        let missing_loader = needs.interpreter.as_deref().filter(|i| !guest_paths.contains(i));
+        let missing_libs: Vec<&str> = needs
+            .needed
+            .iter()
+            .map(String::as_str)
+            .filter(|lib| !libraries.contains(lib))
+            .collect();
+        if missing_loader.is_some() || !missing_libs.is_empty() {
+            let mut missing: Vec<String> =
+                missing_loader.map(|l| format!("its loader {l}")).into_iter().collect();
+            if !missing_libs.is_empty() {
+                missing.push(format!(
+                    "{} in {}",
+                    missing_libs.join(", "),
+                    GUEST_LIBRARY_DIRS.join(" or ")
+                ));
+            }
+            return Err(invalid(
+                &file.host,
+                key,
+                format!(
+                    "{} is dynamically linked and the guest has no shared libraries: link it statically (e.g. gcc -static), or list {} in `files` too",
+                    path.display(),
+                    missing.join(" and ")
+                ),
+            ));
         }
     }
     Ok(())

@@ -58,6 +58,22 @@ pub struct VmSpec {
     pub vcpus: Vcpus,
     #[serde(default)]
     pub memory_mib: MemoryMib,
+    /// Extra files for the guest, added to the initramfs:
+    /// `files = [{ host = "bin/tool", guest = "/bin/tool" }]`.
+    #[serde(default)]
+    pub files: Vec<GuestFileSpec>,
+    /// Appended to the guest kernel's command line (see [`super::check_kernel_args`]).
+    #[serde(default)]
+    pub kernel_args: Option<Spanned<String>>,
+}
+
+/// One `[vm] files` entry. `host` is relative to the scenario file's directory.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestFileSpec {
+    pub host: Spanned<String>,
+    /// Absolute guest path, e.g. `/bin/tool`.
+    pub guest: Spanned<String>,
 }
 
 /// Which guest kernel build to boot: the variants of `guest-kernel/build --variant`.
@@ -83,19 +99,79 @@ impl KernelVariant {
     }
 }
 
-/// A resident loader: loads and attaches one BPF program and stays until killed.
+/// A BPF program the steps act on, loaded once after boot by a resident
+/// loader that prints `prog_id=N` and holds the program until killed.
+///
+/// Either a user's own program, loaded by the generic guest loader
+/// (`guest-samples/bpf/bpf_loader.c`):
+///
+/// ```toml
+/// [[program]]
+/// name = "spin"                 # what steps call it
+/// source = "spin.bpf.c"         # or object = "spin.bpf.o"; relative to the scenario file
+/// function = "spin"             # which program of the object (optional if it holds one)
+/// trigger = ["sync"]            # any guest command, or test_run = { data_hex = "..." }
+/// ```
+///
+/// or a loader command of its own (`loader`, with `bpf_name` and `trigger`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProgramSpec {
     /// Name the steps use to refer to this program.
-    pub name: Label,
-    /// Guest argv of the loader (e.g. `["/bin/loops"]`).
-    pub loader: Argv,
-    /// Guest argv that makes the program run once and prints its timing
-    /// (e.g. `["/bin/trigger_loops"]`).
-    pub trigger: Argv,
-    /// The kernel-side BPF program name, used to look up the program id.
-    pub bpf_name: BpfProgName,
+    pub name: Spanned<Label>,
+    /// A compiled BPF object (ELF), relative to the scenario file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<Spanned<String>>,
+    /// BPF C source, compiled on the host with clang (see `crate::user_programs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Spanned<String>>,
+    /// The program's C function name in the object; needed when it holds several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<Spanned<String>>,
+    /// Attach by section name after loading (default true); `false` for a
+    /// program that is only run through `test_run`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attach: Option<Spanned<bool>>,
+    /// Guest argv of a loader of its own (e.g. `["term_stress", "hold"]`),
+    /// which prints `prog_id=N` once the program is loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loader: Option<Spanned<Argv>>,
+    /// With `loader`: the kernel-side BPF program name (for `by = "name"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bpf_name: Option<Spanned<BpfProgName>>,
+    /// Guest argv a trigger step runs to make the program run (e.g.
+    /// `["trigger_loops"]`, or any command that fires its attach point).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<Spanned<Argv>>,
+    /// Instead of `trigger`: run the program with BPF_PROG_TEST_RUN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_run: Option<Spanned<TestRunSpec>>,
+}
+
+impl ProgramSpec {
+    /// Whether the generic loader loads it (`object` or `source`).
+    pub fn is_user_object(&self) -> bool {
+        self.object.is_some() || self.source.is_some()
+    }
+
+    /// Whether to attach after loading.
+    pub fn attaches(&self) -> bool {
+        self.attach.as_ref().is_none_or(|attach| *attach.get_ref())
+    }
+}
+
+/// `test_run = { data_hex = "00ff...", repeat = 10 }`: what a trigger step
+/// passes to BPF_PROG_TEST_RUN. `data_file` (relative to the scenario file)
+/// is copied into the guest; without data the run gets no packet (raw_tp).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestRunSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_hex: Option<Spanned<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_file: Option<Spanned<String>>,
+    #[serde(default)]
+    pub repeat: TestRunRepeat,
 }
 
 /// One step of a repetition.
@@ -662,6 +738,10 @@ bounded_u32!(
 bounded_u32!(
     /// A sleep; longer than ten minutes is surely a typo.
     DurationMs, "ms", 0, 600_000, 0
+);
+bounded_u32!(
+    /// BPF_PROG_TEST_RUN's repeat count.
+    TestRunRepeat, "repeat", 1, 10_000_000, 1
 );
 bounded_u32!(
     /// How long a trigger may run before the run is declared hung.

@@ -1,0 +1,323 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * bpf_loader: the generic guest loader for users' BPF objects (scenario
+ * `[[program]] object = ...` or `source = ...`).
+ *
+ *   bpf_loader load OBJECT [--prog FUNCTION] [--no-attach]
+ *
+ * Opens OBJECT with libbpf, selects the program FUNCTION (its C function
+ * name; optional when the object holds one program), loads only that one,
+ * attaches it by its section name (bpf_program__attach: tracepoint/...,
+ * kprobe/..., raw_tp/..., fentry/... and whatever else libbpf knows how to
+ * attach without extra arguments) unless --no-attach, and prints one line:
+ *
+ *   prog_id=7 prog_name=spin function=spin section=tracepoint/syscalls/sys_enter_sync attached=1
+ *
+ * (prog_name is the kernel's name: the function name cut to 15 bytes). It
+ * then holds the program and its link until SIGTERM or SIGINT, detaches, and
+ * exits 0 after printing `prog_id=N detached signal=S`.
+ *
+ *   bpf_loader test-run --id PROG_ID [--data-hex HEX | --data-file PATH] [--repeat N]
+ *
+ * Runs a loaded program through BPF_PROG_TEST_RUN (for the program types
+ * that support it: tc, xdp, socket filter, raw_tp, ...) with the given
+ * packet data, and prints one machine-readable line:
+ *
+ *   trigger prog_id=7 start_ns=.. end_ns=.. duration_ns=.. retval=0 repeat=1 test_duration_ns=..
+ *
+ * start_ns/end_ns are CLOCK_MONOTONIC around the bpf() call. Exit status 0
+ * when the call succeeded; 1 (with `trigger ... errno=NAME` and a message on
+ * stderr) when it failed; 2 for bad arguments.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
+
+/* Largest packet a test run takes here (the kernel's own limit is about a page for most types). */
+#define MAX_DATA_BYTES (64 * 1024)
+
+static int print_libbpf(enum libbpf_print_level level, const char *format, va_list args)
+{
+	if (level == LIBBPF_DEBUG)
+		return 0;
+	return vfprintf(stderr, format, args);
+}
+
+static int usage(void)
+{
+	fprintf(stderr,
+		"usage: bpf_loader load OBJECT [--prog FUNCTION] [--no-attach]\n"
+		"       bpf_loader test-run --id PROG_ID [--data-hex HEX | --data-file PATH] [--repeat N]\n");
+	return 2;
+}
+
+static uint64_t monotonic_ns(void)
+{
+	struct timespec now;
+
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	return (uint64_t)now.tv_sec * 1000000000ULL + (uint64_t)now.tv_nsec;
+}
+
+static int parse_u32(const char *text, __u32 *value)
+{
+	unsigned long long parsed;
+	char *end;
+
+	if (text == NULL || *text < '0' || *text > '9')
+		return -1;
+	errno = 0;
+	parsed = strtoull(text, &end, 10);
+	if (errno || *end || parsed > UINT32_MAX)
+		return -1;
+	*value = (__u32)parsed;
+	return 0;
+}
+
+static const char *errno_name(int error)
+{
+	switch (error) {
+	case EPERM: return "EPERM";
+	case ENOENT: return "ENOENT";
+	case ESRCH: return "ESRCH";
+	case EINTR: return "EINTR";
+	case EFAULT: return "EFAULT";
+	case EINVAL: return "EINVAL";
+	case ENOSPC: return "ENOSPC";
+	case E2BIG: return "E2BIG";
+	case ENOTSUP: return "ENOTSUP";
+	case ETIMEDOUT: return "ETIMEDOUT";
+	default: return "EOTHER";
+	}
+}
+
+static int load(int argc, char **argv)
+{
+	const char *path = NULL, *function = NULL;
+	struct bpf_program *prog, *selected = NULL;
+	struct bpf_link *link = NULL;
+	struct bpf_object *object;
+	struct bpf_prog_info info;
+	__u32 info_len = sizeof(info);
+	int attach = 1, programs = 0, signal_number, i, err;
+	sigset_t stop_signals;
+
+	for (i = 0; i < argc; i++) {
+		if (strcmp(argv[i], "--prog") == 0 && i + 1 < argc)
+			function = argv[++i];
+		else if (strcmp(argv[i], "--no-attach") == 0)
+			attach = 0;
+		else if (argv[i][0] != '-' && path == NULL)
+			path = argv[i];
+		else
+			return usage();
+	}
+	if (path == NULL)
+		return usage();
+
+	/* Block the stop signals first so one sent right after prog_id= is not lost. */
+	sigemptyset(&stop_signals);
+	sigaddset(&stop_signals, SIGTERM);
+	sigaddset(&stop_signals, SIGINT);
+	sigprocmask(SIG_BLOCK, &stop_signals, NULL);
+
+	libbpf_set_print(print_libbpf);
+	object = bpf_object__open_file(path, NULL);
+	if (!object) {
+		fprintf(stderr, "bpf_loader: opening BPF object %s: %s\n", path, strerror(errno));
+		return 1;
+	}
+	bpf_object__for_each_program(prog, object) {
+		programs++;
+		if (function == NULL || strcmp(bpf_program__name(prog), function) == 0)
+			selected = prog;
+	}
+	if (selected == NULL || (function == NULL && programs != 1)) {
+		if (function)
+			fprintf(stderr, "bpf_loader: %s has no program (function) named %s; it has:\n",
+				path, function);
+		else
+			fprintf(stderr, "bpf_loader: %s holds %d programs: choose one with --prog "
+				"(scenario key `function`):\n", path, programs);
+		bpf_object__for_each_program(prog, object)
+			fprintf(stderr, "  %s (section %s)\n", bpf_program__name(prog),
+				bpf_program__section_name(prog));
+		bpf_object__close(object);
+		return 1;
+	}
+	/* Only the selected program is loaded (and verified). */
+	bpf_object__for_each_program(prog, object)
+		if (prog != selected)
+			bpf_program__set_autoload(prog, false);
+	err = bpf_object__load(object);
+	if (err) {
+		fprintf(stderr, "bpf_loader: loading %s from %s: %s (the verifier's log is above)\n",
+			bpf_program__name(selected), path, strerror(-err));
+		bpf_object__close(object);
+		return 1;
+	}
+	if (attach) {
+		link = bpf_program__attach(selected);
+		if (!link) {
+			fprintf(stderr, "bpf_loader: attaching %s by its section `%s`: %s (libbpf "
+				"attaches tracepoint/, kprobe/, raw_tp/, fentry/... sections by "
+				"themselves; for a program you only test-run, use `attach = false`)\n",
+				bpf_program__name(selected), bpf_program__section_name(selected),
+				strerror(errno));
+			bpf_object__close(object);
+			return 1;
+		}
+	}
+	memset(&info, 0, sizeof(info));
+	if (bpf_obj_get_info_by_fd(bpf_program__fd(selected), &info, &info_len)) {
+		fprintf(stderr, "bpf_loader: reading the program id: %s\n", strerror(errno));
+		bpf_link__destroy(link);
+		bpf_object__close(object);
+		return 1;
+	}
+	printf("prog_id=%u prog_name=%s function=%s section=%s attached=%d\n", info.id, info.name,
+	       bpf_program__name(selected), bpf_program__section_name(selected), attach);
+	fflush(stdout);
+
+	if (sigwait(&stop_signals, &signal_number))
+		signal_number = 0;
+	bpf_link__destroy(link);
+	bpf_object__close(object);
+	printf("prog_id=%u detached signal=%d\n", info.id, signal_number);
+	return 0;
+}
+
+static int hex_digit(char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return -1;
+}
+
+/* Decodes HEX into data; returns the byte count or -1 after a message. */
+static long decode_hex(const char *hex, unsigned char *data)
+{
+	size_t length = strlen(hex), i;
+
+	if (length % 2 || length / 2 > MAX_DATA_BYTES) {
+		fprintf(stderr, "bpf_loader: --data-hex needs an even number of hex digits, "
+			"at most %d bytes\n", MAX_DATA_BYTES);
+		return -1;
+	}
+	for (i = 0; i < length; i += 2) {
+		int high = hex_digit(hex[i]), low = hex_digit(hex[i + 1]);
+
+		if (high < 0 || low < 0) {
+			fprintf(stderr, "bpf_loader: --data-hex: `%c%c` is not a hex byte\n",
+				hex[i], hex[i + 1]);
+			return -1;
+		}
+		data[i / 2] = (unsigned char)(high << 4 | low);
+	}
+	return (long)(length / 2);
+}
+
+static long read_data_file(const char *path, unsigned char *data)
+{
+	long total = 0;
+	ssize_t got;
+	int fd = open(path, O_RDONLY);
+
+	if (fd < 0) {
+		fprintf(stderr, "bpf_loader: opening %s: %s\n", path, strerror(errno));
+		return -1;
+	}
+	while ((got = read(fd, data + total, MAX_DATA_BYTES + 1 - total)) > 0)
+		total += got;
+	close(fd);
+	if (got < 0 || total > MAX_DATA_BYTES) {
+		fprintf(stderr, "bpf_loader: %s: %s\n", path,
+			got < 0 ? strerror(errno) : "more than 64 KiB of test data");
+		return -1;
+	}
+	return total;
+}
+
+static int test_run(int argc, char **argv)
+{
+	static unsigned char data_in[MAX_DATA_BYTES + 1], data_out[MAX_DATA_BYTES + 4096];
+	__u32 prog_id = 0, repeat = 1;
+	long data_size = 0;
+	int have_data = 0, prog_fd, err, error, i;
+	uint64_t start_ns, end_ns;
+
+	for (i = 0; i < argc; i++) {
+		const char *value = i + 1 < argc ? argv[i + 1] : NULL;
+
+		if (strcmp(argv[i], "--id") == 0 && parse_u32(value, &prog_id) == 0 && prog_id) {
+		} else if (strcmp(argv[i], "--repeat") == 0 && parse_u32(value, &repeat) == 0 &&
+			   repeat) {
+		} else if (strcmp(argv[i], "--data-hex") == 0 && value && !have_data) {
+			data_size = decode_hex(value, data_in);
+			have_data = 1;
+		} else if (strcmp(argv[i], "--data-file") == 0 && value && !have_data) {
+			data_size = read_data_file(value, data_in);
+			have_data = 1;
+		} else {
+			return usage();
+		}
+		i++;
+		if (data_size < 0)
+			return 2;
+	}
+	if (prog_id == 0)
+		return usage();
+	prog_fd = bpf_prog_get_fd_by_id(prog_id);
+	if (prog_fd < 0) {
+		fprintf(stderr, "bpf_loader: opening BPF program id %u: %s\n", prog_id,
+			strerror(errno));
+		return 1;
+	}
+	LIBBPF_OPTS(bpf_test_run_opts, opts, .repeat = repeat);
+	if (have_data) {
+		opts.data_in = data_in;
+		opts.data_size_in = (__u32)data_size;
+		opts.data_out = data_out;
+		opts.data_size_out = sizeof(data_out);
+	}
+	start_ns = monotonic_ns();
+	err = bpf_prog_test_run_opts(prog_fd, &opts);
+	error = errno;
+	end_ns = monotonic_ns();
+	close(prog_fd);
+	printf("trigger prog_id=%u start_ns=%llu end_ns=%llu duration_ns=%llu repeat=%u", prog_id,
+	       (unsigned long long)start_ns, (unsigned long long)end_ns,
+	       (unsigned long long)(end_ns - start_ns), repeat);
+	if (err) {
+		printf(" errno=%s\n", errno_name(error));
+		fprintf(stderr, "bpf_loader: BPF_PROG_TEST_RUN of program %u: %s\n", prog_id,
+			strerror(error));
+		return 1;
+	}
+	printf(" retval=%u test_duration_ns=%u data_size_out=%u\n", opts.retval, opts.duration,
+	       opts.data_size_out);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc >= 2 && strcmp(argv[1], "load") == 0)
+		return load(argc - 2, argv + 2);
+	if (argc >= 2 && strcmp(argv[1], "test-run") == 0)
+		return test_run(argc - 2, argv + 2);
+	return usage();
+}
