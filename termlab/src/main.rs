@@ -13,7 +13,7 @@ use termlab::report;
 use termlab::results::RunResult;
 use termlab::scenario::{self, KernelVariant, LoadedScenario};
 use termlab::ui::Ui;
-use termlab_nested::{KvmPlan, NestedMode};
+use termlab_nested::{KvmPlan, L1Options, NestedError, NestedMode};
 
 #[derive(Parser)]
 #[command(
@@ -206,19 +206,27 @@ fn fail(ui: Ui, message: impl std::fmt::Display) -> Failed {
 }
 
 /// Where the VM will run: here, or (after re-running this very command
-/// inside a nested L1 VM) nowhere, with the exit code it had there.
-fn kvm_plan(ui: Ui, mode: NestedMode) -> Result<KvmPlan, Failed> {
+/// inside a nested L1 VM, where the host is read-only except `writable`)
+/// nowhere, with the exit code it had there.
+fn kvm_plan(ui: Ui, mode: NestedMode, writable: &[&Path]) -> Result<KvmPlan, Failed> {
     let mut argv: Vec<OsString> = std::env::args_os().collect();
     // Inside L1 the same binary is reached through the shared root filesystem.
     if let (Some(first), Ok(exe)) = (argv.first_mut(), std::env::current_exe()) {
         *first = exe.into_os_string();
     }
-    termlab_nested::ensure_real_kvm_or_reexec(mode, &argv).map_err(|error| {
-        if let termlab_nested::NestedError::Interrupted(_) = error {
+    let l1 = L1Options {
+        writable: writable.iter().map(|dir| dir.to_path_buf()).collect(),
+        ..L1Options::default()
+    };
+    termlab_nested::ensure_real_kvm_or_reexec_with(mode, &argv, &l1).map_err(|error| match error {
+        NestedError::Interrupted(_) => {
             ui.error(&format!("interrupted: {error}"));
-            return Failed(EXIT_INTERRUPTED);
+            Failed(EXIT_INTERRUPTED)
         }
-        fail(ui, format!("{error}\nhint: this host's /dev/kvm cannot run a Linux guest; use `--nested auto` (the default) or `--nested always` to run inside a nested L1 VM"))
+        NestedError::KvmUnusable(_) => fail(ui, format!("{error}\nhint: this host's /dev/kvm cannot run a Linux guest; use `--nested auto` (the default) or `--nested always` to run inside a nested L1 VM")),
+        // The launcher's error names the cause (a directory L1 cannot share or enter,
+        // the end of L1's console, ...).
+        other => fail(ui, other),
     })
 }
 
@@ -258,7 +266,7 @@ fn run(
         prepare_initramfs(ui, &root, &kernel)?;
     }
 
-    options.nested = match kvm_plan(ui, mode)? {
+    options.nested = match kvm_plan(ui, mode, &[&options.results_root])? {
         KvmPlan::RunHere { nested } => nested,
         KvmPlan::RanInL1 { exit_code } => {
             return if exit_code == 0 {
@@ -393,7 +401,7 @@ fn boot(
     let root = repository_root().map_err(|e| fail(ui, e))?;
     let kernel = guest_image::find_kernel(&root, variant).map_err(|e| fail(ui, e))?;
     let initramfs = prepare_initramfs(ui, &root, &kernel)?;
-    if let KvmPlan::RanInL1 { exit_code } = kvm_plan(ui, mode)? {
+    if let KvmPlan::RanInL1 { exit_code } = kvm_plan(ui, mode, &[])? {
         return if exit_code == 0 {
             Ok(())
         } else {
@@ -427,7 +435,7 @@ fn bench(ui: Ui, mut options: BenchOptions, mode: NestedMode) -> Result<(), Fail
     })?;
     let patched_image = prepare_initramfs(ui, &root, &patched)?;
     let baseline_image = prepare_initramfs(ui, &root, &baseline)?;
-    options.nested = match kvm_plan(ui, mode)? {
+    options.nested = match kvm_plan(ui, mode, &[&options.results_root])? {
         KvmPlan::RunHere { nested } => nested,
         KvmPlan::RanInL1 { exit_code } => {
             return if exit_code == 0 {
