@@ -138,15 +138,31 @@ pub fn forward_signal(dir: &Path, signal: i32) -> bool {
     fs::write(&partial, name).and_then(|()| fs::rename(&partial, &path)).is_ok()
 }
 
-/// Host directories under `/tmp` the command needs to see: its working directory and, when
-/// given by path, the program's directory.
-pub fn visible_dirs(cwd: &Path, argv: &[OsString]) -> Vec<PathBuf> {
+/// Passed variables that name host paths the command reads (a file's directory is shared).
+const PATH_ENV: [&str; 5] =
+    ["CARGO_TARGET_DIR", "TERMLAB_ROOT", "TERMLAB_CACHE", "TERMLAB_AGENT", "TERMLAB_KERNEL_DIR"];
+
+/// Host directories the command needs to see (only those under `/tmp` need a mount): its
+/// working directory, the program's directory when it is given by path, `readable`, and
+/// the paths in the passed [`PATH_ENV`] variables of `env`. Missing paths are left out.
+pub fn visible_dirs(
+    cwd: &Path,
+    argv: &[OsString],
+    readable: &[PathBuf],
+    env: impl IntoIterator<Item = (OsString, OsString)>,
+) -> Vec<PathBuf> {
+    let program = argv.first().map(PathBuf::from).filter(|p| p.components().count() > 1);
+    let named = env
+        .into_iter()
+        .filter(|(key, _)| PATH_ENV.iter().any(|name| key == name))
+        .map(|(_, value)| PathBuf::from(value));
     let mut dirs = vec![cwd.to_owned()];
-    if let Some(program) = argv.first().map(Path::new) {
-        if program.components().count() > 1 {
-            if let Some(parent) = cwd.join(program).parent().and_then(|p| p.canonicalize().ok()) {
-                dirs.push(parent);
-            }
+    for path in program.into_iter().chain(readable.iter().cloned()).chain(named) {
+        let Ok(path) = cwd.join(path).canonicalize() else { continue };
+        let dir = if path.is_dir() { Some(path.as_path()) } else { path.parent() };
+        // /tmp itself stays L1's own tmpfs; only the cwd there is refused outright.
+        if let Some(dir) = dir.filter(|d| *d != Path::new("/tmp")) {
+            dirs.push(dir.to_owned());
         }
     }
     dirs
@@ -194,6 +210,33 @@ mod tests {
         for absent in ["secret", "CARGO_HOME", "TERMLAB_SOMETHING_ELSE"] {
             assert!(!script.contains(absent), "{absent} passed:\n{script}");
         }
+    }
+
+    #[test]
+    fn the_paths_the_command_reads_are_visible() {
+        let scratch = TempDir::new(Path::new("/tmp"), "termlab-nested-test").expect("temp dir");
+        let kernel = scratch.path().join("kernel");
+        let agent = scratch.path().join("agent-dir/termlab-agent");
+        fs::create_dir_all(&kernel).expect("kernel dir");
+        fs::create_dir_all(agent.parent().expect("parent")).expect("agent dir");
+        fs::write(&agent, "").expect("agent");
+        let env = [
+            ("TERMLAB_AGENT", agent.as_os_str()),
+            ("HOME", scratch.path().as_os_str()),
+            ("TERMLAB_CACHE", OsStr::new("/tmp/termlab-nested-test-missing")),
+        ]
+        .map(|(k, v)| (OsString::from(k), v.to_owned()));
+        let program = scratch.path().join("bin/termlab").into_os_string();
+        fs::create_dir_all(scratch.path().join("bin")).expect("bin");
+        fs::write(&program, "").expect("program");
+        let dirs = visible_dirs(Path::new("/work"), &[program], std::slice::from_ref(&kernel), env);
+        let expected = [
+            PathBuf::from("/work"),
+            scratch.path().join("bin"),
+            kernel,
+            agent.parent().expect("parent").to_owned(),
+        ];
+        assert_eq!(dirs, expected);
     }
 
     #[test]

@@ -45,6 +45,10 @@ pub struct L1Options {
     /// directory; missing ones are created). The rest of the host is read-only inside L1,
     /// except its own job directory and a private tmpfs on `/tmp`.
     pub writable: Vec<PathBuf>,
+    /// Host paths the command reads besides its working directory, its program and the
+    /// paths in passed variables (TERMLAB_KERNEL_DIR, ...): only those under `/tmp` need
+    /// naming, as L1 has a tmpfs of its own there.
+    pub readable: Vec<PathBuf>,
     /// Names of host environment variables passed in besides [`crate::PASSED_ENV`].
     pub extra_env: Vec<String>,
 }
@@ -57,6 +61,7 @@ impl Default for L1Options {
             timeout: Duration::from_secs(1800),
             cache_dir: "/var/cache/termlab/l1".into(),
             writable: Vec::new(),
+            readable: Vec::new(),
             extra_env: Vec::new(),
         }
     }
@@ -70,7 +75,7 @@ pub fn run_in_l1(argv: &[OsString], options: &L1Options) -> Result<i32, NestedEr
     let cwd =
         std::env::current_dir().map_err(|e| NestedError::io("get", Path::new("current dir"), e))?;
     let writable = writable_dirs(&cwd, &options.writable)?;
-    let visible = job::visible_dirs(&cwd, argv);
+    let visible = job::visible_dirs(&cwd, argv, &options.readable, std::env::vars_os());
     // Checked before anything starts: a refused directory changes nothing.
     MountPlan::new(&writable, &visible)?;
     ensure_tools()?;

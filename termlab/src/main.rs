@@ -206,9 +206,14 @@ fn fail(ui: Ui, message: impl std::fmt::Display) -> Failed {
 }
 
 /// Where the VM will run: here, or (after re-running this very command
-/// inside a nested L1 VM, where the host is read-only except `writable`)
-/// nowhere, with the exit code it had there.
-fn kvm_plan(ui: Ui, mode: NestedMode, writable: &[&Path]) -> Result<KvmPlan, Failed> {
+/// inside a nested L1 VM, where the host is read-only except `writable`, and
+/// `readable` is visible also under /tmp) nowhere, with the exit code it had there.
+fn kvm_plan(
+    ui: Ui,
+    mode: NestedMode,
+    writable: &[&Path],
+    readable: &[&Path],
+) -> Result<KvmPlan, Failed> {
     let mut argv: Vec<OsString> = std::env::args_os().collect();
     // Inside L1 the same binary is reached through the shared root filesystem.
     if let (Some(first), Ok(exe)) = (argv.first_mut(), std::env::current_exe()) {
@@ -216,6 +221,7 @@ fn kvm_plan(ui: Ui, mode: NestedMode, writable: &[&Path]) -> Result<KvmPlan, Fai
     }
     let l1 = L1Options {
         writable: writable.iter().map(|dir| dir.to_path_buf()).collect(),
+        readable: readable.iter().map(|path| path.to_path_buf()).collect(),
         ..L1Options::default()
     };
     termlab_nested::ensure_real_kvm_or_reexec_with(mode, &argv, &l1).map_err(|error| match error {
@@ -266,7 +272,8 @@ fn run(
         prepare_initramfs(ui, &root, &kernel)?;
     }
 
-    options.nested = match kvm_plan(ui, mode, &[&options.results_root])? {
+    let kernel_dir: Vec<&Path> = options.kernel_dir.as_deref().into_iter().collect();
+    options.nested = match kvm_plan(ui, mode, &[&options.results_root], &kernel_dir)? {
         KvmPlan::RunHere { nested } => nested,
         KvmPlan::RanInL1 { exit_code } => {
             return if exit_code == 0 {
@@ -401,7 +408,7 @@ fn boot(
     let root = repository_root().map_err(|e| fail(ui, e))?;
     let kernel = guest_image::find_kernel(&root, variant).map_err(|e| fail(ui, e))?;
     let initramfs = prepare_initramfs(ui, &root, &kernel)?;
-    if let KvmPlan::RanInL1 { exit_code } = kvm_plan(ui, mode, &[])? {
+    if let KvmPlan::RanInL1 { exit_code } = kvm_plan(ui, mode, &[], &[])? {
         return if exit_code == 0 {
             Ok(())
         } else {
@@ -435,7 +442,7 @@ fn bench(ui: Ui, mut options: BenchOptions, mode: NestedMode) -> Result<(), Fail
     })?;
     let patched_image = prepare_initramfs(ui, &root, &patched)?;
     let baseline_image = prepare_initramfs(ui, &root, &baseline)?;
-    options.nested = match kvm_plan(ui, mode, &[&options.results_root])? {
+    options.nested = match kvm_plan(ui, mode, &[&options.results_root], &[])? {
         KvmPlan::RunHere { nested } => nested,
         KvmPlan::RanInL1 { exit_code } => {
             return if exit_code == 0 {
