@@ -206,8 +206,9 @@ fn fail(ui: Ui, message: impl std::fmt::Display) -> Failed {
 }
 
 /// Where the VM will run: here, or (after re-running this very command
-/// inside a nested L1 VM, where the host is read-only except `writable`, and
-/// `readable` is visible also under /tmp) nowhere, with the exit code it had there.
+/// inside a nested L1 VM, where the host is read-only except `writable` and
+/// the initramfs cache, and `readable` is visible also under /tmp) nowhere,
+/// with the exit code it had there.
 fn kvm_plan(
     ui: Ui,
     mode: NestedMode,
@@ -219,8 +220,16 @@ fn kvm_plan(
     if let (Some(first), Ok(exe)) = (argv.first_mut(), std::env::current_exe()) {
         *first = exe.into_os_string();
     }
+    // The engine finds (or builds) the guest initramfs again inside L1; the
+    // rest of the cache (kernels, the L1 image) stays read-only there.
+    let initramfs_cache = guest_image::cache_root().join("harness");
     let l1 = L1Options {
-        writable: writable.iter().map(|dir| dir.to_path_buf()).collect(),
+        writable: writable
+            .iter()
+            .copied()
+            .chain([initramfs_cache.as_path()])
+            .map(Path::to_path_buf)
+            .collect(),
         readable: readable.iter().map(|path| path.to_path_buf()).collect(),
         ..L1Options::default()
     };
