@@ -221,10 +221,7 @@ pub fn initramfs(root: &Path, kernel: &KernelBuild) -> Result<PathBuf, GuestImag
 
     let agent = agent_binary(root)?;
     let run_me = cache.join("run-me");
-    // Rewritten only when it changed: inside the nested L1 VM the cache is read-only.
-    if std::fs::read(&run_me).ok().as_deref() != Some(RUN_ME.as_bytes()) {
-        std::fs::write(&run_me, RUN_ME).map_err(io_error(&run_me))?;
-    }
+    std::fs::write(&run_me, RUN_ME).map_err(io_error(&run_me))?;
 
     let mkinitramfs = root.join("guest-samples/mkinitramfs");
     let mut hasher = Sha256::new();
