@@ -19,10 +19,22 @@ pub enum NestedError {
     Timeout(Duration),
     #[error("interrupted by signal {0}; the L1 VM was killed")]
     Interrupted(i32),
-    #[error("the L1 VM ended without running the command (QEMU: {qemu_status})")]
-    L1Failed { qemu_status: String },
+    #[error("the L1 VM ended without running the command (QEMU: {qemu_status}){}", console_tail_text(.console_tail))]
+    L1Failed { qemu_status: String, console_tail: Vec<String> },
+    #[error("the L1 VM started but could not start the command: {0}")]
+    JobSetup(String),
+    #[error("cannot share {} with the L1 VM: {reason}", .path.display())]
+    BadMount { path: PathBuf, reason: &'static str },
     #[error("unknown nested mode {0:?} (expected auto, always or never)")]
     BadMode(String),
+}
+
+fn console_tail_text(tail: &[String]) -> String {
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!("; the end of its console:\n  {}", tail.join("\n  "))
+    }
 }
 
 impl NestedError {

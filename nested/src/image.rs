@@ -11,37 +11,50 @@ use std::process::Command;
 use crate::cpio::CpioWriter;
 use crate::error::NestedError;
 use crate::lock::FileLock;
+use crate::mounts::{root_mount_options, HOST_TMP};
 use crate::tempdir::TempDir;
 
 /// Bumped whenever the initramfs layout or init script changes, so stale caches are ignored.
-const IMAGE_VERSION: &str = "v4";
+const IMAGE_VERSION: &str = "v5";
 /// Kernel modules L1 needs, in `modprobe` dependency order after expansion. vhost_vsock lets
 /// QEMU in L1 give its guests vsock (for comparisons against our VMM).
 const L1_MODULES: [&str; 5] = ["kvm-amd", "virtio_pci", "9pnet_virtio", "9p", "vhost_vsock"];
 const BUSYBOX: &str = "/bin/busybox";
-const BUSYBOX_APPLETS: [&str; 10] =
-    ["sh", "mount", "insmod", "cat", "echo", "chroot", "reboot", "sleep", "sed", "ln"];
+const BUSYBOX_APPLETS: [&str; 11] =
+    ["sh", "mount", "insmod", "cat", "echo", "chroot", "reboot", "sleep", "sed", "ln", "mkdir"];
 
-/// The L1 init: modules, 9p root, a local tmpfs on /tmp, chroot into the host and run
-/// `$job/job`.
+/// The L1 init: modules, the host's `/` read-only on /mnt, a local tmpfs on /mnt/tmp, the
+/// job's mounts (`$job/mounts`, see crate::mounts: writable exports, binds of the host's
+/// /tmp kept on /host-tmp), then chroot into the host and run `$job/job`. A mount that
+/// fails stops L1 with a line saying which, which the launcher reports.
 const L1_INIT: &str = r#"#!/bin/sh
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+fail() { echo "L1: cannot mount $1; stopping"; reboot -f; sleep 60; }
 for m in $(cat /mods/order); do insmod /mods/$m.ko || echo "L1: insmod $m failed"; done
-n=0; until mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 host /mnt 2>/dev/null; do
-  n=$((n+1)); [ $n -ge 20 ] && { echo "L1: 9p mount failed"; reboot -f; }; sleep 1
+n=0; until mount -t 9p -o ROOT_OPTIONS host /mnt 2>/dev/null; do
+  n=$((n+1)); [ $n -ge 20 ] && fail "the host's root over 9p"; sleep 1
 done
 [ -e /dev/kvm ] || echo "L1: /dev/kvm missing"
+job=$(sed -n 's/.*termlab.job=\([^ ]*\).*/\1/p' /proc/cmdline)
+[ -r "/mnt$job/mounts" ] || fail "the job directory $job (not visible)"
+# 9p cannot hold Unix sockets: the job gets a local /tmp; the host's /tmp stays reachable
+# on HOST_TMP for the directories the job needs from there.
+mount -o bind /mnt/tmp HOST_TMP || fail HOST_TMP
+mount -t tmpfs tmp /mnt/tmp || fail /mnt/tmp
+. "/mnt$job/mounts"
 mount -t proc proc /mnt/proc; mount -t sysfs sys /mnt/sys; mount -t devtmpfs dev /mnt/dev
 # devtmpfs lacks the /dev/fd links udev makes; bash process substitution needs them.
 ln -sf /proc/self/fd /mnt/dev/fd; ln -sf /proc/self/fd/0 /mnt/dev/stdin
 ln -sf /proc/self/fd/1 /mnt/dev/stdout; ln -sf /proc/self/fd/2 /mnt/dev/stderr
 mount -t tmpfs tmp /mnt/dev/shm 2>/dev/null
-# 9p cannot hold Unix sockets: give the job a local /tmp (the host's /tmp is not visible).
-mount -t tmpfs tmp /mnt/tmp
-job=$(sed -n 's/.*termlab.job=\([^ ]*\).*/\1/p' /proc/cmdline)
 chroot /mnt /bin/sh "$job/job"
 reboot -f
 "#;
+
+/// [`L1_INIT`] with the shared constants filled in.
+fn l1_init() -> String {
+    L1_INIT.replace("ROOT_OPTIONS", &root_mount_options()).replace("HOST_TMP", HOST_TMP)
+}
 
 /// Host tools the image build and the launcher use, with the Debian package providing each.
 pub const REQUIRED_TOOLS: [(&str, &str); 7] = [
@@ -132,7 +145,7 @@ fn build_image(work: &Path) -> Result<(PathBuf, PathBuf), NestedError> {
         .map_err(|e| NestedError::io("create initrd", &initrd_path, e))?;
     let mut cpio = CpioWriter::new(std::io::BufWriter::new(file));
     let cpio_err = |e| NestedError::io("write initrd", &initrd_path, e);
-    for dir in ["/bin", "/mods", "/mnt", "/proc", "/sys", "/dev"] {
+    for dir in ["/bin", "/mods", "/mnt", "/proc", "/sys", "/dev", HOST_TMP] {
         cpio.dir(dir).map_err(cpio_err)?;
     }
     cpio.char_device("/dev/console", 5, 1).map_err(cpio_err)?;
@@ -154,7 +167,7 @@ fn build_image(work: &Path) -> Result<(PathBuf, PathBuf), NestedError> {
         order.push('\n');
     }
     cpio.file("/mods/order", 0o644, order.as_bytes()).map_err(cpio_err)?;
-    cpio.file("/init", 0o755, L1_INIT.as_bytes()).map_err(cpio_err)?;
+    cpio.file("/init", 0o755, l1_init().as_bytes()).map_err(cpio_err)?;
     cpio.finish().and_then(|mut w| w.flush()).map_err(cpio_err)?;
 
     let vmlinuz = root.join(format!("boot/vmlinuz-{version}"));
@@ -203,8 +216,12 @@ fn decompress_module(path: &str) -> Result<Vec<u8>, NestedError> {
     Ok(out.stdout)
 }
 
+/// Runs `cmd` with its output on stderr: the launcher's stdout is the L1 command's alone.
 fn run(cmd: &mut Command, what: &str) -> Result<(), NestedError> {
-    let status = cmd.status().map_err(|e| NestedError::io("run", Path::new(what), e))?;
+    let status = cmd
+        .stdout(std::io::stderr())
+        .status()
+        .map_err(|e| NestedError::io("run", Path::new(what), e))?;
     if !status.success() {
         return Err(NestedError::CommandFailed {
             what: what.to_owned(),

@@ -1,38 +1,39 @@
 //! Running one command inside a throw-away L1 VM (QEMU TCG, `-cpu max` emulating SVM+NPT)
-//! whose `/dev/kvm` is real, with the host's `/` shared over virtio-9p.
+//! whose `/dev/kvm` is real, with the host's `/` shared read-only over virtio-9p and the
+//! directories the command writes shared writable (see [`crate::mounts`]).
 
+use std::collections::VecDeque;
 use std::ffi::OsString;
-use std::fs;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::ffi::OsStrExt;
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::NestedError;
 use crate::image::{ensure_image, ensure_tools};
+use crate::job;
 use crate::lock::FileLock;
+use crate::mounts::MountPlan;
 use crate::tempdir::TempDir;
-use crate::NESTED_ENV;
 
-/// Environment passed into the job (everything else starts clean inside L1).
-const PASSED_ENV_PREFIXES: [&str; 2] = ["TERMLAB_", "CARGO"];
-const PASSED_ENV: [&str; 6] = ["PATH", "HOME", "RUSTUP_HOME", "RUST_LOG", "RUST_BACKTRACE", "TERM"];
 /// One L1 job at a time per host: each L1 VM takes all the host's cores in software emulation.
 const L1_LOCK: &str = "/run/termlab/l1.lock";
-/// Job directories live on the host and are seen by L1 through the 9p root.
+/// Job directories live on the host; each is a writable 9p export of its job's L1 VM.
 const JOBS_DIR: &str = "/run/termlab/l1-jobs";
-/// Exit status the job script reports when it cannot enter the working directory.
-const JOB_SETUP_FAILED: i32 = 125;
-/// The file in the job directory that asks the job script to signal the command (its
-/// content is the signal's name for `kill -s`).
-const SIGNAL_FILE: &str = "signal";
 /// How long the command in L1 gets to stop cleanly after a forwarded signal (stop its VM,
 /// write its partial results) before the L1 VM is killed.
 const SIGNAL_GRACE: Duration = Duration::from_secs(60);
+/// Console lines kept for the error when L1 ends without running the command.
+const CONSOLE_TAIL_LINES: usize = 20;
+/// How often the command's stdout file is checked for new output.
+const STDOUT_POLL: Duration = Duration::from_millis(50);
 
-/// Sizing and limits of the L1 VM.
+/// Sizing, limits and host access of the L1 VM.
 #[derive(Debug, Clone)]
 pub struct L1Options {
     pub mem_mib: u32,
@@ -40,6 +41,16 @@ pub struct L1Options {
     pub timeout: Duration,
     /// Where the L1 kernel and initramfs are cached.
     pub cache_dir: PathBuf,
+    /// Host directories the command may write (relative ones are taken from the current
+    /// directory; missing ones are created). The rest of the host is read-only inside L1,
+    /// except its own job directory and a private tmpfs on `/tmp`.
+    pub writable: Vec<PathBuf>,
+    /// Host paths the command reads besides its working directory, its program and the
+    /// paths in passed variables (TERMLAB_KERNEL_DIR, ...): only those under `/tmp` need
+    /// naming, as L1 has a tmpfs of its own there.
+    pub readable: Vec<PathBuf>,
+    /// Names of host environment variables passed in besides [`crate::PASSED_ENV`].
+    pub extra_env: Vec<String>,
 }
 
 impl Default for L1Options {
@@ -49,83 +60,77 @@ impl Default for L1Options {
             cpus: 2,
             timeout: Duration::from_secs(1800),
             cache_dir: "/var/cache/termlab/l1".into(),
+            writable: Vec::new(),
+            readable: Vec::new(),
+            extra_env: Vec::new(),
         }
     }
 }
 
 /// Runs `argv` inside L1 in the current directory and returns its exit code. The command's
-/// output is streamed to stdout as it runs. Ctrl-C/SIGTERM/SIGHUP are passed on to the command
-/// (which then has a grace period to end cleanly); a second one kills the L1 VM.
+/// stdout is copied to this process's stdout byte for byte; the L1 console (kernel messages
+/// and the command's stderr) goes to stderr. Ctrl-C/SIGTERM/SIGHUP are passed on to the
+/// command (which then has a grace period to end cleanly); a second one kills the L1 VM.
 pub fn run_in_l1(argv: &[OsString], options: &L1Options) -> Result<i32, NestedError> {
-    ensure_tools()?;
-    let image = ensure_image(&options.cache_dir)?;
-    fs::create_dir_all("/run/termlab")
-        .map_err(|e| NestedError::io("create", Path::new("/run/termlab"), e))?;
-    let _lock = FileLock::exclusive(Path::new(L1_LOCK))?;
-    let job = TempDir::new(Path::new(JOBS_DIR), "job")?;
-    write_job_script(job.path(), argv)?;
-
-    let signals = SignalGuard::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
-    let mut qemu = spawn_qemu(&image, job.path(), options)?;
-    let output =
-        qemu.stdout.take().map(|stdout| std::thread::spawn(move || stream_console(stdout)));
-    let ended = supervise(&mut qemu, &signals, options.timeout, job.path());
-    if let Some(thread) = output {
-        let _ = thread.join();
-    }
-    let qemu_status = ended?;
-    let rc_path = job.path().join("rc");
-    match fs::read_to_string(&rc_path) {
-        Ok(rc) => rc
-            .trim()
-            .parse()
-            .map_err(|_| NestedError::L1Failed { qemu_status: format!("bad rc {rc:?}") }),
-        Err(_) => Err(NestedError::L1Failed { qemu_status }),
-    }
-}
-
-/// POSIX shell single-quoting.
-fn quote(arg: &[u8]) -> String {
-    format!("'{}'", String::from_utf8_lossy(arg).replace('\'', r"'\''"))
-}
-
-fn write_job_script(dir: &Path, argv: &[OsString]) -> Result<(), NestedError> {
     let cwd =
         std::env::current_dir().map_err(|e| NestedError::io("get", Path::new("current dir"), e))?;
-    let mut script = String::from("echo\n");
-    script.push_str(&format!(
-        "cd {} || exit {JOB_SETUP_FAILED}\n",
-        quote(cwd.as_os_str().as_bytes())
-    ));
-    for (key, value) in std::env::vars_os() {
-        let key_text = key.to_string_lossy();
-        let passed = PASSED_ENV.contains(&key_text.as_ref())
-            || PASSED_ENV_PREFIXES.iter().any(|p| key_text.starts_with(p));
-        if passed && key_text.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            script.push_str(&format!("export {key_text}={}\n", quote(value.as_bytes())));
-        }
+    let writable = writable_dirs(&cwd, &options.writable)?;
+    let visible = job::visible_dirs(&cwd, argv, &options.readable, std::env::vars_os());
+    // Checked before anything starts: a refused directory changes nothing.
+    MountPlan::new(&writable, &visible)?;
+    ensure_tools()?;
+    let image = ensure_image(&options.cache_dir)?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(JOBS_DIR)
+        .map_err(|e| NestedError::io("create", Path::new(JOBS_DIR), e))?;
+    let _lock = FileLock::exclusive(Path::new(L1_LOCK))?;
+    let job = TempDir::new(Path::new(JOBS_DIR), "job")?;
+    let mut exports = writable;
+    exports.push(job.path().to_owned());
+    let mounts = MountPlan::new(&exports, &visible)?;
+    let script = job::script(job.path(), &cwd, argv, std::env::vars_os(), &options.extra_env);
+    job::write(job.path(), &script, &mounts.script())?;
+
+    let signals = SignalGuard::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
+    let mut qemu = spawn_qemu(&image, job.path(), &mounts, options)?;
+    let console =
+        qemu.stdout.take().map(|stdout| std::thread::spawn(move || stream_console(stdout)));
+    let ended = Arc::new(AtomicBool::new(false));
+    let stdout_relay = {
+        let path = job.path().join(job::STDOUT_FILE);
+        let ended = Arc::clone(&ended);
+        std::thread::spawn(move || relay_stdout(&path, &ended))
+    };
+    let supervised = supervise(&mut qemu, &signals, options.timeout, job.path());
+    ended.store(true, Ordering::SeqCst);
+    let _ = stdout_relay.join();
+    let console_tail = console.and_then(|thread| thread.join().ok()).unwrap_or_default();
+    let qemu_status = supervised?;
+    match job::outcome(job.path())? {
+        Some(rc) => Ok(rc),
+        None => Err(NestedError::L1Failed { qemu_status, console_tail: console_tail.into() }),
     }
-    script.push_str(&format!("export {NESTED_ENV}=1\n"));
-    let command: Vec<String> = argv.iter().map(|a| quote(a.as_bytes())).collect();
-    // The command runs in the background so that a signal the host launcher
-    // received (written to the job's `signal` file) can be passed on to it,
-    // again every second until it ends: it may not have installed its
-    // handler yet (a background command starts with SIGINT ignored).
-    script.push_str(&command.join(" "));
-    script.push_str(" &\nchild=$!\n");
-    let signal_file = quote(dir.join(SIGNAL_FILE).as_os_str().as_bytes());
-    script.push_str(&format!(
-        "(while kill -0 $child 2>/dev/null; do [ -e {signal_file} ] && kill -s \"$(cat {signal_file})\" $child 2>/dev/null; sleep 1; done) &\n"
-    ));
-    script.push_str("wait $child\n");
-    script.push_str(&format!("echo $? > {}\n", quote(dir.join("rc").as_os_str().as_bytes())));
-    let path = dir.join("job");
-    fs::write(&path, script).map_err(|e| NestedError::io("write job script", &path, e))
+}
+
+/// `writable` made absolute (against `cwd`), created where missing, and canonical.
+fn writable_dirs(cwd: &Path, writable: &[PathBuf]) -> Result<Vec<PathBuf>, NestedError> {
+    writable
+        .iter()
+        .map(|dir| {
+            let dir = cwd.join(dir);
+            fs::create_dir_all(&dir)
+                .and_then(|()| dir.canonicalize())
+                .map_err(|e| NestedError::io("create the writable directory", &dir, e))
+        })
+        .collect()
 }
 
 fn spawn_qemu(
     image: &crate::image::L1Image,
     job_dir: &Path,
+    mounts: &MountPlan,
     options: &L1Options,
 ) -> Result<Child, NestedError> {
     let append =
@@ -138,15 +143,16 @@ fn spawn_qemu(
         .arg("-initrd")
         .arg(&image.initrd)
         .args(["-append", &append])
-        .args([
-            "-virtfs",
-            "local,path=/,mount_tag=host,security_model=none,id=host,multidevs=remap",
-        ])
+        .args(mounts.qemu_args())
+        // No network device: L1 and the guests it runs reach nothing.
+        .args(["-nic", "none"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
+    // SAFETY: getpid has no preconditions.
+    let launcher = unsafe { libc::getpid() };
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             // Undo the signal blocking we inherited, leave the terminal's process group (we
             // decide when QEMU dies), and die with the thread that launched us.
             let mut empty: libc::sigset_t = std::mem::zeroed();
@@ -154,6 +160,12 @@ fn spawn_qemu(
             libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
             libc::setpgid(0, 0);
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            // The launcher may have died before the line above: then nothing would kill us.
+            if libc::getppid() != launcher {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            // What L1 writes through the 9p exports gets its own mode bits, not ours.
+            libc::umask(0o022);
             Ok(())
         });
     }
@@ -181,7 +193,7 @@ fn supervise(
             }
         }
         if let Some(signal) = signals.wait(Duration::from_millis(100)) {
-            if forwarded.is_some() || !forward_signal(job_dir, signal) {
+            if forwarded.is_some() || !job::forward_signal(job_dir, signal) {
                 kill(qemu);
                 return Err(NestedError::Interrupted(signal));
             }
@@ -199,24 +211,17 @@ fn supervise(
     }
 }
 
-/// Asks the job script to signal the command (SIGINT stays SIGINT; SIGTERM and SIGHUP become
-/// SIGTERM). False when the request cannot be written.
-fn forward_signal(job_dir: &Path, signal: i32) -> bool {
-    let name = if signal == libc::SIGINT { "INT" } else { "TERM" };
-    let path = job_dir.join(SIGNAL_FILE);
-    let partial = job_dir.join(".signal.tmp");
-    fs::write(&partial, name).and_then(|()| fs::rename(&partial, &path)).is_ok()
-}
-
 fn kill(qemu: &mut Child) {
     let _ = qemu.kill();
     let _ = qemu.wait();
 }
 
-/// Copies the L1 console to stdout without firmware noise and terminal control sequences.
-fn stream_console(stdout: std::process::ChildStdout) {
-    let mut out = std::io::stdout();
-    for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+/// Copies the L1 console to stderr without firmware noise and terminal control sequences;
+/// returns its last lines.
+fn stream_console(console: std::process::ChildStdout) -> VecDeque<String> {
+    let mut out = std::io::stderr();
+    let mut tail = VecDeque::with_capacity(CONSOLE_TAIL_LINES);
+    for line in BufReader::new(console).split(b'\n').map_while(Result::ok) {
         let text = strip_terminal_codes(&String::from_utf8_lossy(&line));
         let firmware = ["SeaBIOS", "iPXE", "Booting from ROM", "Press Ctrl-B"]
             .iter()
@@ -225,7 +230,38 @@ fn stream_console(stdout: std::process::ChildStdout) {
             continue;
         }
         let _ = writeln!(out, "{text}");
+        if tail.len() == CONSOLE_TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(text);
+    }
+    tail
+}
+
+/// Copies the command's stdout file to this process's stdout as it grows, unchanged, until
+/// `ended` is set and everything is copied.
+fn relay_stdout(path: &Path, ended: &AtomicBool) {
+    let Ok(mut file) = File::open(path) else { return };
+    let mut out = std::io::stdout();
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        // Read after looking at the flag, so that what was written before it is copied.
+        let last_round = ended.load(Ordering::SeqCst);
+        loop {
+            match file.read(&mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if out.write_all(&buffer[..n]).is_err() {
+                        return; // stdout closed (`| head`): nobody reads any more
+                    }
+                }
+            }
+        }
         let _ = out.flush();
+        if last_round {
+            return;
+        }
+        std::thread::sleep(STDOUT_POLL);
     }
 }
 
@@ -292,70 +328,6 @@ impl Drop for SignalGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quoting_survives_single_quotes() {
-        assert_eq!(quote(b"it's"), r"'it'\''s'");
-    }
-
-    /// The job script passes a forwarded signal to its command and reports the command's
-    /// own exit status (run here with the host's sh: the script is plain POSIX sh).
-    #[test]
-    fn job_script_passes_a_forwarded_signal_on() {
-        let job = TempDir::new(&std::env::temp_dir(), "termlab-nested-test").expect("temp dir");
-        let command: Vec<OsString> = [
-            "sh",
-            "-c",
-            "trap 'exit 42' TERM; echo $$ > \"$1\"; while :; do sleep 0.1; done",
-            "sh",
-        ]
-        .iter()
-        .map(OsString::from)
-        .chain([job.path().join("started").into_os_string()])
-        .collect();
-        write_job_script(job.path(), &command).expect("job script");
-        let mut script = Command::new("sh")
-            .arg(job.path().join("job"))
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("sh runs");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        // Never leave the command looping behind a failed assertion.
-        let stop_all = |script: &mut Child| {
-            if let Some(pid) = fs::read_to_string(job.path().join("started"))
-                .ok()
-                .and_then(|p| p.trim().parse::<i32>().ok())
-            {
-                // SAFETY: kill(2) of the command this test started.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            let _ = script.kill();
-            let _ = script.wait();
-        };
-        while fs::read_to_string(job.path().join("started"))
-            .map_or(true, |pid| !pid.ends_with('\n'))
-        {
-            if Instant::now() >= deadline {
-                stop_all(&mut script);
-                panic!("the command never started");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(forward_signal(job.path(), libc::SIGTERM));
-        loop {
-            if let Some(status) = script.try_wait().expect("wait") {
-                assert!(status.success(), "{status}");
-                break;
-            }
-            if Instant::now() >= deadline {
-                stop_all(&mut script);
-                panic!("the command did not get the signal");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert_eq!(fs::read_to_string(job.path().join("rc")).expect("rc").trim(), "42");
-        assert_eq!(fs::read_to_string(job.path().join(SIGNAL_FILE)).expect("signal"), "TERM");
-    }
 
     #[test]
     fn terminal_codes_are_removed() {

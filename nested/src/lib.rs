@@ -6,15 +6,20 @@
 //! an "L1" VM (QEMU TCG emulating SVM) where KVM is real. The re-run command sees
 //! `TERMLAB_NESTED=1` ([`is_nested`]) so results can record it.
 //!
-//! Inside L1 the host's `/` is the root (over virtio-9p) except `/tmp`, which is a fresh
-//! tmpfs because 9p cannot hold Unix sockets (vsock sockets, for one): pass files between
-//! host and job through any other directory.
+//! Inside L1 the host's `/` is the root (over virtio-9p), read-only except the directories
+//! named in [`L1Options::writable`] and the job's own directory. `/tmp` is a fresh tmpfs
+//! because 9p cannot hold Unix sockets (vsock sockets, for one); the working directory and
+//! the writable directories are visible at their own paths there too, so a checkout under
+//! the host's `/tmp` works. L1 has no network device. The command's stdout comes back on
+//! the launcher's stdout unchanged; the L1 console (with the command's stderr) on stderr.
 
 pub mod cpio;
 mod error;
 mod image;
+mod job;
 mod launch;
 mod lock;
+mod mounts;
 pub mod probe;
 mod tempdir;
 
@@ -23,6 +28,7 @@ use std::fmt;
 use std::str::FromStr;
 
 pub use error::NestedError;
+pub use job::PASSED_ENV;
 pub use launch::{run_in_l1, L1Options};
 
 /// Set to `1` in the environment of a command re-executed inside L1.

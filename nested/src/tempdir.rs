@@ -2,6 +2,7 @@
 //! died before it could remove its own.
 
 use std::fs;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -14,14 +15,18 @@ pub struct TempDir {
 }
 
 impl TempDir {
-    /// Creates `<parent>/<prefix>-<pid>-<n>` after removing leftovers of dead processes.
+    /// Creates `<parent>/<prefix>-<pid>-<n>`, private (mode 0700), after removing leftovers of
+    /// dead processes.
     pub fn new(parent: &Path, prefix: &str) -> Result<Self, NestedError> {
         fs::create_dir_all(parent).map_err(|e| NestedError::io("create", parent, e))?;
         sweep_dead(parent, prefix);
         let name =
             format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         let path = parent.join(name);
-        fs::create_dir(&path).map_err(|e| NestedError::io("create temp dir", &path, e))?;
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| NestedError::io("create temp dir", &path, e))?;
         Ok(Self { path })
     }
 

@@ -1,7 +1,14 @@
 //! Runs real commands through the L1 launcher (QEMU TCG + Debian kernel + 9p root).
+//! The first two run with every `cargo test`; the host-safety ones (each another L1 boot,
+//! about 20 s) are `#[ignore]`d: `cargo test --release -p termlab-nested --test launcher --
+//! --ignored`.
 
 use std::ffi::OsString;
-use std::time::Duration;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use termlab_nested::{run_in_l1, L1Options, NestedError};
 
@@ -20,7 +27,11 @@ fn sh(script: &str) -> Vec<OsString> {
 }
 
 fn my_job_dirs() -> Vec<String> {
-    let prefix = format!("job-{}-", std::process::id());
+    job_dirs_of(std::process::id())
+}
+
+fn job_dirs_of(launcher: u32) -> Vec<String> {
+    let prefix = format!("job-{launcher}-");
     std::fs::read_dir(JOBS_DIR)
         .map(|entries| {
             entries
@@ -57,13 +68,188 @@ fn timeout_kills_the_l1_vm_and_cleans_up() {
     }
     // What matters after a timeout: no QEMU of ours and no job directory survive.
     assert!(my_job_dirs().is_empty(), "job directory left behind: {:?}", my_job_dirs());
-    let ours = format!("termlab.job={JOBS_DIR}/job-{}-", std::process::id());
-    let survivors: Vec<_> = std::fs::read_dir("/proc")
+    let survivors = qemus_of(std::process::id());
+    assert!(survivors.is_empty(), "QEMU still running: {survivors:?}");
+}
+
+/// Pids of the QEMU processes started by the launcher with this pid.
+fn qemus_of(launcher: u32) -> Vec<i32> {
+    let ours = format!("termlab.job={JOBS_DIR}/job-{launcher}-");
+    std::fs::read_dir("/proc")
         .expect("/proc")
         .filter_map(Result::ok)
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains(&ours))
-        .collect();
-    assert!(survivors.is_empty(), "QEMU still running: {survivors:?}");
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmdline).contains(&ours).then_some(pid)
+        })
+        .collect()
+}
+
+/// A host directory removed when the test ends, however it ends.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(parent: &Path, name: &str) -> Self {
+        let path = parent.join(format!("termlab-nested-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create scratch dir");
+        Self(path)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
+}
+
+/// The launcher binary, as a user runs it.
+fn launcher() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_termlab-nested"));
+    command.args(["--nested", "always"]);
+    command
+}
+
+#[test]
+#[ignore = "boots the L1 VM (about 20 s)"]
+fn the_host_is_read_only_in_l1_except_the_writable_directories_and_there_is_no_network() {
+    let _serial = one_at_a_time();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_owned();
+    let writable = Scratch::new(Path::new(env!("CARGO_TARGET_TMPDIR")), "writable");
+    let probe = format!("l1-write-probe-{}", std::process::id());
+    // Each check has its own exit status, so a failure says which.
+    let script = format!(
+        r#"ro() {{ out=$(touch "$1" 2>&1) && return 1; case "$out" in *"Read-only file system"*) ;; *) echo "$out" >&2; return 1;; esac; }}
+ro '{repo}/{probe}' || exit 11
+ro '/etc/{probe}' || exit 12
+ro '/var/cache/{probe}' || exit 13
+mkdir '{w}/results' && echo written > '{w}/results/file' || exit 14
+test "$(ls /sys/class/net)" = lo || {{ ls /sys/class/net >&2; exit 15; }}
+test "$(stat -f -c %T /tmp)" = tmpfs || exit 16
+exit 0"#,
+        repo = repo.display(),
+        w = writable.0.display(),
+    );
+    let options = L1Options {
+        timeout: Duration::from_secs(600),
+        writable: vec![writable.0.clone()],
+        ..L1Options::default()
+    };
+    assert_eq!(run_in_l1(&sh(&script), &options).expect("L1 run"), 0);
+    assert!(!repo.join(&probe).exists() && !Path::new("/etc").join(&probe).exists());
+    let results = writable.0.join("results");
+    assert_eq!(std::fs::read_to_string(results.join("file")).expect("written in L1"), "written\n");
+    assert_eq!(mode(&results), 0o755, "result directories are readable");
+    assert_eq!(mode(&results.join("file")), 0o644, "result files are readable");
+    assert!(my_job_dirs().is_empty(), "job directory left behind: {:?}", my_job_dirs());
+}
+
+/// A token in the host's environment reaches neither the job directory nor the command,
+/// and the command's stdout comes back alone, byte for byte, with the L1 console on stderr.
+#[test]
+#[ignore = "boots the L1 VM (about 20 s)"]
+fn tokens_stay_on_the_host_and_stdout_is_the_command_s_alone() {
+    let _serial = one_at_a_time();
+    let secret = format!("secret-{}", std::process::id());
+    let (head, tail) = secret.split_at(7);
+    // The secret is spelled in two halves so that the job script does not hold it.
+    let script = format!(
+        r#"t='{head}''{tail}'; job=$(sed -n 's/.*termlab.job=\([^ ]*\).*/\1/p' /proc/cmdline)
+test -d "$job" || {{ echo "no job directory [$job]" >&2; exit 21; }}
+! grep -rqs "$t" "$job" || exit 22
+! env | grep -q "$t" || exit 23
+echo BEGIN; env | sort; echo END; echo to-the-console >&2"#
+    );
+    let output = launcher()
+        .env("CARGO_REGISTRY_TOKEN", &secret)
+        .env("GITHUB_TOKEN", &secret)
+        .env("TERMLAB_KERNEL_DIR", "/passed-through")
+        .args(["--", "sh", "-c", &script])
+        .output()
+        .expect("run termlab-nested");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.first(), Some(&"BEGIN"), "{stdout}");
+    assert_eq!(lines.last(), Some(&"END"), "{stdout}");
+    assert!(
+        lines[1..lines.len() - 1].iter().all(|l| l.split_once('=').is_some()),
+        "stdout holds more than the command's output:\n{stdout}"
+    );
+    assert!(!stdout.contains(&secret), "{stdout}");
+    assert!(lines.contains(&"TERMLAB_KERNEL_DIR=/passed-through"), "{stdout}");
+    assert!(lines.contains(&"TERMLAB_NESTED=1"), "{stdout}");
+    assert!(!lines.iter().any(|l| l.starts_with("CARGO_REGISTRY_TOKEN=")), "{stdout}");
+    assert!(stderr.contains("to-the-console"), "{stderr}");
+}
+
+/// A checkout under the host's /tmp: L1's /tmp is its own tmpfs, yet the working directory
+/// shows the host's files and its results directory is writable.
+#[test]
+#[ignore = "boots the L1 VM (about 20 s)"]
+fn a_working_directory_under_the_host_s_tmp_works() {
+    let _serial = one_at_a_time();
+    let clone = Scratch::new(Path::new("/tmp"), "clone");
+    std::fs::write(clone.0.join("marker"), "from the host\n").expect("marker");
+    let script = r#"test "$(pwd)" = "$1" || exit 31
+test "$(cat marker)" = "from the host" || exit 32
+echo written > results/file || exit 33
+! touch elsewhere 2>/dev/null || exit 34
+test "$(stat -f -c %T /tmp)" = tmpfs || exit 35
+echo in-l1"#;
+    let output = launcher()
+        .current_dir(&clone.0)
+        .args(["--writable", "results", "--", "sh", "-c", script, "sh"])
+        .arg(&clone.0)
+        .output()
+        .expect("run termlab-nested");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(stdout, "in-l1\n");
+    let written = std::fs::read_to_string(clone.0.join("results/file")).expect("written in L1");
+    assert_eq!(written, "written\n");
+    assert!(!clone.0.join("elsewhere").exists());
+}
+
+/// The launcher killed outright (SIGKILL: no handler runs) takes its QEMU with it.
+#[test]
+#[ignore = "boots the L1 VM (about 20 s)"]
+fn a_killed_launcher_leaves_no_qemu_behind() {
+    let _serial = one_at_a_time();
+    let mut child = launcher()
+        .args(["--", "sh", "-c", "echo started; sleep 600"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run termlab-nested");
+    let pid = child.id();
+    let mut started = String::new();
+    let read = BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut started);
+    let running = qemus_of(pid);
+    child.kill().expect("SIGKILL the launcher");
+    child.wait().expect("reap the launcher");
+    assert!(matches!(read, Ok(n) if n > 0) && started == "started\n", "{read:?} {started:?}");
+    assert_eq!(running.len(), 1, "one QEMU while the command ran: {running:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut survivors = qemus_of(pid);
+    while !survivors.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        survivors = qemus_of(pid);
+    }
+    for &qemu in &survivors {
+        // SAFETY: kill(2) of a QEMU the launcher this test started left behind.
+        unsafe { libc::kill(qemu, libc::SIGKILL) };
+    }
+    // The dead launcher's job directory is swept by the next launcher; here, by the test.
+    for dir in job_dirs_of(pid) {
+        let _ = std::fs::remove_dir_all(Path::new(JOBS_DIR).join(dir));
+    }
+    assert!(survivors.is_empty(), "QEMU (pids {survivors:?}) outlived its launcher");
 }

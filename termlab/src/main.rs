@@ -18,7 +18,7 @@ use termlab::results::RunResult;
 use termlab::scenario::{self, KernelVariant, LoadedScenario};
 use termlab::selection::{self, Shard};
 use termlab::ui::{ProgressPrinter, Ui};
-use termlab_nested::{KvmPlan, NestedMode};
+use termlab_nested::{KvmPlan, L1Options, NestedError, NestedMode};
 
 #[derive(Parser)]
 #[command(
@@ -309,19 +309,41 @@ fn fail_with<E: Classify + std::fmt::Display>(ui: Ui, error: E) -> Failed {
 }
 
 /// Where the VM will run: here, or (after re-running this very command
-/// inside a nested L1 VM) nowhere, with the exit code it had there.
-fn kvm_plan(ui: Ui, mode: NestedMode) -> Result<KvmPlan, Failed> {
+/// inside a nested L1 VM, where the host is read-only except `writable` and
+/// the initramfs cache, and `readable` is visible also under /tmp) nowhere,
+/// with the exit code it had there.
+fn kvm_plan(
+    ui: Ui,
+    mode: NestedMode,
+    writable: &[&Path],
+    readable: &[&Path],
+) -> Result<KvmPlan, Failed> {
     let mut argv: Vec<OsString> = std::env::args_os().collect();
     // Inside L1 the same binary is reached through the shared root filesystem.
     if let (Some(first), Ok(exe)) = (argv.first_mut(), std::env::current_exe()) {
         *first = exe.into_os_string();
     }
-    termlab_nested::ensure_real_kvm_or_reexec(mode, &argv).map_err(|error| {
-        let class = error.exit_class();
-        if class == ExitClass::Interrupted {
-            return fail(ui, class, format!("interrupted: {error}"));
+    // The engine finds (or builds) the guest initramfs again inside L1; the
+    // rest of the cache (kernels, the L1 image) stays read-only there.
+    let initramfs_cache = guest_image::cache_root().join("harness");
+    let l1 = L1Options {
+        writable: writable
+            .iter()
+            .copied()
+            .chain([initramfs_cache.as_path()])
+            .map(Path::to_path_buf)
+            .collect(),
+        readable: readable.iter().map(|path| path.to_path_buf()).collect(),
+        ..L1Options::default()
+    };
+    termlab_nested::ensure_real_kvm_or_reexec_with(mode, &argv, &l1).map_err(|error| match error {
+        NestedError::Interrupted(_) => {
+            fail(ui, ExitClass::Interrupted, format!("interrupted: {error}"))
         }
-        fail(ui, class, format!("{error}\nhint: this host's /dev/kvm cannot run a Linux guest; use `--nested auto` (the default) or `--nested always` to run inside a nested L1 VM"))
+        NestedError::KvmUnusable(_) => fail(ui, error.exit_class(), format!("{error}\nhint: this host's /dev/kvm cannot run a Linux guest; use `--nested auto` (the default) or `--nested always` to run inside a nested L1 VM")),
+        // The launcher's error names the cause (a directory L1 cannot share or enter,
+        // the end of L1's console, ...).
+        other => fail_with(ui, other),
     })
 }
 
@@ -395,7 +417,15 @@ fn run(
     }
 
     let nesting_began = SystemTime::now();
-    options.nested = match kvm_plan(ui, mode)? {
+    // Inside L1 the host is read-only but for the results and the JUnit file's directory.
+    let junit_dir = outputs.junit.as_deref().map(|file| match file.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    });
+    let writable: Vec<&Path> =
+        std::iter::once(options.results_root.as_path()).chain(junit_dir).collect();
+    let kernel_dir: Vec<&Path> = options.kernel_dir.as_deref().into_iter().collect();
+    options.nested = match kvm_plan(ui, mode, &writable, &kernel_dir)? {
         KvmPlan::RunHere { nested } => nested,
         KvmPlan::RanInL1 { exit_code } => {
             let outcome = ran_in_l1(ui, exit_code);
@@ -627,7 +657,7 @@ fn boot(
     let root = repository_root().map_err(|e| fail_with(ui, e))?;
     let kernel = guest_image::find_kernel(&root, variant).map_err(|e| fail_with(ui, e))?;
     let initramfs = prepare_initramfs(ui, &root, &kernel)?;
-    if let KvmPlan::RanInL1 { exit_code } = kvm_plan(ui, mode)? {
+    if let KvmPlan::RanInL1 { exit_code } = kvm_plan(ui, mode, &[], &[])? {
         return ran_in_l1(ui, exit_code);
     }
     engine::install_interrupt_handler();
@@ -661,7 +691,7 @@ fn bench(ui: Ui, mut options: BenchOptions, mode: NestedMode) -> Result<(), Fail
     })?;
     let patched_image = prepare_initramfs(ui, &root, &patched)?;
     let baseline_image = prepare_initramfs(ui, &root, &baseline)?;
-    options.nested = match kvm_plan(ui, mode)? {
+    options.nested = match kvm_plan(ui, mode, &[&options.results_root], &[])? {
         KvmPlan::RunHere { nested } => nested,
         KvmPlan::RanInL1 { exit_code } => return ran_in_l1(ui, exit_code),
     };

@@ -136,3 +136,28 @@ fn a_broken_expectation_fails_the_run_and_is_named() {
         .all(|e| e.passed));
     std::fs::remove_dir_all(results).expect("cleanup");
 }
+
+/// `termlab run --json` prints the result and nothing else on stdout, also when the run
+/// happens inside the nested L1 VM (whose console goes to stderr): `| jq` works.
+#[test]
+#[ignore = "boots the guest: minutes; needs the kernel build and the agent"]
+fn json_output_is_one_json_document_and_nothing_else() {
+    let results = scratch("json");
+    let output = Command::new(env!("CARGO_BIN_EXE_termlab"))
+        .current_dir(repo_root())
+        .args(["--quiet", "run", "--json", "--repeat", "1", "--results"])
+        .arg(&results)
+        .arg(repo_root().join("scenarios/control.toml"))
+        .output()
+        .expect("termlab runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "stderr:\n{stderr}");
+    let document: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON document ({e}):\n{}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    });
+    assert_eq!(document["complete"], serde_json::Value::Bool(true), "{document}");
+    std::fs::remove_dir_all(results).expect("cleanup");
+}

@@ -1,14 +1,16 @@
 //! termlab-nested probe           — say whether /dev/kvm can run an ordinary guest
-//! termlab-nested [--nested auto|always|never] -- COMMAND [ARGS...]
-//!                                — run COMMAND where KVM can run Linux (here or inside L1)
+//! termlab-nested [--nested auto|always|never] [--writable DIR]... -- COMMAND [ARGS...]
+//!                                — run COMMAND where KVM can run Linux (here or inside L1,
+//!                                  where the host is read-only except each DIR)
 //!
 //! Exit status: COMMAND's own; 1 when the probe fails or the launcher fails; 2 on bad usage.
 
 use std::ffi::OsString;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use termlab_nested::{ensure_real_kvm_or_reexec, probe, KvmPlan, NestedMode};
+use termlab_nested::{ensure_real_kvm_or_reexec_with, probe, KvmPlan, L1Options, NestedMode};
 
 /// Run a command where KVM can run Linux: here, or inside a nested L1 VM.
 #[derive(Parser)]
@@ -24,6 +26,10 @@ struct Args {
     /// Where KVM comes from: auto (here when it can run Linux, else L1), always (L1), never.
     #[arg(long, default_value = "auto", value_parser = parse_mode)]
     nested: NestedMode,
+    /// A host directory the command may write inside L1 (the rest of the host is read-only
+    /// there); repeatable.
+    #[arg(long, value_name = "DIR")]
+    writable: Vec<PathBuf>,
     /// The command and its arguments (after `--`).
     #[arg(last = true, required = true)]
     command: Vec<OsString>,
@@ -54,7 +60,8 @@ fn main() -> ExitCode {
         };
     }
     let command = &args.command;
-    match ensure_real_kvm_or_reexec(args.nested, command) {
+    let options = L1Options { writable: args.writable, ..L1Options::default() };
+    match ensure_real_kvm_or_reexec_with(args.nested, command, &options) {
         Ok(KvmPlan::RanInL1 { exit_code }) => ExitCode::from(exit_code.clamp(0, 255) as u8),
         Ok(KvmPlan::RunHere { .. }) => {
             let status = std::process::Command::new(&command[0]).args(&command[1..]).status();
