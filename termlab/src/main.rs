@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use termlab::bench::BenchOptions;
 use termlab::engine::{self, BootSpec, Guest, RunOptions};
-use termlab::guest_image::{self, repository_root};
+use termlab::guest_image::{self, repository_root, KernelChoice};
 use termlab::report;
 use termlab::results::RunResult;
 use termlab::scenario::{self, KernelVariant, LoadedScenario};
@@ -56,6 +56,8 @@ enum Command {
         /// scenario's `kernel` variant from guest-kernel/build.
         #[arg(long, env = "TERMLAB_KERNEL_DIR")]
         kernel_dir: Option<PathBuf>,
+        #[command(flatten)]
+        kernel: KernelArg,
     },
     /// Guest kernel commands.
     Kernel {
@@ -66,6 +68,8 @@ enum Command {
     Boot {
         #[arg(long, value_enum, default_value_t = Variant::Default)]
         variant: Variant,
+        #[command(flatten)]
+        kernel: KernelArg,
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=8))]
         vcpus: u8,
         #[arg(long, default_value_t = 256)]
@@ -108,6 +112,16 @@ enum Command {
         #[arg(long, default_value = "results")]
         results: PathBuf,
     },
+}
+
+/// `--kernel PATH|VARIANT`, shared by `run`, `exec` and `boot`.
+#[derive(clap::Args, Clone)]
+struct KernelArg {
+    /// The kernel to boot: a bzImage (System.map and bpftool beside it or in its build tree
+    /// are used when present), a kernel build tree (arch/x86/boot/bzImage), a
+    /// guest-kernel/build output directory, or a variant name: default, debug, noterm.
+    #[arg(long = "kernel", value_name = "PATH|VARIANT")]
+    choice: Option<KernelChoice>,
 }
 
 #[derive(Subcommand)]
@@ -160,16 +174,23 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let ui = Ui::new(cli.quiet);
     let outcome = match cli.command {
-        Command::Run { scenarios, repeat, json, keep_vm, nested, results, kernel_dir } => {
-            let options =
-                RunOptions { repeat, keep_vm, results_root: results, nested: false, kernel_dir };
+        Command::Run { scenarios, repeat, json, keep_vm, nested, results, kernel_dir, kernel } => {
+            let options = RunOptions {
+                repeat,
+                keep_vm,
+                results_root: results,
+                nested: false,
+                kernel_dir,
+                kernel: kernel.choice,
+            };
             run(ui, &scenarios, options, json, nested.into())
         }
         Command::Kernel { command: KernelCommand::Build { variant } } => {
             kernel_build(ui, variant.into())
         }
-        Command::Boot { variant, vcpus, memory_mib, nested } => {
-            boot(ui, variant.into(), vcpus, memory_mib, nested.into())
+        Command::Boot { variant, kernel, vcpus, memory_mib, nested } => {
+            let choice = kernel.choice.unwrap_or(KernelChoice::Variant(variant.into()));
+            boot(ui, &choice, vcpus, memory_mib, nested.into())
         }
         Command::Report { dirs, out } => report_command(ui, &dirs, &out),
         Command::List { dir } => list(ui, &dir),
@@ -250,9 +271,12 @@ fn run(
         let kernel = guest_image::resolve_kernel(
             &root,
             scenario.scenario.vm.kernel,
+            options.kernel.as_ref(),
             options.kernel_dir.as_deref(),
         )
         .map_err(|e| fail(ui, e))?;
+        engine::check_kernel_for(&scenario.scenario, &kernel)
+            .map_err(|e| fail(ui, format!("{}: {e}", scenario.path.display())))?;
         // Built here, before any nesting: compiling inside the emulated L1
         // VM takes minutes, finding the cached image there takes seconds.
         prepare_initramfs(ui, &root, &kernel)?;
@@ -385,13 +409,13 @@ fn kernel_build(ui: Ui, variant: KernelVariant) -> Result<(), Failed> {
 
 fn boot(
     ui: Ui,
-    variant: KernelVariant,
+    choice: &KernelChoice,
     vcpus: u8,
     memory_mib: u32,
     mode: NestedMode,
 ) -> Result<(), Failed> {
     let root = repository_root().map_err(|e| fail(ui, e))?;
-    let kernel = guest_image::find_kernel(&root, variant).map_err(|e| fail(ui, e))?;
+    let kernel = guest_image::kernel_from_choice(&root, choice).map_err(|e| fail(ui, e))?;
     let initramfs = prepare_initramfs(ui, &root, &kernel)?;
     if let KvmPlan::RanInL1 { exit_code } = kvm_plan(ui, mode)? {
         return if exit_code == 0 {

@@ -20,14 +20,14 @@ use termlab_protocol::{RunRequest, SpawnRequest, WaitOutputRequest};
 use thiserror::Error;
 
 use crate::evaluate::{compute_metrics, evaluate, evaluate_stack_proofs, KernelLog};
-use crate::guest_image::{self, GuestImageError, IPI_RTT_GUEST_PATH};
+use crate::guest_image::{self, GuestImageError, KernelBuild, KernelChoice, IPI_RTT_GUEST_PATH};
 use crate::kernel_trace;
 use crate::report::{self, ReportError};
 use crate::results::{
     self, Environment, Repetition, ResultsError, RunResult, ScenarioRecord, StepRecord, VmInfo,
     VmmInfo, AGENT_RTT_METRIC, IPI_RTT_METRIC,
 };
-use crate::scenario::LoadedScenario;
+use crate::scenario::{LoadedScenario, Scenario};
 use crate::stack_proof::TermMap;
 use crate::ui::Ui;
 pub use guest::{describe_exit, BootSpec, Guest, CMDLINE};
@@ -121,6 +121,37 @@ pub struct RunOptions {
     pub nested: bool,
     /// Boot this kernel build directory instead of the scenario's variant.
     pub kernel_dir: Option<PathBuf>,
+    /// `--kernel`: boot this kernel (a variant or a path); wins over `kernel_dir`.
+    pub kernel: Option<KernelChoice>,
+}
+
+/// The tracepoint every termination trace event of the series has in
+/// System.map (guest-kernel/patches/0006).
+const TERMINATION_TRACEPOINT: &str = "__tracepoint_bpf_prog_terminate_request";
+
+/// Checks, before anything boots, that `kernel` has what `scenario` needs
+/// from it on the host: System.map for `verify_stack`, and (when its
+/// System.map can tell) the termination trace events.
+pub fn check_kernel_for(scenario: &Scenario, kernel: &KernelBuild) -> Result<(), GuestImageError> {
+    if scenario.verify_stack.as_ref().is_some_and(|v| *v.get_ref()) {
+        kernel.require_system_map("verify_stack")?;
+    }
+    if crate::scenario::traces_terminations(scenario) {
+        if let Some(map) = &kernel.system_map {
+            let text = std::fs::read_to_string(map)
+                .map_err(|source| GuestImageError::Io { path: map.clone(), source })?;
+            let has_events = text
+                .lines()
+                .any(|line| line.split_whitespace().nth(2) == Some(TERMINATION_TRACEPOINT));
+            if !has_events {
+                return Err(GuestImageError::MissingFeature {
+                    image: kernel.bzimage.clone(),
+                    detail: format!("this scenario terminates programs (or sets a runtime budget) and reads the kernel's bpf: termination trace events, which this kernel lacks ({} has no {TERMINATION_TRACEPOINT}): boot a kernel with the termination series", map.display()),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// How many clock requests make one agent round-trip sample (the median is kept).
@@ -140,8 +171,13 @@ pub fn run_scenario(
     ui: Ui,
 ) -> Result<(RunResult, PathBuf), EngineError> {
     let scenario = &loaded.scenario;
-    let kernel =
-        guest_image::resolve_kernel(root, scenario.vm.kernel, options.kernel_dir.as_deref())?;
+    let kernel = guest_image::resolve_kernel(
+        root,
+        scenario.vm.kernel,
+        options.kernel.as_ref(),
+        options.kernel_dir.as_deref(),
+    )?;
+    check_kernel_for(scenario, &kernel)?;
     // Cached: main prepared it before any nesting.
     let initramfs = guest_image::initramfs(root, &kernel)?;
 
@@ -180,11 +216,10 @@ pub fn run_scenario(
     result.save(&dir)?;
 
     let console_log = dir.join(results::CONSOLE_FILE);
-    let system_map = kernel.dir.join("System.map");
     let outcome = boot_and_measure(
         loaded,
         &kernel.bzimage,
-        &system_map,
+        kernel.system_map.as_deref(),
         &initramfs,
         &console_log,
         repetitions,
@@ -220,7 +255,7 @@ pub fn run_scenario(
 fn boot_and_measure(
     loaded: &LoadedScenario,
     kernel: &Path,
-    system_map: &Path,
+    system_map: Option<&Path>,
     initramfs: &Path,
     console_log: &Path,
     repetitions: u32,
@@ -335,7 +370,7 @@ fn explain_with_vm_state(error: EngineError, guest: &Guest, console_log: &Path) 
 fn measure(
     client: &mut Client<UnixStream>,
     vm: &Vm,
-    system_map: &Path,
+    system_map: Option<&Path>,
     loaded: &LoadedScenario,
     repetitions: u32,
     ui: Ui,
@@ -448,9 +483,13 @@ fn measure(
 fn stack_probe<'vm>(
     client: &mut Client<UnixStream>,
     vm: &'vm Vm,
-    system_map: &Path,
+    system_map: Option<&Path>,
     programs: &[LoadedProgram<'_>],
 ) -> Result<StackProbe<'vm>, EngineError> {
+    // check_kernel_for refused a kernel without one before booting.
+    let system_map = system_map.ok_or_else(|| {
+        EngineError::Guest("verify_stack needs the kernel's System.map, and it has none".into())
+    })?;
     let map_text = std::fs::read_to_string(system_map).map_err(|e| {
         EngineError::Guest(format!(
             "verify_stack needs the kernel's System.map at {}: {e}",
