@@ -280,6 +280,7 @@ fn boot(kernel: &BenchKernel<'_>, vcpus: u8, console: &Path) -> Result<Guest, En
         memory_mib: MEMORY_MIB,
         console_log: console.to_owned(),
         console_stdin: false,
+        extra_cmdline: None,
     })
 }
 

@@ -30,6 +30,12 @@ pub enum GuestImageError {
     NoSystemMap { what: String, image: PathBuf },
     #[error("the kernel {}: {detail}", image.display())]
     MissingFeature { image: PathBuf, detail: String },
+    #[error("no kernel at {}: {source}", path.display())]
+    NoKernel {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{} has no bzImage (looked for bzImage and arch/x86/boot/bzImage in it)", dir.display())]
     NoImageInDir { dir: PathBuf },
     #[error("{} is not a bzImage: {reason}", path.display())]
@@ -202,7 +208,8 @@ pub const PATH_KERNEL_VARIANT: &str = "path";
 /// it, or in the build tree it sits in at arch/x86/boot/bzImage), a
 /// termlab build directory, or a kernel build tree.
 pub fn kernel_at_path(path: &Path) -> Result<KernelBuild, GuestImageError> {
-    let metadata = std::fs::metadata(path).map_err(io_error(path))?;
+    let metadata = std::fs::metadata(path)
+        .map_err(|source| GuestImageError::NoKernel { path: path.to_owned(), source })?;
     if metadata.is_dir() {
         if path.join("bzImage").is_file() && path.join("build-info.json").is_file() {
             // A guest-kernel/build output directory given by path.

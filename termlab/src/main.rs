@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use termlab::bench::BenchOptions;
 use termlab::engine::{self, BootSpec, Guest, RunOptions};
+use termlab::exec;
 use termlab::guest_image::{self, repository_root, KernelChoice};
 use termlab::report;
 use termlab::results::RunResult;
@@ -76,6 +77,35 @@ enum Command {
         memory_mib: u32,
         #[arg(long, value_enum, default_value_t = Nested::Auto)]
         nested: Nested,
+    },
+    /// Boot a kernel and run one command in the guest (or the targets of a vmtest.toml), its
+    /// stdout and stderr streamed live. Exits with the command's exit code (128+N when killed
+    /// by signal N, 126/127 when it cannot be executed / is not found); 69 when the guest did
+    /// not come up, 70 when the guest kernel panicked or the guest hung under the command (with
+    /// the console's last lines), 125 for termlab's own errors, 130 on Ctrl-C. With --config
+    /// and several targets: the number of failed targets.
+    Exec {
+        #[command(flatten)]
+        kernel: KernelArg,
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=8))]
+        vcpus: u8,
+        /// Guest memory in MiB.
+        #[arg(long = "memory", value_name = "MIB", default_value_t = 256, value_parser = clap::value_parser!(u32).range(64..=65536))]
+        memory_mib: u32,
+        #[arg(long, value_enum, default_value_t = Nested::Auto)]
+        nested: Nested,
+        /// Run the `[[target]]` entries of a vmtest configuration file instead of CMD.
+        #[arg(long, short = 'c', value_name = "VMTEST_TOML", conflicts_with_all = ["command", "choice"])]
+        config: Option<PathBuf>,
+        /// With --config: only the targets whose name matches this regex.
+        #[arg(long, short = 'f', value_name = "REGEX", requires = "config")]
+        filter: Option<String>,
+        /// Print where the time went (initramfs, nested L1, boot, command, power-off) on stderr.
+        #[arg(long)]
+        timings: bool,
+        /// The command and its arguments, passed to the guest as they are (no shell).
+        #[arg(last = true, value_name = "CMD")]
+        command: Vec<String>,
     },
     /// Regenerate the reports of result directories; with several, also compare them side by side.
     Report {
@@ -191,6 +221,13 @@ fn main() -> ExitCode {
         Command::Boot { variant, kernel, vcpus, memory_mib, nested } => {
             let choice = kernel.choice.unwrap_or(KernelChoice::Variant(variant.into()));
             boot(ui, &choice, vcpus, memory_mib, nested.into())
+        }
+        Command::Exec { kernel, vcpus, memory_mib, nested, config, filter, timings, command } => {
+            let options = ExecOptions { vcpus, memory_mib, mode: nested.into(), timings };
+            match config {
+                Some(config) => exec_vmtest(ui, &config, filter.as_deref(), &options),
+                None => exec_command(ui, kernel.choice, &command, &options),
+            }
         }
         Command::Report { dirs, out } => report_command(ui, &dirs, &out),
         Command::List { dir } => list(ui, &dir),
@@ -436,6 +473,7 @@ fn boot(
         memory_mib,
         console_log: console.path().to_owned(),
         console_stdin: true,
+        extra_cmdline: None,
     })
     .map_err(|e| fail(ui, e))?;
     engine::interactive_console(guest, console.path(), ui);
@@ -525,4 +563,167 @@ fn list(ui: Ui, dir: &Path) -> Result<(), Failed> {
     } else {
         Err(Failed(1))
     }
+}
+
+/// `termlab exec` options shared by a command and a vmtest.toml.
+struct ExecOptions {
+    vcpus: u8,
+    memory_mib: u32,
+    mode: NestedMode,
+    timings: bool,
+}
+
+/// `termlab exec` exit status for a usage error (as clap's own).
+const EXIT_USAGE: u8 = 2;
+
+/// Where `exec` runs: here, or (re-executed in the nested L1 VM) nowhere,
+/// with its exit code there. L1 failing to start is the guest not coming up.
+fn exec_plan(ui: Ui, mode: NestedMode) -> Result<Option<Failed>, Failed> {
+    let plan = kvm_plan(ui, mode).map_err(|Failed(code)| {
+        Failed(if code == EXIT_INTERRUPTED { code } else { exec::EXIT_GUEST_UNAVAILABLE })
+    })?;
+    Ok(match plan {
+        KvmPlan::RunHere { .. } => None,
+        KvmPlan::RanInL1 { exit_code } => Some(Failed(u8::try_from(exit_code).unwrap_or(1))),
+    })
+}
+
+fn exit_with(code: u8) -> Result<(), Failed> {
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(Failed(code))
+    }
+}
+
+fn exec_command(
+    ui: Ui,
+    choice: Option<KernelChoice>,
+    argv: &[String],
+    options: &ExecOptions,
+) -> Result<(), Failed> {
+    let started = std::time::Instant::now();
+    if argv.is_empty() {
+        ui.error("exec needs a command after `--` (termlab exec -- CMD ARGS...) or --config");
+        return Err(Failed(EXIT_USAGE));
+    }
+    let own_error = |e: &dyn std::fmt::Display| {
+        ui.error(&e.to_string());
+        Failed(exec::EXIT_EXEC_FAILED)
+    };
+    let root = repository_root().map_err(|e| own_error(&e))?;
+    let choice = choice.unwrap_or(KernelChoice::Variant(KernelVariant::Default));
+    let kernel = guest_image::kernel_from_choice(&root, &choice).map_err(|e| own_error(&e))?;
+    let initramfs = prepare_initramfs(ui, &root, &kernel)
+        .map_err(|Failed(_)| Failed(exec::EXIT_EXEC_FAILED))?;
+    let prepared = started.elapsed();
+    if let Some(Failed(code)) = exec_plan(ui, options.mode)? {
+        if options.timings {
+            eprintln!("timings (host): prepare {prepared:.2?}, total {:.2?}", started.elapsed());
+        }
+        return exit_with(code);
+    }
+    engine::install_interrupt_handler();
+    let spec = exec::ExecSpec {
+        kernel: &kernel.bzimage,
+        initramfs: &initramfs,
+        vcpus: options.vcpus,
+        memory_mib: options.memory_mib,
+        kernel_args: None,
+        argv,
+        cwd: None,
+        upload: None,
+    };
+    let code = run_exec(ui, &spec, options.timings, started);
+    exit_with(code)
+}
+
+/// Runs one exec spec here and returns the exit code, with errors shown.
+fn run_exec(ui: Ui, spec: &exec::ExecSpec<'_>, timings: bool, started: std::time::Instant) -> u8 {
+    let mut phases = exec::ExecTimings::default();
+    let outcome =
+        exec::exec_in_guest(spec, &mut std::io::stdout(), &mut std::io::stderr(), &mut phases);
+    if timings {
+        eprintln!(
+            "timings: boot {:.2?} (VMM start to agent hello), command {:.2?}, power-off {:.2?}, this process {:.2?}",
+            phases.boot, phases.command, phases.power_off, started.elapsed()
+        );
+    }
+    match outcome {
+        Ok(status) => exec::shell_exit_code(&status),
+        Err(error) => {
+            ui.error(&error.to_string());
+            error.exit_code()
+        }
+    }
+}
+
+/// `termlab exec --config vmtest.toml`: every selected target in turn.
+fn exec_vmtest(
+    ui: Ui,
+    path: &Path,
+    filter: Option<&str>,
+    options: &ExecOptions,
+) -> Result<(), Failed> {
+    let started = std::time::Instant::now();
+    let usage = |e: &dyn std::fmt::Display| {
+        ui.error(&e.to_string());
+        Failed(EXIT_USAGE)
+    };
+    let config = termlab::vmtest::load(path).map_err(|e| usage(&e))?;
+    let targets = config.select(filter).map_err(|e| usage(&e))?;
+    let own_error = |e: &dyn std::fmt::Display| {
+        ui.error(&e.to_string());
+        Failed(exec::EXIT_EXEC_FAILED)
+    };
+    let root = repository_root().map_err(|e| own_error(&e))?;
+    // Every kernel and the directory's files are checked before anything boots (or nests).
+    let mut prepared = Vec::new();
+    for target in &targets {
+        let choice = KernelChoice::Path(target.kernel.clone());
+        let kernel = guest_image::kernel_from_choice(&root, &choice)
+            .map_err(|e| own_error(&format!("target {}: {e}", target.name)))?;
+        let initramfs = prepare_initramfs(ui, &root, &kernel)
+            .map_err(|Failed(_)| Failed(exec::EXIT_EXEC_FAILED))?;
+        prepared.push((kernel, initramfs));
+    }
+    let upload = exec::Upload::collect(&config.dir, termlab::vmtest::GUEST_DIR)
+        .map_err(|e| own_error(&e))?;
+    if let Some(Failed(code)) = exec_plan(ui, options.mode)? {
+        return exit_with(code);
+    }
+    engine::install_interrupt_handler();
+    let mut verdicts = Vec::new();
+    for (target, (kernel, initramfs)) in targets.iter().zip(&prepared) {
+        ui.say(&format!("=> {}", target.name));
+        let argv = ["sh".to_owned(), "-c".to_owned(), target.command.clone()];
+        let spec = exec::ExecSpec {
+            kernel: &kernel.bzimage,
+            initramfs,
+            vcpus: target.vcpus,
+            memory_mib: target.memory_mib,
+            kernel_args: target.kernel_args.as_deref(),
+            argv: &argv,
+            cwd: Some(termlab::vmtest::GUEST_DIR),
+            upload: Some(&upload),
+        };
+        let code = run_exec(ui, &spec, options.timings, started);
+        verdicts.push((target.name.as_str(), code));
+        if engine::interrupted() {
+            return Err(Failed(exec::EXIT_INTERRUPTED));
+        }
+    }
+    if let [(_, code)] = verdicts.as_slice() {
+        return exit_with(*code);
+    }
+    let mut failed = 0u8;
+    for (name, code) in &verdicts {
+        if *code == 0 {
+            println!("PASS {name}");
+        } else {
+            println!("FAILED {name} (exit {code})");
+            failed = failed.saturating_add(1);
+        }
+    }
+    exit_with(failed)
 }

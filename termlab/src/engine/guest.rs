@@ -40,6 +40,8 @@ pub struct BootSpec<'a> {
     pub console_log: PathBuf,
     /// Forward the host's stdin to the guest console (for --keep-vm).
     pub console_stdin: bool,
+    /// Appended to [`CMDLINE`] (vmtest's `kernel_args`).
+    pub extra_cmdline: Option<&'a str>,
 }
 
 impl Guest {
@@ -50,11 +52,12 @@ impl Guest {
             .tempdir()
             .map_err(|e| EngineError::Guest(format!("cannot create a socket directory: {e}")))?;
         let uds_path = socket_dir.path().join("vsock.sock");
-        let mut config = VmConfig::new(
-            spec.kernel.to_owned(),
-            Some(spec.initramfs.to_owned()),
-            CMDLINE.to_owned(),
-        );
+        let cmdline = match spec.extra_cmdline {
+            Some(extra) if !extra.trim().is_empty() => format!("{CMDLINE} {}", extra.trim()),
+            _ => CMDLINE.to_owned(),
+        };
+        let mut config =
+            VmConfig::new(spec.kernel.to_owned(), Some(spec.initramfs.to_owned()), cmdline);
         config.vcpus = spec.vcpus;
         config.mem_mib = spec.memory_mib;
         config.console = ConsoleConfig {

@@ -30,7 +30,7 @@ use crate::results::{
 use crate::scenario::{LoadedScenario, Scenario};
 use crate::stack_proof::TermMap;
 use crate::ui::Ui;
-pub use guest::{describe_exit, BootSpec, Guest, CMDLINE};
+pub use guest::{console_tail, describe_exit, BootSpec, Guest, CMDLINE};
 use stack_probe::StackProbe;
 pub use steps::parse_fields;
 use steps::{run_repetition, LoadedProgram, TraceReader};
@@ -278,6 +278,7 @@ fn boot_and_measure(
         memory_mib: scenario.vm.memory_mib.get(),
         console_log: console_log.to_owned(),
         console_stdin: options.keep_vm,
+        extra_cmdline: None,
     });
     spinner.finish_and_clear();
     let mut guest = guest?;
@@ -312,7 +313,11 @@ fn boot_and_measure(
 /// An agent that stops answering usually means the guest died: say so,
 /// with the panic, rather than "no response"; a hang or a lost connection
 /// is named as such, with the end of the guest console.
-fn explain_with_vm_state(error: EngineError, guest: &Guest, console_log: &Path) -> EngineError {
+pub(crate) fn explain_with_vm_state(
+    error: EngineError,
+    guest: &Guest,
+    console_log: &Path,
+) -> EngineError {
     let EngineError::Agent { what, source } = error else { return error };
     if interrupted() {
         return EngineError::Interrupted;
