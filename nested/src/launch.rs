@@ -40,6 +40,10 @@ pub struct L1Options {
     pub timeout: Duration,
     /// Where the L1 kernel and initramfs are cached.
     pub cache_dir: PathBuf,
+    /// Give the command this terminal: QEMU's stdin and stdout are the launcher's (not
+    /// /dev/null and the line filter), the L1 console is raw (no echo of its own), and Ctrl-C
+    /// reaches the guest as a byte instead of signalling (`termlab boot`, `--keep-vm`).
+    pub interactive: bool,
 }
 
 impl Default for L1Options {
@@ -49,6 +53,7 @@ impl Default for L1Options {
             cpus: 2,
             timeout: Duration::from_secs(1800),
             cache_dir: "/var/cache/termlab/l1".into(),
+            interactive: false,
         }
     }
 }
@@ -63,7 +68,7 @@ pub fn run_in_l1(argv: &[OsString], options: &L1Options) -> Result<i32, NestedEr
         .map_err(|e| NestedError::io("create", Path::new("/run/termlab"), e))?;
     let _lock = FileLock::exclusive(Path::new(L1_LOCK))?;
     let job = TempDir::new(Path::new(JOBS_DIR), "job")?;
-    write_job_script(job.path(), argv)?;
+    write_job_script(job.path(), argv, options.interactive)?;
 
     let signals = SignalGuard::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
     let mut qemu = spawn_qemu(&image, job.path(), options)?;
@@ -89,7 +94,7 @@ fn quote(arg: &[u8]) -> String {
     format!("'{}'", String::from_utf8_lossy(arg).replace('\'', r"'\''"))
 }
 
-fn write_job_script(dir: &Path, argv: &[OsString]) -> Result<(), NestedError> {
+fn write_job_script(dir: &Path, argv: &[OsString], interactive: bool) -> Result<(), NestedError> {
     let cwd =
         std::env::current_dir().map_err(|e| NestedError::io("get", Path::new("current dir"), e))?;
     let mut script = String::from("echo\n");
@@ -112,6 +117,12 @@ fn write_job_script(dir: &Path, argv: &[OsString]) -> Result<(), NestedError> {
     // again every second until it ends: it may not have installed its
     // handler yet (a background command starts with SIGINT ignored).
     script.push_str(&command.join(" "));
+    if interactive {
+        // A background command's stdin is /dev/null unless redirected: hand it the console
+        // (fd 3, saved before), made raw so that only the guest echoes what is typed.
+        script.insert_str(0, "exec 3<&0\nstty raw -echo <&3 2>/dev/null\n");
+        script.push_str(" <&3");
+    }
     script.push_str(" &\nchild=$!\n");
     let signal_file = quote(dir.join(SIGNAL_FILE).as_os_str().as_bytes());
     script.push_str(&format!(
@@ -131,8 +142,18 @@ fn spawn_qemu(
     let append =
         format!("console=ttyS0 quiet loglevel=3 panic=-1 termlab.job={}", job_dir.display());
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-nographic", "-no-reboot"])
-        .args(["-smp", &options.cpus.to_string(), "-m", &options.mem_mib.to_string()])
+    cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-no-reboot"]);
+    if options.interactive {
+        // -nographic's console, but Ctrl-C goes to the guest (signal=off); Ctrl-A x still
+        // ends QEMU.
+        cmd.args(["-display", "none", "-chardev", "stdio,id=console,mux=on,signal=off"])
+            .args(["-serial", "chardev:console", "-mon", "chardev=console"])
+            .stdin(Stdio::inherit())
+            .stdout(Stdio::inherit());
+    } else {
+        cmd.arg("-nographic").stdin(Stdio::null()).stdout(Stdio::piped());
+    }
+    cmd.args(["-smp", &options.cpus.to_string(), "-m", &options.mem_mib.to_string()])
         .arg("-kernel")
         .arg(&image.kernel)
         .arg("-initrd")
@@ -141,18 +162,20 @@ fn spawn_qemu(
         .args([
             "-virtfs",
             "local,path=/,mount_tag=host,security_model=none,id=host,multidevs=remap",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped());
+        ]);
+    let interactive = options.interactive;
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             // Undo the signal blocking we inherited, leave the terminal's process group (we
             // decide when QEMU dies), and die with the thread that launched us.
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
             libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-            libc::setpgid(0, 0);
+            // Interactive QEMU reads the terminal, which a background process group may not.
+            if !interactive {
+                libc::setpgid(0, 0);
+            }
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             Ok(())
         });
@@ -313,7 +336,7 @@ mod tests {
         .map(OsString::from)
         .chain([job.path().join("started").into_os_string()])
         .collect();
-        write_job_script(job.path(), &command).expect("job script");
+        write_job_script(job.path(), &command, false).expect("job script");
         let mut script = Command::new("sh")
             .arg(job.path().join("job"))
             .stdout(Stdio::null())
@@ -355,6 +378,30 @@ mod tests {
         }
         assert_eq!(fs::read_to_string(job.path().join("rc")).expect("rc").trim(), "42");
         assert_eq!(fs::read_to_string(job.path().join(SIGNAL_FILE)).expect("signal"), "TERM");
+    }
+
+    /// Interactive: the command in the background still reads the job's stdin (the console).
+    #[test]
+    fn interactive_job_script_gives_the_command_its_stdin() {
+        let job = TempDir::new(&std::env::temp_dir(), "termlab-nested-test").expect("temp dir");
+        let answer = job.path().join("answer");
+        let command: Vec<OsString> = ["sh", "-c", "read line; echo \"got $line\" > \"$1\"", "sh"]
+            .iter()
+            .map(OsString::from)
+            .chain([answer.clone().into_os_string()])
+            .collect();
+        write_job_script(job.path(), &command, true).expect("job script");
+        let mut script = Command::new("sh")
+            .arg(job.path().join("job"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("sh runs");
+        script.stdin.take().expect("stdin").write_all(b"hello\n").expect("write");
+        let status = script.wait().expect("wait");
+        assert!(status.success(), "{status}");
+        assert_eq!(fs::read_to_string(&answer).expect("answer"), "got hello\n");
+        assert_eq!(fs::read_to_string(job.path().join("rc")).expect("rc").trim(), "0");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use termlab::report;
 use termlab::results::RunResult;
 use termlab::scenario::{self, KernelVariant, LoadedScenario};
 use termlab::ui::Ui;
-use termlab_nested::{KvmPlan, NestedMode};
+use termlab_nested::{KvmPlan, L1Options, NestedMode};
 
 #[derive(Parser)]
 #[command(
@@ -266,12 +266,17 @@ fn fail(ui: Ui, message: impl std::fmt::Display) -> Failed {
 /// Where the VM will run: here, or (after re-running this very command
 /// inside a nested L1 VM) nowhere, with the exit code it had there.
 fn kvm_plan(ui: Ui, mode: NestedMode) -> Result<KvmPlan, Failed> {
+    kvm_plan_with(ui, mode, &L1Options::default())
+}
+
+/// [`kvm_plan`] with the L1 VM's options (`interactive` for a console on this terminal).
+fn kvm_plan_with(ui: Ui, mode: NestedMode, l1: &L1Options) -> Result<KvmPlan, Failed> {
     let mut argv: Vec<OsString> = std::env::args_os().collect();
     // Inside L1 the same binary is reached through the shared root filesystem.
     if let (Some(first), Ok(exe)) = (argv.first_mut(), std::env::current_exe()) {
         *first = exe.into_os_string();
     }
-    termlab_nested::ensure_real_kvm_or_reexec(mode, &argv).map_err(|error| {
+    termlab_nested::ensure_real_kvm_or_reexec_with(mode, &argv, l1).map_err(|error| {
         if let termlab_nested::NestedError::Interrupted(_) = error {
             ui.error(&format!("interrupted: {error}"));
             return Failed(EXIT_INTERRUPTED);
@@ -319,7 +324,9 @@ fn run(
         prepare_initramfs(ui, &root, &kernel)?;
     }
 
-    options.nested = match kvm_plan(ui, mode)? {
+    // --keep-vm ends at a shell on the guest console: give L1 this terminal.
+    let l1 = L1Options { interactive: options.keep_vm, ..L1Options::default() };
+    options.nested = match kvm_plan_with(ui, mode, &l1)? {
         KvmPlan::RunHere { nested } => nested,
         KvmPlan::RanInL1 { exit_code } => {
             return if exit_code == 0 {
@@ -454,7 +461,8 @@ fn boot(
     let root = repository_root().map_err(|e| fail(ui, e))?;
     let kernel = guest_image::kernel_from_choice(&root, choice).map_err(|e| fail(ui, e))?;
     let initramfs = prepare_initramfs(ui, &root, &kernel)?;
-    if let KvmPlan::RanInL1 { exit_code } = kvm_plan(ui, mode)? {
+    let interactive = L1Options { interactive: true, ..L1Options::default() };
+    if let KvmPlan::RanInL1 { exit_code } = kvm_plan_with(ui, mode, &interactive)? {
         return if exit_code == 0 {
             Ok(())
         } else {
