@@ -621,10 +621,13 @@ fn exec_command(
     };
     let root = repository_root().map_err(|e| own_error(&e))?;
     let choice = choice.unwrap_or(KernelChoice::Variant(KernelVariant::Default));
-    let kernel = guest_image::kernel_from_choice(&root, &choice).map_err(|e| own_error(&e))?;
-    let initramfs = prepare_initramfs(ui, &root, &kernel)
-        .map_err(|Failed(_)| Failed(exec::EXIT_EXEC_FAILED))?;
+    let mut handed_over = PreparedImages::from_env();
+    let (bzimage, initramfs) = handed_over.prepare(ui, &root, &choice)?;
+    handed_over.hand_over();
     let prepared = started.elapsed();
+    if options.timings {
+        eprintln!("timings: kernel and initramfs ready after {prepared:.2?}");
+    }
     if let Some(Failed(code)) = exec_plan(ui, options.mode)? {
         if options.timings {
             eprintln!("timings (host): prepare {prepared:.2?}, total {:.2?}", started.elapsed());
@@ -633,7 +636,7 @@ fn exec_command(
     }
     engine::install_interrupt_handler();
     let spec = exec::ExecSpec {
-        kernel: &kernel.bzimage,
+        kernel: &bzimage,
         initramfs: &initramfs,
         vcpus: options.vcpus,
         memory_mib: options.memory_mib,
@@ -686,15 +689,16 @@ fn exec_vmtest(
     };
     let root = repository_root().map_err(|e| own_error(&e))?;
     // Every kernel and the directory's files are checked before anything boots (or nests).
+    let mut handed_over = PreparedImages::from_env();
     let mut prepared = Vec::new();
     for target in &targets {
         let choice = KernelChoice::Path(target.kernel.clone());
-        let kernel = guest_image::kernel_from_choice(&root, &choice)
-            .map_err(|e| own_error(&format!("target {}: {e}", target.name)))?;
-        let initramfs = prepare_initramfs(ui, &root, &kernel)
-            .map_err(|Failed(_)| Failed(exec::EXIT_EXEC_FAILED))?;
-        prepared.push((kernel, initramfs));
+        prepared.push(handed_over.prepare(ui, &root, &choice).map_err(|failed| {
+            ui.error(&format!("(in target {})", target.name));
+            failed
+        })?);
     }
+    handed_over.hand_over();
     let upload = exec::Upload::collect(&config.dir, termlab::vmtest::GUEST_DIR)
         .map_err(|e| own_error(&e))?;
     if let Some(Failed(code)) = exec_plan(ui, options.mode)? {
@@ -702,11 +706,11 @@ fn exec_vmtest(
     }
     engine::install_interrupt_handler();
     let mut verdicts = Vec::new();
-    for (target, (kernel, initramfs)) in targets.iter().zip(&prepared) {
+    for (target, (bzimage, initramfs)) in targets.iter().zip(&prepared) {
         ui.say(&format!("=> {}", target.name));
         let argv = ["sh".to_owned(), "-c".to_owned(), target.command.clone()];
         let spec = exec::ExecSpec {
-            kernel: &kernel.bzimage,
+            kernel: bzimage,
             initramfs,
             vcpus: target.vcpus,
             memory_mib: target.memory_mib,
@@ -734,4 +738,57 @@ fn exec_vmtest(
         }
     }
     exit_with(failed)
+}
+
+/// The bzImage and initramfs each `--kernel` value resolved to, handed from
+/// the host to the same command re-run inside the nested L1 VM (through the
+/// environment, which the launcher passes on for TERMLAB_* names): under
+/// emulation, resolving a variant and checking the initramfs cache again
+/// takes tens of seconds.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct PreparedImages(std::collections::BTreeMap<String, (PathBuf, PathBuf)>);
+
+/// Holds [`PreparedImages`] as JSON.
+const PREPARED_ENV: &str = "TERMLAB_EXEC_PREPARED";
+
+impl PreparedImages {
+    /// What the host prepared, when this is the re-run inside L1.
+    fn from_env() -> PreparedImages {
+        std::env::var(PREPARED_ENV)
+            .ok()
+            .filter(|_| termlab_nested::is_nested())
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default()
+    }
+
+    /// The bzImage and initramfs for `choice`: handed over, or resolved and built here.
+    fn prepare(
+        &mut self,
+        ui: Ui,
+        root: &Path,
+        choice: &KernelChoice,
+    ) -> Result<(PathBuf, PathBuf), Failed> {
+        let key = format!("{choice:?}");
+        if let Some((bzimage, initramfs)) = self.0.get(&key) {
+            if bzimage.is_file() && initramfs.is_file() {
+                return Ok((bzimage.clone(), initramfs.clone()));
+            }
+        }
+        let kernel = guest_image::kernel_from_choice(root, choice).map_err(|e| {
+            ui.error(&e.to_string());
+            Failed(exec::EXIT_EXEC_FAILED)
+        })?;
+        let initramfs = prepare_initramfs(ui, root, &kernel)
+            .map_err(|Failed(_)| Failed(exec::EXIT_EXEC_FAILED))?;
+        self.0.insert(key, (kernel.bzimage.clone(), initramfs.clone()));
+        Ok((kernel.bzimage, initramfs))
+    }
+
+    /// Puts them in the environment for a re-run inside L1.
+    fn hand_over(&self) {
+        if let Ok(text) = serde_json::to_string(self) {
+            // Single-threaded here: nothing else reads the environment concurrently.
+            std::env::set_var(PREPARED_ENV, text);
+        }
+    }
 }
