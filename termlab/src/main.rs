@@ -693,10 +693,11 @@ fn exec_vmtest(
     let mut prepared = Vec::new();
     for target in &targets {
         let choice = KernelChoice::Path(target.kernel.clone());
-        prepared.push(handed_over.prepare(ui, &root, &choice).map_err(|failed| {
-            ui.error(&format!("(in target {})", target.name));
-            failed
-        })?);
+        prepared.push(
+            handed_over
+                .prepare(ui, &root, &choice)
+                .inspect_err(|_| ui.error(&format!("(in target {})", target.name)))?,
+        );
     }
     handed_over.hand_over();
     let upload = exec::Upload::collect(&config.dir, termlab::vmtest::GUEST_DIR)
