@@ -454,3 +454,100 @@ pub fn initramfs(root: &Path, kernel: &KernelBuild) -> Result<PathBuf, GuestImag
     }
     Ok(image)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VERSION: &str = "6.12.0-mine (me@box) #3 SMP PREEMPT_DYNAMIC";
+
+    /// The start of a bzImage: setup header with "HdrS", protocol 2.15, and
+    /// the version string where kernel_version points.
+    fn fake_bzimage() -> Vec<u8> {
+        let mut image = vec![0u8; 0x1000];
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        image[0x20E..0x210].copy_from_slice(&0x300u16.to_le_bytes());
+        image[0x500..0x500 + VERSION.len()].copy_from_slice(VERSION.as_bytes());
+        image
+    }
+
+    fn write(path: &Path, bytes: &[u8]) {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, bytes).expect("write");
+    }
+
+    #[test]
+    fn the_version_string_comes_from_the_setup_header() {
+        assert_eq!(bzimage_header_version(&fake_bzimage()).as_deref(), Ok(VERSION));
+        let mut not_bz = fake_bzimage();
+        not_bz[0x202] = b'X';
+        assert!(bzimage_header_version(&not_bz).expect_err("no HdrS").contains("HdrS"));
+        let mut no_version = fake_bzimage();
+        no_version[0x20E..0x210].copy_from_slice(&[0, 0]);
+        assert!(bzimage_header_version(&no_version).is_err());
+        let mut old = fake_bzimage();
+        old[0x206..0x208].copy_from_slice(&0x0105u16.to_le_bytes());
+        assert!(bzimage_header_version(&old).expect_err("old").contains("older than 2.00"));
+        assert!(bzimage_header_version(b"short").is_err());
+    }
+
+    #[test]
+    fn a_build_tree_gives_its_image_map_and_bpftool() {
+        let tree = tempfile::tempdir().expect("temp dir");
+        let image = tree.path().join("arch/x86/boot/bzImage");
+        write(&image, &fake_bzimage());
+        write(&tree.path().join("System.map"), b"ffffffff81000000 T _text\n");
+        write(&tree.path().join("tools/bpf/bpftool/bpftool"), b"tool");
+        for given in [tree.path().to_owned(), image.clone()] {
+            let build = kernel_at_path(&given).expect("found");
+            assert_eq!(build.bzimage, image);
+            assert_eq!(build.dir, tree.path());
+            assert_eq!(build.system_map, Some(tree.path().join("System.map")));
+            assert_eq!(build.bpftool, Some(tree.path().join("tools/bpf/bpftool/bpftool")));
+            assert_eq!(build.info.variant, PATH_KERNEL_VARIANT);
+            assert_eq!(build.info.image_version.as_deref(), Some(VERSION));
+            let sha: String =
+                Sha256::digest(fake_bzimage()).iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(build.info.image_sha256, Some(sha));
+            assert_eq!(build.info.build_info, serde_json::Value::Null);
+        }
+    }
+
+    #[test]
+    fn a_lone_bzimage_says_what_it_lacks() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let image = dir.path().join("vmlinuz");
+        write(&image, &fake_bzimage());
+        let build = kernel_at_path(&image).expect("found");
+        assert_eq!((build.system_map.as_deref(), build.bpftool.as_deref()), (None, None));
+        let error = build.require_system_map("verify_stack").expect_err("no map");
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "verify_stack needs System.map for {}: none beside it (System.map, \
+                 System.map-<release>) or in its kernel build tree",
+                image.display()
+            )
+        );
+        // /boot's naming: System.map-<release>.
+        write(&dir.path().join("System.map-6.12.0-mine"), b"");
+        let build = kernel_at_path(&image).expect("found");
+        assert_eq!(build.system_map, Some(dir.path().join("System.map-6.12.0-mine")));
+
+        let empty = tempfile::tempdir().expect("temp dir");
+        let error = kernel_at_path(empty.path()).expect_err("no image");
+        assert!(matches!(error, GuestImageError::NoImageInDir { .. }), "{error}");
+        let error = kernel_at_path(&empty.path().join("missing")).expect_err("no file");
+        assert!(error.to_string().starts_with("no kernel at "), "{error}");
+    }
+
+    #[test]
+    fn kernel_names_are_variants_and_anything_else_a_path() {
+        let parse = |text: &str| text.parse::<KernelChoice>().expect("infallible");
+        assert_eq!(parse("noterm"), KernelChoice::Variant(KernelVariant::Noterm));
+        assert_eq!(parse("default"), KernelChoice::Variant(KernelVariant::Default));
+        assert_eq!(parse("./default"), KernelChoice::Path("./default".into()));
+        assert_eq!(parse("/boot/vmlinuz"), KernelChoice::Path("/boot/vmlinuz".into()));
+    }
+}

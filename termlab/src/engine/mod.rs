@@ -667,3 +667,61 @@ fn console_follower(path: PathBuf) -> std::sync::Arc<AtomicBool> {
     });
     stop
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel_with_map(map: Option<&str>) -> (tempfile::TempDir, KernelBuild) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let system_map = map.map(|text| {
+            let path = dir.path().join("System.map");
+            std::fs::write(&path, text).expect("write");
+            path
+        });
+        let info = crate::results::KernelInfo {
+            variant: "path".into(),
+            dir: String::new(),
+            source_version: None,
+            patch_series_sha256: None,
+            config_sha256: None,
+            build_info: serde_json::Value::Null,
+            image: None,
+            image_sha256: None,
+            image_version: None,
+            system_map: None,
+        };
+        let build = KernelBuild {
+            dir: dir.path().to_owned(),
+            bzimage: dir.path().join("bzImage"),
+            system_map,
+            bpftool: None,
+            info,
+        };
+        (dir, build)
+    }
+
+    fn scenario(name: &str) -> Scenario {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios").join(name);
+        crate::scenario::load(&path).expect("scenario loads").scenario
+    }
+
+    #[test]
+    fn what_a_scenario_needs_from_the_kernel_is_checked_before_booting() {
+        let stack = scenario("two-cpus.toml");
+        let (_dir, no_map) = kernel_with_map(None);
+        let error = check_kernel_for(&stack, &no_map).expect_err("verify_stack needs a map");
+        assert!(error.to_string().starts_with("verify_stack needs System.map for "), "{error}");
+
+        let plain = "ffffffff81000000 T _text\n";
+        let (_dir, not_ours) = kernel_with_map(Some(plain));
+        let error = check_kernel_for(&scenario("loops.toml"), &not_ours).expect_err("no events");
+        assert!(error.to_string().contains(TERMINATION_TRACEPOINT), "{error}");
+
+        let ours = format!("{plain}ffffffff82000000 D {TERMINATION_TRACEPOINT}\n");
+        let (_dir, patched) = kernel_with_map(Some(&ours));
+        check_kernel_for(&stack, &patched).expect("a termlab kernel has both");
+        // Without a map the events cannot be checked before booting: not refused.
+        check_kernel_for(&scenario("loops.toml"), &no_map).expect("unknown is not refused");
+    }
+}
