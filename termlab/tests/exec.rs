@@ -135,3 +135,65 @@ fn a_vmtest_toml_with_two_targets_reports_each_and_counts_the_failed() {
 
     std::fs::remove_dir_all(dir).expect("cleanup");
 }
+
+/// `termlab boot` gives a shell on the guest console, through the nested
+/// launcher too: commands written to its stdin are answered, `poweroff -f`
+/// ends it.
+#[test]
+#[ignore = "boots the guest: minutes; needs the kernel build and the agent"]
+fn boot_gives_a_shell_on_the_console_of_a_kernel_given_by_path() {
+    use std::io::{BufRead, BufReader, Write};
+    let kernel = bzimage();
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("exec \"$0\" boot --kernel \"$1\" 2>&1")
+        .arg(env!("CARGO_BIN_EXE_termlab"))
+        .arg(&kernel)
+        .current_dir(repo_root())
+        .env_remove("TERMLAB_KERNEL_DIR")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("termlab boot runs");
+    // Never hang the suite: a shell that never answers is killed (SIGTERM: the VM and the
+    // L1 VM are stopped cleanly) after a generous limit that covers waiting for the L1 lock.
+    let pid = child.id() as i32;
+    let finished = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watched = finished.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(1200));
+        if !watched.load(std::sync::atomic::Ordering::Relaxed) {
+            // SAFETY: kill(2) of the child this test started and has not reaped.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    });
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).split(b'\n');
+    let mut seen = String::new();
+    let mut wait_for = |wanted: &str, seen: &mut String| loop {
+        let Some(Ok(line)) = lines.next() else {
+            return false;
+        };
+        let line = String::from_utf8_lossy(&line).into_owned();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains(wanted) {
+            return true;
+        }
+    };
+    let ready = wait_for("guest console: type", &mut seen);
+    // The shell starts right after the message: give it a moment to open the console.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let answered = ready
+        && stdin.write_all(b"echo answer-$((6 * 7))\n").is_ok()
+        && wait_for("answer-42", &mut seen);
+    let _ = stdin.write_all(b"poweroff -f\n");
+    drop(stdin);
+    let ended = wait_for("VM ended", &mut seen);
+    while wait_for("\u{0}never", &mut seen) {}
+    let status = child.wait().expect("wait");
+    finished.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(answered, "no answer from the guest shell:\n{seen}");
+    assert!(ended, "the VM did not end:\n{seen}");
+    assert!(status.success(), "{status}\n{seen}");
+}
