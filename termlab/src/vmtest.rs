@@ -138,7 +138,7 @@ pub fn load(path: &Path) -> Result<VmtestConfig, VmtestError> {
         _ => PathBuf::from("."),
     };
     let targets = parse(&text, &dir).map_err(|error| {
-        let (line, column) = line_column(&text, error.span.start);
+        let (line, column) = crate::scenario::line_column(&text, error.span.start);
         VmtestError::Invalid {
             path: path.to_owned(),
             line,
@@ -287,14 +287,6 @@ pub fn parse_memory(text: &str) -> Result<u32, String> {
         return Err(format!("{text:?} is {mib} MiB: the guest needs 64 MiB to 64 GiB"));
     }
     Ok(mib as u32)
-}
-
-/// 1-based line and column (in characters) of a byte offset.
-fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..text.floor_char_boundary(offset.min(text.len()))];
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    (line, before[line_start..].chars().count() + 1)
 }
 
 #[cfg(test)]
