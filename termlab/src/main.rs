@@ -65,7 +65,8 @@ enum Command {
         #[command(subcommand)]
         command: KernelCommand,
     },
-    /// Boot the guest with its console on this terminal (Ctrl-C or `poweroff -f` ends it).
+    /// Boot the guest with its console on this terminal (`reboot -f` in the guest ends it;
+    /// `poweroff -f` only halts the guest, which the VMM does not see with an in-kernel LAPIC).
     Boot {
         #[arg(long, value_enum, default_value_t = Variant::Default)]
         variant: Variant,

@@ -137,7 +137,7 @@ fn a_vmtest_toml_with_two_targets_reports_each_and_counts_the_failed() {
 }
 
 /// `termlab boot` gives a shell on the guest console, through the nested
-/// launcher too: commands written to its stdin are answered, `poweroff -f`
+/// launcher too: commands written to its stdin are answered, `reboot -f`
 /// ends it.
 #[test]
 #[ignore = "boots the guest: minutes; needs the kernel build and the agent"]
@@ -187,9 +187,9 @@ fn boot_gives_a_shell_on_the_console_of_a_kernel_given_by_path() {
     let answered = ready
         && stdin.write_all(b"echo answer-$((6 * 7))\n").is_ok()
         && wait_for("answer-42", &mut seen);
-    let _ = stdin.write_all(b"poweroff -f\n");
+    let _ = stdin.write_all(b"reboot -f\n");
     drop(stdin);
-    let ended = wait_for("VM ended", &mut seen);
+    let ended = wait_for("VM ended: the guest rebooted", &mut seen);
     while wait_for("\u{0}never", &mut seen) {}
     let status = child.wait().expect("wait");
     finished.store(true, std::sync::atomic::Ordering::Relaxed);

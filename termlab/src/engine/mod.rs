@@ -636,7 +636,7 @@ pub fn interactive_console(mut guest: Guest, console_log: &Path, ui: Ui) {
         guest.power_off();
         return;
     }
-    ui.say("guest console: type `poweroff -f` or press Ctrl-C to end the VM");
+    ui.say("guest console: type `reboot -f` to end the VM (or Ctrl-C, which inside the nested L1 VM goes to the guest)");
     let follower = console_follower(console_log.to_owned());
     let reason = guest.wait_until_exit();
     follower.store(true, Ordering::Relaxed);
