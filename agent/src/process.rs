@@ -18,7 +18,7 @@ use nix::sys::wait::{waitid, Id, WaitPidFlag};
 use nix::unistd::Pid;
 use termlab_protocol::{
     CapturedOutput, ErrorKind, ErrorReply, ExitStatus, OutputMatch, ProcessExit, ProcessOutput,
-    RunOutput, RunRequest, SpawnReply, SpawnRequest, Stream, WaitOutputRequest,
+    ReadOutputRequest, RunOutput, RunRequest, SpawnReply, SpawnRequest, Stream, WaitOutputRequest,
     MAX_CAPTURED_OUTPUT_BYTES,
 };
 
@@ -102,6 +102,8 @@ struct OutputLog {
     kept: Vec<u8>,
     total_bytes: u64,
     closed: bool,
+    /// Bytes handed out by `consume` reads and dropped from the front of `kept`.
+    consumed_bytes: u64,
 }
 
 impl OutputLog {
@@ -118,9 +120,18 @@ impl OutputLog {
     fn snapshot(&self) -> CapturedOutput {
         CapturedOutput {
             data: self.kept.clone().into(),
-            truncated: self.total_bytes > self.kept.len() as u64,
+            truncated: self.total_bytes > self.consumed_bytes + self.kept.len() as u64,
             total_bytes: self.total_bytes,
         }
+    }
+
+    /// Everything kept and not yet consumed, which is then forgotten: the room it took is free
+    /// again. `truncated` says some output was dropped (the kept limit filled up between reads).
+    fn take(&mut self) -> CapturedOutput {
+        let snapshot = self.snapshot();
+        self.consumed_bytes += self.kept.len() as u64;
+        self.kept.clear();
+        snapshot
     }
 
     /// The first complete line at or after `from` that contains `pattern`, and the offset just
@@ -495,8 +506,26 @@ impl ProcessTable {
         Ok(SpawnReply { handle: process.pid, start_ns })
     }
 
-    pub fn read_output(&self, handle: u32) -> Result<ProcessOutput, ErrorReply> {
-        Ok(self.get(handle)?.output())
+    pub fn read_output(&self, request: &ReadOutputRequest) -> Result<ProcessOutput, ErrorReply> {
+        let process = self.get(request.handle)?;
+        if !request.consume {
+            return Ok(process.output());
+        }
+        let deadline = Instant::now() + Duration::from_millis(request.wait_ms);
+        let mut state = process.lock();
+        // Something to say: unread output, an exit, or (once exited) both pipes closed.
+        while state.stdout.kept.is_empty()
+            && state.stderr.kept.is_empty()
+            && state.exit.is_none()
+            && Instant::now() < deadline
+        {
+            state = process.wait_changed(state, deadline);
+        }
+        Ok(ProcessOutput {
+            stdout: state.stdout.take(),
+            stderr: state.stderr.take(),
+            exit: state.exit.clone(),
+        })
     }
 
     pub fn wait_output(&self, request: WaitOutputRequest) -> Result<OutputMatch, ErrorReply> {
@@ -504,6 +533,15 @@ impl ProcessTable {
         let deadline = Instant::now() + Duration::from_millis(request.timeout_ms);
         let pattern = request.pattern.as_bytes();
         let mut state = process.lock();
+        if state.log(request.stream).consumed_bytes > 0 {
+            return Err(ErrorReply::new(
+                ErrorKind::InvalidRequest,
+                format!(
+                    "the output of process {} is read with `consume`: wait_output offsets no longer apply",
+                    request.handle
+                ),
+            ));
+        }
         let from = usize::try_from(request.from_offset)
             .ok()
             .filter(|&from| from <= state.log(request.stream).kept.len())
@@ -629,6 +667,27 @@ mod tests {
         let (second, end) = log.find_line(end, b"x=").unwrap();
         assert_eq!((second.as_slice(), end), (&b"x=2"[..], 10));
         assert_eq!(log.find_line(end, b"x="), None);
+    }
+
+    #[test]
+    fn consumed_output_is_handed_out_once_and_frees_its_room() {
+        let mut log = OutputLog::default();
+        log.append(b"one\n");
+        let first = log.take();
+        assert_eq!(
+            (first.data.as_bytes(), first.truncated, first.total_bytes),
+            (&b"one\n"[..], false, 4)
+        );
+        assert_eq!(log.take().data.as_bytes(), b"");
+        log.append(&vec![b'a'; MAX_CAPTURED_OUTPUT_BYTES]);
+        let full = log.take();
+        assert_eq!(full.data.as_bytes().len(), MAX_CAPTURED_OUTPUT_BYTES);
+        assert!(!full.truncated, "nothing was dropped yet");
+        log.append(b"more");
+        let after = log.take();
+        assert_eq!((after.data.as_bytes(), after.truncated), (&b"more"[..], false));
+        log.append(&vec![b'b'; MAX_CAPTURED_OUTPUT_BYTES + 3]);
+        assert!(log.take().truncated, "3 bytes did not fit between two reads");
     }
 
     #[test]

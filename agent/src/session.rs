@@ -94,9 +94,7 @@ fn execute(body: RequestBody, agent: &Agent) -> Result<ResponseBody, ErrorReply>
         }
         RequestBody::Run(run) => ResponseBody::Run(processes.run(run)?),
         RequestBody::Spawn(spawn) => ResponseBody::Spawn(processes.spawn(spawn)?),
-        RequestBody::ReadOutput(read) => {
-            ResponseBody::ReadOutput(processes.read_output(read.handle)?)
-        }
+        RequestBody::ReadOutput(read) => ResponseBody::ReadOutput(processes.read_output(&read)?),
         RequestBody::WaitOutput(wait) => ResponseBody::WaitOutput(processes.wait_output(wait)?),
         RequestBody::Kill(kill) => {
             processes.kill(kill.handle, kill.signal)?;

@@ -352,6 +352,50 @@ fn output_is_complete_when_wait_returns() {
     }
 }
 
+/// `consume` reads stream a process's output as it is written: each byte once, the first lines
+/// before the process ends, then the exit; `wait_output` no longer applies afterwards.
+#[test]
+fn consumed_output_streams_while_the_process_runs() {
+    let agent = RunningAgent::start();
+    let mut client = agent.client();
+    let argv = ["sh", "-c", "echo one; echo err >&2; sleep 0.5; echo two; exit 42"]
+        .map(String::from)
+        .to_vec();
+    let spawned = client.spawn(SpawnRequest { argv, env: BTreeMap::new(), as_uid: None }).unwrap();
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let mut seen_before_exit = Vec::new();
+    let exit = loop {
+        let output = client.read_new_output(spawned.handle, 5000).unwrap();
+        stdout.extend_from_slice(output.stdout.data.as_bytes());
+        stderr.extend_from_slice(output.stderr.data.as_bytes());
+        match output.exit {
+            Some(exit) => break exit,
+            None => seen_before_exit.extend_from_slice(output.stdout.data.as_bytes()),
+        }
+    };
+    client.wait(spawned.handle, 5000).unwrap();
+    let rest = client.read_new_output(spawned.handle, 0).unwrap();
+    stdout.extend_from_slice(rest.stdout.data.as_bytes());
+    stderr.extend_from_slice(rest.stderr.data.as_bytes());
+    assert_eq!(exit.status, ExitStatus::Exited { code: 42 });
+    assert_eq!(String::from_utf8_lossy(&stdout), "one\ntwo\n");
+    assert_eq!(String::from_utf8_lossy(&stderr), "err\n");
+    assert!(seen_before_exit.starts_with(b"one\n"), "streamed: {seen_before_exit:?}");
+    let refused = agent_error(client.wait_output(WaitOutputRequest {
+        handle: spawned.handle,
+        pattern: "one".into(),
+        stream: Stream::Stdout,
+        timeout_ms: 100,
+        from_offset: 0,
+    }));
+    assert_eq!(refused.kind, ErrorKind::InvalidRequest);
+    let line =
+        format!("{{\"id\":9,\"op\":\"read_output\",\"handle\":{},\"wait_ms\":10}}", spawned.handle);
+    let response = client.send_raw_line(line.as_bytes(), Duration::from_secs(5)).unwrap();
+    let error = response.outcome.expect_err("wait_ms without consume is refused");
+    assert_eq!(error.kind, ErrorKind::InvalidRequest, "{}", error.message);
+}
+
 #[test]
 fn files_are_read_and_written() {
     let agent = RunningAgent::start();

@@ -17,7 +17,7 @@ use crate::NESTED_ENV;
 /// the scripts they run read (`guest-kernel/build --print-dir` reads TERMLAB_CACHE and
 /// TERMLAB_PATCH_DIR; the agent is found through CARGO_TARGET_DIR). Nothing else passes, so
 /// no token (CARGO_REGISTRY_TOKEN, GITHUB_TOKEN, ...) reaches L1 or the job directory.
-pub const PASSED_ENV: [&str; 13] = [
+pub const PASSED_ENV: [&str; 14] = [
     "PATH",
     "HOME",
     "TERM",
@@ -31,6 +31,7 @@ pub const PASSED_ENV: [&str; 13] = [
     "TERMLAB_KERNEL_DIR",
     "TERMLAB_PATCH_DIR",
     "TERMLAB_VMM_LOG",
+    "TERMLAB_EXEC_PREPARED",
 ];
 
 /// The L1 init's script: the command, run by the host's `/bin/sh` chrooted into the host.

@@ -196,8 +196,22 @@ impl<T: Transport> Client<T> {
     }
 
     pub fn read_output(&mut self, handle: u32) -> Result<ProcessOutput, ClientError> {
-        let body = RequestBody::ReadOutput(ReadOutputRequest { handle });
+        let body =
+            RequestBody::ReadOutput(ReadOutputRequest { handle, consume: false, wait_ms: 0 });
         self.call_typed(body, self.default_timeout)
+    }
+
+    /// What a background process wrote since the previous call (see
+    /// [`ReadOutputRequest::consume`]), waiting up to `wait_ms` for something to happen: new
+    /// output or its exit. Streams a process's output without any size limit.
+    pub fn read_new_output(
+        &mut self,
+        handle: u32,
+        wait_ms: u64,
+    ) -> Result<ProcessOutput, ClientError> {
+        let timeout = self.with_margin(wait_ms);
+        let body = RequestBody::ReadOutput(ReadOutputRequest { handle, consume: true, wait_ms });
+        self.call_typed(body, timeout)
     }
 
     pub fn wait_output(&mut self, request: WaitOutputRequest) -> Result<OutputMatch, ClientError> {

@@ -81,6 +81,20 @@ pub struct SpawnRequest {
 #[serde(deny_unknown_fields)]
 pub struct ReadOutputRequest {
     pub handle: u32,
+    /// Return only what was written since the previous `consume` read, and let the agent
+    /// forget it: output then streams without the kept-output limit (a command's whole output,
+    /// however long, as it is written). `wait_output` on a process read this way is refused,
+    /// its offsets would no longer count from the start. Optional: older hosts never send it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub consume: bool,
+    /// With `consume`: when nothing new has been written and the process has not exited, wait
+    /// up to this long (ms) for either before answering (a long poll). 0: answer at once.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub wait_ms: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,6 +172,8 @@ pub enum ValidationError {
     BadSignal { got: i32 },
     #[error("pattern must not be empty or contain a newline")]
     BadPattern,
+    #[error("wait_ms needs consume: without it the reply is everything so far, never empty")]
+    WaitWithoutConsume,
     #[error("path must be absolute, got {path:?}")]
     RelativePath { path: String },
 }
@@ -214,8 +230,16 @@ impl RequestBody {
                 }
             }
             RequestBody::WriteFile(write) => validate_path(&write.path),
+            RequestBody::ReadOutput(read) => {
+                if read.wait_ms == 0 {
+                    Ok(())
+                } else if !read.consume {
+                    Err(ValidationError::WaitWithoutConsume)
+                } else {
+                    validate_timeout(read.wait_ms)
+                }
+            }
             RequestBody::Hello(_)
-            | RequestBody::ReadOutput(_)
             | RequestBody::Clock {}
             | RequestBody::Terminate(_)
             | RequestBody::Shutdown {} => Ok(()),
@@ -358,7 +382,8 @@ mod tests {
                 env: BTreeMap::new(),
                 as_uid: None,
             }),
-            RequestBody::ReadOutput(ReadOutputRequest { handle: 42 }),
+            RequestBody::ReadOutput(ReadOutputRequest { handle: 42, consume: false, wait_ms: 0 }),
+            RequestBody::ReadOutput(ReadOutputRequest { handle: 42, consume: true, wait_ms: 250 }),
             RequestBody::WaitOutput(WaitOutputRequest {
                 handle: 42,
                 pattern: "prog_id=".into(),

@@ -116,6 +116,14 @@ impl Classify for GuestImageError {
         match self {
             // Run from outside the checkout, or TERMLAB_ROOT names another directory.
             GuestImageError::NoRepository => ExitClass::Usage,
+            // `--kernel` names no usable kernel, or one that lacks what the scenario needs
+            // (System.map for verify_stack, the termination trace events): the caller's choice.
+            GuestImageError::NoKernel { .. }
+            | GuestImageError::NoImageInDir { .. }
+            | GuestImageError::NotBzImage { .. }
+            | GuestImageError::NoSystemMap { .. }
+            | GuestImageError::MissingFeature { .. } => ExitClass::Usage,
+            GuestImageError::NoBpftool { .. } => ExitClass::Infrastructure,
             GuestImageError::KernelNotBuilt { .. }
             | GuestImageError::KernelIncomplete { .. }
             | GuestImageError::NoAgent { .. }

@@ -26,6 +26,22 @@ pub enum GuestImageError {
     KernelNotBuilt { variant: &'static str },
     #[error("{} is missing from the kernel build directory {}: rebuild with `termlab kernel build`", file, dir.display())]
     KernelIncomplete { dir: PathBuf, file: &'static str },
+    #[error("{what} needs System.map for {}: none beside it (System.map, System.map-<release>) or in its kernel build tree", image.display())]
+    NoSystemMap { what: String, image: PathBuf },
+    #[error("the kernel {}: {detail}", image.display())]
+    MissingFeature { image: PathBuf, detail: String },
+    #[error("no kernel at {}: {source}", path.display())]
+    NoKernel {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} has no bzImage (looked for bzImage and arch/x86/boot/bzImage in it)", dir.display())]
+    NoImageInDir { dir: PathBuf },
+    #[error("{} is not a bzImage: {reason}", path.display())]
+    NotBzImage { path: PathBuf, reason: String },
+    #[error("the kernel {} has no bpftool beside it (or in tools/bpf/bpftool/ of its tree), and the default guest kernel, whose bpftool would be used instead, is not built: build it with `termlab kernel build`, or put a static bpftool beside the image", image.display())]
+    NoBpftool { image: PathBuf },
     #[error("the guest agent binary is missing at {}: build it with `RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p termlab-agent --target {AGENT_TARGET}` (scripts/setup does this), or set TERMLAB_AGENT", path.display())]
     NoAgent { path: PathBuf },
     #[error("`{command}` failed: {detail}")]
@@ -74,25 +90,77 @@ pub fn cache_root() -> PathBuf {
         .map_or_else(|| PathBuf::from("/var/cache/termlab"), PathBuf::from)
 }
 
-/// A built kernel: its directory and what build-info.json says about it.
+/// A kernel to boot: its bzImage and what is known about it. A kernel from
+/// guest-kernel/build has everything; a user's kernel may lack System.map
+/// (then `verify_stack` cannot run), bpftool (then the default build's goes
+/// into the initramfs) and build-info.json.
 #[derive(Debug, Clone)]
 pub struct KernelBuild {
+    /// The directory the image was found in (the tree root for a kernel build tree).
     pub dir: PathBuf,
     pub bzimage: PathBuf,
-    pub bpftool: PathBuf,
+    pub system_map: Option<PathBuf>,
+    pub bpftool: Option<PathBuf>,
     pub info: KernelInfo,
 }
 
-/// The kernel to boot: the build in `override_dir` (`--kernel-dir`) when
-/// given, else the current build of `variant`.
+impl KernelBuild {
+    /// The System.map, or an error naming `what` needs it and where it was looked for.
+    pub fn require_system_map(&self, what: &str) -> Result<&Path, GuestImageError> {
+        self.system_map.as_deref().ok_or_else(|| GuestImageError::NoSystemMap {
+            what: what.to_owned(),
+            image: self.bzimage.clone(),
+        })
+    }
+}
+
+/// What `--kernel` names: a guest-kernel/build variant, or a path (a bzImage
+/// or a directory holding one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelChoice {
+    Variant(KernelVariant),
+    Path(PathBuf),
+}
+
+impl std::str::FromStr for KernelChoice {
+    type Err = std::convert::Infallible;
+
+    /// `default`, `debug` and `noterm` are variants; anything else is a
+    /// path (write `./default` for a file of that name).
+    fn from_str(text: &str) -> Result<KernelChoice, Self::Err> {
+        Ok(match text {
+            "default" => KernelChoice::Variant(KernelVariant::Default),
+            "debug" => KernelChoice::Variant(KernelVariant::Debug),
+            "noterm" => KernelChoice::Variant(KernelVariant::Noterm),
+            path => KernelChoice::Path(PathBuf::from(path)),
+        })
+    }
+}
+
+/// The kernel a run boots: `--kernel` when given, else the build in
+/// `override_dir` (`--kernel-dir`, `TERMLAB_KERNEL_DIR`), else the current
+/// build of the scenario's `variant`.
 pub fn resolve_kernel(
     root: &Path,
     variant: KernelVariant,
+    choice: Option<&KernelChoice>,
     override_dir: Option<&Path>,
 ) -> Result<KernelBuild, GuestImageError> {
-    match override_dir {
-        Some(dir) => kernel_build_in(dir, variant),
-        None => find_kernel(root, variant),
+    match (choice, override_dir) {
+        (Some(choice), _) => kernel_from_choice(root, choice),
+        (None, Some(dir)) => kernel_build_in(dir, variant),
+        (None, None) => find_kernel(root, variant),
+    }
+}
+
+/// The kernel `--kernel` names.
+pub fn kernel_from_choice(
+    root: &Path,
+    choice: &KernelChoice,
+) -> Result<KernelBuild, GuestImageError> {
+    match choice {
+        KernelChoice::Variant(variant) => find_kernel(root, *variant),
+        KernelChoice::Path(path) => kernel_at_path(path),
     }
 }
 
@@ -109,7 +177,8 @@ pub fn find_kernel(root: &Path, variant: KernelVariant) -> Result<KernelBuild, G
     kernel_build_in(&dir, variant)
 }
 
-/// Reads a kernel build directory (bzImage, bpftool, build-info.json).
+/// Reads a termlab kernel build directory (bzImage, bpftool,
+/// build-info.json; System.map when present).
 pub fn kernel_build_in(dir: &Path, variant: KernelVariant) -> Result<KernelBuild, GuestImageError> {
     for file in ["bzImage", "bpftool", "build-info.json"] {
         if !dir.join(file).is_file() {
@@ -120,21 +189,140 @@ pub fn kernel_build_in(dir: &Path, variant: KernelVariant) -> Result<KernelBuild
     let text = std::fs::read_to_string(&info_path).map_err(io_error(&info_path))?;
     let build_info: serde_json::Value = serde_json::from_str(&text)
         .map_err(|source| GuestImageError::BuildInfo { path: info_path.clone(), source })?;
+    let bzimage = dir.join("bzImage");
+    let system_map = Some(dir.join("System.map")).filter(|map| map.is_file());
+    let info = kernel_info(variant.as_str(), dir, &bzimage, system_map.as_deref(), build_info)?;
+    Ok(KernelBuild {
+        dir: dir.to_owned(),
+        bzimage,
+        system_map,
+        bpftool: Some(dir.join("bpftool")),
+        info,
+    })
+}
+
+/// The `variant` recorded for a kernel given by path.
+pub const PATH_KERNEL_VARIANT: &str = "path";
+
+/// A kernel given by path: a bzImage file (System.map and bpftool beside
+/// it, or in the build tree it sits in at arch/x86/boot/bzImage), a
+/// termlab build directory, or a kernel build tree.
+pub fn kernel_at_path(path: &Path) -> Result<KernelBuild, GuestImageError> {
+    let metadata = std::fs::metadata(path)
+        .map_err(|source| GuestImageError::NoKernel { path: path.to_owned(), source })?;
+    if metadata.is_dir() {
+        if path.join("bzImage").is_file() && path.join("build-info.json").is_file() {
+            // A guest-kernel/build output directory given by path.
+            let mut build = kernel_build_in(path, KernelVariant::Default)?;
+            build.info.variant = PATH_KERNEL_VARIANT.to_owned();
+            return Ok(build);
+        }
+        let image = [path.join("bzImage"), path.join("arch/x86/boot/bzImage")]
+            .into_iter()
+            .find(|image| image.is_file())
+            .ok_or_else(|| GuestImageError::NoImageInDir { dir: path.to_owned() })?;
+        return kernel_at_path(&image);
+    }
+    let version = bzimage_version(path)?;
+    let beside = path.parent().unwrap_or(Path::new(".")).to_owned();
+    // arch/x86/boot/bzImage → the tree root, where `make` leaves System.map.
+    let tree = path
+        .ancestors()
+        .nth(4)
+        .filter(|_| path.ends_with("arch/x86/boot/bzImage"))
+        .map(Path::to_owned);
+    let release = version.split_whitespace().next().unwrap_or_default();
+    let mut map_candidates = vec![beside.join("System.map")];
+    if !release.is_empty() {
+        // /boot names it System.map-<release>.
+        map_candidates.push(beside.join(format!("System.map-{release}")));
+    }
+    map_candidates.extend(tree.iter().map(|tree| tree.join("System.map")));
+    let system_map = map_candidates.into_iter().find(|map| map.is_file());
+    let mut bpftool_candidates = vec![beside.join("bpftool")];
+    bpftool_candidates.extend(tree.iter().map(|tree| tree.join("tools/bpf/bpftool/bpftool")));
+    let bpftool = bpftool_candidates.into_iter().find(|tool| tool.is_file());
+    let info_path = beside.join("build-info.json");
+    let build_info = match std::fs::read_to_string(&info_path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map_err(|source| GuestImageError::BuildInfo { path: info_path.clone(), source })?,
+        Err(_) => serde_json::Value::Null,
+    };
+    let dir = tree.unwrap_or(beside);
+    let info = kernel_info(PATH_KERNEL_VARIANT, &dir, path, system_map.as_deref(), build_info)?;
+    Ok(KernelBuild { dir, bzimage: path.to_owned(), system_map, bpftool, info })
+}
+
+fn kernel_info(
+    variant: &str,
+    dir: &Path,
+    bzimage: &Path,
+    system_map: Option<&Path>,
+    build_info: serde_json::Value,
+) -> Result<KernelInfo, GuestImageError> {
+    let bytes = std::fs::read(bzimage).map_err(io_error(bzimage))?;
     let field = |name: &str| build_info.get(name).and_then(|v| v.as_str()).map(str::to_owned);
-    let info = KernelInfo {
-        variant: variant.as_str().to_owned(),
+    Ok(KernelInfo {
+        variant: variant.to_owned(),
         dir: dir.display().to_string(),
         source_version: field("source_version"),
         patch_series_sha256: field("patch_series_sha256"),
         config_sha256: field("config_sha256"),
+        image: Some(bzimage.display().to_string()),
+        image_sha256: Some(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()),
+        image_version: Some(
+            bzimage_header_version(&bytes).map_err(|reason| GuestImageError::NotBzImage {
+                path: bzimage.to_owned(),
+                reason,
+            })?,
+        ),
+        system_map: system_map.map(|map| map.display().to_string()),
         build_info,
-    };
-    Ok(KernelBuild {
-        dir: dir.to_owned(),
-        bzimage: dir.join("bzImage"),
-        bpftool: dir.join("bpftool"),
-        info,
     })
+}
+
+/// The version string of a bzImage file (see [`bzimage_header_version`]).
+pub fn bzimage_version(path: &Path) -> Result<String, GuestImageError> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(io_error(path))?;
+    let mut header = Vec::with_capacity(BZIMAGE_HEADER_READ);
+    file.take(BZIMAGE_HEADER_READ as u64).read_to_end(&mut header).map_err(io_error(path))?;
+    bzimage_header_version(&header)
+        .map_err(|reason| GuestImageError::NotBzImage { path: path.to_owned(), reason })
+}
+
+/// Enough of a bzImage to hold its setup header and version string (the
+/// string lives in the setup sectors, within the first 32 KiB).
+const BZIMAGE_HEADER_READ: usize = 64 * 1024;
+
+/// The kernel version string of a bzImage, as the x86 boot protocol places
+/// it: `kernel_version` (u16 at 0x20E) + 0x200 is the offset of a
+/// NUL-terminated string; the header is marked by "HdrS" at 0x202, and
+/// needs protocol 2.00 or later (u16 at 0x206).
+pub fn bzimage_header_version(image: &[u8]) -> Result<String, String> {
+    let u16_at = |at: usize| image.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    if image.get(0x202..0x206) != Some(b"HdrS".as_slice()) {
+        return Err("no \"HdrS\" setup header at 0x202 (a vmlinux ELF or a compressed file? \
+                    give the bzImage, arch/x86/boot/bzImage)"
+            .to_owned());
+    }
+    let protocol = u16_at(0x206).unwrap_or(0);
+    if protocol < 0x0200 {
+        return Err(format!("boot protocol {protocol:#06x} is older than 2.00"));
+    }
+    let offset = u16_at(0x20E).unwrap_or(0);
+    if offset == 0 {
+        return Err("the setup header has no kernel_version string".to_owned());
+    }
+    let start = 0x200 + usize::from(offset);
+    let rest = image
+        .get(start..)
+        .ok_or_else(|| format!("kernel_version offset {offset:#x} is beyond the image"))?;
+    let end = rest
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or_else(|| "the kernel_version string has no terminating NUL".to_owned())?;
+    Ok(String::from_utf8_lossy(&rest[..end]).trim().to_owned())
 }
 
 /// The statically linked guest agent.
@@ -208,6 +396,19 @@ const RUN_ME: &str = "#!/bin/sh\n\
 for f in /proc/irq/*/smp_affinity; do echo 1 > \"$f\" 2>/dev/null; done\n\
 exec taskset -c 0 /bin/termlab-agent --shutdown-action reboot\n";
 
+/// The bpftool that goes into the guest: the kernel's own, else (a user's
+/// kernel built without tools/bpf) the default termlab build's, a static
+/// user-space tool that works with any recent kernel.
+fn guest_bpftool(root: &Path, kernel: &KernelBuild) -> Result<PathBuf, GuestImageError> {
+    if let Some(bpftool) = &kernel.bpftool {
+        return Ok(bpftool.clone());
+    }
+    find_kernel(root, KernelVariant::Default)
+        .ok()
+        .and_then(|build| build.bpftool)
+        .ok_or_else(|| GuestImageError::NoBpftool { image: kernel.bzimage.clone() })
+}
+
 /// A host file put into the guest image at `guest` (a scenario's `[vm]
 /// files` and program objects).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,9 +453,10 @@ pub fn initramfs_with(
     let run_me = cache.join("run-me");
     std::fs::write(&run_me, RUN_ME).map_err(io_error(&run_me))?;
 
+    let bpftool = guest_bpftool(root, kernel)?;
     let mkinitramfs = root.join("guest-samples/mkinitramfs");
     let mut hasher = Sha256::new();
-    for input in [&mkinitramfs, &kernel.bpftool, &agent, &ipi_binary, &run_me] {
+    for input in [&mkinitramfs, &bpftool, &agent, &ipi_binary, &run_me] {
         sha256_of_file(&mut hasher, input)?;
     }
     for binary in SAMPLE_BINARIES {
@@ -271,7 +473,7 @@ pub fn initramfs_with(
             .arg("-o")
             .arg(&image)
             .arg("--bpftool")
-            .arg(&kernel.bpftool)
+            .arg(&bpftool)
             .arg("--samples")
             .arg(&samples)
             .arg("--run")
@@ -285,4 +487,101 @@ pub fn initramfs_with(
             })))?;
     }
     Ok(image)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VERSION: &str = "6.12.0-mine (me@box) #3 SMP PREEMPT_DYNAMIC";
+
+    /// The start of a bzImage: setup header with "HdrS", protocol 2.15, and
+    /// the version string where kernel_version points.
+    fn fake_bzimage() -> Vec<u8> {
+        let mut image = vec![0u8; 0x1000];
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        image[0x20E..0x210].copy_from_slice(&0x300u16.to_le_bytes());
+        image[0x500..0x500 + VERSION.len()].copy_from_slice(VERSION.as_bytes());
+        image
+    }
+
+    fn write(path: &Path, bytes: &[u8]) {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, bytes).expect("write");
+    }
+
+    #[test]
+    fn the_version_string_comes_from_the_setup_header() {
+        assert_eq!(bzimage_header_version(&fake_bzimage()).as_deref(), Ok(VERSION));
+        let mut not_bz = fake_bzimage();
+        not_bz[0x202] = b'X';
+        assert!(bzimage_header_version(&not_bz).expect_err("no HdrS").contains("HdrS"));
+        let mut no_version = fake_bzimage();
+        no_version[0x20E..0x210].copy_from_slice(&[0, 0]);
+        assert!(bzimage_header_version(&no_version).is_err());
+        let mut old = fake_bzimage();
+        old[0x206..0x208].copy_from_slice(&0x0105u16.to_le_bytes());
+        assert!(bzimage_header_version(&old).expect_err("old").contains("older than 2.00"));
+        assert!(bzimage_header_version(b"short").is_err());
+    }
+
+    #[test]
+    fn a_build_tree_gives_its_image_map_and_bpftool() {
+        let tree = tempfile::tempdir().expect("temp dir");
+        let image = tree.path().join("arch/x86/boot/bzImage");
+        write(&image, &fake_bzimage());
+        write(&tree.path().join("System.map"), b"ffffffff81000000 T _text\n");
+        write(&tree.path().join("tools/bpf/bpftool/bpftool"), b"tool");
+        for given in [tree.path().to_owned(), image.clone()] {
+            let build = kernel_at_path(&given).expect("found");
+            assert_eq!(build.bzimage, image);
+            assert_eq!(build.dir, tree.path());
+            assert_eq!(build.system_map, Some(tree.path().join("System.map")));
+            assert_eq!(build.bpftool, Some(tree.path().join("tools/bpf/bpftool/bpftool")));
+            assert_eq!(build.info.variant, PATH_KERNEL_VARIANT);
+            assert_eq!(build.info.image_version.as_deref(), Some(VERSION));
+            let sha: String =
+                Sha256::digest(fake_bzimage()).iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(build.info.image_sha256, Some(sha));
+            assert_eq!(build.info.build_info, serde_json::Value::Null);
+        }
+    }
+
+    #[test]
+    fn a_lone_bzimage_says_what_it_lacks() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let image = dir.path().join("vmlinuz");
+        write(&image, &fake_bzimage());
+        let build = kernel_at_path(&image).expect("found");
+        assert_eq!((build.system_map.as_deref(), build.bpftool.as_deref()), (None, None));
+        let error = build.require_system_map("verify_stack").expect_err("no map");
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "verify_stack needs System.map for {}: none beside it (System.map, \
+                 System.map-<release>) or in its kernel build tree",
+                image.display()
+            )
+        );
+        // /boot's naming: System.map-<release>.
+        write(&dir.path().join("System.map-6.12.0-mine"), b"");
+        let build = kernel_at_path(&image).expect("found");
+        assert_eq!(build.system_map, Some(dir.path().join("System.map-6.12.0-mine")));
+
+        let empty = tempfile::tempdir().expect("temp dir");
+        let error = kernel_at_path(empty.path()).expect_err("no image");
+        assert!(matches!(error, GuestImageError::NoImageInDir { .. }), "{error}");
+        let error = kernel_at_path(&empty.path().join("missing")).expect_err("no file");
+        assert!(error.to_string().starts_with("no kernel at "), "{error}");
+    }
+
+    #[test]
+    fn kernel_names_are_variants_and_anything_else_a_path() {
+        let parse = |text: &str| text.parse::<KernelChoice>().expect("infallible");
+        assert_eq!(parse("noterm"), KernelChoice::Variant(KernelVariant::Noterm));
+        assert_eq!(parse("default"), KernelChoice::Variant(KernelVariant::Default));
+        assert_eq!(parse("./default"), KernelChoice::Path("./default".into()));
+        assert_eq!(parse("/boot/vmlinuz"), KernelChoice::Path("/boot/vmlinuz".into()));
+    }
 }

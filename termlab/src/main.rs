@@ -10,8 +10,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use regex::Regex;
 use termlab::bench::BenchOptions;
 use termlab::engine::{self, BootSpec, EngineError, Guest, RunOptions, ScenarioRun};
+use termlab::exec;
 use termlab::exit::{Classify, ExitClass, EXIT_CODES_HELP};
-use termlab::guest_image::{self, repository_root};
+use termlab::guest_image::{self, repository_root, KernelChoice};
 use termlab::junit::{self, RunError, ScenarioReport};
 use termlab::report;
 use termlab::results::RunResult;
@@ -74,22 +75,56 @@ enum Command {
         /// scenario's `kernel` variant from guest-kernel/build.
         #[arg(long, env = "TERMLAB_KERNEL_DIR")]
         kernel_dir: Option<PathBuf>,
+        #[command(flatten)]
+        kernel: KernelArg,
     },
     /// Guest kernel commands.
     Kernel {
         #[command(subcommand)]
         command: KernelCommand,
     },
-    /// Boot the guest with its console on this terminal (Ctrl-C or `poweroff -f` ends it).
+    /// Boot the guest with its console on this terminal (`reboot -f` in the guest ends it;
+    /// `poweroff -f` only halts the guest, which the VMM does not see with an in-kernel LAPIC).
     Boot {
         #[arg(long, value_enum, default_value_t = Variant::Default)]
         variant: Variant,
+        #[command(flatten)]
+        kernel: KernelArg,
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=8))]
         vcpus: u8,
         #[arg(long, default_value_t = 256)]
         memory_mib: u32,
         #[arg(long, value_enum, default_value_t = Nested::Auto)]
         nested: Nested,
+    },
+    /// Boot a kernel and run one command in the guest (or the targets of a vmtest.toml), its
+    /// stdout and stderr streamed live. Exits with the command's exit code (128+N when killed
+    /// by signal N, 126/127 when it cannot be executed / is not found); 69 when the guest did
+    /// not come up, 70 when the guest kernel panicked or the guest hung under the command (with
+    /// the console's last lines), 125 for termlab's own errors, 130 on Ctrl-C. With --config
+    /// and several targets: the number of failed targets.
+    Exec {
+        #[command(flatten)]
+        kernel: KernelArg,
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=8))]
+        vcpus: u8,
+        /// Guest memory in MiB.
+        #[arg(long = "memory", value_name = "MIB", default_value_t = 256, value_parser = clap::value_parser!(u32).range(64..=65536))]
+        memory_mib: u32,
+        #[arg(long, value_enum, default_value_t = Nested::Auto)]
+        nested: Nested,
+        /// Run the `[[target]]` entries of a vmtest configuration file instead of CMD.
+        #[arg(long, short = 'c', value_name = "VMTEST_TOML", conflicts_with_all = ["command", "choice"])]
+        config: Option<PathBuf>,
+        /// With --config: only the targets whose name matches this regex.
+        #[arg(long, short = 'f', value_name = "REGEX", requires = "config")]
+        filter: Option<String>,
+        /// Print where the time went (initramfs, nested L1, boot, command, power-off) on stderr.
+        #[arg(long)]
+        timings: bool,
+        /// The command and its arguments, passed to the guest as they are (no shell).
+        #[arg(last = true, value_name = "CMD")]
+        command: Vec<String>,
     },
     /// Regenerate the reports of result directories (`termlab run`'s result.json or `termlab
     /// bench`'s bench.json; older schema versions are migrated); with several runs, also
@@ -180,6 +215,16 @@ impl Selection {
     }
 }
 
+/// `--kernel PATH|VARIANT`, shared by `run`, `exec` and `boot`.
+#[derive(clap::Args, Clone)]
+struct KernelArg {
+    /// The kernel to boot: a bzImage (System.map and bpftool beside it or in its build tree
+    /// are used when present), a kernel build tree (arch/x86/boot/bzImage), a
+    /// guest-kernel/build output directory, or a variant name: default, debug, noterm.
+    #[arg(long = "kernel", value_name = "PATH|VARIANT")]
+    choice: Option<KernelChoice>,
+}
+
 #[derive(Subcommand)]
 enum KernelCommand {
     /// Build (or reuse) the guest kernel with guest-kernel/build.
@@ -223,8 +268,15 @@ impl From<Variant> for KernelVariant {
     }
 }
 
-/// A failure already explained to the user, with its class (the exit code).
-struct Failed(ExitClass);
+/// A failure already explained to the user, with the exit code: an [`ExitClass`]'s, or for
+/// `exec` the guest command's own (or one of exec's codes, see [`exec`]).
+struct Failed(u8);
+
+impl From<ExitClass> for Failed {
+    fn from(class: ExitClass) -> Failed {
+        Failed(class.code())
+    }
+}
 
 /// What `termlab run` does besides running: output and selection.
 struct RunOutputs {
@@ -248,6 +300,7 @@ fn main() -> ExitCode {
             nested,
             results,
             kernel_dir,
+            kernel,
         } => {
             let options = RunOptions {
                 repeat,
@@ -256,14 +309,23 @@ fn main() -> ExitCode {
                 nested: false,
                 kernel_dir,
                 stream_console: console,
+                kernel: kernel.choice,
             };
             run(ui, &scenarios, options, RunOutputs { json, junit, selection }, nested.into())
         }
         Command::Kernel { command: KernelCommand::Build { variant } } => {
             kernel_build(ui, variant.into())
         }
-        Command::Boot { variant, vcpus, memory_mib, nested } => {
-            boot(ui, variant.into(), vcpus, memory_mib, nested.into())
+        Command::Boot { variant, kernel, vcpus, memory_mib, nested } => {
+            let choice = kernel.choice.unwrap_or(KernelChoice::Variant(variant.into()));
+            boot(ui, &choice, vcpus, memory_mib, nested.into())
+        }
+        Command::Exec { kernel, vcpus, memory_mib, nested, config, filter, timings, command } => {
+            let options = ExecOptions { vcpus, memory_mib, mode: nested.into(), timings };
+            match config {
+                Some(config) => exec_vmtest(ui, &config, filter.as_deref(), &options),
+                None => exec_command(ui, kernel.choice, &command, &options),
+            }
         }
         Command::Report { dirs, out, migrate } => report_command(ui, &dirs, &out, migrate),
         Command::Compare { base, new, threshold, metrics, out } => {
@@ -293,14 +355,14 @@ fn main() -> ExitCode {
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failed(class)) => ExitCode::from(class.code()),
+        Err(Failed(code)) => ExitCode::from(code),
     }
 }
 
 /// Shows `message` as an error and fails with `class`.
 fn fail(ui: Ui, class: ExitClass, message: impl std::fmt::Display) -> Failed {
     ui.error(&message.to_string());
-    Failed(class)
+    Failed::from(class)
 }
 
 /// Shows `error` and fails with its own class.
@@ -357,7 +419,7 @@ fn ran_in_l1(ui: Ui, exit_code: i32) -> Result<(), Failed> {
     }
     match class {
         ExitClass::Pass => Ok(()),
-        class => Err(Failed(class)),
+        class => Err(Failed::from(class)),
     }
 }
 
@@ -405,9 +467,12 @@ fn run(
         let kernel = guest_image::resolve_kernel(
             &root,
             scenario.scenario.vm.kernel,
+            options.kernel.as_ref(),
             options.kernel_dir.as_deref(),
         )
         .map_err(|e| fail_with(ui, e))?;
+        engine::check_kernel_for(&scenario.scenario, &kernel)
+            .map_err(|e| fail(ui, e.exit_class(), format!("{}: {e}", scenario.path.display())))?;
         // Built here, before any nesting: compiling inside the emulated L1
         // VM takes minutes, finding the cached image there takes seconds.
         let spinner = ui.spinner("preparing the initramfs");
@@ -424,14 +489,22 @@ fn run(
     });
     let writable: Vec<&Path> =
         std::iter::once(options.results_root.as_path()).chain(junit_dir).collect();
-    let kernel_dir: Vec<&Path> = options.kernel_dir.as_deref().into_iter().collect();
-    options.nested = match kvm_plan(ui, mode, &writable, &kernel_dir)? {
+    // The kernel given by path must be visible in L1 also under /tmp.
+    let kernel_path = match &options.kernel {
+        Some(KernelChoice::Path(path)) => Some(path.as_path()),
+        _ => None,
+    };
+    let readable: Vec<&Path> =
+        options.kernel_dir.as_deref().into_iter().chain(kernel_path).collect();
+    options.nested = match kvm_plan(ui, mode, &writable, &readable)? {
         KvmPlan::RunHere { nested } => nested,
         KvmPlan::RanInL1 { exit_code } => {
             let outcome = ran_in_l1(ui, exit_code);
             return match outputs.junit.as_deref() {
                 Some(file) if !written_since(file, nesting_began) => {
-                    let class = outcome.err().map_or(ExitClass::Pass, |Failed(c)| c);
+                    let class = outcome
+                        .err()
+                        .map_or(ExitClass::Pass, |Failed(c)| ExitClass::from_code(c.into()));
                     Err(fail(
                         ui,
                         class.combine(ExitClass::Infrastructure),
@@ -461,15 +534,15 @@ fn run(
         .iter()
         .map(|(scenario, run, seconds)| scenario_report(scenario, run, *seconds))
         .collect();
-    if let Err(Failed(junit_class)) = write_junit(ui, outputs.junit.as_deref(), &reports) {
-        class = class.combine(junit_class);
+    if let Err(Failed(junit_code)) = write_junit(ui, outputs.junit.as_deref(), &reports) {
+        class = class.combine(ExitClass::from_code(junit_code.into()));
     }
     if engine::interrupted() {
         class = class.combine(ExitClass::Interrupted);
     }
     match class {
         ExitClass::Pass => Ok(()),
-        class => Err(Failed(class)),
+        class => Err(Failed::from(class)),
     }
 }
 
@@ -649,15 +722,15 @@ fn kernel_build(ui: Ui, variant: KernelVariant) -> Result<(), Failed> {
 
 fn boot(
     ui: Ui,
-    variant: KernelVariant,
+    choice: &KernelChoice,
     vcpus: u8,
     memory_mib: u32,
     mode: NestedMode,
 ) -> Result<(), Failed> {
     let root = repository_root().map_err(|e| fail_with(ui, e))?;
-    let kernel = guest_image::find_kernel(&root, variant).map_err(|e| fail_with(ui, e))?;
+    let kernel = guest_image::kernel_from_choice(&root, choice).map_err(|e| fail_with(ui, e))?;
     let initramfs = prepare_initramfs(ui, &root, &kernel)?;
-    if let KvmPlan::RanInL1 { exit_code } = kvm_plan(ui, mode, &[], &[])? {
+    if let KvmPlan::RanInL1 { exit_code } = kvm_plan(ui, mode, &[], &[&kernel.dir])? {
         return ran_in_l1(ui, exit_code);
     }
     engine::install_interrupt_handler();
@@ -791,7 +864,7 @@ fn compare_command(
     print!("{}", document.to_markdown());
     ui.say(&format!("comparison written to {}", out.join(report::HTML_FILE).display()));
     if comparison.regressed() {
-        Err(Failed(ExitClass::Finding))
+        Err(Failed::from(ExitClass::Finding))
     } else {
         Ok(())
     }
@@ -839,4 +912,226 @@ fn list(ui: Ui, dir: &Path, selection: &Selection, json: bool) -> Result<(), Fai
         }
     }
     Ok(())
+}
+
+/// `termlab exec` options shared by a command and a vmtest.toml.
+struct ExecOptions {
+    vcpus: u8,
+    memory_mib: u32,
+    mode: NestedMode,
+    timings: bool,
+}
+
+/// `termlab exec` exit status for a usage error (as clap's own).
+const EXIT_USAGE: u8 = 2;
+
+/// Where `exec` runs: here, or (re-executed in the nested L1 VM) nowhere,
+/// with its exit code there. L1 failing to start is the guest not coming up.
+fn exec_plan(ui: Ui, mode: NestedMode) -> Result<Option<Failed>, Failed> {
+    let plan = kvm_plan(ui, mode, &[], &[]).map_err(|Failed(code)| {
+        let interrupted = ExitClass::Interrupted.code();
+        Failed(if code == interrupted { code } else { exec::EXIT_GUEST_UNAVAILABLE })
+    })?;
+    Ok(match plan {
+        KvmPlan::RunHere { .. } => None,
+        KvmPlan::RanInL1 { exit_code } => Some(Failed(u8::try_from(exit_code).unwrap_or(1))),
+    })
+}
+
+fn exit_with(code: u8) -> Result<(), Failed> {
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(Failed(code))
+    }
+}
+
+fn exec_command(
+    ui: Ui,
+    choice: Option<KernelChoice>,
+    argv: &[String],
+    options: &ExecOptions,
+) -> Result<(), Failed> {
+    let started = std::time::Instant::now();
+    if argv.is_empty() {
+        ui.error("exec needs a command after `--` (termlab exec -- CMD ARGS...) or --config");
+        return Err(Failed(EXIT_USAGE));
+    }
+    let own_error = |e: &dyn std::fmt::Display| {
+        ui.error(&e.to_string());
+        Failed(exec::EXIT_EXEC_FAILED)
+    };
+    let root = repository_root().map_err(|e| own_error(&e))?;
+    let choice = choice.unwrap_or(KernelChoice::Variant(KernelVariant::Default));
+    let mut handed_over = PreparedImages::from_env();
+    let (bzimage, initramfs) = handed_over.prepare(ui, &root, &choice)?;
+    handed_over.hand_over();
+    let prepared = started.elapsed();
+    if options.timings {
+        eprintln!("timings: kernel and initramfs ready after {prepared:.2?}");
+    }
+    if let Some(Failed(code)) = exec_plan(ui, options.mode)? {
+        if options.timings {
+            eprintln!("timings (host): prepare {prepared:.2?}, total {:.2?}", started.elapsed());
+        }
+        return exit_with(code);
+    }
+    engine::install_interrupt_handler();
+    let spec = exec::ExecSpec {
+        kernel: &bzimage,
+        initramfs: &initramfs,
+        vcpus: options.vcpus,
+        memory_mib: options.memory_mib,
+        kernel_args: None,
+        argv,
+        cwd: None,
+        upload: None,
+    };
+    let code = run_exec(ui, &spec, options.timings, started);
+    exit_with(code)
+}
+
+/// Runs one exec spec here and returns the exit code, with errors shown.
+fn run_exec(ui: Ui, spec: &exec::ExecSpec<'_>, timings: bool, started: std::time::Instant) -> u8 {
+    let mut phases = exec::ExecTimings::default();
+    let outcome =
+        exec::exec_in_guest(spec, &mut std::io::stdout(), &mut std::io::stderr(), &mut phases);
+    if timings {
+        eprintln!(
+            "timings: boot {:.2?} (VMM start to agent hello), command {:.2?}, power-off {:.2?}, this process {:.2?}",
+            phases.boot, phases.command, phases.power_off, started.elapsed()
+        );
+    }
+    match outcome {
+        Ok(status) => exec::shell_exit_code(&status),
+        Err(error) => {
+            ui.error(&error.to_string());
+            error.exit_code()
+        }
+    }
+}
+
+/// `termlab exec --config vmtest.toml`: every selected target in turn.
+fn exec_vmtest(
+    ui: Ui,
+    path: &Path,
+    filter: Option<&str>,
+    options: &ExecOptions,
+) -> Result<(), Failed> {
+    let started = std::time::Instant::now();
+    let usage = |e: &dyn std::fmt::Display| {
+        ui.error(&e.to_string());
+        Failed(EXIT_USAGE)
+    };
+    let config = termlab::vmtest::load(path).map_err(|e| usage(&e))?;
+    let targets = config.select(filter).map_err(|e| usage(&e))?;
+    let own_error = |e: &dyn std::fmt::Display| {
+        ui.error(&e.to_string());
+        Failed(exec::EXIT_EXEC_FAILED)
+    };
+    let root = repository_root().map_err(|e| own_error(&e))?;
+    // Every kernel and the directory's files are checked before anything boots (or nests).
+    let mut handed_over = PreparedImages::from_env();
+    let mut prepared = Vec::new();
+    for target in &targets {
+        let choice = KernelChoice::Path(target.kernel.clone());
+        prepared.push(
+            handed_over
+                .prepare(ui, &root, &choice)
+                .inspect_err(|_| ui.error(&format!("(in target {})", target.name)))?,
+        );
+    }
+    handed_over.hand_over();
+    let upload = exec::Upload::collect(&config.dir, termlab::vmtest::GUEST_DIR)
+        .map_err(|e| own_error(&e))?;
+    if let Some(Failed(code)) = exec_plan(ui, options.mode)? {
+        return exit_with(code);
+    }
+    engine::install_interrupt_handler();
+    let mut verdicts = Vec::new();
+    for (target, (bzimage, initramfs)) in targets.iter().zip(&prepared) {
+        ui.say(&format!("=> {}", target.name));
+        let argv = ["sh".to_owned(), "-c".to_owned(), target.command.clone()];
+        let spec = exec::ExecSpec {
+            kernel: bzimage,
+            initramfs,
+            vcpus: target.vcpus,
+            memory_mib: target.memory_mib,
+            kernel_args: target.kernel_args.as_deref(),
+            argv: &argv,
+            cwd: Some(termlab::vmtest::GUEST_DIR),
+            upload: Some(&upload),
+        };
+        let code = run_exec(ui, &spec, options.timings, started);
+        verdicts.push((target.name.as_str(), code));
+        if engine::interrupted() {
+            return Err(Failed(exec::EXIT_INTERRUPTED));
+        }
+    }
+    if let [(_, code)] = verdicts.as_slice() {
+        return exit_with(*code);
+    }
+    let mut failed = 0u8;
+    for (name, code) in &verdicts {
+        if *code == 0 {
+            println!("PASS {name}");
+        } else {
+            println!("FAILED {name} (exit {code})");
+            failed = failed.saturating_add(1);
+        }
+    }
+    exit_with(failed)
+}
+
+/// The bzImage and initramfs each `--kernel` value resolved to, handed from
+/// the host to the same command re-run inside the nested L1 VM (through the
+/// environment, which the launcher passes on for TERMLAB_* names): under
+/// emulation, resolving a variant and checking the initramfs cache again
+/// takes tens of seconds.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct PreparedImages(std::collections::BTreeMap<String, (PathBuf, PathBuf)>);
+
+/// Holds [`PreparedImages`] as JSON.
+const PREPARED_ENV: &str = "TERMLAB_EXEC_PREPARED";
+
+impl PreparedImages {
+    /// What the host prepared, when this is the re-run inside L1.
+    fn from_env() -> PreparedImages {
+        std::env::var(PREPARED_ENV)
+            .ok()
+            .filter(|_| termlab_nested::is_nested())
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default()
+    }
+
+    /// The bzImage and initramfs for `choice`: handed over, or resolved and built here.
+    fn prepare(
+        &mut self,
+        ui: Ui,
+        root: &Path,
+        choice: &KernelChoice,
+    ) -> Result<(PathBuf, PathBuf), Failed> {
+        let key = format!("{choice:?}");
+        if let Some((bzimage, initramfs)) = self.0.get(&key) {
+            if bzimage.is_file() && initramfs.is_file() {
+                return Ok((bzimage.clone(), initramfs.clone()));
+            }
+        }
+        let kernel = guest_image::kernel_from_choice(root, choice).map_err(|e| {
+            ui.error(&e.to_string());
+            Failed(exec::EXIT_EXEC_FAILED)
+        })?;
+        let initramfs = prepare_initramfs(ui, root, &kernel)
+            .map_err(|Failed(_)| Failed(exec::EXIT_EXEC_FAILED))?;
+        self.0.insert(key, (kernel.bzimage.clone(), initramfs.clone()));
+        Ok((kernel.bzimage, initramfs))
+    }
+
+    /// Puts them in the environment for a re-run inside L1.
+    fn hand_over(&self) {
+        if let Ok(text) = serde_json::to_string(self) {
+            // Single-threaded here: nothing else reads the environment concurrently.
+            std::env::set_var(PREPARED_ENV, text);
+        }
+    }
 }

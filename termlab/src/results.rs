@@ -202,8 +202,21 @@ pub struct KernelInfo {
     pub patch_series_sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_sha256: Option<String>,
-    /// `build-info.json` of the kernel build, verbatim.
+    /// `build-info.json` of the kernel build, verbatim (`null` for a kernel without one).
     pub build_info: serde_json::Value,
+    /// The booted bzImage (absent in results written before `--kernel PATH` existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// sha256 of the bzImage's bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_sha256: Option<String>,
+    /// The version string in the bzImage's setup header (`uname -a`-like:
+    /// release, builder, build number and date).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_version: Option<String>,
+    /// The System.map used for symbols on the host (verify_stack), if the kernel has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_map: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

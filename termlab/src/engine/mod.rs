@@ -20,7 +20,7 @@ use termlab_protocol::{RunRequest, SpawnRequest, WaitOutputRequest};
 use thiserror::Error;
 
 use crate::evaluate::{compute_metrics, evaluate, evaluate_stack_proofs, KernelLog};
-use crate::guest_image::{self, GuestImageError, IPI_RTT_GUEST_PATH};
+use crate::guest_image::{self, GuestImageError, KernelBuild, KernelChoice, IPI_RTT_GUEST_PATH};
 use crate::kernel_trace;
 use crate::progress::{ConsoleLines, Progress, ProgressSink, SLOW_STEP};
 use crate::report::{self, ReportError};
@@ -28,10 +28,12 @@ use crate::results::{
     self, Environment, Repetition, ResultsError, RunResult, ScenarioRecord, StepRecord, VmInfo,
     VmmInfo, AGENT_RTT_METRIC, IPI_RTT_METRIC,
 };
-use crate::scenario::LoadedScenario;
+use crate::scenario::{LoadedScenario, Scenario};
 use crate::stack_proof::TermMap;
 use crate::ui::Ui;
-pub use guest::{cmdline, console_last_lines, describe_exit, BootSpec, Guest, CMDLINE};
+pub use guest::{
+    cmdline, console_last_lines, console_tail, describe_exit, BootSpec, Guest, CMDLINE,
+};
 use stack_probe::StackProbe;
 pub use steps::parse_fields;
 use steps::{run_repetition, LoadedProgram, TraceReader};
@@ -135,6 +137,8 @@ pub struct RunOptions {
     pub kernel_dir: Option<PathBuf>,
     /// Send each guest console line as a [`Progress::ConsoleLine`] while it runs.
     pub stream_console: bool,
+    /// `--kernel`: boot this kernel (a variant or a path); wins over `kernel_dir`.
+    pub kernel: Option<KernelChoice>,
 }
 
 /// One scenario's run that got as far as its results directory: its result
@@ -144,6 +148,35 @@ pub struct ScenarioRun {
     pub result: RunResult,
     pub dir: PathBuf,
     pub outcome: Result<(), EngineError>,
+}
+
+/// The tracepoint every termination trace event of the series has in
+/// System.map (guest-kernel/patches/0006).
+const TERMINATION_TRACEPOINT: &str = "__tracepoint_bpf_prog_terminate_request";
+
+/// Checks, before anything boots, that `kernel` has what `scenario` needs
+/// from it on the host: System.map for `verify_stack`, and (when its
+/// System.map can tell) the termination trace events.
+pub fn check_kernel_for(scenario: &Scenario, kernel: &KernelBuild) -> Result<(), GuestImageError> {
+    if scenario.verify_stack.as_ref().is_some_and(|v| *v.get_ref()) {
+        kernel.require_system_map("verify_stack")?;
+    }
+    if crate::scenario::traces_terminations(scenario) {
+        if let Some(map) = &kernel.system_map {
+            let text = std::fs::read_to_string(map)
+                .map_err(|source| GuestImageError::Io { path: map.clone(), source })?;
+            let has_events = text
+                .lines()
+                .any(|line| line.split_whitespace().nth(2) == Some(TERMINATION_TRACEPOINT));
+            if !has_events {
+                return Err(GuestImageError::MissingFeature {
+                    image: kernel.bzimage.clone(),
+                    detail: format!("this scenario terminates programs (or sets a runtime budget) and reads the kernel's bpf: termination trace events, which this kernel lacks ({} has no {TERMINATION_TRACEPOINT}): boot a kernel with the termination series", map.display()),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// How many clock requests make one agent round-trip sample (the median is kept).
@@ -166,8 +199,13 @@ pub fn run_scenario(
 ) -> Result<ScenarioRun, EngineError> {
     let began = Instant::now();
     let scenario = &loaded.scenario;
-    let kernel =
-        guest_image::resolve_kernel(root, scenario.vm.kernel, options.kernel_dir.as_deref())?;
+    let kernel = guest_image::resolve_kernel(
+        root,
+        scenario.vm.kernel,
+        options.kernel.as_ref(),
+        options.kernel_dir.as_deref(),
+    )?;
+    check_kernel_for(scenario, &kernel)?;
     // Cached: main prepared it before any nesting.
     let initramfs = scenario_initramfs(root, loaded, &kernel)?;
 
@@ -206,11 +244,10 @@ pub fn run_scenario(
     result.save(&dir)?;
 
     let console_log = dir.join(results::CONSOLE_FILE);
-    let system_map = kernel.dir.join("System.map");
     let run = Run { loaded, repetitions, options, ui, progress, began, dir: &dir };
     let files = GuestFiles {
         kernel: &kernel.bzimage,
-        system_map: &system_map,
+        system_map: kernel.system_map.as_deref(),
         initramfs: &initramfs,
         console_log: &console_log,
     };
@@ -271,7 +308,7 @@ struct Run<'a> {
 #[derive(Clone, Copy)]
 struct GuestFiles<'a> {
     kernel: &'a Path,
-    system_map: &'a Path,
+    system_map: Option<&'a Path>,
     initramfs: &'a Path,
     console_log: &'a Path,
 }
@@ -387,7 +424,11 @@ fn boot_measure_and_stop(
 /// An agent that stops answering usually means the guest died: say so,
 /// with the panic, rather than "no response"; a hang or a lost connection
 /// is named as such, with the end of the guest console.
-fn explain_with_vm_state(error: EngineError, guest: &Guest, console_log: &Path) -> EngineError {
+pub(crate) fn explain_with_vm_state(
+    error: EngineError,
+    guest: &Guest,
+    console_log: &Path,
+) -> EngineError {
     let EngineError::Agent { what, source } = error else { return error };
     if interrupted() {
         return EngineError::Interrupted;
@@ -442,7 +483,7 @@ fn measure(
     run: &Run<'_>,
     client: &mut Client<UnixStream>,
     vm: &Vm,
-    system_map: &Path,
+    system_map: Option<&Path>,
     result: &mut RunResult,
 ) -> Result<(), EngineError> {
     let (loaded, repetitions, dir) = (run.loaded, run.repetitions, run.dir);
@@ -571,9 +612,13 @@ fn measure(
 fn stack_probe<'vm>(
     client: &mut Client<UnixStream>,
     vm: &'vm Vm,
-    system_map: &Path,
+    system_map: Option<&Path>,
     programs: &[LoadedProgram<'_>],
 ) -> Result<StackProbe<'vm>, EngineError> {
+    // check_kernel_for refused a kernel without one before booting.
+    let system_map = system_map.ok_or_else(|| {
+        EngineError::Guest("verify_stack needs the kernel's System.map, and it has none".into())
+    })?;
     let map_text = std::fs::read_to_string(system_map).map_err(|e| {
         EngineError::Host(format!(
             "verify_stack needs the kernel's System.map at {}: {e}",
@@ -715,7 +760,7 @@ pub fn interactive_console(mut guest: Guest, console_log: &Path, ui: Ui) {
         guest.power_off();
         return;
     }
-    ui.say("guest console: type `poweroff -f` or press Ctrl-C to end the VM");
+    ui.say("guest console: type `reboot -f` to end the VM (or Ctrl-C, which inside the nested L1 VM goes to the guest)");
     let follower = console_follower(console_log.to_owned());
     let reason = guest.wait_until_exit();
     follower.store(true, Ordering::Relaxed);
@@ -745,4 +790,62 @@ fn console_follower(path: PathBuf) -> std::sync::Arc<AtomicBool> {
         }
     });
     stop
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel_with_map(map: Option<&str>) -> (tempfile::TempDir, KernelBuild) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let system_map = map.map(|text| {
+            let path = dir.path().join("System.map");
+            std::fs::write(&path, text).expect("write");
+            path
+        });
+        let info = crate::results::KernelInfo {
+            variant: "path".into(),
+            dir: String::new(),
+            source_version: None,
+            patch_series_sha256: None,
+            config_sha256: None,
+            build_info: serde_json::Value::Null,
+            image: None,
+            image_sha256: None,
+            image_version: None,
+            system_map: None,
+        };
+        let build = KernelBuild {
+            dir: dir.path().to_owned(),
+            bzimage: dir.path().join("bzImage"),
+            system_map,
+            bpftool: None,
+            info,
+        };
+        (dir, build)
+    }
+
+    fn scenario(name: &str) -> Scenario {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios").join(name);
+        crate::scenario::load(&path).expect("scenario loads").scenario
+    }
+
+    #[test]
+    fn what_a_scenario_needs_from_the_kernel_is_checked_before_booting() {
+        let stack = scenario("two-cpus.toml");
+        let (_dir, no_map) = kernel_with_map(None);
+        let error = check_kernel_for(&stack, &no_map).expect_err("verify_stack needs a map");
+        assert!(error.to_string().starts_with("verify_stack needs System.map for "), "{error}");
+
+        let plain = "ffffffff81000000 T _text\n";
+        let (_dir, not_ours) = kernel_with_map(Some(plain));
+        let error = check_kernel_for(&scenario("loops.toml"), &not_ours).expect_err("no events");
+        assert!(error.to_string().contains(TERMINATION_TRACEPOINT), "{error}");
+
+        let ours = format!("{plain}ffffffff82000000 D {TERMINATION_TRACEPOINT}\n");
+        let (_dir, patched) = kernel_with_map(Some(&ours));
+        check_kernel_for(&stack, &patched).expect("a termlab kernel has both");
+        // Without a map the events cannot be checked before booting: not refused.
+        check_kernel_for(&scenario("loops.toml"), &no_map).expect("unknown is not refused");
+    }
 }

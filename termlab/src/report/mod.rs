@@ -251,6 +251,9 @@ fn environment_table(results: &[&RunResult]) -> Block {
         field("kernel source", &|r| or_unknown(&r.environment.kernel.source_version)),
         field("patch series sha256", &|r| or_unknown(&r.environment.kernel.patch_series_sha256)),
         field("kernel config sha256", &|r| or_unknown(&r.environment.kernel.config_sha256)),
+        field("kernel image", &|r| or_unknown(&r.environment.kernel.image)),
+        field("kernel image version", &|r| or_unknown(&r.environment.kernel.image_version)),
+        field("kernel image sha256", &|r| or_unknown(&r.environment.kernel.image_sha256)),
         field("VM", &|r| {
             format!("{} vCPUs, {} MiB", r.environment.vm.vcpus, r.environment.vm.memory_mib)
         }),
