@@ -124,18 +124,26 @@ fn an_incomplete_kernel_build_exits_3() {
 
 /// Without the tools that build the guest image (clang for the scenario's
 /// program first) the run cannot start: infrastructure. PATH is emptied, so
-/// the tool is really missing.
+/// the tool is really missing, and the cache is a fresh directory, so no
+/// object compiled earlier stands in for it. The kernel is a bzImage header
+/// (all that is read before the guest image is built).
 #[test]
 fn a_missing_tool_exits_3() {
     let kernel = scratch("tools");
-    for file in ["bzImage", "bpftool"] {
-        std::fs::write(kernel.path().join(file), b"not used: clang is missing first")
-            .expect("write");
-    }
+    let mut image = vec![0u8; 0x1000];
+    image[0x202..0x206].copy_from_slice(b"HdrS");
+    image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    image[0x20E..0x210].copy_from_slice(&0x300u16.to_le_bytes());
+    image[0x500..0x50c].copy_from_slice(b"6.12.0-test\0");
+    std::fs::write(kernel.path().join("bzImage"), image).expect("write");
+    std::fs::write(kernel.path().join("bpftool"), b"not used: clang is missing first")
+        .expect("write");
     std::fs::write(kernel.path().join("build-info.json"), b"{}").expect("write");
+    let cache = scratch("tools-cache");
     let output = Command::new(env!("CARGO_BIN_EXE_termlab"))
         .current_dir(repo_root())
         .env_remove("TERMLAB_KERNEL_DIR")
+        .env("TERMLAB_CACHE", cache.path())
         .env("PATH", kernel.path())
         .args(["run", "--kernel-dir"])
         .arg(kernel.path())
