@@ -245,15 +245,12 @@ fn environment_table(results: &[&RunResult]) -> Block {
         std::iter::once(name.to_owned()).chain(results.iter().map(|r| get(r))).collect()
     };
     let or_unknown = |value: &Option<String>| value.clone().unwrap_or_else(|| "unknown".to_owned());
-    let rows = vec![
+    let mut rows = vec![
         field("started", &|r| r.started_at.clone()),
         field("kernel variant", &|r| r.environment.kernel.variant.clone()),
         field("kernel source", &|r| or_unknown(&r.environment.kernel.source_version)),
         field("patch series sha256", &|r| or_unknown(&r.environment.kernel.patch_series_sha256)),
         field("kernel config sha256", &|r| or_unknown(&r.environment.kernel.config_sha256)),
-        field("kernel image", &|r| or_unknown(&r.environment.kernel.image)),
-        field("kernel image version", &|r| or_unknown(&r.environment.kernel.image_version)),
-        field("kernel image sha256", &|r| or_unknown(&r.environment.kernel.image_sha256)),
         field("VM", &|r| {
             format!("{} vCPUs, {} MiB", r.environment.vm.vcpus, r.environment.vm.memory_mib)
         }),
@@ -275,6 +272,17 @@ fn environment_table(results: &[&RunResult]) -> Block {
         }),
         field("termlab", &|r| r.environment.termlab_version.clone()),
     ];
+    // Runs recorded before termlab read the image itself have none of these: no rows then.
+    if results.iter().any(|r| r.environment.kernel.image.is_some()) {
+        rows.splice(
+            5..5,
+            [
+                field("kernel image", &|r| or_unknown(&r.environment.kernel.image)),
+                field("kernel image version", &|r| or_unknown(&r.environment.kernel.image_version)),
+                field("kernel image sha256", &|r| or_unknown(&r.environment.kernel.image_sha256)),
+            ],
+        );
+    }
     let highlight = vec![false; rows.len()];
     let header =
         std::iter::once(String::new()).chain(results.iter().map(|r| run_label(r))).collect();
