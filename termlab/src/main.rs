@@ -380,6 +380,11 @@ fn kvm_plan(
     writable: &[&Path],
     readable: &[&Path],
 ) -> Result<KvmPlan, Failed> {
+    // Inside L1 the command's stderr is L1's serial console, a terminal: colour only when
+    // ours is one (a CI log must not get escape codes).
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        std::env::set_var("NO_COLOR", "1");
+    }
     let mut argv: Vec<OsString> = std::env::args_os().collect();
     // Inside L1 the same binary is reached through the shared root filesystem.
     if let (Some(first), Ok(exe)) = (argv.first_mut(), std::env::current_exe()) {
