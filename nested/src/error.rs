@@ -19,8 +19,8 @@ pub enum NestedError {
     Timeout(Duration),
     #[error("interrupted by signal {0}; the L1 VM was killed")]
     Interrupted(i32),
-    #[error("the L1 VM ended without running the command (QEMU: {qemu_status}){}", console_tail_text(.console_tail))]
-    L1Failed { qemu_status: String, console_tail: Vec<String> },
+    #[error("the L1 VM ended without running the command (QEMU: {qemu_status}; {cause}){}", console_tail_text(.console_tail))]
+    L1Failed { qemu_status: String, cause: &'static str, console_tail: Vec<String> },
     #[error("the L1 VM started but could not start the command: {0}")]
     JobSetup(String),
     #[error("cannot share {} with the L1 VM: {reason}", .path.display())]

@@ -124,6 +124,7 @@ pub fn outcome(dir: &Path) -> Result<Option<i32>, NestedError> {
     match fs::read_to_string(dir.join(RC_FILE)) {
         Ok(rc) => rc.trim().parse().map(Some).map_err(|_| NestedError::L1Failed {
             qemu_status: format!("the job wrote a bad exit status {rc:?}"),
+            cause: "the job script misbehaved",
             console_tail: Vec::new(),
         }),
         Err(_) => Ok(None),

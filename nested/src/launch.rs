@@ -30,6 +30,9 @@ const JOBS_DIR: &str = "/run/termlab/l1-jobs";
 const SIGNAL_GRACE: Duration = Duration::from_secs(60);
 /// Console lines kept for the error when L1 ends without running the command.
 const CONSOLE_TAIL_LINES: usize = 20;
+/// QEMU's log of CPU resets (`-d cpu_reset`), in the job directory: the one witness of an
+/// L1 triple fault, which `-no-reboot` turns into a silent exit with status 0.
+const QEMU_LOG: &str = "qemu.log";
 /// How often the command's stdout file is checked for new output.
 const STDOUT_POLL: Duration = Duration::from_millis(50);
 
@@ -110,7 +113,20 @@ pub fn run_in_l1(argv: &[OsString], options: &L1Options) -> Result<i32, NestedEr
     let qemu_status = supervised?;
     match job::outcome(job.path())? {
         Some(rc) => Ok(rc),
-        None => Err(NestedError::L1Failed { qemu_status, console_tail: console_tail.into() }),
+        None => Err(NestedError::L1Failed {
+            qemu_status,
+            cause: l1_end_cause(&job.path().join(QEMU_LOG)),
+            console_tail: console_tail.into(),
+        }),
+    }
+}
+
+/// Why L1 ended early, as far as QEMU's reset log tells: a triple fault (the emulated CPU
+/// reset itself) or nothing known.
+fn l1_end_cause(qemu_log: &Path) -> &'static str {
+    match fs::read_to_string(qemu_log) {
+        Ok(log) if log.contains("Triple fault") => "the emulated CPU triple-faulted",
+        _ => "no triple fault logged; the console may tell",
     }
 }
 
@@ -133,8 +149,9 @@ fn spawn_qemu(
     mounts: &MountPlan,
     options: &L1Options,
 ) -> Result<Child, NestedError> {
+    // loglevel=4: errors too (an OOM kill, a 9p failure), not just the boot's chatter.
     let append =
-        format!("console=ttyS0 quiet loglevel=3 panic=-1 termlab.job={}", job_dir.display());
+        format!("console=ttyS0 quiet loglevel=4 panic=-1 termlab.job={}", job_dir.display());
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-nographic", "-no-reboot"])
         .args(["-smp", &options.cpus.to_string(), "-m", &options.mem_mib.to_string()])
@@ -146,6 +163,8 @@ fn spawn_qemu(
         .args(mounts.qemu_args())
         // No network device: L1 and the guests it runs reach nothing.
         .args(["-nic", "none"])
+        .args(["-d", "cpu_reset", "-D"])
+        .arg(job_dir.join(QEMU_LOG))
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
     // SAFETY: getpid has no preconditions.
