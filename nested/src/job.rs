@@ -46,11 +46,22 @@ pub const RC_FILE: &str = "rc";
 pub const SETUP_ERROR_FILE: &str = "setup-error";
 /// Asks the job script to signal the command; its content is the signal's name for `kill -s`.
 pub const SIGNAL_FILE: &str = "signal";
+/// L1's second serial port: the terminal of an interactive command (the first one is L1's
+/// console), joined by the launcher to its own stdin and stdout.
+pub const TERMINAL_TTY: &str = "/dev/ttyS1";
 /// Exit status of the job script when it cannot start the command (also in SETUP_ERROR_FILE).
 const JOB_SETUP_FAILED: i32 = 125;
 
+/// The size of the host's terminal, given to an interactive command's terminal in L1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TerminalSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
 /// The job script: enter `cwd`, set the passed environment, run `argv` with stdout into
-/// [`STDOUT_FILE`] (stderr stays on the L1 console), pass on forwarded signals, and record
+/// [`STDOUT_FILE`] (stderr stays on the L1 console) or, given a `terminal`, with all three
+/// on [`TERMINAL_TTY`] as its controlling terminal; pass on forwarded signals, and record
 /// the exit status. `env` is the host environment; only [`PASSED_ENV`] and `extra_env`
 /// names are taken from it.
 pub fn script(
@@ -59,6 +70,7 @@ pub fn script(
     argv: &[OsString],
     env: impl IntoIterator<Item = (OsString, OsString)>,
     extra_env: &[String],
+    terminal: Option<TerminalSize>,
 ) -> String {
     let in_dir = |name: &str| quote_os(dir.join(name).as_os_str());
     // Results written in L1 are readable on the host (0755 directories, 0644 files); the
@@ -91,7 +103,18 @@ pub fn script(
     // received (written to the job's `signal` file) can be passed on to it,
     // again every second until it ends: it may not have installed its
     // handler yet (a background command starts with SIGINT ignored).
-    script.push_str(&format!("{} > {} &\nchild=$!\n", command.join(" "), in_dir(STDOUT_FILE)));
+    let command = command.join(" ");
+    match terminal {
+        None => script.push_str(&format!("{command} > {} &\n", in_dir(STDOUT_FILE))),
+        // A session of its own with the port as controlling terminal, so that a Ctrl-C
+        // typed on the host (a byte on the port) reaches it as SIGINT; -w: $! stays the
+        // command's until it ends, even if setsid has to fork.
+        Some(TerminalSize { rows, cols }) => script.push_str(&format!(
+            "stty -F {TERMINAL_TTY} sane rows {rows} cols {cols}\n\
+             setsid -w -c {command} <> {TERMINAL_TTY} >&0 2>&0 &\n"
+        )),
+    }
+    script.push_str("child=$!\n");
     let signal_file = in_dir(SIGNAL_FILE);
     script.push_str(&format!(
         "(while kill -0 $child 2>/dev/null; do [ -e {signal_file} ] && kill -s \"$(cat {signal_file})\" $child 2>/dev/null; sleep 1; done) &\n"
@@ -205,6 +228,7 @@ mod tests {
             &os(&["true"]),
             env,
             &["MY_EXTRA".to_owned()],
+            None,
         );
         assert!(script.contains("export PATH='/usr/bin'\n"), "{script}");
         assert!(script.contains("export TERMLAB_KERNEL_DIR='/k'\n"), "{script}");
@@ -268,7 +292,8 @@ mod tests {
         .chain([job.path().join("started").into_os_string()])
         .collect();
         let cwd = std::env::current_dir().expect("cwd");
-        write(job.path(), &script(job.path(), &cwd, &command, [], &[]), "").expect("job files");
+        write(job.path(), &script(job.path(), &cwd, &command, [], &[], None), "")
+            .expect("job files");
         let mut shell = Command::new("sh")
             .arg(job.path().join(SCRIPT_FILE))
             .stdout(Stdio::null())
@@ -318,7 +343,7 @@ mod tests {
     fn a_missing_working_directory_is_a_setup_error_that_names_it() {
         let job = TempDir::new(&std::env::temp_dir(), "termlab-nested-test").expect("temp dir");
         let missing = job.path().join("not-here");
-        write(job.path(), &script(job.path(), &missing, &os(&["true"]), [], &[]), "")
+        write(job.path(), &script(job.path(), &missing, &os(&["true"]), [], &[], None), "")
             .expect("job files");
         let status = Command::new("sh")
             .arg(job.path().join(SCRIPT_FILE))

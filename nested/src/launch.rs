@@ -30,6 +30,8 @@ const JOBS_DIR: &str = "/run/termlab/l1-jobs";
 const SIGNAL_GRACE: Duration = Duration::from_secs(60);
 /// Console lines kept for the error when L1 ends without running the command.
 const CONSOLE_TAIL_LINES: usize = 20;
+/// L1's console in the job directory when the command has the terminal.
+const CONSOLE_FILE: &str = "console";
 /// QEMU's log of CPU resets (`-d cpu_reset`), in the job directory: the one witness of an
 /// L1 triple fault, which `-no-reboot` turns into a silent exit with status 0.
 const QEMU_LOG: &str = "qemu.log";
@@ -54,6 +56,11 @@ pub struct L1Options {
     pub readable: Vec<PathBuf>,
     /// Names of host environment variables passed in besides [`crate::PASSED_ENV`].
     pub extra_env: Vec<String>,
+    /// Give the command this process's stdin and stdout as its terminal (`termlab boot`, a
+    /// shell on a guest's console) instead of a captured stdout: L1's second serial port,
+    /// joined to them by QEMU, in raw mode when they are a terminal. L1's console then goes
+    /// to a file and only its end is shown, when L1 fails.
+    pub interactive: bool,
 }
 
 impl Default for L1Options {
@@ -66,6 +73,7 @@ impl Default for L1Options {
             writable: Vec::new(),
             readable: Vec::new(),
             extra_env: Vec::new(),
+            interactive: false,
         }
     }
 }
@@ -93,7 +101,9 @@ pub fn run_in_l1(argv: &[OsString], options: &L1Options) -> Result<i32, NestedEr
     let mut exports = writable;
     exports.push(job.path().to_owned());
     let mounts = MountPlan::new(&exports, &visible)?;
-    let script = job::script(job.path(), &cwd, argv, std::env::vars_os(), &options.extra_env);
+    let terminal = options.interactive.then(terminal_size);
+    let script =
+        job::script(job.path(), &cwd, argv, std::env::vars_os(), &options.extra_env, terminal);
     job::write(job.path(), &script, &mounts.script())?;
 
     let signals = SignalGuard::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
@@ -109,7 +119,10 @@ pub fn run_in_l1(argv: &[OsString], options: &L1Options) -> Result<i32, NestedEr
     let supervised = supervise(&mut qemu, &signals, options.timeout, job.path());
     ended.store(true, Ordering::SeqCst);
     let _ = stdout_relay.join();
-    let console_tail = console.and_then(|thread| thread.join().ok()).unwrap_or_default();
+    let console_tail = match console {
+        Some(thread) => thread.join().unwrap_or_default(),
+        None => console_file_tail(&job.path().join(CONSOLE_FILE)),
+    };
     let qemu_status = supervised?;
     match job::outcome(job.path())? {
         Some(rc) => Ok(rc),
@@ -128,6 +141,30 @@ fn l1_end_cause(qemu_log: &Path) -> &'static str {
         Ok(log) if log.contains("Triple fault") => "the emulated CPU triple-faulted",
         _ => "no triple fault logged; the console may tell",
     }
+}
+
+/// The host terminal's size (stdout's, else stdin's), 24x80 when neither is a terminal.
+fn terminal_size() -> job::TerminalSize {
+    for fd in [libc::STDOUT_FILENO, libc::STDIN_FILENO] {
+        // SAFETY: TIOCGWINSZ writes one winsize into the local we pass.
+        let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+        // SAFETY: see above; a non-terminal fd just fails with ENOTTY.
+        if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut size) } == 0 && size.ws_row > 0 {
+            return job::TerminalSize { rows: size.ws_row, cols: size.ws_col };
+        }
+    }
+    job::TerminalSize { rows: 24, cols: 80 }
+}
+
+/// The last lines of L1's console file (interactive jobs), cleaned like the streamed one.
+fn console_file_tail(path: &Path) -> VecDeque<String> {
+    let bytes = fs::read(path).unwrap_or_default();
+    let lines: Vec<String> = String::from_utf8_lossy(&bytes)
+        .lines()
+        .map(strip_terminal_codes)
+        .filter(|line| !line.trim().is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].iter().cloned().collect()
 }
 
 /// `writable` made absolute (against `cwd`), created where missing, and canonical.
@@ -153,7 +190,7 @@ fn spawn_qemu(
     let append =
         format!("console=ttyS0 quiet loglevel=4 panic=-1 termlab.job={}", job_dir.display());
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-nographic", "-no-reboot"])
+    cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-no-reboot"])
         .args(["-smp", &options.cpus.to_string(), "-m", &options.mem_mib.to_string()])
         .arg("-kernel")
         .arg(&image.kernel)
@@ -164,9 +201,20 @@ fn spawn_qemu(
         // No network device: L1 and the guests it runs reach nothing.
         .args(["-nic", "none"])
         .args(["-d", "cpu_reset", "-D"])
-        .arg(job_dir.join(QEMU_LOG))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped());
+        .arg(job_dir.join(QEMU_LOG));
+    let interactive = options.interactive;
+    if interactive {
+        // ttyS0 (L1's console) to a file, ttyS1 (the command's terminal) to our stdin and
+        // stdout; signal=off: a Ctrl-C is a byte for the command's terminal, not QEMU's end.
+        let console = job_dir.join(CONSOLE_FILE).to_string_lossy().replace(',', ",,");
+        cmd.args(["-display", "none", "-monitor", "none"])
+            .args(["-serial", &format!("file:{console}")])
+            .args(["-chardev", "stdio,id=terminal,signal=off", "-serial", "chardev:terminal"])
+            .stdin(Stdio::inherit())
+            .stdout(Stdio::inherit());
+    } else {
+        cmd.arg("-nographic").stdin(Stdio::null()).stdout(Stdio::piped());
+    }
     // SAFETY: getpid has no preconditions.
     let launcher = unsafe { libc::getpid() };
     // SAFETY: only async-signal-safe calls between fork and exec.
@@ -177,7 +225,10 @@ fn spawn_qemu(
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
             libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-            libc::setpgid(0, 0);
+            // An interactive QEMU stays in the terminal's foreground group: it reads it.
+            if !interactive {
+                libc::setpgid(0, 0);
+            }
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             // The launcher may have died before the line above: then nothing would kill us.
             if libc::getppid() != launcher {

@@ -374,11 +374,14 @@ fn fail_with<E: Classify + std::fmt::Display>(ui: Ui, error: E) -> Failed {
 /// inside a nested L1 VM, where the host is read-only except `writable` and
 /// the initramfs cache, and `readable` is visible also under /tmp) nowhere,
 /// with the exit code it had there.
+/// `interactive`: the command inside L1 gets our stdin and stdout as its terminal (a shell on
+/// the guest console: `boot`, `run --keep-vm`).
 fn kvm_plan(
     ui: Ui,
     mode: NestedMode,
     writable: &[&Path],
     readable: &[&Path],
+    interactive: bool,
 ) -> Result<KvmPlan, Failed> {
     // Inside L1 the command's stderr is L1's serial console, a terminal: colour only when
     // ours is one (a CI log must not get escape codes).
@@ -401,6 +404,7 @@ fn kvm_plan(
             .map(Path::to_path_buf)
             .collect(),
         readable: readable.iter().map(|path| path.to_path_buf()).collect(),
+        interactive,
         ..L1Options::default()
     };
     termlab_nested::ensure_real_kvm_or_reexec_with(mode, &argv, &l1).map_err(|error| match error {
@@ -501,7 +505,7 @@ fn run(
     };
     let readable: Vec<&Path> =
         options.kernel_dir.as_deref().into_iter().chain(kernel_path).collect();
-    options.nested = match kvm_plan(ui, mode, &writable, &readable)? {
+    options.nested = match kvm_plan(ui, mode, &writable, &readable, options.keep_vm)? {
         KvmPlan::RunHere { nested } => nested,
         KvmPlan::RanInL1 { exit_code } => {
             let outcome = ran_in_l1(ui, exit_code);
@@ -735,7 +739,7 @@ fn boot(
     let root = repository_root().map_err(|e| fail_with(ui, e))?;
     let kernel = guest_image::kernel_from_choice(&root, choice).map_err(|e| fail_with(ui, e))?;
     let initramfs = prepare_initramfs(ui, &root, &kernel)?;
-    if let KvmPlan::RanInL1 { exit_code } = kvm_plan(ui, mode, &[], &[&kernel.dir])? {
+    if let KvmPlan::RanInL1 { exit_code } = kvm_plan(ui, mode, &[], &[&kernel.dir], true)? {
         return ran_in_l1(ui, exit_code);
     }
     engine::install_interrupt_handler();
@@ -769,7 +773,7 @@ fn bench(ui: Ui, mut options: BenchOptions, mode: NestedMode) -> Result<(), Fail
     })?;
     let patched_image = prepare_initramfs(ui, &root, &patched)?;
     let baseline_image = prepare_initramfs(ui, &root, &baseline)?;
-    options.nested = match kvm_plan(ui, mode, &[&options.results_root], &[])? {
+    options.nested = match kvm_plan(ui, mode, &[&options.results_root], &[], false)? {
         KvmPlan::RunHere { nested } => nested,
         KvmPlan::RanInL1 { exit_code } => return ran_in_l1(ui, exit_code),
     };
@@ -933,7 +937,7 @@ const EXIT_USAGE: u8 = 2;
 /// Where `exec` runs: here, or (re-executed in the nested L1 VM) nowhere,
 /// with its exit code there. L1 failing to start is the guest not coming up.
 fn exec_plan(ui: Ui, mode: NestedMode) -> Result<Option<Failed>, Failed> {
-    let plan = kvm_plan(ui, mode, &[], &[]).map_err(|Failed(code)| {
+    let plan = kvm_plan(ui, mode, &[], &[], false).map_err(|Failed(code)| {
         let interrupted = ExitClass::Interrupted.code();
         Failed(if code == interrupted { code } else { exec::EXIT_GUEST_UNAVAILABLE })
     })?;

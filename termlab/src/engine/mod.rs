@@ -760,11 +760,49 @@ pub fn interactive_console(mut guest: Guest, console_log: &Path, ui: Ui) {
         guest.power_off();
         return;
     }
-    ui.say("guest console: type `reboot -f` to end the VM (or Ctrl-C, which inside the nested L1 VM goes to the guest)");
+    ui.say("guest console: type `reboot -f` to end the VM (or Ctrl-C)");
     let follower = console_follower(console_log.to_owned());
-    let reason = guest.wait_until_exit();
+    let reason = {
+        let _keys = KeysToGuest::on_stdin();
+        guest.wait_until_exit()
+    };
     follower.store(true, Ordering::Relaxed);
     ui.say(&format!("VM ended: {}", describe_exit(&reason)));
+}
+
+/// While it lives, a terminal on stdin hands each key to the guest as typed, unechoed: the
+/// guest's shell edits and echoes the line (else every line shows twice and the guest never
+/// sees a Tab). Ctrl-C stays a signal to termlab, which ends the VM. Restores the terminal
+/// on drop.
+struct KeysToGuest {
+    saved: Option<libc::termios>,
+}
+
+impl KeysToGuest {
+    fn on_stdin() -> Self {
+        // SAFETY: tcgetattr fills the local termios; it fails (ENOTTY) on a non-terminal.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: see above.
+        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
+            return Self { saved: None };
+        }
+        let mut keys = saved;
+        keys.c_lflag &= !(libc::ICANON | libc::ECHO);
+        keys.c_cc[libc::VMIN] = 1;
+        keys.c_cc[libc::VTIME] = 0;
+        // SAFETY: sets stdin's attributes from a termios tcgetattr filled and we edited.
+        let set = unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &keys) } == 0;
+        Self { saved: set.then_some(saved) }
+    }
+}
+
+impl Drop for KeysToGuest {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.saved {
+            // SAFETY: restores the attributes read in on_stdin.
+            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, saved) };
+        }
+    }
 }
 
 /// Prints what the guest writes to its console log until the flag is set.
