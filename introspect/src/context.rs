@@ -167,6 +167,23 @@ pub fn read_interrupted_stack<M: GuestMemory + ?Sized>(
     read_stack(mem, tables, sp, top)
 }
 
+/// The stack the kernel switched away from to `stack`, when `stack` is an IRQ stack: x86-64's
+/// `call_on_irqstack` pushes the previous stack pointer as the IRQ stack's top word, and
+/// `in_irq_stack()` (arch/x86/kernel/dumpstack_64.c) reads it back as the link to the stack
+/// below. A softirq cut off by the IPI runs there on top of the interrupt frame of what it
+/// interrupted, a BPF run say. A task stack's top word is its first pt_regs' `ss`, never a
+/// kernel address. `None` when the top word is no pointer into another mapped stack.
+pub fn stack_below<M: GuestMemory + ?Sized>(
+    mem: &M,
+    tables: &PageTables,
+    stack: &Stack,
+) -> Option<Stack> {
+    let link = *stack.words.last()?;
+    let plausible =
+        link & KERNEL_HALF != 0 && link % 8 == 0 && !(stack.sp..=stack.top).contains(&link);
+    plausible.then(|| read_interrupted_stack(mem, tables, link).ok()).flatten()
+}
+
 /// Reads the stack words from `sp` up to `top` (see [`task_stack_top`]).
 pub fn read_stack<M: GuestMemory + ?Sized>(
     mem: &M,
@@ -249,7 +266,8 @@ impl KernelCpu {
             true => None,
             false => Some(read_interrupted_stack(mem, &self.tables, regs.sp)?),
         };
-        Ok(Some(Interrupted { regs_addr, regs, stack }))
+        let below = stack.as_ref().and_then(|stack| stack_below(mem, &self.tables, stack));
+        Ok(Some(Interrupted { regs_addr, regs, stack, below }))
     }
 }
 
@@ -261,6 +279,8 @@ pub struct Interrupted {
     pub regs: PtRegs,
     /// `None` when user mode was interrupted: its sp points into user memory.
     pub stack: Option<Stack>,
+    /// When `stack` is an IRQ stack, the stack below it ([`stack_below`]).
+    pub below: Option<Stack>,
 }
 
 #[cfg(test)]
@@ -335,6 +355,31 @@ mod tests {
         bytes[136..144].copy_from_slice(&0x33u64.to_le_bytes());
         mem.write_slice(&bytes, GuestAddress((2 << 20) + 0x7f00)).unwrap();
         assert_eq!(cpu.interrupted(&mem, irq_regs_offset).unwrap().unwrap().stack, None);
+    }
+
+    /// A softirq cut off on the IRQ stack sits above the interrupt frame of what it
+    /// interrupted on the task stack: the IRQ stack's top word links to it.
+    #[test]
+    fn an_irq_stack_links_to_the_stack_below_and_a_task_stack_does_not() {
+        let (mem, tables) = guest_with_stack_page();
+        const BASE: u64 = 0xffff_c900_0000_0000;
+        let at = |addr: u64| GuestAddress((2 << 20) + (addr - BASE));
+        // "IRQ stack" words at BASE+0x3ff0..0x4000, its top word the task stack's sp.
+        let task_sp = BASE + 0x7fe8;
+        mem.write_obj(0x5au64, at(BASE + 0x3ff0)).unwrap();
+        mem.write_obj(task_sp, at(BASE + 0x3ff8)).unwrap();
+        for (i, word) in [0xffff_ffff_a000_0a9cu64, 0x10, 0x2b].iter().enumerate() {
+            mem.write_obj(*word, at(task_sp + 8 * i as u64)).unwrap();
+        }
+        let irq = read_interrupted_stack(&mem, &tables, BASE + 0x3ff0).unwrap();
+        let below = stack_below(&mem, &tables, &irq).expect("the link is followed");
+        assert_eq!((below.sp, below.top), (task_sp, BASE + 0x8000));
+        assert_eq!(below.words, vec![0xffff_ffff_a000_0a9c, 0x10, 0x2b]);
+        // The task stack's top word (a user ss) links nowhere; nor does a link into itself.
+        assert_eq!(stack_below(&mem, &tables, &below), None);
+        mem.write_obj(BASE + 0x3ff0, at(BASE + 0x3ff8)).unwrap();
+        let irq = read_interrupted_stack(&mem, &tables, BASE + 0x3ff0).unwrap();
+        assert_eq!(stack_below(&mem, &tables, &irq), None);
     }
 
     /// An IRQ stack is page aligned with an unmapped guard page above it: the stack of a

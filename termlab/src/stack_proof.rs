@@ -137,7 +137,17 @@ fn offset_in(addr: u64, base: u64, len: u32) -> Option<u32> {
 pub struct StackSnapshot {
     /// Saved instruction pointer (pt_regs->ip).
     pub ip: u64,
-    /// Guest virtual address of `words[0]` (the interrupted stack pointer).
+    /// The interrupted stack from its stack pointer up and, when that is an IRQ stack (a
+    /// softirq was cut off), the stack below it: a run the softirq's hardirq interrupted
+    /// keeps its position there, in an interrupt frame.
+    pub stacks: Vec<StackWords>,
+}
+
+/// The words of one stack from `sp` up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StackWords {
+    /// Guest virtual address of `words[0]`.
     pub sp: u64,
     pub words: Vec<u64>,
 }
@@ -216,13 +226,14 @@ pub fn verify(
         None => format!("{addr:#x}"),
     };
     let mut problems = Vec::new();
-    if before.sp != after.sp || before.words.len() != after.words.len() {
+    let shape = |snapshot: &StackSnapshot| -> Vec<String> {
+        snapshot.stacks.iter().map(|s| format!("sp {:#x}, {} words", s.sp, s.words.len())).collect()
+    };
+    if shape(before) != shape(after) {
         problems.push(format!(
-            "the interrupted stack moved between the snapshots (sp {:#x} -> {:#x}, {} -> {} words)",
-            before.sp,
-            after.sp,
-            before.words.len(),
-            after.words.len()
+            "the interrupted stack moved between the snapshots ({} -> {})",
+            shape(before).join(" + "),
+            shape(after).join(" + ")
         ));
     }
     let classify = |addr| map.classify(addr, kernel_text);
@@ -248,8 +259,14 @@ pub fn verify(
 
     let mut rows = Vec::new();
     let (mut original_before, mut original_after, mut rewritten) = (0, 0, 0);
-    for (i, (&old, &new)) in before.words.iter().zip(&after.words).enumerate() {
-        let addr = before.sp + 8 * i as u64;
+    let words = before.stacks.iter().zip(&after.stacks).flat_map(|(b, a)| {
+        b.words
+            .iter()
+            .zip(&a.words)
+            .enumerate()
+            .map(|(i, (&old, &new))| (b.sp + 8 * i as u64, old, new))
+    });
+    for (addr, old, new) in words {
         let (before_class, after_class) = (classify(old), classify(new));
         let predicted = before_class.is_original().then(|| map.predict(old, same_code)).flatten();
         original_before += usize::from(before_class.is_original());
@@ -339,7 +356,22 @@ mod tests {
     }
 
     fn snap(ip: u64, words: &[u64]) -> StackSnapshot {
-        StackSnapshot { ip, sp: 0xffff_c900_0000_3f00, words: words.to_vec() }
+        StackSnapshot {
+            ip,
+            stacks: vec![StackWords { sp: 0xffff_c900_0000_3f00, words: words.to_vec() }],
+        }
+    }
+
+    /// A softirq on the IRQ stack (`irq`) cut off over a run whose position is in an
+    /// interrupt frame on the task stack (`task`).
+    fn nested(ip: u64, irq: &[u64], task: &[u64]) -> StackSnapshot {
+        StackSnapshot {
+            ip,
+            stacks: vec![
+                StackWords { sp: 0xffff_c900_0010_3f00, words: irq.to_vec() },
+                StackWords { sp: 0xffff_c900_0000_3e00, words: task.to_vec() },
+            ],
+        }
     }
 
     fn run(before: &StackSnapshot, after: &StackSnapshot) -> StackVerdict {
@@ -414,6 +446,24 @@ mod tests {
         assert!(!v.passed());
         let v = run(&snap(HELPER, &[PROG + 0x15]), &snap(HELPER + 1, &[COPY + 0x17]));
         assert!(v.problems.iter().any(|p| p.contains("saved IP changed")));
+    }
+
+    #[test]
+    fn a_run_under_a_cut_off_softirq_is_checked_on_the_stack_below() {
+        // The run was inside an instruction when a hardirq came (frame: ip, cs, flags...).
+        let before = nested(HELPER, &[1, 2], &[PROG + 0x18, 0x10, 0x246]);
+        let after = nested(HELPER, &[1, 2], &[COPY + 0x1a, 0x10, 0x246]);
+        let v = run(&before, &after);
+        assert!(v.passed(), "{:?}", v.problems);
+        assert_eq!((v.original_before, v.original_after, v.rewritten), (1, 0, 1));
+        // Left in the original (the kernel before the fix): caught, the slot named.
+        let v = run(&before, &before);
+        assert!(
+            v.problems.iter().any(|p| p.contains("still points into the original program")
+                && p.contains("0xffffc90000003e00")),
+            "{:?}",
+            v.problems
+        );
     }
 
     #[test]

@@ -24,7 +24,7 @@ use termlab_introspect::paging::PageTables;
 use termlab_introspect::symbols::SymbolTable;
 use termlab_vmm::{Breakpoint, DebugEvent, Vm};
 
-use crate::stack_proof::{self, CpuStackProof, StackSnapshot, TermMap};
+use crate::stack_proof::{self, CpuStackProof, StackSnapshot, StackWords, TermMap};
 
 /// The handler's entry.
 const ENTRY_SYMBOL: &str = "bpf_die";
@@ -230,9 +230,12 @@ impl<'vm> StackProbe<'vm> {
             .interrupted(self.vm.memory(), self.irq_regs)
             .map_err(|e| e.to_string())?
             .ok_or("no interrupted registers (__irq_regs is NULL)")?;
-        let Stack { sp, words, .. } =
-            context.stack.ok_or("the interrupted context is user mode")?;
-        Ok(StackSnapshot { ip: context.regs.ip, sp, words })
+        let stack = context.stack.ok_or("the interrupted context is user mode")?;
+        let stacks = std::iter::once(stack)
+            .chain(context.below)
+            .map(|Stack { sp, words, .. }| StackWords { sp, words })
+            .collect();
+        Ok(StackSnapshot { ip: context.regs.ip, stacks })
     }
 
     /// Whether instruction `insn` of function `func` has the same native
