@@ -232,11 +232,11 @@ struct RunKernels {
     /// result.json records it as environment.kernel.label. The exit status is the most
     /// telling over all scenarios and kernels (see below).
     ///
-    /// What a scenario needs from a kernel is inferred from what it uses, never declared:
-    /// `verify_stack` needs System.map; terminate, budget and prog_info steps and the
-    /// termination series' sysctls (kernel.bpf_max_runtime_ms,
-    /// kernel.bpf_termination_*) need the series, which System.map shows by its trace
-    /// events. Every scenario is checked against every kernel before anything boots. If a
+    /// What a scenario needs from a kernel is inferred from what it uses: `verify_stack`
+    /// needs System.map; terminate, budget and prog_info steps and the termination series'
+    /// sysctls (kernel.bpf_max_runtime_ms, kernel.bpf_termination_*) need the series, which
+    /// System.map shows by its trace events; `[vm] requires = ["termination"]` declares what
+    /// no step shows (a loader of the scenario's own that terminates). Every scenario is checked against every kernel before anything boots. If a
     /// kernel lacks what a scenario needs, the run stops there with status 2, naming each
     /// scenario and kernel, and nothing boots or is written, just as with one kernel: a
     /// side-by-side comparison with a column missing is not the one asked for, and the

@@ -155,12 +155,7 @@ fn an_incomplete_kernel_build_exits_3() {
 #[test]
 fn a_missing_tool_exits_3() {
     let kernel = scratch("tools");
-    let mut image = vec![0u8; 0x1000];
-    image[0x202..0x206].copy_from_slice(b"HdrS");
-    image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
-    image[0x20E..0x210].copy_from_slice(&0x300u16.to_le_bytes());
-    image[0x500..0x50c].copy_from_slice(b"6.12.0-test\0");
-    std::fs::write(kernel.path().join("bzImage"), image).expect("write");
+    std::fs::write(kernel.path().join("bzImage"), fake_bzimage()).expect("write");
     std::fs::write(kernel.path().join("bpftool"), b"not used: clang is missing first")
         .expect("write");
     std::fs::write(kernel.path().join("build-info.json"), b"{}").expect("write");

@@ -164,8 +164,8 @@ const TERMINATION_TRACEPOINT: &str = "__tracepoint_bpf_prog_terminate_request";
 /// Checks, before anything boots, that `kernel` has what `scenario` needs
 /// from it, as far as the host can tell. Needs are inferred from what the
 /// scenario uses: `verify_stack` needs System.map; terminate, budget and
-/// prog_info steps and the series' sysctls need the termination series,
-/// whose trace events System.map shows. A kernel without System.map cannot
+/// prog_info steps, the series' sysctls and `[vm] requires = ["termination"]`
+/// need the termination series, whose trace events System.map shows. A kernel without System.map cannot
 /// be checked for the series: what it lacks then shows in the guest (a
 /// refused sysctl or step, a finding). So does a series of another
 /// revision (another uapi number): System.map does not tell.
@@ -873,6 +873,17 @@ mod tests {
             "{error}"
         );
         check_kernel_for(&control, &patched).expect("a termlab kernel has the sysctl");
+        // A loader of its own that terminates (term_stress): declared in `[vm] requires`.
+        let stress = scenario("campaigns/stress.toml");
+        let error = check_kernel_for(&stress, &not_ours).expect_err("declared");
+        assert!(
+            error.to_string().contains("declares `[vm] requires = [\"termination\"]`"),
+            "{error}"
+        );
+        let mut undeclared = stress.clone();
+        undeclared.vm.requires.clear();
+        check_kernel_for(&undeclared, &not_ours).expect("nothing else shows the need");
+        check_kernel_for(&stress, &patched).expect("a termlab kernel has the series");
         // Without a map the events cannot be checked before booting: not refused.
         check_kernel_for(&scenario("loops.toml"), &no_map).expect("unknown is not refused");
     }

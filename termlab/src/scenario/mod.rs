@@ -168,8 +168,9 @@ pub const TERMINATION_SERIES_SYSCTLS: [&str; 3] = [
 /// What in the scenario needs the kernel's termination series
 /// (BPF_PROG_TERMINATE, runtime budgets, their trace events, counters and
 /// sysctls), said for an error message; `None` when nothing does. Needs are
-/// inferred from what the scenario uses, never declared: a declaration could
-/// disagree with the steps, the steps cannot.
+/// inferred from what the scenario uses (steps and sysctls: a declaration
+/// could disagree with them, they cannot); `[vm] requires` adds what they do
+/// not show, a program or loader of the scenario's own that uses the series.
 pub fn termination_series_use(scenario: &Scenario) -> Option<String> {
     let step = scenario.steps.iter().find_map(|step| match step {
         Step::Terminate(_) => Some("terminates programs (a `terminate` step)"),
@@ -186,6 +187,13 @@ pub fn termination_series_use(scenario: &Scenario) -> Option<String> {
         .map(ToString::to_string)
         .find(|name| TERMINATION_SERIES_SYSCTLS.contains(&name.as_str()))
         .map(|name| format!("sets the sysctl {name}"))
+        .or_else(|| {
+            scenario
+                .vm
+                .requires
+                .contains(&KernelFeature::Termination)
+                .then(|| "declares `[vm] requires = [\"termination\"]`".to_owned())
+        })
 }
 
 /// Labels of the terminate steps, in order.
