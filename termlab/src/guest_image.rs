@@ -137,6 +137,61 @@ impl std::str::FromStr for KernelChoice {
     }
 }
 
+/// The longest kernel label [`kernel_labels`] makes.
+const KERNEL_LABEL_MAX: usize = 48;
+
+impl KernelChoice {
+    /// A short name for this kernel that is also a safe directory name: a
+    /// variant's name; for a path, the name of what holds the image (the
+    /// build tree for .../arch/x86/boot/bzImage, the directory for
+    /// .../bzImage, else the file or directory itself), characters other
+    /// than letters, digits, `.`, `_`, `+` and `-` replaced by `_`.
+    pub fn label(&self) -> String {
+        let path = match self {
+            KernelChoice::Variant(variant) => return variant.as_str().to_owned(),
+            KernelChoice::Path(path) => path,
+        };
+        let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+        let holder = if path.ends_with("arch/x86/boot/bzImage") {
+            path.ancestors().nth(4)
+        } else if path.file_name().is_some_and(|name| name == "bzImage") {
+            path.parent()
+        } else {
+            Some(path.as_path())
+        };
+        let name = holder.and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned());
+        let label: String = name
+            .unwrap_or_default()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || "._+-".contains(c) { c } else { '_' })
+            .take(KERNEL_LABEL_MAX)
+            .collect();
+        if label.trim_start_matches('.').is_empty() {
+            "kernel".to_owned()
+        } else {
+            label
+        }
+    }
+}
+
+/// The labels of `choices` ([`KernelChoice::label`]), in order, a repeated
+/// one made unique with `-2`, `-3`, ...: the same kernel given twice (an
+/// A/A comparison) gets two directories.
+pub fn kernel_labels(choices: &[KernelChoice]) -> Vec<String> {
+    let mut labels: Vec<String> = Vec::with_capacity(choices.len());
+    for choice in choices {
+        let base = choice.label();
+        let mut label = base.clone();
+        let mut n = 2;
+        while labels.contains(&label) {
+            label = format!("{base}-{n}");
+            n += 1;
+        }
+        labels.push(label);
+    }
+    labels
+}
+
 /// The kernel a run boots: `--kernel` when given, else the build in
 /// `override_dir` (`--kernel-dir`, `TERMLAB_KERNEL_DIR`), else the current
 /// build of the scenario's `variant`.
@@ -264,6 +319,7 @@ fn kernel_info(
     let field = |name: &str| build_info.get(name).and_then(|v| v.as_str()).map(str::to_owned);
     Ok(KernelInfo {
         variant: variant.to_owned(),
+        label: None,
         dir: dir.display().to_string(),
         source_version: field("source_version"),
         patch_series_sha256: field("patch_series_sha256"),
@@ -574,6 +630,46 @@ mod tests {
         assert!(matches!(error, GuestImageError::NoImageInDir { .. }), "{error}");
         let error = kernel_at_path(&empty.path().join("missing")).expect_err("no file");
         assert!(error.to_string().starts_with("no kernel at "), "{error}");
+    }
+
+    #[test]
+    fn kernel_labels_name_what_holds_the_image_and_are_unique() {
+        let tree = tempfile::tempdir().expect("temp dir");
+        let linux = tree.path().join("linux-6.12 mine");
+        let image = linux.join("arch/x86/boot/bzImage");
+        write(&image, &fake_bzimage());
+        let build = tree.path().join("default-5b2e9181cdd7");
+        write(&build.join("bzImage"), &fake_bzimage());
+        let vmlinuz = tree.path().join("vmlinuz-6.12.0");
+        write(&vmlinuz, &fake_bzimage());
+        let path = |p: &Path| KernelChoice::Path(p.to_owned());
+        let labels = kernel_labels(&[
+            KernelChoice::Variant(KernelVariant::Default),
+            path(&image),
+            path(&build.join("bzImage")),
+            path(&build),
+            path(&vmlinuz),
+            KernelChoice::Variant(KernelVariant::Default),
+            KernelChoice::Variant(KernelVariant::Default),
+            path(Path::new("/")),
+        ]);
+        assert_eq!(
+            labels,
+            [
+                "default",
+                "linux-6.12_mine",
+                "default-5b2e9181cdd7",
+                "default-5b2e9181cdd7-2",
+                "vmlinuz-6.12.0",
+                "default-2",
+                "default-3",
+                "kernel",
+            ]
+        );
+        // A relative path is named by where it leads.
+        let dot = KernelChoice::Path(".".into()).label();
+        let cwd = std::env::current_dir().expect("cwd");
+        assert_eq!(dot, cwd.file_name().expect("name").to_string_lossy());
     }
 
     #[test]

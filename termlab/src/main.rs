@@ -76,7 +76,7 @@ enum Command {
         #[arg(long, env = "TERMLAB_KERNEL_DIR")]
         kernel_dir: Option<PathBuf>,
         #[command(flatten)]
-        kernel: KernelArg,
+        kernels: RunKernels,
     },
     /// Guest kernel commands.
     Kernel {
@@ -215,7 +215,42 @@ impl Selection {
     }
 }
 
-/// `--kernel PATH|VARIANT`, shared by `run`, `exec` and `boot`.
+/// `termlab run --kernel PATH|VARIANT`, repeatable: the kernels every scenario runs on.
+#[derive(clap::Args)]
+struct RunKernels {
+    /// The kernel to boot: a bzImage (System.map and bpftool beside it or in its build tree
+    /// are used when present), a kernel build tree (arch/x86/boot/bzImage), a
+    /// guest-kernel/build output directory, or a variant name: default, debug, noterm.
+    /// Repeat it (at most 4 times) to run each scenario on each kernel, side by side.
+    ///
+    /// With several kernels each scenario runs on each kernel in turn, with the same
+    /// repetitions. The runs go to <RESULTS>/<scenario>/<time>/<kernel label>/ (each an
+    /// ordinary run directory: result.json, reports, console), and
+    /// <RESULTS>/<scenario>/<time>/report.md and report.html show them side by side. A
+    /// kernel's label is its variant, or for a path the name of what holds the image (the
+    /// build tree, the directory of a bzImage, else the file); a repeated one gets -2, -3.
+    /// result.json records it as environment.kernel.label. The exit status is the most
+    /// telling over all scenarios and kernels (see below).
+    ///
+    /// What a scenario needs from a kernel is inferred from what it uses: `verify_stack`
+    /// needs System.map; terminate, budget and prog_info steps and the termination series'
+    /// sysctls (kernel.bpf_max_runtime_ms, kernel.bpf_termination_*) need the series, which
+    /// System.map shows by its trace events; `[vm] requires = ["termination"]` declares what
+    /// no step shows (a loader of the scenario's own that terminates). Every scenario is checked against every kernel before anything boots. If a
+    /// kernel lacks what a scenario needs, the run stops there with status 2, naming each
+    /// scenario and kernel, and nothing boots or is written, just as with one kernel: a
+    /// side-by-side comparison with a column missing is not the one asked for, and the
+    /// kernels are the caller's choice (leave the scenario out with --filter, or drop the
+    /// kernel). What System.map cannot show (a kernel without one, a series with another
+    /// uapi number) shows in the guest instead: a refused sysctl or step, status 1.
+    #[arg(long = "kernel", value_name = "PATH|VARIANT")]
+    choices: Vec<KernelChoice>,
+}
+
+/// The most kernels one `termlab run` compares.
+const MAX_KERNELS: usize = 4;
+
+/// `--kernel PATH|VARIANT`, shared by `exec` and `boot`.
 #[derive(clap::Args, Clone)]
 struct KernelArg {
     /// The kernel to boot: a bzImage (System.map and bpftool beside it or in its build tree
@@ -300,7 +335,7 @@ fn main() -> ExitCode {
             nested,
             results,
             kernel_dir,
-            kernel,
+            kernels,
         } => {
             let options = RunOptions {
                 repeat,
@@ -309,9 +344,12 @@ fn main() -> ExitCode {
                 nested: false,
                 kernel_dir,
                 stream_console: console,
-                kernel: kernel.choice,
+                kernel: None,
+                kernel_label: None,
+                run_dir: None,
             };
-            run(ui, &scenarios, options, RunOutputs { json, junit, selection }, nested.into())
+            let outputs = RunOutputs { json, junit, selection };
+            run(ui, &scenarios, options, &kernels.choices, outputs, nested.into())
         }
         Command::Kernel { command: KernelCommand::Build { variant } } => {
             kernel_build(ui, variant.into())
@@ -432,16 +470,56 @@ fn ran_in_l1(ui: Ui, exit_code: i32) -> Result<(), Failed> {
     }
 }
 
+/// One kernel a `termlab run` boots: what `--kernel` said (none: the
+/// scenario's variant or `--kernel-dir`) and what the run calls it.
+struct KernelSlot {
+    choice: Option<KernelChoice>,
+    label: Option<String>,
+}
+
+/// The kernels of `--kernel` (none given: the scenario's own), with their labels.
+fn kernel_slots(ui: Ui, choices: &[KernelChoice]) -> Result<Vec<KernelSlot>, Failed> {
+    if choices.len() > MAX_KERNELS {
+        return Err(fail(
+            ui,
+            ExitClass::Usage,
+            format!(
+                "--kernel given {} times: a run compares at most {MAX_KERNELS} kernels",
+                choices.len()
+            ),
+        ));
+    }
+    if choices.is_empty() {
+        return Ok(vec![KernelSlot { choice: None, label: None }]);
+    }
+    Ok(choices
+        .iter()
+        .zip(guest_image::kernel_labels(choices))
+        .map(|(choice, label)| KernelSlot { choice: Some(choice.clone()), label: Some(label) })
+        .collect())
+}
+
+/// One scenario run on one kernel, as far as it got.
+struct Finished<'a> {
+    scenario: &'a LoadedScenario,
+    /// The JUnit suite's name: the scenario's, with the kernel's label when there are several.
+    suite: String,
+    run: Result<ScenarioRun, EngineError>,
+    seconds: f64,
+}
+
 fn run(
     ui: Ui,
     paths: &[PathBuf],
     mut options: RunOptions,
+    kernel_choices: &[KernelChoice],
     outputs: RunOutputs,
     mode: NestedMode,
 ) -> Result<(), Failed> {
     // Every scenario is checked, every path and kernel it needs found,
     // before anything boots (or nests).
     let loaded = load_scenarios(ui, paths)?;
+    let slots = kernel_slots(ui, kernel_choices)?;
     if let Some(dir) = &options.kernel_dir {
         if !dir.is_dir() {
             return Err(fail(
@@ -472,20 +550,47 @@ fn run(
         return write_junit(ui, outputs.junit.as_deref(), &[]);
     }
     let root = repository_root().map_err(|e| fail_with(ui, e))?;
+    let several = slots.len() > 1;
+    let mut kernels = Vec::new();
+    let mut refused = ExitClass::Pass;
     for scenario in &selected {
-        let kernel = guest_image::resolve_kernel(
-            &root,
-            scenario.scenario.vm.kernel,
-            options.kernel.as_ref(),
-            options.kernel_dir.as_deref(),
-        )
-        .map_err(|e| fail_with(ui, e))?;
-        engine::check_kernel_for(&scenario.scenario, &kernel)
-            .map_err(|e| fail(ui, e.exit_class(), format!("{}: {e}", scenario.path.display())))?;
+        for slot in &slots {
+            let kernel = guest_image::resolve_kernel(
+                &root,
+                scenario.scenario.vm.kernel,
+                slot.choice.as_ref(),
+                options.kernel_dir.as_deref(),
+            )
+            .map_err(|e| fail_with(ui, e))?;
+            // Every scenario on every kernel, so that one message names all that cannot run.
+            if let Err(e) = engine::check_kernel_for(&scenario.scenario, &kernel) {
+                let on = match (several, &slot.label) {
+                    (true, Some(label)) => format!(" on kernel {label}"),
+                    _ => String::new(),
+                };
+                ui.error(&format!("{}{on}: {e}", scenario.path.display()));
+                refused = refused.combine(e.exit_class());
+            }
+            kernels.push((scenario, kernel));
+        }
+    }
+    if refused != ExitClass::Pass {
+        let hint = if several {
+            " (leave such a scenario out with --filter, or drop the kernel)"
+        } else {
+            ""
+        };
+        return Err(fail(
+            ui,
+            refused,
+            format!("a kernel lacks what a scenario needs: nothing was run{hint}"),
+        ));
+    }
+    for (scenario, kernel) in &kernels {
         // Built here, before any nesting: compiling inside the emulated L1
         // VM takes minutes, finding the cached image there takes seconds.
         let spinner = ui.spinner("preparing the initramfs");
-        let image = engine::scenario_initramfs(&root, scenario, &kernel);
+        let image = engine::scenario_initramfs(&root, scenario, kernel);
         spinner.finish_and_clear();
         image.map_err(|e| fail_with(ui, e))?;
     }
@@ -498,13 +603,13 @@ fn run(
     });
     let writable: Vec<&Path> =
         std::iter::once(options.results_root.as_path()).chain(junit_dir).collect();
-    // The kernel given by path must be visible in L1 also under /tmp.
-    let kernel_path = match &options.kernel {
+    // Kernels given by path must be visible in L1 also under /tmp.
+    let kernel_paths = slots.iter().filter_map(|slot| match &slot.choice {
         Some(KernelChoice::Path(path)) => Some(path.as_path()),
         _ => None,
-    };
+    });
     let readable: Vec<&Path> =
-        options.kernel_dir.as_deref().into_iter().chain(kernel_path).collect();
+        options.kernel_dir.as_deref().into_iter().chain(kernel_paths).collect();
     options.nested = match kvm_plan(ui, mode, &writable, &readable, options.keep_vm)? {
         KvmPlan::RunHere { nested } => nested,
         KvmPlan::RanInL1 { exit_code } => {
@@ -527,22 +632,62 @@ fn run(
     engine::install_interrupt_handler();
     let printer = ProgressPrinter::new(ui, options.stream_console);
     let mut class = ExitClass::Pass;
-    let mut finished = Vec::new();
-    for scenario in &selected {
+    let mut finished: Vec<Finished<'_>> = Vec::new();
+    'scenarios: for scenario in &selected {
         ui.say(&format!("== {}: {}", scenario.name, scenario.scenario.description));
-        let began = Instant::now();
-        let run = engine::run_scenario(&root, scenario, &options, ui, &printer);
-        printer.clear();
-        class = class.combine(report_run(ui, scenario, &run, outputs.json));
-        finished.push((scenario, run, began.elapsed().as_secs_f64()));
+        // With several kernels: <results>/<scenario>/<time>/, a directory per kernel in it.
+        let group = if several {
+            match termlab::results::create_run_dir(
+                &options.results_root,
+                &scenario.name,
+                SystemTime::now(),
+            ) {
+                Ok(dir) => Some(dir),
+                Err(error) => {
+                    ui.error(&format!("{}: {error}", scenario.name));
+                    class = class.combine(error.exit_class());
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        let first = finished.len();
+        for slot in &slots {
+            let mut on_kernel = options.clone();
+            on_kernel.kernel = slot.choice.clone();
+            on_kernel.kernel_label = slot.label.clone();
+            on_kernel.run_dir = group.as_ref().zip(slot.label.as_ref()).map(|(g, l)| g.join(l));
+            let suite = match (&group, &slot.label) {
+                (Some(_), Some(label)) => {
+                    ui.say(&format!("-- {} on kernel {label}", scenario.name));
+                    format!("{}[{label}]", scenario.name)
+                }
+                _ => scenario.name.clone(),
+            };
+            let began = Instant::now();
+            let run = engine::run_scenario(&root, scenario, &on_kernel, ui, &printer);
+            printer.clear();
+            class = class.combine(report_run(ui, scenario, &run, outputs.json));
+            finished.push(Finished {
+                scenario,
+                suite,
+                run,
+                seconds: began.elapsed().as_secs_f64(),
+            });
+            if engine::interrupted() {
+                break;
+            }
+        }
+        if let Some(group) = &group {
+            let of_scenario = &finished[first..];
+            class = class.combine(side_by_side(ui, group, &slots, of_scenario, outputs.json));
+        }
         if engine::interrupted() {
-            break;
+            break 'scenarios;
         }
     }
-    let reports: Vec<ScenarioReport<'_>> = finished
-        .iter()
-        .map(|(scenario, run, seconds)| scenario_report(scenario, run, *seconds))
-        .collect();
+    let reports: Vec<ScenarioReport<'_>> = finished.iter().map(scenario_report).collect();
     if let Err(Failed(junit_code)) = write_junit(ui, outputs.junit.as_deref(), &reports) {
         class = class.combine(ExitClass::from_code(junit_code.into()));
     }
@@ -552,6 +697,59 @@ fn run(
     match class {
         ExitClass::Pass => Ok(()),
         class => Err(Failed::from(class)),
+    }
+}
+
+/// One scenario's runs on several kernels: their report side by side in
+/// `group` (`termlab report`'s comparison) and a line saying each kernel's
+/// verdict. Returns the class of failing to write the report.
+fn side_by_side(
+    ui: Ui,
+    group: &Path,
+    slots: &[KernelSlot],
+    runs: &[Finished<'_>],
+    json: bool,
+) -> ExitClass {
+    let verdicts: Vec<String> = slots
+        .iter()
+        .zip(runs)
+        .map(|(slot, finished)| {
+            let label = slot.label.as_deref().unwrap_or("?");
+            let verdict = match &finished.run {
+                Ok(ScenarioRun { result, outcome: Ok(()), .. }) => {
+                    ui.verdict(result.all_expectations_passed())
+                }
+                Ok(ScenarioRun { outcome: Err(error), .. }) | Err(error) => {
+                    format!("stopped ({})", error.exit_class().name())
+                }
+            };
+            format!("{label} {verdict}")
+        })
+        .collect();
+    let results: Vec<RunResult> = runs
+        .iter()
+        .filter_map(|finished| finished.run.as_ref().ok().map(|run| run.result.clone()))
+        .collect();
+    let written = report::comparison_document(&results)
+        .and_then(|document| report::write_document(&document, group));
+    let name = runs.first().map_or("", |finished| finished.scenario.name.as_str());
+    let summary = format!(
+        "  {name} on {} kernels: {}; side by side in {}",
+        slots.len(),
+        verdicts.join(", "),
+        group.join(report::HTML_FILE).display()
+    );
+    if json {
+        ui.say(&summary);
+    } else {
+        println!("{summary}");
+    }
+    match written {
+        Ok(()) => ExitClass::Pass,
+        Err(error) => {
+            ui.error(&format!("{name}: cannot write the side-by-side report: {error}"));
+            ExitClass::Infrastructure
+        }
     }
 }
 
@@ -610,23 +808,19 @@ fn report_run(
     }
 }
 
-fn scenario_report<'a>(
-    scenario: &'a LoadedScenario,
-    run: &'a Result<ScenarioRun, EngineError>,
-    seconds: f64,
-) -> ScenarioReport<'a> {
-    let (result, dir, error) = match run {
+fn scenario_report<'a>(finished: &'a Finished<'a>) -> ScenarioReport<'a> {
+    let (result, dir, error) = match &finished.run {
         Ok(ScenarioRun { result, dir, outcome }) => {
             (Some(result), Some(dir.as_path()), outcome.as_ref().err())
         }
         Err(error) => (None, None, Some(error)),
     };
     ScenarioReport {
-        name: &scenario.name,
-        path: &scenario.path,
+        name: &finished.suite,
+        path: &finished.scenario.path,
         result,
         dir,
-        seconds,
+        seconds: finished.seconds,
         console_tail: dir.map_or_else(Vec::new, |dir| {
             engine::console_last_lines(
                 &dir.join(termlab::results::CONSOLE_FILE),

@@ -195,6 +195,11 @@ pub struct VmmInfo {
 #[serde(deny_unknown_fields)]
 pub struct KernelInfo {
     pub variant: String,
+    /// What this run calls the kernel: its variant, or for `--kernel PATH` a name made from
+    /// the path; unique among the kernels of one `termlab run --kernel A --kernel B`, and the
+    /// name of the kernel's results directory there. Absent in results written before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
     pub dir: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_version: Option<String>,
@@ -441,6 +446,14 @@ pub fn create_run_dir(
             Err(source) => return Err(ResultsError::Write { path: dir, source }),
         }
     }
+}
+
+/// Creates `dir`, which must not exist yet (its parent must): a run never
+/// writes into another's directory.
+pub fn create_new_dir(dir: &Path) -> Result<PathBuf, ResultsError> {
+    std::fs::create_dir(dir)
+        .map(|()| dir.to_owned())
+        .map_err(|source| ResultsError::Write { path: dir.to_owned(), source })
 }
 
 #[cfg(test)]

@@ -45,7 +45,15 @@ fn help_documents_the_exit_codes() {
         }
     }
     let help = String::from_utf8_lossy(&termlab(&["run", "--help"]).stdout).into_owned();
-    for option in ["--junit <FILE>", "--filter <REGEX>", "--shard <I/N>", "--console"] {
+    for option in [
+        "--junit <FILE>",
+        "--filter <REGEX>",
+        "--shard <I/N>",
+        "--console",
+        "--kernel <PATH|VARIANT>",
+        "<RESULTS>/<scenario>/<time>/<kernel label>/",
+        "the run stops there with status 2",
+    ] {
         assert!(help.contains(option), "{option} missing:\n{help}");
     }
 }
@@ -72,7 +80,7 @@ fn an_invalid_scenario_exits_2_with_its_position() {
 
 #[test]
 fn bad_paths_and_options_exit_2() {
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 8] = [
         (&["run", "/nonexistent/scenario.toml"], "cannot read scenario /nonexistent/scenario.toml"),
         (
             &["run", "--kernel-dir", "/nonexistent/kernel", "scenarios/control.toml"],
@@ -90,6 +98,23 @@ fn bad_paths_and_options_exit_2() {
         (&["run", "--filter", "(", "scenarios/control.toml"], "invalid value '(' for '--filter"),
         (&["run", "--shard", "5/4", "scenarios/control.toml"], "I must be between 1 and N"),
         (&["list", "/nonexistent/scenarios"], "cannot read /nonexistent/scenarios"),
+        (
+            &[
+                "run",
+                "--kernel",
+                "default",
+                "--kernel",
+                "debug",
+                "--kernel",
+                "noterm",
+                "--kernel",
+                "default",
+                "--kernel",
+                "debug",
+                "scenarios/control.toml",
+            ],
+            "--kernel given 5 times: a run compares at most 4 kernels",
+        ),
     ];
     for (args, words) in cases {
         let output = termlab(args);
@@ -130,12 +155,7 @@ fn an_incomplete_kernel_build_exits_3() {
 #[test]
 fn a_missing_tool_exits_3() {
     let kernel = scratch("tools");
-    let mut image = vec![0u8; 0x1000];
-    image[0x202..0x206].copy_from_slice(b"HdrS");
-    image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
-    image[0x20E..0x210].copy_from_slice(&0x300u16.to_le_bytes());
-    image[0x500..0x50c].copy_from_slice(b"6.12.0-test\0");
-    std::fs::write(kernel.path().join("bzImage"), image).expect("write");
+    std::fs::write(kernel.path().join("bzImage"), fake_bzimage()).expect("write");
     std::fs::write(kernel.path().join("bpftool"), b"not used: clang is missing first")
         .expect("write");
     std::fs::write(kernel.path().join("build-info.json"), b"{}").expect("write");
@@ -157,6 +177,73 @@ fn a_missing_tool_exits_3() {
         "{}",
         text(&output)
     );
+}
+
+/// The start of a bzImage: its setup header with a version string, all
+/// that termlab reads of a kernel before the guest image is built.
+fn fake_bzimage() -> Vec<u8> {
+    let mut image = vec![0u8; 0x1000];
+    image[0x202..0x206].copy_from_slice(b"HdrS");
+    image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    image[0x20E..0x210].copy_from_slice(&0x300u16.to_le_bytes());
+    image[0x500..0x50c].copy_from_slice(b"6.12.0-test\0");
+    image
+}
+
+/// A kernel directory named `name` under `parent`: a bzImage and, if
+/// given, a System.map with `symbols`.
+fn fake_kernel(parent: &Path, name: &str, symbols: Option<&str>) -> PathBuf {
+    let dir = parent.join(name);
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::fs::write(dir.join("bzImage"), fake_bzimage()).expect("write");
+    if let Some(symbols) = symbols {
+        std::fs::write(dir.join("System.map"), symbols).expect("write");
+    }
+    dir.join("bzImage")
+}
+
+/// Several kernels: every scenario is checked against every kernel before
+/// anything boots, and each pair that cannot run is named with its kernel
+/// and its need; then status 2 and nothing written. Here two-cpus needs
+/// System.map (verify_stack) and the series (terminate steps); control
+/// needs the series (its demo-delay sysctl), which a kernel without
+/// System.map cannot be checked for, so that pair is not refused.
+#[test]
+fn kernels_lacking_what_a_scenario_needs_are_named_and_nothing_runs() {
+    let kernels = scratch("kernels");
+    let text_only = "ffffffff81000000 T _text\n";
+    let series = format!("{text_only}ffffffff82000000 D __tracepoint_bpf_prog_terminate_request\n");
+    let patched = fake_kernel(kernels.path(), "patched", Some(&series));
+    let no_map = fake_kernel(kernels.path(), "nomap", None);
+    let no_series = fake_kernel(kernels.path(), "noseries", Some(text_only));
+    let results = scratch("kernels-results");
+    let output = termlab(&[
+        "run",
+        "--results",
+        results.path().to_str().expect("utf-8"),
+        "--kernel",
+        patched.to_str().expect("utf-8"),
+        "--kernel",
+        no_map.to_str().expect("utf-8"),
+        "--kernel",
+        no_series.to_str().expect("utf-8"),
+        "scenarios/two-cpus.toml",
+        "scenarios/control.toml",
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for refused in [
+        format!("scenarios/two-cpus.toml on kernel nomap: verify_stack needs System.map for {}", no_map.display()),
+        "scenarios/two-cpus.toml on kernel noseries: the kernel ".to_owned(),
+        "scenarios/control.toml on kernel noseries: the kernel ".to_owned(),
+        "this scenario sets the sysctl kernel.bpf_termination_demo_delay_ms, which needs the termination series".to_owned(),
+        "a kernel lacks what a scenario needs: nothing was run (leave such a scenario out with --filter, or drop the kernel)".to_owned(),
+    ] {
+        assert!(stderr.contains(&refused), "`{refused}` missing:\n{}", text(&output));
+    }
+    assert_eq!(stderr.matches(" on kernel ").count(), 3, "{}", text(&output));
+    assert!(!stderr.contains("on kernel patched"), "{}", text(&output));
+    assert_eq!(std::fs::read_dir(results.path()).expect("dir").count(), 0, "nothing written");
 }
 
 /// One scenario as `termlab list --json` prints it.

@@ -164,3 +164,65 @@ fn json_output_is_one_json_document_and_nothing_else() {
     assert_eq!(document["complete"], serde_json::Value::Bool(true), "{document}");
     std::fs::remove_dir_all(results).expect("cleanup");
 }
+
+/// One scenario on two kernels (the default variant, and the same build given by the path of
+/// its bzImage): a run directory per kernel, both pass, and the side-by-side report next to
+/// them names both kernels.
+#[test]
+#[ignore = "boots the guest twice: minutes; needs the kernel build and the agent"]
+fn one_scenario_on_two_kernels_side_by_side() {
+    let results = scratch("two-kernels");
+    let build = Command::new(repo_root().join("guest-kernel/build"))
+        .args(["--print-dir", "--quiet"])
+        .output()
+        .expect("guest-kernel/build runs");
+    assert!(build.status.success(), "the default kernel is not built");
+    let build_dir = PathBuf::from(String::from_utf8_lossy(&build.stdout).trim());
+    let by_path = build_dir.file_name().expect("name").to_string_lossy().into_owned();
+    let output = Command::new(env!("CARGO_BIN_EXE_termlab"))
+        .current_dir(repo_root())
+        .args(["--quiet", "run", "--repeat", "1", "--kernel", "default", "--kernel"])
+        .arg(build_dir.join("bzImage"))
+        .arg("--results")
+        .arg(&results)
+        .arg(repo_root().join("scenarios/control.toml"))
+        .output()
+        .expect("termlab runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let explain =
+        format!("stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(output.status.code(), Some(0), "{explain}");
+    let groups: Vec<PathBuf> = std::fs::read_dir(results.join("control"))
+        .expect("results/control")
+        .map(|entry| entry.expect("entry").path())
+        .collect();
+    let [group] = groups.as_slice() else { panic!("one run of control: {groups:?}") };
+    for label in ["default", by_path.as_str()] {
+        let result = RunResult::load(&group.join(label)).expect("the kernel's result.json");
+        assert!(result.complete && result.all_expectations_passed(), "{label}: {explain}");
+        assert_eq!(result.repetitions.len(), 1);
+        assert_eq!(result.environment.kernel.label.as_deref(), Some(label));
+        assert!(group.join(label).join("report.html").is_file(), "{label}");
+    }
+    assert_eq!(
+        std::fs::read_dir(group)
+            .expect("group")
+            .filter(|e| e.as_ref().is_ok_and(|e| e.path().is_dir()))
+            .count(),
+        2,
+        "a directory per kernel and nothing else"
+    );
+    let report = std::fs::read_to_string(group.join("report.md")).expect("side-by-side report.md");
+    assert!(report.starts_with("# termlab comparison of 2 runs"), "{report}");
+    for column in ["control (default, ", &format!("control ({by_path}, ")] {
+        assert!(report.contains(column), "`{column}` missing:\n{report}");
+    }
+    assert!(group.join("report.html").is_file());
+    assert!(
+        stdout.contains(&format!(
+            "control on 2 kernels: default pass, {by_path} pass; side by side in "
+        )),
+        "{explain}"
+    );
+    std::fs::remove_dir_all(results).expect("cleanup");
+}

@@ -57,6 +57,7 @@ fn result(name: &str, expectations: Vec<ExpectationOutcome>, complete: bool) -> 
             vmm: VmmInfo { name: "termlab-vmm".into(), version: "0.1.0".into() },
             kernel: KernelInfo {
                 variant: "default".into(),
+                label: None,
                 dir: "/var/cache/termlab/kernel/default-x".into(),
                 source_version: Some("6.12.1".into()),
                 patch_series_sha256: None,

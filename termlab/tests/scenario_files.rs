@@ -54,6 +54,13 @@ fn every_shipped_scenario_loads_with_a_description() {
 const BAD_FILES: &[(&str, usize, usize, &str, &str)] = &[
     ("unknown-key.toml", 13, 47, "step[0].trigger.cpus", "unknown field `cpus`"),
     (
+        "unknown-requirement.toml",
+        5,
+        28,
+        "vm.requires[1]",
+        "unknown variant `btf`, expected `termination`",
+    ),
+    (
         "wrong-type.toml",
         13,
         60,

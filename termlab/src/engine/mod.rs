@@ -125,6 +125,7 @@ pub fn install_interrupt_handler() {
     }
 }
 
+#[derive(Clone)]
 pub struct RunOptions {
     /// Overrides the scenario's repetitions.
     pub repeat: Option<u32>,
@@ -139,6 +140,12 @@ pub struct RunOptions {
     pub stream_console: bool,
     /// `--kernel`: boot this kernel (a variant or a path); wins over `kernel_dir`.
     pub kernel: Option<KernelChoice>,
+    /// What result.json calls the kernel (see [`results::KernelInfo::label`]);
+    /// default: its variant.
+    pub kernel_label: Option<String>,
+    /// Write the results into this new directory (its parent must exist)
+    /// instead of `<results_root>/<scenario>/<time>/`.
+    pub run_dir: Option<PathBuf>,
 }
 
 /// One scenario's run that got as far as its results directory: its result
@@ -155,13 +162,18 @@ pub struct ScenarioRun {
 const TERMINATION_TRACEPOINT: &str = "__tracepoint_bpf_prog_terminate_request";
 
 /// Checks, before anything boots, that `kernel` has what `scenario` needs
-/// from it on the host: System.map for `verify_stack`, and (when its
-/// System.map can tell) the termination trace events.
+/// from it, as far as the host can tell. Needs are inferred from what the
+/// scenario uses: `verify_stack` needs System.map; terminate, budget and
+/// prog_info steps, the series' sysctls and `[vm] requires = ["termination"]`
+/// need the termination series, whose trace events System.map shows. A kernel without System.map cannot
+/// be checked for the series: what it lacks then shows in the guest (a
+/// refused sysctl or step, a finding). So does a series of another
+/// revision (another uapi number): System.map does not tell.
 pub fn check_kernel_for(scenario: &Scenario, kernel: &KernelBuild) -> Result<(), GuestImageError> {
     if scenario.verify_stack.as_ref().is_some_and(|v| *v.get_ref()) {
         kernel.require_system_map("verify_stack")?;
     }
-    if crate::scenario::traces_terminations(scenario) {
+    if let Some(why) = crate::scenario::termination_series_use(scenario) {
         if let Some(map) = &kernel.system_map {
             let text = std::fs::read_to_string(map)
                 .map_err(|source| GuestImageError::Io { path: map.clone(), source })?;
@@ -171,7 +183,7 @@ pub fn check_kernel_for(scenario: &Scenario, kernel: &KernelBuild) -> Result<(),
             if !has_events {
                 return Err(GuestImageError::MissingFeature {
                     image: kernel.bzimage.clone(),
-                    detail: format!("this scenario terminates programs (or sets a runtime budget) and reads the kernel's bpf: termination trace events, which this kernel lacks ({} has no {TERMINATION_TRACEPOINT}): boot a kernel with the termination series", map.display()),
+                    detail: format!("this scenario {why}, which needs the termination series (BPF_PROG_TERMINATE, its bpf: trace events and sysctls), and this kernel lacks it ({} has no {TERMINATION_TRACEPOINT}): boot a kernel with guest-kernel/patches applied", map.display()),
                 });
             }
         }
@@ -210,7 +222,12 @@ pub fn run_scenario(
     let initramfs = scenario_initramfs(root, loaded, &kernel)?;
 
     let started = SystemTime::now();
-    let dir = results::create_run_dir(&options.results_root, &loaded.name, started)?;
+    let dir = match &options.run_dir {
+        Some(dir) => results::create_new_dir(dir)?,
+        None => results::create_run_dir(&options.results_root, &loaded.name, started)?,
+    };
+    let mut kernel_info = kernel.info.clone();
+    kernel_info.label = Some(options.kernel_label.clone().unwrap_or(kernel_info.variant.clone()));
     let repetitions = options.repeat.unwrap_or(scenario.repetitions.get());
     let mut result = RunResult {
         schema_version: results::SCHEMA_VERSION,
@@ -230,7 +247,7 @@ pub fn run_scenario(
             host: crate::environment::host_info(),
             nested: options.nested,
             vmm: VmmInfo { name: "termlab-vmm".into(), version: termlab_vmm::VERSION.to_owned() },
-            kernel: kernel.info.clone(),
+            kernel: kernel_info,
             vm: VmInfo {
                 vcpus: scenario.vm.vcpus.get(),
                 memory_mib: scenario.vm.memory_mib.get(),
@@ -843,6 +860,7 @@ mod tests {
         });
         let info = crate::results::KernelInfo {
             variant: "path".into(),
+            label: None,
             dir: String::new(),
             source_version: None,
             patch_series_sha256: None,
@@ -883,7 +901,28 @@ mod tests {
         let ours = format!("{plain}ffffffff82000000 D {TERMINATION_TRACEPOINT}\n");
         let (_dir, patched) = kernel_with_map(Some(&ours));
         check_kernel_for(&stack, &patched).expect("a termlab kernel has both");
+        // Setting one of the series' sysctls (control: the demo delay) needs the series too.
+        let control = scenario("control.toml");
+        let error = check_kernel_for(&control, &not_ours).expect_err("no series");
+        assert!(
+            error.to_string().contains(
+                "this scenario sets the sysctl kernel.bpf_termination_demo_delay_ms, which needs the termination series"
+            ),
+            "{error}"
+        );
+        check_kernel_for(&control, &patched).expect("a termlab kernel has the sysctl");
+        // A loader of its own that terminates (term_stress): declared in `[vm] requires`.
+        let stress = scenario("campaigns/stress.toml");
+        let error = check_kernel_for(&stress, &not_ours).expect_err("declared");
+        assert!(
+            error.to_string().contains("declares `[vm] requires = [\"termination\"]`"),
+            "{error}"
+        );
+        let mut undeclared = stress.clone();
+        undeclared.vm.requires.clear();
+        check_kernel_for(&undeclared, &not_ours).expect("nothing else shows the need");
+        check_kernel_for(&stress, &patched).expect("a termlab kernel has the series");
         // Without a map the events cannot be checked before booting: not refused.
-        check_kernel_for(&scenario("loops.toml"), &no_map).expect("unknown is not refused");
+        check_kernel_for(&scenario("budget.toml"), &no_map).expect("unknown is not refused");
     }
 }

@@ -283,18 +283,25 @@ fn environment_table(results: &[&RunResult]) -> Block {
             ],
         );
     }
+    // Runs recorded before kernels had labels have none: no row then.
+    if results.iter().any(|r| r.environment.kernel.label.is_some()) {
+        rows.insert(1, field("kernel", &|r| kernel_label(r).to_owned()));
+    }
     let highlight = vec![false; rows.len()];
     let header =
         std::iter::once(String::new()).chain(results.iter().map(|r| run_label(r))).collect();
     Block::Table { header, rows, highlight }
 }
 
-/// How a run is named in comparisons: scenario, kernel variant and start.
+/// How a run is named in comparisons: scenario, kernel (its label, else its variant) and start.
 fn run_label(result: &RunResult) -> String {
-    format!(
-        "{} ({}, {})",
-        result.scenario.name, result.environment.kernel.variant, result.started_at
-    )
+    format!("{} ({}, {})", result.scenario.name, kernel_label(result), result.started_at)
+}
+
+/// The run's kernel label, or its variant for a run recorded before labels.
+fn kernel_label(result: &RunResult) -> &str {
+    let kernel = &result.environment.kernel;
+    kernel.label.as_deref().unwrap_or(&kernel.variant)
 }
 
 /// What `termlab report` found in one directory.
@@ -447,4 +454,38 @@ pub fn comparison_document(runs: &[RunResult]) -> Result<Document, ReportError> 
     let refs: Vec<&RunResult> = runs.iter().collect();
     doc.push(environment_table(&refs));
     Ok(doc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example() -> RunResult {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../results/example/loops");
+        RunResult::load(&dir).expect("example loads")
+    }
+
+    #[test]
+    fn side_by_side_columns_name_each_kernel_by_its_label() {
+        let unlabelled = example();
+        assert_eq!(unlabelled.environment.kernel.label, None, "the example predates labels");
+        let without = comparison_document(&[unlabelled.clone(), unlabelled.clone()])
+            .expect("rendered")
+            .to_markdown();
+        // Without labels: the variant names the column, and there is no `kernel` row.
+        let variant = &unlabelled.environment.kernel.variant;
+        assert!(without.contains(&format!("loops ({variant}, ")), "{without}");
+        assert!(!without.contains("| kernel |"), "{without}");
+
+        let (mut a, mut b) = (unlabelled.clone(), unlabelled);
+        a.environment.kernel.label = Some("default".into());
+        b.environment.kernel.label = Some("linux-next".into());
+        let md = comparison_document(&[a, b]).expect("rendered").to_markdown();
+        let header = md.lines().find(|l| l.starts_with("| metric |")).expect("metrics table");
+        assert!(
+            header.contains("loops (default, ") && header.contains("loops (linux-next, "),
+            "{header}"
+        );
+        assert!(md.contains("| kernel | default | linux-next |"), "{md}");
+    }
 }

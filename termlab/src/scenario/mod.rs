@@ -157,6 +157,45 @@ pub fn traces_terminations(scenario: &Scenario) -> bool {
         || scenario.steps.iter().any(|step| matches!(step, Step::Terminate(_) | Step::Budget(_)))
 }
 
+/// The sysctls the termination series adds (guest-kernel/patches): a kernel
+/// without the series has no /proc/sys file for them.
+pub const TERMINATION_SERIES_SYSCTLS: [&str; 3] = [
+    MAX_RUNTIME_SYSCTL,
+    "kernel.bpf_termination_demo_delay_ms",
+    "kernel.bpf_termination_fault_skip_rewrite",
+];
+
+/// What in the scenario needs the kernel's termination series
+/// (BPF_PROG_TERMINATE, runtime budgets, their trace events, counters and
+/// sysctls), said for an error message; `None` when nothing does. Needs are
+/// inferred from what the scenario uses (steps and sysctls: a declaration
+/// could disagree with them, they cannot); `[vm] requires` adds what they do
+/// not show, a program or loader of the scenario's own that uses the series.
+pub fn termination_series_use(scenario: &Scenario) -> Option<String> {
+    let step = scenario.steps.iter().find_map(|step| match step {
+        Step::Terminate(_) => Some("terminates programs (a `terminate` step)"),
+        Step::Budget(_) => Some("sets a runtime budget (a `budget` step)"),
+        Step::ProgInfo(_) => Some("reads termination counters (a `prog_info` step)"),
+        _ => None,
+    });
+    if let Some(step) = step {
+        return Some(step.to_owned());
+    }
+    scenario
+        .sysctl
+        .keys()
+        .map(ToString::to_string)
+        .find(|name| TERMINATION_SERIES_SYSCTLS.contains(&name.as_str()))
+        .map(|name| format!("sets the sysctl {name}"))
+        .or_else(|| {
+            scenario
+                .vm
+                .requires
+                .contains(&KernelFeature::Termination)
+                .then(|| "declares `[vm] requires = [\"termination\"]`".to_owned())
+        })
+}
+
 /// Labels of the terminate steps, in order.
 pub fn terminate_labels(scenario: &Scenario) -> Vec<String> {
     scenario

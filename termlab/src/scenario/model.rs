@@ -65,6 +65,21 @@ pub struct VmSpec {
     /// Appended to the guest kernel's command line (see [`super::check_kernel_args`]).
     #[serde(default)]
     pub kernel_args: Option<Spanned<String>>,
+    /// What the kernel must have that the steps and sysctls do not show, e.g. a loader or
+    /// trigger of the scenario's own that calls BPF_PROG_TERMINATE: `requires =
+    /// ["termination"]`. Checked before booting like what is inferred
+    /// ([`super::termination_series_use`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<KernelFeature>,
+}
+
+/// A kernel feature a scenario can require in `[vm] requires`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KernelFeature {
+    /// The termination series (guest-kernel/patches): BPF_PROG_TERMINATE, runtime budgets,
+    /// their trace events, counters and sysctls.
+    Termination,
 }
 
 /// One `[vm] files` entry. `host` is relative to the scenario file's directory.
