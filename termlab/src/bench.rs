@@ -8,7 +8,7 @@
 //!   CONFIG_BPF_TERMINATION=n (`noterm`) and =y, booted alternately round
 //!   after round in the same VMM: `term_bench fastpath` / `term_bench load`.
 //!
-//! Raw samples are kept in `bench.json`; `report.md`/`report.html` hold the
+//! Raw samples are kept in `bench.json` ([`crate::results::bench`]); `report.md`/`report.html` hold the
 //! tables, the targets of the issue and the plots.
 
 use std::collections::BTreeMap;
@@ -16,19 +16,19 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use serde::{Deserialize, Serialize};
 use termlab_protocol::client::Client;
 use termlab_protocol::{ExitStatus, RunRequest};
 
 use crate::engine::{interrupted, BootSpec, EngineError, Guest};
 use crate::guest_image::{KernelBuild, IPI_RTT_GUEST_PATH};
-use crate::kernel_trace::{self, KernelTermination};
-use crate::results::{self, HostInfo, KernelInfo};
-use crate::stats::{Ratios, Summary};
+use crate::kernel_trace;
+use crate::results;
+use crate::results::bench::{
+    BenchResult, FastpathSeries, LatencyConfig, LatencySeries, LoadSeries, SCHEMA_VERSION,
+};
+use crate::results::kernel::KernelTermination;
 use crate::ui::Ui;
 
-pub const SCHEMA_VERSION: u32 = 2;
-pub const BENCH_FILE: &str = "bench.json";
 /// Guest file the latency runs write the kernel trace to.
 const GUEST_TRACE: &str = "/tmp/term_bench.trace";
 /// The agent's limit for one file read; about 5 events of ~130 bytes per CPU
@@ -58,20 +58,6 @@ pub struct BenchOptions {
     pub nested: bool,
 }
 
-/// One latency configuration: which case, how deep, on how many CPUs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LatencyConfig {
-    pub case: u32,
-    pub depth: u32,
-    pub cpus: u32,
-}
-
-impl LatencyConfig {
-    pub fn name(self) -> String {
-        format!("case{}-depth{}-cpus{}", self.case, self.depth, self.cpus)
-    }
-}
-
 /// The configurations the issue names: the four cases, then the scales.
 pub const LATENCY_CONFIGS: [LatencyConfig; 7] = [
     LatencyConfig { case: 1, depth: 1, cpus: 1 },
@@ -82,98 +68,6 @@ pub const LATENCY_CONFIGS: [LatencyConfig; 7] = [
     LatencyConfig { case: 2, depth: 8, cpus: 1 },
     LatencyConfig { case: 1, depth: 1, cpus: 4 },
 ];
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BenchResult {
-    pub schema_version: u32,
-    pub started_at: String,
-    pub host: HostInfo,
-    /// Whether the VMs ran inside the nested L1 VM (absolute times emulated).
-    pub nested: bool,
-    pub patched_kernel: KernelInfo,
-    pub baseline_kernel: KernelInfo,
-    pub latency: Vec<LatencySeries>,
-    pub fastpath: Vec<FastpathSeries>,
-    pub load: Vec<LoadSeries>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LatencySeries {
-    pub config: LatencyConfig,
-    /// The VM's vCPUs: one terminates (and runs the agent), `cpus` run.
-    pub vcpus: u8,
-    /// Bare IPI round trips (membarrier) in the same VM, ns: the reference
-    /// of this series' ratios.
-    pub ipi_rtt_ns: Vec<f64>,
-    pub iterations: u32,
-    /// Terminate calls that did not stop every runner (it had not entered yet).
-    pub missed: u32,
-    /// Kernel timestamps: request → last handler done.
-    pub mechanism_ns: Vec<f64>,
-    /// Request → last terminated run returned.
-    pub end_to_end_ns: Vec<f64>,
-    /// Case 1: interrupted helper returned → run returned.
-    pub case1_tail_ns: Vec<f64>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FastpathSeries {
-    pub program: String,
-    /// ns per run, one sample per round.
-    pub patched_ns: Vec<f64>,
-    pub baseline_ns: Vec<f64>,
-    /// The patched kernel with a runtime budget set (kernel.bpf_max_runtime_ms
-    /// = 60000, never reached): what the budget check adds per run.
-    pub patched_budget_ns: Vec<f64>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LoadSeries {
-    pub insns: u32,
-    /// Median load time of each round, ns.
-    pub patched_load_ns: Vec<f64>,
-    pub baseline_load_ns: Vec<f64>,
-    pub patched_jited_bytes: u64,
-    pub patched_copy_jited_bytes: u64,
-    pub baseline_jited_bytes: u64,
-}
-
-impl BenchResult {
-    /// Reads `dir/bench.json`, migrating an older schema version in memory;
-    /// also returns the version the file had.
-    pub fn load_with_version(dir: &Path) -> Result<(BenchResult, u32), results::ResultsError> {
-        results::load_versioned(&dir.join(BENCH_FILE), SCHEMA_VERSION, migrate_bench_result)
-    }
-
-    /// Writes `dir/bench.json` atomically.
-    pub fn save(&self, dir: &Path) -> Result<(), results::ResultsError> {
-        let path = dir.join(BENCH_FILE);
-        let mut text = serde_json::to_vec_pretty(self)
-            .map_err(|source| results::ResultsError::Parse { path: path.clone(), source })?;
-        text.push(b'\n');
-        results::write_atomically(&path, &text)
-    }
-}
-
-/// One step of [`BenchResult`]'s schema history, `from` → `from + 1`:
-/// 1 → 2 (4ebf587) added the fast path with a runtime budget set
-/// (`patched_budget_ns`), not measured before: empty.
-fn migrate_bench_result(document: &mut serde_json::Value, from: u32) -> Result<(), String> {
-    match from {
-        1 => {
-            let series = document.get_mut("fastpath").and_then(|f| f.as_array_mut());
-            for one in series.into_iter().flatten().filter_map(|s| s.as_object_mut()) {
-                one.entry("patched_budget_ns").or_insert_with(|| serde_json::json!([]));
-            }
-            Ok(())
-        }
-        _ => Err(format!("bench.json schema version {from} was never written by termlab")),
-    }
-}
 
 /// A kernel with the initramfs made for it.
 pub struct BenchKernel<'a> {
@@ -492,18 +386,6 @@ fn load_sample(
     ))
 }
 
-/// Median of `samples`, for the headline tables.
-pub fn median(samples: &[f64]) -> Option<f64> {
-    Summary::of(samples).map(|s| s.p50_ns)
-}
-
-/// Summary and ratios to the median IPI round trip.
-pub fn summarize(samples: &[f64], ipi_ns: Option<f64>) -> Option<(Summary, Option<Ratios>)> {
-    let summary = Summary::of(samples)?;
-    let ratios = ipi_ns.and_then(|ipi| summary.ratios_to(ipi));
-    Some((summary, ratios))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -516,25 +398,6 @@ mod tests {
         assert_eq!(number::<u32>(&f, "depth", "t").expect("numeric"), 4);
         assert!(number::<u32>(&f, "nope", "t").is_err());
         assert!(fields(out, "load").is_none());
-    }
-
-    #[test]
-    fn a_schema_1_benchmark_is_migrated_without_budget_samples() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../results/example/bench");
-        let text = std::fs::read_to_string(dir.join(BENCH_FILE)).expect("bench.json");
-        let mut document: serde_json::Value = serde_json::from_str(&text).expect("JSON");
-        // Today's example as schema 1 wrote it: no budget fast path.
-        document["schema_version"] = 1.into();
-        for series in document["fastpath"].as_array_mut().expect("fastpath") {
-            series.as_object_mut().expect("object").remove("patched_budget_ns");
-        }
-        let scratch = tempfile::tempdir().expect("temp dir");
-        std::fs::write(scratch.path().join(BENCH_FILE), document.to_string()).expect("written");
-        let (result, found) = BenchResult::load_with_version(scratch.path()).expect("migrated");
-        assert_eq!((found, result.schema_version), (1, SCHEMA_VERSION));
-        assert!(!result.fastpath.is_empty());
-        assert!(result.fastpath.iter().all(|s| s.patched_budget_ns.is_empty()));
-        assert!(result.fastpath.iter().all(|s| !s.patched_ns.is_empty()));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::kernel_trace::KernelTermination;
+use crate::results::kernel::KernelTermination;
 use crate::results::{ExpectationOutcome, Repetition, StepRecord};
 use crate::scenario::{Check, EventPoint, EventRef, Expectation, MetricSpec};
 
@@ -684,7 +684,7 @@ terminations = { from = "before", to = "after", budget = 1, on_demand = 0 }
 "#;
 
     fn budget_repetition(stopped: bool, budget_after: u64) -> Repetition {
-        use crate::kernel_trace::{HandlerEvent, Reason};
+        use crate::results::kernel::{HandlerEvent, Reason};
         let kernel = stopped.then(|| KernelTermination {
             reason: Reason::Budget,
             request_ns: None,

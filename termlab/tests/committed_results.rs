@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::explain;
-use termlab::results::{RESULT_FILE, SCHEMA_VERSION};
+use termlab::results::bench::{BenchResult, BENCH_FILE};
+use termlab::results::{RunResult, RESULT_FILE, SCHEMA_VERSION};
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("termlab/ has a parent").to_owned()
@@ -31,7 +32,7 @@ fn committed_runs() -> Vec<PathBuf> {
         let Ok(entries) = std::fs::read_dir(repo_root().join(parent)) else { continue };
         for entry in entries {
             let path = entry.expect("readable entry").path();
-            if path.join(RESULT_FILE).is_file() || path.join("bench.json").is_file() {
+            if path.join(RESULT_FILE).is_file() || path.join(BENCH_FILE).is_file() {
                 dirs.push(path);
             }
         }
@@ -74,14 +75,40 @@ fn every_committed_run_renders_and_its_report_is_current() {
             dir.display()
         );
         // The committed raw numbers are in today's schema.
-        let raw = if dir.join(RESULT_FILE).is_file() { RESULT_FILE } else { "bench.json" };
+        let raw = if dir.join(RESULT_FILE).is_file() { RESULT_FILE } else { BENCH_FILE };
         let text = std::fs::read_to_string(dir.join(raw)).expect("raw file");
         let version = serde_json::from_str::<serde_json::Value>(&text).expect("JSON")
             ["schema_version"]
             .as_u64();
-        let current =
-            if raw == RESULT_FILE { SCHEMA_VERSION } else { termlab::bench::SCHEMA_VERSION };
+        let current = if raw == RESULT_FILE {
+            SCHEMA_VERSION
+        } else {
+            termlab::results::bench::SCHEMA_VERSION
+        };
         assert_eq!(version, Some(u64::from(current)), "{}/{raw}", dir.display());
+    }
+}
+
+/// The record types keep their format: every committed result.json and
+/// bench.json, read by today's termlab and written back, holds the same
+/// fields and values. Compared as JSON values, not bytes: serde_json's float
+/// parsing is not exactly round-trip (an f64 can come back one ulp off), the
+/// same in both readings here.
+#[test]
+fn committed_records_are_written_back_unchanged() {
+    let dirs = committed_runs();
+    assert!(dirs.len() >= 3, "{dirs:?}");
+    for dir in &dirs {
+        let (raw, written) = if dir.join(RESULT_FILE).is_file() {
+            let result = RunResult::load(dir).expect("loads");
+            (RESULT_FILE, serde_json::to_value(&result).expect("serializes"))
+        } else {
+            let (bench, _) = BenchResult::load_with_version(dir).expect("loads");
+            (BENCH_FILE, serde_json::to_value(&bench).expect("serializes"))
+        };
+        let text = std::fs::read_to_string(dir.join(raw)).expect("committed");
+        let committed: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        assert!(written == committed, "{}/{raw} changed when written back", dir.display());
     }
 }
 

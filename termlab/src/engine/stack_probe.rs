@@ -24,7 +24,8 @@ use termlab_introspect::paging::PageTables;
 use termlab_introspect::symbols::SymbolTable;
 use termlab_vmm::{Breakpoint, DebugEvent, Vm};
 
-use crate::stack_proof::{self, CpuStackProof, StackSnapshot, StackWords, TermMap};
+use crate::results::stack::CpuStackProof;
+use crate::stack_proof::{self, StackSnapshot, StackWords, TermMap};
 
 /// The handler's entry.
 const ENTRY_SYMBOL: &str = "bpf_die";

@@ -4,7 +4,7 @@
 
 use super::plot::{self, Series, Unit};
 use super::{Block, Document, ReportError};
-use crate::bench::{median, summarize, BenchResult, LatencySeries};
+use crate::results::bench::{median, summarize, BenchResult, LatencySeries};
 
 /// The targets, as ratios (latency to the IPI round trip; cost of
 /// the patched kernel to the baseline).

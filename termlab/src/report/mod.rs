@@ -16,8 +16,8 @@ use thiserror::Error;
 pub use compare::compare_document;
 pub use document::{Block, Document};
 
+use crate::results::stack::AddrClass;
 use crate::results::{write_atomically, ResultsError, RunResult, StepRecord, IPI_RTT_METRIC};
-use crate::stack_proof::AddrClass;
 use plot::{PlotError, Series, Unit};
 
 #[derive(Debug, Error)]
@@ -40,7 +40,7 @@ pub fn write_run_report(result: &RunResult, dir: &Path) -> Result<(), ReportErro
 
 /// Writes the benchmark's report.md, report.html and plots into `dir`.
 pub fn write_bench_report(
-    result: &crate::bench::BenchResult,
+    result: &crate::results::bench::BenchResult,
     dir: &Path,
 ) -> Result<(), ReportError> {
     write_document(&bench::bench_document(result)?, dir)
@@ -320,10 +320,10 @@ pub fn regenerate(dirs: &[PathBuf], save_migrated: bool) -> Result<Vec<Regenerat
     let mut regenerated = Vec::new();
     for dir in dirs {
         let is_bench = !dir.join(crate::results::RESULT_FILE).exists()
-            && dir.join(crate::bench::BENCH_FILE).exists();
+            && dir.join(crate::results::bench::BENCH_FILE).exists();
         if is_bench {
-            let (result, version) = crate::bench::BenchResult::load_with_version(dir)?;
-            if save_migrated && version != crate::bench::SCHEMA_VERSION {
+            let (result, version) = crate::results::bench::BenchResult::load_with_version(dir)?;
+            if save_migrated && version != crate::results::bench::SCHEMA_VERSION {
                 result.save(dir)?;
             }
             write_bench_report(&result, dir)?;

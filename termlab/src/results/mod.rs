@@ -1,5 +1,16 @@
 //! `results/<scenario>/<timestamp>/result.json`: the versioned record of one
-//! run, written atomically so a reader never sees a half-written file.
+//! run, written atomically so a reader never sees a half-written file, and
+//! the other records termlab keeps ([`bench`]: bench.json).
+//!
+//! This is the bottom layer: plain data, their file format and schema
+//! history. It depends on nothing of termlab's but [`crate::stats`]; the
+//! modules above build these records ([`crate::engine`],
+//! [`crate::kernel_trace`], [`crate::stack_proof`], [`crate::bench`]) or
+//! read them ([`crate::evaluate`], [`crate::report`], [`crate::compare`]).
+
+pub mod bench;
+pub mod kernel;
+pub mod stack;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -9,6 +20,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::stats::{Ratios, Summary};
+use kernel::KernelTermination;
+use stack::CpuStackProof;
 
 /// Bumped on every incompatible change of [`RunResult`].
 pub const SCHEMA_VERSION: u32 = 3;
@@ -261,7 +274,7 @@ pub enum StepRecord {
         /// The kernel's trace events of the run, if it stopped the run for
         /// exceeding its runtime budget.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        kernel: Option<crate::kernel_trace::KernelTermination>,
+        kernel: Option<KernelTermination>,
     },
     Terminate {
         label: String,
@@ -278,10 +291,10 @@ pub enum StepRecord {
         /// The kernel's trace events of this call (request, handlers,
         /// returns), when the kernel traced it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        kernel: Option<crate::kernel_trace::KernelTermination>,
+        kernel: Option<KernelTermination>,
         /// `verify_stack`: what the VMM saw on each vCPU the handler ran on.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        stack: Vec<crate::stack_proof::CpuStackProof>,
+        stack: Vec<CpuStackProof>,
     },
     Budget {
         label: String,
@@ -458,8 +471,8 @@ pub fn create_new_dir(dir: &Path) -> Result<PathBuf, ResultsError> {
 
 #[cfg(test)]
 mod tests {
+    use super::kernel::Reason;
     use super::*;
-    use crate::kernel_trace::Reason;
 
     fn fixture(name: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
