@@ -69,5 +69,37 @@ end_current_group_and_exit() {
         sleep 5
         end_group "$current_group" || true
     fi
+    [[ -z "${suite_output:-}" ]] || rm -f "$suite_output"
     exit 130
+}
+
+# The output file of the suite running under run_with_one_retry (removed on Ctrl-C too).
+suite_output=""
+
+# What the nested launcher prints when the L1 VM ended under the command (an L1 kernel crash
+# in QEMU TCG's SVM emulation): the emulated host failed, not the code under test.
+readonly L1_CRASHED="the L1 VM ended without running the command"
+
+# run_in_group "$@", once more if the first try timed out (124) or failed with the nested
+# launcher saying the L1 VM crashed under it; says so on stderr. The output goes to stdout
+# and, for that check, to a temporary file (the tee runs in the suite's group, so the file is
+# complete when the group has ended). Status: the last try's.
+run_with_one_retry() { # name limit_s command...
+    local name="$1" limit="$2" rc=0 retry=""
+    shift 2
+    suite_output="$(mktemp /tmp/termlab-suite.XXXXXX)"
+    run_in_group "$limit" bash -c 'set -o pipefail; "$@" 2>&1 | tee "$0"' "$suite_output" "$@" || rc=$?
+    if ((rc == 124)); then
+        retry="timed out (a hung nested L1 VM?); its processes were ended"
+    elif ((rc != 0)) && grep -qF "$L1_CRASHED" "$suite_output"; then
+        retry="the nested L1 VM crashed under it (infrastructure; its console is above)"
+    fi
+    rm -f "$suite_output"
+    suite_output=""
+    if [[ -n "$retry" ]]; then
+        echo "[test] suite $name: $retry; trying once more" >&2
+        rc=0
+        run_in_group "$limit" "$@" || rc=$?
+    fi
+    return "$rc"
 }
