@@ -42,3 +42,26 @@ impl NestedError {
         Self::Io { what, path: path.to_owned(), source }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// scripts/test retries a nested suite whose L1 VM crashed by finding this error's text
+    /// (L1_CRASHED in scripts/lib/suite-group.sh): the two must not drift apart.
+    #[test]
+    fn the_test_runner_recognises_an_l1_crash_by_this_text() {
+        let runner = include_str!("../../scripts/lib/suite-group.sh");
+        let marker = runner
+            .lines()
+            .find_map(|line| line.strip_prefix("readonly L1_CRASHED=\""))
+            .and_then(|rest| rest.strip_suffix('"'))
+            .expect("L1_CRASHED in scripts/lib/suite-group.sh");
+        let error = NestedError::L1Failed {
+            qemu_status: "exit status: 0".into(),
+            cause: "",
+            console_tail: vec![],
+        };
+        assert!(error.to_string().contains(marker), "{error} / {marker}");
+    }
+}

@@ -146,9 +146,9 @@ fn l1_end_cause(qemu_log: &Path) -> &'static str {
 /// The host terminal's size (stdout's, else stdin's), 24x80 when neither is a terminal.
 fn terminal_size() -> job::TerminalSize {
     for fd in [libc::STDOUT_FILENO, libc::STDIN_FILENO] {
-        // SAFETY: TIOCGWINSZ writes one winsize into the local we pass.
-        let mut size: libc::winsize = unsafe { std::mem::zeroed() };
-        // SAFETY: see above; a non-terminal fd just fails with ENOTTY.
+        let mut size = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+        // SAFETY: TIOCGWINSZ writes one winsize into the local we pass; a non-terminal fd
+        // just fails with ENOTTY.
         if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut size) } == 0 && size.ws_row > 0 {
             return job::TerminalSize { rows: size.ws_row, cols: size.ws_col };
         }
@@ -156,14 +156,11 @@ fn terminal_size() -> job::TerminalSize {
     job::TerminalSize { rows: 24, cols: 80 }
 }
 
-/// The last lines of L1's console file (interactive jobs), cleaned like the streamed one.
+/// The last lines of L1's console file (interactive jobs), as the streamed console shows them.
 fn console_file_tail(path: &Path) -> VecDeque<String> {
     let bytes = fs::read(path).unwrap_or_default();
-    let lines: Vec<String> = String::from_utf8_lossy(&bytes)
-        .lines()
-        .map(strip_terminal_codes)
-        .filter(|line| !line.trim().is_empty())
-        .collect();
+    let lines: Vec<String> =
+        String::from_utf8_lossy(&bytes).lines().filter_map(console_line).collect();
     lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].iter().cloned().collect()
 }
 
@@ -292,13 +289,7 @@ fn stream_console(console: std::process::ChildStdout) -> VecDeque<String> {
     let mut out = std::io::stderr();
     let mut tail = VecDeque::with_capacity(CONSOLE_TAIL_LINES);
     for line in BufReader::new(console).split(b'\n').map_while(Result::ok) {
-        let text = strip_terminal_codes(&String::from_utf8_lossy(&line));
-        let firmware = ["SeaBIOS", "iPXE", "Booting from ROM", "Press Ctrl-B"]
-            .iter()
-            .any(|p| text.starts_with(p));
-        if firmware || text.trim().is_empty() {
-            continue;
-        }
+        let Some(text) = console_line(&String::from_utf8_lossy(&line)) else { continue };
         let _ = writeln!(out, "{text}");
         if tail.len() == CONSOLE_TAIL_LINES {
             tail.pop_front();
@@ -306,6 +297,15 @@ fn stream_console(console: std::process::ChildStdout) -> VecDeque<String> {
         tail.push_back(text);
     }
     tail
+}
+
+/// A line of L1's console as shown: without terminal control sequences; `None` for an empty
+/// line or the firmware's banner.
+fn console_line(raw: &str) -> Option<String> {
+    let text = strip_terminal_codes(raw);
+    let firmware =
+        ["SeaBIOS", "iPXE", "Booting from ROM", "Press Ctrl-B"].iter().any(|p| text.starts_with(p));
+    (!firmware && !text.trim().is_empty()).then_some(text)
 }
 
 /// Copies the command's stdout file to this process's stdout as it grows, unchanged, until

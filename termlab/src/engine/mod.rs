@@ -227,7 +227,8 @@ pub fn run_scenario(
         None => results::create_run_dir(&options.results_root, &loaded.name, started)?,
     };
     let mut kernel_info = kernel.info.clone();
-    kernel_info.label = Some(options.kernel_label.clone().unwrap_or(kernel_info.variant.clone()));
+    kernel_info.label =
+        Some(options.kernel_label.clone().unwrap_or_else(|| kernel_info.variant.clone()));
     let repetitions = options.repeat.unwrap_or(scenario.repetitions.get());
     let mut result = RunResult {
         schema_version: results::SCHEMA_VERSION,
