@@ -140,10 +140,12 @@ impl Vcpus {
         &self.handles
     }
 
-    /// Parks every vCPU outside `KVM_RUN`; returns once all are parked.
-    pub fn pause(&self) {
+    /// Parks every vCPU outside `KVM_RUN`; returns once all are parked or gone. False when
+    /// the VM ended (a vCPU exited) instead, possibly while this call waited.
+    pub fn pause(&self) -> bool {
         self.control.set_request(Request::Pause);
         self.kick_until(|| self.control.all_parked());
+        !self.ended()
     }
 
     pub fn resume(&self) {
@@ -153,6 +155,11 @@ impl Vcpus {
     pub fn is_paused(&self) -> bool {
         let state = lock(&self.control.state);
         state.request == Request::Pause && state.parked == self.control.count
+    }
+
+    /// True once a vCPU exit or [`Vcpus::stop`] ended the VM; no vCPU runs again.
+    pub fn ended(&self) -> bool {
+        lock(&self.control.state).request == Request::Stop
     }
 
     /// Stops and joins every vCPU thread.

@@ -118,6 +118,9 @@ pub enum Error {
     NotRunning,
     #[error("vCPU registers are only accessible while the VM is paused")]
     NotPaused,
+    /// The guest reset, powered off, faulted or was stopped; `Vm::wait_exit` says which.
+    #[error("the VM has ended")]
+    Ended,
     #[error("no vCPU {0}")]
     NoSuchVcpu(usize),
     #[error("guest memory access at {addr:#x} failed: {source}")]
@@ -367,17 +370,32 @@ impl Vm {
         Ok(())
     }
 
+    /// Ok while every vCPU is parked by a pause; which of the two it is not, otherwise.
+    fn paused(vcpus: &Vcpus) -> Result<(), Error> {
+        if vcpus.ended() {
+            Err(Error::Ended)
+        } else if vcpus.is_paused() {
+            Ok(())
+        } else {
+            Err(Error::NotPaused)
+        }
+    }
+
     fn running_vcpus(&self) -> Result<&Vcpus, Error> {
         self.vcpus.as_ref().ok_or(Error::NotRunning)
     }
 
-    /// Parks all vCPUs outside guest mode; returns when all are parked.
+    /// Parks all vCPUs outside guest mode; returns when all are parked. [`Error::Ended`]
+    /// when the VM ended first, also while this call waited (a guest may reset at any time).
     pub fn pause(&self) -> Result<(), Error> {
-        self.running_vcpus()?.pause();
-        Ok(())
+        if self.running_vcpus()?.pause() {
+            Ok(())
+        } else {
+            Err(Error::Ended)
+        }
     }
 
-    /// Lets every vCPU run again. A vCPU whose breakpoint hit [`Vm::wait_debug_event`]
+    /// Lets every vCPU run again (nothing to do once the VM has ended). A vCPU whose breakpoint hit [`Vm::wait_debug_event`]
     /// returned in this pause first executes the instruction it stopped at, while the
     /// breakpoint stays armed for the others (its RIP goes back to the breakpoint; other
     /// register changes a caller made stand). A hit not yet returned is dropped: its vCPU is
@@ -405,9 +423,7 @@ impl Vm {
     /// rewrite while armed). A hit parks the whole VM until [`Vm::resume`], whether or not
     /// anybody waits for it.
     pub fn set_breakpoints(&self, breakpoints: &[Breakpoint]) -> Result<(), Error> {
-        if !self.running_vcpus()?.is_paused() {
-            return Err(Error::NotPaused);
-        }
+        Self::paused(self.running_vcpus()?)?;
         Ok(self.exit.debug.arm(&self.mem, breakpoints)?)
     }
 
@@ -434,9 +450,7 @@ impl Vm {
         match &self.vcpus {
             None => self.unstarted_vcpus.get(index).map(f).ok_or(Error::NoSuchVcpu(index)),
             Some(vcpus) => {
-                if !vcpus.is_paused() {
-                    return Err(Error::NotPaused);
-                }
+                Self::paused(vcpus)?;
                 let handle: &VcpuHandle =
                     vcpus.handles().get(index).ok_or(Error::NoSuchVcpu(index))?;
                 Ok(f(&lock(&handle.fd)))
