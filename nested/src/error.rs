@@ -21,6 +21,8 @@ pub enum NestedError {
     Interrupted(i32),
     #[error("the L1 VM ended without running the command (QEMU: {qemu_status}; {cause}){}", console_tail_text(.console_tail))]
     L1Failed { qemu_status: String, cause: &'static str, console_tail: Vec<String> },
+    #[error("the L1 VM stalled and was killed: its CPU {cpu} gave no sign of life for {} s{}", .silent.as_secs(), console_tail_text(.console_tail))]
+    L1Stalled { cpu: u32, silent: Duration, console_tail: Vec<String> },
     #[error("the L1 VM started but could not start the command: {0}")]
     JobSetup(String),
     #[error("cannot share {} with the L1 VM: {reason}", .path.display())]
@@ -47,21 +49,35 @@ impl NestedError {
 mod tests {
     use super::*;
 
-    /// scripts/test retries a nested suite whose L1 VM crashed by finding this error's text
-    /// (L1_CRASHED in scripts/lib/suite-group.sh): the two must not drift apart.
-    #[test]
-    fn the_test_runner_recognises_an_l1_crash_by_this_text() {
+    /// The marker `name` in scripts/lib/suite-group.sh.
+    fn runner_marker(name: &str) -> &'static str {
         let runner = include_str!("../../scripts/lib/suite-group.sh");
-        let marker = runner
+        let prefix = format!("readonly {name}=\"");
+        runner
             .lines()
-            .find_map(|line| line.strip_prefix("readonly L1_CRASHED=\""))
+            .find_map(|line| line.strip_prefix(prefix.as_str()))
             .and_then(|rest| rest.strip_suffix('"'))
-            .expect("L1_CRASHED in scripts/lib/suite-group.sh");
-        let error = NestedError::L1Failed {
+            .unwrap_or_else(|| panic!("{name} in scripts/lib/suite-group.sh"))
+    }
+
+    /// scripts/test retries a nested suite whose L1 VM crashed or stalled by finding these
+    /// errors' texts (L1_CRASHED, L1_STALLED in scripts/lib/suite-group.sh): they must not
+    /// drift apart.
+    #[test]
+    fn the_test_runner_recognises_a_failed_l1_by_these_texts() {
+        let crashed = NestedError::L1Failed {
             qemu_status: "exit status: 0".into(),
             cause: "",
             console_tail: vec![],
         };
-        assert!(error.to_string().contains(marker), "{error} / {marker}");
+        let stalled = NestedError::L1Stalled {
+            cpu: 1,
+            silent: Duration::from_secs(151),
+            console_tail: vec![],
+        };
+        for (error, marker) in [(crashed, "L1_CRASHED"), (stalled, "L1_STALLED")] {
+            let marker = runner_marker(marker);
+            assert!(error.to_string().contains(marker), "{error} / {marker}");
+        }
     }
 }

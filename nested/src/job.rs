@@ -10,6 +10,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::NestedError;
+use crate::heartbeat;
 use crate::mounts::quote;
 use crate::NESTED_ENV;
 
@@ -98,6 +99,7 @@ pub fn script(
         script.push_str(&format!("export {}={}\n", key.to_string_lossy(), quote_os(&value)));
     }
     script.push_str(&format!("export {NESTED_ENV}=1\n"));
+    script.push_str(&heartbeat::start_script(&quote_os(dir.as_os_str())));
     let command: Vec<String> = argv.iter().map(|a| quote_os(a)).collect();
     // The command runs in the background so that a signal the host launcher
     // received (written to the job's `signal` file) can be passed on to it,
@@ -119,8 +121,9 @@ pub fn script(
     script.push_str(&format!(
         "(while kill -0 $child 2>/dev/null; do [ -e {signal_file} ] && kill -s \"$(cat {signal_file})\" $child 2>/dev/null; sleep 1; done) &\n"
     ));
-    script.push_str("wait $child\n");
-    script.push_str(&format!("echo $? > {}\n", in_dir(RC_FILE)));
+    script.push_str("wait $child\nrc=$?\n");
+    script.push_str(heartbeat::STOP_SCRIPT);
+    script.push_str(&format!("echo $rc > {}\n", in_dir(RC_FILE)));
     script
 }
 
@@ -334,9 +337,32 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert_eq!(outcome(job.path()).expect("outcome"), Some(42));
+        // Each CPU's sign of life was written, and its loop ended with the job.
+        let first_beat = fs::read_to_string(job.path().join("alive-0")).expect("CPU 0's beat");
+        assert!(first_beat.trim().parse::<u32>().is_ok_and(|n| n >= 1), "{first_beat:?}");
+        // A killed loop may take a moment to go.
+        let gone = Instant::now() + Duration::from_secs(5);
+        while !processes_naming(job.path()).is_empty() && Instant::now() < gone {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let beats = processes_naming(job.path());
+        assert!(beats.is_empty(), "beat loops left running: {beats:?}");
         assert_eq!(fs::read_to_string(job.path().join(SIGNAL_FILE)).expect("signal"), "TERM");
         let stdout = fs::read_to_string(job.path().join(STDOUT_FILE)).expect("stdout");
         assert_eq!(stdout, "stopped\n");
+    }
+
+    /// Pids of the processes whose command line names something under `dir`.
+    fn processes_naming(dir: &Path) -> Vec<u32> {
+        let dir = dir.to_string_lossy().into_owned();
+        fs::read_dir("/proc")
+            .expect("/proc")
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(&dir))
+            })
+            .collect()
     }
 
     #[test]

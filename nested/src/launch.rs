@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::NestedError;
+use crate::heartbeat::{Heartbeat, Stall};
 use crate::image::{ensure_image, ensure_tools};
 use crate::job;
 use crate::lock::FileLock;
@@ -37,6 +38,8 @@ const CONSOLE_FILE: &str = "console";
 const QEMU_LOG: &str = "qemu.log";
 /// How often the command's stdout file is checked for new output.
 const STDOUT_POLL: Duration = Duration::from_millis(50);
+/// How often the L1 CPUs' signs of life are read (see [`crate::heartbeat`]).
+const HEARTBEAT_POLL: Duration = Duration::from_secs(1);
 
 /// Sizing, limits and host access of the L1 VM.
 #[derive(Debug, Clone)]
@@ -44,6 +47,10 @@ pub struct L1Options {
     pub mem_mib: u32,
     pub cpus: u32,
     pub timeout: Duration,
+    /// An L1 CPU silent for this long (no beat, see [`crate::heartbeat`]; from L1's start
+    /// until its first beat, too) is taken as a stalled L1: it is killed at once, with
+    /// [`NestedError::L1Stalled`], instead of at the timeout.
+    pub stall_limit: Duration,
     /// Where the L1 kernel and initramfs are cached.
     pub cache_dir: PathBuf,
     /// Host directories the command may write (relative ones are taken from the current
@@ -69,6 +76,8 @@ impl Default for L1Options {
             mem_mib: 4096,
             cpus: 2,
             timeout: Duration::from_secs(1800),
+            // L1 boots and starts the job in about 10 s; a beat comes every 5 s.
+            stall_limit: Duration::from_secs(150),
             cache_dir: "/var/cache/termlab/l1".into(),
             writable: Vec::new(),
             readable: Vec::new(),
@@ -116,14 +125,20 @@ pub fn run_in_l1(argv: &[OsString], options: &L1Options) -> Result<i32, NestedEr
         let ended = Arc::clone(&ended);
         std::thread::spawn(move || relay_stdout(&path, &ended))
     };
-    let supervised = supervise(&mut qemu, &signals, options.timeout, job.path());
+    let heartbeat = Heartbeat::new(job.path(), options.cpus, options.stall_limit, Instant::now());
+    let supervised = supervise(&mut qemu, &signals, options.timeout, heartbeat, job.path());
     ended.store(true, Ordering::SeqCst);
     let _ = stdout_relay.join();
     let console_tail = match console {
         Some(thread) => thread.join().unwrap_or_default(),
         None => console_file_tail(&job.path().join(CONSOLE_FILE)),
     };
-    let qemu_status = supervised?;
+    let qemu_status = match supervised? {
+        Supervised::Exited(status) => status,
+        Supervised::Stalled(Stall { cpu, silent }) => {
+            return Err(NestedError::L1Stalled { cpu, silent, console_tail: console_tail.into() })
+        }
+    };
     match job::outcome(job.path())? {
         Some(rc) => Ok(rc),
         None => Err(NestedError::L1Failed {
@@ -239,20 +254,31 @@ fn spawn_qemu(
     cmd.spawn().map_err(|e| NestedError::io("start", Path::new("qemu-system-x86_64"), e))
 }
 
-/// Waits for QEMU, killing it on timeout. The first termination signal is passed on to the
-/// command inside L1, which then has [`SIGNAL_GRACE`] to end (and L1 with it); a second one,
-/// or the end of the grace period, kills the L1 VM.
+/// How the L1 VM ended under [`supervise`], when that was not an error of its own.
+enum Supervised {
+    /// QEMU exited, with this status.
+    Exited(String),
+    /// An L1 CPU stopped giving signs of life; QEMU was killed.
+    Stalled(Stall),
+}
+
+/// Waits for QEMU, killing it on timeout or when `heartbeat` finds an L1 CPU stalled. The
+/// first termination signal is passed on to the command inside L1, which then has
+/// [`SIGNAL_GRACE`] to end (and L1 with it); a second one, or the end of the grace period,
+/// kills the L1 VM.
 fn supervise(
     qemu: &mut Child,
     signals: &SignalGuard,
     timeout: Duration,
+    mut heartbeat: Heartbeat,
     job_dir: &Path,
-) -> Result<String, NestedError> {
+) -> Result<Supervised, NestedError> {
     let mut deadline = Instant::now() + timeout;
     let mut forwarded: Option<i32> = None;
+    let mut next_heartbeat = Instant::now();
     loop {
         match qemu.try_wait() {
-            Ok(Some(status)) => return Ok(status.to_string()),
+            Ok(Some(status)) => return Ok(Supervised::Exited(status.to_string())),
             Ok(None) => {}
             Err(e) => {
                 kill(qemu);
@@ -268,7 +294,15 @@ fn supervise(
             forwarded = Some(signal);
             deadline = deadline.min(Instant::now() + SIGNAL_GRACE);
         }
-        if Instant::now() >= deadline {
+        let now = Instant::now();
+        if now >= next_heartbeat {
+            next_heartbeat = now + HEARTBEAT_POLL;
+            if let Some(stall) = heartbeat.check(now) {
+                kill(qemu);
+                return Ok(Supervised::Stalled(stall));
+            }
+        }
+        if now >= deadline {
             kill(qemu);
             return Err(match forwarded {
                 Some(signal) => NestedError::Interrupted(signal),

@@ -15,6 +15,7 @@
 
 pub mod cpio;
 mod error;
+mod heartbeat;
 mod image;
 mod job;
 mod launch;

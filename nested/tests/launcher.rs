@@ -253,3 +253,29 @@ fn a_killed_launcher_leaves_no_qemu_behind() {
     }
     assert!(survivors.is_empty(), "QEMU (pids {survivors:?}) outlived its launcher");
 }
+
+/// A stalled L1 CPU, as the launcher sees one: its sign-of-life loop stops (here the command
+/// stops CPU 1's loop with SIGSTOP; a wedged CPU stops running it). The launcher must end
+/// the VM after the stall limit, long before the timeout, name the CPU and leave nothing.
+#[test]
+#[ignore = "boots the L1 VM (about 20 s) and waits out a 20 s stall limit"]
+fn an_l1_cpu_that_stops_beating_ends_the_vm_as_stalled() {
+    let _serial = one_at_a_time();
+    let options = L1Options {
+        timeout: Duration::from_secs(600),
+        stall_limit: Duration::from_secs(20),
+        ..L1Options::default()
+    };
+    let started = Instant::now();
+    match run_in_l1(&sh("pkill -STOP -f 'alive-1$' && sleep 600"), &options) {
+        Err(NestedError::L1Stalled { cpu, silent, .. }) => {
+            assert_eq!(cpu, 1);
+            assert!(silent > options.stall_limit, "{silent:?}");
+        }
+        other => panic!("expected a stall, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(120), "took {:?}", started.elapsed());
+    assert!(my_job_dirs().is_empty(), "job directory left behind: {:?}", my_job_dirs());
+    let survivors = qemus_of(std::process::id());
+    assert!(survivors.is_empty(), "QEMU still running: {survivors:?}");
+}

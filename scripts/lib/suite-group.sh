@@ -77,11 +77,13 @@ end_current_group_and_exit() {
 suite_output=""
 
 # What the nested launcher prints when the L1 VM ended under the command (an L1 kernel crash
-# in QEMU TCG's SVM emulation): the emulated host failed, not the code under test.
+# in QEMU TCG's SVM emulation), or when it killed an L1 whose CPU stopped giving signs of
+# life: the emulated host failed, not the code under test.
 readonly L1_CRASHED="the L1 VM ended without running the command"
+readonly L1_STALLED="the L1 VM stalled and was killed"
 
 # run_in_group "$@", once more if the first try timed out (124) or failed with the nested
-# launcher saying the L1 VM crashed under it; says so on stderr. The output goes to stdout
+# launcher saying the L1 VM crashed or stalled under it; says so on stderr. The output goes to stdout
 # and, for that check, to a temporary file (the tee runs in the suite's group, so the file is
 # complete when the group has ended). Status: the last try's.
 run_with_one_retry() { # name limit_s command...
@@ -91,8 +93,8 @@ run_with_one_retry() { # name limit_s command...
     run_in_group "$limit" bash -c 'set -o pipefail; "$@" 2>&1 | tee "$0"' "$suite_output" "$@" || rc=$?
     if ((rc == 124)); then
         retry="timed out (a hung nested L1 VM?); its processes were ended"
-    elif ((rc != 0)) && grep -qF "$L1_CRASHED" "$suite_output"; then
-        retry="the nested L1 VM crashed under it (infrastructure; its console is above)"
+    elif ((rc != 0)) && grep -qF -e "$L1_CRASHED" -e "$L1_STALLED" "$suite_output"; then
+        retry="the nested L1 VM crashed or stalled under it (infrastructure; its console is above)"
     fi
     rm -f "$suite_output"
     suite_output=""
