@@ -90,6 +90,7 @@ static const char *errno_name(int error)
 	case EPERM: return "EPERM";
 	case ENOENT: return "ENOENT";
 	case ESRCH: return "ESRCH";
+	case EALREADY: return "EALREADY";
 	case EINTR: return "EINTR";
 	case EFAULT: return "EFAULT";
 	case EINVAL: return "EINVAL";

@@ -719,16 +719,14 @@ fn cpus_from_bpftool(stdout: &str) -> Option<u32> {
 
 /// The errno whose strerror() text appears in a failure message.
 fn errno_from_message(message: &str) -> Option<String> {
-    [Errno::ENOENT, Errno::ESRCH, Errno::EINVAL, Errno::EPERM, Errno::EOPNOTSUPP]
-        .into_iter()
-        .find_map(|errno| {
-            // SAFETY: strerror returns a pointer to a NUL-terminated static
-            // string (or a thread-local buffer) for any errno value.
-            let text = unsafe { std::ffi::CStr::from_ptr(libc::strerror(errno.code())) }
-                .to_string_lossy()
-                .into_owned();
-            message.contains(&text).then(|| errno.name().to_owned())
-        })
+    Errno::ALL.into_iter().find_map(|errno| {
+        // SAFETY: strerror returns a pointer to a NUL-terminated static
+        // string (or a thread-local buffer) for any errno value.
+        let text = unsafe { std::ffi::CStr::from_ptr(libc::strerror(errno.code())) }
+            .to_string_lossy()
+            .into_owned();
+        message.contains(&text).then(|| errno.name().to_owned())
+    })
 }
 
 #[cfg(test)]

@@ -669,16 +669,28 @@ pub struct DmesgCheck {}
 pub enum Errno {
     ENOENT,
     ESRCH,
+    /// The program's only runs were stopped by an earlier call and are finishing.
+    EALREADY,
     EINVAL,
     EPERM,
     EOPNOTSUPP,
 }
 
 impl Errno {
+    pub const ALL: [Errno; 6] = [
+        Errno::ENOENT,
+        Errno::ESRCH,
+        Errno::EALREADY,
+        Errno::EINVAL,
+        Errno::EPERM,
+        Errno::EOPNOTSUPP,
+    ];
+
     pub fn code(self) -> i32 {
         match self {
             Errno::ENOENT => libc::ENOENT,
             Errno::ESRCH => libc::ESRCH,
+            Errno::EALREADY => libc::EALREADY,
             Errno::EINVAL => libc::EINVAL,
             Errno::EPERM => libc::EPERM,
             Errno::EOPNOTSUPP => libc::EOPNOTSUPP,
@@ -689,6 +701,7 @@ impl Errno {
         match self {
             Errno::ENOENT => "ENOENT",
             Errno::ESRCH => "ESRCH",
+            Errno::EALREADY => "EALREADY",
             Errno::EINVAL => "EINVAL",
             Errno::EPERM => "EPERM",
             Errno::EOPNOTSUPP => "EOPNOTSUPP",
