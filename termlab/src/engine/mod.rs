@@ -25,8 +25,8 @@ use crate::kernel_trace;
 use crate::progress::{ConsoleLines, Progress, ProgressSink, SLOW_STEP};
 use crate::report::{self, ReportError};
 use crate::results::{
-    self, Environment, Repetition, ResultsError, RunResult, ScenarioRecord, StepRecord, VmInfo,
-    VmmInfo, AGENT_RTT_METRIC, IPI_RTT_METRIC,
+    self, Environment, Repetition, ResultsError, RunResult, ScenarioRecord, VmInfo, VmmInfo,
+    AGENT_RTT_METRIC, IPI_RTT_METRIC,
 };
 use crate::scenario::{LoadedScenario, Scenario};
 use crate::stack_proof::TermMap;
@@ -556,8 +556,8 @@ fn measure(
         programs.push(LoadedProgram { spec, prog_id, kernel_name });
     }
 
-    let traced = crate::scenario::traces_terminations(scenario);
-    if traced {
+    // Each repetition reads the events back for its records (run_repetition).
+    if crate::scenario::traces_terminations(scenario) {
         client.write_file(kernel_trace::ENABLE_PATH, b"1\n".to_vec()).map_err(|source| {
             EngineError::Agent {
                 what: "enabling the bpf: trace events (is this a termlab kernel?)".into(),
@@ -583,13 +583,8 @@ fn measure(
                 });
             }
         };
-        let trace_from = if traced { trace.drain(client)? } else { 0 };
-        let mut steps =
+        let steps =
             run_repetition(client, scenario, &programs, &mut trace, probe.as_ref(), &step_done)?;
-        if traced {
-            trace.drain(client)?;
-            attach_kernel_events(&mut steps, &kernel_trace::parse(trace.since(trace_from)));
-        }
         let mut metrics = compute_metrics(&scenario.metrics, &steps);
         metrics.insert(AGENT_RTT_METRIC.to_owned(), agent_round_trip(client)?);
         if scenario.vm.vcpus.get() >= 2 {
@@ -675,36 +670,6 @@ fn stack_probe<'vm>(
 
 /// More than a guest's /proc/kallsyms holds (about 1.5 MB for this config).
 const KALLSYMS_MAX_BYTES: u64 = 16 << 20;
-
-/// Gives each terminate record the kernel's events of its call, and each
-/// trigger record those of its run if the kernel stopped it for its budget.
-fn attach_kernel_events(steps: &mut [StepRecord], events: &[kernel_trace::TraceEvent]) {
-    for step in steps {
-        match step {
-            StepRecord::Terminate {
-                prog_id,
-                start_ns: Some(start),
-                end_ns: Some(end),
-                kernel,
-                ..
-            } => {
-                *kernel = kernel_trace::find_termination(events, *prog_id, *start, *end);
-            }
-            StepRecord::Trigger {
-                fields,
-                start_ns: Some(start),
-                end_ns: Some(end),
-                kernel,
-                ..
-            } => {
-                let prog_id = fields.get("prog_id").and_then(|id| id.parse().ok());
-                *kernel = prog_id
-                    .and_then(|id| kernel_trace::find_budget_termination(events, id, *start, *end));
-            }
-            _ => {}
-        }
-    }
-}
 
 /// The guest kernel log at the end of the run, kept next to result.json.
 pub const DMESG_FILE: &str = "dmesg.txt";
