@@ -645,13 +645,7 @@ fn stack_probe<'vm>(
     for program in programs {
         let argv = vec!["prog_term_map".to_owned(), program.prog_id.to_string()];
         let output = client
-            .run(RunRequest {
-                argv,
-                env: BTreeMap::new(),
-                timeout_ms: 10_000,
-                stdin: None,
-                as_uid: None,
-            })
+            .run(RunRequest::command(argv, 10_000))
             .map_err(|source| EngineError::Agent { what: "prog_term_map".into(), source })?;
         let stdout = output.stdout.data.to_string_lossy();
         let map: TermMap = serde_json::from_str(stdout.trim()).map_err(|e| {
@@ -677,15 +671,7 @@ pub const DMESG_FILE: &str = "dmesg.txt";
 /// The guest's kernel log; `None` when it cannot be read (then no
 /// dmesg expectation can pass).
 fn read_dmesg(client: &mut Client<UnixStream>) -> Option<String> {
-    let output = client
-        .run(RunRequest {
-            argv: vec!["dmesg".into()],
-            env: BTreeMap::new(),
-            timeout_ms: 10_000,
-            stdin: None,
-            as_uid: None,
-        })
-        .ok()?;
+    let output = client.run(RunRequest::command(vec!["dmesg".into()], 10_000)).ok()?;
     matches!(output.status, termlab_protocol::ExitStatus::Exited { code: 0 })
         .then(|| output.stdout.data.to_string_lossy().into_owned())
 }
@@ -707,13 +693,7 @@ fn agent_round_trip(client: &mut Client<UnixStream>) -> Result<f64, EngineError>
 fn ipi_round_trip(client: &mut Client<UnixStream>) -> Result<f64, EngineError> {
     let argv = vec![IPI_RTT_GUEST_PATH.to_owned(), "--count".into(), IPI_RTT_CALLS.into()];
     let output = client
-        .run(RunRequest {
-            argv,
-            env: BTreeMap::new(),
-            timeout_ms: 30_000,
-            stdin: None,
-            as_uid: None,
-        })
+        .run(RunRequest::command(argv, 30_000))
         .map_err(|source| EngineError::Agent { what: "ipi_rtt".into(), source })?;
     let stdout = output.stdout.data.to_string_lossy();
     parse_fields(&stdout, "ipi_rtt")

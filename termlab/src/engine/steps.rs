@@ -229,13 +229,7 @@ pub fn run_repetition(
                     );
                 } else {
                     let output = client
-                        .run(RunRequest {
-                            argv: argv.clone(),
-                            env: BTreeMap::new(),
-                            timeout_ms: trigger.timeout_ms.get().into(),
-                            stdin: None,
-                            as_uid: None,
-                        })
+                        .run(RunRequest::command(argv.clone(), trigger.timeout_ms.get().into()))
                         .map_err(agent(format!("trigger `{label}`")))?;
                     if output.timed_out {
                         return Err(EngineError::Guest(format!(
@@ -315,13 +309,7 @@ pub fn run_repetition(
                 let argv = exec.argv.as_slice().to_vec();
                 let timeout_ms = exec.timeout_ms.get();
                 let output = client
-                    .run(RunRequest {
-                        argv: argv.clone(),
-                        env: BTreeMap::new(),
-                        timeout_ms: timeout_ms.into(),
-                        stdin: None,
-                        as_uid: None,
-                    })
+                    .run(RunRequest::command(argv.clone(), timeout_ms.into()))
                     .map_err(agent(format!("exec `{label}` ({argv:?})")))?;
                 let stderr = output.stderr.data.to_string_lossy().into_owned();
                 if output.timed_out {
@@ -741,7 +729,7 @@ fn run_bpftool(
 ) -> Result<BpftoolOutput, EngineError> {
     let argv = std::iter::once("bpftool".to_owned()).chain(args).collect();
     let output = client
-        .run(RunRequest { argv, env: BTreeMap::new(), timeout_ms: 10_000, stdin: None, as_uid })
+        .run(RunRequest { as_uid, ..RunRequest::command(argv, 10_000) })
         .map_err(agent(what))?;
     let stdout = output.stdout.data.to_string_lossy().into_owned();
     let stderr = output.stderr.data.to_string_lossy();
