@@ -946,19 +946,9 @@ mod tests {
         assert_eq!(run.fields.get("retval").map(String::as_str), Some("3"));
     }
 
-    // A budget stop of program 9 in a run, then a request terminating program 7
-    // (trace lines as the patched kernel prints them, see kernel_trace).
-    const TRACE: &str = "\
- trigger-80    [001] d.h1.    30.300000: bpf_prog_terminate: prog_id=9 case=1 frames=2 lost=0 reason=budget ts_ns=30300000000
- trigger-80    [001] ...11    30.302010: bpf_prog_terminated_return: prog_id=9 ts_ns=30302010000
- agent-61      [000] .....    31.000000: bpf_prog_terminate_request: prog_id=7 flags=0x0 ts_ns=31000000100
- trigger-70    [001] d.h1.    31.000020: bpf_prog_terminate: prog_id=7 case=2 frames=0 lost=0 reason=request ts_ns=31000020000
- agent-61      [000] .....    31.000030: bpf_prog_terminate_done: prog_id=7 ret=1 ts_ns=31000030000
-";
-
     #[test]
     fn a_trigger_record_has_the_budget_stop_of_its_own_run() {
-        let events = kernel_trace::parse(TRACE);
+        let events = kernel_trace::parse(kernel_trace::tests::BUDGET);
         let label = Label::try_from("run".to_owned()).expect("label");
         let run = |stdout: &str, prog_id| {
             let agent = AgentTimes { start_ns: 30_000_000_000, end_ns: 30_400_000_000, prog_id };
@@ -983,19 +973,21 @@ mod tests {
 
     #[test]
     fn a_terminate_record_has_the_kernel_events_of_its_call_and_its_stack_proofs() {
-        let events = kernel_trace::parse(TRACE);
+        // A budget stop of program 9, then a request that terminates it.
+        let events = kernel_trace::parse(kernel_trace::tests::BUDGET);
         let call = |start_ns, end_ns| TerminateCall {
             label: "stop".into(),
-            request: TerminateRequest { prog_id: 7, flags: 0, as_uid: None },
+            request: TerminateRequest { prog_id: 9, flags: 0, as_uid: None },
             reply: TerminateReply { via: "agent", cpus: Some(1), errno: None, start_ns, end_ns },
             stack: vec![CpuStackProof { vcpu: 1, verdict: None, error: Some("x".into()) }],
         };
         match call(31_000_000_000, 31_000_040_000).into_record(Some(&events)) {
             StepRecord::Terminate { prog_id, via, start_ns, end_ns, kernel, stack, .. } => {
-                assert_eq!((prog_id, via.as_str()), (7, "agent"));
+                assert_eq!((prog_id, via.as_str()), (9, "agent"));
                 assert_eq!((start_ns, end_ns), (Some(31_000_000_000), Some(31_000_040_000)));
                 let kernel = kernel.expect("the call's events");
-                assert_eq!((kernel.request_ns, kernel.ret), (Some(31_000_000_100), Some(1)));
+                assert_eq!(kernel.reason, crate::results::kernel::Reason::Request);
+                assert_eq!((kernel.request_ns, kernel.ret), (Some(31_000_000_000), Some(1)));
                 assert_eq!(kernel.stopped_ns(), Some(31_000_020_000));
                 assert_eq!(stack.len(), 1);
                 assert_eq!(stack[0].vcpu, 1);
