@@ -163,13 +163,7 @@ fn process_is_gone(pid: u32) -> bool {
 }
 
 fn run_request(argv: &[&str], timeout_ms: u64) -> RunRequest {
-    RunRequest {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        env: BTreeMap::new(),
-        timeout_ms,
-        stdin: None,
-        as_uid: None,
-    }
+    RunRequest::command(argv.iter().map(|s| s.to_string()).collect(), timeout_ms)
 }
 
 fn agent_error(result: Result<impl std::fmt::Debug, ClientError>) -> termlab_protocol::ErrorReply {

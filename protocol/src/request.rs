@@ -67,6 +67,14 @@ pub struct RunRequest {
     pub as_uid: Option<u32>,
 }
 
+impl RunRequest {
+    /// Runs `argv` as root in the agent's environment, with stdin /dev/null,
+    /// for at most `timeout_ms`; set the other fields on the result for more.
+    pub fn command(argv: Vec<String>, timeout_ms: u64) -> Self {
+        RunRequest { argv, env: BTreeMap::new(), timeout_ms, stdin: None, as_uid: None }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpawnRequest {
@@ -435,13 +443,7 @@ mod tests {
             request,
             Request::new(
                 9,
-                RequestBody::Run(RunRequest {
-                    argv: vec!["echo".into(), "hi".into()],
-                    env: BTreeMap::new(),
-                    timeout_ms: 1000,
-                    stdin: None,
-                    as_uid: None,
-                })
+                RequestBody::Run(RunRequest::command(vec!["echo".into(), "hi".into()], 1000))
             )
         );
         assert_eq!(
@@ -504,13 +506,10 @@ mod tests {
     #[test]
     fn validation_catches_what_types_cannot() {
         let run = |argv: &[&str], timeout_ms| {
-            RequestBody::Run(RunRequest {
-                argv: argv.iter().map(|s| s.to_string()).collect(),
-                env: BTreeMap::new(),
+            RequestBody::Run(RunRequest::command(
+                argv.iter().map(|s| s.to_string()).collect(),
                 timeout_ms,
-                stdin: None,
-                as_uid: None,
-            })
+            ))
             .validate()
         };
         assert_eq!(run(&["true"], 1), Ok(()));

@@ -213,7 +213,7 @@ fn guest_output(
 ) -> Result<String, EngineError> {
     let what = argv.join(" ");
     let output = client
-        .run(RunRequest { argv, env: BTreeMap::new(), timeout_ms, stdin: None, as_uid: None })
+        .run(RunRequest::command(argv, timeout_ms))
         .map_err(|source| EngineError::Agent { what: what.clone(), source })?;
     let stdout = output.stdout.data.to_string_lossy().into_owned();
     if output.timed_out || !matches!(output.status, ExitStatus::Exited { code: 0 }) {

@@ -230,11 +230,8 @@ impl Upload {
             let shown = argv.join(" ");
             let output = client
                 .run(termlab_protocol::RunRequest {
-                    argv,
-                    env: BTreeMap::new(),
-                    timeout_ms: 60_000,
                     stdin: stdin.map(Into::into),
-                    as_uid: None,
+                    ..termlab_protocol::RunRequest::command(argv, 60_000)
                 })
                 .map_err(agent(format!("copying files in ({shown})")))?;
             match output.status {

@@ -196,7 +196,7 @@ fn follow_to_return(termination: &mut KernelTermination, after: &[&TraceEvent], 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     // Lines as the patched 6.12 kernel prints them (taken from a guest run).
@@ -250,8 +250,8 @@ mod tests {
         assert_eq!(t.stopped_ns(), None);
     }
 
-    // A budget stop inside a slow helper (case 1), then an unrelated request.
-    const BUDGET: &str = "\
+    /// A budget stop inside a slow helper (case 1), then an unrelated request.
+    pub(crate) const BUDGET: &str = "\
  trigger-80    [001] d.h1.    30.300000: bpf_prog_terminate: prog_id=9 case=1 frames=2 lost=0 reason=budget ts_ns=30300000000
  trigger-80    [001] ...11    30.302000: bpf_termination_demo_delay_done: delay_ms=2 ts_ns=30302000000
  trigger-80    [001] ...11    30.302010: bpf_prog_terminated_return: prog_id=9 ts_ns=30302010000

@@ -25,8 +25,8 @@ use crate::kernel_trace;
 use crate::progress::{ConsoleLines, Progress, ProgressSink, SLOW_STEP};
 use crate::report::{self, ReportError};
 use crate::results::{
-    self, Environment, Repetition, ResultsError, RunResult, ScenarioRecord, StepRecord, VmInfo,
-    VmmInfo, AGENT_RTT_METRIC, IPI_RTT_METRIC,
+    self, Environment, Repetition, ResultsError, RunResult, ScenarioRecord, VmInfo, VmmInfo,
+    AGENT_RTT_METRIC, IPI_RTT_METRIC,
 };
 use crate::scenario::{LoadedScenario, Scenario};
 use crate::stack_proof::TermMap;
@@ -556,8 +556,8 @@ fn measure(
         programs.push(LoadedProgram { spec, prog_id, kernel_name });
     }
 
-    let traced = crate::scenario::traces_terminations(scenario);
-    if traced {
+    // Each repetition reads the events back for its records (run_repetition).
+    if crate::scenario::traces_terminations(scenario) {
         client.write_file(kernel_trace::ENABLE_PATH, b"1\n".to_vec()).map_err(|source| {
             EngineError::Agent {
                 what: "enabling the bpf: trace events (is this a termlab kernel?)".into(),
@@ -583,13 +583,8 @@ fn measure(
                 });
             }
         };
-        let trace_from = if traced { trace.drain(client)? } else { 0 };
-        let mut steps =
+        let steps =
             run_repetition(client, scenario, &programs, &mut trace, probe.as_ref(), &step_done)?;
-        if traced {
-            trace.drain(client)?;
-            attach_kernel_events(&mut steps, &kernel_trace::parse(trace.since(trace_from)));
-        }
         let mut metrics = compute_metrics(&scenario.metrics, &steps);
         metrics.insert(AGENT_RTT_METRIC.to_owned(), agent_round_trip(client)?);
         if scenario.vm.vcpus.get() >= 2 {
@@ -650,13 +645,7 @@ fn stack_probe<'vm>(
     for program in programs {
         let argv = vec!["prog_term_map".to_owned(), program.prog_id.to_string()];
         let output = client
-            .run(RunRequest {
-                argv,
-                env: BTreeMap::new(),
-                timeout_ms: 10_000,
-                stdin: None,
-                as_uid: None,
-            })
+            .run(RunRequest::command(argv, 10_000))
             .map_err(|source| EngineError::Agent { what: "prog_term_map".into(), source })?;
         let stdout = output.stdout.data.to_string_lossy();
         let map: TermMap = serde_json::from_str(stdout.trim()).map_err(|e| {
@@ -676,51 +665,13 @@ fn stack_probe<'vm>(
 /// More than a guest's /proc/kallsyms holds (about 1.5 MB for this config).
 const KALLSYMS_MAX_BYTES: u64 = 16 << 20;
 
-/// Gives each terminate record the kernel's events of its call, and each
-/// trigger record those of its run if the kernel stopped it for its budget.
-fn attach_kernel_events(steps: &mut [StepRecord], events: &[kernel_trace::TraceEvent]) {
-    for step in steps {
-        match step {
-            StepRecord::Terminate {
-                prog_id,
-                start_ns: Some(start),
-                end_ns: Some(end),
-                kernel,
-                ..
-            } => {
-                *kernel = kernel_trace::find_termination(events, *prog_id, *start, *end);
-            }
-            StepRecord::Trigger {
-                fields,
-                start_ns: Some(start),
-                end_ns: Some(end),
-                kernel,
-                ..
-            } => {
-                let prog_id = fields.get("prog_id").and_then(|id| id.parse().ok());
-                *kernel = prog_id
-                    .and_then(|id| kernel_trace::find_budget_termination(events, id, *start, *end));
-            }
-            _ => {}
-        }
-    }
-}
-
 /// The guest kernel log at the end of the run, kept next to result.json.
 pub const DMESG_FILE: &str = "dmesg.txt";
 
 /// The guest's kernel log; `None` when it cannot be read (then no
 /// dmesg expectation can pass).
 fn read_dmesg(client: &mut Client<UnixStream>) -> Option<String> {
-    let output = client
-        .run(RunRequest {
-            argv: vec!["dmesg".into()],
-            env: BTreeMap::new(),
-            timeout_ms: 10_000,
-            stdin: None,
-            as_uid: None,
-        })
-        .ok()?;
+    let output = client.run(RunRequest::command(vec!["dmesg".into()], 10_000)).ok()?;
     matches!(output.status, termlab_protocol::ExitStatus::Exited { code: 0 })
         .then(|| output.stdout.data.to_string_lossy().into_owned())
 }
@@ -742,13 +693,7 @@ fn agent_round_trip(client: &mut Client<UnixStream>) -> Result<f64, EngineError>
 fn ipi_round_trip(client: &mut Client<UnixStream>) -> Result<f64, EngineError> {
     let argv = vec![IPI_RTT_GUEST_PATH.to_owned(), "--count".into(), IPI_RTT_CALLS.into()];
     let output = client
-        .run(RunRequest {
-            argv,
-            env: BTreeMap::new(),
-            timeout_ms: 30_000,
-            stdin: None,
-            as_uid: None,
-        })
+        .run(RunRequest::command(argv, 30_000))
         .map_err(|source| EngineError::Agent { what: "ipi_rtt".into(), source })?;
     let stdout = output.stdout.data.to_string_lossy();
     parse_fields(&stdout, "ipi_rtt")

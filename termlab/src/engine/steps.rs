@@ -11,6 +11,8 @@ use termlab_protocol::{
 
 use super::stack_probe::StackProbe;
 use super::{interrupted, EngineError};
+use crate::kernel_trace::{self, TraceEvent};
+use crate::results::stack::CpuStackProof;
 use crate::results::StepRecord;
 use crate::scenario::{
     guest_object_path, guest_test_data_path, BudgetStep, Errno, Label, ProgInfoStep, ProgramSpec,
@@ -143,8 +145,32 @@ fn agent(what: impl Into<String>) -> impl FnOnce(ClientError) -> EngineError {
     move |source| EngineError::Agent { what, source }
 }
 
-/// Runs every step once; returns the records in step order. `step_done`
-/// hears how long each step took, by its description ([`describe_step`]).
+/// What one step left behind before the repetition's kernel trace is read.
+/// Trigger runs and terminate calls become records only then, complete with
+/// the kernel's events of their run ([`StepOutcome::into_record`]).
+enum StepOutcome {
+    /// A record the kernel's trace adds nothing to.
+    Complete(StepRecord),
+    Trigger(TriggerRun),
+    Terminate(TerminateCall),
+}
+
+impl StepOutcome {
+    /// The step's record; `events` are the kernel's `bpf:` trace events of
+    /// the repetition, `None` when the scenario does not trace them.
+    fn into_record(self, events: Option<&[TraceEvent]>) -> StepRecord {
+        match self {
+            StepOutcome::Complete(record) => record,
+            StepOutcome::Trigger(run) => run.into_record(events),
+            StepOutcome::Terminate(call) => call.into_record(events),
+        }
+    }
+}
+
+/// Runs every step once; returns the complete records in step order (with
+/// the kernel's events of each termination when the scenario traces them).
+/// `step_done` hears how long each step took, by its description
+/// ([`describe_step`]).
 pub fn run_repetition(
     client: &mut Client<UnixStream>,
     scenario: &Scenario,
@@ -153,7 +179,13 @@ pub fn run_repetition(
     probe: Option<&StackProbe<'_>>,
     step_done: &dyn Fn(&str, Duration),
 ) -> Result<Vec<StepRecord>, EngineError> {
-    let mut records = Vec::new();
+    // Where this repetition's kernel events start in the trace.
+    let repetition_from = if crate::scenario::traces_terminations(scenario) {
+        Some(trace.drain(client)?)
+    } else {
+        None
+    };
+    let mut outcomes = Vec::new();
     // Trace offset when each background trigger started.
     let mut trace_from: BTreeMap<Label, usize> = BTreeMap::new();
     let uses_trace = crate::scenario::uses_trace(scenario);
@@ -197,13 +229,7 @@ pub fn run_repetition(
                     );
                 } else {
                     let output = client
-                        .run(RunRequest {
-                            argv: argv.clone(),
-                            env: BTreeMap::new(),
-                            timeout_ms: trigger.timeout_ms.get().into(),
-                            stdin: None,
-                            as_uid: None,
-                        })
+                        .run(RunRequest::command(argv.clone(), trigger.timeout_ms.get().into()))
                         .map_err(agent(format!("trigger `{label}`")))?;
                     if output.timed_out {
                         return Err(EngineError::Guest(format!(
@@ -211,7 +237,7 @@ pub fn run_repetition(
                             trigger.timeout_ms.get()
                         )));
                     }
-                    records.push(trigger_record(
+                    outcomes.push(StepOutcome::Trigger(TriggerRun::new(
                         &label,
                         argv,
                         exit_code(&output.status),
@@ -222,7 +248,7 @@ pub fn run_repetition(
                             end_ns: output.end_ns,
                             prog_id: target.prog_id,
                         },
-                    ));
+                    )));
                 }
             }
             Step::Sleep(sleep) => {
@@ -235,10 +261,10 @@ pub fn run_repetition(
                     None => begin + requested,
                 };
                 sleep_until(until)?;
-                records.push(StepRecord::Sleep {
+                outcomes.push(StepOutcome::Complete(StepRecord::Sleep {
                     requested_ms: sleep.ms.get(),
                     slept_ns: begin.elapsed().as_nanos() as u64,
-                });
+                }));
             }
             Step::Wait(wait) => {
                 let label = wait.step.get_ref();
@@ -249,7 +275,7 @@ pub fn run_repetition(
                 let output = client
                     .read_output(job.handle)
                     .map_err(agent(format!("reading the output of `{label}`")))?;
-                records.push(trigger_record(
+                outcomes.push(StepOutcome::Trigger(TriggerRun::new(
                     label,
                     job.argv,
                     exit_code(&exit.status),
@@ -260,8 +286,8 @@ pub fn run_repetition(
                         end_ns: exit.end_ns,
                         prog_id: job.prog_id,
                     },
-                ));
-                records.push(StepRecord::Wait { label: label.to_string() });
+                )));
+                outcomes.push(StepOutcome::Complete(StepRecord::Wait { label: label.to_string() }));
             }
             Step::WaitTrace(wait) => {
                 let label = wait.step.get_ref();
@@ -271,25 +297,19 @@ pub fn run_repetition(
                 let begin = Instant::now();
                 let deadline = begin + Duration::from_millis(wait.timeout_ms.get().into());
                 trace.wait_for(client, &wait.line, wait.count, from, deadline)?;
-                records.push(StepRecord::WaitTrace {
+                outcomes.push(StepOutcome::Complete(StepRecord::WaitTrace {
                     label: label.to_string(),
                     line: wait.line.clone(),
                     count: wait.count,
                     waited_ns: begin.elapsed().as_nanos() as u64,
-                });
+                }));
             }
             Step::Exec(exec) => {
                 let label = exec.label.get_ref();
                 let argv = exec.argv.as_slice().to_vec();
                 let timeout_ms = exec.timeout_ms.get();
                 let output = client
-                    .run(RunRequest {
-                        argv: argv.clone(),
-                        env: BTreeMap::new(),
-                        timeout_ms: timeout_ms.into(),
-                        stdin: None,
-                        as_uid: None,
-                    })
+                    .run(RunRequest::command(argv.clone(), timeout_ms.into()))
                     .map_err(agent(format!("exec `{label}` ({argv:?})")))?;
                 let stderr = output.stderr.data.to_string_lossy().into_owned();
                 if output.timed_out {
@@ -304,7 +324,7 @@ pub fn run_repetition(
                         stderr.trim()
                     )));
                 }
-                records.push(StepRecord::Exec {
+                outcomes.push(StepOutcome::Complete(StepRecord::Exec {
                     label: label.to_string(),
                     argv,
                     exit_code: exit_code(&output.status),
@@ -312,19 +332,21 @@ pub fn run_repetition(
                     end_ns: output.end_ns,
                     stdout: output.stdout.data.to_string_lossy().into_owned(),
                     stderr,
-                });
+                }));
             }
             Step::Terminate(terminate) => {
-                let record = terminate_step(client, terminate, programs, probe)?;
+                let call = terminate_step(client, terminate, programs, probe)?;
                 started.insert(terminate.label.get_ref().clone(), Instant::now());
-                records.push(record);
+                outcomes.push(StepOutcome::Terminate(call));
             }
-            Step::Budget(budget) => records.push(budget_step(client, budget, programs)?),
-            Step::ProgInfo(info) => records.push(prog_info_step(
+            Step::Budget(budget) => {
+                outcomes.push(StepOutcome::Complete(budget_step(client, budget, programs)?))
+            }
+            Step::ProgInfo(info) => outcomes.push(StepOutcome::Complete(prog_info_step(
                 client,
                 info,
                 program(info.program.get_ref())?.prog_id,
-            )?),
+            )?)),
         }
         step_done(&describe_step(step), step_began.elapsed());
     }
@@ -339,7 +361,14 @@ pub fn run_repetition(
             "background trigger `{label}` was never waited for"
         )));
     }
-    Ok(records)
+    let events = match repetition_from {
+        Some(from) => {
+            trace.drain(client)?;
+            Some(kernel_trace::parse(trace.since(from)))
+        }
+        None => None,
+    };
+    Ok(outcomes.into_iter().map(|outcome| outcome.into_record(events.as_deref())).collect())
 }
 
 /// A step in a few words, e.g. "trigger `run`", "sleep 500 ms".
@@ -477,45 +506,124 @@ struct AgentTimes {
     prog_id: u32,
 }
 
-/// A trigger's record: the fields of its `trigger key=value ...` line, its
-/// run's start and end from that line or else the agent's process start and
-/// exit, and its program's id (for the kernel's budget events).
-fn trigger_record(
-    label: &Label,
+/// A trigger that ran, waiting for the kernel's trace of its run.
+struct TriggerRun {
+    label: String,
     argv: Vec<String>,
     exit_code: Option<i32>,
-    stdout: &str,
-    stderr: &str,
-    agent: AgentTimes,
-) -> StepRecord {
-    let mut fields = parse_fields(stdout, "trigger").unwrap_or_default();
-    fields.entry("prog_id".to_owned()).or_insert_with(|| agent.prog_id.to_string());
-    let number = |key: &str| fields.get(key).and_then(|v| v.parse::<u64>().ok());
-    let (start_ns, end_ns) = match (number("start_ns"), number("end_ns")) {
-        (Some(start), Some(end)) => (start, end),
-        _ => (agent.start_ns, agent.end_ns),
-    };
-    StepRecord::Trigger {
-        label: label.to_string(),
-        argv,
-        exit_code,
-        start_ns: Some(start_ns),
-        end_ns: Some(end_ns),
-        fields,
-        stdout: stdout.to_owned(),
-        stderr: stderr.to_owned(),
-        kernel: None,
+    /// Guest CLOCK_MONOTONIC ns when the run started and ended.
+    start_ns: u64,
+    end_ns: u64,
+    /// Every `key=value` of its `trigger ...` line, with `prog_id` always.
+    fields: BTreeMap<String, String>,
+    stdout: String,
+    stderr: String,
+}
+
+impl TriggerRun {
+    /// The fields of its `trigger key=value ...` line, its run's start and
+    /// end from that line or else the agent's process start and exit, and
+    /// its program's id (for the kernel's budget events).
+    fn new(
+        label: &Label,
+        argv: Vec<String>,
+        exit_code: Option<i32>,
+        stdout: &str,
+        stderr: &str,
+        agent: AgentTimes,
+    ) -> Self {
+        let mut fields = parse_fields(stdout, "trigger").unwrap_or_default();
+        fields.entry("prog_id".to_owned()).or_insert_with(|| agent.prog_id.to_string());
+        let number = |key: &str| fields.get(key).and_then(|v| v.parse::<u64>().ok());
+        let (start_ns, end_ns) = match (number("start_ns"), number("end_ns")) {
+            (Some(start), Some(end)) => (start, end),
+            _ => (agent.start_ns, agent.end_ns),
+        };
+        TriggerRun {
+            label: label.to_string(),
+            argv,
+            exit_code,
+            start_ns,
+            end_ns,
+            fields,
+            stdout: stdout.to_owned(),
+            stderr: stderr.to_owned(),
+        }
+    }
+
+    /// Its record, with the kernel's events of the run if the kernel stopped
+    /// it for exceeding its runtime budget.
+    fn into_record(self, events: Option<&[TraceEvent]>) -> StepRecord {
+        let prog_id = self.fields.get("prog_id").and_then(|id| id.parse().ok());
+        let kernel = events.zip(prog_id).and_then(|(events, prog_id)| {
+            kernel_trace::find_budget_termination(events, prog_id, self.start_ns, self.end_ns)
+        });
+        StepRecord::Trigger {
+            label: self.label,
+            argv: self.argv,
+            exit_code: self.exit_code,
+            start_ns: Some(self.start_ns),
+            end_ns: Some(self.end_ns),
+            fields: self.fields,
+            stdout: self.stdout,
+            stderr: self.stderr,
+            kernel,
+        }
+    }
+}
+
+/// What a BPF_PROG_TERMINATE call returned, made by the agent or bpftool.
+struct TerminateReply {
+    /// "agent" or "bpftool".
+    via: &'static str,
+    /// Number of CPUs the program was stopped on, on success.
+    cpus: Option<u32>,
+    /// Symbolic errno on failure.
+    errno: Option<String>,
+    /// Guest CLOCK_MONOTONIC ns just before and after the call.
+    start_ns: u64,
+    end_ns: u64,
+}
+
+/// A terminate step that was made, waiting for the kernel's trace of its call.
+struct TerminateCall {
+    label: String,
+    request: TerminateRequest,
+    reply: TerminateReply,
+    /// `verify_stack`: what the VMM saw on each vCPU during the call.
+    stack: Vec<CpuStackProof>,
+}
+
+impl TerminateCall {
+    /// Its record, with the kernel's events of the call when it traced it.
+    fn into_record(self, events: Option<&[TraceEvent]>) -> StepRecord {
+        let TerminateCall { label, request, reply, stack } = self;
+        let kernel = events.and_then(|events| {
+            kernel_trace::find_termination(events, request.prog_id, reply.start_ns, reply.end_ns)
+        });
+        StepRecord::Terminate {
+            label,
+            prog_id: request.prog_id,
+            flags: request.flags,
+            via: reply.via.to_owned(),
+            cpus: reply.cpus,
+            errno: reply.errno,
+            start_ns: Some(reply.start_ns),
+            end_ns: Some(reply.end_ns),
+            kernel,
+            stack,
+        }
     }
 }
 
 /// One terminate step; with a `probe` (verify_stack), the VMM watches the
-/// kernel's handler during the call and the record carries its verdicts.
+/// kernel's handler during the call and the call carries its verdicts.
 fn terminate_step(
     client: &mut Client<UnixStream>,
     step: &TerminateStep,
     programs: &[LoadedProgram<'_>],
     probe: Option<&StackProbe<'_>>,
-) -> Result<StepRecord, EngineError> {
+) -> Result<TerminateCall, EngineError> {
     let label = step.label.get_ref().to_string();
     let target = step.program.as_ref().map(|name| find_program(programs, name.get_ref()));
     let (prog_id, bpf_name) = match (target, &step.prog_id) {
@@ -532,50 +640,44 @@ fn terminate_step(
         None => step.flags.iter().fold(0, |bits, flag| bits | flag.bits()),
     };
     let as_uid = step.as_uid.as_ref().map(|uid| *uid.get_ref());
-    let call = |client: &mut Client<UnixStream>| {
-        call_terminate(client, step, label.clone(), prog_id, bpf_name, flags, as_uid)
+    let request = TerminateRequest { prog_id, flags, as_uid };
+    let call = |client: &mut Client<UnixStream>| call_terminate(client, step, &request, bpf_name);
+    let (reply, stack) = match probe {
+        None => (call(client)?, Vec::new()),
+        Some(probe) => {
+            let (reply, proofs) = probe.around(prog_id, || call(client)).map_err(|error| {
+                EngineError::Host(format!("verify_stack, terminate `{label}`: {error}"))
+            })?;
+            (reply?, proofs)
+        }
     };
-    let Some(probe) = probe else { return call(client) };
-    let (record, proofs) = probe.around(prog_id, || call(client)).map_err(|error| {
-        EngineError::Host(format!("verify_stack, terminate `{label}`: {error}"))
-    })?;
-    let mut record = record?;
-    if let StepRecord::Terminate { stack, .. } = &mut record {
-        *stack = proofs;
-    }
-    Ok(record)
+    Ok(TerminateCall { label, request, reply, stack })
 }
 
-/// Calls BPF_PROG_TERMINATE the way the step says (agent or bpftool).
+/// Makes `request` the way the step says: through the agent, or with
+/// bpftool (naming the program by its id or, as the step asks and when it
+/// has one, by its `bpf_name`).
 fn call_terminate(
     client: &mut Client<UnixStream>,
     step: &TerminateStep,
-    label: String,
-    prog_id: u32,
+    request: &TerminateRequest,
     bpf_name: Option<&str>,
-    flags: u32,
-    as_uid: Option<u32>,
-) -> Result<StepRecord, EngineError> {
+) -> Result<TerminateReply, EngineError> {
+    let label = step.label.get_ref();
     match step.via {
         TerminateVia::Agent => {
-            let reply = client
-                .terminate(TerminateRequest { prog_id, flags, as_uid })
-                .map_err(agent(format!("terminate `{label}`")))?;
+            let reply =
+                client.terminate(request.clone()).map_err(agent(format!("terminate `{label}`")))?;
             let (cpus, errno) = match reply.result {
                 SyscallResult::Returned(n) => (u32::try_from(n).ok(), None),
                 SyscallResult::Failed(info) => (None, Some(info.name)),
             };
-            Ok(StepRecord::Terminate {
-                label,
-                prog_id,
-                flags,
-                via: "agent".into(),
+            Ok(TerminateReply {
+                via: "agent",
                 cpus,
                 errno,
-                start_ns: Some(reply.before_ns),
-                end_ns: Some(reply.after_ns),
-                kernel: None,
-                stack: Vec::new(),
+                start_ns: reply.before_ns,
+                end_ns: reply.after_ns,
             })
         }
         TerminateVia::Bpftool => {
@@ -584,27 +686,26 @@ fn call_terminate(
                 (TerminateBy::Name, Some(name)) => {
                     args.extend(["name".to_owned(), name.to_owned()])
                 }
-                _ => args.extend(["id".to_owned(), prog_id.to_string()]),
+                _ => args.extend(["id".to_owned(), request.prog_id.to_string()]),
             }
-            if flags & crate::scenario::TerminateFlag::Detach.bits() != 0 {
+            if request.flags & crate::scenario::TerminateFlag::Detach.bits() != 0 {
                 args.push("detach".to_owned());
             }
-            let output =
-                run_bpftool(client, args, as_uid, format!("terminate `{label}` with bpftool"))?;
+            let output = run_bpftool(
+                client,
+                args,
+                request.as_uid,
+                format!("terminate `{label}` with bpftool"),
+            )?;
             let cpus = output.errno.is_none().then(|| cpus_from_bpftool(&output.stdout)).flatten();
             // bpftool's own process start/end: coarser than the agent's
             // timestamps around the bare bpf() call.
-            Ok(StepRecord::Terminate {
-                label,
-                prog_id,
-                flags,
-                via: "bpftool".into(),
+            Ok(TerminateReply {
+                via: "bpftool",
                 cpus,
                 errno: output.errno,
-                start_ns: Some(output.start_ns),
-                end_ns: Some(output.end_ns),
-                kernel: None,
-                stack: Vec::new(),
+                start_ns: output.start_ns,
+                end_ns: output.end_ns,
             })
         }
     }
@@ -628,7 +729,7 @@ fn run_bpftool(
 ) -> Result<BpftoolOutput, EngineError> {
     let argv = std::iter::once("bpftool".to_owned()).chain(args).collect();
     let output = client
-        .run(RunRequest { argv, env: BTreeMap::new(), timeout_ms: 10_000, stdin: None, as_uid })
+        .run(RunRequest { as_uid, ..RunRequest::command(argv, 10_000) })
         .map_err(agent(what))?;
     let stdout = output.stdout.data.to_string_lossy().into_owned();
     let stderr = output.stderr.data.to_string_lossy();
@@ -737,7 +838,7 @@ mod tests {
     fn trigger_line_fields_are_parsed() {
         // A line as trigger_loops prints it (guest-samples/bpf/trigger_loops.c).
         let stdout = "libbpf: noise\ntrigger prog=loops prog_id=7 start_ns=1000 end_ns=401000 duration_ns=400000 duration_ms=0 ran=1 runs=3 phase=4 first_done=1 second_done=0 exited=0\n";
-        let record = trigger_record(
+        let run = TriggerRun::new(
             &Label::try_from("run".to_owned()).expect("label"),
             vec![],
             Some(0),
@@ -745,14 +846,9 @@ mod tests {
             "",
             AgentTimes { start_ns: 900, end_ns: 402000, prog_id: 7 },
         );
-        match record {
-            StepRecord::Trigger { start_ns, end_ns, fields, .. } => {
-                assert_eq!((start_ns, end_ns), (Some(1000), Some(401000)));
-                assert_eq!(fields.get("second_done").map(String::as_str), Some("0"));
-                assert_eq!(fields.get("prog").map(String::as_str), Some("loops"));
-            }
-            other => panic!("{other:?}"),
-        }
+        assert_eq!((run.start_ns, run.end_ns), (1000, 401000));
+        assert_eq!(run.fields.get("second_done").map(String::as_str), Some("0"));
+        assert_eq!(run.fields.get("prog").map(String::as_str), Some("loops"));
         assert_eq!(parse_fields("no such line\n", "trigger"), None);
     }
 
@@ -836,23 +932,78 @@ mod tests {
     fn a_command_trigger_without_a_timing_line_is_timed_by_the_agent() {
         let label = Label::try_from("run".to_owned()).expect("label");
         let agent = AgentTimes { start_ns: 100, end_ns: 900, prog_id: 7 };
-        match trigger_record(&label, vec!["sync".into()], Some(0), "", "", agent) {
-            StepRecord::Trigger { start_ns, end_ns, fields, .. } => {
-                assert_eq!((start_ns, end_ns), (Some(100), Some(900)));
-                assert_eq!(fields.get("prog_id").map(String::as_str), Some("7"));
-            }
-            other => panic!("{other:?}"),
-        }
+        let run = TriggerRun::new(&label, vec!["sync".into()], Some(0), "", "", agent);
+        assert_eq!((run.start_ns, run.end_ns), (100, 900));
+        assert_eq!(run.fields.get("prog_id").map(String::as_str), Some("7"));
         // A line of its own wins, fields and all.
         let agent = AgentTimes { start_ns: 100, end_ns: 900, prog_id: 7 };
         let stdout = "trigger retval=3 start_ns=200 end_ns=300 prog_id=8\n";
-        match trigger_record(&label, vec![], Some(0), stdout, "", agent) {
-            StepRecord::Trigger { start_ns, end_ns, fields, .. } => {
-                assert_eq!((start_ns, end_ns), (Some(200), Some(300)));
-                assert_eq!(fields.get("prog_id").map(String::as_str), Some("8"));
-                assert_eq!(fields.get("retval").map(String::as_str), Some("3"));
+        let run = TriggerRun::new(&label, vec![], Some(0), stdout, "", agent);
+        assert_eq!((run.start_ns, run.end_ns), (200, 300));
+        assert_eq!(run.fields.get("prog_id").map(String::as_str), Some("8"));
+        assert_eq!(run.fields.get("retval").map(String::as_str), Some("3"));
+    }
+
+    #[test]
+    fn a_trigger_record_has_the_budget_stop_of_its_own_run() {
+        let events = kernel_trace::parse(kernel_trace::tests::BUDGET);
+        let label = Label::try_from("run".to_owned()).expect("label");
+        let run = |stdout: &str, prog_id| {
+            let agent = AgentTimes { start_ns: 30_000_000_000, end_ns: 30_400_000_000, prog_id };
+            TriggerRun::new(&label, vec!["trigger".into()], Some(0), stdout, "", agent)
+        };
+        let kernel = |record: StepRecord| match record {
+            StepRecord::Trigger { kernel, .. } => kernel,
+            other => panic!("{other:?}"),
+        };
+        let stopped = kernel(run("", 9).into_record(Some(&events))).expect("a budget stop");
+        assert_eq!(stopped.reason, crate::results::kernel::Reason::Budget);
+        assert_eq!(stopped.returned_ns(), Some(30_302_010_000));
+        // The program its own line names is the one looked for.
+        assert!(kernel(run("trigger prog_id=9\n", 7).into_record(Some(&events))).is_some());
+        assert!(kernel(run("trigger prog_id=7\n", 9).into_record(Some(&events))).is_none());
+        // A run outside the stop's window, and a scenario without the trace.
+        let late = AgentTimes { start_ns: 30_500_000_000, end_ns: 30_600_000_000, prog_id: 9 };
+        let late = TriggerRun::new(&label, vec![], Some(0), "", "", late);
+        assert!(kernel(late.into_record(Some(&events))).is_none());
+        assert!(kernel(run("", 9).into_record(None)).is_none());
+    }
+
+    #[test]
+    fn a_terminate_record_has_the_kernel_events_of_its_call_and_its_stack_proofs() {
+        // A budget stop of program 9, then a request that terminates it.
+        let events = kernel_trace::parse(kernel_trace::tests::BUDGET);
+        let call = |start_ns, end_ns| TerminateCall {
+            label: "stop".into(),
+            request: TerminateRequest { prog_id: 9, flags: 0, as_uid: None },
+            reply: TerminateReply { via: "agent", cpus: Some(1), errno: None, start_ns, end_ns },
+            stack: vec![CpuStackProof { vcpu: 1, verdict: None, error: Some("x".into()) }],
+        };
+        match call(31_000_000_000, 31_000_040_000).into_record(Some(&events)) {
+            StepRecord::Terminate { prog_id, via, start_ns, end_ns, kernel, stack, .. } => {
+                assert_eq!((prog_id, via.as_str()), (9, "agent"));
+                assert_eq!((start_ns, end_ns), (Some(31_000_000_000), Some(31_000_040_000)));
+                let kernel = kernel.expect("the call's events");
+                assert_eq!(kernel.reason, crate::results::kernel::Reason::Request);
+                assert_eq!((kernel.request_ns, kernel.ret), (Some(31_000_000_000), Some(1)));
+                assert_eq!(kernel.stopped_ns(), Some(31_000_020_000));
+                assert_eq!(stack.len(), 1);
+                assert_eq!(stack[0].vcpu, 1);
             }
             other => panic!("{other:?}"),
+        }
+        // A call that made no traced request, and a scenario without the trace.
+        for record in [
+            call(30_000_000_000, 30_900_000_000).into_record(Some(&events)),
+            call(31_000_000_000, 31_000_040_000).into_record(None),
+        ] {
+            match record {
+                StepRecord::Terminate { kernel, stack, .. } => {
+                    assert_eq!(kernel, None);
+                    assert_eq!(stack.len(), 1);
+                }
+                other => panic!("{other:?}"),
+            }
         }
     }
 
