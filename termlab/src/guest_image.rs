@@ -2,9 +2,12 @@
 //! and an initramfs with the demo programs, bpftool, the guest agent and
 //! the IPI reference tool, cached by the hash of everything in it.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{LazyLock, Mutex};
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
@@ -221,6 +224,10 @@ pub fn kernel_from_choice(
 
 /// The build directory of `variant` for the current sources, without building.
 pub fn find_kernel(root: &Path, variant: KernelVariant) -> Result<KernelBuild, GuestImageError> {
+    let known = lookups().kernel_dirs.get(variant.as_str()).cloned();
+    if let Some(dir) = known {
+        return kernel_build_in(&dir, variant);
+    }
     let output = Command::new(root.join("guest-kernel/build"))
         .args(["--print-dir", "--quiet", "--variant", variant.as_str()])
         .output()
@@ -229,7 +236,49 @@ pub fn find_kernel(root: &Path, variant: KernelVariant) -> Result<KernelBuild, G
         return Err(GuestImageError::KernelNotBuilt { variant: variant.as_str() });
     }
     let dir = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    lookups().kernel_dirs.insert(variant.as_str().to_owned(), dir.clone());
     kernel_build_in(&dir, variant)
+}
+
+/// What this process looked up on the host, handed to the same command re-run inside the
+/// nested L1 VM (as JSON in [`LOOKUPS_ENV`]): `guest-kernel/build --print-dir` and the
+/// initramfs's `make` and hashing take a fraction of a second here and seconds each under
+/// L1's emulation, for the same files (L1 sees the host's read-only).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Lookups {
+    /// Kernel build directories by variant.
+    kernel_dirs: BTreeMap<String, PathBuf>,
+    /// Initramfs images by [`initramfs_lookup_key`].
+    initramfs: BTreeMap<String, PathBuf>,
+}
+
+/// Holds the host's [`Lookups`] inside L1.
+pub const LOOKUPS_ENV: &str = "TERMLAB_HOST_LOOKUPS";
+
+/// The value of [`LOOKUPS_ENV`] for what this process has looked up.
+pub fn lookups_json() -> String {
+    serde_json::to_string(&*lookups()).unwrap_or_default()
+}
+
+/// This process's lookups, seeded inside L1 with the host's.
+fn lookups() -> std::sync::MutexGuard<'static, Lookups> {
+    static FOUND: LazyLock<Mutex<Lookups>> = LazyLock::new(|| {
+        let handed_over = std::env::var(LOOKUPS_ENV)
+            .ok()
+            .filter(|_| termlab_nested::is_nested())
+            .and_then(|text| serde_json::from_str(&text).ok());
+        Mutex::new(handed_over.unwrap_or_default())
+    });
+    FOUND.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What an initramfs is built from besides the sources: the kernel and the extra files.
+fn initramfs_lookup_key(kernel: &KernelBuild, extra: &[GuestFile]) -> String {
+    let mut key = kernel.dir.display().to_string();
+    for file in extra {
+        key.push_str(&format!("\n{}={}", file.guest, file.host.display()));
+    }
+    key
 }
 
 /// Reads a termlab kernel build directory (bzImage, bpftool,
@@ -482,6 +531,22 @@ pub fn initramfs(root: &Path, kernel: &KernelBuild) -> Result<PathBuf, GuestImag
 /// [`initramfs`] plus `extra` files (their contents and guest paths are
 /// part of the image's cache key).
 pub fn initramfs_with(
+    root: &Path,
+    kernel: &KernelBuild,
+    extra: &[GuestFile],
+) -> Result<PathBuf, GuestImageError> {
+    let lookup_key = initramfs_lookup_key(kernel, extra);
+    let known = lookups().initramfs.get(&lookup_key).cloned();
+    if let Some(image) = known.filter(|image| image.is_file()) {
+        return Ok(image);
+    }
+    let image = build_initramfs(root, kernel, extra)?;
+    lookups().initramfs.insert(lookup_key, image.clone());
+    Ok(image)
+}
+
+/// Builds the image [`initramfs_with`] describes, or finds it in the cache by content.
+fn build_initramfs(
     root: &Path,
     kernel: &KernelBuild,
     extra: &[GuestFile],

@@ -434,6 +434,8 @@ fn kvm_plan(
     // The engine finds (or builds) the guest initramfs again inside L1; the
     // rest of the cache (kernels, the L1 image) stays read-only there.
     let initramfs_cache = guest_image::cache_root().join("harness");
+    // Kernels and images found here need not be looked up again under emulation.
+    std::env::set_var(guest_image::LOOKUPS_ENV, guest_image::lookups_json());
     let l1 = L1Options {
         writable: writable
             .iter()
@@ -443,6 +445,7 @@ fn kvm_plan(
             .collect(),
         readable: readable.iter().map(|path| path.to_path_buf()).collect(),
         interactive,
+        extra_env: vec![guest_image::LOOKUPS_ENV.to_owned()],
         ..L1Options::default()
     };
     termlab_nested::ensure_real_kvm_or_reexec_with(mode, &argv, &l1).map_err(|error| match error {
