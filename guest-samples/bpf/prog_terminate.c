@@ -12,9 +12,10 @@
  *   prog_terminate [--flags N | --detach] [--repeat N] PROG_ID
  *
  * --repeat N calls it N times back to back (to race a program's exit) and
- * prints `terminate prog_id=.. attempts=N stopped=A not_running=B other=C
- * other_errno=..`; exit status 0 when every call either stopped the program or
- * found it not running (ESRCH).
+ * prints `terminate prog_id=.. attempts=N stopped=A not_running=B already=D
+ * other=C other_errno=..`; exit status 0 when every call either stopped the
+ * program, found it not running (ESRCH), or found the run the previous call
+ * stopped still finishing (EALREADY: nobody else terminates it meanwhile).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -39,8 +40,9 @@ static int usage(const char *argv0)
 
 int main(int argc, char **argv)
 {
-	uint64_t prog_id = 0, flags = 0, repeat = 0, stopped = 0, not_running = 0, other = 0, i;
-	int arg, have_id = 0, other_errno = 0;
+	uint64_t prog_id = 0, flags = 0, repeat = 0, stopped = 0, not_running = 0, already = 0;
+	uint64_t other = 0, i;
+	int arg, have_id = 0, other_errno = 0, stopping = 0;
 
 	for (arg = 1; arg < argc; arg++) {
 		const char *value = arg + 1 < argc ? argv[arg + 1] : NULL;
@@ -83,17 +85,21 @@ int main(int argc, char **argv)
 
 		if (ret > 0) {
 			stopped++;
+			stopping = 1;
 		} else if (ret < 0 && errno == ESRCH) {
 			not_running++;
+			stopping = 0;
+		} else if (ret < 0 && errno == EALREADY && stopping) {
+			already++;
 		} else {
 			other++;
 			other_errno = ret < 0 ? errno : 0;
 		}
 	}
 	printf("terminate prog_id=%llu flags=%llu attempts=%llu stopped=%llu not_running=%llu"
-	       " other=%llu other_errno=%s\n", (unsigned long long)prog_id,
+	       " already=%llu other=%llu other_errno=%s\n", (unsigned long long)prog_id,
 	       (unsigned long long)flags, (unsigned long long)repeat,
 	       (unsigned long long)stopped, (unsigned long long)not_running,
-	       (unsigned long long)other, errno_name(other_errno));
+	       (unsigned long long)already, (unsigned long long)other, errno_name(other_errno));
 	return other != 0;
 }
