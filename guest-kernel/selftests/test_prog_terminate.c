@@ -91,6 +91,28 @@ static const struct bpf_insn bpf_text_loop[] = {
 	EXIT(),						/* 13 */
 };
 
+/*
+ * A helper that writes an uninitialized buffer, after the slow one: a stack
+ * buffer holds BUFFER_MARKER, bpf_probe_read_kernel() copies the context's
+ * first word over it and the program returns the buffer.  The helper zeroes
+ * the buffer when it fails, so its stub in the copy must too: a run stopped
+ * in the slow helper returns 0, never the marker the stack still held.
+ */
+#define BUFFER_MARKER 0x5a5a5a5a
+#define CTX_WORD 0x600df00dULL
+static const struct bpf_insn read_after_slow_helper[] = {
+	MOV64_REG(BPF_REG_6, BPF_REG_1),
+	ST_MEM_DW(BPF_REG_10, -8, BUFFER_MARKER),
+	CALL_HELPER(BPF_FUNC_get_numa_node_id),
+	MOV64_REG(BPF_REG_1, BPF_REG_10),
+	ADD64_IMM(BPF_REG_1, -8),
+	MOV64_IMM(BPF_REG_2, 8),
+	MOV64_REG(BPF_REG_3, BPF_REG_6),
+	CALL_HELPER(BPF_FUNC_probe_read_kernel),
+	LDX_MEM_DW(BPF_REG_0, BPF_REG_10, -8),
+	EXIT(),
+};
+
 static const struct bpf_insn return_zero[] = {
 	MOV64_IMM(BPF_REG_0, 0),
 	EXIT(),
@@ -142,6 +164,7 @@ static void set_delay(unsigned int ms)
 
 struct run {
 	int prog_fd;
+	uint64_t ctx_word;	/* the context's first word */
 	uint32_t retval;
 	int err;
 	uint64_t start_ns, end_ns;
@@ -152,7 +175,7 @@ static void *runner(void *arg)
 {
 	struct run *run = arg;
 	union bpf_attr attr = {};
-	uint64_t args[1] = {};
+	uint64_t args[1] = { run->ctx_word };
 
 	pin_to(RUNNER_CPU);
 	attr.test.prog_fd = run->prog_fd;
@@ -273,6 +296,30 @@ static void test_case2(void)
 	      "retval %u, complete run %u", run.retval, CASE2_CALLS + 1);
 	check(run.end_ns - term_ns < full_ns / 10, "case 2: run ends right after terminate",
 	      "terminate->return %.3f ms, full run %.1f ms", ms(run.end_ns - term_ns), ms(full_ns));
+	close(fd);
+}
+
+static void test_stub_zeroes_buffer(void)
+{
+	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, read_after_slow_helper,
+		      sizeof(read_after_slow_helper) / sizeof(read_after_slow_helper[0]),
+		      "term_zero", 0);
+	struct run run = { .prog_fd = fd, .ctx_word = CTX_WORD };
+	uint64_t term_ns;
+	int term_errno;
+	long ret;
+
+	set_delay(DELAY_MS);
+	run_sync(&run);
+	check(!run.err && run.retval == (uint32_t)CTX_WORD,
+	      "stub buffers: control run reads the context into the buffer",
+	      "retval %#x, expected %#x", run.retval, (uint32_t)CTX_WORD);
+	ret = run_and_terminate(&run, prog_id(fd), DELAY_MS / 2, &term_ns, &term_errno);
+	check(ret == 1 && !run.err && run.retval == 0,
+	      "stub buffers: a stopped run's bpf_probe_read_kernel() buffer is zeroed, as on failure",
+	      "terminate %ld, retval %#x (%#x = the stale stack, %#x = the helper ran)", ret,
+	      run.retval, BUFFER_MARKER, (uint32_t)CTX_WORD);
+	set_delay(0);
 	close(fd);
 }
 
@@ -627,6 +674,7 @@ int main(void)
 	test_case1("subprog", subprog_slow_helpers,
 		   sizeof(subprog_slow_helpers) / sizeof(subprog_slow_helpers[0]));
 	test_case2();
+	test_stub_zeroes_buffer();
 	test_budget_errors();
 	test_budget();
 	printf("test_prog_terminate: %d passed, %d failed\n", passed, failed);

@@ -40,6 +40,8 @@
 #define JA(OFF) INSN(BPF_JMP | BPF_JA, 0, 0, OFF, 0)
 #define MAY_GOTO(OFF) INSN(BPF_JMP | BPF_JCOND, 0, 0, OFF, 0)
 #define EXIT() INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0)
+#define ST_MEM_DW(DST, OFF, IMM) INSN(BPF_ST | BPF_MEM | BPF_DW, DST, 0, OFF, IMM)
+#define LDX_MEM_DW(DST, SRC, OFF) INSN(BPF_LDX | BPF_MEM | BPF_DW, DST, SRC, OFF, 0)
 #define JGT_IMM(DST, IMM, OFF) INSN(BPF_JMP | BPF_JGT | BPF_K, DST, 0, OFF, IMM)
 
 #define DEMO_DELAY_SYSCTL "/proc/sys/kernel/bpf_termination_demo_delay_ms"
