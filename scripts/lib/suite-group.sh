@@ -83,9 +83,9 @@ readonly L1_CRASHED="the L1 VM ended without running the command"
 readonly L1_STALLED="the L1 VM stalled and was killed"
 
 # run_in_group "$@", once more if the first try timed out (124) or failed with the nested
-# launcher saying the L1 VM crashed or stalled under it; says so on stderr. The output goes to stdout
-# and, for that check, to a temporary file (the tee runs in the suite's group, so the file is
-# complete when the group has ended). Status: the last try's.
+# launcher saying the L1 VM crashed or stalled under it; says so on stderr. The output goes to
+# stdout and, for that check, to a temporary file (the tee runs in the suite's group, so the
+# file is complete when the group has ended). Status: the last try's.
 run_with_one_retry() { # name limit_s command...
     local name="$1" limit="$2" rc=0 retry=""
     shift 2

@@ -140,12 +140,11 @@ impl Vcpus {
         &self.handles
     }
 
-    /// Parks every vCPU outside `KVM_RUN`; returns once all are parked or gone. False when
-    /// the VM ended (a vCPU exited) instead, possibly while this call waited.
-    pub fn pause(&self) -> bool {
+    /// Parks every vCPU outside `KVM_RUN`; returns once all are parked or gone (the VM may
+    /// end meanwhile: see [`Vcpus::ended`]).
+    pub fn pause(&self) {
         self.control.set_request(Request::Pause);
         self.kick_until(|| self.control.all_parked());
-        !self.ended()
     }
 
     pub fn resume(&self) {

@@ -388,17 +388,15 @@ impl Vm {
     /// Parks all vCPUs outside guest mode; returns when all are parked. [`Error::Ended`]
     /// when the VM ended first, also while this call waited (a guest may reset at any time).
     pub fn pause(&self) -> Result<(), Error> {
-        if self.running_vcpus()?.pause() {
-            Ok(())
-        } else {
-            Err(Error::Ended)
-        }
+        let vcpus = self.running_vcpus()?;
+        vcpus.pause();
+        Self::paused(vcpus)
     }
 
-    /// Lets every vCPU run again (nothing to do once the VM has ended). A vCPU whose breakpoint hit [`Vm::wait_debug_event`]
-    /// returned in this pause first executes the instruction it stopped at, while the
-    /// breakpoint stays armed for the others (its RIP goes back to the breakpoint; other
-    /// register changes a caller made stand). A hit not yet returned is dropped: its vCPU is
+    /// Lets every vCPU run again (nothing to do once the VM has ended). A vCPU whose
+    /// breakpoint hit [`Vm::wait_debug_event`] returned in this pause first executes the
+    /// instruction it stopped at, while the breakpoint stays armed for the others (its RIP
+    /// goes back to the breakpoint; other register changes a caller made stand). A hit not yet returned is dropped: its vCPU is
     /// left on the breakpoint and hits it again right away, unless it was disarmed meanwhile.
     pub fn resume(&self) -> Result<(), Error> {
         let vcpus = self.running_vcpus()?;
