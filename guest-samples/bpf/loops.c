@@ -4,7 +4,7 @@
  * it to the getpgid() syscall tracepoint, prints `prog_id=<N> prog_name=<NAME>`
  * and stays resident until SIGTERM/SIGINT, then detaches and exits 0.
  *
- *   loops [--prog loops|bpftext|subprog_helper|subprog_text|helper_loop|tailcall]
+ *   loops [--prog loops|bpftext|subprog_helper|subprog_text|helper_loop|foreach_array|foreach_hash|tailcall]
  */
 #include <errno.h>
 #include <signal.h>

@@ -20,6 +20,10 @@ static const struct loops_program programs[] = {
 	  "long bpf_loop() 3 bpf2bpf frames deep" },
 	{ "helper_loop", LOOPS_MAGIC_HELPER_LOOP, LOOPS_OBJECT_BPFTEXT,
 	  "bpf_loop() of --iterations slow-helper calls (runtime budget)" },
+	{ "foreach_array", LOOPS_MAGIC_FOREACH_ARRAY, LOOPS_OBJECT_BPFTEXT,
+	  "bpf_for_each_map_elem() over an array: --iterations callbacks, the first slow" },
+	{ "foreach_hash", LOOPS_MAGIC_FOREACH_HASH, LOOPS_OBJECT_BPFTEXT,
+	  "bpf_for_each_map_elem() over a hash map: --iterations callbacks, the first slow" },
 	{ "tailcall", LOOPS_MAGIC_TAILCALL, LOOPS_OBJECT_TAILCALL,
 	  "two slow-helper calls around a tail call: not terminable (EOPNOTSUPP)" },
 };

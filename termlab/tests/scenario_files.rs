@@ -36,6 +36,7 @@ fn every_shipped_scenario_loads_with_a_description() {
         [
             "budget",
             "budget-off",
+            "callbacks",
             "control",
             "errors",
             "loops",
