@@ -22,12 +22,12 @@ use termlab_protocol::{ExitStatus, RunRequest};
 use crate::engine::{interrupted, BootSpec, EngineError, Guest};
 use crate::guest_image::{KernelBuild, IPI_RTT_GUEST_PATH};
 use crate::kernel_trace;
+use crate::progress::{BenchStage, Progress, ProgressSink};
 use crate::results;
 use crate::results::bench::{
     BenchResult, FastpathSeries, LatencyConfig, LatencySeries, LoadSeries, SCHEMA_VERSION,
 };
 use crate::results::kernel::KernelTermination;
-use crate::ui::Ui;
 
 /// Guest file the latency runs write the kernel trace to.
 const GUEST_TRACE: &str = "/tmp/term_bench.trace";
@@ -80,7 +80,7 @@ pub fn run(
     patched: BenchKernel<'_>,
     baseline: BenchKernel<'_>,
     options: &BenchOptions,
-    ui: Ui,
+    progress: &dyn ProgressSink,
 ) -> Result<(BenchResult, PathBuf), EngineError> {
     let started = SystemTime::now();
     let dir = results::create_run_dir(&options.results_root, "bench", started)?;
@@ -126,11 +126,11 @@ pub fn run(
             boot(&patched, vcpus, &dir.join(format!("console-latency-{vcpus}vcpus.log")))?;
         let ipi_rtt_ns = ipi_samples(&mut guest.client)?;
         for config in LATENCY_CONFIGS.into_iter().filter(|c| c.cpus == cpus) {
-            ui.say(&format!(
-                "bench: latency {} × {} ({vcpus} vCPUs)",
-                config.name(),
-                options.iterations
-            ));
+            progress.event(&Progress::Bench(BenchStage::Latency {
+                config: &config.name(),
+                iterations: options.iterations,
+                vcpus,
+            }));
             let mut series = latency_series(&mut guest.client, config, options.iterations)?;
             series.vcpus = vcpus;
             series.ipi_rtt_ns.clone_from(&ipi_rtt_ns);
@@ -143,12 +143,11 @@ pub fn run(
 
     for round in 0..options.rounds {
         for (kernel, is_patched) in [(&patched, true), (&baseline, false)] {
-            ui.say(&format!(
-                "bench: round {}/{}: {} kernel",
-                round + 1,
-                options.rounds,
-                if is_patched { "patched" } else { "baseline" }
-            ));
+            progress.event(&Progress::Bench(BenchStage::Round {
+                round: round + 1,
+                of: options.rounds,
+                patched: is_patched,
+            }));
             let console = dir
                 .join(format!("console-{}.log", if is_patched { "patched" } else { "baseline" }));
             let mut guest = boot(kernel, BASELINE_VCPUS, &console)?;

@@ -669,7 +669,7 @@ fn run(
                 _ => scenario.name.clone(),
             };
             let began = Instant::now();
-            let run = engine::run_scenario(&root, scenario, &on_kernel, ui, &printer);
+            let run = engine::run_scenario(&root, scenario, &on_kernel, &printer);
             printer.clear();
             class = class.combine(report_run(ui, scenario, &run, outputs.json));
             finished.push(Finished {
@@ -953,7 +953,7 @@ fn boot(
         kernel_args: None,
     })
     .map_err(|e| fail_with(ui, e))?;
-    engine::interactive_console(guest, console.path(), ui);
+    engine::interactive_console(guest, console.path(), &ProgressPrinter::new(ui, false));
     Ok(())
 }
 
@@ -979,7 +979,7 @@ fn bench(ui: Ui, mut options: BenchOptions, mode: NestedMode) -> Result<(), Fail
         termlab::bench::BenchKernel { build: &patched, initramfs: &patched_image },
         termlab::bench::BenchKernel { build: &baseline, initramfs: &baseline_image },
         &options,
-        ui,
+        &ProgressPrinter::new(ui, false),
     )
     .map_err(|e| fail_with(ui, e))?;
     if let Ok(markdown) = std::fs::read_to_string(dir.join(report::MARKDOWN_FILE)) {

@@ -22,7 +22,7 @@ use thiserror::Error;
 use crate::evaluate::{compute_metrics, evaluate, evaluate_stack_proofs, KernelLog};
 use crate::guest_image::{self, GuestImageError, KernelBuild, KernelChoice, IPI_RTT_GUEST_PATH};
 use crate::kernel_trace;
-use crate::progress::{ConsoleLines, Progress, ProgressSink, SLOW_STEP};
+use crate::progress::{ConsoleEvent, ConsoleLines, Progress, ProgressSink, SLOW_STEP};
 use crate::report::{self, ReportError};
 use crate::results::{
     self, Environment, Repetition, ResultsError, RunResult, ScenarioRecord, VmInfo, VmmInfo,
@@ -30,7 +30,6 @@ use crate::results::{
 };
 use crate::scenario::{LoadedScenario, Scenario};
 use crate::stack_proof::TermMap;
-use crate::ui::Ui;
 pub use guest::{
     cmdline, console_last_lines, console_tail, describe_exit, BootSpec, Guest, CMDLINE,
 };
@@ -206,7 +205,6 @@ pub fn run_scenario(
     root: &Path,
     loaded: &LoadedScenario,
     options: &RunOptions,
-    ui: Ui,
     progress: &dyn ProgressSink,
 ) -> Result<ScenarioRun, EngineError> {
     let began = Instant::now();
@@ -262,7 +260,7 @@ pub fn run_scenario(
     result.save(&dir)?;
 
     let console_log = dir.join(results::CONSOLE_FILE);
-    let run = Run { loaded, repetitions, options, ui, progress, began, dir: &dir };
+    let run = Run { loaded, repetitions, options, progress, began, dir: &dir };
     let files = GuestFiles {
         kernel: &kernel.bzimage,
         system_map: kernel.system_map.as_deref(),
@@ -315,7 +313,6 @@ struct Run<'a> {
     loaded: &'a LoadedScenario,
     repetitions: u32,
     options: &'a RunOptions,
-    ui: Ui,
     progress: &'a dyn ProgressSink,
     /// When `run_scenario` was called: progress reports time since then.
     began: Instant,
@@ -387,7 +384,7 @@ fn boot_measure_and_stop(
     result: &mut RunResult,
     console_done: &AtomicBool,
 ) -> Result<(), EngineError> {
-    let (loaded, options, ui) = (run.loaded, run.options, run.ui);
+    let (loaded, options) = (run.loaded, run.options);
     let GuestFiles { kernel, system_map, initramfs, console_log } = *files;
     let scenario = &loaded.scenario;
     let booting = Instant::now();
@@ -424,10 +421,10 @@ fn boot_measure_and_stop(
         // Nothing to ask the agent any more (and no shell for --keep-vm).
         guest.kill();
     } else if failed && options.keep_vm && guest.exited().is_none() {
-        ui.error("a check failed; --keep-vm: the VM stays up with a shell on its console");
+        run.progress.event(&Progress::KeptForInspection { scenario: &loaded.name });
         // The interactive console shows it from now on.
         console_done.store(true, Ordering::Relaxed);
-        interactive_console(guest, console_log, ui);
+        interactive_console(guest, console_log, run.progress);
     } else {
         let reason = guest.power_off();
         if measured.is_ok()
@@ -711,7 +708,7 @@ fn ipi_round_trip(client: &mut Client<UnixStream>) -> Result<f64, EngineError> {
 /// agent, not a getty), the console shown on stdout and stdin forwarded by
 /// the VMM, until the guest powers off or Ctrl-C. For `termlab boot` and
 /// `--keep-vm`.
-pub fn interactive_console(mut guest: Guest, console_log: &Path, ui: Ui) {
+pub fn interactive_console(mut guest: Guest, console_log: &Path, progress: &dyn ProgressSink) {
     let shell = "setsid sh -c 'exec sh </dev/ttyS0 >/dev/ttyS0 2>&1'";
     let started = guest.client.spawn(SpawnRequest {
         argv: vec!["sh".into(), "-c".into(), shell.into()],
@@ -719,18 +716,20 @@ pub fn interactive_console(mut guest: Guest, console_log: &Path, ui: Ui) {
         as_uid: None,
     });
     if let Err(error) = started {
-        ui.error(&format!("--keep-vm: cannot start a shell on the guest console: {error}"));
+        let error = error.to_string();
+        progress.event(&Progress::InteractiveConsole(ConsoleEvent::ShellFailed { error: &error }));
         guest.power_off();
         return;
     }
-    ui.say("guest console: type `reboot -f` to end the VM (or Ctrl-C)");
+    progress.event(&Progress::InteractiveConsole(ConsoleEvent::ShellReady));
     let follower = console_follower(console_log.to_owned());
     let reason = {
         let _keys = KeysToGuest::on_stdin();
         guest.wait_until_exit()
     };
     follower.store(true, Ordering::Relaxed);
-    ui.say(&format!("VM ended: {}", describe_exit(&reason)));
+    let reason = describe_exit(&reason);
+    progress.event(&Progress::InteractiveConsole(ConsoleEvent::VmEnded { reason: &reason }));
 }
 
 /// While it lives, a terminal on stdin hands each key to the guest as typed, unechoed: the
