@@ -19,7 +19,8 @@ use std::time::SystemTime;
 use termlab_protocol::client::Client;
 use termlab_protocol::{ExitStatus, RunRequest};
 
-use crate::engine::{interrupted, BootSpec, EngineError, Guest};
+use crate::cancel::Cancel;
+use crate::engine::{BootSpec, EngineError, Guest};
 use crate::guest_image::{KernelBuild, IPI_RTT_GUEST_PATH};
 use crate::kernel_trace;
 use crate::progress::{BenchStage, Progress, ProgressSink};
@@ -56,6 +57,9 @@ pub struct BenchOptions {
     pub load_sizes: Vec<u32>,
     pub results_root: PathBuf,
     pub nested: bool,
+    /// Stops the benchmark after the current series (Ctrl-C), with what it
+    /// measured kept.
+    pub cancel: Cancel,
 }
 
 /// The configurations the issue names: the four cases, then the scales.
@@ -123,7 +127,7 @@ pub fn run(
     for cpus in cpu_counts {
         let vcpus = cpus as u8 + 1;
         let mut guest =
-            boot(&patched, vcpus, &dir.join(format!("console-latency-{vcpus}vcpus.log")))?;
+            boot(&patched, vcpus, &dir.join(format!("console-latency-{vcpus}vcpus.log")), options)?;
         let ipi_rtt_ns = ipi_samples(&mut guest.client)?;
         for config in LATENCY_CONFIGS.into_iter().filter(|c| c.cpus == cpus) {
             progress.event(&Progress::Bench(BenchStage::Latency {
@@ -136,7 +140,7 @@ pub fn run(
             series.ipi_rtt_ns.clone_from(&ipi_rtt_ns);
             result.latency.push(series);
             result.save(&dir)?;
-            stop_if_interrupted()?;
+            stop_if_cancelled(&options.cancel)?;
         }
         guest.power_off();
     }
@@ -150,7 +154,7 @@ pub fn run(
             }));
             let console = dir
                 .join(format!("console-{}.log", if is_patched { "patched" } else { "baseline" }));
-            let mut guest = boot(kernel, BASELINE_VCPUS, &console)?;
+            let mut guest = boot(kernel, BASELINE_VCPUS, &console, options)?;
             for series in &mut result.fastpath {
                 let ns = fastpath_sample(&mut guest.client, &series.program)?;
                 if is_patched { &mut series.patched_ns } else { &mut series.baseline_ns }.push(ns);
@@ -177,22 +181,27 @@ pub fn run(
             }
             guest.power_off();
             result.save(&dir)?;
-            stop_if_interrupted()?;
+            stop_if_cancelled(&options.cancel)?;
         }
     }
     crate::report::write_bench_report(&result, &dir)?;
     Ok((result, dir))
 }
 
-fn stop_if_interrupted() -> Result<(), EngineError> {
-    if interrupted() {
+fn stop_if_cancelled(cancel: &Cancel) -> Result<(), EngineError> {
+    if cancel.is_cancelled() {
         Err(EngineError::Interrupted)
     } else {
         Ok(())
     }
 }
 
-fn boot(kernel: &BenchKernel<'_>, vcpus: u8, console: &Path) -> Result<Guest, EngineError> {
+fn boot(
+    kernel: &BenchKernel<'_>,
+    vcpus: u8,
+    console: &Path,
+    options: &BenchOptions,
+) -> Result<Guest, EngineError> {
     Guest::boot(BootSpec {
         kernel: &kernel.build.bzimage,
         initramfs: kernel.initramfs,
@@ -201,6 +210,7 @@ fn boot(kernel: &BenchKernel<'_>, vcpus: u8, console: &Path) -> Result<Guest, En
         console_log: console.to_owned(),
         console_stdin: false,
         kernel_args: None,
+        cancel: &options.cancel,
     })
 }
 

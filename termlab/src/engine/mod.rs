@@ -19,6 +19,7 @@ use termlab_protocol::client::{Client, ClientError};
 use termlab_protocol::{RunRequest, SpawnRequest, WaitOutputRequest};
 use thiserror::Error;
 
+use crate::cancel::Cancel;
 use crate::evaluate::{compute_metrics, evaluate, evaluate_stack_proofs, KernelLog};
 use crate::guest_image::{self, GuestImageError, KernelBuild, KernelChoice, IPI_RTT_GUEST_PATH};
 use crate::kernel_trace;
@@ -97,33 +98,6 @@ impl EngineError {
 /// Console lines shown with a hang or a lost agent.
 const CONSOLE_TAIL_LINES: usize = 12;
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-/// Whether Ctrl-C (SIGINT) or SIGTERM arrived; checked between steps.
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::Relaxed)
-}
-
-extern "C" fn note_interrupt(_: libc::c_int) {
-    // Only an atomic store: async-signal-safe.
-    INTERRUPTED.store(true, Ordering::Relaxed);
-}
-
-/// Makes Ctrl-C and SIGTERM stop the run at the next step boundary, with
-/// the VM shut down and a partial result written, instead of killing the
-/// process and leaving the guest's files behind.
-pub fn install_interrupt_handler() {
-    for signal in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: installs a handler that only stores to an atomic.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = note_interrupt as *const () as usize;
-            libc::sigemptyset(&mut action.sa_mask);
-            libc::sigaction(signal, &action, std::ptr::null_mut());
-        }
-    }
-}
-
 #[derive(Clone)]
 pub struct RunOptions {
     /// Overrides the scenario's repetitions.
@@ -145,6 +119,9 @@ pub struct RunOptions {
     /// Write the results into this new directory (its parent must exist)
     /// instead of `<results_root>/<scenario>/<time>/`.
     pub run_dir: Option<PathBuf>,
+    /// Stops the run at the next step boundary (Ctrl-C: see
+    /// [`Cancel::on_interrupt_signals`]), with the partial result kept.
+    pub cancel: Cancel,
 }
 
 /// One scenario's run that got as far as its results directory: its result
@@ -271,7 +248,9 @@ pub fn run_scenario(
     // Ctrl-C during a request surfaces as that request's error (EINTR):
     // name the real cause.
     let outcome = match outcome {
-        Err(error) if interrupted() && !matches!(error, EngineError::Interrupted) => {
+        Err(error)
+            if options.cancel.is_cancelled() && !matches!(error, EngineError::Interrupted) =>
+        {
             Err(EngineError::Interrupted)
         }
         other => other,
@@ -402,6 +381,7 @@ fn boot_measure_and_stop(
         console_log: console_log.to_owned(),
         console_stdin: options.keep_vm,
         kernel_args: kernel_args(scenario),
+        cancel: &options.cancel,
     });
     let mut guest = guest?;
     run.progress.event(&Progress::Booted {
@@ -417,7 +397,9 @@ fn boot_measure_and_stop(
         Ok(()) => !result.expectations.iter().all(|e| e.passed),
         Err(_) => true,
     };
-    if measured.as_ref().err().is_some_and(EngineError::agent_unusable) || interrupted() {
+    if measured.as_ref().err().is_some_and(EngineError::agent_unusable)
+        || options.cancel.is_cancelled()
+    {
         // Nothing to ask the agent any more (and no shell for --keep-vm).
         guest.kill();
     } else if failed && options.keep_vm && guest.exited().is_none() {
@@ -445,7 +427,7 @@ pub(crate) fn explain_with_vm_state(
     console_log: &Path,
 ) -> EngineError {
     let EngineError::Agent { what, source } = error else { return error };
-    if interrupted() {
+    if guest.cancel().is_cancelled() {
         return EngineError::Interrupted;
     }
     let tail = || guest::console_tail(console_log, CONSOLE_TAIL_LINES);
@@ -580,8 +562,15 @@ fn measure(
                 });
             }
         };
-        let steps =
-            run_repetition(client, scenario, &programs, &mut trace, probe.as_ref(), &step_done)?;
+        let steps = run_repetition(
+            client,
+            scenario,
+            &programs,
+            &mut trace,
+            probe.as_ref(),
+            &step_done,
+            &run.options.cancel,
+        )?;
         let mut metrics = compute_metrics(&scenario.metrics, &steps);
         metrics.insert(AGENT_RTT_METRIC.to_owned(), agent_round_trip(client)?);
         if scenario.vm.vcpus.get() >= 2 {

@@ -10,7 +10,8 @@ use termlab_protocol::{
 };
 
 use super::stack_probe::StackProbe;
-use super::{interrupted, EngineError};
+use super::EngineError;
+use crate::cancel::Cancel;
 use crate::kernel_trace::{self, TraceEvent};
 use crate::results::stack::CpuStackProof;
 use crate::results::StepRecord;
@@ -64,13 +65,14 @@ impl TraceReader {
         count: u32,
         from: usize,
         deadline: Instant,
+        cancel: &Cancel,
     ) -> Result<(), EngineError> {
         loop {
             let found = self.text[from..].lines().filter(|line| line.contains(needle)).count();
             if found >= count as usize {
                 return Ok(());
             }
-            if interrupted() {
+            if cancel.is_cancelled() {
                 return Err(EngineError::Interrupted);
             }
             if Instant::now() >= deadline {
@@ -178,6 +180,7 @@ pub fn run_repetition(
     trace: &mut TraceReader,
     probe: Option<&StackProbe<'_>>,
     step_done: &dyn Fn(&str, Duration),
+    cancel: &Cancel,
 ) -> Result<Vec<StepRecord>, EngineError> {
     // Where this repetition's kernel events start in the trace.
     let repetition_from = if crate::scenario::traces_terminations(scenario) {
@@ -196,7 +199,7 @@ pub fn run_repetition(
             .ok_or_else(|| EngineError::Internal(format!("program `{name}` is not loaded")))
     };
     for step in &scenario.steps {
-        if interrupted() {
+        if cancel.is_cancelled() {
             return Err(EngineError::Interrupted);
         }
         let step_began = Instant::now();
@@ -260,7 +263,7 @@ pub fn run_repetition(
                     }
                     None => begin + requested,
                 };
-                sleep_until(until)?;
+                sleep_until(until, cancel)?;
                 outcomes.push(StepOutcome::Complete(StepRecord::Sleep {
                     requested_ms: sleep.ms.get(),
                     slept_ns: begin.elapsed().as_nanos() as u64,
@@ -271,7 +274,7 @@ pub fn run_repetition(
                 let job = background.remove(label).ok_or_else(|| {
                     EngineError::Internal(format!("`{label}` was not started in the background"))
                 })?;
-                let exit = wait_for(client, job.handle, job.timeout_ms, label)?;
+                let exit = wait_for(client, job.handle, job.timeout_ms, label, cancel)?;
                 let output = client
                     .read_output(job.handle)
                     .map_err(agent(format!("reading the output of `{label}`")))?;
@@ -296,7 +299,7 @@ pub fn run_repetition(
                 })?;
                 let begin = Instant::now();
                 let deadline = begin + Duration::from_millis(wait.timeout_ms.get().into());
-                trace.wait_for(client, &wait.line, wait.count, from, deadline)?;
+                trace.wait_for(client, &wait.line, wait.count, from, deadline, cancel)?;
                 outcomes.push(StepOutcome::Complete(StepRecord::WaitTrace {
                     label: label.to_string(),
                     line: wait.line.clone(),
@@ -434,9 +437,9 @@ fn exit_code(status: &ExitStatus) -> Option<i32> {
 }
 
 /// Sleeps until `deadline` in short slices so Ctrl-C is noticed.
-fn sleep_until(deadline: Instant) -> Result<(), EngineError> {
+fn sleep_until(deadline: Instant, cancel: &Cancel) -> Result<(), EngineError> {
     loop {
-        if interrupted() {
+        if cancel.is_cancelled() {
             return Err(EngineError::Interrupted);
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -453,11 +456,12 @@ fn wait_for(
     handle: u32,
     timeout_ms: u32,
     label: &Label,
+    cancel: &Cancel,
 ) -> Result<termlab_protocol::ProcessExit, EngineError> {
     const SLICE_MS: u64 = 500;
     let deadline = Instant::now() + Duration::from_millis(timeout_ms.into());
     loop {
-        if interrupted() {
+        if cancel.is_cancelled() {
             let _ = client.kill(handle, libc::SIGKILL);
             return Err(EngineError::Interrupted);
         }
