@@ -222,16 +222,16 @@ fn guest_output(
 ) -> Result<String, EngineError> {
     let what = argv.join(" ");
     let output = client
-        .run(RunRequest::command(argv, timeout_ms))
-        .map_err(|source| EngineError::Agent { what: what.clone(), source })?;
+        .run(RunRequest::command(argv.clone(), timeout_ms))
+        .map_err(|source| EngineError::Agent { what, source })?;
     let stdout = output.stdout.data.to_string_lossy().into_owned();
     if output.timed_out || !matches!(output.status, ExitStatus::Exited { code: 0 }) {
-        return Err(EngineError::Guest(format!(
-            "`{what}` failed ({:?}{}): {}",
-            output.status,
-            if output.timed_out { ", timed out" } else { "" },
-            output.stderr.data.to_string_lossy().trim()
-        )));
+        return Err(EngineError::CommandFailed {
+            argv,
+            status: output.status,
+            timed_out: output.timed_out,
+            stderr: output.stderr.data.to_string_lossy().trim().to_owned(),
+        });
     }
     Ok(stdout)
 }
@@ -243,10 +243,20 @@ fn number<T: std::str::FromStr>(
     key: &str,
     what: &str,
 ) -> Result<T, EngineError> {
-    fields
-        .get(key)
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| EngineError::Guest(format!("{what}: no numeric `{key}`")))
+    fields.get(key).and_then(|v| v.parse().ok()).ok_or_else(|| EngineError::UnexpectedOutput {
+        tool: what.to_owned(),
+        missing: format!("numeric `{key}`"),
+        output: String::new(),
+    })
+}
+
+/// `tool` printed no line starting with `tag`.
+fn no_line(tool: &str, tag: &str, output: &str) -> EngineError {
+    EngineError::UnexpectedOutput {
+        tool: tool.to_owned(),
+        missing: format!("`{tag} ...` line"),
+        output: output.trim().to_owned(),
+    }
 }
 
 fn ipi_samples(client: &mut Client<UnixStream>) -> Result<Vec<f64>, EngineError> {
@@ -258,8 +268,7 @@ fn ipi_samples(client: &mut Client<UnixStream>) -> Result<Vec<f64>, EngineError>
                 vec![IPI_RTT_GUEST_PATH.to_owned(), "--count".into(), IPI_CALLS.to_string()],
                 60_000,
             )?;
-            let f = fields(&out, "ipi_rtt")
-                .ok_or_else(|| EngineError::Guest(format!("ipi_rtt printed: {out}")))?;
+            let f = fields(&out, "ipi_rtt").ok_or_else(|| no_line("ipi_rtt", "ipi_rtt", &out))?;
             number(&f, "median_ns", "ipi_rtt")
         })
         .collect()
@@ -297,13 +306,14 @@ fn latency_series(
         .read_file(GUEST_TRACE, TRACE_MAX_BYTES)
         .map_err(|source| EngineError::Agent { what: format!("reading {GUEST_TRACE}"), source })?;
     if trace.truncated {
-        return Err(EngineError::Guest(format!(
-            "{GUEST_TRACE} is larger than {TRACE_MAX_BYTES} bytes: run fewer --iterations"
-        )));
+        return Err(EngineError::GuestFileTooLarge {
+            path: GUEST_TRACE.to_owned(),
+            limit: TRACE_MAX_BYTES,
+            hint: "run fewer --iterations",
+        });
     }
     let prog_id: u32 = number(
-        &fields(&out, "bench")
-            .ok_or_else(|| EngineError::Guest(format!("term_bench printed no header: {out}")))?,
+        &fields(&out, "bench").ok_or_else(|| no_line("term_bench", "bench", &out))?,
         "prog_id",
         "term_bench",
     )?;
@@ -369,7 +379,7 @@ fn fastpath_sample(client: &mut Client<UnixStream>, program: &str) -> Result<f64
     )?;
     number(
         &fields(&out, "fastpath")
-            .ok_or_else(|| EngineError::Guest(format!("term_bench fastpath printed: {out}")))?,
+            .ok_or_else(|| no_line("term_bench fastpath", "fastpath", &out))?,
         "ns_per_run",
         "term_bench fastpath",
     )
@@ -386,8 +396,7 @@ fn load_sample(
             .to_vec(),
         600_000,
     )?;
-    let f = fields(&out, "load")
-        .ok_or_else(|| EngineError::Guest(format!("term_bench load printed: {out}")))?;
+    let f = fields(&out, "load").ok_or_else(|| no_line("term_bench load", "load", &out))?;
     Ok((
         number(&f, "load_ns_median", "term_bench load")?,
         number(&f, "jited_bytes", "term_bench load")?,

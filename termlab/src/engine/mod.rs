@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use termlab_protocol::client::{Client, ClientError};
-use termlab_protocol::{RunRequest, SpawnRequest, WaitOutputRequest};
+use termlab_protocol::{ExitStatus, RunRequest, SpawnRequest, WaitOutputRequest};
 use thiserror::Error;
 
 use crate::cancel::Cancel;
@@ -61,10 +61,52 @@ pub enum EngineError {
         #[source]
         source: ClientError,
     },
-    /// The guest did not do what a step asked (a loader, trigger or exec
-    /// failed or ran too long, a tool printed nothing usable).
-    #[error("{0}")]
-    Guest(String),
+    /// A guest command ran past its limit: `what` is the step (trigger
+    /// `x`, exec `y`).
+    #[error("{what} ran longer than {limit_ms} ms")]
+    TimedOut { what: String, limit_ms: u64 },
+    /// An `exec` step's command failed.
+    #[error("exec `{label}` ({argv:?}) failed ({status:?}): {stderr}")]
+    ExecFailed { label: String, argv: Vec<String>, status: ExitStatus, stderr: String },
+    /// A guest tool that must succeed (bench's) failed or ran past its limit.
+    #[error("`{}` failed ({status:?}{}): {stderr}", argv.join(" "), if *timed_out { ", timed out" } else { "" })]
+    CommandFailed { argv: Vec<String>, status: ExitStatus, timed_out: bool, stderr: String },
+    /// A guest tool's output lacks what termlab reads from it: `missing`
+    /// names it, `output` is what the tool printed (may be empty).
+    #[error("{tool} printed no {missing}{}", if output.is_empty() { String::new() } else { format!(": {output}") })]
+    UnexpectedOutput { tool: String, missing: String, output: String },
+    /// A program's loader did not print its `prog_id=` line in time.
+    #[error("loader {argv:?} did not print its program id ({source}); its stderr: {stderr}")]
+    LoaderSilent {
+        argv: Vec<String>,
+        #[source]
+        source: ClientError,
+        stderr: String,
+    },
+    /// `wait_trace`: the trace buffer did not show `needle` `wanted` times in time.
+    #[error("the trace buffer showed `{needle}` {found} time(s), not {wanted}, in time")]
+    TraceLinesMissing { needle: String, found: usize, wanted: u32 },
+    /// A guest file is larger than termlab reads (`hint`: what to change).
+    #[error("{path} is larger than {limit} bytes: {hint}")]
+    GuestFileTooLarge { path: String, limit: u64, hint: &'static str },
+    /// `prog_info`: bpftool could not show the program.
+    #[error("prog_info `{label}`: bpftool prog show id {prog_id} failed: {errno}")]
+    ProgInfoFailed { label: String, prog_id: u32, errno: String },
+    /// A program the scenario triggers has neither a trigger command nor a test run.
+    #[error("program `{program}` has no trigger")]
+    NoTrigger { program: String },
+    /// verify_stack on a kernel without System.map (check_kernel_for
+    /// refuses one before booting).
+    #[error("verify_stack needs the kernel's System.map, and it has none")]
+    NoSystemMap,
+    /// The VMM-side stack check failed (for the terminate step `terminate`,
+    /// or while it was prepared).
+    #[error("verify_stack{}: {source}", terminate.as_ref().map(|label| format!(", terminate `{label}`")).unwrap_or_default())]
+    StackProbe {
+        terminate: Option<String>,
+        #[source]
+        source: stack_probe::StackProbeError,
+    },
     /// This host could not do its part (a socket directory, System.map, the
     /// VMM's stack probe).
     #[error("{0}")]
@@ -517,19 +559,21 @@ fn measure(
                     .read_output(spawned.handle)
                     .map(|o| o.stderr.data.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                return Err(EngineError::Guest(format!(
-                    "loader {argv:?} did not print its program id ({source}); its stderr: {}",
-                    stderr.trim()
-                )));
+                return Err(EngineError::LoaderSilent {
+                    argv,
+                    source,
+                    stderr: stderr.trim().to_owned(),
+                });
             }
         };
         let fields = parse_fields(&line, line.split_whitespace().next().unwrap_or_default())
             .unwrap_or_default();
         let prog_id = fields.get("prog_id").and_then(|id| id.parse().ok()).ok_or_else(|| {
-            EngineError::Guest(format!(
-                "loader {argv:?} printed `{}` without a numeric prog_id",
-                line.trim()
-            ))
+            EngineError::UnexpectedOutput {
+                tool: format!("loader {argv:?}"),
+                missing: "numeric prog_id".into(),
+                output: line.trim().to_owned(),
+            }
         })?;
         let kernel_name = fields.get("prog_name").cloned();
         programs.push(LoadedProgram { spec, prog_id, kernel_name });
@@ -615,9 +659,7 @@ fn stack_probe<'vm>(
     programs: &[LoadedProgram<'_>],
 ) -> Result<StackProbe<'vm>, EngineError> {
     // check_kernel_for refused a kernel without one before booting.
-    let system_map = system_map.ok_or_else(|| {
-        EngineError::Guest("verify_stack needs the kernel's System.map, and it has none".into())
-    })?;
+    let system_map = system_map.ok_or(EngineError::NoSystemMap)?;
     let map_text = std::fs::read_to_string(system_map).map_err(|e| {
         EngineError::Host(format!(
             "verify_stack needs the kernel's System.map at {}: {e}",
@@ -634,18 +676,16 @@ fn stack_probe<'vm>(
             .run(RunRequest::command(argv, 10_000))
             .map_err(|source| EngineError::Agent { what: "prog_term_map".into(), source })?;
         let stdout = output.stdout.data.to_string_lossy();
-        let map: TermMap = serde_json::from_str(stdout.trim()).map_err(|e| {
-            EngineError::Guest(format!(
-                "prog_term_map {} printed no map ({e}): {} {}",
-                program.prog_id,
-                stdout.trim(),
-                output.stderr.data.to_string_lossy().trim()
-            ))
-        })?;
+        let map: TermMap =
+            serde_json::from_str(stdout.trim()).map_err(|e| EngineError::UnexpectedOutput {
+                tool: format!("prog_term_map {}", program.prog_id),
+                missing: format!("map ({e})"),
+                output: both_streams(&output),
+            })?;
         maps.insert(program.prog_id, map);
     }
     StackProbe::new(vm, &map_text, &kallsyms.data.to_string_lossy(), maps)
-        .map_err(|e| EngineError::Host(format!("verify_stack: {e}")))
+        .map_err(|source| EngineError::StackProbe { terminate: None, source })
 }
 
 /// More than a guest's /proc/kallsyms holds (about 1.5 MB for this config).
@@ -684,13 +724,20 @@ fn ipi_round_trip(client: &mut Client<UnixStream>) -> Result<f64, EngineError> {
     let stdout = output.stdout.data.to_string_lossy();
     parse_fields(&stdout, "ipi_rtt")
         .and_then(|fields| fields.get("median_ns").and_then(|v| v.parse::<f64>().ok()))
-        .ok_or_else(|| {
-            EngineError::Guest(format!(
-                "ipi_rtt printed no median_ns: {} {}",
-                stdout.trim(),
-                output.stderr.data.to_string_lossy().trim()
-            ))
+        .ok_or_else(|| EngineError::UnexpectedOutput {
+            tool: "ipi_rtt".into(),
+            missing: "median_ns".into(),
+            output: both_streams(&output),
         })
+}
+
+/// A command's stdout and stderr, trimmed, for an error message.
+fn both_streams(output: &termlab_protocol::RunOutput) -> String {
+    format!(
+        "{} {}",
+        output.stdout.data.to_string_lossy().trim(),
+        output.stderr.data.to_string_lossy().trim()
+    )
 }
 
 /// A shell on the guest console (started through the agent: init runs the
@@ -818,6 +865,55 @@ mod tests {
     fn scenario(name: &str) -> Scenario {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios").join(name);
         crate::scenario::load(&path).expect("scenario loads").scenario
+    }
+
+    #[test]
+    fn typed_guest_errors_read_as_the_messages_they_replaced() {
+        let timed_out = EngineError::TimedOut { what: "trigger `run`".into(), limit_ms: 5000 };
+        assert_eq!(timed_out.to_string(), "trigger `run` ran longer than 5000 ms");
+        let failed = EngineError::CommandFailed {
+            argv: vec!["term_bench".into(), "load".into()],
+            status: ExitStatus::Exited { code: 1 },
+            timed_out: true,
+            stderr: "EPERM".into(),
+        };
+        assert_eq!(
+            failed.to_string(),
+            "`term_bench load` failed (Exited { code: 1 }, timed out): EPERM"
+        );
+        let no_number = EngineError::UnexpectedOutput {
+            tool: "term_bench".into(),
+            missing: "numeric `prog_id`".into(),
+            output: String::new(),
+        };
+        assert_eq!(no_number.to_string(), "term_bench printed no numeric `prog_id`");
+        let no_median = EngineError::UnexpectedOutput {
+            tool: "ipi_rtt".into(),
+            missing: "median_ns".into(),
+            output: "oops".into(),
+        };
+        assert_eq!(no_median.to_string(), "ipi_rtt printed no median_ns: oops");
+        let probe = EngineError::StackProbe {
+            terminate: Some("stop".into()),
+            source: stack_probe::StackProbeError::NoInstructionMap(7),
+        };
+        assert_eq!(
+            probe.to_string(),
+            "verify_stack, terminate `stop`: no instruction map of program 7: prog_term_map did not run for it"
+        );
+        let preparing = EngineError::StackProbe {
+            terminate: None,
+            source: stack_probe::StackProbeError::MissingSymbol("bpf_die"),
+        };
+        assert!(
+            preparing.to_string().starts_with("verify_stack: `bpf_die` is not in"),
+            "{preparing}"
+        );
+        assert_eq!(crate::exit::Classify::exit_class(&timed_out), crate::exit::ExitClass::Finding);
+        assert_eq!(
+            crate::exit::Classify::exit_class(&probe),
+            crate::exit::ExitClass::Infrastructure
+        );
     }
 
     #[test]

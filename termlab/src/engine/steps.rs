@@ -76,9 +76,11 @@ impl TraceReader {
                 return Err(EngineError::Interrupted);
             }
             if Instant::now() >= deadline {
-                return Err(EngineError::Guest(format!(
-                    "the trace buffer showed `{needle}` {found} time(s), not {count}, in time"
-                )));
+                return Err(EngineError::TraceLinesMissing {
+                    needle: needle.to_owned(),
+                    found,
+                    wanted: count,
+                });
             }
             if self.read_available(client)? == 0 {
                 std::thread::sleep(TRACE_POLL);
@@ -235,10 +237,10 @@ pub fn run_repetition(
                         .run(RunRequest::command(argv.clone(), trigger.timeout_ms.get().into()))
                         .map_err(agent(format!("trigger `{label}`")))?;
                     if output.timed_out {
-                        return Err(EngineError::Guest(format!(
-                            "trigger `{label}` ran longer than {} ms",
-                            trigger.timeout_ms.get()
-                        )));
+                        return Err(EngineError::TimedOut {
+                            what: format!("trigger `{label}`"),
+                            limit_ms: trigger.timeout_ms.get().into(),
+                        });
                     }
                     outcomes.push(StepOutcome::Trigger(TriggerRun::new(
                         &label,
@@ -316,16 +318,18 @@ pub fn run_repetition(
                     .map_err(agent(format!("exec `{label}` ({argv:?})")))?;
                 let stderr = output.stderr.data.to_string_lossy().into_owned();
                 if output.timed_out {
-                    return Err(EngineError::Guest(format!(
-                        "exec `{label}` ran longer than {timeout_ms} ms"
-                    )));
+                    return Err(EngineError::TimedOut {
+                        what: format!("exec `{label}`"),
+                        limit_ms: timeout_ms.into(),
+                    });
                 }
                 if exit_code(&output.status) != Some(0) {
-                    return Err(EngineError::Guest(format!(
-                        "exec `{label}` ({argv:?}) failed ({:?}): {}",
-                        output.status,
-                        stderr.trim()
-                    )));
+                    return Err(EngineError::ExecFailed {
+                        label: label.to_string(),
+                        argv,
+                        status: output.status,
+                        stderr: stderr.trim().to_owned(),
+                    });
                 }
                 outcomes.push(StepOutcome::Complete(StepRecord::Exec {
                     label: label.to_string(),
@@ -419,10 +423,7 @@ fn trigger_argv(
             }
         }
         (None, None) => {
-            return Err(EngineError::Guest(format!(
-                "program `{}` has no trigger",
-                spec.name.get_ref()
-            )))
+            return Err(EngineError::NoTrigger { program: spec.name.get_ref().to_string() })
         }
     }
     argv.extend(trigger.args.iter().cloned());
@@ -475,9 +476,10 @@ fn wait_for(
             }
             Err(error) if error.agent_error().is_some_and(|e| e.kind == ErrorKind::Timeout) => {
                 let _ = client.kill(handle, libc::SIGKILL);
-                return Err(EngineError::Guest(format!(
-                    "trigger `{label}` ran longer than {timeout_ms} ms"
-                )));
+                return Err(EngineError::TimedOut {
+                    what: format!("trigger `{label}`"),
+                    limit_ms: timeout_ms.into(),
+                });
             }
             Err(error) => {
                 return Err(EngineError::Agent {
@@ -649,8 +651,8 @@ fn terminate_step(
     let (reply, stack) = match probe {
         None => (call(client)?, Vec::new()),
         Some(probe) => {
-            let (reply, proofs) = probe.around(prog_id, || call(client)).map_err(|error| {
-                EngineError::Host(format!("verify_stack, terminate `{label}`: {error}"))
+            let (reply, proofs) = probe.around(prog_id, || call(client)).map_err(|source| {
+                EngineError::StackProbe { terminate: Some(label.clone()), source }
             })?;
             (reply?, proofs)
         }
@@ -780,16 +782,14 @@ fn prog_info_step(
     let args = ["--json", "prog", "show", "id", &prog_id.to_string()].map(String::from).to_vec();
     let output = run_bpftool(client, args, None, format!("prog_info `{label}`"))?;
     if let Some(errno) = output.errno {
-        return Err(EngineError::Guest(format!(
-            "prog_info `{label}`: bpftool prog show id {prog_id} failed: {errno}"
-        )));
+        return Err(EngineError::ProgInfoFailed { label, prog_id, errno });
     }
-    let counters = termination_counters(&output.stdout).ok_or_else(|| {
-        EngineError::Guest(format!(
-            "prog_info `{label}`: bpftool printed no program object: {}",
-            output.stdout.trim()
-        ))
-    })?;
+    let counters =
+        termination_counters(&output.stdout).ok_or_else(|| EngineError::UnexpectedOutput {
+            tool: format!("prog_info `{label}`: bpftool"),
+            missing: "program object".into(),
+            output: output.stdout.trim().to_owned(),
+        })?;
     Ok(StepRecord::ProgInfo {
         label,
         prog_id,
