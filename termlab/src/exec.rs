@@ -19,7 +19,6 @@
 //! 69 and 70 are EX_UNAVAILABLE and EX_SOFTWARE of sysexits.h: commands
 //! rarely use that range (shells use 126/127/128+N, test frameworks 0–2).
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -360,7 +359,7 @@ fn run_streaming(
     if let Some(upload) = spec.upload {
         upload.copy_in(client)?;
     }
-    let spawned = match client.spawn(SpawnRequest { argv, env: BTreeMap::new(), as_uid: None }) {
+    let spawned = match client.spawn(SpawnRequest::command(argv)) {
         Ok(spawned) => spawned,
         Err(ClientError::Agent { error, .. }) => return Err(StreamError::Start(error)),
         Err(source) => return Err(StreamError::Client("starting the command".into(), source)),

@@ -539,12 +539,9 @@ fn measure(
     let mut programs = Vec::new();
     for spec in &scenario.programs {
         let argv = steps::loader_argv(spec);
-        let spawned = client
-            .spawn(SpawnRequest { argv: argv.clone(), env: BTreeMap::new(), as_uid: None })
-            .map_err(|source| EngineError::Agent {
-                what: format!("starting loader {argv:?}"),
-                source,
-            })?;
+        let spawned = client.spawn(SpawnRequest::command(argv.clone())).map_err(|source| {
+            EngineError::Agent { what: format!("starting loader {argv:?}"), source }
+        })?;
         let ready = client.wait_output(WaitOutputRequest {
             handle: spawned.handle,
             pattern: "prog_id=".into(),
@@ -746,11 +743,8 @@ fn both_streams(output: &termlab_protocol::RunOutput) -> String {
 /// `--keep-vm`.
 pub fn interactive_console(mut guest: Guest, console_log: &Path, progress: &dyn ProgressSink) {
     let shell = "setsid sh -c 'exec sh </dev/ttyS0 >/dev/ttyS0 2>&1'";
-    let started = guest.client.spawn(SpawnRequest {
-        argv: vec!["sh".into(), "-c".into(), shell.into()],
-        env: BTreeMap::new(),
-        as_uid: None,
-    });
+    let started =
+        guest.client.spawn(SpawnRequest::command(vec!["sh".into(), "-c".into(), shell.into()]));
     if let Err(error) = started {
         let error = error.to_string();
         progress.event(&Progress::InteractiveConsole(ConsoleEvent::ShellFailed { error: &error }));

@@ -215,11 +215,7 @@ pub fn run_repetition(
                         trace_from.insert(label.clone(), trace.drain(client)?);
                     }
                     let reply = client
-                        .spawn(SpawnRequest {
-                            argv: argv.clone(),
-                            env: BTreeMap::new(),
-                            as_uid: None,
-                        })
+                        .spawn(SpawnRequest::command(argv.clone()))
                         .map_err(agent(format!("starting trigger `{label}`")))?;
                     started.insert(label.clone(), Instant::now());
                     background.insert(
