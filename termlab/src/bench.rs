@@ -17,11 +17,10 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use termlab_protocol::client::Client;
-use termlab_protocol::{ExitStatus, RunRequest};
 
 use crate::cancel::Cancel;
-use crate::engine::{BootSpec, EngineError, Guest};
-use crate::guest_image::{KernelBuild, IPI_RTT_GUEST_PATH};
+use crate::engine::{guest_output, ipi_round_trip, BootSpec, EngineError, Guest, IpiSample};
+use crate::guest_image::KernelBuild;
 use crate::kernel_trace;
 use crate::progress::{BenchStage, Progress, ProgressSink};
 use crate::results;
@@ -46,7 +45,9 @@ const CASE1_DELAY_MS_PER_CPU: u32 = 10;
 const SETTLE_US_PER_CPU: u32 = 2000;
 const FASTPATH_PROGRAMS: [&str; 3] = ["empty", "helpers", "loop"];
 const FASTPATH_REPEAT: u32 = 1_000_000;
-const IPI_CALLS: u32 = 101;
+/// Bench's IPI samples: longer bursts than a scenario's, five per VM.
+const IPI_SAMPLE: IpiSample = IpiSample { calls: 101, timeout_ms: 60_000 };
+const IPI_SAMPLES_PER_VM: usize = 5;
 
 pub struct BenchOptions {
     /// Terminations per latency configuration (the issue asks for ≥ 1000).
@@ -214,28 +215,6 @@ fn boot(
     })
 }
 
-/// Runs `argv` in the guest; its stdout, or an error naming its stderr.
-fn guest_output(
-    client: &mut Client<UnixStream>,
-    argv: Vec<String>,
-    timeout_ms: u64,
-) -> Result<String, EngineError> {
-    let what = argv.join(" ");
-    let output = client
-        .run(RunRequest::command(argv.clone(), timeout_ms))
-        .map_err(|source| EngineError::Agent { what, source })?;
-    let stdout = output.stdout.data.to_string_lossy().into_owned();
-    if output.timed_out || !matches!(output.status, ExitStatus::Exited { code: 0 }) {
-        return Err(EngineError::CommandFailed {
-            argv,
-            status: output.status,
-            timed_out: output.timed_out,
-            stderr: output.stderr.data.to_string_lossy().trim().to_owned(),
-        });
-    }
-    Ok(stdout)
-}
-
 use crate::engine::parse_fields as fields;
 
 fn number<T: std::str::FromStr>(
@@ -261,17 +240,7 @@ fn no_line(tool: &str, tag: &str, output: &str) -> EngineError {
 
 fn ipi_samples(client: &mut Client<UnixStream>) -> Result<Vec<f64>, EngineError> {
     // Several medians of short bursts: one sample per burst, like the scenarios' ipi_rtt.
-    (0..5)
-        .map(|_| {
-            let out = guest_output(
-                client,
-                vec![IPI_RTT_GUEST_PATH.to_owned(), "--count".into(), IPI_CALLS.to_string()],
-                60_000,
-            )?;
-            let f = fields(&out, "ipi_rtt").ok_or_else(|| no_line("ipi_rtt", "ipi_rtt", &out))?;
-            number(&f, "median_ns", "ipi_rtt")
-        })
-        .collect()
+    (0..IPI_SAMPLES_PER_VM).map(|_| ipi_round_trip(client, IPI_SAMPLE)).collect()
 }
 
 fn latency_series(
@@ -301,7 +270,7 @@ fn latency_series(
     .to_vec();
     // Generous: each iteration is a few delays long, slower under emulation.
     let timeout_ms = 60_000 + u64::from(iterations) * 2_000;
-    let out = guest_output(client, argv, timeout_ms)?;
+    let out = guest_output(client, argv, timeout_ms)?.stdout;
     let trace = client
         .read_file(GUEST_TRACE, TRACE_MAX_BYTES)
         .map_err(|source| EngineError::Agent { what: format!("reading {GUEST_TRACE}"), source })?;
@@ -376,7 +345,8 @@ fn fastpath_sample(client: &mut Client<UnixStream>, program: &str) -> Result<f64
             .map(String::from)
             .to_vec(),
         600_000,
-    )?;
+    )?
+    .stdout;
     number(
         &fields(&out, "fastpath")
             .ok_or_else(|| no_line("term_bench fastpath", "fastpath", &out))?,
@@ -395,7 +365,8 @@ fn load_sample(
             .map(String::from)
             .to_vec(),
         600_000,
-    )?;
+    )?
+    .stdout;
     let f = fields(&out, "load").ok_or_else(|| no_line("term_bench load", "load", &out))?;
     Ok((
         number(&f, "load_ns_median", "term_bench load")?,

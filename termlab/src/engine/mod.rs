@@ -211,8 +211,9 @@ pub fn check_kernel_for(scenario: &Scenario, kernel: &KernelBuild) -> Result<(),
 
 /// How many clock requests make one agent round-trip sample (the median is kept).
 const AGENT_RTT_PROBES: usize = 5;
-/// membarrier calls per IPI sample (ipi_rtt reports their median).
-const IPI_RTT_CALLS: &str = "21";
+/// The IPI sample of every repetition of a scenario on 2+ vCPUs (its
+/// `ipi_rtt` metric).
+const SCENARIO_IPI_SAMPLE: IpiSample = IpiSample { calls: 21, timeout_ms: 30_000 };
 /// How long a loader may take to print its program id.
 const LOADER_READY_MS: u64 = 30_000;
 
@@ -615,7 +616,7 @@ fn measure(
         let mut metrics = compute_metrics(&scenario.metrics, &steps);
         metrics.insert(AGENT_RTT_METRIC.to_owned(), agent_round_trip(client)?);
         if scenario.vm.vcpus.get() >= 2 {
-            metrics.insert(IPI_RTT_METRIC.to_owned(), ipi_round_trip(client)?);
+            metrics.insert(IPI_RTT_METRIC.to_owned(), ipi_round_trip(client, SCENARIO_IPI_SAMPLE)?);
         }
         result.repetitions.push(Repetition { index, steps, metrics });
         result.summarize();
@@ -712,20 +713,59 @@ fn agent_round_trip(client: &mut Client<UnixStream>) -> Result<f64, EngineError>
     Ok(samples[samples.len() / 2])
 }
 
-/// The guest's median membarrier IPI round trip between vCPU 0 and 1, in ns.
-fn ipi_round_trip(client: &mut Client<UnixStream>) -> Result<f64, EngineError> {
-    let argv = vec![IPI_RTT_GUEST_PATH.to_owned(), "--count".into(), IPI_RTT_CALLS.into()];
-    let output = client
-        .run(RunRequest::command(argv, 30_000))
-        .map_err(|source| EngineError::Agent { what: "ipi_rtt".into(), source })?;
-    let stdout = output.stdout.data.to_string_lossy();
-    parse_fields(&stdout, "ipi_rtt")
+/// How one IPI round-trip sample is taken: `calls` membarrier calls from
+/// vCPU 0 to vCPU 1 (ipi_rtt reports their median), within `timeout_ms`.
+#[derive(Debug, Clone, Copy)]
+pub struct IpiSample {
+    pub calls: u32,
+    pub timeout_ms: u64,
+}
+
+/// The guest's median membarrier IPI round trip between vCPU 0 and 1, in
+/// ns: the one IPI measurement, for the scenarios' `ipi_rtt` metric and
+/// bench's latency ratios.
+pub fn ipi_round_trip(
+    client: &mut Client<UnixStream>,
+    sample: IpiSample,
+) -> Result<f64, EngineError> {
+    let argv = vec![IPI_RTT_GUEST_PATH.to_owned(), "--count".into(), sample.calls.to_string()];
+    let output = guest_output(client, argv, sample.timeout_ms)?;
+    parse_fields(&output.stdout, "ipi_rtt")
         .and_then(|fields| fields.get("median_ns").and_then(|v| v.parse::<f64>().ok()))
         .ok_or_else(|| EngineError::UnexpectedOutput {
             tool: "ipi_rtt".into(),
             missing: "median_ns".into(),
-            output: both_streams(&output),
+            output: format!("{} {}", output.stdout.trim(), output.stderr.trim()),
         })
+}
+
+/// What a guest tool that exited 0 printed.
+pub struct ToolOutput {
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `argv` in the guest; what it printed, or an error when it failed
+/// or ran longer than `timeout_ms`.
+pub fn guest_output(
+    client: &mut Client<UnixStream>,
+    argv: Vec<String>,
+    timeout_ms: u64,
+) -> Result<ToolOutput, EngineError> {
+    let what = argv.join(" ");
+    let output = client
+        .run(RunRequest::command(argv.clone(), timeout_ms))
+        .map_err(|source| EngineError::Agent { what, source })?;
+    let stderr = output.stderr.data.to_string_lossy().into_owned();
+    if output.timed_out || !matches!(output.status, ExitStatus::Exited { code: 0 }) {
+        return Err(EngineError::CommandFailed {
+            argv,
+            status: output.status,
+            timed_out: output.timed_out,
+            stderr: stderr.trim().to_owned(),
+        });
+    }
+    Ok(ToolOutput { stdout: output.stdout.data.to_string_lossy().into_owned(), stderr })
 }
 
 /// A command's stdout and stderr, trimmed, for an error message.
