@@ -68,7 +68,8 @@ pub enum EngineError {
     /// An `exec` step's command failed.
     #[error("exec `{label}` ({argv:?}) failed ({status:?}): {stderr}")]
     ExecFailed { label: String, argv: Vec<String>, status: ExitStatus, stderr: String },
-    /// A guest tool that must succeed (bench's) failed or ran past its limit.
+    /// A guest tool that must succeed (ipi_rtt, bench's term_bench) failed
+    /// or ran past its limit.
     #[error("`{}` failed ({status:?}{}): {stderr}", argv.join(" "), if *timed_out { ", timed out" } else { "" })]
     CommandFailed { argv: Vec<String>, status: ExitStatus, timed_out: bool, stderr: String },
     /// A guest tool's output lacks what termlab reads from it: `missing`
@@ -107,8 +108,7 @@ pub enum EngineError {
         #[source]
         source: stack_probe::StackProbeError,
     },
-    /// This host could not do its part (a socket directory, System.map, the
-    /// VMM's stack probe).
+    /// This host could not do its part (a socket directory, System.map).
     #[error("{0}")]
     Host(String),
     /// A broken invariant of termlab itself (validation should prevent it).
