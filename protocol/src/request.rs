@@ -85,6 +85,14 @@ pub struct SpawnRequest {
     pub as_uid: Option<u32>,
 }
 
+impl SpawnRequest {
+    /// Starts `argv` as root in the agent's environment; set `env` or
+    /// `as_uid` on the result for more.
+    pub fn command(argv: Vec<String>) -> Self {
+        SpawnRequest { argv, env: BTreeMap::new(), as_uid: None }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReadOutputRequest {

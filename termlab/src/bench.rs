@@ -17,17 +17,17 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use termlab_protocol::client::Client;
-use termlab_protocol::{ExitStatus, RunRequest};
 
-use crate::engine::{interrupted, BootSpec, EngineError, Guest};
-use crate::guest_image::{KernelBuild, IPI_RTT_GUEST_PATH};
+use crate::cancel::Cancel;
+use crate::engine::{guest_output, ipi_round_trip, BootSpec, EngineError, Guest, IpiSample};
+use crate::guest_image::KernelBuild;
 use crate::kernel_trace;
+use crate::progress::{BenchStage, Progress, ProgressSink};
 use crate::results;
 use crate::results::bench::{
     BenchResult, FastpathSeries, LatencyConfig, LatencySeries, LoadSeries, SCHEMA_VERSION,
 };
 use crate::results::kernel::KernelTermination;
-use crate::ui::Ui;
 
 /// Guest file the latency runs write the kernel trace to.
 const GUEST_TRACE: &str = "/tmp/term_bench.trace";
@@ -45,7 +45,9 @@ const CASE1_DELAY_MS_PER_CPU: u32 = 10;
 const SETTLE_US_PER_CPU: u32 = 2000;
 const FASTPATH_PROGRAMS: [&str; 3] = ["empty", "helpers", "loop"];
 const FASTPATH_REPEAT: u32 = 1_000_000;
-const IPI_CALLS: u32 = 101;
+/// Bench's IPI samples: longer bursts than a scenario's, five per VM.
+const IPI_SAMPLE: IpiSample = IpiSample { calls: 101, timeout_ms: 60_000 };
+const IPI_SAMPLES_PER_VM: usize = 5;
 
 pub struct BenchOptions {
     /// Terminations per latency configuration (the issue asks for ≥ 1000).
@@ -56,6 +58,9 @@ pub struct BenchOptions {
     pub load_sizes: Vec<u32>,
     pub results_root: PathBuf,
     pub nested: bool,
+    /// Stops the benchmark after the current series (Ctrl-C), with what it
+    /// measured kept.
+    pub cancel: Cancel,
 }
 
 /// The configurations the issue names: the four cases, then the scales.
@@ -80,7 +85,7 @@ pub fn run(
     patched: BenchKernel<'_>,
     baseline: BenchKernel<'_>,
     options: &BenchOptions,
-    ui: Ui,
+    progress: &dyn ProgressSink,
 ) -> Result<(BenchResult, PathBuf), EngineError> {
     let started = SystemTime::now();
     let dir = results::create_run_dir(&options.results_root, "bench", started)?;
@@ -123,35 +128,34 @@ pub fn run(
     for cpus in cpu_counts {
         let vcpus = cpus as u8 + 1;
         let mut guest =
-            boot(&patched, vcpus, &dir.join(format!("console-latency-{vcpus}vcpus.log")))?;
+            boot(&patched, vcpus, &dir.join(format!("console-latency-{vcpus}vcpus.log")), options)?;
         let ipi_rtt_ns = ipi_samples(&mut guest.client)?;
         for config in LATENCY_CONFIGS.into_iter().filter(|c| c.cpus == cpus) {
-            ui.say(&format!(
-                "bench: latency {} × {} ({vcpus} vCPUs)",
-                config.name(),
-                options.iterations
-            ));
+            progress.event(&Progress::Bench(BenchStage::Latency {
+                config: &config.name(),
+                iterations: options.iterations,
+                vcpus,
+            }));
             let mut series = latency_series(&mut guest.client, config, options.iterations)?;
             series.vcpus = vcpus;
             series.ipi_rtt_ns.clone_from(&ipi_rtt_ns);
             result.latency.push(series);
             result.save(&dir)?;
-            stop_if_interrupted()?;
+            stop_if_cancelled(&options.cancel)?;
         }
         guest.power_off();
     }
 
     for round in 0..options.rounds {
         for (kernel, is_patched) in [(&patched, true), (&baseline, false)] {
-            ui.say(&format!(
-                "bench: round {}/{}: {} kernel",
-                round + 1,
-                options.rounds,
-                if is_patched { "patched" } else { "baseline" }
-            ));
+            progress.event(&Progress::Bench(BenchStage::Round {
+                round: round + 1,
+                of: options.rounds,
+                patched: is_patched,
+            }));
             let console = dir
                 .join(format!("console-{}.log", if is_patched { "patched" } else { "baseline" }));
-            let mut guest = boot(kernel, BASELINE_VCPUS, &console)?;
+            let mut guest = boot(kernel, BASELINE_VCPUS, &console, options)?;
             for series in &mut result.fastpath {
                 let ns = fastpath_sample(&mut guest.client, &series.program)?;
                 if is_patched { &mut series.patched_ns } else { &mut series.baseline_ns }.push(ns);
@@ -178,22 +182,27 @@ pub fn run(
             }
             guest.power_off();
             result.save(&dir)?;
-            stop_if_interrupted()?;
+            stop_if_cancelled(&options.cancel)?;
         }
     }
     crate::report::write_bench_report(&result, &dir)?;
     Ok((result, dir))
 }
 
-fn stop_if_interrupted() -> Result<(), EngineError> {
-    if interrupted() {
+fn stop_if_cancelled(cancel: &Cancel) -> Result<(), EngineError> {
+    if cancel.is_cancelled() {
         Err(EngineError::Interrupted)
     } else {
         Ok(())
     }
 }
 
-fn boot(kernel: &BenchKernel<'_>, vcpus: u8, console: &Path) -> Result<Guest, EngineError> {
+fn boot(
+    kernel: &BenchKernel<'_>,
+    vcpus: u8,
+    console: &Path,
+    options: &BenchOptions,
+) -> Result<Guest, EngineError> {
     Guest::boot(BootSpec {
         kernel: &kernel.build.bzimage,
         initramfs: kernel.initramfs,
@@ -202,29 +211,8 @@ fn boot(kernel: &BenchKernel<'_>, vcpus: u8, console: &Path) -> Result<Guest, En
         console_log: console.to_owned(),
         console_stdin: false,
         kernel_args: None,
+        cancel: &options.cancel,
     })
-}
-
-/// Runs `argv` in the guest; its stdout, or an error naming its stderr.
-fn guest_output(
-    client: &mut Client<UnixStream>,
-    argv: Vec<String>,
-    timeout_ms: u64,
-) -> Result<String, EngineError> {
-    let what = argv.join(" ");
-    let output = client
-        .run(RunRequest::command(argv, timeout_ms))
-        .map_err(|source| EngineError::Agent { what: what.clone(), source })?;
-    let stdout = output.stdout.data.to_string_lossy().into_owned();
-    if output.timed_out || !matches!(output.status, ExitStatus::Exited { code: 0 }) {
-        return Err(EngineError::Guest(format!(
-            "`{what}` failed ({:?}{}): {}",
-            output.status,
-            if output.timed_out { ", timed out" } else { "" },
-            output.stderr.data.to_string_lossy().trim()
-        )));
-    }
-    Ok(stdout)
 }
 
 use crate::engine::parse_fields as fields;
@@ -234,26 +222,25 @@ fn number<T: std::str::FromStr>(
     key: &str,
     what: &str,
 ) -> Result<T, EngineError> {
-    fields
-        .get(key)
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| EngineError::Guest(format!("{what}: no numeric `{key}`")))
+    fields.get(key).and_then(|v| v.parse().ok()).ok_or_else(|| EngineError::UnexpectedOutput {
+        tool: what.to_owned(),
+        missing: format!("numeric `{key}`"),
+        output: String::new(),
+    })
+}
+
+/// `tool` printed no line starting with `tag`.
+fn no_line(tool: &str, tag: &str, output: &str) -> EngineError {
+    EngineError::UnexpectedOutput {
+        tool: tool.to_owned(),
+        missing: format!("`{tag} ...` line"),
+        output: output.trim().to_owned(),
+    }
 }
 
 fn ipi_samples(client: &mut Client<UnixStream>) -> Result<Vec<f64>, EngineError> {
     // Several medians of short bursts: one sample per burst, like the scenarios' ipi_rtt.
-    (0..5)
-        .map(|_| {
-            let out = guest_output(
-                client,
-                vec![IPI_RTT_GUEST_PATH.to_owned(), "--count".into(), IPI_CALLS.to_string()],
-                60_000,
-            )?;
-            let f = fields(&out, "ipi_rtt")
-                .ok_or_else(|| EngineError::Guest(format!("ipi_rtt printed: {out}")))?;
-            number(&f, "median_ns", "ipi_rtt")
-        })
-        .collect()
+    (0..IPI_SAMPLES_PER_VM).map(|_| ipi_round_trip(client, IPI_SAMPLE)).collect()
 }
 
 fn latency_series(
@@ -283,18 +270,19 @@ fn latency_series(
     .to_vec();
     // Generous: each iteration is a few delays long, slower under emulation.
     let timeout_ms = 60_000 + u64::from(iterations) * 2_000;
-    let out = guest_output(client, argv, timeout_ms)?;
+    let out = guest_output(client, argv, timeout_ms)?.stdout;
     let trace = client
         .read_file(GUEST_TRACE, TRACE_MAX_BYTES)
         .map_err(|source| EngineError::Agent { what: format!("reading {GUEST_TRACE}"), source })?;
     if trace.truncated {
-        return Err(EngineError::Guest(format!(
-            "{GUEST_TRACE} is larger than {TRACE_MAX_BYTES} bytes: run fewer --iterations"
-        )));
+        return Err(EngineError::GuestFileTooLarge {
+            path: GUEST_TRACE.to_owned(),
+            limit: TRACE_MAX_BYTES,
+            hint: "run fewer --iterations",
+        });
     }
     let prog_id: u32 = number(
-        &fields(&out, "bench")
-            .ok_or_else(|| EngineError::Guest(format!("term_bench printed no header: {out}")))?,
+        &fields(&out, "bench").ok_or_else(|| no_line("term_bench", "bench", &out))?,
         "prog_id",
         "term_bench",
     )?;
@@ -357,10 +345,11 @@ fn fastpath_sample(client: &mut Client<UnixStream>, program: &str) -> Result<f64
             .map(String::from)
             .to_vec(),
         600_000,
-    )?;
+    )?
+    .stdout;
     number(
         &fields(&out, "fastpath")
-            .ok_or_else(|| EngineError::Guest(format!("term_bench fastpath printed: {out}")))?,
+            .ok_or_else(|| no_line("term_bench fastpath", "fastpath", &out))?,
         "ns_per_run",
         "term_bench fastpath",
     )
@@ -376,9 +365,9 @@ fn load_sample(
             .map(String::from)
             .to_vec(),
         600_000,
-    )?;
-    let f = fields(&out, "load")
-        .ok_or_else(|| EngineError::Guest(format!("term_bench load printed: {out}")))?;
+    )?
+    .stdout;
+    let f = fields(&out, "load").ok_or_else(|| no_line("term_bench load", "load", &out))?;
     Ok((
         number(&f, "load_ns_median", "term_bench load")?,
         number(&f, "jited_bytes", "term_bench load")?,

@@ -19,7 +19,6 @@
 //! 69 and 70 are EX_UNAVAILABLE and EX_SOFTWARE of sysexits.h: commands
 //! rarely use that range (shells use 126/127/128+N, test frameworks 0–2).
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -28,6 +27,7 @@ use termlab_protocol::client::ClientError;
 use termlab_protocol::{ExitStatus, SpawnRequest};
 use thiserror::Error;
 
+use crate::cancel::Cancel;
 use crate::engine::{self, BootSpec, EngineError, Guest};
 
 /// The guest did not come up (vmtest's exit status for a boot failure).
@@ -137,6 +137,8 @@ pub struct ExecSpec<'a> {
     pub cwd: Option<&'a str>,
     /// Host files copied into the guest before the command runs.
     pub upload: Option<&'a Upload>,
+    /// Ctrl-C: the command gets SIGINT and the VM is killed.
+    pub cancel: &'a Cancel,
 }
 
 /// Most bytes [`Upload::collect`] copies into the guest (whose root is in RAM).
@@ -296,6 +298,7 @@ pub fn exec_in_guest(
         console_log: console.path().to_owned(),
         console_stdin: false,
         kernel_args: spec.kernel_args,
+        cancel: spec.cancel,
     })
     .map_err(|error| ExecError::from_engine(error, false, console.path()))?;
     timings.boot = booting.elapsed();
@@ -356,7 +359,7 @@ fn run_streaming(
     if let Some(upload) = spec.upload {
         upload.copy_in(client)?;
     }
-    let spawned = match client.spawn(SpawnRequest { argv, env: BTreeMap::new(), as_uid: None }) {
+    let spawned = match client.spawn(SpawnRequest::command(argv)) {
         Ok(spawned) => spawned,
         Err(ClientError::Agent { error, .. }) => return Err(StreamError::Start(error)),
         Err(source) => return Err(StreamError::Client("starting the command".into(), source)),
@@ -368,7 +371,7 @@ fn run_streaming(
         let _ = stderr.write_all(output.stderr.data.as_bytes()).and_then(|()| stderr.flush());
     };
     let status = loop {
-        if engine::interrupted() {
+        if spec.cancel.is_cancelled() {
             // The command gets the Ctrl-C too; the VM is killed right after.
             let _ = client.kill(handle, libc::SIGINT);
             return Err(StreamError::Interrupted);

@@ -205,7 +205,19 @@ impl Classify for EngineError {
                 | ClientError::VersionMismatch { .. }
                 | ClientError::Encode(_) => ExitClass::Infrastructure,
             },
-            EngineError::Guest(_) => ExitClass::Finding,
+            // The guest did not do what a step asked (a loader, trigger or
+            // exec failed or ran too long, a tool printed nothing usable).
+            EngineError::TimedOut { .. }
+            | EngineError::ExecFailed { .. }
+            | EngineError::CommandFailed { .. }
+            | EngineError::UnexpectedOutput { .. }
+            | EngineError::LoaderSilent { .. }
+            | EngineError::TraceLinesMissing { .. }
+            | EngineError::GuestFileTooLarge { .. }
+            | EngineError::ProgInfoFailed { .. }
+            | EngineError::NoTrigger { .. }
+            | EngineError::NoSystemMap => ExitClass::Finding,
+            EngineError::StackProbe { .. } => ExitClass::Infrastructure,
             EngineError::Hung { .. } | EngineError::AgentGone { .. } => ExitClass::Finding,
             EngineError::Host(_) | EngineError::Internal(_) => ExitClass::Infrastructure,
             EngineError::Interrupted => ExitClass::Interrupted,

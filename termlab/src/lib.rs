@@ -2,6 +2,7 @@
 //! The `termlab` binary (main.rs) is a thin CLI over these modules.
 
 pub mod bench;
+pub mod cancel;
 pub mod compare;
 pub mod engine;
 pub mod environment;

@@ -9,6 +9,7 @@ use std::time::{Instant, SystemTime};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use regex::Regex;
 use termlab::bench::BenchOptions;
+use termlab::cancel::Cancel;
 use termlab::engine::{self, BootSpec, EngineError, Guest, RunOptions, ScenarioRun};
 use termlab::exec;
 use termlab::exit::{Classify, ExitClass, EXIT_CODES_HELP};
@@ -347,6 +348,7 @@ fn main() -> ExitCode {
                 kernel: None,
                 kernel_label: None,
                 run_dir: None,
+                cancel: Cancel::new(),
             };
             let outputs = RunOutputs { json, junit, selection };
             run(ui, &scenarios, options, &kernels.choices, outputs, nested.into())
@@ -378,6 +380,7 @@ fn main() -> ExitCode {
                     load_sizes: vec![10, 1000],
                     results_root: results,
                     nested: false,
+                    cancel: Cancel::new(),
                 }
             } else {
                 BenchOptions {
@@ -386,6 +389,7 @@ fn main() -> ExitCode {
                     load_sizes,
                     results_root: results,
                     nested: false,
+                    cancel: Cancel::new(),
                 }
             };
             bench(ui, options, nested.into())
@@ -632,7 +636,7 @@ fn run(
             };
         }
     };
-    engine::install_interrupt_handler();
+    options.cancel = Cancel::on_interrupt_signals();
     let printer = ProgressPrinter::new(ui, options.stream_console);
     let mut class = ExitClass::Pass;
     let mut finished: Vec<Finished<'_>> = Vec::new();
@@ -669,7 +673,7 @@ fn run(
                 _ => scenario.name.clone(),
             };
             let began = Instant::now();
-            let run = engine::run_scenario(&root, scenario, &on_kernel, ui, &printer);
+            let run = engine::run_scenario(&root, scenario, &on_kernel, &printer);
             printer.clear();
             class = class.combine(report_run(ui, scenario, &run, outputs.json));
             finished.push(Finished {
@@ -678,7 +682,7 @@ fn run(
                 run,
                 seconds: began.elapsed().as_secs_f64(),
             });
-            if engine::interrupted() {
+            if options.cancel.is_cancelled() {
                 break;
             }
         }
@@ -686,7 +690,7 @@ fn run(
             let of_scenario = &finished[first..];
             class = class.combine(side_by_side(ui, group, &slots, of_scenario, outputs.json));
         }
-        if engine::interrupted() {
+        if options.cancel.is_cancelled() {
             break 'scenarios;
         }
     }
@@ -694,7 +698,7 @@ fn run(
     if let Err(Failed(junit_code)) = write_junit(ui, outputs.junit.as_deref(), &reports) {
         class = class.combine(ExitClass::from_code(junit_code.into()));
     }
-    if engine::interrupted() {
+    if options.cancel.is_cancelled() {
         class = class.combine(ExitClass::Interrupted);
     }
     match class {
@@ -939,7 +943,7 @@ fn boot(
     if let KvmPlan::RanInL1 { exit_code } = kvm_plan(ui, mode, &[], &[&kernel.dir], true)? {
         return ran_in_l1(ui, exit_code);
     }
-    engine::install_interrupt_handler();
+    let cancel = Cancel::on_interrupt_signals();
     let console = tempfile::Builder::new().prefix("termlab-console.").tempfile().map_err(|e| {
         fail(ui, ExitClass::Infrastructure, format!("cannot create a console log: {e}"))
     })?;
@@ -951,9 +955,10 @@ fn boot(
         console_log: console.path().to_owned(),
         console_stdin: true,
         kernel_args: None,
+        cancel: &cancel,
     })
     .map_err(|e| fail_with(ui, e))?;
-    engine::interactive_console(guest, console.path(), ui);
+    engine::interactive_console(guest, console.path(), &ProgressPrinter::new(ui, false));
     Ok(())
 }
 
@@ -974,12 +979,12 @@ fn bench(ui: Ui, mut options: BenchOptions, mode: NestedMode) -> Result<(), Fail
         KvmPlan::RunHere { nested } => nested,
         KvmPlan::RanInL1 { exit_code } => return ran_in_l1(ui, exit_code),
     };
-    engine::install_interrupt_handler();
+    options.cancel = Cancel::on_interrupt_signals();
     let (_, dir) = termlab::bench::run(
         termlab::bench::BenchKernel { build: &patched, initramfs: &patched_image },
         termlab::bench::BenchKernel { build: &baseline, initramfs: &baseline_image },
         &options,
-        ui,
+        &ProgressPrinter::new(ui, false),
     )
     .map_err(|e| fail_with(ui, e))?;
     if let Ok(markdown) = std::fs::read_to_string(dir.join(report::MARKDOWN_FILE)) {
@@ -1182,7 +1187,7 @@ fn exec_command(
         }
         return exit_with(code);
     }
-    engine::install_interrupt_handler();
+    let cancel = Cancel::on_interrupt_signals();
     let spec = exec::ExecSpec {
         kernel: &bzimage,
         initramfs: &initramfs,
@@ -1192,6 +1197,7 @@ fn exec_command(
         argv,
         cwd: None,
         upload: None,
+        cancel: &cancel,
     };
     let code = run_exec(ui, &spec, options.timings, started);
     exit_with(code)
@@ -1253,7 +1259,7 @@ fn exec_vmtest(
     if let Some(Failed(code)) = exec_plan(ui, options.mode)? {
         return exit_with(code);
     }
-    engine::install_interrupt_handler();
+    let cancel = Cancel::on_interrupt_signals();
     let mut verdicts = Vec::new();
     for (target, (bzimage, initramfs)) in targets.iter().zip(&prepared) {
         ui.say(&format!("=> {}", target.name));
@@ -1267,10 +1273,11 @@ fn exec_vmtest(
             argv: &argv,
             cwd: Some(termlab::vmtest::GUEST_DIR),
             upload: Some(&upload),
+            cancel: &cancel,
         };
         let code = run_exec(ui, &spec, options.timings, started);
         verdicts.push((target.name.as_str(), code));
-        if engine::interrupted() {
+        if cancel.is_cancelled() {
             return Err(Failed(exec::EXIT_INTERRUPTED));
         }
     }

@@ -26,6 +26,36 @@ pub enum Progress<'a> {
     /// A line the guest wrote on its serial console (only with
     /// `RunOptions::stream_console`), without its line end.
     ConsoleLine { scenario: &'a str, line: &'a str },
+    /// A check failed and `--keep-vm` keeps the VM up with a shell on its
+    /// console (an [`Progress::InteractiveConsole`] event follows).
+    KeptForInspection { scenario: &'a str },
+    /// The shell on the guest console (`termlab boot`, `--keep-vm`).
+    InteractiveConsole(ConsoleEvent<'a>),
+    /// What `termlab bench` is measuring now.
+    Bench(BenchStage<'a>),
+}
+
+/// The life of the interactive shell on the guest console.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConsoleEvent<'a> {
+    /// The shell could not be started (`error`: the agent's answer); the VM
+    /// is powered off.
+    ShellFailed { error: &'a str },
+    /// The shell runs; the terminal's keys go to the guest from now on.
+    ShellReady,
+    /// The VM ended (`reason`: as [`crate::engine::describe_exit`] says it).
+    VmEnded { reason: &'a str },
+}
+
+/// A stage of `termlab bench`, announced as it starts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BenchStage<'a> {
+    /// `iterations` terminations of the latency configuration `config` in a
+    /// VM of `vcpus` vCPUs.
+    Latency { config: &'a str, iterations: u32, vcpus: u8 },
+    /// Boot `round` (1-based) of `of` of the patched or the baseline kernel,
+    /// for the fast path and load cost.
+    Round { round: u32, of: u32, patched: bool },
 }
 
 /// A step at least this long gets its own progress event.

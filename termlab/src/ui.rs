@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::progress::{Progress, ProgressSink};
+use crate::progress::{BenchStage, ConsoleEvent, Progress, ProgressSink};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Ui {
@@ -164,6 +164,20 @@ impl ProgressSink for ProgressPrinter {
             }
             return;
         }
+        if let Some(notice) = notice(event) {
+            if matches!(event, Progress::KeptForInspection { .. }) {
+                // The interactive console has the terminal from now on.
+                self.show(None);
+            }
+            match notice {
+                Notice::Error(text) => {
+                    self.line(&format!("{} {text}", self.ui.paint("error:", "31;1")))
+                }
+                Notice::Status(text) if !self.ui.quiet => self.line(&text),
+                Notice::Status(_) => {}
+            }
+            return;
+        }
         if self.ui.progress {
             match event {
                 Progress::Booting { kernel, vcpus, .. } => {
@@ -177,7 +191,11 @@ impl ProgressSink for ProgressPrinter {
                         bar.inc(1);
                     }
                 }
-                Progress::StepSlow { .. } | Progress::ConsoleLine { .. } => {}
+                Progress::StepSlow { .. }
+                | Progress::ConsoleLine { .. }
+                | Progress::KeptForInspection { .. }
+                | Progress::InteractiveConsole(_)
+                | Progress::Bench(_) => {}
             }
         } else if self.ui.plain_progress {
             if let Some(line) = plain_line(event) {
@@ -187,8 +205,42 @@ impl ProgressSink for ProgressPrinter {
     }
 }
 
+/// An event that is a message rather than progress: shown in every output
+/// mode, a status line unless --quiet, an error always.
+#[derive(Debug, PartialEq)]
+pub enum Notice {
+    Status(String),
+    Error(String),
+}
+
+/// The message an event shows, if it is one (see [`Notice`]).
+pub fn notice(event: &Progress<'_>) -> Option<Notice> {
+    Some(match event {
+        Progress::KeptForInspection { .. } => Notice::Error(
+            "a check failed; --keep-vm: the VM stays up with a shell on its console".into(),
+        ),
+        Progress::InteractiveConsole(ConsoleEvent::ShellFailed { error }) => {
+            Notice::Error(format!("--keep-vm: cannot start a shell on the guest console: {error}"))
+        }
+        Progress::InteractiveConsole(ConsoleEvent::ShellReady) => {
+            Notice::Status("guest console: type `reboot -f` to end the VM (or Ctrl-C)".into())
+        }
+        Progress::InteractiveConsole(ConsoleEvent::VmEnded { reason }) => {
+            Notice::Status(format!("VM ended: {reason}"))
+        }
+        Progress::Bench(BenchStage::Latency { config, iterations, vcpus }) => {
+            Notice::Status(format!("bench: latency {config} × {iterations} ({vcpus} vCPUs)"))
+        }
+        Progress::Bench(BenchStage::Round { round, of, patched }) => Notice::Status(format!(
+            "bench: round {round}/{of}: {} kernel",
+            if *patched { "patched" } else { "baseline" }
+        )),
+        _ => return None,
+    })
+}
+
 /// An event as one line of a plain log (None for console lines, which
-/// `--console` prints with their own prefix).
+/// `--console` prints with their own prefix, and for [`notice`]s).
 pub fn plain_line(event: &Progress<'_>) -> Option<String> {
     Some(match event {
         Progress::Booting { scenario, kernel, vcpus } => {
@@ -207,7 +259,10 @@ pub fn plain_line(event: &Progress<'_>) -> Option<String> {
             seconds(*took),
             seconds(*elapsed)
         ),
-        Progress::ConsoleLine { .. } => return None,
+        Progress::ConsoleLine { .. }
+        | Progress::KeptForInspection { .. }
+        | Progress::InteractiveConsole(_)
+        | Progress::Bench(_) => return None,
     })
 }
 
@@ -241,5 +296,39 @@ mod tests {
             Some("[control] rep 1/5: trigger `run` took 6.0 s (elapsed 40.0 s)")
         );
         assert_eq!(plain_line(&Progress::ConsoleLine { scenario: "x", line: "y" }), None);
+    }
+
+    #[test]
+    fn messages_from_below_main_keep_their_words_and_level() {
+        let kept = Progress::KeptForInspection { scenario: "control" };
+        assert_eq!(
+            notice(&kept),
+            Some(Notice::Error(
+                "a check failed; --keep-vm: the VM stays up with a shell on its console".into()
+            ))
+        );
+        assert_eq!(plain_line(&kept), None);
+        let ended = Progress::InteractiveConsole(ConsoleEvent::VmEnded { reason: "reset" });
+        assert_eq!(notice(&ended), Some(Notice::Status("VM ended: reset".into())));
+        let round = Progress::Bench(BenchStage::Round { round: 2, of: 10, patched: false });
+        assert_eq!(
+            notice(&round),
+            Some(Notice::Status("bench: round 2/10: baseline kernel".into()))
+        );
+        let latency =
+            Progress::Bench(BenchStage::Latency { config: "case1", iterations: 20, vcpus: 2 });
+        assert_eq!(
+            notice(&latency),
+            Some(Notice::Status("bench: latency case1 × 20 (2 vCPUs)".into()))
+        );
+        let slow = Progress::StepSlow {
+            scenario: "x",
+            repetition: 1,
+            of: 1,
+            step: "s",
+            took: Duration::from_secs(5),
+            elapsed: Duration::from_secs(5),
+        };
+        assert_eq!(notice(&slow), None);
     }
 }

@@ -11,7 +11,8 @@ use termlab_protocol::hybrid_vsock::{self, HandshakeError};
 use termlab_protocol::DEFAULT_VSOCK_PORT;
 use termlab_vmm::{ConsoleConfig, ExitReason, Vm, VmConfig, VsockConfig};
 
-use super::{interrupted, EngineError};
+use super::EngineError;
+use crate::cancel::Cancel;
 
 /// The guest's vsock context id (any value >= 3; there is one guest).
 const GUEST_CID: u64 = 3;
@@ -39,6 +40,8 @@ pub struct Guest {
     pub client: Client<UnixStream>,
     /// Holds the vsock Unix socket; removed on drop.
     _socket_dir: tempfile::TempDir,
+    /// Ends [`Guest::wait_until_exit`]; what booted it also stops on it.
+    cancel: Cancel,
 }
 
 pub struct BootSpec<'a> {
@@ -51,6 +54,8 @@ pub struct BootSpec<'a> {
     pub console_stdin: bool,
     /// Appended to [`CMDLINE`] (a scenario's `[vm] kernel_args`).
     pub kernel_args: Option<&'a str>,
+    /// Stops waiting for the agent (Ctrl-C), and later [`Guest::wait_until_exit`].
+    pub cancel: &'a Cancel,
 }
 
 impl Guest {
@@ -79,7 +84,7 @@ impl Guest {
 
         let deadline = Instant::now() + AGENT_WAIT;
         let stream = loop {
-            if interrupted() {
+            if spec.cancel.is_cancelled() {
                 return Err(EngineError::Interrupted);
             }
             if let Some(reason) = vm.wait_exit(Some(Duration::ZERO)) {
@@ -109,16 +114,21 @@ impl Guest {
         }
         let mut client = Client::new(stream);
         client.hello().map_err(|source| EngineError::Agent { what: "hello".into(), source })?;
-        Ok(Guest { vm, client, _socket_dir: socket_dir })
+        Ok(Guest { vm, client, _socket_dir: socket_dir, cancel: spec.cancel.clone() })
     }
 
-    /// Why the VM ended, if it has.
     /// The VM and the agent client at once (the stack probe watches the VM
     /// while a request is in flight).
     pub fn parts(&mut self) -> (&Vm, &mut Client<UnixStream>) {
         (&self.vm, &mut self.client)
     }
 
+    /// The token this guest was booted with.
+    pub fn cancel(&self) -> &Cancel {
+        &self.cancel
+    }
+
+    /// Why the VM ended, if it has.
     pub fn exited(&self) -> Option<ExitReason> {
         self.vm.wait_exit(Some(Duration::ZERO))
     }
@@ -129,7 +139,7 @@ impl Guest {
             if let Some(reason) = self.vm.wait_exit(Some(Duration::from_millis(200))) {
                 return reason;
             }
-            if interrupted() {
+            if self.cancel.is_cancelled() {
                 return ExitReason::Stopped;
             }
         }

@@ -16,13 +16,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use termlab_protocol::client::{Client, ClientError};
-use termlab_protocol::{RunRequest, SpawnRequest, WaitOutputRequest};
+use termlab_protocol::{ExitStatus, RunRequest, SpawnRequest, WaitOutputRequest};
 use thiserror::Error;
 
+use crate::cancel::Cancel;
 use crate::evaluate::{compute_metrics, evaluate, evaluate_stack_proofs, KernelLog};
 use crate::guest_image::{self, GuestImageError, KernelBuild, KernelChoice, IPI_RTT_GUEST_PATH};
 use crate::kernel_trace;
-use crate::progress::{ConsoleLines, Progress, ProgressSink, SLOW_STEP};
+use crate::progress::{ConsoleEvent, ConsoleLines, Progress, ProgressSink, SLOW_STEP};
 use crate::report::{self, ReportError};
 use crate::results::{
     self, Environment, Repetition, ResultsError, RunResult, ScenarioRecord, VmInfo, VmmInfo,
@@ -30,7 +31,6 @@ use crate::results::{
 };
 use crate::scenario::{LoadedScenario, Scenario};
 use crate::stack_proof::TermMap;
-use crate::ui::Ui;
 pub use guest::{
     cmdline, console_last_lines, console_tail, describe_exit, BootSpec, Guest, CMDLINE,
 };
@@ -61,12 +61,54 @@ pub enum EngineError {
         #[source]
         source: ClientError,
     },
-    /// The guest did not do what a step asked (a loader, trigger or exec
-    /// failed or ran too long, a tool printed nothing usable).
-    #[error("{0}")]
-    Guest(String),
-    /// This host could not do its part (a socket directory, System.map, the
-    /// VMM's stack probe).
+    /// A guest command ran past its limit: `what` is the step (trigger
+    /// `x`, exec `y`).
+    #[error("{what} ran longer than {limit_ms} ms")]
+    TimedOut { what: String, limit_ms: u64 },
+    /// An `exec` step's command failed.
+    #[error("exec `{label}` ({argv:?}) failed ({status:?}): {stderr}")]
+    ExecFailed { label: String, argv: Vec<String>, status: ExitStatus, stderr: String },
+    /// A guest tool that must succeed (ipi_rtt, bench's term_bench) failed
+    /// or ran past its limit.
+    #[error("`{}` failed ({status:?}{}): {stderr}", argv.join(" "), if *timed_out { ", timed out" } else { "" })]
+    CommandFailed { argv: Vec<String>, status: ExitStatus, timed_out: bool, stderr: String },
+    /// A guest tool's output lacks what termlab reads from it: `missing`
+    /// names it, `output` is what the tool printed (may be empty).
+    #[error("{tool} printed no {missing}{}", if output.is_empty() { String::new() } else { format!(": {output}") })]
+    UnexpectedOutput { tool: String, missing: String, output: String },
+    /// A program's loader did not print its `prog_id=` line in time.
+    #[error("loader {argv:?} did not print its program id ({source}); its stderr: {stderr}")]
+    LoaderSilent {
+        argv: Vec<String>,
+        #[source]
+        source: ClientError,
+        stderr: String,
+    },
+    /// `wait_trace`: the trace buffer did not show `needle` `wanted` times in time.
+    #[error("the trace buffer showed `{needle}` {found} time(s), not {wanted}, in time")]
+    TraceLinesMissing { needle: String, found: usize, wanted: u32 },
+    /// A guest file is larger than termlab reads (`hint`: what to change).
+    #[error("{path} is larger than {limit} bytes: {hint}")]
+    GuestFileTooLarge { path: String, limit: u64, hint: &'static str },
+    /// `prog_info`: bpftool could not show the program.
+    #[error("prog_info `{label}`: bpftool prog show id {prog_id} failed: {errno}")]
+    ProgInfoFailed { label: String, prog_id: u32, errno: String },
+    /// A program the scenario triggers has neither a trigger command nor a test run.
+    #[error("program `{program}` has no trigger")]
+    NoTrigger { program: String },
+    /// verify_stack on a kernel without System.map (check_kernel_for
+    /// refuses one before booting).
+    #[error("verify_stack needs the kernel's System.map, and it has none")]
+    NoSystemMap,
+    /// The VMM-side stack check failed (for the terminate step `terminate`,
+    /// or while it was prepared).
+    #[error("verify_stack{}: {source}", terminate.as_ref().map(|label| format!(", terminate `{label}`")).unwrap_or_default())]
+    StackProbe {
+        terminate: Option<String>,
+        #[source]
+        source: stack_probe::StackProbeError,
+    },
+    /// This host could not do its part (a socket directory, System.map).
     #[error("{0}")]
     Host(String),
     /// A broken invariant of termlab itself (validation should prevent it).
@@ -98,33 +140,6 @@ impl EngineError {
 /// Console lines shown with a hang or a lost agent.
 const CONSOLE_TAIL_LINES: usize = 12;
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-/// Whether Ctrl-C (SIGINT) or SIGTERM arrived; checked between steps.
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::Relaxed)
-}
-
-extern "C" fn note_interrupt(_: libc::c_int) {
-    // Only an atomic store: async-signal-safe.
-    INTERRUPTED.store(true, Ordering::Relaxed);
-}
-
-/// Makes Ctrl-C and SIGTERM stop the run at the next step boundary, with
-/// the VM shut down and a partial result written, instead of killing the
-/// process and leaving the guest's files behind.
-pub fn install_interrupt_handler() {
-    for signal in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: installs a handler that only stores to an atomic.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = note_interrupt as *const () as usize;
-            libc::sigemptyset(&mut action.sa_mask);
-            libc::sigaction(signal, &action, std::ptr::null_mut());
-        }
-    }
-}
-
 #[derive(Clone)]
 pub struct RunOptions {
     /// Overrides the scenario's repetitions.
@@ -146,6 +161,9 @@ pub struct RunOptions {
     /// Write the results into this new directory (its parent must exist)
     /// instead of `<results_root>/<scenario>/<time>/`.
     pub run_dir: Option<PathBuf>,
+    /// Stops the run at the next step boundary (Ctrl-C: see
+    /// [`Cancel::on_interrupt_signals`]), with the partial result kept.
+    pub cancel: Cancel,
 }
 
 /// One scenario's run that got as far as its results directory: its result
@@ -193,8 +211,9 @@ pub fn check_kernel_for(scenario: &Scenario, kernel: &KernelBuild) -> Result<(),
 
 /// How many clock requests make one agent round-trip sample (the median is kept).
 const AGENT_RTT_PROBES: usize = 5;
-/// membarrier calls per IPI sample (ipi_rtt reports their median).
-const IPI_RTT_CALLS: &str = "21";
+/// The IPI sample of every repetition of a scenario on 2+ vCPUs (its
+/// `ipi_rtt` metric).
+const SCENARIO_IPI_SAMPLE: IpiSample = IpiSample { calls: 21, timeout_ms: 30_000 };
 /// How long a loader may take to print its program id.
 const LOADER_READY_MS: u64 = 30_000;
 
@@ -206,7 +225,6 @@ pub fn run_scenario(
     root: &Path,
     loaded: &LoadedScenario,
     options: &RunOptions,
-    ui: Ui,
     progress: &dyn ProgressSink,
 ) -> Result<ScenarioRun, EngineError> {
     let began = Instant::now();
@@ -262,7 +280,7 @@ pub fn run_scenario(
     result.save(&dir)?;
 
     let console_log = dir.join(results::CONSOLE_FILE);
-    let run = Run { loaded, repetitions, options, ui, progress, began, dir: &dir };
+    let run = Run { loaded, repetitions, options, progress, began, dir: &dir };
     let files = GuestFiles {
         kernel: &kernel.bzimage,
         system_map: kernel.system_map.as_deref(),
@@ -273,7 +291,9 @@ pub fn run_scenario(
     // Ctrl-C during a request surfaces as that request's error (EINTR):
     // name the real cause.
     let outcome = match outcome {
-        Err(error) if interrupted() && !matches!(error, EngineError::Interrupted) => {
+        Err(error)
+            if options.cancel.is_cancelled() && !matches!(error, EngineError::Interrupted) =>
+        {
             Err(EngineError::Interrupted)
         }
         other => other,
@@ -315,7 +335,6 @@ struct Run<'a> {
     loaded: &'a LoadedScenario,
     repetitions: u32,
     options: &'a RunOptions,
-    ui: Ui,
     progress: &'a dyn ProgressSink,
     /// When `run_scenario` was called: progress reports time since then.
     began: Instant,
@@ -387,7 +406,7 @@ fn boot_measure_and_stop(
     result: &mut RunResult,
     console_done: &AtomicBool,
 ) -> Result<(), EngineError> {
-    let (loaded, options, ui) = (run.loaded, run.options, run.ui);
+    let (loaded, options) = (run.loaded, run.options);
     let GuestFiles { kernel, system_map, initramfs, console_log } = *files;
     let scenario = &loaded.scenario;
     let booting = Instant::now();
@@ -405,6 +424,7 @@ fn boot_measure_and_stop(
         console_log: console_log.to_owned(),
         console_stdin: options.keep_vm,
         kernel_args: kernel_args(scenario),
+        cancel: &options.cancel,
     });
     let mut guest = guest?;
     run.progress.event(&Progress::Booted {
@@ -420,14 +440,16 @@ fn boot_measure_and_stop(
         Ok(()) => !result.expectations.iter().all(|e| e.passed),
         Err(_) => true,
     };
-    if measured.as_ref().err().is_some_and(EngineError::agent_unusable) || interrupted() {
+    if measured.as_ref().err().is_some_and(EngineError::agent_unusable)
+        || options.cancel.is_cancelled()
+    {
         // Nothing to ask the agent any more (and no shell for --keep-vm).
         guest.kill();
     } else if failed && options.keep_vm && guest.exited().is_none() {
-        ui.error("a check failed; --keep-vm: the VM stays up with a shell on its console");
+        run.progress.event(&Progress::KeptForInspection { scenario: &loaded.name });
         // The interactive console shows it from now on.
         console_done.store(true, Ordering::Relaxed);
-        interactive_console(guest, console_log, ui);
+        interactive_console(guest, console_log, run.progress);
     } else {
         let reason = guest.power_off();
         if measured.is_ok()
@@ -448,7 +470,7 @@ pub(crate) fn explain_with_vm_state(
     console_log: &Path,
 ) -> EngineError {
     let EngineError::Agent { what, source } = error else { return error };
-    if interrupted() {
+    if guest.cancel().is_cancelled() {
         return EngineError::Interrupted;
     }
     let tail = || guest::console_tail(console_log, CONSOLE_TAIL_LINES);
@@ -518,12 +540,9 @@ fn measure(
     let mut programs = Vec::new();
     for spec in &scenario.programs {
         let argv = steps::loader_argv(spec);
-        let spawned = client
-            .spawn(SpawnRequest { argv: argv.clone(), env: BTreeMap::new(), as_uid: None })
-            .map_err(|source| EngineError::Agent {
-                what: format!("starting loader {argv:?}"),
-                source,
-            })?;
+        let spawned = client.spawn(SpawnRequest::command(argv.clone())).map_err(|source| {
+            EngineError::Agent { what: format!("starting loader {argv:?}"), source }
+        })?;
         let ready = client.wait_output(WaitOutputRequest {
             handle: spawned.handle,
             pattern: "prog_id=".into(),
@@ -538,19 +557,21 @@ fn measure(
                     .read_output(spawned.handle)
                     .map(|o| o.stderr.data.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                return Err(EngineError::Guest(format!(
-                    "loader {argv:?} did not print its program id ({source}); its stderr: {}",
-                    stderr.trim()
-                )));
+                return Err(EngineError::LoaderSilent {
+                    argv,
+                    source,
+                    stderr: stderr.trim().to_owned(),
+                });
             }
         };
         let fields = parse_fields(&line, line.split_whitespace().next().unwrap_or_default())
             .unwrap_or_default();
         let prog_id = fields.get("prog_id").and_then(|id| id.parse().ok()).ok_or_else(|| {
-            EngineError::Guest(format!(
-                "loader {argv:?} printed `{}` without a numeric prog_id",
-                line.trim()
-            ))
+            EngineError::UnexpectedOutput {
+                tool: format!("loader {argv:?}"),
+                missing: "numeric prog_id".into(),
+                output: line.trim().to_owned(),
+            }
         })?;
         let kernel_name = fields.get("prog_name").cloned();
         programs.push(LoadedProgram { spec, prog_id, kernel_name });
@@ -583,12 +604,19 @@ fn measure(
                 });
             }
         };
-        let steps =
-            run_repetition(client, scenario, &programs, &mut trace, probe.as_ref(), &step_done)?;
+        let steps = run_repetition(
+            client,
+            scenario,
+            &programs,
+            &mut trace,
+            probe.as_ref(),
+            &step_done,
+            &run.options.cancel,
+        )?;
         let mut metrics = compute_metrics(&scenario.metrics, &steps);
         metrics.insert(AGENT_RTT_METRIC.to_owned(), agent_round_trip(client)?);
         if scenario.vm.vcpus.get() >= 2 {
-            metrics.insert(IPI_RTT_METRIC.to_owned(), ipi_round_trip(client)?);
+            metrics.insert(IPI_RTT_METRIC.to_owned(), ipi_round_trip(client, SCENARIO_IPI_SAMPLE)?);
         }
         result.repetitions.push(Repetition { index, steps, metrics });
         result.summarize();
@@ -629,9 +657,7 @@ fn stack_probe<'vm>(
     programs: &[LoadedProgram<'_>],
 ) -> Result<StackProbe<'vm>, EngineError> {
     // check_kernel_for refused a kernel without one before booting.
-    let system_map = system_map.ok_or_else(|| {
-        EngineError::Guest("verify_stack needs the kernel's System.map, and it has none".into())
-    })?;
+    let system_map = system_map.ok_or(EngineError::NoSystemMap)?;
     let map_text = std::fs::read_to_string(system_map).map_err(|e| {
         EngineError::Host(format!(
             "verify_stack needs the kernel's System.map at {}: {e}",
@@ -648,18 +674,16 @@ fn stack_probe<'vm>(
             .run(RunRequest::command(argv, 10_000))
             .map_err(|source| EngineError::Agent { what: "prog_term_map".into(), source })?;
         let stdout = output.stdout.data.to_string_lossy();
-        let map: TermMap = serde_json::from_str(stdout.trim()).map_err(|e| {
-            EngineError::Guest(format!(
-                "prog_term_map {} printed no map ({e}): {} {}",
-                program.prog_id,
-                stdout.trim(),
-                output.stderr.data.to_string_lossy().trim()
-            ))
-        })?;
+        let map: TermMap =
+            serde_json::from_str(stdout.trim()).map_err(|e| EngineError::UnexpectedOutput {
+                tool: format!("prog_term_map {}", program.prog_id),
+                missing: format!("map ({e})"),
+                output: both_streams(&output),
+            })?;
         maps.insert(program.prog_id, map);
     }
     StackProbe::new(vm, &map_text, &kallsyms.data.to_string_lossy(), maps)
-        .map_err(|e| EngineError::Host(format!("verify_stack: {e}")))
+        .map_err(|source| EngineError::StackProbe { terminate: None, source })
 }
 
 /// More than a guest's /proc/kallsyms holds (about 1.5 MB for this config).
@@ -689,48 +713,93 @@ fn agent_round_trip(client: &mut Client<UnixStream>) -> Result<f64, EngineError>
     Ok(samples[samples.len() / 2])
 }
 
-/// The guest's median membarrier IPI round trip between vCPU 0 and 1, in ns.
-fn ipi_round_trip(client: &mut Client<UnixStream>) -> Result<f64, EngineError> {
-    let argv = vec![IPI_RTT_GUEST_PATH.to_owned(), "--count".into(), IPI_RTT_CALLS.into()];
-    let output = client
-        .run(RunRequest::command(argv, 30_000))
-        .map_err(|source| EngineError::Agent { what: "ipi_rtt".into(), source })?;
-    let stdout = output.stdout.data.to_string_lossy();
-    parse_fields(&stdout, "ipi_rtt")
+/// How one IPI round-trip sample is taken: `calls` membarrier calls from
+/// vCPU 0 to vCPU 1 (ipi_rtt reports their median), within `timeout_ms`.
+#[derive(Debug, Clone, Copy)]
+pub struct IpiSample {
+    pub calls: u32,
+    pub timeout_ms: u64,
+}
+
+/// The guest's median membarrier IPI round trip between vCPU 0 and 1, in
+/// ns: the one IPI measurement, for the scenarios' `ipi_rtt` metric and
+/// bench's latency ratios.
+pub fn ipi_round_trip(
+    client: &mut Client<UnixStream>,
+    sample: IpiSample,
+) -> Result<f64, EngineError> {
+    let argv = vec![IPI_RTT_GUEST_PATH.to_owned(), "--count".into(), sample.calls.to_string()];
+    let output = guest_output(client, argv, sample.timeout_ms)?;
+    parse_fields(&output.stdout, "ipi_rtt")
         .and_then(|fields| fields.get("median_ns").and_then(|v| v.parse::<f64>().ok()))
-        .ok_or_else(|| {
-            EngineError::Guest(format!(
-                "ipi_rtt printed no median_ns: {} {}",
-                stdout.trim(),
-                output.stderr.data.to_string_lossy().trim()
-            ))
+        .ok_or_else(|| EngineError::UnexpectedOutput {
+            tool: "ipi_rtt".into(),
+            missing: "median_ns".into(),
+            output: format!("{} {}", output.stdout.trim(), output.stderr.trim()),
         })
+}
+
+/// What a guest tool that exited 0 printed.
+pub struct ToolOutput {
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `argv` in the guest; what it printed, or an error when it failed
+/// or ran longer than `timeout_ms`.
+pub fn guest_output(
+    client: &mut Client<UnixStream>,
+    argv: Vec<String>,
+    timeout_ms: u64,
+) -> Result<ToolOutput, EngineError> {
+    let what = argv.join(" ");
+    let output = client
+        .run(RunRequest::command(argv.clone(), timeout_ms))
+        .map_err(|source| EngineError::Agent { what, source })?;
+    let stderr = output.stderr.data.to_string_lossy().into_owned();
+    if output.timed_out || !matches!(output.status, ExitStatus::Exited { code: 0 }) {
+        return Err(EngineError::CommandFailed {
+            argv,
+            status: output.status,
+            timed_out: output.timed_out,
+            stderr: stderr.trim().to_owned(),
+        });
+    }
+    Ok(ToolOutput { stdout: output.stdout.data.to_string_lossy().into_owned(), stderr })
+}
+
+/// A command's stdout and stderr, trimmed, for an error message.
+fn both_streams(output: &termlab_protocol::RunOutput) -> String {
+    format!(
+        "{} {}",
+        output.stdout.data.to_string_lossy().trim(),
+        output.stderr.data.to_string_lossy().trim()
+    )
 }
 
 /// A shell on the guest console (started through the agent: init runs the
 /// agent, not a getty), the console shown on stdout and stdin forwarded by
 /// the VMM, until the guest powers off or Ctrl-C. For `termlab boot` and
 /// `--keep-vm`.
-pub fn interactive_console(mut guest: Guest, console_log: &Path, ui: Ui) {
+pub fn interactive_console(mut guest: Guest, console_log: &Path, progress: &dyn ProgressSink) {
     let shell = "setsid sh -c 'exec sh </dev/ttyS0 >/dev/ttyS0 2>&1'";
-    let started = guest.client.spawn(SpawnRequest {
-        argv: vec!["sh".into(), "-c".into(), shell.into()],
-        env: BTreeMap::new(),
-        as_uid: None,
-    });
+    let started =
+        guest.client.spawn(SpawnRequest::command(vec!["sh".into(), "-c".into(), shell.into()]));
     if let Err(error) = started {
-        ui.error(&format!("--keep-vm: cannot start a shell on the guest console: {error}"));
+        let error = error.to_string();
+        progress.event(&Progress::InteractiveConsole(ConsoleEvent::ShellFailed { error: &error }));
         guest.power_off();
         return;
     }
-    ui.say("guest console: type `reboot -f` to end the VM (or Ctrl-C)");
+    progress.event(&Progress::InteractiveConsole(ConsoleEvent::ShellReady));
     let follower = console_follower(console_log.to_owned());
     let reason = {
         let _keys = KeysToGuest::on_stdin();
         guest.wait_until_exit()
     };
     follower.store(true, Ordering::Relaxed);
-    ui.say(&format!("VM ended: {}", describe_exit(&reason)));
+    let reason = describe_exit(&reason);
+    progress.event(&Progress::InteractiveConsole(ConsoleEvent::VmEnded { reason: &reason }));
 }
 
 /// While it lives, a terminal on stdin hands each key to the guest as typed, unechoed: the
@@ -830,6 +899,55 @@ mod tests {
     fn scenario(name: &str) -> Scenario {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios").join(name);
         crate::scenario::load(&path).expect("scenario loads").scenario
+    }
+
+    #[test]
+    fn typed_guest_errors_read_as_the_messages_they_replaced() {
+        let timed_out = EngineError::TimedOut { what: "trigger `run`".into(), limit_ms: 5000 };
+        assert_eq!(timed_out.to_string(), "trigger `run` ran longer than 5000 ms");
+        let failed = EngineError::CommandFailed {
+            argv: vec!["term_bench".into(), "load".into()],
+            status: ExitStatus::Exited { code: 1 },
+            timed_out: true,
+            stderr: "EPERM".into(),
+        };
+        assert_eq!(
+            failed.to_string(),
+            "`term_bench load` failed (Exited { code: 1 }, timed out): EPERM"
+        );
+        let no_number = EngineError::UnexpectedOutput {
+            tool: "term_bench".into(),
+            missing: "numeric `prog_id`".into(),
+            output: String::new(),
+        };
+        assert_eq!(no_number.to_string(), "term_bench printed no numeric `prog_id`");
+        let no_median = EngineError::UnexpectedOutput {
+            tool: "ipi_rtt".into(),
+            missing: "median_ns".into(),
+            output: "oops".into(),
+        };
+        assert_eq!(no_median.to_string(), "ipi_rtt printed no median_ns: oops");
+        let probe = EngineError::StackProbe {
+            terminate: Some("stop".into()),
+            source: stack_probe::StackProbeError::NoInstructionMap(7),
+        };
+        assert_eq!(
+            probe.to_string(),
+            "verify_stack, terminate `stop`: no instruction map of program 7: prog_term_map did not run for it"
+        );
+        let preparing = EngineError::StackProbe {
+            terminate: None,
+            source: stack_probe::StackProbeError::MissingSymbol("bpf_die"),
+        };
+        assert!(
+            preparing.to_string().starts_with("verify_stack: `bpf_die` is not in"),
+            "{preparing}"
+        );
+        assert_eq!(crate::exit::Classify::exit_class(&timed_out), crate::exit::ExitClass::Finding);
+        assert_eq!(
+            crate::exit::Classify::exit_class(&probe),
+            crate::exit::ExitClass::Infrastructure
+        );
     }
 
     #[test]

@@ -19,10 +19,11 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use termlab_introspect::context::{KernelCpu, Stack};
-use termlab_introspect::paging::PageTables;
-use termlab_introspect::symbols::SymbolTable;
+use termlab_introspect::context::{ContextError, KernelCpu, Stack};
+use termlab_introspect::paging::{PageTables, WalkError};
+use termlab_introspect::symbols::{SymbolError, SymbolTable};
 use termlab_vmm::{Breakpoint, DebugEvent, Vm};
+use thiserror::Error;
 
 use crate::results::stack::CpuStackProof;
 use crate::stack_proof::{self, StackSnapshot, StackWords, TermMap};
@@ -38,6 +39,91 @@ const IRQ_REGS_SYMBOL: &str = "__irq_regs";
 /// the terminate call has returned.
 const POLL: Duration = Duration::from_millis(20);
 
+/// Why the VMM-side stack check could not watch a terminate call.
+#[derive(Debug, Error)]
+pub enum StackProbeError {
+    #[error("`{0}` is not in the kernel's System.map: is this a termlab kernel with CONFIG_BPF_TERMINATION?")]
+    MissingSymbol(&'static str),
+    /// `table`: "System.map" or "/proc/kallsyms".
+    #[error("{table}: {source}")]
+    Symbols {
+        table: &'static str,
+        #[source]
+        source: SymbolError,
+    },
+    #[error("no instruction map of program {0}: prog_term_map did not run for it")]
+    NoInstructionMap(u32),
+    /// Pausing or resuming the VM, or setting its breakpoints, failed;
+    /// `doing` says which (and when).
+    #[error("{doing}: {source}")]
+    Vm {
+        doing: &'static str,
+        #[source]
+        source: termlab_vmm::Error,
+    },
+    /// The VMM refused the breakpoints.
+    #[error("arming breakpoints on {ENTRY_SYMBOL} and {AFTER_SYMBOL}: {source}")]
+    Arm {
+        #[source]
+        source: termlab_vmm::Error,
+    },
+    /// No vCPU's page tables map the breakpoints' addresses.
+    #[error("arming breakpoints on {ENTRY_SYMBOL} and {AFTER_SYMBOL}: {0}")]
+    KernelUnmapped(UnmappedOn),
+    #[error("the terminate call panicked")]
+    CallPanicked,
+    /// The kernel state of the vCPU that hit a breakpoint could not be read.
+    #[error("vCPU {vcpu}: {source}")]
+    Cpu {
+        vcpu: usize,
+        #[source]
+        source: ContextError,
+    },
+    /// The interrupted context at a breakpoint could not be read.
+    #[error("vCPU {vcpu} at {pc:#x}: {source}")]
+    Snapshot {
+        vcpu: usize,
+        pc: u64,
+        #[source]
+        source: SnapshotError,
+    },
+}
+
+/// Why the last vCPU tried could not place the breakpoints (none: the VM has no vCPU).
+#[derive(Debug, Error)]
+pub enum UnmappedOn {
+    #[error("no vCPU")]
+    NoVcpu,
+    #[error("vCPU {vcpu}: {source}")]
+    Registers {
+        vcpu: usize,
+        #[source]
+        source: termlab_vmm::Error,
+    },
+    #[error("vCPU {vcpu}: {source}")]
+    Walk {
+        vcpu: usize,
+        #[source]
+        source: WalkError,
+    },
+}
+
+/// Why a breakpoint hit has no interrupted kernel context to judge.
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Read(#[from] ContextError),
+    #[error("no interrupted registers (__irq_regs is NULL)")]
+    NoIrqRegs,
+    #[error("the interrupted context is user mode")]
+    UserMode,
+}
+
+/// Wraps a VMM error with what the probe was doing.
+fn vm_error(doing: &'static str) -> impl FnOnce(termlab_vmm::Error) -> StackProbeError {
+    move |source| StackProbeError::Vm { doing, source }
+}
+
 /// Breakpoint addresses, symbols and instruction maps for one guest.
 pub struct StackProbe<'vm> {
     vm: &'vm Vm,
@@ -49,8 +135,8 @@ pub struct StackProbe<'vm> {
     maps: BTreeMap<u32, TermMap>,
 }
 
-fn symbol(table: &SymbolTable, name: &str) -> Result<u64, String> {
-    table.addr(name).ok_or_else(|| format!("`{name}` is not in the kernel's System.map: is this a termlab kernel with CONFIG_BPF_TERMINATION?"))
+fn symbol(table: &SymbolTable, name: &'static str) -> Result<u64, StackProbeError> {
+    table.addr(name).ok_or(StackProbeError::MissingSymbol(name))
 }
 
 impl<'vm> StackProbe<'vm> {
@@ -62,15 +148,17 @@ impl<'vm> StackProbe<'vm> {
         system_map: &str,
         kallsyms: &str,
         maps: BTreeMap<u32, TermMap>,
-    ) -> Result<Self, String> {
-        let kernel = SymbolTable::parse(system_map).map_err(|e| format!("System.map: {e}"))?;
+    ) -> Result<Self, StackProbeError> {
+        let kernel = SymbolTable::parse(system_map)
+            .map_err(|source| StackProbeError::Symbols { table: "System.map", source })?;
         let (entry, after, irq_regs) = (
             symbol(&kernel, ENTRY_SYMBOL)?,
             symbol(&kernel, AFTER_SYMBOL)?,
             symbol(&kernel, IRQ_REGS_SYMBOL)?,
         );
         let kernel_text = symbol(&kernel, "_stext")?..symbol(&kernel, "_etext")?;
-        let guest = SymbolTable::parse(kallsyms).map_err(|e| format!("/proc/kallsyms: {e}"))?;
+        let guest = SymbolTable::parse(kallsyms)
+            .map_err(|source| StackProbeError::Symbols { table: "/proc/kallsyms", source })?;
         Ok(Self { vm, symbols: kernel.merge(guest), kernel_text, entry, after, irq_regs, maps })
     }
 
@@ -80,10 +168,8 @@ impl<'vm> StackProbe<'vm> {
         &self,
         prog_id: u32,
         call: impl FnOnce() -> R + Send,
-    ) -> Result<(R, Vec<CpuStackProof>), String> {
-        let map = self.maps.get(&prog_id).ok_or_else(|| {
-            format!("no instruction map of program {prog_id}: prog_term_map did not run for it")
-        })?;
+    ) -> Result<(R, Vec<CpuStackProof>), StackProbeError> {
+        let map = self.maps.get(&prog_id).ok_or(StackProbeError::NoInstructionMap(prog_id))?;
         self.arm()?;
         let returned = AtomicBool::new(false);
         let (result, watched) = std::thread::scope(|scope| {
@@ -96,38 +182,43 @@ impl<'vm> StackProbe<'vm> {
             (caller.join(), watched)
         });
         let disarmed = self.disarm();
-        let result = result.map_err(|_| "the terminate call panicked".to_owned())?;
+        let result = result.map_err(|_| StackProbeError::CallPanicked)?;
         let proofs = watched?;
         disarmed?;
         Ok((result, proofs))
     }
 
-    fn arm(&self) -> Result<(), String> {
-        self.vm.pause().map_err(|e| format!("pausing the VM to arm breakpoints: {e}"))?;
-        let armed = self.kernel_breakpoints().and_then(|breakpoints| {
-            self.vm.set_breakpoints(&breakpoints).map_err(|e| e.to_string())
-        });
-        let resumed = self.vm.resume().map_err(|e| format!("resuming the VM: {e}"));
-        armed
-            .map_err(|e| format!("arming breakpoints on {ENTRY_SYMBOL} and {AFTER_SYMBOL}: {e}"))?;
+    fn arm(&self) -> Result<(), StackProbeError> {
+        self.vm.pause().map_err(vm_error("pausing the VM to arm breakpoints"))?;
+        let armed = self.kernel_breakpoints().map_err(StackProbeError::KernelUnmapped).and_then(
+            |breakpoints| {
+                self.vm
+                    .set_breakpoints(&breakpoints)
+                    .map_err(|source| StackProbeError::Arm { source })
+            },
+        );
+        let resumed = self.vm.resume().map_err(vm_error("resuming the VM"));
+        armed?;
         resumed
     }
 
     /// The breakpoints, translated through the page tables of the first vCPU that
     /// maps the kernel text: a paused vCPU may be in user mode, and its tables need
     /// not map the kernel (page-table isolation).
-    fn kernel_breakpoints(&self) -> Result<Vec<Breakpoint>, String> {
-        let mut last_error = String::from("no vCPU");
+    fn kernel_breakpoints(&self) -> Result<Vec<Breakpoint>, UnmappedOn> {
+        let mut last_error = UnmappedOn::NoVcpu;
         for vcpu in 0..self.vm.vcpu_count() {
-            let tables = match self
-                .vm
-                .sregs(vcpu)
-                .map_err(|e| e.to_string())
-                .and_then(|sregs| PageTables::from_sregs(&sregs).map_err(|e| e.to_string()))
-            {
+            let sregs = match self.vm.sregs(vcpu) {
+                Ok(sregs) => sregs,
+                Err(source) => {
+                    last_error = UnmappedOn::Registers { vcpu, source };
+                    continue;
+                }
+            };
+            let tables = match PageTables::from_sregs(&sregs) {
                 Ok(tables) => tables,
-                Err(error) => {
-                    last_error = format!("vCPU {vcpu}: {error}");
+                Err(source) => {
+                    last_error = UnmappedOn::Walk { vcpu, source };
                     continue;
                 }
             };
@@ -137,22 +228,25 @@ impl<'vm> StackProbe<'vm> {
                 .collect::<Result<Vec<_>, _>>()
             {
                 Ok(breakpoints) => return Ok(breakpoints),
-                Err(error) => last_error = format!("vCPU {vcpu}: {error}"),
+                Err(source) => last_error = UnmappedOn::Walk { vcpu, source },
             }
         }
         Err(last_error)
     }
 
-    fn disarm(&self) -> Result<(), String> {
-        self.vm.pause().map_err(|e| format!("pausing the VM to disarm breakpoints: {e}"))?;
-        let disarmed =
-            self.vm.set_breakpoints(&[]).map_err(|e| format!("disarming breakpoints: {e}"));
-        let resumed = self.vm.resume().map_err(|e| format!("resuming the VM: {e}"));
+    fn disarm(&self) -> Result<(), StackProbeError> {
+        self.vm.pause().map_err(vm_error("pausing the VM to disarm breakpoints"))?;
+        let disarmed = self.vm.set_breakpoints(&[]).map_err(vm_error("disarming breakpoints"));
+        let resumed = self.vm.resume().map_err(vm_error("resuming the VM"));
         disarmed.and(resumed)
     }
 
     /// Handles hits until the call has returned and no hit is pending.
-    fn watch(&self, returned: &AtomicBool, map: &TermMap) -> Result<Vec<CpuStackProof>, String> {
+    fn watch(
+        &self,
+        returned: &AtomicBool,
+        map: &TermMap,
+    ) -> Result<Vec<CpuStackProof>, StackProbeError> {
         let mut before: BTreeMap<usize, StackSnapshot> = BTreeMap::new();
         let mut proofs = Vec::new();
         loop {
@@ -164,7 +258,7 @@ impl<'vm> StackProbe<'vm> {
                 continue;
             };
             let handled = self.on_hit(event, map, &mut before, &mut proofs);
-            self.vm.resume().map_err(|e| format!("resuming after a breakpoint: {e}"))?;
+            self.vm.resume().map_err(vm_error("resuming after a breakpoint"))?;
             handled?;
         }
         // Entered the handler but never reached the rewrite's end: the
@@ -186,11 +280,15 @@ impl<'vm> StackProbe<'vm> {
         map: &TermMap,
         before: &mut BTreeMap<usize, StackSnapshot>,
         proofs: &mut Vec<CpuStackProof>,
-    ) -> Result<(), String> {
+    ) -> Result<(), StackProbeError> {
         let vcpu = event.vcpu;
-        let cpu = KernelCpu::of_vcpu(self.vm, vcpu).map_err(|e| format!("vCPU {vcpu}: {e}"))?;
-        let snapshot =
-            self.interrupted(&cpu).map_err(|e| format!("vCPU {vcpu} at {:#x}: {e}", event.pc));
+        let cpu = KernelCpu::of_vcpu(self.vm, vcpu)
+            .map_err(|source| StackProbeError::Cpu { vcpu, source })?;
+        let snapshot = self.interrupted(&cpu).map_err(|source| StackProbeError::Snapshot {
+            vcpu,
+            pc: event.pc,
+            source,
+        });
         if event.pc == self.entry {
             before.insert(vcpu, snapshot?);
         } else if event.pc == self.after {
@@ -218,7 +316,9 @@ impl<'vm> StackProbe<'vm> {
                     verdict: None,
                     error: Some(format!("{AFTER_SYMBOL} was hit without {ENTRY_SYMBOL} before it")),
                 },
-                (Some(_), Err(error)) => CpuStackProof { vcpu, verdict: None, error: Some(error) },
+                (Some(_), Err(error)) => {
+                    CpuStackProof { vcpu, verdict: None, error: Some(error.to_string()) }
+                }
             };
             proofs.push(proof);
         }
@@ -226,12 +326,10 @@ impl<'vm> StackProbe<'vm> {
     }
 
     /// The interrupted context of the IPI this vCPU is handling.
-    fn interrupted(&self, cpu: &KernelCpu) -> Result<StackSnapshot, String> {
-        let context = cpu
-            .interrupted(self.vm.memory(), self.irq_regs)
-            .map_err(|e| e.to_string())?
-            .ok_or("no interrupted registers (__irq_regs is NULL)")?;
-        let stack = context.stack.ok_or("the interrupted context is user mode")?;
+    fn interrupted(&self, cpu: &KernelCpu) -> Result<StackSnapshot, SnapshotError> {
+        let context =
+            cpu.interrupted(self.vm.memory(), self.irq_regs)?.ok_or(SnapshotError::NoIrqRegs)?;
+        let stack = context.stack.ok_or(SnapshotError::UserMode)?;
         let stacks = std::iter::once(stack)
             .chain(context.below)
             .map(|Stack { sp, words, .. }| StackWords { sp, words })

@@ -10,7 +10,8 @@ use termlab_protocol::{
 };
 
 use super::stack_probe::StackProbe;
-use super::{interrupted, EngineError};
+use super::EngineError;
+use crate::cancel::Cancel;
 use crate::kernel_trace::{self, TraceEvent};
 use crate::results::stack::CpuStackProof;
 use crate::results::StepRecord;
@@ -64,19 +65,22 @@ impl TraceReader {
         count: u32,
         from: usize,
         deadline: Instant,
+        cancel: &Cancel,
     ) -> Result<(), EngineError> {
         loop {
             let found = self.text[from..].lines().filter(|line| line.contains(needle)).count();
             if found >= count as usize {
                 return Ok(());
             }
-            if interrupted() {
+            if cancel.is_cancelled() {
                 return Err(EngineError::Interrupted);
             }
             if Instant::now() >= deadline {
-                return Err(EngineError::Guest(format!(
-                    "the trace buffer showed `{needle}` {found} time(s), not {count}, in time"
-                )));
+                return Err(EngineError::TraceLinesMissing {
+                    needle: needle.to_owned(),
+                    found,
+                    wanted: count,
+                });
             }
             if self.read_available(client)? == 0 {
                 std::thread::sleep(TRACE_POLL);
@@ -178,6 +182,7 @@ pub fn run_repetition(
     trace: &mut TraceReader,
     probe: Option<&StackProbe<'_>>,
     step_done: &dyn Fn(&str, Duration),
+    cancel: &Cancel,
 ) -> Result<Vec<StepRecord>, EngineError> {
     // Where this repetition's kernel events start in the trace.
     let repetition_from = if crate::scenario::traces_terminations(scenario) {
@@ -196,7 +201,7 @@ pub fn run_repetition(
             .ok_or_else(|| EngineError::Internal(format!("program `{name}` is not loaded")))
     };
     for step in &scenario.steps {
-        if interrupted() {
+        if cancel.is_cancelled() {
             return Err(EngineError::Interrupted);
         }
         let step_began = Instant::now();
@@ -210,11 +215,7 @@ pub fn run_repetition(
                         trace_from.insert(label.clone(), trace.drain(client)?);
                     }
                     let reply = client
-                        .spawn(SpawnRequest {
-                            argv: argv.clone(),
-                            env: BTreeMap::new(),
-                            as_uid: None,
-                        })
+                        .spawn(SpawnRequest::command(argv.clone()))
                         .map_err(agent(format!("starting trigger `{label}`")))?;
                     started.insert(label.clone(), Instant::now());
                     background.insert(
@@ -232,10 +233,10 @@ pub fn run_repetition(
                         .run(RunRequest::command(argv.clone(), trigger.timeout_ms.get().into()))
                         .map_err(agent(format!("trigger `{label}`")))?;
                     if output.timed_out {
-                        return Err(EngineError::Guest(format!(
-                            "trigger `{label}` ran longer than {} ms",
-                            trigger.timeout_ms.get()
-                        )));
+                        return Err(EngineError::TimedOut {
+                            what: format!("trigger `{label}`"),
+                            limit_ms: trigger.timeout_ms.get().into(),
+                        });
                     }
                     outcomes.push(StepOutcome::Trigger(TriggerRun::new(
                         &label,
@@ -260,7 +261,7 @@ pub fn run_repetition(
                     }
                     None => begin + requested,
                 };
-                sleep_until(until)?;
+                sleep_until(until, cancel)?;
                 outcomes.push(StepOutcome::Complete(StepRecord::Sleep {
                     requested_ms: sleep.ms.get(),
                     slept_ns: begin.elapsed().as_nanos() as u64,
@@ -271,7 +272,7 @@ pub fn run_repetition(
                 let job = background.remove(label).ok_or_else(|| {
                     EngineError::Internal(format!("`{label}` was not started in the background"))
                 })?;
-                let exit = wait_for(client, job.handle, job.timeout_ms, label)?;
+                let exit = wait_for(client, job.handle, job.timeout_ms, label, cancel)?;
                 let output = client
                     .read_output(job.handle)
                     .map_err(agent(format!("reading the output of `{label}`")))?;
@@ -296,7 +297,7 @@ pub fn run_repetition(
                 })?;
                 let begin = Instant::now();
                 let deadline = begin + Duration::from_millis(wait.timeout_ms.get().into());
-                trace.wait_for(client, &wait.line, wait.count, from, deadline)?;
+                trace.wait_for(client, &wait.line, wait.count, from, deadline, cancel)?;
                 outcomes.push(StepOutcome::Complete(StepRecord::WaitTrace {
                     label: label.to_string(),
                     line: wait.line.clone(),
@@ -313,16 +314,18 @@ pub fn run_repetition(
                     .map_err(agent(format!("exec `{label}` ({argv:?})")))?;
                 let stderr = output.stderr.data.to_string_lossy().into_owned();
                 if output.timed_out {
-                    return Err(EngineError::Guest(format!(
-                        "exec `{label}` ran longer than {timeout_ms} ms"
-                    )));
+                    return Err(EngineError::TimedOut {
+                        what: format!("exec `{label}`"),
+                        limit_ms: timeout_ms.into(),
+                    });
                 }
                 if exit_code(&output.status) != Some(0) {
-                    return Err(EngineError::Guest(format!(
-                        "exec `{label}` ({argv:?}) failed ({:?}): {}",
-                        output.status,
-                        stderr.trim()
-                    )));
+                    return Err(EngineError::ExecFailed {
+                        label: label.to_string(),
+                        argv,
+                        status: output.status,
+                        stderr: stderr.trim().to_owned(),
+                    });
                 }
                 outcomes.push(StepOutcome::Complete(StepRecord::Exec {
                     label: label.to_string(),
@@ -416,10 +419,7 @@ fn trigger_argv(
             }
         }
         (None, None) => {
-            return Err(EngineError::Guest(format!(
-                "program `{}` has no trigger",
-                spec.name.get_ref()
-            )))
+            return Err(EngineError::NoTrigger { program: spec.name.get_ref().to_string() })
         }
     }
     argv.extend(trigger.args.iter().cloned());
@@ -434,9 +434,9 @@ fn exit_code(status: &ExitStatus) -> Option<i32> {
 }
 
 /// Sleeps until `deadline` in short slices so Ctrl-C is noticed.
-fn sleep_until(deadline: Instant) -> Result<(), EngineError> {
+fn sleep_until(deadline: Instant, cancel: &Cancel) -> Result<(), EngineError> {
     loop {
-        if interrupted() {
+        if cancel.is_cancelled() {
             return Err(EngineError::Interrupted);
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -453,11 +453,12 @@ fn wait_for(
     handle: u32,
     timeout_ms: u32,
     label: &Label,
+    cancel: &Cancel,
 ) -> Result<termlab_protocol::ProcessExit, EngineError> {
     const SLICE_MS: u64 = 500;
     let deadline = Instant::now() + Duration::from_millis(timeout_ms.into());
     loop {
-        if interrupted() {
+        if cancel.is_cancelled() {
             let _ = client.kill(handle, libc::SIGKILL);
             return Err(EngineError::Interrupted);
         }
@@ -471,9 +472,10 @@ fn wait_for(
             }
             Err(error) if error.agent_error().is_some_and(|e| e.kind == ErrorKind::Timeout) => {
                 let _ = client.kill(handle, libc::SIGKILL);
-                return Err(EngineError::Guest(format!(
-                    "trigger `{label}` ran longer than {timeout_ms} ms"
-                )));
+                return Err(EngineError::TimedOut {
+                    what: format!("trigger `{label}`"),
+                    limit_ms: timeout_ms.into(),
+                });
             }
             Err(error) => {
                 return Err(EngineError::Agent {
@@ -645,8 +647,8 @@ fn terminate_step(
     let (reply, stack) = match probe {
         None => (call(client)?, Vec::new()),
         Some(probe) => {
-            let (reply, proofs) = probe.around(prog_id, || call(client)).map_err(|error| {
-                EngineError::Host(format!("verify_stack, terminate `{label}`: {error}"))
+            let (reply, proofs) = probe.around(prog_id, || call(client)).map_err(|source| {
+                EngineError::StackProbe { terminate: Some(label.clone()), source }
             })?;
             (reply?, proofs)
         }
@@ -776,16 +778,14 @@ fn prog_info_step(
     let args = ["--json", "prog", "show", "id", &prog_id.to_string()].map(String::from).to_vec();
     let output = run_bpftool(client, args, None, format!("prog_info `{label}`"))?;
     if let Some(errno) = output.errno {
-        return Err(EngineError::Guest(format!(
-            "prog_info `{label}`: bpftool prog show id {prog_id} failed: {errno}"
-        )));
+        return Err(EngineError::ProgInfoFailed { label, prog_id, errno });
     }
-    let counters = termination_counters(&output.stdout).ok_or_else(|| {
-        EngineError::Guest(format!(
-            "prog_info `{label}`: bpftool printed no program object: {}",
-            output.stdout.trim()
-        ))
-    })?;
+    let counters =
+        termination_counters(&output.stdout).ok_or_else(|| EngineError::UnexpectedOutput {
+            tool: format!("prog_info `{label}`: bpftool"),
+            missing: "program object".into(),
+            output: output.stdout.trim().to_owned(),
+        })?;
     Ok(StepRecord::ProgInfo {
         label,
         prog_id,
