@@ -21,12 +21,11 @@
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <pthread.h>
-#include <stdarg.h>
-#include <stdbool.h>
 #include <sys/wait.h>
 
 #include "raw_bpf.h"
 #include "bpf_term_info.h"
+#include "tap.h"
 
 #define DELAY_MS 1500
 #define RUNNER_CPU 0
@@ -117,32 +116,6 @@ static const struct bpf_insn return_zero[] = {
 	MOV64_IMM(BPF_REG_0, 0),
 	EXIT(),
 };
-
-/* ---------------------------------------------------------------- TAP */
-
-static int passed, failed;
-
-static void check(bool ok, const char *name, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
-
-static void check(bool ok, const char *name, const char *fmt, ...)
-{
-	va_list ap;
-
-	printf("%s %d - %s", ok ? "ok" : "not ok", passed + failed + 1, name);
-	if (fmt) {
-		printf(": ");
-		va_start(ap, fmt);
-		vprintf(fmt, ap);
-		va_end(ap);
-	}
-	printf("\n");
-	fflush(stdout);
-	if (ok)
-		passed++;
-	else
-		failed++;
-}
 
 /* ---------------------------------------------------------------- bpf() */
 
@@ -677,6 +650,5 @@ int main(void)
 	test_stub_zeroes_buffer();
 	test_budget_errors();
 	test_budget();
-	printf("test_prog_terminate: %d passed, %d failed\n", passed, failed);
-	return failed ? 1 : 0;
+	return tap_summary("test_prog_terminate");
 }

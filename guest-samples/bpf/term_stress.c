@@ -14,7 +14,7 @@
  *   term_stress hold                 (loads ts_hold and waits for SIGTERM)
  *
  * Each check prints one kselftest-like line (`ok N - name: details` or
- * `not ok N - name: why`), and the run ends with one summary line of
+ * `not ok N - name: why`, tap.h), and the run ends with one summary line of
  * key=value fields starting with `trigger` (the harness reads that line:
  * `failed=0` is the verdict).  Exit status 0 only if every check passed.
  *
@@ -44,6 +44,7 @@
 #include <sys/wait.h>
 
 #include "raw_bpf.h"
+#include "tap.h"
 
 #define TRACE_DIR "/sys/kernel/tracing"
 #define MAX_CPUS 8
@@ -57,33 +58,6 @@
 #endif
 
 /* ------------------------------------------------------------ reporting */
-
-static int passed, failed, skipped;
-
-static void check(bool ok, const char *name, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static void check(bool ok, const char *name, const char *fmt, ...)
-{
-	va_list ap;
-
-	printf("%s %d - %s", ok ? "ok" : "not ok", passed + failed + skipped + 1, name);
-	if (fmt) {
-		printf(": ");
-		va_start(ap, fmt);
-		vprintf(fmt, ap);
-		va_end(ap);
-	}
-	printf("\n");
-	if (ok)
-		passed++;
-	else
-		failed++;
-}
-
-static void skip(const char *name, const char *why)
-{
-	printf("ok %d - %s # SKIP %s\n", passed + failed + skipped + 1, name, why);
-	skipped++;
-}
 
 static void die(const char *what)
 {
@@ -1743,6 +1717,6 @@ int main(int argc, char **argv)
 		return usage();
 	}
 	printf("trigger mode=%s cpus=%d passed=%d failed=%d skipped=%d start_ns=%llu end_ns=%llu%s\n", mode, ncpus,
-	       passed, failed, skipped, (unsigned long long)start, (unsigned long long)now_ns(), summary);
-	return failed ? 1 : 0;
+	       tap.passed, tap.failed, tap.skipped, (unsigned long long)start, (unsigned long long)now_ns(), summary);
+	return tap.failed ? 1 : 0;
 }
