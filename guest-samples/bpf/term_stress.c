@@ -14,9 +14,10 @@
  *   term_stress hold                 (loads ts_hold and waits for SIGTERM)
  *
  * Each check prints one kselftest-like line (`ok N - name: details` or
- * `not ok N - name: why`, tap.h), and the run ends with one summary line of
- * key=value fields starting with `trigger` (the harness reads that line:
- * `failed=0` is the verdict).  Exit status 0 only if every check passed.
+ * `not ok N - name: why`, tap.h).  The run ends with one line of key=value
+ * fields starting with `trigger` (the harness reads that line: `failed=0` is
+ * the verdict), then `term_stress: N passed, M failed` (stress-proof.sh
+ * reads that one).  Exit status 0 only if every check passed.
  *
  * Programs (raw_tracepoint type, run with BPF_PROG_TEST_RUN, which returns
  * the program's result) and their normal results:
@@ -1718,5 +1719,5 @@ int main(int argc, char **argv)
 	}
 	printf("trigger mode=%s cpus=%d passed=%d failed=%d skipped=%d start_ns=%llu end_ns=%llu%s\n", mode, ncpus,
 	       tap.passed, tap.failed, tap.skipped, (unsigned long long)start, (unsigned long long)now_ns(), summary);
-	return tap.failed ? 1 : 0;
+	return tap_summary("term_stress");
 }
