@@ -202,6 +202,34 @@ static void get_term_info(int fd, struct termlab_prog_info *info);
 
 /* ------------------------------------------------------------- checks */
 
+/*
+ * The series' sysctls exist and are off on a freshly booted kernel: no demo
+ * delay, no fault injection, no system-wide runtime budget.  Run first,
+ * before anything here or in the proof writes them.
+ */
+static void test_sysctl_defaults(void)
+{
+	static const struct {
+		const char *path, *name;
+	} knobs[] = {
+		{ DEMO_DELAY_SYSCTL,
+		  "demo delay sysctl kernel.bpf_termination_demo_delay_ms exists, default 0" },
+		{ FAULT_SKIP_REWRITE_SYSCTL,
+		  "fault knob kernel.bpf_termination_fault_skip_rewrite exists, default 0" },
+		{ TERMLAB_MAX_RUNTIME_SYSCTL,
+		  "system-wide budget kernel.bpf_max_runtime_ms exists, default 0" },
+	};
+
+	for (size_t i = 0; i < sizeof(knobs) / sizeof(knobs[0]); i++) {
+		unsigned int value;
+
+		if (read_sysctl(knobs[i].path, &value))
+			check(value == 0, knobs[i].name, "%u", value);
+		else
+			check(false, knobs[i].name, "%s missing", knobs[i].path);
+	}
+}
+
 static void test_case1(const char *what, const struct bpf_insn *insns, size_t cnt)
 {
 	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, insns, cnt, "term_case1", 0);
@@ -495,14 +523,9 @@ static int write_max_runtime(unsigned int value)
 
 static unsigned int read_max_runtime(void)
 {
-	FILE *f = fopen(TERMLAB_MAX_RUNTIME_SYSCTL, "r");
-	unsigned int value = ~0u;
+	unsigned int value;
 
-	if (!f || fscanf(f, "%u", &value) != 1)
-		value = ~0u;
-	if (f)
-		fclose(f);
-	return value;
+	return read_sysctl(TERMLAB_MAX_RUNTIME_SYSCTL, &value) ? value : ~0u;
 }
 
 /* Every bad budget request fails with its documented errno and changes nothing. */
@@ -640,6 +663,7 @@ int main(void)
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	pin_to(TERMINATOR_CPU);
 	printf("TAP version 13\n");
+	test_sysctl_defaults();
 	test_errors();
 	test_kallsyms();
 	test_prog_info();

@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <linux/bpf.h>
 #include <sched.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -45,6 +46,8 @@
 #define JGT_IMM(DST, IMM, OFF) INSN(BPF_JMP | BPF_JGT | BPF_K, DST, 0, OFF, IMM)
 
 #define DEMO_DELAY_SYSCTL "/proc/sys/kernel/bpf_termination_demo_delay_ms"
+/* Fault injection (patch 0013): the IPI handler skips the first rewrite. */
+#define FAULT_SKIP_REWRITE_SYSCTL "/proc/sys/kernel/bpf_termination_fault_skip_rewrite"
 
 static inline long sys_bpf(int cmd, void *attr, unsigned int size)
 {
@@ -135,6 +138,17 @@ static inline void write_sysctl(const char *path, unsigned int value)
 		perror(path);
 		exit(1);
 	}
+}
+
+/* Reads the number in the sysctl file @path; false if it is missing or unreadable. */
+static inline bool read_sysctl(const char *path, unsigned int *value)
+{
+	FILE *f = fopen(path, "r");
+	bool ok = f && fscanf(f, "%u", value) == 1;
+
+	if (f)
+		fclose(f);
+	return ok;
 }
 
 #endif /* RAW_BPF_H */
