@@ -373,22 +373,39 @@ static void test_errors(void)
 	close(fd);
 }
 
+/* Does /proc/kallsyms list @symbol (as `ADDR t SYMBOL\t[bpf]`)? */
+static bool kallsyms_has(const char *symbol)
+{
+	char line[512], name[256];
+	bool found = false;
+	FILE *f = fopen("/proc/kallsyms", "r");
+
+	while (f && !found && fgets(line, sizeof(line), f))
+		found = sscanf(line, "%*s %*s %255s", name) == 1 && !strcmp(name, symbol);
+	if (f)
+		fclose(f);
+	return found;
+}
+
+/*
+ * A loaded program's two images are in kallsyms under the names perf and
+ * stack traces show: bpf_prog_<tag>_<name> and bpf_term_<tag>_<name>.
+ */
 static void test_kallsyms(void)
 {
 	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, two_slow_helpers, 5, "term_syms", 0);
-	char line[512];
-	bool orig = false, copy = false;
-	FILE *f = fopen("/proc/kallsyms", "r");
+	struct bpf_prog_info info;
+	char tag[2 * BPF_TAG_SIZE + 1], symbol[128], name[192];
 
-	while (f && fgets(line, sizeof(line), f)) {
-		if (strstr(line, " bpf_prog_") && strstr(line, "_term_syms"))
-			orig = true;
-		if (strstr(line, " bpf_term_") && strstr(line, "_term_syms"))
-			copy = true;
-	}
-	if (f)
-		fclose(f);
-	check(orig && copy, "kallsyms lists the original and the copy", "orig %d copy %d", orig, copy);
+	raw_prog_info(fd, &info);
+	for (int i = 0; i < BPF_TAG_SIZE; i++)
+		sprintf(tag + 2 * i, "%02x", info.tag[i]);
+	snprintf(symbol, sizeof(symbol), "bpf_prog_%s_term_syms", tag);
+	snprintf(name, sizeof(name), "kallsyms lists the original image %s", symbol);
+	check(kallsyms_has(symbol), name, NULL);
+	snprintf(symbol, sizeof(symbol), "bpf_term_%s_term_syms", tag);
+	snprintf(name, sizeof(name), "kallsyms lists the termination copy %s", symbol);
+	check(kallsyms_has(symbol), name, NULL);
 	close(fd);
 }
 
