@@ -15,8 +15,13 @@
  * must stop the same programs through the same mechanism, never before the
  * budget and about a tick after it.
  *
- * Needs 2 CPUs, root, and the kernel.bpf_termination_demo_delay_ms sysctl.
- * Prints one TAP line per check and "test_prog_terminate: N passed, M failed".
+ * Each stop is also checked in the kernel's own account of it, the bpf
+ * trace events; --latency-ms bounds how long after its interrupted helper a
+ * stopped run returns (default 500).
+ *
+ * Needs 2 CPUs, root, tracefs and the kernel.bpf_termination_demo_delay_ms
+ * sysctl.  Prints one TAP line per check (tap.h) and
+ * "test_prog_terminate: N passed, M failed".
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -200,6 +205,102 @@ static double ms(uint64_t ns)
 
 static void get_term_info(int fd, struct termlab_prog_info *info);
 
+/* ------------------------------------------------------------- trace */
+
+#define TRACE_DIR "/sys/kernel/tracing"
+
+/* Bound on a stopped run's return after its interrupted helper (--latency-ms). */
+static unsigned int latency_ms = 500;
+
+/*
+ * The last line of event bpf:@event in the trace buffer, of program @id
+ * (0: of any program), without its newline; false if there is none.
+ */
+static bool last_event(const char *event, uint32_t id, char *out, size_t size)
+{
+	char name[96], prog[32], *line = NULL;
+	size_t cap = 0;
+	ssize_t len;
+	bool found = false;
+	FILE *f = fopen(TRACE_DIR "/trace", "r");
+
+	snprintf(name, sizeof(name), " %s: ", event);
+	snprintf(prog, sizeof(prog), " prog_id=%u ", id);
+	while (f && (len = getline(&line, &cap, f)) > 0) {
+		if (!strstr(line, name) || (id && !strstr(line, prog)))
+			continue;
+		if (line[len - 1] == '\n')
+			line[len - 1] = 0;
+		snprintf(out, size, "%s", line);
+		found = true;
+	}
+	free(line);
+	if (f)
+		fclose(f);
+	if (!found)
+		snprintf(out, size, "(no %s event)", event);
+	printf("# trace: %s\n", out);
+	return found;
+}
+
+/* The number after ` @key=` in an event line; -1 if it has none. */
+static long long event_field(const char *line, const char *key)
+{
+	char pattern[32];
+	const char *at;
+
+	snprintf(pattern, sizeof(pattern), " %s=", key);
+	at = strstr(line, pattern);
+	return at ? strtoll(at + strlen(pattern), NULL, 10) : -1;
+}
+
+/*
+ * The kernel's own account (patch 0006's events) of the stop of program
+ * @id's run inside its first slow helper: one CPU stopped in case 1, its
+ * frames rewritten and none lost; the events in their causal order; the
+ * run's return shortly after the interrupted helper's.  Returns the number
+ * of frames the handler rewrote (-1: no handler event).
+ */
+static long long check_trace_of_stop(const char *what, uint32_t id)
+{
+	char request[512], handler[512], done[512], returned[512], helper[512], name[192];
+	long long t_req, t_stop, t_done, t_helper, t_ret;
+
+	last_event("bpf_prog_terminate_request", id, request, sizeof(request));
+	last_event("bpf_prog_terminate", id, handler, sizeof(handler));
+	last_event("bpf_prog_terminate_done", id, done, sizeof(done));
+	last_event("bpf_prog_terminated_return", id, returned, sizeof(returned));
+	/* The demo helper's event has no program id: the last one is this run's. */
+	last_event("bpf_termination_demo_delay_done", 0, helper, sizeof(helper));
+
+	snprintf(name, sizeof(name), "%s: trace: one CPU stopped in case 1, frames rewritten, nothing lost",
+		 what);
+	check(event_field(handler, "case") == 1 && event_field(handler, "lost") == 0 &&
+	      event_field(handler, "frames") >= 1, name, "%s", handler);
+	snprintf(name, sizeof(name), "%s: trace: the request returned 1 (CPUs stopped)", what);
+	check(event_field(done, "ret") == 1, name, "%s", done);
+
+	t_req = event_field(request, "ts_ns");
+	t_stop = event_field(handler, "ts_ns");
+	t_done = event_field(done, "ts_ns");
+	t_helper = event_field(helper, "ts_ns");
+	t_ret = event_field(returned, "ts_ns");
+	snprintf(name, sizeof(name),
+		 "%s: trace: request <= handler done <= call returns, request < helper returns <= run returns",
+		 what);
+	check(t_req > 0 && t_stop > 0 && t_done > 0 && t_helper > 0 && t_ret > 0 && t_req <= t_stop &&
+	      t_stop <= t_done && t_req < t_helper && t_helper <= t_ret, name,
+	      "request %lld, handler %lld, done %lld, helper %lld, return %lld", t_req, t_stop, t_done,
+	      t_helper, t_ret);
+	snprintf(name, sizeof(name),
+		 "%s: trace: the run returned within %u ms of the interrupted helper (case 1 tail)", what,
+		 latency_ms);
+	check(t_helper > 0 && t_ret >= t_helper && t_ret - t_helper < latency_ms * 1000000LL, name,
+	      "%.3f ms; mechanism (request -> handler done) %.3f ms", ms(t_ret - t_helper),
+	      ms(t_stop - t_req));
+	return event_field(handler, "frames");
+}
+
 /* ------------------------------------------------------------- checks */
 
 /*
@@ -230,7 +331,8 @@ static void test_sysctl_defaults(void)
 	}
 }
 
-static void test_case1(const char *what, const struct bpf_insn *insns, size_t cnt)
+/* Returns the frames the stop rewrote, as traced (-1: not traced). */
+static long long test_case1(const char *what, const struct bpf_insn *insns, size_t cnt)
 {
 	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, insns, cnt, "term_case1", 0);
 	uint32_t id = prog_id(fd);
@@ -239,6 +341,7 @@ static void test_case1(const char *what, const struct bpf_insn *insns, size_t cn
 	uint64_t term_ns;
 	int term_errno;
 	long ret;
+	long long frames;
 	char name[128];
 
 	set_delay(DELAY_MS);
@@ -258,6 +361,7 @@ static void test_case1(const char *what, const struct bpf_insn *insns, size_t cn
 	check(ms(run.end_ns - run.start_ns) < 1.5 * DELAY_MS, name,
 	      "run %.0f ms, terminate->return %.3f ms", ms(run.end_ns - run.start_ns),
 	      ms(run.end_ns - term_ns));
+	frames = check_trace_of_stop(what, id);
 	get_term_info(fd, &info);
 	snprintf(name, sizeof(name), "%s: prog info counts one run terminated on demand", what);
 	check(info.nr_terminated_on_demand == 1 && info.nr_terminated_budget == 0 &&
@@ -272,6 +376,49 @@ static void test_case1(const char *what, const struct bpf_insn *insns, size_t cn
 	      name, "retval %d, %.0f ms", (int)run.retval, ms(run.end_ns - run.start_ns));
 
 	set_delay(0);
+	close(fd);
+	return frames;
+}
+
+/*
+ * Fault injection (kernel.bpf_termination_fault_skip_rewrite=1): the IPI
+ * handler skips the first return address it would rewrite, so the
+ * interrupted helper returns into the original image and the second slow
+ * call runs after all.  The mechanism is what the test sees: a stop that
+ * rewrites one frame fewer than @frames_ok (the same program's normal
+ * stop) leaves the run in the original.
+ */
+static void test_skip_rewrite(const struct bpf_insn *insns, size_t cnt, long long frames_ok)
+{
+	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, insns, cnt, "term_skip", 0);
+	uint32_t id = prog_id(fd);
+	struct run run = { .prog_fd = fd };
+	char handler[512];
+	uint64_t term_ns;
+	unsigned int knob;
+	int term_errno;
+	long ret;
+
+	if (!read_sysctl(FAULT_SKIP_REWRITE_SYSCTL, &knob)) {
+		check(false, "skip_rewrite=1: the fault knob exists", "%s missing",
+		      FAULT_SKIP_REWRITE_SYSCTL);
+		close(fd);
+		return;
+	}
+	set_delay(DELAY_MS);
+	write_sysctl(FAULT_SKIP_REWRITE_SYSCTL, 1);
+	ret = run_and_terminate(&run, id, DELAY_MS / 2, &term_ns, &term_errno);
+	write_sysctl(FAULT_SKIP_REWRITE_SYSCTL, 0);
+	set_delay(0);
+	last_event("bpf_prog_terminate", id, handler, sizeof(handler));
+	check(ret == 1 && event_field(handler, "frames") == frames_ok - 1,
+	      "skip_rewrite=1: the handler rewrote one frame fewer (the first was skipped)",
+	      "terminate %ld, %lld frames, %lld without the fault", ret,
+	      event_field(handler, "frames"), frames_ok);
+	check(!run.err && run.retval == 0,
+	      "skip_rewrite=1: the helper returned into the original: second slow call ran",
+	      "retval %d (-1: it was stubbed), %.0f ms", (int)run.retval,
+	      ms(run.end_ns - run.start_ns));
 	close(fd);
 }
 
@@ -675,16 +822,47 @@ static void test_budget(void)
 	close(fd);
 }
 
-int main(void)
+/* Turns on the bpf trace events (the kernel's account of each stop). */
+static void enable_trace_events(void)
 {
+	FILE *f = fopen(TRACE_DIR "/events/bpf/enable", "w");
+	bool ok = f && fputs("1\n", f) >= 0;
+
+	ok = f && !fclose(f) && ok;
+	check(ok, "bpf trace events enabled (" TRACE_DIR "/events/bpf)", ok ? NULL : "%s",
+	      strerror(errno));
+}
+
+static int usage(void)
+{
+	fprintf(stderr, "usage: test_prog_terminate [--latency-ms MS]\n");
+	return 2;
+}
+
+int main(int argc, char **argv)
+{
+	long long frames;
+
+	for (int i = 1; i < argc; i++) {
+		char *end;
+
+		if (strcmp(argv[i], "--latency-ms") || i + 1 == argc)
+			return usage();
+		errno = 0;
+		latency_ms = strtoul(argv[++i], &end, 10);
+		if (errno || *end || !latency_ms)
+			return usage();
+	}
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	pin_to(TERMINATOR_CPU);
 	printf("TAP version 13\n");
 	test_sysctl_defaults();
+	enable_trace_events();
 	test_errors();
 	test_kallsyms();
 	test_prog_info();
-	test_case1("case 1", two_slow_helpers, 5);
+	frames = test_case1("case 1", two_slow_helpers, 5);
+	test_skip_rewrite(two_slow_helpers, 5, frames);
 	test_case1("subprog", subprog_slow_helpers,
 		   sizeof(subprog_slow_helpers) / sizeof(subprog_slow_helpers[0]));
 	test_case2();
