@@ -278,51 +278,25 @@ set_delay "$DELAY_MS"
 check "with the delay sysctl at 0 the slow helper is not slow ($(field duration_ms "$run") ms)" \
 	"got: $run" "$(field duration_ms "$run")" -lt 100 -a "$(field exited "$run")" = 1
 
-# --- 4. errors, each leaving everything unchanged -------------------------------
-result=$(prog_terminate 4000000000)
-echo "# $result"
-check "unknown id -> ENOENT" "got: $result" "$(field errno "$result")" = ENOENT
+# --- 4. errors: bpftool's messages ------------------------------------------------
+# The errnos themselves (ENOENT, ESRCH, EINVAL, EPERM, idle and while a run is in
+# progress, each leaving the program unchanged) are test_prog_terminate's checks;
+# here, what the user-facing command says.
 result=$(bpftool prog terminate id 4000000000 2>&1)
 status=$?
 check "bpftool prog terminate of an unknown id fails with the ENOENT text" \
 	"exit status $status: $result" $status -ne 0 -a -n "$(echo "$result" | grep 'No such file or directory')"
 
-result=$(prog_terminate "$PROG_ID")
-echo "# $result"
-check "loaded but not running -> ESRCH" "got: $result" "$(field errno "$result")" = ESRCH
-expect_full_run loops "after ESRCH the program still runs the original"
-
-# EINVAL and EPERM are tried while a run is in progress: they must not stop it.
-if trigger_in_background loops; then
-	result=$(prog_terminate --flags 2 "$PROG_ID")
-	echo "# $result"
-	check "unknown flag bit (flags=2) on a running program -> EINVAL" "got: $result" \
-		"$(field errno "$result")" = EINVAL
-	result=$(prog_terminate --flags 2147483648 "$PROG_ID")
-	echo "# $result"
-	check "unknown flag bit (flags=1<<31) -> EINVAL" "got: $result" "$(field errno "$result")" = EINVAL
-
-	# With unprivileged_bpf_disabled=0 the bpf() syscall lets an unprivileged
-	# caller reach the command, so the EPERM comes from its own capability check.
-	unpriv_before=$(cat $UNPRIV_SYSCTL 2>/dev/null)
-	echo 0 >$UNPRIV_SYSCTL 2>/dev/null
-	result=$(su nobody -s /bin/sh -c "prog_terminate $PROG_ID" 2>&1 | grep '^terminate ')
-	echo "# as nobody (unprivileged_bpf_disabled=$(cat $UNPRIV_SYSCTL 2>/dev/null)): $result"
-	check "unprivileged user -> EPERM" "got: ${result:-no output}" "$(field errno "$result")" = EPERM
-	result=$(su nobody -s /bin/sh -c "bpftool prog terminate id $PROG_ID" 2>&1)
-	status=$?
-	check "unprivileged bpftool prog terminate fails with the EPERM text" \
-		"exit status $status: $result" $status -ne 0 -a -n "$(echo "$result" | grep 'Operation not permitted')"
-	[ -n "$unpriv_before" ] && echo "$unpriv_before" >$UNPRIV_SYSCTL 2>/dev/null
-
-	wait_trigger
-	duration=$(field duration_ms "$RUN")
-	check "the run with EINVAL/EPERM attempts was not stopped (~2x delay, ${duration:-?} ms, real timestamps)" \
-		"got: $RUN" -n "$duration" -a "${duration:-0}" -ge $((DELAY_MS * 19 / 10)) \
-		-a "$(field second_done "$RUN"):$(field exited "$RUN")" = "1:1"
-else
-	not_ok "run for the EINVAL/EPERM checks starts" "the program never entered"
-fi
+# With unprivileged_bpf_disabled=0 the bpf() syscall lets an unprivileged
+# caller reach the command, so the EPERM comes from its own capability check
+# (which comes before the idle program's ESRCH).
+unpriv_before=$(cat $UNPRIV_SYSCTL 2>/dev/null)
+echo 0 >$UNPRIV_SYSCTL 2>/dev/null
+result=$(su nobody -s /bin/sh -c "bpftool prog terminate id $PROG_ID" 2>&1)
+status=$?
+check "unprivileged bpftool prog terminate fails with the EPERM text" \
+	"exit status $status: $result" $status -ne 0 -a -n "$(echo "$result" | grep 'Operation not permitted')"
+[ -n "$unpriv_before" ] && echo "$unpriv_before" >$UNPRIV_SYSCTL 2>/dev/null
 
 # --- terminate twice, with the seed's bare `bpftool prog terminate ID` --------
 # The second call comes while the stopped run still sits in its first slow

@@ -471,6 +471,27 @@ static void test_stub_zeroes_buffer(void)
 	close(fd);
 }
 
+/*
+ * BPF_PROG_TERMINATE of @id from a child that dropped every uid and gid to
+ * nobody, and so every capability.  Returns the call's errno (100: the
+ * child could not drop them, 101: the call succeeded).
+ */
+static int unprivileged_terminate(uint32_t id)
+{
+	pid_t child = fork();
+	int status;
+
+	if (!child) {
+		if (setresgid(65534, 65534, 65534) || setresuid(65534, 65534, 65534))
+			_exit(100);
+		errno = 0;
+		_exit(terminate(id, 0) == -1 ? errno : 101);
+	}
+	if (child < 0 || waitpid(child, &status, 0) != child || !WIFEXITED(status))
+		return -1;
+	return WEXITSTATUS(status);
+}
+
 static void test_errors(void)
 {
 	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, return_zero, 2, "term_idle", 0);
@@ -479,7 +500,6 @@ static void test_errors(void)
 	uint32_t id = prog_id(fd);
 	struct { struct termlab_prog_terminate_attr t; uint32_t pad; } padded = { { id, 0 }, 1 };
 	long ret;
-	pid_t child;
 	int status;
 
 	errno = 0;
@@ -496,17 +516,8 @@ static void test_errors(void)
 	check(ret == -1 && errno == EOPNOTSUPP, "sleepable program -> EOPNOTSUPP", "%ld %s", ret,
 	      strerror(errno));
 
-	child = fork();
-	if (!child) {
-		/* Dropping all uids to nobody drops every capability. */
-		if (setresgid(65534, 65534, 65534) || setresuid(65534, 65534, 65534))
-			_exit(100);
-		errno = 0;
-		_exit(terminate(id, 0) == -1 ? errno : 101);
-	}
-	waitpid(child, &status, 0);
-	check(WIFEXITED(status) && WEXITSTATUS(status) == EPERM, "unprivileged -> EPERM",
-	      "child exit %d", WEXITSTATUS(status));
+	status = unprivileged_terminate(id);
+	check(status == EPERM, "unprivileged -> EPERM", "child exit %d", status);
 
 	/* Nothing above changed the program: it still runs normally. */
 	{
@@ -517,6 +528,56 @@ static void test_errors(void)
 		      "retval %d", (int)run.retval);
 	}
 	close(sleepable);
+	close(fd);
+}
+
+/*
+ * Bad requests for a program that is running: unknown flag bits (EINVAL)
+ * and an unprivileged caller (EPERM) are refused before anything is done,
+ * and the run they were aimed at goes on untouched: both slow helpers, in
+ * the original.
+ */
+static void test_errors_while_running(void)
+{
+	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, two_slow_helpers, 5, "term_busy", 0);
+	uint32_t id = prog_id(fd);
+	struct run run = { .prog_fd = fd };
+	struct timespec half = { DELAY_MS / 2 / 1000, (DELAY_MS / 2 % 1000) * 1000000L };
+	long flag1, flag31;
+	int errno1, errno31, unpriv;
+	bool running;
+	pthread_t t;
+
+	set_delay(DELAY_MS);
+	run.started = false;
+	pthread_create(&t, NULL, runner, &run);
+	while (!run.started)
+		sched_yield();
+	nanosleep(&half, NULL);
+	errno = 0;
+	flag1 = terminate(id, 1U << 1);
+	errno1 = errno;
+	errno = 0;
+	flag31 = terminate(id, 1U << 31);
+	errno31 = errno;
+	unpriv = unprivileged_terminate(id);
+	running = !*(volatile uint64_t *)&run.end_ns;
+	pthread_join(t, NULL);
+	set_delay(0);
+
+	check(flag1 == -1 && errno1 == EINVAL, "unknown flag bit (flags=2) on a running program -> EINVAL",
+	      "%ld %s", flag1, strerror(errno1));
+	check(flag31 == -1 && errno31 == EINVAL,
+	      "unknown flag bit (flags=1<<31) on a running program -> EINVAL", "%ld %s", flag31,
+	      strerror(errno31));
+	check(unpriv == EPERM, "unprivileged user on a running program -> EPERM", "child exit %d",
+	      unpriv);
+	check(running && !run.err && run.retval == 0 &&
+	      ms(run.end_ns - run.start_ns) >= 2 * DELAY_MS * 0.95,
+	      "the run with EINVAL/EPERM attempts was not stopped (both slow helpers, in the original)",
+	      "%s during the calls, retval %d, %.0f ms (delay %d ms)",
+	      running ? "running" : "no longer running", (int)run.retval,
+	      ms(run.end_ns - run.start_ns), DELAY_MS);
 	close(fd);
 }
 
@@ -833,6 +894,38 @@ static void enable_trace_events(void)
 	      strerror(errno));
 }
 
+#define UNPRIV_BPF_SYSCTL "/proc/sys/kernel/unprivileged_bpf_disabled"
+static unsigned int unpriv_bpf_before = ~0u;
+
+/*
+ * With kernel.unprivileged_bpf_disabled=0 the bpf() syscall lets an
+ * unprivileged caller reach the command, so the EPERM checks see the
+ * command's own capability check, not the global switch (1 cannot be
+ * undone: the checks then say so by failing).  restore_unprivileged_bpf()
+ * puts the value back.
+ */
+static void allow_unprivileged_bpf(void)
+{
+	FILE *f;
+	bool ok;
+
+	if (!read_sysctl(UNPRIV_BPF_SYSCTL, &unpriv_bpf_before) || !unpriv_bpf_before)
+		return;
+	f = fopen(UNPRIV_BPF_SYSCTL, "w");
+	ok = f && fputs("0\n", f) >= 0;
+	if (f && fclose(f))
+		ok = false;
+	if (!ok)
+		printf("# cannot set %s to 0 (it was %u): %s\n", UNPRIV_BPF_SYSCTL, unpriv_bpf_before,
+		       strerror(errno));
+}
+
+static void restore_unprivileged_bpf(void)
+{
+	if (unpriv_bpf_before && unpriv_bpf_before != ~0u)
+		write_sysctl(UNPRIV_BPF_SYSCTL, unpriv_bpf_before);
+}
+
 static int usage(void)
 {
 	fprintf(stderr, "usage: test_prog_terminate [--latency-ms MS]\n");
@@ -858,7 +951,9 @@ int main(int argc, char **argv)
 	printf("TAP version 13\n");
 	test_sysctl_defaults();
 	enable_trace_events();
+	allow_unprivileged_bpf();
 	test_errors();
+	test_errors_while_running();
 	test_kallsyms();
 	test_prog_info();
 	frames = test_case1("case 1", two_slow_helpers, 5);
@@ -869,5 +964,6 @@ int main(int argc, char **argv)
 	test_stub_zeroes_buffer();
 	test_budget_errors();
 	test_budget();
+	restore_unprivileged_bpf();
 	return tap_summary("test_prog_terminate");
 }
