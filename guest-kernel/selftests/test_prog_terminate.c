@@ -213,34 +213,41 @@ static void get_term_info(int fd, struct termlab_prog_info *info);
 static unsigned int latency_ms = 500;
 
 /*
- * The last line of event bpf:@event in the trace buffer, of program @id
- * (0: of any program), without its newline; false if there is none.
+ * How many lines of event bpf:@event of program @id (0: of any program)
+ * the trace buffer holds; the last one, without its newline, in @last.
  */
-static bool last_event(const char *event, uint32_t id, char *out, size_t size)
+static int scan_events(const char *event, uint32_t id, char *last, size_t size)
 {
 	char name[96], prog[32], *line = NULL;
 	size_t cap = 0;
 	ssize_t len;
-	bool found = false;
+	int count = 0;
 	FILE *f = fopen(TRACE_DIR "/trace", "r");
 
 	snprintf(name, sizeof(name), " %s: ", event);
 	snprintf(prog, sizeof(prog), " prog_id=%u ", id);
+	snprintf(last, size, "(no %s event)", event);
 	while (f && (len = getline(&line, &cap, f)) > 0) {
 		if (!strstr(line, name) || (id && !strstr(line, prog)))
 			continue;
 		if (line[len - 1] == '\n')
 			line[len - 1] = 0;
-		snprintf(out, size, "%s", line);
-		found = true;
+		snprintf(last, size, "%s", line);
+		count++;
 	}
 	free(line);
 	if (f)
 		fclose(f);
-	if (!found)
-		snprintf(out, size, "(no %s event)", event);
+	return count;
+}
+
+/* The last line of event bpf:@event of program @id (0: any), printed as a comment. */
+static bool last_event(const char *event, uint32_t id, char *out, size_t size)
+{
+	int count = scan_events(event, id, out, size);
+
 	printf("# trace: %s\n", out);
-	return found;
+	return count > 0;
 }
 
 /* The number after ` @key=` in an event line; -1 if it has none. */
@@ -578,6 +585,76 @@ static void test_errors_while_running(void)
 	      "%s during the calls, retval %d, %.0f ms (delay %d ms)",
 	      running ? "running" : "no longer running", (int)run.retval,
 	      ms(run.end_ns - run.start_ns), DELAY_MS);
+	close(fd);
+}
+
+/*
+ * Calls that come while a stopped run still sits in its first slow helper
+ * (it returns about a delay later): the run is running, but already
+ * stopped.  The kernel says so (EALREADY), counts and traces that run once,
+ * and once the run has returned, the program is idle again (ESRCH); the
+ * next run is the original.
+ */
+static void test_terminate_twice(void)
+{
+	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, two_slow_helpers, 5, "term_twice", 0);
+	uint32_t id = prog_id(fd);
+	struct run run = { .prog_fd = fd };
+	struct termlab_prog_info info = {};
+	struct timespec half = { DELAY_MS / 2 / 1000, (DELAY_MS / 2 % 1000) * 1000000L };
+	long first, second, third, after;
+	int errno2, errno3, errno_after, stops;
+	char handler[512];
+	bool running;
+	pthread_t t;
+
+	set_delay(DELAY_MS);
+	run.started = false;
+	pthread_create(&t, NULL, runner, &run);
+	while (!run.started)
+		sched_yield();
+	nanosleep(&half, NULL);
+	first = terminate(id, 0);
+	errno = 0;
+	second = terminate(id, 0);
+	errno2 = errno;
+	errno = 0;
+	third = terminate(id, 0);
+	errno3 = errno;
+	running = !*(volatile uint64_t *)&run.end_ns;
+	pthread_join(t, NULL);
+	errno = 0;
+	after = terminate(id, 0);
+	errno_after = errno;
+	get_term_info(fd, &info);
+	stops = scan_events("bpf_prog_terminate", id, handler, sizeof(handler));
+
+	check(first == 1, "terminate twice: first call stops it", "returned %ld", first);
+	check(running, "terminate twice: the run was still in its slow call for the later calls",
+	      NULL);
+	check(second == -1 && errno2 == EALREADY,
+	      "terminate twice: a second call on the stopped run -> EALREADY", "%ld %s", second,
+	      strerror(errno2));
+	check(third == -1 && errno3 == EALREADY,
+	      "terminate twice: a third call on the stopped run -> EALREADY", "%ld %s", third,
+	      strerror(errno3));
+	check(!run.err && (int)run.retval == -1 && ms(run.end_ns - run.start_ns) < 1.5 * DELAY_MS,
+	      "terminate twice: the run ended after one delay, second helper stubbed",
+	      "retval %d, %.0f ms (delay %d ms)", (int)run.retval, ms(run.end_ns - run.start_ns),
+	      DELAY_MS);
+	check(info.nr_terminated_on_demand == 1,
+	      "terminate twice: the run is counted once (nr_terminated_on_demand 1)", "%llu",
+	      (unsigned long long)info.nr_terminated_on_demand);
+	check(stops == 1, "terminate twice: one bpf_prog_terminate event for the run", "%d events",
+	      stops);
+	check(after == -1 && errno_after == ESRCH, "terminate after the run ended -> ESRCH", "%ld %s",
+	      after, strerror(errno_after));
+
+	run_sync(&run);
+	check(!run.err && run.retval == 0 && ms(run.end_ns - run.start_ns) >= 2 * DELAY_MS * 0.95,
+	      "after terminations the next run is the original again", "retval %d, %.0f ms",
+	      (int)run.retval, ms(run.end_ns - run.start_ns));
+	set_delay(0);
 	close(fd);
 }
 
@@ -958,6 +1035,7 @@ int main(int argc, char **argv)
 	test_prog_info();
 	frames = test_case1("case 1", two_slow_helpers, 5);
 	test_skip_rewrite(two_slow_helpers, 5, frames);
+	test_terminate_twice();
 	test_case1("subprog", subprog_slow_helpers,
 		   sizeof(subprog_slow_helpers) / sizeof(subprog_slow_helpers[0]));
 	test_case2();
