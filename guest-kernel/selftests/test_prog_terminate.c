@@ -658,6 +658,43 @@ static void test_terminate_twice(void)
 	close(fd);
 }
 
+#define JIT_HARDEN_SYSCTL "/proc/sys/net/core/bpf_jit_harden"
+
+/*
+ * Constructs the kernel refuses to terminate (EOPNOTSUPP), checked before
+ * whether a run is in progress: a tail call (the callee's frames have no
+ * copy), and constant blinding (bpf_jit_harden=2), which rewrites the two
+ * images differently, so there is no exact map between them.
+ */
+static void test_refused_constructs(void)
+{
+	unsigned int harden;
+	int map_fd, fd = raw_load_tail_call("term_tail", &map_fd);
+	long ret;
+
+	errno = 0;
+	ret = terminate(prog_id(fd), 0);
+	check(ret == -1 && errno == EOPNOTSUPP, "program with a tail call -> EOPNOTSUPP", "%ld %s",
+	      ret, strerror(errno));
+	close(fd);
+	close(map_fd);
+
+	if (!read_sysctl(JIT_HARDEN_SYSCTL, &harden)) {
+		check(false, "program JITed with constant blinding (bpf_jit_harden=2) -> EOPNOTSUPP",
+		      "%s missing", JIT_HARDEN_SYSCTL);
+		return;
+	}
+	write_sysctl(JIT_HARDEN_SYSCTL, 2);
+	fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, two_slow_helpers, 5, "term_blinded", 0);
+	write_sysctl(JIT_HARDEN_SYSCTL, harden);
+	errno = 0;
+	ret = terminate(prog_id(fd), 0);
+	check(ret == -1 && errno == EOPNOTSUPP,
+	      "program JITed with constant blinding (bpf_jit_harden=2) -> EOPNOTSUPP", "%ld %s", ret,
+	      strerror(errno));
+	close(fd);
+}
+
 /* Does /proc/kallsyms list @symbol (as `ADDR t SYMBOL\t[bpf]`)? */
 static bool kallsyms_has(const char *symbol)
 {
@@ -1031,6 +1068,7 @@ int main(int argc, char **argv)
 	allow_unprivileged_bpf();
 	test_errors();
 	test_errors_while_running();
+	test_refused_constructs();
 	test_kallsyms();
 	test_prog_info();
 	frames = test_case1("case 1", two_slow_helpers, 5);

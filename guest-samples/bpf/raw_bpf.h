@@ -92,6 +92,38 @@ static inline int raw_load(enum bpf_prog_type type, const struct bpf_insn *insns
 	exit(1);
 }
 
+/*
+ * Loads @name, a program that tail-calls into an empty program array (so it
+ * returns 0), a construct with no termination copy: BPF_PROG_TERMINATE
+ * refuses it (EOPNOTSUPP).  The array's fd goes to *@map_fd; exits on
+ * failure.
+ */
+static inline int raw_load_tail_call(const char *name, int *map_fd)
+{
+	union bpf_attr attr;
+	struct bpf_insn insns[] = {
+		INSN(BPF_LD | BPF_DW | BPF_IMM, BPF_REG_2, BPF_PSEUDO_MAP_FD, 0, 0),
+		INSN(0, 0, 0, 0, 0),
+		MOV64_IMM(BPF_REG_3, 0),
+		CALL_HELPER(BPF_FUNC_tail_call),
+		MOV64_IMM(BPF_REG_0, 0),
+		EXIT(),
+	};
+
+	memset(&attr, 0, sizeof(attr));
+	attr.map_type = BPF_MAP_TYPE_PROG_ARRAY;
+	attr.key_size = 4;
+	attr.value_size = 4;
+	attr.max_entries = 1;
+	*map_fd = sys_bpf(BPF_MAP_CREATE, &attr, sizeof(attr));
+	if (*map_fd < 0) {
+		perror("BPF_MAP_CREATE prog array");
+		exit(1);
+	}
+	insns[0].imm = *map_fd;
+	return raw_load(BPF_PROG_TYPE_RAW_TRACEPOINT, insns, sizeof(insns) / sizeof(insns[0]), name, 0);
+}
+
 /* The kernel's bpf_prog_info of the program behind @fd; exits on failure. */
 static inline void raw_prog_info(int fd, struct bpf_prog_info *info)
 {

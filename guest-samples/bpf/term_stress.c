@@ -214,30 +214,6 @@ static const struct bpf_insn tp_prog[] = {
 	EXIT(),								/* 7 */
 };
 
-static int load_tail_prog(int *map_fd)
-{
-	union bpf_attr attr;
-	struct bpf_insn insns[] = {
-		INSN(BPF_LD | BPF_DW | BPF_IMM, BPF_REG_2, BPF_PSEUDO_MAP_FD, 0, 0),
-		INSN(0, 0, 0, 0, 0),
-		MOV64_IMM(BPF_REG_3, 0),
-		CALL_HELPER(BPF_FUNC_tail_call),
-		MOV64_IMM(BPF_REG_0, 0),
-		EXIT(),
-	};
-
-	memset(&attr, 0, sizeof(attr));
-	attr.map_type = BPF_MAP_TYPE_PROG_ARRAY;
-	attr.key_size = 4;
-	attr.value_size = 4;
-	attr.max_entries = 1;
-	*map_fd = sys_bpf(BPF_MAP_CREATE, &attr, sizeof(attr));
-	if (*map_fd < 0)
-		die("BPF_MAP_CREATE prog array");
-	insns[0].imm = *map_fd;
-	return raw_load(BPF_PROG_TYPE_RAW_TRACEPOINT, insns, 6, "ts_tail", 0);
-}
-
 enum { P_HELPER, P_TEXT, P_SHORT, NPROGS };
 static const char *const prog_names[NPROGS] = { "ts_helper", "ts_text", "ts_short" };
 
@@ -1491,7 +1467,7 @@ static void do_fuzz(unsigned long n, bool unpriv)
 		die("mmap");
 	idle = load_prog(P_HELPER);
 	t = attach_tp();
-	tail_fd = load_tail_prog(&tail_map);
+	tail_fd = raw_load_tail_call("ts_tail", &tail_map);
 	tg.idle_id = idle.id;
 	tg.linked_id = t.id;
 	tg.notsupp_id = raw_prog_id(tail_fd);
