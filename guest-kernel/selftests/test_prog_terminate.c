@@ -179,18 +179,33 @@ static void run_sync(struct run *run)
  * Start a run on RUNNER_CPU, terminate it from this CPU after @after_ms.
  * Returns terminate()'s result; *term_ns is the time of the call.
  */
-static long run_and_terminate(struct run *run, uint32_t id, unsigned int after_ms,
-			      uint64_t *term_ns, int *term_errno)
+/* Starts a run on RUNNER_CPU and returns its thread @after_ms after it began. */
+static pthread_t start_run(struct run *run, unsigned int after_ms)
 {
 	struct timespec d = { after_ms / 1000, (after_ms % 1000) * 1000000L };
 	pthread_t t;
-	long ret;
 
 	run->started = false;
+	run->end_ns = 0;
 	pthread_create(&t, NULL, runner, run);
 	while (!run->started)
 		sched_yield();
 	nanosleep(&d, NULL);
+	return t;
+}
+
+/* Whether the run started by start_run() is still going. */
+static bool still_running(const struct run *run)
+{
+	return !*(volatile const uint64_t *)&run->end_ns;
+}
+
+static long run_and_terminate(struct run *run, uint32_t id, unsigned int after_ms,
+			      uint64_t *term_ns, int *term_errno)
+{
+	pthread_t t = start_run(run, after_ms);
+	long ret;
+
 	*term_ns = now_ns();
 	ret = terminate(id, 0);
 	*term_errno = errno;
@@ -549,18 +564,13 @@ static void test_errors_while_running(void)
 	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, two_slow_helpers, 5, "term_busy", 0);
 	uint32_t id = prog_id(fd);
 	struct run run = { .prog_fd = fd };
-	struct timespec half = { DELAY_MS / 2 / 1000, (DELAY_MS / 2 % 1000) * 1000000L };
 	long flag1, flag31;
 	int errno1, errno31, unpriv;
 	bool running;
 	pthread_t t;
 
 	set_delay(DELAY_MS);
-	run.started = false;
-	pthread_create(&t, NULL, runner, &run);
-	while (!run.started)
-		sched_yield();
-	nanosleep(&half, NULL);
+	t = start_run(&run, DELAY_MS / 2);
 	errno = 0;
 	flag1 = terminate(id, 1U << 1);
 	errno1 = errno;
@@ -568,7 +578,7 @@ static void test_errors_while_running(void)
 	flag31 = terminate(id, 1U << 31);
 	errno31 = errno;
 	unpriv = unprivileged_terminate(id);
-	running = !*(volatile uint64_t *)&run.end_ns;
+	running = still_running(&run);
 	pthread_join(t, NULL);
 	set_delay(0);
 
@@ -601,7 +611,6 @@ static void test_terminate_twice(void)
 	uint32_t id = prog_id(fd);
 	struct run run = { .prog_fd = fd };
 	struct termlab_prog_info info = {};
-	struct timespec half = { DELAY_MS / 2 / 1000, (DELAY_MS / 2 % 1000) * 1000000L };
 	long first, second, third, after;
 	int errno2, errno3, errno_after, stops;
 	char handler[512];
@@ -609,11 +618,7 @@ static void test_terminate_twice(void)
 	pthread_t t;
 
 	set_delay(DELAY_MS);
-	run.started = false;
-	pthread_create(&t, NULL, runner, &run);
-	while (!run.started)
-		sched_yield();
-	nanosleep(&half, NULL);
+	t = start_run(&run, DELAY_MS / 2);
 	first = terminate(id, 0);
 	errno = 0;
 	second = terminate(id, 0);
@@ -621,7 +626,7 @@ static void test_terminate_twice(void)
 	errno = 0;
 	third = terminate(id, 0);
 	errno3 = errno;
-	running = !*(volatile uint64_t *)&run.end_ns;
+	running = still_running(&run);
 	pthread_join(t, NULL);
 	errno = 0;
 	after = terminate(id, 0);
