@@ -54,9 +54,6 @@
 #define HELPER_NORMAL 100
 #define SHORT_NORMAL 7
 
-#ifndef BPF_PSEUDO_FUNC
-#define BPF_PSEUDO_FUNC 4
-#endif
 
 /* ------------------------------------------------------------ reporting */
 
