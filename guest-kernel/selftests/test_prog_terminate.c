@@ -97,13 +97,15 @@ static const struct bpf_insn bpf_text_loop[] = {
 
 /*
  * Case 2 in bpf_loop(): BPF_MAX_LOOPS (8M) calls of a callback that counts
- * to LOOP_WORK, in main and three bpf2bpf frames deep.  bpf_loop() returns
+ * to LOOP_WORK, in main and three bpf2bpf frames deep (a run of ~3.3 s under
+ * TCG: a tenth of it, the bound on the stop's latency, stays above the
+ * ~100 ms a vCPU can lose on a busy host).  bpf_loop() returns
  * how many calls it made, which the program returns: BPF_MAX_LOOPS for a
  * complete run; a terminated run's callback is left in the copy, whose
  * bpf_loop() ends the loop early (patch 0007), so fewer.
  */
 #define LOOP_CALLS (1 << 23)
-#define LOOP_WORK 32
+#define LOOP_WORK 96
 #define LOOP_CALLBACK							\
 	MOV64_IMM(BPF_REG_0, 0),					\
 	ADD64_IMM(BPF_REG_0, 1),					\
