@@ -37,8 +37,8 @@ check() {
 # line `PROGRAM: N passed, 0 failed` (a crash or an early exit fails here
 # even if every line it printed passed).
 run_tap() {
-	program=$1
-	fifo=/tmp/tap.$program.fifo
+	program=${1##*/}
+	fifo=/tmp/tap.$program.$$.fifo
 	rm -f "$fifo"
 	mkfifo "$fifo"
 	"$@" >"$fifo" 2>&1 &
