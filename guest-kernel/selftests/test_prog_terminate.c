@@ -15,18 +15,22 @@
  * must stop the same programs through the same mechanism, never before the
  * budget and about a tick after it.
  *
- * Needs 2 CPUs, root, and the kernel.bpf_termination_demo_delay_ms sysctl.
- * Prints one TAP line per check and "test_prog_terminate: N passed, M failed".
+ * Each stop is also checked in the kernel's own account of it, the bpf
+ * trace events; --latency-ms bounds how long after its interrupted helper a
+ * stopped run returns (default 500).
+ *
+ * Needs 2 CPUs, root, tracefs and the kernel.bpf_termination_demo_delay_ms
+ * sysctl.  Prints one TAP line per check (tap.h) and
+ * "test_prog_terminate: N passed, M failed".
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <pthread.h>
-#include <stdarg.h>
-#include <stdbool.h>
 #include <sys/wait.h>
 
 #include "raw_bpf.h"
 #include "bpf_term_info.h"
+#include "tap.h"
 
 #define DELAY_MS 1500
 #define RUNNER_CPU 0
@@ -92,6 +96,53 @@ static const struct bpf_insn bpf_text_loop[] = {
 };
 
 /*
+ * Case 2 in bpf_loop(): BPF_MAX_LOOPS (8M) calls of a callback that counts
+ * to LOOP_WORK, in main and three bpf2bpf frames deep (a run of ~3.3 s under
+ * TCG: a tenth of it, the bound on the stop's latency, stays above the
+ * ~100 ms a vCPU can lose on a busy host).  bpf_loop() returns
+ * how many calls it made, which the program returns: BPF_MAX_LOOPS for a
+ * complete run; a terminated run's callback is left in the copy, whose
+ * bpf_loop() ends the loop early (patch 0007), so fewer.
+ */
+#define LOOP_CALLS (1 << 23)
+#define LOOP_WORK 96
+#define LOOP_CALLBACK							\
+	MOV64_IMM(BPF_REG_0, 0),					\
+	ADD64_IMM(BPF_REG_0, 1),					\
+	JLT_IMM(BPF_REG_0, LOOP_WORK, -2),				\
+	MOV64_IMM(BPF_REG_0, 0),	/* 0: go on */			\
+	EXIT()
+static const struct bpf_insn bpf_loop_text[] = {
+	MOV64_IMM(BPF_REG_1, LOOP_CALLS),		/* 0 */
+	LD_FUNC(BPF_REG_2, 5),				/* 1-2: -> callback at 7 */
+	MOV64_IMM(BPF_REG_3, 0),			/* 3 */
+	MOV64_IMM(BPF_REG_4, 0),			/* 4 */
+	CALL_HELPER(BPF_FUNC_loop),			/* 5 */
+	EXIT(),						/* 6 */
+	LOOP_CALLBACK,					/* 7-11 */
+};
+/* Where its functions start, for BTF func_info (the verifier wants it for a callback). */
+static const uint32_t bpf_loop_funcs[] = { 0, 7 };
+static const struct bpf_insn subprog_bpf_loop_text[] = {
+	/* main */
+	CALL_SUBPROG(2),				/* 0: -> f1 at 3 */
+	ADD64_IMM(BPF_REG_0, 0),			/* 1 */
+	EXIT(),						/* 2 */
+	/* f1 */
+	CALL_SUBPROG(1),				/* 3: -> f2 at 5 */
+	EXIT(),						/* 4 */
+	/* f2 */
+	MOV64_IMM(BPF_REG_1, LOOP_CALLS),		/* 5 */
+	LD_FUNC(BPF_REG_2, 5),				/* 6-7: -> callback at 12 */
+	MOV64_IMM(BPF_REG_3, 0),			/* 8 */
+	MOV64_IMM(BPF_REG_4, 0),			/* 9 */
+	CALL_HELPER(BPF_FUNC_loop),			/* 10 */
+	EXIT(),						/* 11 */
+	LOOP_CALLBACK,					/* 12-16 */
+};
+static const uint32_t subprog_bpf_loop_funcs[] = { 0, 3, 5, 12 };
+
+/*
  * A helper that writes an uninitialized buffer, after the slow one: a stack
  * buffer holds BUFFER_MARKER, bpf_probe_read_kernel() copies the context's
  * first word over it and the program returns the buffer.  The helper zeroes
@@ -117,32 +168,6 @@ static const struct bpf_insn return_zero[] = {
 	MOV64_IMM(BPF_REG_0, 0),
 	EXIT(),
 };
-
-/* ---------------------------------------------------------------- TAP */
-
-static int passed, failed;
-
-static void check(bool ok, const char *name, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
-
-static void check(bool ok, const char *name, const char *fmt, ...)
-{
-	va_list ap;
-
-	printf("%s %d - %s", ok ? "ok" : "not ok", passed + failed + 1, name);
-	if (fmt) {
-		printf(": ");
-		va_start(ap, fmt);
-		vprintf(fmt, ap);
-		va_end(ap);
-	}
-	printf("\n");
-	fflush(stdout);
-	if (ok)
-		passed++;
-	else
-		failed++;
-}
 
 /* ---------------------------------------------------------------- bpf() */
 
@@ -201,18 +226,33 @@ static void run_sync(struct run *run)
  * Start a run on RUNNER_CPU, terminate it from this CPU after @after_ms.
  * Returns terminate()'s result; *term_ns is the time of the call.
  */
-static long run_and_terminate(struct run *run, uint32_t id, unsigned int after_ms,
-			      uint64_t *term_ns, int *term_errno)
+/* Starts a run on RUNNER_CPU and returns its thread @after_ms after it began. */
+static pthread_t start_run(struct run *run, unsigned int after_ms)
 {
 	struct timespec d = { after_ms / 1000, (after_ms % 1000) * 1000000L };
 	pthread_t t;
-	long ret;
 
 	run->started = false;
+	run->end_ns = 0;
 	pthread_create(&t, NULL, runner, run);
 	while (!run->started)
 		sched_yield();
 	nanosleep(&d, NULL);
+	return t;
+}
+
+/* Whether the run started by start_run() is still going. */
+static bool still_running(const struct run *run)
+{
+	return !*(volatile const uint64_t *)&run->end_ns;
+}
+
+static long run_and_terminate(struct run *run, uint32_t id, unsigned int after_ms,
+			      uint64_t *term_ns, int *term_errno)
+{
+	pthread_t t = start_run(run, after_ms);
+	long ret;
+
 	*term_ns = now_ns();
 	ret = terminate(id, 0);
 	*term_errno = errno;
@@ -227,9 +267,141 @@ static double ms(uint64_t ns)
 
 static void get_term_info(int fd, struct termlab_prog_info *info);
 
+/* ------------------------------------------------------------- trace */
+
+#define TRACE_DIR "/sys/kernel/tracing"
+
+/* Bound on a stopped run's return after its interrupted helper (--latency-ms). */
+static unsigned int latency_ms = 500;
+
+/*
+ * How many lines of event bpf:@event of program @id (0: of any program)
+ * the trace buffer holds; the last one, without its newline, in @last.
+ */
+static int scan_events(const char *event, uint32_t id, char *last, size_t size)
+{
+	char name[96], prog[32], *line = NULL;
+	size_t cap = 0;
+	ssize_t len;
+	int count = 0;
+	FILE *f = fopen(TRACE_DIR "/trace", "r");
+
+	snprintf(name, sizeof(name), " %s: ", event);
+	snprintf(prog, sizeof(prog), " prog_id=%u ", id);
+	snprintf(last, size, "(no %s event)", event);
+	while (f && (len = getline(&line, &cap, f)) > 0) {
+		if (!strstr(line, name) || (id && !strstr(line, prog)))
+			continue;
+		if (line[len - 1] == '\n')
+			line[len - 1] = 0;
+		snprintf(last, size, "%s", line);
+		count++;
+	}
+	free(line);
+	if (f)
+		fclose(f);
+	return count;
+}
+
+/* The last line of event bpf:@event of program @id (0: any), printed as a comment. */
+static bool last_event(const char *event, uint32_t id, char *out, size_t size)
+{
+	int count = scan_events(event, id, out, size);
+
+	printf("# trace: %s\n", out);
+	return count > 0;
+}
+
+/* The number after ` @key=` in an event line; -1 if it has none. */
+static long long event_field(const char *line, const char *key)
+{
+	char pattern[32];
+	const char *at;
+
+	snprintf(pattern, sizeof(pattern), " %s=", key);
+	at = strstr(line, pattern);
+	return at ? strtoll(at + strlen(pattern), NULL, 10) : -1;
+}
+
+/*
+ * The kernel's own account (patch 0006's events) of the stop of program
+ * @id's run inside its first slow helper: one CPU stopped in case 1, its
+ * frames rewritten and none lost; the events in their causal order; the
+ * run's return shortly after the interrupted helper's.  Returns the number
+ * of frames the handler rewrote (-1: no handler event).
+ */
+static long long check_trace_of_stop(const char *what, uint32_t id)
+{
+	char request[512], handler[512], done[512], returned[512], helper[512], name[192];
+	long long t_req, t_stop, t_done, t_helper, t_ret;
+
+	last_event("bpf_prog_terminate_request", id, request, sizeof(request));
+	last_event("bpf_prog_terminate", id, handler, sizeof(handler));
+	last_event("bpf_prog_terminate_done", id, done, sizeof(done));
+	last_event("bpf_prog_terminated_return", id, returned, sizeof(returned));
+	/* The demo helper's event has no program id: the last one is this run's. */
+	last_event("bpf_termination_demo_delay_done", 0, helper, sizeof(helper));
+
+	snprintf(name, sizeof(name), "%s: trace: one CPU stopped in case 1, frames rewritten, nothing lost",
+		 what);
+	check(event_field(handler, "case") == 1 && event_field(handler, "lost") == 0 &&
+	      event_field(handler, "frames") >= 1, name, "%s", handler);
+	snprintf(name, sizeof(name), "%s: trace: the request returned 1 (CPUs stopped)", what);
+	check(event_field(done, "ret") == 1, name, "%s", done);
+
+	t_req = event_field(request, "ts_ns");
+	t_stop = event_field(handler, "ts_ns");
+	t_done = event_field(done, "ts_ns");
+	t_helper = event_field(helper, "ts_ns");
+	t_ret = event_field(returned, "ts_ns");
+	snprintf(name, sizeof(name),
+		 "%s: trace: request <= handler done <= call returns, request < helper returns <= run returns",
+		 what);
+	check(t_req > 0 && t_stop > 0 && t_done > 0 && t_helper > 0 && t_ret > 0 && t_req <= t_stop &&
+	      t_stop <= t_done && t_req < t_helper && t_helper <= t_ret, name,
+	      "request %lld, handler %lld, done %lld, helper %lld, return %lld", t_req, t_stop, t_done,
+	      t_helper, t_ret);
+	snprintf(name, sizeof(name),
+		 "%s: trace: the run returned within %u ms of the interrupted helper (case 1 tail)", what,
+		 latency_ms);
+	check(t_helper > 0 && t_ret >= t_helper && t_ret - t_helper < latency_ms * 1000000LL, name,
+	      "%.3f ms; mechanism (request -> handler done) %.3f ms", ms(t_ret - t_helper),
+	      ms(t_stop - t_req));
+	return event_field(handler, "frames");
+}
+
 /* ------------------------------------------------------------- checks */
 
-static void test_case1(const char *what, const struct bpf_insn *insns, size_t cnt)
+/*
+ * The series' sysctls exist and are off on a freshly booted kernel: no demo
+ * delay, no fault injection, no system-wide runtime budget.  Run first,
+ * before anything here or in the proof writes them.
+ */
+static void test_sysctl_defaults(void)
+{
+	static const struct {
+		const char *path, *name;
+	} knobs[] = {
+		{ DEMO_DELAY_SYSCTL,
+		  "demo delay sysctl kernel.bpf_termination_demo_delay_ms exists, default 0" },
+		{ FAULT_SKIP_REWRITE_SYSCTL,
+		  "fault knob kernel.bpf_termination_fault_skip_rewrite exists, default 0" },
+		{ TERMLAB_MAX_RUNTIME_SYSCTL,
+		  "system-wide budget kernel.bpf_max_runtime_ms exists, default 0" },
+	};
+
+	for (size_t i = 0; i < sizeof(knobs) / sizeof(knobs[0]); i++) {
+		unsigned int value;
+
+		if (read_sysctl(knobs[i].path, &value))
+			check(value == 0, knobs[i].name, "%u", value);
+		else
+			check(false, knobs[i].name, "%s missing", knobs[i].path);
+	}
+}
+
+/* Returns the frames the stop rewrote, as traced (-1: not traced). */
+static long long test_case1(const char *what, const struct bpf_insn *insns, size_t cnt)
 {
 	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, insns, cnt, "term_case1", 0);
 	uint32_t id = prog_id(fd);
@@ -238,6 +410,7 @@ static void test_case1(const char *what, const struct bpf_insn *insns, size_t cn
 	uint64_t term_ns;
 	int term_errno;
 	long ret;
+	long long frames;
 	char name[128];
 
 	set_delay(DELAY_MS);
@@ -257,6 +430,7 @@ static void test_case1(const char *what, const struct bpf_insn *insns, size_t cn
 	check(ms(run.end_ns - run.start_ns) < 1.5 * DELAY_MS, name,
 	      "run %.0f ms, terminate->return %.3f ms", ms(run.end_ns - run.start_ns),
 	      ms(run.end_ns - term_ns));
+	frames = check_trace_of_stop(what, id);
 	get_term_info(fd, &info);
 	snprintf(name, sizeof(name), "%s: prog info counts one run terminated on demand", what);
 	check(info.nr_terminated_on_demand == 1 && info.nr_terminated_budget == 0 &&
@@ -272,30 +446,91 @@ static void test_case1(const char *what, const struct bpf_insn *insns, size_t cn
 
 	set_delay(0);
 	close(fd);
+	return frames;
 }
 
-static void test_case2(void)
+/*
+ * Fault injection (kernel.bpf_termination_fault_skip_rewrite=1): the IPI
+ * handler skips the first return address it would rewrite, so the
+ * interrupted helper returns into the original image and the second slow
+ * call runs after all.  The mechanism is what the test sees: a stop that
+ * rewrites one frame fewer than @frames_ok (the same program's normal
+ * stop) leaves the run in the original.
+ */
+static void test_skip_rewrite(const struct bpf_insn *insns, size_t cnt, long long frames_ok)
 {
-	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, bpf_text_loop,
-		      sizeof(bpf_text_loop) / sizeof(bpf_text_loop[0]), "term_case2", 0);
+	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, insns, cnt, "term_skip", 0);
 	uint32_t id = prog_id(fd);
 	struct run run = { .prog_fd = fd };
-	uint64_t term_ns, full_ns;
+	char handler[512];
+	uint64_t term_ns;
+	unsigned int knob;
 	int term_errno;
 	long ret;
 
+	if (!read_sysctl(FAULT_SKIP_REWRITE_SYSCTL, &knob)) {
+		check(false, "skip_rewrite=1: the fault knob exists", "%s missing",
+		      FAULT_SKIP_REWRITE_SYSCTL);
+		close(fd);
+		return;
+	}
+	set_delay(DELAY_MS);
+	write_sysctl(FAULT_SKIP_REWRITE_SYSCTL, 1);
+	ret = run_and_terminate(&run, id, DELAY_MS / 2, &term_ns, &term_errno);
+	write_sysctl(FAULT_SKIP_REWRITE_SYSCTL, 0);
+	set_delay(0);
+	last_event("bpf_prog_terminate", id, handler, sizeof(handler));
+	check(ret == 1 && event_field(handler, "frames") == frames_ok - 1,
+	      "skip_rewrite=1: the handler rewrote one frame fewer (the first was skipped)",
+	      "terminate %ld, %lld frames, %lld without the fault", ret,
+	      event_field(handler, "frames"), frames_ok);
+	check(!run.err && run.retval == 0,
+	      "skip_rewrite=1: the helper returned into the original: second slow call ran",
+	      "retval %d (-1: it was stubbed), %.0f ms", (int)run.retval,
+	      ms(run.end_ns - run.start_ns));
+	close(fd);
+}
+
+/*
+ * Case 2: a run that spends its time in BPF text, whose complete run
+ * returns @complete and a run left early less.  Terminated a third of the
+ * way in, it stops on 1 CPU and returns within milliseconds (a tenth of a
+ * run, and --latency-ms); the next run is complete again.
+ */
+static void test_case2(const char *what, const struct bpf_insn *insns, size_t cnt,
+		       const uint32_t *func_starts, uint32_t nfuncs, uint32_t complete)
+{
+	int fd = raw_load_funcs(BPF_PROG_TYPE_RAW_TRACEPOINT, insns, cnt, "term_case2", 0,
+				func_starts, nfuncs);
+	uint32_t id = prog_id(fd);
+	struct run run = { .prog_fd = fd };
+	uint64_t term_ns, full_ns, latency_ns;
+	int term_errno;
+	long ret;
+	char name[160];
+
 	run_sync(&run);
 	full_ns = run.end_ns - run.start_ns;
-	check(!run.err && run.retval == CASE2_CALLS + 1, "case 2: control run makes every call",
-	      "retval %u, %.1f ms", run.retval, ms(full_ns));
+	snprintf(name, sizeof(name), "%s: control run is complete", what);
+	check(!run.err && run.retval == complete, name, "retval %u, %.1f ms", run.retval,
+	      ms(full_ns));
 
 	ret = run_and_terminate(&run, id, ms(full_ns) / 3 + 1, &term_ns, &term_errno);
-	check(ret == 1, "case 2: terminate in BPF text stops 1 CPU", "returned %ld (%s)", ret,
-	      ret < 0 ? strerror(term_errno) : "ok");
-	check(!run.err && run.retval <= CASE2_CALLS, "case 2: both may_goto loops left early in the copy",
-	      "retval %u, complete run %u", run.retval, CASE2_CALLS + 1);
-	check(run.end_ns - term_ns < full_ns / 10, "case 2: run ends right after terminate",
-	      "terminate->return %.3f ms, full run %.1f ms", ms(run.end_ns - term_ns), ms(full_ns));
+	latency_ns = run.end_ns - term_ns;
+	snprintf(name, sizeof(name), "%s: terminate in BPF text stops 1 CPU", what);
+	check(ret == 1, name, "returned %ld (%s)", ret, ret < 0 ? strerror(term_errno) : "ok");
+	snprintf(name, sizeof(name), "%s: the loops were left early in the copy", what);
+	check(!run.err && run.retval < complete, name, "retval %u, complete run %u", run.retval,
+	      complete);
+	snprintf(name, sizeof(name), "%s: run ends within milliseconds of the terminate call", what);
+	check(latency_ns < full_ns / 10 && latency_ns < latency_ms * 1000000ULL, name,
+	      "terminate->return %.3f ms (bound %u ms), full run %.1f ms", ms(latency_ns),
+	      latency_ms, ms(full_ns));
+
+	run_sync(&run);
+	snprintf(name, sizeof(name), "%s: next run is the original, complete", what);
+	check(!run.err && run.retval == complete, name, "retval %u, %.1f ms", run.retval,
+	      ms(run.end_ns - run.start_ns));
 	close(fd);
 }
 
@@ -323,6 +558,27 @@ static void test_stub_zeroes_buffer(void)
 	close(fd);
 }
 
+/*
+ * BPF_PROG_TERMINATE of @id from a child that dropped every uid and gid to
+ * nobody, and so every capability.  Returns the call's errno (100: the
+ * child could not drop them, 101: the call succeeded).
+ */
+static int unprivileged_terminate(uint32_t id)
+{
+	pid_t child = fork();
+	int status;
+
+	if (!child) {
+		if (setresgid(65534, 65534, 65534) || setresuid(65534, 65534, 65534))
+			_exit(100);
+		errno = 0;
+		_exit(terminate(id, 0) == -1 ? errno : 101);
+	}
+	if (child < 0 || waitpid(child, &status, 0) != child || !WIFEXITED(status))
+		return -1;
+	return WEXITSTATUS(status);
+}
+
 static void test_errors(void)
 {
 	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, return_zero, 2, "term_idle", 0);
@@ -331,7 +587,6 @@ static void test_errors(void)
 	uint32_t id = prog_id(fd);
 	struct { struct termlab_prog_terminate_attr t; uint32_t pad; } padded = { { id, 0 }, 1 };
 	long ret;
-	pid_t child;
 	int status;
 
 	errno = 0;
@@ -348,17 +603,8 @@ static void test_errors(void)
 	check(ret == -1 && errno == EOPNOTSUPP, "sleepable program -> EOPNOTSUPP", "%ld %s", ret,
 	      strerror(errno));
 
-	child = fork();
-	if (!child) {
-		/* Dropping all uids to nobody drops every capability. */
-		if (setresgid(65534, 65534, 65534) || setresuid(65534, 65534, 65534))
-			_exit(100);
-		errno = 0;
-		_exit(terminate(id, 0) == -1 ? errno : 101);
-	}
-	waitpid(child, &status, 0);
-	check(WIFEXITED(status) && WEXITSTATUS(status) == EPERM, "unprivileged -> EPERM",
-	      "child exit %d", WEXITSTATUS(status));
+	status = unprivileged_terminate(id);
+	check(status == EPERM, "unprivileged -> EPERM", "child exit %d", status);
 
 	/* Nothing above changed the program: it still runs normally. */
 	{
@@ -372,22 +618,186 @@ static void test_errors(void)
 	close(fd);
 }
 
+/*
+ * Bad requests for a program that is running: unknown flag bits (EINVAL)
+ * and an unprivileged caller (EPERM) are refused before anything is done,
+ * and the run they were aimed at goes on untouched: both slow helpers, in
+ * the original.
+ */
+static void test_errors_while_running(void)
+{
+	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, two_slow_helpers, 5, "term_busy", 0);
+	uint32_t id = prog_id(fd);
+	struct run run = { .prog_fd = fd };
+	long flag1, flag31;
+	int errno1, errno31, unpriv;
+	bool running;
+	pthread_t t;
+
+	set_delay(DELAY_MS);
+	t = start_run(&run, DELAY_MS / 2);
+	errno = 0;
+	flag1 = terminate(id, 1U << 1);
+	errno1 = errno;
+	errno = 0;
+	flag31 = terminate(id, 1U << 31);
+	errno31 = errno;
+	unpriv = unprivileged_terminate(id);
+	running = still_running(&run);
+	pthread_join(t, NULL);
+	set_delay(0);
+
+	check(flag1 == -1 && errno1 == EINVAL, "unknown flag bit (flags=2) on a running program -> EINVAL",
+	      "%ld %s", flag1, strerror(errno1));
+	check(flag31 == -1 && errno31 == EINVAL,
+	      "unknown flag bit (flags=1<<31) on a running program -> EINVAL", "%ld %s", flag31,
+	      strerror(errno31));
+	check(unpriv == EPERM, "unprivileged user on a running program -> EPERM", "child exit %d",
+	      unpriv);
+	check(running && !run.err && run.retval == 0 &&
+	      ms(run.end_ns - run.start_ns) >= 2 * DELAY_MS * 0.95,
+	      "the run with EINVAL/EPERM attempts was not stopped (both slow helpers, in the original)",
+	      "%s during the calls, retval %d, %.0f ms (delay %d ms)",
+	      running ? "running" : "no longer running", (int)run.retval,
+	      ms(run.end_ns - run.start_ns), DELAY_MS);
+	close(fd);
+}
+
+/*
+ * Calls that come while a stopped run still sits in its first slow helper
+ * (it returns about a delay later): the run is running, but already
+ * stopped.  The kernel says so (EALREADY), counts and traces that run once,
+ * and once the run has returned, the program is idle again (ESRCH); the
+ * next run is the original.
+ */
+static void test_terminate_twice(void)
+{
+	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, two_slow_helpers, 5, "term_twice", 0);
+	uint32_t id = prog_id(fd);
+	struct run run = { .prog_fd = fd };
+	struct termlab_prog_info info = {};
+	long first, second, third, after;
+	int errno2, errno3, errno_after, stops;
+	char handler[512];
+	bool running;
+	pthread_t t;
+
+	set_delay(DELAY_MS);
+	t = start_run(&run, DELAY_MS / 2);
+	first = terminate(id, 0);
+	errno = 0;
+	second = terminate(id, 0);
+	errno2 = errno;
+	errno = 0;
+	third = terminate(id, 0);
+	errno3 = errno;
+	running = still_running(&run);
+	pthread_join(t, NULL);
+	errno = 0;
+	after = terminate(id, 0);
+	errno_after = errno;
+	get_term_info(fd, &info);
+	stops = scan_events("bpf_prog_terminate", id, handler, sizeof(handler));
+
+	check(first == 1, "terminate twice: first call stops it", "returned %ld", first);
+	check(running, "terminate twice: the run was still in its slow call for the later calls",
+	      NULL);
+	check(second == -1 && errno2 == EALREADY,
+	      "terminate twice: a second call on the stopped run -> EALREADY", "%ld %s", second,
+	      strerror(errno2));
+	check(third == -1 && errno3 == EALREADY,
+	      "terminate twice: a third call on the stopped run -> EALREADY", "%ld %s", third,
+	      strerror(errno3));
+	check(!run.err && (int)run.retval == -1 && ms(run.end_ns - run.start_ns) < 1.5 * DELAY_MS,
+	      "terminate twice: the run ended after one delay, second helper stubbed",
+	      "retval %d, %.0f ms (delay %d ms)", (int)run.retval, ms(run.end_ns - run.start_ns),
+	      DELAY_MS);
+	check(info.nr_terminated_on_demand == 1,
+	      "terminate twice: the run is counted once (nr_terminated_on_demand 1)", "%llu",
+	      (unsigned long long)info.nr_terminated_on_demand);
+	check(stops == 1, "terminate twice: one bpf_prog_terminate event for the run", "%d events",
+	      stops);
+	check(after == -1 && errno_after == ESRCH, "terminate after the run ended -> ESRCH", "%ld %s",
+	      after, strerror(errno_after));
+
+	run_sync(&run);
+	check(!run.err && run.retval == 0 && ms(run.end_ns - run.start_ns) >= 2 * DELAY_MS * 0.95,
+	      "after terminations the next run is the original again", "retval %d, %.0f ms",
+	      (int)run.retval, ms(run.end_ns - run.start_ns));
+	set_delay(0);
+	close(fd);
+}
+
+#define JIT_HARDEN_SYSCTL "/proc/sys/net/core/bpf_jit_harden"
+
+/*
+ * Constructs the kernel refuses to terminate (EOPNOTSUPP), checked before
+ * whether a run is in progress: a tail call (the callee's frames have no
+ * copy), and constant blinding (bpf_jit_harden=2), which rewrites the two
+ * images differently, so there is no exact map between them.
+ */
+static void test_refused_constructs(void)
+{
+	unsigned int harden;
+	int map_fd, fd = raw_load_tail_call("term_tail", &map_fd);
+	long ret;
+
+	errno = 0;
+	ret = terminate(prog_id(fd), 0);
+	check(ret == -1 && errno == EOPNOTSUPP, "program with a tail call -> EOPNOTSUPP", "%ld %s",
+	      ret, strerror(errno));
+	close(fd);
+	close(map_fd);
+
+	if (!read_sysctl(JIT_HARDEN_SYSCTL, &harden)) {
+		check(false, "program JITed with constant blinding (bpf_jit_harden=2) -> EOPNOTSUPP",
+		      "%s missing", JIT_HARDEN_SYSCTL);
+		return;
+	}
+	write_sysctl(JIT_HARDEN_SYSCTL, 2);
+	fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, two_slow_helpers, 5, "term_blinded", 0);
+	write_sysctl(JIT_HARDEN_SYSCTL, harden);
+	errno = 0;
+	ret = terminate(prog_id(fd), 0);
+	check(ret == -1 && errno == EOPNOTSUPP,
+	      "program JITed with constant blinding (bpf_jit_harden=2) -> EOPNOTSUPP", "%ld %s", ret,
+	      strerror(errno));
+	close(fd);
+}
+
+/* Does /proc/kallsyms list @symbol (as `ADDR t SYMBOL\t[bpf]`)? */
+static bool kallsyms_has(const char *symbol)
+{
+	char line[512], name[256];
+	bool found = false;
+	FILE *f = fopen("/proc/kallsyms", "r");
+
+	while (f && !found && fgets(line, sizeof(line), f))
+		found = sscanf(line, "%*s %*s %255s", name) == 1 && !strcmp(name, symbol);
+	if (f)
+		fclose(f);
+	return found;
+}
+
+/*
+ * A loaded program's two images are in kallsyms under the names perf and
+ * stack traces show: bpf_prog_<tag>_<name> and bpf_term_<tag>_<name>.
+ */
 static void test_kallsyms(void)
 {
 	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, two_slow_helpers, 5, "term_syms", 0);
-	char line[512];
-	bool orig = false, copy = false;
-	FILE *f = fopen("/proc/kallsyms", "r");
+	struct bpf_prog_info info;
+	char tag[2 * BPF_TAG_SIZE + 1], symbol[128], name[192];
 
-	while (f && fgets(line, sizeof(line), f)) {
-		if (strstr(line, " bpf_prog_") && strstr(line, "_term_syms"))
-			orig = true;
-		if (strstr(line, " bpf_term_") && strstr(line, "_term_syms"))
-			copy = true;
-	}
-	if (f)
-		fclose(f);
-	check(orig && copy, "kallsyms lists the original and the copy", "orig %d copy %d", orig, copy);
+	raw_prog_info(fd, &info);
+	for (int i = 0; i < BPF_TAG_SIZE; i++)
+		sprintf(tag + 2 * i, "%02x", info.tag[i]);
+	snprintf(symbol, sizeof(symbol), "bpf_prog_%s_term_syms", tag);
+	snprintf(name, sizeof(name), "kallsyms lists the original image %s", symbol);
+	check(kallsyms_has(symbol), name, NULL);
+	snprintf(symbol, sizeof(symbol), "bpf_term_%s_term_syms", tag);
+	snprintf(name, sizeof(name), "kallsyms lists the termination copy %s", symbol);
+	check(kallsyms_has(symbol), name, NULL);
 	close(fd);
 }
 
@@ -522,14 +932,9 @@ static int write_max_runtime(unsigned int value)
 
 static unsigned int read_max_runtime(void)
 {
-	FILE *f = fopen(TERMLAB_MAX_RUNTIME_SYSCTL, "r");
-	unsigned int value = ~0u;
+	unsigned int value;
 
-	if (!f || fscanf(f, "%u", &value) != 1)
-		value = ~0u;
-	if (f)
-		fclose(f);
-	return value;
+	return read_sysctl(TERMLAB_MAX_RUNTIME_SYSCTL, &value) ? value : ~0u;
 }
 
 /* Every bad budget request fails with its documented errno and changes nothing. */
@@ -662,21 +1067,97 @@ static void test_budget(void)
 	close(fd);
 }
 
-int main(void)
+/* Turns on the bpf trace events (the kernel's account of each stop). */
+static void enable_trace_events(void)
 {
+	FILE *f = fopen(TRACE_DIR "/events/bpf/enable", "w");
+	bool ok = f && fputs("1\n", f) >= 0;
+
+	ok = f && !fclose(f) && ok;
+	check(ok, "bpf trace events enabled (" TRACE_DIR "/events/bpf)", ok ? NULL : "%s",
+	      strerror(errno));
+}
+
+#define UNPRIV_BPF_SYSCTL "/proc/sys/kernel/unprivileged_bpf_disabled"
+static unsigned int unpriv_bpf_before = ~0u;
+
+/*
+ * With kernel.unprivileged_bpf_disabled=0 the bpf() syscall lets an
+ * unprivileged caller reach the command, so the EPERM checks see the
+ * command's own capability check, not the global switch (1 cannot be
+ * undone: the checks then say so by failing).  restore_unprivileged_bpf()
+ * puts the value back.
+ */
+static void allow_unprivileged_bpf(void)
+{
+	FILE *f;
+	bool ok;
+
+	if (!read_sysctl(UNPRIV_BPF_SYSCTL, &unpriv_bpf_before) || !unpriv_bpf_before)
+		return;
+	f = fopen(UNPRIV_BPF_SYSCTL, "w");
+	ok = f && fputs("0\n", f) >= 0;
+	if (f && fclose(f))
+		ok = false;
+	if (!ok)
+		printf("# cannot set %s to 0 (it was %u): %s\n", UNPRIV_BPF_SYSCTL, unpriv_bpf_before,
+		       strerror(errno));
+}
+
+static void restore_unprivileged_bpf(void)
+{
+	if (unpriv_bpf_before && unpriv_bpf_before != ~0u)
+		write_sysctl(UNPRIV_BPF_SYSCTL, unpriv_bpf_before);
+}
+
+static int usage(void)
+{
+	fprintf(stderr, "usage: test_prog_terminate [--latency-ms MS]\n");
+	return 2;
+}
+
+int main(int argc, char **argv)
+{
+	long long frames;
+
+	for (int i = 1; i < argc; i++) {
+		char *end;
+
+		if (strcmp(argv[i], "--latency-ms") || i + 1 == argc)
+			return usage();
+		errno = 0;
+		latency_ms = strtoul(argv[++i], &end, 10);
+		if (errno || *end || !latency_ms)
+			return usage();
+	}
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	pin_to(TERMINATOR_CPU);
 	printf("TAP version 13\n");
+	test_sysctl_defaults();
+	enable_trace_events();
+	allow_unprivileged_bpf();
 	test_errors();
+	test_errors_while_running();
+	test_refused_constructs();
 	test_kallsyms();
 	test_prog_info();
-	test_case1("case 1", two_slow_helpers, 5);
+	frames = test_case1("case 1", two_slow_helpers, 5);
+	test_skip_rewrite(two_slow_helpers, 5, frames);
+	test_terminate_twice();
 	test_case1("subprog", subprog_slow_helpers,
 		   sizeof(subprog_slow_helpers) / sizeof(subprog_slow_helpers[0]));
-	test_case2();
+	test_case2("case 2 (may_goto loops, 2 frames)", bpf_text_loop,
+		   sizeof(bpf_text_loop) / sizeof(bpf_text_loop[0]), NULL, 0, CASE2_CALLS + 1);
+	test_case2("case 2 (bpf_loop in BPF text)", bpf_loop_text,
+		   sizeof(bpf_loop_text) / sizeof(bpf_loop_text[0]), bpf_loop_funcs,
+		   sizeof(bpf_loop_funcs) / sizeof(bpf_loop_funcs[0]), LOOP_CALLS);
+	test_case2("case 2, bpf_loop 3 bpf2bpf frames deep", subprog_bpf_loop_text,
+		   sizeof(subprog_bpf_loop_text) / sizeof(subprog_bpf_loop_text[0]),
+		   subprog_bpf_loop_funcs,
+		   sizeof(subprog_bpf_loop_funcs) / sizeof(subprog_bpf_loop_funcs[0]), LOOP_CALLS);
 	test_stub_zeroes_buffer();
 	test_budget_errors();
 	test_budget();
-	printf("test_prog_terminate: %d passed, %d failed\n", passed, failed);
-	return failed ? 1 : 0;
+	restore_unprivileged_bpf();
+	return tap_summary("test_prog_terminate");
 }

@@ -12,7 +12,9 @@
 
 #include <errno.h>
 #include <linux/bpf.h>
+#include <linux/btf.h>
 #include <sched.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,6 +27,9 @@
 
 #ifndef BPF_JCOND
 #define BPF_JCOND 0xe0
+#endif
+#ifndef BPF_PSEUDO_FUNC
+#define BPF_PSEUDO_FUNC 4
 #endif
 
 /* ---- instruction encoding (include/linux/filter.h, in userspace form) */
@@ -43,8 +48,13 @@
 #define ST_MEM_DW(DST, OFF, IMM) INSN(BPF_ST | BPF_MEM | BPF_DW, DST, 0, OFF, IMM)
 #define LDX_MEM_DW(DST, SRC, OFF) INSN(BPF_LDX | BPF_MEM | BPF_DW, DST, SRC, OFF, 0)
 #define JGT_IMM(DST, IMM, OFF) INSN(BPF_JMP | BPF_JGT | BPF_K, DST, 0, OFF, IMM)
+#define JLT_IMM(DST, IMM, OFF) INSN(BPF_JMP | BPF_JLT | BPF_K, DST, 0, OFF, IMM)
+/* DST = the address of the subprogram OFF instructions after the next one (two slots). */
+#define LD_FUNC(DST, OFF) INSN(BPF_LD | BPF_DW | BPF_IMM, DST, BPF_PSEUDO_FUNC, 0, OFF), INSN(0, 0, 0, 0, 0)
 
 #define DEMO_DELAY_SYSCTL "/proc/sys/kernel/bpf_termination_demo_delay_ms"
+/* Fault injection (patch 0013): the IPI handler skips the first rewrite. */
+#define FAULT_SKIP_REWRITE_SYSCTL "/proc/sys/kernel/bpf_termination_fault_skip_rewrite"
 
 static inline long sys_bpf(int cmd, void *attr, unsigned int size)
 {
@@ -60,15 +70,72 @@ static inline uint64_t now_ns(void)
 }
 
 /*
- * Loads @cnt instructions as a program of @type; on failure prints the
- * verifier's log and exits, since every caller needs the program.
+ * BTF that describes @nfuncs functions `static int f(void)` (types 3..),
+ * for func_info: the verifier wants it for a program whose subprogram is a
+ * callback (bpf_loop()).  Returns the BTF's fd; exits on failure.
  */
-static inline int raw_load(enum bpf_prog_type type, const struct bpf_insn *insns, size_t cnt,
-			   const char *name, uint32_t prog_flags)
+static inline int raw_btf_of_funcs(uint32_t nfuncs)
 {
-	static char log[1 << 20];
+	static const char strings[] = "\0int\0f";	/* "" at 0, "int" at 1, "f" at 5 */
+	uint32_t blob[64];
+	struct btf_header *hdr = (struct btf_header *)blob;
+	uint32_t *type = blob + sizeof(*hdr) / 4, *t = type;
 	union bpf_attr attr;
 	int fd;
+
+	if (nfuncs > 16) {
+		fprintf(stderr, "raw_btf_of_funcs: %u functions, at most 16\n", nfuncs);
+		exit(1);
+	}
+	/* 1: int */
+	*t++ = 1;
+	*t++ = BTF_KIND_INT << 24;
+	*t++ = 4;
+	*t++ = BTF_INT_SIGNED << 24 | 32;
+	/* 2: int (void) */
+	*t++ = 0;
+	*t++ = BTF_KIND_FUNC_PROTO << 24;
+	*t++ = 1;
+	/* 3..: static int f(void) */
+	for (uint32_t i = 0; i < nfuncs; i++) {
+		*t++ = 5;
+		*t++ = BTF_KIND_FUNC << 24 | BTF_FUNC_STATIC;
+		*t++ = 2;
+	}
+	memset(hdr, 0, sizeof(*hdr));
+	hdr->magic = BTF_MAGIC;
+	hdr->version = BTF_VERSION;
+	hdr->hdr_len = sizeof(*hdr);
+	hdr->type_len = (t - type) * 4;
+	hdr->str_off = hdr->type_len;
+	hdr->str_len = sizeof(strings);
+	memcpy(t, strings, sizeof(strings));
+
+	memset(&attr, 0, sizeof(attr));
+	attr.btf = (uintptr_t)blob;
+	attr.btf_size = sizeof(*hdr) + hdr->type_len + hdr->str_len;
+	fd = sys_bpf(BPF_BTF_LOAD, &attr, sizeof(attr));
+	if (fd < 0) {
+		perror("BPF_BTF_LOAD");
+		exit(1);
+	}
+	return fd;
+}
+
+/*
+ * Loads @cnt instructions as a program of @type; on failure prints the
+ * verifier's log and exits, since every caller needs the program.  With
+ * @nfuncs, @func_starts lists where each function (main first, at 0)
+ * starts, described as BTF func_info (raw_btf_of_funcs()).
+ */
+static inline int raw_load_funcs(enum bpf_prog_type type, const struct bpf_insn *insns,
+				 size_t cnt, const char *name, uint32_t prog_flags,
+				 const uint32_t *func_starts, uint32_t nfuncs)
+{
+	static char log[1 << 20];
+	struct bpf_func_info funcs[16];
+	union bpf_attr attr;
+	int fd, btf_fd = -1;
 
 	memset(&attr, 0, sizeof(attr));
 	attr.prog_type = type;
@@ -77,16 +144,68 @@ static inline int raw_load(enum bpf_prog_type type, const struct bpf_insn *insns
 	attr.license = (uintptr_t)"GPL";
 	attr.prog_flags = prog_flags;
 	strncpy(attr.prog_name, name, sizeof(attr.prog_name) - 1);
+	if (nfuncs) {
+		btf_fd = raw_btf_of_funcs(nfuncs);
+		for (uint32_t i = 0; i < nfuncs; i++)
+			funcs[i] = (struct bpf_func_info){ .insn_off = func_starts[i], .type_id = 3 + i };
+		attr.prog_btf_fd = btf_fd;
+		attr.func_info_rec_size = sizeof(funcs[0]);
+		attr.func_info = (uintptr_t)funcs;
+		attr.func_info_cnt = nfuncs;
+	}
 	fd = sys_bpf(BPF_PROG_LOAD, &attr, sizeof(attr));
-	if (fd >= 0)
-		return fd;
-	fprintf(stderr, "load %s: %s\n", name, strerror(errno));
-	attr.log_buf = (uintptr_t)log;
-	attr.log_size = sizeof(log);
-	attr.log_level = 1;
-	sys_bpf(BPF_PROG_LOAD, &attr, sizeof(attr));
-	fprintf(stderr, "%.4000s\n", log);
-	exit(1);
+	if (fd < 0) {
+		fprintf(stderr, "load %s: %s\n", name, strerror(errno));
+		attr.log_buf = (uintptr_t)log;
+		attr.log_size = sizeof(log);
+		attr.log_level = 1;
+		sys_bpf(BPF_PROG_LOAD, &attr, sizeof(attr));
+		fprintf(stderr, "%.4000s\n", log);
+		exit(1);
+	}
+	/* The program holds its own reference to the BTF. */
+	if (btf_fd >= 0)
+		close(btf_fd);
+	return fd;
+}
+
+/* raw_load_funcs() of a program without BTF. */
+static inline int raw_load(enum bpf_prog_type type, const struct bpf_insn *insns, size_t cnt,
+			   const char *name, uint32_t prog_flags)
+{
+	return raw_load_funcs(type, insns, cnt, name, prog_flags, NULL, 0);
+}
+
+/*
+ * Loads @name, a program that tail-calls into an empty program array (so it
+ * returns 0), a construct with no termination copy: BPF_PROG_TERMINATE
+ * refuses it (EOPNOTSUPP).  The array's fd goes to *@map_fd; exits on
+ * failure.
+ */
+static inline int raw_load_tail_call(const char *name, int *map_fd)
+{
+	union bpf_attr attr;
+	struct bpf_insn insns[] = {
+		INSN(BPF_LD | BPF_DW | BPF_IMM, BPF_REG_2, BPF_PSEUDO_MAP_FD, 0, 0),
+		INSN(0, 0, 0, 0, 0),
+		MOV64_IMM(BPF_REG_3, 0),
+		CALL_HELPER(BPF_FUNC_tail_call),
+		MOV64_IMM(BPF_REG_0, 0),
+		EXIT(),
+	};
+
+	memset(&attr, 0, sizeof(attr));
+	attr.map_type = BPF_MAP_TYPE_PROG_ARRAY;
+	attr.key_size = 4;
+	attr.value_size = 4;
+	attr.max_entries = 1;
+	*map_fd = sys_bpf(BPF_MAP_CREATE, &attr, sizeof(attr));
+	if (*map_fd < 0) {
+		perror("BPF_MAP_CREATE prog array");
+		exit(1);
+	}
+	insns[0].imm = *map_fd;
+	return raw_load(BPF_PROG_TYPE_RAW_TRACEPOINT, insns, sizeof(insns) / sizeof(insns[0]), name, 0);
 }
 
 /* The kernel's bpf_prog_info of the program behind @fd; exits on failure. */
@@ -135,6 +254,17 @@ static inline void write_sysctl(const char *path, unsigned int value)
 		perror(path);
 		exit(1);
 	}
+}
+
+/* Reads the number in the sysctl file @path; false if it is missing or unreadable. */
+static inline bool read_sysctl(const char *path, unsigned int *value)
+{
+	FILE *f = fopen(path, "r");
+	bool ok = f && fscanf(f, "%u", value) == 1;
+
+	if (f)
+		fclose(f);
+	return ok;
 }
 
 #endif /* RAW_BPF_H */

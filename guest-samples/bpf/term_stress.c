@@ -14,9 +14,10 @@
  *   term_stress hold                 (loads ts_hold and waits for SIGTERM)
  *
  * Each check prints one kselftest-like line (`ok N - name: details` or
- * `not ok N - name: why`), and the run ends with one summary line of
- * key=value fields starting with `trigger` (the harness reads that line:
- * `failed=0` is the verdict).  Exit status 0 only if every check passed.
+ * `not ok N - name: why`, tap.h).  The run ends with one line of key=value
+ * fields starting with `trigger` (the harness reads that line: `failed=0` is
+ * the verdict), then `term_stress: N passed, M failed` (stress-proof.sh
+ * reads that one).  Exit status 0 only if every check passed.
  *
  * Programs (raw_tracepoint type, run with BPF_PROG_TEST_RUN, which returns
  * the program's result) and their normal results:
@@ -44,6 +45,7 @@
 #include <sys/wait.h>
 
 #include "raw_bpf.h"
+#include "tap.h"
 
 #define TRACE_DIR "/sys/kernel/tracing"
 #define MAX_CPUS 8
@@ -52,38 +54,8 @@
 #define HELPER_NORMAL 100
 #define SHORT_NORMAL 7
 
-#ifndef BPF_PSEUDO_FUNC
-#define BPF_PSEUDO_FUNC 4
-#endif
 
 /* ------------------------------------------------------------ reporting */
-
-static int passed, failed, skipped;
-
-static void check(bool ok, const char *name, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static void check(bool ok, const char *name, const char *fmt, ...)
-{
-	va_list ap;
-
-	printf("%s %d - %s", ok ? "ok" : "not ok", passed + failed + skipped + 1, name);
-	if (fmt) {
-		printf(": ");
-		va_start(ap, fmt);
-		vprintf(fmt, ap);
-		va_end(ap);
-	}
-	printf("\n");
-	if (ok)
-		passed++;
-	else
-		failed++;
-}
-
-static void skip(const char *name, const char *why)
-{
-	printf("ok %d - %s # SKIP %s\n", passed + failed + skipped + 1, name, why);
-	skipped++;
-}
 
 static void die(const char *what)
 {
@@ -238,30 +210,6 @@ static const struct bpf_insn tp_prog[] = {
 	ADD64_REG(BPF_REG_0, BPF_REG_6),				/* 6 */
 	EXIT(),								/* 7 */
 };
-
-static int load_tail_prog(int *map_fd)
-{
-	union bpf_attr attr;
-	struct bpf_insn insns[] = {
-		INSN(BPF_LD | BPF_DW | BPF_IMM, BPF_REG_2, BPF_PSEUDO_MAP_FD, 0, 0),
-		INSN(0, 0, 0, 0, 0),
-		MOV64_IMM(BPF_REG_3, 0),
-		CALL_HELPER(BPF_FUNC_tail_call),
-		MOV64_IMM(BPF_REG_0, 0),
-		EXIT(),
-	};
-
-	memset(&attr, 0, sizeof(attr));
-	attr.map_type = BPF_MAP_TYPE_PROG_ARRAY;
-	attr.key_size = 4;
-	attr.value_size = 4;
-	attr.max_entries = 1;
-	*map_fd = sys_bpf(BPF_MAP_CREATE, &attr, sizeof(attr));
-	if (*map_fd < 0)
-		die("BPF_MAP_CREATE prog array");
-	insns[0].imm = *map_fd;
-	return raw_load(BPF_PROG_TYPE_RAW_TRACEPOINT, insns, 6, "ts_tail", 0);
-}
 
 enum { P_HELPER, P_TEXT, P_SHORT, NPROGS };
 static const char *const prog_names[NPROGS] = { "ts_helper", "ts_text", "ts_short" };
@@ -1602,7 +1550,7 @@ static void do_fuzz(unsigned long n, bool unpriv)
 		die("mmap");
 	idle = load_prog(P_HELPER);
 	t = attach_tp();
-	tail_fd = load_tail_prog(&tail_map);
+	tail_fd = raw_load_tail_call("ts_tail", &tail_map);
 	tg.idle_id = idle.id;
 	tg.linked_id = t.id;
 	tg.notsupp_id = raw_prog_id(tail_fd);
@@ -1829,6 +1777,6 @@ int main(int argc, char **argv)
 		return usage();
 	}
 	printf("trigger mode=%s cpus=%d passed=%d failed=%d skipped=%d start_ns=%llu end_ns=%llu%s\n", mode, ncpus,
-	       passed, failed, skipped, (unsigned long long)start, (unsigned long long)now_ns(), summary);
-	return failed ? 1 : 0;
+	       tap.passed, tap.failed, tap.skipped, (unsigned long long)start, (unsigned long long)now_ns(), summary);
+	return tap_summary("term_stress");
 }
