@@ -1,6 +1,5 @@
 //! The real agent binary on a temporary Unix socket, driven with the protocol client.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -221,11 +220,7 @@ fn children_get_default_signal_handling_whatever_the_agent_inherited() {
     assert!(status.contains("SigBlk:\t0000000000000000\n"), "{status}");
     assert!(status.contains("SigIgn:\t0000000000000000\n"), "{status}");
 
-    let sleep = || SpawnRequest {
-        argv: ["sleep", "30"].map(String::from).to_vec(),
-        env: BTreeMap::new(),
-        as_uid: None,
-    };
+    let sleep = || SpawnRequest::command(["sleep", "30"].map(String::from).to_vec());
     let spawned = client.spawn(sleep()).unwrap();
     client.kill(spawned.handle, libc::SIGTERM).unwrap();
     let exit = client.wait(spawned.handle, 5000).unwrap();
@@ -280,13 +275,11 @@ fn spawned_process_can_be_watched_killed_and_waited_for() {
     let agent = RunningAgent::start();
     let mut client = agent.client();
     let spawned = client
-        .spawn(SpawnRequest {
-            argv: ["sh", "-c", "echo starting; sleep 0.2; echo prog_id=42; exec sleep 30"]
+        .spawn(SpawnRequest::command(
+            ["sh", "-c", "echo starting; sleep 0.2; echo prog_id=42; exec sleep 30"]
                 .map(String::from)
                 .to_vec(),
-            env: BTreeMap::new(),
-            as_uid: None,
-        })
+        ))
         .unwrap();
     let handle = spawned.handle;
 
@@ -337,8 +330,7 @@ fn output_is_complete_when_wait_returns() {
         let argv = ["sh", "-c", "echo line one; echo line two >&2; echo result=ok"]
             .map(String::from)
             .to_vec();
-        let spawned =
-            client.spawn(SpawnRequest { argv, env: BTreeMap::new(), as_uid: None }).unwrap();
+        let spawned = client.spawn(SpawnRequest::command(argv)).unwrap();
         client.wait(spawned.handle, 5000).unwrap();
         let output = client.read_output(spawned.handle).unwrap();
         assert_eq!(output.stdout.data.as_bytes(), b"line one\nresult=ok\n", "round {round}");
@@ -355,7 +347,7 @@ fn consumed_output_streams_while_the_process_runs() {
     let argv = ["sh", "-c", "echo one; echo err >&2; sleep 0.5; echo two; exit 42"]
         .map(String::from)
         .to_vec();
-    let spawned = client.spawn(SpawnRequest { argv, env: BTreeMap::new(), as_uid: None }).unwrap();
+    let spawned = client.spawn(SpawnRequest::command(argv)).unwrap();
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
     let mut seen_before_exit = Vec::new();
     let exit = loop {
@@ -545,13 +537,8 @@ fn bad_input_gets_error_responses_and_the_agent_keeps_serving() {
 fn connections_are_independent_and_share_the_process_table() {
     let agent = RunningAgent::start();
     let mut first = agent.client();
-    let spawned = first
-        .spawn(SpawnRequest {
-            argv: ["sleep", "30"].map(String::from).to_vec(),
-            env: BTreeMap::new(),
-            as_uid: None,
-        })
-        .unwrap();
+    let spawned =
+        first.spawn(SpawnRequest::command(["sleep", "30"].map(String::from).to_vec())).unwrap();
     drop(first);
 
     // One connection blocks in a long run while another keeps answering.
@@ -579,11 +566,9 @@ fn shutdown_kills_children_removes_the_socket_and_exits() {
     let mut agent = RunningAgent::start();
     let mut client = agent.client();
     let spawned = client
-        .spawn(SpawnRequest {
-            argv: ["sh", "-c", "sleep 30 & echo $!; wait"].map(String::from).to_vec(),
-            env: BTreeMap::new(),
-            as_uid: None,
-        })
+        .spawn(SpawnRequest::command(
+            ["sh", "-c", "sleep 30 & echo $!; wait"].map(String::from).to_vec(),
+        ))
         .unwrap();
     wait_until("the shell prints its child's pid", || {
         client.read_output(spawned.handle).unwrap().stdout.data.as_bytes().ends_with(b"\n")
