@@ -126,12 +126,10 @@ static void random_wait_us(uint64_t max_us)
 
 static unsigned int read_uint_file(const char *path)
 {
-	unsigned int v = 0;
-	FILE *f = fopen(path, "r");
+	unsigned int v;
 
-	if (!f || fscanf(f, "%u", &v) != 1)
+	if (!read_sysctl(path, &v))
 		die(path);
-	fclose(f);
 	return v;
 }
 
