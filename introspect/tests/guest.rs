@@ -14,7 +14,6 @@
 //! (`guest-kernel/build --print-dir`). Where /dev/kvm cannot run Linux (kvm-pvm) the test
 //! re-runs itself inside an L1 VM via termlab-nested.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -23,9 +22,11 @@ use termlab_introspect::context::{task_stack_top, KernelCpu, PtRegs, PT_REGS_SIZ
 use termlab_introspect::paging::PageTables;
 use termlab_introspect::symbols::SymbolTable;
 use termlab_nested::cpio::CpioWriter;
-use termlab_nested::{ensure_real_kvm_or_reexec_with, KvmPlan, L1Options, NestedMode};
+use termlab_nested::L1Options;
 use termlab_vmm::{ExitReason, Vm, VmConfig};
 
+/// The boot's informational lines stay on: check_banner compares the kernel's banner, a
+/// KERN_NOTICE line, with what the page walk reads.
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 nokaslr";
 /// Everything runs in software emulation inside L1 here; be generous.
 const STEP_TIMEOUT: Duration = Duration::from_secs(180);
@@ -86,23 +87,11 @@ fn test_initramfs() -> PathBuf {
     path
 }
 
-/// True when this process has real KVM; otherwise runs this test inside L1 and asserts it
-/// passed there.
+/// True when this process has real KVM; otherwise this test ran, and passed, inside L1.
 fn have_real_kvm(test_name: &str) -> bool {
-    let exe = std::env::current_exe().expect("test binary path");
-    let argv: Vec<OsString> =
-        vec![exe.into(), test_name.into(), "--exact".into(), "--nocapture".into()];
     let options =
         L1Options { mem_mib: 2048, timeout: Duration::from_secs(900), ..L1Options::default() };
-    match ensure_real_kvm_or_reexec_with(NestedMode::Auto, &argv, &options)
-        .expect("nested launcher")
-    {
-        KvmPlan::RunHere { .. } => true,
-        KvmPlan::RanInL1 { exit_code } => {
-            assert_eq!(exit_code, 0, "{test_name} failed inside the L1 VM (its output is above)");
-            false
-        }
-    }
+    termlab_nested::run_test_where_kvm_works(test_name, &options)
 }
 
 struct Guest {

@@ -40,6 +40,12 @@ fn console_tail_text(tail: &[String]) -> String {
 }
 
 impl NestedError {
+    /// True when the L1 VM crashed or stalled under the command: the emulated host failed,
+    /// the command may not even have started.
+    pub fn is_l1_failure(&self) -> bool {
+        matches!(self, Self::L1Failed { .. } | Self::L1Stalled { .. })
+    }
+
     pub(crate) fn io(what: &'static str, path: &Path, source: std::io::Error) -> Self {
         Self::Io { what, path: path.to_owned(), source }
     }

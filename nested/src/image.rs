@@ -1,6 +1,7 @@
-//! The L1 VM's boot image: Debian's stock kernel plus a busybox initramfs that loads kvm-amd,
-//! virtio and 9p, mounts the host's `/` and runs the job named on the kernel command line.
-//! Built once from the distribution's `linux-image-amd64` package and cached.
+//! The L1 VM's boot image: Debian's stock kernel (as a PVH ELF where it can be, see
+//! crate::pvh) plus a busybox initramfs that loads kvm-amd, virtio and 9p, mounts the host's
+//! `/` and runs the job named on the kernel command line. Built once from the distribution's
+//! `linux-image-amd64` package and cached.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -15,7 +16,7 @@ use crate::mounts::{root_mount_options, HOST_TMP};
 use crate::tempdir::TempDir;
 
 /// Bumped whenever the initramfs layout or init script changes, so stale caches are ignored.
-const IMAGE_VERSION: &str = "v5";
+const IMAGE_VERSION: &str = "v6";
 /// Kernel modules L1 needs, in `modprobe` dependency order after expansion. vhost_vsock lets
 /// QEMU in L1 give its guests vsock (for comparisons against our VMM).
 const L1_MODULES: [&str; 5] = ["kvm-amd", "virtio_pci", "9pnet_virtio", "9p", "vhost_vsock"];
@@ -68,6 +69,7 @@ pub const REQUIRED_TOOLS: [(&str, &str); 7] = [
 ];
 
 pub struct L1Image {
+    /// The uncompressed vmlinux with a PVH entry point, or else the bzImage.
     pub kernel: PathBuf,
     pub initrd: PathBuf,
 }
@@ -75,7 +77,7 @@ pub struct L1Image {
 /// Returns the cached image, building it first if needed (one builder at a time).
 pub fn ensure_image(cache_dir: &Path) -> Result<L1Image, NestedError> {
     let dir = cache_dir.join(IMAGE_VERSION);
-    let image = L1Image { kernel: dir.join("vmlinuz"), initrd: dir.join("initrd.cpio") };
+    let image = L1Image { kernel: dir.join("kernel"), initrd: dir.join("initrd.cpio") };
     if image.kernel.is_file() && image.initrd.is_file() {
         return Ok(image);
     }
@@ -87,12 +89,30 @@ pub fn ensure_image(cache_dir: &Path) -> Result<L1Image, NestedError> {
     eprintln!("termlab-nested: building the L1 image in {} (once)", dir.display());
     let work = TempDir::new(&dir, "build")?;
     let (vmlinuz, initrd) = build_image(work.path())?;
+    let kernel = pvh_kernel_or_bzimage(&vmlinuz, work.path())?;
     let publish = |from: &Path, to: &Path| {
         fs::rename(from, to).map_err(|e| NestedError::io("store L1 image", to, e))
     };
     publish(&initrd, &image.initrd)?;
-    publish(&vmlinuz, &image.kernel)?;
+    publish(&kernel, &image.kernel)?;
     Ok(image)
+}
+
+/// The kernel file L1 boots: the vmlinux inside `vmlinuz` when it has a PVH entry point (QEMU
+/// starts it directly, seconds sooner under TCG), else `vmlinuz` itself.
+fn pvh_kernel_or_bzimage(vmlinuz: &Path, work: &Path) -> Result<PathBuf, NestedError> {
+    let bzimage = fs::read(vmlinuz).map_err(|e| NestedError::io("read kernel", vmlinuz, e))?;
+    match crate::pvh::pvh_vmlinux(&bzimage) {
+        Ok(vmlinux) => {
+            let path = work.join("vmlinux");
+            fs::write(&path, vmlinux).map_err(|e| NestedError::io("write vmlinux", &path, e))?;
+            Ok(path)
+        }
+        Err(why) => {
+            eprintln!("termlab-nested: booting L1 from the bzImage: {why}");
+            Ok(vmlinuz.to_owned())
+        }
+    }
 }
 
 fn build_image(work: &Path) -> Result<(PathBuf, PathBuf), NestedError> {

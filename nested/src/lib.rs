@@ -22,6 +22,7 @@ mod launch;
 mod lock;
 mod mounts;
 pub mod probe;
+mod pvh;
 mod tempdir;
 
 use std::ffi::OsString;
@@ -119,5 +120,36 @@ pub fn ensure_real_kvm_or_reexec_with(
             Ok(_) => Ok(KvmPlan::RunHere { nested: false }),
             Err(reason) => reexec(Some(reason)),
         },
+    }
+}
+
+/// For a test in a test binary that needs KVM able to run Linux: true when this process can
+/// run the test body. Otherwise runs this one test again inside an L1 VM, asserts that it
+/// passed there and returns false. An L1 VM that crashed or stalled under the test (the
+/// emulated host failing, not the test: [`NestedError::is_l1_failure`]) gets one more try;
+/// a second failure panics with the launcher's own words, which scripts/test recognises.
+pub fn run_test_where_kvm_works(test_name: &str, options: &L1Options) -> bool {
+    let argv: Vec<OsString> = vec![
+        std::env::current_exe().expect("test binary path").into(),
+        test_name.into(),
+        "--exact".into(),
+        "--nocapture".into(),
+    ];
+    let plan = match ensure_real_kvm_or_reexec_with(NestedMode::Auto, &argv, options) {
+        Err(error) if error.is_l1_failure() => {
+            eprintln!("termlab-nested: {error}; trying {test_name} once more");
+            ensure_real_kvm_or_reexec_with(NestedMode::Auto, &argv, options)
+        }
+        plan => plan,
+    };
+    match plan.unwrap_or_else(|error| panic!("nested launcher: {error}")) {
+        KvmPlan::RunHere { nested } => {
+            eprintln!("running with real KVM (nested: {nested})");
+            true
+        }
+        KvmPlan::RanInL1 { exit_code } => {
+            assert_eq!(exit_code, 0, "{test_name} failed inside the L1 VM (its output is above)");
+            false
+        }
     }
 }

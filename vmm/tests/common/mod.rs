@@ -5,7 +5,6 @@
 //! Each test crate uses a different subset of these helpers.
 #![allow(dead_code)]
 
-use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -14,10 +13,12 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use termlab_nested::cpio::CpioWriter;
-use termlab_nested::{ensure_real_kvm_or_reexec_with, KvmPlan, L1Options, NestedMode};
+use termlab_nested::L1Options;
 use termlab_vmm::Vm;
 
-pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 nokaslr";
+/// loglevel=5: the boot's informational lines would cost seconds of nested I/O exits (see
+/// termlab's engine/guest.rs); the tests look for their init's markers and for panics.
+pub const BASE_CMDLINE: &str = "console=ttyS0 loglevel=5 reboot=k panic=-1 nokaslr";
 /// Everything runs in software emulation inside L1 here; be generous.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -146,38 +147,56 @@ pub fn init_logging() {
     }
 }
 
-/// True when this process should run the test body. Where /dev/kvm cannot run Linux
-/// (kvm-pvm), runs this one test again inside an L1 VM via termlab-nested, asserts that it
-/// passed there and returns false.
+/// True when this process should run the test body (otherwise it ran, and passed, inside an
+/// L1 VM: [`termlab_nested::run_test_where_kvm_works`]).
 pub fn run_where_kvm_works(test_name: &str) -> bool {
-    let argv: Vec<OsString> = vec![
-        std::env::current_exe().expect("test binary path").into(),
-        test_name.into(),
-        "--exact".into(),
-        "--nocapture".into(),
-    ];
     let options =
         L1Options { mem_mib: 2048, timeout: Duration::from_secs(900), ..L1Options::default() };
-    match ensure_real_kvm_or_reexec_with(NestedMode::Auto, &argv, &options)
-        .expect("nested launcher")
-    {
-        KvmPlan::RunHere { nested } => {
-            eprintln!("running with real KVM (nested: {nested})");
-            true
-        }
-        KvmPlan::RanInL1 { exit_code } => {
-            assert_eq!(exit_code, 0, "{test_name} failed inside the L1 VM (its output is above)");
-            false
-        }
-    }
+    termlab_nested::run_test_where_kvm_works(test_name, &options)
 }
 
 pub fn wait_for(vm: &Vm, marker: &str) {
-    assert!(
-        vm.console().wait_for(marker, STEP_TIMEOUT),
-        "no {marker:?} on the console within {STEP_TIMEOUT:?}; console:\n{}",
-        vm.console().text()
-    );
+    if !vm.console().wait_for(marker, STEP_TIMEOUT) {
+        panic!(
+            "no {marker:?} on the console within {STEP_TIMEOUT:?}; where the guest is: {}; \
+             console:\n{}",
+            where_the_vcpus_are(vm),
+            vm.console().text()
+        );
+    }
+}
+
+/// Each vCPU's instruction pointer, with the kernel symbol it falls in, read while the VM is
+/// paused (then resumed): what a guest that stopped making progress is doing.
+pub fn where_the_vcpus_are(vm: &Vm) -> String {
+    if let Err(e) = vm.pause() {
+        return format!("cannot pause the VM ({e})");
+    }
+    let places: Vec<String> = (0..vm.vcpu_count())
+        .map(|vcpu| match vm.regs(vcpu) {
+            Ok(regs) => format!("vCPU {vcpu} at {:#x} ({})", regs.rip, symbolize(regs.rip)),
+            Err(e) => format!("vCPU {vcpu}: {e}"),
+        })
+        .collect();
+    let _ = vm.resume();
+    places.join(", ")
+}
+
+/// `symbol+offset` for a kernel address, from the guest kernel's System.map.
+fn symbolize(address: u64) -> String {
+    let map = std::fs::read_to_string(kernel_dir().join("System.map")).unwrap_or_default();
+    map.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let start = u64::from_str_radix(fields.next()?, 16).ok()?;
+            let symbol = fields.nth(1)?;
+            (start <= address).then_some((start, symbol))
+        })
+        .max_by_key(|(start, _)| *start)
+        .map_or_else(
+            || "no symbol".into(),
+            |(start, name)| format!("{name}+{:#x}", address - start),
+        )
 }
 
 /// Opens a hybrid-vsock connection to the guest's listener on `guest_port`: connects to the
