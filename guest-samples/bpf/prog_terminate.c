@@ -13,9 +13,11 @@
  *
  * --repeat N calls it N times back to back (to race a program's exit) and
  * prints `terminate prog_id=.. attempts=N stopped=A not_running=B already=D
- * other=C other_errno=..`; exit status 0 when every call either stopped the
- * program, found it not running (ESRCH), or found the run the previous call
- * stopped still finishing (EALREADY: nobody else terminates it meanwhile).
+ * again=E other=C other_errno=..`; exit status 0 when every call either
+ * stopped the program, found it not running (ESRCH), found the run the
+ * previous call stopped still finishing (EALREADY: nobody else terminates it
+ * meanwhile), or found a run entering or leaving the program on every try
+ * (EAGAIN: nothing stopped).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -41,7 +43,7 @@ static int usage(const char *argv0)
 int main(int argc, char **argv)
 {
 	uint64_t prog_id = 0, flags = 0, repeat = 0, stopped = 0, not_running = 0, already = 0;
-	uint64_t other = 0, i;
+	uint64_t again = 0, other = 0, i;
 	int arg, have_id = 0, other_errno = 0, stopping = 0;
 
 	for (arg = 1; arg < argc; arg++) {
@@ -91,15 +93,18 @@ int main(int argc, char **argv)
 			stopping = 0;
 		} else if (ret < 0 && errno == EALREADY && stopping) {
 			already++;
+		} else if (ret < 0 && errno == EAGAIN) {
+			again++;
 		} else {
 			other++;
 			other_errno = ret < 0 ? errno : 0;
 		}
 	}
 	printf("terminate prog_id=%llu flags=%llu attempts=%llu stopped=%llu not_running=%llu"
-	       " already=%llu other=%llu other_errno=%s\n", (unsigned long long)prog_id,
+	       " already=%llu again=%llu other=%llu other_errno=%s\n", (unsigned long long)prog_id,
 	       (unsigned long long)flags, (unsigned long long)repeat,
 	       (unsigned long long)stopped, (unsigned long long)not_running,
-	       (unsigned long long)already, (unsigned long long)other, errno_name(other_errno));
+	       (unsigned long long)already, (unsigned long long)again, (unsigned long long)other,
+	       errno_name(other_errno));
 	return other != 0;
 }

@@ -47,14 +47,18 @@
 #define EXIT() INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0)
 #define ST_MEM_DW(DST, OFF, IMM) INSN(BPF_ST | BPF_MEM | BPF_DW, DST, 0, OFF, IMM)
 #define LDX_MEM_DW(DST, SRC, OFF) INSN(BPF_LDX | BPF_MEM | BPF_DW, DST, SRC, OFF, 0)
+#define STX_MEM_DW(DST, SRC, OFF) INSN(BPF_STX | BPF_MEM | BPF_DW, DST, SRC, OFF, 0)
+#define JEQ_IMM(DST, IMM, OFF) INSN(BPF_JMP | BPF_JEQ | BPF_K, DST, 0, OFF, IMM)
 #define JGT_IMM(DST, IMM, OFF) INSN(BPF_JMP | BPF_JGT | BPF_K, DST, 0, OFF, IMM)
 #define JLT_IMM(DST, IMM, OFF) INSN(BPF_JMP | BPF_JLT | BPF_K, DST, 0, OFF, IMM)
 /* DST = the address of the subprogram OFF instructions after the next one (two slots). */
+#define LD_MAP_FD(DST, FD) INSN(BPF_LD | BPF_DW | BPF_IMM, DST, BPF_PSEUDO_MAP_FD, 0, FD), INSN(0, 0, 0, 0, 0)
 #define LD_FUNC(DST, OFF) INSN(BPF_LD | BPF_DW | BPF_IMM, DST, BPF_PSEUDO_FUNC, 0, OFF), INSN(0, 0, 0, 0, 0)
 
 #define DEMO_DELAY_SYSCTL "/proc/sys/kernel/bpf_termination_demo_delay_ms"
 /* Fault injection (patch 0013): the IPI handler skips the first rewrite. */
 #define FAULT_SKIP_REWRITE_SYSCTL "/proc/sys/kernel/bpf_termination_fault_skip_rewrite"
+#define FAULT_ENTRY_DELAY_SYSCTL "/proc/sys/kernel/bpf_termination_fault_entry_delay_ms"
 
 static inline long sys_bpf(int cmd, void *attr, unsigned int size)
 {
@@ -176,6 +180,37 @@ static inline int raw_load(enum bpf_prog_type type, const struct bpf_insn *insns
 	return raw_load_funcs(type, insns, cnt, name, prog_flags, NULL, 0);
 }
 
+/* A map of @type with one entry per 4-byte key below @max_entries; exits on failure. */
+static inline int raw_map_create(enum bpf_map_type type, uint32_t value_size, uint32_t max_entries)
+{
+	union bpf_attr attr;
+	int fd;
+
+	memset(&attr, 0, sizeof(attr));
+	attr.map_type = type;
+	attr.key_size = 4;
+	attr.value_size = value_size;
+	attr.max_entries = max_entries;
+	fd = sys_bpf(BPF_MAP_CREATE, &attr, sizeof(attr));
+	if (fd < 0) {
+		perror("BPF_MAP_CREATE");
+		exit(1);
+	}
+	return fd;
+}
+
+/* BPF_MAP_LOOKUP_ELEM or BPF_MAP_UPDATE_ELEM (flags 0) of @key; the syscall's result. */
+static inline long raw_map_elem(int cmd, int map_fd, uint32_t key, void *value)
+{
+	union bpf_attr attr;
+
+	memset(&attr, 0, sizeof(attr));
+	attr.map_fd = map_fd;
+	attr.key = (uintptr_t)&key;
+	attr.value = (uintptr_t)value;
+	return sys_bpf(cmd, &attr, sizeof(attr));
+}
+
 /*
  * Loads @name, a program that tail-calls into an empty program array (so it
  * returns 0), a construct with no termination copy: BPF_PROG_TERMINATE
@@ -184,27 +219,15 @@ static inline int raw_load(enum bpf_prog_type type, const struct bpf_insn *insns
  */
 static inline int raw_load_tail_call(const char *name, int *map_fd)
 {
-	union bpf_attr attr;
-	struct bpf_insn insns[] = {
-		INSN(BPF_LD | BPF_DW | BPF_IMM, BPF_REG_2, BPF_PSEUDO_MAP_FD, 0, 0),
-		INSN(0, 0, 0, 0, 0),
+	*map_fd = raw_map_create(BPF_MAP_TYPE_PROG_ARRAY, 4, 1);
+	const struct bpf_insn insns[] = {
+		LD_MAP_FD(BPF_REG_2, *map_fd),
 		MOV64_IMM(BPF_REG_3, 0),
 		CALL_HELPER(BPF_FUNC_tail_call),
 		MOV64_IMM(BPF_REG_0, 0),
 		EXIT(),
 	};
 
-	memset(&attr, 0, sizeof(attr));
-	attr.map_type = BPF_MAP_TYPE_PROG_ARRAY;
-	attr.key_size = 4;
-	attr.value_size = 4;
-	attr.max_entries = 1;
-	*map_fd = sys_bpf(BPF_MAP_CREATE, &attr, sizeof(attr));
-	if (*map_fd < 0) {
-		perror("BPF_MAP_CREATE prog array");
-		exit(1);
-	}
-	insns[0].imm = *map_fd;
 	return raw_load(BPF_PROG_TYPE_RAW_TRACEPOINT, insns, sizeof(insns) / sizeof(insns[0]), name, 0);
 }
 
