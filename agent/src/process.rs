@@ -502,7 +502,6 @@ impl ProcessTable {
             as_uid: request.as_uid,
             stdin: None,
         })?;
-        log!("spawned {:?} as process {}", request.argv, process.pid);
         Ok(SpawnReply { handle: process.pid, start_ns })
     }
 

@@ -36,6 +36,14 @@ pub fn serve(connection: File, agent: &Agent) {
             log!("cannot send response {:?}: {error}", response.id);
             return;
         }
+        // Only after the reply: the log is the serial console, whose every byte is a VM
+        // exit, slow under nesting; it must not delay what the host is waiting for.
+        if let Err(error) = &response.outcome {
+            match response.id {
+                Some(id) => log!("request {id} failed: {error}"),
+                None => log!("rejected request line: {error}"),
+            }
+        }
         if shutdown {
             agent.shut_down();
         }
@@ -59,15 +67,11 @@ fn answer(line: &[u8], agent: &Agent) -> (Response, bool) {
     let request = match Request::parse_line(line) {
         Ok(request) => request,
         Err(error) => {
-            log!("rejected request line: {error}");
             return (Response::error(error.id, ErrorReply::new(error.kind, error.message)), false);
         }
     };
     let shutdown = matches!(request.body, RequestBody::Shutdown {});
     let outcome = execute(request.body, agent);
-    if let Err(error) = &outcome {
-        log!("request {} failed: {error}", request.id);
-    }
     let shutdown = shutdown && outcome.is_ok();
     (Response { id: Some(request.id), outcome }, shutdown)
 }
