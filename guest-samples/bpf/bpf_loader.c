@@ -28,6 +28,18 @@
  * start_ns/end_ns are CLOCK_MONOTONIC around the bpf() call. Exit status 0
  * when the call succeeded; 1 (with `trigger ... errno=NAME` and a message on
  * stderr) when it failed; 2 for bad arguments.
+ *
+ *   bpf_loader globals --prog KERNEL_NAME -- COMMAND [ARG...]
+ *
+ * A trigger that shows what a run did: reads the integer global variables of
+ * the loaded program named KERNEL_NAME (its .bss and .data maps, named by
+ * their BTF), runs COMMAND, reads them again and prints how much each changed:
+ *
+ *   trigger start_ns=.. end_ns=.. exit=0 runs=1 first_part=0 second_part=0
+ *
+ * start_ns/end_ns are CLOCK_MONOTONIC around COMMAND. Exits with COMMAND's
+ * status (128+N when a signal N ended it); 1 when the program or its
+ * variables cannot be read, 2 for bad arguments.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -38,9 +50,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 #include <bpf/bpf.h>
+#include <bpf/btf.h>
 #include <bpf/libbpf.h>
 
 /* Largest packet a test run takes here (the kernel's own limit is about a page for most types). */
@@ -57,7 +71,8 @@ static int usage(void)
 {
 	fprintf(stderr,
 		"usage: bpf_loader load OBJECT [--prog FUNCTION] [--no-attach]\n"
-		"       bpf_loader test-run --id PROG_ID [--data-hex HEX | --data-file PATH] [--repeat N]\n");
+		"       bpf_loader test-run --id PROG_ID [--data-hex HEX | --data-file PATH] [--repeat N]\n"
+		"       bpf_loader globals --prog KERNEL_NAME -- COMMAND [ARG...]\n");
 	return 2;
 }
 
@@ -91,6 +106,7 @@ static const char *errno_name(int error)
 	case ENOENT: return "ENOENT";
 	case ESRCH: return "ESRCH";
 	case EALREADY: return "EALREADY";
+	case EAGAIN: return "EAGAIN";
 	case EINTR: return "EINTR";
 	case EFAULT: return "EFAULT";
 	case EINVAL: return "EINVAL";
@@ -314,11 +330,231 @@ static int test_run(int argc, char **argv)
 	return 0;
 }
 
+/* The integer global variables of a program: where each sits in which map's value. */
+#define MAX_GLOBALS 64
+#define MAX_GLOBAL_MAPS 4
+
+struct global_map {
+	int fd;
+	__u32 value_size;
+	unsigned char *before, *after;
+};
+
+struct global_var {
+	const char *name;
+	int map;		/* index into the maps */
+	__u32 offset, size;
+	int is_signed;
+};
+
+struct globals {
+	struct global_map maps[MAX_GLOBAL_MAPS];
+	struct global_var vars[MAX_GLOBALS];
+	int nr_maps, nr_vars;
+	struct btf *btfs[MAX_GLOBAL_MAPS];
+};
+
+/* The fd of the one loaded program whose kernel name is NAME, or -1 after a message. */
+static int prog_fd_by_name(const char *name)
+{
+	__u32 id = 0, found_id = 0;
+	int found = -1;
+
+	while (bpf_prog_get_next_id(id, &id) == 0) {
+		struct bpf_prog_info info = {};
+		__u32 len = sizeof(info);
+		int fd = bpf_prog_get_fd_by_id(id);
+
+		if (fd < 0)
+			continue;
+		if (bpf_obj_get_info_by_fd(fd, &info, &len) || strcmp(info.name, name)) {
+			close(fd);
+			continue;
+		}
+		if (found >= 0) {
+			fprintf(stderr, "bpf_loader: programs %u and %u are both named %s\n",
+				found_id, id, name);
+			close(fd);
+			close(found);
+			return -1;
+		}
+		found = fd;
+		found_id = id;
+	}
+	if (found < 0)
+		fprintf(stderr, "bpf_loader: no loaded BPF program is named %s\n", name);
+	return found;
+}
+
+/* Adds the integer variables of one global-data map (a DATASEC value type). */
+static void add_global_map(struct globals *globals, int map_fd, const struct bpf_map_info *info)
+{
+	const struct btf_var_secinfo *var;
+	const struct btf_type *section;
+	struct btf *btf;
+	int index = globals->nr_maps, i;
+
+	if (index == MAX_GLOBAL_MAPS || !info->btf_id || !info->btf_value_type_id)
+		return;
+	btf = btf__load_from_kernel_by_id(info->btf_id);
+	if (!btf)
+		return;
+	section = btf__type_by_id(btf, info->btf_value_type_id);
+	if (!section || !btf_is_datasec(section)) {
+		btf__free(btf);
+		return;
+	}
+	globals->btfs[index] = btf;
+	globals->maps[index] = (struct global_map){
+		.fd = map_fd,
+		.value_size = info->value_size,
+		.before = calloc(1, info->value_size),
+		.after = calloc(1, info->value_size),
+	};
+	globals->nr_maps++;
+	for (i = 0, var = btf_var_secinfos(section); i < btf_vlen(section); i++, var++) {
+		const struct btf_type *type = btf__type_by_id(btf, var->type);
+		const struct btf_type *target;
+		int target_id;
+
+		if (!type || !btf_is_var(type) || globals->nr_vars == MAX_GLOBALS)
+			continue;
+		target_id = btf__resolve_type(btf, type->type);
+		target = target_id < 0 ? NULL : btf__type_by_id(btf, target_id);
+		if (!target || !(btf_is_int(target) || btf_is_enum(target)))
+			continue;
+		if (var->size != 1 && var->size != 2 && var->size != 4 && var->size != 8)
+			continue;
+		if (var->offset + var->size > info->value_size)
+			continue;
+		globals->vars[globals->nr_vars++] = (struct global_var){
+			.name = btf__name_by_offset(btf, type->name_off),
+			.map = index,
+			.offset = var->offset,
+			.size = var->size,
+			.is_signed = btf_is_int(target) && (btf_int_encoding(target) & BTF_INT_SIGNED),
+		};
+	}
+}
+
+/* Finds the .bss and .data maps of the program in PROG_FD; 0, or -1 after a message. */
+static int find_globals(int prog_fd, struct globals *globals)
+{
+	__u32 map_ids[32], i;
+	struct bpf_prog_info info = {};
+	__u32 len = sizeof(info);
+
+	info.nr_map_ids = sizeof(map_ids) / sizeof(map_ids[0]);
+	info.map_ids = (__u64)(unsigned long)map_ids;
+	if (bpf_obj_get_info_by_fd(prog_fd, &info, &len)) {
+		fprintf(stderr, "bpf_loader: reading the program's maps: %s\n", strerror(errno));
+		return -1;
+	}
+	for (i = 0; i < info.nr_map_ids && i < sizeof(map_ids) / sizeof(map_ids[0]); i++) {
+		struct bpf_map_info map_info = {};
+		__u32 map_len = sizeof(map_info);
+		int fd = bpf_map_get_fd_by_id(map_ids[i]);
+		const char *dot;
+
+		if (fd < 0)
+			continue;
+		dot = NULL;
+		if (bpf_obj_get_info_by_fd(fd, &map_info, &map_len) == 0)
+			dot = strrchr(map_info.name, '.');
+		if (dot && (strcmp(dot, ".bss") == 0 || strcmp(dot, ".data") == 0) &&
+		    map_info.type == BPF_MAP_TYPE_ARRAY && map_info.max_entries == 1)
+			add_global_map(globals, fd, &map_info);
+		else
+			close(fd);
+	}
+	if (globals->nr_vars == 0) {
+		fprintf(stderr, "bpf_loader: the program has no integer global variables "
+			"(in .bss or .data, with BTF)\n");
+		return -1;
+	}
+	return 0;
+}
+
+static int read_globals(struct globals *globals, int after)
+{
+	__u32 zero = 0;
+	int i;
+
+	for (i = 0; i < globals->nr_maps; i++) {
+		struct global_map *map = &globals->maps[i];
+
+		if (bpf_map_lookup_elem(map->fd, &zero, after ? map->after : map->before)) {
+			fprintf(stderr, "bpf_loader: reading global variables: %s\n", strerror(errno));
+			return -1;
+		}
+	}
+	return 0;
+}
+
+static long long global_value(const struct global_var *var, const unsigned char *value)
+{
+	__u64 raw = 0;
+
+	memcpy(&raw, value + var->offset, var->size);	/* little-endian */
+	if (var->is_signed && var->size < 8 && (raw >> (var->size * 8 - 1)) & 1)
+		raw |= ~0ULL << (var->size * 8);
+	return (long long)raw;
+}
+
+static int globals(int argc, char **argv)
+{
+	struct globals found = {};
+	const char *name = NULL;
+	uint64_t start_ns, end_ns;
+	int prog_fd, status, code, i;
+	pid_t child;
+
+	if (argc >= 4 && strcmp(argv[0], "--prog") == 0 && strcmp(argv[2], "--") == 0)
+		name = argv[1];
+	if (name == NULL)
+		return usage();
+	libbpf_set_print(print_libbpf);
+	prog_fd = prog_fd_by_name(name);
+	if (prog_fd < 0)
+		return 1;
+	if (find_globals(prog_fd, &found) || read_globals(&found, 0))
+		return 1;
+	fflush(stdout);
+	start_ns = monotonic_ns();
+	child = fork();
+	if (child == 0) {
+		execvp(argv[3], argv + 3);
+		fprintf(stderr, "bpf_loader: running %s: %s\n", argv[3], strerror(errno));
+		_exit(errno == ENOENT ? 127 : 126);
+	}
+	if (child < 0 || waitpid(child, &status, 0) != child) {
+		fprintf(stderr, "bpf_loader: running %s: %s\n", argv[3], strerror(errno));
+		return 1;
+	}
+	end_ns = monotonic_ns();
+	if (read_globals(&found, 1))
+		return 1;
+	code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+	printf("trigger start_ns=%llu end_ns=%llu exit=%d", (unsigned long long)start_ns,
+	       (unsigned long long)end_ns, code);
+	for (i = 0; i < found.nr_vars; i++) {
+		const struct global_var *var = &found.vars[i];
+		const struct global_map *map = &found.maps[var->map];
+
+		printf(" %s=%lld", var->name,
+		       global_value(var, map->after) - global_value(var, map->before));
+	}
+	printf("\n");
+	return code;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc >= 2 && strcmp(argv[1], "load") == 0)
 		return load(argc - 2, argv + 2);
 	if (argc >= 2 && strcmp(argv[1], "test-run") == 0)
 		return test_run(argc - 2, argv + 2);
+	if (argc >= 2 && strcmp(argv[1], "globals") == 0)
+		return globals(argc - 2, argv + 2);
 	return usage();
 }

@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 
 use crate::results::kernel::KernelTermination;
 use crate::results::{ExpectationOutcome, Repetition, StepRecord};
-use crate::scenario::{Check, EventPoint, EventRef, Expectation, MetricSpec};
+use crate::scenario::{
+    BudgetResultCheck, Check, EventPoint, EventRef, Expectation, KernelCaseCheck, MetricBound,
+    MetricSpec, TerminateResultCheck, TerminationsCheck, TriggerFieldCheck, TriggerOkCheck,
+};
 
 /// The guest-clock timestamp of `event` in one repetition's records.
 fn event_ns(steps: &[StepRecord], event: &EventRef) -> Option<u64> {
@@ -133,233 +136,14 @@ fn evaluate_one(
     dmesg: Option<&KernelLog>,
 ) -> ExpectationOutcome {
     let (check, per_repetition): (String, RepetitionCheck) = match &expectation.check {
-        Check::Metric(bound) => {
-            let metric = bound.metric.get_ref().to_string();
-            let mut words = Vec::new();
-            if let Some(low) = bound.at_least_ms {
-                words.push(format!("≥ {low} ms"));
-            }
-            if let Some(high) = bound.at_most_ms {
-                words.push(format!("≤ {high} ms"));
-            }
-            let check = format!("{metric} {}", words.join(" and "));
-            let (low, high) = (bound.at_least_ms, bound.at_most_ms);
-            (
-                check,
-                Box::new(move |rep: &Repetition| {
-                    let Some(&ns) = rep.metrics.get(&metric) else {
-                        return Err(format!("{metric} was not measured"));
-                    };
-                    let ms = ns / 1e6;
-                    let shown = format!("{ms:.3} ms");
-                    if low.is_some_and(|low| ms < low) || high.is_some_and(|high| ms > high) {
-                        Err(shown)
-                    } else {
-                        Ok(shown)
-                    }
-                }),
-            )
-        }
-        Check::TerminateResult(result) => {
-            let step = result.step.get_ref().to_string();
-            let (want_errno, want_cpus) = (result.errno, result.cpus);
-            let check = match (want_errno, want_cpus) {
-                (Some(errno), _) => format!("terminate `{step}` fails with {}", errno.name()),
-                (None, Some(cpus)) => {
-                    format!("terminate `{step}` stops the program on {cpus} CPU(s)")
-                }
-                (None, None) => format!("terminate `{step}` result"),
-            };
-            (
-                check,
-                Box::new(move |rep: &Repetition| {
-                    let found = rep.steps.iter().find_map(|s| match s {
-                        StepRecord::Terminate { label, cpus, errno, .. } if *label == step => {
-                            Some((cpus, errno))
-                        }
-                        _ => None,
-                    });
-                    let Some((cpus, errno)) = found else {
-                        return Err(format!("terminate `{step}` did not run"));
-                    };
-                    let observed = match (cpus, errno) {
-                        (_, Some(errno)) => errno.clone(),
-                        (Some(cpus), None) => format!("{cpus} CPU(s)"),
-                        (None, None) => "no result".to_owned(),
-                    };
-                    let matches = match (want_errno, want_cpus) {
-                        (Some(want), _) => errno.as_deref() == Some(want.name()),
-                        (None, Some(want)) => errno.is_none() && *cpus == Some(want),
-                        (None, None) => false,
-                    };
-                    if matches {
-                        Ok(observed)
-                    } else {
-                        Err(observed)
-                    }
-                }),
-            )
-        }
-        Check::KernelCase(want) => {
-            let (step, case, min_frames) = (
-                want.step.get_ref().to_string(),
-                want.case.as_ref().map(|c| *c.get_ref()),
-                want.min_frames,
-            );
-            let path = case.map_or("a termination".to_owned(), |case| format!("case {case}"));
-            (
-                format!("the kernel traced `{step}` as {path} on every CPU, ≥ {min_frames} frame(s) rewritten, none lost"),
-                Box::new(move |rep: &Repetition| {
-                    let Some(kernel) = kernel_termination(rep, &step) else { return Err(format!("step `{step}` did not run")) };
-                    let Some(kernel) = kernel else { return Err("the kernel traced no termination for it (no bpf:bpf_prog_terminate_request, or no budget stop in the run)".to_owned()) };
-                    if kernel.handlers.is_empty() {
-                        return Err("no CPU was stopped (no bpf:bpf_prog_terminate event)".to_owned());
-                    }
-                    let seen: Vec<String> = kernel.handlers.iter().map(|h| format!("cpu{} case {} frames {} lost {}", h.cpu, h.case, h.frames, h.lost)).collect();
-                    let ok = kernel.handlers.iter().all(|h| case.is_none_or(|case| h.case == case) && h.frames >= min_frames && h.lost == 0);
-                    if ok {
-                        Ok(seen.join(", "))
-                    } else {
-                        Err(seen.join(", "))
-                    }
-                }),
-            )
-        }
-        Check::BudgetResult(result) => {
-            let (step, want) = (result.step.get_ref().to_string(), result.errno);
-            (
-                match want {
-                    Some(errno) => format!("budget `{step}` fails with {}", errno.name()),
-                    None => format!("budget `{step}` is accepted"),
-                },
-                Box::new(move |rep: &Repetition| {
-                    let errno = rep.steps.iter().find_map(|s| match s {
-                        StepRecord::Budget { label, errno, .. } if *label == step => Some(errno),
-                        _ => None,
-                    });
-                    let Some(errno) = errno else {
-                        return Err(format!("budget `{step}` did not run"));
-                    };
-                    let observed = errno.clone().unwrap_or_else(|| "accepted".to_owned());
-                    if errno.as_deref() == want.map(|w| w.name()) {
-                        Ok(observed)
-                    } else {
-                        Err(observed)
-                    }
-                }),
-            )
-        }
-        Check::Terminations(delta) => {
-            let (from, to, want_on_demand, want_budget) = (
-                delta.from.get_ref().to_string(),
-                delta.to.get_ref().to_string(),
-                delta.on_demand,
-                delta.budget,
-            );
-            let mut words = Vec::new();
-            words.extend(want_on_demand.map(|n| format!("{n} on demand")));
-            words.extend(want_budget.map(|n| format!("{n} by budget")));
-            (
-                format!(
-                    "from `{from}` to `{to}` the kernel counted {} more terminated run(s)",
-                    words.join(" and ")
-                ),
-                Box::new(move |rep: &Repetition| {
-                    let counters = |step: &str| {
-                        rep.steps.iter().find_map(|s| match s {
-                            StepRecord::ProgInfo {
-                                label,
-                                terminated_on_demand,
-                                terminated_budget,
-                                ..
-                            } if label == step => Some((*terminated_on_demand, *terminated_budget)),
-                            _ => None,
-                        })
-                    };
-                    let (Some(before), Some(after)) = (counters(&from), counters(&to)) else {
-                        return Err(format!("prog_info `{from}` or `{to}` did not run"));
-                    };
-                    let (on_demand, budget) =
-                        (after.0.wrapping_sub(before.0), after.1.wrapping_sub(before.1));
-                    let observed = format!("{on_demand} on demand, {budget} by budget");
-                    if want_on_demand.is_none_or(|n| n == on_demand)
-                        && want_budget.is_none_or(|n| n == budget)
-                    {
-                        Ok(observed)
-                    } else {
-                        Err(observed)
-                    }
-                }),
-            )
-        }
-        Check::TriggerOk(ok) => {
-            let step = ok.step.get_ref().to_string();
-            (
-                format!("trigger `{step}` exits 0 with its timing line"),
-                Box::new(move |rep: &Repetition| match find_trigger(rep, &step) {
-                    Some((Some(0), true, _)) => Ok("exit 0".to_owned()),
-                    Some((code, has_times, _)) => Err(format!(
-                        "exit {}{}",
-                        code.map_or("none".to_owned(), |c| c.to_string()),
-                        if has_times { "" } else { ", no timing line" }
-                    )),
-                    None => Err(format!("trigger `{step}` did not run")),
-                }),
-            )
-        }
-        Check::TriggerField(field) => {
-            let (step, name, want) =
-                (field.step.get_ref().to_string(), field.field.clone(), field.equals);
-            (
-                format!("trigger `{step}` reports {name}={want}"),
-                Box::new(move |rep: &Repetition| {
-                    let Some((_, _, fields)) = find_trigger(rep, &step) else {
-                        return Err(format!("trigger `{step}` did not run"));
-                    };
-                    match fields.get(&name) {
-                        Some(value) if value.parse::<i64>() == Ok(want) => {
-                            Ok(format!("{name}={value}"))
-                        }
-                        Some(value) => Err(format!("{name}={value}")),
-                        None => Err(format!("no {name} in its output")),
-                    }
-                }),
-            )
-        }
-        Check::DmesgClean(_) => {
-            let check =
-                "no WARN/BUG/oops/KASAN/lockdep lines in dmesg while the scenario ran".to_owned();
-            let (passed, mut detail) = match dmesg {
-                None => (false, "dmesg could not be read".to_owned()),
-                Some(log) => {
-                    let during = log.during_run();
-                    match kernel_trouble(&during).as_slice() {
-                        [] => (
-                            true,
-                            format!("{} lines, none reporting a problem", during.lines().count()),
-                        ),
-                        lines => (
-                            false,
-                            format!("{} problem line(s), first: {}", lines.len(), lines[0].trim()),
-                        ),
-                    }
-                }
-            };
-            if let Some(boot_problem) = dmesg.and_then(|log| {
-                kernel_trouble(&log.after_boot).first().map(|l| l.trim().to_owned())
-            }) {
-                detail.push_str(&format!(
-                    "; note: the boot itself logged a problem (not counted): {boot_problem}"
-                ));
-            }
-            return ExpectationOutcome {
-                name: expectation.name.clone(),
-                check,
-                passed,
-                detail,
-                failed_repetitions: Vec::new(),
-            };
-        }
+        Check::Metric(bound) => metric_check(bound),
+        Check::TerminateResult(result) => terminate_result_check(result),
+        Check::KernelCase(want) => kernel_case_check(want),
+        Check::BudgetResult(result) => budget_result_check(result),
+        Check::Terminations(delta) => terminations_check(delta),
+        Check::TriggerOk(ok) => trigger_ok_check(ok),
+        Check::TriggerField(field) => trigger_field_check(field),
+        Check::DmesgClean(_) => return dmesg_clean_outcome(&expectation.name, dmesg),
     };
 
     let mut failed = Vec::new();
@@ -396,6 +180,238 @@ fn evaluate_one(
         passed: !repetitions.is_empty() && failed.is_empty(),
         detail,
         failed_repetitions: failed,
+    }
+}
+
+/// Every repetition's value of the metric within its bounds.
+fn metric_check(bound: &MetricBound) -> (String, RepetitionCheck) {
+    let metric = bound.metric.get_ref().to_string();
+    let mut words = Vec::new();
+    if let Some(low) = bound.at_least_ms {
+        words.push(format!("≥ {low} ms"));
+    }
+    if let Some(high) = bound.at_most_ms {
+        words.push(format!("≤ {high} ms"));
+    }
+    let check = format!("{metric} {}", words.join(" and "));
+    let (low, high) = (bound.at_least_ms, bound.at_most_ms);
+    (
+        check,
+        Box::new(move |rep: &Repetition| {
+            let Some(&ns) = rep.metrics.get(&metric) else {
+                return Err(format!("{metric} was not measured"));
+            };
+            let ms = ns / 1e6;
+            let shown = format!("{ms:.3} ms");
+            if low.is_some_and(|low| ms < low) || high.is_some_and(|high| ms > high) {
+                Err(shown)
+            } else {
+                Ok(shown)
+            }
+        }),
+    )
+}
+
+/// The terminate step's errno, or the CPUs it stopped.
+fn terminate_result_check(result: &TerminateResultCheck) -> (String, RepetitionCheck) {
+    let step = result.step.get_ref().to_string();
+    let (want_errno, want_cpus) = (result.errno, result.cpus);
+    let check = match (want_errno, want_cpus) {
+        (Some(errno), _) => format!("terminate `{step}` fails with {}", errno.name()),
+        (None, Some(cpus)) => {
+            format!("terminate `{step}` stops the program on {cpus} CPU(s)")
+        }
+        (None, None) => format!("terminate `{step}` result"),
+    };
+    (
+        check,
+        Box::new(move |rep: &Repetition| {
+            let found = rep.steps.iter().find_map(|s| match s {
+                StepRecord::Terminate { label, cpus, errno, .. } if *label == step => {
+                    Some((cpus, errno))
+                }
+                _ => None,
+            });
+            let Some((cpus, errno)) = found else {
+                return Err(format!("terminate `{step}` did not run"));
+            };
+            let observed = match (cpus, errno) {
+                (_, Some(errno)) => errno.clone(),
+                (Some(cpus), None) => format!("{cpus} CPU(s)"),
+                (None, None) => "no result".to_owned(),
+            };
+            let matches = match (want_errno, want_cpus) {
+                (Some(want), _) => errno.as_deref() == Some(want.name()),
+                (None, Some(want)) => errno.is_none() && *cpus == Some(want),
+                (None, None) => false,
+            };
+            if matches {
+                Ok(observed)
+            } else {
+                Err(observed)
+            }
+        }),
+    )
+}
+
+/// The kernel's trace of the step: the path on every stopped CPU, frames rewritten, none lost.
+fn kernel_case_check(want: &KernelCaseCheck) -> (String, RepetitionCheck) {
+    let (step, case, min_frames) = (
+        want.step.get_ref().to_string(),
+        want.case.as_ref().map(|c| *c.get_ref()),
+        want.min_frames,
+    );
+    let path = case.map_or("a termination".to_owned(), |case| format!("case {case}"));
+    (
+        format!("the kernel traced `{step}` as {path} on every CPU, ≥ {min_frames} frame(s) rewritten, none lost"),
+        Box::new(move |rep: &Repetition| {
+            let Some(kernel) = kernel_termination(rep, &step) else { return Err(format!("step `{step}` did not run")) };
+            let Some(kernel) = kernel else { return Err("the kernel traced no termination for it (no bpf:bpf_prog_terminate_request, or no budget stop in the run)".to_owned()) };
+            if kernel.handlers.is_empty() {
+                return Err("no CPU was stopped (no bpf:bpf_prog_terminate event)".to_owned());
+            }
+            let seen: Vec<String> = kernel.handlers.iter().map(|h| format!("cpu{} case {} frames {} lost {}", h.cpu, h.case, h.frames, h.lost)).collect();
+            let ok = kernel.handlers.iter().all(|h| case.is_none_or(|case| h.case == case) && h.frames >= min_frames && h.lost == 0);
+            if ok {
+                Ok(seen.join(", "))
+            } else {
+                Err(seen.join(", "))
+            }
+        }),
+    )
+}
+
+/// The budget step accepted, or refused with the errno.
+fn budget_result_check(result: &BudgetResultCheck) -> (String, RepetitionCheck) {
+    let (step, want) = (result.step.get_ref().to_string(), result.errno);
+    (
+        match want {
+            Some(errno) => format!("budget `{step}` fails with {}", errno.name()),
+            None => format!("budget `{step}` is accepted"),
+        },
+        Box::new(move |rep: &Repetition| {
+            let errno = rep.steps.iter().find_map(|s| match s {
+                StepRecord::Budget { label, errno, .. } if *label == step => Some(errno),
+                _ => None,
+            });
+            let Some(errno) = errno else {
+                return Err(format!("budget `{step}` did not run"));
+            };
+            let observed = errno.clone().unwrap_or_else(|| "accepted".to_owned());
+            if errno.as_deref() == want.map(|w| w.name()) {
+                Ok(observed)
+            } else {
+                Err(observed)
+            }
+        }),
+    )
+}
+
+/// The kernel's termination counters between two prog_info steps.
+fn terminations_check(delta: &TerminationsCheck) -> (String, RepetitionCheck) {
+    let (from, to, want_on_demand, want_budget) = (
+        delta.from.get_ref().to_string(),
+        delta.to.get_ref().to_string(),
+        delta.on_demand,
+        delta.budget,
+    );
+    let mut words = Vec::new();
+    words.extend(want_on_demand.map(|n| format!("{n} on demand")));
+    words.extend(want_budget.map(|n| format!("{n} by budget")));
+    (
+        format!(
+            "from `{from}` to `{to}` the kernel counted {} more terminated run(s)",
+            words.join(" and ")
+        ),
+        Box::new(move |rep: &Repetition| {
+            let counters = |step: &str| {
+                rep.steps.iter().find_map(|s| match s {
+                    StepRecord::ProgInfo {
+                        label, terminated_on_demand, terminated_budget, ..
+                    } if label == step => Some((*terminated_on_demand, *terminated_budget)),
+                    _ => None,
+                })
+            };
+            let (Some(before), Some(after)) = (counters(&from), counters(&to)) else {
+                return Err(format!("prog_info `{from}` or `{to}` did not run"));
+            };
+            let (on_demand, budget) =
+                (after.0.wrapping_sub(before.0), after.1.wrapping_sub(before.1));
+            let observed = format!("{on_demand} on demand, {budget} by budget");
+            if want_on_demand.is_none_or(|n| n == on_demand)
+                && want_budget.is_none_or(|n| n == budget)
+            {
+                Ok(observed)
+            } else {
+                Err(observed)
+            }
+        }),
+    )
+}
+
+/// The trigger exited 0 with its timing line.
+fn trigger_ok_check(ok: &TriggerOkCheck) -> (String, RepetitionCheck) {
+    let step = ok.step.get_ref().to_string();
+    (
+        format!("trigger `{step}` exits 0 with its timing line"),
+        Box::new(move |rep: &Repetition| match find_trigger(rep, &step) {
+            Some((Some(0), true, _)) => Ok("exit 0".to_owned()),
+            Some((code, has_times, _)) => Err(format!(
+                "exit {}{}",
+                code.map_or("none".to_owned(), |c| c.to_string()),
+                if has_times { "" } else { ", no timing line" }
+            )),
+            None => Err(format!("trigger `{step}` did not run")),
+        }),
+    )
+}
+
+/// A field of the trigger's output line.
+fn trigger_field_check(field: &TriggerFieldCheck) -> (String, RepetitionCheck) {
+    let (step, name, want) = (field.step.get_ref().to_string(), field.field.clone(), field.equals);
+    (
+        format!("trigger `{step}` reports {name}={want}"),
+        Box::new(move |rep: &Repetition| {
+            let Some((_, _, fields)) = find_trigger(rep, &step) else {
+                return Err(format!("trigger `{step}` did not run"));
+            };
+            match fields.get(&name) {
+                Some(value) if value.parse::<i64>() == Ok(want) => Ok(format!("{name}={value}")),
+                Some(value) => Err(format!("{name}={value}")),
+                None => Err(format!("no {name} in its output")),
+            }
+        }),
+    )
+}
+
+/// `dmesg_clean`: judged once over the run's kernel log, not per repetition.
+fn dmesg_clean_outcome(name: &str, dmesg: Option<&KernelLog>) -> ExpectationOutcome {
+    let check = "no WARN/BUG/oops/KASAN/lockdep lines in dmesg while the scenario ran".to_owned();
+    let (passed, mut detail) = match dmesg {
+        None => (false, "dmesg could not be read".to_owned()),
+        Some(log) => {
+            let during = log.during_run();
+            match kernel_trouble(&during).as_slice() {
+                [] => (true, format!("{} lines, none reporting a problem", during.lines().count())),
+                lines => {
+                    (false, format!("{} problem line(s), first: {}", lines.len(), lines[0].trim()))
+                }
+            }
+        }
+    };
+    if let Some(boot_problem) =
+        dmesg.and_then(|log| kernel_trouble(&log.after_boot).first().map(|l| l.trim().to_owned()))
+    {
+        detail.push_str(&format!(
+            "; note: the boot itself logged a problem (not counted): {boot_problem}"
+        ));
+    }
+    ExpectationOutcome {
+        name: name.to_owned(),
+        check,
+        passed,
+        detail,
+        failed_repetitions: Vec::new(),
     }
 }
 

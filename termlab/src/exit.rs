@@ -157,7 +157,9 @@ impl Classify for crate::user_programs::UserProgramError {
         use crate::user_programs::UserProgramError;
         match self {
             // The scenario's own source does not compile: the caller's input.
-            UserProgramError::Compile { .. } => ExitClass::Usage,
+            UserProgramError::Compile { .. } | UserProgramError::NoBtfHeader { .. } => {
+                ExitClass::Usage
+            }
             UserProgramError::NoClang { .. } | UserProgramError::Io { .. } => {
                 ExitClass::Infrastructure
             }
@@ -219,7 +221,7 @@ impl Classify for EngineError {
             | EngineError::NoSystemMap => ExitClass::Finding,
             EngineError::StackProbe { .. } => ExitClass::Infrastructure,
             EngineError::Hung { .. } | EngineError::AgentGone { .. } => ExitClass::Finding,
-            EngineError::Host(_) | EngineError::Internal(_) => ExitClass::Infrastructure,
+            EngineError::Host { .. } | EngineError::Internal(_) => ExitClass::Infrastructure,
             EngineError::Interrupted => ExitClass::Interrupted,
         }
     }

@@ -104,6 +104,10 @@ pub struct KernelBuild {
     pub bzimage: PathBuf,
     pub system_map: Option<PathBuf>,
     pub bpftool: Option<PathBuf>,
+    /// The kernel's BTF as C (`bpftool btf dump ... format c`), which CO-RE
+    /// sources include: guest-kernel/build writes it for BTF variants; a
+    /// user's kernel may have one beside its bzImage or at its tree's root.
+    pub vmlinux_h: Option<PathBuf>,
     pub info: KernelInfo,
 }
 
@@ -135,6 +139,7 @@ impl std::str::FromStr for KernelChoice {
             "default" => KernelChoice::Variant(KernelVariant::Default),
             "debug" => KernelChoice::Variant(KernelVariant::Debug),
             "noterm" => KernelChoice::Variant(KernelVariant::Noterm),
+            "full" => KernelChoice::Variant(KernelVariant::Full),
             path => KernelChoice::Path(PathBuf::from(path)),
         })
     }
@@ -195,9 +200,11 @@ pub fn kernel_labels(choices: &[KernelChoice]) -> Vec<String> {
     labels
 }
 
-/// The kernel a run boots: `--kernel` when given, else the build in
-/// `override_dir` (`--kernel-dir`, `TERMLAB_KERNEL_DIR`), else the current
-/// build of the scenario's `variant`.
+/// The kernel a run boots: `--kernel` when given (every scenario boots it), else the build in
+/// `override_dir` (`--kernel-dir`, `TERMLAB_KERNEL_DIR`) for a scenario of the variant that
+/// build was made as (its build-info.json says which; a build that does not say stands for
+/// any variant), else the current build of the scenario's `variant`. So the test command can
+/// name the default build it made without turning the `full` scenarios into default ones.
 pub fn resolve_kernel(
     root: &Path,
     variant: KernelVariant,
@@ -206,9 +213,20 @@ pub fn resolve_kernel(
 ) -> Result<KernelBuild, GuestImageError> {
     match (choice, override_dir) {
         (Some(choice), _) => kernel_from_choice(root, choice),
-        (None, Some(dir)) => kernel_build_in(dir, variant),
-        (None, None) => find_kernel(root, variant),
+        (None, Some(dir)) if build_is_of(dir, variant)? => kernel_build_in(dir, variant),
+        (None, _) => find_kernel(root, variant),
     }
+}
+
+/// False when the build in `dir` records a variant other than `variant`.
+fn build_is_of(dir: &Path, variant: KernelVariant) -> Result<bool, GuestImageError> {
+    let info_path = dir.join("build-info.json");
+    let Ok(text) = std::fs::read_to_string(&info_path) else {
+        return Ok(true); // kernel_build_in names what is missing
+    };
+    let build_info: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|source| GuestImageError::BuildInfo { path: info_path, source })?;
+    Ok(build_info["variant"].as_str().is_none_or(|built_as| built_as == variant.as_str()))
 }
 
 /// The kernel `--kernel` names.
@@ -301,6 +319,7 @@ pub fn kernel_build_in(dir: &Path, variant: KernelVariant) -> Result<KernelBuild
         bzimage,
         system_map,
         bpftool: Some(dir.join("bpftool")),
+        vmlinux_h: Some(dir.join("vmlinux.h")).filter(|header| header.is_file()),
         info,
     })
 }
@@ -352,9 +371,13 @@ pub fn kernel_at_path(path: &Path) -> Result<KernelBuild, GuestImageError> {
             .map_err(|source| GuestImageError::BuildInfo { path: info_path.clone(), source })?,
         Err(_) => serde_json::Value::Null,
     };
+    let vmlinux_h = [beside.join("vmlinux.h")]
+        .into_iter()
+        .chain(tree.iter().map(|tree| tree.join("vmlinux.h")))
+        .find(|header| header.is_file());
     let dir = tree.unwrap_or(beside);
     let info = kernel_info(PATH_KERNEL_VARIANT, &dir, path, system_map.as_deref(), build_info)?;
-    Ok(KernelBuild { dir, bzimage: path.to_owned(), system_map, bpftool, info })
+    Ok(KernelBuild { dir, bzimage: path.to_owned(), system_map, bpftool, vmlinux_h, info })
 }
 
 fn kernel_info(
@@ -667,6 +690,24 @@ mod tests {
             assert_eq!(build.info.image_sha256, Some(sha));
             assert_eq!(build.info.build_info, serde_json::Value::Null);
         }
+    }
+
+    #[test]
+    fn a_kernel_dir_stands_for_the_variant_it_was_built_as() {
+        let build = tempfile::tempdir().expect("temp dir");
+        write(&build.path().join("bzImage"), &fake_bzimage());
+        write(&build.path().join("bpftool"), b"tool");
+        write(&build.path().join("build-info.json"), br#"{"variant": "default"}"#);
+        // A root without guest-kernel/build: any lookup of a variant's own build fails.
+        let root = tempfile::tempdir().expect("temp dir");
+        let chosen = resolve_kernel(root.path(), KernelVariant::Default, None, Some(build.path()));
+        assert_eq!(chosen.expect("the override").dir, build.path());
+        let other = resolve_kernel(root.path(), KernelVariant::Full, None, Some(build.path()));
+        assert!(other.is_err(), "a full scenario looked up its own build, not the default one");
+        // A build that does not say its variant stands for any.
+        write(&build.path().join("build-info.json"), b"{}");
+        let chosen = resolve_kernel(root.path(), KernelVariant::Full, None, Some(build.path()));
+        assert_eq!(chosen.expect("the override").dir, build.path());
     }
 
     #[test]

@@ -73,7 +73,8 @@ enum Command {
         #[arg(long, default_value = "results")]
         results: PathBuf,
         /// Boot this kernel build directory (bzImage, bpftool, build-info.json) instead of the
-        /// scenario's `kernel` variant from guest-kernel/build.
+        /// current guest-kernel/build of the variant it was built as; scenarios of other
+        /// variants boot their own (`--kernel` boots one kernel for all).
         #[arg(long, env = "TERMLAB_KERNEL_DIR")]
         kernel_dir: Option<PathBuf>,
         #[command(flatten)]
@@ -87,8 +88,8 @@ enum Command {
     /// Boot the guest with its console on this terminal (`reboot -f` in the guest ends it;
     /// `poweroff -f` only halts the guest, which the VMM does not see with an in-kernel LAPIC).
     Boot {
-        #[arg(long, value_enum, default_value_t = Variant::Default)]
-        variant: Variant,
+        #[arg(long, value_enum, default_value_t = KernelVariant::Default)]
+        variant: KernelVariant,
         #[command(flatten)]
         kernel: KernelArg,
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=8))]
@@ -221,7 +222,7 @@ impl Selection {
 struct RunKernels {
     /// The kernel to boot: a bzImage (System.map and bpftool beside it or in its build tree
     /// are used when present), a kernel build tree (arch/x86/boot/bzImage), a
-    /// guest-kernel/build output directory, or a variant name: default, debug, noterm.
+    /// guest-kernel/build output directory, or a variant name: default, debug, noterm, full.
     /// Repeat it (at most 4 times) to run each scenario on each kernel, side by side.
     ///
     /// With several kernels each scenario runs on each kernel in turn, with the same
@@ -256,7 +257,7 @@ const MAX_KERNELS: usize = 4;
 struct KernelArg {
     /// The kernel to boot: a bzImage (System.map and bpftool beside it or in its build tree
     /// are used when present), a kernel build tree (arch/x86/boot/bzImage), a
-    /// guest-kernel/build output directory, or a variant name: default, debug, noterm.
+    /// guest-kernel/build output directory, or a variant name: default, debug, noterm, full.
     #[arg(long = "kernel", value_name = "PATH|VARIANT")]
     choice: Option<KernelChoice>,
 }
@@ -265,8 +266,8 @@ struct KernelArg {
 enum KernelCommand {
     /// Build (or reuse) the guest kernel with guest-kernel/build.
     Build {
-        #[arg(long, value_enum, default_value_t = Variant::Default)]
-        variant: Variant,
+        #[arg(long, value_enum, default_value_t = KernelVariant::Default)]
+        variant: KernelVariant,
     },
 }
 
@@ -283,23 +284,6 @@ impl From<Nested> for NestedMode {
             Nested::Auto => NestedMode::Auto,
             Nested::Always => NestedMode::Always,
             Nested::Never => NestedMode::Never,
-        }
-    }
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Variant {
-    Default,
-    Debug,
-    Noterm,
-}
-
-impl From<Variant> for KernelVariant {
-    fn from(variant: Variant) -> KernelVariant {
-        match variant {
-            Variant::Default => KernelVariant::Default,
-            Variant::Debug => KernelVariant::Debug,
-            Variant::Noterm => KernelVariant::Noterm,
         }
     }
 }
@@ -353,11 +337,9 @@ fn main() -> ExitCode {
             let outputs = RunOutputs { json, junit, selection };
             run(ui, &scenarios, options, &kernels.choices, outputs, nested.into())
         }
-        Command::Kernel { command: KernelCommand::Build { variant } } => {
-            kernel_build(ui, variant.into())
-        }
+        Command::Kernel { command: KernelCommand::Build { variant } } => kernel_build(ui, variant),
         Command::Boot { variant, kernel, vcpus, memory_mib, nested } => {
-            let choice = kernel.choice.unwrap_or(KernelChoice::Variant(variant.into()));
+            let choice = kernel.choice.unwrap_or(KernelChoice::Variant(variant));
             boot(ui, &choice, vcpus, memory_mib, nested.into())
         }
         Command::Exec { kernel, vcpus, memory_mib, nested, config, filter, timings, command } => {
@@ -527,6 +509,42 @@ fn run(
     // before anything boots (or nests).
     let loaded = load_scenarios(ui, paths)?;
     let slots = kernel_slots(ui, kernel_choices)?;
+    check_output_paths(ui, &options, &outputs)?;
+    let selected = outputs.selection.apply(loaded).map_err(|e| fail(ui, ExitClass::Usage, e))?;
+    if selected.is_empty() {
+        // A CI matrix may have more shards than scenarios.
+        ui.say("no scenario is in this shard; nothing to run");
+        return write_junit(ui, outputs.junit.as_deref(), &[]);
+    }
+    let root = repository_root().map_err(|e| fail_with(ui, e))?;
+    let kernels = kernels_for(ui, &root, &selected, &slots, options.kernel_dir.as_deref())?;
+    prepare_initramfs_images(ui, &root, &kernels)?;
+
+    let nesting_began = SystemTime::now();
+    options.nested = match kvm_plan_for_run(ui, mode, &options, &slots, &outputs)? {
+        KvmPlan::RunHere { nested } => nested,
+        KvmPlan::RanInL1 { exit_code } => {
+            return ran_run_in_l1(ui, exit_code, outputs.junit.as_deref(), nesting_began)
+        }
+    };
+    options.cancel = Cancel::on_interrupt_signals();
+    let (mut class, finished) = run_selected(ui, &root, &selected, &slots, &options, &outputs);
+    let reports: Vec<ScenarioReport<'_>> = finished.iter().map(scenario_report).collect();
+    if let Err(Failed(junit_code)) = write_junit(ui, outputs.junit.as_deref(), &reports) {
+        class = class.combine(ExitClass::from_code(junit_code.into()));
+    }
+    if options.cancel.is_cancelled() {
+        class = class.combine(ExitClass::Interrupted);
+    }
+    match class {
+        ExitClass::Pass => Ok(()),
+        class => Err(Failed::from(class)),
+    }
+}
+
+/// `--kernel-dir` must exist and `--junit`'s directory too: a usage error
+/// before anything is built.
+fn check_output_paths(ui: Ui, options: &RunOptions, outputs: &RunOutputs) -> Result<(), Failed> {
     if let Some(dir) = &options.kernel_dir {
         if !dir.is_dir() {
             return Err(fail(
@@ -537,7 +555,7 @@ fn run(
         }
     }
     if let Some(file) = &outputs.junit {
-        let parent = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let parent = junit_dir(file);
         if !parent.is_dir() {
             return Err(fail(
                 ui,
@@ -550,26 +568,34 @@ fn run(
             ));
         }
     }
-    let selected = outputs.selection.apply(loaded).map_err(|e| fail(ui, ExitClass::Usage, e))?;
-    if selected.is_empty() {
-        // A CI matrix may have more shards than scenarios.
-        ui.say("no scenario is in this shard; nothing to run");
-        return write_junit(ui, outputs.junit.as_deref(), &[]);
-    }
-    let root = repository_root().map_err(|e| fail_with(ui, e))?;
+    Ok(())
+}
+
+fn junit_dir(file: &Path) -> &Path {
+    file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
+/// Each selected scenario with each kernel it runs on, found and checked:
+/// one message names every pair that cannot run, and then nothing runs.
+fn kernels_for<'a>(
+    ui: Ui,
+    root: &Path,
+    selected: &'a [LoadedScenario],
+    slots: &[KernelSlot],
+    kernel_dir: Option<&Path>,
+) -> Result<Vec<(&'a LoadedScenario, guest_image::KernelBuild)>, Failed> {
     let several = slots.len() > 1;
     let mut kernels = Vec::new();
     let mut refused = ExitClass::Pass;
-    for scenario in &selected {
-        for slot in &slots {
+    for scenario in selected {
+        for slot in slots {
             let kernel = guest_image::resolve_kernel(
-                &root,
+                root,
                 scenario.scenario.vm.kernel,
                 slot.choice.as_ref(),
-                options.kernel_dir.as_deref(),
+                kernel_dir,
             )
             .map_err(|e| fail_with(ui, e))?;
-            // Every scenario on every kernel, so that one message names all that cannot run.
             if let Err(e) = engine::check_kernel_for(&scenario.scenario, &kernel) {
                 let on = match (several, &slot.label) {
                     (true, Some(label)) => format!(" on kernel {label}"),
@@ -581,69 +607,92 @@ fn run(
             kernels.push((scenario, kernel));
         }
     }
-    if refused != ExitClass::Pass {
-        let hint = if several {
-            " (leave such a scenario out with --filter, or drop the kernel)"
-        } else {
-            ""
-        };
-        return Err(fail(
-            ui,
-            refused,
-            format!("a kernel lacks what a scenario needs: nothing was run{hint}"),
-        ));
+    if refused == ExitClass::Pass {
+        return Ok(kernels);
     }
-    for (scenario, kernel) in &kernels {
-        // Built here, before any nesting: compiling inside the emulated L1
-        // VM takes minutes, finding the cached image there takes seconds.
+    let hint =
+        if several { " (leave such a scenario out with --filter, or drop the kernel)" } else { "" };
+    Err(fail(ui, refused, format!("a kernel lacks what a scenario needs: nothing was run{hint}")))
+}
+
+/// Built here, before any nesting: compiling inside the emulated L1 VM takes
+/// minutes, finding the cached image there takes seconds.
+fn prepare_initramfs_images(
+    ui: Ui,
+    root: &Path,
+    kernels: &[(&LoadedScenario, guest_image::KernelBuild)],
+) -> Result<(), Failed> {
+    for (scenario, kernel) in kernels {
         let spinner = ui.spinner("preparing the initramfs");
-        let image = engine::scenario_initramfs(&root, scenario, kernel);
+        let image = engine::scenario_initramfs(root, scenario, kernel);
         spinner.finish_and_clear();
         image.map_err(|e| fail_with(ui, e))?;
     }
+    Ok(())
+}
 
-    let nesting_began = SystemTime::now();
-    // Inside L1 the host is read-only but for the results and the JUnit file's directory.
-    let junit_dir = outputs.junit.as_deref().map(|file| match file.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    });
-    let writable: Vec<&Path> =
-        std::iter::once(options.results_root.as_path()).chain(junit_dir).collect();
-    // Kernels given by path must be visible in L1 also under /tmp.
+/// Where the run gets KVM. Inside L1 the host is read-only but for the
+/// results and the JUnit file's directory; kernels given by path (or
+/// `--kernel-dir`) must be visible there also under /tmp.
+fn kvm_plan_for_run(
+    ui: Ui,
+    mode: NestedMode,
+    options: &RunOptions,
+    slots: &[KernelSlot],
+    outputs: &RunOutputs,
+) -> Result<KvmPlan, Failed> {
+    let writable: Vec<&Path> = std::iter::once(options.results_root.as_path())
+        .chain(outputs.junit.as_deref().map(junit_dir))
+        .collect();
     let kernel_paths = slots.iter().filter_map(|slot| match &slot.choice {
         Some(KernelChoice::Path(path)) => Some(path.as_path()),
         _ => None,
     });
     let readable: Vec<&Path> =
         options.kernel_dir.as_deref().into_iter().chain(kernel_paths).collect();
-    options.nested = match kvm_plan(ui, mode, &writable, &readable, options.keep_vm)? {
-        KvmPlan::RunHere { nested } => nested,
-        KvmPlan::RanInL1 { exit_code } => {
-            let outcome = ran_in_l1(ui, exit_code);
-            return match outputs.junit.as_deref() {
-                Some(file) if !written_since(file, nesting_began) => {
-                    let class = outcome
-                        .err()
-                        .map_or(ExitClass::Pass, |Failed(c)| ExitClass::from_code(c.into()));
-                    Err(fail(
-                        ui,
-                        class.combine(ExitClass::Infrastructure),
-                        format!("the run in the L1 VM did not write --junit {}: L1 sees the host's files except /tmp, which is its own; give a path outside /tmp", file.display()),
-                    ))
-                }
-                _ => outcome,
-            };
+    kvm_plan(ui, mode, &writable, &readable, options.keep_vm)
+}
+
+/// The run happened inside L1: its exit code, unless it could not write
+/// `--junit` where the host sees it.
+fn ran_run_in_l1(
+    ui: Ui,
+    exit_code: i32,
+    junit: Option<&Path>,
+    nesting_began: SystemTime,
+) -> Result<(), Failed> {
+    let outcome = ran_in_l1(ui, exit_code);
+    match junit {
+        Some(file) if !written_since(file, nesting_began) => {
+            let class =
+                outcome.err().map_or(ExitClass::Pass, |Failed(c)| ExitClass::from_code(c.into()));
+            Err(fail(
+                ui,
+                class.combine(ExitClass::Infrastructure),
+                format!("the run in the L1 VM did not write --junit {}: L1 sees the host's files except /tmp, which is its own; give a path outside /tmp", file.display()),
+            ))
         }
-    };
-    options.cancel = Cancel::on_interrupt_signals();
+        _ => outcome,
+    }
+}
+
+/// Runs every selected scenario on every kernel (stopping at Ctrl-C), each
+/// reported as it ends; with several kernels, also side by side.
+fn run_selected<'a>(
+    ui: Ui,
+    root: &Path,
+    selected: &'a [LoadedScenario],
+    slots: &[KernelSlot],
+    options: &RunOptions,
+    outputs: &RunOutputs,
+) -> (ExitClass, Vec<Finished<'a>>) {
     let printer = ProgressPrinter::new(ui, options.stream_console);
     let mut class = ExitClass::Pass;
     let mut finished: Vec<Finished<'_>> = Vec::new();
-    'scenarios: for scenario in &selected {
+    for scenario in selected {
         ui.say(&format!("== {}: {}", scenario.name, scenario.scenario.description));
         // With several kernels: <results>/<scenario>/<time>/, a directory per kernel in it.
-        let group = if several {
+        let group = if slots.len() > 1 {
             match termlab::results::create_run_dir(
                 &options.results_root,
                 &scenario.name,
@@ -660,51 +709,51 @@ fn run(
             None
         };
         let first = finished.len();
-        for slot in &slots {
-            let mut on_kernel = options.clone();
-            on_kernel.kernel = slot.choice.clone();
-            on_kernel.kernel_label = slot.label.clone();
-            on_kernel.run_dir = group.as_ref().zip(slot.label.as_ref()).map(|(g, l)| g.join(l));
-            let suite = match (&group, &slot.label) {
-                (Some(_), Some(label)) => {
-                    ui.say(&format!("-- {} on kernel {label}", scenario.name));
-                    format!("{}[{label}]", scenario.name)
-                }
-                _ => scenario.name.clone(),
-            };
-            let began = Instant::now();
-            let run = engine::run_scenario(&root, scenario, &on_kernel, &printer);
-            printer.clear();
-            class = class.combine(report_run(ui, scenario, &run, outputs.json));
-            finished.push(Finished {
-                scenario,
-                suite,
-                run,
-                seconds: began.elapsed().as_secs_f64(),
-            });
+        for slot in slots {
+            let run = run_on_kernel(ui, root, scenario, slot, group.as_deref(), options, &printer);
+            class = class.combine(report_run(ui, scenario, &run.run, outputs.json));
+            finished.push(run);
             if options.cancel.is_cancelled() {
                 break;
             }
         }
         if let Some(group) = &group {
             let of_scenario = &finished[first..];
-            class = class.combine(side_by_side(ui, group, &slots, of_scenario, outputs.json));
+            class = class.combine(side_by_side(ui, group, slots, of_scenario, outputs.json));
         }
         if options.cancel.is_cancelled() {
-            break 'scenarios;
+            break;
         }
     }
-    let reports: Vec<ScenarioReport<'_>> = finished.iter().map(scenario_report).collect();
-    if let Err(Failed(junit_code)) = write_junit(ui, outputs.junit.as_deref(), &reports) {
-        class = class.combine(ExitClass::from_code(junit_code.into()));
-    }
-    if options.cancel.is_cancelled() {
-        class = class.combine(ExitClass::Interrupted);
-    }
-    match class {
-        ExitClass::Pass => Ok(()),
-        class => Err(Failed::from(class)),
-    }
+    (class, finished)
+}
+
+/// One scenario on one kernel; with several kernels its results go to the
+/// kernel's directory in `group`.
+fn run_on_kernel<'a>(
+    ui: Ui,
+    root: &Path,
+    scenario: &'a LoadedScenario,
+    slot: &KernelSlot,
+    group: Option<&Path>,
+    options: &RunOptions,
+    printer: &ProgressPrinter,
+) -> Finished<'a> {
+    let mut on_kernel = options.clone();
+    on_kernel.kernel = slot.choice.clone();
+    on_kernel.kernel_label = slot.label.clone();
+    on_kernel.run_dir = group.zip(slot.label.as_ref()).map(|(g, l)| g.join(l));
+    let suite = match (group, &slot.label) {
+        (Some(_), Some(label)) => {
+            ui.say(&format!("-- {} on kernel {label}", scenario.name));
+            format!("{}[{label}]", scenario.name)
+        }
+        _ => scenario.name.clone(),
+    };
+    let began = Instant::now();
+    let run = engine::run_scenario(root, scenario, &on_kernel, printer);
+    printer.clear();
+    Finished { scenario, suite, run, seconds: began.elapsed().as_secs_f64() }
 }
 
 /// One scenario's runs on several kernels: their report side by side in

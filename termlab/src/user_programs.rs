@@ -2,15 +2,19 @@
 //! source = "x.bpf.c"` on the host and lists what the scenario puts into
 //! the guest image (program objects, test data, `[vm] files`).
 //!
-//! Sources are compiled with the host's clang for the guest kernel, which
-//! has no BTF: so no vmlinux.h and no CO-RE relocations against the
-//! kernel's types, but the UAPI headers (`linux/bpf.h`, `linux/types.h`,
-//! from linux-libc-dev) and libbpf's `bpf/bpf_helpers.h`, `bpf_tracing.h`
-//! (libbpf-dev) work, as do headers beside the source:
+//! Sources are compiled with the host's clang for the guest kernel. The
+//! UAPI headers (`linux/bpf.h`, `linux/types.h`, from linux-libc-dev) and
+//! libbpf's `bpf/bpf_helpers.h`, `bpf_tracing.h`, `bpf_core_read.h`
+//! (libbpf-dev) work, as do headers beside the source. A kernel with BTF
+//! (the `full` variant, or a user's kernel with vmlinux.h beside it) also
+//! gives its `vmlinux.h`, for CO-RE programs written the usual way; the
+//! default variant has no BTF, so a source that includes vmlinux.h is
+//! refused there with that reason:
 //!
 //! ```text
 //! clang -target bpf -O2 -g -Wall -D__TARGET_ARCH_x86 -I<source dir>
-//!       -I/usr/include/x86_64-linux-gnu -c x.bpf.c -o <cache>/<key>.bpf.o
+//!       [-I<dir of the kernel's vmlinux.h>] -I/usr/include/x86_64-linux-gnu
+//!       -c x.bpf.c -o <cache>/<key>.bpf.o
 //! ```
 //!
 //! The object is cached under `<cache>/harness/programs/` with clang's
@@ -24,7 +28,7 @@ use std::process::Command;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::guest_image::{cache_root, GuestFile};
+use crate::guest_image::{cache_root, GuestFile, KernelBuild};
 use crate::scenario::{guest_object_path, guest_test_data_path, LoadedScenario};
 
 /// clang's flags for a user's source, after `-target bpf`.
@@ -45,6 +49,8 @@ pub enum UserProgramError {
     },
     #[error("{scenario}: program `{program}`: clang failed to compile {}:\n{stderr}", path.display())]
     Compile { scenario: String, program: String, path: PathBuf, stderr: String },
+    #[error("{scenario}: program `{program}`: {} includes vmlinux.h, but the kernel {} has no BTF header: CO-RE sources need a kernel with BTF (`[vm] kernel = \"full\"`, `--kernel full`, or a kernel given by path with vmlinux.h beside its bzImage)", path.display(), kernel.display())]
+    NoBtfHeader { scenario: String, program: String, path: PathBuf, kernel: PathBuf },
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -54,8 +60,11 @@ pub enum UserProgramError {
 }
 
 /// Everything the scenario adds to the guest image, its program objects
-/// compiled first where it gives sources. Sorted by guest path.
-pub fn guest_files(loaded: &LoadedScenario) -> Result<Vec<GuestFile>, UserProgramError> {
+/// compiled first (for `kernel`) where it gives sources. Sorted by guest path.
+pub fn guest_files(
+    loaded: &LoadedScenario,
+    kernel: &KernelBuild,
+) -> Result<Vec<GuestFile>, UserProgramError> {
     let cache = cache_root().join("harness/programs");
     let scenario = loaded.path.display().to_string();
     let mut files = Vec::new();
@@ -69,8 +78,23 @@ pub fn guest_files(loaded: &LoadedScenario) -> Result<Vec<GuestFile>, UserProgra
         }
         if let Some(source) = &program.source {
             let source = loaded.host_path(source.get_ref());
-            let object = compile(&cache, &source)
-                .map_err(|failure| failure.into_error(&scenario, name.as_str(), &source))?;
+            let object =
+                compile(&cache, &source, kernel.vmlinux_h.as_deref()).map_err(|failure| {
+                    match failure {
+                        CompileFailure::Compile(stderr)
+                            if kernel.vmlinux_h.is_none()
+                                && stderr.contains("'vmlinux.h' file not found") =>
+                        {
+                            UserProgramError::NoBtfHeader {
+                                scenario: scenario.clone(),
+                                program: name.to_string(),
+                                path: source.clone(),
+                                kernel: kernel.bzimage.clone(),
+                            }
+                        }
+                        failure => failure.into_error(&scenario, name.as_str(), &source),
+                    }
+                })?;
             files.push(GuestFile { host: object, guest: guest_object_path(name) });
         }
         if let Some(data) = program.test_run.as_ref().and_then(|t| t.get_ref().data_file.as_ref()) {
@@ -112,8 +136,14 @@ impl CompileFailure {
     }
 }
 
-/// Compiles `source` into `cache` (or reuses the object there) and returns the object.
-pub fn compile(cache: &Path, source: &Path) -> Result<PathBuf, CompileFailure> {
+/// Compiles `source` into `cache` (or reuses the object there) and returns
+/// the object; `vmlinux_h`, the kernel's BTF header, is found by
+/// `#include "vmlinux.h"` unless the source's directory has its own.
+pub fn compile(
+    cache: &Path,
+    source: &Path,
+    vmlinux_h: Option<&Path>,
+) -> Result<PathBuf, CompileFailure> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |e| CompileFailure::Io(path, e)
@@ -123,6 +153,9 @@ pub fn compile(cache: &Path, source: &Path) -> Result<PathBuf, CompileFailure> {
     let mut args: Vec<String> = vec!["-target".into(), "bpf".into()];
     args.extend(BPF_CFLAGS.iter().map(|flag| flag.to_string()));
     args.push(format!("-I{}", source_dir.display()));
+    if let Some(header_dir) = vmlinux_h.and_then(Path::parent) {
+        args.push(format!("-I{}", header_dir.display()));
+    }
     args.push(format!("-I{MULTIARCH_INCLUDE}"));
 
     std::fs::create_dir_all(cache).map_err(io(cache))?;
@@ -231,7 +264,7 @@ mod tests {
              char LICENSE[] SEC(\"license\") = \"GPL\";\n",
         )
         .expect("source");
-        let object = compile(&cache, &source).unwrap_or_else(|_| panic!("compile failed"));
+        let object = compile(&cache, &source, None).unwrap_or_else(|_| panic!("compile failed"));
         let bytes = std::fs::read(&object).expect("object");
         assert_eq!(&bytes[..4], b"\x7fELF");
         assert_eq!(&bytes[18..20], &[247, 0], "EM_BPF");
@@ -239,22 +272,66 @@ mod tests {
 
         // Unchanged: the same object, not rebuilt.
         std::thread::sleep(std::time::Duration::from_millis(20));
-        assert_eq!(compile(&cache, &source).ok(), Some(object.clone()));
+        assert_eq!(compile(&cache, &source, None).ok(), Some(object.clone()));
         assert_eq!(std::fs::metadata(&object).and_then(|m| m.modified()).ok(), Some(built));
 
         // A header it includes changed: rebuilt.
         std::fs::write(&header, "#define ANSWER 2\n").expect("header");
-        compile(&cache, &source).unwrap_or_else(|_| panic!("recompile failed"));
+        compile(&cache, &source, None).unwrap_or_else(|_| panic!("recompile failed"));
         assert!(std::fs::metadata(&object).and_then(|m| m.modified()).expect("mtime") > built);
 
         // A syntax error: clang's own message with file:line:col, and no object left.
         std::fs::write(&header, "#define ANSWER (\n").expect("header");
-        match compile(&cache, &source) {
+        match compile(&cache, &source, None) {
             Err(CompileFailure::Compile(stderr)) => {
                 assert!(stderr.contains("count.bpf.c:4:79: error"), "{stderr}")
             }
             _ => panic!("a broken source compiled"),
         }
         assert!(!object.exists(), "a stale object was left behind");
+    }
+
+    #[test]
+    fn a_co_re_source_finds_the_kernel_s_vmlinux_h_and_only_that_kernel_s() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = dir.path().join("cache");
+        let kernel = dir.path().join("kernel");
+        std::fs::create_dir(&kernel).expect("kernel dir");
+        let header = kernel.join("vmlinux.h");
+        std::fs::write(
+            &header,
+            "#include <linux/types.h>\n\
+             struct task_struct { int pid; int tgid; } __attribute__((preserve_access_index));\n",
+        )
+        .expect("header");
+        let source = dir.path().join("tgid.bpf.c");
+        std::fs::write(
+            &source,
+            "#include \"vmlinux.h\"\n#include <bpf/bpf_helpers.h>\n#include <bpf/bpf_core_read.h>\n\
+             __u32 tgid;\n\
+             SEC(\"kprobe/ksys_sync\") int probe(void *ctx) {\n\
+               struct task_struct *task = (void *)bpf_get_current_task();\n\
+               tgid = BPF_CORE_READ(task, tgid); return 0; }\n\
+             char LICENSE[] SEC(\"license\") = \"GPL\";\n",
+        )
+        .expect("source");
+        let object = match compile(&cache, &source, Some(&header)) {
+            Ok(object) => object,
+            Err(CompileFailure::Compile(stderr)) => panic!("with the kernel's header: {stderr}"),
+            Err(_) => panic!("with the kernel's header: no clang, or an I/O error"),
+        };
+        // The CO-RE relocation is recorded for libbpf to resolve against the guest's BTF.
+        let bytes = std::fs::read(&object).expect("object");
+        assert!(bytes.windows(8).any(|w| w == b".BTF.ext"), "no .BTF.ext section");
+        assert!(bytes.windows(11).any(|w| w == b"task_struct"), "no task_struct in its BTF");
+
+        // A kernel without BTF has no header to give: clang says so, and guest_files turns
+        // that into the reason.
+        match compile(&cache, &source, None) {
+            Err(CompileFailure::Compile(stderr)) => {
+                assert!(stderr.contains("'vmlinux.h' file not found"), "{stderr}")
+            }
+            _ => panic!("a CO-RE source compiled without a vmlinux.h"),
+        }
     }
 }

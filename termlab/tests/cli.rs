@@ -246,6 +246,34 @@ fn kernels_lacking_what_a_scenario_needs_are_named_and_nothing_runs() {
     assert_eq!(std::fs::read_dir(results.path()).expect("dir").count(), 0, "nothing written");
 }
 
+/// A CO-RE source includes the kernel's vmlinux.h: on a kernel without BTF
+/// (none beside its bzImage) the scenario is refused before anything boots,
+/// with that reason and status 2.
+#[test]
+fn a_co_re_program_on_a_kernel_without_btf_is_refused_with_the_reason() {
+    let kernels = scratch("nobtf");
+    let series = "ffffffff81000000 T _text\n\
+                  ffffffff82000000 D __tracepoint_bpf_prog_terminate_request\n";
+    let kernel = fake_kernel(kernels.path(), "nobtf", Some(series));
+    let results = scratch("nobtf-results");
+    let output = termlab(&[
+        "run",
+        "--results",
+        results.path().to_str().expect("utf-8"),
+        "--kernel",
+        kernel.to_str().expect("utf-8"),
+        "scenarios/types/kprobe.toml",
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let reason = format!(
+        "kprobe.bpf.c includes vmlinux.h, but the kernel {} has no BTF header",
+        kernel.display()
+    );
+    assert!(stderr.contains(&reason), "`{reason}` missing:\n{}", text(&output));
+    assert_eq!(std::fs::read_dir(results.path()).expect("dir").count(), 0, "nothing written");
+}
+
 /// One scenario as `termlab list --json` prints it.
 #[derive(serde::Deserialize, Debug, PartialEq, Eq, PartialOrd, Ord, Clone)]
 #[serde(deny_unknown_fields)]

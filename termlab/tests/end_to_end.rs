@@ -28,7 +28,9 @@ fn scratch(name: &str) -> PathBuf {
 
 /// Runs `termlab run SCENARIO --repeat 2 --junit RESULTS/junit.xml` and
 /// returns (exit code, stdout, the run's result); the JUnit file is checked
-/// against the schemas.
+/// against the schemas. Every failure here carries termlab's stdout and
+/// stderr: they say why a run ended early (and the test command retries a
+/// nested suite only when they name the emulated host).
 fn run(scenario: &Path, results: &Path) -> (Option<i32>, String, RunResult) {
     let output = Command::new(env!("CARGO_BIN_EXE_termlab"))
         .current_dir(repo_root())
@@ -40,21 +42,23 @@ fn run(scenario: &Path, results: &Path) -> (Option<i32>, String, RunResult) {
         .output()
         .expect("termlab runs");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let explain = format!(
+        "exit status {:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr)
+    );
     let stem = scenario.file_stem().expect("stem").to_string_lossy().into_owned();
     let run_dir = std::fs::read_dir(results.join(&stem))
-        .unwrap_or_else(|e| {
-            panic!(
-                "no results for {stem}: {e}\nstdout: {stdout}\nstderr: {}",
-                String::from_utf8_lossy(&output.stderr)
-            )
-        })
+        .unwrap_or_else(|e| panic!("no results for {stem}: {e}\n{explain}"))
         .next()
         .expect("one run")
         .expect("readable")
         .path();
     let junit = junit_file(results);
-    junit_schema::validate(&junit).unwrap_or_else(|e| panic!("{e}"));
-    (output.status.code(), stdout, RunResult::load(&run_dir).expect("result.json loads"))
+    junit_schema::validate(&junit).unwrap_or_else(|e| panic!("{e}\n{explain}"));
+    let result = RunResult::load(&run_dir)
+        .unwrap_or_else(|e| panic!("{}: result.json: {e}\n{explain}", run_dir.display()));
+    (output.status.code(), stdout, result)
 }
 
 fn junit_file(results: &Path) -> PathBuf {

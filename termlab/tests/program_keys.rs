@@ -354,7 +354,18 @@ fn every_new_key_is_accepted_and_lands_in_the_guest_image_list() {
     assert_eq!(test_run.repeat.get(), 100);
 
     // Objects given as such are not compiled: the list needs no cache. Sorted by guest path.
-    let files = user_programs::guest_files(&loaded).expect("guest files");
+    let kernel = termlab::guest_image::KernelBuild {
+        dir: PathBuf::from("/nonexistent"),
+        bzimage: PathBuf::from("/nonexistent/bzImage"),
+        system_map: None,
+        bpftool: None,
+        vmlinux_h: None,
+        info: serde_json::from_value(serde_json::json!(
+            { "variant": "default", "dir": "/nonexistent", "build_info": null }
+        ))
+        .expect("kernel info"),
+    };
+    let files = user_programs::guest_files(&loaded, &kernel).expect("guest files");
     let listed: Vec<(PathBuf, &str)> =
         files.iter().map(|f| (f.host.clone(), f.guest.as_str())).collect();
     let here = |name: &str| workspace.path().join(name);

@@ -45,6 +45,24 @@ fn every_shipped_scenario_loads_with_a_description() {
             "two-cpus"
         ]
     );
+    // Program types (the program-types suite): every one boots the full kernel.
+    let mut types = Vec::new();
+    for entry in std::fs::read_dir(dir.join("types")).expect("scenarios/types/ exists") {
+        let path = entry.expect("readable dir entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let loaded = scenario::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                loaded.scenario.vm.kernel,
+                scenario::KernelVariant::Full,
+                "{}",
+                path.display()
+            );
+            assert!(!loaded.scenario.description.trim().is_empty(), "{}", path.display());
+            types.push(loaded.name);
+        }
+    }
+    types.sort();
+    assert_eq!(types, ["cgroup", "kprobe", "kprobe-int3", "tc", "trampoline", "xdp"]);
     // Campaigns: long runs by hand, outside the test command's scenarios/*.toml.
     let campaign = scenario::load(&repo_root().join("scenarios/campaigns/stress.toml"))
         .unwrap_or_else(|e| panic!("{e}"));
@@ -94,6 +112,14 @@ const BAD_FILES: &[(&str, usize, usize, &str, &str)] = &[
         "`run.request`: only terminate steps have the request's trace points",
     ),
     ("never-waited.toml", 13, 21, "step[0].trigger.background", "is never waited for"),
+    ("waited-twice.toml", 19, 17, "step[2].wait.step", "`run` is waited for twice"),
+    (
+        "trace-after-wait.toml",
+        19,
+        23,
+        "step[2].wait_trace.step",
+        "`run` has already been waited for",
+    ),
     ("two-checks.toml", 15, 1, "expect[0]", "needs exactly one of"),
     ("syntax.toml", 7, 17, "(syntax)", "unclosed inline table"),
     (

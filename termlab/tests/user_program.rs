@@ -114,8 +114,8 @@ name = "the kernel stopped it inside the helper"
 kernel_case = { step = "term", case = 1 }
 
 [[expect]]
-name = "the terminated run returned within one delay of terminate: the second helper did not run"
-metric = { metric = "end_to_end", at_most_ms = 1000 }
+name = "the terminated run returned within the delay it was stopped in, not after the second helper's (≤ 1500 ms after terminate; a delay is 1000 ms)"
+metric = { metric = "end_to_end", at_most_ms = 1500 }
 
 [[expect]]
 name = "the next sync ran both delays"

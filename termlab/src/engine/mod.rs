@@ -109,11 +109,16 @@ pub enum EngineError {
         source: stack_probe::StackProbeError,
     },
     /// This host could not do its part (a socket directory, System.map).
-    #[error("{0}")]
-    Host(String),
+    #[error("cannot {what} {}: {source}", path.display())]
+    Host {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// A broken invariant of termlab itself (validation should prevent it).
     #[error("internal error: {0}")]
-    Internal(String),
+    Internal(#[from] Invariant),
     /// The agent stopped answering (hung guest or agent).
     #[error("the guest hung: no answer from the guest agent to {what} within {waited:?}; the VM was killed. Guest console, last lines ({}):\n{tail}", console.display())]
     Hung { what: String, waited: Duration, console: PathBuf, tail: String },
@@ -122,6 +127,17 @@ pub enum EngineError {
     AgentGone { what: String, detail: String, after: String, console: PathBuf, tail: String },
     #[error("interrupted (Ctrl-C or SIGTERM): the VM was stopped and the partial result kept")]
     Interrupted,
+}
+
+/// What scenario validation guarantees and the engine found broken all the same.
+#[derive(Debug, thiserror::Error)]
+pub enum Invariant {
+    #[error("{step} `{label}`: its program is not loaded")]
+    ProgramNotLoaded { step: &'static str, label: String },
+    #[error("`{0}` was not started in the background")]
+    NotInBackground(String),
+    #[error("background trigger `{0}` was never waited for")]
+    NeverWaited(String),
 }
 
 impl EngineError {
@@ -326,7 +342,7 @@ pub fn scenario_initramfs(
     loaded: &LoadedScenario,
     kernel: &guest_image::KernelBuild,
 ) -> Result<PathBuf, EngineError> {
-    let files = crate::user_programs::guest_files(loaded)?;
+    let files = crate::user_programs::guest_files(loaded, kernel)?;
     Ok(guest_image::initramfs_with(root, kernel, &files)?)
 }
 
@@ -658,11 +674,10 @@ fn stack_probe<'vm>(
 ) -> Result<StackProbe<'vm>, EngineError> {
     // check_kernel_for refused a kernel without one before booting.
     let system_map = system_map.ok_or(EngineError::NoSystemMap)?;
-    let map_text = std::fs::read_to_string(system_map).map_err(|e| {
-        EngineError::Host(format!(
-            "verify_stack needs the kernel's System.map at {}: {e}",
-            system_map.display()
-        ))
+    let map_text = std::fs::read_to_string(system_map).map_err(|e| EngineError::Host {
+        what: "read the kernel's System.map (verify_stack)",
+        path: system_map.to_owned(),
+        source: e,
     })?;
     let kallsyms = client
         .read_file("/proc/kallsyms", KALLSYMS_MAX_BYTES)
@@ -891,6 +906,7 @@ mod tests {
             bzimage: dir.path().join("bzImage"),
             system_map,
             bpftool: None,
+            vmlinux_h: None,
             info,
         };
         (dir, build)

@@ -10,14 +10,15 @@ use termlab_protocol::{
 };
 
 use super::stack_probe::StackProbe;
-use super::EngineError;
+use super::{EngineError, Invariant};
 use crate::cancel::Cancel;
 use crate::kernel_trace::{self, TraceEvent};
 use crate::results::stack::CpuStackProof;
 use crate::results::StepRecord;
 use crate::scenario::{
-    guest_object_path, guest_test_data_path, BudgetStep, Errno, Label, ProgInfoStep, ProgramSpec,
-    Scenario, Step, TerminateBy, TerminateStep, TerminateVia, TriggerStep, GUEST_LOADER,
+    guest_object_path, guest_test_data_path, BudgetStep, Errno, ExecStep, Label, ProgInfoStep,
+    ProgramSpec, Scenario, SleepStep, Step, TerminateBy, TerminateStep, TerminateVia, TriggerStep,
+    WaitTraceStep, GUEST_LOADER,
 };
 
 /// The kernel trace buffer, read by the agent through trace_pipe (see
@@ -190,188 +191,238 @@ pub fn run_repetition(
     } else {
         None
     };
-    let mut outcomes = Vec::new();
-    // Trace offset when each background trigger started.
-    let mut trace_from: BTreeMap<Label, usize> = BTreeMap::new();
-    let uses_trace = crate::scenario::uses_trace(scenario);
-    let mut background: BTreeMap<Label, Background> = BTreeMap::new();
-    let mut started: StartedAt = BTreeMap::new();
-    let program = |name: &Label| {
-        find_program(programs, name)
-            .ok_or_else(|| EngineError::Internal(format!("program `{name}` is not loaded")))
+    let mut run = RepetitionRun {
+        client,
+        programs,
+        trace,
+        cancel,
+        uses_trace: crate::scenario::uses_trace(scenario),
+        outcomes: Vec::new(),
+        trace_from: BTreeMap::new(),
+        background: BTreeMap::new(),
+        started: BTreeMap::new(),
     };
     for step in &scenario.steps {
         if cancel.is_cancelled() {
             return Err(EngineError::Interrupted);
         }
         let step_began = Instant::now();
-        match step {
-            Step::Trigger(trigger) => {
-                let target = program(trigger.program.get_ref())?;
-                let argv = trigger_argv(trigger, target)?;
-                let label = trigger.label.get_ref().clone();
-                if trigger.background {
-                    if uses_trace {
-                        trace_from.insert(label.clone(), trace.drain(client)?);
-                    }
-                    let reply = client
-                        .spawn(SpawnRequest::command(argv.clone()))
-                        .map_err(agent(format!("starting trigger `{label}`")))?;
-                    started.insert(label.clone(), Instant::now());
-                    background.insert(
-                        label,
-                        Background {
-                            handle: reply.handle,
-                            argv,
-                            timeout_ms: trigger.timeout_ms.get(),
-                            start_ns: reply.start_ns,
-                            prog_id: target.prog_id,
-                        },
-                    );
-                } else {
-                    let output = client
-                        .run(RunRequest::command(argv.clone(), trigger.timeout_ms.get().into()))
-                        .map_err(agent(format!("trigger `{label}`")))?;
-                    if output.timed_out {
-                        return Err(EngineError::TimedOut {
-                            what: format!("trigger `{label}`"),
-                            limit_ms: trigger.timeout_ms.get().into(),
-                        });
-                    }
-                    outcomes.push(StepOutcome::Trigger(TriggerRun::new(
-                        &label,
-                        argv,
-                        exit_code(&output.status),
-                        &output.stdout.data.to_string_lossy(),
-                        &output.stderr.data.to_string_lossy(),
-                        AgentTimes {
-                            start_ns: output.start_ns,
-                            end_ns: output.end_ns,
-                            prog_id: target.prog_id,
-                        },
-                    )));
-                }
-            }
-            Step::Sleep(sleep) => {
-                let requested = Duration::from_millis(sleep.ms.get().into());
-                let begin = Instant::now();
-                let until = match &sleep.after {
-                    Some(after) => {
-                        started.get(after.get_ref()).copied().unwrap_or(begin) + requested
-                    }
-                    None => begin + requested,
-                };
-                sleep_until(until, cancel)?;
-                outcomes.push(StepOutcome::Complete(StepRecord::Sleep {
-                    requested_ms: sleep.ms.get(),
-                    slept_ns: begin.elapsed().as_nanos() as u64,
-                }));
-            }
-            Step::Wait(wait) => {
-                let label = wait.step.get_ref();
-                let job = background.remove(label).ok_or_else(|| {
-                    EngineError::Internal(format!("`{label}` was not started in the background"))
-                })?;
-                let exit = wait_for(client, job.handle, job.timeout_ms, label, cancel)?;
-                let output = client
-                    .read_output(job.handle)
-                    .map_err(agent(format!("reading the output of `{label}`")))?;
-                outcomes.push(StepOutcome::Trigger(TriggerRun::new(
-                    label,
-                    job.argv,
-                    exit_code(&exit.status),
-                    &output.stdout.data.to_string_lossy(),
-                    &output.stderr.data.to_string_lossy(),
-                    AgentTimes {
-                        start_ns: job.start_ns,
-                        end_ns: exit.end_ns,
-                        prog_id: job.prog_id,
-                    },
-                )));
-                outcomes.push(StepOutcome::Complete(StepRecord::Wait { label: label.to_string() }));
-            }
-            Step::WaitTrace(wait) => {
-                let label = wait.step.get_ref();
-                let from = *trace_from.get(label).ok_or_else(|| {
-                    EngineError::Internal(format!("`{label}` was not started in the background"))
-                })?;
-                let begin = Instant::now();
-                let deadline = begin + Duration::from_millis(wait.timeout_ms.get().into());
-                trace.wait_for(client, &wait.line, wait.count, from, deadline, cancel)?;
-                outcomes.push(StepOutcome::Complete(StepRecord::WaitTrace {
-                    label: label.to_string(),
-                    line: wait.line.clone(),
-                    count: wait.count,
-                    waited_ns: begin.elapsed().as_nanos() as u64,
-                }));
-            }
-            Step::Exec(exec) => {
-                let label = exec.label.get_ref();
-                let argv = exec.argv.as_slice().to_vec();
-                let timeout_ms = exec.timeout_ms.get();
-                let output = client
-                    .run(RunRequest::command(argv.clone(), timeout_ms.into()))
-                    .map_err(agent(format!("exec `{label}` ({argv:?})")))?;
-                let stderr = output.stderr.data.to_string_lossy().into_owned();
-                if output.timed_out {
-                    return Err(EngineError::TimedOut {
-                        what: format!("exec `{label}`"),
-                        limit_ms: timeout_ms.into(),
-                    });
-                }
-                if exit_code(&output.status) != Some(0) {
-                    return Err(EngineError::ExecFailed {
-                        label: label.to_string(),
-                        argv,
-                        status: output.status,
-                        stderr: stderr.trim().to_owned(),
-                    });
-                }
-                outcomes.push(StepOutcome::Complete(StepRecord::Exec {
-                    label: label.to_string(),
-                    argv,
-                    exit_code: exit_code(&output.status),
-                    start_ns: output.start_ns,
-                    end_ns: output.end_ns,
-                    stdout: output.stdout.data.to_string_lossy().into_owned(),
-                    stderr,
-                }));
-            }
-            Step::Terminate(terminate) => {
-                let call = terminate_step(client, terminate, programs, probe)?;
-                started.insert(terminate.label.get_ref().clone(), Instant::now());
-                outcomes.push(StepOutcome::Terminate(call));
-            }
-            Step::Budget(budget) => {
-                outcomes.push(StepOutcome::Complete(budget_step(client, budget, programs)?))
-            }
-            Step::ProgInfo(info) => outcomes.push(StepOutcome::Complete(prog_info_step(
-                client,
-                info,
-                program(info.program.get_ref())?.prog_id,
-            )?)),
-        }
+        run.step(step, probe)?;
         step_done(&describe_step(step), step_began.elapsed());
     }
-    // Validation guarantees every background trigger is waited for; a
-    // leftover here would be a bug, and must not outlive the repetition.
-    if let Some((label, _)) = background.first_key_value() {
-        let label = label.to_string();
-        for job in background.values() {
-            let _ = client.kill(job.handle, libc::SIGKILL);
-        }
-        return Err(EngineError::Internal(format!(
-            "background trigger `{label}` was never waited for"
-        )));
+    run.finish(repetition_from)
+}
+
+/// One repetition's steps as they run: the agent, what the steps started and what they left.
+struct RepetitionRun<'a, 'p> {
+    client: &'a mut Client<UnixStream>,
+    programs: &'a [LoadedProgram<'p>],
+    trace: &'a mut TraceReader,
+    cancel: &'a Cancel,
+    uses_trace: bool,
+    outcomes: Vec<StepOutcome>,
+    /// Trace offset when each background trigger started.
+    trace_from: BTreeMap<Label, usize>,
+    background: BTreeMap<Label, Background>,
+    started: StartedAt,
+}
+
+impl RepetitionRun<'_, '_> {
+    fn program(&self, name: &Label) -> Result<&LoadedProgram<'_>, Invariant> {
+        find_program(self.programs, name)
+            .ok_or_else(|| Invariant::ProgramNotLoaded { step: "program", label: name.to_string() })
     }
-    let events = match repetition_from {
-        Some(from) => {
-            trace.drain(client)?;
-            Some(kernel_trace::parse(trace.since(from)))
+
+    fn step(&mut self, step: &Step, probe: Option<&StackProbe<'_>>) -> Result<(), EngineError> {
+        match step {
+            Step::Trigger(trigger) if trigger.background => self.start_trigger(trigger),
+            Step::Trigger(trigger) => self.run_trigger(trigger),
+            Step::Sleep(sleep) => self.sleep(sleep),
+            Step::Wait(wait) => self.wait(wait.step.get_ref()),
+            Step::WaitTrace(wait) => self.wait_trace(wait),
+            Step::Exec(exec) => self.exec(exec),
+            Step::Terminate(terminate) => {
+                let call = terminate_step(self.client, terminate, self.programs, probe)?;
+                self.started.insert(terminate.label.get_ref().clone(), Instant::now());
+                self.outcomes.push(StepOutcome::Terminate(call));
+                Ok(())
+            }
+            Step::Budget(budget) => {
+                let record = budget_step(self.client, budget, self.programs)?;
+                self.outcomes.push(StepOutcome::Complete(record));
+                Ok(())
+            }
+            Step::ProgInfo(info) => {
+                let prog_id = self.program(info.program.get_ref())?.prog_id;
+                let record = prog_info_step(self.client, info, prog_id)?;
+                self.outcomes.push(StepOutcome::Complete(record));
+                Ok(())
+            }
         }
-        None => None,
-    };
-    Ok(outcomes.into_iter().map(|outcome| outcome.into_record(events.as_deref())).collect())
+    }
+
+    /// A background trigger: started, its output read by its `wait` step.
+    fn start_trigger(&mut self, trigger: &TriggerStep) -> Result<(), EngineError> {
+        let target = self.program(trigger.program.get_ref())?;
+        let (argv, prog_id) = (trigger_argv(trigger, target)?, target.prog_id);
+        let label = trigger.label.get_ref().clone();
+        if self.uses_trace {
+            self.trace_from.insert(label.clone(), self.trace.drain(self.client)?);
+        }
+        let reply = self
+            .client
+            .spawn(SpawnRequest::command(argv.clone()))
+            .map_err(agent(format!("starting trigger `{label}`")))?;
+        self.started.insert(label.clone(), Instant::now());
+        let job = Background {
+            handle: reply.handle,
+            argv,
+            timeout_ms: trigger.timeout_ms.get(),
+            start_ns: reply.start_ns,
+            prog_id,
+        };
+        self.background.insert(label, job);
+        Ok(())
+    }
+
+    fn run_trigger(&mut self, trigger: &TriggerStep) -> Result<(), EngineError> {
+        let target = self.program(trigger.program.get_ref())?;
+        let (argv, prog_id) = (trigger_argv(trigger, target)?, target.prog_id);
+        let label = trigger.label.get_ref();
+        let output = self
+            .client
+            .run(RunRequest::command(argv.clone(), trigger.timeout_ms.get().into()))
+            .map_err(agent(format!("trigger `{label}`")))?;
+        if output.timed_out {
+            return Err(EngineError::TimedOut {
+                what: format!("trigger `{label}`"),
+                limit_ms: trigger.timeout_ms.get().into(),
+            });
+        }
+        self.outcomes.push(StepOutcome::Trigger(TriggerRun::new(
+            label,
+            argv,
+            exit_code(&output.status),
+            &output.stdout.data.to_string_lossy(),
+            &output.stderr.data.to_string_lossy(),
+            AgentTimes { start_ns: output.start_ns, end_ns: output.end_ns, prog_id },
+        )));
+        Ok(())
+    }
+
+    fn sleep(&mut self, sleep: &SleepStep) -> Result<(), EngineError> {
+        let requested = Duration::from_millis(sleep.ms.get().into());
+        let begin = Instant::now();
+        let until = match &sleep.after {
+            Some(after) => self.started.get(after.get_ref()).copied().unwrap_or(begin) + requested,
+            None => begin + requested,
+        };
+        sleep_until(until, self.cancel)?;
+        self.outcomes.push(StepOutcome::Complete(StepRecord::Sleep {
+            requested_ms: sleep.ms.get(),
+            slept_ns: begin.elapsed().as_nanos() as u64,
+        }));
+        Ok(())
+    }
+
+    /// The end of a background trigger, and its output.
+    fn wait(&mut self, label: &Label) -> Result<(), EngineError> {
+        let job = self
+            .background
+            .remove(label)
+            .ok_or_else(|| Invariant::NotInBackground(label.to_string()))?;
+        let exit = wait_for(self.client, job.handle, job.timeout_ms, label, self.cancel)?;
+        let output = self
+            .client
+            .read_output(job.handle)
+            .map_err(agent(format!("reading the output of `{label}`")))?;
+        self.outcomes.push(StepOutcome::Trigger(TriggerRun::new(
+            label,
+            job.argv,
+            exit_code(&exit.status),
+            &output.stdout.data.to_string_lossy(),
+            &output.stderr.data.to_string_lossy(),
+            AgentTimes { start_ns: job.start_ns, end_ns: exit.end_ns, prog_id: job.prog_id },
+        )));
+        self.outcomes.push(StepOutcome::Complete(StepRecord::Wait { label: label.to_string() }));
+        Ok(())
+    }
+
+    fn wait_trace(&mut self, wait: &WaitTraceStep) -> Result<(), EngineError> {
+        let label = wait.step.get_ref();
+        let from = *self
+            .trace_from
+            .get(label)
+            .ok_or_else(|| Invariant::NotInBackground(label.to_string()))?;
+        let begin = Instant::now();
+        let deadline = begin + Duration::from_millis(wait.timeout_ms.get().into());
+        self.trace.wait_for(self.client, &wait.line, wait.count, from, deadline, self.cancel)?;
+        self.outcomes.push(StepOutcome::Complete(StepRecord::WaitTrace {
+            label: label.to_string(),
+            line: wait.line.clone(),
+            count: wait.count,
+            waited_ns: begin.elapsed().as_nanos() as u64,
+        }));
+        Ok(())
+    }
+
+    /// A guest command that must succeed (fault injection, setup).
+    fn exec(&mut self, exec: &ExecStep) -> Result<(), EngineError> {
+        let label = exec.label.get_ref();
+        let argv = exec.argv.as_slice().to_vec();
+        let timeout_ms = exec.timeout_ms.get();
+        let output = self
+            .client
+            .run(RunRequest::command(argv.clone(), timeout_ms.into()))
+            .map_err(agent(format!("exec `{label}` ({argv:?})")))?;
+        let stderr = output.stderr.data.to_string_lossy().into_owned();
+        if output.timed_out {
+            return Err(EngineError::TimedOut {
+                what: format!("exec `{label}`"),
+                limit_ms: timeout_ms.into(),
+            });
+        }
+        if exit_code(&output.status) != Some(0) {
+            return Err(EngineError::ExecFailed {
+                label: label.to_string(),
+                argv,
+                status: output.status,
+                stderr: stderr.trim().to_owned(),
+            });
+        }
+        self.outcomes.push(StepOutcome::Complete(StepRecord::Exec {
+            label: label.to_string(),
+            argv,
+            exit_code: exit_code(&output.status),
+            start_ns: output.start_ns,
+            end_ns: output.end_ns,
+            stdout: output.stdout.data.to_string_lossy().into_owned(),
+            stderr,
+        }));
+        Ok(())
+    }
+
+    /// The records, complete with the kernel's events since `repetition_from`.
+    fn finish(self, repetition_from: Option<usize>) -> Result<Vec<StepRecord>, EngineError> {
+        // Validation guarantees every background trigger is waited for; a
+        // leftover here would be a bug, and must not outlive the repetition.
+        if let Some((label, _)) = self.background.first_key_value() {
+            let label = label.to_string();
+            for job in self.background.values() {
+                let _ = self.client.kill(job.handle, libc::SIGKILL);
+            }
+            return Err(Invariant::NeverWaited(label).into());
+        }
+        let events = match repetition_from {
+            Some(from) => {
+                self.trace.drain(self.client)?;
+                Some(kernel_trace::parse(self.trace.since(from)))
+            }
+            None => None,
+        };
+        let records = self.outcomes.into_iter();
+        Ok(records.map(|outcome| outcome.into_record(events.as_deref())).collect())
+    }
 }
 
 /// A step in a few words, e.g. "trigger `run`", "sleep 500 ms".
@@ -631,11 +682,7 @@ fn terminate_step(
     let (prog_id, bpf_name) = match (target, &step.prog_id) {
         (Some(Some(program)), _) => (program.prog_id, program.bpf_name()),
         (None, Some(id)) => (*id.get_ref(), None),
-        _ => {
-            return Err(EngineError::Internal(format!(
-                "terminate `{label}`: its program is not loaded"
-            )))
-        }
+        _ => return Err(Invariant::ProgramNotLoaded { step: "terminate", label }.into()),
     };
     let flags = match &step.raw_flags {
         Some(raw) => *raw.get_ref(),
@@ -753,9 +800,8 @@ fn budget_step(
         (Some(name), _) => find_program(programs, name.get_ref()).map(|p| p.prog_id),
         (None, id) => id.as_ref().map(|id| *id.get_ref()),
     };
-    let prog_id = prog_id.ok_or_else(|| {
-        EngineError::Internal(format!("budget `{label}`: its program is not loaded"))
-    })?;
+    let prog_id = prog_id
+        .ok_or_else(|| Invariant::ProgramNotLoaded { step: "budget", label: label.clone() })?;
     let ms = *step.ms.get_ref();
     let args =
         ["prog", "budget", "id", &prog_id.to_string(), &ms.to_string()].map(String::from).to_vec();

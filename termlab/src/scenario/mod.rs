@@ -159,10 +159,11 @@ pub fn traces_terminations(scenario: &Scenario) -> bool {
 
 /// The sysctls the termination series adds (guest-kernel/patches): a kernel
 /// without the series has no /proc/sys file for them.
-pub const TERMINATION_SERIES_SYSCTLS: [&str; 3] = [
+pub const TERMINATION_SERIES_SYSCTLS: [&str; 4] = [
     MAX_RUNTIME_SYSCTL,
     "kernel.bpf_termination_demo_delay_ms",
     "kernel.bpf_termination_fault_skip_rewrite",
+    "kernel.bpf_termination_fault_entry_delay_ms",
 ];
 
 /// What in the scenario needs the kernel's termination series
@@ -215,14 +216,23 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
             return Err(invalid(verify_stack, "verify_stack", "verify_stack checks the stack rewrite of terminate steps, and this scenario has none"));
         }
     }
-    let vcpus = scenario.vm.vcpus.get();
-
     if let Some(args) = &scenario.vm.kernel_args {
         check_kernel_args(args.get_ref())
             .map_err(|message| invalid(args, "vm.kernel_args", message))?;
     }
     validate_guest_files(&scenario.vm.files)?;
 
+    let programs = validate_programs(scenario)?;
+    let labels = validate_steps(scenario, &programs)?;
+    let metrics = validate_metrics(scenario, &labels.kinds)?;
+    for (i, expectation) in scenario.expectations.iter().enumerate() {
+        validate_expectation(scenario, i, expectation, &labels, &metrics)?;
+    }
+    Ok(())
+}
+
+/// The names of the scenario's programs, each declared once.
+fn validate_programs(scenario: &Scenario) -> Result<BTreeSet<Label>, SpannedError> {
     let mut programs = BTreeSet::new();
     for (i, program) in scenario.programs.iter().enumerate() {
         validate_program(program, &|field| format!("program[{i}].{field}"))?;
@@ -234,71 +244,77 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
             ));
         }
     }
+    Ok(programs)
+}
 
+/// What the steps declared, for the checks of metrics and expectations.
+struct StepLabels {
+    kinds: BTreeMap<Label, LabelKind>,
+    /// The program each prog_info step reads.
+    prog_info_programs: BTreeMap<Label, Label>,
+}
+
+/// Each step's program, label and references to earlier steps; every background trigger
+/// waited for.
+fn validate_steps(
+    scenario: &Scenario,
+    programs: &BTreeSet<Label>,
+) -> Result<StepLabels, SpannedError> {
     if scenario.steps.is_empty() {
         return Err(SpannedError::new(0..0, "step", "a scenario needs at least one [[step]]"));
     }
-    let mut labels: BTreeMap<Label, LabelKind> = BTreeMap::new();
-    let mut prog_info_programs: BTreeMap<Label, Label> = BTreeMap::new();
-    let mut waited = BTreeSet::new();
+    let mut checker = StepChecker {
+        programs,
+        vcpus: scenario.vm.vcpus.get(),
+        labels: BTreeMap::new(),
+        prog_info_programs: BTreeMap::new(),
+        waited: BTreeSet::new(),
+    };
     for (i, step) in scenario.steps.iter().enumerate() {
-        let key = |field: &str| format!("step[{i}].{field}");
-        match step {
-            Step::Trigger(trigger) => {
-                check_program(&programs, &trigger.program, key("trigger.program"))?;
-                if let Some(cpu) = &trigger.cpu {
-                    if *cpu.get_ref() >= vcpus {
-                        return Err(invalid(
-                            cpu,
-                            key("trigger.cpu"),
-                            format!(
-                                "cpu {} does not exist: the VM has {vcpus} vCPUs (0..{})",
-                                cpu.get_ref(),
-                                vcpus - 1
-                            ),
-                        ));
-                    }
-                }
-                let kind = if trigger.background {
-                    LabelKind::BackgroundTrigger
-                } else {
-                    LabelKind::ForegroundTrigger
-                };
-                declare_label(&mut labels, &trigger.label, kind, key("trigger.label"))?;
+        checker.check(step, &|field: &str| format!("step[{i}].{field}"))?;
+    }
+    for (i, step) in scenario.steps.iter().enumerate() {
+        if let Step::Trigger(trigger) = step {
+            if trigger.background && !checker.waited.contains(trigger.label.get_ref()) {
+                return Err(invalid(&trigger.label, format!("step[{i}].trigger.background"), format!("background trigger `{}` is never waited for: add a `wait = {{ step = \"{}\" }}` step", trigger.label.get_ref(), trigger.label.get_ref())));
             }
-            Step::Sleep(sleep) => {
-                if let Some(after) = &sleep.after {
+        }
+    }
+    Ok(StepLabels { kinds: checker.labels, prog_info_programs: checker.prog_info_programs })
+}
+
+/// What the steps checked so far declared; `key` names a field of the step being checked.
+struct StepChecker<'a> {
+    programs: &'a BTreeSet<Label>,
+    vcpus: u32,
+    labels: BTreeMap<Label, LabelKind>,
+    prog_info_programs: BTreeMap<Label, Label>,
+    /// Background triggers a `wait` step has waited for.
+    waited: BTreeSet<Label>,
+}
+
+type StepKey<'k> = dyn Fn(&str) -> String + 'k;
+
+impl StepChecker<'_> {
+    fn check(&mut self, step: &Step, key: &StepKey<'_>) -> Result<(), SpannedError> {
+        match step {
+            Step::Trigger(trigger) => self.trigger(trigger, key),
+            Step::Sleep(sleep) => match &sleep.after {
+                Some(after) => {
                     expect_label(
-                        &labels,
+                        &self.labels,
                         after,
                         &[LabelKind::BackgroundTrigger, LabelKind::Terminate],
                         key("sleep.after"),
                         "an earlier background trigger or terminate",
                     )?;
-                    if waited.contains(after.get_ref()) {
-                        return Err(invalid(
-                            after,
-                            key("sleep.after"),
-                            format!("`{}` has already been waited for", after.get_ref()),
-                        ));
-                    }
+                    self.not_waited_yet(after, key("sleep.after"))
                 }
-            }
+                None => Ok(()),
+            },
             Step::WaitTrace(trace) => {
-                expect_label(
-                    &labels,
-                    &trace.step,
-                    &[LabelKind::BackgroundTrigger],
-                    key("wait_trace.step"),
-                    "an earlier background trigger",
-                )?;
-                if waited.contains(trace.step.get_ref()) {
-                    return Err(invalid(
-                        &trace.step,
-                        key("wait_trace.step"),
-                        format!("`{}` has already been waited for", trace.step.get_ref()),
-                    ));
-                }
+                self.earlier_background_trigger(&trace.step, key("wait_trace.step"))?;
+                self.not_waited_yet(&trace.step, key("wait_trace.step"))?;
                 if trace.line.is_empty() || trace.line.contains('\n') || trace.count == 0 {
                     return Err(invalid(
                         &trace.step,
@@ -306,67 +322,106 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
                         "`line` must be a non-empty single line and `count` at least 1",
                     ));
                 }
+                Ok(())
             }
             Step::Wait(wait) => {
-                expect_label(
-                    &labels,
-                    &wait.step,
-                    &[LabelKind::BackgroundTrigger],
-                    key("wait.step"),
-                    "an earlier background trigger",
-                )?;
-                if !waited.insert(wait.step.get_ref().clone()) {
+                self.earlier_background_trigger(&wait.step, key("wait.step"))?;
+                if !self.waited.insert(wait.step.get_ref().clone()) {
                     return Err(invalid(
                         &wait.step,
                         key("wait.step"),
                         format!("`{}` is waited for twice", wait.step.get_ref()),
                     ));
                 }
+                Ok(())
             }
             Step::Terminate(terminate) => {
-                validate_terminate(terminate, &programs, &key)?;
-                declare_label(
-                    &mut labels,
-                    &terminate.label,
-                    LabelKind::Terminate,
-                    key("terminate.label"),
-                )?;
+                validate_terminate(terminate, self.programs, key)?;
+                self.declare(&terminate.label, LabelKind::Terminate, key("terminate.label"))
             }
             Step::Budget(budget) => {
                 check_target(
                     &budget.label,
                     budget.program.as_ref(),
                     budget.prog_id.as_ref(),
-                    &programs,
+                    self.programs,
                     "budget",
-                    &key,
+                    key,
                 )?;
-                declare_label(&mut labels, &budget.label, LabelKind::Budget, key("budget.label"))?;
+                self.declare(&budget.label, LabelKind::Budget, key("budget.label"))
             }
             Step::ProgInfo(info) => {
-                check_program(&programs, &info.program, key("prog_info.program"))?;
-                prog_info_programs
+                check_program(self.programs, &info.program, key("prog_info.program"))?;
+                self.prog_info_programs
                     .insert(info.label.get_ref().clone(), info.program.get_ref().clone());
-                declare_label(
-                    &mut labels,
-                    &info.label,
-                    LabelKind::ProgInfo,
-                    key("prog_info.label"),
-                )?;
+                self.declare(&info.label, LabelKind::ProgInfo, key("prog_info.label"))
             }
-            Step::Exec(exec) => {
-                declare_label(&mut labels, &exec.label, LabelKind::Exec, key("exec.label"))?
-            }
-        }
-    }
-    for (i, step) in scenario.steps.iter().enumerate() {
-        if let Step::Trigger(trigger) = step {
-            if trigger.background && !waited.contains(trigger.label.get_ref()) {
-                return Err(invalid(&trigger.label, format!("step[{i}].trigger.background"), format!("background trigger `{}` is never waited for: add a `wait = {{ step = \"{}\" }}` step", trigger.label.get_ref(), trigger.label.get_ref())));
-            }
+            Step::Exec(exec) => self.declare(&exec.label, LabelKind::Exec, key("exec.label")),
         }
     }
 
+    fn trigger(&mut self, trigger: &TriggerStep, key: &StepKey<'_>) -> Result<(), SpannedError> {
+        check_program(self.programs, &trigger.program, key("trigger.program"))?;
+        if let Some(cpu) = trigger.cpu.as_ref().filter(|cpu| *cpu.get_ref() >= self.vcpus) {
+            return Err(invalid(
+                cpu,
+                key("trigger.cpu"),
+                format!(
+                    "cpu {} does not exist: the VM has {} vCPUs (0..{})",
+                    cpu.get_ref(),
+                    self.vcpus,
+                    self.vcpus - 1
+                ),
+            ));
+        }
+        let kind = if trigger.background {
+            LabelKind::BackgroundTrigger
+        } else {
+            LabelKind::ForegroundTrigger
+        };
+        self.declare(&trigger.label, kind, key("trigger.label"))
+    }
+
+    fn declare(
+        &mut self,
+        label: &Spanned<Label>,
+        kind: LabelKind,
+        key: String,
+    ) -> Result<(), SpannedError> {
+        declare_label(&mut self.labels, label, kind, key)
+    }
+
+    fn earlier_background_trigger(
+        &self,
+        label: &Spanned<Label>,
+        key: String,
+    ) -> Result<(), SpannedError> {
+        expect_label(
+            &self.labels,
+            label,
+            &[LabelKind::BackgroundTrigger],
+            key,
+            "an earlier background trigger",
+        )
+    }
+
+    fn not_waited_yet(&self, label: &Spanned<Label>, key: String) -> Result<(), SpannedError> {
+        if self.waited.contains(label.get_ref()) {
+            return Err(invalid(
+                label,
+                key,
+                format!("`{}` has already been waited for", label.get_ref()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Each metric's end points name steps that have them; names declared once.
+fn validate_metrics(
+    scenario: &Scenario,
+    labels: &BTreeMap<Label, LabelKind>,
+) -> Result<BTreeSet<Label>, SpannedError> {
     let mut metrics = BTreeSet::new();
     for (i, metric) in scenario.metrics.iter().enumerate() {
         let key = |field: &str| format!("metric[{i}].{field}");
@@ -425,156 +480,188 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
             ));
         }
     }
+    Ok(metrics)
+}
 
-    for (i, expectation) in scenario.expectations.iter().enumerate() {
-        let key = |field: &str| format!("expect[{i}].{field}");
-        match &expectation.check {
-            Check::Metric(bound) => {
-                if !metrics.contains(bound.metric.get_ref()) {
-                    return Err(invalid(
-                        &bound.metric,
-                        key("metric.metric"),
-                        format!("no [[metric]] is named `{}`", bound.metric.get_ref()),
-                    ));
-                }
-                match (bound.at_least_ms, bound.at_most_ms) {
-                    (None, None) => {
-                        return Err(invalid(
-                            &bound.metric,
-                            key("metric"),
-                            "give `at_least_ms`, `at_most_ms` or both",
-                        ))
-                    }
-                    (Some(low), Some(high)) if low > high => {
-                        return Err(invalid(
-                            &bound.metric,
-                            key("metric"),
-                            format!("at_least_ms {low} is above at_most_ms {high}"),
-                        ))
-                    }
-                    _ => {}
-                }
-            }
-            Check::TerminateResult(result) => {
-                expect_label(
-                    &labels,
-                    &result.step,
-                    &[LabelKind::Terminate],
-                    key("terminate_result.step"),
-                    "a terminate step",
-                )?;
-                match (result.errno, result.cpus) {
-                    (Some(_), None) => {}
-                    (None, Some(cpus)) if (1..=vcpus).contains(&cpus) => {}
-                    (None, Some(cpus)) => {
-                        return Err(invalid(
-                            &result.step,
-                            key("terminate_result.cpus"),
-                            format!(
-                                "cpus must be between 1 and the VM's {vcpus} vCPUs, not {cpus}"
-                            ),
-                        ))
-                    }
-                    _ => {
-                        return Err(invalid(
-                            &result.step,
-                            key("terminate_result"),
-                            "give exactly one of `errno` and `cpus`",
-                        ))
-                    }
-                }
-            }
-            Check::TriggerOk(ok) => {
-                expect_label(
-                    &labels,
-                    &ok.step,
-                    &[LabelKind::ForegroundTrigger, LabelKind::BackgroundTrigger],
-                    key("trigger_ok.step"),
-                    "a trigger step",
-                )?;
-            }
-            Check::TriggerField(field) => {
-                expect_label(
-                    &labels,
-                    &field.step,
-                    &[LabelKind::ForegroundTrigger, LabelKind::BackgroundTrigger],
-                    key("trigger_field.step"),
-                    "a trigger step",
-                )?;
-            }
-            Check::DmesgClean(_) => {}
-            Check::KernelCase(want) => {
-                let kinds = [
-                    LabelKind::Terminate,
-                    LabelKind::ForegroundTrigger,
-                    LabelKind::BackgroundTrigger,
-                ];
-                expect_label(
-                    &labels,
-                    &want.step,
-                    &kinds,
-                    key("kernel_case.step"),
-                    "a terminate or trigger step",
-                )?;
-                if let Some(case) =
-                    want.case.as_ref().filter(|case| !(1..=2).contains(case.get_ref()))
-                {
-                    return Err(invalid(
-                        case,
-                        key("kernel_case.case"),
-                        format!(
-                            "case is 1 (in a helper) or 2 (in BPF text), not {}",
-                            case.get_ref()
-                        ),
-                    ));
-                }
-            }
-            Check::BudgetResult(result) => {
-                expect_label(
-                    &labels,
-                    &result.step,
-                    &[LabelKind::Budget],
-                    key("budget_result.step"),
-                    "a budget step",
-                )?;
-            }
-            Check::Terminations(delta) => {
-                expect_label(
-                    &labels,
-                    &delta.from,
-                    &[LabelKind::ProgInfo],
-                    key("terminations.from"),
-                    "a prog_info step",
-                )?;
-                expect_label(
-                    &labels,
-                    &delta.to,
-                    &[LabelKind::ProgInfo],
-                    key("terminations.to"),
-                    "a prog_info step",
-                )?;
-                if prog_info_programs.get(delta.from.get_ref())
-                    != prog_info_programs.get(delta.to.get_ref())
-                {
-                    return Err(invalid(
-                        &delta.to,
-                        key("terminations.to"),
-                        format!(
-                            "`{}` and `{}` read different programs",
-                            delta.from.get_ref(),
-                            delta.to.get_ref()
-                        ),
-                    ));
-                }
-                if delta.on_demand.is_none() && delta.budget.is_none() {
-                    return Err(invalid(
-                        &delta.from,
-                        key("terminations"),
-                        "give `on_demand`, `budget` or both",
-                    ));
-                }
-            }
+/// One expectation's references (steps of the right kind, declared metrics) and values.
+fn validate_expectation(
+    scenario: &Scenario,
+    i: usize,
+    expectation: &Expectation,
+    step_labels: &StepLabels,
+    metrics: &BTreeSet<Label>,
+) -> Result<(), SpannedError> {
+    let vcpus = scenario.vm.vcpus.get();
+    let labels = &step_labels.kinds;
+    let key = |field: &str| format!("expect[{i}].{field}");
+    match &expectation.check {
+        Check::Metric(bound) => validate_metric_bound(bound, metrics, &key)?,
+        Check::TerminateResult(result) => validate_terminate_result(result, labels, vcpus, &key)?,
+        Check::TriggerOk(ok) => {
+            expect_label(
+                labels,
+                &ok.step,
+                &[LabelKind::ForegroundTrigger, LabelKind::BackgroundTrigger],
+                key("trigger_ok.step"),
+                "a trigger step",
+            )?;
         }
+        Check::TriggerField(field) => {
+            expect_label(
+                labels,
+                &field.step,
+                &[LabelKind::ForegroundTrigger, LabelKind::BackgroundTrigger],
+                key("trigger_field.step"),
+                "a trigger step",
+            )?;
+        }
+        Check::DmesgClean(_) => {}
+        Check::KernelCase(want) => validate_kernel_case(want, labels, &key)?,
+        Check::BudgetResult(result) => {
+            expect_label(
+                labels,
+                &result.step,
+                &[LabelKind::Budget],
+                key("budget_result.step"),
+                "a budget step",
+            )?;
+        }
+        Check::Terminations(delta) => validate_terminations(delta, step_labels, &key)?,
+    }
+    Ok(())
+}
+
+/// Bounds that name a declared metric and can both hold.
+fn validate_metric_bound(
+    bound: &MetricBound,
+    metrics: &BTreeSet<Label>,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), SpannedError> {
+    if !metrics.contains(bound.metric.get_ref()) {
+        return Err(invalid(
+            &bound.metric,
+            key("metric.metric"),
+            format!("no [[metric]] is named `{}`", bound.metric.get_ref()),
+        ));
+    }
+    match (bound.at_least_ms, bound.at_most_ms) {
+        (None, None) => {
+            return Err(invalid(
+                &bound.metric,
+                key("metric"),
+                "give `at_least_ms`, `at_most_ms` or both",
+            ))
+        }
+        (Some(low), Some(high)) if low > high => {
+            return Err(invalid(
+                &bound.metric,
+                key("metric"),
+                format!("at_least_ms {low} is above at_most_ms {high}"),
+            ))
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// A terminate step, and exactly one of an errno and a CPU count the VM can have.
+fn validate_terminate_result(
+    result: &TerminateResultCheck,
+    labels: &BTreeMap<Label, LabelKind>,
+    vcpus: u32,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), SpannedError> {
+    expect_label(
+        labels,
+        &result.step,
+        &[LabelKind::Terminate],
+        key("terminate_result.step"),
+        "a terminate step",
+    )?;
+    match (result.errno, result.cpus) {
+        (Some(_), None) => {}
+        (None, Some(cpus)) if (1..=vcpus).contains(&cpus) => {}
+        (None, Some(cpus)) => {
+            return Err(invalid(
+                &result.step,
+                key("terminate_result.cpus"),
+                format!("cpus must be between 1 and the VM's {vcpus} vCPUs, not {cpus}"),
+            ))
+        }
+        _ => {
+            return Err(invalid(
+                &result.step,
+                key("terminate_result"),
+                "give exactly one of `errno` and `cpus`",
+            ))
+        }
+    }
+    Ok(())
+}
+
+/// A terminate or trigger step, and a case the kernel traces (1 or 2).
+fn validate_kernel_case(
+    want: &KernelCaseCheck,
+    labels: &BTreeMap<Label, LabelKind>,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), SpannedError> {
+    let kinds = [LabelKind::Terminate, LabelKind::ForegroundTrigger, LabelKind::BackgroundTrigger];
+    expect_label(
+        labels,
+        &want.step,
+        &kinds,
+        key("kernel_case.step"),
+        "a terminate or trigger step",
+    )?;
+    if let Some(case) = want.case.as_ref().filter(|case| !(1..=2).contains(case.get_ref())) {
+        return Err(invalid(
+            case,
+            key("kernel_case.case"),
+            format!("case is 1 (in a helper) or 2 (in BPF text), not {}", case.get_ref()),
+        ));
+    }
+    Ok(())
+}
+
+/// Two prog_info steps of one program, and at least one counter to compare.
+fn validate_terminations(
+    delta: &TerminationsCheck,
+    step_labels: &StepLabels,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), SpannedError> {
+    let labels = &step_labels.kinds;
+    let prog_info_programs = &step_labels.prog_info_programs;
+    expect_label(
+        labels,
+        &delta.from,
+        &[LabelKind::ProgInfo],
+        key("terminations.from"),
+        "a prog_info step",
+    )?;
+    expect_label(
+        labels,
+        &delta.to,
+        &[LabelKind::ProgInfo],
+        key("terminations.to"),
+        "a prog_info step",
+    )?;
+    if prog_info_programs.get(delta.from.get_ref()) != prog_info_programs.get(delta.to.get_ref()) {
+        return Err(invalid(
+            &delta.to,
+            key("terminations.to"),
+            format!(
+                "`{}` and `{}` read different programs",
+                delta.from.get_ref(),
+                delta.to.get_ref()
+            ),
+        ));
+    }
+    if delta.on_demand.is_none() && delta.budget.is_none() {
+        return Err(invalid(
+            &delta.from,
+            key("terminations"),
+            "give `on_demand`, `budget` or both",
+        ));
     }
     Ok(())
 }

@@ -92,7 +92,7 @@ pub struct GuestFileSpec {
 }
 
 /// Which guest kernel build to boot: the variants of `guest-kernel/build --variant`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum KernelVariant {
     /// The termination series applied (CONFIG_BPF_TERMINATION=y).
@@ -101,6 +101,9 @@ pub enum KernelVariant {
     Debug,
     /// The same source and config with CONFIG_BPF_TERMINATION=n: the baseline.
     Noterm,
+    /// The patched kernel with BTF, fprobe, BPF LSM, INET, veth, XDP/tc,
+    /// cgroup BPF and sched_ext: CO-RE programs and every program type.
+    Full,
 }
 
 impl KernelVariant {
@@ -110,6 +113,7 @@ impl KernelVariant {
             KernelVariant::Default => "default",
             KernelVariant::Debug => "debug",
             KernelVariant::Noterm => "noterm",
+            KernelVariant::Full => "full",
         }
     }
 }
@@ -671,16 +675,24 @@ pub enum Errno {
     ESRCH,
     /// The program's only runs were stopped by an earlier call and are finishing.
     EALREADY,
+    /// The program runs only where no interrupt can reach it now (started with
+    /// interrupts off: NMI, hardirq, int3 kprobe); nothing was stopped.
+    EBUSY,
+    /// A run was entering or leaving the program on each of the kernel's tries (between
+    /// its running marker and its first or after its last instruction); nothing was stopped.
+    EAGAIN,
     EINVAL,
     EPERM,
     EOPNOTSUPP,
 }
 
 impl Errno {
-    pub const ALL: [Errno; 6] = [
+    pub const ALL: [Errno; 8] = [
         Errno::ENOENT,
         Errno::ESRCH,
         Errno::EALREADY,
+        Errno::EBUSY,
+        Errno::EAGAIN,
         Errno::EINVAL,
         Errno::EPERM,
         Errno::EOPNOTSUPP,
@@ -691,6 +703,8 @@ impl Errno {
             Errno::ENOENT => libc::ENOENT,
             Errno::ESRCH => libc::ESRCH,
             Errno::EALREADY => libc::EALREADY,
+            Errno::EBUSY => libc::EBUSY,
+            Errno::EAGAIN => libc::EAGAIN,
             Errno::EINVAL => libc::EINVAL,
             Errno::EPERM => libc::EPERM,
             Errno::EOPNOTSUPP => libc::EOPNOTSUPP,
@@ -702,6 +716,8 @@ impl Errno {
             Errno::ENOENT => "ENOENT",
             Errno::ESRCH => "ESRCH",
             Errno::EALREADY => "EALREADY",
+            Errno::EBUSY => "EBUSY",
+            Errno::EAGAIN => "EAGAIN",
             Errno::EINVAL => "EINVAL",
             Errno::EPERM => "EPERM",
             Errno::EOPNOTSUPP => "EOPNOTSUPP",
@@ -879,7 +895,8 @@ impl From<Argv> for Vec<String> {
     }
 }
 
-/// A sysctl name in dotted form (`kernel.bpf_termination_demo_delay_ms`).
+/// A sysctl name in dotted form (`kernel.bpf_termination_demo_delay_ms`,
+/// `debug.kprobes-optimization`): lowercase letters, digits, `_` and `-`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct SysctlName(String);
@@ -896,7 +913,9 @@ impl TryFrom<String> for SysctlName {
     fn try_from(text: String) -> Result<Self, String> {
         let parts_ok = text.split('.').all(|p| {
             !p.is_empty()
-                && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                && !p.starts_with('-')
+                && p.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c))
         });
         if parts_ok && text.contains('.') {
             Ok(SysctlName(text))
@@ -933,6 +952,22 @@ impl fmt::Display for SysctlValue {
         match self {
             SysctlValue::Integer(n) => write!(f, "{n}"),
             SysctlValue::Text(s) => f.write_str(s),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sysctl_names_are_dotted_lowercase_words_with_dashes_allowed() {
+        for good in ["kernel.bpf_termination_demo_delay_ms", "debug.kprobes-optimization", "a.b2"] {
+            let name = SysctlName::try_from(good.to_owned()).expect(good);
+            assert_eq!(name.proc_path(), format!("/proc/sys/{}", good.replace('.', "/")));
+        }
+        for bad in ["kernel", "Kernel.x", "kernel..x", "kernel.-x", "../etc.x", "kernel.x/y", ""] {
+            assert!(SysctlName::try_from(bad.to_owned()).is_err(), "{bad} accepted");
         }
     }
 }

@@ -1,0 +1,45 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Packet programs (XDP, tc and cgroup_skb) for the full guest kernel, run on a packet through
+ * BPF_PROG_TEST_RUN (the guest has no network to carry one). Each run calls the slow
+ * helper (kernel.bpf_termination_demo_delay_ms), then decides its verdict from a helper
+ * that cannot fail, bpf_ktime_get_ns(): the original passes the packet; in the
+ * termination copy that call is a stub returning -1, and the program drops it. A
+ * terminated run's verdict is what the copy computes: this program chose drop.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+
+#define TC_ACT_OK 0
+#define TC_ACT_SHOT 2
+
+__u64 runs;
+
+static __always_inline int passes_after_slow_helper(const char *where)
+{
+	runs++;
+	bpf_printk("%s: in the slow helper", where);
+	bpf_get_numa_node_id();
+	return bpf_ktime_get_ns() != (__u64)-1;
+}
+
+SEC("xdp")
+int xdp_slow(struct xdp_md *ctx)
+{
+	return passes_after_slow_helper("xdp_slow") ? XDP_PASS : XDP_DROP;
+}
+
+SEC("tc")
+int tc_slow(struct __sk_buff *skb)
+{
+	return passes_after_slow_helper("tc_slow") ? TC_ACT_OK : TC_ACT_SHOT;
+}
+
+/* 1 lets the packet through the cgroup, 0 drops it. */
+SEC("cgroup_skb/ingress")
+int cgroup_slow(struct __sk_buff *skb)
+{
+	return passes_after_slow_helper("cgroup_slow");
+}
+
+char LICENSE[] SEC("license") = "GPL";
