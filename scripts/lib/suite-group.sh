@@ -69,39 +69,58 @@ end_current_group_and_exit() {
         sleep 5
         end_group "$current_group" || true
     fi
-    [[ -z "${suite_output:-}" ]] || rm -f "$suite_output"
     exit 130
 }
 
-# The output file of the suite running under run_with_one_retry (removed on Ctrl-C too).
-suite_output=""
+# run_in_group with the suite's stdout and stderr both on stdout and appended to log_file (the
+# tee runs in the suite's group, so the file is complete when the group has ended).
+run_logged() { # log_file limit_s command...
+    local log="$1" limit="$2"
+    shift 2
+    run_in_group "$limit" bash -c 'set -o pipefail; "$@" 2>&1 | tee -a "$0"' "$log" "$@"
+}
+
+# The lines of a suite's log that say why it failed, for the end of a long CI log (where a CI
+# system's excerpt shows them): the last 15 lines that name a failure, then the last 5 lines.
+failure_digest() { # log_file
+    grep -E 'FAIL|not ok|panicked at|[Ee]rror[:(]|timed out|: failed|failed inside' "$1" |
+        grep -vE '(^| )0 failed|^ok ' | tail -n 15 | sed 's/^/    /'
+    echo "    ..."
+    tail -n 5 "$1" | sed 's/^/    /'
+}
 
 # What the nested launcher prints when the L1 VM ended under the command (an L1 kernel crash
 # in QEMU TCG's SVM emulation), or when it killed an L1 whose CPU stopped giving signs of
 # life: the emulated host failed, not the code under test.
 readonly L1_CRASHED="the L1 VM ended without running the command"
 readonly L1_STALLED="the L1 VM stalled and was killed"
+# What termlab prints when a guest's vCPU triple-faulted, and what the nested launcher prints
+# when it runs the command inside L1. Nested guests (L2, on L1's KVM on QEMU TCG's emulated
+# SVM) triple-fault now and then without a console message, twice during boot before any BPF
+# program existed (the record is in README's open problems); no guest on a real KVM has been
+# watched long enough to say it does not happen there. Counted as the emulated host failing,
+# once per suite.
+readonly L2_TRIPLE_FAULT="a vCPU triple-faulted"
+readonly NESTED_RUN="re-running inside an L1 VM"
 
-# run_in_group "$@", once more if the first try timed out (124) or failed with the nested
-# launcher saying the L1 VM crashed or stalled under it; says so on stderr. The output goes to
-# stdout and, for that check, to a temporary file (the tee runs in the suite's group, so the
-# file is complete when the group has ended). Status: the last try's.
-run_with_one_retry() { # name limit_s command...
-    local name="$1" limit="$2" rc=0 retry=""
-    shift 2
-    suite_output="$(mktemp /tmp/termlab-suite.XXXXXX)"
-    run_in_group "$limit" bash -c 'set -o pipefail; "$@" 2>&1 | tee "$0"' "$suite_output" "$@" || rc=$?
+# run_logged, once more if the first try timed out (124) or failed with the nested launcher
+# saying the L1 VM crashed or stalled under it, or with a nested guest's triple fault; says
+# so on stderr and in the log, which holds both tries. Status: the last try's.
+run_with_one_retry() { # name limit_s log_file command...
+    local name="$1" limit="$2" log="$3" rc=0 retry=""
+    shift 3
+    run_logged "$log" "$limit" "$@" || rc=$?
     if ((rc == 124)); then
         retry="timed out (a hung nested L1 VM?); its processes were ended"
-    elif ((rc != 0)) && grep -qF -e "$L1_CRASHED" -e "$L1_STALLED" "$suite_output"; then
+    elif ((rc != 0)) && grep -qF -e "$L1_CRASHED" -e "$L1_STALLED" "$log"; then
         retry="the nested L1 VM crashed or stalled under it (infrastructure; its console is above)"
+    elif ((rc != 0)) && grep -qF "$L2_TRIPLE_FAULT" "$log" && grep -qF "$NESTED_RUN" "$log"; then
+        retry="a nested guest's vCPU triple-faulted (no console message; counted as the emulated host, see README)"
     fi
-    rm -f "$suite_output"
-    suite_output=""
     if [[ -n "$retry" ]]; then
-        echo "[test] suite $name: $retry; trying once more" >&2
+        echo "[test] suite $name: $retry; trying once more" | tee -a "$log" >&2
         rc=0
-        run_in_group "$limit" "$@" || rc=$?
+        run_logged "$log" "$limit" "$@" || rc=$?
     fi
     return "$rc"
 }
