@@ -131,8 +131,7 @@ pub struct StackWords {
 }
 
 /// Judges one CPU's snapshots; see the module documentation for the rules.
-/// `symbolize` names addresses in the problems it reports.
-/// `symbolize` names code addresses (`None` for data); problems and rows use it.
+/// `symbol` names code addresses (`None` for data); problems and rows use it.
 pub fn verify(
     before: &StackSnapshot,
     after: &StackSnapshot,
@@ -141,85 +140,157 @@ pub fn verify(
     same_code: &dyn Fn(usize, usize) -> bool,
     symbol: &dyn Fn(u64) -> Option<String>,
 ) -> StackVerdict {
-    let symbolize = |addr: u64| match symbol(addr) {
-        Some(name) => format!("{addr:#x} ({name})"),
-        None => format!("{addr:#x}"),
-    };
-    let mut problems = Vec::new();
-    let shape = |snapshot: &StackSnapshot| -> Vec<String> {
-        snapshot.stacks.iter().map(|s| format!("sp {:#x}, {} words", s.sp, s.words.len())).collect()
-    };
-    if shape(before) != shape(after) {
-        problems.push(format!(
-            "the interrupted stack moved between the snapshots ({} -> {})",
-            shape(before).join(" + "),
-            shape(after).join(" + ")
-        ));
-    }
-    let classify = |addr| map.classify(addr, kernel_text);
-    let ip_class = classify(before.ip);
-    let case = if ip_class.is_original() { 2 } else { 1 };
-    let ip_predicted = ip_class.is_original().then(|| map.predict(before.ip, same_code)).flatten();
-    match (case, ip_predicted) {
-        (2, Some(predicted)) if after.ip != predicted => problems.push(format!(
-            "saved IP {} became {}, not the predicted {}",
-            symbolize(before.ip),
-            symbolize(after.ip),
-            symbolize(predicted)
-        )),
-        (2, None) => problems
-            .push(format!("saved IP {} has no equivalent in the copy", symbolize(before.ip))),
-        (1, _) if after.ip != before.ip => problems.push(format!(
-            "case 1: saved IP changed from {} to {}",
-            symbolize(before.ip),
-            symbolize(after.ip)
-        )),
-        _ => {}
-    }
-
-    let mut rows = Vec::new();
+    let mut judge = Judge { map, kernel_text, same_code, symbol, problems: Vec::new() };
+    judge.check_shape(before, after);
+    let ip_class = judge.classify(before.ip);
+    let ip_predicted = judge.check_ip(before.ip, after.ip, ip_class);
     let (mut original_before, mut original_after, mut rewritten) = (0, 0, 0);
-    let words = before.stacks.iter().zip(&after.stacks).flat_map(|(b, a)| {
+    let mut rows = Vec::new();
+    for (addr, old, new) in word_pairs(before, after) {
+        let (before_class, after_class, row) = judge.judge_word(addr, old, new);
+        original_before += usize::from(before_class.is_original());
+        original_after += usize::from(after_class.is_original());
+        rewritten += usize::from(old != new);
+        rows.extend(row);
+    }
+    if original_before == 0 && !ip_class.is_original() {
+        judge.problems.push("before the handler neither the saved IP nor any stack word pointed into the program: the rewrite was not exercised".to_owned());
+    }
+    StackVerdict {
+        case: if ip_class.is_original() { 2 } else { 1 },
+        ip_before: before.ip,
+        ip_after: after.ip,
+        ip_predicted,
+        original_before,
+        original_after,
+        rewritten,
+        rows,
+        problems: judge.problems,
+    }
+}
+
+/// `(slot address, word before, word after)` for every word of the snapshots' stacks.
+fn word_pairs<'a>(
+    before: &'a StackSnapshot,
+    after: &'a StackSnapshot,
+) -> impl Iterator<Item = (u64, u64, u64)> + 'a {
+    before.stacks.iter().zip(&after.stacks).flat_map(|(b, a)| {
         b.words
             .iter()
             .zip(&a.words)
             .enumerate()
             .map(|(i, (&old, &new))| (b.sp + 8 * i as u64, old, new))
-    });
-    for (addr, old, new) in words {
-        let (before_class, after_class) = (classify(old), classify(new));
-        let predicted = before_class.is_original().then(|| map.predict(old, same_code)).flatten();
-        original_before += usize::from(before_class.is_original());
-        original_after += usize::from(after_class.is_original());
+    })
+}
+
+/// What [`verify`] judges against, and the problems it has found so far.
+struct Judge<'a> {
+    map: &'a TermMap,
+    kernel_text: &'a Range<u64>,
+    same_code: &'a dyn Fn(usize, usize) -> bool,
+    symbol: &'a dyn Fn(u64) -> Option<String>,
+    problems: Vec<String>,
+}
+
+impl Judge<'_> {
+    fn classify(&self, addr: u64) -> AddrClass {
+        self.map.classify(addr, self.kernel_text)
+    }
+
+    /// The copy address an original-image address must become (`None` for any other address).
+    fn predict(&self, addr: u64, class: AddrClass) -> Option<u64> {
+        class.is_original().then(|| self.map.predict(addr, self.same_code)).flatten()
+    }
+
+    fn symbolize(&self, addr: u64) -> String {
+        match (self.symbol)(addr) {
+            Some(name) => format!("{addr:#x} ({name})"),
+            None => format!("{addr:#x}"),
+        }
+    }
+
+    /// Both snapshots must cover the same stacks: the handler rewrites words, it does not
+    /// move the interrupted stack.
+    fn check_shape(&mut self, before: &StackSnapshot, after: &StackSnapshot) {
+        let shape = |snapshot: &StackSnapshot| -> Vec<String> {
+            snapshot
+                .stacks
+                .iter()
+                .map(|s| format!("sp {:#x}, {} words", s.sp, s.words.len()))
+                .collect()
+        };
+        if shape(before) != shape(after) {
+            self.problems.push(format!(
+                "the interrupted stack moved between the snapshots ({} -> {})",
+                shape(before).join(" + "),
+                shape(after).join(" + ")
+            ));
+        }
+    }
+
+    /// Case 2 (IP in the program): the IP moved to its predicted copy address. Case 1: it
+    /// stayed. Returns the prediction.
+    fn check_ip(&mut self, before: u64, after: u64, class: AddrClass) -> Option<u64> {
+        let predicted = self.predict(before, class);
+        let problem = match (class.is_original(), predicted) {
+            (true, Some(p)) if after != p => Some(format!(
+                "saved IP {} became {}, not the predicted {}",
+                self.symbolize(before),
+                self.symbolize(after),
+                self.symbolize(p)
+            )),
+            (true, None) => {
+                Some(format!("saved IP {} has no equivalent in the copy", self.symbolize(before)))
+            }
+            (false, _) if after != before => Some(format!(
+                "case 1: saved IP changed from {} to {}",
+                self.symbolize(before),
+                self.symbolize(after)
+            )),
+            _ => None,
+        };
+        self.problems.extend(problem);
+        predicted
+    }
+
+    /// One stack slot: a changed word must have pointed into the program and become its
+    /// predicted copy address, and no word may point into the program afterwards. Returns
+    /// the word's classes before and after, and its row for the report unless it is data
+    /// that did not change.
+    fn judge_word(
+        &mut self,
+        addr: u64,
+        old: u64,
+        new: u64,
+    ) -> (AddrClass, AddrClass, Option<WordRow>) {
+        let (before_class, after_class) = (self.classify(old), self.classify(new));
+        let predicted = self.predict(old, before_class);
         if old != new {
-            rewritten += 1;
             match predicted {
-                _ if !before_class.is_original() => problems.push(format!(
+                _ if !before_class.is_original() => self.problems.push(format!(
                     "slot {addr:#x} changed but did not point into the program: {} -> {}",
-                    symbolize(old),
-                    symbolize(new)
+                    self.symbolize(old),
+                    self.symbolize(new)
                 )),
-                Some(p) if p != new => problems.push(format!(
+                Some(p) if p != new => self.problems.push(format!(
                     "slot {addr:#x}: {} became {}, not the predicted {}",
-                    symbolize(old),
-                    symbolize(new),
-                    symbolize(p)
+                    self.symbolize(old),
+                    self.symbolize(new),
+                    self.symbolize(p)
                 )),
                 _ => {}
             }
         }
         if after_class.is_original() {
-            problems.push(format!(
+            self.problems.push(format!(
                 "slot {addr:#x} still points into the original program after the handler: {}",
-                symbolize(new)
+                self.symbolize(new)
             ));
         }
-        if old != new
-            || !matches!(before_class, AddrClass::Other)
-            || !matches!(after_class, AddrClass::Other)
-        {
-            let at = |value| symbol(value).unwrap_or_default();
-            rows.push(WordRow {
+        let data = |class| matches!(class, AddrClass::Other);
+        let row = (old != new || !data(before_class) || !data(after_class)).then(|| {
+            let at = |value| (self.symbol)(value).unwrap_or_default();
+            WordRow {
                 addr,
                 before: old,
                 after: new,
@@ -228,22 +299,9 @@ pub fn verify(
                 predicted,
                 before_at: at(old),
                 after_at: at(new),
-            });
-        }
-    }
-    if original_before == 0 && !ip_class.is_original() {
-        problems.push("before the handler neither the saved IP nor any stack word pointed into the program: the rewrite was not exercised".to_owned());
-    }
-    StackVerdict {
-        case,
-        ip_before: before.ip,
-        ip_after: after.ip,
-        ip_predicted,
-        original_before,
-        original_after,
-        rewritten,
-        rows,
-        problems,
+            }
+        });
+        (before_class, after_class, row)
     }
 }
 

@@ -29,7 +29,7 @@ use crate::results::{
     self, Environment, Repetition, ResultsError, RunResult, ScenarioRecord, VmInfo, VmmInfo,
     AGENT_RTT_METRIC, IPI_RTT_METRIC,
 };
-use crate::scenario::{LoadedScenario, Scenario};
+use crate::scenario::{LoadedScenario, ProgramSpec, Scenario};
 use crate::stack_proof::TermMap;
 pub use guest::{
     cmdline, console_last_lines, console_tail, describe_exit, BootSpec, Guest, CMDLINE,
@@ -542,57 +542,14 @@ fn measure(
     system_map: Option<&Path>,
     result: &mut RunResult,
 ) -> Result<(), EngineError> {
-    let (loaded, repetitions, dir) = (run.loaded, run.repetitions, run.dir);
-    let scenario = &loaded.scenario;
+    let scenario = &run.loaded.scenario;
     let dmesg_after_boot = read_dmesg(client);
-    for (name, value) in &scenario.sysctl {
-        client.write_file(&name.proc_path(), format!("{value}\n").into_bytes()).map_err(
-            |source| EngineError::Agent {
-                what: format!("setting sysctl {name} (does this kernel have it?)"),
-                source,
-            },
-        )?;
-    }
-    let mut programs = Vec::new();
-    for spec in &scenario.programs {
-        let argv = steps::loader_argv(spec);
-        let spawned = client.spawn(SpawnRequest::command(argv.clone())).map_err(|source| {
-            EngineError::Agent { what: format!("starting loader {argv:?}"), source }
-        })?;
-        let ready = client.wait_output(WaitOutputRequest {
-            handle: spawned.handle,
-            pattern: "prog_id=".into(),
-            stream: Default::default(),
-            timeout_ms: LOADER_READY_MS,
-            from_offset: 0,
-        });
-        let line = match ready {
-            Ok(found) => found.line.to_string_lossy().into_owned(),
-            Err(source) => {
-                let stderr = client
-                    .read_output(spawned.handle)
-                    .map(|o| o.stderr.data.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                return Err(EngineError::LoaderSilent {
-                    argv,
-                    source,
-                    stderr: stderr.trim().to_owned(),
-                });
-            }
-        };
-        let fields = parse_fields(&line, line.split_whitespace().next().unwrap_or_default())
-            .unwrap_or_default();
-        let prog_id = fields.get("prog_id").and_then(|id| id.parse().ok()).ok_or_else(|| {
-            EngineError::UnexpectedOutput {
-                tool: format!("loader {argv:?}"),
-                missing: "numeric prog_id".into(),
-                output: line.trim().to_owned(),
-            }
-        })?;
-        let kernel_name = fields.get("prog_name").cloned();
-        programs.push(LoadedProgram { spec, prog_id, kernel_name });
-    }
-
+    apply_sysctls(client, scenario)?;
+    let programs = scenario
+        .programs
+        .iter()
+        .map(|spec| start_loader(client, spec))
+        .collect::<Result<Vec<_>, _>>()?;
     // Each repetition reads the events back for its records (run_repetition).
     if crate::scenario::traces_terminations(scenario) {
         client.write_file(kernel_trace::ENABLE_PATH, b"1\n".to_vec()).map_err(|source| {
@@ -606,49 +563,13 @@ fn measure(
     let probe =
         if verify_stack { Some(stack_probe(client, vm, system_map, &programs)?) } else { None };
     let mut trace = TraceReader::default();
-    for index in 0..repetitions {
-        let repetition_began = Instant::now();
-        let step_done = |step: &str, took: Duration| {
-            if took >= SLOW_STEP {
-                run.progress.event(&Progress::StepSlow {
-                    scenario: &loaded.name,
-                    repetition: index + 1,
-                    of: repetitions,
-                    step,
-                    took,
-                    elapsed: run.began.elapsed(),
-                });
-            }
-        };
-        let steps = run_repetition(
-            client,
-            scenario,
-            &programs,
-            &mut trace,
-            probe.as_ref(),
-            &step_done,
-            &run.options.cancel,
-        )?;
-        let mut metrics = compute_metrics(&scenario.metrics, &steps);
-        metrics.insert(AGENT_RTT_METRIC.to_owned(), agent_round_trip(client)?);
-        if scenario.vm.vcpus.get() >= 2 {
-            metrics.insert(IPI_RTT_METRIC.to_owned(), ipi_round_trip(client, SCENARIO_IPI_SAMPLE)?);
-        }
-        result.repetitions.push(Repetition { index, steps, metrics });
-        result.summarize();
-        result.save(dir)?;
-        run.progress.event(&Progress::RepetitionDone {
-            scenario: &loaded.name,
-            number: index + 1,
-            of: repetitions,
-            took: repetition_began.elapsed(),
-            elapsed: run.began.elapsed(),
-        });
+    for index in 0..run.repetitions {
+        repeat_once(run, client, &programs, &mut trace, probe.as_ref(), index, result)?;
     }
 
     let log = match (dmesg_after_boot, read_dmesg(client)) {
         (Some(after_boot), Some(at_end)) => {
-            results::write_atomically(&dir.join(DMESG_FILE), at_end.as_bytes())?;
+            results::write_atomically(&run.dir.join(DMESG_FILE), at_end.as_bytes())?;
             Some(KernelLog { after_boot, at_end })
         }
         _ => None,
@@ -660,6 +581,107 @@ fn measure(
             &result.repetitions,
         ));
     }
+    Ok(())
+}
+
+fn apply_sysctls(client: &mut Client<UnixStream>, scenario: &Scenario) -> Result<(), EngineError> {
+    for (name, value) in &scenario.sysctl {
+        client.write_file(&name.proc_path(), format!("{value}\n").into_bytes()).map_err(
+            |source| EngineError::Agent {
+                what: format!("setting sysctl {name} (does this kernel have it?)"),
+                source,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// Starts one program's loader and waits for its `prog_id=` line: the program is loaded
+/// (and attached, unless the scenario says not to).
+fn start_loader<'s>(
+    client: &mut Client<UnixStream>,
+    spec: &'s ProgramSpec,
+) -> Result<LoadedProgram<'s>, EngineError> {
+    let argv = steps::loader_argv(spec);
+    let spawned = client.spawn(SpawnRequest::command(argv.clone())).map_err(|source| {
+        EngineError::Agent { what: format!("starting loader {argv:?}"), source }
+    })?;
+    let ready = client.wait_output(WaitOutputRequest {
+        handle: spawned.handle,
+        pattern: "prog_id=".into(),
+        stream: Default::default(),
+        timeout_ms: LOADER_READY_MS,
+        from_offset: 0,
+    });
+    let line = match ready {
+        Ok(found) => found.line.to_string_lossy().into_owned(),
+        Err(source) => {
+            let stderr = client
+                .read_output(spawned.handle)
+                .map(|o| o.stderr.data.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            return Err(EngineError::LoaderSilent {
+                argv,
+                source,
+                stderr: stderr.trim().to_owned(),
+            });
+        }
+    };
+    let fields =
+        parse_fields(&line, line.split_whitespace().next().unwrap_or_default()).unwrap_or_default();
+    let prog_id = fields.get("prog_id").and_then(|id| id.parse().ok()).ok_or_else(|| {
+        EngineError::UnexpectedOutput {
+            tool: format!("loader {argv:?}"),
+            missing: "numeric prog_id".into(),
+            output: line.trim().to_owned(),
+        }
+    })?;
+    Ok(LoadedProgram { spec, prog_id, kernel_name: fields.get("prog_name").cloned() })
+}
+
+/// Repetition `index`: its steps, its metrics with the agent's and the IPI's round trips,
+/// saved to result.json at once (a run cut off later keeps it).
+fn repeat_once(
+    run: &Run<'_>,
+    client: &mut Client<UnixStream>,
+    programs: &[LoadedProgram<'_>],
+    trace: &mut TraceReader,
+    probe: Option<&StackProbe<'_>>,
+    index: u32,
+    result: &mut RunResult,
+) -> Result<(), EngineError> {
+    let (loaded, repetitions) = (run.loaded, run.repetitions);
+    let scenario = &loaded.scenario;
+    let repetition_began = Instant::now();
+    let step_done = |step: &str, took: Duration| {
+        if took >= SLOW_STEP {
+            run.progress.event(&Progress::StepSlow {
+                scenario: &loaded.name,
+                repetition: index + 1,
+                of: repetitions,
+                step,
+                took,
+                elapsed: run.began.elapsed(),
+            });
+        }
+    };
+    let steps =
+        run_repetition(client, scenario, programs, trace, probe, &step_done, &run.options.cancel)?;
+    let mut metrics = compute_metrics(&scenario.metrics, &steps);
+    metrics.insert(AGENT_RTT_METRIC.to_owned(), agent_round_trip(client)?);
+    if scenario.vm.vcpus.get() >= 2 {
+        metrics.insert(IPI_RTT_METRIC.to_owned(), ipi_round_trip(client, SCENARIO_IPI_SAMPLE)?);
+    }
+    result.repetitions.push(Repetition { index, steps, metrics });
+    result.summarize();
+    result.save(run.dir)?;
+    run.progress.event(&Progress::RepetitionDone {
+        scenario: &loaded.name,
+        number: index + 1,
+        of: repetitions,
+        took: repetition_began.elapsed(),
+        elapsed: run.began.elapsed(),
+    });
     Ok(())
 }
 
