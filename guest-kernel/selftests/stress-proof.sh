@@ -31,6 +31,23 @@ check "KASAN and lockdep are active" \
 run_tap term_stress all --cycles "${CYCLES:-500}" --iterations "${ITERATIONS:-100}" --fuzz "${FUZZ:-2000}" \
 	--kmemleak
 
+# The stress's verdicts must be able to fail: with the fault knob the handler
+# leaves the innermost return address of each stop in the original, so the
+# kernel counts stops whose runs go on there and call their next helper. The
+# per-run check (each stopped run gives what its copy gives from where the
+# kernel says it continues) must say so; the check it replaced accepted any
+# such run, since a normal result needed no explanation.
+caught="every stopped run gave the result its copy gives from where the kernel says it continues"
+fault_run=$(term_stress stress --cycles 60 --fault-skip-rewrite 1 2>&1)
+if echo "$fault_run" | grep -q "^not ok .*$caught"; then
+	ok "the stress catches stops that leave a run in the original (fault knob skip_rewrite=1)"
+	echo "$fault_run" | grep -E "^# .* returned|$caught|not stopped gave" | sed 's/^/# fault run: /'
+else
+	not_ok "the stress catches stops that leave a run in the original (fault knob skip_rewrite=1)" \
+		"its per-run check passed:"
+	echo "$fault_run" | grep -E '^(ok|not ok) ' | sed 's/^/# /'
+fi
+
 bad=$(dmesg | grep -E 'WARNING:|BUG:|Oops|general protection|Call Trace|RIP:|KASAN:|UBSAN:|possible circular|possible recursive|inconsistent lock state|suspicious RCU|sleeping function called|new suspected memory leaks|soft lockup|hard LOCKUP|rcu.*stall|Kernel panic|without equivalent in the copy')
 if [ -z "$bad" ]; then
 	ok "no WARN/BUG/KASAN/lockdep/kmemleak report in dmesg"

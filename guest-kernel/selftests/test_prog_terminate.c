@@ -335,11 +335,13 @@ static long long event_field(const char *line, const char *key)
 /*
  * The kernel's own account (patch 0006's events) of the stop of program
  * @id's run inside its first slow helper: one CPU stopped in case 1, its
- * frames rewritten and none lost; the events in their causal order; the
- * run's return shortly after the interrupted helper's.  Returns the number
- * of frames the handler rewrote (-1: no handler event).
+ * frames rewritten and none lost, the run continuing in the copy right
+ * after that call (function @func, instruction 1: patch 0021); the events in
+ * their causal order; the run's return shortly after the interrupted
+ * helper's.  Returns the number of frames the handler rewrote (-1: no
+ * handler event).
  */
-static long long check_trace_of_stop(const char *what, uint32_t id)
+static long long check_trace_of_stop(const char *what, uint32_t id, int func)
 {
 	char request[512], handler[512], done[512], returned[512], helper[512], name[192];
 	long long t_req, t_stop, t_done, t_helper, t_ret;
@@ -355,6 +357,11 @@ static long long check_trace_of_stop(const char *what, uint32_t id)
 		 what);
 	check(event_field(handler, "case") == 1 && event_field(handler, "lost") == 0 &&
 	      event_field(handler, "frames") >= 1, name, "%s", handler);
+	snprintf(name, sizeof(name),
+		 "%s: trace: the run continues in the copy after the interrupted call (func=%d insn=1)",
+		 what, func);
+	check(event_field(handler, "func") == func && event_field(handler, "insn") == 1, name, "%s",
+	      handler);
 	snprintf(name, sizeof(name), "%s: trace: the request returned 1 (CPUs stopped)", what);
 	check(event_field(done, "ret") == 1, name, "%s", done);
 
@@ -411,8 +418,12 @@ static void test_sysctl_defaults(void)
 	}
 }
 
-/* Returns the frames the stop rewrote, as traced (-1: not traced). */
-static long long test_case1(const char *what, const struct bpf_insn *insns, size_t cnt)
+/*
+ * A stop inside the first of two slow helper calls, which function @func of
+ * the program makes as its instruction 0.  Returns the frames the stop
+ * rewrote, as traced (-1: not traced).
+ */
+static long long test_case1(const char *what, const struct bpf_insn *insns, size_t cnt, int func)
 {
 	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, insns, cnt, "term_case1", 0);
 	uint32_t id = prog_id(fd);
@@ -441,7 +452,7 @@ static long long test_case1(const char *what, const struct bpf_insn *insns, size
 	check(ms(run.end_ns - run.start_ns) < 1.5 * DELAY_MS, name,
 	      "run %.0f ms, terminate->return %.3f ms", ms(run.end_ns - run.start_ns),
 	      ms(run.end_ns - term_ns));
-	frames = check_trace_of_stop(what, id);
+	frames = check_trace_of_stop(what, id, func);
 	get_term_info(fd, &info);
 	snprintf(name, sizeof(name), "%s: prog info counts one run terminated on demand", what);
 	check(info.nr_terminated_on_demand == 1 && info.nr_terminated_budget == 0 &&
@@ -1323,13 +1334,13 @@ int main(int argc, char **argv)
 	test_refused_constructs();
 	test_kallsyms();
 	test_prog_info();
-	frames = test_case1("case 1", two_slow_helpers, 5);
+	frames = test_case1("case 1", two_slow_helpers, 5, 0);
 	test_skip_rewrite(two_slow_helpers, 5, frames);
 	test_terminate_twice();
 	test_run_start_window();
 	test_irqs_off_run();
 	test_case1("subprog", subprog_slow_helpers,
-		   sizeof(subprog_slow_helpers) / sizeof(subprog_slow_helpers[0]));
+		   sizeof(subprog_slow_helpers) / sizeof(subprog_slow_helpers[0]), 2);
 	test_case2("case 2 (may_goto loops, 2 frames)", bpf_text_loop,
 		   sizeof(bpf_text_loop) / sizeof(bpf_text_loop[0]), NULL, 0, CASE2_CALLS + 1);
 	test_case2("case 2 (bpf_loop in BPF text)", bpf_loop_text,

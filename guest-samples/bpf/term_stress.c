@@ -6,7 +6,10 @@
  * two CPUs, or two terminates, at the same time), the series' sysctl
  * kernel.bpf_termination_demo_delay_ms and tracefs.
  *
- *   term_stress stress --cycles N [--delay-ms D]
+ *   term_stress stress --cycles N [--delay-ms D] [--fault-skip-rewrite N]
+ *                    (N: the fault knob kernel.bpf_termination_fault_skip_rewrite
+ *                    during the stress, to show that its checks catch stops
+ *                    that leave a run in the original)
  *   term_stress races --iterations N [--race-delay-ms D]
  *   term_stress fuzz-attr --iterations N [--unpriv]
  *   term_stress all --cycles N --iterations N --fuzz N [--kmemleak]
@@ -470,6 +473,20 @@ struct trace_counts {
 	long stops, case1, case2, max_frames, lost, returns;
 };
 
+/*
+ * One CPU stopped by BPF_PROG_TERMINATE, as its bpf_prog_terminate event
+ * says: when (CLOCK_MONOTONIC, like the runs' own stamps), and where the run
+ * continues in the copy (function, BPF instruction; -1 when unknown).
+ */
+struct stop_rec {
+	uint64_t ts;
+	uint32_t id;
+	int cpu, func, insn;
+};
+
+static struct stop_rec *stop_recs;
+static size_t stop_n, stop_cap;
+
 static int trace_fd = -1;
 static char trace_partial[4096];
 static size_t trace_partial_len;
@@ -489,6 +506,40 @@ static void trace_start(void)
 	trace_partial_len = 0;
 	trace_nids = 0;
 	memset(trace_by, 0, sizeof(trace_by));
+	stop_n = 0;
+}
+
+/* "[003]": the CPU an event happened on, from the trace line before @event. */
+static int trace_cpu(const char *line, const char *event)
+{
+	const char *open = strstr(line, " [");
+	int cpu;
+
+	if (!open || open > event || sscanf(open, " [%d]", &cpu) != 1)
+		return -1;
+	return cpu;
+}
+
+static void keep_stop(const char *line, const char *event, uint32_t id)
+{
+	const char *ts = strstr(event, " ts_ns="), *func = strstr(event, " func="), *insn = strstr(event, " insn=");
+	struct stop_rec rec = { .id = id, .cpu = trace_cpu(line, event), .func = -1, .insn = -1 };
+	unsigned long long t;
+
+	if (!ts || sscanf(ts, " ts_ns=%llu", &t) != 1)
+		return;
+	rec.ts = t;
+	if (func)
+		sscanf(func, " func=%d", &rec.func);
+	if (insn)
+		sscanf(insn, " insn=%d", &rec.insn);
+	if (stop_n == stop_cap) {
+		stop_cap = stop_cap ? 2 * stop_cap : 1024;
+		stop_recs = realloc(stop_recs, stop_cap * sizeof(*stop_recs));
+		if (!stop_recs)
+			die("realloc");
+	}
+	stop_recs[stop_n++] = rec;
 }
 
 static struct trace_counts *trace_slot(uint32_t id)
@@ -519,6 +570,7 @@ static void trace_line(const char *line)
 		if (frames > t->max_frames)
 			t->max_frames = frames;
 		t->lost += lost;
+		keep_stop(line, p, id);
 	} else if ((p = strstr(line, "bpf_prog_terminated_return: ")) &&
 		   sscanf(p, "bpf_prog_terminated_return: prog_id=%u", &id) == 1) {
 		trace_slot(id)->returns++;
@@ -585,6 +637,9 @@ struct run_rec {
 	uint32_t ret;
 	uint8_t kind;
 	uint8_t err;
+	uint8_t stops;		/* bpf_prog_terminate events in the run, on its CPU */
+	int8_t func;		/* where the kernel says the stopped run continues */
+	int16_t insn;
 };
 
 struct term_rec {
@@ -637,37 +692,146 @@ static int cmp_u64(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
-static int cmp_term(const void *a, const void *b)
+/* The stress program a traced stop belongs to, or -1. */
+static int stop_kind(const struct stop_rec *stop)
 {
-	const struct term_rec *x = a, *y = b;
-
-	return x->call < y->call ? -1 : x->call > y->call;
+	for (int k = 0; k < NPROGS; k++)
+		if (progs[k].id == stop->id)
+			return k;
+	return -1;
 }
 
 /*
- * Did a terminate call of the run's program that stopped a CPU overlap the
- * run?  @terms is sorted by call time; calls come one after the other.
+ * The run of @kind on runner @r during which @stop happened, or NULL.  A
+ * runner's runs follow one another on its CPU, so at most one contains it.
  */
-static bool overlapping_stop(const struct term_rec *terms, unsigned long n, const struct run_rec *r)
+static struct run_rec *run_at(struct runner_state *r, int kind, uint64_t ts)
 {
-	unsigned long lo = 0, hi = n;
+	size_t lo = 0, hi = r->n;
 
-	/* First call made after the run ended. */
+	/* First run that started after ts; the one before it is the candidate. */
 	while (lo < hi) {
-		unsigned long mid = (lo + hi) / 2;
+		size_t mid = (lo + hi) / 2;
 
-		if (terms[mid].call <= r->end)
+		if (r->runs[mid].start <= ts)
 			lo = mid + 1;
 		else
 			hi = mid;
 	}
-	while (lo-- > 0 && terms[lo].back >= r->start)
-		if (terms[lo].kind == r->kind && terms[lo].ret > 0)
-			return true;
-	return false;
+	if (!lo || r->runs[lo - 1].end < ts || r->runs[lo - 1].kind != kind)
+		return NULL;
+	return &r->runs[lo - 1];
 }
 
-static void do_stress(unsigned long cycles, unsigned int delay_ms)
+/*
+ * The results a run of @kind can give when it continues in the termination
+ * copy (helpers return -1, may_goto leaves its loop) from instruction @insn
+ * of function @func, where the kernel's trace event says it continues:
+ * [*lo, *hi].  Not an allowance for "stopped somewhere": each position has
+ * its own prediction.
+ *
+ * ts_helper (functions main, f1, f2; f2 calls the slow helper at 0 and 2):
+ * each real helper returns 0, each stubbed one -1, so the result is 100
+ * minus the helper calls still ahead of the position.
+ * ts_text (main, f): entering f, or at its may_goto, this call of f ends
+ * below K and later calls count nothing: below 3K; before main's first call,
+ * 0.  Elsewhere the loop counter's value decides: at most 3K.
+ * ts_short: the helper's result is overwritten, 7 whatever happens.
+ */
+static void copy_results(int kind, int func, int insn, uint64_t *lo, uint64_t *hi)
+{
+	*lo = 0;
+	switch (kind) {
+	case P_HELPER: {
+		int ahead = func == 2 ? (insn == 0 ? 2 : insn <= 2 ? 1 : 0) : insn == 0 ? 2 : 0;
+
+		*lo = *hi = HELPER_NORMAL - ahead;
+		return;
+	}
+	case P_TEXT:
+		if (func == 1 && insn <= 1)
+			*hi = 3 * TEXT_K - 1;
+		else if (func == 0 && insn <= 2)
+			*hi = 0;
+		else
+			*hi = 3 * TEXT_K;
+		return;
+	default:
+		*lo = *hi = SHORT_NORMAL;
+	}
+}
+
+/* What the stress's stops did to its runs, judged run by run. */
+struct stop_verdict {
+	long matched, unmatched, twice, predicted_exactly, mismatched, unexplained;
+};
+
+/*
+ * Maps every traced stop to the run it landed in (its CPU, its time) and
+ * judges each run: a stopped run gives what its copy gives from where the
+ * kernel says it continues; a run without a stop gives its normal result.
+ * The first problem of each kind is printed.
+ */
+static struct stop_verdict judge_stops(struct runner_state *runners, int nrunners)
+{
+	struct stop_verdict v = {};
+
+	for (size_t i = 0; i < stop_n; i++) {
+		const struct stop_rec *stop = &stop_recs[i];
+		int kind = stop_kind(stop);
+		struct run_rec *run = NULL;
+
+		if (kind < 0)
+			continue;
+		if (stop->cpu >= 0 && stop->cpu < nrunners)
+			run = run_at(&runners[stop->cpu], kind, stop->ts);
+		if (!run) {
+			if (!v.unmatched++)
+				printf("# stop of %s on CPU %d at %llu ns: no run of it there then\n",
+				       prog_names[kind], stop->cpu, (unsigned long long)stop->ts);
+			continue;
+		}
+		v.matched++;
+		if (run->stops++) {
+			if (!v.twice++)
+				printf("# a run of %s on CPU %d was stopped twice\n", prog_names[kind], stop->cpu);
+		}
+		run->func = stop->func;
+		run->insn = stop->insn;
+	}
+	for (int i = 0; i < nrunners; i++) {
+		for (size_t j = 0; j < runners[i].n; j++) {
+			const struct run_rec *r = &runners[i].runs[j];
+			uint64_t lo, hi;
+
+			if (r->err)
+				continue;
+			if (!r->stops) {
+				if (r->ret != progs[r->kind].normal && !v.unexplained++)
+					printf("# unexplained: %s returned %u (normal %llu) on CPU %d, not stopped\n",
+					       prog_names[r->kind], r->ret, (unsigned long long)progs[r->kind].normal,
+					       runners[i].cpu);
+				continue;
+			}
+			if (r->func < 0 || r->insn < 0) {
+				/* A kernel whose event does not say where the run continues. */
+				if (!v.mismatched++)
+					printf("# a stop of %s without func= and insn= in its trace event\n",
+					       prog_names[r->kind]);
+				continue;
+			}
+			copy_results(r->kind, r->func, r->insn, &lo, &hi);
+			v.predicted_exactly += lo == hi;
+			if ((r->ret < lo || r->ret > hi) && !v.mismatched++)
+				printf("# %s stopped to continue at function %d instruction %d returned %u, not %llu..%llu\n",
+				       prog_names[r->kind], r->func, r->insn, r->ret, (unsigned long long)lo,
+				       (unsigned long long)hi);
+		}
+	}
+	return v;
+}
+
+static void do_stress(unsigned long cycles, unsigned int delay_ms, unsigned int skip_rewrite)
 {
 	struct runner_state runners[MAX_CPUS] = {};
 	struct term_rec *terms = calloc(cycles, sizeof(*terms));
@@ -675,7 +839,8 @@ static void do_stress(unsigned long cycles, unsigned int delay_ms)
 	struct kstate base = kstate_now();
 	long stopped = 0, esrch = 0, already = 0, again = 0, bad_ret = 0, first_bad = 0;
 	bool stopped_before[NPROGS] = {};
-	long runs = 0, run_errors = 0, abnormal = 0, invalid = 0, unexplained = 0, per_kind_stops[NPROGS] = {};
+	long runs = 0, run_errors = 0, abnormal = 0, invalid = 0, per_kind_stops[NPROGS] = {};
+	struct stop_verdict verdict;
 	long trace_stops = 0, trace_returns = 0, trace_lost = 0, case1 = 0, case2 = 0, max_frames = 0;
 	long overrun_before = trace_overruns();
 	uint64_t t0 = now_ns();
@@ -710,6 +875,8 @@ static void do_stress(unsigned long cycles, unsigned int delay_ms)
 	}
 
 	trace_start();
+	if (skip_rewrite)
+		write_sysctl(FAULT_SKIP_REWRITE_SYSCTL, skip_rewrite);
 	stop_runners = false;
 	for (int i = 0; i < nrunners; i++) {
 		runners[i].cpu = i;
@@ -753,6 +920,8 @@ static void do_stress(unsigned long cycles, unsigned int delay_ms)
 	for (int i = 0; i < nrunners; i++)
 		pthread_join(runners[i].thread, NULL);
 	trace_stop();
+	if (skip_rewrite)
+		write_sysctl(FAULT_SKIP_REWRITE_SYSCTL, 0);
 	write_sysctl(DEMO_DELAY_SYSCTL, old_delay);
 
 	for (int k = 0; k < NPROGS; k++) {
@@ -767,15 +936,10 @@ static void do_stress(unsigned long cycles, unsigned int delay_ms)
 			max_frames = t->max_frames;
 	}
 
-	/*
-	 * Every run: no error, a possible result, and a result other than the
-	 * normal one only if a terminate call that stopped a CPU overlapped it.
-	 */
-	qsort(terms, cycles, sizeof(*terms), cmp_term);
+	/* Every run: no error, a possible result; then what the stops did to them. */
 	for (int i = 0; i < nrunners; i++) {
 		for (size_t j = 0; j < runners[i].n; j++) {
 			struct run_rec *r = &runners[i].runs[j];
-			bool explained = false;
 
 			runs++;
 			if (r->err) {
@@ -787,16 +951,12 @@ static void do_stress(unsigned long cycles, unsigned int delay_ms)
 					printf("# invalid result: %s returned %u\n", prog_names[r->kind], r->ret);
 				continue;
 			}
-			if (r->ret == progs[r->kind].normal)
-				continue;
-			abnormal++;
-			explained = overlapping_stop(terms, cycles, r);
-			if (!explained && !unexplained++)
-				printf("# unexplained: %s returned %u (normal %llu) on CPU %d, no successful terminate during the run\n",
-				       prog_names[r->kind], r->ret, (unsigned long long)progs[r->kind].normal, runners[i].cpu);
+			abnormal += r->ret != progs[r->kind].normal;
 		}
-		free(runners[i].runs);
 	}
+	verdict = judge_stops(runners, nrunners);
+	for (int i = 0; i < nrunners; i++)
+		free(runners[i].runs);
 
 	{
 		/* How long a successful terminate call took (IPIs sent and handled). */
@@ -818,9 +978,17 @@ static void do_stress(unsigned long cycles, unsigned int delay_ms)
 	      stopped, esrch, again, already, bad_ret, first_bad);
 	check(run_errors == 0 && invalid == 0, "stress: every run succeeded with a possible result",
 	      "%ld runs, %ld test-run errors, %ld impossible results", runs, run_errors, invalid);
-	check(unexplained == 0, "stress: every run that was not terminated gave its normal result",
-	      "%ld runs, %ld with a terminated result, %ld of them without an overlapping successful terminate",
-	      runs, abnormal, unexplained);
+	check(verdict.unmatched == 0 && verdict.twice == 0,
+	      "stress: every stop the kernel traced landed in a run of that program on that CPU, each run stopped at most once",
+	      "%ld stops in runs, %ld outside any run, %ld runs stopped twice", verdict.matched, verdict.unmatched,
+	      verdict.twice);
+	check(verdict.mismatched == 0,
+	      "stress: every stopped run gave the result its copy gives from where the kernel says it continues",
+	      "%ld stopped runs (%ld with one exact result predicted), %ld gave another result", verdict.matched,
+	      verdict.predicted_exactly, verdict.mismatched);
+	check(verdict.unexplained == 0, "stress: every run that was not stopped gave its normal result",
+	      "%ld runs, %ld with a terminated result, %ld of them not stopped", runs, abnormal,
+	      verdict.unexplained);
 	check(trace_stops == stopped || trace_overruns() != overrun_before,
 	      "stress: the kernel traced one bpf_prog_terminate per stopped CPU",
 	      "%ld traced, %ld returned by the calls, trace overruns %ld", trace_stops, stopped,
@@ -1684,7 +1852,7 @@ static void kmemleak_end(void)
 static int usage(void)
 {
 	fprintf(stderr,
-		"usage: term_stress stress --cycles N [--delay-ms D]\n"
+		"usage: term_stress stress --cycles N [--delay-ms D] [--fault-skip-rewrite N]\n"
 		"       term_stress races --iterations N [--race-delay-ms D]\n"
 		"       term_stress fuzz-attr --iterations N [--unpriv]\n"
 		"       term_stress all [--cycles N] [--iterations N] [--fuzz N] [--delay-ms D] [--kmemleak]\n"
@@ -1760,7 +1928,8 @@ int main(int argc, char **argv)
 	printf("# term_stress %s: %d CPUs, seed %#llx\n", mode, ncpus, (unsigned long long)rng_state);
 
 	if (!strcmp(mode, "stress")) {
-		do_stress(opt_num(argc, argv, "--cycles", 500), delay_ms);
+		do_stress(opt_num(argc, argv, "--cycles", 500), delay_ms,
+			  opt_num(argc, argv, "--fault-skip-rewrite", 0));
 	} else if (!strcmp(mode, "races")) {
 		do_races(opt_num(argc, argv, "--iterations", 100), race_delay_ms);
 	} else if (!strcmp(mode, "fuzz-attr")) {
@@ -1773,7 +1942,7 @@ int main(int argc, char **argv)
 			check(false, "kmemleak: active", "cannot scan %s (CONFIG_DEBUG_KMEMLEAK, debugfs?)", KMEMLEAK);
 			leakcheck = false;
 		}
-		do_stress(opt_num(argc, argv, "--cycles", 500), delay_ms);
+		do_stress(opt_num(argc, argv, "--cycles", 500), delay_ms, 0);
 		do_races(opt_num(argc, argv, "--iterations", 100), race_delay_ms);
 		do_fuzz(fuzz, false);
 		do_fuzz(fuzz, true);
