@@ -921,6 +921,68 @@ static void test_run_start_window(void)
 	close(fd);
 }
 
+/*
+ * A tail call jumps into its target without the running marker, so a run
+ * that a tail call started cannot be found (issue 14, point 9): a program in
+ * a prog array is refused with EOPNOTSUPP (patch 0022) instead of being
+ * called "not running" (ESRCH) while it runs.  The callee is the two slow
+ * helpers; the caller tail-calls it from a prog array.
+ */
+static void test_tail_call_target(void)
+{
+	int callee = load(BPF_PROG_TYPE_RAW_TRACEPOINT, two_slow_helpers, 5, "term_callee", 0);
+	int map_fd = raw_map_create(BPF_MAP_TYPE_PROG_ARRAY, 4, 1);
+	const struct bpf_insn caller_insns[] = {
+		LD_MAP_FD(BPF_REG_2, map_fd),
+		MOV64_IMM(BPF_REG_3, 0),
+		CALL_HELPER(BPF_FUNC_tail_call),
+		MOV64_IMM(BPF_REG_0, 42),
+		EXIT(),
+	};
+	int caller = load(BPF_PROG_TYPE_RAW_TRACEPOINT, caller_insns,
+			  sizeof(caller_insns) / sizeof(caller_insns[0]), "term_tail_caller", 0);
+	uint32_t id = prog_id(callee);
+	struct run run = { .prog_fd = caller };
+	struct termlab_prog_info info = {};
+	uint64_t term_ns;
+	int term_errno;
+	long ret;
+
+	errno = 0;
+	ret = terminate(id, 0);
+	check(ret == -1 && errno == ESRCH, "tail-call target: terminable while in no prog array (idle: ESRCH)",
+	      "%ld %s", ret, strerror(errno));
+	ret = raw_map_elem(BPF_MAP_UPDATE_ELEM, map_fd, 0, &callee);
+	check(ret == 0, "tail-call target: put in the caller's prog array", "%s",
+	      ret ? strerror(errno) : "updated");
+
+	set_delay(DELAY_MS);
+	ret = run_and_terminate(&run, id, DELAY_MS / 2, &term_ns, &term_errno);
+	check(ret == -1 && term_errno == EOPNOTSUPP,
+	      "tail-call target: terminate during a run a tail call started -> EOPNOTSUPP, not ESRCH",
+	      "returned %ld (%s)", ret, ret < 0 ? strerror(term_errno) : "ok");
+	get_term_info(callee, &info);
+	check(!run.err && run.retval == 0 && ms(run.end_ns - run.start_ns) >= 2 * DELAY_MS * 0.95 &&
+	      info.nr_terminated_on_demand == 0,
+	      "tail-call target: the run went on through both helpers, nothing counted as stopped",
+	      "retval %d (0: the callee's, both helpers), %.0f ms, %llu counted", (int)run.retval,
+	      ms(run.end_ns - run.start_ns), (unsigned long long)info.nr_terminated_on_demand);
+	set_delay(0);
+
+	errno = 0;
+	ret = terminate(id, 0);
+	check(ret == -1 && errno == EOPNOTSUPP, "tail-call target: refused while in a prog array, also idle",
+	      "%ld %s", ret, strerror(errno));
+	raw_map_elem(BPF_MAP_DELETE_ELEM, map_fd, 0, NULL);
+	errno = 0;
+	ret = terminate(id, 0);
+	check(ret == -1 && errno == ESRCH, "tail-call target: terminable again once out of every prog array",
+	      "%ld %s", ret, strerror(errno));
+	close(caller);
+	close(map_fd);
+	close(callee);
+}
+
 #define JIT_HARDEN_SYSCTL "/proc/sys/net/core/bpf_jit_harden"
 
 /*
@@ -1332,6 +1394,7 @@ int main(int argc, char **argv)
 	test_errors();
 	test_errors_while_running();
 	test_refused_constructs();
+	test_tail_call_target();
 	test_kallsyms();
 	test_prog_info();
 	frames = test_case1("case 1", two_slow_helpers, 5, 0);
