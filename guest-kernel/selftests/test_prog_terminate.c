@@ -983,6 +983,73 @@ static void test_tail_call_target(void)
 	close(callee);
 }
 
+/* Loads a raw tracepoint program with @flags and term_verdict @verdict; -1 and errno on failure. */
+static int load_with_verdict(const struct bpf_insn *insns, size_t cnt, const char *name,
+			     uint32_t flags, uint32_t verdict)
+{
+	union bpf_attr attr;
+
+	memset(&attr, 0, sizeof(attr));
+	attr.prog_type = BPF_PROG_TYPE_RAW_TRACEPOINT;
+	attr.insns = (uintptr_t)insns;
+	attr.insn_cnt = cnt;
+	attr.license = (uintptr_t)"GPL";
+	attr.prog_flags = flags;
+	strncpy(attr.prog_name, name, sizeof(attr.prog_name) - 1);
+	return termlab_bpf_prog_load_verdict(&attr, sizeof(attr), verdict);
+}
+
+/*
+ * A terminated run returns the verdict its program declared at load time
+ * (BPF_F_TERM_VERDICT, patch 0023), not what its copy computes: the two
+ * slow helpers' copy returns -1 when stopped in the first.  A declared 0
+ * must count too, and a verdict without the flag is refused.
+ */
+static void test_declared_verdict(void)
+{
+	static const uint32_t verdicts[] = { 42, 0 };
+	char name[128];
+	long fd;
+
+	errno = 0;
+	fd = load_with_verdict(two_slow_helpers, 5, "term_verdict", 0, 42);
+	check(fd == -1 && errno == EINVAL, "declared verdict: term_verdict without BPF_F_TERM_VERDICT -> EINVAL",
+	      "%ld %s", fd, strerror(errno));
+	if (fd >= 0)
+		close(fd);
+
+	set_delay(DELAY_MS);
+	for (size_t i = 0; i < sizeof(verdicts) / sizeof(verdicts[0]); i++) {
+		struct run run = {};
+		uint64_t term_ns;
+		int term_errno;
+		long ret;
+
+		fd = load_with_verdict(two_slow_helpers, 5, "term_verdict", TERMLAB_BPF_F_TERM_VERDICT,
+				       verdicts[i]);
+		snprintf(name, sizeof(name), "declared verdict %u: the program loads", verdicts[i]);
+		check(fd >= 0, name, "%s", fd < 0 ? strerror(errno) : "loaded");
+		if (fd < 0)
+			continue;
+		run.prog_fd = fd;
+		ret = run_and_terminate(&run, prog_id(fd), DELAY_MS / 2, &term_ns, &term_errno);
+		snprintf(name, sizeof(name),
+			 "declared verdict %u: the stopped run returns it (its copy computes -1), after one delay",
+			 verdicts[i]);
+		check(ret == 1 && !run.err && run.retval == verdicts[i] &&
+		      ms(run.end_ns - run.start_ns) < 1.5 * DELAY_MS, name,
+		      "terminate %ld (%s), retval %d, %.0f ms", ret, ret < 0 ? strerror(term_errno) : "ok",
+		      (int)run.retval, ms(run.end_ns - run.start_ns));
+		run_sync(&run);
+		snprintf(name, sizeof(name), "declared verdict %u: a run not stopped returns its own 0",
+			 verdicts[i]);
+		check(!run.err && run.retval == 0 && ms(run.end_ns - run.start_ns) >= 2 * DELAY_MS * 0.95,
+		      name, "retval %d, %.0f ms", (int)run.retval, ms(run.end_ns - run.start_ns));
+		close(fd);
+	}
+	set_delay(0);
+}
+
 #define JIT_HARDEN_SYSCTL "/proc/sys/net/core/bpf_jit_harden"
 
 /*
@@ -1395,6 +1462,7 @@ int main(int argc, char **argv)
 	test_errors_while_running();
 	test_refused_constructs();
 	test_tail_call_target();
+	test_declared_verdict();
 	test_kallsyms();
 	test_prog_info();
 	frames = test_case1("case 1", two_slow_helpers, 5, 0);

@@ -5,7 +5,8 @@
  * helper (kernel.bpf_termination_demo_delay_ms), then decides its verdict from a helper
  * that cannot fail, bpf_ktime_get_ns(): the original passes the packet; in the
  * termination copy that call is a stub returning -1, and the program drops it. A
- * terminated run's verdict is what the copy computes: this program chose drop.
+ * terminated XDP or tc run's verdict is what the copy computes: these programs chose drop.
+ * A cgroup program's is deny, whatever its copy computes.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -35,11 +36,16 @@ int tc_slow(struct __sk_buff *skb)
 	return passes_after_slow_helper("tc_slow") ? TC_ACT_OK : TC_ACT_SHOT;
 }
 
-/* 1 lets the packet through the cgroup, 0 drops it. */
+/*
+ * 1 lets the packet through the cgroup, 0 drops it. This one allows whatever its helpers
+ * return, so its copy computes "allow" too: a terminated run is denied only because the
+ * kernel returns 0 for a stopped cgroup program (fail closed, patch 0023).
+ */
 SEC("cgroup_skb/ingress")
-int cgroup_slow(struct __sk_buff *skb)
+int cgroup_allow_slow(struct __sk_buff *skb)
 {
-	return passes_after_slow_helper("cgroup_slow");
+	passes_after_slow_helper("cgroup_allow_slow");
+	return 1;
 }
 
 char LICENSE[] SEC("license") = "GPL";
