@@ -993,13 +993,7 @@ static int load_with_verdict(const struct bpf_insn *insns, size_t cnt, const cha
 {
 	union bpf_attr attr;
 
-	memset(&attr, 0, sizeof(attr));
-	attr.prog_type = BPF_PROG_TYPE_RAW_TRACEPOINT;
-	attr.insns = (uintptr_t)insns;
-	attr.insn_cnt = cnt;
-	attr.license = (uintptr_t)"GPL";
-	attr.prog_flags = flags;
-	strncpy(attr.prog_name, name, sizeof(attr.prog_name) - 1);
+	raw_prog_attr(&attr, BPF_PROG_TYPE_RAW_TRACEPOINT, insns, cnt, name, flags);
 	return termlab_bpf_prog_load_verdict(&attr, sizeof(attr), verdict);
 }
 

@@ -126,6 +126,20 @@ static inline int raw_btf_of_funcs(uint32_t nfuncs)
 	return fd;
 }
 
+/* BPF_PROG_LOAD's attributes for @cnt instructions of a GPL program of @type. */
+static inline void raw_prog_attr(union bpf_attr *attr, enum bpf_prog_type type,
+				 const struct bpf_insn *insns, size_t cnt, const char *name,
+				 uint32_t prog_flags)
+{
+	memset(attr, 0, sizeof(*attr));
+	attr->prog_type = type;
+	attr->insns = (uintptr_t)insns;
+	attr->insn_cnt = cnt;
+	attr->license = (uintptr_t)"GPL";
+	attr->prog_flags = prog_flags;
+	strncpy(attr->prog_name, name, sizeof(attr->prog_name) - 1);
+}
+
 /*
  * Loads @cnt instructions as a program of @type; on failure prints the
  * verifier's log and exits, since every caller needs the program.  With
@@ -141,13 +155,7 @@ static inline int raw_load_funcs(enum bpf_prog_type type, const struct bpf_insn 
 	union bpf_attr attr;
 	int fd, btf_fd = -1;
 
-	memset(&attr, 0, sizeof(attr));
-	attr.prog_type = type;
-	attr.insns = (uintptr_t)insns;
-	attr.insn_cnt = cnt;
-	attr.license = (uintptr_t)"GPL";
-	attr.prog_flags = prog_flags;
-	strncpy(attr.prog_name, name, sizeof(attr.prog_name) - 1);
+	raw_prog_attr(&attr, type, insns, cnt, name, prog_flags);
 	if (nfuncs) {
 		btf_fd = raw_btf_of_funcs(nfuncs);
 		for (uint32_t i = 0; i < nfuncs; i++)
