@@ -661,29 +661,43 @@ static void test_errors(void)
  * Bad requests for a program that is running: unknown flag bits (EINVAL)
  * and an unprivileged caller (EPERM) are refused before anything is done,
  * and the run they were aimed at goes on untouched: both slow helpers, in
- * the original.
+ * the original.  The premise, that the calls were made while
+ * it ran, is measured: under TCG the calls have been seen to return only when
+ * the run on the other CPU ended (3 of 10 selftests of 2026-12-04, cause not
+ * found yet), and a run that ended first proves nothing.  Such a try is
+ * reported and made again, up to 3 times; the check fails if none had the
+ * calls inside the run.
  */
 static void test_errors_while_running(void)
 {
 	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, two_slow_helpers, 5, "term_busy", 0);
 	uint32_t id = prog_id(fd);
 	struct run run = { .prog_fd = fd };
-	long flag1, flag31;
-	int errno1, errno31, unpriv;
-	uint64_t flags_done_ns, unpriv_ns;
-	pthread_t t;
+	long flag1 = 0, flag31 = 0;
+	int errno1 = 0, errno31 = 0, unpriv = 0;
+	uint64_t flags_done_ns = 0, unpriv_ns = 0;
+	bool inside = false;
 
 	set_delay(DELAY_MS);
-	t = start_run(&run, DELAY_MS / 2);
-	errno = 0;
-	flag1 = terminate(id, 1U << 1);
-	errno1 = errno;
-	errno = 0;
-	flag31 = terminate(id, 1U << 31);
-	errno31 = errno;
-	flags_done_ns = now_ns();
-	unpriv = unprivileged_terminate(id, &unpriv_ns);
-	pthread_join(t, NULL);
+	for (int try = 1; try <= 3 && !inside; try++) {
+		pthread_t t = start_run(&run, DELAY_MS / 2);
+
+		errno = 0;
+		flag1 = terminate(id, 1U << 1);
+		errno1 = errno;
+		errno = 0;
+		flag31 = terminate(id, 1U << 31);
+		errno31 = errno;
+		flags_done_ns = now_ns();
+		unpriv = unprivileged_terminate(id, &unpriv_ns);
+		pthread_join(t, NULL);
+		inside = flags_done_ns < run.end_ns && unpriv_ns && unpriv_ns < run.end_ns;
+		if (!inside)
+			printf("# errors while running, try %d: calls %.0f and %.0f ms into the %.0f ms run, not inside it\n",
+			       try, ms(flags_done_ns - run.start_ns),
+			       unpriv_ns ? ms(unpriv_ns - run.start_ns) : -1.0,
+			       ms(run.end_ns - run.start_ns));
+	}
 	set_delay(0);
 
 	check(flag1 == -1 && errno1 == EINVAL, "unknown flag bit (flags=2) on a running program -> EINVAL",
@@ -693,8 +707,7 @@ static void test_errors_while_running(void)
 	      strerror(errno31));
 	check(unpriv == EPERM, "unprivileged user on a running program -> EPERM", "child exit %d",
 	      unpriv);
-	check(flags_done_ns < run.end_ns && unpriv_ns && unpriv_ns < run.end_ns && !run.err &&
-	      run.retval == 0 && ms(run.end_ns - run.start_ns) >= 2 * DELAY_MS * 0.95,
+	check(inside && !run.err && run.retval == 0 && ms(run.end_ns - run.start_ns) >= 2 * DELAY_MS * 0.95,
 	      "the run with EINVAL/EPERM attempts was not stopped (both slow helpers, in the original)",
 	      "calls %.0f and %.0f ms into the %.0f ms run, retval %d (delay %d ms)",
 	      ms(flags_done_ns - run.start_ns), unpriv_ns ? ms(unpriv_ns - run.start_ns) : -1.0,
