@@ -185,7 +185,6 @@ pub fn run(
             stop_if_cancelled(&options.cancel)?;
         }
     }
-    crate::report::write_bench_report(&result, &dir)?;
     Ok((result, dir))
 }
 

@@ -33,6 +33,12 @@ struct Cli {
     /// No progress output; only results and errors.
     #[arg(long, global = true)]
     quiet: bool,
+    /// Progress as events on stderr, one JSON object per line
+    /// (`{"event":"booting",...}`, `repetition_done`, `step_slow`, with --console
+    /// `console_line`, `bench`, ...), instead of bars and status lines; errors stay
+    /// `error: ...` lines.
+    #[arg(long, global = true)]
+    events: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -307,7 +313,7 @@ struct RunOutputs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let ui = Ui::new(cli.quiet);
+    let ui = Ui::new(cli.quiet, cli.events);
     let outcome = match cli.command {
         Command::Run {
             scenarios,
@@ -751,7 +757,14 @@ fn run_on_kernel<'a>(
         _ => scenario.name.clone(),
     };
     let began = Instant::now();
-    let run = engine::run_scenario(root, scenario, &on_kernel, printer);
+    // The engine returns the records; the reports are written here.
+    let run = match engine::run_scenario(root, scenario, &on_kernel, printer) {
+        Ok(run) => match report::write_run_report(&run.result, &run.dir) {
+            Ok(()) => Ok(run),
+            Err(error) => Err(EngineError::from(error)),
+        },
+        Err(error) => Err(error),
+    };
     printer.clear();
     Finished { scenario, suite, run, seconds: began.elapsed().as_secs_f64() }
 }
@@ -1029,13 +1042,14 @@ fn bench(ui: Ui, mut options: BenchOptions, mode: NestedMode) -> Result<(), Fail
         KvmPlan::RanInL1 { exit_code } => return ran_in_l1(ui, exit_code),
     };
     options.cancel = Cancel::on_interrupt_signals();
-    let (_, dir) = termlab::bench::run(
+    let (result, dir) = termlab::bench::run(
         termlab::bench::BenchKernel { build: &patched, initramfs: &patched_image },
         termlab::bench::BenchKernel { build: &baseline, initramfs: &baseline_image },
         &options,
         &ProgressPrinter::new(ui, false),
     )
     .map_err(|e| fail_with(ui, e))?;
+    report::write_bench_report(&result, &dir).map_err(|e| fail_with(ui, EngineError::from(e)))?;
     if let Ok(markdown) = std::fs::read_to_string(dir.join(report::MARKDOWN_FILE)) {
         print!("{markdown}");
     }

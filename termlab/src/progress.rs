@@ -4,23 +4,43 @@
 
 use std::time::Duration;
 
-/// One thing that happened during a scenario's run.
-#[derive(Debug, Clone, PartialEq)]
+use serde::{Serialize, Serializer};
+
+/// One thing that happened during a scenario's run. As JSON (`--events`):
+/// `{"event": "<variant in snake_case>", ...fields}`, durations in seconds
+/// as `took_s`/`elapsed_s`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
 pub enum Progress<'a> {
     /// The VM is being booted.
     Booting { scenario: &'a str, kernel: &'a str, vcpus: u32 },
     /// The guest agent answered; `repetitions` will run.
-    Booted { scenario: &'a str, took: Duration, repetitions: u32 },
+    Booted {
+        scenario: &'a str,
+        #[serde(rename = "took_s", serialize_with = "seconds")]
+        took: Duration,
+        repetitions: u32,
+    },
     /// Repetition `number` (1-based) of `of` finished; `elapsed` counts from
     /// the start of the scenario's run.
-    RepetitionDone { scenario: &'a str, number: u32, of: u32, took: Duration, elapsed: Duration },
+    RepetitionDone {
+        scenario: &'a str,
+        number: u32,
+        of: u32,
+        #[serde(rename = "took_s", serialize_with = "seconds")]
+        took: Duration,
+        #[serde(rename = "elapsed_s", serialize_with = "seconds")]
+        elapsed: Duration,
+    },
     /// A step took at least [`SLOW_STEP`].
     StepSlow {
         scenario: &'a str,
         repetition: u32,
         of: u32,
         step: &'a str,
+        #[serde(rename = "took_s", serialize_with = "seconds")]
         took: Duration,
+        #[serde(rename = "elapsed_s", serialize_with = "seconds")]
         elapsed: Duration,
     },
     /// A line the guest wrote on its serial console (only with
@@ -35,8 +55,13 @@ pub enum Progress<'a> {
     Bench(BenchStage<'a>),
 }
 
+fn seconds<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_f64(duration.as_secs_f64())
+}
+
 /// The life of the interactive shell on the guest console.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "console", rename_all = "snake_case")]
 pub enum ConsoleEvent<'a> {
     /// The shell could not be started (`error`: the agent's answer); the VM
     /// is powered off.
@@ -48,7 +73,8 @@ pub enum ConsoleEvent<'a> {
 }
 
 /// A stage of `termlab bench`, announced as it starts.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "stage", rename_all = "snake_case")]
 pub enum BenchStage<'a> {
     /// `iterations` terminations of the latency configuration `config` in a
     /// VM of `vcpus` vCPUs.
@@ -114,6 +140,35 @@ impl ConsoleLines {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_as_json_say_what_happened_with_seconds() {
+        let json = |event: &Progress<'_>| serde_json::to_value(event).expect("serializes");
+        let done = Progress::RepetitionDone {
+            scenario: "loops",
+            number: 2,
+            of: 3,
+            took: Duration::from_millis(4100),
+            elapsed: Duration::from_millis(31_250),
+        };
+        assert_eq!(
+            json(&done),
+            serde_json::json!({"event": "repetition_done", "scenario": "loops", "number": 2,
+                               "of": 3, "took_s": 4.1, "elapsed_s": 31.25})
+        );
+        let ended = Progress::InteractiveConsole(ConsoleEvent::VmEnded { reason: "reset" });
+        assert_eq!(
+            json(&ended),
+            serde_json::json!({"event": "interactive_console", "console": "vm_ended",
+                               "reason": "reset"})
+        );
+        let round = Progress::Bench(BenchStage::Round { round: 1, of: 2, patched: true });
+        assert_eq!(
+            json(&round),
+            serde_json::json!({"event": "bench", "stage": "round", "round": 1, "of": 2,
+                               "patched": true})
+        );
+    }
 
     #[test]
     fn console_lines_are_split_across_reads_and_the_last_partial_one_kept() {

@@ -20,18 +20,23 @@ pub struct Ui {
     /// Progress as plain lines instead: when stderr is no terminal (a CI
     /// log) or inside L1, unless quiet.
     plain_progress: bool,
+    /// `--events`: every event as one JSON object per line instead of bars,
+    /// plain lines and status lines (errors stay `error: ...` lines).
+    json_events: bool,
 }
 
 impl Ui {
-    pub fn new(quiet: bool) -> Self {
+    pub fn new(quiet: bool, json_events: bool) -> Self {
         let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
         let terminal = std::io::stderr().is_terminal();
         let animated = terminal && !termlab_nested::is_nested();
+        let quiet = quiet || json_events;
         Ui {
             quiet,
-            color: !no_color && terminal,
+            color: !no_color && terminal && !json_events,
             progress: !quiet && animated,
             plain_progress: !quiet && !animated,
+            json_events,
         }
     }
 
@@ -158,6 +163,13 @@ fn seconds(duration: Duration) -> String {
 
 impl ProgressSink for ProgressPrinter {
     fn event(&self, event: &Progress<'_>) {
+        if self.ui.json_events {
+            let wanted = self.console || !matches!(event, Progress::ConsoleLine { .. });
+            if let (true, Ok(json)) = (wanted, serde_json::to_string(event)) {
+                eprintln!("{json}");
+            }
+            return;
+        }
         if let Progress::ConsoleLine { line, .. } = event {
             if self.console {
                 self.line(&format!("{CONSOLE_PREFIX}{line}"));

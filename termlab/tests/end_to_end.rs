@@ -145,14 +145,15 @@ fn a_broken_expectation_fails_the_run_and_is_named() {
 }
 
 /// `termlab run --json` prints the result and nothing else on stdout, also when the run
-/// happens inside the nested L1 VM (whose console goes to stderr): `| jq` works.
+/// happens inside the nested L1 VM (whose console goes to stderr): `| jq` works. With
+/// `--events`, stderr has the run's progress as JSON events instead of status lines.
 #[test]
 #[ignore = "boots the guest: minutes; needs the kernel build and the agent"]
 fn json_output_is_one_json_document_and_nothing_else() {
     let results = scratch("json");
     let output = Command::new(env!("CARGO_BIN_EXE_termlab"))
         .current_dir(repo_root())
-        .args(["--quiet", "run", "--json", "--repeat", "1", "--results"])
+        .args(["--events", "run", "--json", "--repeat", "1", "--results"])
         .arg(&results)
         .arg(repo_root().join("scenarios/control.toml"))
         .output()
@@ -166,6 +167,17 @@ fn json_output_is_one_json_document_and_nothing_else() {
         )
     });
     assert_eq!(document["complete"], serde_json::Value::Bool(true), "{document}");
+    // Lines that are no JSON object are the nested L1's console, for people.
+    let events: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|line| line.starts_with('{'))
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert_eq!(kinds, ["booting", "booted", "repetition_done"], "stderr:\n{stderr}");
+    assert!(events.iter().all(|e| e["scenario"] == "control"), "stderr:\n{stderr}");
+    assert!(events[2]["took_s"].as_f64().is_some_and(|s| s > 0.0), "{}", events[2]);
+    assert!(!stderr.contains("[control] booting"), "status lines too:\n{stderr}");
     std::fs::remove_dir_all(results).expect("cleanup");
 }
 

@@ -24,7 +24,7 @@ use crate::evaluate::{compute_metrics, evaluate, evaluate_stack_proofs, KernelLo
 use crate::guest_image::{self, GuestImageError, KernelBuild, KernelChoice, IPI_RTT_GUEST_PATH};
 use crate::kernel_trace;
 use crate::progress::{ConsoleEvent, ConsoleLines, Progress, ProgressSink, SLOW_STEP};
-use crate::report::{self, ReportError};
+use crate::report::ReportError;
 use crate::results::{
     self, Environment, Repetition, ResultsError, RunResult, ScenarioRecord, VmInfo, VmmInfo,
     AGENT_RTT_METRIC, IPI_RTT_METRIC,
@@ -234,7 +234,8 @@ const SCENARIO_IPI_SAMPLE: IpiSample = IpiSample { calls: 21, timeout_ms: 30_000
 const LOADER_READY_MS: u64 = 30_000;
 
 /// Runs one scenario and returns its result (also written to its results
-/// directory with the reports), reporting progress to `progress`. An error
+/// directory as result.json; the caller writes the reports from it),
+/// reporting progress to `progress`. An error
 /// before the results directory exists is `Err`; a later one is the run's
 /// `outcome`, with a result.json marked incomplete.
 pub fn run_scenario(
@@ -324,7 +325,6 @@ pub fn run_scenario(
     }
     result.summarize();
     result.save(&dir)?;
-    report::write_run_report(&result, &dir)?;
     Ok(ScenarioRun { result, dir, outcome })
 }
 
