@@ -18,8 +18,8 @@
  *
  * Each check prints one kselftest-like line (`ok N - name: details` or
  * `not ok N - name: why`, tap.h).  The run ends with one line of key=value
- * fields starting with `trigger` (the harness reads that line: `failed=0` is
- * the verdict), then `term_stress: N passed, M failed` (stress-proof.sh
+ * fields starting with `stress` (the harness reads that line, named by the
+ * scenario's `summary_line`: `failed=0` is the verdict), then `term_stress: N passed, M failed` (stress-proof.sh
  * reads that one).  Exit status 0 only if every check passed.
  *
  * Programs (raw_tracepoint type, run with BPF_PROG_TEST_RUN, which returns
@@ -1951,7 +1951,7 @@ int main(int argc, char **argv)
 	} else {
 		return usage();
 	}
-	printf("trigger mode=%s cpus=%d passed=%d failed=%d skipped=%d start_ns=%llu end_ns=%llu%s\n", mode, ncpus,
+	printf("stress mode=%s cpus=%d passed=%d failed=%d skipped=%d start_ns=%llu end_ns=%llu%s\n", mode, ncpus,
 	       tap.passed, tap.failed, tap.skipped, (unsigned long long)start, (unsigned long long)now_ns(), summary);
 	return tap_summary("term_stress");
 }

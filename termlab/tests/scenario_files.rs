@@ -91,6 +91,13 @@ const BAD_FILES: &[(&str, usize, usize, &str, &str)] = &[
     ("cpu-range.toml", 13, 53, "step[0].trigger.cpu", "cpu 2 does not exist"),
     ("unknown-program.toml", 13, 38, "step[0].trigger.program", "no [[program]] is named `lops`"),
     (
+        "summary-line-two-words.toml",
+        11,
+        16,
+        "program[0].summary_line",
+        "`stress mode` is not one word",
+    ),
+    (
         "verify-stack.toml",
         2,
         16,

@@ -136,6 +136,8 @@ pub fn loader_argv(spec: &ProgramSpec) -> Vec<String> {
 struct Background {
     handle: u32,
     argv: Vec<String>,
+    /// Its program's `summary_line`.
+    summary_line: String,
     timeout_ms: u32,
     /// When the agent started it (guest clock).
     start_ns: u64,
@@ -265,6 +267,7 @@ impl RepetitionRun<'_, '_> {
     fn start_trigger(&mut self, trigger: &TriggerStep) -> Result<(), EngineError> {
         let target = self.program(trigger.program.get_ref())?;
         let (argv, prog_id) = (trigger_argv(trigger, target)?, target.prog_id);
+        let summary_line = target.spec.summary_line().to_owned();
         let label = trigger.label.get_ref().clone();
         if self.uses_trace {
             self.trace_from.insert(label.clone(), self.trace.drain(self.client)?);
@@ -277,6 +280,7 @@ impl RepetitionRun<'_, '_> {
         let job = Background {
             handle: reply.handle,
             argv,
+            summary_line,
             timeout_ms: trigger.timeout_ms.get(),
             start_ns: reply.start_ns,
             prog_id,
@@ -288,6 +292,7 @@ impl RepetitionRun<'_, '_> {
     fn run_trigger(&mut self, trigger: &TriggerStep) -> Result<(), EngineError> {
         let target = self.program(trigger.program.get_ref())?;
         let (argv, prog_id) = (trigger_argv(trigger, target)?, target.prog_id);
+        let summary_line = target.spec.summary_line().to_owned();
         let label = trigger.label.get_ref();
         let output = self
             .client
@@ -303,8 +308,11 @@ impl RepetitionRun<'_, '_> {
             label,
             argv,
             exit_code(&output.status),
-            &output.stdout.data.to_string_lossy(),
-            &output.stderr.data.to_string_lossy(),
+            &Printed {
+                stdout: &output.stdout.data.to_string_lossy(),
+                stderr: &output.stderr.data.to_string_lossy(),
+                summary_line: &summary_line,
+            },
             AgentTimes { start_ns: output.start_ns, end_ns: output.end_ns, prog_id },
         )));
         Ok(())
@@ -340,8 +348,11 @@ impl RepetitionRun<'_, '_> {
             label,
             job.argv,
             exit_code(&exit.status),
-            &output.stdout.data.to_string_lossy(),
-            &output.stderr.data.to_string_lossy(),
+            &Printed {
+                stdout: &output.stdout.data.to_string_lossy(),
+                stderr: &output.stderr.data.to_string_lossy(),
+                summary_line: &job.summary_line,
+            },
             AgentTimes { start_ns: job.start_ns, end_ns: exit.end_ns, prog_id: job.prog_id },
         )));
         self.outcomes.push(StepOutcome::Complete(StepRecord::Wait { label: label.to_string() }));
@@ -559,6 +570,14 @@ struct AgentTimes {
     prog_id: u32,
 }
 
+/// What a trigger command printed, and the first word of the line that
+/// holds its `key=value` fields.
+struct Printed<'a> {
+    stdout: &'a str,
+    stderr: &'a str,
+    summary_line: &'a str,
+}
+
 /// A trigger that ran, waiting for the kernel's trace of its run.
 struct TriggerRun {
     label: String,
@@ -567,25 +586,26 @@ struct TriggerRun {
     /// Guest CLOCK_MONOTONIC ns when the run started and ended.
     start_ns: u64,
     end_ns: u64,
-    /// Every `key=value` of its `trigger ...` line, with `prog_id` always.
+    /// Every `key=value` of its summary line (`trigger ...` unless its
+    /// program names another), with `prog_id` always.
     fields: BTreeMap<String, String>,
     stdout: String,
     stderr: String,
 }
 
 impl TriggerRun {
-    /// The fields of its `trigger key=value ...` line, its run's start and
-    /// end from that line or else the agent's process start and exit, and
-    /// its program's id (for the kernel's budget events).
+    /// The fields of its summary line (`trigger key=value ...`), its run's
+    /// start and end from that line or else the agent's process start and
+    /// exit, and its program's id (for the kernel's budget events).
     fn new(
         label: &Label,
         argv: Vec<String>,
         exit_code: Option<i32>,
-        stdout: &str,
-        stderr: &str,
+        printed: &Printed<'_>,
         agent: AgentTimes,
     ) -> Self {
-        let mut fields = parse_fields(stdout, "trigger").unwrap_or_default();
+        let Printed { stdout, stderr, summary_line } = *printed;
+        let mut fields = parse_fields(stdout, summary_line).unwrap_or_default();
         fields.entry("prog_id".to_owned()).or_insert_with(|| agent.prog_id.to_string());
         let number = |key: &str| fields.get(key).and_then(|v| v.parse::<u64>().ok());
         let (start_ns, end_ns) = match (number("start_ns"), number("end_ns")) {
@@ -879,6 +899,7 @@ fn errno_from_message(message: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scenario::DEFAULT_SUMMARY_LINE;
 
     #[test]
     fn trigger_line_fields_are_parsed() {
@@ -888,14 +909,37 @@ mod tests {
             &Label::try_from("run".to_owned()).expect("label"),
             vec![],
             Some(0),
-            stdout,
-            "",
+            &printed(stdout),
             AgentTimes { start_ns: 900, end_ns: 402000, prog_id: 7 },
         );
         assert_eq!((run.start_ns, run.end_ns), (1000, 401000));
         assert_eq!(run.fields.get("second_done").map(String::as_str), Some("0"));
         assert_eq!(run.fields.get("prog").map(String::as_str), Some("loops"));
         assert_eq!(parse_fields("no such line\n", "trigger"), None);
+    }
+
+    /// Output with the default summary line.
+    fn printed(stdout: &str) -> Printed<'_> {
+        Printed { stdout, stderr: "", summary_line: DEFAULT_SUMMARY_LINE }
+    }
+
+    #[test]
+    fn a_program_s_summary_line_is_the_one_read() {
+        let stdout = "trigger failed=9\nstress mode=all failed=0 start_ns=5 end_ns=6\n";
+        let run = TriggerRun::new(
+            &Label::try_from("run".to_owned()).expect("label"),
+            vec![],
+            Some(0),
+            &Printed { stdout, stderr: "", summary_line: "stress" },
+            AgentTimes { start_ns: 1, end_ns: 9, prog_id: 7 },
+        );
+        assert_eq!((run.start_ns, run.end_ns), (5, 6));
+        assert_eq!(run.fields.get("failed").map(String::as_str), Some("0"));
+        assert_eq!(run.fields.get("mode").map(String::as_str), Some("all"));
+        let spec = program("name = \"p\"\nloader = [\"x\"]\nbpf_name = \"x\"\ntrigger = [\"x\"]\nsummary_line = \"stress\"");
+        assert_eq!(spec.summary_line(), "stress");
+        let spec = program("name = \"p\"\nloader = [\"x\"]\nbpf_name = \"x\"\ntrigger = [\"x\"]");
+        assert_eq!(spec.summary_line(), DEFAULT_SUMMARY_LINE);
     }
 
     fn program(text: &str) -> ProgramSpec {
@@ -978,13 +1022,13 @@ mod tests {
     fn a_command_trigger_without_a_timing_line_is_timed_by_the_agent() {
         let label = Label::try_from("run".to_owned()).expect("label");
         let agent = AgentTimes { start_ns: 100, end_ns: 900, prog_id: 7 };
-        let run = TriggerRun::new(&label, vec!["sync".into()], Some(0), "", "", agent);
+        let run = TriggerRun::new(&label, vec!["sync".into()], Some(0), &printed(""), agent);
         assert_eq!((run.start_ns, run.end_ns), (100, 900));
         assert_eq!(run.fields.get("prog_id").map(String::as_str), Some("7"));
         // A line of its own wins, fields and all.
         let agent = AgentTimes { start_ns: 100, end_ns: 900, prog_id: 7 };
         let stdout = "trigger retval=3 start_ns=200 end_ns=300 prog_id=8\n";
-        let run = TriggerRun::new(&label, vec![], Some(0), stdout, "", agent);
+        let run = TriggerRun::new(&label, vec![], Some(0), &printed(stdout), agent);
         assert_eq!((run.start_ns, run.end_ns), (200, 300));
         assert_eq!(run.fields.get("prog_id").map(String::as_str), Some("8"));
         assert_eq!(run.fields.get("retval").map(String::as_str), Some("3"));
@@ -996,7 +1040,7 @@ mod tests {
         let label = Label::try_from("run".to_owned()).expect("label");
         let run = |stdout: &str, prog_id| {
             let agent = AgentTimes { start_ns: 30_000_000_000, end_ns: 30_400_000_000, prog_id };
-            TriggerRun::new(&label, vec!["trigger".into()], Some(0), stdout, "", agent)
+            TriggerRun::new(&label, vec!["trigger".into()], Some(0), &printed(stdout), agent)
         };
         let kernel = |record: StepRecord| match record {
             StepRecord::Trigger { kernel, .. } => kernel,
@@ -1010,7 +1054,7 @@ mod tests {
         assert!(kernel(run("trigger prog_id=7\n", 9).into_record(Some(&events))).is_none());
         // A run outside the stop's window, and a scenario without the trace.
         let late = AgentTimes { start_ns: 30_500_000_000, end_ns: 30_600_000_000, prog_id: 9 };
-        let late = TriggerRun::new(&label, vec![], Some(0), "", "", late);
+        let late = TriggerRun::new(&label, vec![], Some(0), &printed(""), late);
         assert!(kernel(late.into_record(Some(&events))).is_none());
         assert!(kernel(run("", 9).into_record(None)).is_none());
     }

@@ -707,6 +707,23 @@ fn validate_program(
             return Err(invalid(path, key(field), "an empty path"));
         }
     }
+    if let Some(line) = &program.summary_line {
+        let word = line.get_ref();
+        if word.is_empty() || !word.chars().all(|c| c.is_ascii_alphanumeric() || "_-".contains(c)) {
+            return Err(invalid(
+                line,
+                key("summary_line"),
+                format!("`{word}` is not one word: the first word of the line that holds the trigger's key=value fields"),
+            ));
+        }
+        if program.trigger.is_none() {
+            return Err(invalid(
+                line,
+                key("summary_line"),
+                "`summary_line` names a line that the program's `trigger` command prints; this program has no `trigger`",
+            ));
+        }
+    }
     if let Some(loader) = &program.loader {
         for (given, field) in [
             (program.function.as_ref().map(Spanned::span), "function"),

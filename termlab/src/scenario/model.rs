@@ -165,9 +165,24 @@ pub struct ProgramSpec {
     /// Instead of `trigger`: run the program with BPF_PROG_TEST_RUN.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_run: Option<Spanned<TestRunSpec>>,
+    /// The first word of the line in which the trigger command prints its
+    /// `key=value` fields (default [`DEFAULT_SUMMARY_LINE`]): a tool with a
+    /// summary line of its own (`term_stress` prints `stress ...`) is read
+    /// as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary_line: Option<Spanned<String>>,
 }
 
+/// The line a trigger's `key=value` fields are read from unless its program
+/// names another (`summary_line`).
+pub const DEFAULT_SUMMARY_LINE: &str = "trigger";
+
 impl ProgramSpec {
+    /// The first word of the line holding its trigger's fields.
+    pub fn summary_line(&self) -> &str {
+        self.summary_line.as_ref().map_or(DEFAULT_SUMMARY_LINE, |line| line.get_ref().as_str())
+    }
+
     /// Whether the generic loader loads it (`object` or `source`).
     pub fn is_user_object(&self) -> bool {
         self.object.is_some() || self.source.is_some()
