@@ -19,7 +19,7 @@ use std::time::SystemTime;
 use termlab_protocol::client::Client;
 
 use crate::cancel::Cancel;
-use crate::engine::{guest_output, ipi_round_trip, BootSpec, EngineError, Guest, IpiSample};
+use crate::engine::{guest_output, ipi_round_trip, BootSpec, EngineError, Guest};
 use crate::guest_image::KernelBuild;
 use crate::kernel_trace;
 use crate::progress::{BenchStage, Progress, ProgressSink};
@@ -45,9 +45,9 @@ const CASE1_DELAY_MS_PER_CPU: u32 = 10;
 const SETTLE_US_PER_CPU: u32 = 2000;
 const FASTPATH_PROGRAMS: [&str; 3] = ["empty", "helpers", "loop"];
 const FASTPATH_REPEAT: u32 = 1_000_000;
-/// Bench's IPI samples: longer bursts than a scenario's, five per VM.
-const IPI_SAMPLE: IpiSample = IpiSample { calls: 101, timeout_ms: 60_000 };
-const IPI_SAMPLES_PER_VM: usize = 5;
+/// IPI samples per VM, each the one kind every scenario repetition takes
+/// ([`ipi_round_trip`]): 25 medians of 21 calls.
+const IPI_SAMPLES_PER_VM: usize = 25;
 
 pub struct BenchOptions {
     /// Terminations per latency configuration (the issue asks for ≥ 1000).
@@ -238,8 +238,8 @@ fn no_line(tool: &str, tag: &str, output: &str) -> EngineError {
 }
 
 fn ipi_samples(client: &mut Client<UnixStream>) -> Result<Vec<f64>, EngineError> {
-    // Several medians of short bursts: one sample per burst, like the scenarios' ipi_rtt.
-    (0..IPI_SAMPLES_PER_VM).map(|_| ipi_round_trip(client, IPI_SAMPLE)).collect()
+    // Several medians of short bursts: one sample per burst, as in the scenarios' ipi_rtt.
+    (0..IPI_SAMPLES_PER_VM).map(|_| ipi_round_trip(client)).collect()
 }
 
 fn latency_series(

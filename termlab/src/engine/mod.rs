@@ -227,9 +227,12 @@ pub fn check_kernel_for(scenario: &Scenario, kernel: &KernelBuild) -> Result<(),
 
 /// How many clock requests make one agent round-trip sample (the median is kept).
 const AGENT_RTT_PROBES: usize = 5;
-/// The IPI sample of every repetition of a scenario on 2+ vCPUs (its
-/// `ipi_rtt` metric).
-const SCENARIO_IPI_SAMPLE: IpiSample = IpiSample { calls: 21, timeout_ms: 30_000 };
+/// One IPI round-trip sample: the median of this many membarrier calls from
+/// vCPU 0 to vCPU 1, within [`IPI_SAMPLE_TIMEOUT_MS`]. Each repetition of a
+/// scenario on 2+ vCPUs takes one (its `ipi_rtt` metric); bench takes
+/// several per VM, of the same kind.
+const IPI_CALLS_PER_SAMPLE: u32 = 21;
+const IPI_SAMPLE_TIMEOUT_MS: u64 = 30_000;
 /// How long a loader may take to print its program id.
 const LOADER_READY_MS: u64 = 30_000;
 
@@ -670,7 +673,7 @@ fn repeat_once(
     let mut metrics = compute_metrics(&scenario.metrics, &steps);
     metrics.insert(AGENT_RTT_METRIC.to_owned(), agent_round_trip(client)?);
     if scenario.vm.vcpus.get() >= 2 {
-        metrics.insert(IPI_RTT_METRIC.to_owned(), ipi_round_trip(client, SCENARIO_IPI_SAMPLE)?);
+        metrics.insert(IPI_RTT_METRIC.to_owned(), ipi_round_trip(client)?);
     }
     result.repetitions.push(Repetition { index, steps, metrics });
     result.summarize();
@@ -750,23 +753,13 @@ fn agent_round_trip(client: &mut Client<UnixStream>) -> Result<f64, EngineError>
     Ok(samples[samples.len() / 2])
 }
 
-/// How one IPI round-trip sample is taken: `calls` membarrier calls from
-/// vCPU 0 to vCPU 1 (ipi_rtt reports their median), within `timeout_ms`.
-#[derive(Debug, Clone, Copy)]
-pub struct IpiSample {
-    pub calls: u32,
-    pub timeout_ms: u64,
-}
-
-/// The guest's median membarrier IPI round trip between vCPU 0 and 1, in
-/// ns: the one IPI measurement, for the scenarios' `ipi_rtt` metric and
-/// bench's latency ratios.
-pub fn ipi_round_trip(
-    client: &mut Client<UnixStream>,
-    sample: IpiSample,
-) -> Result<f64, EngineError> {
-    let argv = vec![IPI_RTT_GUEST_PATH.to_owned(), "--count".into(), sample.calls.to_string()];
-    let output = guest_output(client, argv, sample.timeout_ms)?;
+/// The guest's median membarrier IPI round trip between vCPU 0 and 1 over
+/// [`IPI_CALLS_PER_SAMPLE`] calls, in ns: the one IPI measurement, for the
+/// scenarios' `ipi_rtt` metric and bench's latency ratios.
+pub fn ipi_round_trip(client: &mut Client<UnixStream>) -> Result<f64, EngineError> {
+    let argv =
+        vec![IPI_RTT_GUEST_PATH.to_owned(), "--count".into(), IPI_CALLS_PER_SAMPLE.to_string()];
+    let output = guest_output(client, argv, IPI_SAMPLE_TIMEOUT_MS)?;
     parse_fields(&output.stdout, "ipi_rtt")
         .and_then(|fields| fields.get("median_ns").and_then(|v| v.parse::<f64>().ok()))
         .ok_or_else(|| EngineError::UnexpectedOutput {
