@@ -81,7 +81,11 @@ const KERNEL_TROUBLE: &[&str] = &[
     "possible recursive locking",
     "inconsistent lock state",
     "suspicious RCU usage",
-    "kmemleak:",
+    // kmemleak's report ("kmemleak: 3 new suspected memory leaks") and its
+    // giving up on an error, not its start-up line ("kmemleak: Kernel memory
+    // leak detector initialized").
+    "suspected memory leak",
+    "leak detector disabled",
     "Call Trace:",
     "stack segment",
 ];
@@ -633,6 +637,12 @@ dmesg_clean = {}
         let boot = "[ 1.0] ok\n[ 1.5] WARNING: CPU: 0 PID: 0 at arch/x86/kernel/fpu/xstate.c:605\n";
         let run = "[ 2.0] WARNING: CPU: 1 PID: 50 at kernel/bpf/core.c:100 bpf_die+0x1/0x2\n[ 2.1] Call Trace:\n";
         assert_eq!(kernel_trouble(run).len(), 2);
+        let kmemleak = "[ 0.9] kmemleak: Kernel memory leak detector initialized (mem pool available: 15598)\n\
+                        [ 9.0] kmemleak: 2 new suspected memory leaks (see /sys/kernel/debug/kmemleak)\n";
+        assert_eq!(
+            kernel_trouble(kmemleak),
+            ["[ 9.0] kmemleak: 2 new suspected memory leaks (see /sys/kernel/debug/kmemleak)"]
+        );
         let scenario = scenario::parse(SCENARIO).expect("valid");
 
         let log = KernelLog { after_boot: boot.into(), at_end: format!("{boot}{run}") };
