@@ -568,6 +568,18 @@ pub fn initramfs_with(
     Ok(image)
 }
 
+/// Where `make` builds guest-samples/bpf of the checkout at `root`: a
+/// directory of that checkout's own. make decides by modification times, so
+/// a directory shared by two checkouts (the CI's clone and a working tree)
+/// kept one's binaries when the other's sources were older, and a guest got
+/// a loader built from other sources than the scenario's.
+fn samples_dir(cache: &Path, root: &Path) -> PathBuf {
+    let root = root.canonicalize().unwrap_or_else(|_| root.to_owned());
+    let digest = Sha256::digest(root.as_os_str().as_encoded_bytes());
+    let key: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    cache.join("samples").join(key)
+}
+
 /// Builds the image [`initramfs_with`] describes, or finds it in the cache by content.
 fn build_initramfs(
     root: &Path,
@@ -575,7 +587,7 @@ fn build_initramfs(
     extra: &[GuestFile],
 ) -> Result<PathBuf, GuestImageError> {
     let cache = cache_root().join("harness");
-    let samples = cache.join("samples");
+    let samples = samples_dir(&cache, root);
     std::fs::create_dir_all(&samples).map_err(io_error(&samples))?;
     // make is incremental: a no-op when the samples are up to date.
     run(Command::new("make")
@@ -638,6 +650,15 @@ mod tests {
     use super::*;
 
     const VERSION: &str = "6.12.0-mine (me@box) #3 SMP PREEMPT_DYNAMIC";
+
+    #[test]
+    fn each_checkout_builds_its_samples_apart() {
+        let cache = Path::new("/cache");
+        let main = samples_dir(cache, Path::new("/work/main"));
+        assert_eq!(main, samples_dir(cache, Path::new("/work/main")));
+        assert_ne!(main, samples_dir(cache, Path::new("/work/ci-clone")));
+        assert!(main.starts_with("/cache/samples"));
+    }
 
     /// The start of a bzImage: setup header with "HdrS", protocol 2.15, and
     /// the version string where kernel_version points.
