@@ -31,7 +31,9 @@ fn scratch(name: &str) -> PathBuf {
 /// against the schemas. Every failure here carries termlab's stdout and
 /// stderr: they say why a run ended early (and the test command retries a
 /// nested suite only when they name the emulated host).
-fn run(scenario: &Path, results: &Path) -> (Option<i32>, String, RunResult) {
+/// termlab's exit status, its stdout, the run's result, and all of that with stderr for a
+/// failed assertion to show.
+fn run(scenario: &Path, results: &Path) -> (Option<i32>, String, RunResult, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_termlab"))
         .current_dir(repo_root())
         .args(["--quiet", "run", "--repeat", "2", "--junit"])
@@ -58,7 +60,7 @@ fn run(scenario: &Path, results: &Path) -> (Option<i32>, String, RunResult) {
     junit_schema::validate(&junit).unwrap_or_else(|e| panic!("{e}\n{explain}"));
     let result = RunResult::load(&run_dir)
         .unwrap_or_else(|e| panic!("{}: result.json: {e}\n{explain}", run_dir.display()));
-    (output.status.code(), stdout, result)
+    (output.status.code(), stdout, result, explain)
 }
 
 fn junit_file(results: &Path) -> PathBuf {
@@ -69,9 +71,9 @@ fn junit_file(results: &Path) -> PathBuf {
 #[ignore = "boots the guest: minutes; needs the kernel build and the agent"]
 fn control_scenario_passes_and_writes_its_reports() {
     let results = scratch("control");
-    let (code, stdout, result) = run(&repo_root().join("scenarios/control.toml"), &results);
-    assert_eq!(code, Some(0), "{stdout}");
-    assert!(result.complete && result.all_expectations_passed());
+    let (code, _, result, explain) = run(&repo_root().join("scenarios/control.toml"), &results);
+    assert_eq!(code, Some(0), "{explain}");
+    assert!(result.complete && result.all_expectations_passed(), "{explain}");
     assert_eq!(result.repetitions.len(), 2);
     let full_run = &result
         .summary
@@ -87,7 +89,7 @@ fn control_scenario_passes_and_writes_its_reports() {
         .expect("entry")
         .path();
     for file in ["console.log", "dmesg.txt", "report.md", "report.html", "full_run-cdf.svg"] {
-        assert!(dir.join(file).is_file(), "{file} missing");
+        assert!(dir.join(file).is_file(), "{file} missing: {explain}");
     }
     let junit = std::fs::read_to_string(junit_file(&results)).expect("junit.xml");
     let cases = result.expectations.len();
@@ -119,10 +121,13 @@ fn a_broken_expectation_fails_the_run_and_is_named() {
     assert_ne!(broken, control, "control.toml changed: update this test's replacement");
     let scenario = results.join("broken-control.toml");
     std::fs::write(&scenario, broken).expect("write scenario");
-    let (code, stdout, result) = run(&scenario, &results);
-    assert_eq!(code, Some(1), "{stdout}");
-    assert!(stdout.contains("FAIL: failed: deliberately broken: a run lasts a minute"), "{stdout}");
-    assert!(result.complete, "the run itself completed");
+    let (code, stdout, result, explain) = run(&scenario, &results);
+    assert_eq!(code, Some(1), "{explain}");
+    assert!(
+        stdout.contains("FAIL: failed: deliberately broken: a run lasts a minute"),
+        "{explain}"
+    );
+    assert!(result.complete, "the run itself completed: {explain}");
     let broken = result
         .expectations
         .iter()
