@@ -120,15 +120,38 @@ pub fn run(
             .collect(),
     };
 
-    // One VM per number of running CPUs, sized to it, so that no more vCPUs
-    // compete for the host than the configuration needs.
+    measure_latency(&patched, options, progress, &dir, &mut result)?;
+    for round in 0..options.rounds {
+        for (kernel, is_patched) in [(&patched, true), (&baseline, false)] {
+            progress.event(&Progress::Bench(BenchStage::Round {
+                round: round + 1,
+                of: options.rounds,
+                patched: is_patched,
+            }));
+            measure_round(kernel, is_patched, options, &dir, &mut result)?;
+            result.save(&dir)?;
+            stop_if_cancelled(&options.cancel)?;
+        }
+    }
+    Ok((result, dir))
+}
+
+/// Every latency configuration, in one VM per number of running CPUs, sized
+/// to it, so that no more vCPUs compete for the host than it needs.
+fn measure_latency(
+    patched: &BenchKernel<'_>,
+    options: &BenchOptions,
+    progress: &dyn ProgressSink,
+    dir: &Path,
+    result: &mut BenchResult,
+) -> Result<(), EngineError> {
     let mut cpu_counts: Vec<u32> = LATENCY_CONFIGS.iter().map(|c| c.cpus).collect();
     cpu_counts.sort_unstable();
     cpu_counts.dedup();
     for cpus in cpu_counts {
         let vcpus = cpus as u8 + 1;
         let mut guest =
-            boot(&patched, vcpus, &dir.join(format!("console-latency-{vcpus}vcpus.log")), options)?;
+            boot(patched, vcpus, &dir.join(format!("console-latency-{vcpus}vcpus.log")), options)?;
         let ipi_rtt_ns = ipi_samples(&mut guest.client)?;
         for config in LATENCY_CONFIGS.into_iter().filter(|c| c.cpus == cpus) {
             progress.event(&Progress::Bench(BenchStage::Latency {
@@ -140,52 +163,51 @@ pub fn run(
             series.vcpus = vcpus;
             series.ipi_rtt_ns.clone_from(&ipi_rtt_ns);
             result.latency.push(series);
-            result.save(&dir)?;
+            result.save(dir)?;
             stop_if_cancelled(&options.cancel)?;
         }
         guest.power_off();
     }
+    Ok(())
+}
 
-    for round in 0..options.rounds {
-        for (kernel, is_patched) in [(&patched, true), (&baseline, false)] {
-            progress.event(&Progress::Bench(BenchStage::Round {
-                round: round + 1,
-                of: options.rounds,
-                patched: is_patched,
-            }));
-            let console = dir
-                .join(format!("console-{}.log", if is_patched { "patched" } else { "baseline" }));
-            let mut guest = boot(kernel, BASELINE_VCPUS, &console, options)?;
-            for series in &mut result.fastpath {
-                let ns = fastpath_sample(&mut guest.client, &series.program)?;
-                if is_patched { &mut series.patched_ns } else { &mut series.baseline_ns }.push(ns);
-            }
-            if is_patched {
-                set_max_runtime(&mut guest.client, BUDGET_NEVER_REACHED_MS)?;
-                for series in &mut result.fastpath {
-                    series
-                        .patched_budget_ns
-                        .push(fastpath_sample(&mut guest.client, &series.program)?);
-                }
-                set_max_runtime(&mut guest.client, 0)?;
-            }
-            for series in &mut result.load {
-                let (load_ns, jited, copy) = load_sample(&mut guest.client, series.insns)?;
-                if is_patched {
-                    series.patched_load_ns.push(load_ns);
-                    series.patched_jited_bytes = jited;
-                    series.patched_copy_jited_bytes = copy;
-                } else {
-                    series.baseline_load_ns.push(load_ns);
-                    series.baseline_jited_bytes = jited;
-                }
-            }
-            guest.power_off();
-            result.save(&dir)?;
-            stop_if_cancelled(&options.cancel)?;
+/// One boot of the patched or the baseline kernel: a fast-path sample of
+/// each program (the patched kernel also with a budget set) and a load of
+/// each size.
+fn measure_round(
+    kernel: &BenchKernel<'_>,
+    is_patched: bool,
+    options: &BenchOptions,
+    dir: &Path,
+    result: &mut BenchResult,
+) -> Result<(), EngineError> {
+    let console =
+        dir.join(format!("console-{}.log", if is_patched { "patched" } else { "baseline" }));
+    let mut guest = boot(kernel, BASELINE_VCPUS, &console, options)?;
+    for series in &mut result.fastpath {
+        let ns = fastpath_sample(&mut guest.client, &series.program)?;
+        if is_patched { &mut series.patched_ns } else { &mut series.baseline_ns }.push(ns);
+    }
+    if is_patched {
+        set_max_runtime(&mut guest.client, BUDGET_NEVER_REACHED_MS)?;
+        for series in &mut result.fastpath {
+            series.patched_budget_ns.push(fastpath_sample(&mut guest.client, &series.program)?);
+        }
+        set_max_runtime(&mut guest.client, 0)?;
+    }
+    for series in &mut result.load {
+        let (load_ns, jited, copy) = load_sample(&mut guest.client, series.insns)?;
+        if is_patched {
+            series.patched_load_ns.push(load_ns);
+            series.patched_jited_bytes = jited;
+            series.patched_copy_jited_bytes = copy;
+        } else {
+            series.baseline_load_ns.push(load_ns);
+            series.baseline_jited_bytes = jited;
         }
     }
-    Ok((result, dir))
+    guest.power_off();
+    Ok(())
 }
 
 fn stop_if_cancelled(cancel: &Cancel) -> Result<(), EngineError> {

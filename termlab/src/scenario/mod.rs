@@ -685,6 +685,30 @@ pub const GUEST_LOADER: &str = "/bin/bpf_loader";
 /// Largest `test_run` packet (the loader's MAX_DATA_BYTES).
 pub const MAX_TEST_DATA_BYTES: usize = 64 * 1024;
 
+/// `summary_line`: one word, naming a line of the program's `trigger` command.
+fn validate_summary_line(
+    program: &ProgramSpec,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), SpannedError> {
+    let Some(line) = &program.summary_line else { return Ok(()) };
+    let word = line.get_ref();
+    if word.is_empty() || !word.chars().all(|c| c.is_ascii_alphanumeric() || "_-".contains(c)) {
+        return Err(invalid(
+            line,
+            key("summary_line"),
+            format!("`{word}` is not one word: the first word of the line that holds the trigger's key=value fields"),
+        ));
+    }
+    if program.trigger.is_none() {
+        return Err(invalid(
+            line,
+            key("summary_line"),
+            "`summary_line` names a line that the program's `trigger` command prints; this program has no `trigger`",
+        ));
+    }
+    Ok(())
+}
+
 /// A `[[program]]` is one of two forms, with the keys of that form only.
 fn validate_program(
     program: &ProgramSpec,
@@ -707,23 +731,7 @@ fn validate_program(
             return Err(invalid(path, key(field), "an empty path"));
         }
     }
-    if let Some(line) = &program.summary_line {
-        let word = line.get_ref();
-        if word.is_empty() || !word.chars().all(|c| c.is_ascii_alphanumeric() || "_-".contains(c)) {
-            return Err(invalid(
-                line,
-                key("summary_line"),
-                format!("`{word}` is not one word: the first word of the line that holds the trigger's key=value fields"),
-            ));
-        }
-        if program.trigger.is_none() {
-            return Err(invalid(
-                line,
-                key("summary_line"),
-                "`summary_line` names a line that the program's `trigger` command prints; this program has no `trigger`",
-            ));
-        }
-    }
+    validate_summary_line(program, key)?;
     if let Some(loader) = &program.loader {
         for (given, field) in [
             (program.function.as_ref().map(Spanned::span), "function"),
