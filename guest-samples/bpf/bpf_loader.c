@@ -40,6 +40,16 @@
  * start_ns/end_ns are CLOCK_MONOTONIC around COMMAND. Exits with COMMAND's
  * status (128+N when a signal N ended it); 1 when the program or its
  * variables cannot be read, 2 for bad arguments.
+ *
+ * For each BPF ring buffer the program uses (map MAP), it also empties the
+ * ring before COMMAND, consumes it after, and prints
+ *
+ *   MAP_records=N MAP_pending=B
+ *
+ * N records were submitted during COMMAND and read; B bytes stay between
+ * the consumer and the producer position once everything readable is read:
+ * a reservation that was never submitted nor discarded, which holds back
+ * every record after it (0 when nothing leaked).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -49,6 +59,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -347,11 +358,24 @@ struct global_var {
 	int is_signed;
 };
 
+/* A ring buffer of the program, read as its user-space consumer. */
+#define MAX_RINGS 4
+
+struct ring {
+	char name[BPF_OBJ_NAME_LEN];
+	struct ring_buffer *reader;
+	/* The consumer and producer positions (their pages, mapped read-only). */
+	const volatile unsigned long *consumer, *producer;
+	long records;
+};
+
 struct globals {
 	struct global_map maps[MAX_GLOBAL_MAPS];
 	struct global_var vars[MAX_GLOBALS];
 	int nr_maps, nr_vars;
 	struct btf *btfs[MAX_GLOBAL_MAPS];
+	struct ring rings[MAX_RINGS];
+	int nr_rings;
 };
 
 /* The fd of the one loaded program whose kernel name is NAME, or -1 after a message. */
@@ -437,7 +461,55 @@ static void add_global_map(struct globals *globals, int map_fd, const struct bpf
 	}
 }
 
-/* Finds the .bss and .data maps of the program in PROG_FD; 0, or -1 after a message. */
+static int count_record(void *ctx, void *data __attribute__((unused)),
+			size_t size __attribute__((unused)))
+{
+	((struct ring *)ctx)->records++;
+	return 0;
+}
+
+/* Reads the ring buffer MAP_FD as its consumer; 0, or -1 after a message. */
+static int add_ring(struct globals *globals, int map_fd, const struct bpf_map_info *info)
+{
+	struct ring *ring = &globals->rings[globals->nr_rings];
+	long page = sysconf(_SC_PAGESIZE);
+	void *consumer, *producer;
+
+	if (globals->nr_rings == MAX_RINGS)
+		return 0;
+	snprintf(ring->name, sizeof(ring->name), "%s", info->name);
+	ring->reader = ring_buffer__new(map_fd, count_record, ring, NULL);
+	consumer = mmap(NULL, page, PROT_READ, MAP_SHARED, map_fd, 0);
+	producer = mmap(NULL, page, PROT_READ, MAP_SHARED, map_fd, page);
+	if (!ring->reader || consumer == MAP_FAILED || producer == MAP_FAILED) {
+		fprintf(stderr, "bpf_loader: reading ring buffer %s: %s\n", info->name,
+			strerror(errno));
+		return -1;
+	}
+	ring->consumer = consumer;
+	ring->producer = producer;
+	globals->nr_rings++;
+	return 0;
+}
+
+/* Reads every record the rings hold now; 0, or -1 after a message. */
+static int consume_rings(struct globals *globals)
+{
+	int i;
+
+	for (i = 0; i < globals->nr_rings; i++) {
+		if (ring_buffer__consume(globals->rings[i].reader) < 0) {
+			fprintf(stderr, "bpf_loader: consuming ring buffer %s: %s\n",
+				globals->rings[i].name, strerror(errno));
+			return -1;
+		}
+	}
+	return 0;
+}
+
+/* Finds the .bss and .data maps and the ring buffers of the program in PROG_FD; 0, or -1 after
+ * a message.
+ */
 static int find_globals(int prog_fd, struct globals *globals)
 {
 	__u32 map_ids[32], i;
@@ -464,7 +536,9 @@ static int find_globals(int prog_fd, struct globals *globals)
 		if (dot && (strcmp(dot, ".bss") == 0 || strcmp(dot, ".data") == 0) &&
 		    map_info.type == BPF_MAP_TYPE_ARRAY && map_info.max_entries == 1)
 			add_global_map(globals, fd, &map_info);
-		else
+		else if (map_info.type == BPF_MAP_TYPE_RINGBUF && add_ring(globals, fd, &map_info))
+			return -1;
+		else if (map_info.type != BPF_MAP_TYPE_RINGBUF)
 			close(fd);
 	}
 	if (globals->nr_vars == 0) {
@@ -517,8 +591,11 @@ static int globals(int argc, char **argv)
 	prog_fd = prog_fd_by_name(name);
 	if (prog_fd < 0)
 		return 1;
-	if (find_globals(prog_fd, &found) || read_globals(&found, 0))
+	/* What the rings held before COMMAND is not its runs'. */
+	if (find_globals(prog_fd, &found) || read_globals(&found, 0) || consume_rings(&found))
 		return 1;
+	for (i = 0; i < found.nr_rings; i++)
+		found.rings[i].records = 0;
 	fflush(stdout);
 	start_ns = monotonic_ns();
 	child = fork();
@@ -532,7 +609,7 @@ static int globals(int argc, char **argv)
 		return 1;
 	}
 	end_ns = monotonic_ns();
-	if (read_globals(&found, 1))
+	if (read_globals(&found, 1) || consume_rings(&found))
 		return 1;
 	code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 	printf("trigger start_ns=%llu end_ns=%llu exit=%d", (unsigned long long)start_ns,
@@ -543,6 +620,12 @@ static int globals(int argc, char **argv)
 
 		printf(" %s=%lld", var->name,
 		       global_value(var, map->after) - global_value(var, map->before));
+	}
+	for (i = 0; i < found.nr_rings; i++) {
+		const struct ring *ring = &found.rings[i];
+
+		printf(" %s_records=%ld %s_pending=%lu", ring->name, ring->records, ring->name,
+		       *ring->producer - *ring->consumer);
 	}
 	printf("\n");
 	return code;

@@ -62,7 +62,10 @@ fn every_shipped_scenario_loads_with_a_description() {
         }
     }
     types.sort();
-    assert_eq!(types, ["cgroup", "iterator", "kprobe", "kprobe-int3", "tc", "trampoline", "xdp"]);
+    assert_eq!(
+        types,
+        ["cgroup", "iterator", "kprobe", "kprobe-int3", "ringbuf", "tc", "trampoline", "xdp"]
+    );
     // Campaigns: long runs by hand, outside the test command's scenarios/*.toml.
     let campaign = scenario::load(&repo_root().join("scenarios/campaigns/stress.toml"))
         .unwrap_or_else(|e| panic!("{e}"));
