@@ -43,10 +43,17 @@ pub struct Stall {
     pub silent: Duration,
 }
 
+/// A silence shorter than the stall limit that is still worth a line in the log: longer than
+/// two beats and the launcher's read of them. Timeouts inside L1 (a guest agent's answer
+/// within 10 s, say) may have run out during it, for the L1 VM was not running.
+pub const NOTABLE_SILENCE: Duration = Duration::from_secs(3 * BEAT_INTERVAL_S as u64);
+
 /// The launcher's view of the beats: when each CPU's file last changed.
 pub struct Heartbeat {
     files: Vec<Beat>,
     limit: Duration,
+    /// Silences longer than [`NOTABLE_SILENCE`] that ended, not yet taken.
+    ended_silences: Vec<Stall>,
 }
 
 struct Beat {
@@ -62,14 +69,19 @@ impl Heartbeat {
         let files = (0..cpus)
             .map(|cpu| Beat { path: job_dir.join(beat_file(cpu)), content: None, changed: start })
             .collect();
-        Self { files, limit }
+        Self { files, limit, ended_silences: Vec::new() }
     }
 
     /// Reads the files; the first CPU silent for longer than the limit at `now`, if any.
     pub fn check(&mut self, now: Instant) -> Option<Stall> {
-        for beat in &mut self.files {
+        for (beat, cpu) in self.files.iter_mut().zip(0..) {
             let content = fs::read(&beat.path).ok().filter(|c| !c.is_empty());
             if content.is_some() && content != beat.content {
+                let silent = now.saturating_duration_since(beat.changed);
+                // The first beat ends L1's boot, not a silence.
+                if beat.content.is_some() && silent > NOTABLE_SILENCE {
+                    self.ended_silences.push(Stall { cpu, silent });
+                }
                 beat.content = content;
                 beat.changed = now;
             }
@@ -78,6 +90,14 @@ impl Heartbeat {
             let silent = now.saturating_duration_since(beat.changed);
             (silent > self.limit).then_some(Stall { cpu, silent })
         })
+    }
+}
+
+impl Heartbeat {
+    /// The silences longer than [`NOTABLE_SILENCE`] that ended since the last call: L1 CPUs
+    /// that gave no sign of life for a while, then went on.
+    pub fn take_ended_silences(&mut self) -> Vec<Stall> {
+        std::mem::take(&mut self.ended_silences)
     }
 }
 
@@ -110,6 +130,30 @@ mod tests {
             heartbeat.check(at(121)),
             Some(Stall { cpu: 1, silent: Duration::from_secs(61) })
         );
+    }
+
+    #[test]
+    fn a_silence_that_ends_before_the_limit_is_taken_once() {
+        let dir = TempDir::new(&std::env::temp_dir(), "heartbeat").expect("temp dir");
+        let start = Instant::now();
+        let mut heartbeat = Heartbeat::new(dir.path(), 1, Duration::from_secs(60), start);
+        let at = |s: u64| start + Duration::from_secs(s);
+        let write = |n: u32| fs::write(dir.path().join(beat_file(0)), format!("{n}\n"));
+
+        // The first beat comes after a 30 s boot: not a silence.
+        write(1).unwrap();
+        assert_eq!(heartbeat.check(at(30)), None);
+        write(2).unwrap();
+        assert_eq!(heartbeat.check(at(35)), None);
+        assert_eq!(heartbeat.take_ended_silences(), []);
+        // 20 s without a beat, then beats again.
+        write(3).unwrap();
+        assert_eq!(heartbeat.check(at(55)), None);
+        assert_eq!(
+            heartbeat.take_ended_silences(),
+            [Stall { cpu: 0, silent: Duration::from_secs(20) }]
+        );
+        assert_eq!(heartbeat.take_ended_silences(), []);
     }
 
     #[test]

@@ -38,6 +38,9 @@ const CONSOLE_FILE: &str = "console";
 const QEMU_LOG: &str = "qemu.log";
 /// How often the command's stdout file is checked for new output.
 const STDOUT_POLL: Duration = Duration::from_millis(50);
+/// What the launcher prints when an L1 CPU was silent for longer than
+/// [`crate::heartbeat::NOTABLE_SILENCE`] and then went on.
+pub const L1_SILENT: &str = "gave no sign of life for";
 /// How often the L1 CPUs' signs of life are read (see [`crate::heartbeat`]).
 const HEARTBEAT_POLL: Duration = Duration::from_secs(1);
 
@@ -307,6 +310,13 @@ fn supervise(
             if let Some(stall) = heartbeat.check(now) {
                 kill(qemu);
                 return Ok(Supervised::Stalled(stall));
+            }
+            for silence in heartbeat.take_ended_silences() {
+                eprintln!(
+                    "termlab-nested: L1 CPU {} {L1_SILENT} {:.1} s, then went on (timeouts inside L1 may have run out meanwhile)",
+                    silence.cpu,
+                    silence.silent.as_secs_f64()
+                );
             }
         }
         if now >= deadline {

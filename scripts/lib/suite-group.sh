@@ -114,9 +114,10 @@ run_logged() { # log_file limit_s command...
 }
 
 # The lines of a suite's log that say why it failed, for the end of a long CI log (where a CI
-# system's excerpt shows them): the last 15 lines that name a failure, then the last 5 lines.
+# system's excerpt shows them): the last 15 lines that name a failure (and the nested
+# launcher's notes of an L1 VM that paused), then the last 5 lines.
 failure_digest() { # log_file
-    grep -E 'FAIL|not ok|panicked at|[Ee]rror[:(]|timed out|: failed|failed inside' "$1" |
+    grep -E 'FAIL|not ok|panicked at|[Ee]rror[:(]|timed out|: failed|failed inside|gave no sign of life' "$1" |
         grep -vE '(^| )0 failed|^ok ' | tail -n 15 | sed 's/^/    /'
     echo "    ..."
     tail -n 5 "$1" | sed 's/^/    /'
