@@ -61,47 +61,45 @@ end_group() { # pgid: SIGKILL to what is left of it, and wait until it is gone
     return 1
 }
 
-# The subshell running a suite beside the others (start_beside), while it runs.
-beside_pid=""
+# The subshell of the lane running beside the test command's own suites (start_lane), while
+# it runs.
+lane_pid=""
 
-# Ctrl-C or SIGTERM to the test command ends the running suite's whole group, and the one
-# beside it, then the command.
+# Ctrl-C or SIGTERM to the test command ends the running suite's whole group, and the lane's,
+# then the command.
 end_current_group_and_exit() {
     echo "[test] interrupted: ending the running suite" >&2
-    # The subshell of the suite beside ends its own group the same way (its trap).
-    [[ -z "$beside_pid" ]] || kill -TERM "$beside_pid" 2>/dev/null || true
+    # The lane's subshell ends its own running suite the same way (its trap).
+    [[ -z "$lane_pid" ]] || kill -TERM "$lane_pid" 2>/dev/null || true
     if [[ -n "$current_group" ]]; then
         kill -TERM -- "-$current_group" 2>/dev/null || true
         sleep 5
         end_group "$current_group" || true
     fi
-    [[ -z "$beside_pid" ]] || wait "$beside_pid" 2>/dev/null || true
+    [[ -z "$lane_pid" ]] || wait "$lane_pid" 2>/dev/null || true
     exit 130
 }
 
-# Starts a suite beside the ones that follow, as run_in_group would run it, with its output
-# only in log_file (printed by finish_beside) and its end time, in $SECONDS, in
-# log_file.ended. For a suite that needs one CPU beside one that leaves one idle: libFuzzer's
-# single process beside the QEMU TCG selftest, which uses about one of the two host CPUs
-# (44% idle measured) and ran 161/161 in the same 108 s beside it. One at a time.
-start_beside() { # log_file limit_s command...
-    local log="$1" limit="$2"
-    shift 2
+# Runs "$@" (a function that runs suites with run_in_group or run_with_retries, one after
+# the other) in a background subshell: a lane beside the suites that follow. For suites that
+# need one CPU beside suites that leave one idle, none of them timing-sensitive:
+# libFuzzer's single process beside the QEMU TCG selftest, which uses about one of the two
+# host CPUs (44% idle measured) and ran 161/161 in the same 108 s beside it; the nested
+# launcher's tests and the suite runner's (70% and 68% idle) beside the kernel stress (39%),
+# which passed 34/34 in 87 s instead of 75-79 s beside them. One lane at a time.
+start_lane() { # command...
     (
         trap end_current_group_and_exit INT TERM
-        rc=0
-        run_in_group "$limit" "$@" >"$log" 2>&1 || rc=$?
-        echo "$SECONDS" >"$log.ended"
-        exit "$rc"
+        "$@"
     ) &
-    beside_pid=$!
+    lane_pid=$!
 }
 
-# Waits for the suite start_beside started. Status: the suite's (124 on timeout).
-finish_beside() {
+# Waits for the lane start_lane started. Status: the lane's.
+finish_lane() {
     local rc=0
-    wait "$beside_pid" || rc=$?
-    beside_pid=""
+    wait "$lane_pid" || rc=$?
+    lane_pid=""
     return "$rc"
 }
 
