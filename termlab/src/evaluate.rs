@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use crate::results::kernel::KernelTermination;
 use crate::results::{ExpectationOutcome, Repetition, StepRecord};
 use crate::scenario::{
-    BudgetResultCheck, Check, EventPoint, EventRef, Expectation, KernelCaseCheck, MetricBound,
-    MetricSpec, TerminateResultCheck, TerminationsCheck, TriggerFieldCheck, TriggerOkCheck,
+    BudgetResultCheck, Check, EventPoint, EventRef, Expectation, KernelCaseCheck,
+    KmemleakCleanCheck, MetricBound, MetricSpec, TerminateResultCheck, TerminationsCheck,
+    TriggerFieldCheck, TriggerOkCheck,
 };
 
 /// The guest-clock timestamp of `event` in one repetition's records.
@@ -144,6 +145,7 @@ fn evaluate_one(
         Check::TerminateResult(result) => terminate_result_check(result),
         Check::KernelCase(want) => kernel_case_check(want),
         Check::BudgetResult(result) => budget_result_check(result),
+        Check::KmemleakClean(clean) => kmemleak_clean_check(clean),
         Check::Terminations(delta) => terminations_check(delta),
         Check::TriggerOk(ok) => trigger_ok_check(ok),
         Check::TriggerField(field) => trigger_field_check(field),
@@ -306,6 +308,29 @@ fn budget_result_check(result: &BudgetResultCheck) -> (String, RepetitionCheck) 
                 Ok(observed)
             } else {
                 Err(observed)
+            }
+        }),
+    )
+}
+
+fn kmemleak_clean_check(clean: &KmemleakCleanCheck) -> (String, RepetitionCheck) {
+    let step = clean.step.get_ref().to_string();
+    (
+        format!("kmemleak `{step}` reports no unreferenced object"),
+        Box::new(move |rep: &Repetition| {
+            let found = rep.steps.iter().find_map(|s| match s {
+                StepRecord::Kmemleak { label, suspects, report } if *label == step => {
+                    Some((*suspects, report))
+                }
+                _ => None,
+            });
+            match found {
+                None => Err(format!("kmemleak `{step}` did not run")),
+                Some((0, _)) => Ok("0 suspects".to_owned()),
+                Some((n, report)) => Err(format!(
+                    "{n} suspect(s); first: {}",
+                    report.lines().next().unwrap_or("(no report)").trim()
+                )),
             }
         }),
     )
@@ -777,5 +802,49 @@ terminations = { from = "before", to = "after", budget = 1, on_demand = 0 }
             "{}",
             by_name("counted").detail
         );
+    }
+
+    #[test]
+    fn kmemleak_clean_holds_only_for_a_scan_without_suspects() {
+        let scenario = scenario::parse(
+            r#"
+description = "x"
+[vm]
+kernel = "debug"
+[[step]]
+kmemleak = { label = "after" }
+[[expect]]
+name = "clean"
+kmemleak_clean = { step = "after" }
+"#,
+        )
+        .expect("valid");
+        let scan = |index: u32, suspects: u32, report: &str| Repetition {
+            index,
+            steps: vec![StepRecord::Kmemleak {
+                label: "after".into(),
+                suspects,
+                report: report.into(),
+            }],
+            metrics: BTreeMap::new(),
+        };
+        let leak = "unreferenced object 0xffff888004a1c000 (size 64):\n  comm \"sync\", pid 80";
+        let outcomes = evaluate(
+            &scenario.expectations,
+            &[scan(0, 0, ""), scan(1, 1, leak), scan(2, 0, "")],
+            None,
+        );
+        assert!(!outcomes[0].passed);
+        assert_eq!(outcomes[0].failed_repetitions, vec![1]);
+        assert!(
+            outcomes[0]
+                .detail
+                .contains("1 suspect(s); first: unreferenced object 0xffff888004a1c000"),
+            "{}",
+            outcomes[0].detail
+        );
+        let missing = Repetition { index: 0, steps: Vec::new(), metrics: BTreeMap::new() };
+        let outcomes = evaluate(&scenario.expectations, &[missing], None);
+        assert!(!outcomes[0].passed && outcomes[0].detail.contains("did not run"));
     }
 }

@@ -67,9 +67,11 @@ fn every_shipped_scenario_loads_with_a_description() {
         ["cgroup", "iterator", "kprobe", "kprobe-int3", "ringbuf", "tc", "trampoline", "xdp"]
     );
     // Campaigns: long runs by hand, outside the test command's scenarios/*.toml.
-    let campaign = scenario::load(&repo_root().join("scenarios/campaigns/stress.toml"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(!campaign.scenario.description.trim().is_empty());
+    for campaign in ["stress", "leaks"] {
+        let path = repo_root().join(format!("scenarios/campaigns/{campaign}.toml"));
+        let campaign = scenario::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!campaign.scenario.description.trim().is_empty());
+    }
 }
 
 /// (file, line, column, key, words of the message)
@@ -93,6 +95,13 @@ const BAD_FILES: &[(&str, usize, usize, &str, &str)] = &[
     ("vcpus-range.toml", 6, 9, "vm.vcpus", "vcpus must be between 1 and 8, not 9"),
     ("cpu-range.toml", 13, 53, "step[0].trigger.cpu", "cpu 2 does not exist"),
     ("unknown-program.toml", 13, 38, "step[0].trigger.program", "no [[program]] is named `lops`"),
+    (
+        "kmemleak-clean-of-a-trigger.toml",
+        17,
+        27,
+        "expect[0].kmemleak_clean.step",
+        "a kmemleak step",
+    ),
     (
         "summary-line-two-words.toml",
         11,

@@ -29,7 +29,7 @@ use crate::results::{
     self, Environment, Repetition, ResultsError, RunResult, ScenarioRecord, VmInfo, VmmInfo,
     AGENT_RTT_METRIC, IPI_RTT_METRIC,
 };
-use crate::scenario::{LoadedScenario, ProgramSpec, Scenario};
+use crate::scenario::{LoadedScenario, ProgramSpec, Scenario, Step};
 use crate::stack_proof::TermMap;
 pub use guest::{
     cmdline, console_last_lines, console_tail, describe_exit, BootSpec, Guest, CMDLINE,
@@ -207,23 +207,29 @@ pub fn check_kernel_for(scenario: &Scenario, kernel: &KernelBuild) -> Result<(),
     if scenario.verify_stack.as_ref().is_some_and(|v| *v.get_ref()) {
         kernel.require_system_map("verify_stack")?;
     }
-    if let Some(why) = crate::scenario::termination_series_use(scenario) {
-        if let Some(map) = &kernel.system_map {
-            let text = std::fs::read_to_string(map)
-                .map_err(|source| GuestImageError::Io { path: map.clone(), source })?;
-            let has_events = text
-                .lines()
-                .any(|line| line.split_whitespace().nth(2) == Some(TERMINATION_TRACEPOINT));
-            if !has_events {
-                return Err(GuestImageError::MissingFeature {
-                    image: kernel.bzimage.clone(),
-                    detail: format!("this scenario {why}, which needs the termination series (BPF_PROG_TERMINATE, its bpf: trace events and sysctls), and this kernel lacks it ({} has no {TERMINATION_TRACEPOINT}): boot a kernel with guest-kernel/patches applied", map.display()),
-                });
-            }
-        }
+    let Some(map) = &kernel.system_map else { return Ok(()) };
+    let needs_series = crate::scenario::termination_series_use(scenario);
+    let needs_kmemleak = scenario.steps.iter().any(|step| matches!(step, Step::Kmemleak(_)));
+    if needs_series.is_none() && !needs_kmemleak {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(map)
+        .map_err(|source| GuestImageError::Io { path: map.clone(), source })?;
+    let has =
+        |symbol: &str| text.lines().any(|line| line.split_whitespace().nth(2) == Some(symbol));
+    let missing =
+        |detail: String| GuestImageError::MissingFeature { image: kernel.bzimage.clone(), detail };
+    if let Some(why) = needs_series.filter(|_| !has(TERMINATION_TRACEPOINT)) {
+        return Err(missing(format!("this scenario {why}, which needs the termination series (BPF_PROG_TERMINATE, its bpf: trace events and sysctls), and this kernel lacks it ({} has no {TERMINATION_TRACEPOINT}): boot a kernel with guest-kernel/patches applied", map.display())));
+    }
+    if needs_kmemleak && !has(KMEMLEAK_SYMBOL) {
+        return Err(missing(format!("this scenario has a `kmemleak` step, which needs CONFIG_DEBUG_KMEMLEAK, and this kernel lacks it ({} has no {KMEMLEAK_SYMBOL}): the debug variant has it", map.display())));
     }
     Ok(())
 }
+
+/// A function of kmemleak's, in System.map when the kernel has it.
+const KMEMLEAK_SYMBOL: &str = "kmemleak_scan";
 
 /// How many clock requests make one agent round-trip sample (the median is kept).
 const AGENT_RTT_PROBES: usize = 5;

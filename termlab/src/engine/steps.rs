@@ -16,9 +16,9 @@ use crate::kernel_trace::{self, TraceEvent};
 use crate::results::stack::CpuStackProof;
 use crate::results::StepRecord;
 use crate::scenario::{
-    guest_object_path, guest_test_data_path, BudgetStep, Errno, ExecStep, Label, ProgInfoStep,
-    ProgramSpec, Scenario, SleepStep, Step, TerminateBy, TerminateStep, TerminateVia, TriggerStep,
-    WaitTraceStep, GUEST_LOADER,
+    guest_object_path, guest_test_data_path, BudgetStep, Errno, ExecStep, KmemleakStep, Label,
+    ProgInfoStep, ProgramSpec, Scenario, SleepStep, Step, TerminateBy, TerminateStep, TerminateVia,
+    TriggerStep, WaitTraceStep, GUEST_LOADER,
 };
 
 /// The kernel trace buffer, read by the agent through trace_pipe (see
@@ -260,6 +260,11 @@ impl RepetitionRun<'_, '_> {
                 self.outcomes.push(StepOutcome::Complete(record));
                 Ok(())
             }
+            Step::Kmemleak(scan) => {
+                let record = kmemleak_step(self.client, scan)?;
+                self.outcomes.push(StepOutcome::Complete(record));
+                Ok(())
+            }
         }
     }
 
@@ -447,6 +452,7 @@ pub fn describe_step(step: &Step) -> String {
         Step::Terminate(terminate) => format!("terminate `{}`", terminate.label.get_ref()),
         Step::Budget(budget) => format!("budget `{}`", budget.label.get_ref()),
         Step::ProgInfo(info) => format!("prog_info `{}`", info.label.get_ref()),
+        Step::Kmemleak(scan) => format!("kmemleak `{}`", scan.label.get_ref()),
     }
 }
 
@@ -832,6 +838,35 @@ fn budget_step(
         format!("budget `{label}`"),
     )?;
     Ok(StepRecord::Budget { label, prog_id, ms, errno: output.errno })
+}
+
+/// kmemleak's control and report file (debugfs).
+const KMEMLEAK: &str = "/sys/kernel/debug/kmemleak";
+/// Lines of kmemleak's report kept in the record.
+const KMEMLEAK_REPORT_LINES: usize = 60;
+
+/// Has kmemleak scan twice (an object is reported once two scans found no
+/// reference to it), reads its report, then clears it: the next scan reports
+/// only objects that leaked after this step.
+fn kmemleak_step(
+    client: &mut Client<UnixStream>,
+    step: &KmemleakStep,
+) -> Result<StepRecord, EngineError> {
+    let label = step.label.get_ref().to_string();
+    let script = format!(
+        "test -e {KMEMLEAK} || mount -t debugfs debugfs /sys/kernel/debug; \
+         test -w {KMEMLEAK} || {{ echo 'no {KMEMLEAK}: the kernel lacks CONFIG_DEBUG_KMEMLEAK (the debug variant has it)' >&2; exit 2; }}; \
+         echo scan > {KMEMLEAK} && echo scan > {KMEMLEAK} && cat {KMEMLEAK} && echo clear > {KMEMLEAK}"
+    );
+    let argv = vec!["sh".to_owned(), "-c".to_owned(), script];
+    let stdout = super::guest_output(client, argv, step.timeout_ms.get().into())?.stdout;
+    let suspects = stdout.lines().filter(|line| line.starts_with("unreferenced object")).count();
+    let report: Vec<&str> = stdout.lines().take(KMEMLEAK_REPORT_LINES).collect();
+    Ok(StepRecord::Kmemleak {
+        label,
+        suspects: u32::try_from(suspects).unwrap_or(u32::MAX),
+        report: report.join("\n"),
+    })
 }
 
 /// Reads a program's budget and termination counters from `bpftool --json prog show`.

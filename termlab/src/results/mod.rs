@@ -323,6 +323,16 @@ pub enum StepRecord {
         stdout: String,
         stderr: String,
     },
+    /// A `kmemleak` step: what the guest kernel's kmemleak reported.
+    Kmemleak {
+        label: String,
+        /// Unreferenced objects reported (leak suspects).
+        suspects: u32,
+        /// The start of kmemleak's report (each suspect's address, size,
+        /// comm and backtrace), empty when there was none.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        report: String,
+    },
     Sleep {
         requested_ms: u32,
         slept_ns: u64,

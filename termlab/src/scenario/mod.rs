@@ -127,6 +127,7 @@ enum LabelKind {
     Budget,
     ProgInfo,
     Exec,
+    Kmemleak,
 }
 
 const TRIGGERS: [LabelKind; 2] = [LabelKind::ForegroundTrigger, LabelKind::BackgroundTrigger];
@@ -357,6 +358,9 @@ impl StepChecker<'_> {
                 self.declare(&info.label, LabelKind::ProgInfo, key("prog_info.label"))
             }
             Step::Exec(exec) => self.declare(&exec.label, LabelKind::Exec, key("exec.label")),
+            Step::Kmemleak(scan) => {
+                self.declare(&scan.label, LabelKind::Kmemleak, key("kmemleak.label"))
+            }
         }
     }
 
@@ -527,6 +531,15 @@ fn validate_expectation(
             )?;
         }
         Check::Terminations(delta) => validate_terminations(delta, step_labels, &key)?,
+        Check::KmemleakClean(clean) => {
+            expect_label(
+                labels,
+                &clean.step,
+                &[LabelKind::Kmemleak],
+                key("kmemleak_clean.step"),
+                "a kmemleak step",
+            )?;
+        }
     }
     Ok(())
 }

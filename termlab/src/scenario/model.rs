@@ -228,6 +228,8 @@ pub enum Step {
     ProgInfo(ProgInfoStep),
     /// Run a guest command through the agent; see [`ExecStep`].
     Exec(ExecStep),
+    /// Ask the guest kernel's kmemleak for leaked memory; see [`KmemleakStep`].
+    Kmemleak(KmemleakStep),
 }
 
 impl Step {
@@ -239,6 +241,7 @@ impl Step {
             Step::Budget(b) => Some(&b.label),
             Step::ProgInfo(p) => Some(&p.label),
             Step::Exec(e) => Some(&e.label),
+            Step::Kmemleak(k) => Some(&k.label),
             Step::Sleep(_) | Step::Wait(_) | Step::WaitTrace(_) => None,
         }
     }
@@ -350,6 +353,20 @@ pub struct TerminateStep {
     /// Make the call as this uid without capabilities (the EPERM case).
     #[serde(default)]
     pub as_uid: Option<Spanned<u32>>,
+}
+
+/// `kmemleak = { label = "leaks" }`: has the guest kernel's kmemleak
+/// (CONFIG_DEBUG_KMEMLEAK: the `debug` variant) scan twice, records the
+/// unreferenced objects it reports, then clears them, so that the next
+/// kmemleak step reports only what leaked after this one. A kernel without
+/// kmemleak fails the step.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KmemleakStep {
+    pub label: Spanned<Label>,
+    /// How long the scans may take (a debug kernel under emulation: seconds).
+    #[serde(default)]
+    pub timeout_ms: TimeoutMs,
 }
 
 /// `budget = { label = "set", program = "spin", ms = 300 }`: runs
@@ -540,6 +557,8 @@ pub enum Check {
     BudgetResult(BudgetResultCheck),
     /// Between two prog_info steps, this many more runs were terminated.
     Terminations(TerminationsCheck),
+    /// A kmemleak step found no unreferenced object.
+    KmemleakClean(KmemleakCleanCheck),
 }
 
 /// The file form of [`Expectation`].
@@ -563,6 +582,8 @@ pub struct ExpectationTable {
     budget_result: Option<BudgetResultCheck>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     terminations: Option<TerminationsCheck>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kmemleak_clean: Option<KmemleakCleanCheck>,
 }
 
 impl TryFrom<ExpectationTable> for Expectation {
@@ -577,10 +598,11 @@ impl TryFrom<ExpectationTable> for Expectation {
         checks.extend(table.kernel_case.map(Check::KernelCase));
         checks.extend(table.budget_result.map(Check::BudgetResult));
         checks.extend(table.terminations.map(Check::Terminations));
+        checks.extend(table.kmemleak_clean.map(Check::KmemleakClean));
         match (checks.pop(), checks.is_empty()) {
             (Some(check), true) => Ok(Expectation { name: table.name, check }),
             _ => Err(format!(
-                "expectation `{}` needs exactly one of `metric`, `terminate_result`, `trigger_ok`, `trigger_field`, `dmesg_clean`, `kernel_case`, `budget_result`, `terminations`",
+                "expectation `{}` needs exactly one of `metric`, `terminate_result`, `trigger_ok`, `trigger_field`, `dmesg_clean`, `kernel_case`, `budget_result`, `terminations`, `kmemleak_clean`",
                 table.name
             )),
         }
@@ -599,6 +621,7 @@ impl From<Expectation> for ExpectationTable {
             Check::KernelCase(c) => table.kernel_case = Some(c),
             Check::BudgetResult(c) => table.budget_result = Some(c),
             Check::Terminations(c) => table.terminations = Some(c),
+            Check::KmemleakClean(c) => table.kmemleak_clean = Some(c),
         }
         table
     }
@@ -648,6 +671,14 @@ pub struct BudgetResultCheck {
     pub step: Spanned<Label>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub errno: Option<Errno>,
+}
+
+/// `kmemleak_clean = { step = "leaks" }`: that kmemleak step found no
+/// unreferenced object, in every repetition.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KmemleakCleanCheck {
+    pub step: Spanned<Label>,
 }
 
 /// `terminations = { from = "before", to = "after", budget = 2, on_demand = 0 }`:
