@@ -3,7 +3,7 @@
  * bpf_loader: the generic guest loader for users' BPF objects (scenario
  * `[[program]] object = ...` or `source = ...`).
  *
- *   bpf_loader load OBJECT [--prog FUNCTION] [--no-attach]
+ *   bpf_loader load OBJECT [--prog FUNCTION] [--no-attach | --cgroup DIR]
  *
  * Opens OBJECT with libbpf, selects the program FUNCTION (its C function
  * name; optional when the object holds one program), loads only that one,
@@ -13,7 +13,10 @@
  *
  *   prog_id=7 prog_name=spin function=spin section=tracepoint/syscalls/sys_enter_sync attached=1
  *
- * (prog_name is the kernel's name: the function name cut to 15 bytes). It
+ * (prog_name is the kernel's name: the function name cut to 15 bytes). A
+ * cgroup program (cgroup_skb/, cgroup/sysctl, ...) is attached to the cgroup
+ * v2 directory DIR given with --cgroup instead, created if missing, with
+ * cgroup2 mounted on /sys/fs/cgroup if it is not. It
  * then holds the program and its link until SIGTERM or SIGINT, detaches, and
  * exits 0 after printing `prog_id=N detached signal=S`.
  *
@@ -60,6 +63,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/statfs.h>
+#include <linux/magic.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -81,7 +87,7 @@ static int print_libbpf(enum libbpf_print_level level, const char *format, va_li
 static int usage(void)
 {
 	fprintf(stderr,
-		"usage: bpf_loader load OBJECT [--prog FUNCTION] [--no-attach]\n"
+		"usage: bpf_loader load OBJECT [--prog FUNCTION] [--no-attach | --cgroup DIR]\n"
 		"       bpf_loader test-run --id PROG_ID [--data-hex HEX | --data-file PATH] [--repeat N]\n"
 		"       bpf_loader globals --prog KERNEL_NAME -- COMMAND [ARG...]\n");
 	return 2;
@@ -129,9 +135,32 @@ static const char *errno_name(int error)
 	}
 }
 
+/* An fd of the cgroup v2 directory DIR (created if missing), or -1 after a message. */
+static int cgroup_fd(const char *dir)
+{
+	struct statfs fs;
+	int fd;
+
+	if (statfs("/sys/fs/cgroup", &fs) || fs.f_type != CGROUP2_SUPER_MAGIC) {
+		if (mount("cgroup2", "/sys/fs/cgroup", "cgroup2", 0, NULL)) {
+			fprintf(stderr, "bpf_loader: mounting cgroup2 on /sys/fs/cgroup: %s\n",
+				strerror(errno));
+			return -1;
+		}
+	}
+	if (mkdir(dir, 0755) && errno != EEXIST) {
+		fprintf(stderr, "bpf_loader: creating cgroup %s: %s\n", dir, strerror(errno));
+		return -1;
+	}
+	fd = open(dir, O_RDONLY | O_DIRECTORY);
+	if (fd < 0)
+		fprintf(stderr, "bpf_loader: opening cgroup %s: %s\n", dir, strerror(errno));
+	return fd;
+}
+
 static int load(int argc, char **argv)
 {
-	const char *path = NULL, *function = NULL;
+	const char *path = NULL, *function = NULL, *cgroup = NULL;
 	struct bpf_program *prog, *selected = NULL;
 	struct bpf_link *link = NULL;
 	struct bpf_object *object;
@@ -145,12 +174,14 @@ static int load(int argc, char **argv)
 			function = argv[++i];
 		else if (strcmp(argv[i], "--no-attach") == 0)
 			attach = 0;
+		else if (strcmp(argv[i], "--cgroup") == 0 && i + 1 < argc)
+			cgroup = argv[++i];
 		else if (argv[i][0] != '-' && path == NULL)
 			path = argv[i];
 		else
 			return usage();
 	}
-	if (path == NULL)
+	if (path == NULL || (cgroup && !attach))
 		return usage();
 
 	/* Block the stop signals first so one sent right after prog_id= is not lost. */
@@ -194,7 +225,18 @@ static int load(int argc, char **argv)
 		bpf_object__close(object);
 		return 1;
 	}
-	if (attach) {
+	if (cgroup) {
+		int fd = cgroup_fd(cgroup);
+
+		link = fd < 0 ? NULL : bpf_program__attach_cgroup(selected, fd);
+		if (fd >= 0 && !link)
+			fprintf(stderr, "bpf_loader: attaching %s to cgroup %s: %s\n",
+				bpf_program__name(selected), cgroup, strerror(errno));
+		if (!link) {
+			bpf_object__close(object);
+			return 1;
+		}
+	} else if (attach) {
 		link = bpf_program__attach(selected);
 		if (!link) {
 			fprintf(stderr, "bpf_loader: attaching %s by its section `%s`: %s (libbpf "

@@ -64,7 +64,17 @@ fn every_shipped_scenario_loads_with_a_description() {
     types.sort();
     assert_eq!(
         types,
-        ["cgroup", "iterator", "kprobe", "kprobe-int3", "ringbuf", "tc", "trampoline", "xdp"]
+        [
+            "cgroup",
+            "iterator",
+            "kprobe",
+            "kprobe-int3",
+            "ringbuf",
+            "sysctl",
+            "tc",
+            "trampoline",
+            "xdp"
+        ]
     );
     // Campaigns: long runs by hand, outside the test command's scenarios/*.toml.
     for campaign in ["stress", "leaks"] {
@@ -95,6 +105,13 @@ const BAD_FILES: &[(&str, usize, usize, &str, &str)] = &[
     ("vcpus-range.toml", 6, 9, "vm.vcpus", "vcpus must be between 1 and 8, not 9"),
     ("cpu-range.toml", 13, 53, "step[0].trigger.cpu", "cpu 2 does not exist"),
     ("unknown-program.toml", 13, 38, "step[0].trigger.program", "no [[program]] is named `lops`"),
+    (
+        "cgroup-outside.toml",
+        9,
+        10,
+        "program[0].cgroup",
+        "`/tmp/mine` is not a directory below /sys/fs/cgroup/",
+    ),
     (
         "kmemleak-clean-of-a-trigger.toml",
         17,

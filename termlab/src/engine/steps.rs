@@ -129,6 +129,9 @@ pub fn loader_argv(spec: &ProgramSpec) -> Vec<String> {
     if !spec.attaches() {
         argv.push("--no-attach".to_owned());
     }
+    if let Some(cgroup) = &spec.cgroup {
+        argv.extend(["--cgroup".to_owned(), cgroup.get_ref().clone()]);
+    }
     argv
 }
 

@@ -698,6 +698,35 @@ pub const GUEST_LOADER: &str = "/bin/bpf_loader";
 /// Largest `test_run` packet (the loader's MAX_DATA_BYTES).
 pub const MAX_TEST_DATA_BYTES: usize = 64 * 1024;
 
+/// `cgroup`: a directory under /sys/fs/cgroup/, for a program that is attached.
+fn validate_cgroup(
+    program: &ProgramSpec,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), SpannedError> {
+    let Some(cgroup) = &program.cgroup else { return Ok(()) };
+    let dir = cgroup.get_ref();
+    let below_root = dir.strip_prefix("/sys/fs/cgroup/").is_some_and(|rest| {
+        !rest.is_empty() && rest.split('/').all(|part| !part.is_empty() && part != "..")
+    });
+    if !below_root {
+        return Err(invalid(
+            cgroup,
+            key("cgroup"),
+            format!(
+                "`{dir}` is not a directory below /sys/fs/cgroup/ (the guest's cgroup v2 root)"
+            ),
+        ));
+    }
+    if !program.attaches() {
+        return Err(invalid(
+            cgroup,
+            key("cgroup"),
+            "`cgroup` attaches the program: not with `attach = false`",
+        ));
+    }
+    Ok(())
+}
+
 /// `summary_line`: one word, naming a line of the program's `trigger` command.
 fn validate_summary_line(
     program: &ProgramSpec,
@@ -745,10 +774,12 @@ fn validate_program(
         }
     }
     validate_summary_line(program, key)?;
+    validate_cgroup(program, key)?;
     if let Some(loader) = &program.loader {
         for (given, field) in [
             (program.function.as_ref().map(Spanned::span), "function"),
             (program.attach.as_ref().map(Spanned::span), "attach"),
+            (program.cgroup.as_ref().map(Spanned::span), "cgroup"),
             (program.test_run.as_ref().map(Spanned::span), "test_run"),
         ] {
             if let Some(span) = given {

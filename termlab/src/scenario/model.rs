@@ -151,6 +151,10 @@ pub struct ProgramSpec {
     /// program that is only run through `test_run`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attach: Option<Spanned<bool>>,
+    /// A cgroup program's cgroup v2 directory in the guest (under
+    /// /sys/fs/cgroup/, created if missing): the loader attaches it there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<Spanned<String>>,
     /// Guest argv of a loader of its own (e.g. `["term_stress", "hold"]`),
     /// which prints `prog_id=N` once the program is loaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
