@@ -170,7 +170,14 @@ fn vector_registers_survive_context_switches_and_host_pauses() {
     let mut pauses = 0;
     let deadline = Instant::now() + STEP_TIMEOUT;
     while !vm.console().wait_for("STRESS-DONE", Duration::from_millis(50)) {
-        assert!(vm.wait_exit(Some(Duration::ZERO)).is_none(), "console:\n{}", vm.console().text());
+        // How the VM ended, if it did (`Some(TripleFault)`, `Some(Reset)`, ...): the console
+        // alone does not tell.
+        let ended = vm.wait_exit(Some(Duration::ZERO));
+        assert!(
+            ended.is_none(),
+            "the VM ended before STRESS-DONE: {ended:?}; console:\n{}",
+            vm.console().text()
+        );
         assert!(
             Instant::now() < deadline,
             "no STRESS-DONE within {STEP_TIMEOUT:?}; console:\n{}",
