@@ -510,15 +510,19 @@ static int count_record(void *ctx, void *data __attribute__((unused)),
 	return 0;
 }
 
-/* Reads the ring buffer MAP_FD as its consumer; 0, or -1 after a message. */
+/* Reads the ring buffer MAP_FD as its consumer (keeps the fd; closes it past MAX_RINGS); 0,
+ * or -1 after a message.
+ */
 static int add_ring(struct globals *globals, int map_fd, const struct bpf_map_info *info)
 {
 	struct ring *ring = &globals->rings[globals->nr_rings];
 	long page = sysconf(_SC_PAGESIZE);
 	void *consumer, *producer;
 
-	if (globals->nr_rings == MAX_RINGS)
+	if (globals->nr_rings == MAX_RINGS) {
+		close(map_fd);
 		return 0;
+	}
 	snprintf(ring->name, sizeof(ring->name), "%s", info->name);
 	ring->reader = ring_buffer__new(map_fd, count_record, ring, NULL);
 	consumer = mmap(NULL, page, PROT_READ, MAP_SHARED, map_fd, 0);
@@ -578,10 +582,12 @@ static int find_globals(int prog_fd, struct globals *globals)
 		if (dot && (strcmp(dot, ".bss") == 0 || strcmp(dot, ".data") == 0) &&
 		    map_info.type == BPF_MAP_TYPE_ARRAY && map_info.max_entries == 1)
 			add_global_map(globals, fd, &map_info);
-		else if (map_info.type == BPF_MAP_TYPE_RINGBUF && add_ring(globals, fd, &map_info))
-			return -1;
-		else if (map_info.type != BPF_MAP_TYPE_RINGBUF)
+		else if (map_info.type == BPF_MAP_TYPE_RINGBUF) {
+			if (add_ring(globals, fd, &map_info))
+				return -1;
+		} else {
 			close(fd);
+		}
 	}
 	if (globals->nr_vars == 0) {
 		fprintf(stderr, "bpf_loader: the program has no integer global variables "
