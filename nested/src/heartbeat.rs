@@ -91,9 +91,7 @@ impl Heartbeat {
             (silent > self.limit).then_some(Stall { cpu, silent })
         })
     }
-}
 
-impl Heartbeat {
     /// The silences longer than [`NOTABLE_SILENCE`] that ended since the last call: L1 CPUs
     /// that gave no sign of life for a while, then went on.
     pub fn take_ended_silences(&mut self) -> Vec<Stall> {
