@@ -29,6 +29,8 @@ pub enum NestedError {
     BadMount { path: PathBuf, reason: &'static str },
     #[error("unknown nested mode {0:?} (expected auto, always or never)")]
     BadMode(String),
+    #[error("TERMLAB_L1_SLOTS={value:?}: expected a number of L1 VMs from 1 to {max}")]
+    BadL1Slots { value: String, max: usize },
 }
 
 fn console_tail_text(tail: &[String]) -> String {

@@ -22,8 +22,14 @@ use crate::lock::FileLock;
 use crate::mounts::MountPlan;
 use crate::tempdir::TempDir;
 
-/// One L1 job at a time per host: each L1 VM takes all the host's cores in software emulation.
+/// One L1 job at a time per host by default: an L1 VM can take all the host's cores in
+/// software emulation. [`L1_SLOTS_ENV`] allows more (slots `l1.lock`, `l1.lock.1`, ...).
 const L1_LOCK: &str = "/run/termlab/l1.lock";
+/// How many L1 VMs may run at once on this host (default 1, at most [`MAX_L1_SLOTS`]). A
+/// job whose L1 mostly waits (a guest with one busy vCPU: about 40 % of a 2-core host idle)
+/// leaves room for a second; measurements then share the CPUs (see scripts/test).
+pub const L1_SLOTS_ENV: &str = "TERMLAB_L1_SLOTS";
+const MAX_L1_SLOTS: usize = 4;
 /// Job directories live on the host; each is a writable 9p export of its job's L1 VM.
 const JOBS_DIR: &str = "/run/termlab/l1-jobs";
 /// How long the command in L1 gets to stop cleanly after a forwarded signal (stop its VM,
@@ -108,7 +114,7 @@ pub fn run_in_l1(argv: &[OsString], options: &L1Options) -> Result<i32, NestedEr
         .mode(0o700)
         .create(JOBS_DIR)
         .map_err(|e| NestedError::io("create", Path::new(JOBS_DIR), e))?;
-    let _lock = FileLock::exclusive(Path::new(L1_LOCK))?;
+    let _lock = FileLock::one_of(Path::new(L1_LOCK), l1_slots()?)?;
     let job = TempDir::new(Path::new(JOBS_DIR), "job")?;
     let mut exports = writable;
     exports.push(job.path().to_owned());
@@ -149,6 +155,17 @@ pub fn run_in_l1(argv: &[OsString], options: &L1Options) -> Result<i32, NestedEr
             cause: l1_end_cause(&job.path().join(QEMU_LOG)),
             console_tail: console_tail.into(),
         }),
+    }
+}
+
+/// [`L1_SLOTS_ENV`], checked: a number from 1 to [`MAX_L1_SLOTS`].
+fn l1_slots() -> Result<usize, NestedError> {
+    match std::env::var(L1_SLOTS_ENV) {
+        Err(_) => Ok(1),
+        Ok(text) => match text.parse::<usize>() {
+            Ok(slots) if (1..=MAX_L1_SLOTS).contains(&slots) => Ok(slots),
+            _ => Err(NestedError::BadL1Slots { value: text, max: MAX_L1_SLOTS }),
+        },
     }
 }
 
