@@ -33,13 +33,22 @@ fn scratch(name: &str) -> PathBuf {
 /// nested suite only when they name the emulated host).
 /// termlab's exit status, its stdout, the run's result, and all of that with stderr for a
 /// failed assertion to show.
-fn run(scenario: &Path, results: &Path) -> (Option<i32>, String, RunResult, String) {
+/// `progress` is the global progress option (`--quiet`, ...) and `run_options` more options of
+/// `run`.
+fn run(
+    scenario: &Path,
+    results: &Path,
+    progress: &[&str],
+    run_options: &[&str],
+) -> (Option<i32>, String, RunResult, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_termlab"))
         .current_dir(repo_root())
-        .args(["--quiet", "run", "--repeat", "2", "--junit"])
+        .args(progress)
+        .args(["run", "--repeat", "2", "--junit"])
         .arg(junit_file(results))
         .arg("--results")
         .arg(results)
+        .args(run_options)
         .arg(scenario)
         .output()
         .expect("termlab runs");
@@ -71,8 +80,22 @@ fn junit_file(results: &Path) -> PathBuf {
 #[ignore = "boots the guest: minutes; needs the kernel build and the agent"]
 fn control_scenario_passes_and_writes_its_reports() {
     let results = scratch("control");
-    let (code, _, result, explain) = run(&repo_root().join("scenarios/control.toml"), &results);
+    // Its output is no terminal, as in a CI log: progress comes as plain lines, one per
+    // repetition with the time elapsed, and --console streams the guest console beside them.
+    let (code, _, result, explain) =
+        run(&repo_root().join("scenarios/control.toml"), &results, &[], &["--console"]);
     assert_eq!(code, Some(0), "{explain}");
+    for rep in 1..=2 {
+        let line = format!("[control] rep {rep}/2 done in ");
+        assert!(
+            explain.lines().any(|l| l.starts_with(&line) && l.contains(" (elapsed ")),
+            "no `{line}... (elapsed ...)` line: {explain}"
+        );
+    }
+    assert!(
+        explain.lines().any(|l| l.starts_with("console| ") && l.contains("termlab-agent")),
+        "the guest console was not streamed: {explain}"
+    );
     assert!(result.complete && result.all_expectations_passed(), "{explain}");
     assert_eq!(result.repetitions.len(), 2);
     let full_run = &result
@@ -121,7 +144,7 @@ fn a_broken_expectation_fails_the_run_and_is_named() {
     assert_ne!(broken, control, "control.toml changed: update this test's replacement");
     let scenario = results.join("broken-control.toml");
     std::fs::write(&scenario, broken).expect("write scenario");
-    let (code, stdout, result, explain) = run(&scenario, &results);
+    let (code, stdout, result, explain) = run(&scenario, &results, &["--quiet"], &[]);
     assert_eq!(code, Some(1), "{explain}");
     assert!(
         stdout.contains("FAIL: failed: deliberately broken: a run lasts a minute"),
