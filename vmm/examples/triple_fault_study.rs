@@ -1,0 +1,137 @@
+//! Why nested guests triple-fault now and then (README, open problems): boots the VMM tests'
+//! guest (vmm/tests/guest/init.c) `--runs` times, one VM after the other in this process, each
+//! running its vector stress for `--stress-s` seconds (two processes per vCPU yielding to each
+//! other: thousands of context switches, CR3 writes and exits a second), with the KVM trace
+//! events of the kernel underneath on. For every guest that triple-faults it prints the last
+//! events of the vCPU that shut down: the exit before, the entry, and the shutdown with the
+//! event that was being delivered (`intr_info`: SVM's exit_int_info, and its error code).
+//! Run as root where KVM can run Linux, e.g. inside L1:
+//!
+//! ```text
+//! termlab-nested --nested always -- target/release/examples/triple_fault_study \
+//!     --kernel K/bzImage --initrd target/tmp/termlab-vmm-boot/initramfs.cpio
+//! ```
+//!
+//! (the initramfs is built by `cargo test --release -p termlab-vmm --test lifecycle`).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use termlab_vmm::{Error, ExitReason, Vm, VmConfig};
+
+const CMDLINE: &str = "console=ttyS0 loglevel=5 reboot=k panic=-1 nokaslr termlab.end=reboot";
+const TRACING: &str = "/sys/kernel/tracing";
+const EVENTS: [&str; 4] = ["kvm_exit", "kvm_entry", "kvm_inj_virq", "kvm_userspace_exit"];
+const TIMEOUT: Duration = Duration::from_secs(180);
+
+struct Args {
+    kernel: PathBuf,
+    initrd: PathBuf,
+    runs: usize,
+    stress_s: u32,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args { kernel: PathBuf::new(), initrd: PathBuf::new(), runs: 20, stress_s: 10 };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--kernel" => args.kernel = value.into(),
+            "--initrd" => args.initrd = value.into(),
+            "--runs" => args.runs = value.parse().map_err(|e| format!("--runs: {e}"))?,
+            "--stress-s" => {
+                args.stress_s = value.parse().map_err(|e| format!("--stress-s: {e}"))?
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if !args.kernel.is_file() || !args.initrd.is_file() {
+        return Err("--kernel and --initrd must name existing files".into());
+    }
+    Ok(args)
+}
+
+/// Turns the KVM trace events on (mounting tracefs where needed).
+fn start_tracing() -> Result<(), String> {
+    let tracing = Path::new(TRACING);
+    if !tracing.join("trace").exists() {
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tracefs", "nodev", TRACING])
+            .status()
+            .map_err(|e| format!("mount tracefs: {e}"))?;
+        if !status.success() {
+            return Err(format!("mount tracefs on {TRACING}: {status}"));
+        }
+    }
+    let write = |file: &str, text: &str| {
+        std::fs::write(tracing.join(file), text).map_err(|e| format!("{TRACING}/{file}: {e}"))
+    };
+    write("buffer_size_kb", "4096")?;
+    for event in EVENTS {
+        write(&format!("events/kvm/{event}/enable"), "1")?;
+    }
+    write("trace", "")
+}
+
+/// How one guest ended, after at most the stress time and the timeout.
+fn run_guest(args: &Args) -> Result<String, Error> {
+    let cmdline = format!("{CMDLINE} termlab.stress={}", args.stress_s);
+    let mut config = VmConfig::new(args.kernel.clone(), Some(args.initrd.clone()), cmdline);
+    config.mem_mib = 256;
+    let mut vm = Vm::new(config)?;
+    vm.start()?;
+    // Polled the way the VMM's lifecycle test polls (the study reproduced it that way).
+    let deadline = Instant::now() + TIMEOUT;
+    while !vm.console().wait_for("STRESS-DONE", Duration::from_millis(50))
+        && vm.wait_exit(Some(Duration::ZERO)).is_none()
+        && Instant::now() < deadline
+    {}
+    let reason = vm.wait_exit(Some(TIMEOUT));
+    let console = vm.console().text();
+    let done = console.lines().find(|l| l.starts_with("STRESS-DONE")).unwrap_or("no STRESS-DONE");
+    Ok(format!("{reason:?}: {}", done.trim_end()))
+}
+
+/// The last events of the vCPU whose exit was the shutdown, from the trace buffer.
+fn shutdown_events() -> Vec<String> {
+    let trace = std::fs::read_to_string(Path::new(TRACING).join("trace")).unwrap_or_default();
+    let lines: Vec<&str> = trace.lines().collect();
+    let Some(at) = lines.iter().position(|l| l.contains("reason shutdown")) else {
+        return vec!["(no shutdown exit in the trace)".into()];
+    };
+    let vcpu = lines[at].split("kvm_exit: ").nth(1).and_then(|rest| rest.split(" reason").next());
+    // `kvm_exit: vcpu 0 reason ...`, `kvm_entry: vcpu 0, rip ...`
+    let mine = |l: &&&str| {
+        vcpu.is_some_and(|v| [" ", ","].iter().any(|end| l.contains(&format!("{v}{end}"))))
+    };
+    let mut events: Vec<String> =
+        lines[..=at].iter().rev().filter(mine).take(4).map(|l| l.trim().to_owned()).collect();
+    events.reverse();
+    events
+}
+
+fn main() {
+    let args = parse_args().unwrap_or_else(|e| {
+        eprintln!("triple_fault_study: {e}");
+        std::process::exit(2)
+    });
+    if let Err(e) = start_tracing() {
+        eprintln!("triple_fault_study: {e} (run as root where KVM runs Linux)");
+        std::process::exit(1);
+    }
+    let mut triple_faults = 0;
+    for run in 1..=args.runs {
+        let _ = std::fs::write(Path::new(TRACING).join("trace"), "");
+        let started = Instant::now();
+        let outcome = run_guest(&args).unwrap_or_else(|e| format!("error: {e}"));
+        println!("run {run}: {outcome} ({:.1} s)", started.elapsed().as_secs_f64());
+        if outcome.starts_with(&format!("{:?}", Some(ExitReason::TripleFault))) {
+            triple_faults += 1;
+            for event in shutdown_events() {
+                println!("    {event}");
+            }
+        }
+    }
+    println!("triple_fault_study: {triple_faults} of {} guests triple-faulted", args.runs);
+}
