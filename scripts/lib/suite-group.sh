@@ -128,9 +128,10 @@ readonly L1_CRASHED="the L1 VM ended without running the command"
 readonly L1_STALLED="the L1 VM stalled and was killed"
 # What termlab prints when a guest's vCPU triple-faulted, and what the nested launcher prints
 # when it runs the command inside L1. Nested guests (L2, on L1's KVM on QEMU TCG's emulated
-# SVM) triple-fault now and then without a console message, twice during boot before any BPF
-# program existed (the record is in README's open problems); no guest on a real KVM has been
-# watched long enough to say it does not happen there. Counted as the emulated host failing.
+# SVM) triple-fault now and then without a console message: traced inside L1, each one is an
+# instruction fetch of kernel text that faults "not present" right after KVM entered the
+# guest, which no real CPU does (README's open problems; vmm/examples/triple_fault_study.rs).
+# Counted as the emulated host failing.
 readonly L2_TRIPLE_FAULT="a vCPU triple-faulted"
 # The same exit as the VMM's own tests print it (`ExitReason` in an assertion's message).
 readonly L2_TRIPLE_FAULT_VMM="Some(TripleFault)"
