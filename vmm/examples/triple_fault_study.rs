@@ -24,32 +24,21 @@ const TRACING: &str = "/sys/kernel/tracing";
 const EVENTS: [&str; 4] = ["kvm_exit", "kvm_entry", "kvm_inj_virq", "kvm_userspace_exit"];
 const TIMEOUT: Duration = Duration::from_secs(180);
 
+/// Boot the vector-stress guest again and again; print the KVM events around each triple fault.
+#[derive(clap::Parser)]
 struct Args {
+    /// The guest kernel (bzImage).
+    #[arg(long)]
     kernel: PathBuf,
+    /// The VMM tests' initramfs (its init runs the stress).
+    #[arg(long)]
     initrd: PathBuf,
+    /// Guests to boot, one after the other.
+    #[arg(long, default_value_t = 20)]
     runs: usize,
+    /// Seconds of stress per guest.
+    #[arg(long, default_value_t = 10)]
     stress_s: u32,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args { kernel: PathBuf::new(), initrd: PathBuf::new(), runs: 20, stress_s: 10 };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--kernel" => args.kernel = value.into(),
-            "--initrd" => args.initrd = value.into(),
-            "--runs" => args.runs = value.parse().map_err(|e| format!("--runs: {e}"))?,
-            "--stress-s" => {
-                args.stress_s = value.parse().map_err(|e| format!("--stress-s: {e}"))?
-            }
-            other => return Err(format!("unknown argument {other}")),
-        }
-    }
-    if !args.kernel.is_file() || !args.initrd.is_file() {
-        return Err("--kernel and --initrd must name existing files".into());
-    }
-    Ok(args)
 }
 
 /// Turns the KVM trace events on (mounting tracefs where needed).
@@ -112,10 +101,7 @@ fn shutdown_events() -> Vec<String> {
 }
 
 fn main() {
-    let args = parse_args().unwrap_or_else(|e| {
-        eprintln!("triple_fault_study: {e}");
-        std::process::exit(2)
-    });
+    let args = <Args as clap::Parser>::parse();
     if let Err(e) = start_tracing() {
         eprintln!("triple_fault_study: {e} (run as root where KVM runs Linux)");
         std::process::exit(1);
