@@ -239,7 +239,8 @@ fn breakpoints_stop_the_guest_where_introspection_reads_it() {
     guest.vm.start().expect("start VM");
     assert!(
         guest.vm.console().wait_for("INTROSPECT-READY", STEP_TIMEOUT),
-        "init did not get ready; console:\n{}",
+        "init did not get ready (the VM's end, if it ended: {:?}); console:\n{}",
+        guest.vm.wait_exit(Some(std::time::Duration::ZERO)),
         guest.console()
     );
     // init waits two seconds before its first getppid call; it is the only caller.

@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use termlab_nested::cpio::CpioWriter;
 use termlab_nested::L1Options;
@@ -155,14 +155,27 @@ pub fn run_where_kvm_works(test_name: &str) -> bool {
     termlab_nested::run_test_where_kvm_works(test_name, &options)
 }
 
+/// Waits up to [`STEP_TIMEOUT`] for `marker` on the console; panics at once, naming how, when
+/// the VM ends first (`Some(TripleFault)`, ...: the console alone does not tell, and a nested
+/// guest's triple fault is what scripts/test tries a suite again for).
 pub fn wait_for(vm: &Vm, marker: &str) {
-    if !vm.console().wait_for(marker, STEP_TIMEOUT) {
-        panic!(
-            "no {marker:?} on the console within {STEP_TIMEOUT:?}; where the guest is: {}; \
-             console:\n{}",
-            where_the_vcpus_are(vm),
-            vm.console().text()
-        );
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while !vm.console().wait_for(marker, Duration::from_millis(200)) {
+        let ended = vm.wait_exit(Some(Duration::ZERO));
+        if ended.is_some() && !vm.console().text().contains(marker) {
+            panic!(
+                "the VM ended before {marker:?} appeared: {ended:?}; console:\n{}",
+                vm.console().text()
+            );
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "no {marker:?} on the console within {STEP_TIMEOUT:?}; where the guest is: {}; \
+                 console:\n{}",
+                where_the_vcpus_are(vm),
+                vm.console().text()
+            );
+        }
     }
 }
 
