@@ -28,7 +28,7 @@ const L1_LOCK: &str = "/run/termlab/l1.lock";
 /// How many L1 VMs may run at once on this host (default 1, at most [`MAX_L1_SLOTS`]). A
 /// job whose L1 mostly waits (a guest with one busy vCPU: about 40 % of a 2-core host idle)
 /// leaves room for a second; measurements then share the CPUs (see scripts/test).
-pub const L1_SLOTS_ENV: &str = "TERMLAB_L1_SLOTS";
+const L1_SLOTS_ENV: &str = "TERMLAB_L1_SLOTS";
 const MAX_L1_SLOTS: usize = 4;
 /// Job directories live on the host; each is a writable 9p export of its job's L1 VM.
 const JOBS_DIR: &str = "/run/termlab/l1-jobs";
@@ -101,6 +101,8 @@ impl Default for L1Options {
 /// and the command's stderr) goes to stderr. Ctrl-C/SIGTERM/SIGHUP are passed on to the
 /// command (which then has a grace period to end cleanly); a second one kills the L1 VM.
 pub fn run_in_l1(argv: &[OsString], options: &L1Options) -> Result<i32, NestedError> {
+    // Checked before anything starts: a refused value changes nothing.
+    let slots = l1_slots(std::env::var(L1_SLOTS_ENV).ok())?;
     let cwd =
         std::env::current_dir().map_err(|e| NestedError::io("get", Path::new("current dir"), e))?;
     let writable = writable_dirs(&cwd, &options.writable)?;
@@ -114,7 +116,7 @@ pub fn run_in_l1(argv: &[OsString], options: &L1Options) -> Result<i32, NestedEr
         .mode(0o700)
         .create(JOBS_DIR)
         .map_err(|e| NestedError::io("create", Path::new(JOBS_DIR), e))?;
-    let _lock = FileLock::one_of(Path::new(L1_LOCK), l1_slots()?)?;
+    let _lock = FileLock::one_of(Path::new(L1_LOCK), slots)?;
     let job = TempDir::new(Path::new(JOBS_DIR), "job")?;
     let mut exports = writable;
     exports.push(job.path().to_owned());
@@ -158,14 +160,13 @@ pub fn run_in_l1(argv: &[OsString], options: &L1Options) -> Result<i32, NestedEr
     }
 }
 
-/// [`L1_SLOTS_ENV`], checked: a number from 1 to [`MAX_L1_SLOTS`].
-fn l1_slots() -> Result<usize, NestedError> {
-    match std::env::var(L1_SLOTS_ENV) {
-        Err(_) => Ok(1),
-        Ok(text) => match text.parse::<usize>() {
-            Ok(slots) if (1..=MAX_L1_SLOTS).contains(&slots) => Ok(slots),
-            _ => Err(NestedError::BadL1Slots { value: text, max: MAX_L1_SLOTS }),
-        },
+/// The value of [`L1_SLOTS_ENV`] (`None`: unset), checked: a number from 1 to
+/// [`MAX_L1_SLOTS`]; 1 when unset.
+fn l1_slots(value: Option<String>) -> Result<usize, NestedError> {
+    let Some(text) = value else { return Ok(1) };
+    match text.parse::<usize>() {
+        Ok(slots) if (1..=MAX_L1_SLOTS).contains(&slots) => Ok(slots),
+        _ => Err(NestedError::BadL1Slots { value: text, max: MAX_L1_SLOTS }),
     }
 }
 
@@ -466,6 +467,16 @@ impl Drop for SignalGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn l1_slots_default_to_one_and_refuse_what_is_no_count_from_1_to_4() {
+        assert_eq!(l1_slots(None).ok(), Some(1));
+        assert_eq!(l1_slots(Some("2".into())).ok(), Some(2));
+        for bad in ["0", "5", "two", ""] {
+            let error = l1_slots(Some(bad.into())).expect_err(bad).to_string();
+            assert!(error.contains("TERMLAB_L1_SLOTS") && error.contains("1 to 4"), "{error}");
+        }
+    }
 
     #[test]
     fn terminal_codes_are_removed() {
