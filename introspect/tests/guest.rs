@@ -23,7 +23,7 @@ use termlab_introspect::paging::PageTables;
 use termlab_introspect::symbols::SymbolTable;
 use termlab_nested::cpio::CpioWriter;
 use termlab_nested::L1Options;
-use termlab_vmm::{ExitReason, Vm, VmConfig};
+use termlab_vmm::{ConsoleWait, ExitReason, Vm, VmConfig};
 
 /// The boot's informational lines stay on: check_banner compares the kernel's banner, a
 /// KERN_NOTICE line, with what the page walk reads.
@@ -237,12 +237,14 @@ fn breakpoints_stop_the_guest_where_introspection_reads_it() {
     config.mem_mib = 256;
     let mut guest = Guest { vm: Vm::new(config).expect("create VM"), symbols };
     guest.vm.start().expect("start VM");
-    assert!(
-        guest.vm.console().wait_for("INTROSPECT-READY", STEP_TIMEOUT),
-        "init did not get ready (the VM's end, if it ended: {:?}); console:\n{}",
-        guest.vm.wait_exit(Some(std::time::Duration::ZERO)),
-        guest.console()
-    );
+    match guest.vm.wait_for_console("INTROSPECT-READY", STEP_TIMEOUT) {
+        ConsoleWait::Found => {}
+        other => panic!(
+            "init did not get ready ({other:?}; the VM's end, if it ended: {:?}); console:\n{}",
+            guest.vm.wait_exit(Some(Duration::ZERO)),
+            guest.console()
+        ),
+    }
     // init waits two seconds before its first getppid call; it is the only caller.
     guest.vm.pause().expect("pause");
     let getppid = guest.sym("__x64_sys_getppid");

@@ -28,7 +28,7 @@ pub use devices::console::ConsoleLog;
 pub use kvm_bindings::{kvm_regs, kvm_sregs};
 pub use kvm_ioctls::VcpuFd;
 pub use virtio::vsock::{BackendError as VsockBackendError, VsockConfig};
-pub use vm::{ConsoleConfig, Error, ExitReason, ExitWatch, Vm, VmConfig};
+pub use vm::{ConsoleConfig, ConsoleWait, Error, ExitReason, ExitWatch, Vm, VmConfig};
 
 /// This crate's version, for the records of what ran a guest.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -73,6 +73,17 @@ impl VmConfig {
     }
 }
 
+/// What [`Vm::wait_for_console`] saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleWait {
+    /// The marker is on the console.
+    Found,
+    /// The VM ended, this way, before the marker appeared.
+    Ended(ExitReason),
+    /// Neither within the timeout.
+    TimedOut,
+}
+
 /// Why a VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitReason {
@@ -499,6 +510,30 @@ impl Vm {
     /// The VM fd, for VM-wide KVM calls a caller may need (e.g. dirty logging).
     pub fn vm_fd(&self) -> &VmFd {
         &self.vm_fd
+    }
+
+    /// Waits up to `timeout` for `marker` on the console, or for the VM to end before it
+    /// appears (a guest that printed the marker and then ended counts as found): a caller
+    /// learns at once, and how, when the guest it waits on is gone.
+    pub fn wait_for_console(&self, marker: &str, timeout: Duration) -> ConsoleWait {
+        const SLICE: Duration = Duration::from_millis(50);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.console.wait_for(marker, left.min(SLICE)) {
+                return ConsoleWait::Found;
+            }
+            if let Some(reason) = self.wait_exit(Some(Duration::ZERO)) {
+                return if self.console.wait_for(marker, Duration::ZERO) {
+                    ConsoleWait::Found
+                } else {
+                    ConsoleWait::Ended(reason)
+                };
+            }
+            if left.is_zero() {
+                return ConsoleWait::TimedOut;
+            }
+        }
     }
 
     /// Waits until the guest ends the VM (or `timeout` passes: `None`).

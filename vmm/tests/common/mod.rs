@@ -10,11 +10,11 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use termlab_nested::cpio::CpioWriter;
 use termlab_nested::L1Options;
-use termlab_vmm::Vm;
+use termlab_vmm::{ConsoleWait, Vm};
 
 /// loglevel=5: the boot's informational lines would cost seconds of nested I/O exits (see
 /// termlab's engine/guest.rs); the tests look for their init's markers and for panics.
@@ -159,23 +159,19 @@ pub fn run_where_kvm_works(test_name: &str) -> bool {
 /// the VM ends first (`Some(TripleFault)`, ...: the console alone does not tell, and a nested
 /// guest's triple fault is what scripts/test tries a suite again for).
 pub fn wait_for(vm: &Vm, marker: &str) {
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    while !vm.console().wait_for(marker, Duration::from_millis(200)) {
-        let ended = vm.wait_exit(Some(Duration::ZERO));
-        if ended.is_some() && !vm.console().text().contains(marker) {
-            panic!(
-                "the VM ended before {marker:?} appeared: {ended:?}; console:\n{}",
-                vm.console().text()
-            );
-        }
-        if Instant::now() >= deadline {
-            panic!(
-                "no {marker:?} on the console within {STEP_TIMEOUT:?}; where the guest is: {}; \
-                 console:\n{}",
-                where_the_vcpus_are(vm),
-                vm.console().text()
-            );
-        }
+    match vm.wait_for_console(marker, STEP_TIMEOUT) {
+        ConsoleWait::Found => {}
+        ConsoleWait::Ended(reason) => panic!(
+            "the VM ended before {marker:?} appeared: {:?}; console:\n{}",
+            Some(reason),
+            vm.console().text()
+        ),
+        ConsoleWait::TimedOut => panic!(
+            "no {marker:?} on the console within {STEP_TIMEOUT:?}; where the guest is: {}; \
+             console:\n{}",
+            where_the_vcpus_are(vm),
+            vm.console().text()
+        ),
     }
 }
 
