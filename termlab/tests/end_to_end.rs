@@ -26,15 +26,11 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// Runs `termlab run SCENARIO --repeat 2 --junit RESULTS/junit.xml` and
-/// returns (exit code, stdout, the run's result); the JUnit file is checked
-/// against the schemas. Every failure here carries termlab's stdout and
-/// stderr: they say why a run ended early (and the test command retries a
-/// nested suite only when they name the emulated host).
-/// termlab's exit status, its stdout, the run's result, and all of that with stderr for a
-/// failed assertion to show.
-/// `progress` is the global progress option (`--quiet`, ...) and `run_options` more options of
-/// `run`.
+/// Runs `termlab PROGRESS... run --repeat 2 --junit RESULTS/junit.xml RUN_OPTIONS... SCENARIO`
+/// (`progress`: the global progress option, `--quiet` or none) and returns its exit code, its
+/// stdout, the run's result, and all of that with stderr for a failed assertion to show; the
+/// JUnit file is checked against the schemas. stderr says why a run ended early (and the test
+/// command retries a nested suite only when it names the emulated host).
 fn run(
     scenario: &Path,
     results: &Path,
