@@ -31,6 +31,8 @@ pub enum NestedError {
     BadMode(String),
     #[error("TERMLAB_L1_SLOTS={value:?}: expected a number of L1 VMs from 1 to {max}")]
     BadL1Slots { value: String, max: usize },
+    #[error("TERMLAB_L1_WARM={value:?}: expected the idle seconds after which a warm L1 VM stops, 0 (none) to {max}")]
+    BadWarmIdle { value: String, max: u64 },
 }
 
 fn console_tail_text(tail: &[String]) -> String {

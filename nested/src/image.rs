@@ -12,22 +12,28 @@ use std::process::Command;
 use crate::cpio::CpioWriter;
 use crate::error::NestedError;
 use crate::lock::FileLock;
-use crate::mounts::{root_mount_options, HOST_TMP};
+use crate::mounts::{host_rw_mount_options, root_mount_options, HOST_RW, HOST_TMP};
 use crate::tempdir::TempDir;
 
 /// Bumped whenever the initramfs layout or init script changes, so stale caches are ignored.
-const IMAGE_VERSION: &str = "v6";
+const IMAGE_VERSION: &str = "v7";
 /// Kernel modules L1 needs, in `modprobe` dependency order after expansion. vhost_vsock lets
 /// QEMU in L1 give its guests vsock (for comparisons against our VMM).
 const L1_MODULES: [&str; 5] = ["kvm-amd", "virtio_pci", "9pnet_virtio", "9p", "vhost_vsock"];
 const BUSYBOX: &str = "/bin/busybox";
-const BUSYBOX_APPLETS: [&str; 11] =
-    ["sh", "mount", "insmod", "cat", "echo", "chroot", "reboot", "sleep", "sed", "ln", "mkdir"];
+const BUSYBOX_APPLETS: [&str; 15] = [
+    "sh", "mount", "umount", "insmod", "cat", "echo", "chroot", "reboot", "sleep", "sed", "ln",
+    "mkdir", "mkfifo", "rm", "unshare",
+];
 
-/// The L1 init: modules, the host's `/` read-only on /mnt, a local tmpfs on /mnt/tmp, the
-/// job's mounts (`$job/mounts`, see crate::mounts: writable exports, binds of the host's
-/// /tmp kept on /host-tmp), then chroot into the host and run `$job/job`. A mount that
-/// fails stops L1 with a line saying which, which the launcher reports.
+/// The L1 init: modules, the host's `/` read-only on /mnt, the host's `/tmp` kept on
+/// HOST_TMP. Then either one job (`termlab.job=DIR` on the command line: run it, power off)
+/// or, as a warm L1 (`termlab.warm=SPOOL termlab.idle=S`, see crate::warm), the jobs the
+/// launchers name in `SPOOL/next`, one after another, until none came for S seconds. Each
+/// job runs through [`L1_RUN_JOB`]; a warm L1 runs it in mount and PID namespaces of its
+/// own, so that it starts from a clean view and nothing it started outlives it, then writes
+/// `ended` into the job directory. A mount the L1 itself needs that fails stops L1 with a
+/// line saying which, which the launcher reports.
 const L1_INIT: &str = r#"#!/bin/sh
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 fail() { echo "L1: cannot mount $1; stopping"; reboot -f; sleep 60; }
@@ -36,25 +42,59 @@ n=0; until mount -t 9p -o ROOT_OPTIONS host /mnt 2>/dev/null; do
   n=$((n+1)); [ $n -ge 20 ] && fail "the host's root over 9p"; sleep 1
 done
 [ -e /dev/kvm ] || echo "L1: /dev/kvm missing"
-job=$(sed -n 's/.*termlab.job=\([^ ]*\).*/\1/p' /proc/cmdline)
-[ -r "/mnt$job/mounts" ] || fail "the job directory $job (not visible)"
-# 9p cannot hold Unix sockets: the job gets a local /tmp; the host's /tmp stays reachable
+arg() { sed -n "s/.*termlab\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
+# 9p cannot hold Unix sockets: each job gets a local /tmp; the host's /tmp stays reachable
 # on HOST_TMP for the directories the job needs from there.
 mount -o bind /mnt/tmp HOST_TMP || fail HOST_TMP
+job=$(arg job)
+if [ -n "$job" ]; then
+  [ -r "/mnt$job/mounts" ] || fail "the job directory $job (not visible)"
+  /bin/sh /run-job "$job"
+  reboot -f
+fi
+spool=$(arg warm); idle=$(arg idle)
+mount -t 9p -o RW_OPTIONS hostrw HOST_RW || fail "the host's root, writable"
+queue="HOST_RW$spool"
+# Waiting on a FIFO nobody writes is a sleep without a process to start (under emulation a
+# `sleep` each time kept a sixth of a host CPU busy).
+mkfifo /pause
+while :; do
+  n=0
+  until [ -e "$queue/next" ]; do
+    n=$((n+1)); [ $n -ge $((idle * 5)) ] && { echo "L1: no job for $idle s; stopping"; reboot -f; }
+    read -t 0.2 _ <> /pause
+  done
+  job=$(cat "$queue/next"); rm -f "$queue/next"
+  unshare -m -p -f /bin/sh /run-job "$job"
+  echo > "HOST_RW$job/ended"
+done
+"#;
+
+/// One job, with the host's root on /mnt: a tmpfs on /mnt/tmp, the job's mounts (`$job/mounts`,
+/// see crate::mounts: its writable directories, the binds of the host's /tmp kept on
+/// HOST_TMP), L1's own file systems, then chroot into the host and run `$job/job`. A warm
+/// L1's writable root is unmounted first: the job writes only where it may.
+const L1_RUN_JOB: &str = r#"#!/bin/sh
+job=$1
+fail() { echo "L1: cannot mount $1 for the job"; exit 125; }
 mount -t tmpfs tmp /mnt/tmp || fail /mnt/tmp
 . "/mnt$job/mounts"
 mount -t proc proc /mnt/proc; mount -t sysfs sys /mnt/sys; mount -t devtmpfs dev /mnt/dev
 # devtmpfs lacks the /dev/fd links udev makes; bash process substitution needs them.
-ln -sf /proc/self/fd /mnt/dev/fd; ln -sf /proc/self/fd/0 /mnt/dev/stdin
+ln -sfn /proc/self/fd /mnt/dev/fd; ln -sf /proc/self/fd/0 /mnt/dev/stdin
 ln -sf /proc/self/fd/1 /mnt/dev/stdout; ln -sf /proc/self/fd/2 /mnt/dev/stderr
 mount -t tmpfs tmp /mnt/dev/shm 2>/dev/null
-chroot /mnt /bin/sh "$job/job"
-reboot -f
+umount -l HOST_RW 2>/dev/null
+exec chroot /mnt /bin/sh "$job/job"
 "#;
 
-/// [`L1_INIT`] with the shared constants filled in.
-fn l1_init() -> String {
-    L1_INIT.replace("ROOT_OPTIONS", &root_mount_options()).replace("HOST_TMP", HOST_TMP)
+/// A script of the image with the shared constants filled in.
+fn with_constants(script: &str) -> String {
+    script
+        .replace("ROOT_OPTIONS", &root_mount_options())
+        .replace("RW_OPTIONS", host_rw_mount_options())
+        .replace("HOST_TMP", HOST_TMP)
+        .replace("HOST_RW", HOST_RW)
 }
 
 /// Host tools the image build and the launcher use, with the Debian package providing each.
@@ -165,7 +205,7 @@ fn build_image(work: &Path) -> Result<(PathBuf, PathBuf), NestedError> {
         .map_err(|e| NestedError::io("create initrd", &initrd_path, e))?;
     let mut cpio = CpioWriter::new(std::io::BufWriter::new(file));
     let cpio_err = |e| NestedError::io("write initrd", &initrd_path, e);
-    for dir in ["/bin", "/mods", "/mnt", "/proc", "/sys", "/dev", HOST_TMP] {
+    for dir in ["/bin", "/mods", "/mnt", "/proc", "/sys", "/dev", HOST_TMP, HOST_RW] {
         cpio.dir(dir).map_err(cpio_err)?;
     }
     cpio.char_device("/dev/console", 5, 1).map_err(cpio_err)?;
@@ -187,7 +227,8 @@ fn build_image(work: &Path) -> Result<(PathBuf, PathBuf), NestedError> {
         order.push('\n');
     }
     cpio.file("/mods/order", 0o644, order.as_bytes()).map_err(cpio_err)?;
-    cpio.file("/init", 0o755, l1_init().as_bytes()).map_err(cpio_err)?;
+    cpio.file("/init", 0o755, with_constants(L1_INIT).as_bytes()).map_err(cpio_err)?;
+    cpio.file("/run-job", 0o755, with_constants(L1_RUN_JOB).as_bytes()).map_err(cpio_err)?;
     cpio.finish().and_then(|mut w| w.flush()).map_err(cpio_err)?;
 
     let vmlinuz = root.join(format!("boot/vmlinuz-{version}"));

@@ -47,6 +47,14 @@ pub const RC_FILE: &str = "rc";
 pub const SETUP_ERROR_FILE: &str = "setup-error";
 /// Asks the job script to signal the command; its content is the signal's name for `kill -s`.
 pub const SIGNAL_FILE: &str = "signal";
+/// A counter the launcher raises every second while it waits for the job: a job whose
+/// launcher is gone (killed outright) is killed after [`LEASE_LIMIT_S`] seconds without a
+/// change, so that it cannot keep a warm L1 (crate::warm) busy for ever.
+pub const LEASE_FILE: &str = "lease";
+/// Seconds of L1 time without a lease renewal after which the job's command is killed.
+const LEASE_LIMIT_S: u32 = 60;
+/// Written by a warm L1 when everything the job started has ended.
+pub const ENDED_FILE: &str = "ended";
 /// L1's second serial port: the terminal of an interactive command (the first one is L1's
 /// console), joined by the launcher to its own stdin and stdout.
 pub const TERMINAL_TTY: &str = "/dev/ttyS1";
@@ -118,8 +126,13 @@ pub fn script(
     }
     script.push_str("child=$!\n");
     let signal_file = in_dir(SIGNAL_FILE);
+    let lease_file = in_dir(LEASE_FILE);
     script.push_str(&format!(
-        "(while kill -0 $child 2>/dev/null; do [ -e {signal_file} ] && kill -s \"$(cat {signal_file})\" $child 2>/dev/null; sleep 1; done) &\n"
+        "(stale=0; while kill -0 $child 2>/dev/null; do\n\
+         \x20 [ -e {signal_file} ] && kill -s \"$(cat {signal_file})\" $child 2>/dev/null\n\
+         \x20 lease=$(cat {lease_file} 2>/dev/null); [ \"$lease\" = \"$last\" ] && stale=$((stale+1)) || stale=0; last=$lease\n\
+         \x20 [ $stale -ge {LEASE_LIMIT_S} ] && {{ echo \"L1: the job's launcher is gone; killing the command\" >&2; kill -s KILL $child; }}\n\
+         \x20 sleep 1; done) &\n"
     ));
     script.push_str("wait $child\nrc=$?\n");
     script.push_str(heartbeat::STOP_SCRIPT);
@@ -127,9 +140,12 @@ pub fn script(
     script
 }
 
-/// Writes the job's files, readable by root only: the script, the mounts and an empty stdout.
+/// Writes the job's files, readable by root only: the script, the mounts, an empty stdout
+/// and the first lease.
 pub fn write(dir: &Path, script: &str, mounts: &str) -> Result<(), NestedError> {
-    for (name, content) in [(SCRIPT_FILE, script), (MOUNTS_FILE, mounts), (STDOUT_FILE, "")] {
+    let files =
+        [(SCRIPT_FILE, script), (MOUNTS_FILE, mounts), (STDOUT_FILE, ""), (LEASE_FILE, "0")];
+    for (name, content) in files {
         let path = dir.join(name);
         fs::OpenOptions::new()
             .write(true)
@@ -155,6 +171,13 @@ pub fn outcome(dir: &Path) -> Result<Option<i32>, NestedError> {
         }),
         Err(_) => Ok(None),
     }
+}
+
+/// Renews the job's lease (see [`LEASE_FILE`]) with `count`.
+pub fn renew_lease(dir: &Path, count: u64) {
+    let partial = dir.join(".lease.tmp");
+    let _ = fs::write(&partial, count.to_string())
+        .and_then(|()| fs::rename(&partial, dir.join(LEASE_FILE)));
 }
 
 /// Asks the job script to signal the command (SIGINT stays SIGINT; SIGTERM and SIGHUP become
@@ -274,7 +297,7 @@ mod tests {
         write(job.path(), "true\n", "").expect("write");
         let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o777;
         assert_eq!(mode(job.path()), 0o700);
-        for name in [SCRIPT_FILE, MOUNTS_FILE, STDOUT_FILE] {
+        for name in [SCRIPT_FILE, MOUNTS_FILE, STDOUT_FILE, LEASE_FILE] {
             assert_eq!(mode(&job.path().join(name)), 0o600, "{name}");
         }
     }
@@ -350,6 +373,28 @@ mod tests {
         assert_eq!(fs::read_to_string(job.path().join(SIGNAL_FILE)).expect("signal"), "TERM");
         let stdout = fs::read_to_string(job.path().join(STDOUT_FILE)).expect("stdout");
         assert_eq!(stdout, "stopped\n");
+    }
+
+    /// A job whose lease is not renewed (its launcher is gone) has its command killed: here
+    /// with the limit cut from 60 to 2 seconds, the script otherwise as L1 runs it.
+    #[test]
+    fn a_job_whose_lease_runs_out_is_killed() {
+        let job = TempDir::new(&std::env::temp_dir(), "termlab-nested-test").expect("temp dir");
+        let cwd = std::env::current_dir().expect("cwd");
+        let full = script(job.path(), &cwd, &os(&["sleep", "600"]), [], &[], None);
+        let limit = format!("-ge {LEASE_LIMIT_S} ]");
+        assert!(full.contains(&limit), "{full}");
+        write(job.path(), &full.replace(&limit, "-ge 2 ]"), "").expect("job files");
+        let started = Instant::now();
+        let status = Command::new("sh")
+            .arg(job.path().join(SCRIPT_FILE))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("sh runs");
+        assert!(status.success(), "{status}");
+        assert_eq!(outcome(job.path()).expect("outcome"), Some(128 + libc::SIGKILL));
+        assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
     }
 
     /// Pids of the processes whose command line names something under `dir`.

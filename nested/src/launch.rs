@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -16,11 +16,12 @@ use std::time::{Duration, Instant};
 
 use crate::error::NestedError;
 use crate::heartbeat::{Heartbeat, Stall};
-use crate::image::{ensure_image, ensure_tools};
+use crate::image::{ensure_image, ensure_tools, L1Image};
 use crate::job;
 use crate::lock::FileLock;
-use crate::mounts::MountPlan;
+use crate::mounts::{MountPlan, WritableSource};
 use crate::tempdir::TempDir;
+use crate::warm::{self, WarmL1, WARM_ENV};
 
 /// One L1 job at a time per host by default: an L1 VM can take all the host's cores in
 /// software emulation. [`L1_SLOTS_ENV`] allows more (slots `l1.lock`, `l1.lock.1`, ...).
@@ -41,7 +42,7 @@ const CONSOLE_TAIL_LINES: usize = 20;
 const CONSOLE_FILE: &str = "console";
 /// QEMU's log of CPU resets (`-d cpu_reset`), in the job directory: the one witness of an
 /// L1 triple fault, which `-no-reboot` turns into a silent exit with status 0.
-const QEMU_LOG: &str = "qemu.log";
+pub(crate) const QEMU_LOG: &str = "qemu.log";
 /// How often the command's stdout file is checked for new output.
 const STDOUT_POLL: Duration = Duration::from_millis(50);
 /// What the launcher prints when an L1 CPU was silent for longer than
@@ -77,6 +78,10 @@ pub struct L1Options {
     /// joined to them by QEMU, in raw mode when they are a terminal. L1's console then goes
     /// to a file and only its end is shown, when L1 fails.
     pub interactive: bool,
+    /// Run in the slot's warm L1 (crate::warm), which powers off after this long without a
+    /// job; `Some(Duration::ZERO)`: in an L1 of its own. `None`: as [`WARM_ENV`] says
+    /// (unset: an L1 of its own). Interactive commands always get an L1 of their own.
+    pub warm: Option<Duration>,
 }
 
 impl Default for L1Options {
@@ -92,6 +97,7 @@ impl Default for L1Options {
             readable: Vec::new(),
             extra_env: Vec::new(),
             interactive: false,
+            warm: None,
         }
     }
 }
@@ -100,9 +106,16 @@ impl Default for L1Options {
 /// stdout is copied to this process's stdout byte for byte; the L1 console (kernel messages
 /// and the command's stderr) goes to stderr. Ctrl-C/SIGTERM/SIGHUP are passed on to the
 /// command (which then has a grace period to end cleanly); a second one kills the L1 VM.
+/// With [`WARM_ENV`] set, a non-interactive command runs in the slot's warm L1
+/// (crate::warm) instead of an L1 of its own.
 pub fn run_in_l1(argv: &[OsString], options: &L1Options) -> Result<i32, NestedError> {
     // Checked before anything starts: a refused value changes nothing.
     let slots = l1_slots(std::env::var(L1_SLOTS_ENV).ok())?;
+    let warm = match options.warm {
+        Some(idle) => Some(idle).filter(|idle| !idle.is_zero()),
+        None => warm::idle_limit(std::env::var(WARM_ENV).ok())?,
+    }
+    .filter(|_| !options.interactive);
     let cwd =
         std::env::current_dir().map_err(|e| NestedError::io("get", Path::new("current dir"), e))?;
     let writable = writable_dirs(&cwd, &options.writable)?;
@@ -116,7 +129,7 @@ pub fn run_in_l1(argv: &[OsString], options: &L1Options) -> Result<i32, NestedEr
         .mode(0o700)
         .create(JOBS_DIR)
         .map_err(|e| NestedError::io("create", Path::new(JOBS_DIR), e))?;
-    let _lock = FileLock::one_of(Path::new(L1_LOCK), slots)?;
+    let lock = FileLock::one_of(Path::new(L1_LOCK), slots)?;
     let job = TempDir::new(Path::new(JOBS_DIR), "job")?;
     let mut exports = writable;
     exports.push(job.path().to_owned());
@@ -124,37 +137,92 @@ pub fn run_in_l1(argv: &[OsString], options: &L1Options) -> Result<i32, NestedEr
     let terminal = options.interactive.then(terminal_size);
     let script =
         job::script(job.path(), &cwd, argv, std::env::vars_os(), &options.extra_env, terminal);
-    job::write(job.path(), &script, &mounts.script())?;
-
     let signals = SignalGuard::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
-    let mut qemu = spawn_qemu(&image, job.path(), &mounts, options)?;
+    match warm {
+        Some(idle) => {
+            job::write(job.path(), &script, &mounts.script(WritableSource::HostRw))?;
+            // A warm L1 is sized for the usual job too, so that it serves the next one.
+            let mem_mib = options.mem_mib.max(L1Options::default().mem_mib);
+            let l1 = WarmL1::ready(lock.slot(), &image, options.cpus, mem_mib, idle)?;
+            run_warm(l1, job.path(), &signals, options)
+        }
+        None => {
+            job::write(job.path(), &script, &mounts.script(WritableSource::Exports))?;
+            run_cold(&image, job.path(), &mounts, &signals, options)
+        }
+    }
+}
+
+/// The job in an L1 VM of its own, which ends with it.
+fn run_cold(
+    image: &L1Image,
+    job_dir: &Path,
+    mounts: &MountPlan,
+    signals: &SignalGuard,
+    options: &L1Options,
+) -> Result<i32, NestedError> {
+    let mut qemu = spawn_qemu(image, job_dir, mounts, options)?;
     let console =
         qemu.stdout.take().map(|stdout| std::thread::spawn(move || stream_console(stdout)));
-    let ended = Arc::new(AtomicBool::new(false));
-    let stdout_relay = {
-        let path = job.path().join(job::STDOUT_FILE);
-        let ended = Arc::clone(&ended);
-        std::thread::spawn(move || relay_stdout(&path, &ended))
-    };
-    let heartbeat = Heartbeat::new(job.path(), options.cpus, options.stall_limit, Instant::now());
-    let supervised = supervise(&mut qemu, &signals, options.timeout, heartbeat, job.path());
-    ended.store(true, Ordering::SeqCst);
-    let _ = stdout_relay.join();
+    let relay = StdoutRelay::start(job_dir);
+    let supervised = supervise(&mut ColdL1(&mut qemu), signals, options, job_dir);
+    relay.finish();
     let console_tail = match console {
         Some(thread) => thread.join().unwrap_or_default(),
-        None => console_file_tail(&job.path().join(CONSOLE_FILE)),
+        None => console_file_tail(&job_dir.join(CONSOLE_FILE)),
     };
+    conclude(supervised, job_dir, &job_dir.join(QEMU_LOG), console_tail)
+}
+
+/// The job in the slot's warm L1, which stays up for the next one unless this job's end
+/// leaves it in doubt (a timeout, a stall, a second signal).
+fn run_warm(
+    l1: WarmL1,
+    job_dir: &Path,
+    signals: &SignalGuard,
+    options: &L1Options,
+) -> Result<i32, NestedError> {
+    let offset = l1.submit(job_dir)?;
+    let console_done = Arc::new(AtomicBool::new(false));
+    let console = {
+        let path = l1.console();
+        let done = Arc::clone(&console_done);
+        std::thread::spawn(move || {
+            let mut file = File::open(&path).ok()?;
+            file.seek(SeekFrom::Start(offset)).ok()?;
+            Some(stream_console(Follow { file, done }))
+        })
+    };
+    let relay = StdoutRelay::start(job_dir);
+    let mut warm = WarmJob { l1: &l1, job_dir };
+    let supervised = supervise(&mut warm, signals, options, job_dir);
+    relay.finish();
+    console_done.store(true, Ordering::SeqCst);
+    let console_tail = console.join().ok().flatten().unwrap_or_default();
+    if matches!(supervised, Ok(Supervised::Exited(_))) {
+        l1.finish();
+    }
+    conclude(supervised, job_dir, &l1.qemu_log(), console_tail)
+}
+
+/// The job's exit status, or the error that says why there is none.
+fn conclude(
+    supervised: Result<Supervised, NestedError>,
+    job_dir: &Path,
+    qemu_log: &Path,
+    console_tail: VecDeque<String>,
+) -> Result<i32, NestedError> {
     let qemu_status = match supervised? {
         Supervised::Exited(status) => status,
         Supervised::Stalled(Stall { cpu, silent }) => {
             return Err(NestedError::L1Stalled { cpu, silent, console_tail: console_tail.into() })
         }
     };
-    match job::outcome(job.path())? {
+    match job::outcome(job_dir)? {
         Some(rc) => Ok(rc),
         None => Err(NestedError::L1Failed {
             qemu_status,
-            cause: l1_end_cause(&job.path().join(QEMU_LOG)),
+            cause: l1_end_cause(qemu_log),
             console_tail: console_tail.into(),
         }),
     }
@@ -216,8 +284,36 @@ fn writable_dirs(cwd: &Path, writable: &[PathBuf]) -> Result<Vec<PathBuf>, Neste
 /// The minimal firmware that QEMU's Debian packages ship beside SeaBIOS.
 const QBOOT: &str = "/usr/share/qemu/qboot.rom";
 
+/// The QEMU command line every L1 VM shares: TCG emulating SVM on `cpus` CPUs, the image,
+/// no network device, and CPU resets logged to `qemu_log`.
+pub(crate) fn qemu_command(
+    image: &L1Image,
+    cpus: u32,
+    mem_mib: u32,
+    append: &str,
+    qemu_log: &Path,
+) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    // qboot instead of SeaBIOS where QEMU ships it: under TCG about 1 s sooner to the kernel.
+    if Path::new(QBOOT).is_file() {
+        cmd.args(["-bios", QBOOT]);
+    }
+    cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-no-reboot"])
+        .args(["-smp", &cpus.to_string(), "-m", &mem_mib.to_string()])
+        .arg("-kernel")
+        .arg(&image.kernel)
+        .arg("-initrd")
+        .arg(&image.initrd)
+        .args(["-append", append])
+        // No network device: L1 and the guests it runs reach nothing.
+        .args(["-nic", "none"])
+        .args(["-d", "cpu_reset", "-D"])
+        .arg(qemu_log);
+    cmd
+}
+
 fn spawn_qemu(
-    image: &crate::image::L1Image,
+    image: &L1Image,
     job_dir: &Path,
     mounts: &MountPlan,
     options: &L1Options,
@@ -225,23 +321,9 @@ fn spawn_qemu(
     // loglevel=4: errors too (an OOM kill, a 9p failure), not just the boot's chatter.
     let append =
         format!("console=ttyS0 quiet loglevel=4 panic=-1 termlab.job={}", job_dir.display());
-    let mut cmd = Command::new("qemu-system-x86_64");
-    // qboot instead of SeaBIOS where QEMU ships it: under TCG about 1 s sooner to the kernel.
-    if Path::new(QBOOT).is_file() {
-        cmd.args(["-bios", QBOOT]);
-    }
-    cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-no-reboot"])
-        .args(["-smp", &options.cpus.to_string(), "-m", &options.mem_mib.to_string()])
-        .arg("-kernel")
-        .arg(&image.kernel)
-        .arg("-initrd")
-        .arg(&image.initrd)
-        .args(["-append", &append])
-        .args(mounts.qemu_args())
-        // No network device: L1 and the guests it runs reach nothing.
-        .args(["-nic", "none"])
-        .args(["-d", "cpu_reset", "-D"])
-        .arg(job_dir.join(QEMU_LOG));
+    let mut cmd =
+        qemu_command(image, options.cpus, options.mem_mib, &append, &job_dir.join(QEMU_LOG));
+    cmd.args(mounts.qemu_args());
     let interactive = options.interactive;
     if interactive {
         // ttyS0 (L1's console) to a file, ttyS1 (the command's terminal) to our stdin and
@@ -284,38 +366,86 @@ fn spawn_qemu(
 
 /// How the L1 VM ended under [`supervise`], when that was not an error of its own.
 enum Supervised {
-    /// QEMU exited, with this status.
+    /// The job's L1 is done with it: QEMU exited with this status (an L1 of its own), or
+    /// the warm L1 said the job ended or itself exited.
     Exited(String),
-    /// An L1 CPU stopped giving signs of life; QEMU was killed.
+    /// An L1 CPU stopped giving signs of life; the L1 VM was killed.
     Stalled(Stall),
 }
 
-/// Waits for QEMU, killing it on timeout or when `heartbeat` finds an L1 CPU stalled. The
-/// first termination signal is passed on to the command inside L1, which then has
-/// [`SIGNAL_GRACE`] to end (and L1 with it); a second one, or the end of the grace period,
-/// kills the L1 VM.
+/// What [`supervise`] watches: the L1 VM that runs the job.
+trait RunningJob {
+    /// `Some(how)` once the job is over for this L1 (see [`Supervised::Exited`]).
+    fn ended(&mut self) -> Result<Option<String>, NestedError>;
+    /// Kills the L1 VM.
+    fn kill(&mut self);
+}
+
+/// A job's own L1: the job is over when QEMU exits.
+struct ColdL1<'a>(&'a mut Child);
+
+impl RunningJob for ColdL1<'_> {
+    fn ended(&mut self) -> Result<Option<String>, NestedError> {
+        match self.0.try_wait() {
+            Ok(status) => Ok(status.map(|s| s.to_string())),
+            Err(e) => {
+                self.kill();
+                Err(NestedError::io("wait for", Path::new("qemu-system-x86_64"), e))
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A job in a warm L1: over when the L1 wrote `ended` into its directory, or died.
+struct WarmJob<'a> {
+    l1: &'a WarmL1,
+    job_dir: &'a Path,
+}
+
+impl RunningJob for WarmJob<'_> {
+    fn ended(&mut self) -> Result<Option<String>, NestedError> {
+        Ok(if self.job_dir.join(job::ENDED_FILE).exists() {
+            Some("the job ended in the warm L1 VM".to_owned())
+        } else if !self.l1.alive() {
+            Some("the warm L1 VM exited".to_owned())
+        } else {
+            None
+        })
+    }
+
+    fn kill(&mut self) {
+        self.l1.stop();
+    }
+}
+
+/// Waits for the job, killing its L1 on timeout or when the heartbeat finds an L1 CPU
+/// stalled, and renewing the job's lease meanwhile. The first termination signal is passed
+/// on to the command inside L1, which then has [`SIGNAL_GRACE`] to end; a second one, or the
+/// end of the grace period, kills the L1 VM.
 fn supervise(
-    qemu: &mut Child,
+    l1: &mut dyn RunningJob,
     signals: &SignalGuard,
-    timeout: Duration,
-    mut heartbeat: Heartbeat,
+    options: &L1Options,
     job_dir: &Path,
 ) -> Result<Supervised, NestedError> {
-    let mut deadline = Instant::now() + timeout;
+    let started = Instant::now();
+    let mut heartbeat = Heartbeat::new(job_dir, options.cpus, options.stall_limit, started);
+    let mut deadline = started + options.timeout;
     let mut forwarded: Option<i32> = None;
-    let mut next_heartbeat = Instant::now();
+    let mut next_heartbeat = started;
+    let mut lease = 0;
     loop {
-        match qemu.try_wait() {
-            Ok(Some(status)) => return Ok(Supervised::Exited(status.to_string())),
-            Ok(None) => {}
-            Err(e) => {
-                kill(qemu);
-                return Err(NestedError::io("wait for", Path::new("qemu-system-x86_64"), e));
-            }
+        if let Some(how) = l1.ended()? {
+            return Ok(Supervised::Exited(how));
         }
         if let Some(signal) = signals.wait(Duration::from_millis(100)) {
             if forwarded.is_some() || !job::forward_signal(job_dir, signal) {
-                kill(qemu);
+                l1.kill();
                 return Err(NestedError::Interrupted(signal));
             }
             eprintln!("termlab-nested: signal {signal}: passed to the command in the L1 VM (again to kill the VM now)");
@@ -325,8 +455,10 @@ fn supervise(
         let now = Instant::now();
         if now >= next_heartbeat {
             next_heartbeat = now + HEARTBEAT_POLL;
+            lease += 1;
+            job::renew_lease(job_dir, lease);
             if let Some(stall) = heartbeat.check(now) {
-                kill(qemu);
+                l1.kill();
                 return Ok(Supervised::Stalled(stall));
             }
             for silence in heartbeat.take_ended_silences() {
@@ -338,23 +470,18 @@ fn supervise(
             }
         }
         if now >= deadline {
-            kill(qemu);
+            l1.kill();
             return Err(match forwarded {
                 Some(signal) => NestedError::Interrupted(signal),
-                None => NestedError::Timeout(timeout),
+                None => NestedError::Timeout(options.timeout),
             });
         }
     }
 }
 
-fn kill(qemu: &mut Child) {
-    let _ = qemu.kill();
-    let _ = qemu.wait();
-}
-
 /// Copies the L1 console to stderr without firmware noise and terminal control sequences;
 /// returns its last lines.
-fn stream_console(console: std::process::ChildStdout) -> VecDeque<String> {
+fn stream_console(console: impl Read) -> VecDeque<String> {
     let mut out = std::io::stderr();
     let mut tail = VecDeque::with_capacity(CONSOLE_TAIL_LINES);
     for line in BufReader::new(console).split(b'\n').map_while(Result::ok) {
@@ -377,30 +504,56 @@ fn console_line(raw: &str) -> Option<String> {
     (!firmware && !text.trim().is_empty()).then_some(text)
 }
 
-/// Copies the command's stdout file to this process's stdout as it grows, unchanged, until
-/// `ended` is set and everything is copied.
-fn relay_stdout(path: &Path, ended: &AtomicBool) {
-    let Ok(mut file) = File::open(path) else { return };
-    let mut out = std::io::stdout();
-    let mut buffer = vec![0u8; 64 * 1024];
-    loop {
-        // Read after looking at the flag, so that what was written before it is copied.
-        let last_round = ended.load(Ordering::SeqCst);
+/// Reads a file that L1 appends to, as it grows; the end of the file is the end of the data
+/// only once `done` is set (then everything written before is read first).
+struct Follow {
+    file: File,
+    done: Arc<AtomicBool>,
+}
+
+impl Read for Follow {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
         loop {
-            match file.read(&mut buffer) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if out.write_all(&buffer[..n]).is_err() {
-                        return; // stdout closed (`| head`): nobody reads any more
-                    }
+            // Read after looking at the flag, so that what was written before it is read.
+            let last_round = self.done.load(Ordering::SeqCst);
+            let n = self.file.read(buffer)?;
+            if n > 0 || last_round {
+                return Ok(n);
+            }
+            std::thread::sleep(STDOUT_POLL);
+        }
+    }
+}
+
+/// Copies the command's stdout file to this process's stdout as it grows, unchanged.
+struct StdoutRelay {
+    done: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl StdoutRelay {
+    fn start(job_dir: &Path) -> Self {
+        let done = Arc::new(AtomicBool::new(false));
+        let path = job_dir.join(job::STDOUT_FILE);
+        let follow_done = Arc::clone(&done);
+        let thread = std::thread::spawn(move || {
+            let Ok(file) = File::open(&path) else { return };
+            let mut stdout = Follow { file, done: follow_done };
+            let mut out = std::io::stdout();
+            let mut buffer = vec![0u8; 64 * 1024];
+            while let Ok(n @ 1..) = stdout.read(&mut buffer) {
+                if out.write_all(&buffer[..n]).and_then(|()| out.flush()).is_err() {
+                    return; // stdout closed (`| head`): nobody reads any more
                 }
             }
-        }
-        let _ = out.flush();
-        if last_round {
-            return;
-        }
-        std::thread::sleep(STDOUT_POLL);
+        });
+        Self { done, thread }
+    }
+
+    /// Copies what is left once the command has ended.
+    fn finish(self) {
+        self.done.store(true, Ordering::SeqCst);
+        let _ = self.thread.join();
     }
 }
 

@@ -12,6 +12,7 @@ const SLOT_POLL: Duration = Duration::from_millis(200);
 
 pub struct FileLock {
     _file: File,
+    slot: usize,
 }
 
 impl FileLock {
@@ -25,7 +26,7 @@ impl FileLock {
                 return Err(NestedError::io("lock", path, std::io::Error::last_os_error()));
             }
         }
-        Ok(Self { _file: file })
+        Ok(Self { _file: file, slot: 0 })
     }
 
     /// The first free one of `slots` locks (`path`, then `path.1`, `path.2`, ...), waiting
@@ -37,7 +38,7 @@ impl FileLock {
         loop {
             if let Some(index) = files.iter().position(try_lock) {
                 let file = files.into_iter().nth(index).expect("a lock file per slot");
-                return Ok(Self { _file: file });
+                return Ok(Self { _file: file, slot: index });
             }
             if !said {
                 eprintln!(
@@ -49,6 +50,11 @@ impl FileLock {
             }
             std::thread::sleep(SLOT_POLL);
         }
+    }
+
+    /// Which of [`FileLock::one_of`]'s slots this is (0 for `path` itself).
+    pub fn slot(&self) -> usize {
+        self.slot
     }
 }
 
@@ -88,6 +94,7 @@ mod tests {
         let first = FileLock::one_of(&path, 2).expect("first slot");
         let second = FileLock::one_of(&path, 2).expect("second slot");
         assert!(dir.path().join("l1.lock.1").is_file());
+        assert_eq!((first.slot(), second.slot()), (0, 1));
         // Both slots are taken: a third job waits until one is dropped.
         let waiter = std::thread::spawn(move || FileLock::one_of(&path, 2).map(|_| ()));
         std::thread::sleep(SLOT_POLL * 3);

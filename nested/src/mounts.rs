@@ -15,6 +15,9 @@ use crate::error::NestedError;
 /// Where the L1 init keeps the host's `/tmp` (read-only) before covering `/mnt/tmp` with the
 /// tmpfs: the source of the binds under `/tmp`.
 pub const HOST_TMP: &str = "/host-tmp";
+/// Where a warm L1 (crate::warm) mounts its writable export of the host's `/`: the source of
+/// each job's writable binds. Jobs never see it (each unmounts it in its own namespace).
+pub const HOST_RW: &str = "/host-rw";
 /// 9p mount options for every export.
 const NINEP: &str = "trans=virtio,version=9p2000.L,msize=512000";
 /// File systems L1 mounts itself: never a writable export, nor anything inside them.
@@ -35,6 +38,17 @@ impl Mount {
             Mount::Writable { path, .. } | Mount::HostTmp { path } => path,
         }
     }
+}
+
+/// Where a job's writable directories come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WritableSource {
+    /// A 9p export of each directory, made for this job's own L1 VM ([`MountPlan::qemu_args`]).
+    Exports,
+    /// Binds from the warm L1's writable export of the host's `/`, mounted on [`HOST_RW`]
+    /// ([`warm_qemu_args`]): a warm L1 serves many jobs, and QEMU cannot add 9p exports to
+    /// a running VM.
+    HostRw,
 }
 
 /// The mounts of one L1 job, in the order they are made (parents before children).
@@ -120,8 +134,8 @@ impl MountPlan {
     }
 
     /// The shell fragment the L1 init runs (busybox sh, root of the host on `/mnt`). A mount
-    /// that fails stops L1 with a line on its console saying which.
-    pub fn script(&self) -> String {
+    /// that fails stops the job with a line on L1's console saying which.
+    pub fn script(&self, source: WritableSource) -> String {
         let mut script = String::new();
         for mount in &self.mounts {
             let path = mount.path();
@@ -130,10 +144,14 @@ impl MountPlan {
                 script
                     .push_str(&format!("[ -d {target} ] || mkdir -p {target} || fail {target}\n"));
             }
-            match mount {
-                Mount::Writable { tag, .. } => script
+            match (mount, source) {
+                (Mount::Writable { tag, .. }, WritableSource::Exports) => script
                     .push_str(&format!("mount -t 9p -o {NINEP} {tag} {target} || fail {target}\n")),
-                Mount::HostTmp { path } => {
+                (Mount::Writable { path, .. }, WritableSource::HostRw) => {
+                    let source = quote(&format!("{HOST_RW}{}", path.display()));
+                    script.push_str(&format!("mount --bind {source} {target} || fail {target}\n"));
+                }
+                (Mount::HostTmp { path }, _) => {
                     let below = path.strip_prefix("/tmp").unwrap_or(path);
                     let source = quote(&format!("{HOST_TMP}/{}", below.display()));
                     script.push_str(&format!("mount --bind {source} {target} || fail {target}\n"));
@@ -156,6 +174,23 @@ impl MountPlan {
 /// The 9p export options the L1 init uses for the root (read-only).
 pub fn root_mount_options() -> String {
     format!("ro,{NINEP}")
+}
+
+/// The 9p export options of a warm L1's writable export of the host's `/` (tag `hostrw`).
+pub fn host_rw_mount_options() -> &'static str {
+    NINEP
+}
+
+/// QEMU arguments of a warm L1: the read-only root export `host`, as for every L1, and the
+/// host's `/` writable as `hostrw`, which only the L1 init mounts (on [`HOST_RW`]); each job
+/// gets binds of its own writable directories from there and unmounts it.
+pub fn warm_qemu_args() -> Vec<String> {
+    let mut args = MountPlan { mounts: Vec::new() }.qemu_args();
+    args.push("-virtfs".to_owned());
+    args.push(
+        "local,path=/,mount_tag=hostrw,security_model=none,id=hostrw,multidevs=remap".to_owned(),
+    );
+    args
 }
 
 fn check_absolute(path: &Path) -> Result<(), NestedError> {
@@ -210,7 +245,7 @@ mod tests {
         let plan =
             MountPlan::new(&paths(&["/tmp/clone/results"]), &paths(&["/tmp/clone", "/work/x"]))
                 .expect("plan");
-        let script = plan.script();
+        let script = plan.script(WritableSource::Exports);
         let bind = script.find("mount --bind '/host-tmp/clone' '/mnt/tmp/clone'").expect(&script);
         let export = script.find("rw0 '/mnt/tmp/clone/results'").expect(&script);
         assert!(bind < export, "{script}");
@@ -219,9 +254,29 @@ mod tests {
     }
 
     #[test]
+    fn a_warm_l1_binds_writable_directories_from_its_writable_root() {
+        let plan =
+            MountPlan::new(&paths(&["/tmp/clone/results", "/work/r"]), &paths(&["/tmp/clone"]))
+                .expect("plan");
+        let script = plan.script(WritableSource::HostRw);
+        let bind = script.find("mount --bind '/host-tmp/clone' '/mnt/tmp/clone'").expect(&script);
+        let results = script
+            .find("mount --bind '/host-rw/tmp/clone/results' '/mnt/tmp/clone/results'")
+            .expect(&script);
+        assert!(bind < results, "{script}");
+        assert!(script.contains("mount --bind '/host-rw/work/r' '/mnt/work/r'"), "{script}");
+        assert!(!script.contains("-t 9p"), "no export of its own:\n{script}");
+        let args = warm_qemu_args();
+        assert!(args[1].ends_with("readonly=on"), "{args:?}");
+        assert!(args[3].starts_with("local,path=/,mount_tag=hostrw,"), "{args:?}");
+        assert_eq!(args.len(), 4);
+    }
+
+    #[test]
     fn a_visible_directory_inside_a_writable_one_stays_writable() {
         let plan = MountPlan::new(&paths(&["/tmp/w"]), &paths(&["/tmp/w/cwd"])).expect("plan");
-        assert!(!plan.script().contains("--bind"), "{}", plan.script());
+        let script = plan.script(WritableSource::Exports);
+        assert!(!script.contains("--bind"), "{script}");
     }
 
     #[test]
@@ -237,6 +292,7 @@ mod tests {
     fn commas_and_quotes_survive() {
         let plan = MountPlan::new(&paths(&["/tmp/a,b/it's"]), &[]).expect("plan");
         assert!(plan.qemu_args()[3].starts_with("local,path=/tmp/a,,b/it's,"));
-        assert!(plan.script().contains(r"'/mnt/tmp/a,b/it'\''s'"), "{}", plan.script());
+        let script = plan.script(WritableSource::Exports);
+        assert!(script.contains(r"'/mnt/tmp/a,b/it'\''s'"), "{script}");
     }
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use termlab_nested::{run_in_l1, L1Options, NestedError};
+use termlab_nested::{run_in_l1, stop_warm_l1s, L1Options, NestedError, WARM_ENV};
 
 const JOBS_DIR: &str = "/run/termlab/l1-jobs";
 
@@ -53,7 +53,7 @@ fn command_runs_in_l1_with_real_kvm_and_its_exit_status_comes_back() {
          grep -qw svm /proc/cpuinfo && echo inside-l1 && exit 7; exit 1",
         cwd.display()
     );
-    let options = L1Options { timeout: Duration::from_secs(600), ..L1Options::default() };
+    let options = L1Options { timeout: Duration::from_secs(600), ..cold() };
     assert_eq!(run_in_l1(&sh(&script), &options).expect("L1 run"), 7);
     assert!(my_job_dirs().is_empty(), "job directory left behind: {:?}", my_job_dirs());
 }
@@ -61,7 +61,7 @@ fn command_runs_in_l1_with_real_kvm_and_its_exit_status_comes_back() {
 #[test]
 fn timeout_kills_the_l1_vm_and_cleans_up() {
     let _serial = one_at_a_time();
-    let options = L1Options { timeout: Duration::from_secs(3), ..L1Options::default() };
+    let options = L1Options { timeout: Duration::from_secs(3), ..cold() };
     match run_in_l1(&sh("sleep 600"), &options) {
         Err(NestedError::Timeout(t)) => assert_eq!(t, Duration::from_secs(3)),
         other => panic!("expected a timeout, got {other:?}"),
@@ -108,11 +108,16 @@ fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
 }
 
-/// The launcher binary, as a user runs it.
+/// The launcher binary, as a user runs it, each job in an L1 VM of its own.
 fn launcher() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_termlab-nested"));
-    command.args(["--nested", "always"]);
+    command.args(["--nested", "always"]).env_remove(WARM_ENV);
     command
+}
+
+/// Options for a job in an L1 VM of its own, whatever the environment says.
+fn cold() -> L1Options {
+    L1Options { warm: Some(Duration::ZERO), ..L1Options::default() }
 }
 
 #[test]
@@ -138,7 +143,7 @@ exit 0"#,
     let options = L1Options {
         timeout: Duration::from_secs(600),
         writable: vec![writable.0.clone()],
-        ..L1Options::default()
+        ..cold()
     };
     assert_eq!(run_in_l1(&sh(&script), &options).expect("L1 run"), 0);
     assert!(!repo.join(&probe).exists() && !Path::new("/etc").join(&probe).exists());
@@ -264,7 +269,7 @@ fn an_l1_cpu_that_stops_beating_ends_the_vm_as_stalled() {
     let options = L1Options {
         timeout: Duration::from_secs(600),
         stall_limit: Duration::from_secs(20),
-        ..L1Options::default()
+        ..cold()
     };
     let started = Instant::now();
     match run_in_l1(&sh("pkill -STOP -f 'alive-1$' && sleep 600"), &options) {
@@ -278,4 +283,101 @@ fn an_l1_cpu_that_stops_beating_ends_the_vm_as_stalled() {
     assert!(my_job_dirs().is_empty(), "job directory left behind: {:?}", my_job_dirs());
     let survivors = qemus_of(std::process::id());
     assert!(survivors.is_empty(), "QEMU still running: {survivors:?}");
+}
+
+/// Pids of this host's warm L1 VMs.
+fn warm_qemus() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmdline).contains("termlab.warm=").then_some(pid)
+        })
+        .collect()
+}
+
+/// Jobs one after another in a warm L1 (TERMLAB_L1_WARM): the second runs in the same L1
+/// yet starts clean (its own /tmp, nothing the first started still running) and sees the
+/// host as read-only as ever; a launcher killed during its job does not hold up the next
+/// job, which gets a fresh L1 at once; `stop_warm_l1s` leaves no QEMU. It stops every warm
+/// L1 of the host, so it runs when no other nested suite does.
+#[test]
+#[ignore = "boots warm L1 VMs (about 30 s)"]
+fn a_warm_l1_runs_one_job_after_another_each_from_a_clean_start() {
+    let _serial = one_at_a_time();
+    stop_warm_l1s();
+    // However the test ends, no warm L1 of it stays behind.
+    struct StopWarmL1s;
+    impl Drop for StopWarmL1s {
+        fn drop(&mut self) {
+            stop_warm_l1s();
+        }
+    }
+    let _stop = StopWarmL1s;
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_owned();
+    let writable = Scratch::new(Path::new(env!("CARGO_TARGET_TMPDIR")), "warm");
+    let options = L1Options {
+        timeout: Duration::from_secs(600),
+        writable: vec![writable.0.clone()],
+        warm: Some(Duration::from_secs(60)),
+        ..L1Options::default()
+    };
+    // The first job leaves a process behind that counts on the host: it must die with the job.
+    let first = format!(
+        "cat /proc/sys/kernel/random/boot_id > '{w}/boot-id' && touch /tmp/left-by-the-first \
+         && setsid sh -c 'n=0; while :; do n=$((n+1)); echo $n > {w}/count; sleep 0.2; done' \
+         > /dev/null 2>&1 & sleep 1",
+        w = writable.0.display()
+    );
+    assert_eq!(run_in_l1(&sh(&first), &options).expect("first warm job"), 0);
+    let l1 = warm_qemus();
+    assert_eq!(l1.len(), 1, "one warm L1 after the first job: {l1:?}");
+    let count = || std::fs::read_to_string(writable.0.join("count")).unwrap_or_default();
+    let counted = count();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!counted.is_empty(), "the first job's counter never ran");
+    assert_eq!(count(), counted, "a process of the first job outlived it");
+    let probe = format!("l1-warm-write-probe-{}", std::process::id());
+    let second = format!(
+        r#"test "$(cat /proc/sys/kernel/random/boot_id)" = "$(cat '{w}/boot-id')" || exit 41
+test ! -e /tmp/left-by-the-first || exit 42
+out=$(touch '{repo}/{probe}' 2>&1) && exit 44
+case "$out" in *"Read-only file system"*) ;; *) echo "$out" >&2; exit 45;; esac
+echo second > '{w}/second' || exit 46
+test "$(stat -f -c %T /tmp)" = tmpfs || exit 47"#,
+        w = writable.0.display(),
+        repo = repo.display(),
+    );
+    assert_eq!(run_in_l1(&sh(&second), &options).expect("second warm job"), 0);
+    assert_eq!(warm_qemus(), l1, "the second job ran in the first one's L1");
+    assert_eq!(std::fs::read_to_string(writable.0.join("second")).expect("written"), "second\n");
+    assert!(!repo.join(&probe).exists());
+
+    let mut child = launcher()
+        .env(WARM_ENV, "60")
+        .args(["--", "sh", "-c", "echo started; sleep 600"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run termlab-nested");
+    let mut started = String::new();
+    let read = BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut started);
+    child.kill().expect("SIGKILL the launcher");
+    child.wait().expect("reap the launcher");
+    assert!(matches!(read, Ok(n) if n > 0) && started == "started\n", "{read:?} {started:?}");
+    assert_eq!(warm_qemus(), l1, "the killed launcher's job ran in the same warm L1");
+    assert_eq!(run_in_l1(&sh("true"), &options).expect("a job after the killed one"), 0);
+    let fresh = warm_qemus();
+    assert!(
+        fresh.len() == 1 && fresh != l1,
+        "a fresh L1 replaced the busy one: {l1:?} -> {fresh:?}"
+    );
+    for dir in job_dirs_of(child.id()) {
+        let _ = std::fs::remove_dir_all(Path::new(JOBS_DIR).join(dir));
+    }
+    assert_eq!(stop_warm_l1s(), 1);
+    assert!(warm_qemus().is_empty(), "warm L1 left running: {:?}", warm_qemus());
+    assert!(my_job_dirs().is_empty(), "job directory left behind: {:?}", my_job_dirs());
 }

@@ -1,4 +1,5 @@
 //! termlab-nested probe           — say whether /dev/kvm can run an ordinary guest
+//! termlab-nested stop-warm       — stop the warm L1 VMs (TERMLAB_L1_WARM) of this host
 //! termlab-nested [--nested auto|always|never] [--writable DIR]... -- COMMAND [ARGS...]
 //!                                — run COMMAND where KVM can run Linux (here or inside L1,
 //!                                  where the host is read-only except each DIR)
@@ -10,7 +11,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use termlab_nested::{ensure_real_kvm_or_reexec_with, probe, KvmPlan, L1Options, NestedMode};
+use termlab_nested::{
+    ensure_real_kvm_or_reexec_with, probe, stop_warm_l1s, KvmPlan, L1Options, NestedMode,
+};
 
 /// Run a command where KVM can run Linux: here, or inside a nested L1 VM.
 #[derive(Parser)]
@@ -22,7 +25,7 @@ use termlab_nested::{ensure_real_kvm_or_reexec_with, probe, KvmPlan, L1Options, 
 )]
 struct Args {
     #[command(subcommand)]
-    probe: Option<Probe>,
+    action: Option<Action>,
     /// Where KVM comes from: auto (here when it can run Linux, else L1), always (L1), never.
     #[arg(long, default_value = "auto", value_parser = parse_mode)]
     nested: NestedMode,
@@ -36,9 +39,11 @@ struct Args {
 }
 
 #[derive(Subcommand)]
-enum Probe {
+enum Action {
     /// Say whether /dev/kvm can run an ordinary guest.
     Probe,
+    /// Stop the warm L1 VMs of this host (see TERMLAB_L1_WARM), now instead of when idle.
+    StopWarm,
 }
 
 fn parse_mode(text: &str) -> Result<NestedMode, String> {
@@ -47,7 +52,12 @@ fn parse_mode(text: &str) -> Result<NestedMode, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Some(Probe::Probe) = args.probe {
+    if let Some(Action::StopWarm) = args.action {
+        let stopped = stop_warm_l1s();
+        eprintln!("termlab-nested: {stopped} warm L1 VM(s) stopped");
+        return ExitCode::SUCCESS;
+    }
+    if let Some(Action::Probe) = args.action {
         return match probe::probe_kvm() {
             Ok(elapsed) => {
                 println!("/dev/kvm runs ordinary guests (probe loop: {elapsed:?})");
