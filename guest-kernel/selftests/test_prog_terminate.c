@@ -344,7 +344,7 @@ static long long event_field(const char *line, const char *key)
 static long long check_trace_of_stop(const char *what, uint32_t id, int func)
 {
 	char request[512], handler[512], done[512], returned[512], helper[512], name[192];
-	long long t_req, t_stop, t_done, t_helper, t_ret;
+	long long t_req, t_sent, t_entry, t_stop, t_done, t_helper, t_ret;
 
 	last_event("bpf_prog_terminate_request", id, request, sizeof(request));
 	last_event("bpf_prog_terminate", id, handler, sizeof(handler));
@@ -370,6 +370,14 @@ static long long check_trace_of_stop(const char *what, uint32_t id, int func)
 	t_done = event_field(done, "ts_ns");
 	t_helper = event_field(helper, "ts_ns");
 	t_ret = event_field(returned, "ts_ns");
+	t_sent = event_field(handler, "sent_ns");
+	t_entry = event_field(handler, "entry_ns");
+	snprintf(name, sizeof(name),
+		 "%s: trace: request <= IPI sent <= handler begins <= handler done: the mechanism's parts",
+		 what);
+	check(t_sent > 0 && t_entry > 0 && t_req <= t_sent && t_sent <= t_entry && t_entry <= t_stop,
+	      name, "send %.3f ms, delivery %.3f ms, handler %.3f ms, wait %.3f ms",
+	      ms(t_sent - t_req), ms(t_entry - t_sent), ms(t_stop - t_entry), ms(t_done - t_stop));
 	snprintf(name, sizeof(name),
 		 "%s: trace: request <= handler done <= call returns, request < helper returns <= run returns",
 		 what);
