@@ -11,7 +11,10 @@
 //! ```text
 //!   bpf_prog_terminate_request   BPF_PROG_TERMINATE entered
 //!   bpf_prog_terminate           one CPU moved to the copy (handler done),
-//!                                reason=request or reason=budget
+//!                                reason=request or reason=budget; since
+//!                                patch 0024 also sent_ns (its IPI sent, 0
+//!                                for the budget's tick) and entry_ns
+//!                                (handler began)
 //!   bpf_prog_terminate_done      BPF_PROG_TERMINATE returns
 //!   bpf_termination_demo_delay_done   a slow demo helper returns
 //!   bpf_prog_terminated_return   a terminated run returned
@@ -158,6 +161,8 @@ fn handlers(
                 case: e.field("case")?,
                 frames: e.field("frames")?,
                 lost: e.field("lost")?,
+                sent_ns: e.field("sent_ns").filter(|&t: &u64| t != 0),
+                entry_ns: e.field("entry_ns"),
                 ts_ns: e.ts_ns()?,
             })
         })
@@ -202,7 +207,7 @@ pub(crate) mod tests {
     // Lines as the patched 6.12 kernel prints them (taken from a guest run).
     const CASE1: &str = "\
  agent-61      [000] .....    20.100000: bpf_prog_terminate_request: prog_id=7 flags=0x0 ts_ns=20100000100
- trigger-70    [001] d.h1.    20.100020: bpf_prog_terminate: prog_id=7 case=1 frames=1 lost=0 reason=request ts_ns=20100020000
+ trigger-70    [001] d.h1.    20.100020: bpf_prog_terminate: prog_id=7 case=1 frames=1 lost=0 func=0 insn=1 reason=request sent_ns=20100005000 entry_ns=20100015000 ts_ns=20100020000
  agent-61      [000] .....    20.100030: bpf_prog_terminate_done: prog_id=7 ret=1 ts_ns=20100030000
  trigger-70    [001] ...11    20.900000: bpf_trace_printk: loops: second slow helper call
  trigger-70    [001] ...11    20.800000: bpf_termination_demo_delay_done: delay_ms=1000 ts_ns=20800000000
@@ -228,6 +233,8 @@ pub(crate) mod tests {
         assert_eq!(t.request_ns, Some(20_100_000_100));
         assert_eq!(t.reason, Reason::Request);
         assert_eq!(t.ret, Some(1));
+        assert_eq!(t.ipi_sent_ns(), Some(20_100_005_000));
+        assert_eq!(t.handler_entry_ns(), Some(20_100_015_000));
         assert_eq!(t.stopped_ns(), Some(20_100_020_000));
         assert_eq!(t.helper_returned_ns(), Some(20_800_000_000));
         assert_eq!(t.returned_ns(), Some(20_800_010_000));
@@ -266,6 +273,8 @@ pub(crate) mod tests {
         let t = find_budget_termination(&events, 9, 30_000_000_000, 30_302_020_000).expect("found");
         assert_eq!((t.reason, t.request_ns, t.ret), (Reason::Budget, None, None));
         assert_eq!(t.stopped_ns(), Some(30_300_000_000));
+        // A line of a kernel before patch 0024: no sent or entry stamps.
+        assert_eq!((t.ipi_sent_ns(), t.handler_entry_ns()), (None, None));
         assert_eq!(t.helper_returned_ns(), Some(30_302_000_000));
         assert_eq!(t.returned_ns(), Some(30_302_010_000));
         // Not in another run's window, not for another program.

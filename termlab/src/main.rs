@@ -66,6 +66,11 @@ enum Command {
         /// Repetitions per scenario, instead of the file's `repetitions`.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         repeat: Option<u32>,
+        /// Print where each scenario's time went (prepare, boot, setup, repetitions,
+        /// teardown; also in result.json as `timings`) and the host's share (finding kernels
+        /// and images, the nested L1) on stderr.
+        #[arg(long)]
+        timings: bool,
         /// Print each run's result.json to stdout.
         #[arg(long)]
         json: bool,
@@ -309,6 +314,8 @@ struct RunOutputs {
     json: bool,
     junit: Option<PathBuf>,
     selection: Selection,
+    /// `--timings`: each scenario's phases and the host's share on stderr.
+    timings: bool,
 }
 
 fn main() -> ExitCode {
@@ -322,6 +329,7 @@ fn main() -> ExitCode {
             console,
             repeat,
             json,
+            timings,
             keep_vm,
             nested,
             results,
@@ -340,7 +348,7 @@ fn main() -> ExitCode {
                 run_dir: None,
                 cancel: Cancel::new(),
             };
-            let outputs = RunOutputs { json, junit, selection };
+            let outputs = RunOutputs { json, junit, selection, timings };
             run(ui, &scenarios, options, &kernels.choices, outputs, nested.into())
         }
         Command::Kernel { command: KernelCommand::Build { variant } } => kernel_build(ui, variant),
@@ -511,6 +519,7 @@ fn run(
     outputs: RunOutputs,
     mode: NestedMode,
 ) -> Result<(), Failed> {
+    let started = std::time::Instant::now();
     // Every scenario is checked, every path and kernel it needs found,
     // before anything boots (or nests).
     let loaded = load_scenarios(ui, paths)?;
@@ -525,16 +534,30 @@ fn run(
     let root = repository_root().map_err(|e| fail_with(ui, e))?;
     let kernels = kernels_for(ui, &root, &selected, &slots, options.kernel_dir.as_deref())?;
     prepare_initramfs_images(ui, &root, &kernels)?;
+    let prepared = started.elapsed();
 
     let nesting_began = SystemTime::now();
     options.nested = match kvm_plan_for_run(ui, mode, &options, &slots, &outputs)? {
         KvmPlan::RunHere { nested } => nested,
         KvmPlan::RanInL1 { exit_code } => {
-            return ran_run_in_l1(ui, exit_code, outputs.junit.as_deref(), nesting_began)
+            if outputs.timings {
+                eprintln!(
+                    "timings (host): scenarios, kernels and guest images {prepared:.2?}, the run in the L1 VM (with its start) {:.2?}, total {:.2?}",
+                    started.elapsed() - prepared,
+                    started.elapsed()
+                );
+            }
+            return ran_run_in_l1(ui, exit_code, outputs.junit.as_deref(), nesting_began);
         }
     };
     options.cancel = Cancel::on_interrupt_signals();
     let (mut class, finished) = run_selected(ui, &root, &selected, &slots, &options, &outputs);
+    if outputs.timings {
+        eprintln!(
+            "timings: scenarios, kernels and guest images {prepared:.2?}, total {:.2?}",
+            started.elapsed()
+        );
+    }
     let reports: Vec<ScenarioReport<'_>> = finished.iter().map(scenario_report).collect();
     if let Err(Failed(junit_code)) = write_junit(ui, outputs.junit.as_deref(), &reports) {
         class = class.combine(ExitClass::from_code(junit_code.into()));
@@ -717,7 +740,7 @@ fn run_selected<'a>(
         let first = finished.len();
         for slot in slots {
             let run = run_on_kernel(ui, root, scenario, slot, group.as_deref(), options, &printer);
-            class = class.combine(report_run(ui, scenario, &run.run, outputs.json));
+            class = class.combine(report_run(ui, scenario, &run.run, outputs));
             finished.push(run);
             if options.cancel.is_cancelled() {
                 break;
@@ -850,12 +873,15 @@ fn report_run(
     ui: Ui,
     scenario: &LoadedScenario,
     run: &Result<ScenarioRun, EngineError>,
-    json: bool,
+    outputs: &RunOutputs,
 ) -> ExitClass {
     let error = match run {
         Ok(ScenarioRun { result, dir, outcome }) => {
+            if let Some(timings) = result.timings.as_ref().filter(|_| outputs.timings) {
+                eprintln!("timings [{}]: {}", scenario.name, timings.line());
+            }
             if outcome.is_ok() {
-                print_outcome(ui, result, dir, json);
+                print_outcome(ui, result, dir, outputs.json);
                 return if result.all_expectations_passed() {
                     ExitClass::Pass
                 } else {

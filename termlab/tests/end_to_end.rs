@@ -77,9 +77,14 @@ fn junit_file(results: &Path) -> PathBuf {
 fn control_scenario_passes_and_writes_its_reports() {
     let results = scratch("control");
     // Its output is no terminal, as in a CI log: progress comes as plain lines, one per
-    // repetition with the time elapsed, and --console streams the guest console beside them.
-    let (code, _, result, explain) =
-        run(&repo_root().join("scenarios/control.toml"), &results, &[], &["--console"]);
+    // repetition with the time elapsed, --console streams the guest console beside them, and
+    // --timings says where the time went.
+    let (code, _, result, explain) = run(
+        &repo_root().join("scenarios/control.toml"),
+        &results,
+        &[],
+        &["--console", "--timings"],
+    );
     assert_eq!(code, Some(0), "{explain}");
     for rep in 1..=2 {
         let line = format!("[control] rep {rep}/2 done in ");
@@ -94,6 +99,24 @@ fn control_scenario_passes_and_writes_its_reports() {
     );
     assert!(result.complete && result.all_expectations_passed(), "{explain}");
     assert_eq!(result.repetitions.len(), 2);
+    // Each phase timed, in result.json and on stderr; the phases make up the whole run.
+    let timings = result.timings.as_ref().expect("result.json has the timings");
+    assert_eq!(timings.repetitions_s.len(), 2, "{timings:?}");
+    assert!(timings.repetitions_s.iter().all(|&s| s >= 1.95), "two 1 s helpers each: {timings:?}");
+    assert!(timings.boot_s > 0.0 && timings.setup_s > 0.0, "{timings:?}");
+    let phases = timings.prepare_s
+        + timings.boot_s
+        + timings.setup_s
+        + timings.repetitions_s.iter().sum::<f64>()
+        + timings.teardown_s;
+    assert!((phases - timings.total_s).abs() < 0.01, "{timings:?}");
+    // The per-scenario line, and the whole command's (from the host when nested).
+    for line in ["timings [control]: prepare ", "scenarios, kernels and guest images "] {
+        assert!(
+            explain.lines().any(|l| l.starts_with("timings") && l.contains(line)),
+            "no `{line}...` line: {explain}"
+        );
+    }
     let full_run = &result
         .summary
         .iter()

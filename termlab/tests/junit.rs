@@ -79,6 +79,7 @@ fn result(name: &str, expectations: Vec<ExpectationOutcome>, complete: bool) -> 
             .collect(),
         summary: Vec::new(),
         expectations,
+        timings: None,
     };
     result.summarize();
     result

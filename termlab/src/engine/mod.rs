@@ -26,8 +26,8 @@ use crate::kernel_trace;
 use crate::progress::{ConsoleEvent, ConsoleLines, Progress, ProgressSink, SLOW_STEP};
 use crate::report::ReportError;
 use crate::results::{
-    self, Environment, Repetition, ResultsError, RunResult, ScenarioRecord, VmInfo, VmmInfo,
-    AGENT_RTT_METRIC, IPI_RTT_METRIC,
+    self, Environment, PhaseTimings, Repetition, ResultsError, RunResult, ScenarioRecord, VmInfo,
+    VmmInfo, AGENT_RTT_METRIC, IPI_RTT_METRIC,
 };
 use crate::scenario::{LoadedScenario, ProgramSpec, Scenario, Step};
 use crate::stack_proof::TermMap;
@@ -302,6 +302,10 @@ pub fn run_scenario(
         repetitions: Vec::new(),
         summary: Vec::new(),
         expectations: Vec::new(),
+        timings: Some(PhaseTimings {
+            prepare_s: began.elapsed().as_secs_f64(),
+            ..PhaseTimings::default()
+        }),
     };
     result.save(&dir)?;
 
@@ -325,6 +329,14 @@ pub fn run_scenario(
         other => other,
     };
     result.finished_at = Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
+    let timings = phase_timings(&mut result);
+    timings.total_s = began.elapsed().as_secs_f64();
+    let accounted = timings.prepare_s
+        + timings.boot_s
+        + timings.setup_s
+        + timings.repetitions_s.iter().sum::<f64>();
+    // Whatever came after the last phase that began: a run cut short keeps it here too.
+    timings.teardown_s = (timings.total_s - accounted).max(0.0);
     match &outcome {
         Ok(()) => {
             result.complete = true;
@@ -335,6 +347,11 @@ pub fn run_scenario(
     result.summarize();
     result.save(&dir)?;
     Ok(ScenarioRun { result, dir, outcome })
+}
+
+/// The run's phase timings, begun in [`run_scenario`].
+fn phase_timings(result: &mut RunResult) -> &mut PhaseTimings {
+    result.timings.get_or_insert_with(PhaseTimings::default)
 }
 
 /// The scenario's `[vm] kernel_args`, if any.
@@ -452,6 +469,7 @@ fn boot_measure_and_stop(
         cancel: &options.cancel,
     });
     let mut guest = guest?;
+    phase_timings(result).boot_s = booting.elapsed().as_secs_f64();
     run.progress.event(&Progress::Booted {
         scenario: &loaded.name,
         took: booting.elapsed(),
@@ -552,6 +570,7 @@ fn measure(
     result: &mut RunResult,
 ) -> Result<(), EngineError> {
     let scenario = &run.loaded.scenario;
+    let setting_up = Instant::now();
     let dmesg_after_boot = read_dmesg(client);
     apply_sysctls(client, scenario)?;
     let programs = scenario
@@ -572,6 +591,7 @@ fn measure(
     let probe =
         if verify_stack { Some(stack_probe(client, vm, system_map, &programs)?) } else { None };
     let mut trace = TraceReader::default();
+    phase_timings(result).setup_s = setting_up.elapsed().as_secs_f64();
     for index in 0..run.repetitions {
         repeat_once(run, client, &programs, &mut trace, probe.as_ref(), index, result)?;
     }
@@ -682,6 +702,7 @@ fn repeat_once(
         metrics.insert(IPI_RTT_METRIC.to_owned(), ipi_round_trip(client)?);
     }
     result.repetitions.push(Repetition { index, steps, metrics });
+    phase_timings(result).repetitions_s.push(repetition_began.elapsed().as_secs_f64());
     result.summarize();
     result.save(run.dir)?;
     run.progress.event(&Progress::RepetitionDone {

@@ -98,7 +98,12 @@ pub fn run_document(result: &RunResult) -> Result<Document, ReportError> {
     )));
     doc.push(summary_table(result));
 
+    mechanism_timeline(result, &mut doc);
     stack_tables(result, &mut doc);
+    if let Some(timings) = &result.timings {
+        doc.push(Block::Heading("Where the run's time went".into()));
+        doc.push(Block::Paragraph(format!("Host wall clock: {}.", timings.line())));
+    }
 
     doc.push(Block::Heading("Plots".into()));
     for (metric, samples) in result.metric_samples() {
@@ -122,6 +127,75 @@ pub fn run_document(result: &RunResult) -> Result<Document, ReportError> {
     doc.push(Block::Heading("Environment".into()));
     doc.push(environment_table(&[result]));
     Ok(doc)
+}
+
+/// The first repetition's first terminate call that stopped a run, as the kernel traced it:
+/// each point in time from the request to the run's return, with the part each step took
+/// and that part as a multiple of the repetition's bare IPI round trip.
+fn mechanism_timeline(result: &RunResult, doc: &mut Document) {
+    let Some((rep, label, kernel, trapped)) = result.repetitions.iter().find_map(|rep| {
+        rep.steps.iter().find_map(|step| match step {
+            StepRecord::Terminate { label, kernel: Some(kernel), stack, .. }
+                if !kernel.handlers.is_empty() && kernel.request_ns.is_some() =>
+            {
+                Some((rep, label, kernel, !stack.is_empty()))
+            }
+            _ => None,
+        })
+    }) else {
+        return;
+    };
+    let Some(request) = kernel.request_ns else { return };
+    let mut points: Vec<(u64, String)> = vec![(request, "BPF_PROG_TERMINATE entered".into())];
+    for handler in &kernel.handlers {
+        let cpu = handler.cpu;
+        points.extend(handler.sent_ns.map(|t| (t, format!("IPI to CPU {cpu} sent"))));
+        points.extend(handler.entry_ns.map(|t| (t, format!("handler began on CPU {cpu}"))));
+        points.push((handler.ts_ns, format!("handler done on CPU {cpu} (case {})", handler.case)));
+    }
+    points.extend(kernel.done_ns.map(|t| (t, "BPF_PROG_TERMINATE returns".into())));
+    points.extend(
+        kernel
+            .helper_returns
+            .iter()
+            .map(|r| (r.ts_ns, format!("the interrupted helper returned on CPU {}", r.cpu))),
+    );
+    points.extend(
+        kernel.returns.iter().map(|r| (r.ts_ns, format!("the run returned on CPU {}", r.cpu))),
+    );
+    points.sort_by_key(|(t, _)| *t);
+    let ipi = rep.metrics.get(IPI_RTT_METRIC).copied().filter(|ns| *ns > 0.0);
+    let mut previous = request;
+    let rows = points
+        .iter()
+        .map(|&(t, ref what)| {
+            let step = t.saturating_sub(previous);
+            previous = t;
+            vec![
+                what.clone(),
+                format!("{:.1}", t.saturating_sub(request) as f64 / 1e3),
+                format!("{:.1}", step as f64 / 1e3),
+                ipi.map_or(String::new(), |ipi| format!("{:.1}", step as f64 / ipi)),
+            ]
+        })
+        .collect::<Vec<_>>();
+    doc.push(Block::Heading("Mechanism timeline".into()));
+    let traps = if trapped {
+        " With `verify_stack` the VMM stops the vCPU at the handler's entry and after its rewrite to read its stack: the handler's start and the call's return include those stops."
+    } else {
+        ""
+    };
+    doc.push(Block::Paragraph(format!(
+        "`{label}` in repetition #{}, from the kernel's trace events (guest CLOCK_MONOTONIC). Kernels without patch 0024 show no IPI or handler-entry points.{traps}",
+        rep.index
+    )));
+    doc.push(Block::Table {
+        header: ["point", "µs after the request", "µs since the previous", "× IPI round trip"]
+            .map(String::from)
+            .to_vec(),
+        highlight: vec![false; rows.len()],
+        rows,
+    });
 }
 
 /// `verify_stack`: for each terminate step, the stack of the first failing
@@ -467,8 +541,9 @@ mod tests {
 
     #[test]
     fn side_by_side_columns_name_each_kernel_by_its_label() {
-        let unlabelled = example();
-        assert_eq!(unlabelled.environment.kernel.label, None, "the example predates labels");
+        // As a run from before labels: the variant alone.
+        let mut unlabelled = example();
+        unlabelled.environment.kernel.label = None;
         let without = comparison_document(&[unlabelled.clone(), unlabelled.clone()])
             .expect("rendered")
             .to_markdown();

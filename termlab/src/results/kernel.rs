@@ -53,6 +53,14 @@ pub struct HandlerEvent {
     pub frames: u32,
     /// Old-image addresses without an equivalent in the copy.
     pub lost: u32,
+    /// When the caller sent the IPI that ran this handler (kernels with patch 0024; none
+    /// for the budget's tick, which nobody sends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_ns: Option<u64>,
+    /// When this handler began (kernels with patch 0024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry_ns: Option<u64>,
+    /// When this handler was done.
     pub ts_ns: u64,
 }
 
@@ -67,6 +75,16 @@ impl KernelTermination {
     /// The last CPU's handler finished: the mechanism is done.
     pub fn stopped_ns(&self) -> Option<u64> {
         self.handlers.iter().map(|h| h.ts_ns).max()
+    }
+
+    /// The IPI round that reached the last handler was sent.
+    pub fn ipi_sent_ns(&self) -> Option<u64> {
+        self.handlers.iter().filter_map(|h| h.sent_ns).max()
+    }
+
+    /// The last CPU's handler began.
+    pub fn handler_entry_ns(&self) -> Option<u64> {
+        self.handlers.iter().filter_map(|h| h.entry_ns).max()
     }
 
     /// The last terminated run returned.

@@ -161,6 +161,52 @@ pub struct RunResult {
     /// Per metric, over all repetitions; see [`RunResult::summarize`].
     pub summary: Vec<MetricSummary>,
     pub expectations: Vec<ExpectationOutcome>,
+    /// Where the run's time went, host wall clock (absent in runs before 2026-12-04).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<PhaseTimings>,
+}
+
+/// Where one scenario's run spent its time, in host seconds (`termlab run --timings` prints
+/// them). Phases not reached (a run cut short) stay 0 or empty.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PhaseTimings {
+    /// Finding the kernel and the guest image, making the results directory.
+    pub prepare_s: f64,
+    /// The VMM's start until the guest agent's hello.
+    pub boot_s: f64,
+    /// Sysctls, program loaders, trace events and the stack probe's lookups.
+    pub setup_s: f64,
+    /// Each repetition, in order.
+    pub repetitions_s: Vec<f64>,
+    /// The kernel log, the expectations and powering the VM off.
+    pub teardown_s: f64,
+    /// The whole run of the scenario.
+    pub total_s: f64,
+}
+
+impl PhaseTimings {
+    /// One line: `boot 3.8 s, setup 1.2 s, 10 repetitions 30.1 s (2.9-3.2 s), ...`.
+    pub fn line(&self) -> String {
+        // Summed from +0.0: an empty sum of f64 is -0.0.
+        let repetitions = self.repetitions_s.iter().fold(0.0, |sum, s| sum + s);
+        let range = match (
+            self.repetitions_s.iter().copied().reduce(f64::min),
+            self.repetitions_s.iter().copied().reduce(f64::max),
+        ) {
+            (Some(low), Some(high)) => format!(" ({low:.1}-{high:.1} s each)"),
+            _ => String::new(),
+        };
+        format!(
+            "prepare {:.2} s, boot {:.1} s, setup {:.1} s, {} repetitions {repetitions:.1} s{range}, teardown {:.1} s, total {:.1} s",
+            self.prepare_s,
+            self.boot_s,
+            self.setup_s,
+            self.repetitions_s.len(),
+            self.teardown_s,
+            self.total_s
+        )
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -458,6 +458,10 @@ pub enum EventPoint {
     End,
     /// Terminate, kernel trace: BPF_PROG_TERMINATE entered.
     Request,
+    /// Terminate, kernel trace: the IPI round that reached the last handler was sent.
+    IpiSent,
+    /// Kernel trace: the last CPU's handler began (for a trigger: the budget's tick).
+    HandlerEntry,
     /// Kernel trace: the handler finished on the last CPU. For a trigger:
     /// the kernel stopped its run for exceeding the runtime budget.
     Stopped,
@@ -470,10 +474,12 @@ pub enum EventPoint {
 }
 
 impl EventPoint {
-    const NAMES: [(&'static str, EventPoint); 7] = [
+    const NAMES: [(&'static str, EventPoint); 9] = [
         ("start", EventPoint::Start),
         ("end", EventPoint::End),
         ("request", EventPoint::Request),
+        ("ipi_sent", EventPoint::IpiSent),
+        ("handler_entry", EventPoint::HandlerEntry),
         ("stopped", EventPoint::Stopped),
         ("done", EventPoint::Done),
         ("returned", EventPoint::Returned),
@@ -492,7 +498,7 @@ impl EventPoint {
 
     /// Points of the BPF_PROG_TERMINATE call itself: only terminate steps.
     pub fn is_request(self) -> bool {
-        matches!(self, EventPoint::Request | EventPoint::Done)
+        matches!(self, EventPoint::Request | EventPoint::IpiSent | EventPoint::Done)
     }
 }
 
