@@ -313,7 +313,14 @@ pub fn exec_in_guest(
         },
         StreamError::Client(what, source) => {
             let error = EngineError::Agent { what, source };
-            let explained = engine::explain_with_vm_state(error, &guest, console.path());
+            // Built kernels keep their System.map beside the bzImage.
+            let system_map = spec.kernel.with_file_name("System.map");
+            let explained = engine::explain_with_vm_state(
+                error,
+                &guest,
+                console.path(),
+                Some(system_map.as_path()).filter(|map| map.is_file()),
+            );
             ExecError::from_engine(explained, true, console.path())
         }
         StreamError::Upload(message) => ExecError::Failed(message),
@@ -417,6 +424,7 @@ mod tests {
         let hung = EngineError::Hung {
             what: "x".into(),
             waited: Duration::from_secs(1),
+            vcpus: String::new(),
             console: console.into(),
             tail: String::new(),
         };

@@ -277,6 +277,7 @@ mod tests {
         let hung = EngineError::Hung {
             what: "exec".into(),
             waited: Duration::from_secs(1),
+            vcpus: String::new(),
             console: console.clone(),
             tail: String::new(),
         };

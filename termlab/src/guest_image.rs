@@ -589,6 +589,11 @@ fn build_initramfs(
     let cache = cache_root().join("harness");
     let samples = samples_dir(&cache, root);
     std::fs::create_dir_all(&samples).map_err(io_error(&samples))?;
+    // One build at a time on this host: termlab processes run side by side (the test
+    // command's lanes), and make in one samples directory, the shared run-me and ipi_rtt,
+    // and one image's output are not safe to write from two at once (a CI dry run of
+    // 2026-12-04 failed when two wrote one image's temporary file).
+    let _build = BuildLock::take(&cache.join(".build.lock"))?;
     // make is incremental: a no-op when the samples are up to date.
     run(Command::new("make")
         .arg("-s")
@@ -607,7 +612,9 @@ fn build_initramfs(
 
     let agent = agent_binary(root)?;
     let run_me = cache.join("run-me");
-    std::fs::write(&run_me, RUN_ME).map_err(io_error(&run_me))?;
+    if std::fs::read(&run_me).ok().as_deref() != Some(RUN_ME.as_bytes()) {
+        std::fs::write(&run_me, RUN_ME).map_err(io_error(&run_me))?;
+    }
 
     let bpftool = guest_bpftool(root, kernel)?;
     let mkinitramfs = root.join("guest-samples/mkinitramfs");
@@ -643,6 +650,28 @@ fn build_initramfs(
             })))?;
     }
     Ok(image)
+}
+
+/// An exclusive lock on a file (flock), held until dropped or until the process dies.
+struct BuildLock {
+    _file: std::fs::File,
+}
+
+impl BuildLock {
+    fn take(path: &Path) -> Result<Self, GuestImageError> {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(io_error(path))?;
+        // SAFETY: flock(2) on a descriptor this function owns; it blocks until granted.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io_error(path)(std::io::Error::last_os_error()));
+        }
+        Ok(Self { _file: file })
+    }
 }
 
 #[cfg(test)]

@@ -131,6 +131,48 @@ impl Guest {
         (&self.vm, &mut self.client)
     }
 
+    /// Where each vCPU is, sampled three times 300 ms apart (the VM paused briefly for
+    /// each), named after the kernel's symbols when `system_map` is given: for a guest that
+    /// stopped answering, whether its vCPUs still move, where they sit and whether they
+    /// take interrupts. One line per vCPU, or why the VM could not be read.
+    pub fn vcpu_positions(&self, system_map: Option<&Path>) -> String {
+        const SAMPLES: usize = 3;
+        const GAP: Duration = Duration::from_millis(300);
+        let symbols = system_map
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .and_then(|text| termlab_introspect::symbols::SymbolTable::parse(&text).ok());
+        let name = |rip: u64| match symbols.as_ref().and_then(|table| table.symbolize(rip)) {
+            Some(at) => at.to_string(),
+            None => format!("{rip:#x}"),
+        };
+        let mut seen: Vec<Vec<String>> = vec![Vec::new(); self.vm.vcpu_count()];
+        for sample in 0..SAMPLES {
+            if sample > 0 {
+                std::thread::sleep(GAP);
+            }
+            if let Err(error) = self.vm.pause() {
+                return format!("(the vCPUs could not be paused to read them: {error})");
+            }
+            for (vcpu, positions) in seen.iter_mut().enumerate() {
+                positions.push(match self.vm.regs(vcpu) {
+                    Ok(regs) => {
+                        let interrupts = if regs.rflags & 0x200 != 0 { "" } else { " (IF off)" };
+                        format!("{}{interrupts}", name(regs.rip))
+                    }
+                    Err(error) => format!("(unreadable: {error})"),
+                });
+            }
+            if let Err(error) = self.vm.resume() {
+                return format!("(the VM could not be resumed after reading it: {error})");
+            }
+        }
+        seen.iter()
+            .enumerate()
+            .map(|(vcpu, positions)| format!("  vCPU {vcpu}: {}", positions.join(" -> ")))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// The token this guest was booted with.
     pub fn cancel(&self) -> &Cancel {
         &self.cancel

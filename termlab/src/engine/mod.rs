@@ -120,8 +120,8 @@ pub enum EngineError {
     #[error("internal error: {0}")]
     Internal(#[from] Invariant),
     /// The agent stopped answering (hung guest or agent).
-    #[error("the guest hung: no answer from the guest agent to {what} within {waited:?}; the VM was killed. Guest console, last lines ({}):\n{tail}", console.display())]
-    Hung { what: String, waited: Duration, console: PathBuf, tail: String },
+    #[error("the guest hung: no answer from the guest agent to {what} within {waited:?}; the VM was killed. Guest console, last lines ({}):\n{tail}\nIts vCPUs then (three samples 300 ms apart):\n{vcpus}", console.display())]
+    Hung { what: String, waited: Duration, vcpus: String, console: PathBuf, tail: String },
     /// The agent's vsock connection closed under a pending request.
     #[error("the guest agent's vsock connection closed during {what} ({detail}); {after}. Guest console, last lines ({}):\n{tail}", console.display())]
     AgentGone { what: String, detail: String, after: String, console: PathBuf, tail: String },
@@ -478,7 +478,7 @@ fn boot_measure_and_stop(
 
     let (vm, client) = guest.parts();
     let measured = measure(run, client, vm, system_map, result)
-        .map_err(|error| explain_with_vm_state(error, &guest, console_log));
+        .map_err(|error| explain_with_vm_state(error, &guest, console_log, system_map));
     let failed = match &measured {
         Ok(()) => !result.expectations.iter().all(|e| e.passed),
         Err(_) => true,
@@ -511,6 +511,7 @@ pub(crate) fn explain_with_vm_state(
     error: EngineError,
     guest: &Guest,
     console_log: &Path,
+    system_map: Option<&Path>,
 ) -> EngineError {
     let EngineError::Agent { what, source } = error else { return error };
     if guest.cancel().is_cancelled() {
@@ -523,7 +524,8 @@ pub(crate) fn explain_with_vm_state(
             if let Some(reason) = guest.exited() {
                 return EngineError::VmExited { exit: reason, console: console_log.to_owned() };
             }
-            EngineError::Hung { what, waited, console: console_log.to_owned(), tail: tail() }
+            let vcpus = guest.vcpu_positions(system_map);
+            EngineError::Hung { what, waited, vcpus, console: console_log.to_owned(), tail: tail() }
         }
         source @ (ClientError::Closed { .. }
         | ClientError::Receive { .. }

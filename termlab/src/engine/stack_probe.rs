@@ -241,7 +241,11 @@ impl<'vm> StackProbe<'vm> {
         disarmed.and(resumed)
     }
 
-    /// Handles hits until the call has returned and no hit is pending.
+    /// Handles hits until the call has returned and no hit is pending. A hit it fails to
+    /// read does not end the watch: a hit parks the whole VM until it is resumed, so a watch
+    /// that stopped at the first error would leave the handler's next hit (its rewrite's
+    /// end) parked, the terminate call unanswered and the guest looking hung. The first
+    /// error is returned once the call has returned.
     fn watch(
         &self,
         returned: &AtomicBool,
@@ -249,6 +253,7 @@ impl<'vm> StackProbe<'vm> {
     ) -> Result<Vec<CpuStackProof>, StackProbeError> {
         let mut before: BTreeMap<usize, StackSnapshot> = BTreeMap::new();
         let mut proofs = Vec::new();
+        let mut first_error = None;
         loop {
             let done = returned.load(Ordering::Acquire);
             let Some(event) = self.vm.wait_debug_event(Some(POLL)) else {
@@ -259,7 +264,12 @@ impl<'vm> StackProbe<'vm> {
             };
             let handled = self.on_hit(event, map, &mut before, &mut proofs);
             self.vm.resume().map_err(vm_error("resuming after a breakpoint"))?;
-            handled?;
+            if let Err(error) = handled {
+                first_error.get_or_insert(error);
+            }
+        }
+        if let Some(error) = first_error {
+            return Err(error);
         }
         // Entered the handler but never reached the rewrite's end: the
         // program had already left that CPU.
