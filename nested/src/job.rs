@@ -375,6 +375,16 @@ mod tests {
         assert_eq!(stdout, "stopped\n");
     }
 
+    /// Runs the job script of `dir` with the host's sh, its output dropped.
+    fn run_quietly(dir: &Path) -> std::process::ExitStatus {
+        Command::new("sh")
+            .arg(dir.join(SCRIPT_FILE))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("sh runs")
+    }
+
     /// A job whose lease is not renewed (its launcher is gone) has its command killed: here
     /// with the limit cut from 60 to 2 seconds, the script otherwise as L1 runs it.
     #[test]
@@ -386,12 +396,7 @@ mod tests {
         assert!(full.contains(&limit), "{full}");
         write(job.path(), &full.replace(&limit, "-ge 2 ]"), "").expect("job files");
         let started = Instant::now();
-        let status = Command::new("sh")
-            .arg(job.path().join(SCRIPT_FILE))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("sh runs");
+        let status = run_quietly(job.path());
         assert!(status.success(), "{status}");
         assert_eq!(outcome(job.path()).expect("outcome"), Some(128 + libc::SIGKILL));
         assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
@@ -416,12 +421,7 @@ mod tests {
         let missing = job.path().join("not-here");
         write(job.path(), &script(job.path(), &missing, &os(&["true"]), [], &[], None), "")
             .expect("job files");
-        let status = Command::new("sh")
-            .arg(job.path().join(SCRIPT_FILE))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("sh runs");
+        let status = run_quietly(job.path());
         assert_eq!(status.code(), Some(JOB_SETUP_FAILED));
         match outcome(job.path()) {
             Err(NestedError::JobSetup(reason)) => {

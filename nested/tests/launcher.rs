@@ -74,14 +74,18 @@ fn timeout_kills_the_l1_vm_and_cleans_up() {
 
 /// Pids of the QEMU processes started by the launcher with this pid.
 fn qemus_of(launcher: u32) -> Vec<i32> {
-    let ours = format!("termlab.job={JOBS_DIR}/job-{launcher}-");
+    processes_naming(&format!("termlab.job={JOBS_DIR}/job-{launcher}-"))
+}
+
+/// Pids of the processes whose command line contains `needle`.
+fn processes_naming(needle: &str) -> Vec<i32> {
     std::fs::read_dir("/proc")
         .expect("/proc")
         .filter_map(Result::ok)
         .filter_map(|e| {
             let pid = e.file_name().to_str()?.parse().ok()?;
             let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-            String::from_utf8_lossy(&cmdline).contains(&ours).then_some(pid)
+            String::from_utf8_lossy(&cmdline).contains(needle).then_some(pid)
         })
         .collect()
 }
@@ -287,15 +291,7 @@ fn an_l1_cpu_that_stops_beating_ends_the_vm_as_stalled() {
 
 /// Pids of this host's warm L1 VMs.
 fn warm_qemus() -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .expect("/proc")
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let pid = e.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-            String::from_utf8_lossy(&cmdline).contains("termlab.warm=").then_some(pid)
-        })
-        .collect()
+    processes_naming("termlab.warm=")
 }
 
 /// Jobs one after another in a warm L1 (TERMLAB_L1_WARM): the second runs in the same L1
