@@ -286,15 +286,19 @@ fn writable_dirs(cwd: &Path, writable: &[PathBuf]) -> Result<Vec<PathBuf>, Neste
 /// The minimal firmware that QEMU's Debian packages ship beside SeaBIOS.
 const QBOOT: &str = "/usr/share/qemu/qboot.rom";
 
-/// The QEMU command line every L1 VM shares: TCG emulating SVM on `cpus` CPUs, the image,
-/// no network device, and CPU resets logged to `qemu_log`.
+/// The QEMU command every L1 VM shares: TCG emulating SVM on `cpus` CPUs, the image, its
+/// console on ttyS0 and `job_arg` (what the L1 init runs, `termlab.job=...` or
+/// `termlab.warm=...`) on the kernel command line, no network device, CPU resets logged to
+/// `qemu_log`; started with no signal blocked and umask 022.
 pub(crate) fn qemu_command(
     image: &L1Image,
     cpus: u32,
     mem_mib: u32,
-    append: &str,
+    job_arg: &str,
     qemu_log: &Path,
 ) -> Command {
+    // loglevel=4: errors too (an OOM kill, a 9p failure), not just the boot's chatter.
+    let append = format!("console=ttyS0 quiet loglevel=4 panic=-1 {job_arg}");
     let mut cmd = Command::new("qemu-system-x86_64");
     // qboot instead of SeaBIOS where QEMU ships it: under TCG about 1 s sooner to the kernel.
     if Path::new(QBOOT).is_file() {
@@ -306,12 +310,31 @@ pub(crate) fn qemu_command(
         .arg(&image.kernel)
         .arg("-initrd")
         .arg(&image.initrd)
-        .args(["-append", append])
+        .args(["-append", &append])
         // No network device: L1 and the guests it runs reach nothing.
         .args(["-nic", "none"])
         .args(["-d", "cpu_reset", "-D"])
         .arg(qemu_log);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            // Undo the signal blocking the launcher has in place while it supervises.
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            // What L1 writes through the 9p exports gets its own mode bits, not ours.
+            libc::umask(0o022);
+            Ok(())
+        });
+    }
     cmd
+}
+
+/// L1's console (ttyS0) into `file`, with no display or monitor.
+pub(crate) fn console_to_file(cmd: &mut Command, file: &Path) {
+    // QEMU's option syntax escapes a comma by doubling it.
+    let file = file.to_string_lossy().replace(',', ",,");
+    cmd.args(["-display", "none", "-monitor", "none"]).args(["-serial", &format!("file:{file}")]);
 }
 
 fn spawn_qemu(
@@ -320,20 +343,16 @@ fn spawn_qemu(
     mounts: &MountPlan,
     options: &L1Options,
 ) -> Result<Child, NestedError> {
-    // loglevel=4: errors too (an OOM kill, a 9p failure), not just the boot's chatter.
-    let append =
-        format!("console=ttyS0 quiet loglevel=4 panic=-1 termlab.job={}", job_dir.display());
+    let job_arg = format!("termlab.job={}", job_dir.display());
     let mut cmd =
-        qemu_command(image, options.cpus, options.mem_mib, &append, &job_dir.join(QEMU_LOG));
+        qemu_command(image, options.cpus, options.mem_mib, &job_arg, &job_dir.join(QEMU_LOG));
     cmd.args(mounts.qemu_args());
     let interactive = options.interactive;
     if interactive {
         // ttyS0 (L1's console) to a file, ttyS1 (the command's terminal) to our stdin and
         // stdout; signal=off: a Ctrl-C is a byte for the command's terminal, not QEMU's end.
-        let console = job_dir.join(CONSOLE_FILE).to_string_lossy().replace(',', ",,");
-        cmd.args(["-display", "none", "-monitor", "none"])
-            .args(["-serial", &format!("file:{console}")])
-            .args(["-chardev", "stdio,id=terminal,signal=off", "-serial", "chardev:terminal"])
+        console_to_file(&mut cmd, &job_dir.join(CONSOLE_FILE));
+        cmd.args(["-chardev", "stdio,id=terminal,signal=off", "-serial", "chardev:terminal"])
             .stdin(Stdio::inherit())
             .stdout(Stdio::inherit());
     } else {
@@ -344,12 +363,9 @@ fn spawn_qemu(
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            // Undo the signal blocking we inherited, leave the terminal's process group (we
-            // decide when QEMU dies), and die with the thread that launched us.
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-            // An interactive QEMU stays in the terminal's foreground group: it reads it.
+            // Leave the terminal's process group (we decide when QEMU dies), and die with the
+            // thread that launched us. An interactive QEMU stays in the terminal's foreground
+            // group: it reads it.
             if !interactive {
                 libc::setpgid(0, 0);
             }
@@ -358,8 +374,6 @@ fn spawn_qemu(
             if libc::getppid() != launcher {
                 return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
-            // What L1 writes through the 9p exports gets its own mode bits, not ours.
-            libc::umask(0o022);
             Ok(())
         });
     }

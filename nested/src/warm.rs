@@ -19,7 +19,6 @@
 
 use std::fs::{self, File};
 use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -27,7 +26,7 @@ use std::time::{Duration, Instant};
 use crate::error::NestedError;
 use crate::image::L1Image;
 use crate::job;
-use crate::launch::{qemu_command, QEMU_LOG};
+use crate::launch::{console_to_file, qemu_command, QEMU_LOG};
 use crate::mounts::warm_qemu_args;
 
 /// `TERMLAB_L1_WARM=S`: jobs run in a warm L1 that powers off after S idle seconds.
@@ -155,40 +154,20 @@ impl WarmL1 {
             .mode(0o700)
             .create(&dir)
             .map_err(|e| NestedError::io("create", &dir, e))?;
-        let append = format!(
-            "console=ttyS0 quiet loglevel=4 panic=-1 termlab.warm={} termlab.idle={}",
-            dir.display(),
-            idle.as_secs()
-        );
+        let job_arg = format!("termlab.warm={} termlab.idle={}", dir.display(), idle.as_secs());
         let image = L1Image { kernel: shape.kernel.clone(), initrd: shape.initrd.clone() };
-        let console = dir.join(CONSOLE_FILE).to_string_lossy().replace(',', ",,");
-        let mut cmd = qemu_command(&image, shape.cpus, shape.mem_mib, &append, &dir.join(QEMU_LOG));
+        let mut cmd =
+            qemu_command(&image, shape.cpus, shape.mem_mib, &job_arg, &dir.join(QEMU_LOG));
+        console_to_file(&mut cmd, &dir.join(CONSOLE_FILE));
         // -daemonize: QEMU returns once the VM runs and lives on in a session of its own
         // (not our child: nothing waits for it but init), until L1 powers off when idle.
-        cmd.args(warm_qemu_args())
-            .args(["-display", "none", "-monitor", "none"])
-            .args(["-serial", &format!("file:{console}")])
-            .arg("-pidfile")
-            .arg(dir.join(PID_FILE))
-            .arg("-daemonize");
+        cmd.args(warm_qemu_args()).arg("-pidfile").arg(dir.join(PID_FILE)).arg("-daemonize");
         // Never one of our pipes: with -D, a daemonized QEMU keeps its stderr, and whoever
         // reads our output would wait for the warm L1 to end.
         let stderr_path = dir.join(STDERR_FILE);
         let stderr =
             File::create(&stderr_path).map_err(|e| NestedError::io("create", &stderr_path, e))?;
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                // Undo the signal blocking the launcher may have in place.
-                let mut empty: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut empty);
-                libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-                // What L1 writes on the host gets its own mode bits, not ours.
-                libc::umask(0o022);
-                Ok(())
-            });
-        }
         let status = cmd
             .status()
             .map_err(|e| NestedError::io("start", Path::new("qemu-system-x86_64"), e))?;
