@@ -33,6 +33,7 @@ use std::str::FromStr;
 pub use error::NestedError;
 pub use job::PASSED_ENV;
 pub use launch::{run_in_l1, L1Options};
+pub use lock::FileLock;
 pub use warm::{stop_warm_l1s, WARM_ENV};
 
 /// Set to `1` in the environment of a command re-executed inside L1.

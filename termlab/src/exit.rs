@@ -129,6 +129,7 @@ impl Classify for GuestImageError {
             | GuestImageError::NoAgent { .. }
             | GuestImageError::Command { .. }
             | GuestImageError::Io { .. }
+            | GuestImageError::BuildLock(_)
             | GuestImageError::BuildInfo { .. } => ExitClass::Infrastructure,
         }
     }

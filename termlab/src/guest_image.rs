@@ -55,6 +55,8 @@ pub enum GuestImageError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot take the guest image build lock: {0}")]
+    BuildLock(#[source] termlab_nested::NestedError),
     #[error("{}: not valid JSON: {source}", path.display())]
     BuildInfo {
         path: PathBuf,
@@ -593,7 +595,8 @@ fn build_initramfs(
     // command's lanes), and make in one samples directory, the shared run-me and ipi_rtt,
     // and one image's output are not safe to write from two at once (a CI dry run of
     // 2026-12-04 failed when two wrote one image's temporary file).
-    let _build = BuildLock::take(&cache.join(".build.lock"))?;
+    let _build = termlab_nested::FileLock::exclusive(&cache.join(".build.lock"))
+        .map_err(GuestImageError::BuildLock)?;
     // make is incremental: a no-op when the samples are up to date.
     run(Command::new("make")
         .arg("-s")
@@ -650,28 +653,6 @@ fn build_initramfs(
             })))?;
     }
     Ok(image)
-}
-
-/// An exclusive lock on a file (flock), held until dropped or until the process dies.
-struct BuildLock {
-    _file: std::fs::File,
-}
-
-impl BuildLock {
-    fn take(path: &Path) -> Result<Self, GuestImageError> {
-        use std::os::fd::AsRawFd;
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(io_error(path))?;
-        // SAFETY: flock(2) on a descriptor this function owns; it blocks until granted.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io_error(path)(std::io::Error::last_os_error()));
-        }
-        Ok(Self { _file: file })
-    }
 }
 
 #[cfg(test)]
