@@ -161,21 +161,7 @@ pub fn run_where_kvm_works(test_name: &str) -> bool {
 pub fn wait_for(vm: &Vm, marker: &str) {
     match vm.wait_for_console(marker, STEP_TIMEOUT) {
         ConsoleWait::Found => {}
-        // Nested, a guest's triple fault is the emulated host's (README, open problems): the
-        // test says so by its exit status, and the launcher on the host tries it once more.
-        ConsoleWait::Ended(reason @ ExitReason::TripleFault) if termlab_nested::is_nested() => {
-            eprintln!(
-                "the VM ended before {marker:?} appeared: {:?} (a nested guest's vCPU                  triple-faulted: the emulated host); console:\n{}",
-                Some(reason),
-                vm.console().text()
-            );
-            std::process::exit(termlab_nested::EMULATED_HOST_FAILED);
-        }
-        ConsoleWait::Ended(reason) => panic!(
-            "the VM ended before {marker:?} appeared: {:?}; console:\n{}",
-            Some(reason),
-            vm.console().text()
-        ),
+        ConsoleWait::Ended(reason) => ended_before(vm, reason, marker),
         ConsoleWait::TimedOut => panic!(
             "no {marker:?} on the console within {STEP_TIMEOUT:?}; where the guest is: {}; \
              console:\n{}",
@@ -183,6 +169,24 @@ pub fn wait_for(vm: &Vm, marker: &str) {
             vm.console().text()
         ),
     }
+}
+
+/// The VM ended (`reason`) before `marker` appeared: the test fails naming how. Nested, a
+/// guest's triple fault is the emulated host's (README, open problems): the test says so by
+/// its exit status instead, and the launcher on the host tries it once more.
+pub fn ended_before(vm: &Vm, reason: ExitReason, marker: &str) -> ! {
+    let nested_triple_fault = reason == ExitReason::TripleFault && termlab_nested::is_nested();
+    let end = format!(
+        "the VM ended before {marker:?} appeared: {:?}{}; console:\n{}",
+        Some(reason),
+        if nested_triple_fault { " (a nested guest's vCPU: the emulated host)" } else { "" },
+        vm.console().text()
+    );
+    if nested_triple_fault {
+        eprintln!("{end}");
+        std::process::exit(termlab_nested::EMULATED_HOST_FAILED);
+    }
+    panic!("{end}");
 }
 
 /// Each vCPU's instruction pointer, with the kernel symbol it falls in, read while the VM is
