@@ -121,9 +121,14 @@ impl Guest {
     /// Waits for the next hit and checks it is at `symbol`+`offset` and the vCPU is there.
     fn expect_hit(&self, symbol: &str, offset: u64) -> (usize, KernelCpu) {
         let hit = self.vm.wait_debug_event(Some(STEP_TIMEOUT)).unwrap_or_else(|| {
-            panic!(
-                "no breakpoint hit at {symbol} within {STEP_TIMEOUT:?}; console:\n{}",
-                self.console()
+            let end = self.vm.wait_exit(Some(Duration::ZERO));
+            termlab_nested::fail_guest_test(
+                end == Some(ExitReason::TripleFault),
+                &format!(
+                    "no breakpoint hit at {symbol} (within {STEP_TIMEOUT:?}, or before the VM \
+                     ended: {end:?}); console:\n{}",
+                    self.console()
+                ),
             )
         });
         eprintln!(
@@ -239,10 +244,9 @@ fn breakpoints_stop_the_guest_where_introspection_reads_it() {
     guest.vm.start().expect("start VM");
     match guest.vm.wait_for_console("INTROSPECT-READY", STEP_TIMEOUT) {
         ConsoleWait::Found => {}
-        other => panic!(
-            "init did not get ready ({other:?}; the VM's end, if it ended: {:?}); console:\n{}",
-            guest.vm.wait_exit(Some(Duration::ZERO)),
-            guest.console()
+        other => termlab_nested::fail_guest_test(
+            other == ConsoleWait::Ended(ExitReason::TripleFault),
+            &format!("init did not get ready ({other:?}); console:\n{}", guest.console()),
         ),
     }
     // init waits two seconds before its first getppid call; it is the only caller.
@@ -338,12 +342,13 @@ fn breakpoints_stop_the_guest_where_introspection_reads_it() {
     // Disarmed, the guest runs to its end.
     guest.vm.set_breakpoints(&[]).expect("disarm");
     guest.vm.resume().expect("resume");
-    assert_eq!(
-        guest.vm.wait_exit(Some(STEP_TIMEOUT)),
-        Some(ExitReason::Reset),
-        "console:\n{}",
-        guest.console()
-    );
+    let end = guest.vm.wait_exit(Some(STEP_TIMEOUT));
+    if end != Some(ExitReason::Reset) {
+        termlab_nested::fail_guest_test(
+            end == Some(ExitReason::TripleFault),
+            &format!("the guest ended {end:?}, not by its reset; console:\n{}", guest.console()),
+        );
+    }
     assert_eq!(guest.vm.wait_debug_event(Some(Duration::from_secs(1))), None);
     let console = guest.console();
     for marker in ["GETPPID-1", "GETPPID-2", "INTROSPECT-DONE"] {

@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use termlab_nested::{run_in_l1, stop_warm_l1s, L1Options, NestedError, WARM_ENV};
+use termlab_nested::{
+    fail_guest_test, is_nested, run_in_l1, run_test_where_kvm_works, stop_warm_l1s, L1Options,
+    NestedError, WARM_ENV,
+};
 
 const JOBS_DIR: &str = "/run/termlab/l1-jobs";
 
@@ -95,7 +98,11 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(parent: &Path, name: &str) -> Self {
-        let path = parent.join(format!("termlab-nested-{name}-{}", std::process::id()));
+        Self::at(parent.join(format!("termlab-nested-{name}-{}", std::process::id())))
+    }
+
+    /// At a path that is the same inside L1, where the test's process id is another.
+    fn at(path: PathBuf) -> Self {
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).expect("create scratch dir");
         Self(path)
@@ -376,4 +383,34 @@ test "$(stat -f -c %T /tmp)" = tmpfs || exit 47"#,
     assert_eq!(stop_warm_l1s(), 1);
     assert!(warm_qemus().is_empty(), "warm L1 left running: {:?}", warm_qemus());
     assert!(my_job_dirs().is_empty(), "job directory left behind: {:?}", my_job_dirs());
+}
+
+/// A test whose nested guest triple-faulted exits inside L1 as [`fail_guest_test`] makes it
+/// (the emulated host failed); the host runs it once more, and its second try's pass is the
+/// test's. Here the first try fails that way on purpose and the second passes: two tries.
+#[test]
+#[ignore = "boots the L1 VM twice (about 25 s)"]
+fn a_test_whose_emulated_host_failed_is_tried_once_more() {
+    let name = "a_test_whose_emulated_host_failed_is_tried_once_more";
+    let tries = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    if is_nested() {
+        let first = std::fs::read_dir(&tries).expect("tries directory").next().is_none();
+        let try_file = tries.join(if first { "first" } else { "second" });
+        std::fs::write(try_file, "").expect("record the try");
+        if first {
+            fail_guest_test(true, "the first try stands in for a nested guest's triple fault");
+        }
+        return;
+    }
+    let _serial = one_at_a_time();
+    let _scratch = Scratch::at(tries.clone());
+    let options =
+        L1Options { timeout: Duration::from_secs(300), writable: vec![tries.clone()], ..cold() };
+    assert!(!run_test_where_kvm_works(name, &options), "this host cannot run it itself");
+    let mut seen: Vec<String> = std::fs::read_dir(&tries)
+        .expect("tries directory")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    seen.sort();
+    assert_eq!(seen, ["first", "second"], "tries recorded inside L1");
 }

@@ -171,22 +171,16 @@ pub fn wait_for(vm: &Vm, marker: &str) {
     }
 }
 
-/// The VM ended (`reason`) before `marker` appeared: the test fails naming how. Nested, a
-/// guest's triple fault is the emulated host's (README, open problems): the test says so by
-/// its exit status instead, and the launcher on the host tries it once more.
+/// The VM ended (`reason`) before `marker` appeared: the test fails naming how (a nested
+/// guest's triple fault: [`termlab_nested::fail_guest_test`]).
 pub fn ended_before(vm: &Vm, reason: ExitReason, marker: &str) -> ! {
-    let nested_triple_fault = reason == ExitReason::TripleFault && termlab_nested::is_nested();
-    let end = format!(
-        "the VM ended before {marker:?} appeared: {:?}{}; console:\n{}",
-        Some(reason),
-        if nested_triple_fault { " (a nested guest's vCPU: the emulated host)" } else { "" },
-        vm.console().text()
-    );
-    if nested_triple_fault {
-        eprintln!("{end}");
-        std::process::exit(termlab_nested::EMULATED_HOST_FAILED);
-    }
-    panic!("{end}");
+    termlab_nested::fail_guest_test(
+        reason == ExitReason::TripleFault,
+        &format!(
+            "the VM ended before {marker:?} appeared: {reason:?}; console:\n{}",
+            vm.console().text()
+        ),
+    )
 }
 
 /// Each vCPU's instruction pointer, with the kernel symbol it falls in, read while the VM is
