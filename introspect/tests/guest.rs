@@ -10,9 +10,9 @@
 //! guest-physical memory), per-CPU data, the syscall stack and the user frame at its top,
 //! then disarms and lets the guest reboot.
 //!
-//! The kernel is $TERMLAB_KERNEL_DIR (bzImage + System.map) or the current default build
-//! (`guest-kernel/build --print-dir`). Where /dev/kvm cannot run Linux (kvm-pvm) the test
-//! re-runs itself inside an L1 VM via termlab-nested.
+//! The kernel is the vmlinux (as termlab boots it) and System.map in $TERMLAB_KERNEL_DIR or
+//! in the current default build (`guest-kernel/build --print-dir`). Where /dev/kvm cannot
+//! run Linux (kvm-pvm) the test re-runs itself inside an L1 VM via termlab-nested.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -238,7 +238,7 @@ fn breakpoints_stop_the_guest_where_introspection_reads_it() {
     }
     let map = std::fs::read_to_string(kernel_dir.join("System.map")).expect("read System.map");
     let symbols = SymbolTable::parse(&map).expect("parse System.map");
-    let mut config = VmConfig::new(kernel_dir.join("bzImage"), Some(initramfs), CMDLINE.into());
+    let mut config = VmConfig::new(kernel_dir.join("vmlinux"), Some(initramfs), CMDLINE.into());
     config.mem_mib = 256;
     let mut guest = Guest { vm: Vm::new(config).expect("create VM"), symbols };
     guest.vm.start().expect("start VM");

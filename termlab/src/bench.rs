@@ -225,7 +225,7 @@ fn boot(
     options: &BenchOptions,
 ) -> Result<Guest, EngineError> {
     Guest::boot(BootSpec {
-        kernel: &kernel.build.bzimage,
+        kernel: kernel.build.boot_image(),
         initramfs: kernel.initramfs,
         vcpus,
         memory_mib: MEMORY_MIB,

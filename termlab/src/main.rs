@@ -1036,7 +1036,7 @@ fn boot(
         fail(ui, ExitClass::Infrastructure, format!("cannot create a console log: {e}"))
     })?;
     let guest = Guest::boot(BootSpec {
-        kernel: &kernel.bzimage,
+        kernel: kernel.boot_image(),
         initramfs: &initramfs,
         vcpus,
         memory_mib,
@@ -1385,7 +1385,8 @@ fn exec_vmtest(
     exit_with(failed)
 }
 
-/// The bzImage and initramfs each `--kernel` value resolved to, handed from
+/// The kernel image that boots (KernelBuild::boot_image) and initramfs each `--kernel`
+/// value resolved to, handed from
 /// the host to the same command re-run inside the nested L1 VM (through the
 /// environment, which the launcher passes on for TERMLAB_* names): under
 /// emulation, resolving a variant and checking the initramfs cache again
@@ -1406,7 +1407,7 @@ impl PreparedImages {
             .unwrap_or_default()
     }
 
-    /// The bzImage and initramfs for `choice`: handed over, or resolved and built here.
+    /// The kernel image and initramfs for `choice`: handed over, or resolved and built here.
     fn prepare(
         &mut self,
         ui: Ui,
@@ -1414,9 +1415,9 @@ impl PreparedImages {
         choice: &KernelChoice,
     ) -> Result<(PathBuf, PathBuf), Failed> {
         let key = format!("{choice:?}");
-        if let Some((bzimage, initramfs)) = self.0.get(&key) {
-            if bzimage.is_file() && initramfs.is_file() {
-                return Ok((bzimage.clone(), initramfs.clone()));
+        if let Some((image, initramfs)) = self.0.get(&key) {
+            if image.is_file() && initramfs.is_file() {
+                return Ok((image.clone(), initramfs.clone()));
             }
         }
         let kernel = guest_image::kernel_from_choice(root, choice).map_err(|e| {
@@ -1425,8 +1426,9 @@ impl PreparedImages {
         })?;
         let initramfs = prepare_initramfs(ui, root, &kernel)
             .map_err(|Failed(_)| Failed(exec::EXIT_EXEC_FAILED))?;
-        self.0.insert(key, (kernel.bzimage.clone(), initramfs.clone()));
-        Ok((kernel.bzimage, initramfs))
+        let image = kernel.boot_image().to_owned();
+        self.0.insert(key, (image.clone(), initramfs.clone()));
+        Ok((image, initramfs))
     }
 
     /// Puts them in the environment for a re-run inside L1.

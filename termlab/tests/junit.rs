@@ -66,6 +66,7 @@ fn result(name: &str, expectations: Vec<ExpectationOutcome>, complete: bool) -> 
                 image: None,
                 image_sha256: None,
                 image_version: None,
+                booted_vmlinux: None,
                 system_map: None,
             },
             vm: VmInfo { vcpus: 2, memory_mib: 256, cmdline: "console=ttyS0".into() },

@@ -357,6 +357,7 @@ fn every_new_key_is_accepted_and_lands_in_the_guest_image_list() {
     let kernel = termlab::guest_image::KernelBuild {
         dir: PathBuf::from("/nonexistent"),
         bzimage: PathBuf::from("/nonexistent/bzImage"),
+        vmlinux: None,
         system_map: None,
         bpftool: None,
         vmlinux_h: None,

@@ -2,7 +2,7 @@
 //! issue asks for: init runs and prints on serial, both vCPUs come online, bytes round-trip
 //! over vsock in both directions (including more than one credit window), the boot logs no
 //! kernel warning, a guest reboot ends the VM as `Reset`, and a kernel panic is reported as
-//! `Panic`.
+//! `Panic`. The first boot loads the uncompressed vmlinux ELF, the second the bzImage.
 //!
 //! Where /dev/kvm cannot run Linux (kvm-pvm), the test re-runs itself inside an L1 VM via
 //! termlab-nested and passes or fails with the inner run. The kernel comes from
@@ -15,8 +15,8 @@ use std::os::unix::net::UnixListener;
 use std::time::{Duration, Instant};
 
 use common::{
-    echo_through_guest, hybrid_connect, init_logging, kernel, run_where_kvm_works, test_initramfs,
-    wait_for, Scratch, BASE_CMDLINE, STEP_TIMEOUT,
+    echo_through_guest, hybrid_connect, init_logging, kernel_bzimage, kernel_vmlinux,
+    run_where_kvm_works, test_initramfs, wait_for, Scratch, BASE_CMDLINE, STEP_TIMEOUT,
 };
 use termlab_vmm::{ExitReason, Vm, VmConfig, VsockConfig};
 
@@ -58,7 +58,8 @@ fn serve_guest_connection(listener: UnixListener) -> std::thread::JoinHandle<Str
 fn guest_boots_smp_talks_vsock_and_ends_with_reset_or_panic() {
     let name = "guest_boots_smp_talks_vsock_and_ends_with_reset_or_panic";
     init_logging();
-    let kernel = kernel();
+    let (vmlinux, bzimage) = (kernel_vmlinux(), kernel_bzimage());
+    assert!(vmlinux.is_file(), "{} not found (guest-kernel/build leaves it)", vmlinux.display());
     let initramfs = test_initramfs();
     if !run_where_kvm_works(name) {
         return;
@@ -70,7 +71,7 @@ fn guest_boots_smp_talks_vsock_and_ends_with_reset_or_panic() {
     let guest_conn = serve_guest_connection(host_listener);
 
     let mut config = VmConfig::new(
-        kernel.clone(),
+        vmlinux,
         Some(initramfs.clone()),
         format!("{BASE_CMDLINE} termlab.host_port={HOST_PORT} termlab.listen_port={GUEST_PORT} termlab.end=reboot"),
     );
@@ -108,7 +109,7 @@ fn guest_boots_smp_talks_vsock_and_ends_with_reset_or_panic() {
     assert!(!uds.exists(), "the VMM must remove its vsock socket on exit");
 
     let mut config =
-        VmConfig::new(kernel, Some(initramfs), format!("{BASE_CMDLINE} termlab.end=panic"));
+        VmConfig::new(bzimage, Some(initramfs), format!("{BASE_CMDLINE} termlab.end=panic"));
     config.mem_mib = 256;
     let mut vm = Vm::new(config).expect("create VM");
     vm.start().expect("start VM");

@@ -312,7 +312,7 @@ pub fn run_scenario(
     let console_log = dir.join(results::CONSOLE_FILE);
     let run = Run { loaded, repetitions, options, progress, began, dir: &dir };
     let files = GuestFiles {
-        kernel: &kernel.bzimage,
+        kernel: kernel.boot_image(),
         system_map: kernel.system_map.as_deref(),
         initramfs: &initramfs,
         console_log: &console_log,
@@ -943,11 +943,13 @@ mod tests {
             image: None,
             image_sha256: None,
             image_version: None,
+            booted_vmlinux: None,
             system_map: None,
         };
         let build = KernelBuild {
             dir: dir.path().to_owned(),
             bzimage: dir.path().join("bzImage"),
+            vmlinux: None,
             system_map,
             bpftool: None,
             vmlinux_h: None,

@@ -268,9 +268,14 @@ pub struct KernelInfo {
     pub config_sha256: Option<String>,
     /// `build-info.json` of the kernel build, verbatim (`null` for a kernel without one).
     pub build_info: serde_json::Value,
-    /// The booted bzImage (absent in results written before `--kernel PATH` existed).
+    /// The kernel's bzImage (absent in results written before `--kernel PATH` existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// What the VMM booted instead of `image`: the same build's uncompressed vmlinux
+    /// (guest-kernel/build leaves it beside the bzImage), which skips the bzImage's
+    /// self-decompression. Absent when the bzImage booted, and in results written before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub booted_vmlinux: Option<String>,
     /// sha256 of the bzImage's bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_sha256: Option<String>,

@@ -23,7 +23,7 @@ use termlab_vmm::{ConsoleConfig, ExitReason, Vm, VmConfig, VsockConfig};
 usage, 3 on a guest kernel panic, 4 on a triple fault, 128+N when stopped by signal N."
 )]
 struct Args {
-    /// The kernel image (bzImage).
+    /// The kernel image: a bzImage, or an uncompressed vmlinux ELF (no self-decompression).
     #[arg(long)]
     kernel: PathBuf,
     /// An initramfs.

@@ -42,8 +42,23 @@ pub fn kernel_dir() -> PathBuf {
     dir
 }
 
+/// The kernel the tests boot: the uncompressed vmlinux beside the bzImage (as termlab boots
+/// it; guest-kernel/build leaves it there), else the bzImage.
 pub fn kernel() -> PathBuf {
+    let vmlinux = kernel_vmlinux();
+    if vmlinux.is_file() {
+        vmlinux
+    } else {
+        kernel_bzimage()
+    }
+}
+
+pub fn kernel_bzimage() -> PathBuf {
     kernel_dir().join("bzImage")
+}
+
+pub fn kernel_vmlinux() -> PathBuf {
+    kernel_dir().join("vmlinux")
 }
 
 /// Address of a symbol in the guest kernel's System.map (the tests boot with `nokaslr`).
