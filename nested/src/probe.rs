@@ -69,9 +69,73 @@ pub enum KvmUnusable {
     Emulated { instructions: u32, elapsed: Duration },
 }
 
-/// Runs the probe guest in a fresh VM and reports whether `/dev/kvm` behaves like real KVM;
-/// on success, how long the probe loop took.
+/// Where an "emulated" verdict is kept until the host reboots (a tmpfs), so that the commands
+/// after the first one skip the half second the probe costs where KVM emulates.
+const VERDICT_FILE: &str = "/run/termlab/kvm-probe";
+
+/// What the verdict holds for: this boot of the host and this `/dev/kvm` node (a KVM module
+/// loaded anew gives the node another inode and change time).
+fn verdict_key() -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let kvm = std::fs::metadata("/dev/kvm").ok()?;
+    let node = format!("{} {} {}.{:09}", kvm.rdev(), kvm.ino(), kvm.ctime(), kvm.ctime_nsec());
+    Some(format!("{} {node}", boot_id.trim()))
+}
+
+/// The line an "emulated" verdict is kept as: `key instructions elapsed_ns`.
+fn verdict_line(key: &str, instructions: u32, elapsed: Duration) -> String {
+    format!("{key}\t{instructions}\t{}\n", elapsed.as_nanos())
+}
+
+/// The verdict `text` holds for `key`, if it is one.
+fn verdict_from(text: &str, key: &str) -> Option<KvmUnusable> {
+    let mut fields = text.strip_suffix('\n')?.split('\t');
+    if fields.next()? != key {
+        return None;
+    }
+    let instructions = fields.next()?.parse().ok()?;
+    let elapsed = Duration::from_nanos(fields.next()?.parse().ok()?);
+    fields.next().is_none().then_some(KvmUnusable::Emulated { instructions, elapsed })
+}
+
+/// Whether `/dev/kvm` behaves like real KVM ([`probe_kvm_now`]); an "emulated" verdict is
+/// remembered for this boot of the host ([`VERDICT_FILE`]), KVM found fast is probed again
+/// each time (a millisecond).
 pub fn probe_kvm() -> Result<Duration, KvmUnusable> {
+    let known = verdict_key().zip(std::fs::read_to_string(VERDICT_FILE).ok());
+    match known.and_then(|(key, text)| verdict_from(&text, &key)) {
+        Some(verdict) => Err(verdict),
+        None => probe_kvm_now(),
+    }
+}
+
+/// Runs the probe guest in a fresh VM and reports whether `/dev/kvm` behaves like real KVM;
+/// on success, how long the probe loop took. An "emulated" verdict is kept for
+/// [`probe_kvm`].
+pub fn probe_kvm_now() -> Result<Duration, KvmUnusable> {
+    let outcome = probe_in_fresh_vm();
+    if let (Some(key), Err(KvmUnusable::Emulated { instructions, elapsed })) =
+        (verdict_key(), &outcome)
+    {
+        remember(&verdict_line(&key, *instructions, *elapsed));
+    }
+    outcome
+}
+
+/// Keeps `line` as the verdict, atomically; a host where that fails probes every time.
+fn remember(line: &str) {
+    let path = std::path::Path::new(VERDICT_FILE);
+    let temp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let kept = path.parent().is_some_and(|dir| std::fs::create_dir_all(dir).is_ok())
+        && std::fs::write(&temp, line).is_ok()
+        && std::fs::rename(&temp, path).is_ok();
+    if !kept {
+        let _ = std::fs::remove_file(&temp);
+    }
+}
+
+fn probe_in_fresh_vm() -> Result<Duration, KvmUnusable> {
     let (tx, rx) = mpsc::channel();
     // The probe runs on its own thread so a vCPU that never returns cannot hang the caller.
     // Such a thread is abandoned (detached) only in that pathological case; it owns nothing but
@@ -217,5 +281,30 @@ impl Drop for GuestPage {
     fn drop(&mut self) {
         // SAFETY: `addr` came from a successful mmap of SIZE bytes and is unmapped once.
         unsafe { libc::munmap(self.addr, Self::SIZE) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_emulated_verdict_holds_for_its_key_only() {
+        let line = verdict_line("boot-1 2600 17 99", 2_000_000, Duration::from_millis(483));
+        let verdict = verdict_from(&line, "boot-1 2600 17 99");
+        assert_eq!(
+            verdict,
+            Some(KvmUnusable::Emulated {
+                instructions: 2_000_000,
+                elapsed: Duration::from_millis(483)
+            })
+        );
+        // Another boot, or /dev/kvm made anew by a module load: probe again.
+        assert_eq!(verdict_from(&line, "boot-2 2600 17 99"), None);
+        assert_eq!(verdict_from(&line, "boot-1 2600 18 99"), None);
+        // A torn or foreign file is no verdict.
+        assert_eq!(verdict_from(&line[..line.len() - 3], "boot-1 2600 17 99"), None);
+        assert_eq!(verdict_from("boot-1 2600 17 99\t1\t2\t3\n", "boot-1 2600 17 99"), None);
+        assert_eq!(verdict_from("", "boot-1 2600 17 99"), None);
     }
 }

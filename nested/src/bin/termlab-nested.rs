@@ -40,7 +40,8 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Action {
-    /// Say whether /dev/kvm can run an ordinary guest.
+    /// Say whether /dev/kvm can run an ordinary guest, measured now (the other commands reuse
+    /// a verdict of emulation until the host reboots or KVM is loaded anew).
     Probe,
     /// Stop the warm L1 VMs of this host (see TERMLAB_L1_WARM), now instead of when idle.
     StopWarm,
@@ -58,7 +59,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if let Some(Action::Probe) = args.action {
-        return match probe::probe_kvm() {
+        return match probe::probe_kvm_now() {
             Ok(elapsed) => {
                 println!("/dev/kvm runs ordinary guests (probe loop: {elapsed:?})");
                 ExitCode::SUCCESS
