@@ -266,6 +266,14 @@ fn guest_faults_each_end_their_run_clearly_and_leave_nothing() {
                 "agent-killed: the console tail does not show the agent's end: {reason}"
             ));
         }
+        // A hung guest's report says where each vCPU was (the agent is stopped: the idle
+        // loop), and the code there and CR2 in the last sample.
+        let vcpu0 = reason.lines().find(|line| line.trim_start().starts_with("vCPU 0: "));
+        if scenario == "hang.toml"
+            && !vcpu0.is_some_and(|line| line.contains(" [code: ") && line.contains("; cr2 0x"))
+        {
+            problems.push(format!("hang: no vCPU 0 line with its code and CR2: {reason}"));
+        }
         // The only repetition never finished: none may be recorded.
         if !run.result.repetitions.is_empty() {
             problems.push(format!(

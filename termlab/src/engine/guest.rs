@@ -157,7 +157,11 @@ impl Guest {
                 positions.push(match self.vm.regs(vcpu) {
                     Ok(regs) => {
                         let interrupts = if regs.rflags & 0x200 != 0 { "" } else { " (IF off)" };
-                        format!("{}{interrupts}", name(regs.rip))
+                        let mut at = format!("{}{interrupts}", name(regs.rip));
+                        if sample + 1 == SAMPLES {
+                            at.push_str(&self.code_at(vcpu, regs.rip));
+                        }
+                        at
                     }
                     Err(error) => format!("(unreadable: {error})"),
                 });
@@ -171,6 +175,25 @@ impl Guest {
             .map(|(vcpu, positions)| format!("  vCPU {vcpu}: {}", positions.join(" -> ")))
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    /// What a paused vCPU executes at `rip`, for a place no symbol names (a BPF image, a
+    /// trampoline): the code bytes through its own page tables, and CR2 (the last page fault's
+    /// address), or why they cannot be read.
+    fn code_at(&self, vcpu: usize, rip: u64) -> String {
+        const CODE_BYTES: usize = 16;
+        let sregs = match self.vm.sregs(vcpu) {
+            Ok(sregs) => sregs,
+            Err(error) => return format!(" [no sregs: {error}]"),
+        };
+        let mut code = [0u8; CODE_BYTES];
+        let read = termlab_introspect::paging::PageTables::from_sregs(&sregs)
+            .and_then(|tables| tables.read(self.vm.memory(), rip, &mut code));
+        let bytes = match read {
+            Ok(()) => code.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" "),
+            Err(error) => format!("unreadable ({error})"),
+        };
+        format!(" [code: {bytes}; cr2 {:#x}]", sregs.cr2)
     }
 
     /// The token this guest was booted with.
