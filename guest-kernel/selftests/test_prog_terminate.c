@@ -99,6 +99,25 @@ static const struct bpf_insn bpf_text_loop[] = {
 };
 
 /*
+ * A loop the program bounds itself (a counter and a back-edge, nothing held)
+ * with the slow helper in each of its COUNTED_ROUNDS iterations; it returns
+ * its counter.  Stopped in the first iteration's helper, the run leaves the
+ * loop at its back-edge, which the copy has as an exit returning 0; a copy
+ * that kept the loop would make the other iterations, with the helper
+ * stubbed, and return COUNTED_ROUNDS.
+ */
+#define COUNTED_ROUNDS 3
+#define COUNTED_DELAY_MS 300
+static const struct bpf_insn counted_loop[] = {
+	MOV64_IMM(BPF_REG_6, 0),			/* 0: iterations */
+	CALL_HELPER(BPF_FUNC_get_numa_node_id),		/* 1: slow */
+	ADD64_IMM(BPF_REG_6, 1),			/* 2 */
+	JLT_IMM(BPF_REG_6, COUNTED_ROUNDS, -3),		/* 3: -> 1, the back-edge */
+	MOV64_REG(BPF_REG_0, BPF_REG_6),		/* 4 */
+	EXIT(),						/* 5 */
+};
+
+/*
  * Case 2 in bpf_loop(): BPF_MAX_LOOPS (8M) calls of a callback that counts
  * to LOOP_WORK, in main and three bpf2bpf frames deep (a run of ~3.3 s under
  * TCG: a tenth of it, the bound on the stop's latency, stays above the
@@ -561,6 +580,32 @@ static void test_case2(const char *what, const struct bpf_insn *insns, size_t cn
 	snprintf(name, sizeof(name), "%s: next run is the original, complete", what);
 	check(!run.err && run.retval == complete, name, "retval %u, %.1f ms", run.retval,
 	      ms(run.end_ns - run.start_ns));
+	close(fd);
+}
+
+static void test_counted_loop(void)
+{
+	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, counted_loop,
+		      sizeof(counted_loop) / sizeof(counted_loop[0]), "term_counted", 0);
+	struct run run = { .prog_fd = fd };
+	uint64_t term_ns;
+	int term_errno;
+	long ret;
+
+	set_delay(COUNTED_DELAY_MS);
+	run_sync(&run);
+	check(!run.err && run.retval == COUNTED_ROUNDS,
+	      "counted loop: control run makes every iteration", "retval %u, %.0f ms",
+	      run.retval, ms(run.end_ns - run.start_ns));
+	ret = run_and_terminate(&run, prog_id(fd), COUNTED_DELAY_MS / 2, &term_ns, &term_errno);
+	check(ret == 1 && !run.err && run.retval == 0,
+	      "counted loop: a stopped run leaves the loop at its next back-edge",
+	      "terminate %ld, retval %u (%d: the loop went on in the copy), %.0f ms", ret,
+	      run.retval, COUNTED_ROUNDS, ms(run.end_ns - run.start_ns));
+	run_sync(&run);
+	check(!run.err && run.retval == COUNTED_ROUNDS,
+	      "counted loop: next run is the original, every iteration", "retval %u", run.retval);
+	set_delay(0);
 	close(fd);
 }
 
@@ -1513,6 +1558,7 @@ int main(int argc, char **argv)
 		   sizeof(subprog_bpf_loop_text) / sizeof(subprog_bpf_loop_text[0]),
 		   subprog_bpf_loop_funcs,
 		   sizeof(subprog_bpf_loop_funcs) / sizeof(subprog_bpf_loop_funcs[0]), LOOP_CALLS);
+	test_counted_loop();
 	test_stub_zeroes_buffer();
 	test_budget_errors();
 	test_budget();

@@ -733,9 +733,11 @@ static struct run_rec *run_at(struct runner_state *r, int kind, uint64_t ts)
  * ts_helper (functions main, f1, f2; f2 calls the slow helper at 0 and 2):
  * each real helper returns 0, each stubbed one -1, so the result is 100
  * minus the helper calls still ahead of the position.
- * ts_text (main, f): entering f, or at its may_goto, this call of f ends
- * below K and later calls count nothing: below 3K; before main's first call,
- * 0.  Elsewhere the loop counter's value decides: at most 3K.
+ * ts_text (main, f): f's may_goto leaves its loop, and main's back-edge
+ * (insn 8) is an exit returning 0 in the copy (nothing is held there): from
+ * f, or from main before its back-edge, the run returns 0, not the sum of
+ * its calls.  Only at main's loop test (insn 3, which may leave the loop
+ * with the sum) or after the loop is the result the sum: at most 3K.
  * ts_short: the helper's result is overwritten, 7 whatever happens.
  */
 static void copy_results(int kind, int func, int insn, uint64_t *lo, uint64_t *hi)
@@ -749,9 +751,7 @@ static void copy_results(int kind, int func, int insn, uint64_t *lo, uint64_t *h
 		return;
 	}
 	case P_TEXT:
-		if (func == 1 && insn <= 1)
-			*hi = 3 * TEXT_K - 1;
-		else if (func == 0 && insn <= 2)
+		if (func == 1 || (func == 0 && insn != 3 && insn <= 8))
 			*hi = 0;
 		else
 			*hi = 3 * TEXT_K;
