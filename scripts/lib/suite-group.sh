@@ -135,11 +135,17 @@ readonly L1_STALLED="the L1 VM stalled and was killed"
 readonly L2_TRIPLE_FAULT="a vCPU triple-faulted"
 # The same exit as the VMM's own tests print it (`ExitReason` in an assertion's message).
 readonly L2_TRIPLE_FAULT_VMM="Some(TripleFault)"
+# What a hang report says of a vCPU whose page-table root is outside the guest's memory
+# (termlab's engine/guest.rs, HOST_STATE_IN_VCPU): KVM handed back its host's registers. The
+# nested hangs of 2026-12-05 had both vCPUs at L1's __svm_vcpu_run+0x9c with an L1 CR3: the
+# emulated SVM lost the guest's state, the same failure as the triple faults (README).
+readonly L2_HOST_STATE="the vCPU holds its host's state, not the guest's"
 readonly NESTED_RUN="re-running inside an L1 VM"
 
 # Why a failed try of a nested suite is the emulated host's failure, not the code's: a
-# timeout (a hung L1), the nested launcher saying the L1 VM crashed or stalled, or a nested
-# guest's triple fault; nothing when it is not. Reads only that try's output.
+# timeout (a hung L1), the nested launcher saying the L1 VM crashed or stalled, a nested
+# guest's triple fault, or a hung nested guest whose vCPU holds its host's state; nothing
+# when it is not. Reads only that try's output.
 infrastructure_failure() { # rc try_log
     local rc="$1" try_log="$2"
     if ((rc == 124)); then
@@ -149,6 +155,8 @@ infrastructure_failure() { # rc try_log
     elif ((rc != 0)) && grep -qF -e "$L2_TRIPLE_FAULT" -e "$L2_TRIPLE_FAULT_VMM" "$try_log" &&
         grep -qF "$NESTED_RUN" "$try_log"; then
         echo "a nested guest's vCPU triple-faulted (no console message; counted as the emulated host, see README)"
+    elif ((rc != 0)) && grep -qF "$L2_HOST_STATE" "$try_log" && grep -qF "$NESTED_RUN" "$try_log"; then
+        echo "a nested guest's vCPU held its host's state (its CR3 outside the guest; counted as the emulated host, see README)"
     fi
 }
 
