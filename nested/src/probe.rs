@@ -103,10 +103,11 @@ fn verdict_from(text: &str, key: &str) -> Option<KvmUnusable> {
 /// remembered for this boot of the host ([`VERDICT_FILE`]), KVM found fast is probed again
 /// each time (a millisecond).
 pub fn probe_kvm() -> Result<Duration, KvmUnusable> {
-    let known = verdict_key().zip(std::fs::read_to_string(VERDICT_FILE).ok());
-    match known.and_then(|(key, text)| verdict_from(&text, &key)) {
+    let key = verdict_key();
+    let text = std::fs::read_to_string(VERDICT_FILE).ok();
+    match key.as_deref().zip(text).and_then(|(key, text)| verdict_from(&text, key)) {
         Some(verdict) => Err(verdict),
-        None => probe_kvm_now(),
+        None => probe_and_keep(key.as_deref()),
     }
 }
 
@@ -114,11 +115,14 @@ pub fn probe_kvm() -> Result<Duration, KvmUnusable> {
 /// on success, how long the probe loop took. An "emulated" verdict is kept for
 /// [`probe_kvm`].
 pub fn probe_kvm_now() -> Result<Duration, KvmUnusable> {
+    probe_and_keep(verdict_key().as_deref())
+}
+
+/// The probe's outcome, an "emulated" one kept under `key`.
+fn probe_and_keep(key: Option<&str>) -> Result<Duration, KvmUnusable> {
     let outcome = probe_in_fresh_vm();
-    if let (Some(key), Err(KvmUnusable::Emulated { instructions, elapsed })) =
-        (verdict_key(), &outcome)
-    {
-        remember(&verdict_line(&key, *instructions, *elapsed));
+    if let (Some(key), Err(KvmUnusable::Emulated { instructions, elapsed })) = (key, &outcome) {
+        remember(&verdict_line(key, *instructions, *elapsed));
     }
     outcome
 }

@@ -313,7 +313,7 @@ pub fn exec_in_guest(
         },
         StreamError::Client(what, source) => {
             let error = EngineError::Agent { what, source };
-            // Built kernels keep their System.map beside the bzImage.
+            // Built kernels keep their System.map beside their images (bzImage, vmlinux).
             let system_map = spec.kernel.with_file_name("System.map");
             let explained = engine::explain_with_vm_state(
                 error,

@@ -315,6 +315,7 @@ pub fn describe_exit(reason: &ExitReason) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     /// The CR3 of the two hung vCPUs of 2026-12-05 (nested): an L1 page table, 4 GiB up.
     #[test]
@@ -327,7 +328,6 @@ mod tests {
         assert!(!page_tables_in(&memory, 0x1_00a4_2000));
         assert!(!page_tables_in(&memory, 256 << 20));
     }
-    use super::*;
 
     #[test]
     fn a_panic_is_named_by_its_own_line_then_the_last_console_lines() {
