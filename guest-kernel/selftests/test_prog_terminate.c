@@ -27,6 +27,8 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/utsname.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <linux/perf_event.h>
@@ -37,6 +39,7 @@
 
 #define DELAY_MS 1500
 #define RUNNER_CPU 0
+_Static_assert(RUNNER_CPU == 0, "a struct run runs on RUNNER_CPU unless its cpu is set");
 #define TERMINATOR_CPU 1
 
 /* Two slow helper calls: returns 0 normally, -1 if the second was stubbed. */
@@ -209,8 +212,22 @@ static void set_delay(unsigned int ms)
 
 /* ------------------------------------------------------------- runner */
 
+#define SOCK_DATAGRAM 200
+
 struct run {
 	int prog_fd;
+	int cpu;		/* where it runs: RUNNER_CPU (0) unless set */
+	/*
+	 * With send_fd: not a test run but a socket filter's run on a unix
+	 * datagram socket pair.  The filter runs in the sending task, in
+	 * sk_filter() with migration disabled only, so a preemptible kernel
+	 * can switch it out in the middle (a test run disables bottom halves
+	 * or preemption).  What it returned decides the datagram's fate: 0
+	 * drops it (@received -1), less than its SOCK_DATAGRAM bytes trims it
+	 * to that length, anything else keeps it whole.
+	 */
+	int send_fd, recv_fd;
+	int received;
 	uint64_t ctx_word;	/* the context's first word */
 	uint32_t retval;
 	int err;
@@ -223,8 +240,17 @@ static void *runner(void *arg)
 	struct run *run = arg;
 	union bpf_attr attr = {};
 	uint64_t args[1] = { run->ctx_word };
+	char datagram[SOCK_DATAGRAM] = {};
 
-	pin_to(RUNNER_CPU);
+	pin_to(run->cpu);
+	if (run->send_fd) {
+		run->start_ns = now_ns();
+		run->started = true;
+		run->err = send(run->send_fd, datagram, sizeof(datagram), 0) < 0 ? errno : 0;
+		run->end_ns = now_ns();
+		run->received = recv(run->recv_fd, datagram, sizeof(datagram), MSG_DONTWAIT);
+		return NULL;
+	}
 	attr.test.prog_fd = run->prog_fd;
 	attr.test.ctx_in = (uintptr_t)args;
 	attr.test.ctx_size_in = sizeof(args);
@@ -256,17 +282,23 @@ static void sleep_ms(unsigned int ms)
 	nanosleep(&d, NULL);
 }
 
-static pthread_t start_run(struct run *run, unsigned int after_ms)
+/* Starts @fn (a runner) for @run and returns its thread @after_ms after the run began. */
+static pthread_t start_thread(void *(*fn)(void *), struct run *run, unsigned int after_ms)
 {
 	pthread_t t;
 
 	run->started = false;
 	run->end_ns = 0;
-	pthread_create(&t, NULL, runner, run);
+	pthread_create(&t, NULL, fn, run);
 	while (!run->started)
 		sched_yield();
 	sleep_ms(after_ms);
 	return t;
+}
+
+static pthread_t start_run(struct run *run, unsigned int after_ms)
+{
+	return start_thread(runner, run, after_ms);
 }
 
 /* Whether the run started by start_run() is still going. */
@@ -928,6 +960,256 @@ static void test_terminate_twice(void)
 	close(fd);
 }
 
+/* ------------------------------------------------------ preempted runs */
+
+#define RT_RUNTIME_SYSCTL "/proc/sys/kernel/sched_rt_runtime_us"
+#define RT_PERIOD_US 1000000
+#define PREEMPT_DELAY_MS 800
+#define PREEMPT_AFTER_MS 300
+
+/* Is this a preemptible kernel (uname -v says PREEMPT or PREEMPT_DYNAMIC)? */
+static bool kernel_preemptible(void)
+{
+	struct utsname u;
+
+	return !uname(&u) && strstr(u.version, " PREEMPT");
+}
+
+/* Become a SCHED_FIFO task (@on) or an ordinary one again. */
+static void set_fifo(bool on)
+{
+	struct sched_param sp = { .sched_priority = on ? 10 : 0 };
+
+	if (sched_setscheduler(0, on ? SCHED_FIFO : SCHED_OTHER, &sp))
+		perror("sched_setscheduler");
+}
+
+/* A runner on RUNNER_CPU that preempts whatever ordinary task runs there. */
+static void *rt_runner(void *arg)
+{
+	/* Real-time first: it then preempts the run there the moment it arrives. */
+	set_fifo(true);
+	return runner(arg);
+}
+
+/* The last bpf_prog_terminate event of program @id says its run was preempted. */
+static bool stop_traced_preempted(uint32_t id, long long *sent_ns)
+{
+	char line[512];
+
+	if (!scan_events("bpf_prog_terminate", id, line, sizeof(line)))
+		return false;
+	printf("# trace: %s\n", line);
+	*sent_ns = event_field(line, "sent_ns");
+	return event_field(line, "preempted") == 1;
+}
+
+/*
+ * A unix datagram socket pair whose receiving end filters with @prog_fd, for
+ * @run to send on; exits on failure.
+ */
+static void filter_socket(int prog_fd, struct run *run)
+{
+	int sv[2];
+
+	if (socketpair(AF_UNIX, SOCK_DGRAM, 0, sv) ||
+	    setsockopt(sv[1], SOL_SOCKET, SO_ATTACH_BPF, &prog_fd, sizeof(prog_fd))) {
+		perror("socket filter");
+		exit(1);
+	}
+	run->send_fd = sv[0];
+	run->recv_fd = sv[1];
+}
+
+static void close_filter_socket(struct run *run)
+{
+	close(run->send_fd);
+	close(run->recv_fd);
+}
+
+struct rt_spinner {
+	volatile bool started, stop;
+};
+
+/* A real-time task spinning on RUNNER_CPU until told to stop. */
+static void *rt_spin(void *arg)
+{
+	struct rt_spinner *sp = arg;
+
+	set_fifo(true);
+	pin_to(RUNNER_CPU);
+	sp->started = true;
+	while (!sp->stop)
+		;
+	return NULL;
+}
+
+/*
+ * The preempted run is in its own code: the may_goto loops of bpf_text_loop
+ * (case 2), switched out by a real-time task that only spins.  The saved IP
+ * that leads back into the program is in the interrupt frame it was
+ * preempted from, on its task's stack; it must move to the copy, whose
+ * may_goto tests then leave the loops: the filter returns fewer than the
+ * complete run's CASE2_CALLS + 1 calls, and trims the datagram to that
+ * (or drops it for 0).
+ */
+static void test_preempted_in_text(const char *stopped_name, const char *resumed_name)
+{
+	int fd = load(BPF_PROG_TYPE_SOCKET_FILTER, bpf_text_loop,
+		      sizeof(bpf_text_loop) / sizeof(bpf_text_loop[0]), "term_preempt_text", 0);
+	uint32_t id = prog_id(fd);
+	struct run run = {};
+	struct rt_spinner sp = {};
+	char line[512] = "";
+	pthread_t t, t_sp;
+	long ret;
+	int err;
+
+	filter_socket(fd, &run);
+	t = start_run(&run, PREEMPT_AFTER_MS);
+	pthread_create(&t_sp, NULL, rt_spin, &sp);
+	while (!sp.started)
+		sched_yield();
+	sleep_ms(PREEMPT_AFTER_MS);
+	errno = 0;
+	ret = terminate(id, 0);
+	err = errno;
+	if (scan_events("bpf_prog_terminate", id, line, sizeof(line)))
+		printf("# trace: %s\n", line);
+	sp.stop = true;
+	pthread_join(t_sp, NULL);
+	pthread_join(t, NULL);
+	check(ret == 1 && event_field(line, "preempted") == 1 && event_field(line, "case") == 2,
+	      stopped_name, "returned %ld (%s), traced preempted %lld case %lld", ret,
+	      ret < 0 ? strerror(err) : "", event_field(line, "preempted"), event_field(line, "case"));
+	check(!run.err && run.received != CASE2_CALLS + 1, resumed_name,
+	      "send %s, received %d bytes (a complete run: %d)", strerror(run.err), run.received,
+	      CASE2_CALLS + 1);
+	close_filter_socket(&run);
+	close(fd);
+}
+
+/*
+ * Issue 14, point 1 (preempt variant): a socket filter's run, in the task
+ * that sends a datagram, is preempted in its first slow helper by a
+ * real-time task on the same CPU, which then runs another filter there.
+ * Terminating the preempted run's program must stop that run, and only it:
+ * the call returns 1, the stop is traced as a preempted run's, and when the
+ * run resumes its second helper does not run: the filter returns -1 from
+ * the copy and the datagram is kept, where a complete run returns 0 and
+ * drops it.  The other task's run, on the CPU meanwhile, is stopped by its
+ * own terminate.  Then the same with the preempted run on the caller's own
+ * CPU, preempted by the caller itself.  Before, the running marker stayed on
+ * the CPU: the handler looked for the run in the real-time task's stack,
+ * found nothing and, after its retries, the call said EAGAIN (ESRCH on the
+ * caller's CPU) while the run went on through both helpers.
+ */
+static void test_preempted_run(void)
+{
+	static const char *const names[] = {
+		"preempted run: terminate stops the run of a task preempted on another CPU",
+		"preempted run: the stop is traced as a preempted run's",
+		"preempted run: the task that preempted it, running another program, is stopped by its own terminate",
+		"preempted run: the preempted run resumed in the copy (second helper stubbed: datagram kept)",
+		"preempted run: the preempting run was stopped too (datagram kept)",
+		"preempted run: terminate stops a run preempted on the caller's own CPU, without an IPI",
+		"preempted run: that run resumed in the copy too (datagram kept)",
+		"preempted run: each run counted once (nr_terminated_on_demand 2 and 1)",
+		"preempted run: the next run is the original again (datagram dropped)",
+		"preempted run: a run preempted in its own code (case 2) is stopped, traced preempted in case 2",
+		"preempted run: it resumed in the copy, whose loops it left (not its 151 calls)",
+	};
+	int fd = load(BPF_PROG_TYPE_SOCKET_FILTER, two_slow_helpers, 5, "term_preempted", 0);
+	int other = load(BPF_PROG_TYPE_SOCKET_FILTER, two_slow_helpers, 5, "term_preemptor", 0);
+	uint32_t id = prog_id(fd), other_id = prog_id(other);
+	struct run run = {}, rt = {};
+	struct termlab_prog_info info = {}, other_info = {};
+	long first, second, here;
+	int errno1, errno2, errno_here;
+	long long sent_ns = -1, here_sent_ns = -1;
+	bool first_preempted, here_preempted;
+	unsigned int rt_runtime = 0;
+	bool rt_runtime_read;
+	pthread_t t, t_rt;
+
+	if (!kernel_preemptible()) {
+		for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+			skip(names[i], "not a preemptible kernel (the preempt variant tests this)");
+		close(fd);
+		close(other);
+		return;
+	}
+	filter_socket(fd, &run);
+	filter_socket(other, &rt);
+	/*
+	 * The real-time task must not be throttled back to the preempted one:
+	 * real-time tasks may use the whole period (1 s by default).
+	 */
+	rt_runtime_read = read_sysctl(RT_RUNTIME_SYSCTL, &rt_runtime);
+	write_sysctl(RT_RUNTIME_SYSCTL, RT_PERIOD_US);
+	set_delay(PREEMPT_DELAY_MS);
+
+	t = start_run(&run, PREEMPT_AFTER_MS);
+	t_rt = start_thread(rt_runner, &rt, PREEMPT_AFTER_MS);
+	errno = 0;
+	first = terminate(id, 0);
+	errno1 = errno;
+	first_preempted = stop_traced_preempted(id, &sent_ns);
+	errno = 0;
+	second = terminate(other_id, 0);
+	errno2 = errno;
+	pthread_join(t_rt, NULL);
+	pthread_join(t, NULL);
+
+	check(first == 1, names[0], "returned %ld (%s)", first, first < 0 ? strerror(errno1) : "");
+	check(first_preempted && sent_ns > 0, names[1], "sent_ns %lld", sent_ns);
+	check(second == 1, names[2], "returned %ld (%s)", second,
+	      second < 0 ? strerror(errno2) : "");
+	check(!run.err && run.received == SOCK_DATAGRAM, names[3], "send %s, received %d bytes",
+	      strerror(run.err), run.received);
+	check(!rt.err && rt.received == SOCK_DATAGRAM, names[4], "send %s, received %d bytes",
+	      strerror(rt.err), rt.received);
+
+	/* The preempted run on this CPU: this task, real-time, preempts it. */
+	run.cpu = TERMINATOR_CPU;
+	run.started = false;
+	pthread_create(&t, NULL, runner, &run);
+	while (!run.started)
+		sched_yield();
+	set_fifo(true);
+	sleep_ms(PREEMPT_AFTER_MS);
+	errno = 0;
+	here = terminate(id, 0);
+	errno_here = errno;
+	here_preempted = stop_traced_preempted(id, &here_sent_ns);
+	set_fifo(false);
+	pthread_join(t, NULL);
+	run.cpu = RUNNER_CPU;
+	check(here == 1 && here_preempted && here_sent_ns == 0, names[5],
+	      "returned %ld (%s), traced preempted %d, sent_ns %lld", here,
+	      here < 0 ? strerror(errno_here) : "", here_preempted, here_sent_ns);
+	check(!run.err && run.received == SOCK_DATAGRAM, names[6], "send %s, received %d bytes",
+	      strerror(run.err), run.received);
+
+	test_preempted_in_text(names[9], names[10]);
+
+	get_term_info(fd, &info);
+	get_term_info(other, &other_info);
+	check(info.nr_terminated_on_demand == 2 && other_info.nr_terminated_on_demand == 1, names[7],
+	      "%llu and %llu", (unsigned long long)info.nr_terminated_on_demand,
+	      (unsigned long long)other_info.nr_terminated_on_demand);
+	set_delay(0);
+	run_sync(&run);
+	check(!run.err && run.received < 0, names[8], "send %s, received %d bytes", strerror(run.err),
+	      run.received);
+	if (rt_runtime_read)
+		write_sysctl(RT_RUNTIME_SYSCTL, rt_runtime);
+	close_filter_socket(&run);
+	close_filter_socket(&rt);
+	close(fd);
+	close(other);
+}
+
 /*
  * Issue 14, point 12: a run is marked running a few instructions before its
  * first one.  The fault knob kernel.bpf_termination_fault_entry_delay_ms
@@ -1547,6 +1829,7 @@ int main(int argc, char **argv)
 	test_terminate_twice();
 	test_run_start_window();
 	test_irqs_off_run();
+	test_preempted_run();
 	test_case1("subprog", subprog_slow_helpers,
 		   sizeof(subprog_slow_helpers) / sizeof(subprog_slow_helpers[0]), 2);
 	test_case2("case 2 (may_goto loops, 2 frames)", bpf_text_loop,
