@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{LazyLock, Mutex};
 
+use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
@@ -143,16 +144,17 @@ pub enum KernelChoice {
 impl std::str::FromStr for KernelChoice {
     type Err = std::convert::Infallible;
 
-    /// `default`, `debug` and `noterm` are variants; anything else is a
-    /// path (write `./default` for a file of that name).
+    /// The name of a variant (`default`, `debug`, `noterm`, `full`,
+    /// `preempt`) is that variant; anything else is a path (write
+    /// `./default` for a file of that name).
     fn from_str(text: &str) -> Result<KernelChoice, Self::Err> {
-        Ok(match text {
-            "default" => KernelChoice::Variant(KernelVariant::Default),
-            "debug" => KernelChoice::Variant(KernelVariant::Debug),
-            "noterm" => KernelChoice::Variant(KernelVariant::Noterm),
-            "full" => KernelChoice::Variant(KernelVariant::Full),
-            path => KernelChoice::Path(PathBuf::from(path)),
-        })
+        Ok(KernelVariant::value_variants()
+            .iter()
+            .find(|variant| variant.as_str() == text)
+            .map_or_else(
+                || KernelChoice::Path(PathBuf::from(text)),
+                |variant| KernelChoice::Variant(*variant),
+            ))
     }
 }
 
@@ -847,6 +849,7 @@ mod tests {
         let parse = |text: &str| text.parse::<KernelChoice>().expect("infallible");
         assert_eq!(parse("noterm"), KernelChoice::Variant(KernelVariant::Noterm));
         assert_eq!(parse("default"), KernelChoice::Variant(KernelVariant::Default));
+        assert_eq!(parse("preempt"), KernelChoice::Variant(KernelVariant::Preempt));
         assert_eq!(parse("./default"), KernelChoice::Path("./default".into()));
         assert_eq!(parse("/boot/vmlinuz"), KernelChoice::Path("/boot/vmlinuz".into()));
     }

@@ -233,7 +233,7 @@ impl Selection {
 struct RunKernels {
     /// The kernel to boot: a bzImage (System.map and bpftool beside it or in its build tree
     /// are used when present), a kernel build tree (arch/x86/boot/bzImage), a
-    /// guest-kernel/build output directory, or a variant name: default, debug, noterm, full.
+    /// guest-kernel/build output directory, or a variant name: default, debug, noterm, full, preempt.
     /// Repeat it (at most 4 times) to run each scenario on each kernel, side by side.
     ///
     /// With several kernels each scenario runs on each kernel in turn, with the same
@@ -268,7 +268,7 @@ const MAX_KERNELS: usize = 4;
 struct KernelArg {
     /// The kernel to boot: a bzImage (System.map and bpftool beside it or in its build tree
     /// are used when present), a kernel build tree (arch/x86/boot/bzImage), a
-    /// guest-kernel/build output directory, or a variant name: default, debug, noterm, full.
+    /// guest-kernel/build output directory, or a variant name: default, debug, noterm, full, preempt.
     #[arg(long = "kernel", value_name = "PATH|VARIANT")]
     choice: Option<KernelChoice>,
 }

@@ -104,6 +104,9 @@ pub enum KernelVariant {
     /// The patched kernel with BTF, fprobe, BPF LSM, INET, veth, XDP/tc,
     /// cgroup BPF and sched_ext: CO-RE programs and every program type.
     Full,
+    /// The patched kernel made fully preemptible (CONFIG_PREEMPT=y): runs that
+    /// only disable migration can be switched out in the middle.
+    Preempt,
 }
 
 impl KernelVariant {
@@ -114,6 +117,7 @@ impl KernelVariant {
             KernelVariant::Debug => "debug",
             KernelVariant::Noterm => "noterm",
             KernelVariant::Full => "full",
+            KernelVariant::Preempt => "preempt",
         }
     }
 }
