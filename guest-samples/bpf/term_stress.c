@@ -44,7 +44,9 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/utsname.h>
 #include <sys/wait.h>
 
 #include "raw_bpf.h"
@@ -471,6 +473,7 @@ static void check_back_to_baseline(const char *what, struct kstate base)
  */
 struct trace_counts {
 	long stops, case1, case2, max_frames, lost, returns;
+	long preempted;	/* stops of runs whose task was switched out (preempted=1) */
 };
 
 /*
@@ -570,6 +573,7 @@ static void trace_line(const char *line)
 		if (frames > t->max_frames)
 			t->max_frames = frames;
 		t->lost += lost;
+		t->preempted += strstr(p, " preempted=1 ") != NULL;
 		keep_stop(line, p, id);
 	} else if ((p = strstr(line, "bpf_prog_terminated_return: ")) &&
 		   sscanf(p, "bpf_prog_terminated_return: prog_id=%u", &id) == 1) {
@@ -1511,6 +1515,116 @@ static void race_concurrent_detach(unsigned long n)
 	field(" race_concurrent_detach=%lu race_concurrent_detach_s=%.1f", n, (now_ns() - t0) / 1e9);
 }
 
+/*
+ * Terminate vs preemption (issue 14, point 1).  The run is ts_helper's
+ * instructions as a socket filter on a unix datagram socket pair: it runs in
+ * the task that sends, in sk_filter() with only migration disabled, and
+ * shares its CPU with a task that spins, so a preemptible kernel switches it
+ * out and in at the scheduler's will and the terminates land on runs both
+ * running and preempted.  Every other iteration the run is on the caller's
+ * own CPU, where a terminate only happens while the run is switched out.
+ * The filter trims the 200-byte datagram to what it returns, so the length
+ * received is the run's result, judged as the other races judge ts_helper's.
+ * On a preemptible kernel some stops must be of preempted runs (their
+ * bpf_prog_terminate event says preempted=1).
+ */
+#define SOCK_DATAGRAM 200
+
+struct spinner {
+	int cpu;
+	volatile int stop;
+};
+
+static void *spinner_thread(void *arg)
+{
+	struct spinner *sp = arg;
+
+	pin_to(sp->cpu);
+	while (!__atomic_load_n(&sp->stop, __ATOMIC_SEQ_CST))
+		;
+	return NULL;
+}
+
+struct send_run {
+	int fd, cpu;
+	volatile int started;
+	int err;
+};
+
+static void *send_thread(void *arg)
+{
+	struct send_run *r = arg;
+	char buf[SOCK_DATAGRAM] = {};
+
+	pin_to(r->cpu);
+	__atomic_store_n(&r->started, 1, __ATOMIC_SEQ_CST);
+	r->err = send(r->fd, buf, sizeof(buf), 0) == sizeof(buf) ? 0 : errno;
+	return NULL;
+}
+
+static bool preemptible_kernel(void)
+{
+	struct utsname u;
+
+	return !uname(&u) && strstr(u.version, " PREEMPT");
+}
+
+static void race_preempted(unsigned long n, unsigned int delay_ms)
+{
+	int fd = raw_load(BPF_PROG_TYPE_SOCKET_FILTER, helper_prog, 10, "ts_sock", 0);
+	uint32_t id = raw_prog_id(fd);
+	long stopped = 0, here = 0, bad = 0, bad_run = 0, preempted;
+	bool preemptible = preemptible_kernel();
+	char buf[SOCK_DATAGRAM];
+	int sv[2];
+
+	if (socketpair(AF_UNIX, SOCK_DGRAM, 0, sv) ||
+	    setsockopt(sv[1], SOL_SOCKET, SO_ATTACH_BPF, &fd, sizeof(fd)))
+		die("socket filter");
+	pin_to(0);
+	trace_start();
+	for (unsigned long i = 0; i < n; i++) {
+		int cpu = i % 2 ? 0 : ncpus - 1;
+		struct spinner sp = { .cpu = cpu };
+		struct send_run r = { .fd = sv[0], .cpu = cpu };
+		pthread_t st, rt;
+		ssize_t len;
+		long ret;
+
+		pthread_create(&st, NULL, spinner_thread, &sp);
+		pthread_create(&rt, NULL, send_thread, &r);
+		while (!__atomic_load_n(&r.started, __ATOMIC_SEQ_CST))
+			sched_yield();
+		random_wait_us(2 * delay_ms * 1000);
+		ret = terminate_raw(id, 0);
+		ret = ret < 0 ? -errno : ret;
+		pthread_join(rt, NULL);
+		__atomic_store_n(&sp.stop, 1, __ATOMIC_SEQ_CST);
+		pthread_join(st, NULL);
+		len = recv(sv[1], buf, sizeof(buf), MSG_DONTWAIT);
+		stopped += ret == 1;
+		here += ret == 1 && cpu == 0;
+		bad += !ok_ret(ret, 1);
+		if (r.err || len < 0 || !valid_result(P_HELPER, HELPER_NORMAL, len) ||
+		    (len != HELPER_NORMAL && ret != 1))
+			bad_run++;
+		trace_drain();
+	}
+	trace_stop();
+	preempted = trace_slot(id)->preempted;
+	check(!bad && !bad_run && stopped > 0 && (!preemptible || preempted > 0),
+	      "race: terminate vs preemption, runs stopped running or switched out, judged by their result",
+	      "%lu iterations (a run and a spinning task on CPU %d or on the caller's CPU 0; %s kernel): "
+	      "%ld stopped (%ld on the caller's CPU), %ld of them preempted, %ld bad returns, %ld bad runs",
+	      n, ncpus - 1, preemptible ? "preemptible" : "non-preemptible", stopped, here, preempted, bad,
+	      bad_run);
+	field(" race_preempted=%lu race_preempted_stops=%ld race_preempted_switched_out=%ld", n, stopped,
+	      preempted);
+	close(sv[0]);
+	close(sv[1]);
+	close(fd);
+}
+
 static void do_races(unsigned long n, unsigned int delay_ms)
 {
 	unsigned int old_delay = read_uint_file(DEMO_DELAY_SYSCTL);
@@ -1523,6 +1637,7 @@ static void do_races(unsigned long n, unsigned int delay_ms)
 	race_unload(n, delay_ms);
 	race_dual(n, delay_ms);
 	race_two_cpus(n, delay_ms);
+	race_preempted(n, delay_ms);
 	race_detach(n, delay_ms);
 	race_concurrent_detach(5 * n);
 	write_sysctl(DEMO_DELAY_SYSCTL, old_delay);
