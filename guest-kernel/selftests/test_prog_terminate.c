@@ -228,6 +228,7 @@ struct run {
 	 */
 	int send_fd, recv_fd;
 	int received;
+	bool packet;		/* a test run on a packet (tc, socket filter) */
 	uint64_t ctx_word;	/* the context's first word */
 	uint32_t retval;
 	int err;
@@ -252,8 +253,13 @@ static void *runner(void *arg)
 		return NULL;
 	}
 	attr.test.prog_fd = run->prog_fd;
-	attr.test.ctx_in = (uintptr_t)args;
-	attr.test.ctx_size_in = sizeof(args);
+	if (run->packet) {
+		attr.test.data_in = (uintptr_t)datagram;
+		attr.test.data_size_in = sizeof(datagram);
+	} else {
+		attr.test.ctx_in = (uintptr_t)args;
+		attr.test.ctx_size_in = sizeof(args);
+	}
 	run->start_ns = now_ns();
 	run->started = true;
 	run->err = sys_bpf(BPF_PROG_TEST_RUN, &attr, sizeof(attr)) ? errno : 0;
@@ -1210,6 +1216,178 @@ static void test_preempted_run(void)
 	close(other);
 }
 
+/* --------------------------------------------------- spin-lock sections */
+
+#define SPIN_LOCK_BOUND_MS 500	/* the kernel's BPF_TERM_IPI_WAIT_MS */
+
+/*
+ * A one-entry array map whose value is struct v { struct bpf_spin_lock lock;
+ * int x; }, described in BTF as bpf_spin_lock needs; exits on failure.
+ */
+static int spin_lock_map(void)
+{
+	/* "" at 0, "int" at 1, "bpf_spin_lock" at 5, "val" at 19, "v" at 23, "lock" at 25, "x" at 30 */
+	static const char strings[] = "\0int\0bpf_spin_lock\0val\0v\0lock\0x";
+	const uint32_t types[] = {
+		/* 1: int */
+		1, BTF_KIND_INT << 24, 4, BTF_INT_SIGNED << 24 | 32,
+		/* 2: struct bpf_spin_lock { int val; } */
+		5, BTF_KIND_STRUCT << 24 | 1, 4, 19, 1, 0,
+		/* 3: struct v { struct bpf_spin_lock lock; int x; } */
+		23, BTF_KIND_STRUCT << 24 | 2, 8, 25, 2, 0, 30, 1, 32,
+	};
+	uint32_t blob[64];
+	struct btf_header *hdr = (struct btf_header *)blob;
+	union bpf_attr attr;
+	int btf_fd, fd;
+
+	memset(hdr, 0, sizeof(*hdr));
+	hdr->magic = BTF_MAGIC;
+	hdr->version = BTF_VERSION;
+	hdr->hdr_len = sizeof(*hdr);
+	hdr->type_len = sizeof(types);
+	hdr->str_off = sizeof(types);
+	hdr->str_len = sizeof(strings);
+	memcpy(blob + sizeof(*hdr) / 4, types, sizeof(types));
+	memcpy((char *)blob + sizeof(*hdr) + sizeof(types), strings, sizeof(strings));
+	memset(&attr, 0, sizeof(attr));
+	attr.btf = (uintptr_t)blob;
+	attr.btf_size = sizeof(*hdr) + sizeof(types) + sizeof(strings);
+	btf_fd = sys_bpf(BPF_BTF_LOAD, &attr, sizeof(attr));
+	if (btf_fd < 0) {
+		perror("spin lock map: BPF_BTF_LOAD");
+		exit(1);
+	}
+	memset(&attr, 0, sizeof(attr));
+	attr.map_type = BPF_MAP_TYPE_ARRAY;
+	attr.key_size = 4;
+	attr.value_size = 8;
+	attr.max_entries = 1;
+	attr.btf_fd = btf_fd;
+	attr.btf_key_type_id = 1;
+	attr.btf_value_type_id = 3;
+	fd = sys_bpf(BPF_MAP_CREATE, &attr, sizeof(attr));
+	if (fd < 0) {
+		perror("spin lock map: BPF_MAP_CREATE");
+		exit(1);
+	}
+	close(btf_fd);
+	return fd;
+}
+
+/*
+ * Issue 14, point 11: a run that disabled interrupts itself, in a
+ * bpf_spin_lock section (a tc program's test run; inside the lock a may_goto
+ * loop of BPF_MAX_LOOPS iterations of SPIN_LOCK_WORK instructions each,
+ * seconds under TCG, which the verifier accepts).  The stop interrupt cannot be taken before the unlock, and the
+ * call must not wait for that: it gives up after its bound, answers EBUSY and
+ * claims nothing; the run completes in the original.  A terminate after the
+ * run answers ESRCH, and the next stop of a run works (the abandoned
+ * interrupt was taken and dropped).  Before, the call waited with preemption
+ * off until the section ended, then stopped the run in bpf_spin_unlock().
+ */
+#define SPIN_LOCK_WORK 1024
+
+static void test_spin_lock_section(void)
+{
+	int map = spin_lock_map();
+	const struct bpf_insn head[] = {
+		ST_MEM_W(BPF_REG_10, -4, 0),			/* 0: key 0 */
+		LD_MAP_FD(BPF_REG_1, map),			/* 1-2 */
+		MOV64_REG(BPF_REG_2, BPF_REG_10),		/* 3 */
+		ADD64_IMM(BPF_REG_2, -4),			/* 4 */
+		CALL_HELPER(BPF_FUNC_map_lookup_elem),		/* 5 */
+		JEQ_IMM(BPF_REG_0, 0, 11 + SPIN_LOCK_WORK),	/* 6: -> exit */
+		MOV64_REG(BPF_REG_6, BPF_REG_0),		/* 7 */
+		MOV64_REG(BPF_REG_1, BPF_REG_6),		/* 8 */
+		CALL_HELPER(BPF_FUNC_spin_lock),		/* 9 */
+		MOV64_IMM(BPF_REG_7, 0),			/* 10: iterations */
+		MOV64_IMM(BPF_REG_8, 0),			/* 11: work */
+		MAY_GOTO(2 + SPIN_LOCK_WORK),			/* 12: -> unlock */
+		ADD64_IMM(BPF_REG_7, 1),			/* 13 */
+		/*
+		 * 14..: SPIN_LOCK_WORK instructions r8 *= 3, r8 ^= r7 in turn (a
+		 * chain no emulator can fold), then the back-edge to 12
+		 */
+	};
+	const struct bpf_insn tail[] = {
+		JA(-(3 + SPIN_LOCK_WORK)),			/* -> 12 */
+		MOV64_REG(BPF_REG_1, BPF_REG_6),		/* unlock */
+		CALL_HELPER(BPF_FUNC_spin_unlock),
+		MOV64_REG(BPF_REG_0, BPF_REG_7),
+		EXIT(),						/* exit */
+	};
+	struct bpf_insn insns[sizeof(head) / sizeof(head[0]) + SPIN_LOCK_WORK +
+			      sizeof(tail) / sizeof(tail[0])];
+	size_t n = 0;
+
+	for (size_t i = 0; i < sizeof(head) / sizeof(head[0]); i++)
+		insns[n++] = head[i];
+	for (int i = 0; i < SPIN_LOCK_WORK; i += 2) {
+		insns[n++] = (struct bpf_insn)INSN(BPF_ALU64 | BPF_MUL | BPF_K, BPF_REG_8, 0, 0, 3);
+		insns[n++] = (struct bpf_insn)INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_8, BPF_REG_7, 0, 0);
+	}
+	for (size_t i = 0; i < sizeof(tail) / sizeof(tail[0]); i++)
+		insns[n++] = tail[i];
+
+	int fd = load(BPF_PROG_TYPE_SCHED_CLS, insns, n, "term_spin_lock", 0);
+	uint32_t id = prog_id(fd);
+	struct run run = { .prog_fd = fd, .packet = true };
+	struct termlab_prog_info info = {};
+	uint64_t call_ns, full_ns;
+	uint32_t complete;
+	long ret, after;
+	int err, err_after;
+	pthread_t t;
+
+	run_sync(&run);
+	complete = run.retval;
+	full_ns = run.end_ns - run.start_ns;
+	check(!run.err && complete > 0 && ms(full_ns) > 3 * SPIN_LOCK_BOUND_MS,
+	      "spin-lock section: control run loops inside the lock longer than the bound",
+	      "retval %u, %.0f ms (bound %d ms)", complete, ms(full_ns), SPIN_LOCK_BOUND_MS);
+
+	t = start_run(&run, ms(full_ns) / 5);
+	call_ns = now_ns();
+	errno = 0;
+	ret = terminate(id, 0);
+	err = errno;
+	call_ns = now_ns() - call_ns;
+	pthread_join(t, NULL);
+	errno = 0;
+	after = terminate(id, 0);
+	err_after = errno;
+	get_term_info(fd, &info);
+	check(ret == -1 && err == EBUSY, "spin-lock section: terminate -> EBUSY (interrupts off there)",
+	      "returned %ld (%s)", ret, ret < 0 ? strerror(err) : "ok");
+	check(ms(call_ns) >= SPIN_LOCK_BOUND_MS * 0.9 && ms(call_ns) < 2 * SPIN_LOCK_BOUND_MS,
+	      "spin-lock section: the call gave up after its bound, not at the end of the section",
+	      "%.0f ms (bound %d ms, section %.0f ms)", ms(call_ns), SPIN_LOCK_BOUND_MS, ms(full_ns));
+	check(!run.err && run.retval == complete && info.nr_terminated_on_demand == 0,
+	      "spin-lock section: the run was not stopped and nothing was counted",
+	      "retval %u (complete %u), nr_terminated_on_demand %llu", run.retval, complete,
+	      (unsigned long long)info.nr_terminated_on_demand);
+	check(after == -1 && err_after == ESRCH, "spin-lock section: terminate after the run -> ESRCH",
+	      "%ld %s", after, strerror(err_after));
+	close(fd);
+	close(map);
+
+	/* The CPU took the abandoned interrupt at the unlock: the next stop there works. */
+	fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, two_slow_helpers, 5, "term_after_lock", 0);
+	run = (struct run){ .prog_fd = fd };
+	set_delay(PREEMPT_DELAY_MS);
+	t = start_run(&run, PREEMPT_AFTER_MS);
+	errno = 0;
+	ret = terminate(prog_id(fd), 0);
+	err = errno;
+	pthread_join(t, NULL);
+	set_delay(0);
+	check(ret == 1 && (int)run.retval == -1,
+	      "spin-lock section: the next run on that CPU is stopped as usual",
+	      "returned %ld (%s), retval %d", ret, ret < 0 ? strerror(err) : "ok", (int)run.retval);
+	close(fd);
+}
+
 /*
  * Issue 14, point 12: a run is marked running a few instructions before its
  * first one.  The fault knob kernel.bpf_termination_fault_entry_delay_ms
@@ -1830,6 +2008,7 @@ int main(int argc, char **argv)
 	test_run_start_window();
 	test_irqs_off_run();
 	test_preempted_run();
+	test_spin_lock_section();
 	test_case1("subprog", subprog_slow_helpers,
 		   sizeof(subprog_slow_helpers) / sizeof(subprog_slow_helpers[0]), 2);
 	test_case2("case 2 (may_goto loops, 2 frames)", bpf_text_loop,
