@@ -27,8 +27,6 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sys/ioctl.h>
-#include <sys/socket.h>
-#include <sys/utsname.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <linux/perf_event.h>
@@ -973,14 +971,6 @@ static void test_terminate_twice(void)
 #define PREEMPT_DELAY_MS 800
 #define PREEMPT_AFTER_MS 300
 
-/* Is this a preemptible kernel (uname -v says PREEMPT or PREEMPT_DYNAMIC)? */
-static bool kernel_preemptible(void)
-{
-	struct utsname u;
-
-	return !uname(&u) && strstr(u.version, " PREEMPT");
-}
-
 /* Become a SCHED_FIFO task (@on) or an ordinary one again. */
 static void set_fifo(bool on)
 {
@@ -1010,19 +1000,12 @@ static bool stop_traced_preempted(uint32_t id, long long *sent_ns)
 	return event_field(line, "preempted") == 1;
 }
 
-/*
- * A unix datagram socket pair whose receiving end filters with @prog_fd, for
- * @run to send on; exits on failure.
- */
+/* A unix datagram socket pair filtered by @prog_fd, for @run to send on. */
 static void filter_socket(int prog_fd, struct run *run)
 {
 	int sv[2];
 
-	if (socketpair(AF_UNIX, SOCK_DGRAM, 0, sv) ||
-	    setsockopt(sv[1], SOL_SOCKET, SO_ATTACH_BPF, &prog_fd, sizeof(prog_fd))) {
-		perror("socket filter");
-		exit(1);
-	}
+	raw_filter_socket(prog_fd, sv);
 	run->send_fd = sv[0];
 	run->recv_fd = sv[1];
 }
@@ -1138,7 +1121,7 @@ static void test_preempted_run(void)
 	bool rt_runtime_read;
 	pthread_t t, t_rt;
 
-	if (!kernel_preemptible()) {
+	if (!raw_kernel_preemptible()) {
 		for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
 			skip(names[i], "not a preemptible kernel (the preempt variant tests this)");
 		close(fd);
@@ -1178,10 +1161,7 @@ static void test_preempted_run(void)
 
 	/* The preempted run on this CPU: this task, real-time, preempts it. */
 	run.cpu = TERMINATOR_CPU;
-	run.started = false;
-	pthread_create(&t, NULL, runner, &run);
-	while (!run.started)
-		sched_yield();
+	t = start_run(&run, 0);
 	set_fifo(true);
 	sleep_ms(PREEMPT_AFTER_MS);
 	errno = 0;
@@ -1236,28 +1216,10 @@ static int spin_lock_map(void)
 		/* 3: struct v { struct bpf_spin_lock lock; int x; } */
 		23, BTF_KIND_STRUCT << 24 | 2, 8, 25, 2, 0, 30, 1, 32,
 	};
-	uint32_t blob[64];
-	struct btf_header *hdr = (struct btf_header *)blob;
+	int btf_fd = raw_btf_load(types, sizeof(types), strings, sizeof(strings));
 	union bpf_attr attr;
-	int btf_fd, fd;
+	int fd;
 
-	memset(hdr, 0, sizeof(*hdr));
-	hdr->magic = BTF_MAGIC;
-	hdr->version = BTF_VERSION;
-	hdr->hdr_len = sizeof(*hdr);
-	hdr->type_len = sizeof(types);
-	hdr->str_off = sizeof(types);
-	hdr->str_len = sizeof(strings);
-	memcpy(blob + sizeof(*hdr) / 4, types, sizeof(types));
-	memcpy((char *)blob + sizeof(*hdr) + sizeof(types), strings, sizeof(strings));
-	memset(&attr, 0, sizeof(attr));
-	attr.btf = (uintptr_t)blob;
-	attr.btf_size = sizeof(*hdr) + sizeof(types) + sizeof(strings);
-	btf_fd = sys_bpf(BPF_BTF_LOAD, &attr, sizeof(attr));
-	if (btf_fd < 0) {
-		perror("spin lock map: BPF_BTF_LOAD");
-		exit(1);
-	}
 	memset(&attr, 0, sizeof(attr));
 	attr.map_type = BPF_MAP_TYPE_ARRAY;
 	attr.key_size = 4;

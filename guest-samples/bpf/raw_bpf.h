@@ -19,7 +19,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/utsname.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -75,6 +77,44 @@ static inline uint64_t now_ns(void)
 }
 
 /*
+ * Loads BTF made of @types (@type_len bytes of btf_type records, ids from 1)
+ * and @strings (@str_len bytes, "" first); returns its fd, exits on failure.
+ */
+static inline int raw_btf_load(const uint32_t *types, uint32_t type_len, const char *strings,
+			       uint32_t str_len)
+{
+	static char blob[4096];
+	struct btf_header *hdr = (struct btf_header *)blob;
+	union bpf_attr attr;
+	int fd;
+
+	if (sizeof(*hdr) + type_len + str_len > sizeof(blob)) {
+		fprintf(stderr, "raw_btf_load: %u bytes of types and strings, too many\n",
+			type_len + str_len);
+		exit(1);
+	}
+	memset(hdr, 0, sizeof(*hdr));
+	hdr->magic = BTF_MAGIC;
+	hdr->version = BTF_VERSION;
+	hdr->hdr_len = sizeof(*hdr);
+	hdr->type_len = type_len;
+	hdr->str_off = type_len;
+	hdr->str_len = str_len;
+	memcpy(blob + sizeof(*hdr), types, type_len);
+	memcpy(blob + sizeof(*hdr) + type_len, strings, str_len);
+
+	memset(&attr, 0, sizeof(attr));
+	attr.btf = (uintptr_t)blob;
+	attr.btf_size = sizeof(*hdr) + type_len + str_len;
+	fd = sys_bpf(BPF_BTF_LOAD, &attr, sizeof(attr));
+	if (fd < 0) {
+		perror("BPF_BTF_LOAD");
+		exit(1);
+	}
+	return fd;
+}
+
+/*
  * BTF that describes @nfuncs functions `static int f(void)` (types 3..),
  * for func_info: the verifier wants it for a program whose subprogram is a
  * callback (bpf_loop()).  Returns the BTF's fd; exits on failure.
@@ -82,11 +122,7 @@ static inline uint64_t now_ns(void)
 static inline int raw_btf_of_funcs(uint32_t nfuncs)
 {
 	static const char strings[] = "\0int\0f";	/* "" at 0, "int" at 1, "f" at 5 */
-	uint32_t blob[64];
-	struct btf_header *hdr = (struct btf_header *)blob;
-	uint32_t *type = blob + sizeof(*hdr) / 4, *t = type;
-	union bpf_attr attr;
-	int fd;
+	uint32_t types[4 + 3 + 3 * 16], *t = types;
 
 	if (nfuncs > 16) {
 		fprintf(stderr, "raw_btf_of_funcs: %u functions, at most 16\n", nfuncs);
@@ -107,24 +143,7 @@ static inline int raw_btf_of_funcs(uint32_t nfuncs)
 		*t++ = BTF_KIND_FUNC << 24 | BTF_FUNC_STATIC;
 		*t++ = 2;
 	}
-	memset(hdr, 0, sizeof(*hdr));
-	hdr->magic = BTF_MAGIC;
-	hdr->version = BTF_VERSION;
-	hdr->hdr_len = sizeof(*hdr);
-	hdr->type_len = (t - type) * 4;
-	hdr->str_off = hdr->type_len;
-	hdr->str_len = sizeof(strings);
-	memcpy(t, strings, sizeof(strings));
-
-	memset(&attr, 0, sizeof(attr));
-	attr.btf = (uintptr_t)blob;
-	attr.btf_size = sizeof(*hdr) + hdr->type_len + hdr->str_len;
-	fd = sys_bpf(BPF_BTF_LOAD, &attr, sizeof(attr));
-	if (fd < 0) {
-		perror("BPF_BTF_LOAD");
-		exit(1);
-	}
-	return fd;
+	return raw_btf_load(types, (t - types) * 4, strings, sizeof(strings));
 }
 
 /* BPF_PROG_LOAD's attributes for @cnt instructions of a GPL program of @type. */
@@ -263,6 +282,28 @@ static inline uint32_t raw_prog_id(int fd)
 
 	raw_prog_info(fd, &info);
 	return info.id;
+}
+
+/* Is the running kernel preemptible (uname -v says PREEMPT or PREEMPT_DYNAMIC)? */
+static inline bool raw_kernel_preemptible(void)
+{
+	struct utsname u;
+
+	return !uname(&u) && strstr(u.version, " PREEMPT");
+}
+
+/*
+ * A unix datagram socket pair in @sv whose receiving end, sv[1], filters with
+ * the socket filter @prog_fd: the filter runs in the task sending on sv[0].
+ * Exits on failure.
+ */
+static inline void raw_filter_socket(int prog_fd, int sv[2])
+{
+	if (socketpair(AF_UNIX, SOCK_DGRAM, 0, sv) ||
+	    setsockopt(sv[1], SOL_SOCKET, SO_ATTACH_BPF, &prog_fd, sizeof(prog_fd))) {
+		perror("socket filter");
+		exit(1);
+	}
 }
 
 static inline void pin_to(int cpu)

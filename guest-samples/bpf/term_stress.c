@@ -44,9 +44,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/utsname.h>
 #include <sys/wait.h>
 
 #include "raw_bpf.h"
@@ -1562,25 +1560,16 @@ static void *send_thread(void *arg)
 	return NULL;
 }
 
-static bool preemptible_kernel(void)
-{
-	struct utsname u;
-
-	return !uname(&u) && strstr(u.version, " PREEMPT");
-}
-
 static void race_preempted(unsigned long n, unsigned int delay_ms)
 {
 	int fd = raw_load(BPF_PROG_TYPE_SOCKET_FILTER, helper_prog, 10, "ts_sock", 0);
 	uint32_t id = raw_prog_id(fd);
 	long stopped = 0, here = 0, bad = 0, bad_run = 0, preempted;
-	bool preemptible = preemptible_kernel();
+	bool preemptible = raw_kernel_preemptible();
 	char buf[SOCK_DATAGRAM];
 	int sv[2];
 
-	if (socketpair(AF_UNIX, SOCK_DGRAM, 0, sv) ||
-	    setsockopt(sv[1], SOL_SOCKET, SO_ATTACH_BPF, &fd, sizeof(fd)))
-		die("socket filter");
+	raw_filter_socket(fd, sv);
 	pin_to(0);
 	trace_start();
 	for (unsigned long i = 0; i < n; i++) {
