@@ -15,7 +15,7 @@ use std::os::unix::net::UnixListener;
 use std::time::{Duration, Instant};
 
 use common::{
-    echo_through_guest, hybrid_connect, init_logging, kernel_bzimage, kernel_vmlinux,
+    echo_through_guest, hybrid_connect, init_logging, init_output, kernel_bzimage, kernel_vmlinux,
     run_where_kvm_works, test_initramfs, wait_for, Scratch, BASE_CMDLINE, STEP_TIMEOUT,
 };
 use termlab_vmm::{ExitReason, Vm, VmConfig, VsockConfig};
@@ -85,9 +85,7 @@ fn guest_boots_smp_talks_vsock_and_ends_with_reset_or_panic() {
     // The CPU line is complete once the next marker (printed after it) has arrived.
     wait_for(&vm, &format!("VSOCK-LISTENING={GUEST_PORT}"));
     // The guest tty turns "\n" into "\r\n"; compare whole lines.
-    let cpus_line = vm
-        .console()
-        .text()
+    let cpus_line = init_output(&vm.console().text())
         .lines()
         .find(|l| l.starts_with("CPUS-ONLINE="))
         .map(|l| l.trim_end().to_owned());

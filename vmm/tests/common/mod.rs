@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use termlab_nested::cpio::CpioWriter;
 use termlab_nested::L1Options;
@@ -174,16 +174,52 @@ pub fn run_where_kvm_works(test_name: &str) -> bool {
 /// the VM ends first (`Some(TripleFault)`, ...: the console alone does not tell, and a nested
 /// guest's triple fault is what scripts/test tries a suite again for).
 pub fn wait_for(vm: &Vm, marker: &str) {
-    match vm.wait_for_console(marker, STEP_TIMEOUT) {
-        ConsoleWait::Found => {}
-        ConsoleWait::Ended(reason) => ended_before(vm, reason, marker),
-        ConsoleWait::TimedOut => panic!(
-            "no {marker:?} on the console within {STEP_TIMEOUT:?}; where the guest is: {}; \
-             console:\n{}",
-            where_the_vcpus_are(vm),
-            vm.console().text()
-        ),
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        // A kernel record can split the marker on the console; look again without them.
+        match vm.wait_for_console(marker, Duration::from_secs(1)) {
+            ConsoleWait::Found => return,
+            _ if init_output(&vm.console().text()).contains(marker) => return,
+            ConsoleWait::Ended(reason) => ended_before(vm, reason, marker),
+            ConsoleWait::TimedOut if Instant::now() < deadline => {}
+            ConsoleWait::TimedOut => panic!(
+                "no {marker:?} on the console within {STEP_TIMEOUT:?}; where the guest is: {}; \
+                 console:\n{}",
+                where_the_vcpus_are(vm),
+                vm.console().text()
+            ),
+        }
     }
+}
+
+/// What the test's init wrote to the console, with the kernel's records taken out. printk
+/// writes each record ("[   16.310235] text" through its newline) whole, but it can land in
+/// the middle of a line init is writing through the tty: CI once saw
+/// "STRESS-DONE work[   16.310235] clocksource: Long readout interval, ...\ners=4 failed=0".
+pub fn init_output(console: &str) -> String {
+    let mut out = String::with_capacity(console.len());
+    let mut rest = console;
+    while let Some(open) = rest.find('[') {
+        let (before, from) = rest.split_at(open);
+        out.push_str(before);
+        let skip = kernel_record_len(from).unwrap_or_else(|| {
+            out.push('[');
+            1
+        });
+        rest = &from[skip..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The length of the kernel record that `text` starts with ("[ seconds.micros] ..." through
+/// its newline, or to the end while it is still arriving), if it starts with one.
+fn kernel_record_len(text: &str) -> Option<usize> {
+    let close = text.find("] ")?;
+    let (seconds, micros) = text[1..close].trim_start().split_once('.')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(seconds) && micros.len() == 6 && digits(micros))
+        .then(|| text.find('\n').map_or(text.len(), |newline| newline + 1))
 }
 
 /// The VM ended (`reason`) before `marker` appeared: the test fails naming how (a nested
