@@ -396,7 +396,7 @@ static long long event_field(const char *line, const char *key)
  * helper's.  Returns the number of frames the handler rewrote (-1: no
  * handler event).
  */
-static long long check_trace_of_stop(const char *what, uint32_t id, int func)
+static long long check_trace_of_stop(const char *what, uint32_t id, int func, int insn)
 {
 	char request[512], handler[512], done[512], returned[512], helper[512], name[192];
 	long long t_req, t_sent, t_entry, t_stop, t_done, t_helper, t_ret;
@@ -413,10 +413,10 @@ static long long check_trace_of_stop(const char *what, uint32_t id, int func)
 	check(event_field(handler, "case") == 1 && event_field(handler, "lost") == 0 &&
 	      event_field(handler, "frames") >= 1, name, "%s", handler);
 	snprintf(name, sizeof(name),
-		 "%s: trace: the run continues in the copy after the interrupted call (func=%d insn=1)",
-		 what, func);
-	check(event_field(handler, "func") == func && event_field(handler, "insn") == 1, name, "%s",
-	      handler);
+		 "%s: trace: the run continues in the copy after the interrupted call (func=%d insn=%d)",
+		 what, func, insn);
+	check(event_field(handler, "func") == func && event_field(handler, "insn") == insn, name,
+	      "%s", handler);
 	snprintf(name, sizeof(name), "%s: trace: the request returned 1 (CPUs stopped)", what);
 	check(event_field(done, "ret") == 1, name, "%s", done);
 
@@ -515,7 +515,7 @@ static long long test_case1(const char *what, const struct bpf_insn *insns, size
 	check(ms(run.end_ns - run.start_ns) < 1.5 * DELAY_MS, name,
 	      "run %.0f ms, terminate->return %.3f ms", ms(run.end_ns - run.start_ns),
 	      ms(run.end_ns - term_ns));
-	frames = check_trace_of_stop(what, id, func);
+	frames = check_trace_of_stop(what, id, func, 1);
 	get_term_info(fd, &info);
 	snprintf(name, sizeof(name), "%s: prog info counts one run terminated on demand", what);
 	check(info.nr_terminated_on_demand == 1 && info.nr_terminated_budget == 0 &&
@@ -617,6 +617,173 @@ static void test_case2(const char *what, const struct bpf_insn *insns, size_t cn
 	check(!run.err && run.retval == complete, name, "retval %u, %.1f ms", run.retval,
 	      ms(run.end_ns - run.start_ns));
 	close(fd);
+}
+
+/*
+ * Issue 14, point 3: a timer's callback.  A tc program's test run (tracing
+ * programs cannot use timers) arms a bpf_timer that fires at once on the
+ * runner's CPU; its callback runs there in the timer
+ * softirq, called by the timer, not through bpf_prog_run().  The callback
+ * notes in the map value that it began (x = 1), makes two slow helper
+ * calls and stores 100 plus what they returned: 100 in the original, 99 if
+ * the second call was stubbed.  Before, nothing recorded such a run:
+ * terminate answered ESRCH while the callback ran, and both helpers ran.
+ */
+#define TIMER_X_OFF 16			/* struct tv's x */
+#define TIMER_BEGAN 1			/* x while the callback runs */
+#define TIMER_COMPLETE 100		/* x after a complete callback */
+#define TIMER_STOPPED (TIMER_COMPLETE - 1)
+
+/* A one-entry array map of struct tv { struct bpf_timer t; int x; }, in BTF. */
+static int timer_map(void)
+{
+	/* "" 0, "int" 1, "long long" 5, "bpf_timer" 15, "a" 25, "b" 27, "tv" 29, "t" 32, "x" 34 */
+	static const char strings[] = "\0int\0long long\0bpf_timer\0a\0b\0tv\0t\0x";
+	const uint32_t types[] = {
+		/* 1: int */
+		1, BTF_KIND_INT << 24, 4, BTF_INT_SIGNED << 24 | 32,
+		/* 2: long long */
+		5, BTF_KIND_INT << 24, 8, BTF_INT_SIGNED << 24 | 64,
+		/* 3: struct bpf_timer { long long a; long long b; } */
+		15, BTF_KIND_STRUCT << 24 | 2, 16, 25, 2, 0, 27, 2, 64,
+		/* 4: struct tv { struct bpf_timer t; int x; } */
+		29, BTF_KIND_STRUCT << 24 | 2, 24, 32, 3, 0, 34, 1, TIMER_X_OFF * 8,
+	};
+
+	return raw_btf_array_map(types, sizeof(types), strings, sizeof(strings), 24, 4);
+}
+
+/* The map value's x, -1 if it cannot be read. */
+static int timer_x(int map)
+{
+	struct {
+		uint64_t timer[2];
+		int32_t x, pad;
+	} value;
+
+	return raw_map_elem(BPF_MAP_LOOKUP_ELEM, map, 0, &value) ? -1 : value.x;
+}
+
+/* Waits up to @ms for x to become @to (@become) or to leave it; returns x. */
+static int timer_x_wait(int map, bool become, int to, unsigned int ms)
+{
+	uint64_t end = now_ns() + ms * 1000000ULL;
+	int x;
+
+	while (((x = timer_x(map)) == to) != become && now_ns() < end)
+		sleep_ms(1);
+	return x;
+}
+
+/*
+ * Arms the timer with a test run on RUNNER_CPU, in @run's thread (*@t): the
+ * callback runs in the softirq work that follows the run there, before the
+ * syscall returns.  Returns when the callback began (0: not within a second).
+ */
+static uint64_t timer_fire(struct run *run, int map, pthread_t *t)
+{
+	*t = start_run(run, 0);
+	return timer_x_wait(map, true, TIMER_BEGAN, 1000) == TIMER_BEGAN ? now_ns() : 0;
+}
+
+/* Waits for the callback that began to end, and for its thread; returns x. */
+static int timer_done(struct run *run, int map, pthread_t t)
+{
+	int x = timer_x_wait(map, false, TIMER_BEGAN, 3 * DELAY_MS + 2000);
+
+	pthread_join(t, NULL);
+	return run->err ? -1 : x;
+}
+
+static void test_timer_callback(void)
+{
+	int map = timer_map();
+	const struct bpf_insn insns[] = {
+		/* main: x = 0, then init, set the callback, start at once */
+		ST_MEM_W(BPF_REG_10, -4, 0),			/* 0: key 0 */
+		LD_MAP_FD(BPF_REG_1, map),			/* 1-2 */
+		MOV64_REG(BPF_REG_2, BPF_REG_10),		/* 3 */
+		ADD64_IMM(BPF_REG_2, -4),			/* 4 */
+		CALL_HELPER(BPF_FUNC_map_lookup_elem),		/* 5 */
+		JEQ_IMM(BPF_REG_0, 0, 15),			/* 6: -> 22 */
+		MOV64_REG(BPF_REG_6, BPF_REG_0),		/* 7 */
+		ST_MEM_W(BPF_REG_6, TIMER_X_OFF, 0),		/* 8 */
+		MOV64_REG(BPF_REG_1, BPF_REG_6),		/* 9 */
+		LD_MAP_FD(BPF_REG_2, map),			/* 10-11 */
+		MOV64_IMM(BPF_REG_3, 1),			/* 12: CLOCK_MONOTONIC */
+		CALL_HELPER(BPF_FUNC_timer_init),		/* 13: -EBUSY after the first */
+		MOV64_REG(BPF_REG_1, BPF_REG_6),		/* 14 */
+		LD_FUNC(BPF_REG_2, 8),				/* 15-16: -> callback at 24 */
+		CALL_HELPER(BPF_FUNC_timer_set_callback),	/* 17 */
+		MOV64_REG(BPF_REG_1, BPF_REG_6),		/* 18 */
+		MOV64_IMM(BPF_REG_2, 0),			/* 19: now */
+		MOV64_IMM(BPF_REG_3, 0),			/* 20 */
+		CALL_HELPER(BPF_FUNC_timer_start),		/* 21 */
+		MOV64_IMM(BPF_REG_0, 0),			/* 22 */
+		EXIT(),						/* 23 */
+		/* callback(map, key, value) */
+		MOV64_REG(BPF_REG_8, BPF_REG_3),		/* 24 */
+		ST_MEM_W(BPF_REG_8, TIMER_X_OFF, TIMER_BEGAN),	/* 25 */
+		CALL_HELPER(BPF_FUNC_get_numa_node_id),		/* 26: the callback's insn 2 */
+		MOV64_REG(BPF_REG_7, BPF_REG_0),		/* 27 */
+		CALL_HELPER(BPF_FUNC_get_numa_node_id),		/* 28 */
+		ADD64_REG(BPF_REG_0, BPF_REG_7),		/* 29 */
+		ADD64_IMM(BPF_REG_0, TIMER_COMPLETE),		/* 30 */
+		STX_MEM_W(BPF_REG_8, BPF_REG_0, TIMER_X_OFF),	/* 31 */
+		MOV64_IMM(BPF_REG_0, 0),			/* 32 */
+		EXIT(),						/* 33 */
+	};
+	const uint32_t funcs[] = { 0, 24 };
+	int fd = raw_load_funcs(BPF_PROG_TYPE_SCHED_CLS, insns,
+				sizeof(insns) / sizeof(insns[0]), "term_timer", 0, funcs, 2);
+	uint32_t id = prog_id(fd);
+	struct run run = { .prog_fd = fd, .packet = true };
+	struct termlab_prog_info info = {};
+	uint64_t began, term_ns, ended;
+	int x, term_errno;
+	pthread_t t;
+	long ret;
+
+	set_delay(DELAY_MS);
+	began = timer_fire(&run, map, &t);
+	x = timer_done(&run, map, t);
+	ended = now_ns();
+	check(began && x == TIMER_COMPLETE && ms(ended - began) >= 2 * DELAY_MS * 0.95,
+	      "timer callback: a control run takes both slow helpers", "x %d, %.0f ms (delay %d ms)",
+	      x, began ? ms(ended - began) : 0.0, DELAY_MS);
+
+	began = timer_fire(&run, map, &t);
+	sleep_ms(DELAY_MS / 2);
+	term_ns = now_ns();
+	ret = terminate(id, 0);
+	term_errno = errno;
+	x = timer_done(&run, map, t);
+	ended = now_ns();
+	check(began && ret == 1, "timer callback: terminate inside its first helper stops 1 CPU",
+	      "returned %ld (%s)", ret, ret < 0 ? strerror(term_errno) : "ok");
+	check(x == TIMER_STOPPED, "timer callback: its second helper was stubbed",
+	      "x %d (%d: it ran, %d: stubbed)", x, TIMER_COMPLETE, TIMER_STOPPED);
+	check(began && ms(ended - began) < 1.5 * DELAY_MS,
+	      "timer callback: it ended after one delay, not two",
+	      "%.0f ms, terminate -> end %.0f ms", began ? ms(ended - began) : 0.0,
+	      ms(ended - term_ns));
+	check_trace_of_stop("timer callback", id, 1, 3);
+	get_term_info(fd, &info);
+	check(info.nr_terminated_on_demand == 1,
+	      "timer callback: prog info counts one run terminated on demand", "%llu",
+	      (unsigned long long)info.nr_terminated_on_demand);
+	errno = 0;
+	ret = terminate(id, 0);
+	check(ret == -1 && errno == ESRCH, "timer callback: after it ended -> ESRCH", "%ld %s", ret,
+	      strerror(errno));
+
+	began = timer_fire(&run, map, &t);
+	x = timer_done(&run, map, t);
+	check(began && x == TIMER_COMPLETE, "timer callback: the next one is the original again",
+	      "x %d", x);
+	set_delay(0);
+	close(fd);
+	close(map);
 }
 
 static void test_counted_loop(void)
@@ -1216,25 +1383,8 @@ static int spin_lock_map(void)
 		/* 3: struct v { struct bpf_spin_lock lock; int x; } */
 		23, BTF_KIND_STRUCT << 24 | 2, 8, 25, 2, 0, 30, 1, 32,
 	};
-	int btf_fd = raw_btf_load(types, sizeof(types), strings, sizeof(strings));
-	union bpf_attr attr;
-	int fd;
 
-	memset(&attr, 0, sizeof(attr));
-	attr.map_type = BPF_MAP_TYPE_ARRAY;
-	attr.key_size = 4;
-	attr.value_size = 8;
-	attr.max_entries = 1;
-	attr.btf_fd = btf_fd;
-	attr.btf_key_type_id = 1;
-	attr.btf_value_type_id = 3;
-	fd = sys_bpf(BPF_MAP_CREATE, &attr, sizeof(attr));
-	if (fd < 0) {
-		perror("spin lock map: BPF_MAP_CREATE");
-		exit(1);
-	}
-	close(btf_fd);
-	return fd;
+	return raw_btf_array_map(types, sizeof(types), strings, sizeof(strings), 8, 3);
 }
 
 /*
@@ -1982,6 +2132,7 @@ int main(int argc, char **argv)
 		   sizeof(subprog_bpf_loop_text) / sizeof(subprog_bpf_loop_text[0]),
 		   subprog_bpf_loop_funcs,
 		   sizeof(subprog_bpf_loop_funcs) / sizeof(subprog_bpf_loop_funcs[0]), LOOP_CALLS);
+	test_timer_callback();
 	test_counted_loop();
 	test_stub_zeroes_buffer();
 	test_budget_errors();

@@ -51,6 +51,7 @@
 #define ST_MEM_W(DST, OFF, IMM) INSN(BPF_ST | BPF_MEM | BPF_W, DST, 0, OFF, IMM)
 #define LDX_MEM_DW(DST, SRC, OFF) INSN(BPF_LDX | BPF_MEM | BPF_DW, DST, SRC, OFF, 0)
 #define STX_MEM_DW(DST, SRC, OFF) INSN(BPF_STX | BPF_MEM | BPF_DW, DST, SRC, OFF, 0)
+#define STX_MEM_W(DST, SRC, OFF) INSN(BPF_STX | BPF_MEM | BPF_W, DST, SRC, OFF, 0)
 #define JEQ_IMM(DST, IMM, OFF) INSN(BPF_JMP | BPF_JEQ | BPF_K, DST, 0, OFF, IMM)
 #define JGT_IMM(DST, IMM, OFF) INSN(BPF_JMP | BPF_JGT | BPF_K, DST, 0, OFF, IMM)
 #define JLT_IMM(DST, IMM, OFF) INSN(BPF_JMP | BPF_JLT | BPF_K, DST, 0, OFF, IMM)
@@ -208,8 +209,12 @@ static inline int raw_load(enum bpf_prog_type type, const struct bpf_insn *insns
 	return raw_load_funcs(type, insns, cnt, name, prog_flags, NULL, 0);
 }
 
-/* A map of @type with one entry per 4-byte key below @max_entries; exits on failure. */
-static inline int raw_map_create(enum bpf_map_type type, uint32_t value_size, uint32_t max_entries)
+/*
+ * A map of @type with one entry per 4-byte key below @max_entries; with @btf_fd > 0, its
+ * key is type 1 and its value type @value_type of that BTF.  Exits on failure.
+ */
+static inline int raw_map_create_btf(enum bpf_map_type type, uint32_t value_size,
+				     uint32_t max_entries, int btf_fd, uint32_t value_type)
 {
 	union bpf_attr attr;
 	int fd;
@@ -219,11 +224,38 @@ static inline int raw_map_create(enum bpf_map_type type, uint32_t value_size, ui
 	attr.key_size = 4;
 	attr.value_size = value_size;
 	attr.max_entries = max_entries;
+	if (btf_fd > 0) {
+		attr.btf_fd = btf_fd;
+		attr.btf_key_type_id = 1;
+		attr.btf_value_type_id = value_type;
+	}
 	fd = sys_bpf(BPF_MAP_CREATE, &attr, sizeof(attr));
 	if (fd < 0) {
 		perror("BPF_MAP_CREATE");
 		exit(1);
 	}
+	return fd;
+}
+
+/* A map of @type with one entry per 4-byte key below @max_entries; exits on failure. */
+static inline int raw_map_create(enum bpf_map_type type, uint32_t value_size, uint32_t max_entries)
+{
+	return raw_map_create_btf(type, value_size, max_entries, 0, 0);
+}
+
+/*
+ * A one-entry array map whose @value_size-byte value is type @value_type of the BTF made
+ * of @types and @strings (raw_btf_load(); type 1 is the key's), as maps with a
+ * bpf_spin_lock or bpf_timer in their value need; exits on failure.
+ */
+static inline int raw_btf_array_map(const uint32_t *types, uint32_t type_len, const char *strings,
+				    uint32_t str_len, uint32_t value_size, uint32_t value_type)
+{
+	int btf_fd = raw_btf_load(types, type_len, strings, str_len);
+	int fd = raw_map_create_btf(BPF_MAP_TYPE_ARRAY, value_size, 1, btf_fd, value_type);
+
+	/* The map holds its own reference to the BTF. */
+	close(btf_fd);
 	return fd;
 }
 
