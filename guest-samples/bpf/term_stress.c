@@ -32,6 +32,8 @@
  *   ts_tp      tracepoint (getpgid) version of ts_helper, attached with a
  *              perf-event link (the detach races and the fuzz's link)
  *   ts_tail    a tail call: no termination copy (EOPNOTSUPP)
+ *   ts_timer   (tc) arms a bpf_timer whose callback sums 3 calls of f, K
+ *              rounds each, into the map value: 3K; terminated: 0..3K
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -1614,6 +1616,240 @@ static void race_preempted(unsigned long n, unsigned int delay_ms)
 	close(fd);
 }
 
+/*
+ * Terminate vs a timer's callback (patch 0028), which the timer softirq runs
+ * outside bpf_prog_run(): a tc program's test run on CPU 1 arms a bpf_timer
+ * that fires at once there; its callback calls a may_goto loop of K rounds
+ * three times and stores the sum (3K) in the map value.  Terminates land at
+ * random times in and after the callback.  One not stopped stores 3K.  A
+ * stopped one leaves at its loop's next back-edge in the copy, storing
+ * nothing, or stores less than 3K (or 3K, stopped after its last round); the
+ * kernel must trace its return (bpf_prog_terminated_return), once.
+ */
+#define TIMER_STALE -3LL	/* set before arming */
+#define TIMER_ARMED -2LL	/* set by the arming run */
+#define TIMER_BEGAN -1LL	/* set by the callback as it begins */
+
+struct timer_value {
+	uint64_t timer[2];	/* struct bpf_timer */
+	int64_t k, r;
+};
+
+static int timer_race_map(void)
+{
+	/* "" 0, "int" 1, "long long" 5, "bpf_timer" 15, "a" 25, "b" 27, "tr" 29, "t" 32, "k" 34, "r" 36 */
+	static const char strings[] = "\0int\0long long\0bpf_timer\0a\0b\0tr\0t\0k\0r";
+	const uint32_t types[] = {
+		1, BTF_KIND_INT << 24, 4, BTF_INT_SIGNED << 24 | 32,		/* 1: int */
+		5, BTF_KIND_INT << 24, 8, BTF_INT_SIGNED << 24 | 64,		/* 2: long long */
+		15, BTF_KIND_STRUCT << 24 | 2, 16, 25, 2, 0, 27, 2, 64,		/* 3: bpf_timer */
+		29, BTF_KIND_STRUCT << 24 | 3, sizeof(struct timer_value),	/* 4: tr */
+		32, 3, 0, 34, 2, 128, 36, 2, 192,
+	};
+
+	return raw_btf_array_map(types, sizeof(types), strings, sizeof(strings),
+				 sizeof(struct timer_value), 4);
+}
+
+static int load_timer_prog(int map)
+{
+	const struct bpf_insn insns[] = {
+		/* main: r = ARMED, init the timer, set the callback, start it now */
+		ST_MEM_W(BPF_REG_10, -4, 0),			/* 0 */
+		LD_MAP_FD(BPF_REG_1, map),			/* 1-2 */
+		MOV64_REG(BPF_REG_2, BPF_REG_10),		/* 3 */
+		ADD64_IMM(BPF_REG_2, -4),			/* 4 */
+		CALL_HELPER(BPF_FUNC_map_lookup_elem),		/* 5 */
+		JEQ_IMM(BPF_REG_0, 0, 15),			/* 6: -> 22 */
+		MOV64_REG(BPF_REG_6, BPF_REG_0),		/* 7 */
+		ST_MEM_DW(BPF_REG_6, 24, TIMER_ARMED),		/* 8 */
+		MOV64_REG(BPF_REG_1, BPF_REG_6),		/* 9 */
+		LD_MAP_FD(BPF_REG_2, map),			/* 10-11 */
+		MOV64_IMM(BPF_REG_3, 1),			/* 12: CLOCK_MONOTONIC */
+		CALL_HELPER(BPF_FUNC_timer_init),		/* 13 */
+		MOV64_REG(BPF_REG_1, BPF_REG_6),		/* 14 */
+		LD_FUNC(BPF_REG_2, 8),				/* 15-16: -> callback at 24 */
+		CALL_HELPER(BPF_FUNC_timer_set_callback),	/* 17 */
+		MOV64_REG(BPF_REG_1, BPF_REG_6),		/* 18 */
+		MOV64_IMM(BPF_REG_2, 0),			/* 19 */
+		MOV64_IMM(BPF_REG_3, 0),			/* 20 */
+		CALL_HELPER(BPF_FUNC_timer_start),		/* 21 */
+		MOV64_IMM(BPF_REG_0, 0),			/* 22 */
+		EXIT(),						/* 23 */
+		/* callback(map, key, value): r = f(k) + f(k) + f(k) */
+		MOV64_REG(BPF_REG_9, BPF_REG_3),		/* 24 */
+		ST_MEM_DW(BPF_REG_9, 24, TIMER_BEGAN),		/* 25 */
+		LDX_MEM_DW(BPF_REG_8, BPF_REG_9, 16),		/* 26: k */
+		MOV64_IMM(BPF_REG_6, 0),			/* 27: calls */
+		MOV64_IMM(BPF_REG_7, 0),			/* 28: sum */
+		JGT_IMM(BPF_REG_6, 2, 5),			/* 29: -> 35 after 3 calls */
+		ADD64_IMM(BPF_REG_6, 1),			/* 30 */
+		MOV64_REG(BPF_REG_1, BPF_REG_8),		/* 31 */
+		CALL_SUBPROG(5),				/* 32: -> f at 38 */
+		ADD64_REG(BPF_REG_7, BPF_REG_0),		/* 33 */
+		JA(-6),						/* 34: -> 29 */
+		STX_MEM_DW(BPF_REG_9, BPF_REG_7, 24),		/* 35 */
+		MOV64_IMM(BPF_REG_0, 0),			/* 36 */
+		EXIT(),						/* 37 */
+		/* f(K): K rounds of a may_goto loop */
+		MOV64_IMM(BPF_REG_0, 0),			/* 38 */
+		MAY_GOTO(3),					/* 39: -> 43 */
+		ADD64_IMM(BPF_REG_0, 1),			/* 40 */
+		INSN(BPF_JMP | BPF_JGE | BPF_X, BPF_REG_0, BPF_REG_1, 1, 0),	/* 41: -> 43 */
+		JA(-4),						/* 42: -> 39 */
+		EXIT(),						/* 43 */
+	};
+	static const uint32_t funcs[] = { 0, 24, 38 };
+
+	return raw_load_funcs(BPF_PROG_TYPE_SCHED_CLS, insns, sizeof(insns) / sizeof(insns[0]),
+			      "ts_timer", 0, funcs, 3);
+}
+
+static int64_t timer_result(int map)
+{
+	struct timer_value v;
+
+	return raw_map_elem(BPF_MAP_LOOKUP_ELEM, map, 0, &v) ? INT64_MIN : v.r;
+}
+
+struct timer_arm {
+	int fd;
+	volatile int started;
+	int err;
+};
+
+/* A tc test run on CPU 1 that arms the timer; its callback runs there. */
+static void *timer_arm_thread(void *arg)
+{
+	struct timer_arm *a = arg;
+	char packet[64] = {};
+	union bpf_attr attr;
+
+	pin_to(1);
+	memset(&attr, 0, sizeof(attr));
+	attr.test.prog_fd = a->fd;
+	attr.test.data_in = (uintptr_t)packet;
+	attr.test.data_size_in = sizeof(packet);
+	__atomic_store_n(&a->started, 1, __ATOMIC_SEQ_CST);
+	a->err = sys_bpf(BPF_PROG_TEST_RUN, &attr, sizeof(attr)) ? errno : 0;
+	return NULL;
+}
+
+/* Waits up to @ms for the result to leave the values up to @below; returns it. */
+static int64_t timer_wait(int map, int64_t below, unsigned int ms)
+{
+	uint64_t end = now_ns() + ms * 1000000ULL;
+	int64_t r;
+
+	while ((r = timer_result(map)) <= below && r != INT64_MIN && now_ns() < end)
+		sched_yield();
+	return r;
+}
+
+/* Waits up to @ms for the trace to show more terminated returns of @id than @returns. */
+static bool timer_stopped_return(uint32_t id, long returns, unsigned int ms)
+{
+	uint64_t end = now_ns() + ms * 1000000ULL;
+
+	do {
+		trace_drain();
+		if (trace_slot(id)->returns > returns)
+			return true;
+		sched_yield();
+	} while (now_ns() < end);
+	return false;
+}
+
+/*
+ * Arms the timer with loop bound @k and, unless @terminate_after_ns is
+ * negative, terminates @id that long after the callback began (the trace
+ * must be on).  Returns the callback's result, its duration as seen from
+ * here in *@dur_ns, terminate's result in *@ret, and in *@ended whether the
+ * callback ended: it stored its result, or, stopped, its return was traced.
+ */
+static int64_t timer_round(int fd, int map, uint32_t id, int64_t k, int64_t terminate_after_ns,
+			   uint64_t *dur_ns, long *ret, bool *ended)
+{
+	struct timer_value v = { .k = k, .r = TIMER_STALE };
+	struct timer_arm a = { .fd = fd };
+	long returns = 0;
+	uint64_t began;
+	pthread_t t;
+	int64_t r;
+
+	/* Also frees the last round's timer: the next arming run makes a new one. */
+	if (raw_map_elem(BPF_MAP_UPDATE_ELEM, map, 0, &v))
+		die("timer map update");
+	pthread_create(&t, NULL, timer_arm_thread, &a);
+	r = timer_wait(map, TIMER_STALE, 2000);
+	if (r == TIMER_ARMED)
+		r = timer_wait(map, TIMER_ARMED, 2000);
+	began = now_ns();
+	*ret = 0;
+	if (terminate_after_ns >= 0) {
+		trace_drain();
+		returns = trace_slot(id)->returns;
+		spin_ns(terminate_after_ns);
+		*ret = terminate_raw(id, 0);
+		*ret = *ret < 0 ? -errno : *ret;
+	}
+	if (*ret == 1) {
+		*ended = timer_stopped_return(id, returns, 5000);
+		r = timer_result(map);
+	} else {
+		if (r == TIMER_BEGAN)
+			r = timer_wait(map, TIMER_BEGAN, 5000);
+		*ended = r >= 0;
+	}
+	*dur_ns = now_ns() - began;
+	pthread_join(t, NULL);
+	return a.err ? TIMER_STALE : r;
+}
+
+static void race_timer(unsigned long n)
+{
+	int map = timer_race_map(), fd = load_timer_prog(map);
+	uint32_t id = raw_prog_id(fd);
+	long stopped = 0, esrch = 0, bad = 0, bad_run = 0, left = 0, partial = 0, ret;
+	uint64_t dur = 0, d[3];
+	int64_t k, normal, r;
+	bool ended;
+
+	pin_to(0);
+	/* Callbacks of a few milliseconds, as in the exit race. */
+	for (k = TEXT_SHORT_K; k < 8000000; k *= 2) {
+		for (int i = 0; i < 3; i++)
+			timer_round(fd, map, id, k, -1, &d[i], &ret, &ended);
+		qsort(d, 3, sizeof(d[0]), cmp_u64);
+		dur = d[1];
+		if (dur >= 4000000)
+			break;
+	}
+	normal = 3 * k;
+	trace_start();
+	for (unsigned long i = 0; i < n; i++) {
+		r = timer_round(fd, map, id, k, rnd_below(2 * dur), &d[0], &ret, &ended);
+		stopped += ret == 1;
+		esrch += ret == -ESRCH;
+		bad += !ok_ret(ret, 1);
+		if (!ended || r > normal || (ret == 1 ? r < TIMER_BEGAN : r != normal))
+			bad_run++;
+		left += ret == 1 && r == TIMER_BEGAN;
+		partial += ret == 1 && r >= 0 && r < normal;
+	}
+	trace_stop();
+	check(!bad && !bad_run && stopped > 0 && esrch > 0 && trace_slot(id)->stops == stopped &&
+	      trace_slot(id)->returns == stopped, "race: terminate vs timer callbacks",
+	      "%lu iterations (callback ~%llu us, K=%lld): %ld stopped (%ld left at a back-edge, %ld stored "
+	      "less), %ld ESRCH (both must occur), %ld bad returns, %ld bad runs (unfinished, or a result "
+	      "its stop does not allow); traced: %ld stops, %ld terminated returns", n,
+	      (unsigned long long)dur / 1000, (long long)k, stopped, left, partial, esrch, bad, bad_run,
+	      trace_slot(id)->stops, trace_slot(id)->returns);
+	field(" race_timer=%lu race_timer_stopped=%ld race_timer_esrch=%ld", n, stopped, esrch);
+	close(fd);
+	close(map);
+}
+
 static void do_races(unsigned long n, unsigned int delay_ms)
 {
 	unsigned int old_delay = read_uint_file(DEMO_DELAY_SYSCTL);
@@ -1627,6 +1863,7 @@ static void do_races(unsigned long n, unsigned int delay_ms)
 	race_dual(n, delay_ms);
 	race_two_cpus(n, delay_ms);
 	race_preempted(n, delay_ms);
+	race_timer(n);
 	race_detach(n, delay_ms);
 	race_concurrent_detach(5 * n);
 	write_sysctl(DEMO_DELAY_SYSCTL, old_delay);

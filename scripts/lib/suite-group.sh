@@ -165,17 +165,25 @@ infrastructure_failure() { # rc try_log
 # timeout is tried once more only, so that a hung suite costs at most twice its limit.
 readonly NESTED_TRIES=3
 
+# Where the tries of one nested suite keep what a later try can skip (TERMLAB_SUITE_STATE:
+# check-program-types keeps the results of its scenarios there, and a try after the emulated
+# host failed runs only those without a passing result). Under results/, which L1 can write;
+# each suite removes its own after its last try, the test command all of them on exit.
+readonly SUITE_STATE_ROOT="$REPO/results/.suite-state"
+
 # run_logged again while a try fails for the emulated host (infrastructure_failure), up to
 # NESTED_TRIES tries; says so on stderr and in the log, which holds every try. Status: the
 # last try's.
 run_with_retries() { # name limit_s log_file command...
     local name="$1" limit="$2" log="$3" rc try=1 why
-    local try_log="$log.try"
+    local try_log="$log.try" state="$SUITE_STATE_ROOT/$1"
     shift 3
+    rm -rf "$state"
+    mkdir -p "$state"
     while :; do
         rc=0
         : >"$try_log"
-        run_logged "$try_log" "$limit" "$@" || rc=$?
+        TERMLAB_SUITE_STATE="$state" run_logged "$try_log" "$limit" "$@" || rc=$?
         cat "$try_log" >>"$log"
         why="$(infrastructure_failure "$rc" "$try_log")"
         if [[ -z "$why" ]] || ((try == NESTED_TRIES)) || ((rc == 124 && try == 2)); then
@@ -186,5 +194,6 @@ run_with_retries() { # name limit_s log_file command...
             tee -a "$log" >&2
     done
     rm -f "$try_log"
+    rm -rf "$state"
     return "$rc"
 }
