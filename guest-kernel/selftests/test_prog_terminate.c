@@ -699,28 +699,8 @@ static void test_timer_callback(void)
 {
 	int map = timer_map();
 	const struct bpf_insn insns[] = {
-		/* main: x = 0, then init, set the callback, start at once */
-		ST_MEM_W(BPF_REG_10, -4, 0),			/* 0: key 0 */
-		LD_MAP_FD(BPF_REG_1, map),			/* 1-2 */
-		MOV64_REG(BPF_REG_2, BPF_REG_10),		/* 3 */
-		ADD64_IMM(BPF_REG_2, -4),			/* 4 */
-		CALL_HELPER(BPF_FUNC_map_lookup_elem),		/* 5 */
-		JEQ_IMM(BPF_REG_0, 0, 15),			/* 6: -> 22 */
-		MOV64_REG(BPF_REG_6, BPF_REG_0),		/* 7 */
-		ST_MEM_W(BPF_REG_6, TIMER_X_OFF, 0),		/* 8 */
-		MOV64_REG(BPF_REG_1, BPF_REG_6),		/* 9 */
-		LD_MAP_FD(BPF_REG_2, map),			/* 10-11 */
-		MOV64_IMM(BPF_REG_3, 1),			/* 12: CLOCK_MONOTONIC */
-		CALL_HELPER(BPF_FUNC_timer_init),		/* 13: -EBUSY after the first */
-		MOV64_REG(BPF_REG_1, BPF_REG_6),		/* 14 */
-		LD_FUNC(BPF_REG_2, 8),				/* 15-16: -> callback at 24 */
-		CALL_HELPER(BPF_FUNC_timer_set_callback),	/* 17 */
-		MOV64_REG(BPF_REG_1, BPF_REG_6),		/* 18 */
-		MOV64_IMM(BPF_REG_2, 0),			/* 19: now */
-		MOV64_IMM(BPF_REG_3, 0),			/* 20 */
-		CALL_HELPER(BPF_FUNC_timer_start),		/* 21 */
-		MOV64_IMM(BPF_REG_0, 0),			/* 22 */
-		EXIT(),						/* 23 */
+		/* main: x = 0 (the mark), then the timer armed to call the callback at 24 */
+		RAW_ARM_TIMER(map, ST_MEM_W(BPF_REG_6, TIMER_X_OFF, 0)),		/* 0-23 */
 		/* callback(map, key, value) */
 		MOV64_REG(BPF_REG_8, BPF_REG_3),		/* 24 */
 		ST_MEM_W(BPF_REG_8, TIMER_X_OFF, TIMER_BEGAN),	/* 25 */
@@ -733,7 +713,7 @@ static void test_timer_callback(void)
 		MOV64_IMM(BPF_REG_0, 0),			/* 32 */
 		EXIT(),						/* 33 */
 	};
-	const uint32_t funcs[] = { 0, 24 };
+	const uint32_t funcs[] = { 0, RAW_ARM_TIMER_LEN };
 	int fd = raw_load_funcs(BPF_PROG_TYPE_SCHED_CLS, insns,
 				sizeof(insns) / sizeof(insns[0]), "term_timer", 0, funcs, 2);
 	uint32_t id = prog_id(fd);

@@ -59,6 +59,37 @@
 #define LD_MAP_FD(DST, FD) INSN(BPF_LD | BPF_DW | BPF_IMM, DST, BPF_PSEUDO_MAP_FD, 0, FD), INSN(0, 0, 0, 0, 0)
 #define LD_FUNC(DST, OFF) INSN(BPF_LD | BPF_DW | BPF_IMM, DST, BPF_PSEUDO_FUNC, 0, OFF), INSN(0, 0, 0, 0, 0)
 
+/*
+ * The first RAW_ARM_TIMER_LEN instructions of a program that arms a bpf_timer to fire at
+ * once: it looks up key 0 of @MAP (an array whose value begins with its struct bpf_timer),
+ * runs @MARK (one instruction; r6 holds the value), initializes the timer on
+ * CLOCK_MONOTONIC (-EBUSY once it is), gives it the callback at instruction
+ * RAW_ARM_TIMER_LEN, starts it and returns 0.
+ */
+#define RAW_ARM_TIMER_LEN 24
+#define RAW_ARM_TIMER(MAP, MARK)						\
+	ST_MEM_W(BPF_REG_10, -4, 0),			/* 0: key 0 */		\
+	LD_MAP_FD(BPF_REG_1, MAP),			/* 1-2 */		\
+	MOV64_REG(BPF_REG_2, BPF_REG_10),		/* 3 */			\
+	ADD64_IMM(BPF_REG_2, -4),			/* 4 */			\
+	CALL_HELPER(BPF_FUNC_map_lookup_elem),		/* 5 */			\
+	JEQ_IMM(BPF_REG_0, 0, 15),			/* 6: -> 22 */		\
+	MOV64_REG(BPF_REG_6, BPF_REG_0),		/* 7 */			\
+	MARK,						/* 8 */			\
+	MOV64_REG(BPF_REG_1, BPF_REG_6),		/* 9 */			\
+	LD_MAP_FD(BPF_REG_2, MAP),			/* 10-11 */		\
+	MOV64_IMM(BPF_REG_3, 1),			/* 12: CLOCK_MONOTONIC */ \
+	CALL_HELPER(BPF_FUNC_timer_init),		/* 13 */		\
+	MOV64_REG(BPF_REG_1, BPF_REG_6),		/* 14 */		\
+	LD_FUNC(BPF_REG_2, 8),				/* 15-16: -> 24 */	\
+	CALL_HELPER(BPF_FUNC_timer_set_callback),	/* 17 */		\
+	MOV64_REG(BPF_REG_1, BPF_REG_6),		/* 18 */		\
+	MOV64_IMM(BPF_REG_2, 0),			/* 19: now */		\
+	MOV64_IMM(BPF_REG_3, 0),			/* 20 */		\
+	CALL_HELPER(BPF_FUNC_timer_start),		/* 21 */		\
+	MOV64_IMM(BPF_REG_0, 0),			/* 22 */		\
+	EXIT()						/* 23 */
+
 #define DEMO_DELAY_SYSCTL "/proc/sys/kernel/bpf_termination_demo_delay_ms"
 /* Fault injection (patch 0013): the IPI handler skips the first rewrite. */
 #define FAULT_SKIP_REWRITE_SYSCTL "/proc/sys/kernel/bpf_termination_fault_skip_rewrite"

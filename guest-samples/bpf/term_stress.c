@@ -1654,28 +1654,8 @@ static int timer_race_map(void)
 static int load_timer_prog(int map)
 {
 	const struct bpf_insn insns[] = {
-		/* main: r = ARMED, init the timer, set the callback, start it now */
-		ST_MEM_W(BPF_REG_10, -4, 0),			/* 0 */
-		LD_MAP_FD(BPF_REG_1, map),			/* 1-2 */
-		MOV64_REG(BPF_REG_2, BPF_REG_10),		/* 3 */
-		ADD64_IMM(BPF_REG_2, -4),			/* 4 */
-		CALL_HELPER(BPF_FUNC_map_lookup_elem),		/* 5 */
-		JEQ_IMM(BPF_REG_0, 0, 15),			/* 6: -> 22 */
-		MOV64_REG(BPF_REG_6, BPF_REG_0),		/* 7 */
-		ST_MEM_DW(BPF_REG_6, 24, TIMER_ARMED),		/* 8 */
-		MOV64_REG(BPF_REG_1, BPF_REG_6),		/* 9 */
-		LD_MAP_FD(BPF_REG_2, map),			/* 10-11 */
-		MOV64_IMM(BPF_REG_3, 1),			/* 12: CLOCK_MONOTONIC */
-		CALL_HELPER(BPF_FUNC_timer_init),		/* 13 */
-		MOV64_REG(BPF_REG_1, BPF_REG_6),		/* 14 */
-		LD_FUNC(BPF_REG_2, 8),				/* 15-16: -> callback at 24 */
-		CALL_HELPER(BPF_FUNC_timer_set_callback),	/* 17 */
-		MOV64_REG(BPF_REG_1, BPF_REG_6),		/* 18 */
-		MOV64_IMM(BPF_REG_2, 0),			/* 19 */
-		MOV64_IMM(BPF_REG_3, 0),			/* 20 */
-		CALL_HELPER(BPF_FUNC_timer_start),		/* 21 */
-		MOV64_IMM(BPF_REG_0, 0),			/* 22 */
-		EXIT(),						/* 23 */
+		/* main: r = ARMED (the mark), then the timer armed to call the callback at 24 */
+		RAW_ARM_TIMER(map, ST_MEM_DW(BPF_REG_6, 24, TIMER_ARMED)),		/* 0-23 */
 		/* callback(map, key, value): r = f(k) + f(k) + f(k) */
 		MOV64_REG(BPF_REG_9, BPF_REG_3),		/* 24 */
 		ST_MEM_DW(BPF_REG_9, 24, TIMER_BEGAN),		/* 25 */
@@ -1699,7 +1679,7 @@ static int load_timer_prog(int map)
 		JA(-4),						/* 42: -> 39 */
 		EXIT(),						/* 43 */
 	};
-	static const uint32_t funcs[] = { 0, 24, 38 };
+	static const uint32_t funcs[] = { 0, RAW_ARM_TIMER_LEN, 38 };
 
 	return raw_load_funcs(BPF_PROG_TYPE_SCHED_CLS, insns, sizeof(insns) / sizeof(insns[0]),
 			      "ts_timer", 0, funcs, 3);
