@@ -7,7 +7,7 @@
 #
 # Parameters come from the kernel command line (so the same initramfs serves
 # every run): selftest.delay_ms=D (slow-helper delay for the demo runs, default
-# 2000) and selftest.latency_ms=L (test_prog_terminate's bound on case 2's
+# 1000) and selftest.latency_ms=L (test_prog_terminate's bound on case 2's
 # terminate-to-return and case 1's helper-to-return latency, default 500).
 #
 # How a run is judged: trigger_loops prints its duration (CLOCK_MONOTONIC) and
@@ -21,7 +21,7 @@ cmdline_value() {
 	tr ' ' '\n' </proc/cmdline | sed -n "s/^selftest\\.$1=\\([0-9][0-9]*\\)\$/\\1/p"
 }
 DELAY_MS=$(cmdline_value delay_ms)
-DELAY_MS=${DELAY_MS:-2000}
+DELAY_MS=${DELAY_MS:-1000}
 # Bound on terminate call -> run's return for case 2. Typically 2-15 ms under
 # TCG, but a QEMU vCPU thread starved by a loaded host adds ~100 ms at times;
 # the unterminated remainder of the run is seconds, so this still separates.

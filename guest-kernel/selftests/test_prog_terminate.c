@@ -35,7 +35,7 @@
 #include "bpf_term_info.h"
 #include "tap.h"
 
-#define DELAY_MS 1500
+#define DELAY_MS 800
 #define RUNNER_CPU 0
 _Static_assert(RUNNER_CPU == 0, "a struct run runs on RUNNER_CPU unless its cpu is set");
 #define TERMINATOR_CPU 1
