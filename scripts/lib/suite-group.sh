@@ -82,11 +82,11 @@ end_current_group_and_exit() {
 
 # Runs "$@" (a function that runs suites with run_in_group or run_with_retries, one after
 # the other) in a background subshell: a lane beside the suites that follow. For suites that
-# need one CPU beside suites that leave one idle, none of them timing-sensitive:
-# libFuzzer's single process beside the QEMU TCG selftest, which uses about one of the two
-# host CPUs (44% idle measured) and ran 161/161 in the same 108 s beside it; the nested
-# launcher's tests and the suite runner's (70% and 68% idle) beside the kernel stress (39%),
-# which passed 34/34 in 87 s instead of 75-79 s beside them. One lane at a time.
+# need one CPU beside suites that leave one idle, none of them timing-sensitive: one QEMU
+# TCG selftest beside another (each uses about one of the two host CPUs, 49% idle measured;
+# 196/196 each, in 101 s for both); the nested launcher's tests and the suite runner's (70%
+# and 68% idle) beside the kernel stress (39%), which passed 34/34 in 87 s instead of 75-79 s
+# beside them; libFuzzer's single process beside a nested end-to-end test. One lane at a time.
 start_lane() { # command...
     (
         trap end_current_group_and_exit INT TERM
