@@ -13,9 +13,12 @@
 cargo_seed_root() { echo "${TERMLAB_CACHE:-/var/cache/termlab}/cargo-deps"; }
 
 # What makes a seed reusable as a whole: the lock file, the toolchain, the flags, the
-# profile settings.
+# profile settings; and the layout, whose version 2 keeps the static agent's host artifacts
+# in the release seed (an older agent seed, made without them, holds target artifacts older
+# than those, which cargo therefore built again every time).
 cargo_seed_key() { # repo
     {
+        echo "seed layout 2"
         cat "$1/Cargo.lock"
         sed -n '/^\[profile/,$p' "$1/Cargo.toml"
         rustc -vV
@@ -48,28 +51,49 @@ cargo_seed_restore() { # repo profile-dir (relative to target/, e.g. release)
     echo "[setup] cargo: dependencies' artifacts from $seeds/$newest" >&2
 }
 
-cargo_seed_save() { # repo profile-dir
-    local dir="$1/target/$2" seeds key tmp file stem
-    seeds="$(cargo_seed_root)/${2//\//_}"
-    key="$(cargo_seed_key "$1")"
-    [[ -d $dir/deps && ! -d $seeds/$key ]] || return 0
-    mkdir -p "$seeds"
-    tmp="$(mktemp -d "$seeds/.new.XXXXXX")"
+# The artifacts in DIR that belong to no workspace crate, as paths relative to DIR.
+cargo_seed_dependency_files() { # dir
+    local dir="$1" file stem
     local -A workspace=()
     while read -r stem; do workspace[$stem]=1; done < <(cargo_seed_workspace_stems "$dir")
-    mkdir "$tmp/deps" "$tmp/build" "$tmp/.fingerprint"
     for file in "$dir"/deps/*; do
         stem="${file##*/}"
         stem="${stem%.*}"
         [[ ${file##*/} == *.d ]] || [[ ${file##*/} != lib* ]] || stem="${stem#lib}"
-        [[ -n ${workspace[$stem]:-} ]] || cp -a "$file" "$tmp/deps/"
+        [[ -n ${workspace[$stem]:-} ]] || echo "deps/${file##*/}"
     done
     # Build scripts' outputs and fingerprints are named after the package: the workspace's
     # packages are all termlab*.
     for file in "$dir"/build/* "$dir"/.fingerprint/*; do
         [[ -e $file && ${file##*/} != termlab* ]] || continue
-        cp -a "$file" "$tmp/${file#"$dir"/}"
+        echo "${file#"$dir"/}"
     done
+}
+
+# A seed that exists already is topped up with what it lacks: a later build into the same
+# directory made more (the static agent's build scripts and proc macros, built for the host
+# into target/release; clippy's checks of the dependencies), which the next checkout would
+# otherwise build again.
+cargo_seed_save() { # repo profile-dir
+    local dir="$1/target/$2" seeds key tmp file added=0
+    seeds="$(cargo_seed_root)/${2//\//_}"
+    key="$(cargo_seed_key "$1")"
+    [[ -d $dir/deps ]] || return 0
+    if [[ -d $seeds/$key ]]; then
+        while read -r file; do
+            [[ ! -e $seeds/$key/$file ]] || continue
+            cp -a "$dir/$file" "$seeds/$key/$file"
+            added=$((added + 1))
+        done < <(cargo_seed_dependency_files "$dir")
+        ((added == 0)) || echo "[setup] cargo: $added more dependency artifacts kept in $seeds/$key" >&2
+        return 0
+    fi
+    mkdir -p "$seeds"
+    tmp="$(mktemp -d "$seeds/.new.XXXXXX")"
+    mkdir "$tmp/deps" "$tmp/build" "$tmp/.fingerprint"
+    while read -r file; do
+        cp -a "$dir/$file" "$tmp/$file"
+    done < <(cargo_seed_dependency_files "$dir")
     # Only the newest seed is kept: an older one has nothing the new one lacks that a build
     # of this checkout would use.
     find "$seeds" -mindepth 1 -maxdepth 1 -not -path "$tmp" -exec rm -rf {} +
