@@ -211,6 +211,8 @@ static void set_delay(unsigned int ms)
 /* ------------------------------------------------------------- runner */
 
 #define SOCK_DATAGRAM 200
+_Static_assert(SOCK_DATAGRAM <= RAW_TEST_PACKET_MAX,
+	       "a packet test run hands the program a whole datagram");
 
 struct run {
 	int prog_fd;
@@ -237,8 +239,6 @@ struct run {
 static void *runner(void *arg)
 {
 	struct run *run = arg;
-	union bpf_attr attr = {};
-	uint64_t args[1] = { run->ctx_word };
 	char datagram[SOCK_DATAGRAM] = {};
 
 	pin_to(run->cpu);
@@ -250,19 +250,11 @@ static void *runner(void *arg)
 		run->received = recv(run->recv_fd, datagram, sizeof(datagram), MSG_DONTWAIT);
 		return NULL;
 	}
-	attr.test.prog_fd = run->prog_fd;
-	if (run->packet) {
-		attr.test.data_in = (uintptr_t)datagram;
-		attr.test.data_size_in = sizeof(datagram);
-	} else {
-		attr.test.ctx_in = (uintptr_t)args;
-		attr.test.ctx_size_in = sizeof(args);
-	}
 	run->start_ns = now_ns();
 	run->started = true;
-	run->err = sys_bpf(BPF_PROG_TEST_RUN, &attr, sizeof(attr)) ? errno : 0;
+	run->err = raw_test_run(run->prog_fd, run->ctx_word, run->packet ? SOCK_DATAGRAM : 0,
+				&run->retval);
 	run->end_ns = now_ns();
-	run->retval = attr.test.retval;
 	return NULL;
 }
 
@@ -629,29 +621,11 @@ static void test_case2(const char *what, const struct bpf_insn *insns, size_t cn
  * the second call was stubbed.  Before, nothing recorded such a run:
  * terminate answered ESRCH while the callback ran, and both helpers ran.
  */
-#define TIMER_X_OFF 16			/* struct tv's x */
+#define TIMER_X_OFF 16			/* x, an int after the struct bpf_timer */
+#define TIMER_VALUE_SIZE 24
 #define TIMER_BEGAN 1			/* x while the callback runs */
 #define TIMER_COMPLETE 100		/* x after a complete callback */
 #define TIMER_STOPPED (TIMER_COMPLETE - 1)
-
-/* A one-entry array map of struct tv { struct bpf_timer t; int x; }, in BTF. */
-static int timer_map(void)
-{
-	/* "" 0, "int" 1, "long long" 5, "bpf_timer" 15, "a" 25, "b" 27, "tv" 29, "t" 32, "x" 34 */
-	static const char strings[] = "\0int\0long long\0bpf_timer\0a\0b\0tv\0t\0x";
-	const uint32_t types[] = {
-		/* 1: int */
-		1, BTF_KIND_INT << 24, 4, BTF_INT_SIGNED << 24 | 32,
-		/* 2: long long */
-		5, BTF_KIND_INT << 24, 8, BTF_INT_SIGNED << 24 | 64,
-		/* 3: struct bpf_timer { long long a; long long b; } */
-		15, BTF_KIND_STRUCT << 24 | 2, 16, 25, 2, 0, 27, 2, 64,
-		/* 4: struct tv { struct bpf_timer t; int x; } */
-		29, BTF_KIND_STRUCT << 24 | 2, 24, 32, 3, 0, 34, 1, TIMER_X_OFF * 8,
-	};
-
-	return raw_btf_array_map(types, sizeof(types), strings, sizeof(strings), 24, 4);
-}
 
 /* The map value's x, -1 if it cannot be read. */
 static int timer_x(int map)
@@ -697,7 +671,7 @@ static int timer_done(struct run *run, int map, pthread_t t)
 
 static void test_timer_callback(void)
 {
-	int map = timer_map();
+	int map = raw_timer_map(TIMER_VALUE_SIZE);
 	const struct bpf_insn insns[] = {
 		/* main: x = 0 (the mark), then the timer armed to call the callback at 24 */
 		RAW_ARM_TIMER(map, ST_MEM_W(BPF_REG_6, TIMER_X_OFF, 0)),		/* 0-23 */

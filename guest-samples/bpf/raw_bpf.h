@@ -100,6 +100,39 @@ static inline long sys_bpf(int cmd, void *attr, unsigned int size)
 	return syscall(__NR_bpf, cmd, attr, size);
 }
 
+/* The most packet data raw_test_run() hands a program. */
+#define RAW_TEST_PACKET_MAX 256
+
+/*
+ * One BPF_PROG_TEST_RUN of @fd: on @packet_len zero bytes of packet data (tc,
+ * socket filter, XDP; at most RAW_TEST_PACKET_MAX), or, with @packet_len 0,
+ * on a context whose first word is @ctx_word (tracing types).  Returns 0 or
+ * the errno, and the program's return value (0 after an error) in *@retval
+ * unless it is NULL.
+ */
+static inline int raw_test_run(int fd, uint64_t ctx_word, unsigned int packet_len,
+			       uint32_t *retval)
+{
+	unsigned char packet[RAW_TEST_PACKET_MAX] = {};
+	uint64_t ctx[1] = { ctx_word };
+	union bpf_attr attr;
+	int err;
+
+	memset(&attr, 0, sizeof(attr));
+	attr.test.prog_fd = fd;
+	if (packet_len) {
+		attr.test.data_in = (uintptr_t)packet;
+		attr.test.data_size_in = packet_len < sizeof(packet) ? packet_len : sizeof(packet);
+	} else {
+		attr.test.ctx_in = (uintptr_t)ctx;
+		attr.test.ctx_size_in = sizeof(ctx);
+	}
+	err = sys_bpf(BPF_PROG_TEST_RUN, &attr, sizeof(attr)) ? errno : 0;
+	if (retval)
+		*retval = attr.test.retval;
+	return err;
+}
+
 static inline uint64_t now_ns(void)
 {
 	struct timespec ts;
@@ -288,6 +321,29 @@ static inline int raw_btf_array_map(const uint32_t *types, uint32_t type_len, co
 	/* The map holds its own reference to the BTF. */
 	close(btf_fd);
 	return fd;
+}
+
+/*
+ * An array map of one element of @value_size bytes that begin with a struct
+ * bpf_timer (the verifier finds the timer through the value's BTF); the rest
+ * of the value is the program's.
+ */
+static inline int raw_timer_map(uint32_t value_size)
+{
+	/* "" 0, "int" 1, "long long" 5, "bpf_timer" 15, "a" 25, "b" 27, "value" 29, "t" 35 */
+	static const char strings[] = "\0int\0long long\0bpf_timer\0a\0b\0value\0t";
+	const uint32_t types[] = {
+		/* 1: int, the key */
+		1, BTF_KIND_INT << 24, 4, BTF_INT_SIGNED << 24 | 32,
+		/* 2: long long */
+		5, BTF_KIND_INT << 24, 8, BTF_INT_SIGNED << 24 | 64,
+		/* 3: struct bpf_timer { long long a; long long b; } */
+		15, BTF_KIND_STRUCT << 24 | 2, 16, 25, 2, 0, 27, 2, 64,
+		/* 4: struct value { struct bpf_timer t; } of @value_size bytes */
+		29, BTF_KIND_STRUCT << 24 | 1, value_size, 35, 3, 0,
+	};
+
+	return raw_btf_array_map(types, sizeof(types), strings, sizeof(strings), value_size, 4);
 }
 
 /* BPF_MAP_LOOKUP_ELEM or BPF_MAP_UPDATE_ELEM (flags 0) of @key; the syscall's result. */

@@ -127,16 +127,10 @@ struct runner {
 static void *run_once(void *arg)
 {
 	struct runner *r = arg;
-	uint64_t ctx[1] = {};
-	union bpf_attr attr;
 
 	pin_to(r->cpu);
-	memset(&attr, 0, sizeof(attr));
-	attr.test.prog_fd = r->prog_fd;
-	attr.test.ctx_in = (uintptr_t)ctx;
-	attr.test.ctx_size_in = sizeof(ctx);
 	r->started = true;
-	sys_bpf(BPF_PROG_TEST_RUN, &attr, sizeof(attr));
+	raw_test_run(r->prog_fd, 0, 0, NULL);
 	r->end_ns = now_ns();
 	return NULL;
 }

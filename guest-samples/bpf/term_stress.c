@@ -173,26 +173,42 @@ static const struct bpf_insn helper_prog[] = {
  * took half a minute per load under TCG), and one program serves the long
  * stress runs and the short runs of the exit race.
  */
+/*
+ * r7 = f(r8) + f(r8) + f(r8), in 8 instructions (at i to i+7: i+2 leaves the
+ * loop after 3 calls, i+5 calls f, i+7 jumps back to i+2), followed by
+ * @tail_len instructions of the caller's, then by f (SUM3_F).
+ */
+#define SUM3_CALLS(tail_len)						\
+	MOV64_IMM(BPF_REG_6, 0),		/* calls */		\
+	MOV64_IMM(BPF_REG_7, 0),		/* sum */		\
+	JGT_IMM(BPF_REG_6, 2, 5),		/* -> the tail */	\
+	ADD64_IMM(BPF_REG_6, 1),					\
+	MOV64_REG(BPF_REG_1, BPF_REG_8),				\
+	CALL_SUBPROG(2 + (tail_len)),		/* -> f */		\
+	ADD64_REG(BPF_REG_7, BPF_REG_0),				\
+	JA(-6)
+
+/*
+ * f(K): K rounds of a may_goto loop, 6 instructions (at j to j+5: j+1 is the
+ * may_goto, j+4 the back-edge); returns the rounds made.
+ */
+#define SUM3_F								\
+	MOV64_IMM(BPF_REG_0, 0),					\
+	MAY_GOTO(3),							\
+	ADD64_IMM(BPF_REG_0, 1),					\
+	INSN(BPF_JMP | BPF_JGE | BPF_X, BPF_REG_0, BPF_REG_1, 1, 0),	\
+	JA(-4),								\
+	EXIT()
+
 static const struct bpf_insn text_prog[] = {
 	INSN(BPF_LDX | BPF_MEM | BPF_DW, BPF_REG_8, BPF_REG_1, 0, 0),	/* 0: r8 = K */
-	MOV64_IMM(BPF_REG_6, 0),		/* 1: calls */
-	MOV64_IMM(BPF_REG_7, 0),		/* 2: sum */
-	JGT_IMM(BPF_REG_6, 2, 5),		/* 3: -> 9 after 3 calls */
-	ADD64_IMM(BPF_REG_6, 1),		/* 4 */
-	MOV64_REG(BPF_REG_1, BPF_REG_8),	/* 5 */
-	CALL_SUBPROG(4),			/* 6: -> f at 11 */
-	ADD64_REG(BPF_REG_7, BPF_REG_0),	/* 7 */
-	JA(-6),					/* 8: -> 3 */
+	SUM3_CALLS(2),				/* 1-8: r7 = sum */
 	MOV64_REG(BPF_REG_0, BPF_REG_7),	/* 9 */
 	EXIT(),					/* 10 */
-	MOV64_IMM(BPF_REG_0, 0),		/* 11: f(K) */
-	MAY_GOTO(3),				/* 12: -> 16 */
-	ADD64_IMM(BPF_REG_0, 1),		/* 13 */
-	INSN(BPF_JMP | BPF_JGE | BPF_X, BPF_REG_0, BPF_REG_1, 1, 0),	/* 14: -> 16 */
-	JA(-4),					/* 15: -> 12 */
-	EXIT(),					/* 16 */
+	SUM3_F,					/* 11-16: f(K) */
 };
 #define TEXT_LEN 17
+_Static_assert(sizeof(text_prog) / sizeof(text_prog[0]) == TEXT_LEN, "text_prog is TEXT_LEN long");
 /* Where the exit race's calibration starts. */
 #define TEXT_SHORT_K 4000
 
@@ -258,25 +274,9 @@ static bool valid_result(int kind, uint64_t normal, uint32_t ret)
 	}
 }
 
-/* One BPF_PROG_TEST_RUN with args[0] = @arg; returns 0 and the result, or the errno. */
-static int test_run_arg(int fd, uint64_t arg, uint32_t *retval)
-{
-	uint64_t ctx[1] = { arg };
-	union bpf_attr attr;
-
-	memset(&attr, 0, sizeof(attr));
-	attr.test.prog_fd = fd;
-	attr.test.ctx_in = (uintptr_t)ctx;
-	attr.test.ctx_size_in = sizeof(ctx);
-	if (sys_bpf(BPF_PROG_TEST_RUN, &attr, sizeof(attr)))
-		return errno;
-	*retval = attr.test.retval;
-	return 0;
-}
-
 static int test_run(int fd, uint32_t *retval)
 {
-	return test_run_arg(fd, TEXT_K, retval);
+	return raw_test_run(fd, TEXT_K, 0, retval);
 }
 
 /* Number of runs counted by the kernel (needs stats enabled). */
@@ -1028,9 +1028,11 @@ static void do_stress(unsigned long cycles, unsigned int delay_ms, unsigned int 
 
 /* ------------------------------------------------------------ races */
 
+/* A test run in a thread of its own: on @packet_len bytes, or with args[0] = @arg. */
 struct one_run {
 	int fd, cpu;
 	uint64_t arg;
+	unsigned int packet_len;
 	volatile int started;
 	int err;
 	uint32_t ret;
@@ -1044,20 +1046,23 @@ static void *one_run_thread(void *arg)
 	pin_to(r->cpu);
 	r->start = now_ns();
 	__atomic_store_n(&r->started, 1, __ATOMIC_SEQ_CST);
-	r->err = test_run_arg(r->fd, r->arg, &r->ret);
+	r->err = raw_test_run(r->fd, r->arg, r->packet_len, &r->ret);
 	r->end = now_ns();
 	return NULL;
 }
 
-static void start_run_arg(struct one_run *r, pthread_t *t, int fd, int cpu, uint64_t arg)
+/* Starts @r's run on its CPU and returns as its thread is about to make the call. */
+static void start_one_run(struct one_run *r, pthread_t *t)
 {
-	memset(r, 0, sizeof(*r));
-	r->fd = fd;
-	r->cpu = cpu;
-	r->arg = arg;
 	pthread_create(t, NULL, one_run_thread, r);
 	while (!__atomic_load_n(&r->started, __ATOMIC_SEQ_CST))
 		sched_yield();
+}
+
+static void start_run_arg(struct one_run *r, pthread_t *t, int fd, int cpu, uint64_t arg)
+{
+	*r = (struct one_run){ .fd = fd, .cpu = cpu, .arg = arg };
+	start_one_run(r, t);
 }
 
 static void wait_go(volatile int *go)
@@ -1635,22 +1640,6 @@ struct timer_value {
 	int64_t k, r;
 };
 
-static int timer_race_map(void)
-{
-	/* "" 0, "int" 1, "long long" 5, "bpf_timer" 15, "a" 25, "b" 27, "tr" 29, "t" 32, "k" 34, "r" 36 */
-	static const char strings[] = "\0int\0long long\0bpf_timer\0a\0b\0tr\0t\0k\0r";
-	const uint32_t types[] = {
-		1, BTF_KIND_INT << 24, 4, BTF_INT_SIGNED << 24 | 32,		/* 1: int */
-		5, BTF_KIND_INT << 24, 8, BTF_INT_SIGNED << 24 | 64,		/* 2: long long */
-		15, BTF_KIND_STRUCT << 24 | 2, 16, 25, 2, 0, 27, 2, 64,		/* 3: bpf_timer */
-		29, BTF_KIND_STRUCT << 24 | 3, sizeof(struct timer_value),	/* 4: tr */
-		32, 3, 0, 34, 2, 128, 36, 2, 192,
-	};
-
-	return raw_btf_array_map(types, sizeof(types), strings, sizeof(strings),
-				 sizeof(struct timer_value), 4);
-}
-
 static int load_timer_prog(int map)
 {
 	const struct bpf_insn insns[] = {
@@ -1660,24 +1649,11 @@ static int load_timer_prog(int map)
 		MOV64_REG(BPF_REG_9, BPF_REG_3),		/* 24 */
 		ST_MEM_DW(BPF_REG_9, 24, TIMER_BEGAN),		/* 25 */
 		LDX_MEM_DW(BPF_REG_8, BPF_REG_9, 16),		/* 26: k */
-		MOV64_IMM(BPF_REG_6, 0),			/* 27: calls */
-		MOV64_IMM(BPF_REG_7, 0),			/* 28: sum */
-		JGT_IMM(BPF_REG_6, 2, 5),			/* 29: -> 35 after 3 calls */
-		ADD64_IMM(BPF_REG_6, 1),			/* 30 */
-		MOV64_REG(BPF_REG_1, BPF_REG_8),		/* 31 */
-		CALL_SUBPROG(5),				/* 32: -> f at 38 */
-		ADD64_REG(BPF_REG_7, BPF_REG_0),		/* 33 */
-		JA(-6),						/* 34: -> 29 */
+		SUM3_CALLS(3),					/* 27-34: r7 = sum */
 		STX_MEM_DW(BPF_REG_9, BPF_REG_7, 24),		/* 35 */
 		MOV64_IMM(BPF_REG_0, 0),			/* 36 */
 		EXIT(),						/* 37 */
-		/* f(K): K rounds of a may_goto loop */
-		MOV64_IMM(BPF_REG_0, 0),			/* 38 */
-		MAY_GOTO(3),					/* 39: -> 43 */
-		ADD64_IMM(BPF_REG_0, 1),			/* 40 */
-		INSN(BPF_JMP | BPF_JGE | BPF_X, BPF_REG_0, BPF_REG_1, 1, 0),	/* 41: -> 43 */
-		JA(-4),						/* 42: -> 39 */
-		EXIT(),						/* 43 */
+		SUM3_F,						/* 38-43: f(K) */
 	};
 	static const uint32_t funcs[] = { 0, RAW_ARM_TIMER_LEN, 38 };
 
@@ -1690,29 +1666,6 @@ static int64_t timer_result(int map)
 	struct timer_value v;
 
 	return raw_map_elem(BPF_MAP_LOOKUP_ELEM, map, 0, &v) ? INT64_MIN : v.r;
-}
-
-struct timer_arm {
-	int fd;
-	volatile int started;
-	int err;
-};
-
-/* A tc test run on CPU 1 that arms the timer; its callback runs there. */
-static void *timer_arm_thread(void *arg)
-{
-	struct timer_arm *a = arg;
-	char packet[64] = {};
-	union bpf_attr attr;
-
-	pin_to(1);
-	memset(&attr, 0, sizeof(attr));
-	attr.test.prog_fd = a->fd;
-	attr.test.data_in = (uintptr_t)packet;
-	attr.test.data_size_in = sizeof(packet);
-	__atomic_store_n(&a->started, 1, __ATOMIC_SEQ_CST);
-	a->err = sys_bpf(BPF_PROG_TEST_RUN, &attr, sizeof(attr)) ? errno : 0;
-	return NULL;
 }
 
 /* Waits up to @ms for the result to leave the values up to @below; returns it. */
@@ -1751,7 +1704,8 @@ static int64_t timer_round(int fd, int map, uint32_t id, int64_t k, int64_t term
 			   uint64_t *dur_ns, long *ret, bool *ended)
 {
 	struct timer_value v = { .k = k, .r = TIMER_STALE };
-	struct timer_arm a = { .fd = fd };
+	/* A tc test run on CPU 1 arms the timer; its callback runs there. */
+	struct one_run a = { .fd = fd, .cpu = 1, .packet_len = 64 };
 	long returns = 0;
 	uint64_t began;
 	pthread_t t;
@@ -1760,7 +1714,7 @@ static int64_t timer_round(int fd, int map, uint32_t id, int64_t k, int64_t term
 	/* Also frees the last round's timer: the next arming run makes a new one. */
 	if (raw_map_elem(BPF_MAP_UPDATE_ELEM, map, 0, &v))
 		die("timer map update");
-	pthread_create(&t, NULL, timer_arm_thread, &a);
+	start_one_run(&a, &t);
 	r = timer_wait(map, TIMER_STALE, 2000);
 	if (r == TIMER_ARMED)
 		r = timer_wait(map, TIMER_ARMED, 2000);
@@ -1788,7 +1742,7 @@ static int64_t timer_round(int fd, int map, uint32_t id, int64_t k, int64_t term
 
 static void race_timer(unsigned long n)
 {
-	int map = timer_race_map(), fd = load_timer_prog(map);
+	int map = raw_timer_map(sizeof(struct timer_value)), fd = load_timer_prog(map);
 	uint32_t id = raw_prog_id(fd);
 	long stopped = 0, esrch = 0, bad = 0, bad_run = 0, left = 0, partial = 0, ret;
 	uint64_t dur = 0, d[3];
