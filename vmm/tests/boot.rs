@@ -15,7 +15,7 @@ use std::os::unix::net::UnixListener;
 use std::time::{Duration, Instant};
 
 use common::{
-    echo_through_guest, hybrid_connect, init_logging, init_output, kernel_bzimage, kernel_vmlinux,
+    echo_through_guest, hybrid_connect, init_line, init_logging, kernel_bzimage, kernel_vmlinux,
     run_where_kvm_works, test_initramfs, wait_for, Scratch, BASE_CMDLINE, STEP_TIMEOUT,
 };
 use termlab_vmm::{ExitReason, Vm, VmConfig, VsockConfig};
@@ -84,12 +84,8 @@ fn guest_boots_smp_talks_vsock_and_ends_with_reset_or_panic() {
     eprintln!("init ran after {:?}", started.elapsed());
     // The CPU line is complete once the next marker (printed after it) has arrived.
     wait_for(&vm, &format!("VSOCK-LISTENING={GUEST_PORT}"));
-    // The guest tty turns "\n" into "\r\n"; compare whole lines.
-    let cpus_line = init_output(&vm.console().text())
-        .lines()
-        .find(|l| l.starts_with("CPUS-ONLINE="))
-        .map(|l| l.trim_end().to_owned());
-    assert_eq!(cpus_line.as_deref(), Some("CPUS-ONLINE=2"), "console:\n{}", vm.console().text());
+    let cpus_line = init_line(&vm.console().text(), "CPUS-ONLINE=");
+    assert_eq!(cpus_line, "CPUS-ONLINE=2", "console:\n{}", vm.console().text());
     echo_through_guest(hybrid_connect(&uds, GUEST_PORT), &vm, ECHO_BYTES);
     wait_for(&vm, &format!("VSOCK-ECHOED={ECHO_BYTES}"));
     assert_eq!(guest_conn.join().expect("host server thread"), "ping-from-guest\n");

@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    echo_through_guest, ended_before, hybrid_connect, init_logging, init_output, kernel,
+    echo_through_guest, ended_before, hybrid_connect, init_line, init_logging, init_output, kernel,
     kernel_symbol, run_where_kvm_works, test_initramfs, wait_for, Scratch, BASE_CMDLINE,
     STEP_TIMEOUT,
 };
@@ -202,9 +202,7 @@ fn vector_registers_survive_context_switches_and_host_pauses() {
         vm.console().text()
     );
     let console = vm.console().text();
-    let done = init_output(&console);
-    let done =
-        done.lines().find(|l| l.starts_with("STRESS-DONE")).map(str::trim_end).unwrap_or_default();
+    let done = init_line(&console, "STRESS-DONE");
     eprintln!("{done} with {pauses} host pauses");
     assert!(done.contains(" failed=0 ") && !done.ends_with(" rounds=0"), "console:\n{console}");
     // Where the CPU has AVX, the guest must have been able to enable it: it cannot without

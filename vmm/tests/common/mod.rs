@@ -212,6 +212,16 @@ pub fn init_output(console: &str) -> String {
     out
 }
 
+/// The first line of init's output (see [`init_output`]) that starts with `prefix`, without
+/// the "\r" the guest tty adds; empty when there is none.
+pub fn init_line(console: &str, prefix: &str) -> String {
+    init_output(console)
+        .lines()
+        .find(|line| line.starts_with(prefix))
+        .map(|line| line.trim_end().to_owned())
+        .unwrap_or_default()
+}
+
 /// The length of the kernel record that `text` starts with ("[ seconds.micros] ..." through
 /// its newline, or to the end while it is still arriving), if it starts with one.
 fn kernel_record_len(text: &str) -> Option<usize> {
