@@ -39,6 +39,11 @@ struct Args {
     /// Seconds of stress per guest.
     #[arg(long, default_value_t = 10)]
     stress_s: u32,
+    /// Also echo the guest console to this process's stdout, as `termlab-vmm` does (the
+    /// console is kept in memory either way; README, open problems: with the echo no guest
+    /// triple-faulted in earlier runs).
+    #[arg(long)]
+    echo: bool,
 }
 
 /// Turns the KVM trace events on (mounting tracefs where needed).
@@ -68,6 +73,7 @@ fn run_guest(args: &Args) -> Result<String, Error> {
     let cmdline = format!("{CMDLINE} termlab.stress={}", args.stress_s);
     let mut config = VmConfig::new(args.kernel.clone(), Some(args.initrd.clone()), cmdline);
     config.mem_mib = 256;
+    config.console.stdout = args.echo;
     let mut vm = Vm::new(config)?;
     vm.start()?;
     // Polls console and exit in 50 ms slices, as the VMM's lifecycle test does (the study
