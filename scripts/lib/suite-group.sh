@@ -160,10 +160,12 @@ infrastructure_failure() { # rc try_log
     fi
 }
 
-# Tries of a nested suite while each failure is the emulated host's. Two in a row happen: a
-# dry run of 2026-12-04 had a guest triple fault, then an L1 kernel crash, in one suite. A
-# timeout is tried once more only, so that a hung suite costs at most twice its limit.
-readonly NESTED_TRIES=3
+# Tries of a nested suite while each failure is the emulated host's. Three in a row happen: a
+# dry run of 2026-12-05 had two L1 kernel crashes, then a guest triple fault, in program-types.
+# The tries of program-types and of the harness shards rerun only what has not passed yet, so
+# a further try costs a scenario or a shard, not the suite. A timeout is tried once more only,
+# so that a hung suite costs at most twice its limit.
+readonly NESTED_TRIES=4
 
 # Where the tries of one nested suite keep what a later try can skip (TERMLAB_SUITE_STATE:
 # check-program-types keeps the results of its scenarios there, and a try after the emulated
