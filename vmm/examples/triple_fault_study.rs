@@ -44,6 +44,46 @@ struct Args {
     /// triple-faulted in earlier runs).
     #[arg(long)]
     echo: bool,
+    /// Pause the VM and read every vCPU's registers this often during the stress, as the
+    /// VMM's lifecycle test does (0: never).
+    #[arg(long, default_value_t = 0)]
+    pause_ms: u64,
+    /// Pin vCPU thread N to CPU N (modulo the CPUs), so that no vCPU moves between CPUs.
+    #[arg(long)]
+    pin: bool,
+}
+
+/// Pins this process's vCPU threads (named `vcpuN`) to CPU N modulo the CPUs it may use.
+fn pin_vcpu_threads() -> Result<(), String> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills it.
+    let mut allowed: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the pointer and size describe `allowed`.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&allowed), &mut allowed) } != 0 {
+        return Err(format!("sched_getaffinity: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `allowed` is an initialised cpu_set_t.
+    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &allowed) })
+        .collect();
+    let tasks =
+        std::fs::read_dir("/proc/self/task").map_err(|e| format!("/proc/self/task: {e}"))?;
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let Some(index) = comm.trim().strip_prefix("vcpu").and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        let tid: libc::pid_t = task.file_name().to_string_lossy().parse().unwrap_or(0);
+        // SAFETY: as above, a zeroed cpu_set_t is a valid empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: the CPU number came from CPU_ISSET over the set's own range.
+        unsafe { libc::CPU_SET(cpus[index % cpus.len()], &mut set) };
+        // SAFETY: the pointer and size describe `set`; tid is one of this process's threads.
+        if unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) } != 0 {
+            return Err(format!("sched_setaffinity: {}", std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
 }
 
 /// Turns the KVM trace events on (mounting tracefs where needed).
@@ -76,6 +116,26 @@ fn run_guest(args: &Args) -> Result<String, Error> {
     config.console.stdout = args.echo;
     let mut vm = Vm::new(config)?;
     vm.start()?;
+    if let Err(e) = if args.pin { pin_vcpu_threads() } else { Ok(()) } {
+        eprintln!("triple_fault_study: {e}");
+        std::process::exit(1);
+    }
+    if args.pause_ms > 0 {
+        // Pauses as the lifecycle test does, until the stress is done or the VM ended.
+        let deadline = Instant::now() + TIMEOUT;
+        while !vm.console().wait_for("STRESS-DONE", Duration::from_millis(args.pause_ms))
+            && vm.wait_exit(Some(Duration::ZERO)).is_none()
+            && Instant::now() < deadline
+        {
+            if vm.pause().is_err() {
+                break;
+            }
+            for vcpu in 0..vm.vcpu_count() {
+                let _ = vm.regs(vcpu);
+            }
+            let _ = vm.resume();
+        }
+    }
     // Polls console and exit in 50 ms slices, as the VMM's lifecycle test does (the study
     // reproduced the fault that way).
     vm.wait_for_console("STRESS-DONE", TIMEOUT);
