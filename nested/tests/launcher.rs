@@ -386,7 +386,7 @@ test "$(stat -f -c %T /tmp)" = tmpfs || exit 47"#,
 }
 
 /// A test whose nested guest triple-faulted exits inside L1 as [`fail_guest_test`] makes it
-/// (the emulated host failed); the host runs it once more, and its second try's pass is the
+/// (the emulated host failed); the host runs it again, and its second try's pass is the
 /// test's. Here the first try fails that way on purpose and the second passes: two tries.
 #[test]
 #[ignore = "boots the L1 VM twice (about 25 s)"]
