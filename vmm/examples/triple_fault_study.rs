@@ -116,9 +116,11 @@ fn run_guest(args: &Args) -> Result<String, Error> {
     config.console.stdout = args.echo;
     let mut vm = Vm::new(config)?;
     vm.start()?;
-    if let Err(e) = if args.pin { pin_vcpu_threads() } else { Ok(()) } {
-        eprintln!("triple_fault_study: {e}");
-        std::process::exit(1);
+    if args.pin {
+        pin_vcpu_threads().unwrap_or_else(|e| {
+            eprintln!("triple_fault_study: {e}");
+            std::process::exit(1)
+        });
     }
     if args.pause_ms > 0 {
         // Pauses as the lifecycle test does, until the stress is done or the VM ended.
