@@ -383,7 +383,7 @@ static long long event_field(const char *line, const char *key)
  * The kernel's own account (patch 0006's events) of the stop of program
  * @id's run inside its first slow helper: one CPU stopped in case 1, its
  * frames rewritten and none lost, the run continuing in the copy right
- * after that call (function @func, instruction 1: patch 0021); the events in
+ * after that call (function @func, instruction 1: patch 0017); the events in
  * their causal order; the run's return shortly after the interrupted
  * helper's.  Returns the number of frames the handler rewrote (-1: no
  * handler event).
@@ -1533,7 +1533,7 @@ static void test_run_start_window(void)
 /*
  * A tail call jumps into its target without the running marker, so a run
  * that a tail call started cannot be found (issue 14, point 9): a program in
- * a prog array is refused with EOPNOTSUPP (patch 0022) instead of being
+ * a prog array is refused with EOPNOTSUPP (patch 0005) instead of being
  * called "not running" (ESRCH) while it runs.  The callee is the two slow
  * helpers; the caller tail-calls it from a prog array.
  */
@@ -1604,7 +1604,7 @@ static int load_with_verdict(const struct bpf_insn *insns, size_t cnt, const cha
 
 /*
  * A terminated run returns the verdict its program declared at load time
- * (BPF_F_TERM_VERDICT, patch 0023), not what its copy computes: the two
+ * (BPF_F_TERM_VERDICT, patch 0018), not what its copy computes: the two
  * slow helpers' copy returns -1 when stopped in the first.  A declared 0
  * must count too, and a verdict without the flag is refused.
  */

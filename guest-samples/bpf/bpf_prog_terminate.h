@@ -59,7 +59,7 @@ static inline long termlab_bpf_prog_set_runtime_budget(__u32 prog_id, __u32 budg
 
 /*
  * BPF_PROG_LOAD's prog_flags bit and attribute for the verdict a terminated
- * run returns (patch 0023). term_verdict follows prog_token_fd, past the end
+ * run returns (patch 0018). term_verdict follows prog_token_fd, past the end
  * of the union bpf_attr that Debian 12's <linux/bpf.h> (6.1) describes.
  */
 #define TERMLAB_BPF_F_TERM_VERDICT (1U << 8)

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * The termination fields that termlab's patched kernel appends to struct
- * bpf_prog_info (guest-kernel/patches/0012, 0016): linux-libc-dev's headers predate
+ * bpf_prog_info (guest-kernel/patches/0011, 0014): linux-libc-dev's headers predate
  * them. The base struct is the same as 6.12's up to its final padding.
  */
 #ifndef BPF_TERM_INFO_H

@@ -8,7 +8,7 @@
  *    "copy_len":..,"insn_offs":[[prog_off,copy_off],...]},...]}
  *
  * insn_offs[k] is where instruction k starts, the last entry where the last
- * instruction ends. This is the kernel's own map (bpf_prog_info, patch 0012),
+ * instruction ends. This is the kernel's own map (bpf_prog_info, patch 0011),
  * from which a verifier outside the guest predicts what every return address
  * into the program must become after a termination.
  *

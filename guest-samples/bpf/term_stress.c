@@ -1622,7 +1622,7 @@ static void race_preempted(unsigned long n, unsigned int delay_ms)
 }
 
 /*
- * Terminate vs a timer's callback (patch 0028), which the timer softirq runs
+ * Terminate vs a timer's callback (patch 0023), which the timer softirq runs
  * outside bpf_prog_run(): a tc program's test run on CPU 1 arms a bpf_timer
  * that fires at once there; its callback calls a may_goto loop of K rounds
  * three times and stores the sum (3K) in the map value.  Terminates land at

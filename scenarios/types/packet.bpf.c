@@ -39,7 +39,7 @@ int tc_slow(struct __sk_buff *skb)
 /*
  * 1 lets the packet through the cgroup, 0 drops it. This one allows whatever its helpers
  * return, so its copy computes "allow" too: a terminated run is denied only because the
- * kernel returns 0 for a stopped cgroup program (fail closed, patch 0023).
+ * kernel returns 0 for a stopped cgroup program (fail closed, patch 0018).
  */
 SEC("cgroup_skb/ingress")
 int cgroup_allow_slow(struct __sk_buff *skb)

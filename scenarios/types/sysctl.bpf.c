@@ -4,7 +4,7 @@
  * or writes a file under /proc/sys, calls the slow helper
  * (kernel.bpf_termination_demo_delay_ms), and allows the access. Its copy allows too, so a
  * terminated run is refused only because the kernel returns 0 (deny) for a stopped program
- * of a cgroup hook that allows or denies (patch 0023).
+ * of a cgroup hook that allows or denies (patch 0018).
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>

@@ -1,5 +1,5 @@
 //! The kernel's own account of each termination: the `bpf:` trace events of
-//! the series (guest-kernel/patches/0006, 0009, 0014), parsed from the trace
+//! the series (guest-kernel/patches/0006, 0024, 0012), parsed from the trace
 //! buffer and matched to the terminate steps that caused them, or, for runs
 //! the kernel stopped for exceeding their runtime budget, to the triggers
 //! whose runs they were.
@@ -12,7 +12,7 @@
 //!   bpf_prog_terminate_request   BPF_PROG_TERMINATE entered
 //!   bpf_prog_terminate           one CPU moved to the copy (handler done),
 //!                                reason=request or reason=budget; since
-//!                                patch 0024 also sent_ns (its IPI sent, 0
+//!                                patch 0019 also sent_ns (its IPI sent, 0
 //!                                for the budget's tick) and entry_ns
 //!                                (handler began)
 //!   bpf_prog_terminate_done      BPF_PROG_TERMINATE returns
@@ -273,7 +273,7 @@ pub(crate) mod tests {
         let t = find_budget_termination(&events, 9, 30_000_000_000, 30_302_020_000).expect("found");
         assert_eq!((t.reason, t.request_ns, t.ret), (Reason::Budget, None, None));
         assert_eq!(t.stopped_ns(), Some(30_300_000_000));
-        // A line of a kernel before patch 0024: no sent or entry stamps.
+        // A line of a kernel before patch 0019: no sent or entry stamps.
         assert_eq!((t.ipi_sent_ns(), t.handler_entry_ns()), (None, None));
         assert_eq!(t.helper_returned_ns(), Some(30_302_000_000));
         assert_eq!(t.returned_ns(), Some(30_302_010_000));

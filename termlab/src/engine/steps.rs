@@ -1154,7 +1154,7 @@ mod tests {
 
     #[test]
     fn termination_counters_are_read_from_bpftool_json() {
-        // As the patched bpftool prints them (guest-kernel/patches/0018).
+        // As the patched bpftool prints them (guest-kernel/patches/0016).
         let json = r#"{"id":7,"type":"tracepoint","name":"helper_loop","runtime_budget_ms":300,"terminated":{"on_demand":1,"budget":4,"last_at":1795000000}}"#;
         assert_eq!(termination_counters(json), Some((300, 1, 4)));
         assert_eq!(termination_counters(r#"{"id":7,"name":"idle"}"#), Some((0, 0, 0)));

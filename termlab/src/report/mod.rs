@@ -186,7 +186,7 @@ fn mechanism_timeline(result: &RunResult, doc: &mut Document) {
         ""
     };
     doc.push(Block::Paragraph(format!(
-        "`{label}` in repetition #{}, from the kernel's trace events (guest CLOCK_MONOTONIC). Kernels without patch 0024 show no IPI or handler-entry points.{traps}",
+        "`{label}` in repetition #{}, from the kernel's trace events (guest CLOCK_MONOTONIC). Kernels without patch 0019 show no IPI or handler-entry points.{traps}",
         rep.index
     )));
     doc.push(Block::Table {

@@ -53,11 +53,11 @@ pub struct HandlerEvent {
     pub frames: u32,
     /// Old-image addresses without an equivalent in the copy.
     pub lost: u32,
-    /// When the caller sent the IPI that ran this handler (kernels with patch 0024; none
+    /// When the caller sent the IPI that ran this handler (kernels with patch 0019; none
     /// for the budget's tick, which nobody sends).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sent_ns: Option<u64>,
-    /// When this handler began (kernels with patch 0024).
+    /// When this handler began (kernels with patch 0019).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entry_ns: Option<u64>,
     /// When this handler was done.
