@@ -16,6 +16,8 @@
 //!                                for the budget's tick) and entry_ns
 //!                                (handler began)
 //!   bpf_prog_terminate_done      BPF_PROG_TERMINATE returns
+//!   bpf_termination_demo_delay_begin  a slow demo helper starts its delay
+//!                                (scenarios wait for it to stop a run there)
 //!   bpf_termination_demo_delay_done   a slow demo helper returns
 //!   bpf_prog_terminated_return   a terminated run returned
 //! ```

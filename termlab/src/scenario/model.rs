@@ -302,10 +302,12 @@ pub struct SleepStep {
     pub after: Option<Spanned<Label>>,
 }
 
-/// Wait until the BPF program, run by background trigger `step`, has written
-/// `line` (a substring) to the kernel trace buffer `count` times, e.g. the
-/// demo's `bpf_printk("loops: first slow helper call")` right before the
-/// slow helper: then the program is inside that helper.
+/// Wait until the kernel trace buffer holds `count` lines containing `line`
+/// (a substring) written after background trigger `step` started: the
+/// program's own `bpf_printk` lines, or the kernel's events, e.g.
+/// `bpf_termination_demo_delay_begin`, which the demo's slow helper traces
+/// once the run is inside it. (A line the program prints right before a
+/// call does not say that: the run can still be in `bpf_trace_printk`.)
 ///
 /// The agent reads /sys/kernel/tracing/trace_pipe without blocking, again
 /// and again, from its own thread: nothing has to be started in the guest
