@@ -266,15 +266,6 @@ static void run_sync(struct run *run)
 	pthread_join(t, NULL);
 }
 
-/* Busy-waits @ms: no timer, no sleep. */
-static void spin_ms(unsigned int ms)
-{
-	uint64_t end = now_ns() + ms * 1000000ull;
-
-	while (now_ns() < end)
-		;
-}
-
 static void sleep_ms(unsigned int ms)
 {
 	struct timespec d = { ms / 1000, (ms % 1000) * 1000000L };
@@ -1360,10 +1351,7 @@ static int spin_lock_map(void)
  * run answers ESRCH, and the next stop of a run works (the abandoned
  * interrupt was taken and dropped).  Before, the call waited with preemption
  * off until the section ended, then stopped the run in bpf_spin_unlock().
- */
-#define SPIN_LOCK_WORK 1024
-
-/*
+ *
  * The terminating thread must call while the run is well inside its section.
  * With the section on CPU 0 it could not, in about a third of the runs with a
  * second guest busy beside this one (QEMU TCG): sleeping or spinning, the
@@ -1372,6 +1360,7 @@ static int spin_lock_map(void)
  * The section runs on CPU 1 and the terminating thread on CPU 0; it
  * busy-waits for its moment, and the premise is checked either way.
  */
+#define SPIN_LOCK_WORK 1024
 
 static void test_spin_lock_section(void)
 {
@@ -1435,7 +1424,7 @@ static void test_spin_lock_section(void)
 	      "retval %u, %.0f ms (bound %d ms)", complete, ms(full_ns), SPIN_LOCK_BOUND_MS);
 
 	t = start_run(&run, 0);
-	spin_ms(ms(full_ns) / 5);
+	spin_ns(full_ns / 5);
 	call_at_ns = now_ns();
 	errno = 0;
 	ret = terminate(id, 0);

@@ -141,6 +141,15 @@ static inline uint64_t now_ns(void)
 	return ts.tv_sec * 1000000000ull + ts.tv_nsec;
 }
 
+/* Busy-waits @ns on CLOCK_MONOTONIC: no timer, no sleep. */
+static inline void spin_ns(uint64_t ns)
+{
+	uint64_t end = now_ns() + ns;
+
+	while (now_ns() < end)
+		;
+}
+
 /*
  * Loads BTF made of @types (@type_len bytes of btf_type records, ids from 1)
  * and @strings (@str_len bytes, "" first); returns its fd, exits on failure.

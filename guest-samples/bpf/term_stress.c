@@ -103,14 +103,6 @@ static uint64_t rnd_below(uint64_t n)
 	return n ? rnd() % n : 0;
 }
 
-static void spin_ns(uint64_t ns)
-{
-	uint64_t end = now_ns() + ns;
-
-	while (now_ns() < end)
-		;
-}
-
 static void sleep_us(uint64_t us)
 {
 	struct timespec d = { us / 1000000, (us % 1000000) * 1000 };
