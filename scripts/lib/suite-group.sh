@@ -169,8 +169,9 @@ readonly NESTED_TRIES=4
 
 # Where the tries of one nested suite keep what a later try can skip (TERMLAB_SUITE_STATE:
 # check-program-types keeps the results of its scenarios there, check-shards the outcome of
-# each shard, and a try after the emulated host failed runs only what has not passed). Under results/, which L1 can write;
-# each suite removes its own after its last try, the test command all of them on exit.
+# each shard, and a try after the emulated host failed runs only what has not passed).
+# Under results/, which L1 can write; each suite removes its own after its last try, the
+# test command all of them on exit.
 readonly SUITE_STATE_ROOT="$REPO/results/.suite-state"
 
 # run_logged again while a try fails for the emulated host (infrastructure_failure), up to
