@@ -158,6 +158,14 @@ terminated_run_checks() {
 
 echo "# selftest: delay ${DELAY_MS} ms, kernel $(uname -r)"
 
+# On a kernel with kmemleak (the debug variant), what the checks below leave
+# unreferenced is a leak of the feature: what boot left is forgotten first.
+KMEMLEAK=/sys/kernel/debug/kmemleak
+[ -e $KMEMLEAK ] || mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+if [ -w $KMEMLEAK ] && echo scan >$KMEMLEAK && echo clear >$KMEMLEAK; then
+	KMEMLEAK_BASELINE=1
+fi
+
 # --- the raw-instruction kernel selftest (test_prog_terminate.c) -------------------
 # First, on the kernel as booted: it checks the sysctls' defaults and puts
 # back every sysctl it changes. Its checks are this proof's checks.
@@ -421,6 +429,17 @@ fi
 # --- 5. kernel log ----------------------------------------------------------------
 echo "# bpf_printk trace of the demo runs:"
 grep -m 12 'bpf_trace_printk' /sys/kernel/tracing/trace | sed 's/^/#   /'
+# kmemleak names an object only once it has been unreferenced for 5 s, after two
+# scans. Every program is unloaded by now (each loader was stopped).
+if [ -z "${KMEMLEAK_BASELINE:-}" ]; then
+	ok "kmemleak: no unreferenced object after the checks # SKIP no kmemleak (not the debug variant)"
+else
+	sleep 6
+	echo scan >$KMEMLEAK && echo scan >$KMEMLEAK
+	leaks=$(grep -c '^unreferenced object' $KMEMLEAK)
+	check "kmemleak: no unreferenced object after the checks" "${leaks} suspected leaks:
+$(head -n 60 $KMEMLEAK | sed 's/^/#   /')" "$leaks" = 0
+fi
 bad=$(dmesg | grep -E 'WARNING:|BUG:|Oops|general protection|Call Trace|RIP:|soft lockup|hard LOCKUP|rcu.*stall|Kernel panic')
 if [ -z "$bad" ]; then
 	ok "no WARN/BUG/oops in dmesg"
