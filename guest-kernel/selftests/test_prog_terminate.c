@@ -1361,49 +1361,89 @@ static int spin_lock_map(void)
  * busy-waits for its moment, and the premise is checked either way.
  */
 #define SPIN_LOCK_WORK 1024
+#define SPIN_LOCK_PROG_MAX (21 + 2 * SPIN_LOCK_WORK + 4)
 
-static void test_spin_lock_section(void)
+/* SPIN_LOCK_WORK instructions r8 *= 3, r8 ^= r7 in turn: a chain no emulator can fold. */
+static size_t spin_lock_work(struct bpf_insn *insns)
 {
-	int map = spin_lock_map();
+	for (int i = 0; i < SPIN_LOCK_WORK; i += 2) {
+		insns[i] = (struct bpf_insn)INSN(BPF_ALU64 | BPF_MUL | BPF_K, BPF_REG_8, 0, 0, 3);
+		insns[i + 1] = (struct bpf_insn)INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_8, BPF_REG_7,
+						     0, 0);
+	}
+	return SPIN_LOCK_WORK;
+}
+
+/*
+ * The spin-lock section's program: a may_goto loop of SPIN_LOCK_WORK
+ * instructions per iteration inside the lock, returning its iterations.
+ * With @loop_after, the section ends after as many iterations as the map
+ * value's x says (a constant would make the verifier walk every iteration)
+ * and the same loop follows the unlock, outside the lock, for what is left of
+ * the may_goto allowance (one per program frame: BPF_MAX_LOOPS); the program
+ * then returns that loop's iterations.  Returns the instruction count.
+ */
+static size_t spin_lock_prog(struct bpf_insn *insns, int map, bool loop_after)
+{
+	/* The section's loop: the may_goto, the count, [the limit,] the work, the back-edge. */
+	size_t loop_len = 3 + !!loop_after + SPIN_LOCK_WORK;
+	size_t after_len = loop_after ? 4 + SPIN_LOCK_WORK : 0;
+	size_t n = 0, exit_at = 13 + loop_len + 2 + after_len + 1;
 	const struct bpf_insn head[] = {
 		ST_MEM_W(BPF_REG_10, -4, 0),			/* 0: key 0 */
 		LD_MAP_FD(BPF_REG_1, map),			/* 1-2 */
 		MOV64_REG(BPF_REG_2, BPF_REG_10),		/* 3 */
 		ADD64_IMM(BPF_REG_2, -4),			/* 4 */
 		CALL_HELPER(BPF_FUNC_map_lookup_elem),		/* 5 */
-		JEQ_IMM(BPF_REG_0, 0, 11 + SPIN_LOCK_WORK),	/* 6: -> exit */
+		JEQ_IMM(BPF_REG_0, 0, exit_at - 7),		/* 6: -> exit */
 		MOV64_REG(BPF_REG_6, BPF_REG_0),		/* 7 */
 		MOV64_REG(BPF_REG_1, BPF_REG_6),		/* 8 */
 		CALL_HELPER(BPF_FUNC_spin_lock),		/* 9 */
 		MOV64_IMM(BPF_REG_7, 0),			/* 10: iterations */
 		MOV64_IMM(BPF_REG_8, 0),			/* 11: work */
-		MAY_GOTO(2 + SPIN_LOCK_WORK),			/* 12: -> unlock */
-		ADD64_IMM(BPF_REG_7, 1),			/* 13 */
-		/*
-		 * 14..: SPIN_LOCK_WORK instructions r8 *= 3, r8 ^= r7 in turn (a
-		 * chain no emulator can fold), then the back-edge to 12
-		 */
+		INSN(BPF_LDX | BPF_MEM | BPF_W, BPF_REG_9, BPF_REG_6, 4, 0), /* 12: x */
+		MAY_GOTO(loop_len - 1),				/* 13: -> unlock */
+		ADD64_IMM(BPF_REG_7, 1),			/* 14 */
 	};
-	const struct bpf_insn tail[] = {
-		JA(-(3 + SPIN_LOCK_WORK)),			/* -> 12 */
+	const struct bpf_insn unlock[] = {
+		JA(-(int)loop_len),				/* -> 13 */
 		MOV64_REG(BPF_REG_1, BPF_REG_6),		/* unlock */
 		CALL_HELPER(BPF_FUNC_spin_unlock),
+	};
+	const struct bpf_insn after_head[] = {
+		MOV64_IMM(BPF_REG_7, 0),			/* iterations after the unlock */
+		MAY_GOTO(2 + SPIN_LOCK_WORK),			/* -> exit */
+		ADD64_IMM(BPF_REG_7, 1),
+	};
+	const struct bpf_insn tail[] = {
 		MOV64_REG(BPF_REG_0, BPF_REG_7),
 		EXIT(),						/* exit */
 	};
-	struct bpf_insn insns[sizeof(head) / sizeof(head[0]) + SPIN_LOCK_WORK +
-			      sizeof(tail) / sizeof(tail[0])];
-	size_t n = 0;
 
-	for (size_t i = 0; i < sizeof(head) / sizeof(head[0]); i++)
-		insns[n++] = head[i];
-	for (int i = 0; i < SPIN_LOCK_WORK; i += 2) {
-		insns[n++] = (struct bpf_insn)INSN(BPF_ALU64 | BPF_MUL | BPF_K, BPF_REG_8, 0, 0, 3);
-		insns[n++] = (struct bpf_insn)INSN(BPF_ALU64 | BPF_XOR | BPF_X, BPF_REG_8, BPF_REG_7, 0, 0);
+	memcpy(insns, head, sizeof(head));
+	n += sizeof(head) / sizeof(head[0]);
+	if (loop_after) /* 15: r7 >= x -> unlock */
+		insns[n++] = (struct bpf_insn)INSN(BPF_JMP | BPF_JGE | BPF_X, BPF_REG_7, BPF_REG_9,
+						   SPIN_LOCK_WORK + 1, 0);
+	n += spin_lock_work(insns + n);
+	memcpy(insns + n, unlock, sizeof(unlock));
+	n += sizeof(unlock) / sizeof(unlock[0]);
+	if (loop_after) {
+		memcpy(insns + n, after_head, sizeof(after_head));
+		n += sizeof(after_head) / sizeof(after_head[0]);
+		n += spin_lock_work(insns + n);
+		insns[n++] = (struct bpf_insn)JA(-(3 + SPIN_LOCK_WORK));
 	}
-	for (size_t i = 0; i < sizeof(tail) / sizeof(tail[0]); i++)
-		insns[n++] = tail[i];
+	memcpy(insns + n, tail, sizeof(tail));
+	n += sizeof(tail) / sizeof(tail[0]);
+	return n;
+}
 
+static double test_spin_lock_section(uint32_t *iterations)
+{
+	int map = spin_lock_map();
+	struct bpf_insn insns[SPIN_LOCK_PROG_MAX];
+	size_t n = spin_lock_prog(insns, map, false);
 	int fd = load(BPF_PROG_TYPE_SCHED_CLS, insns, n, "term_spin_lock", 0);
 	uint32_t id = prog_id(fd);
 	struct run run = { .prog_fd = fd, .packet = true, .cpu = TERMINATOR_CPU };
@@ -1469,6 +1509,8 @@ static void test_spin_lock_section(void)
 	      "returned %ld (%s), retval %d", ret, ret < 0 ? strerror(err) : "ok", (int)run.retval);
 	close(fd);
 	pin_to(TERMINATOR_CPU);
+	*iterations = complete;
+	return ms(full_ns);
 }
 
 /*
@@ -2009,6 +2051,47 @@ static void test_budget(void)
 	close(fd);
 }
 
+/*
+ * Issue 14, point 11, for the budget: the tick that enforces a runtime budget
+ * cannot fire while a run holds a bpf_spin_lock (interrupts off).  A run whose
+ * budget runs out inside its section is stopped at the first tick after the
+ * unlock, in the same loop that follows it outside the lock (case 2): not
+ * inside the section, and not at its natural end.  The section makes half of
+ * the control run's iterations (test_spin_lock_section(): @iterations in
+ * @section_ms), the loop after it the other half.
+ */
+static void test_budget_after_spin_lock(double section_ms, uint32_t iterations)
+{
+	int map = spin_lock_map();
+	struct bpf_insn insns[SPIN_LOCK_PROG_MAX];
+	size_t n = spin_lock_prog(insns, map, true);
+	int fd = load(BPF_PROG_TYPE_SCHED_CLS, insns, n, "term_lock_budget", 0);
+	uint32_t value[2] = { 0, iterations / 2 };	/* the lock, x */
+	struct run run = { .prog_fd = fd, .packet = true, .cpu = TERMINATOR_CPU };
+	struct termlab_prog_info info = {};
+	double took, half_ms = section_ms / 2;
+
+	if (raw_map_elem(BPF_MAP_UPDATE_ELEM, map, 0, value)) {
+		printf("# setting the section's iterations: %s\n", strerror(errno));
+		exit(1);
+	}
+	pin_to(RUNNER_CPU);
+	termlab_bpf_prog_set_runtime_budget(prog_id(fd), BUDGET_MS);
+	run_sync(&run);
+	took = ms(run.end_ns - run.start_ns);
+	get_term_info(fd, &info);
+	check(!run.err && info.nr_terminated_budget == 1 && run.retval < iterations / 4,
+	      "budget (spin-lock section): the run is stopped by its budget once the section ends, early in the loop after it",
+	      "stopped by budget %llu, %u of %u iterations after the unlock",
+	      (unsigned long long)info.nr_terminated_budget, run.retval, iterations - iterations / 2);
+	check(took >= 0.8 * half_ms && took < half_ms + BUDGET_LATE_MS,
+	      "budget (spin-lock section): not inside the section (interrupts off), but right after it",
+	      "run %.0f ms, the section about %.0f ms, budget %d ms", took, half_ms, BUDGET_MS);
+	close(fd);
+	close(map);
+	pin_to(TERMINATOR_CPU);
+}
+
 /* Turns on the bpf trace events (the kernel's account of each stop). */
 static void enable_trace_events(void)
 {
@@ -2061,6 +2144,8 @@ static int usage(void)
 int main(int argc, char **argv)
 {
 	long long frames;
+	uint32_t lock_iterations;
+	double section_ms;
 
 	for (int i = 1; i < argc; i++) {
 		char *end;
@@ -2091,7 +2176,7 @@ int main(int argc, char **argv)
 	test_run_start_window();
 	test_irqs_off_run();
 	test_preempted_run();
-	test_spin_lock_section();
+	section_ms = test_spin_lock_section(&lock_iterations);
 	test_case1("subprog", subprog_slow_helpers,
 		   sizeof(subprog_slow_helpers) / sizeof(subprog_slow_helpers[0]), 2);
 	test_case2("case 2 (may_goto loops, 2 frames)", bpf_text_loop,
@@ -2108,6 +2193,7 @@ int main(int argc, char **argv)
 	test_stub_zeroes_buffer();
 	test_budget_errors();
 	test_budget();
+	test_budget_after_spin_lock(section_ms, lock_iterations);
 	restore_unprivileged_bpf();
 	return tap_summary("test_prog_terminate");
 }
