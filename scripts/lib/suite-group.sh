@@ -141,11 +141,16 @@ readonly L2_TRIPLE_FAULT_VMM="Some(TripleFault)"
 # emulated SVM lost the guest's state, the same failure as the triple faults (README).
 readonly L2_HOST_STATE="the vCPU holds its host's state, not the guest's"
 readonly NESTED_RUN="re-running inside an L1 VM"
+# What termlab prints after a scenario it could not run, its exit class 3 ("says nothing
+# about the kernel under test"; termlab/src/exit.rs): in the nested runs of 2026-12-05, a
+# nested guest whose agent never answered its first request within 180 s.
+readonly TERMLAB_INFRASTRUCTURE=": exit class infrastructure)"
 
 # Why a failed try of a nested suite is the emulated host's failure, not the code's: a
 # timeout (a hung L1), the nested launcher saying the L1 VM crashed or stalled, a nested
-# guest's triple fault, or a hung nested guest whose vCPU holds its host's state; nothing
-# when it is not. Reads only that try's output.
+# guest's triple fault, a hung nested guest whose vCPU holds its host's state, or a nested
+# scenario termlab itself classed as infrastructure; nothing when it is not. Reads only that
+# try's output. A failure that repeats still fails: after NESTED_TRIES tries.
 infrastructure_failure() { # rc try_log
     local rc="$1" try_log="$2"
     if ((rc == 124)); then
@@ -157,6 +162,8 @@ infrastructure_failure() { # rc try_log
         echo "a nested guest's vCPU triple-faulted (no console message; counted as the emulated host, see README)"
     elif ((rc != 0)) && grep -qF "$L2_HOST_STATE" "$try_log" && grep -qF "$NESTED_RUN" "$try_log"; then
         echo "a nested guest's vCPU held its host's state (its CR3 outside the guest; counted as the emulated host, see README)"
+    elif ((rc != 0)) && grep -qF "$TERMLAB_INFRASTRUCTURE" "$try_log" && grep -qF "$NESTED_RUN" "$try_log"; then
+        echo "termlab could not run a nested scenario (its exit class infrastructure, e.g. a guest whose agent never answered)"
     fi
 }
 
