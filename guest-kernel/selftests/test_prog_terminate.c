@@ -2084,8 +2084,14 @@ static void test_budget_after_spin_lock(double section_ms, uint32_t iterations)
 	      "budget (spin-lock section): the run is stopped by its budget once the section ends, early in the loop after it",
 	      "stopped by budget %llu, %u of %u iterations after the unlock",
 	      (unsigned long long)info.nr_terminated_budget, run.retval, iterations - iterations / 2);
-	check(took >= 0.8 * half_ms && took < half_ms + BUDGET_LATE_MS,
-	      "budget (spin-lock section): not inside the section (interrupts off), but right after it",
+	/*
+	 * A stop inside the section would end the run near BUDGET_MS; how soon
+	 * after the section it came is the count above (the section's own time
+	 * varies by a fifth and more with the host's load, 2383 ms expected and
+	 * 2883 ms taken once beside a stress guest).
+	 */
+	check(took >= half_ms / 2,
+	      "budget (spin-lock section): not stopped inside the section (interrupts off there)",
 	      "run %.0f ms, the section about %.0f ms, budget %d ms", took, half_ms, BUDGET_MS);
 	close(fd);
 	close(map);
