@@ -1387,15 +1387,14 @@ static size_t spin_lock_prog(struct bpf_insn *insns, int map, bool loop_after)
 {
 	/* The section's loop: the may_goto, the count, [the limit,] the work, the back-edge. */
 	size_t loop_len = 3 + !!loop_after + SPIN_LOCK_WORK;
-	size_t after_len = loop_after ? 4 + SPIN_LOCK_WORK : 0;
-	size_t n = 0, exit_at = 13 + loop_len + 2 + after_len + 1;
+	size_t n = 0;
 	const struct bpf_insn head[] = {
 		ST_MEM_W(BPF_REG_10, -4, 0),			/* 0: key 0 */
 		LD_MAP_FD(BPF_REG_1, map),			/* 1-2 */
 		MOV64_REG(BPF_REG_2, BPF_REG_10),		/* 3 */
 		ADD64_IMM(BPF_REG_2, -4),			/* 4 */
 		CALL_HELPER(BPF_FUNC_map_lookup_elem),		/* 5 */
-		JEQ_IMM(BPF_REG_0, 0, exit_at - 7),		/* 6: -> exit */
+		JEQ_IMM(BPF_REG_0, 0, 0),			/* 6: -> exit, set below */
 		MOV64_REG(BPF_REG_6, BPF_REG_0),		/* 7 */
 		MOV64_REG(BPF_REG_1, BPF_REG_6),		/* 8 */
 		CALL_HELPER(BPF_FUNC_spin_lock),		/* 9 */
@@ -1436,6 +1435,7 @@ static size_t spin_lock_prog(struct bpf_insn *insns, int map, bool loop_after)
 	}
 	memcpy(insns + n, tail, sizeof(tail));
 	n += sizeof(tail) / sizeof(tail[0]);
+	insns[6].off = n - 1 - 7;	/* the last instruction, the exit */
 	return n;
 }
 
