@@ -1589,18 +1589,45 @@ static void test_run_start_window(void)
 	close(fd);
 }
 
+/* One run of the tail-call chain, stopped after @after_ms by @id's terminate. */
+static void tail_call_stop(int caller, uint32_t id, unsigned int after_ms, const char *what,
+			   int want_retval, double max_delays)
+{
+	struct run run = { .prog_fd = caller };
+	char name[160];
+	uint64_t term_ns;
+	int term_errno;
+	long ret;
+
+	ret = run_and_terminate(&run, id, after_ms, &term_ns, &term_errno);
+	snprintf(name, sizeof(name), "tail-call chain: %s: stopped (1), returns %d within %.1f delays",
+		 what, want_retval, max_delays);
+	check(ret == 1 && !run.err && (int)run.retval == want_retval &&
+	      ms(run.end_ns - run.start_ns) < max_delays * DELAY_MS, name,
+	      "terminate %ld (%s), retval %d, %.0f ms", ret, ret < 0 ? strerror(term_errno) : "ok",
+	      (int)run.retval, ms(run.end_ns - run.start_ns));
+}
+
 /*
- * A tail call jumps into its target without the running marker, so a run
- * that a tail call started cannot be found (issue 14, point 9): a program in
- * a prog array is refused with EOPNOTSUPP (patch 0005) instead of being
- * called "not running" (ESRCH) while it runs.  The callee is the two slow
- * helpers; the caller tail-calls it from a prog array.
+ * A run follows its tail calls (patch 0024; issue 14, point 9).  The caller
+ * runs a slow helper, then tail-calls the two slow helpers from a prog
+ * array: three delays in all, 0 returned.  Stopped in the callee's first
+ * helper, by the callee's id or by the caller's (the program the hook ran),
+ * the callee's second helper does not run (-1, its stub's result, after two
+ * delays); stopped in the caller's helper, the run does not enter the
+ * callee at all (the copy's tail call falls through to "return 42").  The
+ * stops are counted and traced for the program the run was in.  Before:
+ * EOPNOTSUPP for both programs while the callee was in the prog array, and
+ * every run went on through all three helpers.
  */
-static void test_tail_call_target(void)
+static void test_tail_call_chain(void)
 {
 	int callee = load(BPF_PROG_TYPE_RAW_TRACEPOINT, two_slow_helpers, 5, "term_callee", 0);
 	int map_fd = raw_map_create(BPF_MAP_TYPE_PROG_ARRAY, 4, 1);
 	const struct bpf_insn caller_insns[] = {
+		MOV64_REG(BPF_REG_6, BPF_REG_1),
+		CALL_HELPER(BPF_FUNC_get_numa_node_id),
+		MOV64_REG(BPF_REG_1, BPF_REG_6),
 		LD_MAP_FD(BPF_REG_2, map_fd),
 		MOV64_IMM(BPF_REG_3, 0),
 		CALL_HELPER(BPF_FUNC_tail_call),
@@ -1609,43 +1636,43 @@ static void test_tail_call_target(void)
 	};
 	int caller = load(BPF_PROG_TYPE_RAW_TRACEPOINT, caller_insns,
 			  sizeof(caller_insns) / sizeof(caller_insns[0]), "term_tail_caller", 0);
-	uint32_t id = prog_id(callee);
+	uint32_t callee_id = prog_id(callee), caller_id = prog_id(caller);
+	struct termlab_prog_info callee_info = {}, caller_info = {};
 	struct run run = { .prog_fd = caller };
-	struct termlab_prog_info info = {};
-	uint64_t term_ns;
-	int term_errno;
+	char handler[512];
+	int stops;
 	long ret;
 
-	errno = 0;
-	ret = terminate(id, 0);
-	check(ret == -1 && errno == ESRCH, "tail-call target: terminable while in no prog array (idle: ESRCH)",
-	      "%ld %s", ret, strerror(errno));
 	ret = raw_map_elem(BPF_MAP_UPDATE_ELEM, map_fd, 0, &callee);
-	check(ret == 0, "tail-call target: put in the caller's prog array", "%s",
+	check(ret == 0, "tail-call chain: the callee is in the caller's prog array", "%s",
 	      ret ? strerror(errno) : "updated");
+	errno = 0;
+	ret = terminate(callee_id, 0);
+	check(ret == -1 && errno == ESRCH, "tail-call chain: the callee, idle in a prog array -> ESRCH",
+	      "%ld %s", ret, strerror(errno));
 
 	set_delay(DELAY_MS);
-	ret = run_and_terminate(&run, id, DELAY_MS / 2, &term_ns, &term_errno);
-	check(ret == -1 && term_errno == EOPNOTSUPP,
-	      "tail-call target: terminate during a run a tail call started -> EOPNOTSUPP, not ESRCH",
-	      "returned %ld (%s)", ret, ret < 0 ? strerror(term_errno) : "ok");
-	get_term_info(callee, &info);
-	check(!run.err && run.retval == 0 && ms(run.end_ns - run.start_ns) >= 2 * DELAY_MS * 0.95 &&
-	      info.nr_terminated_on_demand == 0,
-	      "tail-call target: the run went on through both helpers, nothing counted as stopped",
-	      "retval %d (0: the callee's, both helpers), %.0f ms, %llu counted", (int)run.retval,
-	      ms(run.end_ns - run.start_ns), (unsigned long long)info.nr_terminated_on_demand);
+	tail_call_stop(caller, callee_id, DELAY_MS * 3 / 2, "by the callee's id, in its first helper",
+		       -1, 2.5);
+	tail_call_stop(caller, caller_id, DELAY_MS * 3 / 2, "by the caller's id, in the callee's first helper",
+		       -1, 2.5);
+	tail_call_stop(caller, caller_id, DELAY_MS / 2, "by the caller's id, in its own helper",
+		       42, 1.5);
+	run_sync(&run);
+	check(!run.err && run.retval == 0 && ms(run.end_ns - run.start_ns) >= 3 * DELAY_MS * 0.95,
+	      "tail-call chain: the next run is whole (three helpers, the callee's 0)",
+	      "retval %d, %.0f ms", (int)run.retval, ms(run.end_ns - run.start_ns));
 	set_delay(0);
 
-	errno = 0;
-	ret = terminate(id, 0);
-	check(ret == -1 && errno == EOPNOTSUPP, "tail-call target: refused while in a prog array, also idle",
-	      "%ld %s", ret, strerror(errno));
-	raw_map_elem(BPF_MAP_DELETE_ELEM, map_fd, 0, NULL);
-	errno = 0;
-	ret = terminate(id, 0);
-	check(ret == -1 && errno == ESRCH, "tail-call target: terminable again once out of every prog array",
-	      "%ld %s", ret, strerror(errno));
+	get_term_info(callee, &callee_info);
+	get_term_info(caller, &caller_info);
+	stops = scan_events("bpf_prog_terminate", callee_id, handler, sizeof(handler));
+	check(callee_info.nr_terminated_on_demand == 2 && caller_info.nr_terminated_on_demand == 1 &&
+	      stops == 2,
+	      "tail-call chain: each stop counted once, for the program the run was in",
+	      "callee %llu, caller %llu counted, %d events of the callee",
+	      (unsigned long long)callee_info.nr_terminated_on_demand,
+	      (unsigned long long)caller_info.nr_terminated_on_demand, stops);
 	close(caller);
 	close(map_fd);
 	close(callee);
@@ -1716,8 +1743,8 @@ static void test_declared_verdict(void)
 
 /*
  * Constructs the kernel refuses to terminate (EOPNOTSUPP), checked before
- * whether a run is in progress: a tail call (the callee's frames have no
- * copy), and constant blinding (bpf_jit_harden=2), which rewrites the two
+ * whether a run is in progress: a tail call from a subprogram (its target
+ * returns into the caller's image, patch 0024), and constant blinding (bpf_jit_harden=2), which rewrites the two
  * images differently, so there is no exact map between them.
  */
 static void test_refused_constructs(void)
@@ -1728,7 +1755,7 @@ static void test_refused_constructs(void)
 
 	errno = 0;
 	ret = terminate(prog_id(fd), 0);
-	check(ret == -1 && errno == EOPNOTSUPP, "program with a tail call -> EOPNOTSUPP", "%ld %s",
+	check(ret == -1 && errno == EOPNOTSUPP, "program with a tail call from a subprogram -> EOPNOTSUPP", "%ld %s",
 	      ret, strerror(errno));
 	close(fd);
 	close(map_fd);
@@ -2172,7 +2199,7 @@ int main(int argc, char **argv)
 	test_errors();
 	test_errors_while_running();
 	test_refused_constructs();
-	test_tail_call_target();
+	test_tail_call_chain();
 	test_declared_verdict();
 	test_kallsyms();
 	test_prog_info();

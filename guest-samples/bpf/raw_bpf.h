@@ -368,15 +368,19 @@ static inline long raw_map_elem(int cmd, int map_fd, uint32_t key, void *value)
 }
 
 /*
- * Loads @name, a program that tail-calls into an empty program array (so it
- * returns 0), a construct with no termination copy: BPF_PROG_TERMINATE
- * refuses it (EOPNOTSUPP).  The array's fd goes to *@map_fd; exits on
- * failure.
+ * Loads @name, a program whose subprogram tail-calls into an empty program
+ * array (so it returns 0), a construct with no termination copy: the
+ * target would return into the caller's image, so BPF_PROG_TERMINATE
+ * refuses it (EOPNOTSUPP).  A tail call from a subprogram needs BTF
+ * func_info.  The array's fd goes to *@map_fd; exits on failure.
  */
 static inline int raw_load_tail_call(const char *name, int *map_fd)
 {
 	*map_fd = raw_map_create(BPF_MAP_TYPE_PROG_ARRAY, 4, 1);
 	const struct bpf_insn insns[] = {
+		CALL_SUBPROG(1),
+		EXIT(),
+		/* the subprogram, called with the context in r1 */
 		LD_MAP_FD(BPF_REG_2, *map_fd),
 		MOV64_IMM(BPF_REG_3, 0),
 		CALL_HELPER(BPF_FUNC_tail_call),
@@ -384,7 +388,10 @@ static inline int raw_load_tail_call(const char *name, int *map_fd)
 		EXIT(),
 	};
 
-	return raw_load(BPF_PROG_TYPE_RAW_TRACEPOINT, insns, sizeof(insns) / sizeof(insns[0]), name, 0);
+	static const uint32_t func_starts[] = { 0, 2 };
+
+	return raw_load_funcs(BPF_PROG_TYPE_RAW_TRACEPOINT, insns, sizeof(insns) / sizeof(insns[0]),
+			      name, 0, func_starts, 2);
 }
 
 /* The kernel's bpf_prog_info of the program behind @fd; exits on failure. */

@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * A program the kernel refuses to terminate: a termination copy cannot follow
- * a tail call into another program, so BPF_PROG_TERMINATE answers EOPNOTSUPP
- * for it (and must leave it working). The jump table stays empty, so the tail
- * call falls through and a run completes normally.
+ * A program with a tail call: the termination copy turns the tail call into
+ * a jump past it, so a run stopped before it does not enter another program
+ * (patch 0024). The jump table stays empty, so the tail call falls through
+ * and a run completes normally: two slow helpers, like the loops demo.
  */
 #include "loops_bpf.h"
 

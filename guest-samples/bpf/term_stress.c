@@ -31,7 +31,7 @@
  *   ts_short   a cheap helper and a constant: 7 always (entry/exit races)
  *   ts_tp      tracepoint (getpgid) version of ts_helper, attached with a
  *              perf-event link (the detach races and the fuzz's link)
- *   ts_tail    a tail call: no termination copy (EOPNOTSUPP)
+ *   ts_tail    a tail call from a subprogram: no termination copy (EOPNOTSUPP)
  *   ts_timer   (tc) arms a bpf_timer whose callback sums 3 calls of f, K
  *              rounds each, into the map value: 3K; terminated: 0..3K
  */
@@ -1776,6 +1776,116 @@ static void race_timer(unsigned long n)
 	close(map);
 }
 
+/*
+ * The tail-call chain's caller: counts to K (args[0]) in a may_goto loop of
+ * a static function g, then tail-calls slot 0 of @map (ts_text: 3K) and, if
+ * that falls through, returns TAIL_FELL plus g's count.  In the copy the
+ * tail call is a jump to the next instruction (patch 0024) and g's loop
+ * ends at its may_goto (a loop in a static function is not left at its
+ * back-edge, 0020): every run redirected into the caller's copy returns
+ * TAIL_FELL..TAIL_FELL + K, every one stopped in the callee at most 3K.
+ */
+#define TAIL_FELL (1u << 30)
+
+static int load_tail_caller(int map)
+{
+	const struct bpf_insn insns[] = {
+		MOV64_REG(BPF_REG_6, BPF_REG_1),				/* 0 */
+		INSN(BPF_LDX | BPF_MEM | BPF_DW, BPF_REG_1, BPF_REG_1, 0, 0),	/* 1: r1 = K */
+		CALL_SUBPROG(9),						/* 2: g(K), at 12 */
+		MOV64_REG(BPF_REG_7, BPF_REG_0),				/* 3 */
+		MOV64_REG(BPF_REG_1, BPF_REG_6),				/* 4 */
+		LD_MAP_FD(BPF_REG_2, map),					/* 5-6 */
+		MOV64_IMM(BPF_REG_3, 0),					/* 7 */
+		CALL_HELPER(BPF_FUNC_tail_call),				/* 8 */
+		MOV64_IMM(BPF_REG_0, TAIL_FELL),				/* 9 */
+		ADD64_REG(BPF_REG_0, BPF_REG_7),				/* 10 */
+		EXIT(),								/* 11 */
+		SUM3_F,								/* 12-17: g */
+	};
+
+	return raw_load(BPF_PROG_TYPE_RAW_TRACEPOINT, insns, sizeof(insns) / sizeof(insns[0]),
+			"ts_tail_caller", 0);
+}
+
+/*
+ * Terminate vs a run moving through a tail call: runs of a few milliseconds,
+ * a quarter in the caller's loop and the rest in the callee's, stopped at
+ * a random moment by the caller's id or the callee's.  A stop by the
+ * callee's id can only land in the callee (before the tail call the callee
+ * is not running: ESRCH); one by the caller's, the program the run entered
+ * by, lands wherever the run is.  Each stop must be counted and traced once,
+ * for the program the run was in, and show in the run's result: the
+ * caller's copy never tail-calls (TAIL_FELL and up), the callee's returns
+ * at most 3K (0 when it leaves main's loop at its back-edge, exactly 3K when
+ * stopped past its last loop); a run without a stop returns 3K.  A run interrupted inside the tail call's own code is
+ * at its edge: EAGAIN if it stays there, which never leaves a mark.
+ */
+static void race_tail_call(unsigned long n)
+{
+	int callee = raw_load(BPF_PROG_TYPE_RAW_TRACEPOINT, text_prog, TEXT_LEN, "ts_text", 0);
+	int map = raw_map_create(BPF_MAP_TYPE_PROG_ARRAY, 4, 1), caller = load_tail_caller(map);
+	uint32_t ids[2] = { raw_prog_id(caller), raw_prog_id(callee) };
+	long stopped = 0, esrch = 0, bad = 0, bad_run = 0, fell = 0, in_callee = 0;
+	uint64_t dur = 0, k, normal;
+
+	if (raw_map_elem(BPF_MAP_UPDATE_ELEM, map, 0, &callee))
+		die("prog array update");
+	pin_to(0);
+	for (k = TEXT_SHORT_K; k < 8000000; k *= 2) {
+		uint64_t d[3];
+
+		for (int i = 0; i < 3; i++) {
+			struct one_run r;
+			pthread_t t;
+
+			start_run_arg(&r, &t, caller, 1, k);
+			pthread_join(t, NULL);
+			d[i] = r.end - r.start;
+		}
+		qsort(d, 3, sizeof(d[0]), cmp_u64);
+		dur = d[1];
+		if (dur >= 4000000)
+			break;
+	}
+	normal = 3 * k;
+	trace_start();
+	for (unsigned long i = 0; i < n; i++) {
+		bool by_callee = rnd_below(2);
+		struct one_run r;
+		pthread_t t;
+		long ret;
+
+		start_run_arg(&r, &t, caller, 1, k);
+		spin_ns(rnd_below(dur));
+		ret = terminate_raw(ids[by_callee], 0);
+		ret = ret < 0 ? -errno : ret;
+		pthread_join(t, NULL);
+		stopped += ret == 1;
+		esrch += ret == -ESRCH;
+		bad += !ok_ret(ret, 1);
+		if (r.err || (r.ret != normal && ret != 1) ||
+		    (r.ret > normal && (r.ret < TAIL_FELL || r.ret > TAIL_FELL + k || by_callee)))
+			bad_run++;
+		fell += !r.err && r.ret >= TAIL_FELL;
+		in_callee += ret == 1 && !r.err && r.ret <= normal;
+	}
+	trace_stop();
+	check(!bad && !bad_run && fell > 0 && in_callee > 0 && trace_slot(ids[0])->stops == fell &&
+	      trace_slot(ids[1])->stops == in_callee && trace_slot(ids[0])->returns == stopped,
+	      "race: terminate vs a tail call",
+	      "%lu iterations (run ~%llu us, K=%llu): %ld stopped (%ld in the caller, fell through its tail "
+	      "call; %ld in the callee; both must occur), %ld ESRCH, %ld bad returns, %ld bad runs (a result "
+	      "its stop does not allow); traced: %ld stops of the caller, %ld of the callee, %ld terminated "
+	      "returns", n, (unsigned long long)dur / 1000, (unsigned long long)k, stopped, fell, in_callee,
+	      esrch, bad, bad_run, trace_slot(ids[0])->stops, trace_slot(ids[1])->stops,
+	      trace_slot(ids[0])->returns);
+	field(" race_tail_call=%lu race_tail_call_stopped=%ld", n, stopped);
+	close(caller);
+	close(map);
+	close(callee);
+}
+
 static void do_races(unsigned long n, unsigned int delay_ms)
 {
 	unsigned int old_delay = read_uint_file(DEMO_DELAY_SYSCTL);
@@ -1790,6 +1900,7 @@ static void do_races(unsigned long n, unsigned int delay_ms)
 	race_two_cpus(n, delay_ms);
 	race_preempted(n, delay_ms);
 	race_timer(n);
+	race_tail_call(n);
 	race_detach(n, delay_ms);
 	race_concurrent_detach(5 * n);
 	write_sysctl(DEMO_DELAY_SYSCTL, old_delay);
