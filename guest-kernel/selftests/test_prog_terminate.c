@@ -1589,6 +1589,8 @@ static void test_run_start_window(void)
 	close(fd);
 }
 
+#define JIT_HARDEN_SYSCTL "/proc/sys/net/core/bpf_jit_harden"
+
 /* One run of the tail-call chain, stopped after @after_ms by @id's terminate. */
 static void tail_call_stop(int caller, uint32_t id, unsigned int after_ms, const char *what,
 			   int want_retval, double max_delays)
@@ -1606,6 +1608,39 @@ static void tail_call_stop(int caller, uint32_t id, unsigned int after_ms, const
 	      ms(run.end_ns - run.start_ns) < max_delays * DELAY_MS, name,
 	      "terminate %ld (%s), retval %d, %.0f ms", ret, ret < 0 ? strerror(term_errno) : "ok",
 	      (int)run.retval, ms(run.end_ns - run.start_ns));
+}
+
+/*
+ * A tail call into a program without a termination copy (loaded with
+ * constant blinding): a terminate by the caller's id while the run is there
+ * cannot stop it and says so (EOPNOTSUPP), not that nothing runs (ESRCH);
+ * the run goes on through all three helpers.
+ */
+static void test_tail_call_uncopied(int caller, int map_fd)
+{
+	struct run run = { .prog_fd = caller };
+	unsigned int harden;
+	uint64_t term_ns;
+	int blinded, term_errno;
+	long ret;
+
+	if (!read_sysctl(JIT_HARDEN_SYSCTL, &harden)) {
+		check(false, "tail-call chain: a target without a copy", "%s missing", JIT_HARDEN_SYSCTL);
+		return;
+	}
+	write_sysctl(JIT_HARDEN_SYSCTL, 2);
+	blinded = load(BPF_PROG_TYPE_RAW_TRACEPOINT, two_slow_helpers, 5, "term_blinded", 0);
+	write_sysctl(JIT_HARDEN_SYSCTL, harden);
+	raw_map_elem(BPF_MAP_UPDATE_ELEM, map_fd, 0, &blinded);
+	set_delay(DELAY_MS);
+	ret = run_and_terminate(&run, prog_id(caller), DELAY_MS * 3 / 2, &term_ns, &term_errno);
+	set_delay(0);
+	check(ret == -1 && term_errno == EOPNOTSUPP && !run.err && run.retval == 0 &&
+	      ms(run.end_ns - run.start_ns) >= 3 * DELAY_MS * 0.95,
+	      "tail-call chain: by the caller's id, the run in a target without a copy (constant blinding) -> EOPNOTSUPP, not ESRCH; the run goes on whole",
+	      "terminate %ld (%s), retval %d, %.0f ms", ret, ret < 0 ? strerror(term_errno) : "ok",
+	      (int)run.retval, ms(run.end_ns - run.start_ns));
+	close(blinded);
 }
 
 /*
@@ -1673,6 +1708,7 @@ static void test_tail_call_chain(void)
 	      "callee %llu, caller %llu counted, %d events of the callee",
 	      (unsigned long long)callee_info.nr_terminated_on_demand,
 	      (unsigned long long)caller_info.nr_terminated_on_demand, stops);
+	test_tail_call_uncopied(caller, map_fd);
 	close(caller);
 	close(map_fd);
 	close(callee);
@@ -1738,8 +1774,6 @@ static void test_declared_verdict(void)
 	}
 	set_delay(0);
 }
-
-#define JIT_HARDEN_SYSCTL "/proc/sys/net/core/bpf_jit_harden"
 
 /*
  * Constructs the kernel refuses to terminate (EOPNOTSUPP), checked before

@@ -1079,18 +1079,15 @@ static bool ok_ret(long ret, int max)
 }
 
 /* Terminate vs the program's exit: a short BPF-text run, terminated around its end. */
-static void race_exit(unsigned long n)
+/*
+ * The K (args[0]) for which a run of @fd on CPU 1 takes a few milliseconds,
+ * its duration in *@dur: under TCG on a busy host the IPI itself can take a
+ * millisecond, and a shorter run ends before any handler runs.
+ */
+static uint64_t calibrate_text_run(int fd, uint64_t *dur)
 {
-	int fd = raw_load(BPF_PROG_TYPE_RAW_TRACEPOINT, text_prog, TEXT_LEN, "ts_text", 0);
-	uint32_t id = raw_prog_id(fd), normal;
-	long stopped = 0, esrch = 0, bad = 0, bad_run = 0, abnormal = 0;
-	uint64_t dur = 0, k;
+	uint64_t k;
 
-	pin_to(0);
-	/*
-	 * Runs of a few milliseconds: under TCG on a busy host the IPI itself can
-	 * take a millisecond, and a shorter run ends before any handler runs.
-	 */
 	for (k = TEXT_SHORT_K; k < 8000000; k *= 2) {
 		uint64_t d[3];
 
@@ -1104,10 +1101,22 @@ static void race_exit(unsigned long n)
 			d[i] = r.end - r.start;
 		}
 		qsort(d, 3, sizeof(d[0]), cmp_u64);
-		dur = d[1];
-		if (dur >= 4000000)
+		*dur = d[1];
+		if (*dur >= 4000000)
 			break;
 	}
+	return k;
+}
+
+static void race_exit(unsigned long n)
+{
+	int fd = raw_load(BPF_PROG_TYPE_RAW_TRACEPOINT, text_prog, TEXT_LEN, "ts_text", 0);
+	uint32_t id = raw_prog_id(fd), normal;
+	long stopped = 0, esrch = 0, bad = 0, bad_run = 0, abnormal = 0;
+	uint64_t dur = 0, k;
+
+	pin_to(0);
+	k = calibrate_text_run(fd, &dur);
 	normal = 3 * k;
 	for (unsigned long i = 0; i < n; i++) {
 		struct one_run r;
@@ -1777,13 +1786,14 @@ static void race_timer(unsigned long n)
 }
 
 /*
- * The tail-call chain's caller: counts to K (args[0]) in a may_goto loop of
- * a static function g, then tail-calls slot 0 of @map (ts_text: 3K) and, if
- * that falls through, returns TAIL_FELL plus g's count.  In the copy the
+ * The tail-call chain's caller: counts to 3K (K: args[0]) in a may_goto loop
+ * of a static function g, as long as the callee's work, then tail-calls slot
+ * 0 of @map (ts_text: 3K) and, if that falls through, returns TAIL_FELL plus
+ * g's count.  In the copy the
  * tail call is a jump to the next instruction (patch 0024) and g's loop
  * ends at its may_goto (a loop in a static function is not left at its
  * back-edge, 0020): every run redirected into the caller's copy returns
- * TAIL_FELL..TAIL_FELL + K, every one stopped in the callee at most 3K.
+ * TAIL_FELL..TAIL_FELL + 3K, every one stopped in the callee at most 3K.
  */
 #define TAIL_FELL (1u << 30)
 
@@ -1792,16 +1802,17 @@ static int load_tail_caller(int map)
 	const struct bpf_insn insns[] = {
 		MOV64_REG(BPF_REG_6, BPF_REG_1),				/* 0 */
 		INSN(BPF_LDX | BPF_MEM | BPF_DW, BPF_REG_1, BPF_REG_1, 0, 0),	/* 1: r1 = K */
-		CALL_SUBPROG(9),						/* 2: g(K), at 12 */
-		MOV64_REG(BPF_REG_7, BPF_REG_0),				/* 3 */
-		MOV64_REG(BPF_REG_1, BPF_REG_6),				/* 4 */
-		LD_MAP_FD(BPF_REG_2, map),					/* 5-6 */
-		MOV64_IMM(BPF_REG_3, 0),					/* 7 */
-		CALL_HELPER(BPF_FUNC_tail_call),				/* 8 */
-		MOV64_IMM(BPF_REG_0, TAIL_FELL),				/* 9 */
-		ADD64_REG(BPF_REG_0, BPF_REG_7),				/* 10 */
-		EXIT(),								/* 11 */
-		SUM3_F,								/* 12-17: g */
+		INSN(BPF_ALU64 | BPF_MUL | BPF_K, BPF_REG_1, 0, 0, 3),		/* 2: r1 = 3K */
+		CALL_SUBPROG(9),						/* 3: g(3K), at 13 */
+		MOV64_REG(BPF_REG_7, BPF_REG_0),				/* 4 */
+		MOV64_REG(BPF_REG_1, BPF_REG_6),				/* 5 */
+		LD_MAP_FD(BPF_REG_2, map),					/* 6-7 */
+		MOV64_IMM(BPF_REG_3, 0),					/* 8 */
+		CALL_HELPER(BPF_FUNC_tail_call),				/* 9 */
+		MOV64_IMM(BPF_REG_0, TAIL_FELL),				/* 10 */
+		ADD64_REG(BPF_REG_0, BPF_REG_7),				/* 11 */
+		EXIT(),								/* 12 */
+		SUM3_F,								/* 13-18: g */
 	};
 
 	return raw_load(BPF_PROG_TYPE_RAW_TRACEPOINT, insns, sizeof(insns) / sizeof(insns[0]),
@@ -1810,16 +1821,17 @@ static int load_tail_caller(int map)
 
 /*
  * Terminate vs a run moving through a tail call: runs of a few milliseconds,
- * a quarter in the caller's loop and the rest in the callee's, stopped at
- * a random moment by the caller's id or the callee's.  A stop by the
- * callee's id can only land in the callee (before the tail call the callee
- * is not running: ESRCH); one by the caller's, the program the run entered
- * by, lands wherever the run is.  Each stop must be counted and traced once,
- * for the program the run was in, and show in the run's result: the
- * caller's copy never tail-calls (TAIL_FELL and up), the callee's returns
- * at most 3K (0 when it leaves main's loop at its back-edge, exactly 3K when
- * stopped past its last loop); a run without a stop returns 3K.  A run interrupted inside the tail call's own code is
- * at its edge: EAGAIN if it stays there, which never leaves a mark.
+ * half in the caller's loop and half in the callee's, stopped at a random
+ * moment by the caller's id or the callee's.  A stop by the callee's id can
+ * only land in the callee (before the tail call the callee is not running:
+ * ESRCH); one by the caller's, the program the run entered by, lands
+ * wherever the run is.  Each stop must be counted and traced once, its
+ * return too, for the program the run was in, and show in the run's result:
+ * the caller's copy never tail-calls (TAIL_FELL and up), the callee's
+ * returns at most 3K (0 when it leaves main's loop at its back-edge, exactly
+ * 3K when stopped past its last loop); a run without a stop returns 3K.  A
+ * run interrupted inside the tail call's own code is at its edge: EAGAIN if
+ * it stays there, which never leaves a mark.
  */
 static void race_tail_call(unsigned long n)
 {
@@ -1832,22 +1844,7 @@ static void race_tail_call(unsigned long n)
 	if (raw_map_elem(BPF_MAP_UPDATE_ELEM, map, 0, &callee))
 		die("prog array update");
 	pin_to(0);
-	for (k = TEXT_SHORT_K; k < 8000000; k *= 2) {
-		uint64_t d[3];
-
-		for (int i = 0; i < 3; i++) {
-			struct one_run r;
-			pthread_t t;
-
-			start_run_arg(&r, &t, caller, 1, k);
-			pthread_join(t, NULL);
-			d[i] = r.end - r.start;
-		}
-		qsort(d, 3, sizeof(d[0]), cmp_u64);
-		dur = d[1];
-		if (dur >= 4000000)
-			break;
-	}
+	k = calibrate_text_run(caller, &dur);
 	normal = 3 * k;
 	trace_start();
 	for (unsigned long i = 0; i < n; i++) {
@@ -1865,21 +1862,22 @@ static void race_tail_call(unsigned long n)
 		esrch += ret == -ESRCH;
 		bad += !ok_ret(ret, 1);
 		if (r.err || (r.ret != normal && ret != 1) ||
-		    (r.ret > normal && (r.ret < TAIL_FELL || r.ret > TAIL_FELL + k || by_callee)))
+		    (r.ret > normal && (r.ret < TAIL_FELL || r.ret > TAIL_FELL + normal || by_callee)))
 			bad_run++;
 		fell += !r.err && r.ret >= TAIL_FELL;
 		in_callee += ret == 1 && !r.err && r.ret <= normal;
 	}
 	trace_stop();
 	check(!bad && !bad_run && fell > 0 && in_callee > 0 && trace_slot(ids[0])->stops == fell &&
-	      trace_slot(ids[1])->stops == in_callee && trace_slot(ids[0])->returns == stopped,
+	      trace_slot(ids[1])->stops == in_callee && trace_slot(ids[0])->returns == fell &&
+	      trace_slot(ids[1])->returns == in_callee,
 	      "race: terminate vs a tail call",
 	      "%lu iterations (run ~%llu us, K=%llu): %ld stopped (%ld in the caller, fell through its tail "
 	      "call; %ld in the callee; both must occur), %ld ESRCH, %ld bad returns, %ld bad runs (a result "
-	      "its stop does not allow); traced: %ld stops of the caller, %ld of the callee, %ld terminated "
-	      "returns", n, (unsigned long long)dur / 1000, (unsigned long long)k, stopped, fell, in_callee,
-	      esrch, bad, bad_run, trace_slot(ids[0])->stops, trace_slot(ids[1])->stops,
-	      trace_slot(ids[0])->returns);
+	      "its stop does not allow); traced: %ld stops and %ld terminated returns of the caller, %ld and "
+	      "%ld of the callee", n, (unsigned long long)dur / 1000, (unsigned long long)k, stopped, fell,
+	      in_callee, esrch, bad, bad_run, trace_slot(ids[0])->stops, trace_slot(ids[0])->returns,
+	      trace_slot(ids[1])->stops, trace_slot(ids[1])->returns);
 	field(" race_tail_call=%lu race_tail_call_stopped=%ld", n, stopped);
 	close(caller);
 	close(map);
