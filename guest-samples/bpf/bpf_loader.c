@@ -3,16 +3,19 @@
  * bpf_loader: the generic guest loader for users' BPF objects (scenario
  * `[[program]] object = ...` or `source = ...`).
  *
- *   bpf_loader load OBJECT [--prog FUNCTION] [--no-attach | --cgroup DIR]
+ *   bpf_loader load OBJECT [--prog FUNCTION] [--also FUNCTION]... [--no-attach | --cgroup DIR]
  *
  * Opens OBJECT with libbpf, selects the program FUNCTION (its C function
- * name; optional when the object holds one program), loads only that one,
- * attaches it by its section name (bpf_program__attach: tracepoint/...,
+ * name; optional when the object holds one program), loads only that one
+ * (and each --also FUNCTION, not attached: the targets of its tail calls,
+ * which libbpf puts in the prog arrays the object initializes), attaches it
+ * by its section name (bpf_program__attach: tracepoint/...,
  * kprobe/..., raw_tp/..., fentry/... and whatever else libbpf knows how to
  * attach without extra arguments) unless --no-attach, and prints one line:
  *
  *   prog_id=7 prog_name=spin function=spin section=tracepoint/syscalls/sys_enter_sync attached=1
  *
+ * with `also.FUNCTION=ID` appended for each --also program
  * (prog_name is the kernel's name: the function name cut to 15 bytes). A
  * cgroup program (cgroup_skb/, cgroup/sysctl, ...) is attached to the cgroup
  * v2 directory DIR given with --cgroup instead, created if missing, with
@@ -87,7 +90,7 @@ static int print_libbpf(enum libbpf_print_level level, const char *format, va_li
 static int usage(void)
 {
 	fprintf(stderr,
-		"usage: bpf_loader load OBJECT [--prog FUNCTION] [--no-attach | --cgroup DIR]\n"
+		"usage: bpf_loader load OBJECT [--prog FUNCTION] [--also FUNCTION]... [--no-attach | --cgroup DIR]\n"
 		"       bpf_loader test-run --id PROG_ID [--data-hex HEX | --data-file PATH] [--repeat N]\n"
 		"       bpf_loader globals --prog KERNEL_NAME -- COMMAND [ARG...]\n");
 	return 2;
@@ -158,10 +161,24 @@ static int cgroup_fd(const char *dir)
 	return fd;
 }
 
+/* The most --also programs one load takes. */
+#define MAX_ALSO 8
+
+/* Is @prog one of the @n functions named in @names? */
+static int is_also(const struct bpf_program *prog, const char *const *names, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (strcmp(bpf_program__name(prog), names[i]) == 0)
+			return 1;
+	return 0;
+}
+
 static int load(int argc, char **argv)
 {
-	const char *path = NULL, *function = NULL, *cgroup = NULL;
+	const char *path = NULL, *function = NULL, *cgroup = NULL, *also[MAX_ALSO];
 	struct bpf_program *prog, *selected = NULL;
+	__u32 also_ids[MAX_ALSO];
+	int nalso = 0;
 	struct bpf_link *link = NULL;
 	struct bpf_object *object;
 	struct bpf_prog_info info;
@@ -172,6 +189,8 @@ static int load(int argc, char **argv)
 	for (i = 0; i < argc; i++) {
 		if (strcmp(argv[i], "--prog") == 0 && i + 1 < argc)
 			function = argv[++i];
+		else if (strcmp(argv[i], "--also") == 0 && i + 1 < argc && nalso < MAX_ALSO)
+			also[nalso++] = argv[++i];
 		else if (strcmp(argv[i], "--no-attach") == 0)
 			attach = 0;
 		else if (strcmp(argv[i], "--cgroup") == 0 && i + 1 < argc)
@@ -214,9 +233,17 @@ static int load(int argc, char **argv)
 		bpf_object__close(object);
 		return 1;
 	}
-	/* Only the selected program is loaded (and verified). */
+	for (i = 0; i < nalso; i++) {
+		if (!bpf_object__find_program_by_name(object, also[i])) {
+			fprintf(stderr, "bpf_loader: %s has no program (function) named %s (--also)\n",
+				path, also[i]);
+			bpf_object__close(object);
+			return 1;
+		}
+	}
+	/* Only the selected program and the --also ones are loaded (and verified). */
 	bpf_object__for_each_program(prog, object)
-		if (prog != selected)
+		if (prog != selected && !is_also(prog, also, nalso))
 			bpf_program__set_autoload(prog, false);
 	err = bpf_object__load(object);
 	if (err) {
@@ -255,8 +282,26 @@ static int load(int argc, char **argv)
 		bpf_object__close(object);
 		return 1;
 	}
-	printf("prog_id=%u prog_name=%s function=%s section=%s attached=%d\n", info.id, info.name,
+	for (i = 0; i < nalso; i++) {
+		struct bpf_prog_info also_info;
+		__u32 also_len = sizeof(also_info);
+
+		memset(&also_info, 0, sizeof(also_info));
+		prog = bpf_object__find_program_by_name(object, also[i]);
+		if (bpf_obj_get_info_by_fd(bpf_program__fd(prog), &also_info, &also_len)) {
+			fprintf(stderr, "bpf_loader: reading the id of %s: %s\n", also[i],
+				strerror(errno));
+			bpf_link__destroy(link);
+			bpf_object__close(object);
+			return 1;
+		}
+		also_ids[i] = also_info.id;
+	}
+	printf("prog_id=%u prog_name=%s function=%s section=%s attached=%d", info.id, info.name,
 	       bpf_program__name(selected), bpf_program__section_name(selected), attach);
+	for (i = 0; i < nalso; i++)
+		printf(" also.%s=%u", also[i], also_ids[i]);
+	printf("\n");
 	fflush(stdout);
 
 	if (sigwait(&stop_signals, &signal_number))

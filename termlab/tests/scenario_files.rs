@@ -72,6 +72,7 @@ fn every_shipped_scenario_loads_with_a_description() {
             "ringbuf",
             "sockref",
             "sysctl",
+            "tailcall",
             "tc",
             "trampoline",
             "xdp"
@@ -195,6 +196,27 @@ const BAD_FILES: &[(&str, usize, usize, &str, &str)] = &[
         18,
         "step[1].exec.label",
         "label `setup` is used by an earlier step",
+    ),
+    (
+        "tail-target-triggered.toml",
+        18,
+        38,
+        "step[0].trigger.program",
+        "`worker` runs only through `chain`'s tail call (`loaded_by`): trigger `chain`",
+    ),
+    (
+        "tail-target-first.toml",
+        8,
+        13,
+        "program[0].loaded_by",
+        "no [[program]] before this one is named `chain`",
+    ),
+    (
+        "tail-target-trigger.toml",
+        16,
+        11,
+        "program[1].trigger",
+        "`trigger` does not go with `loaded_by`",
     ),
 ];
 

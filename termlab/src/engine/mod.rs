@@ -575,11 +575,7 @@ fn measure(
     let setting_up = Instant::now();
     let dmesg_after_boot = read_dmesg(client);
     apply_sysctls(client, scenario)?;
-    let programs = scenario
-        .programs
-        .iter()
-        .map(|spec| start_loader(client, spec))
-        .collect::<Result<Vec<_>, _>>()?;
+    let programs = start_loaders(client, &scenario.programs)?;
     // Each repetition reads the events back for its records (run_repetition).
     if crate::scenario::traces_terminations(scenario) {
         client.write_file(kernel_trace::ENABLE_PATH, b"1\n".to_vec()).map_err(|source| {
@@ -627,13 +623,46 @@ fn apply_sysctls(client: &mut Client<UnixStream>, scenario: &Scenario) -> Result
     Ok(())
 }
 
+/// Loads the scenario's programs, in order: each loader, with the programs `loaded_by` it.
+fn start_loaders<'s>(
+    client: &mut Client<UnixStream>,
+    specs: &'s [ProgramSpec],
+) -> Result<Vec<LoadedProgram<'s>>, EngineError> {
+    let mut programs = Vec::with_capacity(specs.len());
+    for spec in specs.iter().filter(|spec| spec.loaded_by.is_none()) {
+        // Validation gave each of them a function.
+        let targets: Vec<(&ProgramSpec, &str)> = specs
+            .iter()
+            .filter(|p| p.loaded_by() == Some(spec.name.get_ref()))
+            .filter_map(|p| Some((p, p.function.as_ref()?.get_ref().as_str())))
+            .collect();
+        let functions: Vec<&str> = targets.iter().map(|&(_, function)| function).collect();
+        let (loaded, fields) = start_loader(client, spec, &functions)?;
+        for (target, function) in targets {
+            let prog_id = fields.get(&format!("also.{function}")).and_then(|id| id.parse().ok());
+            let prog_id = prog_id.ok_or_else(|| EngineError::UnexpectedOutput {
+                tool: format!("loader of `{}`", spec.name.get_ref()),
+                missing: format!("also.{function}=ID"),
+                output: format!("{fields:?}"),
+            })?;
+            // The kernel's name of a program is its function's, cut to 15 bytes.
+            let kernel_name = function.chars().take(15).collect();
+            programs.push(LoadedProgram { spec: target, prog_id, kernel_name: Some(kernel_name) });
+        }
+        programs.push(loaded);
+    }
+    Ok(programs)
+}
+
 /// Starts one program's loader and waits for its `prog_id=` line: the program is loaded
-/// (and attached, unless the scenario says not to).
+/// (and attached, unless the scenario says not to), with the functions in `also`.
+/// Returns the program and the line's fields.
 fn start_loader<'s>(
     client: &mut Client<UnixStream>,
     spec: &'s ProgramSpec,
-) -> Result<LoadedProgram<'s>, EngineError> {
-    let argv = steps::loader_argv(spec);
+    also: &[&str],
+) -> Result<(LoadedProgram<'s>, BTreeMap<String, String>), EngineError> {
+    let argv = steps::loader_argv(spec, also);
     let spawned = client.spawn(SpawnRequest::command(argv.clone())).map_err(|source| {
         EngineError::Agent { what: format!("starting loader {argv:?}"), source }
     })?;
@@ -667,7 +696,8 @@ fn start_loader<'s>(
             output: line.trim().to_owned(),
         }
     })?;
-    Ok(LoadedProgram { spec, prog_id, kernel_name: fields.get("prog_name").cloned() })
+    let kernel_name = fields.get("prog_name").cloned();
+    Ok((LoadedProgram { spec, prog_id, kernel_name }, fields))
 }
 
 /// Repetition `index`: its steps, its metrics with the agent's and the IPI's round trips,

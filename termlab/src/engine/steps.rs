@@ -116,8 +116,9 @@ fn find_program<'p, 'a>(
 }
 
 /// The guest argv that loads `spec`, prints `prog_id=N` and stays: the
-/// program's own loader, or the generic one for an `object` or `source`.
-pub fn loader_argv(spec: &ProgramSpec) -> Vec<String> {
+/// program's own loader, or the generic one for an `object` or `source`,
+/// which also loads the functions in `also` (the programs `loaded_by` it).
+pub fn loader_argv(spec: &ProgramSpec, also: &[&str]) -> Vec<String> {
     if let Some(loader) = &spec.loader {
         return loader.get_ref().as_slice().to_vec();
     }
@@ -125,6 +126,9 @@ pub fn loader_argv(spec: &ProgramSpec) -> Vec<String> {
         vec![GUEST_LOADER.to_owned(), "load".to_owned(), guest_object_path(spec.name.get_ref())];
     if let Some(function) = &spec.function {
         argv.extend(["--prog".to_owned(), function.get_ref().clone()]);
+    }
+    for function in also {
+        argv.extend(["--also".to_owned(), (*function).to_owned()]);
     }
     if !spec.attaches() {
         argv.push("--no-attach".to_owned());
@@ -1006,7 +1010,7 @@ mod tests {
                     test_run = { data_hex = \"00ff\", repeat = 5 }";
         let spec = program(text);
         assert_eq!(
-            loader_argv(&spec),
+            loader_argv(&spec, &[]),
             [
                 "/bin/bpf_loader",
                 "load",
@@ -1039,7 +1043,7 @@ mod tests {
         let command = "name = \"p\"\nobject = \"p.bpf.o\"\ntrigger = [\"sync\"]";
         let spec = program(command);
         assert_eq!(
-            loader_argv(&spec),
+            loader_argv(&spec, &[]),
             ["/bin/bpf_loader", "load", "/lib/termlab/programs/p.bpf.o"]
         );
         let loaded = LoadedProgram { spec: &spec, prog_id: 42, kernel_name: None };
@@ -1051,7 +1055,7 @@ mod tests {
             "name = \"p\"\nloader = [\"loops\", \"--prog\", \"loops\"]\nbpf_name = \"loops\"\n\
                    trigger = [\"trigger_loops\"]";
         let spec = program(own);
-        assert_eq!(loader_argv(&spec), ["loops", "--prog", "loops"]);
+        assert_eq!(loader_argv(&spec, &[]), ["loops", "--prog", "loops"]);
         let loaded = LoadedProgram { spec: &spec, prog_id: 42, kernel_name: Some("other".into()) };
         assert_eq!(loaded.bpf_name(), Some("loops"));
     }

@@ -236,7 +236,11 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
 fn validate_programs(scenario: &Scenario) -> Result<BTreeSet<Label>, SpannedError> {
     let mut programs = BTreeSet::new();
     for (i, program) in scenario.programs.iter().enumerate() {
-        validate_program(program, &|field| format!("program[{i}].{field}"))?;
+        let key = |field: &str| format!("program[{i}].{field}");
+        match &program.loaded_by {
+            Some(parent) => validate_loaded_by(program, parent, &scenario.programs[..i], &key)?,
+            None => validate_program(program, &key)?,
+        }
         if !programs.insert(program.name.get_ref().clone()) {
             return Err(invalid(
                 &program.name,
@@ -266,6 +270,11 @@ fn validate_steps(
     }
     let mut checker = StepChecker {
         programs,
+        tail_call_targets: scenario
+            .programs
+            .iter()
+            .filter_map(|p| p.loaded_by().map(|parent| (p.name.get_ref().clone(), parent.clone())))
+            .collect(),
         vcpus: scenario.vm.vcpus.get(),
         labels: BTreeMap::new(),
         prog_info_programs: BTreeMap::new(),
@@ -287,6 +296,8 @@ fn validate_steps(
 /// What the steps checked so far declared; `key` names a field of the step being checked.
 struct StepChecker<'a> {
     programs: &'a BTreeSet<Label>,
+    /// Programs loaded by another's loader, each with that program: they run only through it.
+    tail_call_targets: BTreeMap<Label, Label>,
     vcpus: u32,
     labels: BTreeMap<Label, LabelKind>,
     prog_info_programs: BTreeMap<Label, Label>,
@@ -366,6 +377,16 @@ impl StepChecker<'_> {
 
     fn trigger(&mut self, trigger: &TriggerStep, key: &StepKey<'_>) -> Result<(), SpannedError> {
         check_program(self.programs, &trigger.program, key("trigger.program"))?;
+        if let Some(parent) = self.tail_call_targets.get(trigger.program.get_ref()) {
+            return Err(invalid(
+                &trigger.program,
+                key("trigger.program"),
+                format!(
+                    "`{}` runs only through `{parent}`'s tail call (`loaded_by`): trigger `{parent}`",
+                    trigger.program.get_ref()
+                ),
+            ));
+        }
         if let Some(cpu) = trigger.cpu.as_ref().filter(|cpu| *cpu.get_ref() >= self.vcpus) {
             return Err(invalid(
                 cpu,
@@ -776,20 +797,18 @@ fn validate_program(
     validate_summary_line(program, key)?;
     validate_cgroup(program, key)?;
     if let Some(loader) = &program.loader {
-        for (given, field) in [
-            (program.function.as_ref().map(Spanned::span), "function"),
-            (program.attach.as_ref().map(Spanned::span), "attach"),
-            (program.cgroup.as_ref().map(Spanned::span), "cgroup"),
-            (program.test_run.as_ref().map(Spanned::span), "test_run"),
-        ] {
-            if let Some(span) = given {
-                return Err(SpannedError::new(
-                    span,
-                    key(field),
-                    format!("`{field}` is for programs given by `object` or `source`; a `loader` loads and runs its program itself"),
-                ));
-            }
-        }
+        refuse_given(
+            &[
+                (program.function.as_ref().map(Spanned::span), "function"),
+                (program.attach.as_ref().map(Spanned::span), "attach"),
+                (program.cgroup.as_ref().map(Spanned::span), "cgroup"),
+                (program.test_run.as_ref().map(Spanned::span), "test_run"),
+            ],
+            key,
+            |field| {
+                format!("`{field}` is for programs given by `object` or `source`; a `loader` loads and runs its program itself")
+            },
+        )?;
         if program.bpf_name.is_none() || program.trigger.is_none() {
             return Err(invalid(
                 loader,
@@ -807,17 +826,7 @@ fn validate_program(
         ));
     }
     if let Some(function) = &program.function {
-        let text = function.get_ref();
-        let identifier = text.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            && text.len() <= 128;
-        if !identifier {
-            return Err(invalid(
-                function,
-                key("function"),
-                format!("`{text}` is not a C function name"),
-            ));
-        }
+        validate_function(function, key)?;
     }
     match (&program.trigger, &program.test_run) {
         (Some(_), None) => Ok(()),
@@ -834,6 +843,87 @@ fn validate_program(
                 "program `{}` needs `trigger` (a guest command that makes it run, e.g. [\"sync\"] for a sys_enter_sync tracepoint) or `test_run = {{ data_hex = \"...\" }}`",
                 name.get_ref()
             ),
+        )),
+    }
+}
+
+/// Refuses the first of `fields` (each a key's span, if given, and its name) that is given.
+fn refuse_given(
+    fields: &[(Option<Range<usize>>, &str)],
+    key: &dyn Fn(&str) -> String,
+    why: impl Fn(&str) -> String,
+) -> Result<(), SpannedError> {
+    match fields.iter().find_map(|(span, field)| Some((span.clone()?, *field))) {
+        Some((span, field)) => Err(SpannedError::new(span, key(field), why(field))),
+        None => Ok(()),
+    }
+}
+
+fn validate_function(
+    function: &Spanned<String>,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), SpannedError> {
+    let text = function.get_ref();
+    let identifier = text.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && text.len() <= 128;
+    if identifier {
+        Ok(())
+    } else {
+        Err(invalid(function, key("function"), format!("`{text}` is not a C function name")))
+    }
+}
+
+/// A program another one's loader loads from its object (`loaded_by`): only its `function`,
+/// and a parent declared before it that the generic loader loads itself.
+fn validate_loaded_by(
+    program: &ProgramSpec,
+    parent: &Spanned<Label>,
+    earlier: &[ProgramSpec],
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), SpannedError> {
+    refuse_given(
+        &[
+            (program.object.as_ref().map(Spanned::span), "object"),
+            (program.source.as_ref().map(Spanned::span), "source"),
+            (program.loader.as_ref().map(Spanned::span), "loader"),
+            (program.attach.as_ref().map(Spanned::span), "attach"),
+            (program.cgroup.as_ref().map(Spanned::span), "cgroup"),
+            (program.bpf_name.as_ref().map(Spanned::span), "bpf_name"),
+            (program.trigger.as_ref().map(Spanned::span), "trigger"),
+            (program.test_run.as_ref().map(Spanned::span), "test_run"),
+            (program.summary_line.as_ref().map(Spanned::span), "summary_line"),
+        ],
+        key,
+        |field| {
+            format!(
+                "`{field}` does not go with `loaded_by`: `{}`'s loader loads this program from its own object, unattached, and it runs only through a tail call",
+                parent.get_ref()
+            )
+        },
+    )?;
+    let Some(function) = &program.function else {
+        return Err(invalid(
+            parent,
+            key("loaded_by"),
+            "a program with `loaded_by` needs `function`: its C function name in that program's object",
+        ));
+    };
+    validate_function(function, key)?;
+    match earlier.iter().find(|p| p.name.get_ref() == parent.get_ref()) {
+        Some(p) if p.is_user_object() && p.loaded_by.is_none() => Ok(()),
+        Some(_) => Err(invalid(
+            parent,
+            key("loaded_by"),
+            format!(
+                "`{}` is not loaded from an `object` or `source` by the generic loader, so it cannot load another program",
+                parent.get_ref()
+            ),
+        )),
+        None => Err(invalid(
+            parent,
+            key("loaded_by"),
+            format!("no [[program]] before this one is named `{}`", parent.get_ref()),
         )),
     }
 }

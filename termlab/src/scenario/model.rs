@@ -159,6 +159,11 @@ pub struct ProgramSpec {
     /// /sys/fs/cgroup/, created if missing): the loader attaches it there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<Spanned<String>>,
+    /// The program whose loader loads this one from its object, unattached,
+    /// beside it (`bpf_loader load --also FUNCTION`): the target of its tail
+    /// calls, which runs only through them. Needs `function`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loaded_by: Option<Spanned<Label>>,
     /// Guest argv of a loader of its own (e.g. `["term_stress", "hold"]`),
     /// which prints `prog_id=N` once the program is loaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -189,6 +194,11 @@ impl ProgramSpec {
     /// The first word of the line holding its trigger's fields.
     pub fn summary_line(&self) -> &str {
         self.summary_line.as_ref().map_or(DEFAULT_SUMMARY_LINE, |line| line.get_ref().as_str())
+    }
+
+    /// The program whose loader loads this one (`loaded_by`).
+    pub fn loaded_by(&self) -> Option<&Label> {
+        self.loaded_by.as_ref().map(Spanned::get_ref)
     }
 
     /// Whether the generic loader loads it (`object` or `source`).
