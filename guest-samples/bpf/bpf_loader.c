@@ -164,11 +164,11 @@ static int cgroup_fd(const char *dir)
 /* The most --also programs one load takes. */
 #define MAX_ALSO 8
 
-/* Is @prog one of the @n functions named in @names? */
-static int is_also(const struct bpf_program *prog, const char *const *names, int n)
+/* Is @prog one of the @n programs in @progs? */
+static int is_one_of(const struct bpf_program *prog, struct bpf_program *const *progs, int n)
 {
 	for (int i = 0; i < n; i++)
-		if (strcmp(bpf_program__name(prog), names[i]) == 0)
+		if (prog == progs[i])
 			return 1;
 	return 0;
 }
@@ -176,7 +176,7 @@ static int is_also(const struct bpf_program *prog, const char *const *names, int
 static int load(int argc, char **argv)
 {
 	const char *path = NULL, *function = NULL, *cgroup = NULL, *also[MAX_ALSO];
-	struct bpf_program *prog, *selected = NULL;
+	struct bpf_program *prog, *selected = NULL, *also_progs[MAX_ALSO];
 	__u32 also_ids[MAX_ALSO];
 	int nalso = 0;
 	struct bpf_link *link = NULL;
@@ -234,7 +234,8 @@ static int load(int argc, char **argv)
 		return 1;
 	}
 	for (i = 0; i < nalso; i++) {
-		if (!bpf_object__find_program_by_name(object, also[i])) {
+		also_progs[i] = bpf_object__find_program_by_name(object, also[i]);
+		if (!also_progs[i]) {
 			fprintf(stderr, "bpf_loader: %s has no program (function) named %s (--also)\n",
 				path, also[i]);
 			bpf_object__close(object);
@@ -243,7 +244,7 @@ static int load(int argc, char **argv)
 	}
 	/* Only the selected program and the --also ones are loaded (and verified). */
 	bpf_object__for_each_program(prog, object)
-		if (prog != selected && !is_also(prog, also, nalso))
+		if (prog != selected && !is_one_of(prog, also_progs, nalso))
 			bpf_program__set_autoload(prog, false);
 	err = bpf_object__load(object);
 	if (err) {
@@ -287,8 +288,7 @@ static int load(int argc, char **argv)
 		__u32 also_len = sizeof(also_info);
 
 		memset(&also_info, 0, sizeof(also_info));
-		prog = bpf_object__find_program_by_name(object, also[i]);
-		if (bpf_obj_get_info_by_fd(bpf_program__fd(prog), &also_info, &also_len)) {
+		if (bpf_obj_get_info_by_fd(bpf_program__fd(also_progs[i]), &also_info, &also_len)) {
 			fprintf(stderr, "bpf_loader: reading the id of %s: %s\n", also[i],
 				strerror(errno));
 			bpf_link__destroy(link);
