@@ -1591,6 +1591,26 @@ static void test_run_start_window(void)
 
 #define JIT_HARDEN_SYSCTL "/proc/sys/net/core/bpf_jit_harden"
 
+/*
+ * The two slow helpers loaded with constant blinding (bpf_jit_harden=2, put
+ * back after), which leaves them without a termination copy; -1 and a failed
+ * check named @what if the sysctl is missing.
+ */
+static int load_blinded(const char *what)
+{
+	unsigned int harden;
+	int fd;
+
+	if (!read_sysctl(JIT_HARDEN_SYSCTL, &harden)) {
+		check(false, what, "%s missing", JIT_HARDEN_SYSCTL);
+		return -1;
+	}
+	write_sysctl(JIT_HARDEN_SYSCTL, 2);
+	fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, two_slow_helpers, 5, "term_blinded", 0);
+	write_sysctl(JIT_HARDEN_SYSCTL, harden);
+	return fd;
+}
+
 /* One run of the tail-call chain, stopped after @after_ms by @id's terminate. */
 static void tail_call_stop(int caller, uint32_t id, unsigned int after_ms, const char *what,
 			   int want_retval, double max_delays)
@@ -1619,18 +1639,13 @@ static void tail_call_stop(int caller, uint32_t id, unsigned int after_ms, const
 static void test_tail_call_uncopied(int caller, int map_fd)
 {
 	struct run run = { .prog_fd = caller };
-	unsigned int harden;
 	uint64_t term_ns;
 	int blinded, term_errno;
 	long ret;
 
-	if (!read_sysctl(JIT_HARDEN_SYSCTL, &harden)) {
-		check(false, "tail-call chain: a target without a copy", "%s missing", JIT_HARDEN_SYSCTL);
+	blinded = load_blinded("tail-call chain: a target without a copy");
+	if (blinded < 0)
 		return;
-	}
-	write_sysctl(JIT_HARDEN_SYSCTL, 2);
-	blinded = load(BPF_PROG_TYPE_RAW_TRACEPOINT, two_slow_helpers, 5, "term_blinded", 0);
-	write_sysctl(JIT_HARDEN_SYSCTL, harden);
 	raw_map_elem(BPF_MAP_UPDATE_ELEM, map_fd, 0, &blinded);
 	set_delay(DELAY_MS);
 	ret = run_and_terminate(&run, prog_id(caller), DELAY_MS * 3 / 2, &term_ns, &term_errno);
@@ -1778,30 +1793,25 @@ static void test_declared_verdict(void)
 /*
  * Constructs the kernel refuses to terminate (EOPNOTSUPP), checked before
  * whether a run is in progress: a tail call from a subprogram (its target
- * returns into the caller's image, patch 0024), and constant blinding (bpf_jit_harden=2), which rewrites the two
- * images differently, so there is no exact map between them.
+ * returns into the caller's image, patch 0024), and constant blinding
+ * (bpf_jit_harden=2), which rewrites the two images differently, so there is
+ * no exact map between them.
  */
 static void test_refused_constructs(void)
 {
-	unsigned int harden;
 	int map_fd, fd = raw_load_tail_call("term_tail", &map_fd);
 	long ret;
 
 	errno = 0;
 	ret = terminate(prog_id(fd), 0);
-	check(ret == -1 && errno == EOPNOTSUPP, "program with a tail call from a subprogram -> EOPNOTSUPP", "%ld %s",
-	      ret, strerror(errno));
+	check(ret == -1 && errno == EOPNOTSUPP, "program with a tail call from a subprogram -> EOPNOTSUPP",
+	      "%ld %s", ret, strerror(errno));
 	close(fd);
 	close(map_fd);
 
-	if (!read_sysctl(JIT_HARDEN_SYSCTL, &harden)) {
-		check(false, "program JITed with constant blinding (bpf_jit_harden=2) -> EOPNOTSUPP",
-		      "%s missing", JIT_HARDEN_SYSCTL);
+	fd = load_blinded("program JITed with constant blinding (bpf_jit_harden=2) -> EOPNOTSUPP");
+	if (fd < 0)
 		return;
-	}
-	write_sysctl(JIT_HARDEN_SYSCTL, 2);
-	fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, two_slow_helpers, 5, "term_blinded", 0);
-	write_sysctl(JIT_HARDEN_SYSCTL, harden);
 	errno = 0;
 	ret = terminate(prog_id(fd), 0);
 	check(ret == -1 && errno == EOPNOTSUPP,

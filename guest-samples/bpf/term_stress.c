@@ -1789,11 +1789,11 @@ static void race_timer(unsigned long n)
  * The tail-call chain's caller: counts to 3K (K: args[0]) in a may_goto loop
  * of a static function g, as long as the callee's work, then tail-calls slot
  * 0 of @map (ts_text: 3K) and, if that falls through, returns TAIL_FELL plus
- * g's count.  In the copy the
- * tail call is a jump to the next instruction (patch 0024) and g's loop
- * ends at its may_goto (a loop in a static function is not left at its
- * back-edge, 0020): every run redirected into the caller's copy returns
- * TAIL_FELL..TAIL_FELL + 3K, every one stopped in the callee at most 3K.
+ * g's count.  In the copy the tail call is a jump to the next instruction
+ * (patch 0024) and g's loop ends at its may_goto (a loop in a static function
+ * is not left at its back-edge, 0020): every run redirected into the caller's
+ * copy returns TAIL_FELL..TAIL_FELL + 3K, every one stopped in the callee at
+ * most 3K.
  */
 #define TAIL_FELL (1u << 30)
 
