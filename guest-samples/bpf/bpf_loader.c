@@ -35,13 +35,18 @@
  * when the call succeeded; 1 (with `trigger ... errno=NAME` and a message on
  * stderr) when it failed; 2 for bad arguments.
  *
- *   bpf_loader globals --prog KERNEL_NAME -- COMMAND [ARG...]
+ *   bpf_loader globals --prog KERNEL_NAME [--prog KERNEL_NAME]... -- COMMAND [ARG...]
  *
  * A trigger that shows what a run did: reads the integer global variables of
  * the loaded program named KERNEL_NAME (its .bss and .data maps, named by
  * their BTF), runs COMMAND, reads them again and prints how much each changed:
  *
  *   trigger start_ns=.. end_ns=.. exit=0 runs=1 first_part=0 second_part=0
+ *
+ * Each further --prog names another program that COMMAND runs (up to 4 in
+ * all, each loaded from its own object), whose variables are printed after
+ * the first's as KERNEL_NAME.VARIABLE=N: an fexit program beside the fentry
+ * program it watches, say.
  *
  * start_ns/end_ns are CLOCK_MONOTONIC around COMMAND. Exits with COMMAND's
  * status (128+N when a signal N ended it); 1 when the program or its
@@ -92,7 +97,7 @@ static int usage(void)
 	fprintf(stderr,
 		"usage: bpf_loader load OBJECT [--prog FUNCTION] [--also FUNCTION]... [--no-attach | --cgroup DIR]\n"
 		"       bpf_loader test-run --id PROG_ID [--data-hex HEX | --data-file PATH] [--repeat N]\n"
-		"       bpf_loader globals --prog KERNEL_NAME -- COMMAND [ARG...]\n");
+		"       bpf_loader globals --prog KERNEL_NAME [--prog KERNEL_NAME]... -- COMMAND [ARG...]\n");
 	return 2;
 }
 
@@ -668,57 +673,90 @@ static long long global_value(const struct global_var *var, const unsigned char 
 	return (long long)raw;
 }
 
+/* Reads the variables and rings of the program named NAME as they are before COMMAND. */
+static int watch_globals(const char *name, struct globals *found)
+{
+	int prog_fd = prog_fd_by_name(name), i;
+
+	if (prog_fd < 0)
+		return -1;
+	/* What the rings held before COMMAND is not its runs'. */
+	if (find_globals(prog_fd, found) || read_globals(found, 0) || consume_rings(found))
+		return -1;
+	for (i = 0; i < found->nr_rings; i++)
+		found->rings[i].records = 0;
+	return 0;
+}
+
+/* Prints how much each variable of FOUND changed, each name after PREFIX. */
+static void print_globals(const struct globals *found, const char *prefix)
+{
+	int i;
+
+	for (i = 0; i < found->nr_vars; i++) {
+		const struct global_var *var = &found->vars[i];
+		const struct global_map *map = &found->maps[var->map];
+
+		printf(" %s%s=%lld", prefix, var->name,
+		       global_value(var, map->after) - global_value(var, map->before));
+	}
+	for (i = 0; i < found->nr_rings; i++) {
+		const struct ring *ring = &found->rings[i];
+
+		printf(" %s%s_records=%ld %s%s_pending=%lu", prefix, ring->name, ring->records,
+		       prefix, ring->name, *ring->producer - *ring->consumer);
+	}
+}
+
+/* Programs one `globals` trigger reads: the first, and others run by the same COMMAND. */
+#define MAX_WATCHED 4
+
 static int globals(int argc, char **argv)
 {
-	struct globals found = {};
-	const char *name = NULL;
+	static struct globals found[MAX_WATCHED];
+	const char *names[MAX_WATCHED];
 	uint64_t start_ns, end_ns;
-	int prog_fd, status, code, i;
+	int nr_names = 0, cmd = 0, status, code, i;
 	pid_t child;
 
-	if (argc >= 4 && strcmp(argv[0], "--prog") == 0 && strcmp(argv[2], "--") == 0)
-		name = argv[1];
-	if (name == NULL)
+	while (cmd + 1 < argc && strcmp(argv[cmd], "--prog") == 0 && nr_names < MAX_WATCHED) {
+		names[nr_names++] = argv[cmd + 1];
+		cmd += 2;
+	}
+	if (nr_names == 0 || cmd + 1 >= argc || strcmp(argv[cmd], "--") != 0)
 		return usage();
+	cmd++;
 	libbpf_set_print(print_libbpf);
-	prog_fd = prog_fd_by_name(name);
-	if (prog_fd < 0)
-		return 1;
-	/* What the rings held before COMMAND is not its runs'. */
-	if (find_globals(prog_fd, &found) || read_globals(&found, 0) || consume_rings(&found))
-		return 1;
-	for (i = 0; i < found.nr_rings; i++)
-		found.rings[i].records = 0;
+	for (i = 0; i < nr_names; i++) {
+		if (watch_globals(names[i], &found[i]))
+			return 1;
+	}
 	fflush(stdout);
 	start_ns = monotonic_ns();
 	child = fork();
 	if (child == 0) {
-		execvp(argv[3], argv + 3);
-		fprintf(stderr, "bpf_loader: running %s: %s\n", argv[3], strerror(errno));
+		execvp(argv[cmd], argv + cmd);
+		fprintf(stderr, "bpf_loader: running %s: %s\n", argv[cmd], strerror(errno));
 		_exit(errno == ENOENT ? 127 : 126);
 	}
 	if (child < 0 || waitpid(child, &status, 0) != child) {
-		fprintf(stderr, "bpf_loader: running %s: %s\n", argv[3], strerror(errno));
+		fprintf(stderr, "bpf_loader: running %s: %s\n", argv[cmd], strerror(errno));
 		return 1;
 	}
 	end_ns = monotonic_ns();
-	if (read_globals(&found, 1) || consume_rings(&found))
-		return 1;
+	for (i = 0; i < nr_names; i++) {
+		if (read_globals(&found[i], 1) || consume_rings(&found[i]))
+			return 1;
+	}
 	code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 	printf("trigger start_ns=%llu end_ns=%llu exit=%d", (unsigned long long)start_ns,
 	       (unsigned long long)end_ns, code);
-	for (i = 0; i < found.nr_vars; i++) {
-		const struct global_var *var = &found.vars[i];
-		const struct global_map *map = &found.maps[var->map];
+	print_globals(&found[0], "");
+	for (i = 1; i < nr_names; i++) {
+		char prefix[BPF_OBJ_NAME_LEN + 1];
 
-		printf(" %s=%lld", var->name,
-		       global_value(var, map->after) - global_value(var, map->before));
-	}
-	for (i = 0; i < found.nr_rings; i++) {
-		const struct ring *ring = &found.rings[i];
-
-		printf(" %s_records=%ld %s_pending=%lu", ring->name, ring->records, ring->name,
-		       *ring->producer - *ring->consumer);
+		snprintf(prefix, sizeof(prefix), "%s.", names[i]);
+		print_globals(&found[i], prefix);
 	}
 	printf("\n");
 	return code;
