@@ -1,27 +1,52 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * Programs the kernel runs from a BPF trampoline, not through bpf_prog_run(): fentry and
- * LSM. Their runs are not on the CPU's running stack and they get no termination copy,
- * so BPF_PROG_TERMINATE refuses them (EOPNOTSUPP) before looking for runs.
+ * Programs the kernel runs from a BPF trampoline, not through bpf_prog_run(): fentry, fexit
+ * and BPF LSM. The trampoline's enter and exit functions keep their runs on the CPU's
+ * running stack (patch 0025), so they are terminated like any other run, and a terminated
+ * run returns into the trampoline, whose exit path goes on.
  *
- * fentry_sync counts, like kprobe.bpf.c, which parts of each run really ran.
+ * fentry_getppid and lsm_setnice count, like kprobe.bpf.c, which parts of each run really
+ * ran. fexit_getppid, on the same function as fentry_getppid, shows what the trampoline did
+ * after the fentry run: it ran (fexit_runs) and getppid(2) returned the caller's real parent
+ * (ret_right), read here with CO-RE, not what a stopped run left behind.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
 #include "two_parts.h"
 
-SEC("fentry/ksys_sync")
-int BPF_PROG(fentry_sync)
+__u64 fexit_runs, ret_right;
+
+SEC("fentry/__do_sys_getppid")
+int BPF_PROG(fentry_getppid)
 {
-	return two_slow_parts("fentry_sync", bpf_get_current_pid_tgid() >> 32);
+	return two_slow_parts("fentry_getppid", bpf_get_current_pid_tgid() >> 32);
 }
 
-/* Allows every getpgid(): a BPF LSM program that changes nothing. */
-SEC("lsm/task_getpgid")
-int BPF_PROG(lsm_getpgid, struct task_struct *p)
+/*
+ * __do_sys_getppid is the name BTF has for getppid(2)'s code (__x64_sys_getppid, the same
+ * address, is not in it), with the wrapper's prototype: one argument, the registers.
+ */
+SEC("fexit/__do_sys_getppid")
+int BPF_PROG(fexit_getppid, const struct pt_regs *regs, long ret)
 {
+	struct task_struct *task = (void *)bpf_get_current_task();
+
+	fexit_runs++;
+	ret_right += ret == BPF_CORE_READ(task, real_parent, tgid);
 	return 0;
+}
+
+/*
+ * Allows every setpriority(2): the program and its copy return 0. A terminated run denies
+ * it all the same (-EPERM): the kernel's verdict for a stopped LSM program on a hook that
+ * returns 0 or an error, unless the program declared another.
+ */
+SEC("lsm/task_setnice")
+int BPF_PROG(lsm_setnice, struct task_struct *p, int nice)
+{
+	return two_slow_parts("lsm_setnice", bpf_get_current_pid_tgid() >> 32);
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -1,5 +1,5 @@
 //! The kernel's own account of each termination: the `bpf:` trace events of
-//! the series (guest-kernel/patches/0006, 0024, 0012), parsed from the trace
+//! the series (guest-kernel/patches/0006, 0026, 0012), parsed from the trace
 //! buffer and matched to the terminate steps that caused them, or, for runs
 //! the kernel stopped for exceeding their runtime budget, to the triggers
 //! whose runs they were.
