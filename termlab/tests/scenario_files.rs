@@ -74,7 +74,9 @@ fn every_shipped_scenario_loads_with_a_description() {
             "sysctl",
             "tailcall",
             "tc",
+            "tp_btf",
             "trampoline",
+            "wq",
             "xdp"
         ]
     );
