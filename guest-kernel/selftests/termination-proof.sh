@@ -339,38 +339,44 @@ fi
 
 # --- terminate right as the program exits --------------------------------------
 if start_loader bpftext; then
-	trigger_loops --prog bpftext --iterations 2000 --count 400 >"$WORK/race.trigger" 2>&1 &
-	race_pid=$!
 	stopped=0
 	not_running=0
 	already=0
 	again=0
 	other=0
-	while kill -0 $race_pid 2>/dev/null; do
-		result=$(prog_terminate --repeat 500 "$PROG_ID")
-		batch_stopped=$(field stopped "$result")
-		batch_not_running=$(field not_running "$result")
-		batch_already=$(field already "$result")
-		batch_again=$(field again "$result")
-		batch_other=$(field other "$result")
-		# No output at all (a crashed prog_terminate) counts as one bad call.
-		[ -n "$batch_other" ] || batch_other=1
-		stopped=$((stopped + ${batch_stopped:-0}))
-		not_running=$((not_running + ${batch_not_running:-0}))
-		already=$((already + ${batch_already:-0}))
-		again=$((again + ${batch_again:-0}))
-		other=$((other + batch_other))
-		[ "$batch_other" = 0 ] || echo "# unexpected: ${result:-no output from prog_terminate}"
+	race_status=0
+	# Whether a call lands inside one of the short runs is up to the scheduler: on a loaded
+	# host (the debug kernel under TCG beside two other guests) one round of 400 runs met
+	# only misses, 0 of 500 calls. Rounds go on until the race has hit, at most 4.
+	for round in 1 2 3 4; do
+		trigger_loops --prog bpftext --iterations 2000 --count 400 >"$WORK/race.trigger" 2>&1 &
+		race_pid=$!
+		while kill -0 $race_pid 2>/dev/null; do
+			result=$(prog_terminate --repeat 500 "$PROG_ID")
+			batch_stopped=$(field stopped "$result")
+			batch_not_running=$(field not_running "$result")
+			batch_already=$(field already "$result")
+			batch_again=$(field again "$result")
+			batch_other=$(field other "$result")
+			# No output at all (a crashed prog_terminate) counts as one bad call.
+			[ -n "$batch_other" ] || batch_other=1
+			stopped=$((stopped + ${batch_stopped:-0}))
+			not_running=$((not_running + ${batch_not_running:-0}))
+			already=$((already + ${batch_already:-0}))
+			again=$((again + ${batch_again:-0}))
+			other=$((other + batch_other))
+			[ "$batch_other" = 0 ] || echo "# unexpected: ${result:-no output from prog_terminate}"
+		done
+		wait $race_pid || race_status=$?
+		echo "# round $round: $(cat "$WORK/race.trigger")"
+		[ $stopped -eq 0 ] || break
 	done
-	wait $race_pid
-	race_status=$?
-	echo "# $(cat "$WORK/race.trigger")"
-	echo "# racing terminate calls: stopped=$stopped not_running(ESRCH)=$not_running already(EALREADY)=$already at_edge(EAGAIN)=$again other=$other"
+	echo "# racing terminate calls in $round round(s) of 400 runs: stopped=$stopped not_running(ESRCH)=$not_running already(EALREADY)=$already at_edge(EAGAIN)=$again other=$other"
 	# EALREADY only right after a stop, while that run finishes (prog_terminate checks);
 	# EAGAIN when a run was entering or leaving the program on each of the kernel's tries.
 	check "terminate racing 400 short runs: every call stopped a run, got ESRCH, EAGAIN, or EALREADY after a stop ($stopped stopped, $not_running ESRCH, $again EAGAIN, $already EALREADY)" \
 		"$other calls failed otherwise" $other -eq 0 -a $((stopped + not_running)) -gt 0
-	check "terminate racing short runs: the race hit running programs ($stopped stopped)" \
+	check "terminate racing short runs: the race hit running programs ($stopped stopped, round $round of at most 4)" \
 		"no call found the program running" $stopped -ge 1
 	check "every racing trigger ran the program" "trigger exit status $race_status" $race_status -eq 0
 	run=$(trigger_loops --prog bpftext --iterations 1000)
