@@ -119,6 +119,21 @@ static const struct bpf_insn counted_loop[] = {
 };
 
 /*
+ * The same loop without the helper, before the slow helper.  Stopped in the
+ * helper, the run has left the loop and returns its counter through the
+ * main exit, although the copy's first exit is the loop's (the JIT must
+ * not let the other exits share its R0 = 0).
+ */
+static const struct bpf_insn loop_then_slow_helper[] = {
+	MOV64_IMM(BPF_REG_6, 0),			/* 0: iterations */
+	ADD64_IMM(BPF_REG_6, 1),			/* 1 */
+	JLT_IMM(BPF_REG_6, COUNTED_ROUNDS, -2),		/* 2: -> 1, the back-edge */
+	CALL_HELPER(BPF_FUNC_get_numa_node_id),		/* 3: slow */
+	MOV64_REG(BPF_REG_0, BPF_REG_6),		/* 4 */
+	EXIT(),						/* 5 */
+};
+
+/*
  * Case 2 in bpf_loop(): BPF_MAX_LOOPS (8M) calls of a callback that counts
  * to LOOP_WORK, in main and three bpf2bpf frames deep (a run of ~3.3 s under
  * TCG: a tenth of it, the bound on the stop's latency, stays above the
@@ -762,6 +777,16 @@ static void test_counted_loop(void)
 	run_sync(&run);
 	check(!run.err && run.retval == COUNTED_ROUNDS,
 	      "counted loop: next run is the original, every iteration", "retval %u", run.retval);
+	close(fd);
+
+	fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, loop_then_slow_helper,
+		  sizeof(loop_then_slow_helper) / sizeof(loop_then_slow_helper[0]),
+		  "term_loop_first", 0);
+	run.prog_fd = fd;
+	ret = run_and_terminate(&run, prog_id(fd), COUNTED_DELAY_MS / 2, &term_ns, &term_errno);
+	check(ret == 1 && !run.err && run.retval == COUNTED_ROUNDS,
+	      "counted loop: a run stopped after its loop returns its counter, not the loop exit's 0",
+	      "terminate %ld, retval %u, expected %d", ret, run.retval, COUNTED_ROUNDS);
 	set_delay(0);
 	close(fd);
 }
