@@ -3,7 +3,8 @@
  * bpf_loader: the generic guest loader for users' BPF objects (scenario
  * `[[program]] object = ...` or `source = ...`).
  *
- *   bpf_loader load OBJECT [--prog FUNCTION] [--also FUNCTION]... [--no-attach | --cgroup DIR]
+ *   bpf_loader load OBJECT [--prog FUNCTION] [--also FUNCTION]...
+ *                      [--no-attach | --cgroup DIR | --xdp INTERFACE]
  *
  * Opens OBJECT with libbpf, selects the program FUNCTION (its C function
  * name; optional when the object holds one program), loads only that one
@@ -19,8 +20,10 @@
  * (prog_name is the kernel's name: the function name cut to 15 bytes). A
  * cgroup program (cgroup_skb/, cgroup/sysctl, ...) is attached to the cgroup
  * v2 directory DIR given with --cgroup instead, created if missing, with
- * cgroup2 mounted on /sys/fs/cgroup if it is not. It
- * then holds the program and its link until SIGTERM or SIGINT, detaches, and
+ * cgroup2 mounted on /sys/fs/cgroup if it is not. An XDP program is
+ * attached to the network interface given with --xdp (native XDP, through
+ * a link); a missing interface is made as one end of a veth pair whose other
+ * end is INTERFACE_peer, both up (lab_net.c). It then holds the program and its link until SIGTERM or SIGINT, detaches, and
  * exits 0 after printing `prog_id=N detached signal=S`.
  *
  *   bpf_loader test-run --id PROG_ID [--data-hex HEX | --data-file PATH] [--repeat N]
@@ -61,6 +64,11 @@
  * the consumer and the producer position once everything readable is read:
  * a reservation that was never submitted nor discarded, which holds back
  * every record after it (0 when nothing leaked).
+ *
+ *   bpf_loader packet --out INTERFACE --in INTERFACE [--wait-ms N]
+ *
+ * Sends one frame out of one interface and looks for it on another, where
+ * only a frame that XDP passed arrives: see lab_net.h.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -82,6 +90,8 @@
 #include <bpf/btf.h>
 #include <bpf/libbpf.h>
 
+#include "lab_net.h"
+
 /* Largest packet a test run takes here (the kernel's own limit is about a page for most types). */
 #define MAX_DATA_BYTES (64 * 1024)
 
@@ -95,9 +105,11 @@ static int print_libbpf(enum libbpf_print_level level, const char *format, va_li
 static int usage(void)
 {
 	fprintf(stderr,
-		"usage: bpf_loader load OBJECT [--prog FUNCTION] [--also FUNCTION]... [--no-attach | --cgroup DIR]\n"
+		"usage: bpf_loader load OBJECT [--prog FUNCTION] [--also FUNCTION]...\n"
+		"                       [--no-attach | --cgroup DIR | --xdp INTERFACE]\n"
 		"       bpf_loader test-run --id PROG_ID [--data-hex HEX | --data-file PATH] [--repeat N]\n"
-		"       bpf_loader globals --prog KERNEL_NAME [--prog KERNEL_NAME]... -- COMMAND [ARG...]\n");
+		"       bpf_loader globals --prog KERNEL_NAME [--prog KERNEL_NAME]... -- COMMAND [ARG...]\n"
+		"       bpf_loader packet --out INTERFACE --in INTERFACE [--wait-ms N]\n");
 	return 2;
 }
 
@@ -180,7 +192,7 @@ static int is_one_of(const struct bpf_program *prog, struct bpf_program *const *
 
 static int load(int argc, char **argv)
 {
-	const char *path = NULL, *function = NULL, *cgroup = NULL, *also[MAX_ALSO];
+	const char *path = NULL, *function = NULL, *cgroup = NULL, *xdp = NULL, *also[MAX_ALSO];
 	struct bpf_program *prog, *selected = NULL, *also_progs[MAX_ALSO];
 	__u32 also_ids[MAX_ALSO];
 	int nalso = 0;
@@ -200,12 +212,14 @@ static int load(int argc, char **argv)
 			attach = 0;
 		else if (strcmp(argv[i], "--cgroup") == 0 && i + 1 < argc)
 			cgroup = argv[++i];
+		else if (strcmp(argv[i], "--xdp") == 0 && i + 1 < argc)
+			xdp = argv[++i];
 		else if (argv[i][0] != '-' && path == NULL)
 			path = argv[i];
 		else
 			return usage();
 	}
-	if (path == NULL || (cgroup && !attach))
+	if (path == NULL || ((cgroup || xdp) && !attach) || (cgroup && xdp))
 		return usage();
 
 	/* Block the stop signals first so one sent right after prog_id= is not lost. */
@@ -265,6 +279,17 @@ static int load(int argc, char **argv)
 		if (fd >= 0 && !link)
 			fprintf(stderr, "bpf_loader: attaching %s to cgroup %s: %s\n",
 				bpf_program__name(selected), cgroup, strerror(errno));
+		if (!link) {
+			bpf_object__close(object);
+			return 1;
+		}
+	} else if (xdp) {
+		int ifindex = lab_interface(xdp);
+
+		link = ifindex < 0 ? NULL : bpf_program__attach_xdp(selected, ifindex);
+		if (ifindex >= 0 && !link)
+			fprintf(stderr, "bpf_loader: attaching %s to the XDP hook of %s: %s\n",
+				bpf_program__name(selected), xdp, strerror(errno));
 		if (!link) {
 			bpf_object__close(object);
 			return 1;
@@ -770,5 +795,10 @@ int main(int argc, char **argv)
 		return test_run(argc - 2, argv + 2);
 	if (argc >= 2 && strcmp(argv[1], "globals") == 0)
 		return globals(argc - 2, argv + 2);
+	if (argc >= 2 && strcmp(argv[1], "packet") == 0) {
+		int status = lab_packet(argc - 2, argv + 2);
+
+		return status == 2 ? usage() : status;
+	}
 	return usage();
 }

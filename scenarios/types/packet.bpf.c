@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * Packet programs (XDP, tc and cgroup_skb) for the full guest kernel, run on a packet through
- * BPF_PROG_TEST_RUN (the guest has no network to carry one). Each run calls the slow
+ * BPF_PROG_TEST_RUN, or (XDP) on frames a veth pair in the guest carries. Each run calls the slow
  * helper (kernel.bpf_termination_demo_delay_ms), then decides its verdict from a helper
  * that cannot fail, bpf_ktime_get_ns(): the original passes the packet; in the
  * termination copy that call is a stub returning -1, and the program drops it. A
@@ -10,9 +10,12 @@
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
 
 #define TC_ACT_OK 0
 #define TC_ACT_SHOT 2
+/* The lab's frames (IEEE 802 local experimental ethertype 1; bpf_loader packet sends them). */
+#define ETH_P_TERMLAB 0x88b5
 
 __u64 runs;
 
@@ -24,9 +27,15 @@ static __always_inline int passes_after_slow_helper(const char *where)
 	return bpf_ktime_get_ns() != (__u64)-1;
 }
 
+/* Only the lab's frames take the slow path: an interface may carry others. */
 SEC("xdp")
 int xdp_slow(struct xdp_md *ctx)
 {
+	struct ethhdr *eth = (void *)(long)ctx->data;
+
+	if ((void *)(eth + 1) > (void *)(long)ctx->data_end ||
+	    eth->h_proto != bpf_htons(ETH_P_TERMLAB))
+		return XDP_PASS;
 	return passes_after_slow_helper("xdp_slow") ? XDP_PASS : XDP_DROP;
 }
 

@@ -77,7 +77,8 @@ fn every_shipped_scenario_loads_with_a_description() {
             "tp_btf",
             "trampoline",
             "wq",
-            "xdp"
+            "xdp",
+            "xdp-veth"
         ]
     );
     // Campaigns: long runs by hand, outside the test command's scenarios/*.toml.
@@ -116,6 +117,14 @@ const BAD_FILES: &[(&str, usize, usize, &str, &str)] = &[
         "program[0].cgroup",
         "`/tmp/mine` is not a directory below /sys/fs/cgroup/",
     ),
+    (
+        "xdp-name-too-long.toml",
+        9,
+        7,
+        "program[0].xdp",
+        "`interface01` is not an interface name of 1 to 10 letters",
+    ),
+    ("xdp-not-attached.toml", 9, 7, "program[0].xdp", "not with `attach = false` or `cgroup`"),
     (
         "kmemleak-clean-of-a-trigger.toml",
         17,

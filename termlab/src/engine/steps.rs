@@ -136,6 +136,9 @@ pub fn loader_argv(spec: &ProgramSpec, also: &[&str]) -> Vec<String> {
     if let Some(cgroup) = &spec.cgroup {
         argv.extend(["--cgroup".to_owned(), cgroup.get_ref().clone()]);
     }
+    if let Some(interface) = &spec.xdp {
+        argv.extend(["--xdp".to_owned(), interface.get_ref().clone()]);
+    }
     argv
 }
 
@@ -1050,6 +1053,11 @@ mod tests {
         assert_eq!(
             trigger_argv(&first_trigger(command), &loaded).expect("argv"),
             ["taskset", "-c", "1", "sync", "extra"]
+        );
+        let spec = program("name = \"p\"\nobject = \"p.bpf.o\"\nxdp = \"lab0\"\ntrigger = [\"x\"]");
+        assert_eq!(
+            loader_argv(&spec, &[]),
+            ["/bin/bpf_loader", "load", "/lib/termlab/programs/p.bpf.o", "--xdp", "lab0"]
         );
         let own =
             "name = \"p\"\nloader = [\"loops\", \"--prog\", \"loops\"]\nbpf_name = \"loops\"\n\

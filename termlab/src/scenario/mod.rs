@@ -748,6 +748,36 @@ fn validate_cgroup(
     Ok(())
 }
 
+/// Longest `xdp` interface name: its veth peer's name, `<name>_peer`, must fit the kernel's
+/// 15 bytes.
+const MAX_XDP_INTERFACE_LEN: usize = 10;
+
+/// `xdp`: a network interface name (a veth pair made if missing), for a program that is
+/// attached, and not to a cgroup as well.
+fn validate_xdp(program: &ProgramSpec, key: &dyn Fn(&str) -> String) -> Result<(), SpannedError> {
+    let Some(interface) = &program.xdp else { return Ok(()) };
+    let name = interface.get_ref();
+    let valid = (1..=MAX_XDP_INTERFACE_LEN).contains(&name.len())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_-".contains(c));
+    if !valid {
+        return Err(invalid(
+            interface,
+            key("xdp"),
+            format!(
+                "`{name}` is not an interface name of 1 to {MAX_XDP_INTERFACE_LEN} letters, digits, `_` or `-` (its veth peer is `{name}_peer`)"
+            ),
+        ));
+    }
+    if !program.attaches() || program.cgroup.is_some() {
+        return Err(invalid(
+            interface,
+            key("xdp"),
+            "`xdp` attaches the program to an interface: not with `attach = false` or `cgroup`",
+        ));
+    }
+    Ok(())
+}
+
 /// `summary_line`: one word, naming a line of the program's `trigger` command.
 fn validate_summary_line(
     program: &ProgramSpec,
@@ -796,12 +826,14 @@ fn validate_program(
     }
     validate_summary_line(program, key)?;
     validate_cgroup(program, key)?;
+    validate_xdp(program, key)?;
     if let Some(loader) = &program.loader {
         refuse_given(
             &[
                 (program.function.as_ref().map(Spanned::span), "function"),
                 (program.attach.as_ref().map(Spanned::span), "attach"),
                 (program.cgroup.as_ref().map(Spanned::span), "cgroup"),
+                (program.xdp.as_ref().map(Spanned::span), "xdp"),
                 (program.test_run.as_ref().map(Spanned::span), "test_run"),
             ],
             key,
@@ -889,6 +921,7 @@ fn validate_loaded_by(
             (program.loader.as_ref().map(Spanned::span), "loader"),
             (program.attach.as_ref().map(Spanned::span), "attach"),
             (program.cgroup.as_ref().map(Spanned::span), "cgroup"),
+            (program.xdp.as_ref().map(Spanned::span), "xdp"),
             (program.bpf_name.as_ref().map(Spanned::span), "bpf_name"),
             (program.trigger.as_ref().map(Spanned::span), "trigger"),
             (program.test_run.as_ref().map(Spanned::span), "test_run"),

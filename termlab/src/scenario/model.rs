@@ -159,6 +159,12 @@ pub struct ProgramSpec {
     /// /sys/fs/cgroup/, created if missing): the loader attaches it there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<Spanned<String>>,
+    /// An XDP program's guest network interface: the loader attaches it to
+    /// that interface's XDP hook (native mode). An interface the guest lacks
+    /// is created as one end of a veth pair whose other end is
+    /// `<interface>_peer`, both up: frames sent out of the peer arrive there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xdp: Option<Spanned<String>>,
     /// The program whose loader loads this one from its object, unattached,
     /// beside it (`bpf_loader load --also FUNCTION`): the target of its tail
     /// calls, which runs only through them. Needs `function`.
