@@ -4,7 +4,7 @@
  * `[[program]] object = ...` or `source = ...`).
  *
  *   bpf_loader load OBJECT [--prog FUNCTION] [--also FUNCTION]...
- *                      [--no-attach | --cgroup DIR | --xdp INTERFACE]
+ *                      [--no-attach | --cgroup DIR | --xdp INTERFACE | --tc INTERFACE]
  *
  * Opens OBJECT with libbpf, selects the program FUNCTION (its C function
  * name; optional when the object holds one program), loads only that one
@@ -22,9 +22,11 @@
  * v2 directory DIR given with --cgroup instead, created if missing, with
  * cgroup2 mounted on /sys/fs/cgroup if it is not. An XDP program is
  * attached to the network interface given with --xdp (native XDP, through
- * a link); a missing interface is made as one end of a veth pair whose other
- * end is INTERFACE_peer, both up (lab_net.c). It then holds the program and its link until SIGTERM or SIGINT, detaches, and
- * exits 0 after printing `prog_id=N detached signal=S`.
+ * a link), a tc program to the ingress of the one given with --tc (a
+ * clsact qdisc the loader adds and removes); a missing interface is made as
+ * one end of a veth pair whose other end is INTERFACE_peer, both up
+ * (lab_net.c). It then holds the program and its attachment until SIGTERM or
+ * SIGINT, detaches, and exits 0 after printing `prog_id=N detached signal=S`.
  *
  *   bpf_loader test-run --id PROG_ID [--data-hex HEX | --data-file PATH] [--repeat N]
  *
@@ -74,6 +76,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -106,7 +109,7 @@ static int usage(void)
 {
 	fprintf(stderr,
 		"usage: bpf_loader load OBJECT [--prog FUNCTION] [--also FUNCTION]...\n"
-		"                       [--no-attach | --cgroup DIR | --xdp INTERFACE]\n"
+		"                       [--no-attach | --cgroup DIR | --xdp INTERFACE | --tc INTERFACE]\n"
 		"       bpf_loader test-run --id PROG_ID [--data-hex HEX | --data-file PATH] [--repeat N]\n"
 		"       bpf_loader globals --prog KERNEL_NAME [--prog KERNEL_NAME]... -- COMMAND [ARG...]\n"
 		"       bpf_loader packet --out INTERFACE --in INTERFACE [--wait-ms N]\n");
@@ -190,17 +193,135 @@ static int is_one_of(const struct bpf_program *prog, struct bpf_program *const *
 	return 0;
 }
 
+/* How load() attaches its program. */
+enum attach_to {
+	ATTACH_NONE,
+	ATTACH_SECTION,	/* by its section name */
+	ATTACH_CGROUP,
+	ATTACH_XDP,
+	ATTACH_TC,	/* at an interface's ingress */
+};
+
+/* Is @option one of load()'s ways to attach?  Then *@how says which. */
+static bool attach_option(const char *option, enum attach_to *how)
+{
+	static const struct {
+		const char *option;
+		enum attach_to how;
+	} options[] = {
+		{ "--no-attach", ATTACH_NONE },
+		{ "--cgroup", ATTACH_CGROUP },
+		{ "--xdp", ATTACH_XDP },
+		{ "--tc", ATTACH_TC },
+	};
+
+	for (size_t i = 0; i < sizeof(options) / sizeof(options[0]); i++) {
+		if (strcmp(option, options[i].option) == 0) {
+			*how = options[i].how;
+			return true;
+		}
+	}
+	return false;
+}
+
+/* What load() attached: a link, or a tc hook (libbpf 1.1 has no tc links). */
+struct attachment {
+	struct bpf_link *link;
+	struct bpf_tc_hook tc;
+	/* The clsact qdisc under the tc hook is the loader's: removed with it. */
+	bool tc_qdisc_made;
+};
+
+static void detach_program(struct attachment *at)
+{
+	bpf_link__destroy(at->link);
+	at->link = NULL;
+	if (!at->tc.ifindex)
+		return;
+	/* Both attach points: the qdisc goes; ingress alone: its filters. */
+	if (at->tc_qdisc_made)
+		at->tc.attach_point = BPF_TC_INGRESS | BPF_TC_EGRESS;
+	bpf_tc_hook_destroy(&at->tc);
+	at->tc.ifindex = 0;
+}
+
+static int attach_tc(struct bpf_program *prog, int ifindex, struct attachment *at)
+{
+	struct bpf_tc_opts opts = { .sz = sizeof(opts), .prog_fd = bpf_program__fd(prog) };
+	int err;
+
+	at->tc = (struct bpf_tc_hook){
+		.sz = sizeof(at->tc), .ifindex = ifindex, .attach_point = BPF_TC_INGRESS,
+	};
+	err = bpf_tc_hook_create(&at->tc);
+	at->tc_qdisc_made = !err;
+	if (!err || err == -EEXIST)
+		err = bpf_tc_attach(&at->tc, &opts);
+	if (err) {
+		detach_program(at);
+		errno = -err;
+	}
+	return err;
+}
+
+/* Attaches @prog @how, to @where (a cgroup directory, an interface); 0 or 1 after a message. */
+static int attach_program(struct bpf_program *prog, enum attach_to how, const char *where,
+			  struct attachment *at)
+{
+	const char *name = bpf_program__name(prog);
+	int fd;
+
+	switch (how) {
+	case ATTACH_NONE:
+		return 0;
+	case ATTACH_SECTION:
+		at->link = bpf_program__attach(prog);
+		if (!at->link)
+			fprintf(stderr, "bpf_loader: attaching %s by its section `%s`: %s (libbpf "
+				"attaches tracepoint/, kprobe/, raw_tp/, fentry/... sections by "
+				"themselves; for a program you only test-run, use `attach = false`)\n",
+				name, bpf_program__section_name(prog), strerror(errno));
+		return !at->link;
+	case ATTACH_CGROUP:
+		fd = cgroup_fd(where);
+		if (fd < 0)
+			return 1;
+		at->link = bpf_program__attach_cgroup(prog, fd);
+		if (!at->link)
+			fprintf(stderr, "bpf_loader: attaching %s to cgroup %s: %s\n", name, where,
+				strerror(errno));
+		return !at->link;
+	case ATTACH_XDP:
+	case ATTACH_TC:
+		fd = lab_interface(where);
+		if (fd < 0)
+			return 1;
+		if (how == ATTACH_XDP) {
+			at->link = bpf_program__attach_xdp(prog, fd);
+			if (at->link)
+				return 0;
+		} else if (attach_tc(prog, fd, at) == 0) {
+			return 0;
+		}
+		fprintf(stderr, "bpf_loader: attaching %s to the %s hook of %s: %s\n", name,
+			how == ATTACH_XDP ? "XDP" : "tc ingress", where, strerror(errno));
+		return 1;
+	}
+	return 1;
+}
+
 static int load(int argc, char **argv)
 {
-	const char *path = NULL, *function = NULL, *cgroup = NULL, *xdp = NULL, *also[MAX_ALSO];
+	const char *path = NULL, *function = NULL, *where = NULL, *also[MAX_ALSO];
 	struct bpf_program *prog, *selected = NULL, *also_progs[MAX_ALSO];
 	__u32 also_ids[MAX_ALSO];
 	int nalso = 0;
-	struct bpf_link *link = NULL;
+	struct attachment attached = { 0 };
+	enum attach_to how = ATTACH_SECTION;
 	struct bpf_object *object;
 	struct bpf_prog_info info;
 	__u32 info_len = sizeof(info);
-	int attach = 1, programs = 0, signal_number, i, err;
+	int programs = 0, signal_number, i, err;
 	sigset_t stop_signals;
 
 	for (i = 0; i < argc; i++) {
@@ -208,18 +329,15 @@ static int load(int argc, char **argv)
 			function = argv[++i];
 		else if (strcmp(argv[i], "--also") == 0 && i + 1 < argc && nalso < MAX_ALSO)
 			also[nalso++] = argv[++i];
-		else if (strcmp(argv[i], "--no-attach") == 0)
-			attach = 0;
-		else if (strcmp(argv[i], "--cgroup") == 0 && i + 1 < argc)
-			cgroup = argv[++i];
-		else if (strcmp(argv[i], "--xdp") == 0 && i + 1 < argc)
-			xdp = argv[++i];
+		else if (how == ATTACH_SECTION && attach_option(argv[i], &how) &&
+			 (how == ATTACH_NONE || i + 1 < argc))
+			where = how == ATTACH_NONE ? NULL : argv[++i];
 		else if (argv[i][0] != '-' && path == NULL)
 			path = argv[i];
 		else
 			return usage();
 	}
-	if (path == NULL || ((cgroup || xdp) && !attach) || (cgroup && xdp))
+	if (path == NULL)
 		return usage();
 
 	/* Block the stop signals first so one sent right after prog_id= is not lost. */
@@ -272,44 +390,14 @@ static int load(int argc, char **argv)
 		bpf_object__close(object);
 		return 1;
 	}
-	if (cgroup) {
-		int fd = cgroup_fd(cgroup);
-
-		link = fd < 0 ? NULL : bpf_program__attach_cgroup(selected, fd);
-		if (fd >= 0 && !link)
-			fprintf(stderr, "bpf_loader: attaching %s to cgroup %s: %s\n",
-				bpf_program__name(selected), cgroup, strerror(errno));
-		if (!link) {
-			bpf_object__close(object);
-			return 1;
-		}
-	} else if (xdp) {
-		int ifindex = lab_interface(xdp);
-
-		link = ifindex < 0 ? NULL : bpf_program__attach_xdp(selected, ifindex);
-		if (ifindex >= 0 && !link)
-			fprintf(stderr, "bpf_loader: attaching %s to the XDP hook of %s: %s\n",
-				bpf_program__name(selected), xdp, strerror(errno));
-		if (!link) {
-			bpf_object__close(object);
-			return 1;
-		}
-	} else if (attach) {
-		link = bpf_program__attach(selected);
-		if (!link) {
-			fprintf(stderr, "bpf_loader: attaching %s by its section `%s`: %s (libbpf "
-				"attaches tracepoint/, kprobe/, raw_tp/, fentry/... sections by "
-				"themselves; for a program you only test-run, use `attach = false`)\n",
-				bpf_program__name(selected), bpf_program__section_name(selected),
-				strerror(errno));
-			bpf_object__close(object);
-			return 1;
-		}
+	if (attach_program(selected, how, where, &attached)) {
+		bpf_object__close(object);
+		return 1;
 	}
 	memset(&info, 0, sizeof(info));
 	if (bpf_obj_get_info_by_fd(bpf_program__fd(selected), &info, &info_len)) {
 		fprintf(stderr, "bpf_loader: reading the program id: %s\n", strerror(errno));
-		bpf_link__destroy(link);
+		detach_program(&attached);
 		bpf_object__close(object);
 		return 1;
 	}
@@ -321,14 +409,15 @@ static int load(int argc, char **argv)
 		if (bpf_obj_get_info_by_fd(bpf_program__fd(also_progs[i]), &also_info, &also_len)) {
 			fprintf(stderr, "bpf_loader: reading the id of %s: %s\n", also[i],
 				strerror(errno));
-			bpf_link__destroy(link);
+			detach_program(&attached);
 			bpf_object__close(object);
 			return 1;
 		}
 		also_ids[i] = also_info.id;
 	}
 	printf("prog_id=%u prog_name=%s function=%s section=%s attached=%d", info.id, info.name,
-	       bpf_program__name(selected), bpf_program__section_name(selected), attach);
+	       bpf_program__name(selected), bpf_program__section_name(selected),
+	       how != ATTACH_NONE);
 	for (i = 0; i < nalso; i++)
 		printf(" also.%s=%u", also[i], also_ids[i]);
 	printf("\n");
@@ -336,7 +425,7 @@ static int load(int argc, char **argv)
 
 	if (sigwait(&stop_signals, &signal_number))
 		signal_number = 0;
-	bpf_link__destroy(link);
+	detach_program(&attached);
 	bpf_object__close(object);
 	printf("prog_id=%u detached signal=%d\n", info.id, signal_number);
 	return 0;

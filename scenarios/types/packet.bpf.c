@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * Packet programs (XDP, tc and cgroup_skb) for the full guest kernel, run on a packet through
- * BPF_PROG_TEST_RUN, or (XDP) on frames a veth pair in the guest carries. Each run calls the slow
+ * BPF_PROG_TEST_RUN, or (XDP, tc) on frames a veth pair in the guest carries. Each run calls the slow
  * helper (kernel.bpf_termination_demo_delay_ms), then decides its verdict from a helper
  * that cannot fail, bpf_ktime_get_ns(): the original passes the packet; in the
  * termination copy that call is a stub returning -1, and the program drops it. A
@@ -27,7 +27,7 @@ static __always_inline int passes_after_slow_helper(const char *where)
 	return bpf_ktime_get_ns() != (__u64)-1;
 }
 
-/* Only the lab's frames take the slow path: an interface may carry others. */
+/* Only the lab's frames take the slow path, here and in tc_slow: an interface may carry others. */
 SEC("xdp")
 int xdp_slow(struct xdp_md *ctx)
 {
@@ -42,6 +42,8 @@ int xdp_slow(struct xdp_md *ctx)
 SEC("tc")
 int tc_slow(struct __sk_buff *skb)
 {
+	if (skb->protocol != bpf_htons(ETH_P_TERMLAB))
+		return TC_ACT_OK;
 	return passes_after_slow_helper("tc_slow") ? TC_ACT_OK : TC_ACT_SHOT;
 }
 

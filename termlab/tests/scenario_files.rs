@@ -76,9 +76,9 @@ fn every_shipped_scenario_loads_with_a_description() {
             "tc",
             "tp_btf",
             "trampoline",
+            "veth",
             "wq",
-            "xdp",
-            "xdp-veth"
+            "xdp"
         ]
     );
     // Campaigns: long runs by hand, outside the test command's scenarios/*.toml.
@@ -124,7 +124,8 @@ const BAD_FILES: &[(&str, usize, usize, &str, &str)] = &[
         "program[0].xdp",
         "`interface01` is not an interface name of 1 to 10 letters",
     ),
-    ("xdp-not-attached.toml", 9, 7, "program[0].xdp", "not with `attach = false` or `cgroup`"),
+    ("xdp-not-attached.toml", 9, 7, "program[0].xdp", "not with `attach = false`, `cgroup`"),
+    ("tc-and-xdp.toml", 9, 7, "program[0].xdp", "or another interface key"),
     (
         "kmemleak-clean-of-a-trigger.toml",
         17,

@@ -136,8 +136,10 @@ pub fn loader_argv(spec: &ProgramSpec, also: &[&str]) -> Vec<String> {
     if let Some(cgroup) = &spec.cgroup {
         argv.extend(["--cgroup".to_owned(), cgroup.get_ref().clone()]);
     }
-    if let Some(interface) = &spec.xdp {
-        argv.extend(["--xdp".to_owned(), interface.get_ref().clone()]);
+    for (option, interface) in [("--xdp", &spec.xdp), ("--tc", &spec.tc)] {
+        if let Some(interface) = interface {
+            argv.extend([option.to_owned(), interface.get_ref().clone()]);
+        }
     }
     argv
 }
@@ -1058,6 +1060,11 @@ mod tests {
         assert_eq!(
             loader_argv(&spec, &[]),
             ["/bin/bpf_loader", "load", "/lib/termlab/programs/p.bpf.o", "--xdp", "lab0"]
+        );
+        let spec = program("name = \"p\"\nobject = \"p.bpf.o\"\ntc = \"lab1\"\ntrigger = [\"x\"]");
+        assert_eq!(
+            loader_argv(&spec, &[]),
+            ["/bin/bpf_loader", "load", "/lib/termlab/programs/p.bpf.o", "--tc", "lab1"]
         );
         let own =
             "name = \"p\"\nloader = [\"loops\", \"--prog\", \"loops\"]\nbpf_name = \"loops\"\n\

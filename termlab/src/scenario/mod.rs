@@ -748,31 +748,42 @@ fn validate_cgroup(
     Ok(())
 }
 
-/// Longest `xdp` interface name: its veth peer's name, `<name>_peer`, must fit the kernel's
-/// 15 bytes.
-const MAX_XDP_INTERFACE_LEN: usize = 10;
+/// Longest `xdp`/`tc` interface name: its veth peer's name, `<name>_peer`, must fit the
+/// kernel's 15 bytes.
+const MAX_INTERFACE_LEN: usize = 10;
 
-/// `xdp`: a network interface name (a veth pair made if missing), for a program that is
-/// attached, and not to a cgroup as well.
-fn validate_xdp(program: &ProgramSpec, key: &dyn Fn(&str) -> String) -> Result<(), SpannedError> {
-    let Some(interface) = &program.xdp else { return Ok(()) };
+/// `xdp` or `tc`: a network interface name (a veth pair made if missing), for a program that
+/// is attached, there only.
+fn validate_interface(
+    program: &ProgramSpec,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), SpannedError> {
+    let given = [(&program.xdp, "xdp"), (&program.tc, "tc")];
+    let Some((interface, field)) =
+        given.iter().find_map(|(value, field)| Some(((*value).as_ref()?, *field)))
+    else {
+        return Ok(());
+    };
     let name = interface.get_ref();
-    let valid = (1..=MAX_XDP_INTERFACE_LEN).contains(&name.len())
+    let valid = (1..=MAX_INTERFACE_LEN).contains(&name.len())
         && name.chars().all(|c| c.is_ascii_alphanumeric() || "_-".contains(c));
     if !valid {
         return Err(invalid(
             interface,
-            key("xdp"),
+            key(field),
             format!(
-                "`{name}` is not an interface name of 1 to {MAX_XDP_INTERFACE_LEN} letters, digits, `_` or `-` (its veth peer is `{name}_peer`)"
+                "`{name}` is not an interface name of 1 to {MAX_INTERFACE_LEN} letters, digits, `_` or `-` (its veth peer is `{name}_peer`)"
             ),
         ));
     }
-    if !program.attaches() || program.cgroup.is_some() {
+    let elsewhere = !program.attaches()
+        || program.cgroup.is_some()
+        || (program.xdp.is_some() && program.tc.is_some());
+    if elsewhere {
         return Err(invalid(
             interface,
-            key("xdp"),
-            "`xdp` attaches the program to an interface: not with `attach = false` or `cgroup`",
+            key(field),
+            format!("`{field}` attaches the program to an interface: not with `attach = false`, `cgroup` or another interface key"),
         ));
     }
     Ok(())
@@ -826,7 +837,7 @@ fn validate_program(
     }
     validate_summary_line(program, key)?;
     validate_cgroup(program, key)?;
-    validate_xdp(program, key)?;
+    validate_interface(program, key)?;
     if let Some(loader) = &program.loader {
         refuse_given(
             &[
@@ -834,6 +845,7 @@ fn validate_program(
                 (program.attach.as_ref().map(Spanned::span), "attach"),
                 (program.cgroup.as_ref().map(Spanned::span), "cgroup"),
                 (program.xdp.as_ref().map(Spanned::span), "xdp"),
+                (program.tc.as_ref().map(Spanned::span), "tc"),
                 (program.test_run.as_ref().map(Spanned::span), "test_run"),
             ],
             key,
@@ -922,6 +934,7 @@ fn validate_loaded_by(
             (program.attach.as_ref().map(Spanned::span), "attach"),
             (program.cgroup.as_ref().map(Spanned::span), "cgroup"),
             (program.xdp.as_ref().map(Spanned::span), "xdp"),
+            (program.tc.as_ref().map(Spanned::span), "tc"),
             (program.bpf_name.as_ref().map(Spanned::span), "bpf_name"),
             (program.trigger.as_ref().map(Spanned::span), "trigger"),
             (program.test_run.as_ref().map(Spanned::span), "test_run"),

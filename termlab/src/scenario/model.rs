@@ -165,6 +165,11 @@ pub struct ProgramSpec {
     /// `<interface>_peer`, both up: frames sent out of the peer arrive there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xdp: Option<Spanned<String>>,
+    /// A tc program's guest network interface: the loader attaches it at that
+    /// interface's ingress (a clsact qdisc); a missing interface is made as
+    /// for `xdp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tc: Option<Spanned<String>>,
     /// The program whose loader loads this one from its object, unattached,
     /// beside it (`bpf_loader load --also FUNCTION`): the target of its tail
     /// calls, which runs only through them. Needs `function`.
