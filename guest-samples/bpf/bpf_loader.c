@@ -67,10 +67,11 @@
  * a reservation that was never submitted nor discarded, which holds back
  * every record after it (0 when nothing leaked).
  *
- *   bpf_loader packet --out INTERFACE --in INTERFACE [--wait-ms N]
+ *   bpf_loader packet {--out INTERFACE --in INTERFACE | --udp PORT} [--wait-ms N]
  *
  * Sends one frame out of one interface and looks for it on another, where
- * only a frame that XDP passed arrives: see lab_net.h.
+ * only a frame that XDP and tc ingress passed arrives, or one UDP datagram
+ * over the loopback, which a cgroup_skb program can deny: see lab_net.h.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -112,7 +113,7 @@ static int usage(void)
 		"                       [--no-attach | --cgroup DIR | --xdp INTERFACE | --tc INTERFACE]\n"
 		"       bpf_loader test-run --id PROG_ID [--data-hex HEX | --data-file PATH] [--repeat N]\n"
 		"       bpf_loader globals --prog KERNEL_NAME [--prog KERNEL_NAME]... -- COMMAND [ARG...]\n"
-		"       bpf_loader packet --out INTERFACE --in INTERFACE [--wait-ms N]\n");
+		"       bpf_loader packet {--out INTERFACE --in INTERFACE | --udp PORT} [--wait-ms N]\n");
 	return 2;
 }
 

@@ -16,6 +16,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <arpa/inet.h>
+#include <netinet/in.h>
 #include <linux/if_ether.h>
 #include <linux/if_link.h>
 #include <linux/if_packet.h>
@@ -184,8 +185,11 @@ static int packet_socket(unsigned int index, const char *name)
 	return fd;
 }
 
-/* Waits up to @wait_ms for a frame carrying @nonce on @fd: 1 if it came, 0 if not, -1. */
-static int receive(int fd, uint64_t nonce, unsigned int wait_ms)
+/*
+ * Waits up to @wait_ms for a message carrying @nonce at byte @at on @fd: 1 if
+ * it came, 0 if not, -1 on an error.
+ */
+static int receive(int fd, uint64_t nonce, size_t at, unsigned int wait_ms)
 {
 	uint64_t deadline = now_ns() + (uint64_t)wait_ms * 1000000;
 	unsigned char frame[2048];
@@ -196,81 +200,143 @@ static int receive(int fd, uint64_t nonce, unsigned int wait_ms)
 		ssize_t got;
 
 		if (poll(&ready, 1, left_ms) < 0 && errno != EINTR)
-			return -1;
+			break;
 		if (!(ready.revents & POLLIN))
 			continue;
 		got = recv(fd, frame, sizeof(frame), MSG_DONTWAIT);
 		if (got < 0 && errno != EAGAIN && errno != EINTR)
-			return -1;
-		if (got >= ETH_HLEN + (ssize_t)sizeof(nonce) &&
-		    memcmp(frame + ETH_HLEN, &nonce, sizeof(nonce)) == 0)
+			break;
+		if (got >= (ssize_t)(at + sizeof(nonce)) &&
+		    memcmp(frame + at, &nonce, sizeof(nonce)) == 0)
 			return 1;
+	}
+	if (now_ns() < deadline) {
+		fprintf(stderr, "bpf_loader: receiving: %s\n", strerror(errno));
+		return -1;
 	}
 	return 0;
 }
 
-int lab_packet(int argc, char **argv)
+/* Sends @len bytes of @data with @tx to @to; 0, or 1 after a message. */
+static int send_one(int tx, const void *data, size_t len, const struct sockaddr *to,
+		    socklen_t to_len, const char *where, uint64_t *took_ns)
 {
-	const char *out = NULL, *in = NULL;
-	unsigned int wait_ms = 3000, out_index, in_index;
-	unsigned char frame[FRAME_BYTES] = { 0 };
-	struct sockaddr_ll to = { .sll_family = AF_PACKET, .sll_halen = ETH_ALEN };
-	uint64_t nonce = now_ns(), sent_ns, returned_ns;
-	int rx, tx, received, i;
+	uint64_t sent_ns = now_ns();
 
-	for (i = 0; i + 1 < argc; i += 2) {
-		if (strcmp(argv[i], "--out") == 0)
-			out = argv[i + 1];
-		else if (strcmp(argv[i], "--in") == 0)
-			in = argv[i + 1];
-		else if (strcmp(argv[i], "--wait-ms") == 0 && argv[i + 1][0] >= '0' &&
-			 argv[i + 1][0] <= '9')
-			wait_ms = (unsigned int)strtoul(argv[i + 1], NULL, 10);
-		else
-			return 2;
+	if (sendto(tx, data, len, 0, to, to_len) < 0) {
+		fprintf(stderr, "bpf_loader: sending to %s: %s\n", where, strerror(errno));
+		return 1;
 	}
-	if (i != argc || !out || !in)
-		return 2;
-	out_index = if_nametoindex(out);
-	in_index = if_nametoindex(in);
+	*took_ns = now_ns() - sent_ns;
+	return 0;
+}
+
+/* One frame of the lab's ethertype out of @out, looked for on @in. */
+static int frame_through(const char *out, const char *in, uint64_t nonce, unsigned int wait_ms,
+			 uint64_t *took_ns)
+{
+	unsigned int out_index = if_nametoindex(out), in_index = if_nametoindex(in);
+	struct sockaddr_ll to = {
+		.sll_family = AF_PACKET,
+		.sll_protocol = htons(ETH_P_TERMLAB),
+		.sll_ifindex = (int)out_index,
+		.sll_halen = ETH_ALEN,
+	};
+	unsigned char frame[FRAME_BYTES] = { 0 };
+	int rx, tx, received = -1;
+
 	if (!out_index || !in_index) {
 		fprintf(stderr, "bpf_loader: no interface %s\n", out_index ? in : out);
-		return 1;
+		return -1;
 	}
 	/* Bound before the frame leaves: it cannot arrive unseen. */
 	rx = packet_socket(in_index, in);
 	tx = rx < 0 ? -1 : packet_socket(out_index, out);
-	if (tx < 0) {
-		if (rx >= 0)
-			close(rx);
-		return 1;
-	}
 	/* Broadcast from a locally administered address, the lab's ethertype, the nonce. */
 	memset(frame, 0xff, ETH_ALEN);
 	frame[ETH_ALEN] = 0x02;
 	frame[2 * ETH_ALEN] = ETH_P_TERMLAB >> 8;
 	frame[2 * ETH_ALEN + 1] = ETH_P_TERMLAB & 0xff;
 	memcpy(frame + ETH_HLEN, &nonce, sizeof(nonce));
-	to.sll_protocol = htons(ETH_P_TERMLAB);
-	to.sll_ifindex = (int)out_index;
 	memset(to.sll_addr, 0xff, ETH_ALEN);
-
-	sent_ns = now_ns();
-	if (sendto(tx, frame, sizeof(frame), 0, (struct sockaddr *)&to, sizeof(to)) < 0) {
-		fprintf(stderr, "bpf_loader: sending a frame out of %s: %s\n", out, strerror(errno));
+	if (tx >= 0 &&
+	    !send_one(tx, frame, sizeof(frame), (struct sockaddr *)&to, sizeof(to), out, took_ns))
+		received = receive(rx, nonce, ETH_HLEN, wait_ms);
+	if (tx >= 0)
 		close(tx);
+	if (rx >= 0)
 		close(rx);
-		return 1;
+	return received;
+}
+
+/* A UDP socket on 127.0.0.1:@port (0: any), or -1 after a message. */
+static int udp_socket(unsigned int port, struct sockaddr_in *at)
+{
+	int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+
+	*at = (struct sockaddr_in){
+		.sin_family = AF_INET,
+		.sin_port = htons((uint16_t)port),
+		.sin_addr.s_addr = htonl(INADDR_LOOPBACK),
+	};
+	if (fd < 0 || bind(fd, (struct sockaddr *)at, sizeof(*at))) {
+		fprintf(stderr, "bpf_loader: a UDP socket on 127.0.0.1:%u: %s\n", port,
+			strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return -1;
 	}
-	returned_ns = now_ns();
-	received = receive(rx, nonce, wait_ms);
-	close(tx);
-	close(rx);
-	if (received < 0) {
-		fprintf(stderr, "bpf_loader: receiving on %s: %s\n", in, strerror(errno));
-		return 1;
+	return fd;
+}
+
+/* One datagram to 127.0.0.1:@port, looked for on a socket of this process bound there. */
+static int datagram_through(unsigned int port, uint64_t nonce, unsigned int wait_ms,
+			    uint64_t *took_ns)
+{
+	struct sockaddr_in to, from;
+	int rx = udp_socket(port, &to), tx = rx < 0 ? -1 : udp_socket(0, &from), received = -1;
+
+	if (tx >= 0 && !send_one(tx, &nonce, sizeof(nonce), (struct sockaddr *)&to, sizeof(to),
+				 "127.0.0.1", took_ns))
+		received = receive(rx, nonce, 0, wait_ms);
+	if (tx >= 0)
+		close(tx);
+	if (rx >= 0)
+		close(rx);
+	return received;
+}
+
+int lab_packet(int argc, char **argv)
+{
+	const char *out = NULL, *in = NULL;
+	unsigned int wait_ms = 3000, port = 0;
+	uint64_t took_ns = 0;
+	int received, i;
+
+	for (i = 0; i + 1 < argc; i += 2) {
+		const char *value = argv[i + 1];
+
+		if (strcmp(argv[i], "--out") == 0)
+			out = value;
+		else if (strcmp(argv[i], "--in") == 0)
+			in = value;
+		else if (strcmp(argv[i], "--udp") == 0 && value[0] >= '1' && value[0] <= '9')
+			port = (unsigned int)strtoul(value, NULL, 10);
+		else if (strcmp(argv[i], "--wait-ms") == 0 && value[0] >= '0' && value[0] <= '9')
+			wait_ms = (unsigned int)strtoul(value, NULL, 10);
+		else
+			return 2;
 	}
-	printf("packet out=%s in=%s send_ms=%.1f received=%d\n", out, in,
-	       (double)(returned_ns - sent_ns) / 1e6, received);
+	if (i != argc || port > 65535 || (port ? out || in : !out || !in))
+		return 2;
+	received = port ? datagram_through(port, now_ns(), wait_ms, &took_ns)
+			: frame_through(out, in, now_ns(), wait_ms, &took_ns);
+	if (received < 0)
+		return 1;
+	if (port)
+		printf("packet udp=127.0.0.1:%u", port);
+	else
+		printf("packet out=%s in=%s", out, in);
+	printf(" send_ms=%.1f received=%d\n", (double)took_ns / 1e6, received);
 	return received ? 0 : LAB_PACKET_LOST;
 }

@@ -59,4 +59,12 @@ int cgroup_allow_slow(struct __sk_buff *skb)
 	return 1;
 }
 
+/* The same, attached to a cgroup: a datagram to a socket of the cgroup's runs it. */
+SEC("cgroup_skb/ingress")
+int cgroup_udp_slow(struct __sk_buff *skb)
+{
+	passes_after_slow_helper("cgroup_udp_slow");
+	return 1;
+}
+
 char LICENSE[] SEC("license") = "GPL";
