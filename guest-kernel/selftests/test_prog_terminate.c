@@ -1816,6 +1816,104 @@ static void test_declared_verdict(void)
 }
 
 /*
+ * Loads two_slow_helpers with BTF that describes its one function and puts
+ * the @ntags decl tags @tags on it (what clang emits for
+ * __attribute__((btf_decl_tag(...)))), with @flags; -1 and errno on failure.
+ */
+static int load_with_tags(const char *const *tags, uint32_t ntags, uint32_t flags)
+{
+	struct bpf_func_info func = { .insn_off = 0, .type_id = 3 };
+	char strings[256] = "\0int\0f";	/* "" at 0, "int" at 1, "f" at 5 */
+	uint32_t types[4 + 3 + 3 + 4 * 2], *t = types, at = 7;
+	union bpf_attr attr;
+	int fd, btf_fd;
+
+	/* 1: int; 2: int (void); 3: static int f(void) */
+	*t++ = 1;
+	*t++ = BTF_KIND_INT << 24;
+	*t++ = 4;
+	*t++ = BTF_INT_SIGNED << 24 | 32;
+	*t++ = 0;
+	*t++ = BTF_KIND_FUNC_PROTO << 24;
+	*t++ = 1;
+	*t++ = 5;
+	*t++ = BTF_KIND_FUNC << 24 | BTF_FUNC_STATIC;
+	*t++ = 2;
+	for (uint32_t i = 0; i < ntags && i < 2; i++) {
+		size_t len = strlen(tags[i]) + 1;
+
+		if (at + len > sizeof(strings))
+			break;
+		memcpy(strings + at, tags[i], len);
+		*t++ = at;
+		*t++ = BTF_KIND_DECL_TAG << 24;
+		*t++ = 3;		/* on f */
+		*t++ = (uint32_t)-1;	/* the function itself, not an argument */
+		at += len;
+	}
+	btf_fd = raw_btf_load(types, (t - types) * 4, strings, at);
+	raw_prog_attr(&attr, BPF_PROG_TYPE_RAW_TRACEPOINT, two_slow_helpers, 5, "term_tag", flags);
+	attr.prog_btf_fd = btf_fd;
+	attr.func_info_rec_size = sizeof(func);
+	attr.func_info = (uintptr_t)&func;
+	attr.func_info_cnt = 1;
+	fd = termlab_bpf_prog_load_verdict(&attr, sizeof(attr), 0);
+	close(btf_fd);
+	return fd;
+}
+
+/*
+ * The verdict declared in the program's BTF, for loaders without
+ * term_verdict (libbpf): a "term_verdict:N" decl tag on the main function
+ * means BPF_F_TERM_VERDICT with N.  A stopped run returns N; a tag that is
+ * not an integer, two tags, or a tag beside the flag are refused.
+ */
+static void test_verdict_tag(void)
+{
+	static const char *const bad[][2] = {
+		{ "term_verdict:x" }, { "term_verdict:1", "term_verdict:2" },
+	};
+	static const char *const tag[] = { "term_verdict:-5" };
+	struct run run = {};
+	uint64_t term_ns;
+	int term_errno;
+	long fd, ret;
+
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		char name[128];
+
+		errno = 0;
+		fd = load_with_tags(bad[i], bad[i][1] ? 2 : 1, 0);
+		snprintf(name, sizeof(name), "verdict tag: %s%s%s -> EINVAL", bad[i][0],
+			 bad[i][1] ? " and " : "", bad[i][1] ? bad[i][1] : "");
+		check(fd == -1 && errno == EINVAL, name, "%ld %s", fd, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+	}
+	errno = 0;
+	fd = load_with_tags(tag, 1, TERMLAB_BPF_F_TERM_VERDICT);
+	check(fd == -1 && errno == EINVAL, "verdict tag: beside BPF_F_TERM_VERDICT -> EINVAL",
+	      "%ld %s", fd, strerror(errno));
+	if (fd >= 0)
+		close(fd);
+
+	fd = load_with_tags(tag, 1, 0);
+	check(fd >= 0, "verdict tag: a program tagged term_verdict:-5 loads", "%s",
+	      fd < 0 ? strerror(errno) : "loaded");
+	if (fd < 0)
+		return;
+	set_delay(DELAY_MS);
+	run.prog_fd = fd;
+	ret = run_and_terminate(&run, prog_id(fd), DELAY_MS / 2, &term_ns, &term_errno);
+	check(ret == 1 && !run.err && (int)run.retval == -5,
+	      "verdict tag: the stopped run returns -5 (its copy computes -1)",
+	      "terminate %ld (%s), retval %d", ret, ret < 0 ? strerror(term_errno) : "ok",
+	      (int)run.retval);
+	set_delay(0);
+	close(fd);
+}
+
+/*
  * Constructs the kernel refuses to terminate (EOPNOTSUPP), checked before
  * whether a run is in progress: a tail call from a subprogram (its target
  * returns into the caller's image, patch 0024), and constant blinding
@@ -2270,6 +2368,7 @@ int main(int argc, char **argv)
 	test_refused_constructs();
 	test_tail_call_chain();
 	test_declared_verdict();
+	test_verdict_tag();
 	test_kallsyms();
 	test_prog_info();
 	frames = test_case1("case 1", two_slow_helpers, 5, 0);
