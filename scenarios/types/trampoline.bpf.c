@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * Programs the kernel runs from a BPF trampoline, not through bpf_prog_run(): fentry, fexit
- * and BPF LSM. The trampoline's enter and exit functions keep their runs on the CPU's
+ * Programs the kernel runs from a BPF trampoline, not through bpf_prog_run(): fentry, fexit,
+ * fmod_ret and BPF LSM. The trampoline's enter and exit functions keep their runs on the CPU's
  * running stack (patch 0025), so they are terminated like any other run, and a terminated
  * run returns into the trampoline, whose exit path goes on.
  *
@@ -39,14 +39,44 @@ int BPF_PROG(fexit_getppid, const struct pt_regs *regs, long ret)
 }
 
 /*
- * Allows every setpriority(2): the program and its copy return 0. A terminated run denies
- * it all the same (-EPERM): the kernel's verdict for a stopped LSM program on a hook that
- * returns 0 or an error, unless the program declared another.
+ * Allows every setpriority(2) to nice 5: the program and its copy return 0. A terminated
+ * run denies it all the same (-EPERM): the kernel's verdict for a stopped LSM program on a
+ * hook that returns 0 or an error, unless the program declared another. Other nice values
+ * are lsm_eacces's.
  */
 SEC("lsm/task_setnice")
 int BPF_PROG(lsm_setnice, struct task_struct *p, int nice)
 {
+	if (nice != 5)
+		return 0;
 	return two_slow_parts("lsm_setnice", bpf_get_current_pid_tgid() >> 32);
+}
+
+/*
+ * The same for nice 7, with the verdict of a terminated run declared where a libbpf user
+ * declares it, in the source: a decl tag in the program's BTF, which libbpf passes through
+ * (patch 0026). A stopped run returns -EACCES (-13), not the default -EPERM.
+ */
+SEC("lsm/task_setnice")
+__attribute__((btf_decl_tag("term_verdict:-13")))
+int BPF_PROG(lsm_eacces, struct task_struct *p, int nice)
+{
+	if (nice != 7)
+		return 0;
+	return two_slow_parts("lsm_eacces", bpf_get_current_pid_tgid() >> 32);
+}
+
+/*
+ * fmod_ret on bpf_modify_return_test(), which BPF_PROG_TEST_RUN of this program calls (then
+ * bpf_modify_return_test2(), unmodified). A whole run returns 0: the function runs. A
+ * terminated run returns its declared verdict, 7, which the trampoline returns in the
+ * function's place, skipping it: the test run's retval says which (see trampoline.toml).
+ */
+SEC("fmod_ret/bpf_modify_return_test")
+__attribute__((btf_decl_tag("term_verdict:7")))
+int BPF_PROG(fmod_ret_slow, int a, int *b, int ret)
+{
+	return two_slow_parts("fmod_ret_slow", bpf_get_current_pid_tgid() >> 32);
 }
 
 char LICENSE[] SEC("license") = "GPL";
