@@ -328,10 +328,13 @@ fn a_warm_l1_runs_one_job_after_another_each_from_a_clean_start() {
         ..L1Options::default()
     };
     // The first job leaves a process behind that counts on the host: it must die with the job.
+    // The job ends once the counter has counted (a fixed sleep was not always long enough in
+    // the emulated L1 beside other suites; 10 s at most, then exit 9).
     let first = format!(
         "cat /proc/sys/kernel/random/boot_id > '{w}/boot-id' && touch /tmp/left-by-the-first \
-         && setsid sh -c 'n=0; while :; do n=$((n+1)); echo $n > {w}/count; sleep 0.2; done' \
-         > /dev/null 2>&1 & sleep 1",
+         && {{ setsid sh -c 'n=0; while :; do n=$((n+1)); echo $n > {w}/count; sleep 0.2; done' \
+         > /dev/null 2>&1 & }} && i=0 && until [ -s '{w}/count' ]; do i=$((i+1)); \
+         [ $i -le 100 ] || exit 9; sleep 0.1; done",
         w = writable.0.display()
     );
     assert_eq!(run_in_l1(&sh(&first), &options).expect("first warm job"), 0);

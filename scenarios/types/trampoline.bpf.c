@@ -67,6 +67,17 @@ int BPF_PROG(lsm_eacces, struct task_struct *p, int nice)
 }
 
 /*
+ * Declares a verdict task_setnice cannot return (it returns 0 or an errno): refused at load
+ * with EINVAL, as any return value outside the hook's range would be.
+ */
+SEC("lsm/task_setnice")
+__attribute__((btf_decl_tag("term_verdict:5")))
+int BPF_PROG(lsm_bad_verdict, struct task_struct *p, int nice)
+{
+	return 0;
+}
+
+/*
  * fmod_ret on bpf_modify_return_test(), which BPF_PROG_TEST_RUN of this program calls (then
  * bpf_modify_return_test2(), unmodified). A whole run returns 0: the function runs. A
  * terminated run returns its declared verdict, 7, which the trampoline returns in the
