@@ -1823,22 +1823,12 @@ static void test_declared_verdict(void)
 static int load_with_tags(const char *const *tags, uint32_t ntags, uint32_t flags)
 {
 	struct bpf_func_info func = { .insn_off = 0, .type_id = 3 };
-	char strings[256] = "\0int\0f";	/* "" at 0, "int" at 1, "f" at 5 */
-	uint32_t types[4 + 3 + 3 + 4 * 2], *t = types, at = 7;
+	char strings[256] = RAW_BTF_FUNC_STRINGS;
+	uint32_t types[4 + 3 + 3 + 4 * 2], *t = raw_btf_func_types(types, 1);
+	uint32_t at = sizeof(RAW_BTF_FUNC_STRINGS);
 	union bpf_attr attr;
 	int fd, btf_fd;
 
-	/* 1: int; 2: int (void); 3: static int f(void) */
-	*t++ = 1;
-	*t++ = BTF_KIND_INT << 24;
-	*t++ = 4;
-	*t++ = BTF_INT_SIGNED << 24 | 32;
-	*t++ = 0;
-	*t++ = BTF_KIND_FUNC_PROTO << 24;
-	*t++ = 1;
-	*t++ = 5;
-	*t++ = BTF_KIND_FUNC << 24 | BTF_FUNC_STATIC;
-	*t++ = 2;
 	for (uint32_t i = 0; i < ntags && i < 2; i++) {
 		size_t len = strlen(tags[i]) + 1;
 

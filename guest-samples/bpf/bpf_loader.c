@@ -270,7 +270,7 @@ static int attach_program(struct bpf_program *prog, enum attach_to how, const ch
 			  struct attachment *at)
 {
 	const char *name = bpf_program__name(prog);
-	int fd;
+	int fd, ifindex;
 
 	switch (how) {
 	case ATTACH_NONE:
@@ -294,14 +294,14 @@ static int attach_program(struct bpf_program *prog, enum attach_to how, const ch
 		return !at->link;
 	case ATTACH_XDP:
 	case ATTACH_TC:
-		fd = lab_interface(where);
-		if (fd < 0)
+		ifindex = lab_interface(where);
+		if (ifindex < 0)
 			return 1;
 		if (how == ATTACH_XDP) {
-			at->link = bpf_program__attach_xdp(prog, fd);
+			at->link = bpf_program__attach_xdp(prog, ifindex);
 			if (at->link)
 				return 0;
-		} else if (attach_tc(prog, fd, at) == 0) {
+		} else if (attach_tc(prog, ifindex, at) == 0) {
 			return 0;
 		}
 		fprintf(stderr, "bpf_loader: attaching %s to the %s hook of %s: %s\n", name,

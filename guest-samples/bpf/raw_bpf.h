@@ -188,20 +188,16 @@ static inline int raw_btf_load(const uint32_t *types, uint32_t type_len, const c
 	return fd;
 }
 
-/*
- * BTF that describes @nfuncs functions `static int f(void)` (types 3..),
- * for func_info: the verifier wants it for a program whose subprogram is a
- * callback (bpf_loop()).  Returns the BTF's fd; exits on failure.
- */
-static inline int raw_btf_of_funcs(uint32_t nfuncs)
-{
-	static const char strings[] = "\0int\0f";	/* "" at 0, "int" at 1, "f" at 5 */
-	uint32_t types[4 + 3 + 3 * 16], *t = types;
+/* The names raw_btf_func_types() uses: "" at 0, "int" at 1, "f" at 5. */
+#define RAW_BTF_FUNC_STRINGS "\0int\0f"
 
-	if (nfuncs > 16) {
-		fprintf(stderr, "raw_btf_of_funcs: %u functions, at most 16\n", nfuncs);
-		exit(1);
-	}
+/*
+ * Writes at @t the BTF types of @nfuncs functions `static int f(void)`
+ * (types 3..; 1 is int, 2 is int (void)), named in RAW_BTF_FUNC_STRINGS.
+ * Returns the end of what it wrote.
+ */
+static inline uint32_t *raw_btf_func_types(uint32_t *t, uint32_t nfuncs)
+{
 	/* 1: int */
 	*t++ = 1;
 	*t++ = BTF_KIND_INT << 24;
@@ -217,7 +213,25 @@ static inline int raw_btf_of_funcs(uint32_t nfuncs)
 		*t++ = BTF_KIND_FUNC << 24 | BTF_FUNC_STATIC;
 		*t++ = 2;
 	}
-	return raw_btf_load(types, (t - types) * 4, strings, sizeof(strings));
+	return t;
+}
+
+/*
+ * BTF that describes @nfuncs functions `static int f(void)` (types 3..),
+ * for func_info: the verifier wants it for a program whose subprogram is a
+ * callback (bpf_loop()).  Returns the BTF's fd; exits on failure.
+ */
+static inline int raw_btf_of_funcs(uint32_t nfuncs)
+{
+	uint32_t types[4 + 3 + 3 * 16], *t;
+
+	if (nfuncs > 16) {
+		fprintf(stderr, "raw_btf_of_funcs: %u functions, at most 16\n", nfuncs);
+		exit(1);
+	}
+	t = raw_btf_func_types(types, nfuncs);
+	return raw_btf_load(types, (t - types) * 4, RAW_BTF_FUNC_STRINGS,
+			    sizeof(RAW_BTF_FUNC_STRINGS));
 }
 
 /* BPF_PROG_LOAD's attributes for @cnt instructions of a GPL program of @type. */
