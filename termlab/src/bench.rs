@@ -233,6 +233,7 @@ fn boot(
         console_stdin: false,
         kernel_args: None,
         cancel: &options.cancel,
+        system_map: kernel.build.system_map.as_deref(),
     })
 }
 

@@ -88,10 +88,7 @@ impl ExecError {
         match error {
             EngineError::Interrupted => ExecError::Interrupted,
             EngineError::Image(error) => ExecError::Failed(error.to_string()),
-            EngineError::NoAgent { waited, detail, .. } => ExecError::Boot(format!(
-                "the guest agent did not answer within {waited:?} ({detail}). Guest console, last lines:\n{}",
-                tail()
-            )),
+            error @ EngineError::NoAgent { .. } => ExecError::Boot(error.to_string()),
             EngineError::VmExited { exit, .. } => {
                 let reason = engine::describe_exit(&exit);
                 // A panic's description ends with the console's last lines already.
@@ -299,6 +296,7 @@ pub fn exec_in_guest(
         console_stdin: false,
         kernel_args: spec.kernel_args,
         cancel: spec.cancel,
+        system_map: None,
     })
     .map_err(|error| ExecError::from_engine(error, false, console.path()))?;
     timings.boot = booting.elapsed();

@@ -287,6 +287,8 @@ mod tests {
             waited: Duration::from_secs(180),
             detail: "refused".into(),
             console: console.clone(),
+            vcpus: String::new(),
+            tail: String::new(),
         };
         assert_eq!(no_agent.exit_class(), ExitClass::Infrastructure);
         let not_built = EngineError::Image(GuestImageError::KernelNotBuilt { variant: "default" });

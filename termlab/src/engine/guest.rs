@@ -12,7 +12,7 @@ use termlab_protocol::DEFAULT_VSOCK_PORT;
 use termlab_vmm::{ConsoleConfig, ExitReason, Vm, VmConfig, VsockConfig};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-use super::EngineError;
+use super::{EngineError, CONSOLE_TAIL_LINES};
 use crate::cancel::Cancel;
 
 /// The guest's vsock context id (any value >= 3; there is one guest).
@@ -74,6 +74,8 @@ pub struct BootSpec<'a> {
     pub kernel_args: Option<&'a str>,
     /// Stops waiting for the agent (Ctrl-C), and later [`Guest::wait_until_exit`].
     pub cancel: &'a Cancel,
+    /// Names the vCPUs' positions when the agent never answers.
+    pub system_map: Option<&'a Path>,
 }
 
 impl Guest {
@@ -116,10 +118,15 @@ impl Guest {
                 Ok(stream) => break stream,
                 Err(error) if Instant::now() < deadline && retryable(&error) => continue,
                 Err(error) => {
+                    // Where the boot stopped: the console's end and the vCPUs.
+                    let vcpus = vcpu_positions(&vm, spec.system_map);
+                    let tail = console_tail(&spec.console_log, CONSOLE_TAIL_LINES);
                     return Err(EngineError::NoAgent {
                         waited: AGENT_WAIT,
                         detail: error.to_string(),
                         console: spec.console_log,
+                        vcpus,
+                        tail,
                     });
                 }
             }
@@ -145,73 +152,9 @@ impl Guest {
         (&self.vm, &mut self.client)
     }
 
-    /// Where each vCPU is, sampled three times 300 ms apart (the VM paused briefly for
-    /// each), named after the kernel's symbols when `system_map` is given: for a guest that
-    /// stopped answering, whether its vCPUs still move, where they sit and whether they
-    /// take interrupts. One line per vCPU, or why the VM could not be read.
+    /// Where each vCPU is: see [`vcpu_positions`].
     pub fn vcpu_positions(&self, system_map: Option<&Path>) -> String {
-        const SAMPLES: usize = 3;
-        const GAP: Duration = Duration::from_millis(300);
-        let symbols = system_map
-            .and_then(|path| std::fs::read_to_string(path).ok())
-            .and_then(|text| termlab_introspect::symbols::SymbolTable::parse(&text).ok());
-        let name = |rip: u64| match symbols.as_ref().and_then(|table| table.symbolize(rip)) {
-            Some(at) => at.to_string(),
-            None => format!("{rip:#x}"),
-        };
-        let mut seen: Vec<Vec<String>> = vec![Vec::new(); self.vm.vcpu_count()];
-        for sample in 0..SAMPLES {
-            if sample > 0 {
-                std::thread::sleep(GAP);
-            }
-            if let Err(error) = self.vm.pause() {
-                return format!("(the vCPUs could not be paused to read them: {error})");
-            }
-            for (vcpu, positions) in seen.iter_mut().enumerate() {
-                positions.push(match self.vm.regs(vcpu) {
-                    Ok(regs) => {
-                        let interrupts = if regs.rflags & 0x200 != 0 { "" } else { " (IF off)" };
-                        let mut at = format!("{}{interrupts}", name(regs.rip));
-                        if sample + 1 == SAMPLES {
-                            at.push_str(&self.code_at(vcpu, regs.rip));
-                        }
-                        at
-                    }
-                    Err(error) => format!("(unreadable: {error})"),
-                });
-            }
-            if let Err(error) = self.vm.resume() {
-                return format!("(the VM could not be resumed after reading it: {error})");
-            }
-        }
-        seen.iter()
-            .enumerate()
-            .map(|(vcpu, positions)| format!("  vCPU {vcpu}: {}", positions.join(" -> ")))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    /// What a paused vCPU executes at `rip`, for a place no symbol names (a BPF image, a
-    /// trampoline): the code bytes through its own page tables, and CR2 (the last page fault's
-    /// address), or why they cannot be read. A CR3 outside the guest's memory is no state of
-    /// the guest's: [`HOST_STATE_IN_VCPU`] says so.
-    fn code_at(&self, vcpu: usize, rip: u64) -> String {
-        const CODE_BYTES: usize = 16;
-        let sregs = match self.vm.sregs(vcpu) {
-            Ok(sregs) => sregs,
-            Err(error) => return format!(" [no sregs: {error}]"),
-        };
-        if !page_tables_in(self.vm.memory(), sregs.cr3) {
-            return format!(" [CR3 {:#x} {HOST_STATE_IN_VCPU}; cr2 {:#x}]", sregs.cr3, sregs.cr2);
-        }
-        let mut code = [0u8; CODE_BYTES];
-        let read = termlab_introspect::paging::PageTables::from_sregs(&sregs)
-            .and_then(|tables| tables.read(self.vm.memory(), rip, &mut code));
-        let bytes = match read {
-            Ok(()) => code.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" "),
-            Err(error) => format!("unreadable ({error})"),
-        };
-        format!(" [code: {bytes}; cr2 {:#x}]", sregs.cr2)
+        vcpu_positions(&self.vm, system_map)
     }
 
     /// The token this guest was booted with.
@@ -251,6 +194,75 @@ impl Guest {
             None => self.vm.stop(),
         }
     }
+}
+
+/// Where each vCPU is, sampled three times 300 ms apart (the VM paused briefly for
+/// each), named after the kernel's symbols when `system_map` is given: for a guest that
+/// stopped answering, whether its vCPUs still move, where they sit and whether they
+/// take interrupts. One line per vCPU, or why the VM could not be read.
+pub fn vcpu_positions(vm: &Vm, system_map: Option<&Path>) -> String {
+    const SAMPLES: usize = 3;
+    const GAP: Duration = Duration::from_millis(300);
+    let symbols = system_map
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .and_then(|text| termlab_introspect::symbols::SymbolTable::parse(&text).ok());
+    let name = |rip: u64| match symbols.as_ref().and_then(|table| table.symbolize(rip)) {
+        Some(at) => at.to_string(),
+        None => format!("{rip:#x}"),
+    };
+    let mut seen: Vec<Vec<String>> = vec![Vec::new(); vm.vcpu_count()];
+    for sample in 0..SAMPLES {
+        if sample > 0 {
+            std::thread::sleep(GAP);
+        }
+        if let Err(error) = vm.pause() {
+            return format!("(the vCPUs could not be paused to read them: {error})");
+        }
+        for (vcpu, positions) in seen.iter_mut().enumerate() {
+            positions.push(match vm.regs(vcpu) {
+                Ok(regs) => {
+                    let interrupts = if regs.rflags & 0x200 != 0 { "" } else { " (IF off)" };
+                    let mut at = format!("{}{interrupts}", name(regs.rip));
+                    if sample + 1 == SAMPLES {
+                        at.push_str(&code_at(vm, vcpu, regs.rip));
+                    }
+                    at
+                }
+                Err(error) => format!("(unreadable: {error})"),
+            });
+        }
+        if let Err(error) = vm.resume() {
+            return format!("(the VM could not be resumed after reading it: {error})");
+        }
+    }
+    seen.iter()
+        .enumerate()
+        .map(|(vcpu, positions)| format!("  vCPU {vcpu}: {}", positions.join(" -> ")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// What a paused vCPU executes at `rip`, for a place no symbol names (a BPF image, a
+/// trampoline): the code bytes through its own page tables, and CR2 (the last page fault's
+/// address), or why they cannot be read. A CR3 outside the guest's memory is no state of
+/// the guest's: [`HOST_STATE_IN_VCPU`] says so.
+fn code_at(vm: &Vm, vcpu: usize, rip: u64) -> String {
+    const CODE_BYTES: usize = 16;
+    let sregs = match vm.sregs(vcpu) {
+        Ok(sregs) => sregs,
+        Err(error) => return format!(" [no sregs: {error}]"),
+    };
+    if !page_tables_in(vm.memory(), sregs.cr3) {
+        return format!(" [CR3 {:#x} {HOST_STATE_IN_VCPU}; cr2 {:#x}]", sregs.cr3, sregs.cr2);
+    }
+    let mut code = [0u8; CODE_BYTES];
+    let read = termlab_introspect::paging::PageTables::from_sregs(&sregs)
+        .and_then(|tables| tables.read(vm.memory(), rip, &mut code));
+    let bytes = match read {
+        Ok(()) => code.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" "),
+        Err(error) => format!("unreadable ({error})"),
+    };
+    format!(" [code: {bytes}; cr2 {:#x}]", sregs.cr2)
 }
 
 /// Not listening yet, or the VMM socket not there yet: try again.

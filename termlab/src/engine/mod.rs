@@ -51,8 +51,10 @@ pub enum EngineError {
     Programs(#[from] crate::user_programs::UserProgramError),
     #[error("the VMM could not start the guest: {0}")]
     Vm(#[from] termlab_vmm::Error),
-    #[error("the guest agent did not answer within {waited:?} ({detail}); the guest console is in {}", console.display())]
-    NoAgent { waited: Duration, detail: String, console: PathBuf },
+    /// The guest never answered the agent's handshake: how far its boot
+    /// got (the console's end) and where its vCPUs sat then.
+    #[error("the guest agent did not answer within {waited:?} ({detail}); the VM was killed. Guest console, last lines ({}):\n{tail}\nIts vCPUs then (three samples 300 ms apart):\n{vcpus}", console.display())]
+    NoAgent { waited: Duration, detail: String, console: PathBuf, vcpus: String, tail: String },
     #[error("the VM ended early: {}; the guest console is in {}", describe_exit(exit), console.display())]
     VmExited { exit: termlab_vmm::ExitReason, console: PathBuf },
     #[error("guest agent request failed ({what}): {source}")]
@@ -154,7 +156,7 @@ impl EngineError {
 }
 
 /// Console lines shown with a hang or a lost agent.
-const CONSOLE_TAIL_LINES: usize = 12;
+pub(crate) const CONSOLE_TAIL_LINES: usize = 12;
 
 #[derive(Clone)]
 pub struct RunOptions {
@@ -467,6 +469,7 @@ fn boot_measure_and_stop(
         console_stdin: options.keep_vm,
         kernel_args: kernel_args(scenario),
         cancel: &options.cancel,
+        system_map,
     });
     let mut guest = guest?;
     phase_timings(result).boot_s = booting.elapsed().as_secs_f64();
