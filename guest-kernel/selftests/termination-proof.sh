@@ -249,21 +249,31 @@ check "unprivileged bpftool prog terminate fails with the EPERM text" \
 # --- terminate twice, with the seed's bare `bpftool prog terminate ID` --------
 # Terminate twice (EALREADY while the stopped run finishes its slow call, counted
 # and traced once, ESRCH after it) is test_prog_terminate's check; here, what
-# bpftool says for the second call.
+# bpftool says for the second call. The answer is EALREADY only while the
+# stopped run is still in its first slow call: on the debug kernel (KASAN) each
+# bpftool start took up to a second, and two of them outlasted a 2 s call
+# (ESRCH, truthfully) in one CI run. So the call lasts 3 x the delay
+# here, and the run's phase read after the second call proves it was running.
+set_delay $((DELAY_MS * 3))
+runs_then=$(runs_of loops)
 if trigger_in_background loops; then
 	first=$(prog_terminate "$PROG_ID")
 	second=$(bpftool prog terminate "$PROG_ID" 2>&1)
 	second_status=$?
+	after=$(trigger_loops --prog loops --show)
 	echo "# first: $first"
 	echo "# second (bpftool prog terminate $PROG_ID): $second (exit $second_status)"
+	echo "# after the second: $after"
 	check "terminate twice: bpftool prog terminate of the stopped run fails with the EALREADY text" \
-		"first: $first; second: exit $second_status: $second" \
+		"first: $first; second: exit $second_status: $second; then: $after (phase 1 = still in its first slow call)" \
 		"$(field ret "$first")" -ge 1 -a $second_status -ne 0 \
-		-a -n "$(echo "$second" | grep 'Operation already in progress')"
+		-a -n "$(echo "$second" | grep 'Operation already in progress')" \
+		-a "$(field phase "$after"):$(field runs "$after")" = "1:$((runs_then + 1))"
 	wait_trigger
 else
 	not_ok "run for the terminate-twice check starts" "the program never entered"
 fi
+set_delay "$DELAY_MS"
 expect_full_run loops "after terminations the next run is the original again"
 stop_loader loops
 
