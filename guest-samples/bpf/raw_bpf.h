@@ -91,7 +91,7 @@
 	EXIT()						/* 23 */
 
 #define DEMO_DELAY_SYSCTL "/proc/sys/kernel/bpf_termination_demo_delay_ms"
-/* Fault injection (patch 0028): the IPI handler skips the first rewrite. */
+/* Fault injection (patch 0029): the IPI handler skips the first rewrite. */
 #define FAULT_SKIP_REWRITE_SYSCTL "/proc/sys/kernel/bpf_termination_fault_skip_rewrite"
 #define FAULT_ENTRY_DELAY_SYSCTL "/proc/sys/kernel/bpf_termination_fault_entry_delay_ms"
 
