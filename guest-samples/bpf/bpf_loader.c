@@ -25,8 +25,11 @@
  * a link), a tc program to the ingress of the one given with --tc (a
  * clsact qdisc the loader adds and removes); a missing interface is made as
  * one end of a veth pair whose other end is INTERFACE_peer, both up
- * (lab_net.c). It then holds the program and its attachment until SIGTERM or
- * SIGINT, detaches, and exits 0 after printing `prog_id=N detached signal=S`.
+ * (lab_net.c). An iterator program (SEC("iter/...")) has its link pinned at
+ * /sys/fs/bpf/FUNCTION (` pinned=PATH` is appended to the line): reading
+ * that file runs the program once per object. It then holds the program and
+ * its attachment until SIGTERM or SIGINT, detaches (unpins), and exits 0
+ * after printing `prog_id=N detached signal=S`.
  *
  *   bpf_loader test-run --id PROG_ID [--data-hex HEX | --data-file PATH] [--repeat N]
  *
@@ -228,6 +231,8 @@ static bool attach_option(const char *option, enum attach_to *how)
 /* What load() attached: a link, or a tc hook (libbpf 1.1 has no tc links). */
 struct attachment {
 	struct bpf_link *link;
+	/* An iterator's link, pinned here to be read; unpinned with it. */
+	char pinned[64];
 	struct bpf_tc_hook tc;
 	/* The clsact qdisc under the tc hook is the loader's: removed with it. */
 	bool tc_qdisc_made;
@@ -235,6 +240,9 @@ struct attachment {
 
 static void detach_program(struct attachment *at)
 {
+	if (at->pinned[0])
+		bpf_link__unpin(at->link);
+	at->pinned[0] = 0;
 	bpf_link__destroy(at->link);
 	at->link = NULL;
 	if (!at->tc.ifindex)
@@ -265,6 +273,22 @@ static int attach_tc(struct bpf_program *prog, int ifindex, struct attachment *a
 	return err;
 }
 
+/* Pins an iterator's link at /sys/fs/bpf/@name, where a read runs it; 0 or 1 after a message. */
+static int pin_iterator(const char *name, struct attachment *at)
+{
+	int err;
+
+	snprintf(at->pinned, sizeof(at->pinned), "/sys/fs/bpf/%s", name);
+	err = bpf_link__pin(at->link, at->pinned);
+	if (!err)
+		return 0;
+	fprintf(stderr, "bpf_loader: pinning iterator %s at %s: %s\n", name, at->pinned,
+		strerror(-err));
+	at->pinned[0] = 0;
+	detach_program(at);
+	return 1;
+}
+
 /* Attaches @prog @how, to @where (a cgroup directory, an interface); 0 or 1 after a message. */
 static int attach_program(struct bpf_program *prog, enum attach_to how, const char *where,
 			  struct attachment *at)
@@ -277,12 +301,15 @@ static int attach_program(struct bpf_program *prog, enum attach_to how, const ch
 		return 0;
 	case ATTACH_SECTION:
 		at->link = bpf_program__attach(prog);
-		if (!at->link)
+		if (!at->link) {
 			fprintf(stderr, "bpf_loader: attaching %s by its section `%s`: %s (libbpf "
 				"attaches tracepoint/, kprobe/, raw_tp/, fentry/... sections by "
 				"themselves; for a program you only test-run, use `attach = false`)\n",
 				name, bpf_program__section_name(prog), strerror(errno));
-		return !at->link;
+			return 1;
+		}
+		return bpf_program__expected_attach_type(prog) == BPF_TRACE_ITER ?
+			pin_iterator(name, at) : 0;
 	case ATTACH_CGROUP:
 		fd = cgroup_fd(where);
 		if (fd < 0)
@@ -421,6 +448,8 @@ static int load(int argc, char **argv)
 	       how != ATTACH_NONE);
 	for (i = 0; i < nalso; i++)
 		printf(" also.%s=%u", also[i], also_ids[i]);
+	if (attached.pinned[0])
+		printf(" pinned=%s", attached.pinned);
 	printf("\n");
 	fflush(stdout);
 

@@ -73,6 +73,7 @@ fn every_shipped_scenario_loads_with_a_description() {
             "sockref",
             "sysctl",
             "tailcall",
+            "task_iter",
             "tc",
             "tp_btf",
             "trampoline",
