@@ -48,7 +48,16 @@ fn guest_triple_fault_ends_the_vm_as_triple_fault() {
     let reason = vm.wait_exit(Some(STEP_TIMEOUT));
     let console = vm.console().text();
     assert_eq!(reason, Some(ExitReason::TripleFault), "console:\n{console}");
-    assert!(console.contains("TERMLAB-INIT-RAN"), "init never ran; console:\n{console}");
+    if !console.contains("TERMLAB-INIT-RAN") {
+        // The triple fault this test causes comes after init ran. One before it, its console
+        // ending in the middle of the boot, is the nested guests' spontaneous kind (README,
+        // open problems): under nesting the emulated host's failure, tried again; on real KVM
+        // a failure of the test.
+        termlab_nested::fail_guest_test(
+            true,
+            &format!("the guest triple-faulted before its init ran; console:\n{console}"),
+        );
+    }
     assert!(console.contains("reboot: Restarting system"), "console:\n{console}");
     assert_eq!(vm.stop(), ExitReason::TripleFault);
 }
