@@ -678,6 +678,20 @@ fn start_loader<'s>(
     });
     let line = match ready {
         Ok(found) => found.line.to_string_lossy().into_owned(),
+        // The agent itself stopped answering, not the loader: the guest died or hung, which
+        // explain_with_vm_state() tells apart (a triple fault, a panic, a hang), as for any
+        // other request.
+        Err(
+            source @ (ClientError::Send { .. }
+            | ClientError::Receive { .. }
+            | ClientError::Timeout { .. }
+            | ClientError::Closed { .. }),
+        ) => {
+            return Err(EngineError::Agent {
+                what: format!("waiting for loader {argv:?} to print its program id"),
+                source,
+            });
+        }
         Err(source) => {
             let stderr = client
                 .read_output(spawned.handle)
