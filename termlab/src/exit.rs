@@ -123,7 +123,9 @@ impl Classify for GuestImageError {
             | GuestImageError::NotBzImage { .. }
             | GuestImageError::NoSystemMap { .. }
             | GuestImageError::MissingFeature { .. } => ExitClass::Usage,
-            GuestImageError::NoBpftool { .. } => ExitClass::Infrastructure,
+            GuestImageError::NoBpftool { .. } | GuestImageError::NoSkeletonTools { .. } => {
+                ExitClass::Infrastructure
+            }
             GuestImageError::KernelNotBuilt { .. }
             | GuestImageError::KernelIncomplete { .. }
             | GuestImageError::NoAgent { .. }
@@ -158,12 +160,12 @@ impl Classify for crate::user_programs::UserProgramError {
         use crate::user_programs::UserProgramError;
         match self {
             // The scenario's own source does not compile: the caller's input.
-            UserProgramError::Compile { .. } | UserProgramError::NoBtfHeader { .. } => {
-                ExitClass::Usage
-            }
-            UserProgramError::NoClang { .. } | UserProgramError::Io { .. } => {
-                ExitClass::Infrastructure
-            }
+            UserProgramError::Compile { .. }
+            | UserProgramError::Loader { .. }
+            | UserProgramError::NoBtfHeader { .. } => ExitClass::Usage,
+            UserProgramError::NoClang { .. }
+            | UserProgramError::SkeletonTools { .. }
+            | UserProgramError::Io { .. } => ExitClass::Infrastructure,
         }
     }
 }

@@ -46,6 +46,8 @@ pub enum GuestImageError {
     NotBzImage { path: PathBuf, reason: String },
     #[error("the kernel {} has no bpftool beside it (or in tools/bpf/bpftool/ of its tree), and the default guest kernel, whose bpftool would be used instead, is not built: build it with `termlab kernel build`, or put a static bpftool beside the image", image.display())]
     NoBpftool { image: PathBuf },
+    #[error("the kernel {} has no bpftool with its libbpf beside it (`libbpf/` with libbpf.a and include/bpf/, or tools/bpf/bpftool/ of its tree after `make -C tools/bpf/bpftool`), and the default guest kernel, whose pair would be used instead, is not built: build it with `termlab kernel build` (a `loader_source` is built around a skeleton of that bpftool, against its libbpf)", image.display())]
+    NoSkeletonTools { image: PathBuf },
     #[error("the guest agent binary is missing at {}: build it with `RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p termlab-agent --target {AGENT_TARGET}` (scripts/setup does this), or set TERMLAB_AGENT", path.display())]
     NoAgent { path: PathBuf },
     #[error("`{command}` failed: {detail}")]
@@ -111,6 +113,11 @@ pub struct KernelBuild {
     pub vmlinux: Option<PathBuf>,
     pub system_map: Option<PathBuf>,
     pub bpftool: Option<PathBuf>,
+    /// The libbpf that bpftool was built with, a directory holding `libbpf.a` and
+    /// `include/bpf/`: a loader around a skeleton that bpftool generated compiles against it
+    /// (`loader_source`). guest-kernel/build publishes it; a kernel tree whose bpftool was
+    /// built has it in `tools/bpf/bpftool/libbpf/`.
+    pub libbpf: Option<PathBuf>,
     /// The kernel's BTF as C (`bpftool btf dump ... format c`), which CO-RE
     /// sources include: guest-kernel/build writes it for BTF variants; a
     /// user's kernel may have one beside its bzImage or at its tree's root.
@@ -335,6 +342,7 @@ pub fn kernel_build_in(dir: &Path, variant: KernelVariant) -> Result<KernelBuild
         vmlinux,
         system_map,
         bpftool: Some(dir.join("bpftool")),
+        libbpf: Some(dir.join("libbpf")).filter(|libbpf| is_libbpf_dir(libbpf)),
         vmlinux_h: Some(dir.join("vmlinux.h")).filter(|header| header.is_file()),
         info,
     })
@@ -381,6 +389,10 @@ pub fn kernel_at_path(path: &Path) -> Result<KernelBuild, GuestImageError> {
     let mut bpftool_candidates = vec![beside.join("bpftool")];
     bpftool_candidates.extend(tree.iter().map(|tree| tree.join("tools/bpf/bpftool/bpftool")));
     let bpftool = bpftool_candidates.into_iter().find(|tool| tool.is_file());
+    let libbpf = [beside.join("libbpf")]
+        .into_iter()
+        .chain(tree.iter().map(|tree| tree.join("tools/bpf/bpftool/libbpf")))
+        .find(|libbpf| is_libbpf_dir(libbpf));
     let info_path = beside.join("build-info.json");
     let build_info = match std::fs::read_to_string(&info_path) {
         Ok(text) => serde_json::from_str(&text)
@@ -399,6 +411,7 @@ pub fn kernel_at_path(path: &Path) -> Result<KernelBuild, GuestImageError> {
         vmlinux: None,
         system_map,
         bpftool,
+        libbpf,
         vmlinux_h,
         info,
     })
@@ -560,6 +573,38 @@ fn guest_bpftool(root: &Path, kernel: &KernelBuild) -> Result<PathBuf, GuestImag
         .ok()
         .and_then(|build| build.bpftool)
         .ok_or_else(|| GuestImageError::NoBpftool { image: kernel.bzimage.clone() })
+}
+
+/// Whether `dir` holds a built libbpf: `libbpf.a` and its headers.
+fn is_libbpf_dir(dir: &Path) -> bool {
+    dir.join("libbpf.a").is_file() && dir.join("include/bpf/libbpf.h").is_file()
+}
+
+/// A bpftool and the libbpf it was built with: what a skeleton loader is built with
+/// (the skeleton `bpftool gen skeleton` writes needs its own libbpf's version).
+pub struct SkeletonTools {
+    pub bpftool: PathBuf,
+    /// A directory holding `libbpf.a` and `include/bpf/`.
+    pub libbpf: PathBuf,
+}
+
+/// The tools a skeleton loader for `kernel` is built with: the kernel's own bpftool and
+/// libbpf, else (a user's kernel without them) the default termlab build's pair, user-space
+/// tools that work with any recent kernel.
+pub fn skeleton_tools(root: &Path, kernel: &KernelBuild) -> Result<SkeletonTools, GuestImageError> {
+    let pair = |build: &KernelBuild| match (&build.bpftool, &build.libbpf) {
+        (Some(bpftool), Some(libbpf)) => {
+            Some(SkeletonTools { bpftool: bpftool.clone(), libbpf: libbpf.clone() })
+        }
+        _ => None,
+    };
+    if let Some(tools) = pair(kernel) {
+        return Ok(tools);
+    }
+    find_kernel(root, KernelVariant::Default)
+        .ok()
+        .and_then(|build| pair(&build))
+        .ok_or_else(|| GuestImageError::NoSkeletonTools { image: kernel.bzimage.clone() })
 }
 
 /// A host file put into the guest image at `guest` (a scenario's `[vm]

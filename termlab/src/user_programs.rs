@@ -21,6 +21,21 @@
 //! dependency list (`-MD`): it is rebuilt when the source or any header it
 //! included changed, like make would, and not rebuilt inside the nested L1
 //! VM, where the host prepared it before nesting.
+//!
+//! A program with a `loader_source` is loaded by its own user-space loader,
+//! built the usual libbpf way (libbpf-bootstrap's): the skeleton of the object,
+//! then the loader, static, against the libbpf of the bpftool that wrote the
+//! skeleton (the kernel's, see [`crate::guest_image::skeleton_tools`]):
+//!
+//! ```text
+//! bpftool gen skeleton <object> name x_bpf > <cache>/<key>/x.skel.h   (for x.bpf.c)
+//! gcc -O2 -g -Wall -static -I<cache>/<key> -I<loader's dir> -I<libbpf>/include
+//!     x.c <libbpf>/libbpf.a -lelf -lz -lzstd -o <cache>/<key>/loader
+//! ```
+//!
+//! cached the same way (gcc's `-MD`, and the skeleton regenerated when the
+//! object is newer), and put into the guest at
+//! `/lib/termlab/programs/<program>.loader`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,12 +43,18 @@ use std::process::Command;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::guest_image::{cache_root, GuestFile, KernelBuild};
-use crate::scenario::{guest_object_path, guest_test_data_path, LoadedScenario};
+use crate::guest_image::{
+    cache_root, skeleton_tools, GuestFile, GuestImageError, KernelBuild, SkeletonTools,
+};
+use crate::scenario::{guest_loader_path, guest_object_path, guest_test_data_path, LoadedScenario};
 
 /// clang's flags for a user's source, after `-target bpf`.
 pub const BPF_CFLAGS: [&str; 5] =
     ["-O2", "-g", "-Wall", "-D__TARGET_ARCH_x86", "-fno-color-diagnostics"];
+/// gcc's flags for a skeleton loader, before its include directories.
+const LOADER_CFLAGS: [&str; 5] = ["-O2", "-g", "-Wall", "-static", "-fdiagnostics-color=never"];
+/// What a static libbpf.a needs after it: libelf, and the compressors libelf uses.
+const LOADER_LIBS: [&str; 3] = ["-lelf", "-lz", "-lzstd"];
 /// The multiarch UAPI include directory (asm/ lives there on Debian).
 pub const MULTIARCH_INCLUDE: &str = "/usr/include/x86_64-linux-gnu";
 
@@ -51,6 +72,15 @@ pub enum UserProgramError {
     Compile { scenario: String, program: String, path: PathBuf, stderr: String },
     #[error("{scenario}: program `{program}`: {} includes vmlinux.h, but the kernel {} has no BTF header: CO-RE sources need a kernel with BTF (`[vm] kernel = \"full\"`, `--kernel full`, or a kernel given by path with vmlinux.h beside its bzImage)", path.display(), kernel.display())]
     NoBtfHeader { scenario: String, program: String, path: PathBuf, kernel: PathBuf },
+    #[error("{scenario}: program `{program}`: building its loader from {}: {stderr}", path.display())]
+    Loader { scenario: String, program: String, path: PathBuf, stderr: String },
+    #[error("{scenario}: program `{program}`: {source}")]
+    SkeletonTools {
+        scenario: String,
+        program: String,
+        #[source]
+        source: GuestImageError,
+    },
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -62,12 +92,14 @@ pub enum UserProgramError {
 /// Everything the scenario adds to the guest image, its program objects
 /// compiled first (for `kernel`) where it gives sources. Sorted by guest path.
 pub fn guest_files(
+    root: &Path,
     loaded: &LoadedScenario,
     kernel: &KernelBuild,
 ) -> Result<Vec<GuestFile>, UserProgramError> {
     let cache = cache_root().join("harness/programs");
     let scenario = loaded.path.display().to_string();
     let mut files = Vec::new();
+    let mut tools = None;
     for program in &loaded.scenario.programs {
         let name = program.name.get_ref();
         if let Some(object) = &program.object {
@@ -95,7 +127,27 @@ pub fn guest_files(
                         failure => failure.into_error(&scenario, name.as_str(), &source),
                     }
                 })?;
-            files.push(GuestFile { host: object, guest: guest_object_path(name) });
+            match &program.loader_source {
+                None => files.push(GuestFile { host: object, guest: guest_object_path(name) }),
+                Some(loader_source) => {
+                    let tools: &SkeletonTools = match &mut tools {
+                        Some(tools) => tools,
+                        empty => empty.insert(skeleton_tools(root, kernel).map_err(|source| {
+                            UserProgramError::SkeletonTools {
+                                scenario: scenario.clone(),
+                                program: name.to_string(),
+                                source,
+                            }
+                        })?),
+                    };
+                    let loader_source = loaded.host_path(loader_source.get_ref());
+                    let loader = build_loader(&cache, &object, &source, &loader_source, tools)
+                        .map_err(|failure| {
+                            failure.into_error(&scenario, name.as_str(), &loader_source)
+                        })?;
+                    files.push(GuestFile { host: loader, guest: guest_loader_path(name) });
+                }
+            }
         }
         if let Some(data) = program.test_run.as_ref().and_then(|t| t.get_ref().data_file.as_ref()) {
             files.push(GuestFile {
@@ -118,6 +170,8 @@ pub fn guest_files(
 pub enum CompileFailure {
     NoClang(std::io::Error),
     Compile(String),
+    /// bpftool or gcc failed to build a skeleton loader: what they said.
+    Loader(String),
     Io(PathBuf, std::io::Error),
 }
 
@@ -130,6 +184,9 @@ impl CompileFailure {
             }
             CompileFailure::Compile(stderr) => {
                 UserProgramError::Compile { scenario, program, path, stderr }
+            }
+            CompileFailure::Loader(stderr) => {
+                UserProgramError::Loader { scenario, program, path, stderr }
             }
             CompileFailure::Io(path, source) => UserProgramError::Io { path, source },
         }
@@ -194,6 +251,108 @@ pub fn compile(
     }
     std::fs::rename(&partial, &object).map_err(io(&object))?;
     Ok(object)
+}
+
+/// The names a skeleton of the object compiled from `source` gets the usual way
+/// (libbpf-bootstrap's Makefile: `x.bpf.c` → `x.bpf.o` → `x.skel.h`, whose skeleton
+/// `bpftool gen skeleton` names `x_bpf` after the object): the header's file name and the
+/// skeleton's name.
+pub fn skeleton_names(source: &Path) -> (String, String) {
+    let file = source.file_name().map(|name| name.to_string_lossy()).unwrap_or_default();
+    let object = file.strip_suffix(".c").unwrap_or(&file);
+    let header = format!("{}.skel.h", object.strip_suffix(".bpf").unwrap_or(object));
+    let name = object.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    (header, name)
+}
+
+/// Builds (or reuses) the loader compiled from `loader` around the skeleton of `object`
+/// (compiled from `source`), static, with `tools`, and returns it.
+pub fn build_loader(
+    cache: &Path,
+    object: &Path,
+    source: &Path,
+    loader: &Path,
+    tools: &SkeletonTools,
+) -> Result<PathBuf, CompileFailure> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |e| CompileFailure::Io(path, e)
+    };
+    let loader = std::path::absolute(loader).map_err(io(loader))?;
+    let (header, skeleton) = skeleton_names(source);
+    let mut hasher = Sha256::new();
+    for part in [object, &loader, &tools.bpftool, &tools.libbpf] {
+        hasher.update(part.as_os_str().as_encoded_bytes());
+        hasher.update(b"\0");
+    }
+    hasher.update(skeleton.as_bytes());
+    let key: String = hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let dir = cache.join(format!("{key}.loader.d"));
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+
+    let header = dir.join(header);
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let stale = |built: &Path, inputs: &[&Path]| {
+        modified(built).is_none_or(|built| {
+            inputs.iter().any(|input| modified(input).is_none_or(|input| input > built))
+        })
+    };
+    if stale(&header, &[object, &tools.bpftool]) {
+        let output = Command::new(&tools.bpftool)
+            .args(["gen", "skeleton"])
+            .arg(object)
+            .args(["name", &skeleton])
+            .output()
+            .map_err(io(&tools.bpftool))?;
+        if !output.status.success() {
+            return Err(CompileFailure::Loader(format!(
+                "`{} gen skeleton` failed:\n{}",
+                tools.bpftool.display(),
+                String::from_utf8_lossy(&output.stderr).trim_end()
+            )));
+        }
+        write_atomically(&header, &output.stdout).map_err(io(&header))?;
+    }
+
+    let binary = dir.join("loader");
+    let depfile = dir.join("loader.d");
+    let libbpf_a = tools.libbpf.join("libbpf.a");
+    if is_up_to_date(&binary, &depfile) && !stale(&binary, &[&libbpf_a]) {
+        return Ok(binary);
+    }
+    let partial = dir.join(format!("loader.{}.tmp", std::process::id()));
+    let loader_dir = loader.parent().unwrap_or(Path::new("/"));
+    let output = Command::new("gcc")
+        .args(LOADER_CFLAGS)
+        .arg(format!("-I{}", dir.display()))
+        .arg(format!("-I{}", loader_dir.display()))
+        .arg(format!("-I{}", tools.libbpf.join("include").display()))
+        .args(["-MD", "-MF"])
+        .arg(&depfile)
+        .arg(&loader)
+        .arg(&libbpf_a)
+        .args(LOADER_LIBS)
+        .arg("-o")
+        .arg(&partial)
+        .output()
+        .map_err(io(Path::new("gcc")))?;
+    if !output.status.success() {
+        let _ = std::fs::remove_file(&partial);
+        let _ = std::fs::remove_file(&binary);
+        return Err(CompileFailure::Loader(format!(
+            "gcc failed:\n{}",
+            String::from_utf8_lossy(&output.stderr).trim_end()
+        )));
+    }
+    std::fs::rename(&partial, &binary).map_err(io(&binary))?;
+    Ok(binary)
+}
+
+/// Writes `path` whole or not at all: under a temporary name first.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let partial = path.with_extension(format!("{}.tmp", std::process::id()));
+    std::fs::write(&partial, bytes)?;
+    std::fs::rename(&partial, path)
 }
 
 /// Whether `object` exists and is newer than every file its dependency
@@ -289,6 +448,79 @@ mod tests {
             _ => panic!("a broken source compiled"),
         }
         assert!(!object.exists(), "a stale object was left behind");
+    }
+
+    #[test]
+    fn skeletons_are_named_the_usual_way() {
+        assert_eq!(
+            skeleton_names(Path::new("/s/minimal.bpf.c")),
+            ("minimal.skel.h".to_owned(), "minimal_bpf".to_owned())
+        );
+        assert_eq!(
+            skeleton_names(Path::new("my-probe.c")),
+            ("my-probe.skel.h".to_owned(), "my_probe".to_owned())
+        );
+    }
+
+    /// With the default kernel's bpftool and libbpf (guest-kernel/build publishes both):
+    /// a loader including the skeleton compiles static; a change of the BPF source reaches
+    /// the loader (a new skeleton, a new binary); a broken loader is refused with gcc's
+    /// file:line:col and leaves no binary behind.
+    #[test]
+    fn a_skeleton_loader_is_built_static_and_rebuilt_when_its_object_changes() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repository root");
+        let kernel = crate::guest_image::find_kernel(root, crate::scenario::KernelVariant::Default)
+            .unwrap_or_else(|e| panic!("the default kernel (scripts/setup builds it): {e}"));
+        let tools = skeleton_tools(root, &kernel).unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = dir.path().join("cache");
+        let source = dir.path().join("count.bpf.c");
+        let program = |answer: u32| {
+            format!(
+                "#include <linux/bpf.h>\n#include <bpf/bpf_helpers.h>\n\
+                 SEC(\"tracepoint/syscalls/sys_enter_sync\") int count(void *ctx) {{ return {answer}; }}\n\
+                 char LICENSE[] SEC(\"license\") = \"GPL\";\n"
+            )
+        };
+        std::fs::write(&source, program(0)).expect("source");
+        let loader = dir.path().join("count.c");
+        let loader_text = "#include <stdio.h>\n#include \"count.skel.h\"\n\
+                           int main(void) { struct count_bpf *skel = count_bpf__open_and_load();\n\
+                           if (!skel) return 1;\n\
+                           printf(\"prog_fd=%d\\n\", bpf_program__fd(skel->progs.count));\n\
+                           count_bpf__destroy(skel); return 0; }\n";
+        std::fs::write(&loader, loader_text).expect("loader");
+        let build = || {
+            let object = compile(&cache, &source, None).unwrap_or_else(|_| panic!("compile"));
+            build_loader(&cache, &object, &source, &loader, &tools)
+        };
+        let binary = match build() {
+            Ok(binary) => binary,
+            Err(CompileFailure::Loader(stderr)) => panic!("{stderr}"),
+            Err(_) => panic!("no gcc or bpftool, or an I/O error"),
+        };
+        let bytes = std::fs::read(&binary).expect("loader binary");
+        let needs = crate::scenario::elf::dynamic_needs(&bytes).expect("ELF").expect("an ELF file");
+        assert!(needs.is_static(), "{needs:?}");
+        let built = std::fs::metadata(&binary).and_then(|m| m.modified()).expect("mtime");
+
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(build().ok(), Some(binary.clone()), "unchanged: reused");
+        assert_eq!(std::fs::metadata(&binary).and_then(|m| m.modified()).ok(), Some(built));
+
+        // The skeleton embeds the object: a changed program must reach the loader.
+        std::fs::write(&source, program(1)).expect("source");
+        assert_eq!(build().ok(), Some(binary.clone()));
+        assert!(std::fs::metadata(&binary).and_then(|m| m.modified()).expect("mtime") > built);
+
+        std::fs::write(&loader, loader_text.replace("return 1;", "return 1")).expect("loader");
+        match build() {
+            Err(CompileFailure::Loader(stderr)) => {
+                assert!(stderr.contains("count.c:4:20: error"), "{stderr}")
+            }
+            _ => panic!("a broken loader was built"),
+        }
+        assert!(!binary.exists(), "a stale loader was left behind");
     }
 
     #[test]

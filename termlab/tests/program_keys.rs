@@ -89,7 +89,7 @@ const BAD: &[Case] = &[
         "name = \"p\"\nloader = [\"x\"]\nbpf_name = \"p\"\ntrigger = [\"t\"]\nfunction = \"f\"",
         "\"f\"",
         "program[0].function",
-        "`function` is for programs given by `object` or `source`",
+        "`function` is for programs the generic loader loads; a `loader` loads and runs its program itself",
     ),
     (
         "loader without bpf_name",
@@ -105,7 +105,7 @@ const BAD: &[Case] = &[
         "name = \"p\"\nsource = \"count.bpf.c\"\nbpf_name = \"count\"\ntrigger = [\"sync\"]",
         "\"count\"",
         "program[0].bpf_name",
-        "name the program's C function with `function`",
+        "name its C function with `function`",
     ),
     (
         "function not an identifier",
@@ -360,13 +360,15 @@ fn every_new_key_is_accepted_and_lands_in_the_guest_image_list() {
         vmlinux: None,
         system_map: None,
         bpftool: None,
+        libbpf: None,
         vmlinux_h: None,
         info: serde_json::from_value(serde_json::json!(
             { "variant": "default", "dir": "/nonexistent", "build_info": null }
         ))
         .expect("kernel info"),
     };
-    let files = user_programs::guest_files(&loaded, &kernel).expect("guest files");
+    let files =
+        user_programs::guest_files(workspace.path(), &loaded, &kernel).expect("guest files");
     let listed: Vec<(PathBuf, &str)> =
         files.iter().map(|f| (f.host.clone(), f.guest.as_str())).collect();
     let here = |name: &str| workspace.path().join(name);

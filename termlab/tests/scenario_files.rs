@@ -231,6 +231,27 @@ const BAD_FILES: &[(&str, usize, usize, &str, &str)] = &[
         "program[1].trigger",
         "`trigger` does not go with `loaded_by`",
     ),
+    (
+        "skeleton-without-source.toml",
+        9,
+        17,
+        "program[0].loader_source",
+        "`loader_source` goes with `source`",
+    ),
+    (
+        "skeleton-function.toml",
+        10,
+        12,
+        "program[0].function",
+        "a `loader_source` loads and runs its program itself",
+    ),
+    (
+        "skeleton-no-bpf-name.toml",
+        9,
+        17,
+        "program[0].loader_source",
+        "a program with a `loader_source` also needs `bpf_name`",
+    ),
 ];
 
 /// The fault scenarios of tests/faults.rs load, and an `exec` step keeps its

@@ -370,7 +370,7 @@ pub fn scenario_initramfs(
     loaded: &LoadedScenario,
     kernel: &guest_image::KernelBuild,
 ) -> Result<PathBuf, EngineError> {
-    let files = crate::user_programs::guest_files(loaded, kernel)?;
+    let files = crate::user_programs::guest_files(root, loaded, kernel)?;
     Ok(guest_image::initramfs_with(root, kernel, &files)?)
 }
 
@@ -999,6 +999,7 @@ mod tests {
             vmlinux: None,
             system_map,
             bpftool: None,
+            libbpf: None,
             vmlinux_h: None,
             info,
         };

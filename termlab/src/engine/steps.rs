@@ -16,9 +16,9 @@ use crate::kernel_trace::{self, TraceEvent};
 use crate::results::stack::CpuStackProof;
 use crate::results::StepRecord;
 use crate::scenario::{
-    guest_object_path, guest_test_data_path, BudgetStep, Errno, ExecStep, KmemleakStep, Label,
-    ProgInfoStep, ProgramSpec, Scenario, SleepStep, Step, TerminateBy, TerminateStep, TerminateVia,
-    TriggerStep, WaitTraceStep, GUEST_LOADER,
+    guest_loader_path, guest_object_path, guest_test_data_path, BudgetStep, Errno, ExecStep,
+    KmemleakStep, Label, ProgInfoStep, ProgramSpec, Scenario, SleepStep, Step, TerminateBy,
+    TerminateStep, TerminateVia, TriggerStep, WaitTraceStep, GUEST_LOADER,
 };
 
 /// The kernel trace buffer, read by the agent through trace_pipe (see
@@ -121,6 +121,9 @@ fn find_program<'p, 'a>(
 pub fn loader_argv(spec: &ProgramSpec, also: &[&str]) -> Vec<String> {
     if let Some(loader) = &spec.loader {
         return loader.get_ref().as_slice().to_vec();
+    }
+    if spec.loader_source.is_some() {
+        return vec![guest_loader_path(spec.name.get_ref())];
     }
     let mut argv =
         vec![GUEST_LOADER.to_owned(), "load".to_owned(), guest_object_path(spec.name.get_ref())];

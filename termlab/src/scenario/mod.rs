@@ -2,7 +2,7 @@
 //! that does not pass [`load`]: every error names `file:line:col` and the
 //! offending key.
 
-mod elf;
+pub(crate) mod elf;
 mod model;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -705,6 +705,11 @@ pub fn guest_object_path(program: &Label) -> String {
     format!("{GUEST_PROGRAM_DIR}/{program}.bpf.o")
 }
 
+/// Where a program's loader built from its `loader_source` is in the guest.
+pub fn guest_loader_path(program: &Label) -> String {
+    format!("{GUEST_PROGRAM_DIR}/{program}.loader")
+}
+
 /// Where a `test_run.data_file` is copied in the guest.
 pub fn guest_test_data_path(program: &Label) -> String {
     format!("{GUEST_PROGRAM_DIR}/{program}.data")
@@ -830,15 +835,31 @@ fn validate_program(
             ),
         ));
     }
-    for (path, field) in [(&program.object, "object"), (&program.source, "source")] {
+    for (path, field) in [
+        (&program.object, "object"),
+        (&program.source, "source"),
+        (&program.loader_source, "loader_source"),
+    ] {
         if let Some(path) = path.as_ref().filter(|p| p.get_ref().is_empty()) {
             return Err(invalid(path, key(field), "an empty path"));
         }
     }
+    if let (Some(loader_source), None) = (&program.loader_source, &program.source) {
+        return Err(invalid(
+            loader_source,
+            key("loader_source"),
+            "`loader_source` goes with `source`: the loader is built around the skeleton of the object compiled from it",
+        ));
+    }
     validate_summary_line(program, key)?;
     validate_cgroup(program, key)?;
     validate_interface(program, key)?;
-    if let Some(loader) = &program.loader {
+    let own_loader = match (&program.loader, &program.loader_source) {
+        (Some(loader), _) => Some((loader.span(), "loader")),
+        (None, Some(loader_source)) => Some((loader_source.span(), "loader_source")),
+        (None, None) => None,
+    };
+    if let Some((span, field)) = own_loader {
         refuse_given(
             &[
                 (program.function.as_ref().map(Spanned::span), "function"),
@@ -849,15 +870,15 @@ fn validate_program(
                 (program.test_run.as_ref().map(Spanned::span), "test_run"),
             ],
             key,
-            |field| {
-                format!("`{field}` is for programs given by `object` or `source`; a `loader` loads and runs its program itself")
+            |refused| {
+                format!("`{refused}` is for programs the generic loader loads; a `{field}` loads and runs its program itself")
             },
         )?;
         if program.bpf_name.is_none() || program.trigger.is_none() {
-            return Err(invalid(
-                loader,
-                key("loader"),
-                "a program with a `loader` also needs `bpf_name` (its kernel name) and `trigger` (the guest command that runs it)",
+            return Err(SpannedError::new(
+                span,
+                key(field),
+                format!("a program with a `{field}` also needs `bpf_name` (its kernel name) and `trigger` (the guest command that runs it)"),
             ));
         }
         return Ok(());
@@ -866,7 +887,7 @@ fn validate_program(
         return Err(invalid(
             bpf_name,
             key("bpf_name"),
-            "`bpf_name` goes with `loader`; for an `object` or `source`, name the program's C function with `function`",
+            "`bpf_name` goes with `loader` or `loader_source`; for a program the generic loader loads, name its C function with `function`",
         ));
     }
     if let Some(function) = &program.function {
@@ -931,6 +952,7 @@ fn validate_loaded_by(
             (program.object.as_ref().map(Spanned::span), "object"),
             (program.source.as_ref().map(Spanned::span), "source"),
             (program.loader.as_ref().map(Spanned::span), "loader"),
+            (program.loader_source.as_ref().map(Spanned::span), "loader_source"),
             (program.attach.as_ref().map(Spanned::span), "attach"),
             (program.cgroup.as_ref().map(Spanned::span), "cgroup"),
             (program.xdp.as_ref().map(Spanned::span), "xdp"),
@@ -1156,8 +1178,12 @@ fn check_host_files(scenario: &Scenario, dir: &Path) -> Result<(), SpannedError>
                 ));
             }
         }
-        if let Some(source) = &program.source {
-            host_file(source, key("source"))?;
+        for (path, field) in
+            [(&program.source, "source"), (&program.loader_source, "loader_source")]
+        {
+            if let Some(path) = path {
+                host_file(path, key(field))?;
+            }
         }
         if let Some(file) = program.test_run.as_ref().and_then(|t| t.get_ref().data_file.as_ref()) {
             let bytes = host_file(file, key("test_run.data_file"))?;

@@ -136,7 +136,8 @@ impl KernelVariant {
 /// trigger = ["sync"]            # any guest command, or test_run = { data_hex = "..." }
 /// ```
 ///
-/// or a loader command of its own (`loader`, with `bpf_name` and `trigger`).
+/// or a loader command of its own (`loader`, with `bpf_name` and `trigger`), or a
+/// `source` with the C source of its own libbpf skeleton loader (`loader_source`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProgramSpec {
@@ -179,7 +180,14 @@ pub struct ProgramSpec {
     /// which prints `prog_id=N` once the program is loaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loader: Option<Spanned<Argv>>,
-    /// With `loader`: the kernel-side BPF program name (for `by = "name"`).
+    /// With `source`: the C source of the program's own user-space loader, written the
+    /// usual libbpf way around the object's skeleton (`#include "x.skel.h"` for a source
+    /// `x.bpf.c`, whose functions are `x_bpf__open()` ...), compiled here, static, against
+    /// the kernel's libbpf (see `crate::user_programs`). Like `loader` it prints
+    /// `prog_id=N` and holds the program until killed; needs `bpf_name` and `trigger`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loader_source: Option<Spanned<String>>,
+    /// With `loader` or `loader_source`: the kernel-side BPF program name (for `by = "name"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bpf_name: Option<Spanned<BpfProgName>>,
     /// Guest argv a trigger step runs to make the program run (e.g.
@@ -212,9 +220,9 @@ impl ProgramSpec {
         self.loaded_by.as_ref().map(Spanned::get_ref)
     }
 
-    /// Whether the generic loader loads it (`object` or `source`).
+    /// Whether the generic loader loads it (`object`, or `source` without `loader_source`).
     pub fn is_user_object(&self) -> bool {
-        self.object.is_some() || self.source.is_some()
+        (self.object.is_some() || self.source.is_some()) && self.loader_source.is_none()
     }
 
     /// Whether to attach after loading.
