@@ -1617,11 +1617,12 @@ static void test_run_start_window(void)
 #define JIT_HARDEN_SYSCTL "/proc/sys/net/core/bpf_jit_harden"
 
 /*
- * The two slow helpers loaded with constant blinding (bpf_jit_harden=2, put
- * back after), which leaves them without a termination copy; -1 and a failed
- * check named @what if the sysctl is missing.
+ * @insns loaded with constant blinding (bpf_jit_harden=2, put back after),
+ * which leaves them without a termination copy; -1 and a failed check named
+ * @what if the sysctl is missing.
  */
-static int load_blinded(const char *what)
+static int load_blinded_insns(const struct bpf_insn *insns, size_t cnt, const char *name,
+			      const char *what)
 {
 	unsigned int harden;
 	int fd;
@@ -1631,9 +1632,15 @@ static int load_blinded(const char *what)
 		return -1;
 	}
 	write_sysctl(JIT_HARDEN_SYSCTL, 2);
-	fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, two_slow_helpers, 5, "term_blinded", 0);
+	fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, insns, cnt, name, 0);
 	write_sysctl(JIT_HARDEN_SYSCTL, harden);
 	return fd;
+}
+
+/* The two slow helpers without a termination copy (load_blinded_insns()). */
+static int load_blinded(const char *what)
+{
+	return load_blinded_insns(two_slow_helpers, 5, "term_blinded", what);
 }
 
 /* One run of the tail-call chain, stopped after @after_ms by @id's terminate. */
@@ -1681,6 +1688,55 @@ static void test_tail_call_uncopied(int caller, int map_fd)
 	      "terminate %ld (%s), retval %d, %.0f ms", ret, ret < 0 ? strerror(term_errno) : "ok",
 	      (int)run.retval, ms(run.end_ns - run.start_ns));
 	close(blinded);
+}
+
+/*
+ * Runs that reach the callee through a tail call made by a program without a
+ * termination copy: from its main image (@caller_insns loaded with constant
+ * blinding), where the callee replaces the caller's whole frame, and from a
+ * subprogram (raw_load_tail_call()), whose caller's frames stay below the
+ * callee's.  Either way the run is in the callee, so a terminate by the
+ * callee's id must not answer ESRCH.  The first run is stopped in the
+ * callee's first helper, which is all of the run that is left (its second
+ * helper does not run: -1); the second cannot be, since the callee would
+ * return into its caller's original image, and the call says so
+ * (EOPNOTSUPP) while the run goes on whole.
+ */
+static void test_tail_call_from_uncopied(int callee, const struct bpf_insn *caller_insns,
+					 size_t cnt)
+{
+	int blinded, sub_map, sub = raw_load_tail_call("term_tail_sub", &sub_map);
+	uint32_t callee_id = prog_id(callee);
+	struct run run = {};
+	uint64_t term_ns;
+	int term_errno;
+	long ret;
+
+	blinded = load_blinded_insns(caller_insns, cnt, "term_tail_blind",
+				     "tail-call chain: a caller without a copy");
+	if (blinded < 0)
+		return;
+	set_delay(DELAY_MS);
+	run.prog_fd = blinded;
+	ret = run_and_terminate(&run, callee_id, DELAY_MS * 3 / 2, &term_ns, &term_errno);
+	check(ret == 1 && !run.err && (int)run.retval == -1 &&
+	      ms(run.end_ns - run.start_ns) < 2.5 * DELAY_MS,
+	      "tail-call chain: tail-called by a caller without a copy (constant blinding), the callee is stopped by its id: 1, returns -1 within 2.5 delays",
+	      "terminate %ld (%s), retval %d, %.0f ms", ret, ret < 0 ? strerror(term_errno) : "ok",
+	      (int)run.retval, ms(run.end_ns - run.start_ns));
+
+	ret = raw_map_elem(BPF_MAP_UPDATE_ELEM, sub_map, 0, &callee);
+	run.prog_fd = sub;
+	ret = ret ?: run_and_terminate(&run, callee_id, DELAY_MS / 2, &term_ns, &term_errno);
+	check(ret == -1 && term_errno == EOPNOTSUPP && !run.err && run.retval == 0 &&
+	      ms(run.end_ns - run.start_ns) >= 2 * DELAY_MS * 0.95,
+	      "tail-call chain: tail-called from a subprogram, the callee's run cannot be stopped (its caller's frames stay below it) -> EOPNOTSUPP, not ESRCH; the run goes on whole",
+	      "terminate %ld (%s), retval %d, %.0f ms", ret, ret < 0 ? strerror(term_errno) : "ok",
+	      (int)run.retval, ms(run.end_ns - run.start_ns));
+	set_delay(0);
+	close(blinded);
+	close(sub);
+	close(sub_map);
 }
 
 /*
@@ -1749,6 +1805,9 @@ static void test_tail_call_chain(void)
 	      (unsigned long long)callee_info.nr_terminated_on_demand,
 	      (unsigned long long)caller_info.nr_terminated_on_demand, stops);
 	test_tail_call_uncopied(caller, map_fd);
+	raw_map_elem(BPF_MAP_UPDATE_ELEM, map_fd, 0, &callee);
+	test_tail_call_from_uncopied(callee, caller_insns,
+				     sizeof(caller_insns) / sizeof(caller_insns[0]));
 	close(caller);
 	close(map_fd);
 	close(callee);
