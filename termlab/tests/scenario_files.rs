@@ -74,6 +74,7 @@ fn every_shipped_scenario_loads_with_a_description() {
             "sockref",
             "sysctl",
             "tailcall",
+            "tailcall_fentry",
             "task_iter",
             "tc",
             "tp_btf",

@@ -1,0 +1,43 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * The tail-call chain of tailcall.bpf.c in fentry programs, which a BPF trampoline runs:
+ * `dispatch`, on ksys_sync, tail-calls `worker` (on the same function, as a prog array of
+ * tracing programs requires), which runs two_parts.h's two slow parts. A program a
+ * trampoline runs that tail-calls gets no termination copy (the trampoline takes a
+ * stopped run's verdict from the copy it ends in, which would be the target's), but its
+ * runs are recorded, so that its tail call hands the run over to `worker` marked
+ * unstoppable (patches 0024, 0025).
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include "two_parts.h"
+
+__u64 dispatched, entered, fell_through;
+
+SEC("fentry/ksys_sync")
+int BPF_PROG(worker)
+{
+	entered++;
+	return two_slow_parts("fentry tail-call worker", bpf_get_current_pid_tgid() >> 32);
+}
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__array(values, int(void *));
+} jump_table SEC(".maps") = {
+	.values = { [0] = (void *)&worker },
+};
+
+SEC("fentry/ksys_sync")
+int BPF_PROG(dispatch)
+{
+	dispatched++;
+	bpf_tail_call(ctx, &jump_table, 0);
+	fell_through++;
+	return 0;
+}
+
+char LICENSE[] SEC("license") = "GPL";
