@@ -523,6 +523,28 @@ mod tests {
         assert!(!binary.exists(), "a stale loader was left behind");
     }
 
+    /// A kernel given by path without a bpftool and libbpf beside it (a user's own build)
+    /// gets the default termlab build's pair, never a bpftool of one and a libbpf of another.
+    #[test]
+    fn a_kernel_without_its_own_tools_builds_skeleton_loaders_with_the_default_build_s() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repository root");
+        let default =
+            crate::guest_image::find_kernel(root, crate::scenario::KernelVariant::Default)
+                .unwrap_or_else(|e| panic!("the default kernel (scripts/setup builds it): {e}"));
+        let mut own = crate::guest_image::find_kernel(root, crate::scenario::KernelVariant::Full)
+            .unwrap_or_else(|e| panic!("the full kernel (scripts/setup builds it): {e}"));
+        let tools = skeleton_tools(root, &own).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(Some(&tools.bpftool), own.bpftool.as_ref(), "the kernel's own bpftool");
+        assert_eq!(Some(&tools.libbpf), own.libbpf.as_ref(), "the kernel's own libbpf");
+
+        // Only a bpftool beside it: not paired with a libbpf from elsewhere.
+        own.libbpf = None;
+        let tools = skeleton_tools(root, &own).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(Some(&tools.bpftool), default.bpftool.as_ref());
+        assert_eq!(Some(&tools.libbpf), default.libbpf.as_ref());
+        assert!(tools.libbpf.join("libbpf.a").is_file(), "{}", tools.libbpf.display());
+    }
+
     #[test]
     fn a_co_re_source_finds_the_kernel_s_vmlinux_h_and_only_that_kernel_s() {
         let dir = tempfile::tempdir().expect("tempdir");
