@@ -98,6 +98,11 @@ pub fn cache_root() -> PathBuf {
         .map_or_else(|| PathBuf::from("/var/cache/termlab"), PathBuf::from)
 }
 
+/// A cache entry's name from the sha256 of what it is built from: its first 8 bytes in hex.
+pub fn cache_key(digest: &[u8]) -> String {
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
 /// A kernel to boot: its bzImage and what is known about it. A kernel from
 /// guest-kernel/build has everything; a user's kernel may lack System.map
 /// (then `verify_stack` cannot run), bpftool (then the default build's goes
@@ -646,8 +651,7 @@ pub fn initramfs_with(
 fn samples_dir(cache: &Path, root: &Path) -> PathBuf {
     let root = root.canonicalize().unwrap_or_else(|_| root.to_owned());
     let digest = Sha256::digest(root.as_os_str().as_encoded_bytes());
-    let key: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
-    cache.join("samples").join(key)
+    cache.join("samples").join(cache_key(&digest))
 }
 
 /// Builds the image [`initramfs_with`] describes, or finds it in the cache by content.
@@ -700,7 +704,7 @@ fn build_initramfs(
         hasher.update(file.guest.as_bytes());
         sha256_of_file(&mut hasher, &file.host)?;
     }
-    let key: String = hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let key = cache_key(&hasher.finalize());
     let image = cache.join(format!("initramfs-{key}.cpio.gz"));
     if !image.is_file() {
         run(Command::new(&mkinitramfs)

@@ -44,7 +44,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::guest_image::{
-    cache_root, skeleton_tools, GuestFile, GuestImageError, KernelBuild, SkeletonTools,
+    cache_key, cache_root, skeleton_tools, GuestFile, GuestImageError, KernelBuild, SkeletonTools,
 };
 use crate::scenario::{guest_loader_path, guest_object_path, guest_test_data_path, LoadedScenario};
 
@@ -222,7 +222,7 @@ pub fn compile(
         hasher.update(b"\0");
         hasher.update(arg.as_bytes());
     }
-    let key: String = hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let key = cache_key(&hasher.finalize());
     let object = cache.join(format!("{key}.bpf.o"));
     let depfile = cache.join(format!("{key}.d"));
     if is_up_to_date(&object, &depfile) {
@@ -286,12 +286,11 @@ pub fn build_loader(
         hasher.update(b"\0");
     }
     hasher.update(skeleton.as_bytes());
-    let key: String = hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let key = cache_key(&hasher.finalize());
     let dir = cache.join(format!("{key}.loader.d"));
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
 
     let header = dir.join(header);
-    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let stale = |built: &Path, inputs: &[&Path]| {
         modified(built).is_none_or(|built| {
             inputs.iter().any(|input| modified(input).is_none_or(|input| input > built))
@@ -355,10 +354,14 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&partial, path)
 }
 
+/// When `path` was last written, if it exists.
+fn modified(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
 /// Whether `object` exists and is newer than every file its dependency
 /// list (clang -MD) names.
 fn is_up_to_date(object: &Path, depfile: &Path) -> bool {
-    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let (Some(built), Ok(deps)) = (modified(object), std::fs::read_to_string(depfile)) else {
         return false;
     };
@@ -427,17 +430,17 @@ mod tests {
         let bytes = std::fs::read(&object).expect("object");
         assert_eq!(&bytes[..4], b"\x7fELF");
         assert_eq!(&bytes[18..20], &[247, 0], "EM_BPF");
-        let built = std::fs::metadata(&object).and_then(|m| m.modified()).expect("mtime");
+        let built = modified(&object).expect("mtime");
 
         // Unchanged: the same object, not rebuilt.
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(compile(&cache, &source, None).ok(), Some(object.clone()));
-        assert_eq!(std::fs::metadata(&object).and_then(|m| m.modified()).ok(), Some(built));
+        assert_eq!(modified(&object), Some(built));
 
         // A header it includes changed: rebuilt.
         std::fs::write(&header, "#define ANSWER 2\n").expect("header");
         compile(&cache, &source, None).unwrap_or_else(|_| panic!("recompile failed"));
-        assert!(std::fs::metadata(&object).and_then(|m| m.modified()).expect("mtime") > built);
+        assert!(modified(&object).expect("mtime") > built);
 
         // A syntax error: clang's own message with file:line:col, and no object left.
         std::fs::write(&header, "#define ANSWER (\n").expect("header");
@@ -502,16 +505,16 @@ mod tests {
         let bytes = std::fs::read(&binary).expect("loader binary");
         let needs = crate::scenario::elf::dynamic_needs(&bytes).expect("ELF").expect("an ELF file");
         assert!(needs.is_static(), "{needs:?}");
-        let built = std::fs::metadata(&binary).and_then(|m| m.modified()).expect("mtime");
+        let built = modified(&binary).expect("mtime");
 
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(build().ok(), Some(binary.clone()), "unchanged: reused");
-        assert_eq!(std::fs::metadata(&binary).and_then(|m| m.modified()).ok(), Some(built));
+        assert_eq!(modified(&binary), Some(built));
 
         // The skeleton embeds the object: a changed program must reach the loader.
         std::fs::write(&source, program(1)).expect("source");
         assert_eq!(build().ok(), Some(binary.clone()));
-        assert!(std::fs::metadata(&binary).and_then(|m| m.modified()).expect("mtime") > built);
+        assert!(modified(&binary).expect("mtime") > built);
 
         std::fs::write(&loader, loader_text.replace("return 1;", "return 1")).expect("loader");
         match build() {
