@@ -481,7 +481,11 @@ impl ProcessTable {
         let Some(exit) = exit else {
             return Err(ErrorReply::new(
                 ErrorKind::Timeout,
-                format!("process {} survived SIGKILL for {KILL_GRACE:?}", process.pid),
+                format!(
+                    "process {} survived SIGKILL for {KILL_GRACE:?}; {}",
+                    process.pid,
+                    where_in_kernel(process.pid)
+                ),
             ));
         };
         self.forget(&process);
@@ -639,9 +643,54 @@ impl ProcessTable {
     }
 }
 
+/// Where the kernel holds a process that SIGKILL cannot end, from /proc: its state and last
+/// CPU (`stat`), what it waits in (`wchan`) and its kernel stack (`stack`, where the kernel
+/// has CONFIG_STACKTRACE). What cannot be read is said so.
+fn where_in_kernel(pid: u32) -> String {
+    let read = |name: &str| std::fs::read_to_string(format!("/proc/{pid}/{name}"));
+    let stat = match read("stat") {
+        Ok(text) => describe_stat(&text),
+        Err(e) => format!("/proc/{pid}/stat: {e}"),
+    };
+    let wchan = match read("wchan") {
+        Ok(text) if !text.trim().is_empty() && text.trim() != "0" => text.trim().to_owned(),
+        Ok(_) => "none (running, or no symbols)".to_owned(),
+        Err(e) => format!("unreadable ({e})"),
+    };
+    let stack = match read("stack") {
+        Ok(text) => text.lines().map(str::trim).collect::<Vec<_>>().join(" <- "),
+        Err(e) => format!("unreadable ({e})"),
+    };
+    format!("{stat}, waiting in {wchan}; kernel stack: {stack}")
+}
+
+/// State and last CPU from a /proc/PID/stat line (fields 3 and 39; the name in field 2 may
+/// hold spaces and parentheses, so the fields are counted after its last `)`).
+fn describe_stat(stat: &str) -> String {
+    let fields: Vec<&str> = match stat.rfind(')') {
+        Some(end) => stat[end + 1..].split_whitespace().collect(),
+        None => Vec::new(),
+    };
+    match (fields.first(), fields.get(36)) {
+        (Some(state), Some(cpu)) => format!("state {state} on CPU {cpu}"),
+        _ => format!("unparsable stat line {:?}", stat.trim()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stat_gives_the_state_and_last_cpu() {
+        let line = "71 (trig) ger) R 1 71 71 0 -1 4194560 90 0 0 0 0 1234 0 0 20 0 1 0 \
+                    1090 2916352 181 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n";
+        assert_eq!(describe_stat(line), "state R on CPU 1");
+        assert_eq!(describe_stat("71 (x"), "unparsable stat line \"71 (x\"");
+        // This test's own process (its main thread waits for the test threads).
+        let own = where_in_kernel(std::process::id());
+        assert!(own.starts_with("state S on CPU ") && own.contains(", waiting in "), "{own}");
+    }
 
     fn log_of(data: &[u8], closed: bool) -> OutputLog {
         let mut log = OutputLog::default();

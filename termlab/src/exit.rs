@@ -223,7 +223,9 @@ impl Classify for EngineError {
             | EngineError::NoTrigger { .. }
             | EngineError::NoSystemMap => ExitClass::Finding,
             EngineError::StackProbe { .. } => ExitClass::Infrastructure,
-            EngineError::Hung { .. } | EngineError::AgentGone { .. } => ExitClass::Finding,
+            EngineError::Hung { .. }
+            | EngineError::AgentGone { .. }
+            | EngineError::Unkillable { .. } => ExitClass::Finding,
             EngineError::Host { .. } | EngineError::Internal(_) => ExitClass::Infrastructure,
             EngineError::Interrupted => ExitClass::Interrupted,
         }

@@ -1,13 +1,14 @@
 //! `termlab run` when things go wrong (issue 8, "VMM → Faults"): the guest
 //! kernel panics, the guest hangs, the agent is killed, the vsock connection
-//! closes under a pending request, the user presses Ctrl-C. Each fault is made
+//! closes under a pending request, a process outlives SIGKILL inside the
+//! kernel, the user presses Ctrl-C. Each fault is made
 //! real by a scenario in `tests/faults/` (no mocks), and each run must end with
 //! a clear message, a non-zero exit, a result.json that parses and says
 //! `complete: false` with the reason, and nothing left behind: no process, no
 //! L1 job directory, no temporary file or vsock socket.
 //!
 //! These boot the guest (inside the nested L1 VM where this host's KVM cannot
-//! run Linux): the four guest faults share one `termlab run` (one L1 boot),
+//! run Linux): the five guest faults share one `termlab run` (one L1 boot),
 //! Ctrl-C has its own; a few minutes in all. Run with
 //! `cargo test --release -p termlab --test faults -- --ignored`.
 
@@ -199,7 +200,7 @@ fn processes_mentioning(needles: &[&str]) -> Vec<(u32, String)> {
 
 /// The guest-side faults, each a scenario of tests/faults/, and what its run
 /// must say, both on its error line and in its result's incomplete_reason.
-const GUEST_FAULTS: [(&str, &[&str]); 4] = [
+const GUEST_FAULTS: [(&str, &[&str]); 5] = [
     // The panic's own line, from the console, is in the one-line error.
     (
         "panic.toml",
@@ -228,14 +229,26 @@ const GUEST_FAULTS: [(&str, &[&str]); 4] = [
             "Guest console, last lines",
         ],
     ),
+    // Where the kernel holds it: its CPU (the trigger's), and its kernel stack through the
+    // BPF program's frames down to the syscall that ran it.
+    (
+        "unkillable.toml",
+        &[
+            "the guest kernel holds a process of trigger `held`",
+            "survived SIGKILL for 2s; state R on CPU 1",
+            "_subprog_text+",
+            "entry_SYSCALL_64",
+            "Guest console, last lines",
+        ],
+    ),
 ];
 
-/// One `termlab run` of all four guest faults (one nested L1 boot instead of
-/// four): the run goes on after each failed scenario, exits 1 (each is a
+/// One `termlab run` of all five guest faults (one nested L1 boot instead of
+/// five): the run goes on after each failed scenario, exits 1 (each is a
 /// finding about the guest: its JUnit error is typed `finding`), and each
 /// scenario's result and error say what happened to it.
 #[test]
-#[ignore = "boots the guest four times: minutes; needs the kernel build and the agent"]
+#[ignore = "boots the guest five times: minutes; needs the kernel build and the agent"]
 fn guest_faults_each_end_their_run_clearly_and_leave_nothing() {
     let scratch = Scratch::new("guest");
     let began = Instant::now();
@@ -273,6 +286,11 @@ fn guest_faults_each_end_their_run_clearly_and_leave_nothing() {
             && !vcpu0.is_some_and(|line| line.contains(" [code: ") && line.contains("; cr2 0x"))
         {
             problems.push(format!("hang: no vCPU 0 line with its code and CR2: {reason}"));
+        }
+        // The held process's vCPU, busy in the BPF image (no symbol names it: its code).
+        let vcpu1 = reason.lines().find(|line| line.trim_start().starts_with("vCPU 1: "));
+        if scenario == "unkillable.toml" && !vcpu1.is_some_and(|line| line.contains(" [code: ")) {
+            problems.push(format!("unkillable: no vCPU 1 line with its code: {reason}"));
         }
         // The only repetition never finished: none may be recorded.
         if !run.result.repetitions.is_empty() {

@@ -268,7 +268,7 @@ fn fault_scenarios_load_and_exec_steps_parse() {
         names.push(loaded.name);
     }
     names.sort();
-    assert_eq!(names, ["agent-killed", "hang", "interrupt", "panic", "vsock-closed"]);
+    assert_eq!(names, ["agent-killed", "hang", "interrupt", "panic", "unkillable", "vsock-closed"]);
 
     let text = "description = \"x\"\n[vm]\nkernel = \"default\"\n\
                 [[step]]\nexec = { label = \"a\", argv = [\"sh\", \"-c\", \"true\"], timeout_ms = 1500 }\n\

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use termlab_protocol::client::{Client, ClientError};
-use termlab_protocol::{ExitStatus, RunRequest, SpawnRequest, WaitOutputRequest};
+use termlab_protocol::{ErrorKind, ExitStatus, RunRequest, SpawnRequest, WaitOutputRequest};
 use thiserror::Error;
 
 use crate::cancel::Cancel;
@@ -124,6 +124,10 @@ pub enum EngineError {
     /// The agent stopped answering (hung guest or agent).
     #[error("the guest hung: no answer from the guest agent to {what} within {waited:?}; the VM was killed. Guest console, last lines ({}):\n{tail}\nIts vCPUs then (three samples 300 ms apart):\n{vcpus}", console.display())]
     Hung { what: String, waited: Duration, vcpus: String, console: PathBuf, tail: String },
+    /// A guest process that outlived its time limit and then SIGKILL: the kernel holds it
+    /// (`detail`: the agent's account of where, from /proc).
+    #[error("the guest kernel holds a process of {what}: {detail}. Guest console, last lines ({}):\n{tail}\nIts vCPUs then (three samples 300 ms apart):\n{vcpus}", console.display())]
+    Unkillable { what: String, detail: String, vcpus: String, console: PathBuf, tail: String },
     /// The agent's vsock connection closed under a pending request.
     #[error("the guest agent's vsock connection closed during {what} ({detail}); {after}. Guest console, last lines ({}):\n{tail}", console.display())]
     AgentGone { what: String, detail: String, after: String, console: PathBuf, tail: String },
@@ -522,6 +526,16 @@ pub(crate) fn explain_with_vm_state(
     }
     let tail = || guest::console_tail(console_log, CONSOLE_TAIL_LINES);
     match source {
+        ClientError::Agent { error, .. } if error.kind == ErrorKind::Timeout => {
+            let vcpus = guest.vcpu_positions(system_map);
+            EngineError::Unkillable {
+                what,
+                detail: error.message,
+                vcpus,
+                console: console_log.to_owned(),
+                tail: tail(),
+            }
+        }
         ClientError::Timeout { waited, .. } => {
             // A guest that panicked or rebooted has also stopped answering.
             if let Some(reason) = guest.exited() {
