@@ -70,6 +70,7 @@ fn every_shipped_scenario_loads_with_a_description() {
             "kprobe",
             "kprobe-int3",
             "ringbuf",
+            "sched_ext",
             "skeleton",
             "sockref",
             "sysctl",
