@@ -46,7 +46,9 @@ use thiserror::Error;
 use crate::guest_image::{
     cache_key, cache_root, skeleton_tools, GuestFile, GuestImageError, KernelBuild, SkeletonTools,
 };
-use crate::scenario::{guest_loader_path, guest_object_path, guest_test_data_path, LoadedScenario};
+use crate::scenario::{
+    guest_loader_path, guest_object_path, guest_test_data_path, LoadedScenario, DEFAULT_CLANG,
+};
 
 /// clang's flags for a user's source, after `-target bpf`.
 pub const BPF_CFLAGS: [&str; 5] =
@@ -60,11 +62,12 @@ pub const MULTIARCH_INCLUDE: &str = "/usr/include/x86_64-linux-gnu";
 
 #[derive(Debug, Error)]
 pub enum UserProgramError {
-    #[error("{scenario}: program `{program}`: compiling {}: cannot run clang ({source}); install clang (apt-get install clang libbpf-dev)", path.display())]
+    #[error("{scenario}: program `{program}`: compiling {}: cannot run {clang} ({source}); install it (apt-get install {clang} libbpf-dev)", path.display())]
     NoClang {
         scenario: String,
         program: String,
         path: PathBuf,
+        clang: String,
         #[source]
         source: std::io::Error,
     },
@@ -110,22 +113,20 @@ pub fn guest_files(
         }
         if let Some(source) = &program.source {
             let source = loaded.host_path(source.get_ref());
-            let object =
-                compile(&cache, &source, kernel.vmlinux_h.as_deref()).map_err(|failure| {
-                    match failure {
-                        CompileFailure::Compile(stderr)
-                            if kernel.vmlinux_h.is_none()
-                                && stderr.contains("'vmlinux.h' file not found") =>
-                        {
-                            UserProgramError::NoBtfHeader {
-                                scenario: scenario.clone(),
-                                program: name.to_string(),
-                                path: source.clone(),
-                                kernel: kernel.bzimage.clone(),
-                            }
+            let object = compile(&cache, &source, kernel.vmlinux_h.as_deref(), program.clang())
+                .map_err(|failure| match failure {
+                    CompileFailure::Compile(stderr)
+                        if kernel.vmlinux_h.is_none()
+                            && stderr.contains("'vmlinux.h' file not found") =>
+                    {
+                        UserProgramError::NoBtfHeader {
+                            scenario: scenario.clone(),
+                            program: name.to_string(),
+                            path: source.clone(),
+                            kernel: kernel.bzimage.clone(),
                         }
-                        failure => failure.into_error(&scenario, name.as_str(), &source),
                     }
+                    failure => failure.into_error(&scenario, name.as_str(), &source),
                 })?;
             match &program.loader_source {
                 None => files.push(GuestFile { host: object, guest: guest_object_path(name) }),
@@ -168,7 +169,8 @@ pub fn guest_files(
 
 /// Why a compile failed, before it is told which scenario and program it was for.
 pub enum CompileFailure {
-    NoClang(std::io::Error),
+    /// The clang named could not be run.
+    NoClang(String, std::io::Error),
     Compile(String),
     /// bpftool or gcc failed to build a skeleton loader: what they said.
     Loader(String),
@@ -179,8 +181,8 @@ impl CompileFailure {
     fn into_error(self, scenario: &str, program: &str, path: &Path) -> UserProgramError {
         let (scenario, program, path) = (scenario.to_owned(), program.to_owned(), path.to_owned());
         match self {
-            CompileFailure::NoClang(source) => {
-                UserProgramError::NoClang { scenario, program, path, source }
+            CompileFailure::NoClang(clang, source) => {
+                UserProgramError::NoClang { scenario, program, path, clang, source }
             }
             CompileFailure::Compile(stderr) => {
                 UserProgramError::Compile { scenario, program, path, stderr }
@@ -193,13 +195,14 @@ impl CompileFailure {
     }
 }
 
-/// Compiles `source` into `cache` (or reuses the object there) and returns
-/// the object; `vmlinux_h`, the kernel's BTF header, is found by
+/// Compiles `source` with `clang` (a name on PATH) into `cache` (or reuses the object there)
+/// and returns the object; `vmlinux_h`, the kernel's BTF header, is found by
 /// `#include "vmlinux.h"` unless the source's directory has its own.
 pub fn compile(
     cache: &Path,
     source: &Path,
     vmlinux_h: Option<&Path>,
+    clang: &str,
 ) -> Result<PathBuf, CompileFailure> {
     let io = |path: &Path| {
         let path = path.to_owned();
@@ -222,6 +225,11 @@ pub fn compile(
         hasher.update(b"\0");
         hasher.update(arg.as_bytes());
     }
+    // Objects of the default clang keep the keys they had before it could be chosen.
+    if clang != DEFAULT_CLANG {
+        hasher.update(b"\0clang=");
+        hasher.update(clang.as_bytes());
+    }
     let key = cache_key(&hasher.finalize());
     let object = cache.join(format!("{key}.bpf.o"));
     let depfile = cache.join(format!("{key}.d"));
@@ -231,7 +239,7 @@ pub fn compile(
     // Written under a temporary name, so a failed or interrupted compile
     // never leaves an object that looks up to date.
     let partial = cache.join(format!("{key}.{}.tmp", std::process::id()));
-    let output = Command::new("clang")
+    let output = Command::new(clang)
         .args(&args)
         .arg("-MD")
         .arg("-MF")
@@ -241,7 +249,7 @@ pub fn compile(
         .arg("-o")
         .arg(&partial)
         .output()
-        .map_err(CompileFailure::NoClang)?;
+        .map_err(|e| CompileFailure::NoClang(clang.to_owned(), e))?;
     if !output.status.success() {
         let _ = std::fs::remove_file(&partial);
         let _ = std::fs::remove_file(&object);
@@ -426,7 +434,8 @@ mod tests {
              char LICENSE[] SEC(\"license\") = \"GPL\";\n",
         )
         .expect("source");
-        let object = compile(&cache, &source, None).unwrap_or_else(|_| panic!("compile failed"));
+        let object = compile(&cache, &source, None, DEFAULT_CLANG)
+            .unwrap_or_else(|_| panic!("compile failed"));
         let bytes = std::fs::read(&object).expect("object");
         assert_eq!(&bytes[..4], b"\x7fELF");
         assert_eq!(&bytes[18..20], &[247, 0], "EM_BPF");
@@ -434,23 +443,68 @@ mod tests {
 
         // Unchanged: the same object, not rebuilt.
         std::thread::sleep(std::time::Duration::from_millis(20));
-        assert_eq!(compile(&cache, &source, None).ok(), Some(object.clone()));
+        assert_eq!(compile(&cache, &source, None, DEFAULT_CLANG).ok(), Some(object.clone()));
         assert_eq!(modified(&object), Some(built));
 
         // A header it includes changed: rebuilt.
         std::fs::write(&header, "#define ANSWER 2\n").expect("header");
-        compile(&cache, &source, None).unwrap_or_else(|_| panic!("recompile failed"));
+        compile(&cache, &source, None, DEFAULT_CLANG)
+            .unwrap_or_else(|_| panic!("recompile failed"));
         assert!(modified(&object).expect("mtime") > built);
 
         // A syntax error: clang's own message with file:line:col, and no object left.
         std::fs::write(&header, "#define ANSWER (\n").expect("header");
-        match compile(&cache, &source, None) {
+        match compile(&cache, &source, None, DEFAULT_CLANG) {
             Err(CompileFailure::Compile(stderr)) => {
                 assert!(stderr.contains("count.bpf.c:4:79: error"), "{stderr}")
             }
             _ => panic!("a broken source compiled"),
         }
         assert!(!object.exists(), "a stale object was left behind");
+    }
+
+    /// A kptr field's BTF type tag: clang 14 drops it, the clang-19 scripts/setup installs
+    /// keeps it (`TYPE_TAG 'kptr'` in the object's BTF), in an object of its own.
+    #[test]
+    fn a_program_can_name_the_clang_that_keeps_its_type_tags() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = dir.path().join("cache");
+        let source = dir.path().join("kptr.bpf.c");
+        std::fs::write(
+            &source,
+            "#include <linux/bpf.h>\n#include <bpf/bpf_helpers.h>\n\
+             struct node { long v; };\nstruct slot { struct node __kptr *node; };\n\
+             struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1);\n\
+             __type(key, int); __type(value, struct slot); } slots SEC(\".maps\");\n\
+             SEC(\"tc\") int f(void *ctx) { return 0; }\n\
+             char LICENSE[] SEC(\"license\") = \"GPL\";\n",
+        )
+        .expect("source");
+        // Read with the default kernel's bpftool (scripts/setup builds it).
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repository root");
+        let kernel = crate::guest_image::find_kernel(root, crate::scenario::KernelVariant::Default)
+            .unwrap_or_else(|e| panic!("the default kernel (scripts/setup builds it): {e}"));
+        let bpftool = skeleton_tools(root, &kernel).unwrap_or_else(|e| panic!("{e}")).bpftool;
+        let type_tags = |object: &Path| {
+            let output = Command::new(&bpftool)
+                .args(["btf", "dump", "file"])
+                .arg(object)
+                .output()
+                .expect("bpftool runs");
+            assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+            String::from_utf8_lossy(&output.stdout).contains("TYPE_TAG 'kptr'")
+        };
+        let plain = compile(&cache, &source, None, DEFAULT_CLANG)
+            .unwrap_or_else(|_| panic!("clang failed"));
+        let tagged = compile(&cache, &source, None, "clang-19")
+            .unwrap_or_else(|_| panic!("clang-19 failed"));
+        assert_ne!(plain, tagged, "each clang has its own object");
+        assert!(!type_tags(&plain), "clang 14 now keeps type tags: drop `clang = \"clang-19\"`");
+        assert!(type_tags(&tagged), "clang-19's object has no \"kptr\" type tag");
+        match compile(&cache, &source, None, "clang-999") {
+            Err(CompileFailure::NoClang(clang, _)) => assert_eq!(clang, "clang-999"),
+            _ => panic!("a missing clang was not reported as such"),
+        }
     }
 
     #[test]
@@ -494,7 +548,8 @@ mod tests {
                            count_bpf__destroy(skel); return 0; }\n";
         std::fs::write(&loader, loader_text).expect("loader");
         let build = || {
-            let object = compile(&cache, &source, None).unwrap_or_else(|_| panic!("compile"));
+            let object =
+                compile(&cache, &source, None, DEFAULT_CLANG).unwrap_or_else(|_| panic!("compile"));
             build_loader(&cache, &object, &source, &loader, &tools)
         };
         let binary = match build() {
@@ -572,7 +627,7 @@ mod tests {
              char LICENSE[] SEC(\"license\") = \"GPL\";\n",
         )
         .expect("source");
-        let object = match compile(&cache, &source, Some(&header)) {
+        let object = match compile(&cache, &source, Some(&header), DEFAULT_CLANG) {
             Ok(object) => object,
             Err(CompileFailure::Compile(stderr)) => panic!("with the kernel's header: {stderr}"),
             Err(_) => panic!("with the kernel's header: no clang, or an I/O error"),
@@ -584,7 +639,7 @@ mod tests {
 
         // A kernel without BTF has no header to give: clang says so, and guest_files turns
         // that into the reason.
-        match compile(&cache, &source, None) {
+        match compile(&cache, &source, None, DEFAULT_CLANG) {
             Err(CompileFailure::Compile(stderr)) => {
                 assert!(stderr.contains("'vmlinux.h' file not found"), "{stderr}")
             }

@@ -255,6 +255,8 @@ const BAD_FILES: &[(&str, usize, usize, &str, &str)] = &[
         "program[0].loader_source",
         "a program with a `loader_source` also needs `bpf_name`",
     ),
+    ("clang-command.toml", 9, 9, "program[0].clang", "`sh -c reboot` is not `clang` or `clang-N`"),
+    ("clang-without-source.toml", 9, 9, "program[0].clang", "`clang` goes with `source`"),
 ];
 
 /// The fault scenarios of tests/faults.rs load, and an `exec` step keeps its

@@ -844,6 +844,9 @@ fn validate_program(
             return Err(invalid(path, key(field), "an empty path"));
         }
     }
+    if let Some(clang) = &program.clang {
+        validate_clang(clang, program.source.is_some(), key)?;
+    }
     if let (Some(loader_source), None) = (&program.loader_source, &program.source) {
         return Err(invalid(
             loader_source,
@@ -936,6 +939,32 @@ fn validate_function(
         Ok(())
     } else {
         Err(invalid(function, key("function"), format!("`{text}` is not a C function name")))
+    }
+}
+
+/// `clang`: only with `source`, and only a clang by its usual name (`clang` or `clang-N`),
+/// looked up on the host's PATH: a scenario names a compiler, not a command to run.
+fn validate_clang(
+    clang: &Spanned<String>,
+    has_source: bool,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), SpannedError> {
+    if !has_source {
+        return Err(invalid(clang, key("clang"), "`clang` goes with `source`: it compiles it"));
+    }
+    let text = clang.get_ref();
+    let version = text.strip_prefix("clang-");
+    if text == DEFAULT_CLANG
+        || version
+            .is_some_and(|v| !v.is_empty() && v.len() <= 3 && v.bytes().all(|b| b.is_ascii_digit()))
+    {
+        Ok(())
+    } else {
+        Err(invalid(
+            clang,
+            key("clang"),
+            format!("`{text}` is not `clang` or `clang-N` (e.g. `clang-19`)"),
+        ))
     }
 }
 

@@ -149,6 +149,11 @@ pub struct ProgramSpec {
     /// BPF C source, compiled on the host with clang (see `crate::user_programs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<Spanned<String>>,
+    /// With `source`: the clang that compiles it, `clang` (the default) or `clang-N` from
+    /// the host's PATH, e.g. `clang-19` for a program whose kptr fields need BTF type tags,
+    /// which Debian 12's clang 14 does not emit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clang: Option<Spanned<String>>,
     /// The program's C function name in the object; needed when it holds several.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub function: Option<Spanned<String>>,
@@ -208,6 +213,8 @@ pub struct ProgramSpec {
 /// The line a trigger's `key=value` fields are read from unless its program
 /// names another (`summary_line`).
 pub const DEFAULT_SUMMARY_LINE: &str = "trigger";
+/// The clang a program's `source` is compiled with unless it names another.
+pub const DEFAULT_CLANG: &str = "clang";
 
 impl ProgramSpec {
     /// The first word of the line holding its trigger's fields.
@@ -218,6 +225,11 @@ impl ProgramSpec {
     /// The program whose loader loads this one (`loaded_by`).
     pub fn loaded_by(&self) -> Option<&Label> {
         self.loaded_by.as_ref().map(Spanned::get_ref)
+    }
+
+    /// The clang that compiles its `source`.
+    pub fn clang(&self) -> &str {
+        self.clang.as_ref().map_or(DEFAULT_CLANG, |clang| clang.get_ref().as_str())
     }
 
     /// Whether the generic loader loads it (`object`, or `source` without `loader_source`).
