@@ -69,6 +69,7 @@ fn every_shipped_scenario_loads_with_a_description() {
             "iterator",
             "kprobe",
             "kprobe-int3",
+            "kptr",
             "ringbuf",
             "sched_ext",
             "skeleton",
