@@ -12,13 +12,13 @@
  * Exits 1 when a libbpf call failed, with its error on stderr.
  */
 #include <errno.h>
-#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
 #include <sys/prctl.h>
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
+#include "loader_hold.h"
 #include "sched_ext.skel.h"
 
 static int fail(const char *what, int err)
@@ -60,14 +60,9 @@ int main(int argc, char **argv)
 	if (err)
 		return fail("reading the program's info", err);
 
-	/* Blocked before the line is printed, so a signal sent after it is not lost. */
-	sigemptyset(&stop);
-	sigaddset(&stop, SIGTERM);
-	sigaddset(&stop, SIGINT);
-	sigprocmask(SIG_BLOCK, &stop, NULL);
+	hold_begin(&stop);
 	printf("prog_id=%u prog_name=%s scheduler=termlab\n", info.id, info.name);
-	fflush(stdout);
-	sigwait(&stop, &sig);
+	sig = hold_until_signal(&stop);
 
 	bpf_link__destroy(link);
 	sched_ext_bpf__destroy(skel);

@@ -12,12 +12,12 @@
  * failed, with its error on stderr.
  */
 #include <errno.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
+#include "loader_hold.h"
 #include "skeleton.skel.h"
 
 static int fail(const char *what, int err)
@@ -48,15 +48,10 @@ int main(int argc, char **argv)
 	if (err)
 		return fail("reading the program's info", err);
 
-	/* Blocked before the line is printed, so a signal sent after it is not lost. */
-	sigemptyset(&stop);
-	sigaddset(&stop, SIGTERM);
-	sigaddset(&stop, SIGINT);
-	sigprocmask(SIG_BLOCK, &stop, NULL);
+	hold_begin(&stop);
 	printf("prog_id=%u prog_name=%s weight=%llu\n", info.id, info.name,
 	       (unsigned long long)skel->rodata->weight);
-	fflush(stdout);
-	sigwait(&stop, &sig);
+	sig = hold_until_signal(&stop);
 
 	skeleton_bpf__destroy(skel);
 	printf("prog_id=%u detached signal=%d\n", info.id, sig);
