@@ -525,12 +525,12 @@ fn find_trigger<'a>(
     rep: &'a Repetition,
     label: &str,
 ) -> Option<(Option<i32>, bool, &'a BTreeMap<String, String>)> {
-    rep.steps.iter().find_map(|s| match s {
-        StepRecord::Trigger { label: l, exit_code, start_ns, end_ns, fields, .. } if l == label => {
+    match crate::results::trigger_record(&rep.steps, label)? {
+        StepRecord::Trigger { exit_code, start_ns, end_ns, fields, .. } => {
             Some((*exit_code, start_ns.is_some() && end_ns.is_some(), fields))
         }
         _ => None,
-    })
+    }
 }
 
 #[cfg(test)]

@@ -32,6 +32,10 @@ pub enum Progress<'a> {
         #[serde(rename = "elapsed_s", serialize_with = "seconds")]
         elapsed: Duration,
     },
+    /// Repetition `number` tested nothing and runs again: a terminate step's request reached
+    /// the kernel after the run it was meant for had ended (`reason` says which and by how
+    /// much), so the kernel's "not running" says nothing about termination.
+    RepetitionVoid { scenario: &'a str, number: u32, of: u32, reason: &'a str },
     /// A step took at least [`SLOW_STEP`].
     StepSlow {
         scenario: &'a str,

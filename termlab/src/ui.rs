@@ -204,6 +204,7 @@ impl ProgressSink for ProgressPrinter {
                     }
                 }
                 Progress::StepSlow { .. }
+                | Progress::RepetitionVoid { .. }
                 | Progress::ConsoleLine { .. }
                 | Progress::KeptForInspection { .. }
                 | Progress::InteractiveConsole(_)
@@ -243,6 +244,9 @@ pub fn notice(event: &Progress<'_>) -> Option<Notice> {
         Progress::Bench(BenchStage::Latency { config, iterations, vcpus }) => {
             Notice::Status(format!("bench: latency {config} × {iterations} ({vcpus} vCPUs)"))
         }
+        Progress::RepetitionVoid { scenario, number, of, reason } => Notice::Status(format!(
+            "[{scenario}] rep {number}/{of} tested nothing, running it again: {reason}"
+        )),
         Progress::Bench(BenchStage::Round { round, of, patched }) => Notice::Status(format!(
             "bench: round {round}/{of}: {} kernel",
             if *patched { "patched" } else { "baseline" }
@@ -272,6 +276,7 @@ pub fn plain_line(event: &Progress<'_>) -> Option<String> {
             seconds(*elapsed)
         ),
         Progress::ConsoleLine { .. }
+        | Progress::RepetitionVoid { .. }
         | Progress::KeptForInspection { .. }
         | Progress::InteractiveConsole(_)
         | Progress::Bench(_) => return None,

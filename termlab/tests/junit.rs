@@ -78,6 +78,7 @@ fn result(name: &str, expectations: Vec<ExpectationOutcome>, complete: bool) -> 
                 metrics: BTreeMap::from([("end_to_end".to_owned(), 1e6 * f64::from(index + 1))]),
             })
             .collect(),
+        void_repetitions: Vec::new(),
         summary: Vec::new(),
         expectations,
         timings: None,

@@ -6,6 +6,7 @@
 //! what it measured and says why it stopped.
 
 mod guest;
+mod premise;
 mod stack_probe;
 mod steps;
 
@@ -27,7 +28,7 @@ use crate::progress::{ConsoleEvent, ConsoleLines, Progress, ProgressSink, SLOW_S
 use crate::report::ReportError;
 use crate::results::{
     self, Environment, PhaseTimings, Repetition, ResultsError, RunResult, ScenarioRecord, VmInfo,
-    VmmInfo, AGENT_RTT_METRIC, IPI_RTT_METRIC,
+    VmmInfo, VoidRepetition, AGENT_RTT_METRIC, IPI_RTT_METRIC,
 };
 use crate::scenario::{LoadedScenario, ProgramSpec, Scenario, Step};
 use crate::stack_proof::TermMap;
@@ -306,6 +307,7 @@ pub fn run_scenario(
             },
         },
         repetitions: Vec::new(),
+        void_repetitions: Vec::new(),
         summary: Vec::new(),
         expectations: Vec::new(),
         timings: Some(PhaseTimings {
@@ -731,6 +733,10 @@ fn start_loader<'s>(
     Ok((LoadedProgram { spec, prog_id, kernel_name }, fields))
 }
 
+/// How many times one repetition may be run again because it tested nothing
+/// (`premise::untested_terminate`); the last try is judged as it is.
+const MAX_VOID_TRIES: usize = 2;
+
 /// Repetition `index`: its steps, its metrics with the agent's and the IPI's round trips,
 /// saved to result.json at once (a run cut off later keeps it).
 fn repeat_once(
@@ -757,8 +763,28 @@ fn repeat_once(
             });
         }
     };
-    let steps =
+    let mut steps =
         run_repetition(client, scenario, programs, trace, probe, &step_done, &run.options.cancel)?;
+    // A repetition that tested nothing runs again, a few times at most (each is recorded).
+    for _ in 0..MAX_VOID_TRIES {
+        let Some(reason) = premise::untested_terminate(scenario, &steps) else { break };
+        run.progress.event(&Progress::RepetitionVoid {
+            scenario: &loaded.name,
+            number: index + 1,
+            of: repetitions,
+            reason: &reason,
+        });
+        result.void_repetitions.push(VoidRepetition { index, reason });
+        steps = run_repetition(
+            client,
+            scenario,
+            programs,
+            trace,
+            probe,
+            &step_done,
+            &run.options.cancel,
+        )?;
+    }
     let mut metrics = compute_metrics(&scenario.metrics, &steps);
     metrics.insert(AGENT_RTT_METRIC.to_owned(), agent_round_trip(client)?);
     if scenario.vm.vcpus.get() >= 2 {

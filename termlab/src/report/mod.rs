@@ -96,6 +96,12 @@ pub fn run_document(result: &RunResult) -> Result<Document, ReportError> {
         "{} repetitions; times on the guest's CLOCK_MONOTONIC. Ratios are to the median bare IPI round trip (`{IPI_RTT_METRIC}`) measured in the same guest: under nested virtualisation absolute times are emulated, ratios travel.",
         result.repetitions.len()
     )));
+    for void in &result.void_repetitions {
+        doc.push(Block::Paragraph(format!(
+            "Repetition {} tested nothing once and was run again: {}.",
+            void.index, void.reason
+        )));
+    }
     doc.push(summary_table(result));
 
     mechanism_timeline(result, &mut doc);

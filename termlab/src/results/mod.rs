@@ -158,12 +158,29 @@ pub struct RunResult {
     pub finished_at: Option<String>,
     pub environment: Environment,
     pub repetitions: Vec<Repetition>,
+    /// Repetitions that tested nothing and were run again (see `engine::premise`): a
+    /// terminate step's request reached the kernel after the run it was meant for had ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub void_repetitions: Vec<VoidRepetition>,
     /// Per metric, over all repetitions; see [`RunResult::summarize`].
     pub summary: Vec<MetricSummary>,
     pub expectations: Vec<ExpectationOutcome>,
     /// Where the run's time went, host wall clock (absent in runs before 2026-12-04).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timings: Option<PhaseTimings>,
+}
+
+/// The record of trigger step `label` among a repetition's `steps`.
+pub fn trigger_record<'a>(steps: &'a [StepRecord], label: &str) -> Option<&'a StepRecord> {
+    steps.iter().find(|step| matches!(step, StepRecord::Trigger { label: l, .. } if l == label))
+}
+
+/// A repetition that tested nothing, and why; the repetition run in its place has its index.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VoidRepetition {
+    pub index: u32,
+    pub reason: String,
 }
 
 /// Where one scenario's run spent its time, in host seconds (`termlab run --timings` prints
