@@ -591,6 +591,7 @@ dmesg_clean = {}
                 end_ns: Some(term_start + 1000),
                 kernel: None,
                 stack: Vec::new(),
+                host_before_call_ms: None,
             },
             StepRecord::Trigger {
                 label: "run".into(),

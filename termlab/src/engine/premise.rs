@@ -21,12 +21,15 @@ pub fn untested_terminate(scenario: &Scenario, records: &[StepRecord]) -> Option
         let Step::Terminate(terminate) = step else { continue };
         let Some(program) = &terminate.program else { continue };
         let label = terminate.label.get_ref().as_str();
-        let Some(request_ns) = esrch_request_ns(records, label) else { continue };
+        let Some((request_ns, host_ms)) = esrch_request(records, label) else { continue };
         for run in runs_in_flight(scenario, index, program.get_ref().as_str()) {
             let Some(end_ns) = trigger_end_ns(records, run) else { continue };
             if request_ns > end_ns {
+                let host = host_ms
+                    .map(|ms| format!("; the host sent it {ms:.1} ms after the step began"))
+                    .unwrap_or_default();
                 return Some(format!(
-                    "terminate `{label}` reached the kernel {:.1} ms after the run of `{run}` had ended (ESRCH)",
+                    "terminate `{label}` reached the kernel {:.1} ms after the run of `{run}` had ended (ESRCH){host}",
                     (request_ns - end_ns) as f64 / 1e6
                 ));
             }
@@ -57,14 +60,22 @@ fn runs_in_flight<'s>(scenario: &'s Scenario, index: usize, program: &str) -> Ve
         .collect()
 }
 
-/// When the kernel saw terminate step `label`'s request, if the call answered ESRCH.
-fn esrch_request_ns(records: &[StepRecord], label: &str) -> Option<u64> {
+/// When the kernel saw terminate step `label`'s request, if the call answered ESRCH, and how
+/// long the host took to send it.
+fn esrch_request(records: &[StepRecord], label: &str) -> Option<(u64, Option<f64>)> {
     records.iter().find_map(|record| match record {
-        StepRecord::Terminate { label: l, errno: Some(errno), kernel, start_ns, .. }
-            if l == label && errno == "ESRCH" =>
-        {
-            kernel.as_ref().and_then(|kernel| kernel.request_ns).or(*start_ns)
-        }
+        StepRecord::Terminate {
+            label: l,
+            errno: Some(errno),
+            kernel,
+            start_ns,
+            host_before_call_ms,
+            ..
+        } if l == label && errno == "ESRCH" => kernel
+            .as_ref()
+            .and_then(|kernel| kernel.request_ns)
+            .or(*start_ns)
+            .map(|ns| (ns, *host_before_call_ms)),
         _ => None,
     })
 }
@@ -128,6 +139,7 @@ terminate = { label = "after", program = "p" }
             end_ns: Some(start_ns + 10),
             kernel: None,
             stack: vec![],
+            host_before_call_ms: Some(2_000.0),
         }
     }
 

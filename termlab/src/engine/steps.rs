@@ -686,12 +686,14 @@ struct TerminateCall {
     reply: TerminateReply,
     /// `verify_stack`: what the VMM saw on each vCPU during the call.
     stack: Vec<CpuStackProof>,
+    /// Host time from the step's start until the request was sent.
+    host_before_call: Duration,
 }
 
 impl TerminateCall {
     /// Its record, with the kernel's events of the call when it traced it.
     fn into_record(self, events: Option<&[TraceEvent]>) -> StepRecord {
-        let TerminateCall { label, request, reply, stack } = self;
+        let TerminateCall { label, request, reply, stack, host_before_call } = self;
         let kernel = events.and_then(|events| {
             kernel_trace::find_termination(events, request.prog_id, reply.start_ns, reply.end_ns)
         });
@@ -706,6 +708,7 @@ impl TerminateCall {
             end_ns: Some(reply.end_ns),
             kernel,
             stack,
+            host_before_call_ms: Some(host_before_call.as_secs_f64() * 1e3),
         }
     }
 }
@@ -731,7 +734,12 @@ fn terminate_step(
     };
     let as_uid = step.as_uid.as_ref().map(|uid| *uid.get_ref());
     let request = TerminateRequest { prog_id, flags, as_uid };
-    let call = |client: &mut Client<UnixStream>| call_terminate(client, step, &request, bpf_name);
+    let began = Instant::now();
+    let mut host_before_call = Duration::ZERO;
+    let mut call = |client: &mut Client<UnixStream>| {
+        host_before_call = began.elapsed();
+        call_terminate(client, step, &request, bpf_name)
+    };
     let (reply, stack) = match probe {
         None => (call(client)?, Vec::new()),
         Some(probe) => {
@@ -741,7 +749,7 @@ fn terminate_step(
             (reply?, proofs)
         }
     };
-    Ok(TerminateCall { label, request, reply, stack })
+    Ok(TerminateCall { label, request, reply, stack, host_before_call })
 }
 
 /// Makes `request` the way the step says: through the agent, or with
@@ -1128,6 +1136,7 @@ mod tests {
             request: TerminateRequest { prog_id: 9, flags: 0, as_uid: None },
             reply: TerminateReply { via: "agent", cpus: Some(1), errno: None, start_ns, end_ns },
             stack: vec![CpuStackProof { vcpu: 1, verdict: None, error: Some("x".into()) }],
+            host_before_call: Duration::from_millis(3),
         };
         match call(31_000_000_000, 31_000_040_000).into_record(Some(&events)) {
             StepRecord::Terminate { prog_id, via, start_ns, end_ns, kernel, stack, .. } => {

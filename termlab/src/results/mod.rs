@@ -363,6 +363,11 @@ pub enum StepRecord {
         /// `verify_stack`: what the VMM saw on each vCPU the handler ran on.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         stack: Vec<CpuStackProof>,
+        /// Host wall clock from the step's start until the request went to the agent, in ms:
+        /// with `verify_stack`, pausing the VM and arming the VMM's breakpoints (absent in
+        /// runs before 2026-12-06).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        host_before_call_ms: Option<f64>,
     },
     Budget {
         label: String,
