@@ -480,7 +480,7 @@ impl ProcessTable {
         drop(state);
         let Some(exit) = exit else {
             return Err(ErrorReply::new(
-                ErrorKind::Timeout,
+                ErrorKind::Unkillable,
                 format!(
                     "process {} survived SIGKILL for {KILL_GRACE:?}; {}",
                     process.pid,

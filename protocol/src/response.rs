@@ -206,6 +206,9 @@ pub enum ErrorKind {
     OutputEnded,
     /// The wait ran out of time.
     Timeout,
+    /// run: the process outlived its time limit and the SIGKILL after it (the kernel holds
+    /// it); the message says where, from /proc.
+    Unkillable,
     /// An operating-system call failed (spawn, open, read, write); `errno` says which error.
     Io,
     /// The agent keeps too many background processes (none of them has exited).

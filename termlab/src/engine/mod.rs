@@ -528,7 +528,7 @@ pub(crate) fn explain_with_vm_state(
     }
     let tail = || guest::console_tail(console_log, CONSOLE_TAIL_LINES);
     match source {
-        ClientError::Agent { error, .. } if error.kind == ErrorKind::Timeout => {
+        ClientError::Agent { error, .. } if error.kind == ErrorKind::Unkillable => {
             let vcpus = guest.vcpu_positions(system_map);
             EngineError::Unkillable {
                 what,
