@@ -9,7 +9,10 @@
 //!
 //! * before: at least one word (or the IP) points into the original image,
 //!   else the rewrite was not exercised and nothing is proven;
-//! * after: no word points into the original image;
+//! * after: no word points into the original image, except a function's
+//!   entry: a callback pointer a helper keeps in its frame (data, never a
+//!   return address, which follows a call in the same image), which must
+//!   stay as it was;
 //! * every word that changed was an original-image address and became
 //!   exactly the copy address the map predicts; every other word is
 //!   byte-identical;
@@ -197,6 +200,15 @@ impl Judge<'_> {
         self.map.classify(addr, self.kernel_text)
     }
 
+    /// A stack word's class: as [`Self::classify`], but a function's entry is a callback
+    /// pointer ([`AddrClass::OriginalEntry`]), not a position of the run.
+    fn classify_word(&self, word: u64) -> AddrClass {
+        match self.classify(word) {
+            AddrClass::Original { func, offset: 0 } => AddrClass::OriginalEntry { func },
+            class => class,
+        }
+    }
+
     /// The copy address an original-image address must become (`None` for any other address).
     fn predict(&self, addr: u64, class: AddrClass) -> Option<u64> {
         class.is_original().then(|| self.map.predict(addr, self.same_code)).flatten()
@@ -263,10 +275,18 @@ impl Judge<'_> {
         old: u64,
         new: u64,
     ) -> (AddrClass, AddrClass, Option<WordRow>) {
-        let (before_class, after_class) = (self.classify(old), self.classify(new));
+        let (before_class, after_class) = (self.classify_word(old), self.classify_word(new));
         let predicted = self.predict(old, before_class);
         if old != new {
             match predicted {
+                _ if matches!(before_class, AddrClass::OriginalEntry { .. }) => {
+                    self.problems.push(format!(
+                        "slot {addr:#x} held a callback pointer, {}, and became {}: the handler \
+                         rewrites return addresses only",
+                        self.symbolize(old),
+                        self.symbolize(new)
+                    ))
+                }
                 _ if !before_class.is_original() => self.problems.push(format!(
                     "slot {addr:#x} changed but did not point into the program: {} -> {}",
                     self.symbolize(old),
@@ -439,6 +459,26 @@ mod tests {
         assert!(
             v.problems.iter().any(|p| p.contains("still points into the original program")
                 && p.contains("0xffffc90000003e00")),
+            "{:?}",
+            v.problems
+        );
+    }
+
+    #[test]
+    fn a_callback_pointer_in_a_helper_frame_is_data_that_must_stay() {
+        // The helper's frame holds the callback's entry; the return address above it is
+        // rewritten.
+        let before = snap(HELPER, &[PROG, PROG + 0x15]);
+        let v = run(&before, &snap(HELPER, &[PROG, COPY + 0x17]));
+        assert!(v.passed(), "{:?}", v.problems);
+        assert_eq!((v.original_before, v.original_after, v.rewritten), (1, 0, 1));
+        assert_eq!(v.rows[0].after_class, AddrClass::OriginalEntry { func: 0 });
+        // Alone it proves nothing was exercised; changed, it is a stray write.
+        let v = run(&snap(HELPER, &[PROG]), &snap(HELPER, &[PROG]));
+        assert!(v.problems.iter().any(|p| p.contains("not exercised")), "{:?}", v.problems);
+        let v = run(&before, &snap(HELPER, &[COPY, COPY + 0x17]));
+        assert!(
+            v.problems.iter().any(|p| p.contains("rewrites return addresses only")),
             "{:?}",
             v.problems
         );

@@ -252,6 +252,9 @@ fn stack_tables(result: &RunResult, doc: &mut Document) {
             let class = |c: &AddrClass| match c {
                 AddrClass::Original { func, .. } => format!("program f{func}"),
                 AddrClass::Copy { func, .. } => format!("copy f{func}"),
+                AddrClass::OriginalEntry { func } => {
+                    format!("program f{func} entry (a callback pointer)")
+                }
                 AddrClass::KernelText => "kernel".to_owned(),
                 AddrClass::Other => "data".to_owned(),
             };

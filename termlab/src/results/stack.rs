@@ -18,6 +18,15 @@ pub enum AddrClass {
         func: usize,
         offset: u32,
     },
+    /// The entry of function `func` of the original program, held in a stack slot: a
+    /// function pointer (the callback a helper such as `bpf_user_ringbuf_drain()` or
+    /// `bpf_find_vma()` keeps in its C frame), not a return address, which always follows
+    /// a call instruction of the same image. The handler rewrites return addresses only:
+    /// such a slot keeps the original's entry, and the helper checks the stop flag before
+    /// each call of it (patch 0007).
+    OriginalEntry {
+        func: usize,
+    },
     KernelText,
     Other,
 }
