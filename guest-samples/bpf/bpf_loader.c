@@ -43,7 +43,8 @@
  * when the call succeeded; 1 (with `trigger ... errno=NAME` and a message on
  * stderr) when it failed; 2 for bad arguments.
  *
- *   bpf_loader globals --prog KERNEL_NAME [--prog KERNEL_NAME]... -- COMMAND [ARG...]
+ *   bpf_loader globals --prog KERNEL_NAME [--prog KERNEL_NAME]... [--samples N]
+ *                      -- COMMAND [ARG...]
  *
  * A trigger that shows what a run did: reads the integer global variables of
  * the loaded program named KERNEL_NAME (its .bss and .data maps, named by
@@ -69,6 +70,17 @@
  * the consumer and the producer position once everything readable is read:
  * a reservation that was never submitted nor discarded, which holds back
  * every record after it (0 when nothing leaked).
+ *
+ * For each user ring buffer the program uses (BPF_MAP_TYPE_USER_RINGBUF, map
+ * MAP, which the program consumes with bpf_user_ringbuf_drain()), it
+ * submits N samples before COMMAND with --samples N (8-byte values 1 to N,
+ * 16 bytes each with their header), and prints after it
+ *
+ *   MAP_unconsumed=B
+ *
+ * B bytes of samples stay between the kernel's consumer position and the
+ * producer position: what the program's runs have not drained (yet).
+ * --samples for a program without a user ring buffer is an error (exit 2).
  *
  *   bpf_loader packet {--out INTERFACE --in INTERFACE | --udp PORT} [--wait-ms N]
  *
@@ -115,7 +127,8 @@ static int usage(void)
 		"usage: bpf_loader load OBJECT [--prog FUNCTION] [--also FUNCTION]...\n"
 		"                       [--no-attach | --cgroup DIR | --xdp INTERFACE | --tc INTERFACE]\n"
 		"       bpf_loader test-run --id PROG_ID [--data-hex HEX | --data-file PATH] [--repeat N]\n"
-		"       bpf_loader globals --prog KERNEL_NAME [--prog KERNEL_NAME]... -- COMMAND [ARG...]\n"
+		"       bpf_loader globals --prog KERNEL_NAME [--prog KERNEL_NAME]... [--samples N]\n"
+		"                          -- COMMAND [ARG...]\n"
 		"       bpf_loader packet {--out INTERFACE --in INTERFACE | --udp PORT} [--wait-ms N]\n");
 	return 2;
 }
@@ -594,12 +607,15 @@ struct global_var {
 	int is_signed;
 };
 
-/* A ring buffer of the program, read as its user-space consumer. */
+/* A ring buffer of the program: a BPF ring buffer, read as its user-space consumer, or a user
+ * ring buffer, which user space produces and the program drains.
+ */
 #define MAX_RINGS 4
 
 struct ring {
 	char name[BPF_OBJ_NAME_LEN];
-	struct ring_buffer *reader;
+	struct ring_buffer *reader;	/* NULL for a user ring buffer */
+	int user_fd;			/* the user ring buffer's map, else -1 */
 	/* The consumer and producer positions (their pages, mapped read-only). */
 	const volatile unsigned long *consumer, *producer;
 	long records;
@@ -704,13 +720,14 @@ static int count_record(void *ctx, void *data __attribute__((unused)),
 	return 0;
 }
 
-/* Reads the ring buffer MAP_FD as its consumer (keeps the fd; closes it past MAX_RINGS); 0,
- * or -1 after a message.
+/* Watches the ring buffer MAP_FD (keeps the fd; closes it past MAX_RINGS): a BPF ring buffer
+ * as its consumer, a user ring buffer by its positions; 0, or -1 after a message.
  */
 static int add_ring(struct globals *globals, int map_fd, const struct bpf_map_info *info)
 {
 	struct ring *ring = &globals->rings[globals->nr_rings];
 	long page = sysconf(_SC_PAGESIZE);
+	bool user = info->type == BPF_MAP_TYPE_USER_RINGBUF;
 	void *consumer, *producer;
 
 	if (globals->nr_rings == MAX_RINGS) {
@@ -718,10 +735,11 @@ static int add_ring(struct globals *globals, int map_fd, const struct bpf_map_in
 		return 0;
 	}
 	snprintf(ring->name, sizeof(ring->name), "%s", info->name);
-	ring->reader = ring_buffer__new(map_fd, count_record, ring, NULL);
+	ring->user_fd = user ? map_fd : -1;
+	ring->reader = user ? NULL : ring_buffer__new(map_fd, count_record, ring, NULL);
 	consumer = mmap(NULL, page, PROT_READ, MAP_SHARED, map_fd, 0);
 	producer = mmap(NULL, page, PROT_READ, MAP_SHARED, map_fd, page);
-	if (!ring->reader || consumer == MAP_FAILED || producer == MAP_FAILED) {
+	if ((!user && !ring->reader) || consumer == MAP_FAILED || producer == MAP_FAILED) {
 		fprintf(stderr, "bpf_loader: reading ring buffer %s: %s\n", info->name,
 			strerror(errno));
 		return -1;
@@ -738,7 +756,7 @@ static int consume_rings(struct globals *globals)
 	int i;
 
 	for (i = 0; i < globals->nr_rings; i++) {
-		if (ring_buffer__consume(globals->rings[i].reader) < 0) {
+		if (globals->rings[i].reader && ring_buffer__consume(globals->rings[i].reader) < 0) {
 			fprintf(stderr, "bpf_loader: consuming ring buffer %s: %s\n",
 				globals->rings[i].name, strerror(errno));
 			return -1;
@@ -776,7 +794,8 @@ static int find_globals(int prog_fd, struct globals *globals)
 		if (dot && (strcmp(dot, ".bss") == 0 || strcmp(dot, ".data") == 0) &&
 		    map_info.type == BPF_MAP_TYPE_ARRAY && map_info.max_entries == 1)
 			add_global_map(globals, fd, &map_info);
-		else if (map_info.type == BPF_MAP_TYPE_RINGBUF) {
+		else if (map_info.type == BPF_MAP_TYPE_RINGBUF ||
+			 map_info.type == BPF_MAP_TYPE_USER_RINGBUF) {
 			if (add_ring(globals, fd, &map_info))
 				return -1;
 		} else {
@@ -832,6 +851,45 @@ static int watch_globals(const char *name, struct globals *found)
 	return 0;
 }
 
+/* Submits SAMPLES samples (8-byte values 1 to SAMPLES) to each user ring buffer of FOUND; the
+ * number of user ring buffers, or -1 after a message.
+ */
+static int fill_user_rings(struct globals *found, __u32 samples)
+{
+	int i, nr_user = 0;
+
+	for (i = 0; i < found->nr_rings; i++) {
+		struct ring *ring = &found->rings[i];
+		struct user_ring_buffer *producer;
+		__u64 value;
+
+		if (ring->user_fd < 0)
+			continue;
+		nr_user++;
+		producer = user_ring_buffer__new(ring->user_fd, NULL);
+		if (!producer) {
+			fprintf(stderr, "bpf_loader: producing to user ring buffer %s: %s\n",
+				ring->name, strerror(errno));
+			return -1;
+		}
+		for (value = 1; value <= samples; value++) {
+			void *sample = user_ring_buffer__reserve(producer, sizeof(value));
+
+			if (!sample) {
+				fprintf(stderr, "bpf_loader: reserving sample %llu of user ring buffer "
+					"%s: %s\n", (unsigned long long)value, ring->name,
+					strerror(errno));
+				user_ring_buffer__free(producer);
+				return -1;
+			}
+			memcpy(sample, &value, sizeof(value));
+			user_ring_buffer__submit(producer, sample);
+		}
+		user_ring_buffer__free(producer);
+	}
+	return nr_user;
+}
+
 /* Prints how much each variable of FOUND changed, each name after PREFIX. */
 static void print_globals(const struct globals *found, const char *prefix)
 {
@@ -847,8 +905,12 @@ static void print_globals(const struct globals *found, const char *prefix)
 	for (i = 0; i < found->nr_rings; i++) {
 		const struct ring *ring = &found->rings[i];
 
-		printf(" %s%s_records=%ld %s%s_pending=%lu", prefix, ring->name, ring->records,
-		       prefix, ring->name, *ring->producer - *ring->consumer);
+		if (ring->user_fd >= 0)
+			printf(" %s%s_unconsumed=%lu", prefix, ring->name,
+			       *ring->producer - *ring->consumer);
+		else
+			printf(" %s%s_records=%ld %s%s_pending=%lu", prefix, ring->name,
+			       ring->records, prefix, ring->name, *ring->producer - *ring->consumer);
 	}
 }
 
@@ -860,11 +922,21 @@ static int globals(int argc, char **argv)
 	static struct globals found[MAX_WATCHED];
 	const char *names[MAX_WATCHED];
 	uint64_t start_ns, end_ns;
-	int nr_names = 0, cmd = 0, status, code, i;
+	int nr_names = 0, cmd = 0, status, code, i, nr_user = 0;
+	bool fill = false;
+	__u32 samples = 0;
 	pid_t child;
 
-	while (cmd + 1 < argc && strcmp(argv[cmd], "--prog") == 0 && nr_names < MAX_WATCHED) {
-		names[nr_names++] = argv[cmd + 1];
+	while (cmd + 1 < argc) {
+		if (strcmp(argv[cmd], "--prog") == 0 && nr_names < MAX_WATCHED) {
+			names[nr_names++] = argv[cmd + 1];
+		} else if (strcmp(argv[cmd], "--samples") == 0 && !fill) {
+			if (parse_u32(argv[cmd + 1], &samples))
+				return usage();
+			fill = true;
+		} else {
+			break;
+		}
 		cmd += 2;
 	}
 	if (nr_names == 0 || cmd + 1 >= argc || strcmp(argv[cmd], "--") != 0)
@@ -872,8 +944,18 @@ static int globals(int argc, char **argv)
 	cmd++;
 	libbpf_set_print(print_libbpf);
 	for (i = 0; i < nr_names; i++) {
+		int filled;
+
 		if (watch_globals(names[i], &found[i]))
 			return 1;
+		filled = fill ? fill_user_rings(&found[i], samples) : 0;
+		if (filled < 0)
+			return 1;
+		nr_user += filled;
+	}
+	if (fill && nr_user == 0) {
+		fprintf(stderr, "bpf_loader: --samples: no program named uses a user ring buffer\n");
+		return 2;
 	}
 	fflush(stdout);
 	start_ns = monotonic_ns();
