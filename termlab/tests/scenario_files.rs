@@ -66,6 +66,7 @@ fn every_shipped_scenario_loads_with_a_description() {
         types,
         [
             "cgroup",
+            "find_vma",
             "iterator",
             "kprobe",
             "kprobe-int3",
@@ -81,6 +82,7 @@ fn every_shipped_scenario_loads_with_a_description() {
             "tc",
             "tp_btf",
             "trampoline",
+            "user_ringbuf",
             "veth",
             "wq",
             "xdp"
