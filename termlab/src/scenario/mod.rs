@@ -160,9 +160,10 @@ pub fn traces_terminations(scenario: &Scenario) -> bool {
 
 /// The sysctls the termination series adds (guest-kernel/patches): a kernel
 /// without the series has no /proc/sys file for them.
-pub const TERMINATION_SERIES_SYSCTLS: [&str; 4] = [
+pub const TERMINATION_SERIES_SYSCTLS: [&str; 5] = [
     MAX_RUNTIME_SYSCTL,
     "kernel.bpf_termination_demo_delay_ms",
+    "kernel.bpf_termination_demo_delay_idle",
     "kernel.bpf_termination_fault_skip_rewrite",
     "kernel.bpf_termination_fault_entry_delay_ms",
 ];
