@@ -236,6 +236,32 @@ set_delay "$DELAY_MS"
 check "with the delay sysctl at 0 the slow helper is not slow ($(field duration_ms "$run") ms)" \
 	"got: $run" "$(field duration_ms "$run")" -lt 100 -a "$(field exited "$run")" = 1
 
+# --- 2b. the slow helper halted, not spinning ------------------------------------
+# kernel.bpf_termination_demo_delay_idle=1: the helper halts between interrupts (a
+# per-CPU hrtimer ends its wait), as the program-type scenarios run it. A stop lands in
+# it as in a spinning one, and a run left alone still spends both delays.
+IDLE_SYSCTL=/proc/sys/kernel/bpf_termination_demo_delay_idle
+idle=$(cat $IDLE_SYSCTL 2>&1)
+check "sysctl kernel.bpf_termination_demo_delay_idle exists, default 0: $idle" "got: $idle" "$idle" = 0
+if echo 1 >$IDLE_SYSCTL && trigger_in_background loops; then
+	terminate=$(bpftool prog terminate id "$PROG_ID" 2>&1)
+	status=$?
+	echo "$terminate" | sed 's/^/# bpftool: /'
+	check "halted helper: bpftool prog terminate id $PROG_ID during the first slow call succeeds" \
+		"exit status $status: $terminate" $status -eq 0
+	terminated_run_checks loops "halted helper, demo with terminate"
+	run=$(trigger_loops)
+	echo "# halted helper, control: $run"
+	duration=$(field duration_ms "$run")
+	check "halted helper: control without terminate takes ~2x delay (${duration:-?} ms), the original all the way" \
+		"expected $((DELAY_MS * 19 / 10))..$((DELAY_MS * 3)) ms and both slow calls, got: $run" \
+		-n "$duration" -a "${duration:-0}" -ge $((DELAY_MS * 19 / 10)) -a "${duration:-0}" -lt $((DELAY_MS * 3)) \
+		-a "$(field phase "$run"):$(field second_done "$run"):$(field exited "$run")" = "4:1:1"
+else
+	not_ok "halted helper: demo run starts" "the sysctl could not be set or the program never entered"
+fi
+echo 0 >$IDLE_SYSCTL 2>/dev/null
+
 # --- 4. errors: bpftool's messages ------------------------------------------------
 # The errnos themselves (ENOENT, ESRCH, EINVAL, EPERM, idle and while a run is in
 # progress, each leaving the program unchanged) are test_prog_terminate's checks;
