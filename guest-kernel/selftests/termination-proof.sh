@@ -171,6 +171,30 @@ terminated_run_checks() {
 		"$(field phase "$RUN"):$(field second_done "$RUN"):$(field exited "$RUN")" = "4:0:0"
 }
 
+# demo_stop_checks [PREFIX]: after trigger_in_background loops, bpftool stops the
+# run inside its first slow call, and the run ends as terminated_run_checks says.
+demo_stop_checks() {
+	terminate=$(bpftool prog terminate id "$PROG_ID" 2>&1)
+	status=$?
+	echo "$terminate" | sed 's/^/# bpftool: /'
+	check "${1:-}bpftool prog terminate id $PROG_ID during the first slow call succeeds" \
+		"exit status $status: $terminate" $status -eq 0
+	terminated_run_checks loops "${1:-}demo with terminate"
+}
+
+# demo_control_checks [PREFIX]: a run of the demo left alone takes ~2x delay, in
+# the original all the way.
+demo_control_checks() {
+	run=$(trigger_loops)
+	echo "# ${1:-}control: $run"
+	duration=$(field duration_ms "$run")
+	check "${1:-}control without terminate takes ~2x delay (${duration:-?} ms)" \
+		"expected $((DELAY_MS * 19 / 10))..$((DELAY_MS * 3)) ms, got: $run" \
+		-n "$duration" -a "${duration:-0}" -ge $((DELAY_MS * 19 / 10)) -a "${duration:-0}" -lt $((DELAY_MS * 3))
+	check "${1:-}control run is the original all the way (both slow calls, real timestamps)" "got: $run" \
+		"$(field phase "$run"):$(field first_done "$run"):$(field second_done "$run"):$(field exited "$run")" = "4:1:1:1"
+}
+
 echo "# selftest: delay ${DELAY_MS} ms, kernel $(uname -r)"
 
 # On a kernel with kmemleak (the debug variant), what the checks below leave
@@ -205,12 +229,7 @@ check "bpftool prog show lists it" "got: $show" -n "$(echo "$show" | grep "^$PRO
 # Its images' kallsyms names are test_prog_terminate's checks.
 
 if trigger_in_background loops; then
-	terminate=$(bpftool prog terminate id "$PROG_ID" 2>&1)
-	status=$?
-	echo "$terminate" | sed 's/^/# bpftool: /'
-	check "bpftool prog terminate id $PROG_ID during the first slow call succeeds" \
-		"exit status $status: $terminate" $status -eq 0
-	terminated_run_checks loops "demo with terminate"
+	demo_stop_checks
 else
 	not_ok "demo run starts" "the program never entered"
 fi
@@ -220,14 +239,7 @@ fi
 # checks.
 
 # --- 2. control --------------------------------------------------------------
-run=$(trigger_loops)
-echo "# $run"
-duration=$(field duration_ms "$run")
-check "control without terminate takes ~2x delay (${duration:-?} ms)" \
-	"expected $((DELAY_MS * 19 / 10))..$((DELAY_MS * 3)) ms, got: $run" \
-	-n "$duration" -a "${duration:-0}" -ge $((DELAY_MS * 19 / 10)) -a "${duration:-0}" -lt $((DELAY_MS * 3))
-check "control run is the original all the way (both slow calls, real timestamps)" "got: $run" \
-	"$(field phase "$run"):$(field first_done "$run"):$(field second_done "$run"):$(field exited "$run")" = "4:1:1:1"
+demo_control_checks
 
 set_delay 0
 run=$(trigger_loops)
@@ -244,19 +256,8 @@ IDLE_SYSCTL=/proc/sys/kernel/bpf_termination_demo_delay_idle
 idle=$(cat $IDLE_SYSCTL 2>&1)
 check "sysctl kernel.bpf_termination_demo_delay_idle exists, default 0: $idle" "got: $idle" "$idle" = 0
 if echo 1 >$IDLE_SYSCTL && trigger_in_background loops; then
-	terminate=$(bpftool prog terminate id "$PROG_ID" 2>&1)
-	status=$?
-	echo "$terminate" | sed 's/^/# bpftool: /'
-	check "halted helper: bpftool prog terminate id $PROG_ID during the first slow call succeeds" \
-		"exit status $status: $terminate" $status -eq 0
-	terminated_run_checks loops "halted helper, demo with terminate"
-	run=$(trigger_loops)
-	echo "# halted helper, control: $run"
-	duration=$(field duration_ms "$run")
-	check "halted helper: control without terminate takes ~2x delay (${duration:-?} ms), the original all the way" \
-		"expected $((DELAY_MS * 19 / 10))..$((DELAY_MS * 3)) ms and both slow calls, got: $run" \
-		-n "$duration" -a "${duration:-0}" -ge $((DELAY_MS * 19 / 10)) -a "${duration:-0}" -lt $((DELAY_MS * 3)) \
-		-a "$(field phase "$run"):$(field second_done "$run"):$(field exited "$run")" = "4:1:1"
+	demo_stop_checks "halted helper: "
+	demo_control_checks "halted helper: "
 else
 	not_ok "halted helper: demo run starts" "the sysctl could not be set or the program never entered"
 fi
