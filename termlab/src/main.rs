@@ -216,8 +216,9 @@ struct Selection {
     /// Only scenarios whose name (file stem) matches this regular expression.
     #[arg(long, value_name = "REGEX")]
     filter: Option<Regex>,
-    /// Only the I-th of N shards (1-based): the scenarios, sorted by name, go round-robin
-    /// to the shards, so N jobs given the same files run each scenario exactly once.
+    /// Only the I-th of N shards (1-based): the scenarios, most steps x repetitions first, each
+    /// go to the shard with the least so far, so N jobs given the same files run each scenario
+    /// exactly once, in shards of about the same length.
     #[arg(long, value_name = "I/N")]
     shard: Option<Shard>,
 }
