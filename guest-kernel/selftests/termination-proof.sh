@@ -92,39 +92,53 @@ runs_of() {
 	field runs "$(trigger_loops --prog "$1" --show)"
 }
 
-# last_event NAME [FILTER]: the last line of bpf:NAME in the trace buffer (matching FILTER).
+# events NAME [FILTER]: the lines of bpf:NAME in the trace buffer (matching FILTER);
+# first_event and last_event: the first and the last of them.
+events() {
+	grep " $1: " $TRACE/trace | grep -e "${2:-.}"
+}
+first_event() {
+	events "$@" | head -n 1
+}
 last_event() {
-	grep " $1: " $TRACE/trace | grep -e "${2:-.}" | tail -n 1
+	events "$@" | tail -n 1
 }
 
 # trigger_in_background PROG [ARGS]: starts one run, sets TRIGGER_PID/TRIGGER_OUT
 # and waits until the run is inside its first slow call, so a terminate that
-# follows lands there: phase 1 of a new run, and a new
-# bpf:bpf_termination_demo_delay_begin event (the events are enabled below). The
+# follows lands there: phase 1 of a new run, and a
+# bpf:bpf_termination_demo_delay_begin event in the trace, cleared before the run
+# (the events are enabled below); it sets the first call's in TRIGGER_BEGIN_NS. The
 # phase alone is stored before the call: in a dry run of 2026-12-06 on the
 # preempt kernel a terminate landed between the two (the guest's vCPU without a
 # host CPU there, under QEMU TCG beside another guest) and stopped the run before
 # its first call, in BPF text: a right stop, over in 41 ms, against the check's
-# premise. Returns non-zero on timeout.
+# premise. Returns 1 on timeout, 2 if the run ended before it was seen in its call.
 trigger_in_background() {
 	prog=$1
 	shift
 	runs_before=$(runs_of "$prog")
-	delay_begin_before=$(last_event bpf_termination_demo_delay_begin)
+	# What the trace holds is read many times until the terminate: on the debug
+	# kernel under TCG each read of a full buffer slows the steps to it.
+	echo >$TRACE/trace
 	TRIGGER_OUT=$WORK/trigger.$prog
 	trigger_loops --prog "$prog" "$@" >"$TRIGGER_OUT" 2>&1 &
 	TRIGGER_PID=$!
 	tries=0
 	while [ $tries -lt 200 ]; do
 		state=$(trigger_loops --prog "$prog" --show)
-		if [ "$(field runs "$state")" != "$runs_before" ] && [ "$(field phase "$state")" = 1 ] &&
-			[ "$(last_event bpf_termination_demo_delay_begin)" != "$delay_begin_before" ]; then
-			return 0
+		if [ "$(field runs "$state")" != "$runs_before" ] && [ "$(field phase "$state")" = 1 ]; then
+			# The first call's: by the time the trace is read, the run can be in its second.
+			delay_begin=$(first_event bpf_termination_demo_delay_begin)
+			if [ -n "$delay_begin" ]; then
+				TRIGGER_BEGIN_NS=$(field ts_ns "$delay_begin")
+				return 0
+			fi
 		fi
 		if ! kill -0 "$TRIGGER_PID" 2>/dev/null; then
 			wait_trigger
 			echo "# the run ended before it could be caught in progress"
-			return 1
+			return 2
 		fi
 		sleep 0.02
 		tries=$((tries + 1))
@@ -171,15 +185,60 @@ terminated_run_checks() {
 		"$(field phase "$RUN"):$(field second_done "$RUN"):$(field exited "$RUN")" = "4:0:0"
 }
 
-# demo_stop_checks [PREFIX]: after trigger_in_background loops, bpftool stops the
-# run inside its first slow call, and the run ends as terminated_run_checks says.
+# stop_in_first_call PROG NAME DELAY CMD [ARGS]: starts a run of PROG with a slow
+# call of DELAY ms and, while it is inside its first one, runs CMD (a terminate
+# request for it). Sets STOP_OUT and STOP_STATUS (CMD's output and exit status)
+# and STOP_DELAY (the stopped run's delay). The checks that follow are about a
+# request that reached the kernel during that call; the trace says whether it did
+# (bpf:bpf_prog_terminate_request against the call's
+# bpf:bpf_termination_demo_delay_begin). A user-space start can outlast the call:
+# a bpftool start on the debug kernel (KASAN, TCG, a loaded host) took over 2 s in
+# CI on 2026-12-06, and that request stopped the second call (a right stop, a 4 s
+# run). Then the run is waited for, and the step tried again with twice the delay,
+# at most 3 tries; so is a run that ended before it was seen in its first call.
+# On failure, says so as NAME's check and returns non-zero.
+stop_in_first_call() {
+	prog=$1
+	name=$2
+	STOP_DELAY=$3
+	shift 3
+	for try in 1 2 3; do
+		set_delay "$STOP_DELAY"
+		trigger_in_background "$prog"
+		case $? in
+		0)
+			STOP_OUT=$("$@" 2>&1)
+			STOP_STATUS=$?
+			request=$(last_event bpf_prog_terminate_request "prog_id=$PROG_ID ")
+			late_ms=$((($(field ts_ns "$request") - TRIGGER_BEGIN_NS) / 1000000 - STOP_DELAY))
+			[ "$late_ms" -lt 0 ] && return 0
+			echo "# $name: the request reached the kernel $late_ms ms after the first slow call" \
+				"(try $try, delay $STOP_DELAY ms): $request"
+			wait_trigger
+			;;
+		2) ;;
+		*)
+			not_ok "$name: run starts" "the program never entered"
+			return 1
+			;;
+		esac
+		STOP_DELAY=$((STOP_DELAY * 2))
+	done
+	not_ok "$name: a terminate request reached the kernel during the first slow call" \
+		"3 tries, the last with a delay of $((STOP_DELAY / 2)) ms: the run or '$*' was too slow each time"
+	return 1
+}
+
+# demo_stop_checks [PREFIX]: bpftool stops a run of the demo inside its first slow
+# call, and the run ends as terminated_run_checks says.
 demo_stop_checks() {
-	terminate=$(bpftool prog terminate id "$PROG_ID" 2>&1)
-	status=$?
-	echo "$terminate" | sed 's/^/# bpftool: /'
-	check "${1:-}bpftool prog terminate id $PROG_ID during the first slow call succeeds" \
-		"exit status $status: $terminate" $status -eq 0
-	terminated_run_checks loops "${1:-}demo with terminate"
+	if stop_in_first_call loops "${1:-}demo with terminate" "$DELAY_MS" bpftool prog terminate id "$PROG_ID"; then
+		echo "$STOP_OUT" | sed 's/^/# bpftool: /'
+		check "${1:-}bpftool prog terminate id $PROG_ID during the first slow call succeeds" \
+			"exit status $STOP_STATUS: $STOP_OUT" $STOP_STATUS -eq 0
+		terminated_run_checks loops "${1:-}demo with terminate" "$STOP_DELAY"
+	fi
+	set_delay "$DELAY_MS"
 }
 
 # demo_control_checks [PREFIX]: a run of the demo left alone takes ~2x delay, in
@@ -228,11 +287,7 @@ echo "$show" | sed 's/^/# /'
 check "bpftool prog show lists it" "got: $show" -n "$(echo "$show" | grep "^$PROG_ID: tracepoint  name loops ")"
 # Its images' kallsyms names are test_prog_terminate's checks.
 
-if trigger_in_background loops; then
-	demo_stop_checks
-else
-	not_ok "demo run starts" "the program never entered"
-fi
+demo_stop_checks
 
 # The kernel's own account of a stop (trace events) and the fault knob that
 # breaks it (kernel.bpf_termination_fault_skip_rewrite) are test_prog_terminate's
@@ -255,11 +310,11 @@ check "with the delay sysctl at 0 the slow helper is not slow ($(field duration_
 IDLE_SYSCTL=/proc/sys/kernel/bpf_termination_demo_delay_idle
 idle=$(cat $IDLE_SYSCTL 2>&1)
 check "sysctl kernel.bpf_termination_demo_delay_idle exists, default 0: $idle" "got: $idle" "$idle" = 0
-if echo 1 >$IDLE_SYSCTL && trigger_in_background loops; then
+if echo 1 >$IDLE_SYSCTL; then
 	demo_stop_checks "halted helper: "
 	demo_control_checks "halted helper: "
 else
-	not_ok "halted helper: demo run starts" "the sysctl could not be set or the program never entered"
+	not_ok "halted helper: kernel.bpf_termination_demo_delay_idle can be set" "write failed"
 fi
 echo 0 >$IDLE_SYSCTL 2>/dev/null
 
@@ -290,11 +345,10 @@ check "unprivileged bpftool prog terminate fails with the EPERM text" \
 # stopped run is still in its first slow call: on the debug kernel (KASAN) each
 # bpftool start took up to a second, and two of them outlasted a 2 s call
 # (ESRCH, truthfully) in one CI run. So the call lasts 3 x the delay
-# here, and the run's phase read after the second call proves it was running.
-set_delay $((DELAY_MS * 3))
-runs_then=$(runs_of loops)
-if trigger_in_background loops; then
-	first=$(prog_terminate "$PROG_ID")
+# here (more if the first request came late: stop_in_first_call), and the run's
+# phase read after the second call proves it was running.
+if stop_in_first_call loops "terminate twice" $((DELAY_MS * 3)) prog_terminate "$PROG_ID"; then
+	first=$STOP_OUT
 	second=$(bpftool prog terminate "$PROG_ID" 2>&1)
 	second_status=$?
 	after=$(trigger_loops --prog loops --show)
@@ -305,10 +359,8 @@ if trigger_in_background loops; then
 		"first: $first; second: exit $second_status: $second; then: $after (phase 1 = still in its first slow call)" \
 		"$(field ret "$first")" -ge 1 -a $second_status -ne 0 \
 		-a -n "$(echo "$second" | grep 'Operation already in progress')" \
-		-a "$(field phase "$after"):$(field runs "$after")" = "1:$((runs_then + 1))"
+		-a "$(field phase "$after"):$(field runs "$after")" = "1:$((runs_before + 1))"
 	wait_trigger
-else
-	not_ok "run for the terminate-twice check starts" "the program never entered"
 fi
 set_delay "$DELAY_MS"
 expect_full_run loops "after terminations the next run is the original again"
@@ -369,15 +421,13 @@ fi
 
 # --- subprogram frames, slow helper 3 frames deep ---------------------------------
 if start_loader subprog_helper; then
-	if trigger_in_background subprog_helper; then
-		result=$(prog_terminate "$PROG_ID")
-		echo "# $result"
-		check "subprog_helper: terminate during the first slow call stops it" "got: $result" \
-			"$(field ret "$result")" -ge 1
-		terminated_run_checks subprog_helper "subprog_helper (3 frames deep)"
-	else
-		not_ok "subprog_helper run starts" "the program never entered"
+	if stop_in_first_call subprog_helper "subprog_helper (3 frames deep)" "$DELAY_MS" prog_terminate "$PROG_ID"; then
+		echo "# $STOP_OUT"
+		check "subprog_helper: terminate during the first slow call stops it" "got: $STOP_OUT" \
+			"$(field ret "$STOP_OUT")" -ge 1
+		terminated_run_checks subprog_helper "subprog_helper (3 frames deep)" "$STOP_DELAY"
 	fi
+	set_delay "$DELAY_MS"
 	expect_full_run subprog_helper "subprog_helper: next run is the original"
 	stop_loader subprog_helper
 else
