@@ -2312,7 +2312,7 @@ static void test_budget_after_spin_lock(double section_ms, uint32_t iterations)
 	uint32_t value[2] = { 0, iterations / 2 };	/* the lock, x */
 	struct run run = { .prog_fd = fd, .packet = true, .cpu = TERMINATOR_CPU };
 	struct termlab_prog_info info = {};
-	double took, half_ms = section_ms / 2;
+	double took, bound, half_ms = section_ms / 2;
 
 	if (raw_map_elem(BPF_MAP_UPDATE_ELEM, map, 0, value)) {
 		printf("# setting the section's iterations: %s\n", strerror(errno));
@@ -2329,13 +2329,18 @@ static void test_budget_after_spin_lock(double section_ms, uint32_t iterations)
 	      (unsigned long long)info.nr_terminated_budget, run.retval, iterations - iterations / 2);
 	/*
 	 * A stop inside the section would end the run near BUDGET_MS; how soon
-	 * after the section it came is the count above (the section's own time
-	 * varies by a fifth and more with the host's load, 2383 ms expected and
-	 * 2883 ms taken once beside a stress guest).
+	 * after the section it came is the count above.  The section's own time
+	 * varies with the host's load, from one run to the next: 2383 ms
+	 * expected and 2883 ms taken once beside a stress guest, and 7137 ms
+	 * expected (the control run slowed down) and at most 3121 ms taken once
+	 * beside three.  So the bound is half the expected section, but no more
+	 * than 5 x BUDGET_MS, still far from a stop near the budget.
 	 */
-	check(took >= half_ms / 2,
+	bound = half_ms / 2 < 5 * BUDGET_MS ? half_ms / 2 : 5 * BUDGET_MS;
+	check(took >= bound,
 	      "budget (spin-lock section): not stopped inside the section (interrupts off there)",
-	      "run %.0f ms, the section about %.0f ms, budget %d ms", took, half_ms, BUDGET_MS);
+	      "run %.0f ms (at least %.0f), the section about %.0f ms, budget %d ms", took, bound,
+	      half_ms, BUDGET_MS);
 	close(fd);
 	close(map);
 	pin_to(TERMINATOR_CPU);
