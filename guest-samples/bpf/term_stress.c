@@ -1109,8 +1109,8 @@ static uint64_t calibrate_text_run(int fd, uint64_t *dur)
 }
 
 /*
- * The races timed by calibrate_text_run() run in rounds of n iterations, each
- * calibrated anew, until both of the outcomes they must show have occurred, at
+ * The races timed by a calibration (calibrate_text_run(), the timer race's
+ * own) run in rounds of n iterations, each calibrated anew, until both of the outcomes they must show have occurred, at
  * most RACE_ROUNDS.  A calibration during a load spike of the host misjudges a
  * run's length for the rest of the round: in a CI run of 2026-12-06 runs
  * calibrated at 4.8 ms, and stopped at a random moment of that, were mostly
@@ -1746,8 +1746,8 @@ static int64_t timer_round(int fd, int map, uint32_t id, int64_t k, int64_t term
 		*ended = timer_stopped_return(id, returns, 5000);
 		r = timer_result(map);
 	} else {
-		if (r == TIMER_BEGAN)
-			r = timer_wait(map, TIMER_BEGAN, 5000);
+		/* Also a callback that had not begun when the waits above gave up. */
+		r = timer_wait(map, TIMER_BEGAN, 5000);
 		*ended = r >= 0;
 	}
 	*dur_ns = now_ns() - began;
@@ -1755,46 +1755,71 @@ static int64_t timer_round(int fd, int map, uint32_t id, int64_t k, int64_t term
 	return a.err ? TIMER_STALE : r;
 }
 
+/* The loop bound K for timer callbacks of a few milliseconds, as in the exit race. */
+static int64_t calibrate_timer(int fd, int map, uint32_t id, uint64_t *dur)
+{
+	uint64_t d[3];
+	long ret;
+	bool ended;
+	int64_t k;
+
+	for (k = TEXT_SHORT_K; k < 8000000; k *= 2) {
+		for (int i = 0; i < 3; i++)
+			timer_round(fd, map, id, k, -1, &d[i], &ret, &ended);
+		qsort(d, 3, sizeof(d[0]), cmp_u64);
+		*dur = d[1];
+		if (*dur >= 4000000)
+			break;
+	}
+	return k;
+}
+
 static void race_timer(unsigned long n)
 {
 	int map = raw_timer_map(sizeof(struct timer_value)), fd = load_timer_prog(map);
 	uint32_t id = raw_prog_id(fd);
 	long stopped = 0, esrch = 0, bad = 0, bad_run = 0, left = 0, partial = 0, ret;
-	uint64_t dur = 0, d[3];
-	int64_t k, normal, r;
+	uint64_t dur = 0, took;
+	int64_t k = 0, normal, r;
+	unsigned long i = 0;
+	char first_bad[128] = "none";
 	bool ended;
+	int round;
 
 	pin_to(0);
-	/* Callbacks of a few milliseconds, as in the exit race. */
-	for (k = TEXT_SHORT_K; k < 8000000; k *= 2) {
-		for (int i = 0; i < 3; i++)
-			timer_round(fd, map, id, k, -1, &d[i], &ret, &ended);
-		qsort(d, 3, sizeof(d[0]), cmp_u64);
-		dur = d[1];
-		if (dur >= 4000000)
-			break;
-	}
-	normal = 3 * k;
 	trace_start();
-	for (unsigned long i = 0; i < n; i++) {
-		r = timer_round(fd, map, id, k, rnd_below(2 * dur), &d[0], &ret, &ended);
-		stopped += ret == 1;
-		esrch += ret == -ESRCH;
-		bad += !ok_ret(ret, 1);
-		if (!ended || r > normal || (ret == 1 ? r < TIMER_BEGAN : r != normal))
-			bad_run++;
-		left += ret == 1 && r == TIMER_BEGAN;
-		partial += ret == 1 && r >= 0 && r < normal;
+	for (round = 1; round <= RACE_ROUNDS && !(stopped > 0 && esrch > 0); round++) {
+		k = calibrate_timer(fd, map, id, &dur);
+		normal = 3 * k;
+		for (unsigned long end = i + n; i < end; i++) {
+			uint64_t after = rnd_below(2 * dur);
+
+			r = timer_round(fd, map, id, k, after, &took, &ret, &ended);
+			stopped += ret == 1;
+			esrch += ret == -ESRCH;
+			bad += !ok_ret(ret, 1);
+			if (!ended || r > normal || (ret == 1 ? r < TIMER_BEGAN : r != normal)) {
+				if (!bad_run++)
+					snprintf(first_bad, sizeof(first_bad),
+						 "terminate %llu us in: %ld, result %lld of %lld, %s, %llu us",
+						 (unsigned long long)after / 1000, ret, (long long)r,
+						 (long long)normal, ended ? "ended" : "not ended",
+						 (unsigned long long)took / 1000);
+			}
+			left += ret == 1 && r == TIMER_BEGAN;
+			partial += ret == 1 && r >= 0 && r < normal;
+		}
 	}
 	trace_stop();
 	check(!bad && !bad_run && stopped > 0 && esrch > 0 && trace_slot(id)->stops == stopped &&
 	      trace_slot(id)->returns == stopped, "race: terminate vs timer callbacks",
-	      "%lu iterations (callback ~%llu us, K=%lld): %ld stopped (%ld left at a back-edge, %ld stored "
-	      "less), %ld ESRCH (both must occur), %ld bad returns, %ld bad runs (unfinished, or a result "
-	      "its stop does not allow); traced: %ld stops, %ld terminated returns", n,
-	      (unsigned long long)dur / 1000, (long long)k, stopped, left, partial, esrch, bad, bad_run,
-	      trace_slot(id)->stops, trace_slot(id)->returns);
-	field(" race_timer=%lu race_timer_stopped=%ld race_timer_esrch=%ld", n, stopped, esrch);
+	      "%lu iterations in %d round(s) (last callback ~%llu us, K=%lld): %ld stopped (%ld left at a "
+	      "back-edge, %ld stored less), %ld ESRCH (both must occur), %ld bad returns, %ld bad runs "
+	      "(unfinished, or a result its stop does not allow; the first: %s); traced: %ld stops, %ld "
+	      "terminated returns", i, round - 1, (unsigned long long)dur / 1000, (long long)k, stopped,
+	      left, partial, esrch, bad, bad_run, first_bad, trace_slot(id)->stops,
+	      trace_slot(id)->returns);
+	field(" race_timer=%lu race_timer_stopped=%ld race_timer_esrch=%ld", i, stopped, esrch);
 	close(fd);
 	close(map);
 }
