@@ -1078,28 +1078,21 @@ static bool ok_ret(long ret, int max)
 	return (ret > 0 && ret <= max) || ret == -ESRCH || ret == -EAGAIN;
 }
 
-/* Terminate vs the program's exit: a short BPF-text run, terminated around its end. */
 /*
- * The K (args[0]) for which a run of @fd on CPU 1 takes a few milliseconds,
- * its duration in *@dur: under TCG on a busy host the IPI itself can take a
- * millisecond, and a shorter run ends before any handler runs.
+ * The K (a loop bound) for which a run that @measure times takes a few
+ * milliseconds, its duration in *@dur: under TCG on a busy host the IPI
+ * itself can take a millisecond, and a shorter run ends before any handler
+ * runs.  The median of three: one run can be slowed down by a console write.
  */
-static uint64_t calibrate_text_run(int fd, uint64_t *dur)
+static uint64_t calibrate_k(uint64_t (*measure)(void *ctx, uint64_t k), void *ctx, uint64_t *dur)
 {
 	uint64_t k;
 
 	for (k = TEXT_SHORT_K; k < 8000000; k *= 2) {
 		uint64_t d[3];
 
-		/* The median of three: one run can be slowed down by a console write. */
-		for (int i = 0; i < 3; i++) {
-			struct one_run r;
-			pthread_t t;
-
-			start_run_arg(&r, &t, fd, 1, k);
-			pthread_join(t, NULL);
-			d[i] = r.end - r.start;
-		}
+		for (int i = 0; i < 3; i++)
+			d[i] = measure(ctx, k);
 		qsort(d, 3, sizeof(d[0]), cmp_u64);
 		*dur = d[1];
 		if (*dur >= 4000000)
@@ -1108,16 +1101,34 @@ static uint64_t calibrate_text_run(int fd, uint64_t *dur)
 	return k;
 }
 
+/* How long a run of the program (ctx: its fd) with args[0] = @k takes on CPU 1. */
+static uint64_t text_run_ns(void *ctx, uint64_t k)
+{
+	struct one_run r;
+	pthread_t t;
+
+	start_run_arg(&r, &t, *(int *)ctx, 1, k);
+	pthread_join(t, NULL);
+	return r.end - r.start;
+}
+
+static uint64_t calibrate_text_run(int fd, uint64_t *dur)
+{
+	return calibrate_k(text_run_ns, &fd, dur);
+}
+
 /*
  * The races timed by a calibration (calibrate_text_run(), the timer race's
- * own) run in rounds of n iterations, each calibrated anew, until both of the outcomes they must show have occurred, at
- * most RACE_ROUNDS.  A calibration during a load spike of the host misjudges a
+ * calibrate_timer()) run in rounds of n iterations, each calibrated anew,
+ * until both of the outcomes they must show have occurred, at most
+ * RACE_ROUNDS.  A calibration during a load spike of the host misjudges a
  * run's length for the rest of the round: in a CI run of 2026-12-06 runs
  * calibrated at 4.8 ms, and stopped at a random moment of that, were mostly
  * over before the stop (2 stops of 100, none before the tail call).
  */
 #define RACE_ROUNDS 4
 
+/* Terminate vs the program's exit: a short BPF-text run, terminated around its end. */
 static void race_exit(unsigned long n)
 {
 	int fd = raw_load(BPF_PROG_TYPE_RAW_TRACEPOINT, text_prog, TEXT_LEN, "ts_text", 0);
@@ -1755,23 +1766,30 @@ static int64_t timer_round(int fd, int map, uint32_t id, int64_t k, int64_t term
 	return a.err ? TIMER_STALE : r;
 }
 
+/* The timer race's program and map (ctx of timer_callback_ns()). */
+struct timer_race {
+	int fd, map;
+	uint32_t id;
+};
+
+/* How long a callback with loop bound @k takes, seen from here, left alone. */
+static uint64_t timer_callback_ns(void *ctx, uint64_t k)
+{
+	struct timer_race *race = ctx;
+	uint64_t took;
+	long ret;
+	bool ended;
+
+	timer_round(race->fd, race->map, race->id, k, -1, &took, &ret, &ended);
+	return took;
+}
+
 /* The loop bound K for timer callbacks of a few milliseconds, as in the exit race. */
 static int64_t calibrate_timer(int fd, int map, uint32_t id, uint64_t *dur)
 {
-	uint64_t d[3];
-	long ret;
-	bool ended;
-	int64_t k;
+	struct timer_race race = { .fd = fd, .map = map, .id = id };
 
-	for (k = TEXT_SHORT_K; k < 8000000; k *= 2) {
-		for (int i = 0; i < 3; i++)
-			timer_round(fd, map, id, k, -1, &d[i], &ret, &ended);
-		qsort(d, 3, sizeof(d[0]), cmp_u64);
-		*dur = d[1];
-		if (*dur >= 4000000)
-			break;
-	}
-	return k;
+	return calibrate_k(timer_callback_ns, &race, dur);
 }
 
 static void race_timer(unsigned long n)
