@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, SystemTime};
 
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
@@ -540,14 +541,6 @@ fn is_stale(output: &Path, source: &Path) -> bool {
     }
 }
 
-fn sha256_of_file(hasher: &mut Sha256, path: &Path) -> Result<(), GuestImageError> {
-    let bytes = std::fs::read(path).map_err(io_error(path))?;
-    hasher.update(path.as_os_str().as_encoded_bytes());
-    hasher.update((bytes.len() as u64).to_le_bytes());
-    hasher.update(&bytes);
-    Ok(())
-}
-
 /// What guest-samples/bpf's Makefile builds into the image's /bin.
 const SAMPLE_BINARIES: [&str; 7] = [
     "loops",
@@ -636,6 +629,7 @@ pub fn initramfs_with(
     let lookup_key = initramfs_lookup_key(kernel, extra);
     let known = lookups().initramfs.get(&lookup_key).cloned();
     if let Some(image) = known.filter(|image| image.is_file()) {
+        mark_used(&image);
         return Ok(image);
     }
     let image = build_initramfs(root, kernel, extra)?;
@@ -694,22 +688,26 @@ fn build_initramfs(
     let bpftool = guest_bpftool(root, kernel)?;
     let mkinitramfs = root.join("guest-samples/mkinitramfs");
     let mut hasher = Sha256::new();
-    for input in [&mkinitramfs, &bpftool, &agent, &ipi_binary, &run_me] {
-        sha256_of_file(&mut hasher, input)?;
+    let named_inputs = [
+        ("mkinitramfs", &mkinitramfs),
+        ("bpftool", &bpftool),
+        ("agent", &agent),
+        ("ipi_rtt", &ipi_binary),
+        ("run-me", &run_me),
+    ];
+    for (name, path) in named_inputs {
+        hash_input(&mut hasher, name, path)?;
     }
     for binary in SAMPLE_BINARIES {
-        sha256_of_file(&mut hasher, &samples.join(binary))?;
+        hash_input(&mut hasher, binary, &samples.join(binary))?;
     }
-    for file in extra {
-        hasher.update(file.guest.as_bytes());
-        sha256_of_file(&mut hasher, &file.host)?;
-    }
-    let key = cache_key(&hasher.finalize());
-    let image = cache.join(format!("initramfs-{key}.cpio.gz"));
-    if !image.is_file() {
+    let base_key = cache_key(&hasher.finalize());
+    let base = cache.join(format!("base-{base_key}.cpio.gz"));
+    let mut built = false;
+    if !base.is_file() {
         run(Command::new(&mkinitramfs)
             .arg("-o")
-            .arg(&image)
+            .arg(&base)
             .arg("--bpftool")
             .arg(&bpftool)
             .arg("--samples")
@@ -719,12 +717,96 @@ fn build_initramfs(
             .arg("--add")
             .arg(format!("{}:{AGENT_GUEST_PATH}", agent.display()))
             .arg("--add")
-            .arg(format!("{}:{IPI_RTT_GUEST_PATH}", ipi_binary.display()))
-            .args(extra.iter().flat_map(|file| {
-                ["--add".to_owned(), format!("{}:{}", file.host.display(), file.guest)]
-            })))?;
+            .arg(format!("{}:{IPI_RTT_GUEST_PATH}", ipi_binary.display())))?;
+        built = true;
+    }
+    let image = if extra.is_empty() {
+        base.clone()
+    } else {
+        // The scenario's files go into a second archive after the base (mkinitramfs --on):
+        // a change of the samples or the agent rebuilds one base, not one image per scenario.
+        let mut hasher = Sha256::new();
+        hasher.update(base_key.as_bytes());
+        for file in extra {
+            hash_input(&mut hasher, &file.guest, &file.host)?;
+        }
+        let image = cache.join(format!("initramfs-{}.cpio.gz", cache_key(&hasher.finalize())));
+        if !image.is_file() {
+            run(Command::new(&mkinitramfs).arg("-o").arg(&image).arg("--on").arg(&base).args(
+                extra.iter().flat_map(|file| {
+                    ["--add".to_owned(), format!("{}:{}", file.host.display(), file.guest)]
+                }),
+            ))?;
+            built = true;
+        }
+        image
+    };
+    for used in [&base, &image] {
+        mark_used(used);
+    }
+    if built {
+        prune_images(&cache, IMAGE_CACHE_BYTES, &[&base, &image]);
     }
     Ok(image)
+}
+
+/// How much of the guest-image cache [`prune_images`] keeps: every change of the samples,
+/// the agent or bpftool gives new images, and a CI host kept them all (294 images, 2.7 GB,
+/// in three days of this project's own CI).
+const IMAGE_CACHE_BYTES: u64 = 1 << 30;
+
+/// An image used this recently is never removed: another termlab process may be about to
+/// boot it (a suite beside this one, an L1 VM that was handed its path).
+const IMAGE_IN_USE: Duration = Duration::from_secs(3600);
+
+/// Marks a cached image as used now (its modification time), for [`prune_images`]; a
+/// cache this user cannot write is left as it is.
+fn mark_used(image: &Path) {
+    let _ = std::fs::File::options()
+        .write(true)
+        .open(image)
+        .and_then(|file| file.set_modified(SystemTime::now()));
+}
+
+/// Removes the least recently used images of `cache` until those left fit in `budget`
+/// bytes, sparing `keep` and any image used within [`IMAGE_IN_USE`].
+fn prune_images(cache: &Path, budget: u64, keep: &[&Path]) {
+    let Ok(entries) = std::fs::read_dir(cache) else { return };
+    let mut images: Vec<(SystemTime, u64, PathBuf)> = entries
+        .flatten()
+        .filter(|entry| {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            (name.starts_with("initramfs-") || name.starts_with("base-"))
+                && name.ends_with(".cpio.gz")
+        })
+        .filter_map(|entry| {
+            let meta = entry.metadata().ok()?;
+            Some((meta.modified().ok()?, meta.len(), entry.path()))
+        })
+        .collect();
+    images.sort_by_key(|(used, _, _)| std::cmp::Reverse(*used));
+    let now = SystemTime::now();
+    let mut kept = 0u64;
+    for (used, size, path) in images {
+        let in_use = now.duration_since(used).map_or(true, |age| age < IMAGE_IN_USE);
+        if kept + size <= budget || in_use || keep.contains(&path.as_path()) {
+            kept += size;
+        } else {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// Adds an input of a cached image to its key: its name and contents, not where it lies,
+/// so that checkouts in other directories share the image.
+fn hash_input(hasher: &mut Sha256, name: &str, path: &Path) -> Result<(), GuestImageError> {
+    let bytes = std::fs::read(path).map_err(io_error(path))?;
+    hasher.update((name.len() as u64).to_le_bytes());
+    hasher.update(name.as_bytes());
+    hasher.update((bytes.len() as u64).to_le_bytes());
+    hasher.update(&bytes);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -740,6 +822,99 @@ mod tests {
         assert_eq!(main, samples_dir(cache, Path::new("/work/main")));
         assert_ne!(main, samples_dir(cache, Path::new("/work/ci-clone")));
         assert!(main.starts_with("/cache/samples"));
+    }
+
+    /// Writes `size` bytes at `path`, last used `age` ago.
+    fn cached_image(path: &Path, size: usize, age: Duration) {
+        write(path, &vec![0u8; size]);
+        let file = std::fs::File::options().write(true).open(path).expect("open");
+        file.set_modified(SystemTime::now() - age).expect("set mtime");
+    }
+
+    #[test]
+    fn pruning_removes_the_least_recently_used_images_past_the_budget() {
+        let cache = tempfile::tempdir().expect("temp dir");
+        let hour = Duration::from_secs(3600);
+        let path = |name: &str| cache.path().join(name);
+        cached_image(&path("initramfs-new.cpio.gz"), 400, hour * 2);
+        cached_image(&path("base-middle.cpio.gz"), 400, hour * 3);
+        cached_image(&path("initramfs-old.cpio.gz"), 400, hour * 4);
+        cached_image(&path("initramfs-kept.cpio.gz"), 400, hour * 5);
+        cached_image(&path("initramfs-busy.cpio.gz"), 400, Duration::from_secs(60));
+        cached_image(&path("user-file"), 4000, hour * 9);
+        let kept = path("initramfs-kept.cpio.gz");
+        prune_images(cache.path(), 1000, &[&kept]);
+        let left: Vec<bool> = ["new", "old", "kept", "busy"]
+            .map(|name| path(&format!("initramfs-{name}.cpio.gz")).exists())
+            .to_vec();
+        // busy (in use) and new fill the budget; base-middle is past it, as is old; kept is spared.
+        assert_eq!(left, [true, false, true, true]);
+        assert!(!path("base-middle.cpio.gz").exists());
+        assert!(path("user-file").exists(), "only images are the cache's to remove");
+    }
+
+    /// mkinitramfs itself (real cpio and gzip): a scenario's files follow the base as a second
+    /// archive that holds only them and the directories the base lacks, and nothing the base
+    /// has may be shadowed.
+    #[test]
+    fn a_scenario_image_is_the_base_and_an_archive_of_its_own_files() {
+        let root = repository_root().expect("checkout");
+        let mkinitramfs = root.join("guest-samples/mkinitramfs");
+        let work = tempfile::tempdir().expect("temp dir");
+        let samples = work.path().join("samples");
+        for binary in SAMPLE_BINARIES {
+            write(&samples.join(binary), b"#!/bin/sh\n");
+            let executable = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+            std::fs::set_permissions(samples.join(binary), executable).expect("chmod");
+        }
+        let base = work.path().join("base.cpio.gz");
+        // busybox-static stands in for bpftool: any static executable will do.
+        let status = Command::new(&mkinitramfs)
+            .args(["-o", base.to_str().expect("utf-8"), "--bpftool", "/bin/busybox", "--samples"])
+            .arg(&samples)
+            .output()
+            .expect("run mkinitramfs");
+        assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+        let program = work.path().join("len.bpf.o");
+        write(&program, b"object");
+        let image = work.path().join("image.cpio.gz");
+        let overlay = |dst: &str| {
+            Command::new(&mkinitramfs)
+                .arg("-o")
+                .arg(&image)
+                .arg("--on")
+                .arg(&base)
+                .arg("--add")
+                .arg(format!("{}:{dst}", program.display()))
+                .output()
+                .expect("run mkinitramfs")
+        };
+        let made = overlay("/lib/termlab/programs/len.bpf.o");
+        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+        let base_bytes = std::fs::read(&base).expect("base");
+        let image_bytes = std::fs::read(&image).expect("image");
+        assert_eq!(
+            &image_bytes[..base_bytes.len()],
+            &base_bytes[..],
+            "the base comes first, whole"
+        );
+        let second = work.path().join("second.cpio.gz");
+        std::fs::write(&second, &image_bytes[base_bytes.len()..]).expect("write");
+        let listed = Command::new("sh")
+            .arg("-c")
+            .arg(format!("gzip -dc {} | cpio --quiet -t", second.display()))
+            .output()
+            .expect("cpio -t");
+        let names = String::from_utf8_lossy(&listed.stdout);
+        assert_eq!(
+            names.lines().collect::<Vec<_>>(),
+            ["lib", "lib/termlab", "lib/termlab/programs", "lib/termlab/programs/len.bpf.o"],
+            "no entry for a directory the base has (its mode would be set again)"
+        );
+        let shadowing = overlay("/bin/loops");
+        assert!(!shadowing.status.success());
+        assert!(String::from_utf8_lossy(&shadowing.stderr)
+            .contains("/bin/loops is already in the image"));
     }
 
     /// The start of a bzImage: setup header with "HdrS", protocol 2.15, and
