@@ -458,7 +458,8 @@ pub fn evaluate_stack_proofs(
         .map(|label| {
             let mut failed = Vec::new();
             let mut observed = Vec::new();
-            for rep in repetitions {
+            // Only the repetitions in which the VMM stopped the vCPUs to read them.
+            for rep in repetitions.iter().filter(|rep| rep.vmm_stops) {
                 let Some((cpus, proofs)) = rep.steps.iter().find_map(|s| match s {
                     StepRecord::Terminate { label: l, cpus, stack, .. } if l == label => Some((cpus.unwrap_or(0) as usize, stack)),
                     _ => None,
@@ -479,7 +480,7 @@ pub fn evaluate_stack_proofs(
                 match outcome {
                     Ok(seen) => observed.push(seen),
                     Err(problem) => {
-                        failed.push(rep.index);
+                        failed.push((rep.index, problem.clone()));
                         observed.push(problem);
                     }
                 }
@@ -487,21 +488,17 @@ pub fn evaluate_stack_proofs(
             let detail = match failed.first() {
                 _ if observed.is_empty() => "no repetition ran".to_owned(),
                 None => summarize_observations(&observed),
-                Some(first) => format!("failed in {} of {} repetitions (first: #{first}: {})", failed.len(), observed.len(), observed[failed_position(repetitions, *first)]),
+                Some((first, problem)) => format!("failed in {} of {} repetitions (first: #{first}: {problem})", failed.len(), observed.len()),
             };
             ExpectationOutcome {
                 name: format!("stack rewrite of `{label}` verified from the VMM (verify_stack)"),
                 check: "before bpf_die some word points into the program; after it none does, each rewritten word is the copy address the kernel's insn map predicts, all else unchanged".to_owned(),
                 passed: !observed.is_empty() && failed.is_empty(),
                 detail,
-                failed_repetitions: failed,
+                failed_repetitions: failed.into_iter().map(|(index, _)| index).collect(),
             }
         })
         .collect()
-}
-
-fn failed_position(repetitions: &[Repetition], index: u32) -> usize {
-    repetitions.iter().position(|r| r.index == index).unwrap_or(0)
 }
 
 /// "value ×n" for repeated identical observations, else the list.
@@ -607,7 +604,43 @@ dmesg_clean = {}
         ];
         let scenario = scenario::parse(SCENARIO).expect("valid");
         let metrics = compute_metrics(&scenario.metrics, &steps);
-        Repetition { index, steps, metrics }
+        Repetition { index, steps, metrics, vmm_stops: false }
+    }
+
+    /// `verify_stack = "alternate"`: a repetition the VMM did not stop has no stack to judge,
+    /// and is not a failure of the proof; a stopped one without a verdict is.
+    #[test]
+    fn the_stack_proof_judges_only_the_repetitions_the_vmm_stopped() {
+        let with_stack = |index: u32, stopped: bool, error: Option<&str>| {
+            let mut rep = repetition(index, 200_000_000, 203_500_000, Some(1), None, "0");
+            rep.vmm_stops = stopped;
+            for step in &mut rep.steps {
+                if let StepRecord::Terminate { stack, .. } = step {
+                    *stack = error
+                        .map(|error| crate::results::stack::CpuStackProof {
+                            vcpu: 1,
+                            verdict: None,
+                            error: Some(error.to_owned()),
+                        })
+                        .into_iter()
+                        .collect();
+                }
+            }
+            rep
+        };
+        let reps = [
+            with_stack(0, true, Some("slot 0x10 still points into the original")),
+            with_stack(1, false, None),
+            with_stack(2, true, None),
+            with_stack(3, false, None),
+        ];
+        let outcome = &evaluate_stack_proofs(&["term".to_owned()], &reps)[0];
+        assert!(!outcome.passed);
+        assert_eq!(outcome.failed_repetitions, vec![0, 2]);
+        assert_eq!(
+            outcome.detail,
+            "failed in 2 of 2 repetitions (first: #0: vCPU 1: slot 0x10 still points into the original)"
+        );
     }
 
     #[test]
@@ -781,7 +814,7 @@ terminations = { from = "before", to = "after", budget = 1, on_demand = 0 }
         ];
         let scenario = scenario::parse(BUDGET_SCENARIO).expect("valid");
         let metrics = compute_metrics(&scenario.metrics, &steps);
-        Repetition { index: 0, steps, metrics }
+        Repetition { index: 0, steps, metrics, vmm_stops: false }
     }
 
     #[test]
@@ -832,6 +865,7 @@ kmemleak_clean = { step = "after" }
                 report: report.into(),
             }],
             metrics: BTreeMap::new(),
+            vmm_stops: false,
         };
         let leak = "unreferenced object 0xffff888004a1c000 (size 64):\n  comm \"sync\", pid 80";
         let outcomes = evaluate(
@@ -848,7 +882,8 @@ kmemleak_clean = { step = "after" }
             "{}",
             outcomes[0].detail
         );
-        let missing = Repetition { index: 0, steps: Vec::new(), metrics: BTreeMap::new() };
+        let missing =
+            Repetition { index: 0, steps: Vec::new(), metrics: BTreeMap::new(), vmm_stops: false };
         let outcomes = evaluate(&scenario.expectations, &[missing], None);
         assert!(!outcomes[0].passed && outcomes[0].detail.contains("did not run"));
     }

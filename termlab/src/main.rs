@@ -961,6 +961,13 @@ fn print_outcome(ui: Ui, result: &RunResult, dir: &Path, json: bool) {
             expectation.detail
         );
     }
+    let measured = result.measured_repetitions().count();
+    if measured < result.repetitions.len() && !result.summary.is_empty() {
+        println!(
+            "  timings from the {measured} of {} repetitions without the VMM's stack stops:",
+            result.repetitions.len()
+        );
+    }
     for metric in &result.summary {
         let unit = report::plot::Unit::for_max_ns(metric.summary.max_ns);
         let ratio = metric

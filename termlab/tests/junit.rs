@@ -76,6 +76,7 @@ fn result(name: &str, expectations: Vec<ExpectationOutcome>, complete: bool) -> 
                 index,
                 steps: Vec::new(),
                 metrics: BTreeMap::from([("end_to_end".to_owned(), 1e6 * f64::from(index + 1))]),
+                vmm_stops: false,
             })
             .collect(),
         void_repetitions: Vec::new(),

@@ -155,6 +155,13 @@ const BAD_FILES: &[(&str, usize, usize, &str, &str)] = &[
         "verify_stack checks the stack rewrite of terminate steps, and this scenario has none",
     ),
     (
+        "verify-stack-mode.toml",
+        2,
+        16,
+        "verify_stack",
+        "invalid value: string \"sometimes\", expected true, false or \"alternate\"",
+    ),
+    (
         "bad-event.toml",
         18,
         6,

@@ -211,7 +211,7 @@ const TERMINATION_TRACEPOINT: &str = "__tracepoint_bpf_prog_terminate_request";
 /// refused sysctl or step, a finding). So does a series of another
 /// revision (another uapi number): System.map does not tell.
 pub fn check_kernel_for(scenario: &Scenario, kernel: &KernelBuild) -> Result<(), GuestImageError> {
-    if scenario.verify_stack.as_ref().is_some_and(|v| *v.get_ref()) {
+    if scenario.stack_proof() != crate::scenario::VerifyStack::Off {
         kernel.require_system_map("verify_stack")?;
     }
     let Some(map) = &kernel.system_map else { return Ok(()) };
@@ -604,13 +604,14 @@ fn measure(
             }
         })?;
     }
-    let verify_stack = scenario.verify_stack.as_ref().is_some_and(|v| *v.get_ref());
+    let verify_stack = scenario.stack_proof() != crate::scenario::VerifyStack::Off;
     let probe =
         if verify_stack { Some(stack_probe(client, vm, system_map, &programs)?) } else { None };
     let mut trace = TraceReader::default();
     phase_timings(result).setup_s = setting_up.elapsed().as_secs_f64();
     for index in 0..run.repetitions {
-        repeat_once(run, client, &programs, &mut trace, probe.as_ref(), index, result)?;
+        let probe = probe.as_ref().filter(|_| scenario.stack_proof().in_repetition(index));
+        repeat_once(run, client, &programs, &mut trace, probe, index, result)?;
     }
 
     let log = match (dmesg_after_boot, read_dmesg(client)) {
@@ -790,7 +791,7 @@ fn repeat_once(
     if scenario.vm.vcpus.get() >= 2 {
         metrics.insert(IPI_RTT_METRIC.to_owned(), ipi_round_trip(client)?);
     }
-    result.repetitions.push(Repetition { index, steps, metrics });
+    result.repetitions.push(Repetition { index, steps, metrics, vmm_stops: probe.is_some() });
     phase_timings(result).repetitions_s.push(repetition_began.elapsed().as_secs_f64());
     result.summarize();
     result.save(run.dir)?;

@@ -102,6 +102,9 @@ pub fn run_document(result: &RunResult) -> Result<Document, ReportError> {
             void.index, void.reason
         )));
     }
+    if let Some(split) = measured_split(result) {
+        doc.push(Block::Paragraph(split));
+    }
     doc.push(summary_table(result));
 
     mechanism_timeline(result, &mut doc);
@@ -135,11 +138,32 @@ pub fn run_document(result: &RunResult) -> Result<Document, ReportError> {
     Ok(doc)
 }
 
-/// The first repetition's first terminate call that stopped a run, as the kernel traced it:
+/// Which repetitions the summary comes from, when the VMM stopped the vCPUs in only some.
+fn measured_split(result: &RunResult) -> Option<String> {
+    let stopped: Vec<String> = result
+        .repetitions
+        .iter()
+        .filter(|rep| rep.vmm_stops)
+        .map(|rep| format!("#{}", rep.index))
+        .collect();
+    let measured = result.measured_repetitions().count();
+    (!stopped.is_empty() && measured < result.repetitions.len()).then(|| {
+        format!(
+            "Timings from the {measured} repetitions that ran untouched. In {} ({}) the VMM \
+             stopped the vCPUs at the handler to read their stacks (`verify_stack = \"alternate\"`), \
+             while the guest's clock ran on: those prove the rewrite below, and their timings \
+             are in result.json only.",
+            stopped.len(),
+            stopped.join(", ")
+        )
+    })
+}
+
+/// The first measured repetition's first terminate call that stopped a run, as the kernel traced it:
 /// each point in time from the request to the run's return, with the part each step took
 /// and that part as a multiple of the repetition's bare IPI round trip.
 fn mechanism_timeline(result: &RunResult, doc: &mut Document) {
-    let Some((rep, label, kernel, trapped)) = result.repetitions.iter().find_map(|rep| {
+    let Some((rep, label, kernel, trapped)) = result.measured_repetitions().find_map(|rep| {
         rep.steps.iter().find_map(|step| match step {
             StepRecord::Terminate { label, kernel: Some(kernel), stack, .. }
                 if !kernel.handlers.is_empty() && kernel.request_ns.is_some() =>

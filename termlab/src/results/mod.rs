@@ -322,6 +322,10 @@ pub struct Repetition {
     /// Metric name → value in nanoseconds (guest clock). Built-in metrics
     /// ([`AGENT_RTT_METRIC`], [`IPI_RTT_METRIC`]) appear here too.
     pub metrics: BTreeMap<String, f64>,
+    /// The VMM stopped the vCPUs around the handler to read their stacks (`verify_stack`):
+    /// the guest's clock ran on meanwhile, so the timings include those stops.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vmm_stops: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -445,10 +449,18 @@ pub struct ExpectationOutcome {
 }
 
 impl RunResult {
-    /// Every metric's samples over all repetitions, in first-seen order.
+    /// The repetitions the timings are summarized from: those in which the VMM did not stop
+    /// the vCPUs (`verify_stack = "alternate"`), or all of them when every one was stopped.
+    pub fn measured_repetitions(&self) -> impl Iterator<Item = &Repetition> {
+        let untouched = self.repetitions.iter().any(|repetition| !repetition.vmm_stops);
+        self.repetitions.iter().filter(move |repetition| !untouched || !repetition.vmm_stops)
+    }
+
+    /// Every metric's samples over the [measured repetitions](Self::measured_repetitions),
+    /// in first-seen order.
     pub fn metric_samples(&self) -> Vec<(String, Vec<f64>)> {
         let mut samples: Vec<(String, Vec<f64>)> = Vec::new();
-        for repetition in &self.repetitions {
+        for repetition in self.measured_repetitions() {
             for (name, &value) in &repetition.metrics {
                 match samples.iter_mut().find(|(n, _)| n == name) {
                     Some((_, values)) => values.push(value),
@@ -600,6 +612,37 @@ mod tests {
             serde_json::to_value(&again).expect("JSON"),
             serde_json::to_value(&result).expect("JSON")
         );
+    }
+
+    #[test]
+    fn timings_come_from_the_repetitions_the_vmm_did_not_stop() {
+        let mut result = RunResult::load(&fixture("schema2-loops")).expect("loads");
+        let untouched_max = |result: &RunResult| {
+            let summary = result.summary.iter().find(|m| m.metric == "end_to_end").expect("metric");
+            (summary.summary.n, summary.summary.max_ns)
+        };
+        result.summarize();
+        let (all, _) = untouched_max(&result);
+        assert_eq!(all, 10);
+        // verify_stack = "alternate": the even repetitions were stopped, their times inflated.
+        let mut expected_max = 0.0f64;
+        for rep in &mut result.repetitions {
+            rep.vmm_stops = rep.index.is_multiple_of(2);
+            let value = rep.metrics.get_mut("end_to_end").expect("end_to_end");
+            if rep.vmm_stops {
+                *value += 40e6;
+            } else {
+                expected_max = expected_max.max(*value);
+            }
+        }
+        result.summarize();
+        assert_eq!(untouched_max(&result), (5, expected_max));
+        // Every repetition stopped: there is nothing else to summarize, so all count.
+        for rep in &mut result.repetitions {
+            rep.vmm_stops = true;
+        }
+        result.summarize();
+        assert_eq!(untouched_max(&result).0, 10);
     }
 
     #[test]

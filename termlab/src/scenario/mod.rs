@@ -213,7 +213,9 @@ pub fn terminate_labels(scenario: &Scenario) -> Vec<String> {
 
 /// Cross-reference checks that serde cannot express.
 fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
-    if let Some(verify_stack) = scenario.verify_stack.as_ref().filter(|v| *v.get_ref()) {
+    if let Some(verify_stack) =
+        scenario.verify_stack.as_ref().filter(|v| *v.get_ref() != VerifyStack::Off)
+    {
         if !terminates(scenario) {
             return Err(invalid(verify_stack, "verify_stack", "verify_stack checks the stack rewrite of terminate steps, and this scenario has none"));
         }

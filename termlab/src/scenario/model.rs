@@ -16,6 +16,62 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+/// In which repetitions the VMM proves the stack rewrite (`verify_stack`). Its traps stop
+/// the vCPU at the handler for tens of milliseconds under nesting, and the guest's clock runs
+/// on: the repetitions without them measure the mechanism itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyStack {
+    /// `false`: never.
+    Off,
+    /// `true`: in every repetition.
+    Every,
+    /// `"alternate"`: in the even repetitions (0, 2, ...); the odd ones run untouched.
+    Alternate,
+}
+
+impl VerifyStack {
+    /// Whether the VMM proves the stack rewrite in repetition `index`.
+    pub fn in_repetition(self, index: u32) -> bool {
+        match self {
+            VerifyStack::Off => false,
+            VerifyStack::Every => true,
+            VerifyStack::Alternate => index.is_multiple_of(2),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for VerifyStack {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Value;
+        impl serde::de::Visitor<'_> for Value {
+            type Value = VerifyStack;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("true, false or \"alternate\"")
+            }
+            fn visit_bool<E: serde::de::Error>(self, every: bool) -> Result<VerifyStack, E> {
+                Ok(if every { VerifyStack::Every } else { VerifyStack::Off })
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<VerifyStack, E> {
+                match text {
+                    "alternate" => Ok(VerifyStack::Alternate),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(text), &self)),
+                }
+            }
+        }
+        deserializer.deserialize_any(Value)
+    }
+}
+
+impl Serialize for VerifyStack {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            VerifyStack::Off => serializer.serialize_bool(false),
+            VerifyStack::Every => serializer.serialize_bool(true),
+            VerifyStack::Alternate => serializer.serialize_str("alternate"),
+        }
+    }
+}
+
 /// A whole scenario file.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -27,9 +83,10 @@ pub struct Scenario {
     pub repetitions: Repetitions,
     /// Capture the interrupted stack from the VMM around every terminate
     /// and check the kernel's rewrite of it (issue 6): adds one expectation
-    /// per terminate step.
+    /// per terminate step. `true` in every repetition, `"alternate"` in
+    /// every other one (see [`VerifyStack`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub verify_stack: Option<Spanned<bool>>,
+    pub verify_stack: Option<Spanned<VerifyStack>>,
     pub vm: VmSpec,
     /// `/proc/sys` settings applied once after boot, e.g.
     /// `"kernel.bpf_termination_demo_delay_ms" = 500`.
@@ -47,6 +104,13 @@ pub struct Scenario {
     /// Checks that decide the exit status of `termlab run`.
     #[serde(default, rename = "expect")]
     pub expectations: Vec<Expectation>,
+}
+
+impl Scenario {
+    /// In which repetitions the VMM proves the stack rewrite (off when not set).
+    pub fn stack_proof(&self) -> VerifyStack {
+        self.verify_stack.as_ref().map_or(VerifyStack::Off, |v| *v.get_ref())
+    }
 }
 
 /// The guest machine.
