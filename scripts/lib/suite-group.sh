@@ -207,3 +207,25 @@ run_with_retries() { # name limit_s log_file command...
     rm -rf "$state"
     return "$rc"
 }
+
+# The host's CPU time so far, from /proc/stat: "busy total" in clock ticks, busy being user,
+# nice, system, irq and softirq time, total that plus idle, iowait and steal. Two snapshots
+# give how busy the host's CPUs were between them (busy_percent): where the test command
+# leaves CPU time unused, and how far from its CPU time its wall time is (issue 18).
+cpu_snapshot() {
+    local _cpu user nice system idle iowait irq softirq steal
+    read -r _cpu user nice system idle iowait irq softirq steal _ </proc/stat
+    local busy=$((user + nice + system + irq + softirq))
+    echo "$busy $((busy + idle + iowait + steal))"
+}
+
+busy_percent() { # "busy total" (earlier) "busy total" (later)
+    local busy0 total0 busy1 total1
+    read -r busy0 total0 <<<"$1"
+    read -r busy1 total1 <<<"$2"
+    if ((total1 > total0)); then
+        echo $((100 * (busy1 - busy0) / (total1 - total0)))
+    else
+        echo 0
+    fi
+}
