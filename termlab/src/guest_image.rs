@@ -702,7 +702,7 @@ fn build_initramfs(
         hash_input(&mut hasher, binary, &samples.join(binary))?;
     }
     let base_key = cache_key(&hasher.finalize());
-    let base = cache.join(format!("base-{base_key}.cpio.gz"));
+    let base = cache.join(format!("base-{base_key}.cpio"));
     let mut built = false;
     if !base.is_file() {
         run(Command::new(&mkinitramfs)
@@ -730,7 +730,7 @@ fn build_initramfs(
         for file in extra {
             hash_input(&mut hasher, &file.guest, &file.host)?;
         }
-        let image = cache.join(format!("initramfs-{}.cpio.gz", cache_key(&hasher.finalize())));
+        let image = cache.join(format!("initramfs-{}.cpio", cache_key(&hasher.finalize())));
         if !image.is_file() {
             run(Command::new(&mkinitramfs).arg("-o").arg(&image).arg("--on").arg(&base).args(
                 extra.iter().flat_map(|file| {
@@ -777,8 +777,9 @@ fn prune_images(cache: &Path, budget: u64, keep: &[&Path]) {
         .filter(|entry| {
             let name = entry.file_name();
             let name = name.to_string_lossy();
+            // .cpio.gz: the gzip'd images of termlab before 2026-12-07.
             (name.starts_with("initramfs-") || name.starts_with("base-"))
-                && name.ends_with(".cpio.gz")
+                && (name.ends_with(".cpio") || name.ends_with(".cpio.gz"))
         })
         .filter_map(|entry| {
             let meta = entry.metadata().ok()?;
@@ -837,7 +838,7 @@ mod tests {
         let hour = Duration::from_secs(3600);
         let path = |name: &str| cache.path().join(name);
         cached_image(&path("initramfs-new.cpio.gz"), 400, hour * 2);
-        cached_image(&path("base-middle.cpio.gz"), 400, hour * 3);
+        cached_image(&path("base-middle.cpio"), 400, hour * 3);
         cached_image(&path("initramfs-old.cpio.gz"), 400, hour * 4);
         cached_image(&path("initramfs-kept.cpio.gz"), 400, hour * 5);
         cached_image(&path("initramfs-busy.cpio.gz"), 400, Duration::from_secs(60));
@@ -849,13 +850,14 @@ mod tests {
             .to_vec();
         // busy (in use) and new fill the budget; base-middle is past it, as is old; kept is spared.
         assert_eq!(left, [true, false, true, true]);
-        assert!(!path("base-middle.cpio.gz").exists());
+        assert!(!path("base-middle.cpio").exists());
         assert!(path("user-file").exists(), "only images are the cache's to remove");
     }
 
     /// mkinitramfs itself (real cpio and gzip): a scenario's files follow the base as a second
-    /// archive that holds only them and the directories the base lacks, and nothing the base
-    /// has may be shadowed.
+    /// archive that holds only them and the directories the base lacks, a plain one starting
+    /// where the kernel looks for the next archive (4-byte aligned), and nothing the base has may be
+    /// shadowed; plain (termlab's images) and gzip'd (the selftests') alike.
     #[test]
     fn a_scenario_image_is_the_base_and_an_archive_of_its_own_files() {
         let root = repository_root().expect("checkout");
@@ -867,54 +869,58 @@ mod tests {
             let executable = std::os::unix::fs::PermissionsExt::from_mode(0o755);
             std::fs::set_permissions(samples.join(binary), executable).expect("chmod");
         }
-        let base = work.path().join("base.cpio.gz");
-        // busybox-static stands in for bpftool: any static executable will do.
-        let status = Command::new(&mkinitramfs)
-            .args(["-o", base.to_str().expect("utf-8"), "--bpftool", "/bin/busybox", "--samples"])
-            .arg(&samples)
-            .output()
-            .expect("run mkinitramfs");
-        assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
         let program = work.path().join("len.bpf.o");
         write(&program, b"object");
-        let image = work.path().join("image.cpio.gz");
-        let overlay = |dst: &str| {
-            Command::new(&mkinitramfs)
+        for suffix in ["cpio", "cpio.gz"] {
+            let base = work.path().join(format!("base.{suffix}"));
+            // busybox-static stands in for bpftool: any static executable will do.
+            let made = Command::new(&mkinitramfs)
                 .arg("-o")
-                .arg(&image)
-                .arg("--on")
                 .arg(&base)
-                .arg("--add")
-                .arg(format!("{}:{dst}", program.display()))
+                .args(["--bpftool", "/bin/busybox", "--samples"])
+                .arg(&samples)
                 .output()
-                .expect("run mkinitramfs")
-        };
-        let made = overlay("/lib/termlab/programs/len.bpf.o");
-        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-        let base_bytes = std::fs::read(&base).expect("base");
-        let image_bytes = std::fs::read(&image).expect("image");
-        assert_eq!(
-            &image_bytes[..base_bytes.len()],
-            &base_bytes[..],
-            "the base comes first, whole"
-        );
-        let second = work.path().join("second.cpio.gz");
-        std::fs::write(&second, &image_bytes[base_bytes.len()..]).expect("write");
-        let listed = Command::new("sh")
-            .arg("-c")
-            .arg(format!("gzip -dc {} | cpio --quiet -t", second.display()))
-            .output()
-            .expect("cpio -t");
-        let names = String::from_utf8_lossy(&listed.stdout);
-        assert_eq!(
-            names.lines().collect::<Vec<_>>(),
-            ["lib", "lib/termlab", "lib/termlab/programs", "lib/termlab/programs/len.bpf.o"],
-            "no entry for a directory the base has (its mode would be set again)"
-        );
-        let shadowing = overlay("/bin/loops");
-        assert!(!shadowing.status.success());
-        assert!(String::from_utf8_lossy(&shadowing.stderr)
-            .contains("/bin/loops is already in the image"));
+                .expect("run mkinitramfs");
+            assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+            let image = work.path().join(format!("image.{suffix}"));
+            let overlay = |dst: &str| {
+                Command::new(&mkinitramfs)
+                    .arg("-o")
+                    .arg(&image)
+                    .arg("--on")
+                    .arg(&base)
+                    .arg("--add")
+                    .arg(format!("{}:{dst}", program.display()))
+                    .output()
+                    .expect("run mkinitramfs")
+            };
+            let made = overlay("/lib/termlab/programs/len.bpf.o");
+            assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+            let base_bytes = std::fs::read(&base).expect("base");
+            let image_bytes = std::fs::read(&image).expect("image");
+            assert_eq!(&image_bytes[..base_bytes.len()], &base_bytes[..], "the base comes first");
+            if suffix == "cpio" {
+                assert_eq!(base_bytes.len() % 4, 0, "the second archive starts 4-byte aligned");
+            }
+            let second = work.path().join(format!("second.{suffix}"));
+            std::fs::write(&second, &image_bytes[base_bytes.len()..]).expect("write");
+            let unpack = if suffix == "cpio" { "cat" } else { "gzip -dc" };
+            let listed = Command::new("sh")
+                .arg("-c")
+                .arg(format!("{unpack} {} | cpio --quiet -t", second.display()))
+                .output()
+                .expect("cpio -t");
+            let names = String::from_utf8_lossy(&listed.stdout);
+            assert_eq!(
+                names.lines().collect::<Vec<_>>(),
+                ["lib", "lib/termlab", "lib/termlab/programs", "lib/termlab/programs/len.bpf.o"],
+                "{suffix}: no entry for a directory the base has (its mode would be set again)"
+            );
+            let shadowing = overlay("/bin/loops");
+            assert!(!shadowing.status.success());
+            assert!(String::from_utf8_lossy(&shadowing.stderr)
+                .contains("/bin/loops is already in the image"));
+        }
     }
 
     /// The start of a bzImage: setup header with "HdrS", protocol 2.15, and
