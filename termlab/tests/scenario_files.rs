@@ -155,6 +155,13 @@ const BAD_FILES: &[(&str, usize, usize, &str, &str)] = &[
         "verify_stack checks the stack rewrite of terminate steps, and this scenario has none",
     ),
     (
+        "premise-dmesg.toml",
+        9,
+        1,
+        "expect[0]",
+        "`premise` needs a check of one repetition's records",
+    ),
+    (
         "verify-stack-mode.toml",
         2,
         16,

@@ -735,7 +735,7 @@ fn start_loader<'s>(
 }
 
 /// How many times one repetition may be run again because it tested nothing
-/// (`premise::untested_terminate`); the last try is judged as it is.
+/// (`premise::untested_terminate`, `premise::failed_premise`); the last try is judged as it is.
 const MAX_VOID_TRIES: usize = 2;
 
 /// Repetition `index`: its steps, its metrics with the agent's and the IPI's round trips,
@@ -768,7 +768,9 @@ fn repeat_once(
         run_repetition(client, scenario, programs, trace, probe, &step_done, &run.options.cancel)?;
     // A repetition that tested nothing runs again, a few times at most (each is recorded).
     for _ in 0..MAX_VOID_TRIES {
-        let Some(reason) = premise::untested_terminate(scenario, &steps) else { break };
+        let untested = premise::untested_terminate(scenario, &steps)
+            .or_else(|| premise::failed_premise(scenario, &steps));
+        let Some(reason) = untested else { break };
         run.progress.event(&Progress::RepetitionVoid {
             scenario: &loaded.name,
             number: index + 1,

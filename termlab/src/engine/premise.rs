@@ -10,7 +10,8 @@
 //! sees the request inside the run, the second's request timestamp (taken as the call
 //! enters the kernel) is inside it too.
 
-use crate::results::{trigger_record, StepRecord};
+use crate::evaluate::{compute_metrics, evaluate};
+use crate::results::{trigger_record, Repetition, StepRecord};
 use crate::scenario::{Scenario, Step};
 
 /// Why the repetition whose records are `records` tested nothing, if it did not: the first
@@ -36,6 +37,24 @@ pub fn untested_terminate(scenario: &Scenario, records: &[StepRecord]) -> Option
         }
     }
     None
+}
+
+/// Why the repetition whose records are `records` tested nothing by its scenario's own
+/// account: the first `premise = true` expectation that does not hold in it.
+pub fn failed_premise(scenario: &Scenario, records: &[StepRecord]) -> Option<String> {
+    let repetition = Repetition {
+        index: 0,
+        steps: records.to_vec(),
+        metrics: compute_metrics(&scenario.metrics, records),
+        vmm_stops: false,
+    };
+    scenario.expectations.iter().filter(|expectation| expectation.premise).find_map(|premise| {
+        let outcome =
+            evaluate(std::slice::from_ref(premise), std::slice::from_ref(&repetition), None)
+                .pop()?;
+        (!outcome.passed)
+            .then(|| format!("premise `{}` did not hold: {}", premise.name, outcome.detail))
+    })
 }
 
 /// The labels of the background triggers of `program` started before step `index` and
@@ -141,6 +160,38 @@ terminate = { label = "after", program = "p" }
             stack: vec![],
             host_before_call_ms: Some(2_000.0),
         }
+    }
+
+    /// sched_ext.toml's premise: the refusal must come with most of the stuck run ahead.
+    #[test]
+    fn a_failed_premise_voids_the_repetition_and_names_itself() {
+        let scenario = crate::scenario::parse(&format!(
+            r#"{SCENARIO}
+[[metric]]
+name = "run_after_refusal"
+from = "term.end"
+to = "first.end"
+[[expect]]
+name = "refused early"
+metric = {{ metric = "run_after_refusal", at_least_ms = 500 }}
+premise = true
+[[expect]]
+name = "not a premise"
+metric = {{ metric = "run_after_refusal", at_least_ms = 1900 }}
+"#
+        ))
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        // Refused 1987 ms before the task ended: the premise holds (the other check is not
+        // one, and is left to the run's verdict).
+        let early =
+            [terminate("term", Some("EOPNOTSUPP"), 3_013_000_000), trigger("first", 5_000_000_000)];
+        assert_eq!(failed_premise(&scenario, &early), None);
+        // 4.6 ms before: the repetition tested nothing.
+        let late =
+            [terminate("term", Some("EOPNOTSUPP"), 4_995_399_990), trigger("first", 5_000_000_000)];
+        let reason = failed_premise(&scenario, &late).expect("void");
+        assert!(reason.starts_with("premise `refused early` did not hold: "), "{reason}");
+        assert!(reason.contains("4.6"), "{reason}");
     }
 
     #[test]

@@ -655,6 +655,11 @@ impl fmt::Display for EventRef {
 pub struct Expectation {
     pub name: String,
     pub check: Check,
+    /// `premise = true`: the check is what the repetition must have set up to test anything
+    /// (a request that came while the run still had its work ahead, say). A repetition where
+    /// it fails tested nothing and runs again, as often as one whose terminate came too late;
+    /// if the last try fails it too, the expectation fails the run like any other.
+    pub premise: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -687,6 +692,8 @@ pub enum Check {
 #[serde(deny_unknown_fields)]
 pub struct ExpectationTable {
     name: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    premise: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     metric: Option<MetricBound>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -720,8 +727,16 @@ impl TryFrom<ExpectationTable> for Expectation {
         checks.extend(table.budget_result.map(Check::BudgetResult));
         checks.extend(table.terminations.map(Check::Terminations));
         checks.extend(table.kmemleak_clean.map(Check::KmemleakClean));
+        if table.premise && matches!(checks.as_slice(), [Check::DmesgClean(_)]) {
+            return Err(format!(
+                "expectation `{}`: `premise` needs a check of one repetition's records, and dmesg_clean reads the kernel log at the end of the run",
+                table.name
+            ));
+        }
         match (checks.pop(), checks.is_empty()) {
-            (Some(check), true) => Ok(Expectation { name: table.name, check }),
+            (Some(check), true) => {
+                Ok(Expectation { name: table.name, check, premise: table.premise })
+            }
             _ => Err(format!(
                 "expectation `{}` needs exactly one of `metric`, `terminate_result`, `trigger_ok`, `trigger_field`, `dmesg_clean`, `kernel_case`, `budget_result`, `terminations`, `kmemleak_clean`",
                 table.name
@@ -732,7 +747,11 @@ impl TryFrom<ExpectationTable> for Expectation {
 
 impl From<Expectation> for ExpectationTable {
     fn from(expectation: Expectation) -> Self {
-        let mut table = ExpectationTable { name: expectation.name, ..Default::default() };
+        let mut table = ExpectationTable {
+            name: expectation.name,
+            premise: expectation.premise,
+            ..Default::default()
+        };
         match expectation.check {
             Check::Metric(c) => table.metric = Some(c),
             Check::TerminateResult(c) => table.terminate_result = Some(c),
