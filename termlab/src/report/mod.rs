@@ -140,14 +140,14 @@ pub fn run_document(result: &RunResult) -> Result<Document, ReportError> {
 
 /// Which repetitions the summary comes from, when the VMM stopped the vCPUs in only some.
 fn measured_split(result: &RunResult) -> Option<String> {
-    let stopped: Vec<String> = result
-        .repetitions
-        .iter()
-        .filter(|rep| rep.vmm_stops)
-        .map(|rep| format!("#{}", rep.index))
-        .collect();
     let measured = result.measured_repetitions().count();
-    (!stopped.is_empty() && measured < result.repetitions.len()).then(|| {
+    (measured < result.repetitions.len()).then(|| {
+        let stopped: Vec<String> = result
+            .repetitions
+            .iter()
+            .filter(|rep| rep.vmm_stops)
+            .map(|rep| format!("#{}", rep.index))
+            .collect();
         format!(
             "Timings from the {measured} repetitions that ran untouched. In {} ({}) the VMM \
              stopped the vCPUs at the handler to read their stacks (`verify_stack = \"alternate\"`), \
