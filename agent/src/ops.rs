@@ -1,8 +1,10 @@
 //! The operations that are not about processes: files, clock, BPF_PROG_TERMINATE.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
+use std::time::{Duration, Instant};
 
 use termlab_protocol::{
     ClockReading, FileContents, ReadFileRequest, SyscallResult, TerminateReply, TerminateRequest,
@@ -18,28 +20,68 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 
 /// Reads up to `max_bytes`. Files under /proc report size 0, so this reads until EOF rather than
 /// trusting the size. Opened non-blocking so that a device with nothing more to give
-/// (/dev/kmsg, a FIFO) ends the read instead of hanging the connection.
+/// (/dev/kmsg, a FIFO) ends the read instead of hanging the connection; with `wait_ms`, a file
+/// that has nothing at all to give yet is polled for that long first (see
+/// [`ReadFileRequest::wait_ms`]).
 pub fn read_file(request: &ReadFileRequest) -> Result<FileContents, ErrorReply> {
     let mut file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(&request.path)
         .map_err(|e| io_error(format!("open {}", request.path), &e))?;
+    let read_error = |e: &io::Error| io_error(format!("read {}", request.path), e);
     let mut data = Vec::new();
-    let mut chunk = vec![0u8; READ_CHUNK_BYTES];
-    // Reading past max_bytes tells whether the file had more.
-    while data.len() as u64 <= request.max_bytes {
-        match file.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => data.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) => return Err(io_error(format!("read {}", request.path), &e)),
+    let would_block =
+        read_into(&mut file, request.max_bytes, &mut data).map_err(|e| read_error(&e))?;
+    if data.is_empty() && would_block && request.wait_ms > 0 {
+        let deadline = Instant::now() + Duration::from_millis(request.wait_ms);
+        if wait_readable(&file, deadline).map_err(|e| read_error(&e))? {
+            read_into(&mut file, request.max_bytes, &mut data).map_err(|e| read_error(&e))?;
         }
     }
     let truncated = data.len() as u64 > request.max_bytes;
     data.truncate(request.max_bytes as usize);
     Ok(FileContents { data: data.into(), truncated })
+}
+
+/// Appends what `file` gives now to `data`, one byte past `max_bytes` at most (which tells
+/// whether it had more); true when it ended because nothing more was ready (EAGAIN).
+fn read_into(file: &mut File, max_bytes: u64, data: &mut Vec<u8>) -> io::Result<bool> {
+    let mut chunk = vec![0u8; READ_CHUNK_BYTES];
+    while data.len() as u64 <= max_bytes {
+        match file.read(&mut chunk) {
+            Ok(0) => return Ok(false),
+            Ok(n) => data.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(false)
+}
+
+/// Waits until `file` is readable or `deadline` passes; true when readable.
+fn wait_readable(file: &File, deadline: Instant) -> io::Result<bool> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(false);
+        }
+        let mut poll_fd = libc::pollfd { fd: file.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let timeout_ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd, living across the call; the fd stays open (borrowed `file`).
+        let ready = unsafe { libc::poll(&mut poll_fd, 1, timeout_ms) };
+        match ready {
+            0 => {}
+            1.. => return Ok(true),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
 }
 
 /// Writes the data with a single write(): a sysctl takes its value from the first write only.

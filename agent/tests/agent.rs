@@ -430,6 +430,45 @@ fn files_are_read_and_written() {
     assert_eq!(relative.kind, ErrorKind::InvalidRequest);
 }
 
+/// A pipe-like file with a writer but nothing written yet (a FIFO here, tracefs' trace_pipe in
+/// the guest): `read_file` answers at once with nothing, `wait_ms` makes the agent wait for the
+/// data, and answers empty once the wait is over.
+#[test]
+fn read_file_waits_for_data_when_asked() {
+    let agent = RunningAgent::start();
+    let mut client = agent.client();
+    let dir = TempDir::new();
+    let fifo = dir.path().join("fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let fifo_str = fifo.to_str().unwrap().to_owned();
+    // Held open for reading and writing (which does not block on a FIFO): the agent's reads
+    // always find a writer, so an empty FIFO is "nothing yet" (EAGAIN), never end of file.
+    let held = std::fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
+
+    let started = Instant::now();
+    let nothing = client.read_file(&fifo_str, 100).unwrap();
+    assert!(nothing.data.as_bytes().is_empty());
+    assert!(started.elapsed() < Duration::from_millis(250), "{:?}", started.elapsed());
+
+    let started = Instant::now();
+    let nothing = client.read_file_waiting(&fifo_str, 100, 150).unwrap();
+    assert!(nothing.data.as_bytes().is_empty());
+    assert!(started.elapsed() >= Duration::from_millis(150), "{:?}", started.elapsed());
+
+    let mut writer_end = held.try_clone().unwrap();
+    let late = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(300));
+        std::io::Write::write_all(&mut writer_end, b"line\n").unwrap();
+    });
+    let started = Instant::now();
+    let contents = client.read_file_waiting(&fifo_str, 100, 5000).unwrap();
+    let waited = started.elapsed();
+    late.join().unwrap();
+    assert_eq!(contents.data.as_bytes(), b"line\n");
+    assert!(waited >= Duration::from_millis(250), "answered after {waited:?}, before the data");
+    assert!(waited < Duration::from_secs(4), "answered after {waited:?}, not when the data came");
+}
+
 #[test]
 fn clock_is_monotonic_and_realtime_is_current() {
     let agent = RunningAgent::start();

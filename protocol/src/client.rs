@@ -230,8 +230,21 @@ impl<T: Transport> Client<T> {
     }
 
     pub fn read_file(&mut self, path: &str, max_bytes: u64) -> Result<FileContents, ClientError> {
-        let body = RequestBody::ReadFile(ReadFileRequest { path: path.to_owned(), max_bytes });
-        self.call_typed(body, self.default_timeout)
+        self.read_file_waiting(path, max_bytes, 0)
+    }
+
+    /// [`Client::read_file`], but when the file has nothing to give now the agent waits up to
+    /// `wait_ms` for data (see [`ReadFileRequest::wait_ms`]): what came, or nothing.
+    pub fn read_file_waiting(
+        &mut self,
+        path: &str,
+        max_bytes: u64,
+        wait_ms: u64,
+    ) -> Result<FileContents, ClientError> {
+        let timeout = self.with_margin(wait_ms).max(self.default_timeout);
+        let body =
+            RequestBody::ReadFile(ReadFileRequest { path: path.to_owned(), max_bytes, wait_ms });
+        self.call_typed(body, timeout)
     }
 
     pub fn write_file(

@@ -148,6 +148,12 @@ pub struct WaitRequest {
 pub struct ReadFileRequest {
     pub path: String,
     pub max_bytes: u64,
+    /// When the file has nothing to give now (a pipe-like file such as tracefs' `trace_pipe`,
+    /// opened non-blocking), wait up to this long (ms) for data before answering: a long poll
+    /// instead of a request every few milliseconds. An empty answer means nothing came in
+    /// time. 0: answer at once. Optional: older hosts never send it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub wait_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,10 +245,12 @@ impl RequestBody {
             RequestBody::Wait(wait) => validate_timeout(wait.timeout_ms),
             RequestBody::ReadFile(read) => {
                 validate_path(&read.path)?;
-                if (1..=MAX_READ_FILE_BYTES).contains(&read.max_bytes) {
+                if !(1..=MAX_READ_FILE_BYTES).contains(&read.max_bytes) {
+                    Err(ValidationError::BadMaxBytes { got: read.max_bytes })
+                } else if read.wait_ms == 0 {
                     Ok(())
                 } else {
-                    Err(ValidationError::BadMaxBytes { got: read.max_bytes })
+                    validate_timeout(read.wait_ms)
                 }
             }
             RequestBody::WriteFile(write) => validate_path(&write.path),
@@ -412,6 +420,12 @@ mod tests {
             RequestBody::ReadFile(ReadFileRequest {
                 path: "/proc/kallsyms".into(),
                 max_bytes: 1 << 20,
+                wait_ms: 0,
+            }),
+            RequestBody::ReadFile(ReadFileRequest {
+                path: "/sys/kernel/tracing/trace_pipe".into(),
+                max_bytes: 1 << 20,
+                wait_ms: 250,
             }),
             RequestBody::WriteFile(WriteFileRequest {
                 path: "/proc/sys/kernel/bpf_termination_demo_delay_ms".into(),
@@ -543,13 +557,20 @@ mod tests {
         assert_eq!(kill(0), Err(ValidationError::BadSignal { got: 0 }));
         assert_eq!(kill(65), Err(ValidationError::BadSignal { got: 65 }));
 
-        let read = |path: &str, max_bytes| {
-            RequestBody::ReadFile(ReadFileRequest { path: path.into(), max_bytes }).validate()
+        let read_waiting = |path: &str, max_bytes, wait_ms| {
+            RequestBody::ReadFile(ReadFileRequest { path: path.into(), max_bytes, wait_ms })
+                .validate()
         };
+        let read = |path: &str, max_bytes| read_waiting(path, max_bytes, 0);
         assert_eq!(read("/proc/kallsyms", MAX_READ_FILE_BYTES), Ok(()));
         assert!(read("/proc/kallsyms", 0).is_err());
         assert!(read("/proc/kallsyms", MAX_READ_FILE_BYTES + 1).is_err());
         assert!(read("proc/kallsyms", 10).is_err());
+        assert_eq!(read_waiting("/sys/kernel/tracing/trace_pipe", 10, 250), Ok(()));
+        assert_eq!(
+            read_waiting("/sys/kernel/tracing/trace_pipe", 10, MAX_TIMEOUT_MS + 1),
+            Err(ValidationError::BadTimeout { got: MAX_TIMEOUT_MS + 1 })
+        );
 
         let wait_output = |pattern: &str| {
             RequestBody::WaitOutput(WaitOutputRequest {

@@ -33,14 +33,22 @@ pub struct TraceReader {
 const TRACE_PIPE: &str = "/sys/kernel/tracing/trace_pipe";
 /// More than the trace buffer holds, so nothing read is dropped.
 const TRACE_READ_BYTES: u64 = 8 << 20;
-/// Pause between empty reads while waiting for a line.
-const TRACE_POLL: Duration = Duration::from_millis(5);
+/// Longest wait of one read for new trace lines (the agent answers as soon as any come):
+/// how soon Ctrl-C is noticed while a scenario waits for a line.
+const TRACE_WAIT_SLICE: Duration = Duration::from_millis(250);
 
 impl TraceReader {
-    /// Reads what the buffer holds now; returns how many bytes came.
-    fn read_available(&mut self, client: &mut Client<UnixStream>) -> Result<usize, EngineError> {
+    /// Reads what the buffer holds now, or when it is empty what comes within `wait` (the
+    /// agent polls trace_pipe: no request every few milliseconds, which under nested
+    /// emulation kept a host CPU busy); returns how many bytes came.
+    fn read_available(
+        &mut self,
+        client: &mut Client<UnixStream>,
+        wait: Duration,
+    ) -> Result<usize, EngineError> {
+        let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
         let contents = client
-            .read_file(TRACE_PIPE, TRACE_READ_BYTES)
+            .read_file_waiting(TRACE_PIPE, TRACE_READ_BYTES, wait_ms)
             .map_err(agent("reading the kernel trace buffer (is tracefs mounted?)"))?;
         let text = contents.data.to_string_lossy();
         self.text.push_str(&text);
@@ -49,7 +57,7 @@ impl TraceReader {
 
     /// Everything written so far has been read: the offset new lines start at.
     pub fn drain(&mut self, client: &mut Client<UnixStream>) -> Result<usize, EngineError> {
-        while self.read_available(client)? > 0 {}
+        while self.read_available(client, Duration::ZERO)? > 0 {}
         Ok(self.text.len())
     }
 
@@ -76,16 +84,15 @@ impl TraceReader {
             if cancel.is_cancelled() {
                 return Err(EngineError::Interrupted);
             }
-            if Instant::now() >= deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return Err(EngineError::TraceLinesMissing {
                     needle: needle.to_owned(),
                     found,
                     wanted: count,
                 });
             }
-            if self.read_available(client)? == 0 {
-                std::thread::sleep(TRACE_POLL);
-            }
+            self.read_available(client, left.min(TRACE_WAIT_SLICE))?;
         }
     }
 }
