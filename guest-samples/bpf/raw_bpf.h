@@ -91,6 +91,8 @@
 	EXIT()						/* 23 */
 
 #define DEMO_DELAY_SYSCTL "/proc/sys/kernel/bpf_termination_demo_delay_ms"
+/* 1: the slow helper halts between interrupts instead of spinning (patch 0028). */
+#define DEMO_DELAY_IDLE_SYSCTL "/proc/sys/kernel/bpf_termination_demo_delay_idle"
 /* Fault injection (patch 0029): the IPI handler skips the first rewrite. */
 #define FAULT_SKIP_REWRITE_SYSCTL "/proc/sys/kernel/bpf_termination_fault_skip_rewrite"
 #define FAULT_ENTRY_DELAY_SYSCTL "/proc/sys/kernel/bpf_termination_fault_entry_delay_ms"
