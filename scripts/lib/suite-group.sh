@@ -18,6 +18,8 @@ run_in_group() { # limit_s command...
     local limit="$1" deadline pid rc=0
     shift
     deadline=$((SECONDS + limit))
+    # The suite's own CPU time (see suite_cpu_ms), appended to the file the caller names.
+    [[ -z ${SUITE_CPU_FILE:-} ]] || set -- /usr/bin/time -a -o "$SUITE_CPU_FILE" -f "%U %S" "$@"
     # Without job control a background job is no group leader, so setsid(1) makes its own
     # process the leader of the new session: $! is the group id.
     setsid "$@" </dev/null &
@@ -217,6 +219,15 @@ cpu_snapshot() {
     read -r _cpu user nice system idle iowait irq softirq steal _ </proc/stat
     local busy=$((user + nice + system + irq + softirq))
     echo "$busy $((busy + idle + iowait + steal))"
+}
+
+# The CPU time (ms, user + system) in a SUITE_CPU_FILE: what the suite's processes used, with
+# what their own children used (a termlab run's QEMU, waited for by its launcher), in every
+# try, whatever ran beside it; not what a try cut off at its time limit used (its time(1) was
+# killed with it). 0 without the file.
+suite_cpu_ms() { # file
+    awk '/^[0-9.]+ [0-9.]+$/ { t += $1 + $2 } END { printf "%d", t * 1000 }' "$1" 2>/dev/null ||
+        echo 0
 }
 
 busy_percent() { # "busy total" (earlier) "busy total" (later)
