@@ -63,22 +63,27 @@ end_group() { # pgid: SIGKILL to what is left of it, and wait until it is gone
     return 1
 }
 
-# The subshell of the lane running beside the test command's own suites (start_lane), while
-# it runs.
-lane_pid=""
+# The subshells of the lanes running beside the test command's own suites (start_lane), while
+# they run.
+lane_pids=()
 
 # Ctrl-C or SIGTERM to the test command ends the running suite's whole group, and the lane's,
 # then the command.
 end_current_group_and_exit() {
     echo "[test] interrupted: ending the running suite" >&2
-    # The lane's subshell ends its own running suite the same way (its trap).
-    [[ -z "$lane_pid" ]] || kill -TERM "$lane_pid" 2>/dev/null || true
+    # A lane's subshell ends its own running suite the same way (its trap).
+    local pid
+    for pid in "${lane_pids[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
     if [[ -n "$current_group" ]]; then
         kill -TERM -- "-$current_group" 2>/dev/null || true
         sleep 5
         end_group "$current_group" || true
     fi
-    [[ -z "$lane_pid" ]] || wait "$lane_pid" 2>/dev/null || true
+    for pid in "${lane_pids[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
     exit 130
 }
 
@@ -88,20 +93,26 @@ end_current_group_and_exit() {
 # TCG selftest beside another (each uses about one of the two host CPUs, 49% idle measured;
 # 196/196 each, in 101 s for both); the nested launcher's tests and the suite runner's (70%
 # and 68% idle) beside the kernel stress (39%), which passed 34/34 in 87 s instead of 75-79 s
-# beside them; libFuzzer's single process beside a nested end-to-end test. One lane at a time.
+# beside them; libFuzzer's single process beside a nested end-to-end test. Several lanes may
+# run at once (the three kernel selftests, whose guests halt in their slow helpers).
 start_lane() { # command...
     (
+        lane_pids=()
         trap end_current_group_and_exit INT TERM
         "$@"
     ) &
-    lane_pid=$!
+    lane_pids+=("$!")
 }
 
-# Waits for the lane start_lane started. Status: the lane's.
+# Waits for every lane start_lane started. Status: the first failed lane's, else 0.
 finish_lane() {
-    local rc=0
-    wait "$lane_pid" || rc=$?
-    lane_pid=""
+    local rc=0 lane_rc pid
+    for pid in "${lane_pids[@]}"; do
+        lane_rc=0
+        wait "$pid" || lane_rc=$?
+        ((rc != 0)) || rc=$lane_rc
+    done
+    lane_pids=()
     return "$rc"
 }
 
