@@ -687,9 +687,24 @@ mod tests {
                     1090 2916352 181 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n";
         assert_eq!(describe_stat(line), "state R on CPU 1");
         assert_eq!(describe_stat("71 (x"), "unparsable stat line \"71 (x\"");
-        // This test's own process (its main thread waits for the test threads).
-        let own = where_in_kernel(std::process::id());
-        assert!(own.starts_with("state S on CPU ") && own.contains(", waiting in "), "{own}");
+        // A child asleep in the kernel. (This test's own main thread, which waits for the
+        // test threads, was found running now and then: in dry run 89 it was R, woken.)
+        use std::time::{Duration, Instant};
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().expect("sleep");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let asleep = loop {
+            let described = where_in_kernel(child.id());
+            if described.starts_with("state S on CPU ") || Instant::now() > deadline {
+                break described;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        child.kill().expect("kill sleep");
+        child.wait().expect("wait sleep");
+        assert!(
+            asleep.starts_with("state S on CPU ") && asleep.contains(", waiting in "),
+            "{asleep}"
+        );
     }
 
     fn log_of(data: &[u8], closed: bool) -> OutputLog {
