@@ -14,8 +14,10 @@
  *
  *   prog_term_map PROG_ID
  *
- * Exit status 0 on success; 1 with a message on stderr when the program does
- * not exist, has no termination copy, or the caller may not see addresses.
+ * Exit status 0 on success; 3 with a message on stderr when the program has
+ * no termination copy (the kernel cannot terminate it: there is nothing to
+ * map); 1 with a message when it does not exist or the caller may not see
+ * addresses.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -28,6 +30,9 @@
 #include <bpf/bpf.h>
 
 #include "bpf_term_info.h"
+
+/* The program has no termination copy (its exit status). */
+#define EXIT_NO_COPY 3
 #include "loops_user.h"
 
 /* The arrays bpf_prog_info fills in for the second call. */
@@ -125,7 +130,7 @@ int main(int argc, char **argv)
 	if (err) {
 		fprintf(stderr, "prog_term_map: program %llu: %s\n", (unsigned long long)prog_id,
 			err == -EOPNOTSUPP ? "it has no termination copy" : strerror(-err));
-		return 1;
+		return err == -EOPNOTSUPP ? EXIT_NO_COPY : 1;
 	}
 	print_map(prog_id, &map);
 	return 0;

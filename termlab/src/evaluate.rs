@@ -475,6 +475,8 @@ pub fn evaluate_stack_proofs(
                 let outcome = match problem {
                     Some(problem) => Err(problem),
                     None if judged != cpus => Err(format!("{cpus} CPU(s) stopped but {judged} rewrite(s) seen by the VMM")),
+                    // A refused call (EOPNOTSUPP, ESRCH, ...): there was no rewrite to judge.
+                    None if cpus == 0 => Ok("no CPU stopped, nothing rewritten".to_owned()),
                     None => Ok(proofs.iter().filter_map(|p| p.verdict.as_ref()).map(|v| format!("case {}: {} word(s) rewritten, IP {}", v.case, v.rewritten, if v.ip_before == v.ip_after { "kept" } else { "moved" })).collect::<Vec<_>>().join("; ")),
                 };
                 match outcome {
@@ -640,6 +642,46 @@ dmesg_clean = {}
         assert_eq!(
             outcome.detail,
             "failed in 2 of 2 repetitions (first: #0: vCPU 1: slot 0x10 still points into the original)"
+        );
+    }
+
+    #[test]
+    fn a_refused_call_has_no_rewrite_to_judge_but_one_seen_fails() {
+        let refused = |seen: bool| {
+            let mut rep = repetition(0, 200_000_000, 203_500_000, Some(0), Some("EOPNOTSUPP"), "1");
+            rep.vmm_stops = true;
+            for step in &mut rep.steps {
+                if let StepRecord::Terminate { stack, .. } = step {
+                    *stack = seen
+                        .then(|| crate::results::stack::CpuStackProof {
+                            vcpu: 1,
+                            verdict: Some(crate::results::stack::StackVerdict {
+                                case: 1,
+                                ip_before: 1,
+                                ip_after: 1,
+                                ip_predicted: None,
+                                original_before: 1,
+                                original_after: 0,
+                                rewritten: 1,
+                                rows: Vec::new(),
+                                problems: Vec::new(),
+                            }),
+                            error: None,
+                        })
+                        .into_iter()
+                        .collect();
+                }
+            }
+            rep
+        };
+        let outcome = &evaluate_stack_proofs(&["term".to_owned()], &[refused(false)])[0];
+        assert!(outcome.passed);
+        assert_eq!(outcome.detail, "no CPU stopped, nothing rewritten");
+        let outcome = &evaluate_stack_proofs(&["term".to_owned()], &[refused(true)])[0];
+        assert!(!outcome.passed);
+        assert_eq!(
+            outcome.detail,
+            "failed in 1 of 1 repetitions (first: #0: 0 CPU(s) stopped but 1 rewrite(s) seen by the VMM)"
         );
     }
 

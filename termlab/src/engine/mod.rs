@@ -809,7 +809,9 @@ fn repeat_once(
 
 /// Everything the VMM-side stack check needs from the host and the guest:
 /// the kernel's System.map, the guest's kallsyms (BPF image names) and the
-/// kernel's instruction map of each loaded program (`prog_term_map`).
+/// kernel's instruction map of each loaded program that has a termination copy
+/// (`prog_term_map`; one without, which a scenario may load to show that it is refused,
+/// cannot be stopped, so no stop of it is ever checked).
 fn stack_probe<'vm>(
     client: &mut Client<UnixStream>,
     vm: &'vm Vm,
@@ -832,6 +834,9 @@ fn stack_probe<'vm>(
         let output = client
             .run(RunRequest::command(argv, 10_000))
             .map_err(|source| EngineError::Agent { what: "prog_term_map".into(), source })?;
+        if matches!(output.status, ExitStatus::Exited { code: PROG_TERM_MAP_NO_COPY }) {
+            continue;
+        }
         let stdout = output.stdout.data.to_string_lossy();
         let map: TermMap =
             serde_json::from_str(stdout.trim()).map_err(|e| EngineError::UnexpectedOutput {
@@ -844,6 +849,9 @@ fn stack_probe<'vm>(
     StackProbe::new(vm, &map_text, &kallsyms.data.to_string_lossy(), maps)
         .map_err(|source| EngineError::StackProbe { terminate: None, source })
 }
+
+/// prog_term_map's exit status for a program without a termination copy.
+const PROG_TERM_MAP_NO_COPY: i32 = 3;
 
 /// More than a guest's /proc/kallsyms holds (about 1.5 MB for this config).
 const KALLSYMS_MAX_BYTES: u64 = 16 << 20;

@@ -162,6 +162,12 @@ impl<'vm> StackProbe<'vm> {
         Ok(Self { vm, symbols: kernel.merge(guest), kernel_text, entry, after, irq_regs, maps })
     }
 
+    /// Whether prog_term_map gave the kernel's instruction map of program `prog_id` (it has
+    /// a termination copy).
+    pub fn has_instruction_map(&self, prog_id: u32) -> bool {
+        self.maps.contains_key(&prog_id)
+    }
+
     /// Runs `call` (the terminate request) with the handler watched, and
     /// judges every vCPU the handler ran on for program `prog_id`.
     pub fn around<R: Send>(
