@@ -30,10 +30,10 @@
 #include <bpf/bpf.h>
 
 #include "bpf_term_info.h"
+#include "loops_user.h"
 
 /* The program has no termination copy (its exit status). */
 #define EXIT_NO_COPY 3
-#include "loops_user.h"
 
 /* The arrays bpf_prog_info fills in for the second call. */
 struct term_map {

@@ -67,7 +67,7 @@ end_group() { # pgid: SIGKILL to what is left of it, and wait until it is gone
 # they run.
 lane_pids=()
 
-# Ctrl-C or SIGTERM to the test command ends the running suite's whole group, and the lane's,
+# Ctrl-C or SIGTERM to the test command ends the running suite's whole group, and each lane's,
 # then the command.
 end_current_group_and_exit() {
     echo "[test] interrupted: ending the running suite" >&2
