@@ -611,23 +611,29 @@ dmesg_clean = {}
 
     /// `verify_stack = "alternate"`: a repetition the VMM did not stop has no stack to judge,
     /// and is not a failure of the proof; a stopped one without a verdict is.
+    /// The VMM's stack proofs of the terminate step of `rep`: `proof`, or none.
+    fn set_terminate_stack(
+        rep: &mut Repetition,
+        proof: Option<crate::results::stack::CpuStackProof>,
+    ) {
+        for step in &mut rep.steps {
+            if let StepRecord::Terminate { stack, .. } = step {
+                *stack = proof.clone().into_iter().collect();
+            }
+        }
+    }
+
     #[test]
     fn the_stack_proof_judges_only_the_repetitions_the_vmm_stopped() {
         let with_stack = |index: u32, stopped: bool, error: Option<&str>| {
             let mut rep = repetition(index, 200_000_000, 203_500_000, Some(1), None, "0");
             rep.vmm_stops = stopped;
-            for step in &mut rep.steps {
-                if let StepRecord::Terminate { stack, .. } = step {
-                    *stack = error
-                        .map(|error| crate::results::stack::CpuStackProof {
-                            vcpu: 1,
-                            verdict: None,
-                            error: Some(error.to_owned()),
-                        })
-                        .into_iter()
-                        .collect();
-                }
-            }
+            let proof = error.map(|error| crate::results::stack::CpuStackProof {
+                vcpu: 1,
+                verdict: None,
+                error: Some(error.to_owned()),
+            });
+            set_terminate_stack(&mut rep, proof);
             rep
         };
         let reps = [
@@ -650,28 +656,22 @@ dmesg_clean = {}
         let refused = |seen: bool| {
             let mut rep = repetition(0, 200_000_000, 203_500_000, Some(0), Some("EOPNOTSUPP"), "1");
             rep.vmm_stops = true;
-            for step in &mut rep.steps {
-                if let StepRecord::Terminate { stack, .. } = step {
-                    *stack = seen
-                        .then(|| crate::results::stack::CpuStackProof {
-                            vcpu: 1,
-                            verdict: Some(crate::results::stack::StackVerdict {
-                                case: 1,
-                                ip_before: 1,
-                                ip_after: 1,
-                                ip_predicted: None,
-                                original_before: 1,
-                                original_after: 0,
-                                rewritten: 1,
-                                rows: Vec::new(),
-                                problems: Vec::new(),
-                            }),
-                            error: None,
-                        })
-                        .into_iter()
-                        .collect();
-                }
-            }
+            let proof = seen.then(|| crate::results::stack::CpuStackProof {
+                vcpu: 1,
+                verdict: Some(crate::results::stack::StackVerdict {
+                    case: 1,
+                    ip_before: 1,
+                    ip_after: 1,
+                    ip_predicted: None,
+                    original_before: 1,
+                    original_after: 0,
+                    rewritten: 1,
+                    rows: Vec::new(),
+                    problems: Vec::new(),
+                }),
+                error: None,
+            });
+            set_terminate_stack(&mut rep, proof);
             rep
         };
         let outcome = &evaluate_stack_proofs(&["term".to_owned()], &[refused(false)])[0];
