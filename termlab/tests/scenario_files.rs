@@ -235,7 +235,14 @@ const BAD_FILES: &[(&str, usize, usize, &str, &str)] = &[
         18,
         38,
         "step[0].trigger.program",
-        "`worker` runs only through `chain`'s tail call (`loaded_by`): trigger `chain`",
+        "`worker` runs only through `chain`, whose loader loads it (`loaded_by`): trigger `chain`",
+    ),
+    (
+        "loaded-by-own-loader.toml",
+        14,
+        13,
+        "program[1].loaded_by",
+        "`stress` is loaded neither from an `object` or `source` by the generic loader nor by a `loader_source` of its own",
     ),
     (
         "tail-target-first.toml",

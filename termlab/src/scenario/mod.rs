@@ -273,7 +273,7 @@ fn validate_steps(
     }
     let mut checker = StepChecker {
         programs,
-        tail_call_targets: scenario
+        loaded_by_parent: scenario
             .programs
             .iter()
             .filter_map(|p| p.loaded_by().map(|parent| (p.name.get_ref().clone(), parent.clone())))
@@ -300,7 +300,7 @@ fn validate_steps(
 struct StepChecker<'a> {
     programs: &'a BTreeSet<Label>,
     /// Programs loaded by another's loader, each with that program: they run only through it.
-    tail_call_targets: BTreeMap<Label, Label>,
+    loaded_by_parent: BTreeMap<Label, Label>,
     vcpus: u32,
     labels: BTreeMap<Label, LabelKind>,
     prog_info_programs: BTreeMap<Label, Label>,
@@ -380,12 +380,12 @@ impl StepChecker<'_> {
 
     fn trigger(&mut self, trigger: &TriggerStep, key: &StepKey<'_>) -> Result<(), SpannedError> {
         check_program(self.programs, &trigger.program, key("trigger.program"))?;
-        if let Some(parent) = self.tail_call_targets.get(trigger.program.get_ref()) {
+        if let Some(parent) = self.loaded_by_parent.get(trigger.program.get_ref()) {
             return Err(invalid(
                 &trigger.program,
                 key("trigger.program"),
                 format!(
-                    "`{}` runs only through `{parent}`'s tail call (`loaded_by`): trigger `{parent}`",
+                    "`{}` runs only through `{parent}`, whose loader loads it (`loaded_by`): trigger `{parent}`",
                     trigger.program.get_ref()
                 ),
             ));
@@ -972,7 +972,8 @@ fn validate_clang(
 }
 
 /// A program another one's loader loads from its object (`loaded_by`): only its `function`,
-/// and a parent declared before it that the generic loader loads itself.
+/// and a parent declared before it that the generic loader loads itself (`--also`) or that
+/// has a loader of its own around its skeleton, which prints `also.FUNCTION=ID`.
 fn validate_loaded_by(
     program: &ProgramSpec,
     parent: &Spanned<Label>,
@@ -997,7 +998,7 @@ fn validate_loaded_by(
         key,
         |field| {
             format!(
-                "`{field}` does not go with `loaded_by`: `{}`'s loader loads this program from its own object, unattached, and it runs only through a tail call",
+                "`{field}` does not go with `loaded_by`: `{}`'s loader loads this program from its own object, and it runs only through that program (a tail call, or the struct_ops map the loader attaches)",
                 parent.get_ref()
             )
         },
@@ -1011,12 +1012,14 @@ fn validate_loaded_by(
     };
     validate_function(function, key)?;
     match earlier.iter().find(|p| p.name.get_ref() == parent.get_ref()) {
-        Some(p) if p.is_user_object() && p.loaded_by.is_none() => Ok(()),
+        Some(p) if (p.is_user_object() || p.loader_source.is_some()) && p.loaded_by.is_none() => {
+            Ok(())
+        }
         Some(_) => Err(invalid(
             parent,
             key("loaded_by"),
             format!(
-                "`{}` is not loaded from an `object` or `source` by the generic loader, so it cannot load another program",
+                "`{}` is loaded neither from an `object` or `source` by the generic loader nor by a `loader_source` of its own, so it cannot load another program",
                 parent.get_ref()
             ),
         )),

@@ -240,9 +240,11 @@ pub struct ProgramSpec {
     /// for `xdp`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tc: Option<Spanned<String>>,
-    /// The program whose loader loads this one from its object, unattached,
-    /// beside it (`bpf_loader load --also FUNCTION`): the target of its tail
-    /// calls, which runs only through them. Needs `function`.
+    /// The program whose loader loads this one from its object beside it:
+    /// the target of its tail calls, unattached (`bpf_loader load --also
+    /// FUNCTION`), or another callback of the struct_ops map its own loader
+    /// (`loader_source`) attaches, which prints `also.FUNCTION=ID`. It runs
+    /// only through that program. Needs `function`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loaded_by: Option<Spanned<Label>>,
     /// Guest argv of a loader of its own (e.g. `["term_stress", "hold"]`),
