@@ -1,14 +1,16 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * A sched_ext scheduler (struct_ops) whose enqueue callback gets stuck: one global FIFO, as
- * the smallest BPF scheduler is, except that the first enqueue of a task named "scx_slow"
- * first takes two calls of the slow helper (kernel.bpf_termination_demo_delay_ms).
- * sched_ext.c loads and attaches it, and in its `nap` mode is that task: it names itself,
- * sleeps and wakes up.
+ * A sched_ext scheduler (struct_ops) whose callbacks get stuck: one global FIFO, as the
+ * smallest BPF scheduler is, except that
+ *  - ops.init_task of a task forked by a task named "scx_fork" first takes two calls of the
+ *    slow helper (kernel.bpf_termination_demo_delay_ms). It runs in the parent, in fork(),
+ *    with interrupts on: terminate stops it there.
+ *  - ops.enqueue of a task named "scx_slow" does the same, once per task. It runs under the
+ *    runqueue's lock, with interrupts off, where no IPI lands: terminate answers EBUSY.
+ * sched_ext.c loads and attaches it, and in its `fork` and `nap` modes is those tasks.
  *
- * ops.enqueue runs under the runqueue's lock, with interrupts off. two_parts.h counts which
- * parts of a stuck run ran; `runs` counts only the scx_slow tasks' first enqueues, so a run
- * of the next trigger shows this scheduler still enqueued it.
+ * two_parts.h counts which parts of a stuck run ran; `runs` counts only the stuck runs, so a
+ * run of the next trigger shows that this scheduler still served it.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -19,14 +21,27 @@
 /* sched_ext's kfunc of 6.12 (renamed scx_bpf_dsq_insert() in 6.13). */
 void scx_bpf_dispatch(struct task_struct *p, u64 dsq_id, u64 slice, u64 enq_flags) __ksym;
 
-static __always_inline bool is_slow_task(const struct task_struct *p)
+static __always_inline bool is_named(const struct task_struct *p, const char *name, int size)
 {
-	static const char name[] = "scx_slow";
-
-	for (int i = 0; i < sizeof(name); i++)
+	for (int i = 0; i < size; i++)
 		if (p->comm[i] != name[i])
 			return false;
 	return true;
+}
+
+static const char fork_task[] = "scx_fork", slow_task[] = "scx_slow";
+
+/* What a stopped run returns: the copy's own return value, 0, so the fork goes on. */
+SEC("struct_ops/scx_init_task")
+s32 BPF_PROG(scx_init_task, struct task_struct *p, struct scx_init_task_args *args)
+{
+	/* A forked task has its parent's name; current is the parent. */
+	if (args->fork && is_named(p, fork_task, sizeof(fork_task))) {
+		struct task_struct *task = (void *)bpf_get_current_task();
+
+		two_slow_parts("sched_ext init_task", BPF_CORE_READ(task, tgid));
+	}
+	return 0;
 }
 
 /* The scx_slow task the callback was last slow for: once per task. */
@@ -39,7 +54,7 @@ void BPF_PROG(scx_enqueue, struct task_struct *p, u64 enq_flags)
 	 * Once per task: a task is enqueued again whenever its slice runs out or another class
 	 * takes its CPU, which under emulation can happen to the nap task too.
 	 */
-	if (is_slow_task(p) && p->pid != slow_pid) {
+	if (is_named(p, slow_task, sizeof(slow_task)) && p->pid != slow_pid) {
 		slow_pid = p->pid;
 		struct task_struct *task = (void *)bpf_get_current_task();
 
@@ -50,6 +65,7 @@ void BPF_PROG(scx_enqueue, struct task_struct *p, u64 enq_flags)
 
 SEC(".struct_ops.link")
 struct sched_ext_ops termlab_ops = {
+	.init_task = (void *)scx_init_task,
 	.enqueue = (void *)scx_enqueue,
 	.name = "termlab",
 };

@@ -5,9 +5,12 @@
  * scenario's loader prints once its program is loaded, and hold the scheduler until SIGTERM
  * or SIGINT, then detach it (sched_ext moves the tasks back to the fair class).
  *
- *   sched_ext          load and hold:  prog_id=N prog_name=scx_enqueue scheduler=termlab
- *   sched_ext nap      be the task the scheduler is slow for: name itself scx_slow, sleep
- *                      200 ms (waking up enqueues it), exit 0
+ *   sched_ext          load and hold:
+ *                        prog_id=N prog_name=scx_enqueue also.scx_init_task=M scheduler=termlab
+ *   sched_ext fork     be the task whose fork the scheduler is slow for: name itself
+ *                      scx_fork, fork a child that exits 0 at once, exit with its status
+ *   sched_ext nap      be the task whose enqueue the scheduler is slow for: name itself
+ *                      scx_slow, sleep 200 ms (waking up enqueues it), exit 0
  *
  * Exits 1 when a libbpf call failed, with its error on stderr.
  */
@@ -15,7 +18,9 @@
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 #include <sys/prctl.h>
+#include <sys/wait.h>
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
 #include "loader_hold.h"
@@ -39,10 +44,33 @@ static int nap(void)
 	return 0;
 }
 
+static int fork_child(void)
+{
+	int status;
+	pid_t child;
+
+	if (prctl(PR_SET_NAME, "scx_fork"))
+		return fail("naming the task", errno);
+	child = fork();
+	if (child < 0)
+		return fail("forking", errno);
+	if (!child)
+		_exit(0);
+	if (waitpid(child, &status, 0) < 0)
+		return fail("waiting for the child", errno);
+	return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+static int prog_info(const struct bpf_program *prog, struct bpf_prog_info *info)
+{
+	__u32 info_len = sizeof(*info);
+
+	return bpf_prog_get_info_by_fd(bpf_program__fd(prog), info, &info_len);
+}
+
 int main(int argc, char **argv)
 {
-	struct bpf_prog_info info = {};
-	__u32 info_len = sizeof(info);
+	struct bpf_prog_info info = {}, init_info = {};
 	struct sched_ext_bpf *skel;
 	struct bpf_link *link;
 	sigset_t stop;
@@ -50,18 +78,23 @@ int main(int argc, char **argv)
 
 	if (argc > 1 && !strcmp(argv[1], "nap"))
 		return nap();
+	if (argc > 1 && !strcmp(argv[1], "fork"))
+		return fork_child();
 	skel = sched_ext_bpf__open_and_load();
 	if (!skel)
 		return fail("opening and loading the skeleton", errno);
 	link = bpf_map__attach_struct_ops(skel->maps.termlab_ops);
 	if (!link)
 		return fail("attaching the scheduler", errno);
-	err = bpf_prog_get_info_by_fd(bpf_program__fd(skel->progs.scx_enqueue), &info, &info_len);
+	err = prog_info(skel->progs.scx_enqueue, &info);
+	if (!err)
+		err = prog_info(skel->progs.scx_init_task, &init_info);
 	if (err)
-		return fail("reading the program's info", err);
+		return fail("reading the programs' info", err);
 
 	hold_begin(&stop);
-	printf("prog_id=%u prog_name=%s scheduler=termlab\n", info.id, info.name);
+	printf("prog_id=%u prog_name=%s also.%s=%u scheduler=termlab\n", info.id, info.name,
+	       init_info.name, init_info.id);
 	sig = hold_until_signal(&stop);
 
 	bpf_link__destroy(link);
