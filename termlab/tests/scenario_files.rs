@@ -71,6 +71,7 @@ fn every_shipped_scenario_loads_with_a_description() {
             "kprobe",
             "kprobe-int3",
             "kptr",
+            "rcu",
             "ringbuf",
             "sched_ext",
             "skeleton",
