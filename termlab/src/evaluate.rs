@@ -449,6 +449,20 @@ fn dmesg_clean_outcome(name: &str, dmesg: Option<&KernelLog>) -> ExpectationOutc
 /// `verify_stack`: one expectation per terminate step. In every repetition
 /// where the call stopped n CPUs, the VMM must have judged n rewrites and
 /// found each correct; the detail names the first offending address.
+/// What the VMM saw of a call that stopped no CPU, all of it consistent: no rewrite, and on
+/// some vCPUs the handler ran and returned having found nothing to stop (`untouched`).
+fn nothing_rewritten(proofs: &[crate::results::stack::CpuStackProof]) -> String {
+    let untouched: Vec<String> =
+        proofs.iter().filter(|p| p.untouched).map(|p| p.vcpu.to_string()).collect();
+    match untouched.as_slice() {
+        [] => "no CPU stopped, nothing rewritten".to_owned(),
+        vcpus => format!(
+            "no CPU stopped, nothing rewritten (the handler ran on vCPU {} and left its stack as it was)",
+            vcpus.join(", ")
+        ),
+    }
+}
+
 pub fn evaluate_stack_proofs(
     labels: &[String],
     repetitions: &[Repetition],
@@ -469,6 +483,7 @@ pub fn evaluate_stack_proofs(
                 let problem = proofs.iter().find_map(|p| match (&p.verdict, &p.error) {
                     (_, Some(error)) => Some(format!("vCPU {}: {error}", p.vcpu)),
                     (Some(v), None) => v.problems.first().map(|problem| format!("vCPU {}: {problem}", p.vcpu)),
+                    (None, None) if p.untouched => None,
                     (None, None) => Some(format!("vCPU {}: no snapshots", p.vcpu)),
                 });
                 let judged = proofs.iter().filter(|p| p.verdict.is_some()).count();
@@ -476,7 +491,7 @@ pub fn evaluate_stack_proofs(
                     Some(problem) => Err(problem),
                     None if judged != cpus => Err(format!("{cpus} CPU(s) stopped but {judged} rewrite(s) seen by the VMM")),
                     // A refused call (EOPNOTSUPP, ESRCH, ...): there was no rewrite to judge.
-                    None if cpus == 0 => Ok("no CPU stopped, nothing rewritten".to_owned()),
+                    None if cpus == 0 => Ok(nothing_rewritten(proofs)),
                     None => Ok(proofs.iter().filter_map(|p| p.verdict.as_ref()).map(|v| format!("case {}: {} word(s) rewritten, IP {}", v.case, v.rewritten, if v.ip_before == v.ip_after { "kept" } else { "moved" })).collect::<Vec<_>>().join("; ")),
                 };
                 match outcome {
@@ -632,6 +647,7 @@ dmesg_clean = {}
                 vcpu: 1,
                 verdict: None,
                 error: Some(error.to_owned()),
+                untouched: false,
             });
             set_terminate_stack(&mut rep, proof);
             rep
@@ -670,6 +686,7 @@ dmesg_clean = {}
                     problems: Vec::new(),
                 }),
                 error: None,
+                untouched: false,
             });
             set_terminate_stack(&mut rep, proof);
             rep
@@ -682,6 +699,40 @@ dmesg_clean = {}
         assert_eq!(
             outcome.detail,
             "failed in 1 of 1 repetitions (first: #0: 0 CPU(s) stopped but 1 rewrite(s) seen by the VMM)"
+        );
+    }
+
+    /// The handler ran on a vCPU and rewrote nothing there (types/tailcall_fentry.toml: a run
+    /// it cannot stop in a tail call's target): right for a refused call, wrong for one that
+    /// claims a stop.
+    #[test]
+    fn a_handler_that_rewrote_nothing_agrees_only_with_a_call_that_stopped_nothing() {
+        let answered = |cpus: Option<u32>, errno: Option<&str>| {
+            let mut rep = repetition(0, 200_000_000, 203_500_000, cpus, errno, "1");
+            rep.vmm_stops = true;
+            set_terminate_stack(
+                &mut rep,
+                Some(crate::results::stack::CpuStackProof {
+                    vcpu: 1,
+                    verdict: None,
+                    error: None,
+                    untouched: true,
+                }),
+            );
+            rep
+        };
+        let refused =
+            &evaluate_stack_proofs(&["term".to_owned()], &[answered(None, Some("EOPNOTSUPP"))])[0];
+        assert!(refused.passed, "{}", refused.detail);
+        assert_eq!(
+            refused.detail,
+            "no CPU stopped, nothing rewritten (the handler ran on vCPU 1 and left its stack as it was)"
+        );
+        let claimed = &evaluate_stack_proofs(&["term".to_owned()], &[answered(Some(1), None)])[0];
+        assert!(!claimed.passed);
+        assert_eq!(
+            claimed.detail,
+            "failed in 1 of 1 repetitions (first: #0: 1 CPU(s) stopped but 0 rewrite(s) seen by the VMM)"
         );
     }
 

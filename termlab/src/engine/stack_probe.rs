@@ -277,14 +277,13 @@ impl<'vm> StackProbe<'vm> {
         if let Some(error) = first_error {
             return Err(error);
         }
-        // Entered the handler but never reached the rewrite's end: the
-        // program had already left that CPU.
+        // Entered the handler but never reached the rewrite's end: the kernel
+        // found nothing to stop on that CPU (the call's answer says why).
         proofs.extend(before.into_keys().map(|vcpu| CpuStackProof {
             vcpu,
             verdict: None,
-            error: Some(format!(
-                "{ENTRY_SYMBOL} ran but did not rewrite: the program had left this CPU"
-            )),
+            error: None,
+            untouched: true,
         }));
         proofs.sort_by_key(|p| p.vcpu);
         Ok(proofs)
@@ -325,16 +324,21 @@ impl<'vm> StackProbe<'vm> {
                             &symbol,
                         )),
                         error: None,
+                        untouched: false,
                     }
                 }
                 (None, _) => CpuStackProof {
                     vcpu,
                     verdict: None,
                     error: Some(format!("{AFTER_SYMBOL} was hit without {ENTRY_SYMBOL} before it")),
+                    untouched: false,
                 },
-                (Some(_), Err(error)) => {
-                    CpuStackProof { vcpu, verdict: None, error: Some(error.to_string()) }
-                }
+                (Some(_), Err(error)) => CpuStackProof {
+                    vcpu,
+                    verdict: None,
+                    error: Some(error.to_string()),
+                    untouched: false,
+                },
             };
             proofs.push(proof);
         }

@@ -1146,7 +1146,12 @@ mod tests {
             label: "stop".into(),
             request: TerminateRequest { prog_id: 9, flags: 0, as_uid: None },
             reply: TerminateReply { via: "agent", cpus: Some(1), errno: None, start_ns, end_ns },
-            stack: vec![CpuStackProof { vcpu: 1, verdict: None, error: Some("x".into()) }],
+            stack: vec![CpuStackProof {
+                vcpu: 1,
+                verdict: None,
+                error: Some("x".into()),
+                untouched: false,
+            }],
             host_before_call: Duration::from_millis(3),
         };
         match call(31_000_000_000, 31_000_040_000).into_record(Some(&events)) {

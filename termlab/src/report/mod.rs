@@ -257,7 +257,11 @@ fn stack_tables(result: &RunResult, doc: &mut Document) {
                 doc.push(Block::Paragraph(format!(
                     "`{label}`, repetition #{index}, vCPU {}: {}",
                     proof.vcpu,
-                    proof.error.as_deref().unwrap_or("no snapshots")
+                    match (&proof.error, proof.untouched) {
+                        (Some(error), _) => error.as_str(),
+                        (None, true) => "the handler ran and rewrote nothing",
+                        (None, false) => "no snapshots",
+                    }
                 )));
                 continue;
             };

@@ -93,4 +93,10 @@ pub struct CpuStackProof {
     /// Why there is no verdict.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The kernel's handler ran on this vCPU and returned without rewriting anything: it
+    /// found no run it could stop there (the run had left, or cannot be stopped where it
+    /// is). No verdict and no error: whether that was right depends on what the call
+    /// answered.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub untouched: bool,
 }
