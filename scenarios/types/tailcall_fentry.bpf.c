@@ -2,11 +2,10 @@
 /*
  * The tail-call chain of tailcall.bpf.c in fentry programs, which a BPF trampoline runs:
  * `dispatch`, on ksys_sync, tail-calls `worker` (on the same function, as a prog array of
- * tracing programs requires), which runs two_parts.h's two slow parts. A program a
- * trampoline runs that tail-calls gets no termination copy (the trampoline takes a
- * stopped run's verdict from the copy it ends in, which would be the target's), but its
- * runs are recorded, so that its tail call hands the run over to `worker` marked
- * unstoppable (patches 0024, 0025).
+ * tracing programs requires), which runs two_parts.h's two slow parts. The trampoline
+ * ignores an fentry program's return value, so both have a termination copy, and a run in
+ * `worker` is stopped there (patches 0024, 0025). tailcall_lsm.bpf.c is the chain whose
+ * verdict the trampoline takes.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
