@@ -76,6 +76,7 @@ fn every_shipped_scenario_loads_with_a_description() {
             "sched_ext",
             "skeleton",
             "sockref",
+            "spinlock",
             "sysctl",
             "tailcall",
             "tailcall_fentry",
