@@ -12,6 +12,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
+#include "jump_table.h"
 #include "two_parts.h"
 
 __u64 dispatched, entered, fell_through;
@@ -25,14 +26,7 @@ int worker(struct pt_regs *ctx)
 	return two_slow_parts("tail-call worker", BPF_CORE_READ(task, tgid));
 }
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__array(values, int(struct pt_regs *));
-} jump_table SEC(".maps") = {
-	.values = { [0] = (void *)&worker },
-};
+JUMP_TABLE(jump_table, worker);
 
 SEC("kprobe/ksys_sync")
 int BPF_KPROBE(dispatch)

@@ -10,6 +10,7 @@
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
+#include "jump_table.h"
 #include "two_parts.h"
 
 __u64 dispatched, entered, fell_through;
@@ -21,14 +22,7 @@ int BPF_PROG(worker)
 	return two_slow_parts("fentry tail-call worker", bpf_get_current_pid_tgid() >> 32);
 }
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__array(values, int(void *));
-} jump_table SEC(".maps") = {
-	.values = { [0] = (void *)&worker },
-};
+JUMP_TABLE(jump_table, worker);
 
 SEC("fentry/ksys_sync")
 int BPF_PROG(dispatch)

@@ -12,6 +12,7 @@
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
+#include "jump_table.h"
 #include "two_parts.h"
 
 __u64 dispatched, entered, fell_through;
@@ -23,14 +24,7 @@ int BPF_PROG(lsm_worker, struct task_struct *p, int nice)
 	return two_slow_parts("lsm tail-call worker", bpf_get_current_pid_tgid() >> 32);
 }
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__array(values, int(void *));
-} jump_table SEC(".maps") = {
-	.values = { [0] = (void *)&lsm_worker },
-};
+JUMP_TABLE(jump_table, lsm_worker);
 
 SEC("lsm/task_setnice")
 int BPF_PROG(lsm_dispatch, struct task_struct *p, int nice)
