@@ -43,11 +43,6 @@ mkdir -p "$WORK"
 field() {
 	echo "$2" | tr ' ' '\n' | sed -n "s/^$1=//p" | head -n 1
 }
-# within VALUE LOW HIGH: LOW <= VALUE < HIGH (integers; empty VALUE is false).
-within() {
-	[ -n "$1" ] && [ "$1" -ge "$2" ] && [ "$1" -lt "$3" ]
-}
-
 set_delay() {
 	[ -w "$DELAY_SYSCTL" ] && echo "$1" >"$DELAY_SYSCTL"
 }
@@ -155,13 +150,15 @@ wait_trigger() {
 
 # expect_full_run PROG NAME: with the short delay, a run must go through the
 # original image: both slow calls real (>= 2 x delay), every timestamp real.
+# No upper bound: a loaded host only makes a run longer, and nothing a longer
+# run could mean is what this checks (CI, 2026-12-07: 823 ms for 400).
 expect_full_run() {
 	set_delay $SHORT_DELAY_MS
 	run=$(trigger_loops --prog "$1")
 	echo "# $run"
 	set_delay "$DELAY_MS"
 	duration=$(field duration_ms "$run")
-	if within "$duration" $((SHORT_DELAY_MS * 2 * 95 / 100)) $((SHORT_DELAY_MS * 4)) &&
+	if [ -n "$duration" ] && [ "$duration" -ge $((SHORT_DELAY_MS * 2 * 95 / 100)) ] &&
 		[ "$(field second_done "$run")" = 1 ] && [ "$(field exited "$run")" = 1 ]; then
 		ok "$2"
 	else
@@ -170,16 +167,18 @@ expect_full_run() {
 }
 
 # terminated_run_checks PROG NAME [DELAY]: the background run was terminated
-# inside its first slow call: it ends after ~1 x delay (the first call
-# finishes; DELAY, default DELAY_MS, is the one the run was given), the second
-# call was a stub, and the rest of the run completed in the copy.
+# inside its first slow call: it ends after that call's delay (the first call
+# finishes; DELAY, default DELAY_MS, is the one the run was given) and before a
+# second delay could have passed, the second call was a stub, and the rest of
+# the run completed in the copy. The upper bound is the second delay's start:
+# 1.5 x delay failed once under load (CI, 2026-12-07: 1514 ms).
 terminated_run_checks() {
 	run_delay=${3:-$DELAY_MS}
 	wait_trigger
 	duration=$(field duration_ms "$RUN")
-	check "$2: run took ~1x delay (${duration:-?} ms, delay $run_delay ms)" \
-		"expected $((run_delay * 9 / 10))..$((run_delay * 3 / 2)) ms" \
-		-n "$duration" -a "${duration:-0}" -ge $((run_delay * 9 / 10)) -a "${duration:-0}" -lt $((run_delay * 3 / 2))
+	check "$2: run took 1 delay, not 2 (${duration:-?} ms, delay $run_delay ms)" \
+		"expected $((run_delay * 9 / 10))..$((run_delay * 19 / 10)) ms" \
+		-n "$duration" -a "${duration:-0}" -ge $((run_delay * 9 / 10)) -a "${duration:-0}" -lt $((run_delay * 19 / 10))
 	check "$2: second slow call stubbed, run finished in the termination copy" \
 		"expected phase=4 second_done=0 exited=0, got: $RUN" \
 		"$(field phase "$RUN"):$(field second_done "$RUN"):$(field exited "$RUN")" = "4:0:0"

@@ -446,9 +446,6 @@ fn dmesg_clean_outcome(name: &str, dmesg: Option<&KernelLog>) -> ExpectationOutc
     }
 }
 
-/// `verify_stack`: one expectation per terminate step. In every repetition
-/// where the call stopped n CPUs, the VMM must have judged n rewrites and
-/// found each correct; the detail names the first offending address.
 /// What the VMM saw of a call that stopped no CPU, all of it consistent: no rewrite, and on
 /// some vCPUs the handler ran and returned having found nothing to stop (`untouched`).
 fn nothing_rewritten(proofs: &[crate::results::stack::CpuStackProof]) -> String {
@@ -463,6 +460,9 @@ fn nothing_rewritten(proofs: &[crate::results::stack::CpuStackProof]) -> String 
     }
 }
 
+/// `verify_stack`: one expectation per terminate step. In every repetition
+/// where the call stopped n CPUs, the VMM must have judged n rewrites and
+/// found each correct; the detail names the first offending address.
 pub fn evaluate_stack_proofs(
     labels: &[String],
     repetitions: &[Repetition],
