@@ -518,6 +518,41 @@ pub fn evaluate_stack_proofs(
         .collect()
 }
 
+/// `host_stall_ms`: the expectation of the terminate step `label` that asks for a stall: in
+/// every repetition the VMM parked the guest as the call sent its stop interrupt. A call that
+/// sent none (it found nothing to signal) tested nothing the stall is there for.
+pub fn evaluate_host_stall(label: &str, repetitions: &[Repetition]) -> ExpectationOutcome {
+    let stalls: Vec<(u32, Option<f64>)> = repetitions
+        .iter()
+        .filter_map(|rep| {
+            rep.steps.iter().find_map(|step| match step {
+                StepRecord::Terminate { label: l, host_stall_ms, .. } if l == label => {
+                    Some((rep.index, *host_stall_ms))
+                }
+                _ => None,
+            })
+        })
+        .collect();
+    let failed: Vec<u32> =
+        stalls.iter().filter(|(_, ms)| ms.is_none()).map(|(index, _)| *index).collect();
+    let observed: Vec<String> = stalls
+        .iter()
+        .map(|(_, ms)| {
+            ms.map_or("no stop interrupt sent".to_owned(), |ms| format!("parked {ms:.0} ms"))
+        })
+        .collect();
+    ExpectationOutcome {
+        name: format!("the VMM parked the guest as `{label}` sent its stop interrupt (host_stall_ms)"),
+        check: "a breakpoint on smp_call_function_single_async was hit during the call in every repetition".to_owned(),
+        passed: !stalls.is_empty() && failed.is_empty(),
+        detail: match observed.is_empty() {
+            true => "no repetition ran".to_owned(),
+            false => summarize_observations(&observed),
+        },
+        failed_repetitions: failed,
+    }
+}
+
 /// "value ×n" for repeated identical observations, else the list.
 fn summarize_observations(observed: &[String]) -> String {
     let mut counts: Vec<(&str, usize)> = Vec::new();
@@ -606,6 +641,7 @@ dmesg_clean = {}
                 kernel: None,
                 stack: Vec::new(),
                 host_before_call_ms: None,
+                host_stall_ms: None,
             },
             StepRecord::Trigger {
                 label: "run".into(),

@@ -21,7 +21,9 @@ use termlab_protocol::{ErrorKind, ExitStatus, RunRequest, SpawnRequest, WaitOutp
 use thiserror::Error;
 
 use crate::cancel::Cancel;
-use crate::evaluate::{compute_metrics, evaluate, evaluate_stack_proofs, KernelLog};
+use crate::evaluate::{
+    compute_metrics, evaluate, evaluate_host_stall, evaluate_stack_proofs, KernelLog,
+};
 use crate::guest_image::{self, GuestImageError, KernelBuild, KernelChoice, IPI_RTT_GUEST_PATH};
 use crate::kernel_trace;
 use crate::progress::{ConsoleEvent, ConsoleLines, Progress, ProgressSink, SLOW_STEP};
@@ -35,7 +37,7 @@ use crate::stack_proof::TermMap;
 pub use guest::{
     cmdline, console_last_lines, console_tail, describe_exit, BootSpec, Guest, CMDLINE,
 };
-use stack_probe::StackProbe;
+use stack_probe::{RepetitionProbe, StackProbe};
 pub use steps::parse_fields;
 use steps::{run_repetition, LoadedProgram, TraceReader};
 use termlab_vmm::Vm;
@@ -99,13 +101,13 @@ pub enum EngineError {
     /// A program the scenario triggers has neither a trigger command nor a test run.
     #[error("program `{program}` has no trigger")]
     NoTrigger { program: String },
-    /// verify_stack on a kernel without System.map (check_kernel_for
+    /// verify_stack or host_stall_ms on a kernel without System.map (check_kernel_for
     /// refuses one before booting).
-    #[error("verify_stack needs the kernel's System.map, and it has none")]
+    #[error("verify_stack and host_stall_ms need the kernel's System.map, and it has none")]
     NoSystemMap,
-    /// The VMM-side stack check failed (for the terminate step `terminate`,
-    /// or while it was prepared).
-    #[error("verify_stack{}: {source}", terminate.as_ref().map(|label| format!(", terminate `{label}`")).unwrap_or_default())]
+    /// The VMM's watch of a terminate call (verify_stack, host_stall_ms) failed (for the
+    /// terminate step `terminate`, or while it was prepared).
+    #[error("the VMM's probe{}: {source}", terminate.as_ref().map(|label| format!(", terminate `{label}`")).unwrap_or_default())]
     StackProbe {
         terminate: Option<String>,
         #[source]
@@ -204,7 +206,7 @@ const TERMINATION_TRACEPOINT: &str = "__tracepoint_bpf_prog_terminate_request";
 
 /// Checks, before anything boots, that `kernel` has what `scenario` needs
 /// from it, as far as the host can tell. Needs are inferred from what the
-/// scenario uses: `verify_stack` needs System.map; terminate, budget and
+/// scenario uses: `verify_stack` and `host_stall_ms` need System.map; terminate, budget and
 /// prog_info steps, the series' sysctls and `[vm] requires = ["termination"]`
 /// need the termination series, whose trace events System.map shows. A kernel without System.map cannot
 /// be checked for the series: what it lacks then shows in the guest (a
@@ -213,6 +215,9 @@ const TERMINATION_TRACEPOINT: &str = "__tracepoint_bpf_prog_terminate_request";
 pub fn check_kernel_for(scenario: &Scenario, kernel: &KernelBuild) -> Result<(), GuestImageError> {
     if scenario.stack_proof() != crate::scenario::VerifyStack::Off {
         kernel.require_system_map("verify_stack")?;
+    }
+    if crate::scenario::stalled_terminates(scenario).next().is_some() {
+        kernel.require_system_map("host_stall_ms")?;
     }
     let Some(map) = &kernel.system_map else { return Ok(()) };
     let needs_series = crate::scenario::termination_series_use(scenario);
@@ -605,12 +610,20 @@ fn measure(
         })?;
     }
     let verify_stack = scenario.stack_proof() != crate::scenario::VerifyStack::Off;
-    let probe =
-        if verify_stack { Some(stack_probe(client, vm, system_map, &programs)?) } else { None };
+    let host_stalls = crate::scenario::stalled_terminates(scenario).next().is_some();
+    let probe = match verify_stack || host_stalls {
+        true => Some(stack_probe(client, vm, system_map, &programs)?),
+        false => None,
+    };
     let mut trace = TraceReader::default();
     phase_timings(result).setup_s = setting_up.elapsed().as_secs_f64();
     for index in 0..run.repetitions {
-        let probe = probe.as_ref().filter(|_| scenario.stack_proof().in_repetition(index));
+        let stacks = scenario.stack_proof().in_repetition(index);
+        // The VMM stops the guest in this repetition only if it reads the stacks or stalls.
+        let probe = probe
+            .as_ref()
+            .filter(|_| stacks || host_stalls)
+            .map(|probe| RepetitionProbe { probe, stacks });
         repeat_once(run, client, &programs, &mut trace, probe, index, result)?;
     }
 
@@ -622,6 +635,10 @@ fn measure(
         _ => None,
     };
     result.expectations = evaluate(&scenario.expectations, &result.repetitions, log.as_ref());
+    for (_, terminate) in crate::scenario::stalled_terminates(scenario) {
+        let label = terminate.label.get_ref().as_str();
+        result.expectations.push(evaluate_host_stall(label, &result.repetitions));
+    }
     if verify_stack {
         result.expectations.extend(evaluate_stack_proofs(
             &crate::scenario::terminate_labels(scenario),
@@ -745,7 +762,7 @@ fn repeat_once(
     client: &mut Client<UnixStream>,
     programs: &[LoadedProgram<'_>],
     trace: &mut TraceReader,
-    probe: Option<&StackProbe<'_>>,
+    probe: Option<RepetitionProbe<'_, '_>>,
     index: u32,
     result: &mut RunResult,
 ) -> Result<(), EngineError> {
@@ -821,7 +838,7 @@ fn stack_probe<'vm>(
     // check_kernel_for refused a kernel without one before booting.
     let system_map = system_map.ok_or(EngineError::NoSystemMap)?;
     let map_text = std::fs::read_to_string(system_map).map_err(|e| EngineError::Host {
-        what: "read the kernel's System.map (verify_stack)",
+        what: "read the kernel's System.map (verify_stack, host_stall_ms)",
         path: system_map.to_owned(),
         source: e,
     })?;
@@ -1094,14 +1111,14 @@ mod tests {
         };
         assert_eq!(
             probe.to_string(),
-            "verify_stack, terminate `stop`: no instruction map of program 7: prog_term_map did not run for it"
+            "the VMM's probe, terminate `stop`: no instruction map of program 7: prog_term_map did not run for it"
         );
         let preparing = EngineError::StackProbe {
             terminate: None,
             source: stack_probe::StackProbeError::MissingSymbol("bpf_die"),
         };
         assert!(
-            preparing.to_string().starts_with("verify_stack: `bpf_die` is not in"),
+            preparing.to_string().starts_with("the VMM's probe: `bpf_die` is not in"),
             "{preparing}"
         );
         assert_eq!(crate::exit::Classify::exit_class(&timed_out), crate::exit::ExitClass::Finding);

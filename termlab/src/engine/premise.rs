@@ -159,6 +159,7 @@ terminate = { label = "after", program = "p" }
             kernel: None,
             stack: vec![],
             host_before_call_ms: Some(2_000.0),
+            host_stall_ms: None,
         }
     }
 

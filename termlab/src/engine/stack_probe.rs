@@ -10,14 +10,20 @@
 //! stack words from its saved sp to the top of its stack. The two
 //! snapshots are then judged by [`crate::stack_proof::verify`].
 //!
+//! A terminate step with `host_stall_ms` has the VMM park the whole guest,
+//! every vCPU, that long at the first `smp_call_function_single_async` of
+//! the call (the kernel sends each CPU its stop interrupt with it), the way
+//! a host that deschedules its guest would: the guest's clock runs on.
+//!
 //! The breakpoints are the VMM's port-I/O traps (see `vmm/src/debug.rs`):
 //! patched into guest code only between `arm` and `disarm`, so runs without
-//! `verify_stack` and everything outside the terminate call run untouched.
+//! `verify_stack` or a stall and everything outside the terminate call run
+//! untouched.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use termlab_introspect::context::{ContextError, KernelCpu, Stack};
 use termlab_introspect::paging::{PageTables, WalkError};
@@ -35,6 +41,9 @@ const ENTRY_SYMBOL: &str = "bpf_die";
 const AFTER_SYMBOL: &str = "trace_event_raw_event_bpf_prog_terminate";
 /// Per-CPU pointer to the interrupted registers of the current interrupt.
 const IRQ_REGS_SYMBOL: &str = "__irq_regs";
+/// How the terminate call sends each CPU its stop interrupt (patch 0022):
+/// where a host stall parks the guest.
+const STALL_SYMBOL: &str = "smp_call_function_single_async";
 /// How long one wait for a breakpoint hit lasts before checking whether
 /// the terminate call has returned.
 const POLL: Duration = Duration::from_millis(20);
@@ -62,14 +71,15 @@ pub enum StackProbeError {
         source: termlab_vmm::Error,
     },
     /// The VMM refused the breakpoints.
-    #[error("arming breakpoints on {ENTRY_SYMBOL} and {AFTER_SYMBOL}: {source}")]
+    #[error("arming breakpoints on {0}: {source}", .symbols.join(", "))]
     Arm {
+        symbols: Vec<&'static str>,
         #[source]
         source: termlab_vmm::Error,
     },
     /// No vCPU's page tables map the breakpoints' addresses.
-    #[error("arming breakpoints on {ENTRY_SYMBOL} and {AFTER_SYMBOL}: {0}")]
-    KernelUnmapped(UnmappedOn),
+    #[error("arming breakpoints on {0}: {unmapped}", .symbols.join(", "))]
+    KernelUnmapped { symbols: Vec<&'static str>, unmapped: UnmappedOn },
     #[error("the terminate call panicked")]
     CallPanicked,
     /// The kernel state of the vCPU that hit a breakpoint could not be read.
@@ -131,8 +141,42 @@ pub struct StackProbe<'vm> {
     kernel_text: Range<u64>,
     entry: u64,
     after: u64,
+    /// Where a host stall parks the guest; `None` in a kernel without it.
+    stall_at: Option<u64>,
     irq_regs: u64,
     maps: BTreeMap<u32, TermMap>,
+}
+
+/// The probe as one repetition uses it: `stacks` when `verify_stack` reads the
+/// handler's stacks in that repetition.
+#[derive(Clone, Copy)]
+pub struct RepetitionProbe<'p, 'vm> {
+    pub probe: &'p StackProbe<'vm>,
+    pub stacks: bool,
+}
+
+/// What the probe does around one terminate call.
+#[derive(Debug, Clone, Copy)]
+pub struct Watch {
+    /// Read the handler's stacks and judge the rewrite (`verify_stack`).
+    pub stacks: bool,
+    /// Park the guest this long at the call's first stop interrupt (`host_stall_ms`).
+    pub host_stall: Option<Duration>,
+}
+
+/// What the probe saw during one terminate call.
+#[derive(Debug, Default)]
+pub struct Watched {
+    /// One verdict per vCPU the handler ran on (with `stacks`).
+    pub stack: Vec<CpuStackProof>,
+    /// How long the guest was parked; `None` if no stop interrupt was sent.
+    pub host_stall: Option<Duration>,
+}
+
+/// The breakpoint symbols of `watch`, in the order of [`StackProbe::addresses`].
+fn breakpoint_symbols(watch: Watch) -> Vec<&'static str> {
+    let stacks = [ENTRY_SYMBOL, AFTER_SYMBOL].into_iter().filter(|_| watch.stacks);
+    stacks.chain(watch.host_stall.map(|_| STALL_SYMBOL)).collect()
 }
 
 fn symbol(table: &SymbolTable, name: &'static str) -> Result<u64, StackProbeError> {
@@ -159,7 +203,17 @@ impl<'vm> StackProbe<'vm> {
         let kernel_text = symbol(&kernel, "_stext")?..symbol(&kernel, "_etext")?;
         let guest = SymbolTable::parse(kallsyms)
             .map_err(|source| StackProbeError::Symbols { table: "/proc/kallsyms", source })?;
-        Ok(Self { vm, symbols: kernel.merge(guest), kernel_text, entry, after, irq_regs, maps })
+        let stall_at = kernel.addr(STALL_SYMBOL);
+        Ok(Self {
+            vm,
+            symbols: kernel.merge(guest),
+            kernel_text,
+            entry,
+            after,
+            stall_at,
+            irq_regs,
+            maps,
+        })
     }
 
     /// Whether prog_term_map gave the kernel's instruction map of program `prog_id` (it has
@@ -168,15 +222,22 @@ impl<'vm> StackProbe<'vm> {
         self.maps.contains_key(&prog_id)
     }
 
-    /// Runs `call` (the terminate request) with the handler watched, and
-    /// judges every vCPU the handler ran on for program `prog_id`.
+    /// Runs `call` (the terminate request) with the VMM watching as `watch` says; with
+    /// `stacks`, judges every vCPU the handler ran on for program `prog_id`.
     pub fn around<R: Send>(
         &self,
         prog_id: u32,
+        watch: Watch,
         call: impl FnOnce() -> R + Send,
-    ) -> Result<(R, Vec<CpuStackProof>), StackProbeError> {
-        let map = self.maps.get(&prog_id).ok_or(StackProbeError::NoInstructionMap(prog_id))?;
-        self.arm()?;
+    ) -> Result<(R, Watched), StackProbeError> {
+        let map = match watch.stacks {
+            true => {
+                Some(self.maps.get(&prog_id).ok_or(StackProbeError::NoInstructionMap(prog_id))?)
+            }
+            false => None,
+        };
+        let addresses = self.addresses(watch)?;
+        self.arm(&addresses, watch)?;
         let returned = AtomicBool::new(false);
         let (result, watched) = std::thread::scope(|scope| {
             let caller = scope.spawn(|| {
@@ -184,25 +245,37 @@ impl<'vm> StackProbe<'vm> {
                 returned.store(true, Ordering::Release);
                 result
             });
-            let watched = self.watch(&returned, map);
+            let watched = self.watch(&returned, map, watch.host_stall);
             (caller.join(), watched)
         });
         let disarmed = self.disarm();
         let result = result.map_err(|_| StackProbeError::CallPanicked)?;
-        let proofs = watched?;
+        let watched = watched?;
         disarmed?;
-        Ok((result, proofs))
+        Ok((result, watched))
     }
 
-    fn arm(&self) -> Result<(), StackProbeError> {
+    /// The guest addresses of `watch`'s breakpoints.
+    fn addresses(&self, watch: Watch) -> Result<Vec<u64>, StackProbeError> {
+        let stall = match watch.host_stall {
+            Some(_) => Some(self.stall_at.ok_or(StackProbeError::MissingSymbol(STALL_SYMBOL))?),
+            None => None,
+        };
+        let stacks = [self.entry, self.after].into_iter().filter(|_| watch.stacks);
+        Ok(stacks.chain(stall).collect())
+    }
+
+    fn arm(&self, addresses: &[u64], watch: Watch) -> Result<(), StackProbeError> {
+        let symbols = || breakpoint_symbols(watch);
         self.vm.pause().map_err(vm_error("pausing the VM to arm breakpoints"))?;
-        let armed = self.kernel_breakpoints().map_err(StackProbeError::KernelUnmapped).and_then(
-            |breakpoints| {
+        let armed = self
+            .kernel_breakpoints(addresses)
+            .map_err(|unmapped| StackProbeError::KernelUnmapped { symbols: symbols(), unmapped })
+            .and_then(|breakpoints| {
                 self.vm
                     .set_breakpoints(&breakpoints)
-                    .map_err(|source| StackProbeError::Arm { source })
-            },
-        );
+                    .map_err(|source| StackProbeError::Arm { symbols: symbols(), source })
+            });
         let resumed = self.vm.resume().map_err(vm_error("resuming the VM"));
         armed?;
         resumed
@@ -211,7 +284,7 @@ impl<'vm> StackProbe<'vm> {
     /// The breakpoints, translated through the page tables of the first vCPU that
     /// maps the kernel text: a paused vCPU may be in user mode, and its tables need
     /// not map the kernel (page-table isolation).
-    fn kernel_breakpoints(&self) -> Result<Vec<Breakpoint>, UnmappedOn> {
+    fn kernel_breakpoints(&self, addresses: &[u64]) -> Result<Vec<Breakpoint>, UnmappedOn> {
         let mut last_error = UnmappedOn::NoVcpu;
         for vcpu in 0..self.vm.vcpu_count() {
             let sregs = match self.vm.sregs(vcpu) {
@@ -228,7 +301,7 @@ impl<'vm> StackProbe<'vm> {
                     continue;
                 }
             };
-            match [self.entry, self.after]
+            match addresses
                 .iter()
                 .map(|&addr| tables.breakpoint(self.vm.memory(), addr))
                 .collect::<Result<Vec<_>, _>>()
@@ -251,14 +324,16 @@ impl<'vm> StackProbe<'vm> {
     /// read does not end the watch: a hit parks the whole VM until it is resumed, so a watch
     /// that stopped at the first error would leave the handler's next hit (its rewrite's
     /// end) parked, the terminate call unanswered and the guest looking hung. The first
-    /// error is returned once the call has returned.
+    /// error is returned once the call has returned. The first hit of the stall's
+    /// breakpoint keeps the guest parked for `host_stall`; later ones resume it at once.
     fn watch(
         &self,
         returned: &AtomicBool,
-        map: &TermMap,
-    ) -> Result<Vec<CpuStackProof>, StackProbeError> {
+        map: Option<&TermMap>,
+        host_stall: Option<Duration>,
+    ) -> Result<Watched, StackProbeError> {
         let mut before: BTreeMap<usize, StackSnapshot> = BTreeMap::new();
-        let mut proofs = Vec::new();
+        let mut watched = Watched::default();
         let mut first_error = None;
         loop {
             let done = returned.load(Ordering::Acquire);
@@ -268,7 +343,18 @@ impl<'vm> StackProbe<'vm> {
                 }
                 continue;
             };
-            let handled = self.on_hit(event, map, &mut before, &mut proofs);
+            let handled = match (map, host_stall) {
+                (_, Some(stall)) if Some(event.pc) == self.stall_at => {
+                    if watched.host_stall.is_none() {
+                        let parked = Instant::now();
+                        std::thread::sleep(stall);
+                        watched.host_stall = Some(parked.elapsed());
+                    }
+                    Ok(())
+                }
+                (Some(map), _) => self.on_hit(event, map, &mut before, &mut watched.stack),
+                (None, _) => Ok(()),
+            };
             self.vm.resume().map_err(vm_error("resuming after a breakpoint"))?;
             if let Err(error) = handled {
                 first_error.get_or_insert(error);
@@ -279,14 +365,14 @@ impl<'vm> StackProbe<'vm> {
         }
         // Entered the handler but never reached the rewrite's end: the kernel
         // found nothing to stop on that CPU (the call's answer says why).
-        proofs.extend(before.into_keys().map(|vcpu| CpuStackProof {
+        watched.stack.extend(before.into_keys().map(|vcpu| CpuStackProof {
             vcpu,
             verdict: None,
             error: None,
             untouched: true,
         }));
-        proofs.sort_by_key(|p| p.vcpu);
-        Ok(proofs)
+        watched.stack.sort_by_key(|p| p.vcpu);
+        Ok(watched)
     }
 
     fn on_hit(

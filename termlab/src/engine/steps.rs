@@ -9,11 +9,10 @@ use termlab_protocol::{
     ErrorKind, ExitStatus, RunRequest, SpawnRequest, SyscallResult, TerminateRequest,
 };
 
-use super::stack_probe::StackProbe;
+use super::stack_probe::{RepetitionProbe, Watch, Watched};
 use super::{EngineError, Invariant};
 use crate::cancel::Cancel;
 use crate::kernel_trace::{self, TraceEvent};
-use crate::results::stack::CpuStackProof;
 use crate::results::StepRecord;
 use crate::scenario::{
     guest_loader_path, guest_object_path, guest_test_data_path, BudgetStep, Errno, ExecStep,
@@ -205,7 +204,7 @@ pub fn run_repetition(
     scenario: &Scenario,
     programs: &[LoadedProgram<'_>],
     trace: &mut TraceReader,
-    probe: Option<&StackProbe<'_>>,
+    probe: Option<RepetitionProbe<'_, '_>>,
     step_done: &dyn Fn(&str, Duration),
     cancel: &Cancel,
 ) -> Result<Vec<StepRecord>, EngineError> {
@@ -257,7 +256,11 @@ impl RepetitionRun<'_, '_> {
             .ok_or_else(|| Invariant::ProgramNotLoaded { step: "program", label: name.to_string() })
     }
 
-    fn step(&mut self, step: &Step, probe: Option<&StackProbe<'_>>) -> Result<(), EngineError> {
+    fn step(
+        &mut self,
+        step: &Step,
+        probe: Option<RepetitionProbe<'_, '_>>,
+    ) -> Result<(), EngineError> {
         match step {
             Step::Trigger(trigger) if trigger.background => self.start_trigger(trigger),
             Step::Trigger(trigger) => self.run_trigger(trigger),
@@ -691,8 +694,9 @@ struct TerminateCall {
     label: String,
     request: TerminateRequest,
     reply: TerminateReply,
-    /// `verify_stack`: what the VMM saw on each vCPU during the call.
-    stack: Vec<CpuStackProof>,
+    /// What the VMM saw on each vCPU during the call (`verify_stack`), how long it parked
+    /// the guest (`host_stall_ms`).
+    watched: Watched,
     /// Host time from the step's start until the request was sent.
     host_before_call: Duration,
 }
@@ -700,7 +704,7 @@ struct TerminateCall {
 impl TerminateCall {
     /// Its record, with the kernel's events of the call when it traced it.
     fn into_record(self, events: Option<&[TraceEvent]>) -> StepRecord {
-        let TerminateCall { label, request, reply, stack, host_before_call } = self;
+        let TerminateCall { label, request, reply, watched, host_before_call } = self;
         let kernel = events.and_then(|events| {
             kernel_trace::find_termination(events, request.prog_id, reply.start_ns, reply.end_ns)
         });
@@ -714,8 +718,9 @@ impl TerminateCall {
             start_ns: Some(reply.start_ns),
             end_ns: Some(reply.end_ns),
             kernel,
-            stack,
+            stack: watched.stack,
             host_before_call_ms: Some(host_before_call.as_secs_f64() * 1e3),
+            host_stall_ms: watched.host_stall.map(|stall| stall.as_secs_f64() * 1e3),
         }
     }
 }
@@ -726,7 +731,7 @@ fn terminate_step(
     client: &mut Client<UnixStream>,
     step: &TerminateStep,
     programs: &[LoadedProgram<'_>],
-    probe: Option<&StackProbe<'_>>,
+    probe: Option<RepetitionProbe<'_, '_>>,
 ) -> Result<TerminateCall, EngineError> {
     let label = step.label.get_ref().to_string();
     let target = step.program.as_ref().map(|name| find_program(programs, name.get_ref()));
@@ -750,17 +755,22 @@ fn terminate_step(
     // A program without a termination copy has no instruction map (stack_probe): the
     // kernel cannot stop it, so there is no rewrite to check (a scenario terminates one to
     // show that it is refused).
-    let probe = probe.filter(|probe| probe.has_instruction_map(prog_id));
-    let (reply, stack) = match probe {
-        None => (call(client)?, Vec::new()),
-        Some(probe) => {
-            let (reply, proofs) = probe.around(prog_id, || call(client)).map_err(|source| {
-                EngineError::StackProbe { terminate: Some(label.clone()), source }
-            })?;
-            (reply?, proofs)
+    let host_stall =
+        step.host_stall_ms.as_ref().map(|ms| Duration::from_millis((*ms.get_ref()).into()));
+    let watching = probe.map(|RepetitionProbe { probe, stacks }| {
+        (probe, Watch { stacks: stacks && probe.has_instruction_map(prog_id), host_stall })
+    });
+    let (reply, watched) = match watching {
+        Some((probe, watch)) if watch.stacks || watch.host_stall.is_some() => {
+            let (reply, watched) =
+                probe.around(prog_id, watch, || call(client)).map_err(|source| {
+                    EngineError::StackProbe { terminate: Some(label.clone()), source }
+                })?;
+            (reply?, watched)
         }
+        _ => (call(client)?, Watched::default()),
     };
-    Ok(TerminateCall { label, request, reply, stack, host_before_call })
+    Ok(TerminateCall { label, request, reply, watched, host_before_call })
 }
 
 /// Makes `request` the way the step says: through the agent, or with
@@ -1146,17 +1156,30 @@ mod tests {
             label: "stop".into(),
             request: TerminateRequest { prog_id: 9, flags: 0, as_uid: None },
             reply: TerminateReply { via: "agent", cpus: Some(1), errno: None, start_ns, end_ns },
-            stack: vec![CpuStackProof {
-                vcpu: 1,
-                verdict: None,
-                error: Some("x".into()),
-                untouched: false,
-            }],
+            watched: Watched {
+                stack: vec![crate::results::stack::CpuStackProof {
+                    vcpu: 1,
+                    verdict: None,
+                    error: Some("x".into()),
+                    untouched: false,
+                }],
+                host_stall: Some(Duration::from_millis(600)),
+            },
             host_before_call: Duration::from_millis(3),
         };
         match call(31_000_000_000, 31_000_040_000).into_record(Some(&events)) {
-            StepRecord::Terminate { prog_id, via, start_ns, end_ns, kernel, stack, .. } => {
+            StepRecord::Terminate {
+                prog_id,
+                via,
+                start_ns,
+                end_ns,
+                kernel,
+                stack,
+                host_stall_ms,
+                ..
+            } => {
                 assert_eq!((prog_id, via.as_str()), (9, "agent"));
+                assert_eq!(host_stall_ms, Some(600.0));
                 assert_eq!((start_ns, end_ns), (Some(31_000_000_000), Some(31_000_040_000)));
                 let kernel = kernel.expect("the call's events");
                 assert_eq!(kernel.reason, crate::results::kernel::Reason::Request);

@@ -372,6 +372,10 @@ pub enum StepRecord {
         /// runs before 2026-12-06).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         host_before_call_ms: Option<f64>,
+        /// `host_stall_ms`: how long the VMM parked the guest as the call sent its first
+        /// stop interrupt, in ms of the host's clock; absent if it sent none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        host_stall_ms: Option<f64>,
     },
     Budget {
         label: String,

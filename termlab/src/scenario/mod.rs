@@ -211,6 +211,14 @@ pub fn terminate_labels(scenario: &Scenario) -> Vec<String> {
         .collect()
 }
 
+/// The terminate steps that ask for a host stall, with their index among the steps.
+pub fn stalled_terminates(scenario: &Scenario) -> impl Iterator<Item = (usize, &TerminateStep)> {
+    scenario.steps.iter().enumerate().filter_map(|(i, step)| match step {
+        Step::Terminate(terminate) if terminate.host_stall_ms.is_some() => Some((i, terminate)),
+        _ => None,
+    })
+}
+
 /// Cross-reference checks that serde cannot express.
 fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
     if let Some(verify_stack) =
@@ -219,6 +227,12 @@ fn validate(scenario: &Scenario) -> Result<(), SpannedError> {
         if !terminates(scenario) {
             return Err(invalid(verify_stack, "verify_stack", "verify_stack checks the stack rewrite of terminate steps, and this scenario has none"));
         }
+    }
+    if let Some((i, stall)) = stalled_terminates(scenario)
+        .find_map(|(i, t)| t.host_stall_ms.as_ref().map(|ms| (i, ms)))
+        .filter(|_| scenario.stack_proof() == VerifyStack::Alternate)
+    {
+        return Err(invalid(stall, format!("step[{i}].terminate.host_stall_ms"), "a host stall stops the VMM in every repetition, and `verify_stack = \"alternate\"` keeps every other one untouched: use `verify_stack = true` or `false`"));
     }
     if let Some(args) = &scenario.vm.kernel_args {
         check_kernel_args(args.get_ref())
@@ -1288,6 +1302,10 @@ fn check_host_files(scenario: &Scenario, dir: &Path) -> Result<(), SpannedError>
     Ok(())
 }
 
+/// The longest host stall a terminate step may ask for: beyond the guest's RCU and
+/// soft-lockup watchdogs' patience it would test them, not the call.
+const MAX_HOST_STALL_MS: u32 = 5_000;
+
 fn validate_terminate(
     terminate: &TerminateStep,
     programs: &BTreeSet<Label>,
@@ -1313,6 +1331,17 @@ fn validate_terminate(
             &terminate.label,
             key("terminate.by"),
             "`by = \"name\"` needs `via = \"bpftool\"`: the bpf() call itself only takes an id",
+        ));
+    }
+    if let Some(stall) = terminate
+        .host_stall_ms
+        .as_ref()
+        .filter(|ms| !(1..=MAX_HOST_STALL_MS).contains(ms.get_ref()))
+    {
+        return Err(invalid(
+            stall,
+            key("terminate.host_stall_ms"),
+            format!("a host stall lasts 1 to {MAX_HOST_STALL_MS} ms"),
         ));
     }
     if let Some(raw) = &terminate.raw_flags {

@@ -470,6 +470,11 @@ pub struct TerminateStep {
     /// Make the call as this uid without capabilities (the EPERM case).
     #[serde(default)]
     pub as_uid: Option<Spanned<u32>>,
+    /// The VMM parks every vCPU this long as the call sends its first stop interrupt (a
+    /// breakpoint on `smp_call_function_single_async`), the way a host that deschedules its
+    /// guest would: the guest's clock runs on meanwhile.
+    #[serde(default)]
+    pub host_stall_ms: Option<Spanned<u32>>,
 }
 
 /// `kmemleak = { label = "leaks" }`: has the guest kernel's kmemleak
