@@ -248,6 +248,7 @@ struct run {
 	uint32_t retval;
 	int err;
 	uint64_t start_ns, end_ns;
+	uint64_t term_return_ns;	/* when run_and_terminate()'s call returned */
 	volatile bool started;
 };
 
@@ -327,6 +328,7 @@ static long run_and_terminate(struct run *run, uint32_t id, unsigned int after_m
 	*term_ns = now_ns();
 	ret = terminate(id, 0);
 	*term_errno = errno;
+	run->term_return_ns = now_ns();
 	pthread_join(t, NULL);
 	return ret;
 }
@@ -610,7 +612,8 @@ static void test_case2(const char *what, const struct bpf_insn *insns, size_t cn
 	ret = run_and_terminate(&run, id, ms(full_ns) / 3 + 1, &term_ns, &term_errno);
 	latency_ns = run.end_ns - term_ns;
 	snprintf(name, sizeof(name), "%s: terminate in BPF text stops 1 CPU", what);
-	check(ret == 1, name, "returned %ld (%s)", ret, ret < 0 ? strerror(term_errno) : "ok");
+	check(ret == 1, name, "returned %ld (%s) after %.3f ms", ret,
+	      ret < 0 ? strerror(term_errno) : "ok", ms(run.term_return_ns - term_ns));
 	snprintf(name, sizeof(name), "%s: the loops were left early in the copy", what);
 	check(!run.err && run.retval < complete, name, "retval %u, complete run %u", run.retval,
 	      complete);

@@ -39,6 +39,7 @@ fn every_shipped_scenario_loads_with_a_description() {
             "callbacks",
             "control",
             "errors",
+            "host-stall",
             "loops",
             "loops-bpf-text",
             "loops-subprog",
@@ -283,6 +284,14 @@ const BAD_FILES: &[(&str, usize, usize, &str, &str)] = &[
     ),
     ("clang-command.toml", 9, 9, "program[0].clang", "`sh -c reboot` is not `clang` or `clang-N`"),
     ("clang-without-source.toml", 9, 9, "program[0].clang", "`clang` goes with `source`"),
+    (
+        "host-stall-alternate.toml",
+        14,
+        66,
+        "step[0].terminate.host_stall_ms",
+        "keeps every other one untouched",
+    ),
+    ("host-stall-range.toml", 14, 66, "step[0].terminate.host_stall_ms", "lasts 1 to 5000 ms"),
 ];
 
 /// The fault scenarios of tests/faults.rs load, and an `exec` step keeps its
