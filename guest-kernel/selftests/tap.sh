@@ -31,6 +31,34 @@ check() {
 	if [ "$@" ]; then ok "$name"; else not_ok "$name" "$why"; fi
 }
 
+# stream HANDLER COMMAND [ARGS...]: runs COMMAND and hands each line of its
+# output to the shell function HANDLER as it comes, read in this shell (not
+# a pipeline's subshell: the counts stay here). Sets tap_status to its exit
+# status.
+stream() {
+	handler=$1
+	shift
+	fifo=/tmp/tap.$$.fifo
+	rm -f "$fifo"
+	mkfifo "$fifo"
+	"$@" >"$fifo" 2>&1 &
+	tap_pid=$!
+	while IFS= read -r line; do
+		"$handler" "$line"
+	done <"$fifo"
+	wait "$tap_pid"
+	tap_status=$?
+	rm -f "$fifo"
+}
+
+# exit_check WHAT OK: one more check after a streamed program: it exited 0
+# and its summary (tap_summary) was OK (yes/no).
+exit_check() {
+	check "$1 exited 0 after its summary (${tap_summary:-none})" \
+		"exit status $tap_status, summary '${tap_summary:-missing}'" \
+		"$tap_status:$2" = 0:yes
+}
+
 # run_tap PROGRAM [ARGS...]: runs a C test program, streaming its output:
 # its check lines become checks of this proof (renumbered), everything
 # else a `#` comment. Then one more check: it exited 0 after its summary
@@ -38,38 +66,66 @@ check() {
 # even if every line it printed passed).
 run_tap() {
 	program=${1##*/}
-	fifo=/tmp/tap.$program.$$.fifo
-	rm -f "$fifo"
-	mkfifo "$fifo"
-	"$@" >"$fifo" 2>&1 &
-	tap_pid=$!
 	tap_summary=""
-	# Read in this shell (not a pipeline's subshell): the counts stay here.
-	while IFS= read -r line; do
-		case "$line" in
-		"ok "*) ok "${line#ok [0-9]* - }" ;;
-		"not ok "*)
-			rest=${line#not ok [0-9]* - }
-			# not_ok adds its own `: why`; the program's line has one already.
-			check_number=$((check_number + 1))
-			failed=$((failed + 1))
-			echo "not ok $check_number - $rest"
-			;;
-		"$program: "*" passed, "*" failed") tap_summary=${line#"$program": }; echo "# $line" ;;
-		"#"*) echo "$line" ;;
-		*) echo "# $line" ;;
-		esac
-	done <"$fifo"
-	wait "$tap_pid"
-	tap_status=$?
-	rm -f "$fifo"
+	stream tap_line "$@"
 	case "$tap_summary" in
-	*" passed, 0 failed") summary_ok=yes ;;
-	*) summary_ok=no ;;
+	*" passed, 0 failed") exit_check "$program" yes ;;
+	*) exit_check "$program" no ;;
 	esac
-	check "$program exited 0 after its summary (${tap_summary:-none})" \
-		"exit status $tap_status, summary '${tap_summary:-missing}'" \
-		"$tap_status:$summary_ok" = 0:yes
+}
+
+tap_line() {
+	case "$1" in
+	"ok "*) ok "${1#ok [0-9]* - }" ;;
+	"not ok "*)
+		# not_ok adds its own `: why`; the program's line has one already.
+		check_number=$((check_number + 1))
+		failed=$((failed + 1))
+		echo "not ok $check_number - ${1#not ok [0-9]* - }"
+		;;
+	"$program: "*" passed, "*" failed") tap_summary=${1#"$program": }; echo "# $1" ;;
+	"#"*) echo "$1" ;;
+	*) echo "# $1" ;;
+	esac
+}
+
+# run_test_progs TEST: runs upstream's test_progs ($TEST_PROGS, default
+# /bin/test_progs) on TEST, streaming its output: each subtest's result line
+# (`#N/M TEST/SUBTEST:OK`) becomes a check of this proof, a SKIP a failed one
+# (it tested nothing), everything else a `#` comment. Then one more check: it
+# exited 0 after `Summary: ... 0 FAILED` and ran a subtest.
+run_test_progs() {
+	test=$1
+	tap_summary=""
+	subtests=0
+	repeats=""
+	stream test_progs_line "${TEST_PROGS:-/bin/test_progs}" -t "$test"
+	case "$subtests:$tap_summary" in
+	0:*) exit_check "test_progs -t $test (no subtest ran)" no ;;
+	*", 0 FAILED") exit_check "test_progs -t $test ($subtests subtests)" yes ;;
+	*) exit_check "test_progs -t $test ($subtests subtests)" no ;;
+	esac
+}
+
+test_progs_line() {
+	case "$1" in
+	# After a failure, test_progs shows the failed ones again.
+	"All error logs:") repeats=yes ;;
+	"Summary: "*) tap_summary=${1#Summary: } ;;
+	# "#1/2     prog_terminate/errors:OK": the number, then the result.
+	"#"*" $test/"*:*)
+		if [ -z "$repeats" ]; then
+			result=${1##* }
+			subtests=$((subtests + 1))
+			case "$result" in
+			*:OK) ok "test_progs ${result%:OK}" ;;
+			*) not_ok "test_progs ${result%:*}" "${result##*:} (its log above)" ;;
+			esac
+			return
+		fi
+		;;
+	esac
+	echo "# $1"
 }
 
 # tap_end: the proof's summary line; returns non-zero if a check failed.

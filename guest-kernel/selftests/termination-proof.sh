@@ -267,6 +267,9 @@ fi
 # First, on the kernel as booted: it checks the sysctls' defaults and puts
 # back every sysctl it changes. Its checks are this proof's checks.
 run_tap test_prog_terminate --latency-ms "$LATENCY_MS"
+# The series' selftest in upstream's framework (patch 0031, prog_tests/prog_terminate.c, built
+# by guest-kernel/build): stops through libbpf's bpf_prog_terminate(), judged by their effect.
+run_test_progs prog_terminate
 set_delay "$DELAY_MS"
 
 # The termination events (patch 0006), which the checks of terminate twice
