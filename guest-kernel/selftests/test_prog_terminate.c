@@ -856,45 +856,6 @@ static int unprivileged_terminate(uint32_t id, uint64_t *call_ns)
 	return WEXITSTATUS(status);
 }
 
-static void test_errors(void)
-{
-	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, return_zero, 2, "term_idle", 0);
-	int sleepable = load(BPF_PROG_TYPE_SYSCALL, return_zero, 2, "term_sleepable",
-			     BPF_F_SLEEPABLE);
-	uint32_t id = prog_id(fd);
-	struct { struct termlab_prog_terminate_attr t; uint32_t pad; } padded = { { id, 0 }, 1 };
-	long ret;
-	int status;
-
-	errno = 0;
-	ret = terminate(0x7ffffff0, 0);
-	check(ret == -1 && errno == ENOENT, "unknown id -> ENOENT", "%ld %s", ret, strerror(errno));
-	ret = terminate(id, 0);
-	check(ret == -1 && errno == ESRCH, "idle program -> ESRCH", "%ld %s", ret, strerror(errno));
-	ret = terminate(id, 1U << 7);
-	check(ret == -1 && errno == EINVAL, "unknown flag -> EINVAL", "%ld %s", ret, strerror(errno));
-	ret = sys_bpf(TERMLAB_BPF_PROG_TERMINATE, &padded, sizeof(padded));
-	check(ret == -1 && errno == EINVAL, "non-zero bytes after the attr -> EINVAL", "%ld %s", ret,
-	      strerror(errno));
-	ret = terminate(prog_id(sleepable), 0);
-	check(ret == -1 && errno == EOPNOTSUPP, "sleepable program -> EOPNOTSUPP", "%ld %s", ret,
-	      strerror(errno));
-
-	status = unprivileged_terminate(id, NULL);
-	check(status == EPERM, "unprivileged -> EPERM", "child exit %d", status);
-
-	/* Nothing above changed the program: it still runs normally. */
-	{
-		struct run run = { .prog_fd = fd };
-
-		run_sync(&run);
-		check(!run.err && run.retval == 0, "program unchanged after failed terminates",
-		      "retval %d", (int)run.retval);
-	}
-	close(sleepable);
-	close(fd);
-}
-
 /*
  * Bad requests for a program that is running: unknown flag bits (EINVAL)
  * and an unprivileged caller (EPERM) are refused before anything is done,
@@ -2428,7 +2389,6 @@ int main(int argc, char **argv)
 	 * run beside this one lack.  A helper with interrupts off spins anyway.
 	 */
 	write_sysctl(DEMO_DELAY_IDLE_SYSCTL, 1);
-	test_errors();
 	test_errors_while_running();
 	test_refused_constructs();
 	test_tail_call_chain();
