@@ -821,8 +821,8 @@ static void test_stub_zeroes_buffer(void)
 /*
  * BPF_PROG_TERMINATE of @id from a child that dropped every uid and gid to
  * nobody, and so every capability.  Returns the call's errno (100: the
- * child could not drop them, 101: the call succeeded); *@call_ns (if not
- * NULL) is when the child made the call, CLOCK_MONOTONIC, 0 if unknown.
+ * child could not drop them, 101: the call succeeded); *@call_ns is when
+ * the child made the call, CLOCK_MONOTONIC, 0 if unknown.
  * The parent's own clock cannot say: waiting for the child's exit can take
  * as long as a run busy in the kernel on the other CPU lasts.
  */
@@ -849,8 +849,7 @@ static int unprivileged_terminate(uint32_t id, uint64_t *call_ns)
 	if (child > 0 && read(fds[0], &at, sizeof(at)) != sizeof(at))
 		at = 0;
 	close(fds[0]);
-	if (call_ns)
-		*call_ns = at;
+	*call_ns = at;
 	if (child < 0 || waitpid(child, &status, 0) != child || !WIFEXITED(status))
 		return -1;
 	return WEXITSTATUS(status);

@@ -173,12 +173,6 @@ pub struct Watched {
     pub host_stall: Option<Duration>,
 }
 
-/// The breakpoint symbols of `watch`, in the order of [`StackProbe::addresses`].
-fn breakpoint_symbols(watch: Watch) -> Vec<&'static str> {
-    let stacks = [ENTRY_SYMBOL, AFTER_SYMBOL].into_iter().filter(|_| watch.stacks);
-    stacks.chain(watch.host_stall.map(|_| STALL_SYMBOL)).collect()
-}
-
 fn symbol(table: &SymbolTable, name: &'static str) -> Result<u64, StackProbeError> {
     table.addr(name).ok_or(StackProbeError::MissingSymbol(name))
 }
@@ -236,8 +230,7 @@ impl<'vm> StackProbe<'vm> {
             }
             false => None,
         };
-        let addresses = self.addresses(watch)?;
-        self.arm(&addresses, watch)?;
+        self.arm(&self.breakpoints(watch)?)?;
         let returned = AtomicBool::new(false);
         let (result, watched) = std::thread::scope(|scope| {
             let caller = scope.spawn(|| {
@@ -255,21 +248,22 @@ impl<'vm> StackProbe<'vm> {
         Ok((result, watched))
     }
 
-    /// The guest addresses of `watch`'s breakpoints.
-    fn addresses(&self, watch: Watch) -> Result<Vec<u64>, StackProbeError> {
+    /// `watch`'s breakpoints: each symbol with its guest address.
+    fn breakpoints(&self, watch: Watch) -> Result<Vec<(&'static str, u64)>, StackProbeError> {
         let stall = match watch.host_stall {
             Some(_) => Some(self.stall_at.ok_or(StackProbeError::MissingSymbol(STALL_SYMBOL))?),
             None => None,
         };
-        let stacks = [self.entry, self.after].into_iter().filter(|_| watch.stacks);
-        Ok(stacks.chain(stall).collect())
+        let stacks = [(ENTRY_SYMBOL, self.entry), (AFTER_SYMBOL, self.after)];
+        let stacks = stacks.into_iter().filter(|_| watch.stacks);
+        Ok(stacks.chain(stall.map(|addr| (STALL_SYMBOL, addr))).collect())
     }
 
-    fn arm(&self, addresses: &[u64], watch: Watch) -> Result<(), StackProbeError> {
-        let symbols = || breakpoint_symbols(watch);
+    fn arm(&self, breakpoints: &[(&'static str, u64)]) -> Result<(), StackProbeError> {
+        let symbols = || breakpoints.iter().map(|&(symbol, _)| symbol).collect();
         self.vm.pause().map_err(vm_error("pausing the VM to arm breakpoints"))?;
         let armed = self
-            .kernel_breakpoints(addresses)
+            .kernel_breakpoints(breakpoints)
             .map_err(|unmapped| StackProbeError::KernelUnmapped { symbols: symbols(), unmapped })
             .and_then(|breakpoints| {
                 self.vm
@@ -284,7 +278,10 @@ impl<'vm> StackProbe<'vm> {
     /// The breakpoints, translated through the page tables of the first vCPU that
     /// maps the kernel text: a paused vCPU may be in user mode, and its tables need
     /// not map the kernel (page-table isolation).
-    fn kernel_breakpoints(&self, addresses: &[u64]) -> Result<Vec<Breakpoint>, UnmappedOn> {
+    fn kernel_breakpoints(
+        &self,
+        breakpoints: &[(&'static str, u64)],
+    ) -> Result<Vec<Breakpoint>, UnmappedOn> {
         let mut last_error = UnmappedOn::NoVcpu;
         for vcpu in 0..self.vm.vcpu_count() {
             let sregs = match self.vm.sregs(vcpu) {
@@ -301,9 +298,9 @@ impl<'vm> StackProbe<'vm> {
                     continue;
                 }
             };
-            match addresses
+            match breakpoints
                 .iter()
-                .map(|&addr| tables.breakpoint(self.vm.memory(), addr))
+                .map(|&(_, addr)| tables.breakpoint(self.vm.memory(), addr))
                 .collect::<Result<Vec<_>, _>>()
             {
                 Ok(breakpoints) => return Ok(breakpoints),
