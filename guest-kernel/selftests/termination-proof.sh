@@ -1,14 +1,15 @@
 #!/bin/sh
 # Issue-3 proof, run inside the guest (busybox sh) by guest-kernel/selftests/run-qemu.
-# It runs the raw-instruction selftest test_prog_terminate, which checks the
-# kernel's behaviour, and the seed demo (loops, trigger_loops, bpftool), whose
-# checks are the demo end to end and what bpftool prints. Prints one TAP-like
+# It runs the series' selftest, test_progs -t prog_terminate (patch 0031) and
+# what has not moved there yet, the raw-instruction test_prog_terminate, which
+# check the kernel's behaviour, and the seed demo (loops, trigger_loops,
+# bpftool), whose checks are the demo end to end and what bpftool prints. Prints one TAP-like
 # line per check (tap.sh) and, last, `selftest: N passed, M failed`.
 #
 # Parameters come from the kernel command line (so the same initramfs serves
 # every run): selftest.delay_ms=D (slow-helper delay for the demo runs, default
 # 1000) and selftest.latency_ms=L (test_prog_terminate's bound on case 2's
-# terminate-to-return and case 1's helper-to-return latency, default 500).
+# terminate-to-return latency, default 500).
 #
 # How a run is judged: trigger_loops prints its duration (CLOCK_MONOTONIC) and
 # what the program recorded. Timestamps (first_done/second_done/exited) are
@@ -269,6 +270,7 @@ fi
 run_tap test_prog_terminate --latency-ms "$LATENCY_MS"
 # The series' selftest in upstream's framework (patch 0031, prog_tests/prog_terminate.c, built
 # by guest-kernel/build): stops through libbpf's bpf_prog_terminate(), judged by their effect.
+# It puts back the sysctls it changes.
 run_test_progs prog_terminate
 set_delay "$DELAY_MS"
 
@@ -287,7 +289,7 @@ fi
 show=$(bpftool prog show id "$PROG_ID" 2>&1)
 echo "$show" | sed 's/^/# /'
 check "bpftool prog show lists it" "got: $show" -n "$(echo "$show" | grep "^$PROG_ID: tracepoint  name loops ")"
-# Its images' kallsyms names are test_prog_terminate's checks.
+# Its images' kallsyms names are test_progs prog_terminate/prog_info's checks.
 
 demo_stop_checks
 

@@ -57,27 +57,4 @@ static inline long termlab_bpf_prog_set_runtime_budget(__u32 prog_id, __u32 budg
 	return syscall(__NR_bpf, TERMLAB_BPF_PROG_SET_RUNTIME_BUDGET, &attr, sizeof(attr));
 }
 
-/*
- * BPF_PROG_LOAD's prog_flags bit and attribute for the verdict a terminated
- * run returns (patch 0018). term_verdict follows prog_token_fd, past the end
- * of the union bpf_attr that Debian 12's <linux/bpf.h> (6.1) describes.
- */
-#define TERMLAB_BPF_F_TERM_VERDICT (1U << 8)
-#define TERMLAB_PROG_LOAD_TERM_VERDICT_OFFSET 148
-
-/*
- * BPF_PROG_LOAD of @attr (the system header's part of the union) with
- * term_verdict = @verdict: a program fd, or -1 with errno set.
- */
-static inline long termlab_bpf_prog_load_verdict(const void *attr, size_t attr_size, __u32 verdict)
-{
-	unsigned char buf[TERMLAB_PROG_LOAD_TERM_VERDICT_OFFSET + sizeof(__u32)];
-
-	memset(buf, 0, sizeof(buf));
-	memcpy(buf, attr, attr_size < TERMLAB_PROG_LOAD_TERM_VERDICT_OFFSET ? attr_size
-				: TERMLAB_PROG_LOAD_TERM_VERDICT_OFFSET);
-	memcpy(buf + TERMLAB_PROG_LOAD_TERM_VERDICT_OFFSET, &verdict, sizeof(verdict));
-	return syscall(__NR_bpf, 5 /* BPF_PROG_LOAD */, buf, sizeof(buf));
-}
-
 #endif /* BPF_PROG_TERMINATE_H */
