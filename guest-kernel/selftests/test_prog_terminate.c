@@ -14,10 +14,11 @@
  * What remains here of the series' selftest, which is moving into upstream's
  * framework (tools/testing/selftests/bpf/prog_tests/prog_terminate.c, patch
  * 0031, where the stops in helpers, the errors, verdicts, tail calls, timer
- * callbacks, loops, stub buffers, prog info and the runtime budget are):
+ * callbacks, loops, stub buffers, prog info, the runtime budget, the
+ * interrupts-off run and the run-start window are):
  * programs whose exact instructions matter (may_goto, which Debian's clang
- * cannot emit), runs in contexts a libbpf skeleton does not set up as easily
- * (preempted, interrupts off, a spin-lock section, the run-start window).
+ * cannot emit: case 2 in BPF text, spin-lock sections that last seconds,
+ * the case-2 half of the preempted runs), and the preempted runs.
  *
  * Each stop is also checked in the kernel's own account of it, the bpf
  * trace events; --latency-ms bounds how long after the terminate call a run
@@ -28,12 +29,8 @@
  * "test_prog_terminate: N passed, M failed".
  */
 #define _GNU_SOURCE
-#include <fcntl.h>
 #include <pthread.h>
-#include <sys/ioctl.h>
 #include <sys/syscall.h>
-#include <sys/wait.h>
-#include <linux/perf_event.h>
 
 #include "raw_bpf.h"
 #include "bpf_term_info.h"
@@ -329,101 +326,6 @@ static void test_case2(const char *what, const struct bpf_insn *insns, size_t cn
 	check(!run.err && run.retval == complete, name, "retval %u, %.1f ms", run.retval,
 	      ms(run.end_ns - run.start_ns));
 	close(fd);
-}
-
-/*
- * A run with interrupts off: a perf_event program on a cpu-clock event runs
- * from the event's hrtimer, in hardirq context.  Armed once through its
- * map, it notes that it started, sits in the slow helper, then stores
- * bpf_ktime_get_ns() (a stub in the copy returns -1).  No IPI reaches such a
- * run before it returns, so terminate must say so at once (EBUSY) instead
- * of spinning until the run is over and answering ESRCH, and must not claim
- * or count a stop: the run completes in the original.
- */
-enum { IRQS_OFF_ARMED, IRQS_OFF_STARTED, IRQS_OFF_AFTER, IRQS_OFF_WORDS };
-
-static void test_irqs_off_run(void)
-{
-	uint64_t words[IRQS_OFF_WORDS] = { 1, 0, 0 }, t0, term_ns, term_end_ns;
-	struct perf_event_attr pattr = {};
-	struct termlab_prog_info info = {};
-	int map_fd = raw_map_create(BPF_MAP_TYPE_ARRAY, sizeof(words), 1);
-	int fd, perf_fd, term_errno;
-	uint32_t id;
-	long ret;
-
-	{
-		const struct bpf_insn insns[] = {
-			LD_MAP_FD(BPF_REG_1, map_fd),
-			MOV64_REG(BPF_REG_2, BPF_REG_10),
-			ADD64_IMM(BPF_REG_2, -8),
-			ST_MEM_DW(BPF_REG_10, -8, 0),
-			CALL_HELPER(BPF_FUNC_map_lookup_elem),
-			JEQ_IMM(BPF_REG_0, 0, 9),	/* -> exit */
-			MOV64_REG(BPF_REG_6, BPF_REG_0),
-			LDX_MEM_DW(BPF_REG_1, BPF_REG_6, 8 * IRQS_OFF_ARMED),
-			JEQ_IMM(BPF_REG_1, 0, 6),	/* -> exit */
-			ST_MEM_DW(BPF_REG_6, 8 * IRQS_OFF_ARMED, 0),
-			ST_MEM_DW(BPF_REG_6, 8 * IRQS_OFF_STARTED, 1),
-			CALL_HELPER(BPF_FUNC_get_numa_node_id),
-			CALL_HELPER(BPF_FUNC_ktime_get_ns),
-			STX_MEM_DW(BPF_REG_6, BPF_REG_0, 8 * IRQS_OFF_AFTER),
-			MOV64_IMM(BPF_REG_0, 0),
-			EXIT(),
-		};
-
-		fd = load(BPF_PROG_TYPE_PERF_EVENT, insns, sizeof(insns) / sizeof(insns[0]),
-			  "term_irqs_off", 0);
-	}
-	id = prog_id(fd);
-	pattr.type = PERF_TYPE_SOFTWARE;
-	pattr.size = sizeof(pattr);
-	pattr.config = PERF_COUNT_SW_CPU_CLOCK;
-	pattr.sample_period = 1000000;	/* every millisecond of RUNNER_CPU */
-	perf_fd = syscall(__NR_perf_event_open, &pattr, -1, RUNNER_CPU, -1, PERF_FLAG_FD_CLOEXEC);
-	if (perf_fd < 0 || ioctl(perf_fd, PERF_EVENT_IOC_SET_BPF, fd) ||
-	    ioctl(perf_fd, PERF_EVENT_IOC_ENABLE, 0)) {
-		perror("cpu-clock perf event with the program");
-		exit(1);
-	}
-	set_delay(DELAY_MS);
-	if (raw_map_elem(BPF_MAP_UPDATE_ELEM, map_fd, 0, words)) {
-		perror("arming the program");
-		exit(1);
-	}
-	t0 = now_ns();
-	while (!raw_map_elem(BPF_MAP_LOOKUP_ELEM, map_fd, 0, words) && !words[IRQS_OFF_STARTED] &&
-	       now_ns() - t0 < 5000000000ULL)
-		sched_yield();
-	term_ns = now_ns();
-	errno = 0;
-	ret = terminate(id, 0);
-	term_errno = errno;
-	term_end_ns = now_ns();
-	while (!raw_map_elem(BPF_MAP_LOOKUP_ELEM, map_fd, 0, words) && !words[IRQS_OFF_AFTER] &&
-	       now_ns() - t0 < 10000000000ULL)
-		usleep(10000);
-	ioctl(perf_fd, PERF_EVENT_IOC_DISABLE, 0);
-	close(perf_fd);
-	set_delay(0);
-	get_term_info(fd, &info);
-
-	check(words[IRQS_OFF_STARTED] == 1, "IRQs-off run: the perf_event program started in hardirq",
-	      NULL);
-	check(ret == -1 && term_errno == EBUSY,
-	      "IRQs-off run: terminate -> EBUSY (no IPI can reach it now)", "%ld %s", ret,
-	      strerror(term_errno));
-	check(ms(term_end_ns - term_ns) < DELAY_MS / 10.0,
-	      "IRQs-off run: the call did not wait for the run to end", "%.1f ms (delay %d ms)",
-	      ms(term_end_ns - term_ns), DELAY_MS);
-	check(words[IRQS_OFF_AFTER] != 0 && words[IRQS_OFF_AFTER] != (uint64_t)-1,
-	      "IRQs-off run: not stopped: the helper after the slow one ran in the original",
-	      "after=%#llx", (unsigned long long)words[IRQS_OFF_AFTER]);
-	check(info.nr_terminated_on_demand == 0,
-	      "IRQs-off run: no stop counted (nr_terminated_on_demand 0)", "%llu",
-	      (unsigned long long)info.nr_terminated_on_demand);
-	close(fd);
-	close(map_fd);
 }
 
 /* ------------------------------------------------------ preempted runs */
@@ -854,82 +756,6 @@ static double test_spin_lock_section(uint32_t *iterations)
 	return ms(full_ns);
 }
 
-/*
- * Issue 14, point 12: a run is marked running a few instructions before its
- * first one.  The fault knob kernel.bpf_termination_fault_entry_delay_ms
- * holds it there for ENTRY_DELAY_MS, and a terminate lands in that window.
- * Nothing of the run is inside the program yet, so the kernel must claim
- * nothing (EAGAIN, no count, no stop event) and leave the run untouched; a
- * terminate once the run is in its first slow helper must then stop it for
- * real: its second helper does not run.  Before, the first call returned 1
- * and counted a stop, the run then executed the original from its first
- * instruction with both helpers, and the second call said EALREADY.
- */
-#define ENTRY_DELAY_MS 1000
-
-static void test_run_start_window(void)
-{
-	int fd = load(BPF_PROG_TYPE_RAW_TRACEPOINT, two_slow_helpers, 5, "term_entry", 0);
-	uint32_t id = prog_id(fd);
-	struct run run = { .prog_fd = fd };
-	struct termlab_prog_info info = {};
-	long at_entry, in_helper;
-	int entry_errno, helper_errno, stops;
-	uint64_t called_ns, returned_ns;
-	char handler[512];
-	unsigned int knob;
-	pthread_t t;
-
-	if (!read_sysctl(FAULT_ENTRY_DELAY_SYSCTL, &knob)) {
-		check(false, "run-start window: the fault knob exists", "%s missing",
-		      FAULT_ENTRY_DELAY_SYSCTL);
-		close(fd);
-		return;
-	}
-	set_delay(DELAY_MS);
-	write_sysctl(FAULT_ENTRY_DELAY_SYSCTL, ENTRY_DELAY_MS);
-	t = start_run(&run, ENTRY_DELAY_MS / 2);
-	called_ns = now_ns();
-	errno = 0;
-	at_entry = terminate(id, 0);
-	entry_errno = errno;
-	returned_ns = now_ns();
-	/* Runs that start from now on are not held. */
-	write_sysctl(FAULT_ENTRY_DELAY_SYSCTL, 0);
-	/* The held run enters its first slow helper ENTRY_DELAY_MS after it started. */
-	sleep_ms(ENTRY_DELAY_MS / 2 + DELAY_MS / 2);
-	errno = 0;
-	in_helper = terminate(id, 0);
-	helper_errno = errno;
-	pthread_join(t, NULL);
-	set_delay(0);
-	get_term_info(fd, &info);
-	stops = scan_events("bpf_prog_terminate", id, handler, sizeof(handler));
-
-	check(at_entry == -1 && entry_errno == EAGAIN,
-	      "run-start window: a terminate before the first insn claims nothing (EAGAIN)",
-	      "returned %ld (%s)", at_entry, at_entry < 0 ? strerror(entry_errno) : "stopped");
-	/* 20 tries 50 us apart; each waits for the IPI's round trip (ms under a busy TCG). */
-	check(ms(returned_ns - called_ns) < ENTRY_DELAY_MS / 2,
-	      "run-start window: the call gave up before the held run began (bounded tries)",
-	      "%.3f ms, the run began %d ms after the call", ms(returned_ns - called_ns),
-	      ENTRY_DELAY_MS / 2);
-	check(in_helper == 1,
-	      "run-start window: a terminate in the run's first helper then stops it",
-	      "returned %ld (%s)", in_helper, in_helper < 0 ? strerror(helper_errno) : "ok");
-	check(!run.err && (int)run.retval == -1,
-	      "run-start window: the stopped run's second helper did not run (retval -1)",
-	      "retval %d, %.0f ms", (int)run.retval, ms(run.end_ns - run.start_ns));
-	/* The one stop is the one in the helper: it rewrote the run's frame. */
-	check(info.nr_terminated_on_demand == 1 && stops == 1 &&
-	      event_field(handler, "frames") >= 1,
-	      "run-start window: one stop counted and traced, the one that rewrote a frame",
-	      "nr_terminated_on_demand %llu, %d bpf_prog_terminate events, last %lld frames",
-	      (unsigned long long)info.nr_terminated_on_demand, stops,
-	      event_field(handler, "frames"));
-	close(fd);
-}
-
 /* bpf_prog_info of @fd with the termination fields, arrays sized by the caller. */
 static void get_term_info(int fd, struct termlab_prog_info *info)
 {
@@ -1046,8 +872,6 @@ int main(int argc, char **argv)
 	 * run beside this one lack.  A helper with interrupts off spins anyway.
 	 */
 	write_sysctl(DEMO_DELAY_IDLE_SYSCTL, 1);
-	test_run_start_window();
-	test_irqs_off_run();
 	test_preempted_run();
 	section_ms = test_spin_lock_section(&lock_iterations);
 	test_case2("case 2 (may_goto loops, 2 frames)", bpf_text_loop,
