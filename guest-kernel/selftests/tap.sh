@@ -92,13 +92,16 @@ tap_line() {
 # run_test_progs TEST: runs upstream's test_progs ($TEST_PROGS, default
 # /bin/test_progs) on TEST, streaming its output: each subtest's result line
 # (`#N/M TEST/SUBTEST:OK`) becomes a check of this proof, a SKIP a failed one
-# (it tested nothing), everything else a `#` comment. Then one more check: it
+# (it tested nothing), everything else a `#` comment. A failed subtest's check
+# names its first failed assertion (`FUNC:FAIL:NAME ...`), so that a log that
+# keeps only the check lines still says what failed. Then one more check: it
 # exited 0 after `Summary: ... 0 FAILED` and ran a subtest.
 run_test_progs() {
 	test=$1
 	tap_summary=""
 	subtests=0
 	repeats=""
+	first_failure=""
 	stream test_progs_line "${TEST_PROGS:-/bin/test_progs}" -t "$test"
 	case "$subtests:$tap_summary" in
 	0:*) exit_check "test_progs -t $test (no subtest ran)" no ;;
@@ -119,11 +122,14 @@ test_progs_line() {
 			subtests=$((subtests + 1))
 			case "$result" in
 			*:OK) ok "test_progs ${result%:OK}" ;;
-			*) not_ok "test_progs ${result%:*}" "${result##*:} (its log above)" ;;
+			*) not_ok "test_progs ${result%:*}" \
+				"${result##*:}${first_failure:+, first: $first_failure} (its log above)" ;;
 			esac
+			first_failure=""
 			return
 		fi
 		;;
+	*:FAIL:*) [ -n "$first_failure" ] || first_failure=$1 ;;
 	esac
 	echo "# $1"
 }
