@@ -1,11 +1,10 @@
 # Check lines of the guest proofs (termination-proof.sh, stress-proof.sh;
-# busybox sh), sourced as /bin/tap.sh: one `ok N - name` or `not ok N - name:
+# busybox sh), sourced as /lib/tap.sh: one `ok N - name` or `not ok N - name:
 # why` line per check, numbered across the whole proof, and at the end
 # `selftest: N passed, M failed`, the line run-qemu and run-stress wait for.
 #
-# The C test programs (test_prog_terminate, term_stress) print the same
-# lines through guest-samples/bpf/tap.h; run_tap folds them into this
-# sequence.
+# The C test program term_stress prints the same lines through
+# guest-samples/bpf/tap.h; run_tap folds them into this sequence.
 
 passed=0
 failed=0
@@ -89,8 +88,8 @@ tap_line() {
 	esac
 }
 
-# run_test_progs TEST: runs upstream's test_progs ($TEST_PROGS, default
-# /bin/test_progs) on TEST, streaming its output: each subtest's result line
+# run_test_progs TEST [ARGS...]: runs upstream's test_progs ($TEST_PROGS,
+# default /bin/test_progs) on TEST with ARGS, streaming its output: each subtest's result line
 # (`#N/M TEST/SUBTEST:OK`) becomes a check of this proof, a SKIP a failed one
 # (it tested nothing), everything else a `#` comment. A failed subtest's check
 # names its first failed assertion (`FUNC:FAIL:NAME ...`), so that a log that
@@ -98,11 +97,12 @@ tap_line() {
 # exited 0 after `Summary: ... 0 FAILED` and ran a subtest.
 run_test_progs() {
 	test=$1
+	shift
 	tap_summary=""
 	subtests=0
 	repeats=""
 	first_failure=""
-	stream test_progs_line "${TEST_PROGS:-/bin/test_progs}" -t "$test"
+	stream test_progs_line "${TEST_PROGS:-/bin/test_progs}" -t "$test" "$@"
 	case "$subtests:$tap_summary" in
 	0:*) exit_check "test_progs -t $test (no subtest ran)" no ;;
 	*", 0 FAILED") exit_check "test_progs -t $test ($subtests subtests)" yes ;;

@@ -1,9 +1,8 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * The BPF_PROG_TERMINATE and BPF_PROG_SET_RUNTIME_BUDGET commands of termlab's
- * patched kernel, called directly: libbpf-dev's headers predate them. Values are
- * the fixed UAPI (see guest-kernel/patches): commands 37 and 38, right after
- * BPF_TOKEN_CREATE.
+ * The BPF_PROG_TERMINATE command of termlab's patched kernel, called directly:
+ * libbpf-dev's headers predate it. Values are the fixed UAPI (see
+ * guest-kernel/patches): command 37, right after BPF_TOKEN_CREATE.
  */
 #ifndef BPF_PROG_TERMINATE_H
 #define BPF_PROG_TERMINATE_H
@@ -14,9 +13,6 @@
 #include <unistd.h>
 
 #define TERMLAB_BPF_PROG_TERMINATE 37
-#define TERMLAB_BPF_PROG_SET_RUNTIME_BUDGET 38
-/* The system-wide budget that a program's budget of 0 falls back to. */
-#define TERMLAB_MAX_RUNTIME_SYSCTL "/proc/sys/kernel/bpf_max_runtime_ms"
 #define TERMLAB_BPF_F_TERMINATE_DETACH (1U << 0)
 
 /* The prog_terminate member of union bpf_attr. */
@@ -37,24 +33,6 @@ static inline long termlab_bpf_prog_terminate(__u32 prog_id, __u32 flags)
 	attr.prog_id = prog_id;
 	attr.flags = flags;
 	return syscall(__NR_bpf, TERMLAB_BPF_PROG_TERMINATE, &attr, sizeof(attr));
-}
-
-/* The prog_budget member of union bpf_attr. */
-struct termlab_prog_budget_attr {
-	__u32 prog_id;
-	__u32 budget_ms;
-	__u32 flags;
-};
-
-/* Returns 0, or -1 with errno set. */
-static inline long termlab_bpf_prog_set_runtime_budget(__u32 prog_id, __u32 budget_ms)
-{
-	struct termlab_prog_budget_attr attr;
-
-	memset(&attr, 0, sizeof(attr));
-	attr.prog_id = prog_id;
-	attr.budget_ms = budget_ms;
-	return syscall(__NR_bpf, TERMLAB_BPF_PROG_SET_RUNTIME_BUDGET, &attr, sizeof(attr));
 }
 
 #endif /* BPF_PROG_TERMINATE_H */

@@ -51,10 +51,8 @@
 #define ST_MEM_W(DST, OFF, IMM) INSN(BPF_ST | BPF_MEM | BPF_W, DST, 0, OFF, IMM)
 #define LDX_MEM_DW(DST, SRC, OFF) INSN(BPF_LDX | BPF_MEM | BPF_DW, DST, SRC, OFF, 0)
 #define STX_MEM_DW(DST, SRC, OFF) INSN(BPF_STX | BPF_MEM | BPF_DW, DST, SRC, OFF, 0)
-#define STX_MEM_W(DST, SRC, OFF) INSN(BPF_STX | BPF_MEM | BPF_W, DST, SRC, OFF, 0)
 #define JEQ_IMM(DST, IMM, OFF) INSN(BPF_JMP | BPF_JEQ | BPF_K, DST, 0, OFF, IMM)
 #define JGT_IMM(DST, IMM, OFF) INSN(BPF_JMP | BPF_JGT | BPF_K, DST, 0, OFF, IMM)
-#define JLT_IMM(DST, IMM, OFF) INSN(BPF_JMP | BPF_JLT | BPF_K, DST, 0, OFF, IMM)
 /* DST = the address of the subprogram OFF instructions after the next one (two slots). */
 #define LD_MAP_FD(DST, FD) INSN(BPF_LD | BPF_DW | BPF_IMM, DST, BPF_PSEUDO_MAP_FD, 0, FD), INSN(0, 0, 0, 0, 0)
 #define LD_FUNC(DST, OFF) INSN(BPF_LD | BPF_DW | BPF_IMM, DST, BPF_PSEUDO_FUNC, 0, OFF), INSN(0, 0, 0, 0, 0)
@@ -91,11 +89,8 @@
 	EXIT()						/* 23 */
 
 #define DEMO_DELAY_SYSCTL "/proc/sys/kernel/bpf_termination_demo_delay_ms"
-/* 1: the slow helper halts between interrupts instead of spinning (patch 0028). */
-#define DEMO_DELAY_IDLE_SYSCTL "/proc/sys/kernel/bpf_termination_demo_delay_idle"
 /* Fault injection (patch 0029): the IPI handler skips the first rewrite. */
 #define FAULT_SKIP_REWRITE_SYSCTL "/proc/sys/kernel/bpf_termination_fault_skip_rewrite"
-#define FAULT_ENTRY_DELAY_SYSCTL "/proc/sys/kernel/bpf_termination_fault_entry_delay_ms"
 
 static inline long sys_bpf(int cmd, void *attr, unsigned int size)
 {
