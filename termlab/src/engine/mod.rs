@@ -235,7 +235,7 @@ pub fn check_kernel_for(scenario: &Scenario, kernel: &KernelBuild) -> Result<(),
         return Err(missing(format!("this scenario {why}, which needs the termination series (BPF_PROG_TERMINATE, its bpf: trace events and sysctls), and this kernel lacks it ({} has no {TERMINATION_TRACEPOINT}): boot a kernel with guest-kernel/patches applied", map.display())));
     }
     if needs_kmemleak && !has(KMEMLEAK_SYMBOL) {
-        return Err(missing(format!("this scenario has a `kmemleak` step, which needs CONFIG_DEBUG_KMEMLEAK, and this kernel lacks it ({} has no {KMEMLEAK_SYMBOL}): the debug variant has it", map.display())));
+        return Err(missing(format!("this scenario has a `kmemleak` step, which needs CONFIG_DEBUG_KMEMLEAK, and this kernel lacks it ({} has no {KMEMLEAK_SYMBOL}): the debug variant has it, and the full variant booted with kmemleak=on", map.display())));
     }
     Ok(())
 }

@@ -889,9 +889,16 @@ const KMEMLEAK: &str = "/sys/kernel/debug/kmemleak";
 /// Lines of kmemleak's report kept in the record.
 const KMEMLEAK_REPORT_LINES: usize = 60;
 
-/// Has kmemleak scan twice (an object is reported once two scans found no
-/// reference to it), reads its report, then clears it: the next scan reports
-/// only objects that leaked after this step.
+/// How long kmemleak waits before it reports an object (its `MSECS_MIN_AGE`:
+/// younger ones are left for a later scan), with a margin.
+const KMEMLEAK_MIN_AGE: &str = "5.1";
+
+/// Has kmemleak scan twice, the second time once everything allocated before
+/// the step is old enough to be reported (an object is reported once two
+/// scans found no reference to it and it is 5 s old), reads its report, then
+/// clears it: the next scan reports only objects that leaked after this step.
+/// Without the wait, what the last few seconds of a repetition leaked (its
+/// last runs) would be left for the next repetition's scan, or for none.
 fn kmemleak_step(
     client: &mut Client<UnixStream>,
     step: &KmemleakStep,
@@ -899,8 +906,9 @@ fn kmemleak_step(
     let label = step.label.get_ref().to_string();
     let script = format!(
         "test -e {KMEMLEAK} || mount -t debugfs debugfs /sys/kernel/debug; \
-         test -w {KMEMLEAK} || {{ echo 'no {KMEMLEAK}: the kernel lacks CONFIG_DEBUG_KMEMLEAK (the debug variant has it)' >&2; exit 2; }}; \
-         echo scan > {KMEMLEAK} && echo scan > {KMEMLEAK} && cat {KMEMLEAK} && echo clear > {KMEMLEAK}"
+         test -w {KMEMLEAK} || {{ echo 'no {KMEMLEAK}: the kernel lacks CONFIG_DEBUG_KMEMLEAK (the debug and full variants have it)' >&2; exit 2; }}; \
+         echo scan 2>/dev/null > {KMEMLEAK} || {{ echo 'kmemleak is off in this kernel (CONFIG_DEBUG_KMEMLEAK_DEFAULT_OFF, as in the full variant): boot it with kmemleak=on ([vm] kernel_args)' >&2; exit 2; }}; \
+         sleep {KMEMLEAK_MIN_AGE} && echo scan > {KMEMLEAK} && cat {KMEMLEAK} && echo clear > {KMEMLEAK}"
     );
     let argv = vec!["sh".to_owned(), "-c".to_owned(), script];
     let stdout = super::guest_output(client, argv, step.timeout_ms.get().into())?.stdout;

@@ -478,10 +478,11 @@ pub struct TerminateStep {
 }
 
 /// `kmemleak = { label = "leaks" }`: has the guest kernel's kmemleak
-/// (CONFIG_DEBUG_KMEMLEAK: the `debug` variant) scan twice, records the
-/// unreferenced objects it reports, then clears them, so that the next
-/// kmemleak step reports only what leaked after this one. A kernel without
-/// kmemleak fails the step.
+/// (CONFIG_DEBUG_KMEMLEAK: the `debug` variant, and the `full` one booted
+/// with `kmemleak=on`) scan twice, 5 s apart (its minimum age of a reported
+/// object), records the unreferenced objects it reports, then clears them,
+/// so that the next kmemleak step reports only what leaked after this one.
+/// A kernel without kmemleak, or with it off, fails the step.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KmemleakStep {
