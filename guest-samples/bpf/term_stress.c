@@ -729,10 +729,10 @@ static struct run_rec *run_at(struct runner_state *r, int kind, uint64_t ts)
  * ts_helper (functions main, f1, f2; f2 calls the slow helper at 0 and 2):
  * each real helper returns 0, each stubbed one -1, so the result is 100
  * minus the helper calls still ahead of the position.
- * ts_text (main, f): f's may_goto leaves its loop, and main's back-edge
- * (insn 8) is an exit returning 0 in the copy (nothing is held there): from
- * f, or from main before its back-edge, the run returns 0, not the sum of
- * its calls.  Only at main's loop test (insn 3, which may leave the loop
+ * ts_text (main, f): f's may_goto leaves its loop, or its back-edge leaves
+ * f and main at once (0032), and main's back-edge (insn 8) is an exit
+ * returning 0 in the copy (nothing is held there): from f, or from main
+ * before its back-edge, the run returns 0, not the sum of its calls.  Only at main's loop test (insn 3, which may leave the loop
  * with the sum) or after the loop is the result the sum: at most 3K.
  * ts_short: the helper's result is overwritten, 7 whatever happens.
  */
@@ -1844,13 +1844,17 @@ static void race_timer(unsigned long n)
 
 /*
  * The tail-call chain's caller: counts to 3K (K: args[0]) in a may_goto loop
- * of a static function g, as long as the callee's work, then tail-calls slot
- * 0 of @map (ts_text: 3K) and, if that falls through, returns TAIL_FELL plus
- * g's count.  In the copy the tail call is a jump to the next instruction
- * (patch 0024) and g's loop ends at its may_goto (a loop in a static function
- * is not left at its back-edge, 0020): every run redirected into the caller's
- * copy returns TAIL_FELL..TAIL_FELL + 3K, every one stopped in the callee at
- * most 3K.
+ * of g, a bpf_loop() callback called once, as long as the callee's work,
+ * then tail-calls slot 0 of @map (ts_text: 3K) and, if that falls through,
+ * returns TAIL_FELL plus the count g stored.  In the copy the tail call is a
+ * jump to the next instruction (patch 0024), and g's loop ends at its
+ * may_goto, which stores the count, or at its back-edge, which returns 0 to
+ * bpf_loop() and stores nothing (a callback leaves its loop there, 0032):
+ * either way the caller goes on to its tail call's jump.  Every run
+ * redirected into the caller's copy returns TAIL_FELL..TAIL_FELL + 3K, every
+ * one stopped in the callee at most 3K.  (Were g a static function, a run
+ * would leave its loop and its caller at once and return 0, as a run stopped
+ * in the callee can.)
  */
 #define TAIL_FELL (1u << 30)
 
@@ -1858,22 +1862,39 @@ static int load_tail_caller(int map)
 {
 	const struct bpf_insn insns[] = {
 		MOV64_REG(BPF_REG_6, BPF_REG_1),				/* 0 */
-		INSN(BPF_LDX | BPF_MEM | BPF_DW, BPF_REG_1, BPF_REG_1, 0, 0),	/* 1: r1 = K */
+		LDX_MEM_DW(BPF_REG_1, BPF_REG_1, 0),				/* 1: r1 = K */
 		INSN(BPF_ALU64 | BPF_MUL | BPF_K, BPF_REG_1, 0, 0, 3),		/* 2: r1 = 3K */
-		CALL_SUBPROG(9),						/* 3: g(3K), at 13 */
-		MOV64_REG(BPF_REG_7, BPF_REG_0),				/* 4 */
-		MOV64_REG(BPF_REG_1, BPF_REG_6),				/* 5 */
-		LD_MAP_FD(BPF_REG_2, map),					/* 6-7 */
-		MOV64_IMM(BPF_REG_3, 0),					/* 8 */
-		CALL_HELPER(BPF_FUNC_tail_call),				/* 9 */
-		MOV64_IMM(BPF_REG_0, TAIL_FELL),				/* 10 */
-		ADD64_REG(BPF_REG_0, BPF_REG_7),				/* 11 */
-		EXIT(),								/* 12 */
-		SUM3_F,								/* 13-18: g */
+		STX_MEM_DW(BPF_REG_10, BPF_REG_1, -8),				/* 3: g's bound */
+		ST_MEM_DW(BPF_REG_10, -16, 0),					/* 4: g's count */
+		MOV64_IMM(BPF_REG_1, 1),					/* 5: one call */
+		LD_FUNC(BPF_REG_2, 14),						/* 6-7: g, at 21 */
+		MOV64_REG(BPF_REG_3, BPF_REG_10),				/* 8 */
+		ADD64_IMM(BPF_REG_3, -16),					/* 9: its ctx */
+		MOV64_IMM(BPF_REG_4, 0),					/* 10 */
+		CALL_HELPER(BPF_FUNC_loop),					/* 11 */
+		LDX_MEM_DW(BPF_REG_7, BPF_REG_10, -16),				/* 12 */
+		MOV64_REG(BPF_REG_1, BPF_REG_6),				/* 13 */
+		LD_MAP_FD(BPF_REG_2, map),					/* 14-15 */
+		MOV64_IMM(BPF_REG_3, 0),					/* 16 */
+		CALL_HELPER(BPF_FUNC_tail_call),				/* 17 */
+		MOV64_IMM(BPF_REG_0, TAIL_FELL),				/* 18 */
+		ADD64_REG(BPF_REG_0, BPF_REG_7),				/* 19 */
+		EXIT(),								/* 20 */
+		/* g(index, ctx): counts to ctx[1], stores the count in ctx[0] */
+		LDX_MEM_DW(BPF_REG_1, BPF_REG_2, 8),				/* 21 */
+		MOV64_IMM(BPF_REG_0, 0),					/* 22 */
+		MAY_GOTO(3),							/* 23: -> 27 */
+		ADD64_IMM(BPF_REG_0, 1),					/* 24 */
+		INSN(BPF_JMP | BPF_JGE | BPF_X, BPF_REG_0, BPF_REG_1, 1, 0),	/* 25: -> 27 */
+		JA(-4),								/* 26: -> 23 */
+		STX_MEM_DW(BPF_REG_2, BPF_REG_0, 0),				/* 27 */
+		MOV64_IMM(BPF_REG_0, 0),					/* 28 */
+		EXIT(),								/* 29 */
 	};
+	static const uint32_t funcs[] = { 0, 21 };
 
-	return raw_load(BPF_PROG_TYPE_RAW_TRACEPOINT, insns, sizeof(insns) / sizeof(insns[0]),
-			"ts_tail_caller", 0);
+	return raw_load_funcs(BPF_PROG_TYPE_RAW_TRACEPOINT, insns, sizeof(insns) / sizeof(insns[0]),
+			      "ts_tail_caller", 0, funcs, 2);
 }
 
 /*
