@@ -732,8 +732,9 @@ static struct run_rec *run_at(struct runner_state *r, int kind, uint64_t ts)
  * ts_text (main, f): f's may_goto leaves its loop, or its back-edge leaves
  * f and main at once (0032), and main's back-edge (insn 8) is an exit
  * returning 0 in the copy (nothing is held there): from f, or from main
- * before its back-edge, the run returns 0, not the sum of its calls.  Only at main's loop test (insn 3, which may leave the loop
- * with the sum) or after the loop is the result the sum: at most 3K.
+ * before its back-edge, the run returns 0, not the sum of its calls.  Only
+ * at main's loop test (insn 3, which may leave the loop with the sum) or
+ * after the loop is the result the sum: at most 3K.
  * ts_short: the helper's result is overwritten, 7 whatever happens.
  */
 static void copy_results(int kind, int func, int insn, uint64_t *lo, uint64_t *hi)
