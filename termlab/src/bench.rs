@@ -25,7 +25,8 @@ use crate::kernel_trace;
 use crate::progress::{BenchStage, Progress, ProgressSink};
 use crate::results;
 use crate::results::bench::{
-    BenchResult, FastpathSeries, LatencyConfig, LatencySeries, LoadSeries, SCHEMA_VERSION,
+    BenchResult, FastpathInstructions, FastpathSeries, LatencyConfig, LatencySeries, LoadSeries,
+    SCHEMA_VERSION,
 };
 use crate::results::kernel::KernelTermination;
 
@@ -58,6 +59,9 @@ pub struct BenchOptions {
     pub load_sizes: Vec<u32>,
     pub results_root: PathBuf,
     pub nested: bool,
+    /// The fast path counted in instructions ([`count_fastpath_instructions`]), on the
+    /// host before the benchmark's VMs; kept in bench.json as it is.
+    pub fastpath_instructions: Option<FastpathInstructions>,
     /// Stops the benchmark after the current series (Ctrl-C), with what it
     /// measured kept.
     pub cancel: Cancel,
@@ -73,6 +77,44 @@ pub const LATENCY_CONFIGS: [LatencyConfig; 7] = [
     LatencyConfig { case: 2, depth: 8, cpus: 1 },
     LatencyConfig { case: 1, depth: 1, cpus: 4 },
 ];
+
+/// The repository's instruction counter, relative to its root.
+pub const FASTPATH_COUNT_TOOL: &str = "guest-kernel/fastpath-count";
+
+/// Counts what the feature adds to a run in instructions, `patched_dir` against
+/// `baseline_dir` (kernel directories with bzImage, System.map and bpftool): the
+/// disassembly of the run path and, under QEMU TCG's `-icount` clock, the instructions
+/// each fast-path program's run executes. About 40 s of TCG on an idle host; it needs no
+/// KVM, so it runs before the benchmark enters a nested L1 VM.
+pub fn count_fastpath_instructions(
+    root: &Path,
+    patched_dir: &Path,
+    baseline_dir: &Path,
+) -> Result<FastpathInstructions, EngineError> {
+    let tool = root.join(FASTPATH_COUNT_TOOL);
+    let output = std::process::Command::new(&tool)
+        .args(["--icount", "--json"])
+        .arg(patched_dir)
+        .arg(baseline_dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|source| EngineError::Host { what: "run", path: tool.clone(), source })?;
+    let failed =
+        |detail: String| EngineError::HostTool { tool: FASTPATH_COUNT_TOOL.into(), detail };
+    if !output.status.success() {
+        return Err(failed(format!(
+            "{}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    serde_json::from_slice(&output.stdout).map_err(|e| {
+        failed(format!(
+            "its JSON does not parse ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        ))
+    })
+}
 
 /// A kernel with the initramfs made for it.
 pub struct BenchKernel<'a> {
@@ -106,6 +148,7 @@ pub fn run(
                 patched_budget_ns: Vec::new(),
             })
             .collect(),
+        fastpath_instructions: options.fastpath_instructions.clone(),
         load: options
             .load_sizes
             .iter()

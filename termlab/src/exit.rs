@@ -226,7 +226,9 @@ impl Classify for EngineError {
             EngineError::Hung { .. }
             | EngineError::AgentGone { .. }
             | EngineError::Unkillable { .. } => ExitClass::Finding,
-            EngineError::Host { .. } | EngineError::Internal(_) => ExitClass::Infrastructure,
+            EngineError::Host { .. } | EngineError::HostTool { .. } | EngineError::Internal(_) => {
+                ExitClass::Infrastructure
+            }
             EngineError::Interrupted => ExitClass::Interrupted,
         }
     }

@@ -377,6 +377,7 @@ fn main() -> ExitCode {
                     load_sizes: vec![10, 1000],
                     results_root: results,
                     nested: false,
+                    fastpath_instructions: None,
                     cancel: Cancel::new(),
                 }
             } else {
@@ -386,6 +387,7 @@ fn main() -> ExitCode {
                     load_sizes,
                     results_root: results,
                     nested: false,
+                    fastpath_instructions: None,
                     cancel: Cancel::new(),
                 }
             };
@@ -446,7 +448,7 @@ fn kvm_plan(
             .collect(),
         readable: readable.iter().map(|path| path.to_path_buf()).collect(),
         interactive,
-        extra_env: vec![guest_image::LOOKUPS_ENV.to_owned()],
+        extra_env: vec![guest_image::LOOKUPS_ENV.to_owned(), FASTPATH_COUNT_ENV.to_owned()],
         ..L1Options::default()
     };
     termlab_nested::ensure_real_kvm_or_reexec_with(mode, &argv, &l1).map_err(|error| match error {
@@ -1074,6 +1076,8 @@ fn bench(ui: Ui, mut options: BenchOptions, mode: NestedMode) -> Result<(), Fail
     })?;
     let patched_image = prepare_initramfs(ui, &root, &patched)?;
     let baseline_image = prepare_initramfs(ui, &root, &baseline)?;
+    options.fastpath_instructions =
+        Some(fastpath_instructions(ui, &root, &patched.dir, &baseline.dir)?);
     options.nested = match kvm_plan(ui, mode, &[&options.results_root], &[], false)? {
         KvmPlan::RunHere { nested } => nested,
         KvmPlan::RanInL1 { exit_code } => return ran_in_l1(ui, exit_code),
@@ -1093,6 +1097,32 @@ fn bench(ui: Ui, mut options: BenchOptions, mode: NestedMode) -> Result<(), Fail
     ui.say(&format!("benchmark written to {}", dir.display()));
     Ok(())
 }
+
+/// The fast path in instructions: counted here (it needs no KVM), or, inside the nested L1
+/// VM, taken from the count the host made before it entered ([`FASTPATH_COUNT_ENV`]).
+fn fastpath_instructions(
+    ui: Ui,
+    root: &Path,
+    patched: &Path,
+    baseline: &Path,
+) -> Result<termlab::results::bench::FastpathInstructions, Failed> {
+    if let Ok(json) = std::env::var(FASTPATH_COUNT_ENV) {
+        return serde_json::from_str(&json).map_err(|e| {
+            fail(ui, ExitClass::Infrastructure, format!("{FASTPATH_COUNT_ENV} does not parse: {e}"))
+        });
+    }
+    ui.say("counting the fast path in instructions (guest-kernel/fastpath-count --icount)");
+    let counted = termlab::bench::count_fastpath_instructions(root, patched, baseline)
+        .map_err(|e| fail_with(ui, e))?;
+    let json = serde_json::to_string(&counted).map_err(|e| {
+        fail(ui, ExitClass::Infrastructure, format!("cannot encode the instruction count: {e}"))
+    })?;
+    std::env::set_var(FASTPATH_COUNT_ENV, json);
+    Ok(counted)
+}
+
+/// Carries `termlab bench`'s instruction count, made on the host, into its nested L1 run.
+const FASTPATH_COUNT_ENV: &str = "TERMLAB_BENCH_FASTPATH_COUNT";
 
 fn prepare_initramfs(
     ui: Ui,

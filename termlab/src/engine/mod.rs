@@ -113,6 +113,10 @@ pub enum EngineError {
         #[source]
         source: stack_probe::StackProbeError,
     },
+    /// A tool of this repository that termlab runs on the host failed (`tool` names it,
+    /// `detail` is its exit status and stderr).
+    #[error("{tool} failed: {detail}")]
+    HostTool { tool: String, detail: String },
     /// This host could not do its part (a socket directory, System.map).
     #[error("cannot {what} {}: {source}", path.display())]
     Host {

@@ -4,7 +4,9 @@
 
 use super::plot::{self, Series, Unit};
 use super::{Block, Document, ReportError};
-use crate::results::bench::{median, summarize, BenchResult, LatencySeries};
+use crate::results::bench::{
+    median, summarize, BenchResult, ExecutedPerRun, FastpathInstructions, LatencySeries,
+};
 
 /// The issue's targets, as ratios (latency to the IPI round trip; cost of
 /// the patched kernel to the baseline).
@@ -14,6 +16,8 @@ const CASE2_P50_MAX_IPI: f64 = 5.0;
 const CASE1_TAIL_MAX_IPI: f64 = 1.0;
 const FASTPATH_MAX_PERCENT: f64 = 1.0;
 const FASTPATH_MAX_NS: f64 = 2.0;
+/// Issue 18: at most this many instructions per run while no termination is pending.
+const FASTPATH_MAX_INSTRUCTIONS: f64 = 6.0;
 const LOAD_MAX_RATIO: f64 = 1.5;
 const JIT_EXTRA_MAX_RATIO: f64 = 1.0;
 
@@ -70,6 +74,7 @@ pub fn bench_document(result: &BenchResult) -> Result<Document, ReportError> {
             "per-round differences (min … max)",
             "patched, budget set, p50",
             "budget check adds",
+            "instructions executed per run (baseline → patched)",
         ]
         .map(String::from)
         .to_vec(),
@@ -106,10 +111,17 @@ pub fn bench_document(result: &BenchResult) -> Result<Document, ReportError> {
                         ),
                         _ => "–".into(),
                     },
+                    executed(result.fastpath_instructions.as_ref(), &s.program)
+                        .map_or("–".into(), |run| {
+                            format!("{:.1} → {:.1} ({:+.1})", run.noterm, run.patched, run.added)
+                        }),
                 ]
             })
             .collect(),
     });
+    if let Some(counted) = &result.fastpath_instructions {
+        doc.push(Block::Paragraph(instructions_paragraph(counted)));
+    }
 
     doc.push(Block::Heading("Load cost (verification + JIT + copy)".into()));
     doc.push(Block::Table {
@@ -148,6 +160,27 @@ pub fn bench_document(result: &BenchResult) -> Result<Document, ReportError> {
             .collect(),
     });
     Ok(doc)
+}
+
+/// What one program's run executes, where the benchmark counted it.
+fn executed<'a>(
+    counted: Option<&'a FastpathInstructions>,
+    program: &str,
+) -> Option<&'a ExecutedPerRun> {
+    counted.and_then(|c| c.executed_per_run.get(program))
+}
+
+/// How the instructions were counted, and the disassembly's side of it.
+fn instructions_paragraph(counted: &FastpathInstructions) -> String {
+    format!(
+        "Instructions executed per run: each kernel under QEMU TCG with `-icount shift=0,sleep=off`, whose clock advances one ns per instruction executed, over a million runs of each program (`guest-kernel/fastpath-count --icount`; the loop program's 100 rounds must count 399 more than the empty one). These counts do not depend on the host's load, unlike the times beside them. In the disassembly, `{}` has {} instructions in the baseline and {} patched (all paths), {} of them touching the feature's state; {:+} LOCK-prefixed, {} `pushf` (interrupts-off runs are recorded as such).",
+        counted.function,
+        counted.noterm_instructions,
+        counted.patched_instructions,
+        counted.feature_instructions,
+        counted.added_lock_prefixed,
+        counted.pushf,
+    )
 }
 
 fn ratio(a: Option<f64>, b: Option<f64>) -> String {
@@ -263,6 +296,23 @@ fn targets(result: &BenchResult) -> Vec<(String, String, Option<bool>)> {
                 p - b <= FASTPATH_MAX_NS && 100.0 * (p - b) / b <= FASTPATH_MAX_PERCENT
             }),
         ));
+        if let Some(run) = executed(result.fastpath_instructions.as_ref(), &s.program) {
+            rows.push((
+                format!(
+                    "fast path `{}`: ≤ {FASTPATH_MAX_INSTRUCTIONS} instructions per run",
+                    s.program
+                ),
+                format!("{:+.1} instructions", run.added),
+                Some(run.added <= FASTPATH_MAX_INSTRUCTIONS),
+            ));
+        }
+    }
+    if let Some(counted) = &result.fastpath_instructions {
+        rows.push((
+            "fast path: 0 atomics".into(),
+            format!("{:+} LOCK-prefixed instructions", counted.added_lock_prefixed),
+            Some(counted.added_lock_prefixed <= 0),
+        ));
     }
     for s in &result.load {
         let (p, b) = (median(&s.patched_load_ns), median(&s.baseline_load_ns));
@@ -281,4 +331,62 @@ fn targets(result: &BenchResult) -> Vec<(String, String, Option<bool>)> {
         ));
     }
     rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The committed example (measured before the count existed) with what
+    /// `guest-kernel/fastpath-count --icount --json` printed for the kernels of
+    /// 2026-12-08 (0033, `CONFIG_JUMP_LABEL`), as that script prints it.
+    fn example_with_count() -> BenchResult {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../results/example/bench");
+        let (mut result, _) = BenchResult::load_with_version(&dir).expect("the example loads");
+        assert_eq!(result.fastpath_instructions, None, "the example predates the count");
+        let script_output = r#"{
+ "function": "trace_call_bpf",
+ "noterm_instructions": 80,
+ "patched_instructions": 118,
+ "feature_instructions": 10,
+ "added_lock_prefixed": 0,
+ "pushf": 1,
+ "executed_per_run": {
+  "empty": {"patched": 117.1, "noterm": 85.1, "added": 32.0},
+  "helpers": {"patched": 125.1, "noterm": 93.1, "added": 32.0},
+  "loop": {"patched": 516.5, "noterm": 484.5, "added": 32.0}
+ }
+}"#;
+        result.fastpath_instructions = Some(serde_json::from_str(script_output).expect("parses"));
+        result
+    }
+
+    #[test]
+    fn the_instruction_count_stands_beside_the_times_and_is_judged() {
+        let markdown = bench_document(&example_with_count()).expect("document").to_markdown();
+        assert!(markdown.contains("| 85.1 → 117.1 (+32.0) |"), "{markdown}");
+        assert!(markdown.contains("`-icount shift=0,sleep=off`"), "{markdown}");
+        assert!(markdown.contains("`trace_call_bpf` has 80 instructions in the baseline and 118"));
+        let target = markdown
+            .lines()
+            .find(|l| l.contains("fast path `empty`: ≤ 6 instructions per run"))
+            .expect("a target row");
+        assert!(
+            target.contains("+32.0 instructions") && target.ends_with("| **no** |"),
+            "{target}"
+        );
+        assert!(markdown.lines().any(|l| l.contains("0 atomics") && l.ends_with("| yes |")));
+    }
+
+    #[test]
+    fn a_benchmark_without_the_count_says_so_with_a_dash() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../results/example/bench");
+        let (result, _) = BenchResult::load_with_version(&dir).expect("the example loads");
+        let markdown = bench_document(&result).expect("document").to_markdown();
+        assert!(
+            !markdown.contains("instructions per run |"),
+            "no instruction target without a count"
+        );
+        assert!(!markdown.contains("-icount"));
+    }
 }

@@ -9,7 +9,7 @@ use super::{load_versioned, write_atomically, HostInfo, KernelInfo, ResultsError
 use crate::stats::{Ratios, Summary};
 
 /// Bumped on every incompatible change of [`BenchResult`].
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 pub const BENCH_FILE: &str = "bench.json";
 
 /// One latency configuration: which case, how deep, on how many CPUs.
@@ -38,7 +38,37 @@ pub struct BenchResult {
     pub baseline_kernel: KernelInfo,
     pub latency: Vec<LatencySeries>,
     pub fastpath: Vec<FastpathSeries>,
+    /// The fast path in instructions (`guest-kernel/fastpath-count --icount --json`):
+    /// what the timed series above cannot blur. `None` where it was not counted.
+    pub fastpath_instructions: Option<FastpathInstructions>,
     pub load: Vec<LoadSeries>,
+}
+
+/// What `CONFIG_BPF_TERMINATION` adds to a run, in instructions, patched against the
+/// baseline kernel: from the disassembly of one function that runs programs, and as
+/// executed, counted by QEMU's `-icount` clock.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FastpathInstructions {
+    /// The disassembled function (`trace_call_bpf`, where the run's entry and exit inline).
+    pub function: String,
+    pub noterm_instructions: u32,
+    pub patched_instructions: u32,
+    /// Instructions of the patched function that touch the feature's state.
+    pub feature_instructions: u32,
+    pub added_lock_prefixed: i32,
+    pub pushf: u32,
+    /// Per `term_bench fastpath` program: instructions executed per run.
+    pub executed_per_run: std::collections::BTreeMap<String, ExecutedPerRun>,
+}
+
+/// Instructions one run of a program executes, to a tenth (a million runs counted).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutedPerRun {
+    pub patched: f64,
+    pub noterm: f64,
+    pub added: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -104,7 +134,8 @@ impl BenchResult {
 
 /// One step of [`BenchResult`]'s schema history, `from` → `from + 1`:
 /// 1 → 2 (4ebf587) added the fast path with a runtime budget set
-/// (`patched_budget_ns`), not measured before: empty.
+/// (`patched_budget_ns`), not measured before: empty; 2 → 3 added the fast path in
+/// instructions (`fastpath_instructions`), not counted before: null.
 fn migrate_bench_result(document: &mut serde_json::Value, from: u32) -> Result<(), String> {
     match from {
         1 => {
@@ -112,6 +143,14 @@ fn migrate_bench_result(document: &mut serde_json::Value, from: u32) -> Result<(
             for one in series.into_iter().flatten().filter_map(|s| s.as_object_mut()) {
                 one.entry("patched_budget_ns").or_insert_with(|| serde_json::json!([]));
             }
+            Ok(())
+        }
+        2 => {
+            document
+                .as_object_mut()
+                .ok_or("bench.json is not an object")?
+                .entry("fastpath_instructions")
+                .or_insert(serde_json::Value::Null);
             Ok(())
         }
         _ => Err(format!("bench.json schema version {from} was never written by termlab")),
