@@ -1844,18 +1844,18 @@ static void race_timer(unsigned long n)
 }
 
 /*
- * The tail-call chain's caller: counts to 3K (K: args[0]) in a may_goto loop
- * of g, a bpf_loop() callback called once, as long as the callee's work,
- * then tail-calls slot 0 of @map (ts_text: 3K) and, if that falls through,
- * returns TAIL_FELL plus the count g stored.  In the copy the tail call is a
- * jump to the next instruction (patch 0024), and g's loop ends at its
- * may_goto, which stores the count, or at its back-edge, which returns 0 to
- * bpf_loop() and stores nothing (a callback leaves its loop there, 0032):
- * either way the caller goes on to its tail call's jump.  Every run
- * redirected into the caller's copy returns TAIL_FELL..TAIL_FELL + 3K, every
- * one stopped in the callee at most 3K.  (Were g a static function, a run
- * would leave its loop and its caller at once and return 0, as a run stopped
- * in the callee can.)
+ * The tail-call chain's caller: counts to 3K (K: args[0]) in f (SUM3_F), a
+ * static function that g, a bpf_loop() callback called once, calls: as long
+ * as the callee's work.  Then it tail-calls slot 0 of @map (ts_text: 3K) and,
+ * if that falls through, returns TAIL_FELL plus the count g stored.  In the
+ * copy the tail call is a jump to the next instruction (patch 0024), and f's
+ * loop ends at its may_goto, whose count g stores, or at its back-edge, which
+ * leaves f and g together, returning 0 to bpf_loop() with nothing stored (a
+ * static frame under a callback leaves with it, 0032): either way the caller
+ * goes on to its tail call's jump.  Every run redirected into the caller's
+ * copy returns TAIL_FELL..TAIL_FELL + 3K, every one stopped in the callee at
+ * most 3K.  (Were g itself a static function, a run would leave its loop and
+ * its caller at once and return 0, as a run stopped in the callee can.)
  */
 #define TAIL_FELL (1u << 30)
 
@@ -1881,21 +1881,19 @@ static int load_tail_caller(int map)
 		MOV64_IMM(BPF_REG_0, TAIL_FELL),				/* 18 */
 		ADD64_REG(BPF_REG_0, BPF_REG_7),				/* 19 */
 		EXIT(),								/* 20 */
-		/* g(index, ctx): counts to ctx[1], stores the count in ctx[0] */
-		LDX_MEM_DW(BPF_REG_1, BPF_REG_2, 8),				/* 21 */
-		MOV64_IMM(BPF_REG_0, 0),					/* 22 */
-		MAY_GOTO(3),							/* 23: -> 27 */
-		ADD64_IMM(BPF_REG_0, 1),					/* 24 */
-		INSN(BPF_JMP | BPF_JGE | BPF_X, BPF_REG_0, BPF_REG_1, 1, 0),	/* 25: -> 27 */
-		JA(-4),								/* 26: -> 23 */
-		STX_MEM_DW(BPF_REG_2, BPF_REG_0, 0),				/* 27 */
-		MOV64_IMM(BPF_REG_0, 0),					/* 28 */
-		EXIT(),								/* 29 */
+		/* g(index, ctx): stores f(ctx[1]) in ctx[0] */
+		MOV64_REG(BPF_REG_6, BPF_REG_2),				/* 21 */
+		LDX_MEM_DW(BPF_REG_1, BPF_REG_2, 8),				/* 22 */
+		CALL_SUBPROG(3),						/* 23: -> f */
+		STX_MEM_DW(BPF_REG_6, BPF_REG_0, 0),				/* 24 */
+		MOV64_IMM(BPF_REG_0, 0),					/* 25 */
+		EXIT(),								/* 26 */
+		SUM3_F,								/* 27-32: f */
 	};
-	static const uint32_t funcs[] = { 0, 21 };
+	static const uint32_t funcs[] = { 0, 21, 27 };
 
 	return raw_load_funcs(BPF_PROG_TYPE_RAW_TRACEPOINT, insns, sizeof(insns) / sizeof(insns[0]),
-			      "ts_tail_caller", 0, funcs, 2);
+			      "ts_tail_caller", 0, funcs, 3);
 }
 
 /*
