@@ -86,6 +86,9 @@ pub enum BenchStage<'a> {
     /// Boot `round` (1-based) of `of` of the patched or the baseline kernel,
     /// for the fast path and load cost.
     Round { round: u32, of: u32, patched: bool },
+    /// The VM of `part` ended in a triple fault inside the nested L1 VM (the emulated host
+    /// failed under it): the part runs again in a fresh VM.
+    VmFailed { part: &'a str, error: &'a str },
 }
 
 /// A step at least this long gets its own progress event.

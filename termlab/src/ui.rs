@@ -251,6 +251,9 @@ pub fn notice(event: &Progress<'_>) -> Option<Notice> {
             "bench: round {round}/{of}: {} kernel",
             if *patched { "patched" } else { "baseline" }
         )),
+        Progress::Bench(BenchStage::VmFailed { part, error }) => Notice::Status(format!(
+            "bench: {part}: {error} (nested: the emulated host failed); measuring it again in a fresh VM"
+        )),
         _ => return None,
     })
 }
