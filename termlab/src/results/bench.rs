@@ -199,35 +199,44 @@ pub fn summarize(samples: &[f64], ipi_ns: Option<f64>) -> Option<(Summary, Optio
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_schema_1_benchmark_is_migrated_without_budget_samples() {
+    /// Today's example as an older `version` wrote it (`edit` takes out what came later),
+    /// loaded back: the migrated result and the version the file had.
+    fn example_as_written_by(
+        version: u32,
+        edit: impl FnOnce(&mut serde_json::Value),
+    ) -> (BenchResult, u32) {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../results/example/bench");
         let text = std::fs::read_to_string(dir.join(BENCH_FILE)).expect("bench.json");
         let mut document: serde_json::Value = serde_json::from_str(&text).expect("JSON");
-        // Today's example as schema 1 wrote it: no budget fast path.
-        document["schema_version"] = 1.into();
-        for series in document["fastpath"].as_array_mut().expect("fastpath") {
-            series.as_object_mut().expect("object").remove("patched_budget_ns");
-        }
+        document["schema_version"] = version.into();
+        edit(&mut document);
         let scratch = tempfile::tempdir().expect("temp dir");
         std::fs::write(scratch.path().join(BENCH_FILE), document.to_string()).expect("written");
-        let (result, found) = BenchResult::load_with_version(scratch.path()).expect("migrated");
+        BenchResult::load_with_version(scratch.path()).expect("migrated")
+    }
+
+    #[test]
+    fn a_schema_1_benchmark_is_migrated_without_budget_samples() {
+        let (result, found) = example_as_written_by(1, |document| {
+            for series in document["fastpath"].as_array_mut().expect("fastpath") {
+                series.as_object_mut().expect("object").remove("patched_budget_ns");
+            }
+            let top = document.as_object_mut().expect("object");
+            top.remove("fastpath_instructions");
+            top.remove("emulated_host_failures");
+        });
         assert_eq!((found, result.schema_version), (1, SCHEMA_VERSION));
         assert!(!result.fastpath.is_empty());
         assert!(result.fastpath.iter().all(|s| s.patched_budget_ns.is_empty()));
         assert!(result.fastpath.iter().all(|s| !s.patched_ns.is_empty()));
+        assert_eq!(result.fastpath_instructions, None);
     }
 
     #[test]
     fn a_schema_3_benchmark_is_migrated_without_failed_vms() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../results/example/bench");
-        let text = std::fs::read_to_string(dir.join(BENCH_FILE)).expect("bench.json");
-        let mut document: serde_json::Value = serde_json::from_str(&text).expect("JSON");
-        document["schema_version"] = 3.into();
-        document.as_object_mut().expect("object").remove("emulated_host_failures");
-        let scratch = tempfile::tempdir().expect("temp dir");
-        std::fs::write(scratch.path().join(BENCH_FILE), document.to_string()).expect("written");
-        let (result, found) = BenchResult::load_with_version(scratch.path()).expect("migrated");
+        let (result, found) = example_as_written_by(3, |document| {
+            document.as_object_mut().expect("object").remove("emulated_host_failures");
+        });
         assert_eq!((found, result.schema_version), (3, SCHEMA_VERSION));
         assert!(result.emulated_host_failures.is_empty());
         assert!(!result.latency.is_empty());
