@@ -287,7 +287,12 @@ fn in_fresh_vm<T>(
         if !emulated_host_failed || attempt == VM_TRIES {
             return Err(error);
         }
-        let kept = format!("{}.failed-{attempt}.log", vm.console.trim_end_matches(".log"));
+        // Numbered across the run: every round's VM writes the same console file.
+        let kept = format!(
+            "{}.failed-{}.log",
+            vm.console.trim_end_matches(".log"),
+            result.emulated_host_failures.len() + 1
+        );
         std::fs::rename(&console, dir.join(&kept)).map_err(|source| EngineError::Host {
             what: "keep",
             path: console.clone(),
