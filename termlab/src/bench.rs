@@ -20,7 +20,6 @@ use termlab_protocol::client::Client;
 use termlab_vmm::ExitReason;
 
 use crate::cancel::Cancel;
-
 use crate::engine::{
     explain_with_vm_state, guest_output, ipi_round_trip, BootSpec, EngineError, Guest,
 };
@@ -445,6 +444,8 @@ fn latency_series(
     config: LatencyConfig,
     iterations: u32,
 ) -> Result<LatencySeries, EngineError> {
+    let delay_ms = CASE1_DELAY_MS_PER_CPU * config.cpus;
+    let settle_us = SETTLE_US_PER_CPU * config.cpus;
     let argv = [
         "term_bench",
         "latency",
@@ -457,18 +458,17 @@ fn latency_series(
         "--iterations",
         &iterations.to_string(),
         "--delay-ms",
-        &(CASE1_DELAY_MS_PER_CPU * config.cpus).to_string(),
+        &delay_ms.to_string(),
         "--settle-us",
-        &(SETTLE_US_PER_CPU * config.cpus).to_string(),
+        &settle_us.to_string(),
         "--trace-out",
         GUEST_TRACE,
     ]
     .map(String::from)
     .to_vec();
     // Each iteration waits out the helper delay and the settle time, slower under emulation.
-    let delays_ms = u64::from(CASE1_DELAY_MS_PER_CPU * config.cpus)
-        + u64::from(SETTLE_US_PER_CPU * config.cpus).div_ceil(1000);
-    let timeout_ms = 60_000 + u64::from(iterations) * delays_ms * LATENCY_TIMEOUT_PER_DELAY;
+    let waits_ms = u64::from(delay_ms) + u64::from(settle_us).div_ceil(1000);
+    let timeout_ms = 60_000 + u64::from(iterations) * waits_ms * LATENCY_TIMEOUT_PER_DELAY;
     let out = guest_output(client, argv, timeout_ms)?.stdout;
     let trace = client
         .read_file(GUEST_TRACE, TRACE_MAX_BYTES)
